@@ -1,0 +1,86 @@
+"""Per-sample multi-crop + mask building and the crop-major batch collate (docs/internals.md §3).
+
+Written by hand: torch's default collate would nest crops image-major, while iBOT/DINO batch crops of one resolution
+together, crop-major (crop 0 of every image, then crop 1, ...), which is what the losses' ``chunk(n_crops)`` expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sslpipe.data.masking import MaskGenerator
+
+
+class MultiCropSample:
+    """Maps a raw stream sample ``{"image": PIL, "label": int, ...}`` to ``{"crops", "masks", "label", "n_global"}``
+    (``n_global`` is an extra key so the collate needs no guessing when global and local crops have one size).
+
+    One mask per GLOBAL crop (local crops are never masked); the mask grid is the generator's ``grid``, which must be
+    (global_size // patch_size) squared. The number of global crops is read from ``crop_transform.n_global``.
+    """
+
+    def __init__(
+        self, crop_transform: Callable[[Image.Image], list[Tensor]], mask_generator: MaskGenerator | None = None
+    ) -> None:
+        self.crop_transform = crop_transform
+        self.mask_generator = mask_generator
+        self.n_global = int(getattr(crop_transform, "n_global", 2))
+        global_size = getattr(crop_transform, "global_size", None)
+        if mask_generator is not None and global_size is not None:
+            h, w = mask_generator.grid
+            if global_size % h or global_size % w or global_size // h != global_size // w:
+                raise ValueError(
+                    f"MultiCropSample: mask grid {mask_generator.grid} does not divide global crop size {global_size} "
+                    "into square patches; set the grid to (global_size // patch_size,) * 2"
+                )
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        if "image" not in raw:
+            raise KeyError(f"MultiCropSample: sample {raw.get('key', '?')!r} has no 'image' key")
+        crops = self.crop_transform(raw["image"])
+        masks = [] if self.mask_generator is None else [self.mask_generator() for _ in range(self.n_global)]
+        return {"crops": crops, "masks": masks, "label": int(raw.get("label", -1)), "n_global": self.n_global}
+
+
+def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Tensor | None]:
+    """Stack crops crop-major: ``global_crops`` (n_global*B, C, H, W), ``local_crops`` (n_local*B, C, h, w) or None,
+    ``masks`` bool (n_global*B, Hp, Wp) or None, ``labels`` long (B,). The number of global crops is the sample's
+    ``n_global`` key, else its number of masks, else the run of leading crops with the first crop's size."""
+    if not samples:
+        raise ValueError("collate_multicrop: empty batch")
+    n_crops = len(samples[0]["crops"])
+    n_masks = len(samples[0]["masks"])
+    if any(len(s["crops"]) != n_crops or len(s["masks"]) != n_masks for s in samples):
+        raise ValueError("collate_multicrop: samples have different numbers of crops or masks")
+    if "n_global" in samples[0]:
+        n_global = int(samples[0]["n_global"])
+    elif n_masks:
+        n_global = n_masks
+    else:
+        global_hw = samples[0]["crops"][0].shape[-2:]
+        n_global = next((i for i, c in enumerate(samples[0]["crops"]) if c.shape[-2:] != global_hw), n_crops)
+    if n_masks and n_masks != n_global:
+        raise ValueError(f"collate_multicrop: {n_masks} masks per sample but {n_global} global crops")
+
+    def stack(index: range) -> Tensor | None:
+        if len(index) == 0:
+            return None
+        return torch.stack([s["crops"][i] for i in index for s in samples])
+
+    masks = None
+    if n_masks:
+        masks = torch.from_numpy(
+            np.stack([np.asarray(s["masks"][i], dtype=bool) for i in range(n_masks) for s in samples])
+        )
+    return {
+        "global_crops": stack(range(n_global)),
+        "local_crops": stack(range(n_global, n_crops)),
+        "masks": masks,
+        "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
+    }

@@ -1,0 +1,381 @@
+"""Stream WebDataset shards into reproducible, rank- and worker-split DataLoaders (docs/internals.md §2).
+
+The pieces that webdataset does well are used as-is: URL opening (`gopen`: local files, `pipe:` commands, http, ...),
+tar member iteration (`tar_file_iterator`), key splitting (`base_plus_ext`) and the sample shuffle buffer
+(`wds.shuffle`). The shard *schedule* is written here because webdataset's `split_by_node`, `split_by_worker` and
+`ResampledShards` read the rank from `torch.distributed`/environment variables and keep a hidden epoch counter,
+whereas the trainer needs the rank, world size and epoch passed explicitly (tests simulate ranks; resume rebuilds
+the loader of a given epoch). Shard reading is per shard so that a truncated shard or undecodable image can be
+reported with its shard URL and sample key, and counted.
+
+Schedule, exact mode (``resampled=False``):
+  1. all shard URLs are shuffled with a seed derived from (seed, epoch) -- identical on every rank;
+  2. rank r takes ``urls[r::world_size]``, its DataLoader worker w takes ``rank_urls[w::num_workers]``;
+  3. samples pass a shuffle buffer seeded from (seed, epoch, rank, worker).
+  One epoch with ``num_batches=None`` therefore visits every sample exactly once across ranks and workers.
+  With ``num_batches`` set, each rank yields exactly that many batches (DDP needs equal counts): a worker whose
+  share runs out re-reads its own shards (next pass, order reshuffled from (seed, epoch, rank, worker, pass)).
+Resampled mode draws shards with replacement per (seed, epoch, rank, worker); it is infinite and cut at
+``num_batches`` (required).
+
+Each worker seeds python ``random``, numpy and torch from (seed, epoch, rank, worker) when its stream starts, so
+augmentations are a function of the arguments only: two loaders built alike yield identical batches. With
+``num_workers=0`` the stream keeps its own RNG state and swaps it in only while producing a batch, so iterating
+the loader does not disturb the training loop's global RNG (and skipping batches on resume does not either).
+
+Errors: an undecodable sample or a truncated/unreadable shard is skipped with a warning naming the shard URL and
+key and counted in ``loader.stats`` (``corrupt_samples``, ``shard_errors``). The counters live in shared memory,
+so counts from worker processes are included; they count every sample a worker has read, including batches
+prefetched but not yet consumed. ``on_error="raise"`` raises :class:`ShardReadError` instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import multiprocessing
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
+_MAKE_SHARDS_HINT = "write shards first with `sslpipe shards ...` (see README) or fix the path/pattern"
+
+
+class ShardReadError(RuntimeError):
+    """A shard or one of its samples could not be read; the message names the shard URL and sample key."""
+
+
+class CorruptSampleWarning(UserWarning):
+    """A sample or shard was skipped because it could not be read (on_error="warn")."""
+
+
+# ----------------------------------------------------------------------------------------------- shard resolution
+def _load_manifest(path: str) -> tuple[dict, str]:
+    """Read a manifest (directory or .json file); return it and the directory its shard names are relative to."""
+    file = os.path.join(path, "manifest.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path}: no manifest.json found; {_MAKE_SHARDS_HINT}")
+    with open(file) as f:
+        try:
+            manifest = json.load(f)
+        except json.JSONDecodeError as exn:
+            raise ValueError(f"{file}: not valid JSON ({exn}); rewrite it with `sslpipe shards ...`") from exn
+    return manifest, os.path.dirname(os.path.abspath(file))
+
+
+def _manifest_split(manifest: dict, split: str, where: str) -> dict:
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ValueError(f"{where}: manifest has no split {split!r} (available: {sorted(splits)})")
+    return splits[split]
+
+
+def _is_manifest_spec(spec: str) -> bool:
+    return os.path.isdir(spec) or (spec.endswith(".json") and not spec.startswith(_REMOTE_PREFIXES))
+
+
+def resolve_shards(spec: str | list[str], split: str = "train") -> list[str]:
+    """Turn a shard spec into the list of shard URLs.
+
+    `spec` is a shard directory with ``manifest.json`` or a manifest file (-> that split's shards), a brace pattern
+    (``data/train-{000000..000127}.tar``), a glob, a local path, a remote/``pipe:`` URL (brace-expanded, otherwise
+    passed through untouched), or a list of any of these. Local files are checked so that a typo fails here with
+    the missing names rather than inside a DataLoader worker.
+    """
+    if isinstance(spec, (list, tuple)):
+        return [url for item in spec for url in resolve_shards(item, split)]
+    spec = os.fspath(spec)
+    if spec.startswith(_REMOTE_PREFIXES) or "://" in spec:
+        return list(braceexpand.braceexpand(spec))
+    if _is_manifest_spec(spec):
+        manifest, root = _load_manifest(spec)
+        entries = _manifest_split(manifest, split, spec).get("shards", [])
+        urls = [os.path.join(root, entry["name"]) for entry in entries]
+        if not urls:
+            raise ValueError(f"{spec}: split {split!r} lists no shards; {_MAKE_SHARDS_HINT}")
+    else:
+        urls = []
+        for path in braceexpand.braceexpand(spec):
+            urls.extend(sorted(glob.glob(path)) if glob.has_magic(path) else [path])
+        if not urls:
+            raise FileNotFoundError(f"{spec}: the pattern matches no shard files; {_MAKE_SHARDS_HINT}")
+    missing = [url for url in urls if not os.path.isfile(url)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shard files missing: {shown}; {_MAKE_SHARDS_HINT}")
+    return urls
+
+
+def count_samples(spec: str | list[str], split: str = "train") -> int | None:
+    """Number of samples in `split` from the manifest, or None when `spec` is not a manifest (pattern, URL, list)."""
+    if isinstance(spec, (list, tuple)) or not _is_manifest_spec(os.fspath(spec)):
+        return None
+    manifest, _ = _load_manifest(os.fspath(spec))
+    return int(_manifest_split(manifest, split, os.fspath(spec))["samples"])
+
+
+# ------------------------------------------------------------------------------------------------ reading, decoding
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed from integers, the same in every process (unlike `hash`), well mixed by numpy's SeedSequence."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Raw tar members -> ``{key, url, image (PIL RGB), label (int, -1 if none), seg (PIL "L", if present)}``."""
+    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if image_key is None:
+        raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}) in sample; members: {sorted(sample)}")
+    with Image.open(io.BytesIO(sample[image_key])) as img:
+        image = img.convert("RGB")  # also forces a full decode, so truncated bytes fail here
+    out = {"key": sample["__key__"], "url": sample["__url__"], "image": image,
+           "label": int(sample["cls"].decode("ascii").strip()) if "cls" in sample else -1}
+    if "seg.png" in sample:
+        with Image.open(io.BytesIO(sample["seg.png"])) as seg:
+            seg.load()
+            if seg.mode == "P":  # palette PNG (e.g. VOC): the indices are the class ids, not the colours
+                seg = Image.fromarray(np.asarray(seg), mode="L")
+            elif seg.mode != "L":
+                raise ValueError(f"seg.png has mode {seg.mode!r}; expected 8-bit single-channel ('L')")
+            out["seg"] = seg.copy()
+    return out
+
+
+class _Stats:
+    """Error counters in shared memory, so that DataLoader worker processes add to the parent's numbers."""
+
+    FIELDS = ("corrupt_samples", "shard_errors")
+
+    def __init__(self) -> None:
+        self._counts = multiprocessing.Array("q", len(self.FIELDS))
+
+    def add(self, field: str) -> None:
+        with self._counts.get_lock():
+            self._counts[self.FIELDS.index(field)] += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(zip(self.FIELDS, self._counts[:]))
+
+
+class StreamDataset(IterableDataset):
+    """The per-process sample stream: shard schedule -> tar members -> shuffle buffer -> decode -> `sample_fn`."""
+
+    def __init__(self, urls: list[str], *, sample_fn: Callable[[dict], Any], epoch: int, seed: int, rank: int,
+                 world_size: int, num_workers: int, shuffle: bool, shuffle_buffer: int, resampled: bool,
+                 repeat: bool, on_error: str) -> None:
+        super().__init__()
+        self.urls, self.sample_fn = urls, sample_fn
+        self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
+        self.num_workers, self.shuffle, self.shuffle_buffer = num_workers, shuffle, shuffle_buffer
+        self.resampled, self.repeat, self.on_error = resampled, repeat, on_error
+        self.stats = _Stats()
+
+    def rank_shards(self) -> list[str]:
+        """This rank's shards for the epoch: a (seed, epoch)-seeded permutation, the same on all ranks, then split."""
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(derive_seed(self.seed, self.epoch)).shuffle(urls)
+        return urls[self.rank::self.world_size]
+
+    def _schedule(self, worker: int) -> Iterator[str]:
+        if self.resampled:
+            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 1))
+            while True:
+                yield rng.choice(self.urls)
+        mine = self.rank_shards()[worker::self.num_workers]
+        yield from mine
+        for npass in range(1, (1 << 62) if self.repeat else 1):  # re-read the share when a batch count is asked
+            random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 2, npass)).shuffle(mine)
+            yield from mine
+
+    def _problem(self, kind: str, url: str, key: str | None, exn: BaseException) -> None:
+        what = f"shard {url}" + (f", sample {key!r}" if key else "")
+        if self.on_error == "raise":
+            raise ShardReadError(f"{what}: {type(exn).__name__}: {exn}") from exn
+        self.stats.add(kind)
+        skipped = "rest of shard" if kind == "shard_errors" else "sample"
+        warnings.warn(f"skipping {skipped} ({what}): {type(exn).__name__}: {exn}", CorruptSampleWarning,
+                      stacklevel=2)
+
+    def read_shard(self, url: str) -> Iterator[dict[str, Any]]:
+        """Yield raw samples (members grouped by key) of one shard; a read error drops the unfinished sample."""
+        current: dict[str, Any] | None = None
+        last_key = None
+        try:
+            stream = gopen(url)
+            try:
+                for member in tar_file_iterator(stream):
+                    key, ext = base_plus_ext(member["fname"])
+                    if key is None:
+                        continue
+                    if current is not None and current["__key__"] != key:
+                        last_key = current["__key__"]
+                        yield current
+                        current = None
+                    if current is None:
+                        current = {"__key__": key, "__url__": url}
+                    current[ext.lower()] = member["data"]
+            finally:
+                stream.close()
+        except Exception as exn:  # truncated tar, failing pipe command, unreadable file
+            key = current["__key__"] if current else (f"after {last_key}" if last_key else None)
+            self._problem("shard_errors", url, key, exn)
+            return
+        if current is not None:
+            yield current
+
+    def _decoded(self, raw: Iterator[dict[str, Any]]) -> Iterator[Any]:
+        """Decode + `sample_fn`; an endless stream stops after more failures in a row than a pass can hold."""
+        failures = 0
+        for sample in raw:
+            try:
+                decoded = decode_sample(sample)
+            except Exception as exn:
+                self._problem("corrupt_samples", sample["__url__"], sample["__key__"], exn)
+                failures += 1
+                if (self.resampled or self.repeat) and failures > self._pass_samples + self.shuffle_buffer:
+                    warnings.warn(f"rank {self.rank}: {failures} undecodable samples in a row, a full pass over its "
+                                  "shards; stopping this worker's stream", CorruptSampleWarning, stacklevel=2)
+                    return
+                continue
+            failures = 0
+            yield self.sample_fn(decoded)
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        worker_seed = derive_seed(self.seed, self.epoch, self.rank, worker)
+        self._pass_samples = 1 << 62  # raw samples in one pass over the schedule; known after the first pass
+        random.seed(worker_seed)
+        np.random.seed(worker_seed)
+        torch.manual_seed(worker_seed)
+        raw = self._guarded(worker)
+        if self.shuffle:
+            shuffled = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
+                                   seed=derive_seed(self.seed, self.epoch, self.rank, worker, 3))
+            raw = shuffled(raw)
+        return self._decoded(raw)
+
+    def _guarded(self, worker: int) -> Iterator[dict[str, Any]]:
+        """Raw samples of the worker's schedule; stops an endless schedule that went a full cycle with no sample."""
+        cycle = len(self.urls) if self.resampled else max(1, len(self.rank_shards()[worker::self.num_workers]))
+        empty_run, read = 0, 0
+        for n, url in enumerate(self._schedule(worker), start=1):
+            got = False
+            for sample in self.read_shard(url):
+                got, read = True, read + 1
+                yield sample
+            empty_run = 0 if got else empty_run + 1
+            if n == cycle:
+                self._pass_samples = read
+            if empty_run >= cycle and (self.resampled or self.repeat):
+                warnings.warn(f"rank {self.rank} worker {worker}: {cycle} shards in a row gave no readable sample; "
+                              "stopping this worker's stream", CorruptSampleWarning, stacklevel=2)
+                return
+
+
+# ---------------------------------------------------------------------------------------------------------- loader
+class _OwnRNG:
+    """Swap a private (random, numpy, torch) RNG state in around a block; keeps in-process streaming from touching
+    the caller's global RNG (num_workers=0), so that e.g. skipping batches on resume leaves training RNG alone."""
+
+    def __init__(self) -> None:
+        self.state: tuple | None = None
+
+    def __enter__(self) -> None:
+        self.saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        if self.state is not None:
+            random.setstate(self.state[0]), np.random.set_state(self.state[1]), torch.set_rng_state(self.state[2])
+
+    def __exit__(self, *exc: object) -> None:
+        self.state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.setstate(self.saved[0]), np.random.set_state(self.saved[1]), torch.set_rng_state(self.saved[2])
+
+
+class StreamLoader:
+    """Iterable of batches for one rank and epoch; wraps a `torch.utils.data.DataLoader` over a `StreamDataset`.
+
+    `len()` is `num_batches` when set; `stats` gives the skipped-sample/shard counters (see the module docstring).
+    """
+
+    def __init__(self, dataset: StreamDataset, loader: DataLoader, num_batches: int | None) -> None:
+        self.dataset, self.loader, self.num_batches = dataset, loader, num_batches
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.dataset.stats.as_dict()
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("an exact-mode stream without num_batches has no known length; use count_samples()")
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        in_process = self.loader.num_workers == 0
+        rng = _OwnRNG()
+        with rng if in_process else nullcontext():
+            batches = iter(self.loader)
+        produced = 0
+        while self.num_batches is None or produced < self.num_batches:
+            with rng if in_process else nullcontext():
+                batch = next(batches, _END)
+            if batch is _END:
+                break
+            produced += 1
+            yield batch
+        del batches  # shuts the worker processes down (persistent_workers=False)
+        if self.num_batches is not None and produced < self.num_batches:
+            raise ShardReadError(f"rank {self.dataset.rank}: the shards gave only {produced} of {self.num_batches} "
+                                 f"batches (stats: {self.stats}); check the shards or lower num_batches")
+
+
+_END = object()
+
+
+def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Callable[[dict], Any],
+                 collate_fn: Callable[[list], Any], batch_size: int, num_workers: int = 0, epoch: int = 0,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 1000,
+                 resampled: bool = False, num_batches: int | None = None, drop_last: bool = True,
+                 on_error: str = "warn") -> StreamLoader:
+    """Build the batch stream of one rank for one epoch (schedule and seeding: see the module docstring).
+
+    Rank and world size are explicit (no torch.distributed lookup). Batches are formed inside each DataLoader
+    worker from that worker's samples; with `num_batches=None` and `drop_last=True` each worker's last partial
+    batch is dropped. Workers beyond this rank's shard count would get nothing and are not started.
+    """
+    if on_error not in ("warn", "raise"):
+        raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if resampled and num_batches is None:
+        raise ValueError("resampled=True streams forever: pass num_batches (batches per rank per epoch)")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    urls = resolve_shards(spec, split)
+    if not resampled and len(urls) < world_size:
+        raise ValueError(f"{len(urls)} shards cannot be split over {world_size} ranks without leaving a rank empty; "
+                         "write more, smaller shards (`sslpipe shards ... --shard-size`) or use resampled=True")
+    if not resampled:
+        num_workers = min(num_workers, len(urls[rank::world_size]))
+    dataset = StreamDataset(urls, sample_fn=sample_fn, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
+                            num_workers=max(1, num_workers), shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+                            resampled=resampled, repeat=num_batches is not None, on_error=on_error)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
+                        drop_last=drop_last, persistent_workers=False,
+                        # DataLoader draws a base seed from this generator, not from the caller's global RNG
+                        generator=torch.Generator().manual_seed(derive_seed(seed, epoch, rank)))
+    return StreamLoader(dataset, loader, num_batches)

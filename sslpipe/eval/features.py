@@ -1,0 +1,196 @@
+"""Streamed feature extraction for the kNN and linear probes (docs/internals.md §6).
+
+Shards are read once, in a fixed order (no shuffle, every sample, last partial batch kept), through the same
+WebDataset stream as training. The default feature of a timm model is its pre-logits output,
+`forward_head(forward_features(x), pre_logits=True)`: for a ViT with `global_pool='token'` that is the CLS token after
+the final LayerNorm (DINO's kNN feature); for a CNN the globally pooled features. With `num_classes=0` this equals
+`model(x)` (checked in tests/test_knn.py); going through `pre_logits` keeps it right for models that still have a head.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from sslpipe.data.stream import build_loader, count_samples, resolve_shards
+
+FeatureFn = Callable[[nn.Module, Tensor], Tensor]
+
+
+def pre_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """CLS after the final norm (ViT, global_pool='token') or pooled features (CNN)."""
+    if hasattr(model, "forward_head") and hasattr(model, "forward_features"):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    return model(x)
+
+
+class _EvalSample:
+    """sample_fn for the stream: (transformed image, label). A class, so DataLoader workers can pickle it."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, raw: dict[str, Any]) -> tuple[Tensor, int]:
+        return self.transform(raw["image"]), int(raw["label"])
+
+
+def _collate(batch: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
+    images, labels = zip(*batch)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def _describe(obj: Any) -> str:
+    """A stable description for the cache fingerprint (default reprs hold memory addresses)."""
+    text = repr(obj)
+    if " at 0x" in text and hasattr(obj, "__dict__"):
+        inner = ", ".join(f"{k}={_describe(v)}" for k, v in sorted(vars(obj).items()))
+        return f"{type(obj).__qualname__}({inner})"
+    return text
+
+
+def fingerprint(model: nn.Module, spec: str | list[str], split: str, transform: Any, max_samples: int | None,
+                feature_fn: FeatureFn) -> str:
+    """sha256 over the model weights, the resolved shards (path, size, mtime), the transform and the feature
+    function: a cache written for anything else is not reused."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for url in resolve_shards(spec, split):
+        stat = os.stat(url) if os.path.exists(url) else None
+        h.update(f"{url}|{stat.st_size if stat else ''}|{stat.st_mtime_ns if stat else ''}".encode())
+    h.update(f"{split}|{max_samples}|{_describe(transform)}|{_describe(feature_fn)}".encode())
+    return h.hexdigest()
+
+
+def _autocast(device: torch.device, amp: bool):
+    if not amp or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _default_device(model: nn.Module) -> torch.device:
+    """The model's GPU when it is on one (the right GPU of this rank in training), else cuda:0 or the CPU."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "cuda":
+        return param.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def extract_features(
+    model: nn.Module,
+    spec: str | list[str],
+    *,
+    split: str,
+    transform: Callable,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    max_samples: int | None = None,
+    amp: bool = True,
+    cache_path: str | Path | None = None,
+    progress: bool = True,
+    feature_fn: FeatureFn = pre_logits,
+) -> tuple[Tensor, Tensor]:
+    """Features (N, D) float32 and labels (N,) int64 of a shard split, on the CPU.
+
+    Autocast (bf16 where supported, else fp16) only on CUDA; float32 on the CPU. `feature_fn(model, x)` picks the
+    feature (default: `pre_logits`; the linear probe passes the last blocks' CLS). With `cache_path`, features are
+    stored as safetensors with a fingerprint of model, shards, transform and feature function, and reloaded only
+    when the fingerprint matches.
+    """
+    device = torch.device(device) if device is not None else _default_device(model)
+    fp = None
+    if cache_path is not None:
+        fp = fingerprint(model, spec, split, transform, max_samples, feature_fn)
+        cache = Path(cache_path)
+        if cache.is_file():
+            with safe_open(str(cache), "pt") as f:
+                stored = (f.metadata() or {}).get("fingerprint")
+            if stored == fp:
+                data = load_file(str(cache))
+                return data["features"], data["labels"]
+
+    loader = build_loader(
+        spec, split=split, sample_fn=_EvalSample(transform), collate_fn=_collate, batch_size=batch_size,
+        num_workers=num_workers, shuffle=False, drop_last=False,
+    )
+    total = count_samples(spec, split)
+    if max_samples is not None:
+        total = min(total, max_samples) if total is not None else max_samples
+    was_training = model.training
+    model.to(device).eval()
+    feats: list[Tensor] = []
+    labels: list[Tensor] = []
+    seen = 0
+    try:
+        with torch.inference_mode(), tqdm(total=total, desc=f"features {split}", disable=not progress,
+                                          unit="img") as bar:
+            for images, batch_labels in loader:
+                with _autocast(device, amp):
+                    out = feature_fn(model, images.to(device, non_blocking=True))
+                feats.append(out.float().cpu())
+                labels.append(batch_labels)
+                seen += len(batch_labels)
+                bar.update(len(batch_labels))
+                if max_samples is not None and seen >= max_samples:
+                    break
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ValueError(f"no samples in split {split!r} of {spec!r}")
+    features, all_labels = torch.cat(feats), torch.cat(labels)
+    if max_samples is not None:
+        features, all_labels = features[:max_samples], all_labels[:max_samples]
+    if cache_path is not None:
+        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(cache_path) + ".tmp")
+        save_file({"features": features.contiguous(), "labels": all_labels.contiguous()}, str(tmp),
+                  metadata={"fingerprint": fp})
+        tmp.replace(cache_path)
+    return features, all_labels
+
+
+def default_eval_sizes(img_size: int) -> tuple[int, int]:
+    """DINO's Resize 256 -> CenterCrop 224, scaled to the backbone's image size (e.g. 37 -> 32 for 32px)."""
+    return round(img_size * 256 / 224), img_size
+
+
+def prepare_backbone(
+    backbone: str | Path | nn.Module,
+    *,
+    img_size: int | None = None,
+    resize: int | None = None,
+    crop: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[nn.Module, Callable, str | None]:
+    """(model, EvalTransform, source) for a probe: an export folder is loaded with its own image size, mean and std
+    (from `config.json`); a module uses the arguments (defaults 224 and ImageNet statistics). Resize/crop default to
+    `default_eval_sizes(img_size)`."""
+    from sslpipe.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+
+    source = None
+    if isinstance(backbone, nn.Module):
+        model = backbone
+    else:
+        from sslpipe.export import load_backbone, read_export_config
+
+        source = str(backbone)
+        model = load_backbone(backbone)
+        cfg = read_export_config(backbone)
+        img_size = img_size or cfg["img_size"]
+        mean, std = mean or cfg["mean"], std or cfg["std"]
+    default_resize, default_crop = default_eval_sizes(img_size or 224)
+    transform = EvalTransform(resize=resize or default_resize, crop=crop or default_crop,
+                              mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
+    return model, transform, source

@@ -1,0 +1,229 @@
+"""Weighted kNN classifier of DINO (eval_knn.py 142-182, SPEC.md §2) on faiss.
+
+Train and test features are L2-normalised (cosine similarity). For each test sample the top-k train neighbours
+(largest inner product) vote: class score = sum over neighbours of that class of exp(sim / T). Top-1 and top-5
+(top-5 only when there are >= 5 classes) are reported for every k; the search runs once with the largest k and is
+sliced. faiss's exact `IndexFlatIP` does the search (moved to a GPU only when `faiss.get_num_gpus() > 0`);
+`backend="torch"` is the brute-force matmul + topk reference. The votes use `scatter_add_` over class ids, which
+equals DINO's one-hot x weights sum without the (chunk, k, classes) one-hot tensor. Accuracies are fractions in
+[0, 1] (DINO prints percentages).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DEFAULT_K = (10, 20, 100, 200)
+DEFAULT_T = 0.07
+_MEMORY_FRACTION = 0.25  # of the free host/GPU memory a search may use for its per-chunk buffers
+
+
+class _FaissSearch:
+    """Exact inner-product search; GPU index only when faiss sees a GPU (faiss-gpu raises otherwise)."""
+
+    name = "faiss"
+
+    def __init__(self, train: Tensor) -> None:
+        data = np.ascontiguousarray(train.cpu().numpy(), dtype=np.float32)
+        index = faiss.IndexFlatIP(data.shape[1])
+        index.add(data)
+        self.gpu = faiss.get_num_gpus() > 0
+        if self.gpu:
+            self.resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self.resources, 0, index)
+        self.index = index
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        sims, idx = self.index.search(np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32), k)
+        return torch.from_numpy(sims), torch.from_numpy(idx)
+
+
+class _TorchSearch:
+    """Brute force: (chunk, n_train) similarities by matmul, then topk. The reference for the faiss path."""
+
+    name = "torch"
+
+    def __init__(self, train: Tensor, device: torch.device) -> None:
+        self.train = train.to(device)
+        self.device = device
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        sims = queries.to(self.device) @ self.train.T
+        top = sims.topk(k, dim=1, largest=True, sorted=True)
+        return top.values.cpu(), top.indices.cpu()
+
+
+def _free_bytes(device: torch.device, max_memory_mb: float | None) -> float:
+    if max_memory_mb is not None:
+        return max_memory_mb * 2**20
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] * _MEMORY_FRACTION
+    return psutil.virtual_memory().available * _MEMORY_FRACTION
+
+
+def class_scores(sims: Tensor, neighbour_labels: Tensor, T: float, num_classes: int) -> Tensor:
+    """DINO's vote: score[i, c] = sum_j [label_ij == c] * exp(sim_ij / T) over the k neighbours j of sample i."""
+    weights = (sims.float() / T).exp()
+    return torch.zeros(len(sims), num_classes).scatter_add_(1, neighbour_labels.long(), weights)
+
+
+def auto_chunk_size(n_train: int, dim: int, kmax: int, num_classes: int, *, backend: str,
+                    device: torch.device, max_memory_mb: float | None = None) -> int:
+    """Queries per chunk so the per-chunk buffers fit: queries (dim), results (kmax sims + ids + labels), class
+    scores, and for the torch backend the (chunk, n_train) similarity matrix (faiss tiles that internally)."""
+    per_query = 4 * dim + 20 * kmax + 8 * num_classes
+    if backend == "torch":
+        per_query += 4 * n_train
+    return max(1, int(_free_bytes(device, max_memory_mb) // per_query))
+
+
+@torch.no_grad()
+def knn_classify(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    k_list: Sequence[int] = DEFAULT_K,
+    T: float = DEFAULT_T,
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+    *,
+    backend: str = "faiss",
+    device: str | torch.device | None = None,
+    max_memory_mb: float | None = None,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """Weighted kNN accuracy for every k in `k_list`.
+
+    Returns `{"k": {k: {"top1", "top5"?}}, "n_train", "n_test", "backend", "T", "num_classes", "chunk_size"}` and,
+    with `return_predictions`, `"predictions": {k: LongTensor (n_test,)}` (top-1 class per test sample).
+    """
+    if backend not in ("faiss", "torch"):
+        raise ValueError(f"backend must be 'faiss' or 'torch', got {backend!r}")
+    k_list = sorted({int(k) for k in k_list})
+    n_train, n_test = len(train_feats), len(test_feats)
+    if not k_list or k_list[0] < 1:
+        raise ValueError(f"k_list must hold positive integers, got {k_list}")
+    if k_list[-1] > n_train:
+        raise ValueError(f"k={k_list[-1]} exceeds the {n_train} training samples: pass a smaller k list")
+    train_labels = train_labels.long().cpu()
+    test_labels = test_labels.long().cpu()
+    if (train_labels < 0).any() or (test_labels < 0).any():
+        raise ValueError("kNN needs labelled train and test samples (found label -1: shards without `cls`)")
+    num_classes = int(num_classes or max(train_labels.max(), test_labels.max()) + 1)
+    kmax = k_list[-1]
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    train = F.normalize(train_feats.float(), dim=1)
+    test = F.normalize(test_feats.float(), dim=1)
+    searcher = _FaissSearch(train) if backend == "faiss" else _TorchSearch(train, dev)
+    if chunk_size is None:
+        mem_device = dev if backend == "torch" or getattr(searcher, "gpu", False) else torch.device("cpu")
+        chunk_size = auto_chunk_size(n_train, train.shape[1], kmax, num_classes, backend=backend,
+                                     device=mem_device, max_memory_mb=max_memory_mb)
+    chunk_size = max(1, min(int(chunk_size), n_test))
+
+    top5 = num_classes >= 5
+    correct = {k: [0, 0] for k in k_list}
+    preds: dict[int, list[Tensor]] = {k: [] for k in k_list}
+    for start in range(0, n_test, chunk_size):
+        sims, idx = searcher.search(test[start:start + chunk_size], kmax)
+        neighbour_labels = train_labels[idx]
+        targets = test_labels[start:start + chunk_size].view(-1, 1)
+        for k in k_list:
+            scores = class_scores(sims[:, :k], neighbour_labels[:, :k], T, num_classes)
+            ranked = scores.topk(min(5, num_classes), dim=1).indices
+            hits = ranked.eq(targets)
+            correct[k][0] += int(hits[:, 0].sum())
+            if top5:
+                correct[k][1] += int(hits.any(dim=1).sum())
+            if return_predictions:
+                preds[k].append(ranked[:, 0])
+
+    result: dict[str, Any] = {
+        "k": {k: {"top1": c1 / n_test, **({"top5": c5 / n_test} if top5 else {})} for k, (c1, c5) in correct.items()},
+        "n_train": n_train, "n_test": n_test, "backend": searcher.name, "T": T, "num_classes": num_classes,
+        "chunk_size": chunk_size,
+    }
+    if return_predictions:
+        result["predictions"] = {k: torch.cat(p) for k, p in preds.items()}
+    return result
+
+
+def run_knn(
+    backbone: str | Path | nn.Module,
+    train_spec: str | list[str],
+    val_spec: str | list[str],
+    *,
+    train_split: str = "train",
+    val_split: str = "val",
+    k_list: Sequence[int] = DEFAULT_K,
+    T: float = DEFAULT_T,
+    img_size: int | None = None,
+    resize: int | None = None,
+    crop: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    backend: str = "faiss",
+    num_classes: int | None = None,
+    cache_dir: str | Path | None = None,
+    out_json: str | Path | None = None,
+    tracker: Any = None,
+    step: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Extract train/val features of a backbone (an export folder or a module) and run the weighted kNN.
+
+    Image size, mean and std default to the export's `config.json` (ImageNet statistics and 224 for a module);
+    resize/crop default to DINO's 256/224 ratio at that size. Writes the result to `out_json` and logs
+    `knn/top1_k{k}` (and top5) through `tracker.log(values, step=step)` (e.g. an accelerate Accelerator).
+    """
+    from sslpipe.eval.features import extract_features, prepare_backbone
+
+    model, transform, source = prepare_backbone(backbone, img_size=img_size, resize=resize, crop=crop, mean=mean,
+                                                std=std)
+    common = dict(transform=transform, batch_size=batch_size, num_workers=num_workers, device=device,
+                  progress=progress)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    train_x, train_y = extract_features(model, train_spec, split=train_split, max_samples=max_train,
+                                        cache_path=cache / "train.safetensors" if cache else None, **common)
+    test_x, test_y = extract_features(model, val_spec, split=val_split, max_samples=max_test,
+                                      cache_path=cache / "val.safetensors" if cache else None, **common)
+    result = knn_classify(train_x, train_y, test_x, test_y, k_list, T, num_classes, backend=backend, device=device)
+    result["backbone"] = source
+    if out_json is not None:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+    if tracker is not None:
+        values = {f"knn/{m}_k{k}": v for k, acc in result["k"].items() for m, v in acc.items()}
+        tracker.log(values, step=step)
+    return result
+
+
+def knn_probe(module: nn.Module, cfg: Any, progress: bool = True) -> dict[str, Any]:
+    """The periodic kNN of a training run (recipes call it with the teacher backbone and the run's Config).
+
+    Reads `cfg.data.{train, train_split, val, val_split, batch_size, num_workers}`, `cfg.crops.{global_size, mean,
+    std}` and, when present, `cfg.eval.{knn_k, knn_temperature, knn_max_train, knn_max_val}`.
+    """
+    data, crops, ev = cfg.data, cfg.crops, getattr(cfg, "eval", None)
+    return run_knn(
+        module, data.train, data.val, train_split=getattr(data, "train_split", "train"),
+        val_split=getattr(data, "val_split", "val"), k_list=getattr(ev, "knn_k", DEFAULT_K),
+        T=getattr(ev, "knn_temperature", DEFAULT_T), img_size=crops.global_size, mean=crops.mean, std=crops.std,
+        batch_size=getattr(data, "batch_size", 256), num_workers=getattr(data, "num_workers", 0),
+        max_train=getattr(ev, "knn_max_train", None), max_test=getattr(ev, "knn_max_val", None), progress=progress,
+    )

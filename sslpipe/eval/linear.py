@@ -1,0 +1,155 @@
+"""Linear probe on frozen features (DINO eval_linear.py, SPEC.md §2).
+
+Features: the CLS token of each of the last `n_last_blocks` blocks, each after the final LayerNorm, concatenated
+(DINO: n=4 for ViT-S); CNNs (no class token) use their pooled features. One `nn.Linear` (weight N(0, 0.01), bias 0)
+is trained with SGD (momentum 0.9, weight decay 0, lr = 0.001 * batch / 256) and a per-epoch cosine schedule to 0.
+
+Deviation from DINO, for cost: features are extracted once from the evaluation view (Resize + CenterCrop) and the
+classifier is trained on these cached features, so there is no RandomResizedCrop/flip training augmentation. The
+numbers are therefore a little lower than DINO's protocol would give; the ranking of backbones is what it is for.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sslpipe.eval.features import extract_features, pre_logits, prepare_backbone
+
+
+class LastBlocksCLS:
+    """Feature function for `extract_features`: concat of the last `n` blocks' CLS tokens after the final norm.
+
+    timm's `forward_intermediates(norm=True)` applies `model.norm` to every returned block output, as DINO's
+    `get_intermediate_layers` does; `return_prefix_tokens=True` hands back the prefix tokens whose first is CLS.
+    """
+
+    def __init__(self, n: int = 4) -> None:
+        if n < 1:
+            raise ValueError(f"n_last_blocks must be >= 1, got {n}")
+        self.n = n
+
+    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
+        if not (getattr(model, "has_class_token", False) and hasattr(model, "forward_intermediates")):
+            return pre_logits(model, x)
+        blocks = model.forward_intermediates(x, indices=self.n, norm=True, output_fmt="NLC",
+                                             intermediates_only=True, return_prefix_tokens=True)
+        return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=-1)
+
+    def __repr__(self) -> str:
+        return f"LastBlocksCLS(n={self.n})"
+
+
+@torch.no_grad()
+def _accuracy(clf: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device) -> dict[str, float]:
+    num_classes = clf.out_features
+    top1 = top5 = 0
+    for start in range(0, len(x), batch_size):
+        logits = clf(x[start:start + batch_size].to(device))
+        ranked = logits.topk(min(5, num_classes), dim=1).indices.cpu()
+        hits = ranked.eq(y[start:start + batch_size].view(-1, 1))
+        top1 += int(hits[:, 0].sum())
+        top5 += int(hits.any(dim=1).sum())
+    return {"top1": top1 / len(x), **({"top5": top5 / len(x)} if num_classes >= 5 else {})}
+
+
+def train_linear(
+    train_x: Tensor,
+    train_y: Tensor,
+    val_x: Tensor,
+    val_y: Tensor,
+    *,
+    num_classes: int | None = None,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Train DINO's linear classifier on fixed features; returns val top-1 (and top-5 with >= 5 classes).
+
+    lr defaults to 0.001 * batch_size / 256 (DINO's scaling rule); cosine annealing per epoch to 0.
+    """
+    train_y, val_y = train_y.long(), val_y.long()
+    if (train_y < 0).any() or (val_y < 0).any():
+        raise ValueError("the linear probe needs labelled samples (found label -1: shards without `cls`)")
+    num_classes = int(num_classes or max(train_y.max(), val_y.max()) + 1)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lr = lr if lr is not None else 0.001 * batch_size / 256
+    gen = torch.Generator().manual_seed(seed)
+    clf = nn.Linear(train_x.shape[1], num_classes)
+    nn.init.normal_(clf.weight, mean=0.0, std=0.01, generator=gen)
+    nn.init.zeros_(clf.bias)
+    clf.to(dev)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
+    x, y = train_x.float(), train_y
+    loss = torch.tensor(math.nan)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(clf(x[idx].to(dev)), y[idx].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    result = _accuracy(clf, val_x.float(), val_y, batch_size, dev)
+    result.update(final_loss=loss.item(), epochs=epochs, lr=lr, batch_size=batch_size, num_classes=num_classes,
+                  n_train=len(x), n_test=len(val_x), feature_dim=int(train_x.shape[1]))
+    return result
+
+
+def linear_probe(
+    backbone: str | Path | nn.Module,
+    train_spec: str | list[str],
+    val_spec: str | list[str],
+    *,
+    train_split: str = "train",
+    val_split: str = "val",
+    n_last_blocks: int = 4,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float | None = None,
+    img_size: int | None = None,
+    resize: int | None = None,
+    crop: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    cache_dir: str | Path | None = None,
+    out_json: str | Path | None = None,
+    tracker: Any = None,
+    step: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Extract last-blocks features once, train the linear layer on them, report val accuracy (JSON + tracker
+    keys `linear/top1`, `linear/top5`)."""
+    model, transform, source = prepare_backbone(backbone, img_size=img_size, resize=resize, crop=crop, mean=mean,
+                                                std=std)
+    feature_fn = LastBlocksCLS(n_last_blocks)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    common = dict(transform=transform, batch_size=256, num_workers=num_workers, device=device, progress=progress,
+                  feature_fn=feature_fn)
+    train_x, train_y = extract_features(model, train_spec, split=train_split, max_samples=max_train,
+                                        cache_path=cache / "linear_train.safetensors" if cache else None, **common)
+    val_x, val_y = extract_features(model, val_spec, split=val_split, max_samples=max_test,
+                                    cache_path=cache / "linear_val.safetensors" if cache else None, **common)
+    result = train_linear(train_x, train_y, val_x, val_y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                          device=device)
+    result.update(backbone=source, n_last_blocks=n_last_blocks)
+    if out_json is not None:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+    if tracker is not None:
+        tracker.log({f"linear/{m}": result[m] for m in ("top1", "top5") if m in result}, step=step)
+    return result

@@ -1,0 +1,263 @@
+"""Backbone export and import (docs/internals.md §6).
+
+An export folder holds `model.safetensors` (the plain timm model's state dict, no pickles) and `config.json` (timm
+architecture name + the model arguments that re-create it, image size, normalisation, where the weights came from).
+It loads in plain timm, without sslpipe:
+
+    timm.create_model(cfg["architecture"], pretrained=True, num_classes=0,
+                      pretrained_cfg_overlay=dict(file=".../model.safetensors"), **cfg["model_args"])
+
+timm 1.0.31 reads a `file` overlay from disk (no download is attempted); since `num_classes=0` differs from the
+architecture's default pretrained config it drops classifier keys and loads non-strictly, so `load_backbone` loads
+strictly itself and the export is checked right after writing by reloading it and comparing outputs.
+"""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT = "sslpipe-backbone/1"
+# Keys that belong to the training wrapper, never to the timm model (iBOT's learnable mask token).
+_TRAINING_ONLY_KEYS = ("mask_token",)
+# Where the backbone sits inside a recipe's network: MaskedViT wrapper first (its `.vit` is the timm model).
+_BACKBONE_PREFIXES = ("backbone.vit.", "backbone.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile
+
+
+def _version() -> str:
+    try:
+        return metadata.version("sslpipe")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], network: str = "") -> dict[str, torch.Tensor]:
+    """The timm backbone's keys out of a recipe checkpoint.
+
+    Keeps keys under `{network}.` (e.g. `teacher.` in `extra_state.safetensors`; "" for the student's accelerate
+    model file), drops DDP/compile wrappers (`module.`, `_orig_mod.`), then takes the first of `backbone.vit.`
+    (masked ViT wrapper) and `backbone.` (plain timm model) that matches and removes it.
+    """
+    root = f"{network}." if network else ""
+    keys: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith(root):
+            continue
+        key = key[len(root):]
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        keys[key] = value
+    for prefix in _BACKBONE_PREFIXES:
+        found = {k[len(prefix):]: v for k, v in keys.items() if k.startswith(prefix)}
+        if found:
+            return found
+    seen = sorted({".".join(k.split(".")[:2]) for k in state})
+    raise KeyError(
+        f"no backbone weights under {root or '(root)'}{{{', '.join(_BACKBONE_PREFIXES)}}}; "
+        f"key prefixes found: {seen[:20]}"
+    )
+
+
+def _timm_args(arch: str, img_size: int, patch_size: int | None, kwargs: Mapping[str, Any]) -> tuple[nn.Module, dict]:
+    """Create `arch` the way `create_backbone` does (ViTs: img_size, patch_size, dynamic_img_size) and return the
+    model with the exact timm arguments; architectures without `img_size` (CNNs) are retried without it."""
+    vit_args: dict[str, Any] = {"img_size": img_size, "dynamic_img_size": True}
+    if patch_size:
+        vit_args["patch_size"] = patch_size
+    args = {**vit_args, **kwargs, "num_classes": 0}
+    try:
+        return timm.create_model(arch, pretrained=False, **args), args
+    except TypeError as err:
+        if "unexpected keyword" not in str(err):
+            raise
+    args = {**kwargs, "num_classes": 0}
+    return timm.create_model(arch, pretrained=False, **args), args
+
+
+def export_backbone(
+    module: nn.Module,
+    out_dir: str | Path,
+    *,
+    arch: str,
+    model_args: Mapping[str, Any],
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    source: Mapping[str, Any],
+) -> Path:
+    """Write `module` (a plain timm model) as `out_dir/model.safetensors` + `config.json`, then reload and check.
+
+    `model_args` are the keyword arguments of `timm.create_model(arch, ...)` (num_classes is forced to 0). Keys named
+    `mask_token` (training-only, iBOT) are stripped. Returns `out_dir`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().to("cpu").contiguous().clone()
+        for k, v in module.state_dict().items()
+        if k.split(".")[-1] not in _TRAINING_ONLY_KEYS
+    }
+    args = {**dict(model_args), "num_classes": 0}
+    config = {
+        "format": FORMAT,
+        "architecture": arch,
+        "model_args": args,
+        "num_features": int(getattr(module, "num_features", 0)),
+        "img_size": int(img_size),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "interpolation": "bicubic",
+        "source": dict(source),
+        "sslpipe_version": _version(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    tmp = out / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "architecture": arch})
+    tmp.replace(out / WEIGHTS_NAME)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    _verify(module, out, img_size)
+    return out
+
+
+@torch.no_grad()
+def _verify(module: nn.Module, out: Path, img_size: int) -> None:
+    """Reload the export and compare outputs on one random batch: catches wrong keys or model arguments."""
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    reloaded = load_backbone(out).to(device)
+    was_training = module.training
+    module.eval()
+    try:
+        x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
+        expected, got = module(x).float(), reloaded(x).float()
+    finally:
+        module.train(was_training)
+    if not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
+        raise RuntimeError(
+            f"export check failed: {out} reloaded with timm gives different outputs "
+            f"(max abs diff {(expected - got).abs().max().item():.3g}); model_args in {out / CONFIG_NAME} are wrong"
+        )
+
+
+def _export_paths(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    config = weights.parent / CONFIG_NAME
+    for p in (weights, config):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: pass an export folder written by `sslpipe export`")
+    return weights, config
+
+
+def read_export_config(path: str | Path) -> dict[str, Any]:
+    """`config.json` of an export folder (or of the folder holding `model.safetensors`)."""
+    return json.loads(_export_paths(path)[1].read_text())
+
+
+def load_backbone(path: str | Path) -> nn.Module:
+    """Re-create the timm model from `config.json` and load `model.safetensors` strictly; eval mode.
+
+    The data config (mean, std, input size, interpolation) is written into `model.pretrained_cfg`, so
+    `timm.data.resolve_data_config(model=...)` gives the normalisation the backbone was trained with.
+    """
+    weights, config_path = _export_paths(path)
+    cfg = json.loads(config_path.read_text())
+    model = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"])
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"{weights} does not match {cfg['architecture']} with {config_path} model_args: {err}")
+    size = cfg["img_size"]
+    model.pretrained_cfg = {
+        **model.pretrained_cfg, "file": str(weights), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+        "input_size": (3, size, size), "interpolation": cfg.get("interpolation", "bicubic"), "num_classes": 0,
+    }
+    return model.eval()
+
+
+def _find_checkpoint(run_dir: Path, checkpoint: str | Path | int | None) -> Path:
+    if checkpoint is not None and not isinstance(checkpoint, int):
+        ckpt = Path(checkpoint)
+        ckpt = ckpt if ckpt.is_absolute() or ckpt.exists() else run_dir / "checkpoints" / ckpt
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {ckpt} not found")
+        return ckpt
+    found = ((re.fullmatch(r"step_(\d+)", p.name), p) for p in (run_dir / "checkpoints").glob("step_*"))
+    steps = sorted((int(m.group(1)), p) for m, p in found if m)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints/step_N folders in {run_dir}: train first or pass checkpoint=")
+    if checkpoint is None:
+        return steps[-1][1]
+    for step, path in steps:
+        if step == checkpoint:
+            return path
+    raise FileNotFoundError(f"no checkpoint for step {checkpoint} in {run_dir}; have {[s for s, _ in steps]}")
+
+
+def _cfg_get(cfg: Mapping[str, Any], dotted: str, path: Path, default: Any = ...) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            if default is ...:
+                raise KeyError(f"{path} has no key `{dotted}` needed to re-create the backbone")
+            return default
+        node = node[part]
+    return node
+
+
+def export_run(
+    run_dir: str | Path,
+    which: str = "teacher",
+    out: str | Path | None = None,
+    checkpoint: str | Path | int | None = None,
+) -> Path:
+    """Export the teacher or student backbone of a run (latest checkpoint unless `checkpoint` is a step or folder).
+
+    Reads `RUN/config.yaml` (`model.arch`, `model.patch_size`, `model.kwargs`, `crops.global_size`, `crops.mean`,
+    `crops.std`) and `checkpoints/step_N/`: the teacher from `extra_state.safetensors` (keys `teacher.*`), the
+    student from accelerate's `model.safetensors`. Default output `RUN/export/{which}`.
+    """
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    run = Path(run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: {run} is not an sslpipe run directory")
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    ckpt = _find_checkpoint(run, checkpoint)
+    weights = ckpt / ("extra_state.safetensors" if which == "teacher" else "model.safetensors")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found; {ckpt} holds {sorted(p.name for p in ckpt.iterdir())}")
+    state = strip_prefix(load_file(str(weights)), "teacher" if which == "teacher" else "")
+    state = {k: v for k, v in state.items() if k.split(".")[-1] not in _TRAINING_ONLY_KEYS}
+
+    arch = _cfg_get(cfg, "model.arch", cfg_path)
+    img_size = int(_cfg_get(cfg, "crops.global_size", cfg_path))
+    module, model_args = _timm_args(
+        arch, img_size, _cfg_get(cfg, "model.patch_size", cfg_path, None),
+        _cfg_get(cfg, "model.kwargs", cfg_path, None) or {},
+    )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"{weights} does not match model.arch={arch!r} of {cfg_path}: {err}")
+    match = re.fullmatch(r"step_(\d+)", ckpt.name)
+    source = {"run_dir": str(run.resolve()), "checkpoint": str(ckpt.resolve()),
+              "step": int(match.group(1)) if match else None, "which": which}
+    return export_backbone(
+        module.eval(), out if out is not None else run / "export" / which, arch=arch, model_args=model_args,
+        img_size=img_size, mean=_cfg_get(cfg, "crops.mean", cfg_path, (0.485, 0.456, 0.406)),
+        std=_cfg_get(cfg, "crops.std", cfg_path, (0.229, 0.224, 0.225)), source=source,
+    )

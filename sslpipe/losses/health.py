@@ -1,0 +1,55 @@
+"""Collapse / health metrics of teacher-student self-distillation (DINO, iBOT), logged every few steps.
+
+The two collapse modes of DINO (Caron et al. 2021, §5.3) are read off the teacher distribution: uniform collapse
+(teacher entropy -> log K, sharpening too weak) and one-prototype collapse (batch-mean teacher entropy -> 0, one
+prototype used, centring too weak). All entropies are in nats (maximum log K); KL(teacher || student) -> 0 means the
+student no longer learns anything. Cheap: one softmax per input, no gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _entropy(logp: Tensor) -> Tensor:
+    """Per-row entropy -sum p log p from log-probabilities (0 log 0 = 0)."""
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)
+
+
+@torch.no_grad()
+def health_metrics(teacher_cls: Tensor, student_cls: Tensor, *, teacher_temp: float, student_temp: float,
+                   center: Tensor | None = None, teacher_patch: Tensor | None = None,
+                   student_patch: Tensor | None = None, teacher_patch_temp: float | None = None,
+                   center2: Tensor | None = None, masks: Tensor | None = None) -> dict[str, float]:
+    """Metrics from logits of the same crops: teacher_cls / student_cls (B, K), optional patch logits (B, N, Kp)
+    and masks (B, ...) bool. ``center`` / ``center2`` are the loss centres subtracted from teacher logits.
+
+    Keys: teacher_entropy, student_entropy (mean per-sample entropy), kl_teacher_student, batch_entropy (entropy
+    of the batch-mean teacher distribution), prototype_usage (fraction of the K prototypes that are the teacher argmax
+    for at least one sample); with patches: teacher_patch_entropy, student_patch_entropy; with masks: mask_ratio.
+    """
+    t_logp = F.log_softmax((teacher_cls.float() - (0 if center is None else center)) / teacher_temp, dim=-1)
+    s_logp = F.log_softmax(student_cls.float() / student_temp, dim=-1)
+    K = t_logp.shape[-1]
+    mean_p = t_logp.exp().mean(dim=0)
+    out = {
+        "teacher_entropy": _entropy(t_logp).mean().item(),
+        "student_entropy": _entropy(s_logp).mean().item(),
+        "kl_teacher_student": torch.where(t_logp.exp() > 0, t_logp.exp() * (t_logp - s_logp), 0.0)
+        .sum(dim=-1).mean().item(),
+        "batch_entropy": -torch.special.xlogy(mean_p, mean_p).sum().item(),
+        "prototype_usage": t_logp.argmax(dim=-1).unique().numel() / K,
+    }
+    if teacher_patch is not None:
+        tp_temp = teacher_temp if teacher_patch_temp is None else teacher_patch_temp
+        tp = teacher_patch.float() - (0 if center2 is None else center2)
+        out["teacher_patch_entropy"] = _entropy(F.log_softmax(tp / tp_temp, dim=-1)).mean().item()
+    if student_patch is not None:
+        s_patch_logp = F.log_softmax(student_patch.float() / student_temp, dim=-1)
+        out["student_patch_entropy"] = _entropy(s_patch_logp).mean().item()
+    if masks is not None:
+        out["mask_ratio"] = masks.float().mean().item()
+    return out

@@ -1,0 +1,216 @@
+"""Multi-crop views, eval transform, joint segmentation augmentation, per-sample masks and the crop-major collate."""
+
+import random
+
+import lightly.transforms.gaussian_blur as lightly_blur
+import lightly.transforms.solarize as lightly_solarize
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision.transforms.v2 import InterpolationMode
+
+from sslpipe.data.collate import MultiCropSample, collate_multicrop
+from sslpipe.data.masking import MaskGenerator
+from sslpipe.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropTransform, SegTransform
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def noise_image(h, w, mode="RGB", seed=0):
+    rs = np.random.RandomState(seed)
+    shape = (h, w, 3) if mode == "RGB" else (h, w)
+    return Image.fromarray(rs.randint(0, 256, shape, dtype=np.uint8), mode)
+
+
+@pytest.mark.parametrize(
+    "gsize, lsize, n_global, n_local, image",
+    [(224, 96, 2, 10, noise_image(120, 150)), (32, 16, 2, 4, noise_image(28, 28, "L"))],
+)
+def test_multicrop_shapes_and_range(gsize, lsize, n_global, n_local, image):
+    crops = MultiCropTransform(gsize, lsize, n_global, n_local)(image)
+    assert [tuple(c.shape) for c in crops] == [(3, gsize, gsize)] * n_global + [(3, lsize, lsize)] * n_local
+    for c in crops:
+        assert c.dtype == torch.float32
+        raw = c * STD + MEAN  # un-normalised pixels must lie in [0, 1]
+        assert raw.min() > -1e-5 and raw.max() < 1 + 1e-5
+
+
+def test_black_image_normalises_to_minus_mean_over_std():
+    # every augmentation keeps black black (jitter scales/blends with 0, solarize only inverts >= 128)
+    crops = MultiCropTransform(32, 16, 3, 2)(Image.new("L", (28, 28), 0))
+    expected = (-MEAN / STD).expand(3, 32, 32)
+    assert len(crops) == 5
+    torch.testing.assert_close(crops[0], expected)
+    torch.testing.assert_close(crops[4], (-MEAN / STD).expand(3, 16, 16))
+
+
+def test_recipe_structure():
+    mc = MultiCropTransform(32, 16, global_scale=(0.3, 0.9), local_scale=(0.05, 0.2))
+    for view, size, scale in [(mc.global1, 32, (0.3, 0.9)), (mc.global2, 32, (0.3, 0.9)), (mc.local, 16, (0.05, 0.2))]:
+        rrc = view.transforms[0]
+        assert rrc.interpolation == InterpolationMode.BICUBIC and tuple(rrc.size) == (size, size)
+        assert tuple(rrc.scale) == scale
+        jitter = view.transforms[2]
+        assert jitter.p == 0.8
+        cj = jitter.transforms[0]
+        assert (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+
+
+def test_blur_and_solarize_probabilities(monkeypatch):
+    radii, solarized = [], []
+    real_blur, real_solarize = ImageFilter.GaussianBlur, ImageOps.solarize
+
+    def blur(radius):
+        radii.append(radius)
+        return real_blur(radius)
+
+    def solarize(img, threshold=128):
+        solarized.append(threshold)
+        return real_solarize(img, threshold)
+
+    monkeypatch.setattr(lightly_blur.ImageFilter, "GaussianBlur", blur)
+    monkeypatch.setattr(lightly_solarize.ImageOps, "solarize", solarize)
+    np.random.seed(0)
+    random.seed(0)
+    torch.manual_seed(0)
+    mc = MultiCropTransform(16, 8, n_global=1, n_local=0)
+    img = noise_image(20, 20)
+
+    def counts(view, n):
+        radii.clear()
+        solarized.clear()
+        for _ in range(n):
+            view(img)
+        return len(radii), len(solarized)
+
+    n_blur, n_sol = counts(mc, 60)  # n_global=1: only the first recipe
+    assert (n_blur, n_sol) == (60, 0)
+    assert all(0.1 <= r <= 2.0 for r in radii) and max(radii) > 1.0 and min(radii) < 1.0
+    n_blur, n_sol = counts(mc.global2, 400)  # blur p 0.1, solarize p 0.2 at threshold 128
+    assert 20 <= n_blur <= 65 and 50 <= n_sol <= 110 and set(solarized) == {128}
+    n_blur, n_sol = counts(mc.local, 400)  # blur p 0.5
+    assert 160 <= n_blur <= 240 and n_sol == 0
+
+
+def test_crop_order_uses_recipes():
+    mc = MultiCropTransform(8, 4, n_global=3, n_local=2)
+    mc.global1 = lambda img: torch.tensor(1)
+    mc.global2 = lambda img: torch.tensor(2)
+    mc.local = lambda img: torch.tensor(3)
+    assert [int(c) for c in mc(noise_image(8, 8))] == [1, 2, 2, 3, 3]
+
+
+def test_eval_transform_matches_pil_reference():
+    img = noise_image(300, 400)  # h=300, w=400 -> short side 256: 256 x 341, centre crop 224
+    out = EvalTransform(256, 224)(img)
+    ref = img.resize((341, 256), Image.BICUBIC)
+    left, top = round((341 - 224) / 2), round((256 - 224) / 2)
+    ref = np.asarray(ref.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255
+    ref = (torch.from_numpy(ref).permute(2, 0, 1) - MEAN) / STD
+    torch.testing.assert_close(out, ref)
+
+
+def blocks_image(block=16, n=8, seed=0):
+    """Flat colour blocks; the label of a pixel is R // 32 (R in {16, 48, ..., 240})."""
+    rs = np.random.RandomState(seed)
+    k = rs.randint(0, 8, (n, n))
+    r = np.kron(32 * k + 16, np.ones((block, block), dtype=np.int64)).astype(np.uint8)
+    g = rs.randint(0, 256, (n, n)).astype(np.uint8).repeat(block, 0).repeat(block, 1)
+    rgb = np.stack([r, g, np.full_like(r, 100)], -1)
+    return Image.fromarray(rgb), Image.fromarray((r // 32).astype(np.uint8), "L")
+
+
+def label_of(image):
+    red = torch.round((image[0] * STD[0, 0, 0] + MEAN[0, 0, 0]) * 255)
+    return (red // 32).long()
+
+
+def test_seg_alignment_strict():
+    torch.manual_seed(0)
+    image, seg = blocks_image()
+    t = SegTransform(160, image_interpolation=InterpolationMode.NEAREST)
+    padded = False
+    for _ in range(30):
+        x, y = t(image, seg)
+        assert x.shape == (3, 160, 160) and y.shape == (160, 160) and y.dtype == torch.long
+        valid = y != 255
+        assert valid.any()
+        assert torch.equal(label_of(x)[valid], y[valid])
+        if (~valid).any():
+            padded = True
+            assert torch.equal(x[:, ~valid], torch.zeros_like(x[:, ~valid]))  # image padding = mean colour
+    assert padded  # scale 0.5 of a 128 px image cannot fill a 160 px crop
+
+
+def test_seg_alignment_bilinear_and_jitter_only_on_image():
+    torch.manual_seed(1)
+    image, seg = blocks_image()
+    plain = SegTransform(96)
+    wrong = 0
+    total = 0
+    for _ in range(20):
+        x, y = plain(image, seg)
+        valid = y != 255
+        wrong += int((label_of(x)[valid] != y[valid]).sum())
+        total += int(valid.sum())
+    assert wrong / total < 0.1  # only pixels on block borders may differ
+    jitter = SegTransform(96, color_jitter=(0.9, 0.9, 0.9, 0.4), jitter_p=1.0)
+    x, y = jitter(image, seg)
+    assert set(y.unique().tolist()) <= set(range(8)) | {255}  # labels never touched by colour jitter
+
+
+def test_seg_eval_variant_and_errors():
+    image, seg = blocks_image(block=4, n=5)
+    x, y = SegTransform(16, train=False)(image, seg)
+    assert x.shape == (3, 20, 20) and torch.equal(y, torch.from_numpy(np.array(seg)).long())
+    assert torch.equal(label_of(x), y)
+    with pytest.raises(ValueError, match="label size"):
+        SegTransform(16)(image, Image.new("L", (3, 3)))
+
+
+def test_collate_crop_major_order():
+    B, n_global, n_local = 3, 2, 3
+    samples = []
+    for b in range(B):
+        crops = [torch.full((1, 4, 4), 100.0 * b + c) for c in range(n_global)]
+        crops += [torch.full((1, 2, 2), 100.0 * b + c) for c in range(n_global, n_global + n_local)]
+        masks = []
+        for c in range(n_global):
+            m = np.zeros((3, 2), dtype=bool)
+            m[b, c] = True
+            masks.append(m)
+        samples.append({"crops": crops, "masks": masks, "label": 10 + b})
+    out = collate_multicrop(samples)
+    assert out["global_crops"].shape == (n_global * B, 1, 4, 4)
+    assert out["local_crops"].shape == (n_local * B, 1, 2, 2)
+    assert out["masks"].shape == (n_global * B, 3, 2) and out["masks"].dtype == torch.bool
+    for c in range(n_global):
+        for b in range(B):
+            assert out["global_crops"][c * B + b].eq(100 * b + c).all()
+            assert out["masks"][c * B + b].nonzero().tolist() == [[b, c]]
+    for c in range(n_local):
+        for b in range(B):
+            assert out["local_crops"][c * B + b].eq(100 * b + n_global + c).all()
+    assert out["labels"].tolist() == [10, 11, 12] and out["labels"].dtype == torch.long
+
+
+def test_multicrop_sample_end_to_end():
+    random.seed(0)
+    torch.manual_seed(0)
+    sample_fn = MultiCropSample(MultiCropTransform(32, 16, 2, 4), MaskGenerator(grid=(8, 8), min_num_patches=None))
+    raws = [{"key": f"k{i}", "image": noise_image(28, 28, seed=i), "label": i} for i in range(5)]
+    samples = [sample_fn(r) for r in raws]
+    assert all(len(s["crops"]) == 6 and len(s["masks"]) == 2 for s in samples)
+    out = collate_multicrop(samples)
+    assert out["global_crops"].shape == (10, 3, 32, 32) and out["local_crops"].shape == (20, 3, 16, 16)
+    assert out["masks"].shape == (10, 8, 8) and out["labels"].tolist() == list(range(5))
+    # no mask generator, no locals, global and local of one size: n_global comes from the sample
+    plain = MultiCropSample(MultiCropTransform(16, 16, 2, 2))
+    out = collate_multicrop([plain(r) for r in raws[:2]])
+    assert out["masks"] is None and out["global_crops"].shape == (4, 3, 16, 16) and out["local_crops"].shape[0] == 4
+    out = collate_multicrop([MultiCropSample(MultiCropTransform(16, 8, 2, 0))(raws[0])])
+    assert out["local_crops"] is None
+    with pytest.raises(ValueError, match="mask grid"):
+        MultiCropSample(MultiCropTransform(32, 16), MaskGenerator(grid=(5, 5)))
