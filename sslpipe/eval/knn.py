@@ -224,6 +224,7 @@ def knn_probe(module: nn.Module, cfg: Any, progress: bool = True) -> dict[str, A
         module, data.train, data.val, train_split=getattr(data, "train_split", "train"),
         val_split=getattr(data, "val_split", "val"), k_list=getattr(ev, "knn_k", DEFAULT_K),
         T=getattr(ev, "knn_temperature", DEFAULT_T), img_size=crops.global_size, mean=crops.mean, std=crops.std,
+        resize=getattr(ev, "resize", None), crop=getattr(ev, "crop", None),
         batch_size=getattr(data, "batch_size", 256), num_workers=getattr(data, "num_workers", 0),
         max_train=getattr(ev, "knn_max_train", None), max_test=getattr(ev, "knn_max_val", None), progress=progress,
     )

@@ -24,11 +24,12 @@ def _mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int) -> nn.
     if nlayers < 1:
         raise ValueError(f"head nlayers must be >= 1, got {nlayers}")
     if nlayers == 1:
-        return nn.Sequential(nn.Linear(in_dim, bottleneck_dim))
-    layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
-    for _ in range(nlayers - 2):
-        layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
-    layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+        layers: list[nn.Module] = [nn.Linear(in_dim, bottleneck_dim)]
+    else:
+        layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+        for _ in range(nlayers - 2):
+            layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+        layers.append(nn.Linear(hidden_dim, bottleneck_dim))
     mlp = nn.Sequential(*layers)
     for m in mlp.modules():
         if isinstance(m, nn.Linear):
@@ -87,15 +88,24 @@ class IBOTHead(nn.Module):
         """CLS logits only, from (B, D) CLS tokens (student local crops: no patch term)."""
         return self.last_layer(F.normalize(self.mlp(cls_tokens), dim=-1, p=2))
 
-    def forward(self, tokens: Tensor, num_prefix_tokens: int = 1) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: Tensor, num_prefix_tokens: int = 1,
+                patch_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tokens (B, P+N, D) -> (cls_logits (B, K), patch_logits (B, N, Kp)); the CLS token is tokens[:, 0].
 
-        Prefix tokens other than the CLS token (registers) get no output.
+        Prefix tokens other than the CLS token (registers) get no output. With ``patch_mask`` (B, N) bool, patch
+        logits are computed only where it is True and are 0 elsewhere: the student's MIM term reads only masked
+        positions, so this skips most of the patch head's work (an optimisation the official code does not make;
+        the loss is unchanged).
         """
         if tokens.dim() != 3 or tokens.shape[1] <= num_prefix_tokens:
             raise ValueError(f"IBOTHead expects tokens (B, P+N, D) with N > 0 and P={num_prefix_tokens}, "
                              f"got shape {tuple(tokens.shape)}")
-        if num_prefix_tokens > 1:
-            tokens = torch.cat([tokens[:, :1], tokens[:, num_prefix_tokens:]], dim=1)
-        x = F.normalize(self.mlp(tokens), dim=-1, p=2)
-        return self.last_layer(x[:, 0]), self.last_layer2(x[:, 1:])
+        patches = tokens[:, num_prefix_tokens:]
+        if patch_mask is None:
+            x = F.normalize(self.mlp(torch.cat([tokens[:, :1], patches], dim=1)), dim=-1, p=2)
+            return self.last_layer(x[:, 0]), self.last_layer2(x[:, 1:])
+        cls_logits = self.forward_cls(tokens[:, 0])
+        selected = self.last_layer2(F.normalize(self.mlp(patches[patch_mask]), dim=-1, p=2))
+        patch_logits = selected.new_zeros(*patch_mask.shape, selected.shape[-1])
+        patch_logits[patch_mask] = selected
+        return cls_logits, patch_logits

@@ -1,0 +1,309 @@
+"""The typed recipe schema, YAML loading and `key.sub=value` overrides.
+
+Defaults are the published iBOT ViT-S/16 values (shared/SPEC.md §1). Every section forbids unknown keys so that a
+typo (`optim.lrr`) fails loudly with the closest valid spelling instead of silently training with a default.
+"""
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A recipe YAML or an override that cannot be turned into a valid `Config`; the message says what to fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    train: str
+    train_split: str = "train"
+    val: str | None = None
+    val_split: str = "val"
+    batch_size: int = 64
+    num_workers: int = 8
+    shuffle_buffer: int = 5000
+    resampled: bool = False
+    steps_per_epoch: int | None = None
+    on_error: Literal["warn", "raise"] = "warn"
+
+    @model_validator(mode="after")
+    def _resampled_needs_steps(self) -> "DataConfig":
+        if self.resampled and self.steps_per_epoch is None:
+            raise ValueError("data.resampled=true streams forever: set data.steps_per_epoch")
+        return self
+
+
+class CropsConfig(_Section):
+    global_size: int = 224
+    local_size: int = 96
+    n_global: int = 2
+    n_local: int = 10
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class MaskingConfig(_Section):
+    pred_ratio: float | list[float] = [0.0, 0.3]
+    pred_ratio_var: float | list[float] = [0.0, 0.2]
+    pred_shape: Literal["block", "rand"] = "block"
+    pred_start_epoch: int = 0
+    min_num_patches: int | None = None  # None: the official (min(H, W) // 3) ** 2, i.e. 16 on a 14x14 grid
+    min_aspect: float = 0.3
+
+
+class ModelConfig(_Section):
+    arch: str = "vit_small_patch16_224"
+    patch_size: int | None = 16
+    drop_path_rate: float = 0.1
+    kwargs: dict[str, Any] = {}
+
+
+class HeadConfig(_Section):
+    out_dim: int = 8192
+    patch_out_dim: int = 8192
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    norm_last_layer: bool = False
+    shared_head: bool = True
+    shared_head_teacher: bool = True
+
+
+class LossConfig(_Section):
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_patch_temp: float = 0.04
+    teacher_patch_temp: float = 0.07
+    warmup_teacher_temp_epochs: float = 30
+    center_momentum: float = 0.9
+    center_momentum2: float = 0.9
+    lambda1: float = 1.0
+    lambda2: float = 1.0
+
+
+class OptimConfig(_Section):
+    """`lr` is per 256 images: the applied rate is lr * batch_size * world_size * grad_accum_steps / 256 (DINO/iBOT)."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    clip_mode: Literal["per_tensor", "global", "none"] = "per_tensor"
+    freeze_last_layer_epochs: float = 1
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class TrainConfig(_Section):
+    """Schedules always span `epochs * steps_per_epoch` optimizer steps; `max_steps` only stops the run early."""
+
+    epochs: int = 800
+    max_steps: int | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    health_every: int = 50
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_epochs: int = 1
+    keep_last: int = 2
+    best_metric: str | None = None  # a metric from recipe.evaluate (higher is better) whose best checkpoint is kept
+
+
+class TrackingConfig(_Section):
+    log_with: list[Literal["wandb", "tensorboard"]] = []
+    wandb_project: str = "sslpipe"
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+
+
+class EvalConfig(_Section):
+    knn_every_epochs: int = 0
+    knn_k: list[int] = [10, 20, 100, 200]
+    knn_temperature: float = 0.07
+    knn_max_train: int | None = None
+    knn_max_val: int | None = None
+    resize: int | None = None  # eval resize of the short side; None: global_size * 256 / 224 (DINO)
+    crop: int | None = None  # eval centre crop; None: global_size
+
+
+class Config(_Section):
+    method: str
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None
+    data: DataConfig
+    crops: CropsConfig = CropsConfig()
+    masking: MaskingConfig = MaskingConfig()
+    model: ModelConfig = ModelConfig()
+    head: HeadConfig = HeadConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# --------------------------------------------------------------------------------------------------------- errors
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The section model that owns the last key of `loc`, or None when `loc` leaves the schema (e.g. model.kwargs)."""
+    model: type[BaseModel] = Config
+    for key in loc[:-1]:
+        field = model.model_fields.get(str(key))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _unknown_key_message(loc: tuple, where: str) -> str:
+    dotted = ".".join(str(k) for k in loc)
+    model = _model_at(loc)
+    valid = list(model.model_fields) if model else []
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+    parent = ".".join(str(k) for k in loc[:-1])
+    hint = f" Did you mean '{(parent + '.') if parent else ''}{close[0]}'?" if close else ""
+    return f"{where}: unknown key '{dotted}'.{hint} Valid keys{(' of ' + parent) if parent else ''}: {', '.join(valid)}"
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation) if typing.get_origin(annotation) else getattr(annotation, "__name__", str(annotation))
+    return text.replace("typing.", "")
+
+
+def _expected_type(loc: tuple) -> str:
+    keys = [k for k in loc if isinstance(k, str)]
+    model: type[BaseModel] = Config
+    annotation: Any = None
+    for key in keys:
+        field = model.model_fields.get(key)
+        if field is None:
+            break
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return _type_name(annotation) if annotation is not None else "?"
+
+
+def _value_at(data: Any, loc: tuple) -> Any:
+    for key in loc:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _format_validation_error(err: ValidationError, data: dict[str, Any], where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        if any(isinstance(k, int) for k in loc):  # an element of a list/tuple: report the whole value
+            loc = loc[: next(i for i, k in enumerate(loc) if isinstance(k, int))]
+            e = {**e, "type": "element", "input": _value_at(data, loc)}
+        dotted = ".".join(str(k) for k in loc)
+        if e["type"] == "extra_forbidden":
+            lines.append(_unknown_key_message(loc, where))
+        elif e["type"] == "missing":
+            lines.append(f"{where}: required key '{dotted}' is missing")
+        elif e["type"] == "value_error" and not loc:
+            lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(
+                f"{where}: key '{dotted}' = {e.get('input')!r} is invalid: expected {_expected_type(loc)} ({e['msg']})"
+            )
+    return "\n".join(dict.fromkeys(lines))
+
+
+# ---------------------------------------------------------------------------------------------------- overrides
+def _check_override_key(keys: list[str], item: str) -> None:
+    model: type[BaseModel] = Config
+    for i, key in enumerate(keys):
+        field = model.model_fields.get(key)
+        if field is None:
+            raise ConfigError(_unknown_key_message(tuple(keys[: i + 1]), f"override '{item}'"))
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        elif i < len(keys) - 1 and typing.get_origin(ann) is not dict:
+            raise ConfigError(f"override '{item}': '{'.'.join(keys[: i + 1])}' is a value, not a section")
+        else:
+            return
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides in place; values are parsed as YAML (`1e-3`, `[0.4,1.0]`, `null`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value (e.g. optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        keys = [k for k in key.strip().split(".")]
+        if not all(keys):
+            raise ConfigError(f"override '{item}': empty key part in '{key}'")
+        _check_override_key(keys, item)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value {raw!r} is not valid YAML ({exc})") from exc
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def config_from_dict(data: dict[str, Any], where: str = "config") -> Config:
+    """Validate a plain dict; errors name `where`, the dotted key and what was expected."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, data, where)) from None
+
+
+def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
+    """Read a recipe YAML, apply `key.sub=value` overrides and validate it into a `Config`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (give the path of a recipe YAML, e.g. recipes/demo_*.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{line}: invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    apply_overrides(data, overrides)
+    return config_from_dict(data, where=str(path))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain YAML/JSON-friendly dict (tuples become lists)."""
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (what `load_config` reads back to the same `Config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path

@@ -1,0 +1,19 @@
+"""The Accelerate training engine: loop, schedules, checkpoints and tracking (docs/internals.md §5).
+
+`train` and `TrainingDiverged` are imported lazily so that `python -m sslpipe.engine.trainer` runs cleanly.
+"""
+from typing import Any
+
+from sslpipe.engine.checkpoint import find_latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from sslpipe.engine.schedules import Schedules
+
+__all__ = ["Schedules", "TrainingDiverged", "find_latest_checkpoint", "load_checkpoint", "resolve_resume",
+           "save_checkpoint", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("train", "TrainingDiverged"):
+        from sslpipe.engine import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'sslpipe.engine' has no attribute {name!r}")

@@ -1,0 +1,102 @@
+"""Run tracking: a JSON-lines metrics file that is always written, plus Accelerate's wandb/TensorBoard trackers.
+
+wandb must never block a run without network: when no API key is configured it runs offline (sync later with
+`wandb sync RUN/wandb/offline-run-*`); `disabled` drops the tracker entirely so that no `wandb/` folder appears.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+from sslpipe.config import Config, config_to_dict
+
+
+class JsonlWriter:
+    """Append one JSON object per line and flush it, so a crash loses at most the line being written."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {k: _jsonable(v) for k, v in record.items()}
+        clean.setdefault("time", time.time())
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    return value
+
+
+def wandb_api_key_configured() -> bool:
+    """True when WANDB_API_KEY is set or ~/.netrc has credentials for api.wandb.ai (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(cfg_mode: str | None) -> str:
+    """The WANDB_MODE env var wins, then `tracking.wandb_mode`, then online with a key / offline without one."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return "disabled" if env in ("disabled", "dryrun-disabled") else env
+    if cfg_mode:
+        return cfg_mode
+    return "online" if wandb_api_key_configured() else "offline"
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """`{"optim.lr": 5e-4, ...}`: trackers store hyper-parameters as flat scalars (lists become strings)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            flat[prefix] = node if isinstance(node, (bool, int, float, str)) or node is None else str(node)
+
+    walk("", config_to_dict(cfg))
+    return flat
+
+
+def tracker_setup(cfg: Config, run_dir: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """(log_with for the Accelerator, init_kwargs for `accelerator.init_trackers`)."""
+    log_with: list[str] = []
+    init_kwargs: dict[str, dict[str, Any]] = {}
+    available = {"wandb": is_wandb_available, "tensorboard": is_tensorboard_available}
+    for name in dict.fromkeys(cfg.tracking.log_with):
+        if name == "wandb":
+            mode = resolve_wandb_mode(cfg.tracking.wandb_mode)
+            if mode == "disabled":
+                continue
+            os.environ["WANDB_MODE"] = mode
+            # A stable id per run directory: a resumed run continues the same wandb run.
+            run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+            init_kwargs["wandb"] = {"dir": str(run_dir), "name": run_dir.name, "mode": mode, "id": run_id,
+                                    "resume": "allow"}
+        if not available[name]():
+            raise RuntimeError(f"tracking.log_with lists {name!r} but it is not installed: pip install {name} "
+                               f"(or remove it from tracking.log_with)")
+        log_with.append(name)
+    return log_with, init_kwargs

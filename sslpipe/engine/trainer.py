@@ -1,0 +1,321 @@
+"""The method-agnostic training loop on HuggingFace Accelerate (docs/internals.md §5).
+
+It knows nothing about DINO or iBOT: a `Recipe` gives models, parameter groups, data and one `step`; this loop owns
+devices, mixed precision, gradient accumulation, per-iteration schedules, DINO-style gradient clipping and
+last-layer freezing, NaN detection, logging and exact, atomic checkpoints.
+
+One iteration = one optimizer step = `train.grad_accum_steps` batches per process. Schedules span
+`train.epochs * steps_per_epoch` iterations; `train.max_steps` only stops the run early (a final checkpoint is
+written), so a run stopped by `max_steps` and resumed continues on the same schedule.
+
+Run as a module for multi-process launches:
+    accelerate launch -m sslpipe.engine.trainer RECIPE.yaml optim.lr=1e-3 [--resume auto|RUN|CKPT]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
+from tqdm.auto import tqdm
+
+from sslpipe.config import Config, load_config, save_config
+from sslpipe.engine.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from sslpipe.engine.schedules import Schedules
+from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup
+from sslpipe.recipes import get_recipe
+from sslpipe.recipes.base import Recipe
+
+
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; raised on every process at the same step, after nothing further was written."""
+
+
+# --------------------------------------------------------------------------------------------- optimisation
+def build_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9) over the recipe's groups; lr and weight decay are set every iteration."""
+    for i, group in enumerate(groups):
+        if "params" not in group or "apply_wd" not in group:
+            raise ValueError(f"recipe param_groups()[{i}] needs the keys 'params' and 'apply_wd', got {list(group)}")
+    groups = [g for g in groups if len(list(g["params"])) > 0]
+    if cfg.optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), weight_decay=0.0)
+    return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=0.0)
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, sched: dict[str, float]) -> None:
+    """Scheduled lr for every group; scheduled weight decay only for groups with `apply_wd` (others stay at 0)."""
+    for group in optimizer.param_groups:
+        group["lr"] = sched["lr"]
+        group["weight_decay"] = sched["weight_decay"] if group.get("apply_wd", True) else 0.0
+
+
+def clip_gradients_per_tensor(module: torch.nn.Module, clip: float) -> list[float]:
+    """DINO `utils.clip_gradients`: each parameter's gradient is rescaled on its own to norm <= `clip`.
+
+    coef = clip / (||g||_2 + 1e-6); g <- g * coef when coef < 1. Not the global norm of `clip_grad_norm_`
+    (SPEC §1: iBOT/DINO clip per tensor), hence hand-written. Returns the norms before clipping.
+    """
+    norms = []
+    for param in module.parameters():
+        if param.grad is None:
+            continue
+        norm = param.grad.detach().norm(2)
+        norms.append(float(norm))
+        coef = clip / (norm + 1e-6)
+        if coef < 1:
+            param.grad.detach().mul_(coef)
+    return norms
+
+
+def cancel_last_layer_gradients(module: torch.nn.Module) -> None:
+    """DINO `cancel_gradients_last_layer`: drop the gradients of parameters named *last_layer* (frozen early on)."""
+    for name, param in module.named_parameters():
+        if "last_layer" in name:
+            param.grad = None
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def epoch_batches(recipe: Recipe, epoch: int, rank: int, world_size: int, skip: int) -> Iterator[Any]:
+    """The loader of `epoch` with its first `skip` batches dropped (exact resume).
+
+    Creating the iterator (DataLoader draws a base seed) and the skipped batches must not move the global RNGs:
+    they are restored afterwards, so an epoch started fresh or resumed mid-way consumes the same random numbers.
+    """
+    saved = _rng_state()
+    it = iter(recipe.train_loader(epoch, rank, world_size))
+    for i in range(skip):
+        if next(it, None) is None:
+            raise RuntimeError(f"resume: the loader of epoch {epoch} ended after {i} batches, before {skip}")
+    _set_rng_state(saved)
+    return it
+
+
+def _run_dir(cfg: Config, ckpt: Path | None) -> Path:
+    """`output_dir/run_name`, a timestamped name agreed by all processes, or the resumed run's directory."""
+    if ckpt is not None:
+        return ckpt.parent.parent
+    name = cfg.run_name
+    if name is None:
+        stamp = [f"{cfg.method.rsplit(':', 1)[-1].lower()}-{datetime.now():%Y%m%d-%H%M%S}"]
+        name = broadcast_object_list(stamp)[0]
+    run_dir = Path(cfg.output_dir) / name
+    if list_checkpoints(run_dir):
+        raise FileExistsError(
+            f"run directory {run_dir} already has checkpoints: continue it with --resume {run_dir} "
+            "(or --resume auto), or choose another run_name"
+        )
+    return run_dir
+
+
+def _diverged(accelerator: Accelerator, loss: torch.Tensor, step: int, epoch: int, run_dir: Path,
+              last_ckpt: Path | None) -> TrainingDiverged | None:
+    """All ranks learn together whether any rank's loss is not finite (one gather per batch)."""
+    losses = accelerator.gather(loss.detach().float().reshape(1))
+    if bool(torch.isfinite(losses).all()):
+        return None
+    where = f"{last_ckpt} (resume with --resume {run_dir})" if last_ckpt else "none (no checkpoint was written yet)"
+    return TrainingDiverged(
+        f"training diverged at global step {step} (epoch {epoch}): loss per process = {losses.tolist()}. "
+        f"No checkpoint was written after this step; the last good checkpoint is {where}. "
+        "Try a lower optim.lr or longer optim.warmup_epochs, train.mixed_precision=no (fp32), "
+        "or a smaller optim.clip_grad."
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def train(cfg: Config, *, resume: str | None = None, overrides_text: str | None = None) -> Path:
+    """Train `cfg.method` and return the run directory.
+
+    `resume`: None (fresh run), "auto" (newest run in `cfg.output_dir` with a checkpoint, else fresh), a run
+    directory or a checkpoint directory. `overrides_text` (the command-line overrides) is recorded in config.yaml.
+    """
+    # The process group comes first (all ranks must agree on the run directory); honour ACCELERATE_USE_CPU exactly as
+    # the Accelerator does, or a CPU multi-process launch would silently become N independent runs.
+    # Ranks wait at a collective while the main process runs a periodic kNN probe: allow hours, not NCCL's 10 min.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=COLLECTIVE_TIMEOUT)
+    ckpt = resolve_resume(resume, cfg.output_dir, cfg.run_name) if resume else None
+    run_dir = _run_dir(cfg, ckpt)
+    if ckpt is not None:
+        cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})
+    log_with, init_kwargs = tracker_setup(cfg, run_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+    )
+    rank, world = state.process_index, state.num_processes
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        if overrides_text:
+            text = (run_dir / "config.yaml").read_text()
+            (run_dir / "config.yaml").write_text(f"# overrides: {overrides_text}\n{text}")
+    accelerator.wait_for_everyone()
+
+    # Same seed on every rank while models are built (teacher = copy of an identical student); per-rank afterwards.
+    set_seed(cfg.seed)
+    recipe = get_recipe(cfg.method)(cfg)
+    recipe.build(accelerator)
+    optimizer = build_optimizer(cfg, recipe.param_groups())
+    recipe.student, optimizer = accelerator.prepare(recipe.student, optimizer)
+    set_seed(cfg.seed, device_specific=True)
+
+    accum = cfg.train.grad_accum_steps
+    spe = recipe.steps_per_epoch(world) // accum
+    if spe <= 0:
+        raise ValueError(f"{recipe.steps_per_epoch(world)} batches per epoch < train.grad_accum_steps={accum}")
+    sched = Schedules(cfg, spe, world)
+    stop_at = sched.total if cfg.train.max_steps is None else min(sched.total, cfg.train.max_steps)
+    freeze_iters = int(round(cfg.optim.freeze_last_layer_epochs * spe))
+
+    global_step, best, last_metrics = 0, None, {}
+    if ckpt is not None:
+        trainer_state, extra = load_checkpoint(accelerator, ckpt)
+        recipe.load_extra_state(extra)
+        global_step, best = int(trainer_state["global_step"]), trainer_state.get("best")
+        if trainer_state.get("world_size", world) != world:
+            accelerator.print(f"warning: resuming a {trainer_state['world_size']}-process run on {world} processes: "
+                              "the data order will differ from an uninterrupted run")
+        accelerator.print(f"resumed from {ckpt} at global step {global_step}")
+
+    accelerator.init_trackers(cfg.tracking.wandb_project, config=flat_config(cfg), init_kwargs=init_kwargs)
+    writer = JsonlWriter(run_dir / "metrics.jsonl") if accelerator.is_main_process else None
+    last_ckpt, last_saved = ckpt, global_step if ckpt is not None else -1
+
+    def checkpoint(metric: float | None = None) -> None:
+        nonlocal last_ckpt, last_saved
+        if last_saved == global_step and metric is None:
+            return
+        epoch, in_epoch = divmod(global_step, spe)
+        trainer_state = {"global_step": global_step, "epoch": epoch, "step_in_epoch": in_epoch, "world_size": world,
+                         "steps_per_epoch": spe, "metrics": last_metrics, "best": best}
+        last_ckpt = save_checkpoint(accelerator, run_dir, trainer_state, recipe.extra_state(),
+                                    keep_last=cfg.train.keep_last, metric=metric)
+        last_saved = global_step
+
+    def log(record: dict[str, Any]) -> None:
+        if writer is not None:
+            writer.write(record)
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=global_step)
+
+    bar = tqdm(total=stop_at, initial=global_step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    window_images, window_start, window_loss, window_metrics = 0, time.perf_counter(), [], {}
+    try:
+        while global_step < stop_at:
+            epoch, start = divmod(global_step, spe)
+            batches = epoch_batches(recipe, epoch, rank, world, skip=start * accum)
+            for _ in range(start, spe):
+                s = sched(global_step)
+                apply_schedule(optimizer, s)
+                metrics: dict[str, Any] = {}
+                accelerator.step = 0  # the accumulation window is exactly the next `accum` batches
+                for _micro in range(accum):
+                    batch = next(batches, None)
+                    if batch is None:
+                        raise RuntimeError(f"the loader of epoch {epoch} (rank {rank}) yielded fewer than "
+                                           f"steps_per_epoch={spe * accum} batches: check data.steps_per_epoch")
+                    with accelerator.accumulate(recipe.student):
+                        with accelerator.autocast():
+                            loss, metrics = recipe.step(batch, s)
+                        error = _diverged(accelerator, loss, global_step, epoch, run_dir, last_ckpt)
+                        if error is not None:
+                            log({"step": global_step, "event": "diverged", "loss": float(loss.detach())})
+                            raise error
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            if cfg.optim.clip_mode == "per_tensor" and cfg.optim.clip_grad > 0:
+                                accelerator.unscale_gradients(optimizer)
+                                clip_gradients_per_tensor(recipe.student, cfg.optim.clip_grad)
+                            elif cfg.optim.clip_mode == "global" and cfg.optim.clip_grad > 0:
+                                accelerator.clip_grad_norm_(recipe.student.parameters(), cfg.optim.clip_grad)
+                            if global_step < freeze_iters:
+                                cancel_last_layer_gradients(recipe.student)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    window_images += recipe.batch_size_of(batch)
+                    window_loss.append(loss.detach().float())
+                    window_metrics.update(metrics)  # occasional metrics (health) wait for the next log line
+                recipe.after_optimizer_step(s)
+                global_step += 1
+                bar.update(1)
+
+                if global_step % cfg.train.log_every == 0 or global_step == stop_at:
+                    mean_loss = accelerator.reduce(torch.stack(window_loss).mean(), "mean").item()
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    last_metrics = {
+                        "step": global_step, "epoch": global_step / spe, "loss": mean_loss, "lr": s["lr"],
+                        "weight_decay": s["weight_decay"], "momentum": s["momentum"],
+                        "teacher_temp": s["teacher_temp"], "images_per_s": window_images * world / elapsed,
+                        "world_size": world, **{k: float(v) for k, v in window_metrics.items()},
+                    }
+                    log(last_metrics)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{s['lr']:.2e}",
+                                    img_s=f"{last_metrics['images_per_s']:.1f}")
+                    window_images, window_start, window_loss, window_metrics = 0, time.perf_counter(), [], {}
+                every = cfg.train.checkpoint_every_steps
+                if every and global_step % every == 0 and global_step < stop_at:
+                    checkpoint()
+                if global_step >= stop_at:
+                    break
+
+            if global_step % spe == 0:  # the epoch is complete
+                done_epoch, metric = global_step // spe - 1, None
+                if cfg.eval.knn_every_epochs > 0 and (done_epoch + 1) % cfg.eval.knn_every_epochs == 0:
+                    results = recipe.evaluate(done_epoch)
+                    if results:
+                        log({"step": global_step, "epoch": done_epoch + 1, **results})
+                        if cfg.train.best_metric in results:
+                            metric = float(results[cfg.train.best_metric])
+                            best = metric if best is None else max(best, metric)
+                every = cfg.train.checkpoint_every_epochs
+                if (every and (done_epoch + 1) % every == 0) or metric is not None:
+                    checkpoint(metric)
+        if last_saved != global_step:
+            checkpoint()
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        accelerator.end_training()
+    return run_dir
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m sslpipe.engine.trainer", description="Train a recipe YAML.")
+    parser.add_argument("config", help="recipe YAML")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-3")
+    parser.add_argument("--resume", default=None, help="'auto', a run directory or a checkpoint directory")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    return train(cfg, resume=args.resume, overrides_text=" ".join(args.overrides) or None)
+
+
+if __name__ == "__main__":
+    main()

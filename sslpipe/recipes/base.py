@@ -1,0 +1,90 @@
+"""The contract between a training method (a recipe) and the method-agnostic trainer (docs/internals.md §5).
+
+The trainer owns devices, mixed precision, the optimizer, schedules, gradient clipping, checkpoints and logging; a
+recipe owns models, losses, data and what one step computes. A recipe never calls `backward` or `optimizer.step`.
+
+Order of calls made by `sslpipe.engine.trainer.train`:
+1. `Recipe(cfg)`; 2. `build(accelerator)`; 3. `param_groups()` -> optimizer;
+4. the trainer prepares `student` with Accelerate and assigns the prepared (possibly DDP-wrapped) module back to
+   `recipe.student`: use `accelerator.unwrap_model(self.student)` when you need parameter names (EMA, export);
+5. on resume: `load_extra_state(...)`; 6. per epoch `train_loader(epoch, rank, world_size)`; per batch
+   `step(batch, sched)` under `accelerator.autocast()`; after every optimizer step `after_optimizer_step(sched)`;
+7. every `eval.knn_every_epochs` epochs `evaluate(epoch)`; at each checkpoint `extra_state()`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Recipe(ABC):
+    """One training method. Subclasses get the validated `Config` and must be deterministic given `cfg.seed`."""
+
+    student: nn.Module
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def build(self, accelerator: Any) -> None:
+        """Create `self.student` (trainable, left on the CPU: the trainer prepares it) and any non-trained state
+        (EMA teacher, centres, queues) moved to `accelerator.device` by the recipe itself. Keep the accelerator if
+        `step` needs the device. Global RNGs are seeded identically on all ranks at this point."""
+
+    @abstractmethod
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups over the student's parameters: each dict has `params` and `apply_wd: bool`; groups with
+        `apply_wd=False` always get weight decay 0, the others the scheduled weight decay."""
+
+    @abstractmethod
+    def train_loader(self, epoch: int, rank: int, world_size: int) -> Iterable[Any]:
+        """Batches of one epoch for this rank, deterministic in (cfg.seed, epoch, rank): exact resume rebuilds the
+        loader of the interrupted epoch and drops the batches already consumed. It must yield at least
+        `steps_per_epoch(world_size)` batches, the same number on every rank."""
+
+    @abstractmethod
+    def steps_per_epoch(self, world_size: int) -> int:
+        """Batches per epoch per rank (optimizer steps = this // train.grad_accum_steps)."""
+
+    @abstractmethod
+    def step(self, batch: Any, sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward pass of one batch: returns the scalar loss to back-propagate and metrics to log (floats or 0-d
+        tensors). `sched` holds lr, weight_decay, momentum, teacher_temp, teacher_patch_temp, epoch, it. Update
+        non-gradient state that depends on this batch (e.g. centres) here."""
+
+    @abstractmethod
+    def after_optimizer_step(self, sched: dict[str, float]) -> None:
+        """Called once after each optimizer step, e.g. the EMA teacher update with `sched['momentum']`."""
+
+    @abstractmethod
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Everything besides the student and optimizer needed to resume exactly (teacher weights, centres, queues),
+        as a flat dict of tensors: it is written with safetensors (no pickles), so no other types."""
+
+    @abstractmethod
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `extra_state()`; tensors arrive on the CPU, copy them into your own (device) tensors."""
+
+    @abstractmethod
+    def backbone(self, which: str = "teacher") -> nn.Module:
+        """The plain backbone (a timm model) of the teacher or the student, for export and kNN probes."""
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Optional periodic evaluation (called on every process after epoch `epoch` when eval.knn_every_epochs > 0);
+        returns metrics to log, e.g. {'knn/top1_k20': 71.3}."""
+        return {}
+
+    def batch_size_of(self, batch: Any) -> int:
+        """Images in `batch` on this process (for images/s); override when the batch is not a tensor or a dict with
+        a `labels` tensor."""
+        if isinstance(batch, torch.Tensor):
+            return int(batch.shape[0])
+        if isinstance(batch, dict) and isinstance(batch.get("labels"), torch.Tensor):
+            return int(batch["labels"].shape[0])
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            return int(batch[0].shape[0])
+        raise TypeError(f"{type(self).__name__}.batch_size_of cannot size a {type(batch).__name__}: override it")

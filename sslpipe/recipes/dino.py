@@ -1,0 +1,84 @@
+"""DINO: self-distillation with no labels (Caron et al., ICCV 2021), SPEC.md §2.
+
+Student = backbone + DINO head on every crop; teacher = EMA of the student on the global crops only, with centring
+and sharpening of its outputs (see `sslpipe.losses.dino`). Any timm backbone works: ViTs give their CLS token after
+the final norm, CNNs their pooled features.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sslpipe.losses.dino import DINOLoss
+from sslpipe.losses.health import health_metrics
+from sslpipe.models.backbones import backbone_embed_dim, create_backbone, forward_cls
+from sslpipe.models.heads import DINOHead
+from sslpipe.recipes.multicrop import MultiCropRecipe
+
+
+class DINONet(nn.Module):
+    """Backbone + head over all crops; crops of one resolution go through the backbone in one batch."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None) -> torch.Tensor:
+        feats = [forward_cls(self.backbone, global_crops)]
+        if local_crops is not None:
+            feats.append(forward_cls(self.backbone, local_crops))
+        return self.head(torch.cat(feats))
+
+
+class DINORecipe(MultiCropRecipe):
+    """The DINO recipe: `method: dino` in a YAML recipe."""
+
+    uses_masks = False
+
+    def build_net(self, drop_path_rate: float) -> DINONet:
+        m, h = self.cfg.model, self.cfg.head
+        backbone = create_backbone(
+            m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
+            drop_path_rate=drop_path_rate, **m.kwargs,
+        )
+        head = DINOHead(
+            backbone_embed_dim(backbone), h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
+            nlayers=h.nlayers, norm_last_layer=h.norm_last_layer,
+        )
+        return DINONet(backbone, head)
+
+    def build(self, accelerator) -> None:
+        self.accelerator = accelerator
+        self.student = self.build_net(self.cfg.model.drop_path_rate)
+        # The official teacher is a second network without drop path, initialised from the student.
+        self.teacher = self.build_net(0.0)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.teacher.to(accelerator.device)
+        self.loss = DINOLoss(self.cfg.head.out_dim, student_temp=self.cfg.loss.student_temp,
+                             center_momentum=self.cfg.loss.center_momentum).to(accelerator.device)
+
+    def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.cfg.crops
+        device = self.accelerator.device
+        global_crops = batch["global_crops"].to(device, non_blocking=True)
+        local_crops = batch["local_crops"]
+        if local_crops is not None:
+            local_crops = local_crops.to(device, non_blocking=True)
+        with torch.no_grad():
+            teacher_out = self.teacher(global_crops)
+        student_out = self.student(global_crops, local_crops)
+        loss = self.loss(student_out, teacher_out, teacher_temp=sched["teacher_temp"],
+                         n_crops=c.n_global + c.n_local, n_global=c.n_global)
+        metrics: dict[str, float] = {}
+        if self.cfg.train.health_every and (int(sched["it"]) + 1) % self.cfg.train.health_every == 0:
+            metrics = health_metrics(
+                teacher_cls=teacher_out.float(), student_cls=student_out[: global_crops.shape[0]].detach().float(),
+                center=self.loss.center, teacher_temp=sched["teacher_temp"],
+                student_temp=self.cfg.loss.student_temp,
+            )
+        self.loss.update_center(teacher_out)
+        return loss, metrics

@@ -1,0 +1,108 @@
+"""iBOT: image BERT pre-training with an online tokenizer (Zhou et al., ICLR 2022), SPEC.md §1.
+
+The student sees the global crops with block masks (masked patch embeddings replaced by a learned mask token) and
+the local crops unmasked; the EMA teacher sees the unmasked global crops. The loss distils the teacher's CLS
+distribution across views (DINO) and its patch distributions at the masked positions of the same view (MIM with the
+teacher as online tokenizer). Requires a timm ViT backbone.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sslpipe.losses.health import health_metrics
+from sslpipe.losses.ibot import IBOTLoss
+from sslpipe.models.backbones import MaskedViT, create_backbone
+from sslpipe.models.heads import IBOTHead
+from sslpipe.recipes.multicrop import MultiCropRecipe
+
+
+class IBOTNet(nn.Module):
+    """Masked ViT + iBOT head. Global crops give CLS and patch logits; local crops only CLS logits."""
+
+    def __init__(self, backbone: MaskedViT, head: IBOTHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(
+        self,
+        global_crops: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        local_crops: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        prefix = self.backbone.num_prefix_tokens
+        patch_mask = masks.flatten(1) if masks is not None else None
+        cls, patch = self.head(self.backbone(global_crops, mask=masks), num_prefix_tokens=prefix,
+                               patch_mask=patch_mask)
+        local_cls = None
+        if local_crops is not None:
+            # Local crops contribute CLS terms only: the head sees their CLS token, not their patches.
+            local_cls = self.head.forward_cls(self.backbone(local_crops)[:, 0])
+        return cls, patch, local_cls
+
+
+class IBOTRecipe(MultiCropRecipe):
+    """The iBOT recipe: `method: ibot` in a YAML recipe."""
+
+    uses_masks = True
+
+    def build_net(self, drop_path_rate: float, mask_token: bool, shared_head: bool) -> IBOTNet:
+        m, h = self.cfg.model, self.cfg.head
+        vit = create_backbone(
+            m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
+            drop_path_rate=drop_path_rate, **m.kwargs,
+        )
+        backbone = MaskedViT(vit, mask_token=mask_token)
+        head = IBOTHead(
+            backbone.embed_dim, h.out_dim, h.patch_out_dim, shared_head=shared_head, hidden_dim=h.hidden_dim,
+            bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers, norm_last_layer=h.norm_last_layer,
+        )
+        return IBOTNet(backbone, head)
+
+    def build(self, accelerator) -> None:
+        self.accelerator = accelerator
+        h = self.cfg.head
+        self.student = self.build_net(self.cfg.model.drop_path_rate, mask_token=True, shared_head=h.shared_head)
+        # Teacher: no mask token, no drop path, initialised from the student (parameters present in both).
+        self.teacher = self.build_net(0.0, mask_token=False, shared_head=h.shared_head_teacher)
+        student_state = self.student.state_dict()
+        teacher_state = self.teacher.state_dict()
+        self.teacher.load_state_dict({k: student_state.get(k, v) for k, v in teacher_state.items()})
+        self.teacher.requires_grad_(False)
+        self.teacher.to(accelerator.device)
+        lc = self.cfg.loss
+        self.loss = IBOTLoss(
+            h.out_dim, h.patch_out_dim, n_global=self.cfg.crops.n_global, n_local=self.cfg.crops.n_local,
+            student_temp=lc.student_temp, center_momentum=lc.center_momentum, center_momentum2=lc.center_momentum2,
+            lambda1=lc.lambda1, lambda2=lc.lambda2,
+        ).to(accelerator.device)
+
+    def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        device = self.accelerator.device
+        global_crops = batch["global_crops"].to(device, non_blocking=True)
+        masks = batch["masks"].to(device, non_blocking=True)
+        local_crops = batch["local_crops"]
+        if local_crops is not None:
+            local_crops = local_crops.to(device, non_blocking=True)
+        with torch.no_grad():
+            teacher_cls, teacher_patch, _ = self.teacher(global_crops)
+        student_cls, student_patch, student_local_cls = self.student(global_crops, masks, local_crops)
+        flat_masks = masks.flatten(1)
+        out = self.loss(
+            student_cls, student_patch, teacher_cls, teacher_patch, flat_masks,
+            teacher_temp=sched["teacher_temp"], teacher_patch_temp=sched["teacher_patch_temp"],
+            student_local_cls=student_local_cls,
+        )
+        metrics = {"loss_cls": float(out["cls"].detach()), "loss_patch": float(out["patch"].detach())}
+        if self.cfg.train.health_every and (int(sched["it"]) + 1) % self.cfg.train.health_every == 0:
+            metrics.update(health_metrics(
+                teacher_cls=teacher_cls.float(), student_cls=student_cls.detach().float(),
+                center=self.loss.center, teacher_temp=sched["teacher_temp"], student_temp=self.cfg.loss.student_temp,
+                teacher_patch=teacher_patch.float(), student_patch=student_patch.detach()[flat_masks].float(),
+                center2=self.loss.center2, teacher_patch_temp=sched["teacher_patch_temp"], masks=flat_masks,
+            ))
+        self.loss.update_center(teacher_cls, teacher_patch)
+        return out["loss"], metrics

@@ -1,0 +1,170 @@
+"""What DINO and iBOT share: multi-crop data, an EMA teacher, checkpointed extra state and the kNN hook.
+
+A subclass builds `self.student` (one module whose forward does the whole student pass, so that DDP sees a single
+forward per step), `self.teacher` and `self.loss`, and defines `step`. Everything about data, the teacher's EMA update,
+the state to checkpoint and periodic kNN evaluation lives here once.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sslpipe.config import Config
+from sslpipe.data.collate import MultiCropSample, collate_multicrop
+from sslpipe.data.masking import MaskGenerator
+from sslpipe.data.stream import build_loader, count_samples, resolve_shards
+from sslpipe.data.views import MultiCropTransform
+from sslpipe.models.ema import ema_update
+from sslpipe.recipes.base import Recipe
+
+
+def split_decay_groups(module: nn.Module) -> list[dict[str, Any]]:
+    """DINO/iBOT's rule (utils.get_params_groups): no weight decay on biases and 1-D parameters (norm weights);
+    everything else, the (1, D) mask token and the CLS/position embeddings included, is decayed.
+
+    Frozen parameters (e.g. a fixed weight-norm gain) are left out of the optimizer altogether.
+    """
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim <= 1:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
+
+
+def _without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the first name of tensors registered twice (iBOT's shared head: last_layer2 is last_layer).
+
+    safetensors refuses aliased tensors; loading the first name restores the shared module for both names.
+    """
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor
+    return out
+
+
+class MultiCropRecipe(Recipe):
+    """Base of the teacher-student recipes; subclasses set `uses_masks` and build the networks."""
+
+    uses_masks: bool = False
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.accelerator = None
+        self.student: nn.Module
+        self.teacher: nn.Module
+        self.loss: nn.Module
+
+    # ----------------------------------------------------------------- data
+    def patch_grid(self) -> tuple[int, int]:
+        side = self.cfg.crops.global_size // self.patch_size()
+        return side, side
+
+    def patch_size(self) -> int:
+        """The built student's patch size (model.patch_size may be null: the architecture's own)."""
+        backbone = self._unwrapped_student().backbone
+        return int(getattr(backbone, "vit", backbone).patch_embed.patch_size[0])
+
+    def make_sample_fn(self, epoch: int) -> MultiCropSample:
+        c = self.cfg.crops
+        crops = MultiCropTransform(
+            global_size=c.global_size, local_size=c.local_size, n_global=c.n_global, n_local=c.n_local,
+            global_scale=tuple(c.global_scale), local_scale=tuple(c.local_scale), mean=c.mean, std=c.std,
+        )
+        masks = None
+        if self.uses_masks:
+            m = self.cfg.masking
+            masks = MaskGenerator(
+                grid=self.patch_grid(), pred_ratio=m.pred_ratio, pred_ratio_var=m.pred_ratio_var,
+                pred_shape=m.pred_shape, min_num_patches=m.min_num_patches, min_aspect=m.min_aspect,
+                pred_start_epoch=m.pred_start_epoch,
+            )
+            masks.set_epoch(epoch)
+        return MultiCropSample(crops, masks)
+
+    def steps_per_epoch(self, world_size: int) -> int:
+        d = self.cfg.data
+        resolve_shards(d.train, d.train_split)  # fails early, naming missing shards and how to make them
+        if d.steps_per_epoch is not None:
+            return d.steps_per_epoch
+        total = count_samples(d.train, d.train_split)
+        if total is None:
+            raise ValueError(
+                f"data.train={d.train!r} has no manifest.json to count samples from: set data.steps_per_epoch"
+            )
+        steps = total // (d.batch_size * world_size)
+        if steps == 0:
+            raise ValueError(
+                f"data.train holds {total} samples, fewer than one global batch "
+                f"({d.batch_size} x {world_size} processes): lower data.batch_size"
+            )
+        return steps
+
+    def train_loader(self, epoch: int, rank: int, world_size: int):
+        d = self.cfg.data
+        return build_loader(
+            d.train, split=d.train_split, sample_fn=self.make_sample_fn(epoch), collate_fn=collate_multicrop,
+            batch_size=d.batch_size, num_workers=d.num_workers, epoch=epoch, seed=self.cfg.seed, rank=rank,
+            world_size=world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
+            num_batches=self.steps_per_epoch(world_size), on_error=d.on_error,
+        )
+
+    def batch_size_of(self, batch: dict[str, Any]) -> int:
+        return int(batch["labels"].shape[0])
+
+    # -------------------------------------------------------------- teacher
+    def _unwrapped_student(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.student) if self.accelerator is not None else self.student
+
+    def after_optimizer_step(self, sched: dict[str, float]) -> None:
+        ema_update(self.teacher, self._unwrapped_student(), sched["momentum"])
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return split_decay_groups(self.student)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        state = {f"teacher.{k}": v for k, v in _without_aliases(self.teacher.state_dict()).items()}
+        state.update({f"loss.{k}": v for k, v in self.loss.state_dict().items()})
+        return state
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        teacher = {k[8:]: v for k, v in state.items() if k.startswith("teacher.")}
+        missing, unexpected = self.teacher.load_state_dict(teacher, strict=False)
+        aliases = set(self.teacher.state_dict()) - set(_without_aliases(self.teacher.state_dict()))
+        if unexpected or set(missing) - aliases:
+            raise KeyError(f"checkpoint teacher state does not fit the recipe's teacher: missing "
+                           f"{sorted(set(missing) - aliases)}, unexpected {sorted(unexpected)}")
+        self.loss.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("loss.")})
+
+    # ------------------------------------------------------------ evaluation
+    def backbone(self, which: str = "teacher") -> nn.Module:
+        """The plain timm model of the teacher or the student (what export saves and kNN probes)."""
+        net = self.teacher if which == "teacher" else self._unwrapped_student()
+        backbone = net.backbone
+        return getattr(backbone, "vit", backbone)
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Weighted kNN of the teacher on the validation split (every `eval.knn_every_epochs` epochs).
+
+        The main process probes and broadcasts the result, so every rank logs and checkpoints the same value.
+        """
+        from accelerate.utils import broadcast_object_list
+
+        from sslpipe.eval.knn import knn_probe
+
+        if not self.cfg.data.val:
+            return {}
+        metrics = [None]
+        if self.accelerator.is_main_process:
+            result = knn_probe(self.backbone("teacher"), self.cfg, progress=False)
+            metrics = [{f"knn/top1_k{k}": v["top1"] for k, v in result["k"].items()}]
+        return broadcast_object_list(metrics)[0]

@@ -1,0 +1,257 @@
+"""The training engine with the toy recipe: schedules, clipping, freezing, exact resume, NaN stop, tracking, 2 ranks."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+
+from sslpipe.config import Config, config_from_dict, load_config
+from sslpipe.engine.checkpoint import find_latest_checkpoint, list_checkpoints, resolve_resume
+from sslpipe.engine.schedules import Schedules
+from sslpipe.engine.tracking import resolve_wandb_mode
+from sslpipe.engine.trainer import TrainingDiverged, clip_gradients_per_tensor, train
+from sslpipe.recipes import get_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from tests.toy_recipe import ToyRecipe  # noqa: E402
+
+TOY = "tests.toy_recipe:ToyRecipe"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.set_num_threads(1)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def toy_cfg(tmp_path: Path, run_name: str, **sections) -> Config:
+    data = {"method": TOY, "run_name": run_name, "output_dir": str(tmp_path / "runs"),
+            "data": {"train": "synthetic", "batch_size": 8},
+            "optim": {"lr": 0.05, "warmup_epochs": 1},
+            "train": {"epochs": 2, "log_every": 2}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
+    return config_from_dict(data)
+
+
+def params(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = {f"student.{k}": v for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+    state.update(load_file(str(ckpt / "extra_state.safetensors")))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------- schedules
+def dino_cosine_scheduler(base, final, epochs, niter, warmup_epochs=0, start_warmup_value=0.0) -> np.ndarray:
+    """DINO utils.cosine_scheduler, the reference our closed form must reproduce element by element."""
+    warmup_iters = warmup_epochs * niter
+    warmup = np.linspace(start_warmup_value, base, warmup_iters) if warmup_epochs > 0 else np.array([])
+    iters = np.arange(epochs * niter - warmup_iters)
+    schedule = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup, schedule))
+
+
+def sched_cfg(**optim) -> Config:
+    return config_from_dict({"method": "dino", "data": {"train": "x", "batch_size": 256},
+                             "optim": {"lr": 1.0, "min_lr": 0.0, "warmup_epochs": 1, **optim},
+                             "loss": {"warmup_teacher_temp_epochs": 2}, "train": {"epochs": 3}})
+
+
+def test_schedules_match_hand_computed_values() -> None:
+    s = Schedules(sched_cfg(), steps_per_epoch=10)  # T = 30 iterations, warm-up 10, teacher-temp warm-up 20
+    assert s.total == 30
+    assert s(0)["lr"] == 0.0                                   # warm-up start
+    assert s(5)["lr"] == pytest.approx(5 / 9)                  # linspace(0, 1, 10)[5]
+    assert s(9)["lr"] == pytest.approx(1.0)                    # end of warm-up
+    assert s(10)["lr"] == pytest.approx(1.0)                   # cosine start
+    assert s(20)["lr"] == pytest.approx(0.5)                   # middle of the cosine part: cos(pi/2) = 0
+    assert s(29)["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 19 / 20)))
+    assert s(0)["momentum"] == pytest.approx(0.996)
+    assert s(15)["momentum"] == pytest.approx(0.998)           # 1 - 0.004 * (1 + cos(pi/2)) / 2
+    assert s(30)["momentum"] == pytest.approx(1.0)
+    assert s(0)["weight_decay"] == pytest.approx(0.04)
+    assert s(15)["weight_decay"] == pytest.approx(0.22)        # (0.04 + 0.4) / 2
+    assert s(0)["teacher_temp"] == pytest.approx(0.04)
+    assert s(10)["teacher_temp"] == pytest.approx(0.04 + 0.03 * 10 / 19)
+    assert s(19)["teacher_temp"] == pytest.approx(0.07)
+    assert s(25)["teacher_temp"] == s(25)["teacher_patch_temp"] == pytest.approx(0.07)
+    assert s(25)["epoch"] == 2 and s(25)["it"] == 25
+
+
+def test_schedules_equal_dino_cosine_scheduler_everywhere() -> None:
+    s = Schedules(sched_cfg(lr=5e-4, min_lr=1e-6), steps_per_epoch=7)
+    lr = dino_cosine_scheduler(5e-4, 1e-6, 3, 7, warmup_epochs=1)
+    wd = dino_cosine_scheduler(0.04, 0.4, 3, 7)
+    mom = dino_cosine_scheduler(0.996, 1.0, 3, 7)
+    np.testing.assert_allclose([s.lr(i) for i in range(21)], lr, rtol=1e-12)
+    np.testing.assert_allclose([s.weight_decay(i) for i in range(21)], wd, rtol=1e-12)
+    np.testing.assert_allclose([s.momentum(i) for i in range(21)], mom, rtol=1e-12)
+
+
+def test_lr_scaling_rule() -> None:
+    cfg = config_from_dict({"method": "dino", "data": {"train": "x", "batch_size": 64},
+                            "train": {"grad_accum_steps": 2}, "optim": {"lr": 5e-4}})
+    assert Schedules(cfg, steps_per_epoch=5, world_size=2).base_lr == pytest.approx(5e-4 * 64 * 2 * 2 / 256)
+
+
+# ----------------------------------------------------------------------------------------------- optimisation
+def test_per_tensor_clipping_matches_dino_formula() -> None:
+    net = torch.nn.Linear(2, 1)
+    net.weight.grad = torch.tensor([[3.0, 4.0]])  # norm 5 > clip 1: scaled by 1 / (5 + 1e-6)
+    net.bias.grad = torch.tensor([0.5])           # norm 0.5 < clip: unchanged
+    norms = clip_gradients_per_tensor(net, clip=1.0)
+    assert norms == pytest.approx([5.0, 0.5])
+    torch.testing.assert_close(net.weight.grad, torch.tensor([[3.0, 4.0]]) / (5.0 + 1e-6), rtol=0, atol=1e-7)
+    assert net.bias.grad.item() == 0.5  # a global-norm clip would have scaled it too
+
+
+def initial_student(cfg: Config) -> dict[str, torch.Tensor]:
+    """The student the trainer starts from: it seeds with `cfg.seed` right before `build`."""
+    set_seed(cfg.seed)
+    recipe = ToyRecipe(cfg)
+    recipe.build(types.SimpleNamespace(device=torch.device("cpu"), unwrap_model=lambda m: m))
+    return {k: v.clone() for k, v in recipe.student.state_dict().items()}
+
+
+@pytest.mark.parametrize("freeze_epochs", [1, 0])
+def test_freeze_last_layer_in_epoch_zero(tmp_path: Path, freeze_epochs: int) -> None:
+    cfg = toy_cfg(tmp_path, "freeze", optim={"freeze_last_layer_epochs": freeze_epochs}, train={"max_steps": 3})
+    init = initial_student(cfg)
+    after = load_file(str(find_latest_checkpoint(train(cfg)) / "model.safetensors"))
+    assert not torch.equal(after["body.0.weight"], init["body.0.weight"])
+    frozen = all(torch.equal(after[k], init[k]) for k in ("last_layer.weight", "last_layer.bias"))
+    assert frozen == (freeze_epochs == 1)
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("clip_mode, accum", [("per_tensor", 1), ("global", 2)])
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, clip_mode: str, accum: int) -> None:
+    extra = {"optim": {"clip_mode": clip_mode, "clip_grad": 0.5}, "train": {"grad_accum_steps": accum}}
+    straight = train(toy_cfg(tmp_path, "straight", **extra))
+    total = 2 * (48 // 8 // accum)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    killed_cfg = toy_cfg(tmp_path, "killed", **extra)
+    killed_cfg.train.max_steps = total // 2 - 1  # stop mid-epoch
+    run = train(killed_cfg)
+    assert [c.name for c in list_checkpoints(run)][-1] == f"step_{total // 2 - 1:08d}"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = train(toy_cfg(tmp_path, "killed", **extra), resume=str(run))
+    assert resumed == run
+    a, b = params(find_latest_checkpoint(straight)), params(find_latest_checkpoint(resumed))
+    assert find_latest_checkpoint(resumed).name == f"step_{total:08d}" and a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kill = total // 2 - 1  # the killed run also logs its last step
+    assert [r["step"] for r in lines if "loss" in r] == sorted({*range(2, total + 1, 2), kill})
+    assert all(math.isfinite(r["loss"]) and r["world_size"] == 1 for r in lines if "loss" in r)
+    written = load_config(run / "config.yaml")
+    assert written.method == TOY and written.train.grad_accum_steps == accum
+
+
+def test_resume_auto_picks_newest_run(tmp_path: Path) -> None:
+    assert resolve_resume("auto", tmp_path / "runs") is None
+    run = train(toy_cfg(tmp_path, "first", train={"max_steps": 2}))
+    assert resolve_resume("auto", tmp_path / "runs") == run / "checkpoints" / "step_00000002"
+    with pytest.raises(FileExistsError, match="--resume"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        train(toy_cfg(tmp_path, "first", train={"max_steps": 2}))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path: Path) -> None:
+    cfg = toy_cfg(tmp_path, "nan", model={"kwargs": {"nan_at_step": 3}}, train={"checkpoint_every_steps": 2})
+    with pytest.raises(TrainingDiverged) as err:
+        train(cfg)
+    run = tmp_path / "runs" / "nan"
+    assert "global step 3" in str(err.value) and "step_00000002" in str(err.value) and "optim.lr" in str(err.value)
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000002"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "diverged" and events[-1]["step"] == 3
+    AcceleratorState._reset_state(reset_partial_state=True)
+    fixed = toy_cfg(tmp_path, "nan", train={"max_steps": 4})  # the last checkpoint loads and training continues
+    assert find_latest_checkpoint(train(fixed, resume=str(run))).name == "step_00000004"
+
+
+def test_unknown_method_lists_known_ones() -> None:
+    with pytest.raises(ValueError, match="known methods are dino, ibot"):
+        get_recipe("byol")
+    assert get_recipe(TOY) is ToyRecipe
+
+
+# ---------------------------------------------------------------------------------------------------- tracking
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+
+
+def test_wandb_mode_resolution(wandb_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_wandb_mode(None) == "offline"  # no key anywhere: never try the network
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode(None) == "online"
+    assert resolve_wandb_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_wandb_mode("online") == "offline"  # the environment wins
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_wandb_offline_writes_a_run_and_disabled_none(tmp_path: Path, wandb_env, mode: str) -> None:
+    cfg = toy_cfg(tmp_path, mode, tracking={"log_with": ["wandb"], "wandb_mode": mode}, train={"max_steps": 2})
+    run = train(cfg)
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    if mode == "offline":
+        assert len(offline_runs) == 1
+    else:
+        assert not (run / "wandb").exists()
+    assert (run / "metrics.jsonl").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- 2 processes
+@pytest.mark.slow
+def test_two_process_cpu_run_keeps_ranks_identical(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(
+        f"method: {TOY}\nrun_name: ddp\noutput_dir: {tmp_path / 'runs'}\n"
+        "data: {train: synthetic, batch_size: 4}\nmodel: {kwargs: {write_checksums: true}}\n"
+        "optim: {lr: 0.05, warmup_epochs: 1}\ntrain: {epochs: 2, log_every: 3}\neval: {knn_every_epochs: 1}\n"
+    )
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "sslpipe.engine.trainer", str(recipe), "optim.clip_grad=1.0"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    ckpt = find_latest_checkpoint(run)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["global_step"] == 2 * (48 // 2 // 4)
+    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    sums = [(run / f"params_rank{r}.txt").read_text() for r in (0, 1)]
+    assert len(sums[0]) == 64 and sums[0] == sums[1]
+    assert "# overrides: optim.clip_grad=1.0" in (run / "config.yaml").read_text()
