@@ -188,10 +188,14 @@ def _run_bench(args: argparse.Namespace) -> int:
         from sslpipe.bench.knn import run_knn_bench
 
         result = run_knn_bench(n_train=args.n_train, n_test=args.n_test, dim=args.dim, k=args.k)
+        print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
     else:
         from sslpipe.bench.ibot_step import run_ibot_step_bench
 
         result = run_ibot_step_bench(batch_size=args.batch_size, steps=args.steps)
+        print(json.dumps(result, indent=2))
+        print(f"sslpipe iBOT step {result['sslpipe_ms']:.1f} ms, lightly-assembled {result['lightly_ms']:.1f} ms: "
+              f"ratio {result['ratio_sslpipe_over_lightly']:.2f} (lower is faster)")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

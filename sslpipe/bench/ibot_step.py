@@ -26,6 +26,7 @@ from sslpipe.losses.ibot import IBOTLoss
 from sslpipe.models.backbones import MaskedViT, create_backbone
 from sslpipe.models.ema import build_teacher, ema_update
 from sslpipe.models.heads import IBOTHead
+from sslpipe.recipes.ibot import IBOTNet
 
 
 def _lightly_head_from(ours: IBOTHead, in_dim: int, hidden: int, bottleneck: int, out_dim: int) -> nn.Module:
@@ -40,20 +41,23 @@ def _lightly_head_from(ours: IBOTHead, in_dim: int, hidden: int, bottleneck: int
     return head
 
 
-def _time(step: Callable[[], float], warmup: int, steps: int, device: torch.device) -> tuple[list[float], float]:
-    first = step()
+def _time_interleaved(a: Callable[[], float], b: Callable[[], float], warmup: int, steps: int,
+                      device: torch.device) -> tuple[list[float], list[float], float, float]:
+    """Alternate the two steps so that both see the same machine load (2 shared cores drift a lot)."""
+    first_a, first_b = a(), b()
     for _ in range(max(0, warmup - 1)):
-        step()
-    times = []
+        a(), b()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return times, first
+        for fn, out in ((a, times[0]), (b, times[1])):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            out.append(time.perf_counter() - t0)
+    return times[0], times[1], first_a, first_b
 
 
 def run_ibot_step_bench(arch: str = "vit_tiny_patch16_224", *, img_size: int = 32, local_size: int = 16,
@@ -78,17 +82,16 @@ def run_ibot_step_bench(arch: str = "vit_tiny_patch16_224", *, img_size: int = 3
     masks = masks.to(dev)
     temps = dict(teacher_temp=0.04, teacher_patch_temp=0.04)
 
-    # --- sslpipe ---
-    student = nn.ModuleDict({"backbone": MaskedViT(copy.deepcopy(vit), mask_token=True), "head": head}).to(dev)
+    # --- sslpipe: the recipe's own network (sslpipe.recipes.ibot.IBOTNet) ---
+    student = IBOTNet(MaskedViT(copy.deepcopy(vit), mask_token=True), head).to(dev)
     teacher = build_teacher(student)
     loss_fn = IBOTLoss(out_dim, out_dim, n_global=G, n_local=n_local).to(dev)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
 
     def ours_step() -> float:
         with torch.no_grad():
-            t_cls, t_patch = teacher["head"](teacher["backbone"](globals_))
-        s_cls, s_patch = student["head"](student["backbone"](globals_, masks))
-        s_loc = student["head"].forward_cls(student["backbone"](locals_)[:, 0])
+            t_cls, t_patch, _ = teacher(globals_)
+        s_cls, s_patch, s_loc = student(globals_, masks, locals_)
         out = loss_fn(s_cls, s_patch, t_cls, t_patch, masks, student_local_cls=s_loc, **temps)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -128,8 +131,7 @@ def run_ibot_step_bench(arch: str = "vit_tiny_patch16_224", *, img_size: int = 3
         update_momentum(l_head, l_t_head, 0.996)
         return loss.item()
 
-    ours_times, ours_first = _time(ours_step, warmup, steps, dev)
-    l_times, l_first = _time(lightly_step, warmup, steps, dev)
+    ours_times, l_times, ours_first, l_first = _time_interleaved(ours_step, lightly_step, warmup, steps, dev)
     ours_ms, l_ms = 1000 * statistics.median(ours_times), 1000 * statistics.median(l_times)
     return {
         "device": str(dev), "arch": arch, "img_size": img_size, "local_size": local_size, "patch_size": patch_size,

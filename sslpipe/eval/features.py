@@ -9,6 +9,7 @@ the final LayerNorm (DINO's kNN feature); for a CNN the globally pooled features
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -194,3 +195,27 @@ def prepare_backbone(
     transform = EvalTransform(resize=resize or default_resize, crop=crop or default_crop,
                               mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
     return model, transform, source
+
+
+def extract_train_val(model: nn.Module, train_spec: str | list[str], val_spec: str | list[str], *, train_split: str,
+                      val_split: str, max_train: int | None, max_test: int | None, cache_dir: str | Path | None,
+                      cache_name: str = "", **common: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Features and labels of the train and val splits (what every probe starts from), cached under `cache_dir`
+    as `{cache_name}train.safetensors` / `{cache_name}val.safetensors` when it is given."""
+    cache = Path(cache_dir) if cache_dir is not None else None
+    train_x, train_y = extract_features(model, train_spec, split=train_split, max_samples=max_train,
+                                        cache_path=cache / f"{cache_name}train.safetensors" if cache else None,
+                                        **common)
+    val_x, val_y = extract_features(model, val_spec, split=val_split, max_samples=max_test,
+                                    cache_path=cache / f"{cache_name}val.safetensors" if cache else None, **common)
+    return train_x, train_y, val_x, val_y
+
+
+def report(result: dict[str, Any], values: dict[str, float], out_json: str | Path | None, tracker: Any,
+           step: int | None) -> None:
+    """Write a probe's result as JSON and log its headline `values` through `tracker.log` (an Accelerator)."""
+    if out_json is not None:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+    if tracker is not None:
+        tracker.log(values, step=step)

@@ -10,7 +10,6 @@ equals DINO's one-hot x weights sum without the (chunk, k, classes) one-hot tens
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -191,25 +190,19 @@ def run_knn(
     resize/crop default to DINO's 256/224 ratio at that size. Writes the result to `out_json` and logs
     `knn/top1_k{k}` (and top5) through `tracker.log(values, step=step)` (e.g. an accelerate Accelerator).
     """
-    from sslpipe.eval.features import extract_features, prepare_backbone
+    from sslpipe.eval.features import extract_train_val, prepare_backbone, report
 
     model, transform, source = prepare_backbone(backbone, img_size=img_size, resize=resize, crop=crop, mean=mean,
                                                 std=std)
-    common = dict(transform=transform, batch_size=batch_size, num_workers=num_workers, device=device,
-                  progress=progress)
-    cache = Path(cache_dir) if cache_dir is not None else None
-    train_x, train_y = extract_features(model, train_spec, split=train_split, max_samples=max_train,
-                                        cache_path=cache / "train.safetensors" if cache else None, **common)
-    test_x, test_y = extract_features(model, val_spec, split=val_split, max_samples=max_test,
-                                      cache_path=cache / "val.safetensors" if cache else None, **common)
+    train_x, train_y, test_x, test_y = extract_train_val(
+        model, train_spec, val_spec, train_split=train_split, val_split=val_split, max_train=max_train,
+        max_test=max_test, cache_dir=cache_dir, transform=transform, batch_size=batch_size, num_workers=num_workers,
+        device=device, progress=progress,
+    )
     result = knn_classify(train_x, train_y, test_x, test_y, k_list, T, num_classes, backend=backend, device=device)
     result["backbone"] = source
-    if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
-    if tracker is not None:
-        values = {f"knn/{m}_k{k}": v for k, acc in result["k"].items() for m, v in acc.items()}
-        tracker.log(values, step=step)
+    report(result, {f"knn/{m}_k{k}": v for k, acc in result["k"].items() for m, v in acc.items()}, out_json,
+           tracker, step)
     return result
 
 

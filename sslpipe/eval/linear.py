@@ -10,7 +10,6 @@ numbers are therefore a little lower than DINO's protocol would give; the rankin
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslpipe.eval.features import extract_features, pre_logits, prepare_backbone
+from sslpipe.eval.features import extract_train_val, pre_logits, prepare_backbone, report
 
 
 class LastBlocksCLS:
@@ -136,20 +135,13 @@ def linear_probe(
     keys `linear/top1`, `linear/top5`)."""
     model, transform, source = prepare_backbone(backbone, img_size=img_size, resize=resize, crop=crop, mean=mean,
                                                 std=std)
-    feature_fn = LastBlocksCLS(n_last_blocks)
-    cache = Path(cache_dir) if cache_dir is not None else None
-    common = dict(transform=transform, batch_size=256, num_workers=num_workers, device=device, progress=progress,
-                  feature_fn=feature_fn)
-    train_x, train_y = extract_features(model, train_spec, split=train_split, max_samples=max_train,
-                                        cache_path=cache / "linear_train.safetensors" if cache else None, **common)
-    val_x, val_y = extract_features(model, val_spec, split=val_split, max_samples=max_test,
-                                    cache_path=cache / "linear_val.safetensors" if cache else None, **common)
+    train_x, train_y, val_x, val_y = extract_train_val(
+        model, train_spec, val_spec, train_split=train_split, val_split=val_split, max_train=max_train,
+        max_test=max_test, cache_dir=cache_dir, cache_name="linear_", transform=transform, batch_size=256,
+        num_workers=num_workers, device=device, progress=progress, feature_fn=LastBlocksCLS(n_last_blocks),
+    )
     result = train_linear(train_x, train_y, val_x, val_y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           device=device)
     result.update(backbone=source, n_last_blocks=n_last_blocks)
-    if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
-    if tracker is not None:
-        tracker.log({f"linear/{m}": result[m] for m in ("top1", "top5") if m in result}, step=step)
+    report(result, {f"linear/{m}": result[m] for m in ("top1", "top5") if m in result}, out_json, tracker, step)
     return result
