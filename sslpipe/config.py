@@ -53,6 +53,7 @@ class CropsConfig(_Section):
     local_scale: tuple[float, float] = (0.05, 0.25)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range in output-crop pixels (published)
 
 
 class MaskingConfig(_Section):

@@ -93,6 +93,10 @@ def test_blur_and_solarize_probabilities(monkeypatch):
     n_blur, n_sol = counts(mc.local, 400)  # blur p 0.5
     assert 160 <= n_blur <= 240 and n_sol == 0
 
+    small = MultiCropTransform(16, 8, n_global=1, n_local=0, blur_sigma=(0.05, 0.3))  # CPU recipes on tiny crops
+    counts(small, 60)
+    assert all(0.05 <= r <= 0.3 for r in radii) and len(radii) == 60
+
 
 def test_crop_order_uses_recipes():
     mc = MultiCropTransform(8, 4, n_global=3, n_local=2)

@@ -87,7 +87,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
                      transform: Callable[[Image.Image], Any], batch_size: int = 64, num_workers: int = 0,
-                     max_images: int = 1024, split: str = "train") -> dict[str, Any]:
+                     max_images: int = 1024, split: str = "train", rounds: int = 2) -> dict[str, Any]:
     """Measure images/s of (1) the shard stream, (2) ImageFolder on the same images, (3) decode+augment only.
 
     If `image_folder` is None the first `max_images` images of the shards are written, bytes unchanged, into a
@@ -101,26 +101,38 @@ def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
     n_images = num_batches * batch_size
     result: dict[str, Any] = {"images": n_images, "batch_size": batch_size, "num_workers": num_workers}
 
-    stream = build_loader(shard_dir, split=split, sample_fn=_ApplyTransform(transform), collate_fn=_collate,
-                          batch_size=batch_size, num_workers=num_workers, num_batches=num_batches,
-                          shuffle_buffer=min(1000, n_images))
-    result["stream_img_s"] = _rate(stream, batch_size, num_batches)
+    encoded = [s[next(k for k in IMAGE_KEYS if k in s)] for s in samples[:n_images]]
+
+    def stream_rate() -> float:
+        stream = build_loader(shard_dir, split=split, sample_fn=_ApplyTransform(transform), collate_fn=_collate,
+                              batch_size=batch_size, num_workers=num_workers, num_batches=num_batches,
+                              shuffle_buffer=min(1000, n_images))
+        return _rate(stream, batch_size, num_batches)
+
+    def ceiling_rate() -> float:
+        start = time.perf_counter()
+        for i in range(0, n_images, batch_size):
+            _collate([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in encoded[i:i + batch_size]])
+        return n_images / (time.perf_counter() - start)
 
     with tempfile.TemporaryDirectory(prefix="sslpipe-bench-") as tmp:
         root = image_folder
         if root is None:
             root = os.path.join(tmp, "images")
             _write_image_folder(samples[:n_images], root)
-        folder = DataLoader(ImageFolder(root, transform=transform), batch_size=batch_size, shuffle=True,
-                            num_workers=num_workers, drop_last=True, collate_fn=_collate,
-                            generator=torch.Generator().manual_seed(0))
-        result["imagefolder_img_s"] = _rate(folder, batch_size, min(num_batches, len(folder)))
 
-    encoded = [s[next(k for k in IMAGE_KEYS if k in s)] for s in samples[:n_images]]
-    start = time.perf_counter()
-    for i in range(0, n_images, batch_size):
-        _collate([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in encoded[i:i + batch_size]])
-    result["decode_augment_img_s"] = n_images / (time.perf_counter() - start)
+        def folder_rate() -> float:
+            folder = DataLoader(ImageFolder(root, transform=transform), batch_size=batch_size, shuffle=True,
+                                num_workers=num_workers, drop_last=True, collate_fn=_collate,
+                                generator=torch.Generator().manual_seed(0))
+            return _rate(folder, batch_size, min(num_batches, len(folder)))
+
+        # Rounds alternate the three paths so that each sees the same machine state; the best round counts.
+        rates: dict[str, list[float]] = {"stream_img_s": [], "imagefolder_img_s": [], "decode_augment_img_s": []}
+        for _ in range(rounds):
+            for key, fn in zip(rates, (stream_rate, folder_rate, ceiling_rate)):
+                rates[key].append(fn())
+    result.update({key: max(values) for key, values in rates.items()}, rounds=rounds)
 
     result["stream_vs_imagefolder"] = result["stream_img_s"] / result["imagefolder_img_s"]
     result["stream_vs_ceiling"] = result["stream_img_s"] / result["decode_augment_img_s"]
@@ -137,7 +149,8 @@ def run_loader_bench_from_recipe(shard_dir: str, recipe: str, *, batch_size: int
     c = load_config(recipe).crops
     transform = MultiCropTransform(global_size=c.global_size, local_size=c.local_size, n_global=c.n_global,
                                    n_local=c.n_local, global_scale=tuple(c.global_scale),
-                                   local_scale=tuple(c.local_scale), mean=c.mean, std=c.std)
+                                   local_scale=tuple(c.local_scale), mean=c.mean, std=c.std,
+                                   blur_sigma=tuple(c.blur_sigma))
     result = run_loader_bench(shard_dir, transform=transform, batch_size=batch_size, num_workers=num_workers,
                               max_images=max_images)
     print(f"{result['images']} images, batch {batch_size}, {c.n_global}x{c.global_size}px + "

@@ -42,6 +42,7 @@ def crop_view(
     solarize_p: float,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    blur_sigma: tuple[float, float] = BLUR_SIGMAS,
 ) -> T.Compose:
     """One iBOT crop recipe (main_ibot.py DataAugmentationiBOT): RandomResizedCrop (bicubic), hflip 0.5,
     ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur p=blur_p, solarize p=solarize_p,
@@ -52,7 +53,7 @@ def crop_view(
         T.RandomHorizontalFlip(p=0.5),
         T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
-        GaussianBlur(prob=blur_p, sigmas=BLUR_SIGMAS),
+        GaussianBlur(prob=blur_p, sigmas=blur_sigma),
     ]
     if solarize_p > 0:
         steps.append(RandomSolarization(prob=solarize_p, threshold=128))
@@ -61,7 +62,10 @@ def crop_view(
 
 class MultiCropTransform:
     """iBOT/DINO multi-crop (SPEC §1): crop 1 global with blur p=1; every further global crop blur p=0.1 + solarize
-    p=0.2; local crops blur p=0.5. Any image size works (RandomResizedCrop upsamples small images)."""
+    p=0.2; local crops blur p=0.5. Any image size works (RandomResizedCrop upsamples small images).
+
+    ``blur_sigma`` is the published U[0.1, 2] in pixels of the output crop, tuned for 224/96 px crops; small CPU
+    recipes scale it down with the crop size (a sigma of 2 px wipes out a 32 px crop)."""
 
     def __init__(
         self,
@@ -73,14 +77,15 @@ class MultiCropTransform:
         local_scale: tuple[float, float] = (0.05, 0.25),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        blur_sigma: tuple[float, float] = BLUR_SIGMAS,
     ) -> None:
         if n_global < 1 or n_local < 0:
             raise ValueError(f"MultiCropTransform: need n_global >= 1 and n_local >= 0, got {n_global}, {n_local}")
         self.n_global, self.n_local = n_global, n_local
         self.global_size, self.local_size = global_size, local_size
-        self.global1 = crop_view(global_size, global_scale, 1.0, 0.0, mean, std)
-        self.global2 = crop_view(global_size, global_scale, 0.1, 0.2, mean, std)
-        self.local = crop_view(local_size, local_scale, 0.5, 0.0, mean, std)
+        self.global1 = crop_view(global_size, global_scale, 1.0, 0.0, mean, std, blur_sigma)
+        self.global2 = crop_view(global_size, global_scale, 0.1, 0.2, mean, std, blur_sigma)
+        self.local = crop_view(local_size, local_scale, 0.5, 0.0, mean, std, blur_sigma)
 
     def __call__(self, image: Image.Image) -> list[Tensor]:
         """Globals first (crop 1 recipe, then the second recipe), then locals."""

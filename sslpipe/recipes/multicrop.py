@@ -79,6 +79,7 @@ class MultiCropRecipe(Recipe):
         crops = MultiCropTransform(
             global_size=c.global_size, local_size=c.local_size, n_global=c.n_global, n_local=c.n_local,
             global_scale=tuple(c.global_scale), local_scale=tuple(c.local_scale), mean=c.mean, std=c.std,
+            blur_sigma=tuple(c.blur_sigma),
         )
         masks = None
         if self.uses_masks:
