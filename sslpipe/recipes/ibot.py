@@ -96,7 +96,8 @@ class IBOTRecipe(MultiCropRecipe):
             teacher_temp=sched["teacher_temp"], teacher_patch_temp=sched["teacher_patch_temp"],
             student_local_cls=student_local_cls,
         )
-        metrics = {"loss_cls": float(out["cls"].detach()), "loss_patch": float(out["patch"].detach())}
+        # 0-d tensors: the trainer reads them only when it logs, so no device sync per step
+        metrics = {"loss_cls": out["cls"].detach(), "loss_patch": out["patch"].detach()}
         if self.cfg.train.health_every and (int(sched["it"]) + 1) % self.cfg.train.health_every == 0:
             metrics.update(health_metrics(
                 teacher_cls=teacher_cls.float(), student_cls=student_cls.detach().float(),
