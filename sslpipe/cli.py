@@ -213,7 +213,11 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sslpipe", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="sslpipe",
+        description="Self-supervised pretraining for vision: shards -> train (iBOT, DINO) -> export -> kNN / linear.",
+        epilog="Start with `sslpipe demo`; each stage's --help lists its options.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
