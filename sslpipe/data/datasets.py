@@ -15,8 +15,10 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -80,23 +82,26 @@ def _read_header(f, path: Path, magic: int, n_dims: int) -> tuple[int, ...]:
     return values[1:]
 
 
-def _fashion_len(split: str, root: str | Path | None) -> int:
-    images, labels = _fashion_paths(split, root)
-    with gzip.open(images, "rb") as fi, gzip.open(labels, "rb") as fl:
-        n, _, _ = _read_header(fi, images, _IDX_IMAGES_MAGIC, 3)
-        (n_labels,) = _read_header(fl, labels, _IDX_LABELS_MAGIC, 1)
-    if n != n_labels:
-        raise ValueError(f"{images} has {n} images but {labels} has {n_labels} labels")
-    return n
-
-
-def _iter_fashion(split: str, limit: int | None, root: str | Path | None) -> Iterator[tuple[Image.Image, int]]:
+@contextmanager
+def _open_fashion(split: str, root: str | Path | None) -> Iterator[tuple[Path, BinaryIO, BinaryIO, int, int, int]]:
+    """Both idx files of a split, positioned after their checked headers: (images path, images, labels, n, rows,
+    cols)."""
     images, labels = _fashion_paths(split, root)
     with gzip.open(images, "rb") as fi, gzip.open(labels, "rb") as fl:
         n, rows, cols = _read_header(fi, images, _IDX_IMAGES_MAGIC, 3)
         (n_labels,) = _read_header(fl, labels, _IDX_LABELS_MAGIC, 1)
         if n != n_labels:
             raise ValueError(f"{images} has {n} images but {labels} has {n_labels} labels")
+        yield images, fi, fl, n, rows, cols
+
+
+def _fashion_len(split: str, root: str | Path | None) -> int:
+    with _open_fashion(split, root) as (_, _, _, n, _, _):
+        return n
+
+
+def _iter_fashion(split: str, limit: int | None, root: str | Path | None) -> Iterator[tuple[Image.Image, int]]:
+    with _open_fashion(split, root) as (images, fi, fl, n, rows, cols):
         size = rows * cols
         for i in range(n if limit is None else min(n, limit)):
             pixels, label = fi.read(size), fl.read(1)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import multiprocessing
 import os
 import random
@@ -51,6 +50,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from sslpipe.data.shards import read_manifest
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
 _MAKE_SHARDS_HINT = "write shards first with `sslpipe shards ...` (see README) or fix the path/pattern"
@@ -66,16 +67,10 @@ class CorruptSampleWarning(UserWarning):
 
 # ----------------------------------------------------------------------------------------------- shard resolution
 def _load_manifest(path: str) -> tuple[dict, str]:
-    """Read a manifest (directory or .json file); return it and the directory its shard names are relative to."""
+    """The manifest (directory or .json file, see `shards.read_manifest`) and the directory its shard names are
+    relative to."""
     file = os.path.join(path, "manifest.json") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path}: no manifest.json found; {_MAKE_SHARDS_HINT}")
-    with open(file) as f:
-        try:
-            manifest = json.load(f)
-        except json.JSONDecodeError as exn:
-            raise ValueError(f"{file}: not valid JSON ({exn}); rewrite it with `sslpipe shards ...`") from exn
-    return manifest, os.path.dirname(os.path.abspath(file))
+    return read_manifest(path), os.path.dirname(os.path.abspath(file))
 
 
 def _manifest_split(manifest: dict, split: str, where: str) -> dict:
