@@ -69,6 +69,9 @@ class ModelConfig(_Section):
     arch: str = "vit_small_patch16_224"
     patch_size: int | None = 16
     drop_path_rate: float = 0.1
+    # BatchNorm backbones (CNNs) on several CUDA processes: SyncBatchNorm in student and teacher, as DINO's
+    # main_dino.py does. gloo (CPU) has no SyncBatchNorm: there the backbone keeps per-process statistics.
+    sync_batchnorm: bool = True
     kwargs: dict[str, Any] = {}
 
 
@@ -97,12 +100,27 @@ class LossConfig(_Section):
 
 
 class OptimConfig(_Section):
-    """`lr` is per 256 images: the applied rate is lr * batch_size * world_size * grad_accum_steps / 256 (DINO/iBOT)."""
+    """With `lr_scaling: linear` (DINO/iBOT) `lr` is per 256 images: the applied rate is
+    lr * batch_size * world_size * grad_accum_steps / 256; with `none` it is applied as given (fine-tuning recipes
+    quote the published absolute rate at the published batch).
+
+    `schedule`: `cosine` (DINO/iBOT: to `min_lr`), `step` (x `step_gamma` at each of `step_epochs`; ViTDet),
+    `poly` ((1 - t)^`poly_power` to `min_lr`; Mask2Former, U2PL) or `constant`; all after a linear warm-up from 0 over
+    `warmup_iters` iterations when set, else `warmup_epochs`. Parameter groups may carry `lr_scale` (layer decay,
+    backbone multiplier): a group's rate is the scheduled rate times its `lr_scale`.
+    """
 
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 5e-4
+    lr_scaling: Literal["linear", "none"] = "linear"
     min_lr: float = 1e-6
+    schedule: Literal["cosine", "step", "poly", "constant"] = "cosine"
     warmup_epochs: float = 10
+    warmup_iters: int | None = None
+    step_epochs: list[float] = []
+    step_gamma: float = 0.1
+    poly_power: float = 0.9
+    sgd_momentum: float = 0.9
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0
@@ -119,6 +137,9 @@ class TrainConfig(_Section):
     epochs: int = 800
     max_steps: int | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    # Deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cuDNN flags): on a GPU, resume is
+    # then bit-exact; without it a resumed GPU run matches the uninterrupted one only to float rounding (docs).
+    deterministic: bool = False
     grad_accum_steps: int = 1
     log_every: int = 10
     health_every: int = 50

@@ -112,6 +112,45 @@ def test_lr_scaling_rule() -> None:
     assert Schedules(cfg, steps_per_epoch=5, world_size=2).base_lr == pytest.approx(5e-4 * 64 * 2 * 2 / 256)
 
 
+def test_step_poly_and_constant_schedules_with_absolute_lr() -> None:
+    base = {"method": "dino", "data": {"train": "x", "batch_size": 8}, "train": {"epochs": 10}}
+    step = config_from_dict({**base, "optim": {"lr": 1e-4, "lr_scaling": "none", "schedule": "step",
+                                               "warmup_iters": 4, "step_epochs": [8, 9.5], "step_gamma": 0.1}})
+    s = Schedules(step, steps_per_epoch=10, world_size=4)  # lr_scaling none: the batch does not enter
+    assert s.lr(0) == 0.0 and s.lr(2) == pytest.approx(1e-4 * 2 / 3) and s.lr(3) == pytest.approx(1e-4)
+    assert s.lr(79) == pytest.approx(1e-4) and s.lr(80) == pytest.approx(1e-5) and s.lr(95) == pytest.approx(1e-6)
+    poly = config_from_dict({**base, "optim": {"lr": 1e-3, "lr_scaling": "none", "schedule": "poly",
+                                               "warmup_epochs": 0, "poly_power": 0.9, "min_lr": 0.0}})
+    p = Schedules(poly, steps_per_epoch=10)
+    assert p.lr(0) == pytest.approx(1e-3) and p.lr(50) == pytest.approx(1e-3 * 0.5 ** 0.9)
+    assert p.lr(100) == 0.0
+    const = config_from_dict({**base, "optim": {"lr": 2.0, "schedule": "constant", "warmup_epochs": 0}})
+    assert Schedules(const, steps_per_epoch=10).lr(37) == pytest.approx(2.0 * 8 / 256)
+
+
+def test_patch_temperature_waits_for_pred_start_epoch() -> None:
+    """iBOTLoss: the patch temperature stays at its warm-up value for pred_start_epoch epochs, then warms up."""
+    cfg = config_from_dict({"method": "ibot", "data": {"train": "x"}, "train": {"epochs": 10},
+                            "masking": {"pred_start_epoch": 2}, "loss": {"warmup_teacher_temp_epochs": 3}})
+    s = Schedules(cfg, steps_per_epoch=10)  # temperature warm-up: 30 iterations, patch warm-up from iteration 20
+    assert s.teacher_temp(19, patch=True) == pytest.approx(0.04)
+    assert s.teacher_temp(20, patch=True) == pytest.approx(0.04)
+    assert s.teacher_temp(35, patch=True) == pytest.approx(0.04 + 0.03 * 15 / 29)
+    assert s.teacher_temp(49, patch=True) == pytest.approx(0.07)
+    assert s.teacher_temp(15) == pytest.approx(0.04 + 0.03 * 15 / 29)  # the CLS temperature starts at once
+
+
+def test_param_group_lr_scale() -> None:
+    from sslpipe.engine.trainer import apply_schedule, build_optimizer
+
+    cfg = sched_cfg()
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, 2))
+    opt = build_optimizer(cfg, [{"params": [a], "apply_wd": False, "lr_scale": 0.1},
+                                {"params": iter([b]), "apply_wd": True}])
+    apply_schedule(opt, {"lr": 2.0, "weight_decay": 0.5})
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(pytest.approx(0.2), 0.0), (2.0, 0.5)]
+
+
 # ----------------------------------------------------------------------------------------------- optimisation
 def test_per_tensor_clipping_matches_dino_formula() -> None:
     net = torch.nn.Linear(2, 1)

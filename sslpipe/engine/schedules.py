@@ -5,7 +5,12 @@ global step needs nothing but the step. The values equal DINO's `utils.cosine_sc
 
 One deliberate difference: iBOT warms the teacher temperature up per *epoch*; here it moves per *iteration* (linear
 from the warm-up value at iteration 0 to the final value at iteration W-1, W = round(warmup_teacher_temp_epochs *
-steps_per_epoch), then constant), which is smoother; both reach the final temperature when the warm-up ends.
+steps_per_epoch), then constant), which is smoother; both reach the final temperature when the warm-up ends. As in
+iBOTLoss, the patch temperature is held at its warm-up value for `masking.pred_start_epoch` epochs and only then
+warms up (the CLS temperature starts at once).
+
+Fine-tuning recipes use the other learning-rate shapes of `optim.schedule` (step decay for ViTDet, poly for
+Mask2Former and U2PL) and `optim.lr_scaling: none` (the published absolute rate).
 """
 from __future__ import annotations
 
@@ -49,17 +54,33 @@ class Schedules:
         o, lo = cfg.optim, cfg.loss
         self.steps_per_epoch = steps_per_epoch
         self.total = cfg.train.epochs * steps_per_epoch
-        self.base_lr = o.lr * cfg.data.batch_size * world_size * cfg.train.grad_accum_steps / 256.0
+        self.global_batch = cfg.data.batch_size * world_size * cfg.train.grad_accum_steps
+        self.base_lr = o.lr * self.global_batch / 256.0 if o.lr_scaling == "linear" else o.lr
         self.min_lr = o.min_lr
-        self.warmup = int(round(o.warmup_epochs * steps_per_epoch))
+        self.shape = o.schedule
+        self.warmup = o.warmup_iters if o.warmup_iters is not None else int(round(o.warmup_epochs * steps_per_epoch))
+        self.milestones = sorted(int(round(e * steps_per_epoch)) for e in o.step_epochs)
+        self.gamma, self.power = o.step_gamma, o.poly_power
         self.wd, self.wd_end = o.weight_decay, o.weight_decay_end
         self.m0, self.m_end = o.momentum_teacher, o.momentum_teacher_end
         self.temp_warmup = int(round(lo.warmup_teacher_temp_epochs * steps_per_epoch))
+        self.patch_temp_start = int(round(cfg.masking.pred_start_epoch * steps_per_epoch))
         self.temp = (lo.warmup_teacher_temp, lo.teacher_temp)
         self.patch_temp = (lo.warmup_teacher_patch_temp, lo.teacher_patch_temp)
 
     def lr(self, it: int) -> float:
-        return cosine_schedule(it, self.base_lr, self.min_lr, self.total, self.warmup, 0.0)
+        """Linear warm-up from 0, then the configured shape; `lr_scale` of a parameter group multiplies this."""
+        if self.shape == "cosine":
+            return cosine_schedule(it, self.base_lr, self.min_lr, self.total, self.warmup, 0.0)
+        if it < self.warmup:
+            return linear_warmup(it, 0.0, self.base_lr, self.warmup)
+        if self.shape == "step":
+            return self.base_lr * self.gamma ** sum(it >= m for m in self.milestones)
+        if self.shape == "poly":
+            n = max(self.total - self.warmup, 1)
+            frac = min(max(it - self.warmup, 0) / n, 1.0)
+            return self.min_lr + (self.base_lr - self.min_lr) * (1.0 - frac) ** self.power
+        return self.base_lr
 
     def weight_decay(self, it: int) -> float:
         return cosine_schedule(it, self.wd, self.wd_end, self.total)
@@ -69,7 +90,12 @@ class Schedules:
         return cosine_schedule(it, self.m0, self.m_end, self.total)
 
     def teacher_temp(self, it: int, patch: bool = False) -> float:
+        """CLS: warm-up from iteration 0. Patch: held at its warm-up value until pred_start_epoch, then warms up."""
         start, end = self.patch_temp if patch else self.temp
+        if patch:
+            if it < self.patch_temp_start:
+                return start
+            it -= self.patch_temp_start
         return linear_warmup(it, start, end, self.temp_warmup) if it < self.temp_warmup else end
 
     def __call__(self, it: int) -> dict[str, float]:

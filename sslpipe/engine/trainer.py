@@ -44,20 +44,24 @@ class TrainingDiverged(RuntimeError):
 
 # --------------------------------------------------------------------------------------------- optimisation
 def build_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """AdamW or SGD (momentum 0.9) over the recipe's groups; lr and weight decay are set every iteration."""
+    """AdamW or SGD (momentum `optim.sgd_momentum`) over the recipe's groups; lr and weight decay are set every
+    iteration. A group may carry `lr_scale` (default 1): layer-wise decay, a backbone multiplier."""
     for i, group in enumerate(groups):
         if "params" not in group or "apply_wd" not in group:
             raise ValueError(f"recipe param_groups()[{i}] needs the keys 'params' and 'apply_wd', got {list(group)}")
-    groups = [g for g in groups if len(list(g["params"])) > 0]
+        group["params"] = list(group["params"])
+        group.setdefault("lr_scale", 1.0)
+    groups = [g for g in groups if len(g["params"]) > 0]
     if cfg.optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), weight_decay=0.0)
-    return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=0.0)
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.optim.sgd_momentum, weight_decay=0.0)
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, sched: dict[str, float]) -> None:
-    """Scheduled lr for every group; scheduled weight decay only for groups with `apply_wd` (others stay at 0)."""
+    """Scheduled lr x the group's `lr_scale` for every group; scheduled weight decay only for groups with `apply_wd`
+    (others stay at 0)."""
     for group in optimizer.param_groups:
-        group["lr"] = sched["lr"]
+        group["lr"] = sched["lr"] * group.get("lr_scale", 1.0)
         group["weight_decay"] = sched["weight_decay"] if group.get("apply_wd", True) else 0.0
 
 
