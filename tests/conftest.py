@@ -1,12 +1,18 @@
-"""Shared test fixtures: a small shard set of scikit-learn's digits (written once per test session)."""
+"""Shared test fixtures: a small shard set of scikit-learn's digits (written once per test session), the devices a
+device-dependent test runs on (the CPU always, CUDA when present), and the environment of child processes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
+# cuBLAS reads its workspace setting when CUDA is first used; deterministic-mode tests need it (harmless otherwise).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-from sslpipe.data.shards import write_shards
+import pytest  # noqa: E402
+from helpers import DEVICES  # noqa: E402
+
+from sslpipe.data.shards import write_shards  # noqa: E402
 
 DIGITS_SAMPLES_PER_SHARD = 128  # 1438 train -> 12 train shards, 359 val -> 3 val shards
 
@@ -25,3 +31,19 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Read-only: copy it before modifying anything, other tests share it.
     """
     return make_digits_shards(tmp_path_factory.mktemp("digits_shards"))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    """Each available device in turn: "cpu" everywhere, "cuda" where a GPU is present."""
+    return request.param
+
+
+@pytest.fixture
+def trainer_device(device: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the in-process trainer on `device`: ACCELERATE_USE_CPU=1 keeps it on the CPU when a GPU exists."""
+    if device == "cpu":
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    else:
+        monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    return device

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import child_env
 
 from sslpipe.losses.dino import DINOLoss
 from sslpipe.losses.ibot import IBOTLoss
@@ -62,7 +63,7 @@ def test_two_process_dino_run_under_accelerate_launch(digits_shards: Path, tmp_p
     """`accelerate launch` with 2 CPU processes (gloo) trains the real DINO recipe: both ranks see different data
     yet end with identical student, teacher and centre (gradients and centres are all-reduced)."""
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env = child_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "launch/cpu_2proc.yaml"),
            "--main_process_port", str(_free_port()), "-m", "sslpipe", "train", str(repo / "recipes/demo_dino.yaml"),
            "method=tests.ddp_dino:CheckedDINO", f"data.train={digits_shards}", "data.batch_size=8",
@@ -75,3 +76,15 @@ def test_two_process_dino_run_under_accelerate_launch(digits_shards: Path, tmp_p
     assert state["world_size"] == 2 and state["global_step"] == 2
     ranks = [(run / f"state_rank{r}.txt").read_text() for r in (0, 1)]
     assert ranks[0] == ranks[1] and float(ranks[0].split()[1]) > 0
+
+
+def test_child_processes_keep_the_parent_pythonpath(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine that needs its own PYTHONPATH entries (e.g. a project on PYTHONPATH instead of installed) keeps them
+    in `accelerate launch` children: the repository is prepended, nothing is replaced."""
+    extra = tmp_path / "site"
+    extra.mkdir()
+    (extra / "marker_module.py").write_text("VALUE = 7\n")
+    monkeypatch.setenv("PYTHONPATH", str(extra))
+    code = "import marker_module, sslpipe, tests.toy_recipe; print(marker_module.VALUE)"
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "7", proc.stderr

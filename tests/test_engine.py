@@ -15,6 +15,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
+from helpers import child_env
 from safetensors.torch import load_file
 
 from sslpipe.config import Config, config_from_dict, load_config
@@ -182,8 +183,11 @@ def test_freeze_last_layer_in_epoch_zero(tmp_path: Path, freeze_epochs: int) -> 
 
 # ------------------------------------------------------------------------------------------------------ resume
 @pytest.mark.parametrize("clip_mode, accum", [("per_tensor", 1), ("global", 2)])
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, clip_mode: str, accum: int) -> None:
-    extra = {"optim": {"clip_mode": clip_mode, "clip_grad": 0.5}, "train": {"grad_accum_steps": accum}}
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, clip_mode: str, accum: int,
+                                                  trainer_device: str) -> None:
+    """Bit-exact on the CPU; on a GPU in deterministic mode (train.deterministic)."""
+    extra = {"optim": {"clip_mode": clip_mode, "clip_grad": 0.5},
+             "train": {"grad_accum_steps": accum, "deterministic": trainer_device == "cuda"}}
     straight = train(toy_cfg(tmp_path, "straight", **extra))
     total = 2 * (48 // 8 // accum)
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -204,6 +208,34 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, clip_mode: str
     assert all(math.isfinite(r["loss"]) and r["world_size"] == 1 for r in lines if "loss" in r)
     written = load_config(run / "config.yaml")
     assert written.method == TOY and written.train.grad_accum_steps == accum
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_steps_under_mixed_precision_on_each_device(tmp_path: Path, trainer_device: str, precision: str) -> None:
+    """The trainer steps and checkpoints under autocast: parameters stay float32, the loss stays finite."""
+    run = train(toy_cfg(tmp_path, f"amp-{precision}", train={"max_steps": 3, "mixed_precision": precision}))
+    state = load_file(str(find_latest_checkpoint(run) / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in state.values())
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses and all(math.isfinite(v) for v in losses)
+    init = initial_student(toy_cfg(tmp_path, "x"))
+    assert not torch.equal(state["body.0.weight"], init["body.0.weight"])
+
+
+def test_deterministic_mode_is_scoped_to_the_run(tmp_path: Path) -> None:
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen = {}
+
+    class Spy(ToyRecipe):
+        def step(self, batch, sched):
+            seen["deterministic"] = torch.are_deterministic_algorithms_enabled()
+            return super().step(batch, sched)
+
+    import tests.toy_recipe as toy_module
+    toy_module.SpyRecipe = Spy
+    cfg = toy_cfg(tmp_path, "det", method="tests.toy_recipe:SpyRecipe", train={"max_steps": 1, "deterministic": True})
+    train(cfg)
+    assert seen["deterministic"] is True and not torch.are_deterministic_algorithms_enabled()
 
 
 def test_resume_auto_picks_newest_run(tmp_path: Path) -> None:
@@ -280,7 +312,7 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path: Path) -> None:
         "data: {train: synthetic, batch_size: 4}\nmodel: {kwargs: {write_checksums: true}}\n"
         "optim: {lr: 0.05, warmup_epochs: 1}\ntrain: {epochs: 2, log_every: 3}\neval: {knn_every_epochs: 1}\n"
     )
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(port), "-m", "sslpipe.engine.trainer", str(recipe), "optim.clip_grad=1.0"]

@@ -71,6 +71,18 @@ def test_roundtrip_through_timm(tmp_path, arch, model_args, size):
     assert load_backbone(out).pretrained_cfg["mean"] == MEAN
 
 
+def test_export_from_the_training_device(tmp_path, device):
+    """A module still on the GPU (the teacher at the end of training) exports CPU tensors and stays where it was."""
+    model = _vit().to(device)
+    out = export_backbone(model, tmp_path / "exp", arch="vit_tiny_patch16_224", model_args=VIT_ARGS, img_size=32,
+                          mean=MEAN, std=STD, source={})
+    assert next(model.parameters()).device.type == device
+    assert all(t.device.type == "cpu" for t in load_file(str(out / "model.safetensors")).values())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_backbone(out)(x), model(x.to(device)).cpu(), atol=1e-4, rtol=1e-4)
+
+
 def test_export_strips_mask_token(tmp_path):
     model = _vit()
     model.mask_token = nn.Parameter(torch.ones(1, 192))

@@ -104,12 +104,12 @@ def test_knn_on_digits_pixels():
     assert result["n_train"] == 1200 and result["n_test"] == len(x) - 1200
 
 
-def test_linear_probe_on_separable_features():
+def test_linear_probe_on_separable_features(device):
     train_x, train_y = clustered_features(600, 32, 5, seed=0, spread=6.0)
     val_x, val_y = clustered_features(200, 32, 5, seed=1, spread=6.0)
-    result = train_linear(train_x, train_y, val_x, val_y, epochs=30, batch_size=32, device="cpu")
+    result = train_linear(train_x, train_y, val_x, val_y, epochs=30, batch_size=32, device=device)
     assert result["top1"] > 0.9 and result["lr"] == pytest.approx(0.001 * 32 / 256)
-    chance = train_linear(train_x, train_y, val_x, val_y[torch.randperm(200)], epochs=1, batch_size=32, device="cpu")
+    chance = train_linear(train_x, train_y, val_x, val_y[torch.randperm(200)], epochs=1, batch_size=32, device=device)
     assert chance["top1"] < 0.5  # shuffled labels: the check can fail
 
 
@@ -139,7 +139,29 @@ def test_bench_returns_three_timings():
     assert result["agree_faiss_sklearn"] > 0.98
 
 
-def test_extract_features_and_run_knn_on_shards(tmp_path, monkeypatch):
+def test_torch_backend_on_each_device_equals_faiss(device):
+    data = _random()
+    ref = knn_classify(*data, [1, 20], 0.07, 7, backend="faiss", return_predictions=True)
+    got = knn_classify(*data, [1, 20], 0.07, 7, backend="torch", device=device, return_predictions=True)
+    for k in (1, 20):
+        assert torch.equal(got["predictions"][k], ref["predictions"][k]) and got["k"][k] == ref["k"][k]
+
+
+def test_without_faiss_the_torch_backend_answers_with_a_notice(monkeypatch, capsys, tmp_path):
+    """Installed without the cpu/gpu extra: one line on stderr, the same result, never a traceback."""
+    data = _random()
+    ref = knn_classify(*data, [5], backend="faiss", return_predictions=True)
+    monkeypatch.setattr(knn_mod, "faiss", None)
+    got = knn_classify(*data, [5], backend="faiss", return_predictions=True)
+    assert got["backend"] == "torch" and torch.equal(got["predictions"][5], ref["predictions"][5])
+    err = capsys.readouterr().err
+    assert "faiss is not installed" in err and "sslpipe[cpu]" in err and len(err.strip().splitlines()) == 1
+    from sslpipe.cli import main
+    assert main(["bench", "knn", "--n-train", "50", "--n-test", "10", "--dim", "4"]) == 2
+    assert "pip install 'sslpipe[cpu]'" in capsys.readouterr().err
+
+
+def test_extract_features_and_run_knn_on_shards(tmp_path, monkeypatch, device):
     from sslpipe.data.datasets import iter_dataset
     from sslpipe.data.shards import write_shards
     from sslpipe.data.views import EvalTransform
@@ -151,16 +173,21 @@ def test_extract_features_and_run_knn_on_shards(tmp_path, monkeypatch):
     write_shards(shards, source="digits", limit=40, samples_per_shard=15, progress=False)
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4, depth=2,
-                            dynamic_img_size=True).eval()
+                            dynamic_img_size=True).eval().to(device)
     transform = EvalTransform(resize=32, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     cache = tmp_path / "cache" / "f.safetensors"
     feats, labels = feat_mod.extract_features(vit, str(shards), split="train", transform=transform, batch_size=16,
                                               max_samples=35, cache_path=cache, progress=False)
+    assert next(vit.parameters()).device.type == device, "extraction must leave the model where it was"
     images = list(iter_dataset("digits", "train", limit=35))
     assert labels.tolist() == [label for _, label in images]
     with torch.no_grad():
-        expected = vit(torch.stack([transform(img.convert("RGB")) for img, _ in images]))
+        expected = vit(torch.stack([transform(img.convert("RGB")) for img, _ in images]).to(device)).cpu()
     assert feats.dtype == torch.float32 and torch.allclose(feats, expected, atol=1e-5)
+    on_cpu, _ = feat_mod.extract_features(vit, str(shards), split="train", transform=transform, batch_size=16,
+                                          max_samples=35, device="cpu", progress=False)
+    assert next(vit.parameters()).device.type == device
+    torch.testing.assert_close(on_cpu, feats, atol=1e-4, rtol=1e-4)  # fp32 on either device
 
     # a matching cache is reused without reading shards; a changed model is not
     monkeypatch.setattr(feat_mod, "build_loader", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
@@ -179,7 +206,10 @@ def test_extract_features_and_run_knn_on_shards(tmp_path, monkeypatch):
                           img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, source={})
     # val = the train split itself: each sample is its own nearest neighbour
     result = run_knn(out, str(shards), str(shards), val_split="train", k_list=[1, 5], resize=32, batch_size=16,
-                     progress=False, out_json=tmp_path / "knn.json")
+                     progress=False, out_json=tmp_path / "knn.json", device=device)
     assert result["n_train"] == 40 and result["n_test"] == 40 and result["backbone"] == str(out)
     assert result["k"][1]["top1"] == 1.0
     assert json.loads((tmp_path / "knn.json").read_text())["k"]["5"] == result["k"][5]
+    on_cpu = run_knn(out, str(shards), str(shards), val_split="train", k_list=[1, 5], resize=32, batch_size=16,
+                     progress=False, device="cpu")
+    assert on_cpu["k"] == result["k"]

@@ -212,7 +212,67 @@ def test_lightly_head_cannot_be_deepcopied_ours_can():
 def test_ibot_step_bench_same_loss_as_lightly_step():
     from sslpipe.bench.ibot_step import run_ibot_step_bench
 
-    r = run_ibot_step_bench(batch_size=2, n_local=2, depth=1, embed_dim=32, num_heads=2, out_dim=64,
+    # local crops at the global size: no position-embedding resize, whose method differs (official vs timm)
+    r = run_ibot_step_bench(batch_size=2, n_local=2, local_size=32, depth=1, embed_dim=32, num_heads=2, out_dim=64,
                             hidden_dim=32, bottleneck_dim=16, warmup=1, steps=1, device="cpu")
     assert r["loss_abs_diff"] < 1e-4 and r["first_loss_sslpipe"] > 0
     assert r["sslpipe_ms"] > 0 and r["lightly_ms"] > 0
+
+
+def official_interpolate_pos_encoding(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """bytedance/ibot models/vision_transformer.py interpolate_pos_encoding, written out for a (h, w) patch grid."""
+    n = pos_embed.shape[1] - 1
+    side = int(n ** 0.5)
+    patch = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch = torch.nn.functional.interpolate(patch, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic")
+    return torch.cat([pos_embed[:, :1], patch.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
+
+
+def test_local_crop_position_embedding_follows_the_official_interpolation():
+    """14x14 grid (56 px, 4-px patches) -> 6x6 local grid (24 px), as 224 -> 96 px at patch 16."""
+    torch.manual_seed(0)
+    model = MaskedViT(tiny_vit(img_size=56), mask_token=False)
+    x = torch.randn(2, 3, 24, 24)
+    seen = {}
+    model.vit.norm_pre.register_forward_hook(lambda m, i, o: seen.setdefault("tokens", i[0].detach()))
+    model(x)
+    pos = seen["tokens"] - torch.cat([model.vit.cls_token.expand(2, -1, -1),
+                                      model.vit.patch_embed(x).flatten(1, 2)], dim=1).detach()
+    official = official_interpolate_pos_encoding(model.vit.pos_embed.detach(), 6, 6)
+    torch.testing.assert_close(pos, official.expand(2, -1, -1), atol=1e-5, rtol=1e-5)
+    from timm.layers import resample_abs_pos_embed
+    timm_pos = resample_abs_pos_embed(model.vit.pos_embed.detach(), (6, 6), num_prefix_tokens=1)
+    rel = (timm_pos[0, 1:] - official[0, 1:]).norm() / official[0, 1:].norm()
+    assert rel > 0.1, "timm's antialiased resize is a different interpolation (the reason for ours)"
+    # the matrix form equals F.interpolate on a non-square grid too, and the global size is left untouched
+    from sslpipe.models.backbones import pos_interpolation_matrix
+    grid = torch.randn(1, 5, 7, 3, dtype=torch.float64)
+    ref = torch.nn.functional.interpolate(grid.permute(0, 3, 1, 2), scale_factor=(3.1 / 5, 4.1 / 7), mode="bicubic")
+    got = pos_interpolation_matrix((5, 7), (3, 4), dtype=torch.float64) @ grid.reshape(35, 3)
+    torch.testing.assert_close(got, ref.permute(0, 2, 3, 1).reshape(12, 3))
+    full = torch.randn(2, 3, 56, 56)
+    torch.testing.assert_close(model(full), model.vit.forward_features(full))
+
+
+def test_cls_token_init_is_trunc_normal_002():
+    torch.manual_seed(0)
+    vit = create_backbone("vit_small_patch16_224", img_size=224)
+    std = float(vit.cls_token.detach().std())
+    assert 0.015 < std < 0.025, std  # 384 draws of N(0, 0.02) (truncated at +-2, as the official init); timm: 1e-6
+
+
+def test_sync_batchnorm_only_on_several_cuda_processes(capsys):
+    from sslpipe.models.backbones import sync_batchnorm
+
+    cnn = create_backbone("resnet18", img_size=32)
+    one = sync_batchnorm(cnn, enabled=True, num_processes=1, device=torch.device("cuda"))
+    assert one is cnn
+    cpu = sync_batchnorm(cnn, enabled=True, num_processes=2, device=torch.device("cpu"))
+    assert cpu is cnn and "SyncBatchNorm needs CUDA" in capsys.readouterr().out
+    off = sync_batchnorm(cnn, enabled=False, num_processes=2, device=torch.device("cuda"))
+    assert off is cnn
+    synced = sync_batchnorm(cnn, enabled=True, num_processes=2, device=torch.device("cuda"))
+    kinds = {type(m).__name__ for m in synced.modules()}
+    assert "SyncBatchNorm" in kinds and "BatchNorm2d" not in kinds
+    vit = tiny_vit()
+    assert sync_batchnorm(vit, enabled=True, num_processes=2, device=torch.device("cuda")) is vit  # no BatchNorm

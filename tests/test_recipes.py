@@ -10,6 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from helpers import DEVICES
 from safetensors.torch import load_file
 
 from sslpipe.config import load_config
@@ -125,14 +126,23 @@ def test_ibot_teacher_starts_as_student_and_extra_state_round_trips(digits_shard
     assert all(torch.equal(v, other.teacher.state_dict()[k]) for k, v in teacher.items())
 
 
+# (device, train.deterministic, exact): bitwise on the CPU and in deterministic mode on a GPU; without it a GPU run
+# resumes to float rounding (measured on an H100: the centres agreed to 4 digits), checked with a stated tolerance.
+RESUME_CASES = [("cpu", False, True)] + ([("cuda", True, True), ("cuda", False, False)] if "cuda" in DEVICES else [])
+
+
 @pytest.mark.slow
-def test_ibot_train_export_knn_and_exact_resume(digits_shards: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("device, deterministic, exact", RESUME_CASES)
+def test_ibot_train_export_knn_and_exact_resume(digits_shards: Path, tmp_path: Path, monkeypatch, device: str,
+                                                deterministic: bool, exact: bool) -> None:
     """The real pipeline on digits: train 4 steps, export the teacher, load it in timm, kNN; then a run stopped at
-    step 2 and resumed to step 4 ends with the same teacher as the uninterrupted run."""
+    step 2 and resumed to step 4 ends with the same teacher and centres as the uninterrupted run."""
+    if device == "cpu":
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     common = [f"data.train={digits_shards}", f"data.val={digits_shards}", "data.batch_size=16",
               "data.num_workers=0", "data.steps_per_epoch=2", "train.epochs=2", "train.log_every=1",
               "eval.knn_every_epochs=1", "eval.knn_k=[5]", "eval.knn_max_train=300", "eval.knn_max_val=100",
-              f"output_dir={tmp_path}"]
+              f"output_dir={tmp_path}", f"train.deterministic={str(deterministic).lower()}"]
     full = train(load_config(RECIPES / "demo_ibot.yaml", [*common, "run_name=full"]))
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4] and (full / "config.yaml").exists()
@@ -155,6 +165,9 @@ def test_ibot_train_export_knn_and_exact_resume(digits_shards: Path, tmp_path: P
     assert resumed == part
     a = load_file(str(full / "checkpoints" / "step_00000004" / "extra_state.safetensors"))
     b = load_file(str(part / "checkpoints" / "step_00000004" / "extra_state.safetensors"))
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and "loss.center" in a
     for key in a:
-        assert torch.equal(a[key], b[key]), key
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)

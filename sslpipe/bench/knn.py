@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
+from sslpipe.eval import knn as knn_module
 from sslpipe.eval.knn import DEFAULT_T, knn_classify
 
 
@@ -38,6 +38,10 @@ def _timed(fn):
 def run_knn_bench(n_train: int = 50000, n_test: int = 10000, dim: int = 384, k: int = 20, num_classes: int = 10,
                   seed: int = 0, T: float = DEFAULT_T, device: str | None = None) -> dict[str, Any]:
     """Time the three kNN implementations on synthetic clustered features; check that their predictions agree."""
+    faiss = knn_module.faiss
+    if faiss is None:
+        raise ValueError("`sslpipe bench knn` times faiss, which is not installed: "
+                         "pip install 'sslpipe[cpu]' (or 'sslpipe[gpu]')")
     train_x, train_y = clustered_features(n_train, dim, num_classes, seed=seed)
     test_x, test_y = clustered_features(n_test, dim, num_classes, seed=seed + 1)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")

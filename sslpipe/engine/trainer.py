@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from sslpipe.config import Config, load_config, save_config
 from sslpipe.engine.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from sslpipe.engine.determinism import deterministic_mode
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup
 from sslpipe.recipes import get_recipe
@@ -159,18 +160,26 @@ def train(cfg: Config, *, resume: str | None = None, overrides_text: str | None 
 
     `resume`: None (fresh run), "auto" (newest run in `cfg.output_dir` with a checkpoint, else fresh), a run
     directory or a checkpoint directory. `overrides_text` (the command-line overrides) is recorded in config.yaml.
+    With `train.deterministic` the run uses deterministic kernels (bit-exact resume on a GPU too; see
+    `sslpipe.engine.determinism`).
     """
+    with deterministic_mode(cfg.train.deterministic):
+        return _train(cfg, resume=resume, overrides_text=overrides_text)
+
+
+def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Path:
     # The process group comes first (all ranks must agree on the run directory); honour ACCELERATE_USE_CPU exactly as
     # the Accelerator does, or a CPU multi-process launch would silently become N independent runs.
     # Ranks wait at a collective while the main process runs a periodic kNN probe: allow hours, not NCCL's 10 min.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=COLLECTIVE_TIMEOUT)
+    use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+    state = PartialState(cpu=use_cpu, timeout=COLLECTIVE_TIMEOUT)
     ckpt = resolve_resume(resume, cfg.output_dir, cfg.run_name) if resume else None
     run_dir = _run_dir(cfg, ckpt)
     if ckpt is not None:
         cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})
     log_with, init_kwargs = tracker_setup(cfg, run_dir)
     accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        cpu=use_cpu, mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
     )

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -79,12 +79,32 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _default_device(model: nn.Module) -> torch.device:
-    """The model's GPU when it is on one (the right GPU of this rank in training), else cuda:0 or the CPU."""
-    param = next(model.parameters(), None)
-    if param is not None and param.device.type == "cuda":
-        return param.device
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters (or buffers) live; the CPU for a module without any."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def default_device(model: nn.Module) -> torch.device:
+    """The model's GPU when it is on one (this rank's GPU in training), else cuda when present, else the CPU."""
+    current = model_device(model)
+    if current.type == "cuda":
+        return current
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def on_device(model: nn.Module, device: torch.device, *, train: bool = False) -> Iterator[nn.Module]:
+    """Run `model` on `device` in eval (or train) mode for the duration of the block, then put it back where and
+    how it was: a probe must not move the caller's model (the training teacher, a module a test still uses)."""
+    original, was_training = model_device(model), model.training
+    model.to(device).train(train)
+    try:
+        yield model
+    finally:
+        model.to(original).train(was_training)
 
 
 def extract_features(
@@ -97,19 +117,21 @@ def extract_features(
     num_workers: int = 0,
     device: str | torch.device | None = None,
     max_samples: int | None = None,
-    amp: bool = True,
+    amp: bool = False,
     cache_path: str | Path | None = None,
     progress: bool = True,
     feature_fn: FeatureFn = pre_logits,
 ) -> tuple[Tensor, Tensor]:
     """Features (N, D) float32 and labels (N,) int64 of a shard split, on the CPU.
 
-    Autocast (bf16 where supported, else fp16) only on CUDA; float32 on the CPU. `feature_fn(model, x)` picks the
-    feature (default: `pre_logits`; the linear probe passes the last blocks' CLS). With `cache_path`, features are
-    stored as safetensors with a fingerprint of model, shards, transform and feature function, and reloaded only
-    when the fingerprint matches.
+    Runs on `device` (default: the model's GPU, else a GPU when present, else the CPU); every batch is moved to that
+    device, and the model is moved there only for the extraction and then returned to its own device and mode.
+    Float32 by default, as DINO's eval_knn.py; `amp=True` uses autocast (bf16 where supported, else fp16) on CUDA,
+    faster but not bit-comparable with the CPU. `feature_fn(model, x)` picks the feature (default: `pre_logits`; the
+    linear probe passes the last blocks' CLS). With `cache_path`, features are stored as safetensors with a
+    fingerprint of model, shards, transform and feature function, and reloaded only when the fingerprint matches.
     """
-    device = torch.device(device) if device is not None else _default_device(model)
+    device = torch.device(device) if device is not None else default_device(model)
     fp = None
     if cache_path is not None:
         fp = fingerprint(model, spec, split, transform, max_samples, feature_fn)
@@ -128,25 +150,20 @@ def extract_features(
     total = count_samples(spec, split)
     if max_samples is not None:
         total = min(total, max_samples) if total is not None else max_samples
-    was_training = model.training
-    model.to(device).eval()
     feats: list[Tensor] = []
     labels: list[Tensor] = []
     seen = 0
-    try:
-        with torch.inference_mode(), tqdm(total=total, desc=f"features {split}", disable=not progress,
-                                          unit="img") as bar:
-            for images, batch_labels in loader:
-                with _autocast(device, amp):
-                    out = feature_fn(model, images.to(device, non_blocking=True))
-                feats.append(out.float().cpu())
-                labels.append(batch_labels)
-                seen += len(batch_labels)
-                bar.update(len(batch_labels))
-                if max_samples is not None and seen >= max_samples:
-                    break
-    finally:
-        model.train(was_training)
+    with on_device(model, device), torch.inference_mode(), \
+            tqdm(total=total, desc=f"features {split}", disable=not progress, unit="img") as bar:
+        for images, batch_labels in loader:
+            with _autocast(device, amp):
+                out = feature_fn(model, images.to(device, non_blocking=True))
+            feats.append(out.float().cpu())
+            labels.append(batch_labels)
+            seen += len(batch_labels)
+            bar.update(len(batch_labels))
+            if max_samples is not None and seen >= max_samples:
+                break
     if not feats:
         raise ValueError(f"no samples in split {split!r} of {spec!r}")
     features, all_labels = torch.cat(feats), torch.cat(labels)

@@ -4,7 +4,8 @@ Train and test features are L2-normalised (cosine similarity). For each test sam
 (largest inner product) vote: class score = sum over neighbours of that class of exp(sim / T). Top-1 and top-5
 (top-5 only when there are >= 5 classes) are reported for every k; the search runs once with the largest k and is
 sliced. faiss's exact `IndexFlatIP` does the search (moved to a GPU only when `faiss.get_num_gpus() > 0`);
-`backend="torch"` is the brute-force matmul + topk reference. The votes use `scatter_add_` over class ids, which
+`backend="torch"` is the brute-force matmul + topk reference, and the fallback (with a one-line notice) when faiss is
+not installed (`pip install 'sslpipe[cpu]'` or `'sslpipe[gpu]'` brings it). The votes use `scatter_add_` over class ids, which
 equals DINO's one-hot x weights sum without the (chunk, k, classes) one-hot tensor. Accuracies are fractions in
 [0, 1] (DINO prints percentages).
 """
@@ -13,13 +14,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import faiss
+import sys
+
 import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+try:
+    import faiss
+except ImportError:  # installed without the cpu/gpu extra: the torch backend does the search
+    faiss = None
+
+FAISS_MISSING = ("note: faiss is not installed, so kNN uses the torch backend (same results); "
+                 "install it with pip install 'sslpipe[cpu]' (or 'sslpipe[gpu]' on CUDA machines)")
 DEFAULT_K = (10, 20, 100, 200)
 DEFAULT_T = 0.07
 _MEMORY_FRACTION = 0.25  # of the free host/GPU memory a search may use for its per-chunk buffers
@@ -107,6 +116,9 @@ def knn_classify(
     """
     if backend not in ("faiss", "torch"):
         raise ValueError(f"backend must be 'faiss' or 'torch', got {backend!r}")
+    if backend == "faiss" and faiss is None:
+        print(FAISS_MISSING, file=sys.stderr)
+        backend = "torch"
     k_list = sorted({int(k) for k in k_list})
     n_train, n_test = len(train_feats), len(test_feats)
     if not k_list or k_list[0] < 1:

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from sslpipe.eval.features import extract_train_val, pre_logits, prepare_backbone, report
 
@@ -69,6 +70,7 @@ def train_linear(
     lr: float | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Train DINO's linear classifier on fixed features; returns val top-1 (and top-5 with >= 5 classes).
 
@@ -89,7 +91,7 @@ def train_linear(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
     x, y = train_x.float(), train_y
     loss = torch.tensor(math.nan)
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress):
         order = torch.randperm(len(x), generator=gen)
         for start in range(0, len(x), batch_size):
             idx = order[start:start + batch_size]
@@ -141,7 +143,7 @@ def linear_probe(
         num_workers=num_workers, device=device, progress=progress, feature_fn=LastBlocksCLS(n_last_blocks),
     )
     result = train_linear(train_x, train_y, val_x, val_y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                          device=device)
+                          device=device, progress=progress)
     result.update(backbone=source, n_last_blocks=n_last_blocks)
     report(result, {f"linear/{m}": result[m] for m in ("top1", "top5") if m in result}, out_json, tracker, step)
     return result

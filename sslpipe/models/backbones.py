@@ -1,12 +1,22 @@
-"""Backbones: timm model creation, the iBOT masked ViT, and a uniform CLS/pooled feature accessor.
+"""Backbones: timm model creation, the iBOT/DINO ViT wrapper, and a uniform CLS/pooled feature accessor.
 
 Every backbone is a plain timm model (``num_classes=0``, never pretrained: no downloads), so what export saves loads
-back with ``timm.create_model``. ViTs are built with ``dynamic_img_size=True``: the learned position embedding (sized
-for ``img_size``) is resampled bicubically by timm for any other crop size (224 -> 96 px, 32 -> 16 px local crops).
+back with ``timm.create_model``. ViTs are built with ``dynamic_img_size=True`` and, as in the official iBOT/DINO code,
+their CLS token is initialised with trunc_normal(std 0.02) (timm: N(0, 1e-6)).
+
+During pretraining the ViT runs inside :class:`MaskedViT`, which resizes the learned position embedding for crops of
+another size (224 -> 96 px, 32 -> 16 px local crops) exactly as the official ``interpolate_pos_encoding`` does:
+bicubic, ``scale_factor = (n + 0.1) / N`` on the grid, no antialias. timm's own resampling (bicubic to the target
+size, antialias on) differs from it by ~80% relative at init on a 14x14 -> 6x6 grid. The interpolation is applied as
+a fixed (n_new, n_old) matrix on the embedding: the same values (a bicubic resize is linear in its input), and
+a matmul has a deterministic backward on CUDA where ``F.interpolate``'s bicubic backward has none. An exported model
+used on its own in timm at a size other than ``img_size`` resamples with timm's method.
 """
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
 from typing import Any
 
 import timm
@@ -50,18 +60,70 @@ def create_backbone(
     elif patch_size is not None:
         raise ValueError(f"model.patch_size={patch_size} given for {arch!r}, which is not a ViT: remove patch_size")
     try:
-        return timm.create_model(arch, **kwargs)
+        model = timm.create_model(arch, **kwargs)
     except TypeError as e:
         raise ValueError(f"timm.create_model({arch!r}) rejected the model arguments {sorted(kwargs)}: {e}") from e
+    if getattr(model, "cls_token", None) is not None:
+        nn.init.trunc_normal_(model.cls_token, std=0.02)  # official iBOT/DINO init (timm: normal std 1e-6)
+    return model
+
+
+@lru_cache(maxsize=64)
+def _interpolation_matrix_cpu(old: tuple[int, int], new: tuple[int, int]) -> Tensor:
+    basis = torch.eye(old[0] * old[1], dtype=torch.float64).reshape(-1, 1, *old)
+    scale = ((new[0] + 0.1) / old[0], (new[1] + 0.1) / old[1])
+    out = torch.nn.functional.interpolate(basis, scale_factor=scale, mode="bicubic", align_corners=False)
+    if tuple(out.shape[-2:]) != tuple(new):
+        raise ValueError(f"position-embedding interpolation {old} -> {new} gave a {tuple(out.shape[-2:])} grid")
+    return out.reshape(old[0] * old[1], new[0] * new[1]).T.contiguous()
+
+
+def pos_interpolation_matrix(old: tuple[int, int], new: tuple[int, int], device: torch.device | str = "cpu",
+                             dtype: torch.dtype = torch.float32) -> Tensor:
+    """M (new_h*new_w, old_h*old_w) with ``M @ grid.flatten()`` == the official iBOT/DINO ``interpolate_pos_encoding``
+    of a (old_h, old_w) grid: ``F.interpolate(scale_factor=((new_h + 0.1) / old_h, (new_w + 0.1) / old_w),
+    mode="bicubic")`` (the 0.1 avoids a floor rounding to new - 1; dino#8). Built once per pair of grids."""
+    return _interpolation_matrix_cpu(tuple(old), tuple(new)).to(device=device, dtype=dtype)
+
+
+def vit_pos_embed(vit: VisionTransformer, tokens: Tensor) -> Tensor:
+    """timm's ``VisionTransformer._pos_embed`` with the official position-embedding interpolation.
+
+    ``tokens``: patch embeddings (B, H, W, D) (timm's dynamic-size layout) or (B, N, D) at the model's own grid.
+    Prefix tokens (CLS, registers) are prepended and the position embedding added as timm does (including
+    ``no_embed_class`` models), then ``pos_drop``.
+    """
+    if tokens.dim() == 3:
+        return vit._pos_embed(tokens)
+    B, H, W, D = tokens.shape
+    prefix = [t.expand(B, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    x = tokens.reshape(B, H * W, D)
+    if vit.pos_embed is None:
+        return vit.pos_drop(torch.cat(prefix + [x], dim=1))
+    n_prefix_pos = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    pos_prefix, pos = vit.pos_embed[:, :n_prefix_pos], vit.pos_embed[:, n_prefix_pos:]
+    old = tuple(vit.patch_embed.grid_size)
+    if (H, W) != old:
+        if old[0] * old[1] != pos.shape[1]:
+            side = math.isqrt(pos.shape[1])
+            old = (side, side)
+        matrix = pos_interpolation_matrix(old, (H, W), pos.device, torch.float32)
+        pos = (matrix @ pos[0].float()).to(pos.dtype).unsqueeze(0)
+    if vit.no_embed_class:
+        x = torch.cat(prefix + [x + pos], dim=1)
+    else:
+        x = torch.cat(prefix + [x], dim=1) + torch.cat([pos_prefix, pos], dim=1)
+    return vit.pos_drop(x)
 
 
 class MaskedViT(nn.Module):
-    """A timm ViT whose patch tokens can be replaced by a learnable mask token (iBOT student, SPEC §1).
+    """A timm ViT whose patch tokens can be replaced by a learnable mask token (iBOT student, SPEC §1); with
+    ``mask_token=False`` it is the iBOT teacher or a DINO ViT.
 
     The mask token (1, D), initialised to zeros, is written into the patch-embedding output at masked positions
-    BEFORE the prefix tokens are prepended and position embeddings added; the rest is timm's own forward
-    (``_pos_embed`` with dynamic-size resampling, ``patch_drop``, ``norm_pre``, ``blocks``, ``norm``), so any
-    timm ViT variant (registers, no_embed_class, non-square crops) behaves as in timm.
+    BEFORE the prefix tokens are prepended and position embeddings added; position embeddings are resized for other
+    crop sizes by the official interpolation (:func:`vit_pos_embed`); the rest is timm's own forward (``patch_drop``,
+    ``norm_pre``, ``blocks``, ``norm``), so timm ViT variants (registers, no_embed_class, non-square crops) work.
 
     Written here rather than using lightly's MaskedVisionTransformerTIMM because that wrapper (a) re-initialises the
     timm ViT and replaces the learned position embedding by a fixed sin-cos one unless both init options are set to
@@ -102,10 +164,27 @@ class MaskedViT(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """All tokens after the final norm, (B, P+N, D); ``mask`` is bool (B, H, W) or (B, N), True = masked."""
         v = self.vit
-        tokens = v._pos_embed(self.embed(x, mask))
+        tokens = vit_pos_embed(v, self.embed(x, mask))
         tokens = v.norm_pre(v.patch_drop(tokens))
         tokens = v.blocks(tokens)
         return v.norm(tokens)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def sync_batchnorm(model: nn.Module, *, enabled: bool, num_processes: int, device: torch.device) -> nn.Module:
+    """DINO main_dino.py: a backbone with BatchNorm trained on several processes normalises with the statistics of
+    the global batch (``nn.SyncBatchNorm``), in the student and in the teacher. Applied only on several CUDA
+    processes: SyncBatchNorm has no CPU (gloo) kernel, so CPU runs keep per-process statistics (a notice says so)."""
+    if not (enabled and num_processes > 1 and has_batchnorm(model)):
+        return model
+    if torch.device(device).type != "cuda":
+        print(f"note: {num_processes} CPU processes: BatchNorm keeps per-process statistics "
+              "(SyncBatchNorm needs CUDA)", flush=True)
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def backbone_embed_dim(model: nn.Module) -> int:

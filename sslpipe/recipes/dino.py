@@ -13,7 +13,8 @@ from torch import nn
 
 from sslpipe.losses.dino import DINOLoss
 from sslpipe.losses.health import health_metrics
-from sslpipe.models.backbones import backbone_embed_dim, create_backbone, forward_cls
+from sslpipe.models.backbones import (MaskedViT, backbone_embed_dim, create_backbone, forward_cls, is_vit_arch,
+                                     sync_batchnorm)
 from sslpipe.models.heads import DINOHead
 from sslpipe.recipes.multicrop import MultiCropRecipe
 
@@ -44,6 +45,8 @@ class DINORecipe(MultiCropRecipe):
             m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
             drop_path_rate=drop_path_rate, **m.kwargs,
         )
+        if is_vit_arch(m.arch):  # the official position-embedding interpolation for local crops
+            backbone = MaskedViT(backbone, mask_token=False)
         head = DINOHead(
             backbone_embed_dim(backbone), h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
             nlayers=h.nlayers, norm_last_layer=h.norm_last_layer,
@@ -56,6 +59,10 @@ class DINORecipe(MultiCropRecipe):
         # The official teacher is a second network without drop path, initialised from the student.
         self.teacher = self.build_net(0.0)
         self.teacher.load_state_dict(self.student.state_dict())
+        sync = dict(enabled=self.cfg.model.sync_batchnorm, num_processes=accelerator.num_processes,
+                    device=accelerator.device)
+        self.student = sync_batchnorm(self.student, **sync)
+        self.teacher = sync_batchnorm(self.teacher, **sync)
         self.teacher.requires_grad_(False)
         self.teacher.to(accelerator.device)
         self.loss = DINOLoss(self.cfg.head.out_dim, student_temp=self.cfg.loss.student_temp,
