@@ -54,6 +54,19 @@ class CropsConfig(_Section):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range in output-crop pixels (published)
+    # true: blur_sigma is the published range for 224-px global / 96-px local crops, scaled to this recipe's sizes
+    # (x global_size / 224 and x local_size / 96), so small CPU crops get the same relative blur
+    blur_scale_with_size: bool = False
+    # fast: the same augmentations on uint8 arrays (OpenCV + torch kernels), uint8 crops normalised on the device
+    # (sslpipe.data.fast_views); torchvision: the reference pipeline on PIL images, float crops
+    backend: Literal["fast", "torchvision"] = "fast"
+
+    def blur_sigmas(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(global, local) Gaussian blur sigma ranges in pixels of the output crops."""
+        if not self.blur_scale_with_size:
+            return tuple(self.blur_sigma), tuple(self.blur_sigma)
+        g, loc = self.global_size / 224, self.local_size / 96
+        return tuple(s * g for s in self.blur_sigma), tuple(s * loc for s in self.blur_sigma)
 
 
 class MaskingConfig(_Section):

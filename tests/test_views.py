@@ -98,6 +98,27 @@ def test_blur_and_solarize_probabilities(monkeypatch):
     assert all(0.05 <= r <= 0.3 for r in radii) and len(radii) == 60
 
 
+def test_blur_scaled_with_the_crop_sizes():
+    from sslpipe.config import CropsConfig
+    from sslpipe.data.views import GaussianBlur, multicrop_from_config
+
+    def sigmas(compose):
+        return next(t.sigmas for t in compose.transforms if isinstance(t, GaussianBlur))
+
+    ref = dict(backend="torchvision")
+    published = multicrop_from_config(CropsConfig(global_size=32, local_size=16, **ref))
+    assert sigmas(published.global1) == sigmas(published.local) == (0.1, 2.0)
+    scaled = multicrop_from_config(CropsConfig(global_size=32, local_size=16, blur_scale_with_size=True, **ref))
+    assert sigmas(scaled.global1) == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
+    assert sigmas(scaled.global2) == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
+    assert sigmas(scaled.local) == pytest.approx((0.1 * 16 / 96, 2.0 * 16 / 96))
+    at_224 = multicrop_from_config(CropsConfig(blur_scale_with_size=True, **ref))  # the published sizes: unchanged
+    assert sigmas(at_224.global1) == pytest.approx((0.1, 2.0)) and sigmas(at_224.local) == pytest.approx((0.1, 2.0))
+    fast = multicrop_from_config(CropsConfig(global_size=32, local_size=16, blur_scale_with_size=True))
+    assert fast.global2.blur_sigma == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
+    assert fast.local.blur_sigma == pytest.approx((0.1 * 16 / 96, 2.0 * 16 / 96))
+
+
 def test_crop_order_uses_recipes():
     mc = MultiCropTransform(8, 4, n_global=3, n_local=2)
     mc.global1 = lambda img: torch.tensor(1)

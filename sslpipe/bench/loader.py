@@ -144,13 +144,10 @@ def run_loader_bench_from_recipe(shard_dir: str, recipe: str, *, batch_size: int
                                  max_images: int = 4096) -> dict[str, Any]:
     """`sslpipe bench loader`: the benchmark with the recipe's own multi-crop transform, printed as a table."""
     from sslpipe.config import load_config
-    from sslpipe.data.views import MultiCropTransform
+    from sslpipe.data.views import multicrop_from_config
 
     c = load_config(recipe).crops
-    transform = MultiCropTransform(global_size=c.global_size, local_size=c.local_size, n_global=c.n_global,
-                                   n_local=c.n_local, global_scale=tuple(c.global_scale),
-                                   local_scale=tuple(c.local_scale), mean=c.mean, std=c.std,
-                                   blur_sigma=tuple(c.blur_sigma))
+    transform = multicrop_from_config(c)
     result = run_loader_bench(shard_dir, transform=transform, batch_size=batch_size, num_workers=num_workers,
                               max_images=max_images)
     print(f"{result['images']} images, batch {batch_size}, {c.n_global}x{c.global_size}px + "

@@ -40,6 +40,11 @@ class MultiCropSample:
                     "into square patches; set the grid to (global_size // patch_size,) * 2"
                 )
 
+    @property
+    def draft_size(self) -> Callable[[int, int], tuple[int, int]] | None:
+        """The crop transform's reduced-decode hint (see `stream.decode_sample`), when it has one."""
+        return getattr(self.crop_transform, "draft_size", None)
+
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         if "image" not in raw:
             raise KeyError(f"MultiCropSample: sample {raw.get('key', '?')!r} has no 'image' key")

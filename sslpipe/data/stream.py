@@ -130,12 +130,21 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
-def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Raw tar members -> ``{key, url, image (PIL RGB), label (int, -1 if none), seg (PIL "L", if present)}``."""
+def decode_sample(sample: dict[str, Any],
+                  draft: Callable[[int, int], tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Raw tar members -> ``{key, url, image (PIL RGB), label (int, -1 if none), seg (PIL "L", if present),
+    inst (PIL "I" instance ids, if present)}``.
+
+    `draft(width, height) -> (w, h)`: the smallest size the consumer needs; a JPEG is then decoded at the largest
+    1/2, 1/4 or 1/8 reduction that stays at least that big (PIL `draft`: scaling inside the decoder, far cheaper
+    than decoding in full and resizing). A sample_fn offers it as its `draft_size` attribute.
+    """
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
         raise ValueError(f"no image member ({'/'.join(IMAGE_KEYS)}) in sample; members: {sorted(sample)}")
     with Image.open(io.BytesIO(sample[image_key])) as img:
+        if draft is not None and img.format == "JPEG":
+            img.draft("RGB", draft(*img.size))
         image = img.convert("RGB")  # also forces a full decode, so truncated bytes fail here
     out = {"key": sample["__key__"], "url": sample["__url__"], "image": image,
            "label": int(sample["cls"].decode("ascii").strip()) if "cls" in sample else -1}
@@ -238,7 +247,7 @@ class StreamDataset(IterableDataset):
         failures = 0
         for sample in raw:
             try:
-                decoded = decode_sample(sample)
+                decoded = decode_sample(sample, getattr(self.sample_fn, "draft_size", None))
             except Exception as exn:
                 self._problem("corrupt_samples", sample["__url__"], sample["__key__"], exn)
                 failures += 1

@@ -10,6 +10,7 @@ at exactly two global crops, and it forgets ``cj_strength`` for the second globa
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchvision.transforms.v2 as T
@@ -64,8 +65,9 @@ class MultiCropTransform:
     """iBOT/DINO multi-crop (SPEC §1): crop 1 global with blur p=1; every further global crop blur p=0.1 + solarize
     p=0.2; local crops blur p=0.5. Any image size works (RandomResizedCrop upsamples small images).
 
-    ``blur_sigma`` is the published U[0.1, 2] in pixels of the output crop, tuned for 224/96 px crops; small CPU
-    recipes scale it down with the crop size (a sigma of 2 px wipes out a 32 px crop)."""
+    ``blur_sigma`` is the published U[0.1, 2] in pixels of the output crop, tuned for 224/96 px crops;
+    ``local_blur_sigma`` (default: the same) sets the local crops' range, so that a small CPU recipe can scale each
+    with its crop size (``crops.blur_scale_with_size``)."""
 
     def __init__(
         self,
@@ -78,6 +80,7 @@ class MultiCropTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         blur_sigma: tuple[float, float] = BLUR_SIGMAS,
+        local_blur_sigma: tuple[float, float] | None = None,
     ) -> None:
         if n_global < 1 or n_local < 0:
             raise ValueError(f"MultiCropTransform: need n_global >= 1 and n_local >= 0, got {n_global}, {n_local}")
@@ -85,7 +88,7 @@ class MultiCropTransform:
         self.global_size, self.local_size = global_size, local_size
         self.global1 = crop_view(global_size, global_scale, 1.0, 0.0, mean, std, blur_sigma)
         self.global2 = crop_view(global_size, global_scale, 0.1, 0.2, mean, std, blur_sigma)
-        self.local = crop_view(local_size, local_scale, 0.5, 0.0, mean, std, blur_sigma)
+        self.local = crop_view(local_size, local_scale, 0.5, 0.0, mean, std, local_blur_sigma or blur_sigma)
 
     def __call__(self, image: Image.Image) -> list[Tensor]:
         """Globals first (crop 1 recipe, then the second recipe), then locals."""
@@ -94,6 +97,25 @@ class MultiCropTransform:
         crops += [self.global2(image) for _ in range(self.n_global - 1)]
         crops += [self.local(image) for _ in range(self.n_local)]
         return crops
+
+
+def multicrop_from_config(crops: Any) -> Any:
+    """The multi-crop transform of a recipe's `crops` section (`sslpipe.config.CropsConfig`): the uint8 fast path
+    (`fast_views.FastMultiCropTransform`, normalised later on the device) or this module's reference pipeline."""
+    global_sigma, local_sigma = crops.blur_sigmas()
+    if getattr(crops, "backend", "torchvision") == "fast":
+        from sslpipe.data.fast_views import FastMultiCropTransform
+
+        return FastMultiCropTransform(
+            global_size=crops.global_size, local_size=crops.local_size, n_global=crops.n_global,
+            n_local=crops.n_local, global_scale=tuple(crops.global_scale), local_scale=tuple(crops.local_scale),
+            blur_sigma=global_sigma, local_blur_sigma=local_sigma,
+        )
+    return MultiCropTransform(
+        global_size=crops.global_size, local_size=crops.local_size, n_global=crops.n_global, n_local=crops.n_local,
+        global_scale=tuple(crops.global_scale), local_scale=tuple(crops.local_scale), mean=crops.mean, std=crops.std,
+        blur_sigma=global_sigma, local_blur_sigma=local_sigma,
+    )
 
 
 class EvalTransform:

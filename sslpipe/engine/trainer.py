@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 from sslpipe.config import Config, load_config, save_config
 from sslpipe.engine.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from sslpipe.engine.determinism import deterministic_mode
+from sslpipe.engine.optim import (apply_schedule, build_optimizer, cancel_last_layer_gradients,
+                                  clip_gradients_per_tensor)
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup
 from sslpipe.recipes import get_recipe
@@ -40,55 +42,11 @@ COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; raised on every process at the same step, after nothing further was written."""
+    """The loss became NaN/inf at global step `step`; raised on every process, with nothing written after that step."""
 
-
-# --------------------------------------------------------------------------------------------- optimisation
-def build_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """AdamW or SGD (momentum `optim.sgd_momentum`) over the recipe's groups; lr and weight decay are set every
-    iteration. A group may carry `lr_scale` (default 1): layer-wise decay, a backbone multiplier."""
-    for i, group in enumerate(groups):
-        if "params" not in group or "apply_wd" not in group:
-            raise ValueError(f"recipe param_groups()[{i}] needs the keys 'params' and 'apply_wd', got {list(group)}")
-        group["params"] = list(group["params"])
-        group.setdefault("lr_scale", 1.0)
-    groups = [g for g in groups if len(g["params"]) > 0]
-    if cfg.optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), weight_decay=0.0)
-    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.optim.sgd_momentum, weight_decay=0.0)
-
-
-def apply_schedule(optimizer: torch.optim.Optimizer, sched: dict[str, float]) -> None:
-    """Scheduled lr x the group's `lr_scale` for every group; scheduled weight decay only for groups with `apply_wd`
-    (others stay at 0)."""
-    for group in optimizer.param_groups:
-        group["lr"] = sched["lr"] * group.get("lr_scale", 1.0)
-        group["weight_decay"] = sched["weight_decay"] if group.get("apply_wd", True) else 0.0
-
-
-def clip_gradients_per_tensor(module: torch.nn.Module, clip: float) -> list[float]:
-    """DINO `utils.clip_gradients`: each parameter's gradient is rescaled on its own to norm <= `clip`.
-
-    coef = clip / (||g||_2 + 1e-6); g <- g * coef when coef < 1. Not the global norm of `clip_grad_norm_`
-    (SPEC §1: iBOT/DINO clip per tensor), hence hand-written. Returns the norms before clipping.
-    """
-    norms = []
-    for param in module.parameters():
-        if param.grad is None:
-            continue
-        norm = param.grad.detach().norm(2)
-        norms.append(float(norm))
-        coef = clip / (norm + 1e-6)
-        if coef < 1:
-            param.grad.detach().mul_(coef)
-    return norms
-
-
-def cancel_last_layer_gradients(module: torch.nn.Module) -> None:
-    """DINO `cancel_gradients_last_layer`: drop the gradients of parameters named *last_layer* (frozen early on)."""
-    for name, param in module.named_parameters():
-        if "last_layer" in name:
-            param.grad = None
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -139,18 +97,32 @@ def _run_dir(cfg: Config, ckpt: Path | None) -> Path:
     return run_dir
 
 
-def _diverged(accelerator: Accelerator, loss: torch.Tensor, step: int, epoch: int, run_dir: Path,
-              last_ckpt: Path | None) -> TrainingDiverged | None:
-    """All ranks learn together whether any rank's loss is not finite (one gather per batch)."""
-    losses = accelerator.gather(loss.detach().float().reshape(1))
-    if bool(torch.isfinite(losses).all()):
+def _divergence(accelerator: Accelerator, losses: list[torch.Tensor], steps: list[int], run_dir: Path,
+                last_ckpt: Path | None) -> TrainingDiverged | None:
+    """The error for the first step, on any rank, whose loss was not finite, or None.
+
+    Losses stay on the device during the step (a per-step check would sync the GPU every step); the trainer calls
+    this before anything is written (log line, checkpoint, evaluation) and at the end, so nothing computed after a
+    non-finite loss is ever saved. One gather of one number per process.
+    """
+    if not losses:
         return None
+    values = torch.stack(losses)
+    bad = ~torch.isfinite(values)
+    index = torch.where(bad.any(), bad.float().argmax(), torch.tensor(-1, device=values.device))
+    first = torch.where(index >= 0, torch.tensor(steps, device=values.device)[index.clamp(min=0)], -1)
+    per_rank = accelerator.gather(first.reshape(1)).tolist()
+    failed = [s for s in per_rank if s >= 0]
+    if not failed:
+        return None
+    step = min(failed)
+    local = values[[i for i, s in enumerate(steps) if s == step]].tolist()
     where = f"{last_ckpt} (resume with --resume {run_dir})" if last_ckpt else "none (no checkpoint was written yet)"
     return TrainingDiverged(
-        f"training diverged at global step {step} (epoch {epoch}): loss per process = {losses.tolist()}. "
-        f"No checkpoint was written after this step; the last good checkpoint is {where}. "
-        "Try a lower optim.lr or longer optim.warmup_epochs, train.mixed_precision=no (fp32), "
-        "or a smaller optim.clip_grad."
+        f"training diverged at global step {step}: loss {local} on process {accelerator.process_index} "
+        f"(first non-finite step per process: {per_rank}). No checkpoint was written after this step; the last good "
+        f"checkpoint is {where}. Try a lower optim.lr or longer optim.warmup_epochs, train.mixed_precision=no "
+        "(fp32), or a smaller optim.clip_grad.", step
     )
 
 
@@ -196,6 +168,8 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
     set_seed(cfg.seed)
     recipe = get_recipe(cfg.method)(cfg)
     recipe.build(accelerator)
+    if accelerator.distributed_type != DistributedType.FSDP:  # FSDP shards from the CPU copy itself
+        recipe.student.to(accelerator.device)  # before the optimizer: fused AdamW wants its parameters on the GPU
     optimizer = build_optimizer(cfg, recipe.param_groups())
     recipe.student, optimizer = accelerator.prepare(recipe.student, optimizer)
     set_seed(cfg.seed, device_specific=True)
@@ -226,6 +200,7 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
         nonlocal last_ckpt, last_saved
         if last_saved == global_step and metric is None:
             return
+        check_finite()
         epoch, in_epoch = divmod(global_step, spe)
         trainer_state = {"global_step": global_step, "epoch": epoch, "step_in_epoch": in_epoch, "world_size": world,
                          "steps_per_epoch": spe, "metrics": last_metrics, "best": best}
@@ -238,8 +213,15 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
             writer.write(record)
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=global_step)
 
+    def check_finite() -> None:
+        error = _divergence(accelerator, window_loss, window_steps, run_dir, last_ckpt)
+        if error is not None:
+            log({"step": error.step, "event": "diverged"})
+            raise error
+
     bar = tqdm(total=stop_at, initial=global_step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     window_images, window_start, window_loss, window_metrics = 0, time.perf_counter(), [], {}
+    window_steps: list[int] = []
     try:
         while global_step < stop_at:
             epoch, start = divmod(global_step, spe)
@@ -257,10 +239,6 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
                     with accelerator.accumulate(recipe.student):
                         with accelerator.autocast():
                             loss, metrics = recipe.step(batch, s)
-                        error = _diverged(accelerator, loss, global_step, epoch, run_dir, last_ckpt)
-                        if error is not None:
-                            log({"step": global_step, "event": "diverged", "loss": float(loss.detach())})
-                            raise error
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
                             if cfg.optim.clip_mode == "per_tensor" and cfg.optim.clip_grad > 0:
@@ -274,12 +252,14 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
                         optimizer.zero_grad(set_to_none=True)
                     window_images += recipe.batch_size_of(batch)
                     window_loss.append(loss.detach().float())
+                    window_steps.append(global_step)
                     window_metrics.update(metrics)  # occasional metrics (health) wait for the next log line
                 recipe.after_optimizer_step(s)
                 global_step += 1
                 bar.update(1)
 
                 if global_step % cfg.train.log_every == 0 or global_step == stop_at:
+                    check_finite()
                     mean_loss = accelerator.reduce(torch.stack(window_loss).mean(), "mean").item()
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     last_metrics = {
@@ -292,6 +272,7 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{s['lr']:.2e}",
                                     img_s=f"{last_metrics['images_per_s']:.1f}")
                     window_images, window_start, window_loss, window_metrics = 0, time.perf_counter(), [], {}
+                    window_steps = []
                 every = cfg.train.checkpoint_every_steps
                 if every and global_step % every == 0 and global_step < stop_at:
                     checkpoint()
@@ -301,6 +282,7 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
             if global_step % spe == 0:  # the epoch is complete
                 done_epoch, metric = global_step // spe - 1, None
                 if cfg.eval.knn_every_epochs > 0 and (done_epoch + 1) % cfg.eval.knn_every_epochs == 0:
+                    check_finite()
                     results = recipe.evaluate(done_epoch)
                     if results:
                         log({"step": global_step, "epoch": done_epoch + 1, **results})

@@ -70,11 +70,7 @@ class DINORecipe(MultiCropRecipe):
 
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.cfg.crops
-        device = self.accelerator.device
-        global_crops = batch["global_crops"].to(device, non_blocking=True)
-        local_crops = batch["local_crops"]
-        if local_crops is not None:
-            local_crops = local_crops.to(device, non_blocking=True)
+        global_crops, local_crops = self.crops_on_device(batch)
         with torch.no_grad():
             teacher_out = self.teacher(global_crops)
         student_out = self.student(global_crops, local_crops)

@@ -81,12 +81,8 @@ class IBOTRecipe(MultiCropRecipe):
         ).to(accelerator.device)
 
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
-        device = self.accelerator.device
-        global_crops = batch["global_crops"].to(device, non_blocking=True)
-        masks = batch["masks"].to(device, non_blocking=True)
-        local_crops = batch["local_crops"]
-        if local_crops is not None:
-            local_crops = local_crops.to(device, non_blocking=True)
+        global_crops, local_crops = self.crops_on_device(batch)
+        masks = batch["masks"].to(self.accelerator.device, non_blocking=True)
         with torch.no_grad():
             teacher_cls, teacher_patch, _ = self.teacher(global_crops)
         student_cls, student_patch, student_local_cls = self.student(global_crops, masks, local_crops)

@@ -13,9 +13,10 @@ from torch import nn
 
 from sslpipe.config import Config
 from sslpipe.data.collate import MultiCropSample, collate_multicrop
+from sslpipe.data.fast_views import normalize_crops
 from sslpipe.data.masking import MaskGenerator
 from sslpipe.data.stream import build_loader, count_samples, resolve_shards
-from sslpipe.data.views import MultiCropTransform
+from sslpipe.data.views import multicrop_from_config
 from sslpipe.models.ema import ema_update
 from sslpipe.recipes.base import Recipe
 
@@ -75,12 +76,7 @@ class MultiCropRecipe(Recipe):
         return int(getattr(backbone, "vit", backbone).patch_embed.patch_size[0])
 
     def make_sample_fn(self, epoch: int) -> MultiCropSample:
-        c = self.cfg.crops
-        crops = MultiCropTransform(
-            global_size=c.global_size, local_size=c.local_size, n_global=c.n_global, n_local=c.n_local,
-            global_scale=tuple(c.global_scale), local_scale=tuple(c.local_scale), mean=c.mean, std=c.std,
-            blur_sigma=tuple(c.blur_sigma),
-        )
+        crops = multicrop_from_config(self.cfg.crops)
         masks = None
         if self.uses_masks:
             m = self.cfg.masking
@@ -118,6 +114,14 @@ class MultiCropRecipe(Recipe):
             world_size=world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
             num_batches=self.steps_per_epoch(world_size), on_error=d.on_error,
         )
+
+    def crops_on_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(global crops, local crops or None) on the accelerator's device, normalised there when they arrive as
+        uint8 (the fast crop path: a quarter of the bytes through worker queues and host-to-device copies)."""
+        c, device = self.cfg.crops, self.accelerator.device
+        crops = [batch["global_crops"], batch["local_crops"]]
+        return tuple(None if x is None else normalize_crops(x.to(device, non_blocking=True), c.mean, c.std)
+                     for x in crops)
 
     def batch_size_of(self, batch: dict[str, Any]) -> int:
         return int(batch["labels"].shape[0])

@@ -1,0 +1,217 @@
+"""The iBOT/DINO multi-crop on uint8 arrays: the same augmentations as `views.MultiCropTransform`, 4-5x cheaper.
+
+`views.MultiCropTransform` (torchvision transforms on PIL images, lightly's blur/solarize) is the reference. Profiled
+on one core (2 global 224 + 10 local 96 crops of 500x375 JPEGs), it spends a third of its time in ColorJitter (PIL's
+HSV round trip for the hue), a fifth in PIL's bicubic resize, a tenth in PIL's Gaussian blur and a sixth in the
+float conversion and normalisation of the 12 crops, plus Python overhead per transform. Here each crop is one pass
+over a uint8 HWC array:
+
+- RandomResizedCrop: torchvision's parameter sampling (scale, log-uniform ratio, 10 tries, centre fallback) and
+  torch's antialiased bicubic resize of uint8 images (the kernel torchvision uses on tensors);
+- flip; ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8 in a random order of the four adjustments, with torchvision's
+  formulas: brightness x b, contrast blended with the mean grey level, saturation blended with the grey image (as
+  256-entry lookup tables or one weighted sum, in OpenCV), hue rotated in OpenCV's full-range HSV (256 steps per
+  turn, torchvision: float);
+- grayscale p 0.2 (ITU-R 601 weights); Gaussian blur with sigma ~ U[sigma_0, sigma_1] (OpenCV's exact Gaussian; PIL
+  approximates it with box blurs); solarize at 128 (lookup table);
+- the crop leaves as a uint8 (3, H, W) tensor: normalisation moves to the device, where it costs nothing, and a batch
+  is 4x fewer bytes between processes and over PCIe.
+
+Distributions equal the reference's (tests/test_fast_views.py compares crop sizes, colour statistics and the rates of
+every random branch); single pixels differ by rounding (uint8 arithmetic, OpenCV's grey weights 0.299/0.587/0.114 vs
+torchvision's 0.2989/0.587/0.114). JPEGs much larger than the crops are decoded at a reduced size (`draft_size`).
+Random numbers come from torch's generator, which the stream seeds per worker.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from sslpipe.data.views import BLUR_SIGMAS
+
+cv2.setNumThreads(1)  # one loader worker = one core; OpenCV's own threads would oversubscribe it
+_GRAY = (0.299, 0.587, 0.114)
+_LEVELS = np.arange(256, dtype=np.float32)
+
+
+def _uniform(low: float, high: float) -> float:
+    return float(torch.empty(1).uniform_(low, high))
+
+
+def _chance(p: float) -> bool:
+    return p > 0 and float(torch.rand(1)) < p
+
+
+def resized_crop_params(height: int, width: int, scale: tuple[float, float],
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, h, w) exactly as torchvision's RandomResizedCrop samples them (10 tries, then a centre crop)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * _uniform(*scale)
+        aspect = math.exp(_uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,)))
+            left = int(torch.randint(0, width - w + 1, (1,)))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resize(region: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased bicubic resize of a uint8 HWC region to (size, size), HWC contiguous (torch's uint8 kernel)."""
+    chw = torch.from_numpy(region).permute(2, 0, 1)  # a strided view of the image: no copy
+    out = F.interpolate(chw[None], size=(size, size), mode="bicubic", antialias=True)[0]
+    return np.ascontiguousarray(out.permute(1, 2, 0).numpy())
+
+
+def _lut(img: np.ndarray, table: np.ndarray) -> np.ndarray:
+    return cv2.LUT(img, np.clip(np.rint(table), 0, 255).astype(np.uint8))
+
+
+def _gray(img: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+
+
+def adjust_brightness(img: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision: img x factor (blend with black)."""
+    return _lut(img, _LEVELS * factor)
+
+
+def adjust_contrast(img: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision: blend with the image's mean grey level."""
+    mean = float(_gray(img).mean())
+    return _lut(img, _LEVELS * factor + mean * (1 - factor))
+
+
+def adjust_saturation(img: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision: blend with the grey image."""
+    gray = cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(img, factor, gray, 1 - factor, 0.0)
+
+
+def adjust_hue(img: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision: rotate the hue by `factor` turns (in [-0.5, 0.5]); here in 256 steps per turn."""
+    shift = int(round(factor * 256)) % 256
+    if not shift:
+        return img
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)
+    hsv[..., 0] = cv2.LUT(hsv[..., 0], ((np.arange(256) + shift) % 256).astype(np.uint8))
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+
+
+def to_grayscale(img: np.ndarray) -> np.ndarray:
+    """Three equal channels of the ITU-R 601 grey level."""
+    return cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
+
+
+def solarize(img: np.ndarray, threshold: int = 128) -> np.ndarray:
+    """Invert the levels >= threshold (PIL ImageOps.solarize, torchvision solarize)."""
+    return _lut(img, np.where(_LEVELS < threshold, _LEVELS, 255 - _LEVELS))
+
+
+def _jitter(img: np.ndarray, brightness: float, contrast: float, saturation: float, hue: float) -> np.ndarray:
+    """torchvision ColorJitter: the four adjustments in a random order, factors drawn as torchvision draws them."""
+    order = torch.randperm(4).tolist()
+    b = _uniform(max(0.0, 1 - brightness), 1 + brightness)
+    c = _uniform(max(0.0, 1 - contrast), 1 + contrast)
+    s = _uniform(max(0.0, 1 - saturation), 1 + saturation)
+    h = _uniform(-hue, hue)
+    ops = ((adjust_brightness, b), (adjust_contrast, c), (adjust_saturation, s), (adjust_hue, h))
+    for i in order:
+        fn, factor = ops[i]
+        img = fn(img, factor)
+    return img
+
+
+class FastCropView:
+    """One crop recipe of SPEC §1 on a uint8 HWC array -> uint8 (3, size, size) tensor."""
+
+    def __init__(self, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
+                 blur_sigma: tuple[float, float] = BLUR_SIGMAS) -> None:
+        self.size, self.scale = size, tuple(scale)
+        self.blur_p, self.solarize_p, self.blur_sigma = blur_p, solarize_p, tuple(blur_sigma)
+
+    def __call__(self, image: np.ndarray) -> Tensor:
+        top, left, h, w = resized_crop_params(image.shape[0], image.shape[1], self.scale)
+        img = _resize(image[top:top + h, left:left + w], self.size)
+        if _chance(0.5):
+            img = np.ascontiguousarray(img[:, ::-1])
+        if _chance(0.8):
+            img = _jitter(img, 0.4, 0.4, 0.2, 0.1)
+        if _chance(0.2):
+            img = to_grayscale(img)
+        if _chance(self.blur_p):
+            img = cv2.GaussianBlur(img, (0, 0), _uniform(*self.blur_sigma), borderType=cv2.BORDER_REFLECT_101)
+        if _chance(self.solarize_p):
+            img = solarize(img)
+        return torch.from_numpy(img).permute(2, 0, 1)
+
+
+class FastMultiCropTransform:
+    """`views.MultiCropTransform` on uint8 arrays (see the module docstring): PIL image -> list of uint8 crops,
+    globals first. Normalise on the device with `normalize_crops`."""
+
+    def __init__(
+        self,
+        global_size: int,
+        local_size: int,
+        n_global: int = 2,
+        n_local: int = 10,
+        global_scale: tuple[float, float] = (0.25, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.25),
+        blur_sigma: tuple[float, float] = BLUR_SIGMAS,
+        local_blur_sigma: tuple[float, float] | None = None,
+    ) -> None:
+        if n_global < 1 or n_local < 0:
+            raise ValueError(f"FastMultiCropTransform: need n_global >= 1 and n_local >= 0, got {n_global}, {n_local}")
+        self.n_global, self.n_local = n_global, n_local
+        self.global_size, self.local_size = global_size, local_size
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.global1 = FastCropView(global_size, global_scale, 1.0, 0.0, blur_sigma)
+        self.global2 = FastCropView(global_size, global_scale, 0.1, 0.2, blur_sigma)
+        self.local = FastCropView(local_size, local_scale, 0.5, 0.0, local_blur_sigma or blur_sigma)
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int]:
+        """The smallest decode size (for PIL's JPEG `draft`) at which every possible crop region still has at least
+        the output's pixels: a region of the minimum scale and extreme aspect ratio must not be upsampled more than
+        it would be from the full image."""
+        need = 0.0
+        for size, scale, n in ((self.global_size, self.global_scale, 1),
+                               (self.local_size, self.local_scale, self.n_local)):
+            if n:
+                shortest = math.sqrt(scale[0] * width * height * 3 / 4)  # side of the smallest, most elongated region
+                need = max(need, size / shortest)
+        return max(1, math.ceil(width * need)), max(1, math.ceil(height * need))
+
+    def __call__(self, image: Image.Image | np.ndarray) -> list[Tensor]:
+        if isinstance(image, Image.Image):  # a writable copy: torch views it without a warning
+            image = np.array(image.convert("RGB") if image.mode != "RGB" else image)
+        crops = [self.global1(image)]
+        crops += [self.global2(image) for _ in range(self.n_global - 1)]
+        crops += [self.local(image) for _ in range(self.n_local)]
+        return crops
+
+
+def normalize_crops(crops: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 (N, 3, H, W) crops -> float32 normalised, on whatever device they are (float crops pass through)."""
+    if crops.dtype != torch.uint8:
+        return crops
+    m = torch.tensor(mean, device=crops.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, device=crops.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    return (crops.float() - m) / s
