@@ -160,21 +160,37 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks, each against a reference run side by side")
     which = p.add_subparsers(dest="bench", required=True)
-    loader = which.add_parser("loader", help="streaming loader vs torchvision ImageFolder vs decode+augment ceiling")
-    loader.add_argument("shards", help="shard directory with manifest.json (e.g. from `sslpipe shards`)")
+    loader = which.add_parser("loader", help="shard stream (fast / torchvision crops) vs ImageFolder vs ceiling")
+    loader.add_argument("shards", nargs="?", default=None,
+                        help="shard directory with manifest.json (default with --photos: runs/bench_photos)")
+    loader.add_argument("--photos", type=int, default=None, metavar="N",
+                        help="first write N 500x375 JPEG photographs (from scikit-image's bundled images) as shards")
     loader.add_argument("--recipe", default="recipes/demo_ibot.yaml", help="takes the multi-crop settings from it")
+    loader.add_argument("--backend", choices=["fast", "torchvision", "both"], default="both",
+                        help="crop backends to time in the stream (crops.backend)")
     loader.add_argument("--batch-size", type=int, default=64)
     loader.add_argument("--workers", type=int, default=2)
     loader.add_argument("--max-images", type=int, default=4096)
+    loader.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each path counts")
+    loader.add_argument("--max-seconds", type=float, default=30.0, help="time bound of the single-core ceiling")
     knn = which.add_parser("knn", help="faiss vs torch matmul+topk vs scikit-learn kNN on the same features")
     knn.add_argument("--n-train", type=int, default=50000)
     knn.add_argument("--n-test", type=int, default=10000)
     knn.add_argument("--dim", type=int, default=384)
     knn.add_argument("--k", type=int, default=20)
-    step = which.add_parser("ibot-step", help="our iBOT training step vs one built from lightly's blocks")
-    step.add_argument("--batch-size", type=int, default=64)
+    ibot = which.add_parser("ibot-step", help="our iBOT training step vs one built from lightly's blocks")
+    ibot.add_argument("--batch-size", type=int, default=64)
+    ibot.add_argument("--steps", type=int, default=10)
+    step = which.add_parser("step", help="the trainer's step of a recipe vs the bare network: time, FLOPs, MFU")
+    step.add_argument("--recipe", default="recipes/demo_ibot.yaml")
+    step.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    step.add_argument("--batch-size", type=int, default=None, help="default: the recipe's data.batch_size")
     step.add_argument("--steps", type=int, default=10)
-    for q in (loader, knn, step):
+    step.add_argument("--warmup", type=int, default=3)
+    step.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    step.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    step.add_argument("overrides", nargs="*", help="key.sub=value overrides for the recipe")
+    for q in (loader, knn, ibot, step):
         q.add_argument("--out", default=None, help="also write the result as JSON here")
 
 
@@ -182,13 +198,29 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.bench == "loader":
         from sslpipe.bench.loader import run_loader_bench_from_recipe
 
-        result = run_loader_bench_from_recipe(args.shards, args.recipe, batch_size=args.batch_size,
-                                              num_workers=args.workers, max_images=args.max_images)
+        shards = args.shards
+        if args.photos:
+            from sslpipe.bench.photos import make_photo_shards
+
+            shards = str(make_photo_shards(shards or "runs/bench_photos", args.photos))
+        if shards is None:
+            raise ValueError("give a shard directory, or --photos N to make one of photographs")
+        backends = ("fast", "torchvision") if args.backend == "both" else (args.backend,)
+        result = run_loader_bench_from_recipe(shards, args.recipe, backends=backends, batch_size=args.batch_size,
+                                              num_workers=args.workers, max_images=args.max_images,
+                                              rounds=args.rounds, max_seconds=args.max_seconds)
     elif args.bench == "knn":
         from sslpipe.bench.knn import run_knn_bench
 
         result = run_knn_bench(n_train=args.n_train, n_test=args.n_test, dim=args.dim, k=args.k)
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
+    elif args.bench == "step":
+        from sslpipe.bench.step import main_print, run_step_bench
+
+        result = run_step_bench(args.recipe, device=args.device, batch_size=args.batch_size, steps=args.steps,
+                                warmup=args.warmup, mixed_precision=args.mixed_precision, overrides=args.overrides,
+                                peak=args.peak_tflops)
+        main_print(result)
     else:
         from sslpipe.bench.ibot_step import run_ibot_step_bench
 

@@ -211,14 +211,18 @@ def test_loader_bench_smoke(tmp_path):
     from torchvision import transforms
 
     from sslpipe.bench.loader import run_loader_bench
+    from sslpipe.data.fast_views import FastMultiCropTransform
 
     _write_shards(tmp_path, [12, 12])
     tf = transforms.Compose([transforms.RandomResizedCrop(8, scale=(0.5, 1.0)), transforms.ToTensor()])
-    result = run_loader_bench(str(tmp_path), transform=tf, batch_size=4, num_workers=0, max_images=16)
+    fast = FastMultiCropTransform(8, 4, n_local=2)
+    result = run_loader_bench(str(tmp_path), transforms={"fast": fast, "torchvision": tf}, batch_size=4,
+                              num_workers=0, max_images=16)
     assert result["images"] == 16
-    for key in ("stream_img_s", "imagefolder_img_s", "decode_augment_img_s"):
+    for key in ("stream_fast_img_s", "stream_torchvision_img_s", "imagefolder_img_s", "ceiling_fast_img_s",
+                "ceiling_torchvision_img_s", "stream_fast_per_core"):
         assert result[key] > 0
-    assert "ImageFolder" in result["table"]
+    assert "ImageFolder" in result["table"] and "fast crops" in result["table"]
 
 
 def test_all_corrupt_shards_end_instead_of_hanging(tmp_path):

@@ -1,9 +1,12 @@
-"""Loader throughput benchmark: our shard stream vs torchvision ImageFolder vs decode+augment from memory.
+"""Loader throughput benchmark: our shard stream (each crop backend) vs torchvision ImageFolder vs decode+augment.
 
-All three paths run the same transform on the same images in one process run, so the ratios answer "does
-streaming tar shards cost anything over reading files, and how close are both to the decode+augment ceiling?".
-The ceiling runs in this process only (one core); the two loaders use `num_workers` worker processes, so with
-`num_workers > 1` a loader can beat the single-core ceiling -- the table prints the worker count next to it.
+Every path runs the recipe's multi-crop on the same images in one process run, so the ratios answer "does streaming
+tar shards cost anything over reading files, how much faster is the uint8 crop path than the torchvision one, and how
+close is each loader to its decode+augment ceiling?". Loaders use `num_workers` worker processes; the ceiling runs in
+this process (one core) for at most `max_seconds`. Per-core figures divide a loader's rate by its worker count (the
+main process only collates), which is what sizing a GPU node's data workers needs.
+
+ImageFolder runs the reference transform (torchvision on PIL) -- the loader most users start from.
 """
 
 from __future__ import annotations
@@ -75,45 +78,60 @@ def _collate(batch: list) -> Any:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A small text table of the three rates and their ratios to ImageFolder."""
+    """A small text table of the rates, per core, and their ratio to ImageFolder."""
     ref = result["imagefolder_img_s"]
-    rows = [("sslpipe stream (shards)", result["stream_img_s"], f"{result['num_workers']} workers"),
-            ("torchvision ImageFolder", ref, f"{result['num_workers']} workers"),
-            ("decode+augment in memory", result["decode_augment_img_s"], "1 process (ceiling)")]
-    lines = [f"{'path':<26}{'images/s':>10}{'x ImageFolder':>15}  setting",
-             *(f"{name:<26}{rate:>10.1f}{rate / ref:>15.2f}  {note}" for name, rate, note in rows)]
+    workers = max(1, result["num_workers"])
+    rows = [(f"sslpipe stream, {b} crops", result[f"stream_{b}_img_s"], workers) for b in result["backends"]]
+    rows.append(("torchvision ImageFolder", ref, workers))
+    rows += [(f"decode+augment, {b} crops", result[f"ceiling_{b}_img_s"], 1) for b in result["backends"]]
+    lines = [f"{'path':<30}{'images/s':>10}{'per core':>10}{'x ImageFolder':>15}  processes",
+             *(f"{name:<30}{rate:>10.1f}{rate / cores:>10.1f}{rate / ref:>15.2f}  "
+               f"{cores} {'worker(s)' if 'ceiling' not in name and 'decode' not in name else '(this process)'}"
+               for name, rate, cores in rows)]
     return "\n".join(lines)
 
 
 def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
-                     transform: Callable[[Image.Image], Any], batch_size: int = 64, num_workers: int = 0,
-                     max_images: int = 1024, split: str = "train", rounds: int = 2) -> dict[str, Any]:
-    """Measure images/s of (1) the shard stream, (2) ImageFolder on the same images, (3) decode+augment only.
-
-    If `image_folder` is None the first `max_images` images of the shards are written, bytes unchanged, into a
-    temporary ImageFolder tree. Returns the rates, the ratios and a printable `table`.
-    """
+                     transforms: dict[str, Callable[[Image.Image], Any]], batch_size: int = 64, num_workers: int = 0,
+                     max_images: int = 1024, split: str = "train", rounds: int = 2,
+                     max_seconds: float = 30.0) -> dict[str, Any]:
+    """Images/s of the shard stream with each transform of `transforms` (name -> transform; the one named
+    "torchvision" also drives ImageFolder, else the first), of ImageFolder on the same images, and of
+    decode+augment alone (bounded by `max_seconds` per round). If `image_folder` is None the first `max_images`
+    images of the shards are written, bytes unchanged, into a temporary ImageFolder tree."""
     samples = _raw_samples(shard_dir, split, max_images)
     num_batches = len(samples) // batch_size
     if num_batches < 1:
         raise ValueError(f"{shard_dir}: {len(samples)} images in split {split!r}, fewer than one batch of "
                          f"{batch_size}; lower batch_size")
     n_images = num_batches * batch_size
-    result: dict[str, Any] = {"images": n_images, "batch_size": batch_size, "num_workers": num_workers}
-
+    backends = list(transforms)
+    reference = transforms.get("torchvision", transforms[backends[0]])
+    result: dict[str, Any] = {"images": n_images, "batch_size": batch_size, "num_workers": num_workers,
+                              "backends": backends, "max_seconds": max_seconds}
     encoded = [s[next(k for k in IMAGE_KEYS if k in s)] for s in samples[:n_images]]
 
-    def stream_rate() -> float:
+    def stream_rate(transform: Callable) -> float:
         stream = build_loader(shard_dir, split=split, sample_fn=_ApplyTransform(transform), collate_fn=_collate,
                               batch_size=batch_size, num_workers=num_workers, num_batches=num_batches,
                               shuffle_buffer=min(1000, n_images))
         return _rate(stream, batch_size, num_batches)
 
-    def ceiling_rate() -> float:
-        start = time.perf_counter()
+    def ceiling_rate(transform: Callable) -> float:
+        draft = getattr(transform, "draft_size", None)
+        start, done = time.perf_counter(), 0
         for i in range(0, n_images, batch_size):
-            _collate([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in encoded[i:i + batch_size]])
-        return n_images / (time.perf_counter() - start)
+            images = []
+            for blob in encoded[i:i + batch_size]:
+                with Image.open(io.BytesIO(blob)) as img:
+                    if draft is not None and img.format == "JPEG":
+                        img.draft("RGB", draft(*img.size))
+                    images.append(img.convert("RGB"))
+            _collate([transform(img) for img in images])
+            done += len(images)
+            if time.perf_counter() - start > max_seconds:
+                break
+        return done / (time.perf_counter() - start)
 
     with tempfile.TemporaryDirectory(prefix="sslpipe-bench-") as tmp:
         root = image_folder
@@ -122,35 +140,44 @@ def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
             _write_image_folder(samples[:n_images], root)
 
         def folder_rate() -> float:
-            folder = DataLoader(ImageFolder(root, transform=transform), batch_size=batch_size, shuffle=True,
+            folder = DataLoader(ImageFolder(root, transform=reference), batch_size=batch_size, shuffle=True,
                                 num_workers=num_workers, drop_last=True, collate_fn=_collate,
                                 generator=torch.Generator().manual_seed(0))
             return _rate(folder, batch_size, min(num_batches, len(folder)))
 
-        # Rounds alternate the three paths so that each sees the same machine state; the best round counts.
-        rates: dict[str, list[float]] = {"stream_img_s": [], "imagefolder_img_s": [], "decode_augment_img_s": []}
+        # Rounds alternate the paths so that each sees the same machine state; the best round counts.
+        paths: dict[str, Callable[[], float]] = {f"stream_{b}_img_s": (lambda t=t: stream_rate(t))
+                                                 for b, t in transforms.items()}
+        paths["imagefolder_img_s"] = folder_rate
+        paths.update({f"ceiling_{b}_img_s": (lambda t=t: ceiling_rate(t)) for b, t in transforms.items()})
+        rates: dict[str, list[float]] = {key: [] for key in paths}
         for _ in range(rounds):
-            for key, fn in zip(rates, (stream_rate, folder_rate, ceiling_rate)):
+            for key, fn in paths.items():
                 rates[key].append(fn())
     result.update({key: max(values) for key, values in rates.items()}, rounds=rounds)
-
-    result["stream_vs_imagefolder"] = result["stream_img_s"] / result["imagefolder_img_s"]
-    result["stream_vs_ceiling"] = result["stream_img_s"] / result["decode_augment_img_s"]
+    cores = max(1, num_workers)
+    for b in backends:
+        result[f"stream_{b}_per_core"] = result[f"stream_{b}_img_s"] / cores
+        result[f"stream_{b}_vs_imagefolder"] = result[f"stream_{b}_img_s"] / result["imagefolder_img_s"]
+        result[f"stream_{b}_vs_ceiling"] = result[f"stream_{b}_img_s"] / result[f"ceiling_{b}_img_s"]
+    if {"fast", "torchvision"} <= set(backends):
+        result["fast_vs_torchvision_ceiling"] = result["ceiling_fast_img_s"] / result["ceiling_torchvision_img_s"]
     result["table"] = format_table(result)
     return result
 
 
-def run_loader_bench_from_recipe(shard_dir: str, recipe: str, *, batch_size: int = 64, num_workers: int = 0,
-                                 max_images: int = 4096) -> dict[str, Any]:
-    """`sslpipe bench loader`: the benchmark with the recipe's own multi-crop transform, printed as a table."""
+def run_loader_bench_from_recipe(shard_dir: str, recipe: str, *, backends: tuple[str, ...] = ("fast", "torchvision"),
+                                 batch_size: int = 64, num_workers: int = 0, max_images: int = 4096,
+                                 rounds: int = 2, max_seconds: float = 30.0) -> dict[str, Any]:
+    """`sslpipe bench loader`: the benchmark with the recipe's own multi-crop settings, printed as a table."""
     from sslpipe.config import load_config
     from sslpipe.data.views import multicrop_from_config
 
-    c = load_config(recipe).crops
-    transform = multicrop_from_config(c)
-    result = run_loader_bench(shard_dir, transform=transform, batch_size=batch_size, num_workers=num_workers,
-                              max_images=max_images)
-    print(f"{result['images']} images, batch {batch_size}, {c.n_global}x{c.global_size}px + "
-          f"{c.n_local}x{c.local_size}px crops from {recipe}")
+    c = load_config(recipe, ["data.train=unused"]).crops
+    transforms = {b: multicrop_from_config(c.model_copy(update={"backend": b})) for b in backends}
+    result = run_loader_bench(shard_dir, transforms=transforms, batch_size=batch_size, num_workers=num_workers,
+                              max_images=max_images, rounds=rounds, max_seconds=max_seconds)
+    result["crops"] = f"{c.n_global}x{c.global_size}px + {c.n_local}x{c.local_size}px from {recipe}"
+    print(f"{result['images']} images, batch {batch_size}, {result['crops']}")
     print(result["table"])
     return result

@@ -80,6 +80,36 @@ def epoch_batches(recipe: Recipe, epoch: int, rank: int, world_size: int, skip: 
     return it
 
 
+def train_step(accelerator: Accelerator, recipe: Recipe, optimizer: torch.optim.Optimizer, batches: list[Any],
+               sched: dict[str, float], cfg: Config, *, freeze_last_layer: bool = False
+               ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """One optimizer step over `batches` (the gradient-accumulation window), then the recipe's EMA update: the
+    schedule, the forward passes under autocast, backward, clipping, the last-layer freeze, the optimizer.
+    Returns the per-batch losses (on the device, unsynchronised) and the last batch's metrics. `sslpipe bench step`
+    times exactly this function."""
+    apply_schedule(optimizer, sched)
+    accelerator.step = 0  # the accumulation window is exactly these batches
+    losses, metrics = [], {}
+    for batch in batches:
+        with accelerator.accumulate(recipe.student):
+            with accelerator.autocast():
+                loss, metrics = recipe.step(batch, sched)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if cfg.optim.clip_mode == "per_tensor" and cfg.optim.clip_grad > 0:
+                    accelerator.unscale_gradients(optimizer)
+                    clip_gradients_per_tensor(recipe.student, cfg.optim.clip_grad)
+                elif cfg.optim.clip_mode == "global" and cfg.optim.clip_grad > 0:
+                    accelerator.clip_grad_norm_(recipe.student.parameters(), cfg.optim.clip_grad)
+                if freeze_last_layer:
+                    cancel_last_layer_gradients(recipe.student)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach().float())
+    recipe.after_optimizer_step(sched)
+    return losses, metrics
+
+
 def _run_dir(cfg: Config, ckpt: Path | None) -> Path:
     """`output_dir/run_name`, a timestamped name agreed by all processes, or the resumed run's directory."""
     if ckpt is not None:
@@ -228,33 +258,19 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
             batches = epoch_batches(recipe, epoch, rank, world, skip=start * accum)
             for _ in range(start, spe):
                 s = sched(global_step)
-                apply_schedule(optimizer, s)
-                metrics: dict[str, Any] = {}
-                accelerator.step = 0  # the accumulation window is exactly the next `accum` batches
+                batch_list = []
                 for _micro in range(accum):
                     batch = next(batches, None)
                     if batch is None:
                         raise RuntimeError(f"the loader of epoch {epoch} (rank {rank}) yielded fewer than "
                                            f"steps_per_epoch={spe * accum} batches: check data.steps_per_epoch")
-                    with accelerator.accumulate(recipe.student):
-                        with accelerator.autocast():
-                            loss, metrics = recipe.step(batch, s)
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            if cfg.optim.clip_mode == "per_tensor" and cfg.optim.clip_grad > 0:
-                                accelerator.unscale_gradients(optimizer)
-                                clip_gradients_per_tensor(recipe.student, cfg.optim.clip_grad)
-                            elif cfg.optim.clip_mode == "global" and cfg.optim.clip_grad > 0:
-                                accelerator.clip_grad_norm_(recipe.student.parameters(), cfg.optim.clip_grad)
-                            if global_step < freeze_iters:
-                                cancel_last_layer_gradients(recipe.student)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    window_images += recipe.batch_size_of(batch)
-                    window_loss.append(loss.detach().float())
-                    window_steps.append(global_step)
-                    window_metrics.update(metrics)  # occasional metrics (health) wait for the next log line
-                recipe.after_optimizer_step(s)
+                    batch_list.append(batch)
+                losses, metrics = train_step(accelerator, recipe, optimizer, batch_list, s, cfg,
+                                             freeze_last_layer=global_step < freeze_iters)
+                window_images += sum(recipe.batch_size_of(b) for b in batch_list)
+                window_loss += losses
+                window_steps += [global_step] * len(losses)
+                window_metrics.update(metrics)  # occasional metrics (health) wait for the next log line
                 global_step += 1
                 bar.update(1)
 

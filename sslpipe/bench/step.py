@@ -1,0 +1,193 @@
+"""`sslpipe bench step`: the trainer's step of a multi-crop recipe (iBOT, DINO) against the bare network doing the
+same work, side by side in one process.
+
+"Ours" is exactly what the trainer runs per iteration (`sslpipe.engine.trainer.train_step`): the batch arrives as the
+loader hands it over (uint8 crops in host memory, pinned on CUDA), is copied and normalised on the device, the
+student runs on all crops and the teacher on the global ones, heads, loss, centre update, backward, per-tensor
+clipping, AdamW, EMA. "Bare" is the recipe's timm backbone alone: student forward+backward on every crop, teacher
+forward on the global crops, AdamW (fused on CUDA), with its float batch already on the device and a mean as the
+loss -- the floor any trainer of this network pays. Both use the same crops, batch size, autocast precision and are
+timed interleaved (one step of each in turn) to cancel drift; the median step is reported.
+
+FLOPs per image come from `torch.utils.flop_counter.FlopCounterMode` (matmuls and convolutions, forward and
+backward) over one step. MFU = achieved FLOP/s / the device's dense peak (`--peak-tflops`, or a table of known GPUs
+for bf16/fp16 tensor cores); on a CPU only the achieved TFLOP/s is given.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import resource
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched by device-name substring.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def synthetic_batch(cfg: Any, recipe: Any, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor | None]:
+    """A batch in the loader's format: uint8 crops crop-major, real iBOT block masks (from the recipe's own mask
+    generator), labels."""
+    g = torch.Generator().manual_seed(seed)
+    c = cfg.crops
+
+    def crops(n: int, size: int) -> torch.Tensor | None:
+        return torch.randint(0, 256, (n * batch_size, 3, size, size), generator=g, dtype=torch.uint8) if n else None
+
+    sample_fn = recipe.make_sample_fn(epoch=max(cfg.masking.pred_start_epoch, 0))
+    masks = None
+    if sample_fn.mask_generator is not None:
+        random.seed(seed)
+        masks = torch.from_numpy(np.stack([sample_fn.mask_generator() for _ in range(c.n_global * batch_size)]))
+    return {"global_crops": crops(c.n_global, c.global_size), "local_crops": crops(c.n_local, c.local_size),
+            "masks": masks, "labels": torch.zeros(batch_size, dtype=torch.long)}
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _flops(fn: Callable[[], Any]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _bare_step(cfg: Any, device: torch.device, batch: dict[str, Any], dtype: torch.dtype | None) -> Callable[[], Any]:
+    from sslpipe.data.fast_views import normalize_crops
+    from sslpipe.models.backbones import create_backbone
+
+    m, c = cfg.model, cfg.crops
+    student = create_backbone(m.arch, img_size=c.global_size, patch_size=m.patch_size,
+                              drop_path_rate=m.drop_path_rate, **m.kwargs).to(device)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-6, **({"fused": True} if device.type == "cuda" else {}))
+    views = [normalize_crops(batch[k].to(device), c.mean, c.std) for k in ("global_crops", "local_crops")
+             if batch[k] is not None]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with torch.no_grad():
+                teacher.forward_features(views[0])
+            loss = sum(student.forward_features(v).float().mean() for v in views)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: int | None = None, steps: int = 10,
+                   warmup: int = 3, mixed_precision: str | None = None, overrides: Sequence[str] = (),
+                   peak: float | None = None) -> dict[str, Any]:
+    """Time the trainer's step and the bare network's on the recipe's crops; see the module docstring."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sslpipe.config import load_config
+    from sslpipe.engine.optim import build_optimizer
+    from sslpipe.engine.schedules import Schedules
+    from sslpipe.engine.trainer import train_step
+    from sslpipe.recipes import get_recipe
+    from sslpipe.recipes.multicrop import MultiCropRecipe
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    extra = [f"data.batch_size={batch_size}"] if batch_size else []
+    if mixed_precision:
+        extra.append(f"train.mixed_precision={mixed_precision}")
+    cfg = load_config(recipe_path, [*overrides, *extra])
+    recipe_cls = get_recipe(cfg.method)
+    if not issubclass(recipe_cls, MultiCropRecipe):
+        raise ValueError(f"`sslpipe bench step` times multi-crop recipes (ibot, dino); {recipe_path} is "
+                         f"method {cfg.method!r}")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    precision = cfg.train.mixed_precision or "no"
+    accelerator = Accelerator(cpu=dev.type == "cpu", mixed_precision=precision)
+    torch.manual_seed(cfg.seed)
+    recipe = recipe_cls(cfg)
+    recipe.build(accelerator)
+    recipe.student.to(accelerator.device)
+    optimizer = build_optimizer(cfg, recipe.param_groups())
+    recipe.student, optimizer = accelerator.prepare(recipe.student, optimizer)
+    B = cfg.data.batch_size
+    batch = synthetic_batch(cfg, recipe, B, seed=cfg.seed)
+    if dev.type == "cuda":
+        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    sched = Schedules(cfg, steps_per_epoch=1000)(1000 * cfg.train.epochs // 2)  # mid-run: lr, momentum non-trivial
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def ours() -> None:
+        train_step(accelerator, recipe, optimizer, [batch], sched, cfg)
+
+    bare = _bare_step(cfg, dev, batch, dtype)
+    flops_ours, flops_bare = _flops(ours), _flops(bare)
+    times: dict[str, list[float]] = {"ours": [], "bare": []}
+    for i in range(warmup + steps):
+        for name, fn in (("ours", ours), ("bare", bare)):
+            t = _timed(fn, dev)
+            if i >= warmup:
+                times[name].append(t)
+    ours_s, bare_s = statistics.median(times["ours"]), statistics.median(times["bare"])
+    peak = peak if peak is not None else peak_tflops(dev)
+    result: dict[str, Any] = {
+        "recipe": recipe_path, "device": str(dev), "device_name": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch_size": B,
+        "crops": f"{cfg.crops.n_global}x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}",
+        "mixed_precision": precision, "steps": steps,
+        "ours_ms": 1000 * ours_s, "bare_ms": 1000 * bare_s, "ratio_ours_over_bare": ours_s / bare_s,
+        "ours_img_s": B / ours_s, "bare_img_s": B / bare_s,
+        "gflop_per_image_ours": flops_ours / B / 1e9, "gflop_per_image_bare": flops_bare / B / 1e9,
+        "tflops_ours": flops_ours / ours_s / 1e12, "tflops_bare": flops_bare / bare_s / 1e12,
+        "peak_tflops": peak,
+        "mfu_ours": flops_ours / ours_s / 1e12 / peak if peak else None,
+        "mfu_bare": flops_bare / bare_s / 1e12 / peak if peak else None,
+    }
+    if dev.type == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    else:
+        result["process_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["table"] = format_table(result)
+    return result
+
+
+def format_table(r: dict[str, Any]) -> str:
+    def mfu(v: float | None) -> str:
+        return f"{100 * v:.1f}%" if v is not None else "n/a (no peak for this device)"
+
+    rows = [("", "ours (trainer step)", "bare network"),
+            ("ms / step", f"{r['ours_ms']:.1f}", f"{r['bare_ms']:.1f}"),
+            ("images / s", f"{r['ours_img_s']:.1f}", f"{r['bare_img_s']:.1f}"),
+            ("GFLOP / image", f"{r['gflop_per_image_ours']:.2f}", f"{r['gflop_per_image_bare']:.2f}"),
+            ("TFLOP/s achieved", f"{r['tflops_ours']:.3f}", f"{r['tflops_bare']:.3f}"),
+            ("MFU", mfu(r["mfu_ours"]), mfu(r["mfu_bare"]))]
+    width = max(len(a) for a, _, _ in rows)
+    lines = [f"{a:<{width}}  {b:>20}  {c:>20}" for a, b, c in rows]
+    lines.append(f"ratio ours / bare: {r['ratio_ours_over_bare']:.2f}x  ({r['device_name']}, batch "
+                 f"{r['batch_size']}, {r['crops']}, precision {r['mixed_precision']})")
+    return "\n".join(lines)
+
+
+def main_print(result: dict[str, Any]) -> None:
+    print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
+    print(result["table"])
