@@ -58,8 +58,9 @@ class CropsConfig(_Section):
     # (x global_size / 224 and x local_size / 96), so small CPU crops get the same relative blur
     blur_scale_with_size: bool = False
     # fast: the same augmentations on uint8 arrays (OpenCV + torch kernels), uint8 crops normalised on the device
-    # (sslpipe.data.fast_views); torchvision: the reference pipeline on PIL images, float crops
-    backend: Literal["fast", "torchvision"] = "fast"
+    # (sslpipe.data.fast_views); device: workers only decode and draw the parameters, the batch is cropped and
+    # coloured on the accelerator (sslpipe.data.device_views); torchvision: the reference pipeline, float crops
+    backend: Literal["fast", "device", "torchvision"] = "fast"
 
     def blur_sigmas(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """(global, local) Gaussian blur sigma ranges in pixels of the output crops."""

@@ -184,6 +184,17 @@ def test_foreach_clipping_equals_the_per_parameter_loop(device: str) -> None:
     assert max(float(p.grad.norm()) for p in vit.parameters()) <= 3.0 + 1e-4
 
 
+def test_prefetch_yields_every_batch_on_the_device(device: str) -> None:
+    from sslpipe.engine.prefetch import prefetch_to_device
+
+    batches = [{"x": torch.full((2, 3), float(i)), "images": [torch.arange(i + 1)], "label": i} for i in range(4)]
+    got = list(prefetch_to_device(iter(batches), torch.device(device)))
+    assert [b["label"] for b in got] == [0, 1, 2, 3]
+    for i, b in enumerate(got):
+        assert b["x"].device.type == device and torch.equal(b["x"].cpu(), batches[i]["x"])
+        assert torch.equal(b["images"][0].cpu(), torch.arange(i + 1))
+
+
 def initial_student(cfg: Config) -> dict[str, torch.Tensor]:
     """The student the trainer starts from: it seeds with `cfg.seed` right before `build`."""
     set_seed(cfg.seed)

@@ -50,7 +50,10 @@ class MultiCropSample:
             raise KeyError(f"MultiCropSample: sample {raw.get('key', '?')!r} has no 'image' key")
         crops = self.crop_transform(raw["image"])
         masks = [] if self.mask_generator is None else [self.mask_generator() for _ in range(self.n_global)]
-        return {"crops": crops, "masks": masks, "label": int(raw.get("label", -1)), "n_global": self.n_global}
+        out = {"masks": masks, "label": int(raw.get("label", -1)), "n_global": self.n_global}
+        if hasattr(crops, "params"):  # crops.backend device: the image and its crops' parameters travel instead
+            return {**out, "image": crops.image, "params": crops.params}
+        return {**out, "crops": crops}
 
 
 def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Tensor | None]:
@@ -59,6 +62,15 @@ def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Tensor | None]
     ``n_global`` key, else its number of masks, else the run of leading crops with the first crop's size."""
     if not samples:
         raise ValueError("collate_multicrop: empty batch")
+    if "params" in samples[0]:  # device crops: decoded images (a list: sizes differ) and their crop parameters
+        n_global = int(samples[0]["n_global"])
+        masks = None
+        if samples[0]["masks"]:
+            masks = torch.from_numpy(np.stack([np.asarray(s["masks"][i], dtype=bool)
+                                               for i in range(n_global) for s in samples]))
+        return {"images": [s["image"] for s in samples], "crop_params": torch.stack([s["params"] for s in samples]),
+                "global_crops": None, "local_crops": None, "masks": masks,
+                "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)}
     n_crops = len(samples[0]["crops"])
     n_masks = len(samples[0]["masks"])
     if any(len(s["crops"]) != n_crops or len(s["masks"]) != n_masks for s in samples):

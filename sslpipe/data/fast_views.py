@@ -125,42 +125,61 @@ def solarize(img: np.ndarray, threshold: int = 128) -> np.ndarray:
     return _lut(img, np.where(_LEVELS < threshold, _LEVELS, 255 - _LEVELS))
 
 
-def _jitter(img: np.ndarray, brightness: float, contrast: float, saturation: float, hue: float) -> np.ndarray:
-    """torchvision ColorJitter: the four adjustments in a random order, factors drawn as torchvision draws them."""
-    order = torch.randperm(4).tolist()
-    b = _uniform(max(0.0, 1 - brightness), 1 + brightness)
-    c = _uniform(max(0.0, 1 - contrast), 1 + contrast)
-    s = _uniform(max(0.0, 1 - saturation), 1 + saturation)
-    h = _uniform(-hue, hue)
-    ops = ((adjust_brightness, b), (adjust_contrast, c), (adjust_saturation, s), (adjust_hue, h))
-    for i in order:
-        fn, factor = ops[i]
-        img = fn(img, factor)
-    return img
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+# One crop's random draws as a vector (the device path receives these from the loader workers).
+PARAM_FIELDS = ("top", "left", "height", "width", "flip", "jitter", "order0", "order1", "order2", "order3",
+                "brightness", "contrast", "saturation", "hue", "gray", "sigma", "solarize")
+P = {name: i for i, name in enumerate(PARAM_FIELDS)}
 
 
 class FastCropView:
-    """One crop recipe of SPEC §1 on a uint8 HWC array -> uint8 (3, size, size) tensor."""
+    """One crop recipe of SPEC §1 on a uint8 HWC array -> uint8 (3, size, size) tensor.
+
+    `sample(height, width)` draws every random choice of the crop (in the order the reference draws them) as a
+    `PARAM_FIELDS` vector; `apply(image, params)` executes it. ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8 draws a
+    random order of its four adjustments and their factors as torchvision does."""
 
     def __init__(self, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
                  blur_sigma: tuple[float, float] = BLUR_SIGMAS) -> None:
         self.size, self.scale = size, tuple(scale)
         self.blur_p, self.solarize_p, self.blur_sigma = blur_p, solarize_p, tuple(blur_sigma)
 
-    def __call__(self, image: np.ndarray) -> Tensor:
-        top, left, h, w = resized_crop_params(image.shape[0], image.shape[1], self.scale)
-        img = _resize(image[top:top + h, left:left + w], self.size)
-        if _chance(0.5):
-            img = np.ascontiguousarray(img[:, ::-1])
+    def sample(self, height: int, width: int) -> list[float]:
+        p = [0.0] * len(PARAM_FIELDS)
+        p[0:4] = resized_crop_params(height, width, self.scale)
+        p[P["flip"]] = float(_chance(0.5))
         if _chance(0.8):
-            img = _jitter(img, 0.4, 0.4, 0.2, 0.1)
-        if _chance(0.2):
-            img = to_grayscale(img)
+            p[P["jitter"]] = 1.0
+            p[P["order0"]:P["order3"] + 1] = torch.randperm(4).tolist()
+            p[P["brightness"]] = _uniform(0.6, 1.4)
+            p[P["contrast"]] = _uniform(0.6, 1.4)
+            p[P["saturation"]] = _uniform(0.8, 1.2)
+            p[P["hue"]] = _uniform(-0.1, 0.1)
+        p[P["gray"]] = float(_chance(0.2))
         if _chance(self.blur_p):
-            img = cv2.GaussianBlur(img, (0, 0), _uniform(*self.blur_sigma), borderType=cv2.BORDER_REFLECT_101)
-        if _chance(self.solarize_p):
+            p[P["sigma"]] = _uniform(*self.blur_sigma)
+        p[P["solarize"]] = float(_chance(self.solarize_p))
+        return p
+
+    def apply(self, image: np.ndarray, p: Sequence[float]) -> Tensor:
+        top, left, h, w = (int(v) for v in p[0:4])
+        img = _resize(image[top:top + h, left:left + w], self.size)
+        if p[P["flip"]]:
+            img = np.ascontiguousarray(img[:, ::-1])
+        if p[P["jitter"]]:
+            factors = p[P["brightness"]:P["hue"] + 1]
+            for i in p[P["order0"]:P["order3"] + 1]:
+                img = JITTER_OPS[int(i)](img, factors[int(i)])
+        if p[P["gray"]]:
+            img = to_grayscale(img)
+        if p[P["sigma"]] > 0:
+            img = cv2.GaussianBlur(img, (0, 0), p[P["sigma"]], borderType=cv2.BORDER_REFLECT_101)
+        if p[P["solarize"]]:
             img = solarize(img)
         return torch.from_numpy(img).permute(2, 0, 1)
+
+    def __call__(self, image: np.ndarray) -> Tensor:
+        return self.apply(image, self.sample(image.shape[0], image.shape[1]))
 
 
 class FastMultiCropTransform:
@@ -199,13 +218,24 @@ class FastMultiCropTransform:
                 need = max(need, size / shortest)
         return max(1, math.ceil(width * need)), max(1, math.ceil(height * need))
 
+    def views(self) -> list[FastCropView]:
+        """The crop recipe of every crop, in output order (globals first)."""
+        return [self.global1] + [self.global2] * (self.n_global - 1) + [self.local] * self.n_local
+
+    def sample_params(self, height: int, width: int) -> Tensor:
+        """(n_crops, len(PARAM_FIELDS)) float64: every random draw of this image's crops."""
+        return torch.tensor([view.sample(height, width) for view in self.views()], dtype=torch.float64)
+
     def __call__(self, image: Image.Image | np.ndarray) -> list[Tensor]:
-        if isinstance(image, Image.Image):  # a writable copy: torch views it without a warning
-            image = np.array(image.convert("RGB") if image.mode != "RGB" else image)
-        crops = [self.global1(image)]
-        crops += [self.global2(image) for _ in range(self.n_global - 1)]
-        crops += [self.local(image) for _ in range(self.n_local)]
-        return crops
+        array = as_array(image)
+        return [view(array) for view in self.views()]
+
+
+def as_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """RGB uint8 HWC, writable (torch views it without a warning)."""
+    if isinstance(image, np.ndarray):
+        return image
+    return np.array(image.convert("RGB") if image.mode != "RGB" else image)
 
 
 def normalize_crops(crops: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:

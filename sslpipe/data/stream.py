@@ -354,12 +354,13 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
                  collate_fn: Callable[[list], Any], batch_size: int, num_workers: int = 0, epoch: int = 0,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 1000,
                  resampled: bool = False, num_batches: int | None = None, drop_last: bool = True,
-                 on_error: str = "warn") -> StreamLoader:
+                 on_error: str = "warn", pin_memory: bool = False) -> StreamLoader:
     """Build the batch stream of one rank for one epoch (schedule and seeding: see the module docstring).
 
     Rank and world size are explicit (no torch.distributed lookup). Batches are formed inside each DataLoader
     worker from that worker's samples; with `num_batches=None` and `drop_last=True` each worker's last partial
     batch is dropped. Workers beyond this rank's shard count would get nothing and are not started.
+    `pin_memory` (training on CUDA) pins the batches so that their copies to the GPU can run asynchronously.
     """
     if on_error not in ("warn", "raise"):
         raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
@@ -379,7 +380,7 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
                             num_workers=max(1, num_workers), shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                             resampled=resampled, repeat=num_batches is not None, on_error=on_error)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
-                        drop_last=drop_last, persistent_workers=False,
+                        drop_last=drop_last, persistent_workers=False, pin_memory=pin_memory,
                         # DataLoader draws a base seed from this generator, not from the caller's global RNG
                         generator=torch.Generator().manual_seed(derive_seed(seed, epoch, rank)))
     return StreamLoader(dataset, loader, num_batches)

@@ -101,12 +101,15 @@ class MultiCropTransform:
 
 def multicrop_from_config(crops: Any) -> Any:
     """The multi-crop transform of a recipe's `crops` section (`sslpipe.config.CropsConfig`): the uint8 fast path
-    (`fast_views.FastMultiCropTransform`, normalised later on the device) or this module's reference pipeline."""
+    (`fast_views`, normalised later on the device), the device path (`device_views`: parameters only, crops made
+    on the accelerator) or this module's reference pipeline."""
     global_sigma, local_sigma = crops.blur_sigmas()
-    if getattr(crops, "backend", "torchvision") == "fast":
+    backend = getattr(crops, "backend", "torchvision")
+    if backend in ("fast", "device"):
+        from sslpipe.data.device_views import DeviceMultiCropTransform
         from sslpipe.data.fast_views import FastMultiCropTransform
 
-        return FastMultiCropTransform(
+        return (FastMultiCropTransform if backend == "fast" else DeviceMultiCropTransform)(
             global_size=crops.global_size, local_size=crops.local_size, n_global=crops.n_global,
             n_local=crops.n_local, global_scale=tuple(crops.global_scale), local_scale=tuple(crops.local_scale),
             blur_sigma=global_sigma, local_blur_sigma=local_sigma,

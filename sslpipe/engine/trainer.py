@@ -32,6 +32,7 @@ from sslpipe.engine.checkpoint import list_checkpoints, load_checkpoint, resolve
 from sslpipe.engine.determinism import deterministic_mode
 from sslpipe.engine.optim import (apply_schedule, build_optimizer, cancel_last_layer_gradients,
                                   clip_gradients_per_tensor)
+from sslpipe.engine.prefetch import prefetch_to_device
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup
 from sslpipe.recipes import get_recipe
@@ -255,7 +256,8 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
     try:
         while global_step < stop_at:
             epoch, start = divmod(global_step, spe)
-            batches = epoch_batches(recipe, epoch, rank, world, skip=start * accum)
+            batches = prefetch_to_device(epoch_batches(recipe, epoch, rank, world, skip=start * accum),
+                                         accelerator.device)
             for _ in range(start, spe):
                 s = sched(global_step)
                 batch_list = []

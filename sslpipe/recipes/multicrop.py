@@ -13,6 +13,7 @@ from torch import nn
 
 from sslpipe.config import Config
 from sslpipe.data.collate import MultiCropSample, collate_multicrop
+from sslpipe.data.device_views import device_crops
 from sslpipe.data.fast_views import normalize_crops
 from sslpipe.data.masking import MaskGenerator
 from sslpipe.data.stream import build_loader, count_samples, resolve_shards
@@ -113,12 +114,17 @@ class MultiCropRecipe(Recipe):
             batch_size=d.batch_size, num_workers=d.num_workers, epoch=epoch, seed=self.cfg.seed, rank=rank,
             world_size=world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
             num_batches=self.steps_per_epoch(world_size), on_error=d.on_error,
+            pin_memory=self.accelerator is not None and self.accelerator.device.type == "cuda",
         )
 
     def crops_on_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(global crops, local crops or None) on the accelerator's device, normalised there when they arrive as
         uint8 (the fast crop path: a quarter of the bytes through worker queues and host-to-device copies)."""
         c, device = self.cfg.crops, self.accelerator.device
+        if batch.get("crop_params") is not None:  # crops.backend device: crop the decoded images here
+            images = [image.to(device, non_blocking=True) for image in batch["images"]]
+            sizes = [c.global_size] * c.n_global + [c.local_size] * c.n_local
+            return device_crops(images, batch["crop_params"], sizes, c.n_global, c.mean, c.std)
         crops = [batch["global_crops"], batch["local_crops"]]
         return tuple(None if x is None else normalize_crops(x.to(device, non_blocking=True), c.mean, c.std)
                      for x in crops)

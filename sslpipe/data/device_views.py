@@ -1,0 +1,175 @@
+"""The multi-crop on the accelerator: loader workers only decode and draw the random parameters; the crops are cut,
+resized and coloured for the whole batch on the device (`crops.backend: device`).
+
+On a GPU node the CPU-side augmentation is what starves the GPU (issue 13: 12 crops per image cost ~94% of a
+worker's time). Here a worker decodes the image and draws every random choice of its crops exactly as the CPU
+`fast` path does (`fast_views.FastCropView.sample`: same draws, same order, so with the same seed both paths make the
+same crops up to kernel rounding), and hands over the decoded uint8 image plus a (n_crops, 17) parameter tensor. The
+batch is then augmented in a handful of batched ops on the device:
+
+- crop + antialiased bicubic resize per crop (one small kernel each; float on CUDA, whose bicubic-AA has no uint8
+  kernel), rounded to uint8 levels like the CPU path;
+- flip, ColorJitter's four adjustments in each crop's own random order (16 masked batched ops: position x op),
+  grayscale, per-crop Gaussian blur (one grouped separable convolution with per-crop kernels, OpenCV's kernel size
+  6 sigma + 1 and reflect-101 borders), solarize; levels clamped and rounded after each step as uint8 arithmetic does;
+- normalisation.
+
+It runs on any device: on the CPU it is the same computation (the tests compare it with the `fast` path there).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from sslpipe.data.fast_views import FastMultiCropTransform, P, as_array
+
+_GRAY = (0.299, 0.587, 0.114)
+
+
+@dataclass
+class DeferredCrops:
+    """What a worker produces for one image: the decoded uint8 (H, W, 3) image and its crops' parameters."""
+
+    image: Tensor
+    params: Tensor
+
+
+class DeviceMultiCropTransform(FastMultiCropTransform):
+    """Worker side of the device path: PIL image -> `DeferredCrops` (decode + parameter draws only)."""
+
+    def __call__(self, image: Image.Image | np.ndarray) -> DeferredCrops:  # type: ignore[override]
+        array = as_array(image)
+        return DeferredCrops(torch.from_numpy(array), self.sample_params(array.shape[0], array.shape[1]))
+
+
+def _levels(x: Tensor) -> Tensor:
+    """What storing as uint8 does: clamp to [0, 255] and round."""
+    return x.clamp_(0, 255).round_()
+
+
+def _gray(x: Tensor) -> Tensor:
+    w = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r, g, b = x.unbind(1)
+    v, _ = x.max(dim=1)
+    c = v - x.min(dim=1).values
+    s = torch.where(v > 0, c / v.clamp(min=1e-12), torch.zeros_like(v))
+    safe = c.clamp(min=1e-12)
+    h = torch.where(v == r, ((g - b) / safe) % 6, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
+    return h, s, v
+
+
+def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    k = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    t = (k + h.unsqueeze(1) * 6) % 6
+    return v.unsqueeze(1) - v.unsqueeze(1) * s.unsqueeze(1) * torch.clamp(torch.minimum(t, 4 - t), 0, 1)
+
+
+def _jitter_op(op: int, x: Tensor, factor: Tensor) -> Tensor:
+    f = factor.view(-1, 1, 1, 1).to(x.dtype)
+    if op == 0:  # brightness
+        return _levels(x * f)
+    if op == 1:  # contrast: blend with the mean grey level
+        mean = _levels(_gray(x)).mean(dim=(1, 2, 3), keepdim=True)
+        return _levels(x * f + mean * (1 - f))
+    if op == 2:  # saturation: blend with the grey image
+        return _levels(x * f + _levels(_gray(x)) * (1 - f))
+    h, s, v = _rgb_to_hsv(x / 255)  # hue: rotate by factor turns
+    return _levels(_hsv_to_rgb((h + f.view(-1, 1, 1)) % 1.0, s, v) * 255)
+
+
+def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Per-crop Gaussian blur (sigma > 0), OpenCV's kernel (size 6 sigma + 1, odd) with reflect-101 borders."""
+    n, c, height, width = x.shape
+    radius = [int(round(s * 6 + 1)) // 2 for s in sigma.tolist()]
+    r = max(radius)
+    offsets = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.to(x.dtype).view(-1, 1)) ** 2)
+    kernel = kernel * (offsets.abs().view(1, -1) <= torch.tensor(radius, device=x.device).view(-1, 1))
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c, 2r+1)
+    y = x.reshape(1, n * c, height, width)
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return _levels(y.reshape(n, c, height, width))
+
+
+def augment_batch(images: Sequence[Tensor], params: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    """Crops of a batch on the images' device, crop-major per size group.
+
+    `images`: B uint8 (H_b, W_b, 3) tensors on the device; `params`: (B, n_crops, 17); `sizes[k]`: output size of
+    crop k. Returns one float tensor (levels 0-255) per run of equal sizes, each (n_k * B, 3, S, S), crop-major
+    (crop k of every image, then crop k + 1, ...), the layout of `collate_multicrop`.
+    """
+    device = images[0].device
+    B, K = params.shape[:2]
+    out: list[Tensor] = []
+    start = 0
+    while start < K:
+        stop = start
+        while stop < K and sizes[stop] == sizes[start]:
+            stop += 1
+        size = sizes[start]
+        crops = []
+        for k in range(start, stop):
+            for b in range(B):
+                top, left, h, w = (int(v) for v in params[b, k, 0:4].tolist())
+                region = images[b][top:top + h, left:left + w].permute(2, 0, 1)[None].float()
+                crops.append(F.interpolate(region, size=(size, size), mode="bicubic", antialias=True))
+        x = _levels(torch.cat(crops))
+        p = params[:, start:stop].transpose(0, 1).reshape(-1, params.shape[-1]).to(device=device, dtype=torch.float32)
+        out.append(_colour(x, p))
+        start = stop
+    return out
+
+
+def _colour(x: Tensor, p: Tensor) -> Tensor:
+    """Flip, jitter (per-crop order), grayscale, blur, solarize of crops x (N, 3, S, S) with params p (N, 17)."""
+    flip = p[:, P["flip"]] > 0
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    jitter = p[:, P["jitter"]] > 0
+    order = p[:, P["order0"]:P["order3"] + 1].long()
+    factors = p[:, P["brightness"]:P["hue"] + 1]
+    for position in range(4):
+        for op in range(4):
+            sel = jitter & (order[:, position] == op)
+            if sel.any():
+                x[sel] = _jitter_op(op, x[sel], factors[sel, op])
+    gray = p[:, P["gray"]] > 0
+    if gray.any():
+        x[gray] = _levels(_gray(x[gray])).expand(-1, 3, -1, -1)
+    blur = p[:, P["sigma"]] > 0
+    if blur.any():
+        x[blur] = _gaussian_blur(x[blur], p[blur, P["sigma"]])
+    solar = (p[:, P["solarize"]] > 0).view(-1, 1, 1, 1)
+    return torch.where(solar & (x >= 128), 255 - x, x)
+
+
+def device_crops(images: Sequence[Tensor], params: Tensor, sizes: Sequence[int], n_global: int,
+                 mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor | None]:
+    """(global crops, local crops or None), normalised, from a batch of decoded images already on the device.
+    Computed in float32 whatever the surrounding autocast (levels 0-255 need more than bf16's 8 bits)."""
+    with torch.autocast(images[0].device.type, enabled=False):
+        groups = augment_batch(images, params, sizes)
+    m = torch.tensor(mean, device=groups[0].device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=groups[0].device).view(1, 3, 1, 1) * 255
+    groups = [(g - m) / s for g in groups]
+    if len(groups) == 1 and len(sizes) > n_global:  # global and local crops of one size
+        B = params.shape[0]
+        return groups[0][: n_global * B], groups[0][n_global * B:]
+    return groups[0], (torch.cat(groups[1:]) if len(groups) > 1 else None)
+
+
+def crop_sizes(transform: FastMultiCropTransform) -> list[int]:
+    return [view.size for view in transform.views()]
+
+
