@@ -354,7 +354,8 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path: Path) -> None:
     ckpt = find_latest_checkpoint(run)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["global_step"] == 2 * (48 // 2 // 4)
-    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in ckpt.glob("rng_state_*")) == ["rng_state_0.safetensors", "rng_state_1.safetensors"]
+    assert not list(ckpt.glob("*.pkl")) and not list(ckpt.glob("*.bin")), "no pickles in a checkpoint"
     sums = [(run / f"params_rank{r}.txt").read_text() for r in (0, 1)]
     assert len(sums[0]) == 64 and sums[0] == sums[1]
     assert "# overrides: optim.clip_grad=1.0" in (run / "config.yaml").read_text()

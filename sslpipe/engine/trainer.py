@@ -215,7 +215,7 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
 
     global_step, best, last_metrics = 0, None, {}
     if ckpt is not None:
-        trainer_state, extra = load_checkpoint(accelerator, ckpt)
+        trainer_state, extra = load_checkpoint(accelerator, ckpt, model=recipe.student, optimizer=optimizer)
         recipe.load_extra_state(extra)
         global_step, best = int(trainer_state["global_step"]), trainer_state.get("best")
         if trainer_state.get("world_size", world) != world:
@@ -236,7 +236,8 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
         trainer_state = {"global_step": global_step, "epoch": epoch, "step_in_epoch": in_epoch, "world_size": world,
                          "steps_per_epoch": spe, "metrics": last_metrics, "best": best}
         last_ckpt = save_checkpoint(accelerator, run_dir, trainer_state, recipe.extra_state(),
-                                    keep_last=cfg.train.keep_last, metric=metric)
+                                    keep_last=cfg.train.keep_last, metric=metric, model=recipe.student,
+                                    optimizer=optimizer)
         last_saved = global_step
 
     def log(record: dict[str, Any]) -> None:

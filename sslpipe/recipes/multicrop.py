@@ -18,6 +18,7 @@ from sslpipe.data.fast_views import normalize_crops
 from sslpipe.data.masking import MaskGenerator
 from sslpipe.data.stream import build_loader, count_samples, resolve_shards
 from sslpipe.data.views import multicrop_from_config
+from sslpipe.engine.state_io import without_aliases
 from sslpipe.models.ema import ema_update
 from sslpipe.recipes.base import Recipe
 
@@ -37,21 +38,6 @@ def split_decay_groups(module: nn.Module) -> list[dict[str, Any]]:
         else:
             decay.append(param)
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
-
-
-def _without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep the first name of tensors registered twice (iBOT's shared head: last_layer2 is last_layer).
-
-    safetensors refuses aliased tensors; loading the first name restores the shared module for both names.
-    """
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    out = {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            out[name] = tensor
-    return out
 
 
 class MultiCropRecipe(Recipe):
@@ -143,14 +129,14 @@ class MultiCropRecipe(Recipe):
         return split_decay_groups(self.student)
 
     def extra_state(self) -> dict[str, torch.Tensor]:
-        state = {f"teacher.{k}": v for k, v in _without_aliases(self.teacher.state_dict()).items()}
+        state = {f"teacher.{k}": v for k, v in without_aliases(self.teacher.state_dict()).items()}
         state.update({f"loss.{k}": v for k, v in self.loss.state_dict().items()})
         return state
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         teacher = {k[8:]: v for k, v in state.items() if k.startswith("teacher.")}
         missing, unexpected = self.teacher.load_state_dict(teacher, strict=False)
-        aliases = set(self.teacher.state_dict()) - set(_without_aliases(self.teacher.state_dict()))
+        aliases = set(self.teacher.state_dict()) - set(without_aliases(self.teacher.state_dict()))
         if unexpected or set(missing) - aliases:
             raise KeyError(f"checkpoint teacher state does not fit the recipe's teacher: missing "
                            f"{sorted(set(missing) - aliases)}, unexpected {sorted(unexpected)}")

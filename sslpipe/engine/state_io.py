@@ -1,0 +1,130 @@
+"""Training state as tensors and JSON, never pickles: model weights, optimizer state, RNG states, grad scaler.
+
+accelerate's `save_state` writes the optimizer, the grad scaler and every process's RNG states with `torch.save`
+(pickles), and loading a pickle can execute code: a checkpoint from elsewhere would be a program. Here every tensor
+goes into a safetensors file and everything else (optimizer hyper-parameters, the python RNG's counters) into the
+file's string metadata as JSON, so reading a checkpoint only ever parses numbers.
+
+- model: the unwrapped state dict (shared tensors, e.g. iBOT's shared head, stored once under their first name);
+- optimizer: `state.{param index}.{name}` tensors + JSON of the param groups and of non-tensor state values;
+- RNG, one file per process: torch CPU and CUDA generator states (uint8 tensors), numpy's MT19937 key (uint32) and
+  python's `random` state (625 ints) as int64 tensors, their scalar parts as JSON;
+- grad scaler (fp16): its state dict is plain numbers, JSON.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the first name of tensors registered twice (iBOT's shared head: last_layer2 is last_layer).
+
+    safetensors refuses aliased tensors; loading the first name restores the shared module for both names.
+    """
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor
+    return out
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+def save_model(model: nn.Module, path: Path) -> None:
+    save_file(_cpu(without_aliases(model.state_dict())), str(path), metadata={"format": "pt"})
+
+
+def load_model(model: nn.Module, path: Path) -> None:
+    """Strict, except for the second names of shared tensors (restored through their first name)."""
+    state = model.state_dict()
+    aliases = set(state) - set(without_aliases(state))
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or set(missing) - aliases:
+        raise KeyError(f"{path} does not fit the model: missing {sorted(set(missing) - aliases)[:10]}, "
+                       f"unexpected {sorted(unexpected)[:10]}")
+
+
+# ------------------------------------------------------------------------------------------------------- optimizer
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in sd["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    meta = {"param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(scalars)}
+    save_file(_cpu(tensors), str(path), metadata=meta)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    meta = _metadata(path)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in load_file(str(path)).items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in json.loads(meta["scalars"]).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = json.loads(meta["param_groups"])
+    if len(groups) != len(optimizer.param_groups) or any(
+            len(g["params"]) != len(h["params"]) for g, h in zip(groups, optimizer.param_groups)):
+        raise ValueError(f"{path}: the optimizer was saved with parameter groups of sizes "
+                         f"{[len(g['params']) for g in groups]}, this run has "
+                         f"{[len(g['params']) for g in optimizer.param_groups]} (a different model or recipe?)")
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ------------------------------------------------------------------------------------------------------------- RNG
+def save_rng(path: Path) -> None:
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "python": torch.tensor(mt, dtype=torch.int64),
+               "numpy": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    meta = {"python": json.dumps([version, gauss]), "numpy": json.dumps([kind, int(pos), int(has_gauss), cached])}
+    save_file(_cpu(tensors), str(path), metadata=meta)
+
+
+def load_rng(path: Path) -> None:
+    meta = _metadata(path)
+    tensors = load_file(str(path))
+    version, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+    kind, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+# ---------------------------------------------------------------------------------------------------------- scaler
+def save_scaler(scaler: Any, path: Path) -> None:
+    path.write_text(json.dumps(scaler.state_dict()))
+
+
+def load_scaler(scaler: Any, path: Path) -> None:
+    scaler.load_state_dict(json.loads(path.read_text()))
