@@ -154,6 +154,9 @@ class TrainConfig(_Section):
     # Deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cuDNN flags): on a GPU, resume is
     # then bit-exact; without it a resumed GPU run matches the uninterrupted one only to float rounding (docs).
     deterministic: bool = False
+    # a file whose appearance asks the run to checkpoint and stop at the next log step (SIGUSR1 does the same);
+    # launch/slurm.sbatch sets it for requeue before the time limit
+    stop_file: str | None = None
     grad_accum_steps: int = 1
     log_every: int = 10
     health_every: int = 50

@@ -270,6 +270,42 @@ def test_deterministic_mode_is_scoped_to_the_run(tmp_path: Path) -> None:
     assert seen["deterministic"] is True and not torch.are_deterministic_algorithms_enabled()
 
 
+@pytest.mark.parametrize("how", ["signal", "stop_file"])
+def test_stop_request_checkpoints_and_resume_finishes_the_same_run(tmp_path: Path, how: str) -> None:
+    """SIGUSR1 (or the stop file) at step 3: the run stops at the next log step (4) with a checkpoint; resumed, it
+    ends exactly where an uninterrupted run ends."""
+    straight = train(toy_cfg(tmp_path, "straight"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    stop_file = tmp_path / "STOP"
+    if how == "signal":
+        cfg = toy_cfg(tmp_path, "asked", model={"kwargs": {"signal_at_step": 3}})
+    else:
+        stop_file.touch()
+        cfg = toy_cfg(tmp_path, "asked", train={"stop_file": str(stop_file)})
+    run = train(cfg)
+    first_stop = 4 if how == "signal" else 2  # the file exists from the start: the first log step (2)
+    assert [c.name for c in list_checkpoints(run)] == [f"step_{first_stop:08d}"]
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1] == {**events[-1], "event": "stopped on request", "step": first_stop}
+    stop_file.unlink(missing_ok=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = train(toy_cfg(tmp_path, "asked"), resume=str(run))
+    a, b = params(find_latest_checkpoint(straight)), params(find_latest_checkpoint(resumed))
+    assert find_latest_checkpoint(resumed).name == find_latest_checkpoint(straight).name
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    import signal
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, "the handler is restored after the run"
+
+
+def test_rescaled_step_keeps_the_position_in_the_epoch() -> None:
+    from sslpipe.engine.trainer import rescaled_step
+
+    assert rescaled_step(8, 4, 16) == 32  # 4 processes -> 1: end of epoch 2 stays the end of epoch 2
+    assert rescaled_step(10, 4, 16) == 40  # epoch 2 + half an epoch
+    assert rescaled_step(37, 16, 4) == 9  # 1 process -> 4: epoch 2 + 5/16 of an epoch -> 2 epochs + round(1.25)
+    assert rescaled_step(7, 5, 5) == 7
+
+
 def test_resume_auto_picks_newest_run(tmp_path: Path) -> None:
     assert resolve_resume("auto", tmp_path / "runs") is None
     run = train(toy_cfg(tmp_path, "first", train={"max_steps": 2}))

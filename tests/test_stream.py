@@ -233,3 +233,25 @@ def test_all_corrupt_shards_end_instead_of_hanging(tmp_path):
     with pytest.warns(CorruptSampleWarning), pytest.raises(ShardReadError, match="only 0 of 2 batches"):
         list(loader)
     assert loader.stats["corrupt_samples"] == 3 + 2 + 1  # one pass + shuffle buffer + the one that trips the guard
+
+
+def test_each_pass_of_a_repeating_stream_holds_every_sample_once(tmp_path):
+    """A rank that re-reads its share to reach its batch count: with a shuffle buffer far larger than the share,
+    every pass (epoch) still yields each sample exactly once, in a shuffled order."""
+    keys = _write_shards(tmp_path, [6, 6, 4])
+    spec = f"{tmp_path}/train-{{000000..000002}}.tar"
+    got = _keys(_loader(spec, batch_size=4, num_batches=8, shuffle_buffer=1000))
+    passes = [got[:16], got[16:]]
+    assert all(sorted(p) == sorted(keys) for p in passes) and passes[0] != sorted(keys)
+
+
+def test_shuffle_within_passes_never_mixes_passes():
+    import random
+
+    from sslpipe.data.stream import PASS_END, shuffle_within_passes
+
+    stream = [*range(10), PASS_END, *range(10, 20), PASS_END, *range(20, 25)]
+    out = list(shuffle_within_passes(iter(stream), bufsize=100, initial=3, rng=random.Random(0)))
+    cut = [i for i, s in enumerate(out) if s is PASS_END]
+    assert sorted(out[:cut[0]]) == list(range(10)) and sorted(out[cut[0] + 1:cut[1]]) == list(range(10, 20))
+    assert sorted(out[cut[1] + 1:]) == list(range(20, 25)) and out[:cut[0]] != list(range(10))

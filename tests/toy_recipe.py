@@ -2,13 +2,16 @@
 
 Selected with `method: tests.toy_recipe:ToyRecipe`. It uses the global torch RNG in every step (input noise and
 dropout) so that exact resume also checks RNG restoration. Options through `model.kwargs`:
-`n_samples` (default 48), `nan_at_step` (make the loss NaN at that iteration) and `write_checksums` (in `evaluate`,
-each rank writes the sha256 of its student + teacher parameters to RUN/params_rank{r}.txt).
+`n_samples` (default 48), `nan_at_step` (make the loss NaN at that iteration), `signal_at_step` (send this process
+SIGUSR1 at that iteration) and `write_checksums` (in `evaluate`, each rank writes the sha256 of its student + teacher
+parameters to RUN/params_rank{r}.txt).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +78,8 @@ class ToyRecipe(Recipe):
         loss = -(target * torch.log_softmax(s / self.cfg.loss.student_temp, dim=-1)).sum(-1).mean()
         if self.nan_at_step is not None and int(sched["it"]) == int(self.nan_at_step):
             loss = loss * float("nan")
+        if int(sched["it"]) == self.cfg.model.kwargs.get("signal_at_step", -1):
+            os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM's --signal=USR1 does before the time limit
         batch_center = self.accelerator.reduce(t.mean(0, keepdim=True), "mean")
         self.center = self.center * self.cfg.loss.center_momentum + batch_center * (1 - self.cfg.loss.center_momentum)
         return loss, {"toy_center_norm": float(self.center.norm())}

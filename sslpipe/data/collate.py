@@ -50,7 +50,7 @@ class MultiCropSample:
             raise KeyError(f"MultiCropSample: sample {raw.get('key', '?')!r} has no 'image' key")
         crops = self.crop_transform(raw["image"])
         masks = [] if self.mask_generator is None else [self.mask_generator() for _ in range(self.n_global)]
-        out = {"masks": masks, "label": int(raw.get("label", -1)), "n_global": self.n_global}
+        out = {"masks": masks, "label": int(raw.get("label", -1)), "n_global": self.n_global, "key": raw.get("key")}
         if hasattr(crops, "params"):  # crops.backend device: the image and its crops' parameters travel instead
             return {**out, "image": crops.image, "params": crops.params}
         return {**out, "crops": crops}
@@ -58,8 +58,9 @@ class MultiCropSample:
 
 def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Tensor | None]:
     """Stack crops crop-major: ``global_crops`` (n_global*B, C, H, W), ``local_crops`` (n_local*B, C, h, w) or None,
-    ``masks`` bool (n_global*B, Hp, Wp) or None, ``labels`` long (B,). The number of global crops is the sample's
-    ``n_global`` key, else its number of masks, else the run of leading crops with the first crop's size."""
+    ``masks`` bool (n_global*B, Hp, Wp) or None, ``labels`` long (B,), ``keys`` (the samples' shard keys). The
+    number of global crops is the sample's ``n_global`` key, else its number of masks, else the run of leading crops
+    with the first crop's size. Device crops (``params`` in the samples) give ``images`` and ``crop_params``."""
     if not samples:
         raise ValueError("collate_multicrop: empty batch")
     if "params" in samples[0]:  # device crops: decoded images (a list: sizes differ) and their crop parameters
@@ -70,7 +71,8 @@ def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Tensor | None]
                                                for i in range(n_global) for s in samples]))
         return {"images": [s["image"] for s in samples], "crop_params": torch.stack([s["params"] for s in samples]),
                 "global_crops": None, "local_crops": None, "masks": masks,
-                "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)}
+                "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
+                "keys": [s.get("key") for s in samples]}
     n_crops = len(samples[0]["crops"])
     n_masks = len(samples[0]["masks"])
     if any(len(s["crops"]) != n_crops or len(s["masks"]) != n_masks for s in samples):
@@ -100,4 +102,5 @@ def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Tensor | None]
         "local_crops": stack(range(n_global, n_crops)),
         "masks": masks,
         "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
+        "keys": [s.get("key") for s in samples],
     }

@@ -269,10 +269,9 @@ class StreamDataset(IterableDataset):
         torch.manual_seed(worker_seed)
         raw = self._guarded(worker)
         if self.shuffle:
-            shuffled = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer),
-                                   seed=derive_seed(self.seed, self.epoch, self.rank, worker, 3))
-            raw = shuffled(raw)
-        return self._decoded(raw)
+            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 3))
+            raw = shuffle_within_passes(raw, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
+        return self._decoded(s for s in raw if s is not PASS_END)
 
     def _guarded(self, worker: int) -> Iterator[dict[str, Any]]:
         """Raw samples of the worker's schedule; stops an endless schedule that went a full cycle with no sample."""
@@ -286,10 +285,43 @@ class StreamDataset(IterableDataset):
             empty_run = 0 if got else empty_run + 1
             if n == cycle:
                 self._pass_samples = read
+            if n % cycle == 0 and not self.resampled:
+                yield PASS_END
             if empty_run >= cycle and (self.resampled or self.repeat):
                 warnings.warn(f"rank {self.rank} worker {worker}: {cycle} shards in a row gave no readable sample; "
                               "stopping this worker's stream", CorruptSampleWarning, stacklevel=2)
                 return
+
+
+PASS_END = object()  # marks the end of one pass over a worker's shards in its raw sample stream
+
+
+def shuffle_within_passes(samples: Iterator[Any], bufsize: int, initial: int, rng: random.Random) -> Iterator[Any]:
+    """webdataset's shuffle buffer (fill `initial`, then emit a random buffered sample per new one, up to
+    `bufsize` held), flushed at every `PASS_END`: samples of the next pass over the shards never overtake those of
+    the current one, so each pass -- each epoch of a rank that re-reads its share to reach its batch count --
+    yields every sample exactly once. (webdataset's own buffer, fed an endless stream, mixes passes whenever
+    the buffer is larger than what is left of a pass.)"""
+    buffer: list[Any] = []
+    arrivals = 0
+    for sample in samples:
+        if sample is PASS_END:
+            rng.shuffle(buffer)
+            yield from buffer
+            buffer.clear()
+            yield PASS_END
+            continue
+        buffer.append(sample)
+        if len(buffer) < initial:
+            continue
+        arrivals += 1
+        if len(buffer) < bufsize and arrivals % 2:
+            continue  # still growing towards bufsize: one sample out for every two in
+        index = rng.randrange(len(buffer))
+        buffer[index], buffer[-1] = buffer[-1], buffer[index]
+        yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 # ---------------------------------------------------------------------------------------------------------- loader

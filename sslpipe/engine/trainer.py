@@ -32,6 +32,7 @@ from sslpipe.engine.checkpoint import list_checkpoints, load_checkpoint, resolve
 from sslpipe.engine.determinism import deterministic_mode
 from sslpipe.engine.optim import (apply_schedule, build_optimizer, cancel_last_layer_gradients,
                                   clip_gradients_per_tensor)
+from sslpipe.engine.preemption import StopRequest
 from sslpipe.engine.prefetch import prefetch_to_device
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup
@@ -109,6 +110,24 @@ def train_step(accelerator: Accelerator, recipe: Recipe, optimizer: torch.optim.
         losses.append(loss.detach().float())
     recipe.after_optimizer_step(sched)
     return losses, metrics
+
+
+def describe_scale(cfg: Config, sched: Schedules, world: int) -> str:
+    """The numbers that change with the process count, printed at start so a run never changes them silently."""
+    o = cfg.optim
+    rule = (f"= optim.lr {o.lr:g} x {sched.global_batch} / 256" if o.lr_scaling == "linear"
+            else "(optim.lr_scaling none: as given)")
+    return (f"{world} process(es) x batch {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation = "
+            f"global batch {sched.global_batch}; peak lr {sched.base_lr:.4g} {rule}; {sched.steps_per_epoch} steps "
+            f"per epoch, {sched.total} steps in {cfg.train.epochs} epochs")
+
+
+def rescaled_step(step: int, saved_steps_per_epoch: int, steps_per_epoch: int) -> int:
+    """The step at the same point of the same epoch when the steps per epoch changed (another process count)."""
+    if saved_steps_per_epoch == steps_per_epoch:
+        return step
+    epoch, in_epoch = divmod(step, saved_steps_per_epoch)
+    return epoch * steps_per_epoch + round(in_epoch * steps_per_epoch / saved_steps_per_epoch)
 
 
 def _run_dir(cfg: Config, ckpt: Path | None) -> Path:
@@ -212,15 +231,24 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
     sched = Schedules(cfg, spe, world)
     stop_at = sched.total if cfg.train.max_steps is None else min(sched.total, cfg.train.max_steps)
     freeze_iters = int(round(cfg.optim.freeze_last_layer_epochs * spe))
+    accelerator.print(describe_scale(cfg, sched, world))
 
     global_step, best, last_metrics = 0, None, {}
     if ckpt is not None:
         trainer_state, extra = load_checkpoint(accelerator, ckpt, model=recipe.student, optimizer=optimizer)
         recipe.load_extra_state(extra)
-        global_step, best = int(trainer_state["global_step"]), trainer_state.get("best")
-        if trainer_state.get("world_size", world) != world:
-            accelerator.print(f"warning: resuming a {trainer_state['world_size']}-process run on {world} processes: "
-                              "the data order will differ from an uninterrupted run")
+        best = trainer_state.get("best")
+        saved_step = int(trainer_state["global_step"])
+        saved_spe, saved_world = trainer_state.get("steps_per_epoch", spe), trainer_state.get("world_size", world)
+        global_step = rescaled_step(saved_step, saved_spe, spe)
+        if (saved_world, saved_spe) != (world, spe):
+            saved_batch = trainer_state.get("global_batch", cfg.data.batch_size * saved_world * accum)
+            accelerator.print(
+                f"elastic resume: the run was saved on {saved_world} processes (global batch {saved_batch}, "
+                f"{saved_spe} steps per epoch) and continues on {world} (global batch {sched.global_batch}, {spe} "
+                f"steps per epoch). Step {saved_step} (epoch {saved_step / saved_spe:.3f}) continues as step "
+                f"{global_step} at the same point of the epoch and of the schedules; the learning rate follows "
+                f"the new global batch, and the data order differs from an uninterrupted run.")
         accelerator.print(f"resumed from {ckpt} at global step {global_step}")
 
     accelerator.init_trackers(cfg.tracking.wandb_project, config=flat_config(cfg), init_kwargs=init_kwargs)
@@ -234,7 +262,8 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
         check_finite()
         epoch, in_epoch = divmod(global_step, spe)
         trainer_state = {"global_step": global_step, "epoch": epoch, "step_in_epoch": in_epoch, "world_size": world,
-                         "steps_per_epoch": spe, "metrics": last_metrics, "best": best}
+                         "steps_per_epoch": spe, "global_batch": sched.global_batch, "metrics": last_metrics,
+                         "best": best}
         last_ckpt = save_checkpoint(accelerator, run_dir, trainer_state, recipe.extra_state(),
                                     keep_last=cfg.train.keep_last, metric=metric, model=recipe.student,
                                     optimizer=optimizer)
@@ -254,6 +283,7 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
     bar = tqdm(total=stop_at, initial=global_step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     window_images, window_start, window_loss, window_metrics = 0, time.perf_counter(), [], {}
     window_steps: list[int] = []
+    stop_request = StopRequest(cfg.train.stop_file).install()
     try:
         while global_step < stop_at:
             epoch, start = divmod(global_step, spe)
@@ -292,6 +322,12 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
                                     img_s=f"{last_metrics['images_per_s']:.1f}")
                     window_images, window_start, window_loss, window_metrics = 0, time.perf_counter(), [], {}
                     window_steps = []
+                    if stop_request.agreed(accelerator):
+                        checkpoint()
+                        log({"step": global_step, "event": "stopped on request"})
+                        accelerator.print(f"stopped on request at step {global_step}: checkpoint {last_ckpt}; "
+                                          f"continue with --resume {run_dir} (or --resume auto)")
+                        return run_dir
                 every = cfg.train.checkpoint_every_steps
                 if every and global_step % every == 0 and global_step < stop_at:
                     checkpoint()
@@ -314,6 +350,7 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
         if last_saved != global_step:
             checkpoint()
     finally:
+        stop_request.restore()
         bar.close()
         if writer is not None:
             writer.close()

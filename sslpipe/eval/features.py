@@ -121,6 +121,8 @@ def extract_features(
     cache_path: str | Path | None = None,
     progress: bool = True,
     feature_fn: FeatureFn = pre_logits,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Features (N, D) float32 and labels (N,) int64 of a shard split, on the CPU.
 
@@ -130,6 +132,7 @@ def extract_features(
     faster but not bit-comparable with the CPU. `feature_fn(model, x)` picks the feature (default: `pre_logits`; the
     linear probe passes the last blocks' CLS). With `cache_path`, features are stored as safetensors with a
     fingerprint of model, shards, transform and feature function, and reloaded only when the fingerprint matches.
+    With `world_size` > 1 only this rank's shards are read (see `extract_features_sharded`).
     """
     device = torch.device(device) if device is not None else default_device(model)
     fp = None
@@ -145,9 +148,9 @@ def extract_features(
 
     loader = build_loader(
         spec, split=split, sample_fn=_EvalSample(transform), collate_fn=_collate, batch_size=batch_size,
-        num_workers=num_workers, shuffle=False, drop_last=False,
+        num_workers=num_workers, shuffle=False, drop_last=False, rank=rank, world_size=world_size,
     )
-    total = count_samples(spec, split)
+    total = count_samples(spec, split) if world_size == 1 else None
     if max_samples is not None:
         total = min(total, max_samples) if total is not None else max_samples
     feats: list[Tensor] = []
@@ -176,6 +179,43 @@ def extract_features(
                   metadata={"fingerprint": fp})
         tmp.replace(cache_path)
     return features, all_labels
+
+
+def extract_features_sharded(model: nn.Module, spec: str | list[str], accelerator: Any, *, split: str,
+                             max_samples: int | None = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """Every process extracts its own share of the split's shards (the training split rule: rank r reads shards
+    r, r + P, ...) and the shares are gathered, so a probe on P processes reads each image once and takes about
+    1/P of the time. Every process returns all features, in rank order (kNN does not depend on the order).
+    With fewer shards than processes the extra processes contribute nothing; `max_samples` caps each share at
+    ceil(max_samples / P) (a different subset than one process would take, of the same size)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world == 1:
+        return extract_features(model, spec, split=split, max_samples=max_samples, **kwargs)
+    readers = min(world, len(resolve_shards(spec, split)))
+    share = None if max_samples is None else -(-max_samples // readers)
+    if rank < readers:
+        feats, labels = extract_features(model, spec, split=split, max_samples=share, rank=rank,
+                                         world_size=readers, **kwargs)
+    else:
+        dim = int(feature_dim(model, kwargs.get("feature_fn", pre_logits), kwargs["transform"]))
+        feats, labels = torch.zeros(0, dim), torch.zeros(0, dtype=torch.long)
+    device = accelerator.device
+    counts = accelerator.gather(torch.tensor([len(labels)], device=device)).tolist()
+    feats = accelerator.gather(accelerator.pad_across_processes(feats.to(device), dim=0)).cpu()
+    labels = accelerator.gather(accelerator.pad_across_processes(labels.to(device), dim=0)).cpu()
+    size = max(counts)
+    keep = torch.cat([torch.arange(r * size, r * size + n) for r, n in enumerate(counts)])
+    return feats[keep], labels[keep]
+
+
+@torch.no_grad()
+def feature_dim(model: nn.Module, feature_fn: FeatureFn, transform: Any) -> int:
+    """The feature width, from one forward pass on a blank image through the evaluation transform."""
+    from PIL import Image
+
+    image = transform(Image.new("RGB", (256, 256)))
+    with on_device(model, model_device(model)):
+        return int(feature_fn(model, image[None].to(model_device(model))).shape[-1])
 
 
 def default_eval_sizes(img_size: int) -> tuple[int, int]:
@@ -216,9 +256,16 @@ def prepare_backbone(
 
 def extract_train_val(model: nn.Module, train_spec: str | list[str], val_spec: str | list[str], *, train_split: str,
                       val_split: str, max_train: int | None, max_test: int | None, cache_dir: str | Path | None,
-                      cache_name: str = "", **common: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      cache_name: str = "", accelerator: Any = None, **common: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Features and labels of the train and val splits (what every probe starts from), cached under `cache_dir`
-    as `{cache_name}train.safetensors` / `{cache_name}val.safetensors` when it is given."""
+    as `{cache_name}train.safetensors` / `{cache_name}val.safetensors` when it is given. With an `accelerator` of
+    several processes each extracts its share and all get everything (`extract_features_sharded`; no cache)."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        train_x, train_y = extract_features_sharded(model, train_spec, accelerator, split=train_split,
+                                                    max_samples=max_train, **common)
+        val_x, val_y = extract_features_sharded(model, val_spec, accelerator, split=val_split, max_samples=max_test,
+                                                **common)
+        return train_x, train_y, val_x, val_y
     cache = Path(cache_dir) if cache_dir is not None else None
     train_x, train_y = extract_features(model, train_spec, split=train_split, max_samples=max_train,
                                         cache_path=cache / f"{cache_name}train.safetensors" if cache else None,

@@ -44,9 +44,10 @@ class _FaissSearch:
         index = faiss.IndexFlatIP(data.shape[1])
         index.add(data)
         self.gpu = faiss.get_num_gpus() > 0
-        if self.gpu:
+        if self.gpu:  # this process's GPU (each rank of a distributed probe searches on its own)
             self.resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self.resources, 0, index)
+            gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
+            index = faiss.index_cpu_to_gpu(self.resources, gpu, index)
         self.index = index
 
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -195,8 +196,13 @@ def run_knn(
     tracker: Any = None,
     step: int | None = None,
     progress: bool = True,
+    accelerator: Any = None,
 ) -> dict[str, Any]:
     """Extract train/val features of a backbone (an export folder or a module) and run the weighted kNN.
+
+    With an `accelerator` of several processes (the periodic probe of a distributed run) every process extracts its
+    share of the shards and all receive the gathered features; each then runs the same search, so all return the
+    same result without waiting on one another.
 
     Image size, mean and std default to the export's `config.json` (ImageNet statistics and 224 for a module);
     resize/crop default to DINO's 256/224 ratio at that size. Writes the result to `out_json` and logs
@@ -209,7 +215,7 @@ def run_knn(
     train_x, train_y, test_x, test_y = extract_train_val(
         model, train_spec, val_spec, train_split=train_split, val_split=val_split, max_train=max_train,
         max_test=max_test, cache_dir=cache_dir, transform=transform, batch_size=batch_size, num_workers=num_workers,
-        device=device, progress=progress,
+        device=device, progress=progress, accelerator=accelerator,
     )
     result = knn_classify(train_x, train_y, test_x, test_y, k_list, T, num_classes, backend=backend, device=device)
     result["backbone"] = source
@@ -218,8 +224,9 @@ def run_knn(
     return result
 
 
-def knn_probe(module: nn.Module, cfg: Any, progress: bool = True) -> dict[str, Any]:
-    """The periodic kNN of a training run (recipes call it with the teacher backbone and the run's Config).
+def knn_probe(module: nn.Module, cfg: Any, progress: bool = True, accelerator: Any = None) -> dict[str, Any]:
+    """The periodic kNN of a training run (recipes call it with the teacher backbone and the run's Config, on every
+    process: with several, the extraction is shared out, see `run_knn`).
 
     Reads `cfg.data.{train, train_split, val, val_split, batch_size, num_workers}`, `cfg.crops.{global_size, mean,
     std}` and, when present, `cfg.eval.{knn_k, knn_temperature, knn_max_train, knn_max_val}`.
@@ -232,4 +239,5 @@ def knn_probe(module: nn.Module, cfg: Any, progress: bool = True) -> dict[str, A
         resize=getattr(ev, "resize", None), crop=getattr(ev, "crop", None),
         batch_size=getattr(data, "batch_size", 256), num_workers=getattr(data, "num_workers", 0),
         max_train=getattr(ev, "knn_max_train", None), max_test=getattr(ev, "knn_max_val", None), progress=progress,
+        accelerator=accelerator,
     )

@@ -1,0 +1,49 @@
+"""Stop cleanly when asked: a checkpoint at the next log step, then `train` returns (resume with `--resume auto`).
+
+Two ways to ask, both checked only at log steps (every `train.log_every` steps) with one gather, so every process
+stops at the same step and no step pays a collective for it:
+- SIGUSR1 to a training process (`kill -USR1 PID`; what `sbatch --signal=USR1@120` sends job steps);
+- a stop file (`train.stop_file`) appearing: the SLURM template traps the time-limit warning in the batch shell
+  (`--signal=B:USR1@...`), touches the file on the shared file system and requeues the job after the checkpoint,
+  which is more robust than signalling processes through srun and the launcher.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import torch
+
+
+class StopRequest:
+    """Records SIGUSR1 between `install()` and `restore()` (a handler only in the main thread) and watches the
+    stop file."""
+
+    def __init__(self, stop_file: str | None = None) -> None:
+        self.stop_file = stop_file
+        self.signalled = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signalled = True
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+            self._previous = signal.signal(signal.SIGUSR1, self._handle)
+        return self
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+    def requested_locally(self) -> bool:
+        return self.signalled or (self.stop_file is not None and os.path.exists(self.stop_file))
+
+    def agreed(self, accelerator: Any) -> bool:
+        """True on every process when any process was asked to stop (one gather)."""
+        flag = torch.tensor([1.0 if self.requested_locally() else 0.0], device=accelerator.device)
+        return bool(accelerator.gather(flag).max() > 0)
