@@ -166,8 +166,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     loader.add_argument("--photos", type=int, default=None, metavar="N",
                         help="first write N 500x375 JPEG photographs (from scikit-image's bundled images) as shards")
     loader.add_argument("--recipe", default="recipes/demo_ibot.yaml", help="takes the multi-crop settings from it")
-    loader.add_argument("--backend", choices=["fast", "torchvision", "both"], default="both",
-                        help="crop backends to time in the stream (crops.backend)")
+    loader.add_argument("--backend", choices=["fast", "torchvision", "device", "both", "all"], default="both",
+                        help="crop backends to time (crops.backend); both = fast + torchvision, all = + device")
+    loader.add_argument("--device", default=None, help="where the device backend crops (default: cuda if present)")
     loader.add_argument("--batch-size", type=int, default=64)
     loader.add_argument("--workers", type=int, default=2)
     loader.add_argument("--max-images", type=int, default=4096)
@@ -205,10 +206,11 @@ def _run_bench(args: argparse.Namespace) -> int:
             shards = str(make_photo_shards(shards or "runs/bench_photos", args.photos))
         if shards is None:
             raise ValueError("give a shard directory, or --photos N to make one of photographs")
-        backends = ("fast", "torchvision") if args.backend == "both" else (args.backend,)
+        backends = {"both": ("fast", "torchvision"), "all": ("fast", "torchvision", "device")}.get(
+            args.backend, (args.backend,))
         result = run_loader_bench_from_recipe(shards, args.recipe, backends=backends, batch_size=args.batch_size,
                                               num_workers=args.workers, max_images=args.max_images,
-                                              rounds=args.rounds, max_seconds=args.max_seconds)
+                                              rounds=args.rounds, max_seconds=args.max_seconds, device=args.device)
     elif args.bench == "knn":
         from sslpipe.bench.knn import run_knn_bench
 

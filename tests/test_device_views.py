@@ -90,3 +90,16 @@ def test_loader_yields_images_and_parameters_with_the_fast_paths_masks(digits_sh
     loss, _ = recipes["device"].step(dev, {"teacher_temp": 0.04, "teacher_patch_temp": 0.04, "it": 0})
     assert torch.isfinite(loss)
     loss.backward()
+
+
+@pytest.mark.parametrize("size, sigma", [(6, 2.0), (32, 0.7), (1, 1.5)])
+def test_blur_matches_opencv_even_when_the_kernel_is_wider_than_the_crop(size, sigma):
+    import cv2
+
+    from sslpipe.data.device_views import _gaussian_blur
+
+    img = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    ref = cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101).astype(float)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    got = _gaussian_blur(x, torch.tensor([sigma]))[0].permute(1, 2, 0).numpy()
+    assert np.abs(got - ref).max() <= 1.0

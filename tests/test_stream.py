@@ -215,9 +215,13 @@ def test_loader_bench_smoke(tmp_path):
 
     _write_shards(tmp_path, [12, 12])
     tf = transforms.Compose([transforms.RandomResizedCrop(8, scale=(0.5, 1.0)), transforms.ToTensor()])
+    from sslpipe.data.device_views import DeviceMultiCropTransform
+
     fast = FastMultiCropTransform(8, 4, n_local=2)
-    result = run_loader_bench(str(tmp_path), transforms={"fast": fast, "torchvision": tf}, batch_size=4,
-                              num_workers=0, max_images=16)
+    result = run_loader_bench(str(tmp_path), transforms={"fast": fast, "torchvision": tf,
+                                                         "device": DeviceMultiCropTransform(8, 4, n_local=2)},
+                              batch_size=4, num_workers=0, max_images=16, device="cpu")
+    assert result["stream_device_img_s"] > 0 and result["ceiling_device_img_s"] > 0
     assert result["images"] == 16
     for key in ("stream_fast_img_s", "stream_torchvision_img_s", "imagefolder_img_s", "ceiling_fast_img_s",
                 "ceiling_torchvision_img_s", "stream_fast_per_core"):

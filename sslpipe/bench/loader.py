@@ -62,12 +62,15 @@ def _write_image_folder(samples: list[dict], root: str) -> None:
             f.write(sample[ext])
 
 
-def _rate(batches: Any, batch_size: int, num_batches: int) -> float:
-    """Images per second to pull `num_batches` batches (worker start-up included: every epoch pays it)."""
+def _rate(batches: Any, batch_size: int, num_batches: int, finish: Callable[[Any], Any] | None = None) -> float:
+    """Images per second to pull `num_batches` batches (worker start-up included: every epoch pays it), each then
+    passed through `finish` when given (the device half of the device crop path)."""
     start = time.perf_counter()
     it = iter(batches)
     for _ in range(num_batches):
-        next(it)
+        batch = next(it)
+        if finish is not None:
+            finish(batch)
     elapsed = time.perf_counter() - start
     del it
     return num_batches * batch_size / elapsed
@@ -75,6 +78,27 @@ def _rate(batches: Any, batch_size: int, num_batches: int) -> float:
 
 def _collate(batch: list) -> Any:
     return default_collate(batch)
+
+
+def _keep_list(batch: list) -> list:
+    return batch
+
+
+class _DeviceCrops:
+    """The main-process half of `crops.backend: device`: crop a batch of `DeferredCrops` on `device`."""
+
+    def __init__(self, transform: Any, device: torch.device) -> None:
+        from sslpipe.data.device_views import crop_sizes
+
+        self.device, self.sizes = device, crop_sizes(transform)
+
+    def __call__(self, batch: list) -> None:
+        from sslpipe.data.device_views import augment_batch
+
+        images = [item.image.to(self.device, non_blocking=True) for item in batch]
+        augment_batch(images, torch.stack([item.params for item in batch]), self.sizes)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -94,11 +118,13 @@ def format_table(result: dict[str, Any]) -> str:
 def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
                      transforms: dict[str, Callable[[Image.Image], Any]], batch_size: int = 64, num_workers: int = 0,
                      max_images: int = 1024, split: str = "train", rounds: int = 2,
-                     max_seconds: float = 30.0) -> dict[str, Any]:
+                     max_seconds: float = 30.0, device: str | None = None) -> dict[str, Any]:
     """Images/s of the shard stream with each transform of `transforms` (name -> transform; the one named
     "torchvision" also drives ImageFolder, else the first), of ImageFolder on the same images, and of
     decode+augment alone (bounded by `max_seconds` per round). If `image_folder` is None the first `max_images`
-    images of the shards are written, bytes unchanged, into a temporary ImageFolder tree."""
+    images of the shards are written, bytes unchanged, into a temporary ImageFolder tree. A device-path transform
+    (`crops.backend: device`) is timed with its second half, the batch cropped on `device` (default: cuda when
+    present), included."""
     samples = _raw_samples(shard_dir, split, max_images)
     num_batches = len(samples) // batch_size
     if num_batches < 1:
@@ -111,14 +137,24 @@ def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
                               "backends": backends, "max_seconds": max_seconds}
     encoded = [s[next(k for k in IMAGE_KEYS if k in s)] for s in samples[:n_images]]
 
+    def device_half(transform: Callable) -> Callable[[Any], Any] | None:
+        from sslpipe.data.device_views import DeviceMultiCropTransform
+
+        if not isinstance(transform, DeviceMultiCropTransform):
+            return None
+        return _DeviceCrops(transform, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
     def stream_rate(transform: Callable) -> float:
-        stream = build_loader(shard_dir, split=split, sample_fn=_ApplyTransform(transform), collate_fn=_collate,
-                              batch_size=batch_size, num_workers=num_workers, num_batches=num_batches,
-                              shuffle_buffer=min(1000, n_images))
-        return _rate(stream, batch_size, num_batches)
+        finish = device_half(transform)
+        stream = build_loader(shard_dir, split=split, sample_fn=_ApplyTransform(transform),
+                              collate_fn=_keep_list if finish else _collate, batch_size=batch_size,
+                              num_workers=num_workers, num_batches=num_batches, shuffle_buffer=min(1000, n_images),
+                              pin_memory=finish is not None and finish.device.type == "cuda")
+        return _rate(stream, batch_size, num_batches, finish)
 
     def ceiling_rate(transform: Callable) -> float:
         draft = getattr(transform, "draft_size", None)
+        finish = device_half(transform)
         start, done = time.perf_counter(), 0
         for i in range(0, n_images, batch_size):
             images = []
@@ -127,7 +163,8 @@ def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
                     if draft is not None and img.format == "JPEG":
                         img.draft("RGB", draft(*img.size))
                     images.append(img.convert("RGB"))
-            _collate([transform(img) for img in images])
+            out = [transform(img) for img in images]
+            finish(out) if finish is not None else _collate(out)
             done += len(images)
             if time.perf_counter() - start > max_seconds:
                 break
@@ -168,7 +205,8 @@ def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
 
 def run_loader_bench_from_recipe(shard_dir: str, recipe: str, *, backends: tuple[str, ...] = ("fast", "torchvision"),
                                  batch_size: int = 64, num_workers: int = 0, max_images: int = 4096,
-                                 rounds: int = 2, max_seconds: float = 30.0) -> dict[str, Any]:
+                                 rounds: int = 2, max_seconds: float = 30.0,
+                                 device: str | None = None) -> dict[str, Any]:
     """`sslpipe bench loader`: the benchmark with the recipe's own multi-crop settings, printed as a table."""
     from sslpipe.config import load_config
     from sslpipe.data.views import multicrop_from_config
@@ -176,7 +214,7 @@ def run_loader_bench_from_recipe(shard_dir: str, recipe: str, *, backends: tuple
     c = load_config(recipe, ["data.train=unused"]).crops
     transforms = {b: multicrop_from_config(c.model_copy(update={"backend": b})) for b in backends}
     result = run_loader_bench(shard_dir, transforms=transforms, batch_size=batch_size, num_workers=num_workers,
-                              max_images=max_images, rounds=rounds, max_seconds=max_seconds)
+                              max_images=max_images, rounds=rounds, max_seconds=max_seconds, device=device)
     result["crops"] = f"{c.n_global}x{c.global_size}px + {c.n_local}x{c.local_size}px from {recipe}"
     print(f"{result['images']} images, batch {batch_size}, {result['crops']}")
     print(result["table"])

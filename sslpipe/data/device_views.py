@@ -88,6 +88,17 @@ def _jitter_op(op: int, x: Tensor, factor: Tensor) -> Tensor:
     return _levels(_hsv_to_rgb((h + f.view(-1, 1, 1)) % 1.0, s, v) * 255)
 
 
+def _reflect101(n: int, r: int, device: torch.device) -> Tensor:
+    """Indices of positions -r .. n-1+r reflected into [0, n) without repeating the edge (OpenCV's BORDER_REFLECT_101,
+    for any r: a kernel may be wider than a small crop)."""
+    i = torch.arange(-r, n + r, device=device)
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1)
+    i = i.abs() % period
+    return torch.where(i >= n, period - i, i)
+
+
 def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     """Per-crop Gaussian blur (sigma > 0), OpenCV's kernel (size 6 sigma + 1, odd) with reflect-101 borders."""
     n, c, height, width = x.shape
@@ -98,8 +109,8 @@ def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     kernel = kernel * (offsets.abs().view(1, -1) <= torch.tensor(radius, device=x.device).view(-1, 1))
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c, 2r+1)
     y = x.reshape(1, n * c, height, width)
-    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, -1), groups=n * c)
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), kernel.view(n * c, 1, -1, 1), groups=n * c)
+    y = F.conv2d(y.index_select(3, _reflect101(width, r, x.device)), kernel.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(y.index_select(2, _reflect101(height, r, x.device)), kernel.view(n * c, 1, -1, 1), groups=n * c)
     return _levels(y.reshape(n, c, height, width))
 
 
