@@ -154,6 +154,10 @@ class TrainConfig(_Section):
     # Deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cuDNN flags): on a GPU, resume is
     # then bit-exact; without it a resumed GPU run matches the uninterrupted one only to float rounding (docs).
     deterministic: bool = False
+    # regional torch.compile: each transformer block (a CNN backbone as a whole) of student and teacher is compiled
+    # on its own, which compiles fast and recompiles only per crop size; off by default (measure with bench step)
+    compile: bool = False
+    compile_backend: str = "inductor"
     # a file whose appearance asks the run to checkpoint and stop at the next log step (SIGUSR1 does the same);
     # launch/slurm.sbatch sets it for requeue before the time limit
     stop_file: str | None = None

@@ -67,6 +67,7 @@ class DINORecipe(MultiCropRecipe):
         self.teacher.to(accelerator.device)
         self.loss = DINOLoss(self.cfg.head.out_dim, student_temp=self.cfg.loss.student_temp,
                              center_momentum=self.cfg.loss.center_momentum).to(accelerator.device)
+        self.compile_backbones(self.student, self.teacher)
 
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.cfg.crops

@@ -79,6 +79,7 @@ class IBOTRecipe(MultiCropRecipe):
             student_temp=lc.student_temp, center_momentum=lc.center_momentum, center_momentum2=lc.center_momentum2,
             lambda1=lc.lambda1, lambda2=lc.lambda2,
         ).to(accelerator.device)
+        self.compile_backbones(self.student, self.teacher)
 
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         global_crops, local_crops = self.crops_on_device(batch)

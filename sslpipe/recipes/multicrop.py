@@ -118,6 +118,16 @@ class MultiCropRecipe(Recipe):
     def batch_size_of(self, batch: dict[str, Any]) -> int:
         return int(batch["labels"].shape[0])
 
+    def compile_backbones(self, *nets: nn.Module) -> None:
+        """`train.compile`: compile each ViT block (or a CNN backbone whole) in place; names and state dicts are
+        unchanged, so EMA, checkpoints and export see the same keys."""
+        if not self.cfg.train.compile:
+            return
+        for net in nets:
+            backbone = getattr(net.backbone, "vit", net.backbone)
+            for module in getattr(backbone, "blocks", [backbone]):
+                module.compile(backend=self.cfg.train.compile_backend)
+
     # -------------------------------------------------------------- teacher
     def _unwrapped_student(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.student) if self.accelerator is not None else self.student
