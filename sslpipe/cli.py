@@ -11,10 +11,16 @@ from pathlib import Path
 def _add_shards(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shards", help="write WebDataset tar shards + manifest.json from images or a bundled data set")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", choices=["fashion-mnist", "digits"], help="a bundled data set")
+    src.add_argument("--dataset", choices=["fashion-mnist", "digits", "scenes", "stardist"],
+                     help="a bundled data set; `scenes`: generated segmentation scenes (Fashion-MNIST objects on "
+                          "scikit-image photographs, seg.png + inst.png); `stardist`: 64-px tiles of the real "
+                          "nuclei image in the stardist wheel (background/nucleus), written like --voc")
     src.add_argument("--folder", help="an image folder with one sub-folder per class (like ImageFolder)")
     src.add_argument("--list", dest="list_file", help="a list file: `path [label]` per line")
     src.add_argument("--seg-list", help="a list file: `image_path label_png_path` per line (segmentation)")
+    src.add_argument("--voc", help="a PASCAL VOC style folder (JPEGImages/, SegmentationClass[Aug]/, split lists): "
+                                   "writes OUT/labeled, OUT/unlabeled, OUT/val for U2PL (docs/u2pl.md)")
+    src.add_argument("--cityscapes", help="a Cityscapes style folder (leftImg8bit/, gtFine/): like --voc")
     p.add_argument("out", help="output directory (refused if it is not empty, unless --force)")
     p.add_argument("--samples-per-shard", type=int, default=10000)
     p.add_argument("--max-shard-bytes", type=int, default=None, help="also start a new shard past this size")
@@ -26,13 +32,44 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes that read and encode images")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    p.add_argument("--scene-size", type=int, default=64, help="scenes: image side in pixels")
+    p.add_argument("--scene-train", type=int, default=2000, help="scenes: number of train images")
+    p.add_argument("--scene-val", type=int, default=500, help="scenes: number of val images")
+    p.add_argument("--semi", action="store_true",
+                   help="scenes: write labelled/unlabelled/val shard sets like --voc (with --labeled)")
+    p.add_argument("--labeled", default=None,
+                   help="--voc/--cityscapes/--semi: the labelled subset, a count (1464) or fraction (1/16), chosen "
+                        "by a seeded list (--seed); the rest becomes unlabelled. Default: all labelled")
+    p.add_argument("--labeled-list", default=None, help="--voc/--cityscapes: a file of the labelled ids instead")
+    p.add_argument("--voc-train", default="train",
+                   help="--voc: train split (ImageSets/Segmentation/NAME.txt or a list file; U2PL: trainaug ids)")
+    p.add_argument("--voc-val", default="val", help="--voc: val split (name or list file)")
+
+
+def _run_layout_shards(args: argparse.Namespace) -> int:
+    from sslpipe.data.seg_layouts import layout_shards
+
+    scenes = ({"train": args.scene_train, "val": args.scene_val, "size": args.scene_size}
+              if args.dataset == "scenes" else None)
+    summary = layout_shards(args.out, voc=args.voc, cityscapes=args.cityscapes, scenes=scenes,
+                            stardist=args.dataset == "stardist",
+                            voc_train=args.voc_train, voc_val=args.voc_val, labeled=args.labeled,
+                            labeled_list=args.labeled_list, seed=args.seed, samples_per_shard=args.samples_per_shard,
+                            force=args.force, num_workers=args.workers, created_by="sslpipe " + " ".join(sys.argv[1:]))
+    for name, info in summary["sets"].items():
+        print(f"{args.out}/{name}: {info['samples']} samples in {info['shards']} shards")
+    return 0
 
 
 def _run_shards(args: argparse.Namespace) -> int:
     from sslpipe.data.shards import write_shards
 
+    if args.voc or args.cityscapes or args.dataset == "stardist" or (args.dataset == "scenes" and args.semi):
+        return _run_layout_shards(args)
+    if args.semi or args.labeled or args.labeled_list:
+        raise ValueError("--semi/--labeled/--labeled-list go with --voc, --cityscapes or --dataset scenes --semi")
     source, kind = (
-        (args.dataset, "dataset") if args.dataset else
+        (args.dataset, "scenes" if args.dataset == "scenes" else "dataset") if args.dataset else
         (args.folder, "folder") if args.folder else
         (args.list_file, "list") if args.list_file else
         (args.seg_list, "seg-list")
@@ -42,6 +79,8 @@ def _run_shards(args: argparse.Namespace) -> int:
         max_shard_bytes=args.max_shard_bytes, val_fraction=args.val_fraction, reencode=args.reencode,
         quality=args.quality, max_side=args.max_side, limit=args.limit, num_workers=args.workers,
         seed=args.seed, force=args.force, created_by="sslpipe " + " ".join(sys.argv[1:]),
+        scenes={"size": args.scene_size, "train": args.scene_train, "val": args.scene_val}
+        if args.dataset == "scenes" else None,
     )
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
@@ -71,7 +110,8 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a run's backbone as model.safetensors + config.json (loads in timm)")
     p.add_argument("run", help="a run directory")
-    p.add_argument("--which", choices=["teacher", "student"], default="teacher")
+    p.add_argument("--which", choices=["teacher", "student"], default=None,
+                   help="default: the teacher when the run has one (DINO, iBOT), else the student (SimCLR)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the newest)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/export/WHICH)")
 
@@ -80,7 +120,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from sslpipe.export import export_run
 
     out = export_run(args.run, which=args.which, out=args.out, checkpoint=args.checkpoint)
-    print(f"exported {args.which} backbone to {out}")
+    print(f"exported to {out}")
     return 0
 
 
@@ -139,6 +179,132 @@ def _run_linear(args: argparse.Namespace) -> int:
         out_json=args.out,
     )
     print(f"linear probe top-1 {result['top1']:.4f}" + (f"  top-5 {result['top5']:.4f}" if "top5" in result else ""))
+    return 0
+
+
+def _add_qscore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("qscore", help="Q-score report: which label-free metrics flag the samples kNN gets wrong")
+    _add_probe_args(p)
+    p.add_argument("--k", type=int, default=20, help="kNN neighbours whose predictions define right/wrong")
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--eta", type=float, default=1e-3, help="soft-sparsity threshold")
+    p.add_argument("--eps", type=float, default=4.0, help="v2: highly activating = h > mean + eps * std")
+    p.add_argument("--percentiles", type=float, nargs=2, default=[50.0, 95.0], metavar=("LOW", "HIGH"),
+                   help="v2: band of the non-zero activation rates that counts as discriminative")
+    p.add_argument("--no-l2-normalize", action="store_true", help="v1 metrics on raw features (default: h/||h||_2)")
+    p.add_argument("--sparsity-abs", action="store_true", help="sparsity counts |h| < eta instead of h < eta")
+    p.add_argument("--rates-from", choices=["val", "train"], default="val",
+                   help="v2: split whose activation rates select the discriminative features")
+    p.add_argument("--png", default=None, help="histogram PNG (default: next to --out, same name .png)")
+    p.add_argument("--cache", default=None, help="folder to cache extracted features in")
+    p.add_argument("--log-with", choices=["wandb", "tensorboard"], default=None,
+                   help="also log the AUROC/AUPRC values to this tracker")
+
+
+def _run_qscore(args: argparse.Namespace) -> int:
+    from sslpipe.eval.qscore_report import qscore_report
+
+    tracker = None
+    if args.log_with:
+        from accelerate import Accelerator
+
+        from sslpipe.engine.tracking import resolve_wandb_mode
+
+        log_dir = Path(args.out).parent if args.out else Path("runs/qscore")
+        init = {"wandb": {"mode": resolve_wandb_mode(None), "dir": str(log_dir)}} if args.log_with == "wandb" else {}
+        tracker = Accelerator(cpu=True, log_with=args.log_with, project_dir=str(log_dir))
+        tracker.init_trackers("sslpipe-qscore", config={k: str(v) for k, v in vars(args).items()}, init_kwargs=init)
+    try:
+        result = qscore_report(
+            args.backbone, args.data, args.data, train_split=args.train_split, val_split=args.val_split, k=args.k,
+            T=args.temperature, eta=args.eta, eps=args.eps, percentiles=args.percentiles,
+            l2_normalize=not args.no_l2_normalize, sparsity_abs=args.sparsity_abs, rates_from=args.rates_from,
+            resize=args.resize, crop=args.crop, batch_size=args.batch_size, num_workers=args.workers,
+            max_train=args.max_train, max_test=args.max_val, cache_dir=args.cache, out_json=args.out,
+            out_png=args.png, tracker=tracker,
+        )
+    finally:
+        if tracker is not None:
+            tracker.end_training()
+    print(f"kNN k={args.k} top-1 {result['knn']['top1']:.4f}: {result['n_wrong']} of {result['n_val']} val samples "
+          "wrong")
+    print(f"{'metric':<10}{'flags':>6}{'AUROC':>8}{'AUPRC':>8}  above 0.5")
+    for name, s in result["scores"].items():
+        if s["auroc"] is None:
+            print(f"{name:<10}{s['direction']:>6}     n/a     n/a")
+            continue
+        print(f"{name:<10}{s['direction']:>6}{s['auroc']:8.4f}{s['auprc']:8.4f}  {'yes' if s['above_chance'] else 'no'}")
+    if result.get("plot"):
+        print(f"plot: {result['plot']}")
+    return 0
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune an exported backbone with a dense head (Mask2Former, ViTDet "
+                                        "Mask R-CNN) from a YAML recipe; evaluates mIoU or mask/box AP")
+    p.add_argument("recipe", help="a fine-tuning recipe, e.g. recipes/demo_finetune_m2f.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. finetune.backbone=runs/x/export/teacher")
+    p.add_argument("--resume", default=None,
+                   help="`auto` (newest run in output_dir with a checkpoint), a run directory or a checkpoint")
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from sslpipe.config import load_config
+    from sslpipe.engine.trainer import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    if not cfg.method.startswith("finetune_"):
+        raise ValueError(f"{args.recipe}: method {cfg.method!r} is not a fine-tuning method "
+                         "(finetune_mask2former, finetune_vitdet); use `sslpipe train` for pretraining recipes")
+    run_dir = train(cfg, resume=args.resume, overrides_text=" ".join(args.overrides) or None)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="coloured mask overlays (PNG) of a fine-tuning run's predictions")
+    p.add_argument("run", help="a fine-tuning run directory (or one of its checkpoint folders)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest)")
+    p.add_argument("--data", default=None, help="shard directory (default: the run's data.val)")
+    p.add_argument("--split", default=None, help="split of --data (default: the run's data.val_split)")
+    p.add_argument("-n", "--num-images", type=int, default=8, help="images to draw")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN/predictions/predict.png)")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from sslpipe.predict import predict_run
+
+    result = predict_run(args.run, checkpoint=args.checkpoint, data=args.data, split=args.split,
+                         n=args.num_images, out=args.out)
+    shown = {k: round(v, 4) for k, v in result["metrics"].items() if isinstance(v, float)}
+    print(f"{result['checkpoint']}: metrics on these {args.num_images} images {shown}")
+    print(f"wrote {result['png']}")
+    return 0
+
+
+def _add_eval_seg(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval-seg", help="mIoU and per-class IoU of a U2PL / supervised_seg run (whole or sliding)")
+    p.add_argument("run", help="a run directory of method u2pl or supervised_seg")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint folder or step (default: the newest)")
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher",
+                   help="U2PL's EMA teacher (default, as the official evaluation) or the student")
+    p.add_argument("--data", default=None, help="segmentation shards (default: the run's data.val)")
+    p.add_argument("--split", default=None, help="split of --data (default: the run's data.val_split)")
+    p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the run's u2pl.eval_mode")
+    p.add_argument("--crop", type=int, default=None, help="slide: window size (default: u2pl.eval_crop/crop_size)")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--out", default=None, help="result JSON (default: RUN/eval/eval_seg.json)")
+
+
+def _run_eval_seg(args: argparse.Namespace) -> int:
+    from sslpipe.eval.seg_eval import eval_seg_run
+    from sslpipe.eval.segmentation import format_iou_table
+
+    result = eval_seg_run(args.run, checkpoint=args.checkpoint, which=args.which, data=args.data, split=args.split,
+                          mode=args.mode, crop=args.crop, max_images=args.max_images, out=args.out)
+    print(f"{result['checkpoint']} ({result['model']}, {result['mode']}):")
+    print(format_iou_table(result))
+    print(f"wrote {result['json']}")
     return 0
 
 
@@ -241,6 +407,10 @@ COMMANDS = {
     "export": (_add_export, _run_export),
     "knn": (_add_knn, _run_knn),
     "linear": (_add_linear, _run_linear),
+    "qscore": (_add_qscore, _run_qscore),
+    "finetune": (_add_finetune, _run_finetune),
+    "predict": (_add_predict, _run_predict),
+    "eval-seg": (_add_eval_seg, _run_eval_seg),
     "demo": (_add_demo, _run_demo),
     "bench": (_add_bench, _run_bench),
 }

@@ -87,6 +87,7 @@ class ModelConfig(_Section):
     # main_dino.py does. gloo (CPU) has no SyncBatchNorm: there the backbone keeps per-process statistics.
     sync_batchnorm: bool = True
     kwargs: dict[str, Any] = {}
+    init_from: str | None = None  # an sslpipe export folder whose weights initialise the backbone (fine-tuning)
 
 
 class HeadConfig(_Section):
@@ -186,6 +187,152 @@ class EvalConfig(_Section):
     crop: int | None = None  # eval centre crop; None: global_size
 
 
+class QScoreConfig(_Section):
+    """The Q-score regulariser (sslpipe/losses/qscore.py, SPEC.md §4), off unless `enabled`.
+
+    L = L_SSL - lambda1 * sum_{i: Q_i < alpha} Q_i + lambda2 * sum_{k: ||H_{*,k}||_1 > beta} ||H_{*,k}||_1 over the
+    batch features H (both views stacked); alpha / beta null = the batch means of Q_i / of the column L1 norms.
+    """
+
+    enabled: bool = False
+    version: Literal["v1", "v2"] = "v2"
+    lambda1: float = 1e-4  # published v2 value (second-hand)
+    lambda2: float = 1e-4  # published v2 value (second-hand)
+    alpha: float | None = None  # None: the batch mean of Q_i
+    beta: float | None = None  # None: the batch mean of the column L1 norms
+    eta: float = 1e-3  # soft-sparsity threshold (metrics only; the paper's value was not found)
+    eps: float = 4.0  # v2: highly activating = h_ij > mu_i + eps * sigma_i
+    percentiles: tuple[float, float] = (50.0, 95.0)  # v2: band of the non-zero activation rates = discriminative
+    l2_normalize: bool = True  # v1: Q on h / ||h||_2 (the third-party implementation's choice)
+    features: Literal["backbone", "projection"] = "backbone"  # which output of the network H is
+
+
+class SimCLRConfig(_Section):
+    """SimCLR (sslpipe/recipes/simclr.py): NT-Xent temperature, projection head and two-view augmentation (lightly's
+    SimCLRTransform at crops.global_size, normalised with crops.mean/std, blur sigma crops.blur_sigma)."""
+
+    temperature: float = 0.5  # lightly's NTXentLoss default (SimCLR paper CIFAR-10); solo-learn IN-100 uses 0.2
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 128  # SimCLR paper
+    proj_layers: int = 2  # SimCLR v1: Linear-(BN)-ReLU-Linear
+    proj_batch_norm: bool = True  # lightly's SimCLRProjectionHead default; solo-learn's projector has none
+    min_scale: float = 0.08  # RandomResizedCrop scale (0.08, 1)
+    cj_prob: float = 0.8
+    cj_strength: float = 1.0  # colour jitter (0.8, 0.8, 0.8, 0.2) x strength
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    hflip_p: float = 0.5
+
+
+class FinetuneConfig(_Section):
+    """Dense fine-tuning (`method: finetune_mask2former` / `finetune_vitdet`; docs/finetune.md, SPEC.md §5-6).
+
+    The backbone is `backbone` (an sslpipe export: its architecture and weights; `backbone_init: random` keeps the
+    architecture and drops the weights, the same-network baseline) or, when null, `model.arch` at random init. The ViT
+    becomes a ViTDet pyramid; Mask2Former or Mask R-CNN sits on it. Defaults are the published values."""
+
+    backbone: str | None = None  # export folder (`sslpipe export`); null: model.arch/patch_size/kwargs, random init
+    backbone_init: Literal["export", "random"] = "export"
+    task: Literal["semantic", "instance"] = "semantic"  # Mask2Former only; ViTDet Mask R-CNN is always instance
+    num_classes: int | None = None  # null: the shards' manifest classes (instance: minus class 0 = background)
+    ignore_index: int = 255
+    img_size: int = 1024  # training crop (square); also sizes the global blocks' relative-position tables
+    scale_range: tuple[float, float] = (0.1, 2.0)  # scale jitter of the crop size (ViTDet LSJ 0.1-2.0)
+    hflip: float = 0.5
+    eval_size: int | None = None  # evaluation: resize the short side to this; null: native size
+    # ViTDet backbone (SPEC §5)
+    window_size: int = 14
+    global_blocks: list[int] = [2, 5, 8, 11]
+    use_rel_pos: bool = True
+    pyramid_channels: int = 256
+    layer_decay: float = 0.7  # lr x decay^(L + 1 - layer_id) inside the ViT
+    backbone_lr_mult: float = 1.0  # extra lr factor of the ViT (Mask2Former: 0.1)
+    # Mask2Former (SPEC §6)
+    num_queries: int = 100
+    hidden_dim: int = 256
+    num_heads: int = 8
+    dim_feedforward: int = 2048
+    decoder_layers: int = 10  # 9 masked-attention layers + the query-only prediction
+    encoder_layers: int = 6
+    encoder_feedforward_dim: int = 1024
+    train_num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    test_topk: int = 100  # instance inference: top-k (query, class) pairs per image
+    # Mask R-CNN (SPEC §5, detectron2 mask_rcnn_vitdet)
+    anchor_sizes: list[int] = [32, 64, 128, 256, 512]  # one per pyramid level p2-p6
+    rpn_batch_size_per_image: int = 256
+    rpn_pre_nms_top_n: tuple[int, int] = (2000, 1000)  # (train, test)
+    rpn_post_nms_top_n: tuple[int, int] = (1000, 1000)
+    box_batch_size_per_image: int = 512
+    box_head_convs: int = 4
+    mask_head_convs: int = 4
+    head_dim: int = 256
+    fc_dim: int = 1024
+    detections_per_img: int = 100
+    # evaluation and predictions (every eval.knn_every_epochs epochs)
+    eval_max_images: int | None = None  # null: the whole val split
+    eval_batch_size: int = 8
+    predict_images: int = 6  # images in the predictions PNG written at each evaluation
+
+
+class U2PLConfig(_Section):
+    """U2PL (`method: u2pl`, sslpipe/recipes/u2pl.py) and its supervised-only baseline (`method: supervised_seg`);
+    docs/u2pl.md, SPEC.md §3. data.train = labelled shards (seg.png), `unlabeled` = unlabelled shards, data.val = val.
+    The network is model.arch (timm CNN or ViT) or the export model.init_from. Defaults: the published VOC values
+    (experiments/pascal/1464/ours/config.yaml), except contrastive_weight (the paper's 0.1)."""
+
+    unlabeled: str | None = None  # unlabelled shards (image only); required by u2pl, unused by supervised_seg
+    unlabeled_split: str = "train"
+    unlabeled_ratio: float = 1.0  # unlabelled images per labelled image in a batch (official 4 + 4)
+    num_classes: int | None = None  # null: the classes of data.train's manifest
+    ignore_index: int = 255
+    crop_size: int = 513
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: float = 0.5
+    # network: DeepLabv3+ (official dec_deeplabv3_plus), 256-d representation head
+    output_stride: int = 8  # CNN encoders (dilated ResNet-101)
+    decoder_channels: int = 256
+    aspp_channels: int = 256
+    aspp_dilations: list[int] = [12, 24, 36]
+    rep_dim: int = 256
+    low_level_index: int = 1  # timm feature index of the stride-4 skip
+    vit_high_stride: int = 16  # ViT encoders: the pyramid level fed to ASPP
+    vit_window_size: int = 0
+    vit_global_blocks: list[int] = []
+    head_lr_mult: float = 10.0  # decoder lr x10 (VOC; Cityscapes 1)
+    # teacher and schedule
+    sup_only_epoch: int = 1
+    ema_decay: float = 0.99  # decay = min(1 - 1/(it - sup_only_iters + 1), ema_decay)
+    # unsupervised loss on reliable pseudo-labels
+    unsup_weight: float = 1.0
+    drop_percent: float = 80.0
+    cutmix: bool = True
+    cutmix_p: float = 0.5
+    # contrastive loss on unreliable pixels
+    contrastive: bool = True
+    contrastive_weight: float = 0.1  # paper (maintainer, issue #57); official code 1.0
+    current_class_threshold: float = 0.3
+    low_entropy_threshold: float = 20.0
+    low_rank: int = 3
+    high_rank: int = 20
+    num_queries: int = 256
+    num_negatives: int = 50
+    temperature: float = 0.5
+    queue_size: int = 30000
+    background_queue_size: int = 50000  # class 0
+    # evaluation (every eval.knn_every_epochs epochs and `sslpipe eval-seg`)
+    eval_mode: Literal["whole", "slide"] = "whole"
+    eval_crop: int | None = None  # slide: crop size; null = crop_size
+    eval_stride_rate: float = 2 / 3
+    eval_batch_size: int = 8
+    eval_max_images: int | None = None
+
+
 class Config(_Section):
     method: str
     seed: int = 0
@@ -201,6 +348,10 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
+    qscore: QScoreConfig = QScoreConfig()
+    simclr: SimCLRConfig = SimCLRConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    u2pl: U2PLConfig = U2PLConfig()
 
 
 # --------------------------------------------------------------------------------------------------------- errors

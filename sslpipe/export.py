@@ -219,7 +219,7 @@ def _cfg_get(cfg: Mapping[str, Any], dotted: str, path: Path, default: Any = ...
 
 def export_run(
     run_dir: str | Path,
-    which: str = "teacher",
+    which: str | None = "teacher",
     out: str | Path | None = None,
     checkpoint: str | Path | int | None = None,
 ) -> Path:
@@ -227,9 +227,10 @@ def export_run(
 
     Reads `RUN/config.yaml` (`model.arch`, `model.patch_size`, `model.kwargs`, `crops.global_size`, `crops.mean`,
     `crops.std`) and `checkpoints/step_N/`: the teacher from `extra_state.safetensors` (keys `teacher.*`), the
-    student from accelerate's `model.safetensors`. Default output `RUN/export/{which}`.
+    student from `model.safetensors`. `which=None`: the teacher when the run has one (DINO, iBOT), else the student
+    (SimCLR). Default output `RUN/export/{which}`.
     """
-    if which not in ("teacher", "student"):
+    if which not in ("teacher", "student", None):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     run = Path(run_dir)
     cfg_path = run / "config.yaml"
@@ -237,6 +238,13 @@ def export_run(
         raise FileNotFoundError(f"{cfg_path} not found: {run} is not an sslpipe run directory")
     cfg = yaml.safe_load(cfg_path.read_text()) or {}
     ckpt = _find_checkpoint(run, checkpoint)
+    extra = ckpt / "extra_state.safetensors"
+    has_teacher = extra.is_file() and any(k.startswith("teacher.") for k in load_file(str(extra)))
+    if which is None:
+        which = "teacher" if has_teacher else "student"
+    elif which == "teacher" and extra.is_file() and not has_teacher:
+        raise ValueError(f"{run} has no teacher (method {_cfg_get(cfg, 'method', cfg_path, '?')}): export the "
+                         "student (`sslpipe export RUN --which student`)")
     weights = ckpt / ("extra_state.safetensors" if which == "teacher" else "model.safetensors")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found; {ckpt} holds {sorted(p.name for p in ckpt.iterdir())}")
@@ -261,3 +269,34 @@ def export_run(
         img_size=img_size, mean=_cfg_get(cfg, "crops.mean", cfg_path, (0.485, 0.456, 0.406)),
         std=_cfg_get(cfg, "crops.std", cfg_path, (0.229, 0.224, 0.225)), source=source,
     )
+
+
+def _some(keys: Sequence[str], n: int = 8) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_export_into(module: nn.Module, path: str | Path) -> nn.Module:
+    """Copy the weights of an export folder into an existing plain timm backbone, strictly (fine-tuning init,
+    `model.init_from`). Every key must exist on both sides with the same shape; otherwise a ValueError names the
+    export, its architecture and the missing / unexpected / mis-shaped keys. Returns `module`."""
+    weights, config_path = _export_paths(path)
+    cfg = json.loads(config_path.read_text())
+    state = load_file(str(weights))
+    target = module.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+                    for k in set(state) & set(target) if state[k].shape != target[k].shape)
+    if missing or unexpected or shapes:
+        problems = [f"missing in the export: {_some(missing)}" if missing else "",
+                    f"not in the backbone: {_some(unexpected)}" if unexpected else "",
+                    f"shape export vs backbone: {_some(shapes)}" if shapes else ""]
+        raise ValueError(
+            f"export {path} ({cfg.get('architecture')} with model_args {cfg.get('model_args')}) does not fit the "
+            f"{type(module).__name__} backbone to initialise: " + "; ".join(p for p in problems if p)
+            + ". Build the backbone with the export's architecture and model arguments (model.arch, "
+            "model.patch_size, model.kwargs, crops.global_size)"
+        )
+    module.load_state_dict(state, strict=True)
+    return module

@@ -194,3 +194,30 @@ def test_regional_compile_keeps_names_and_values(digits_shards: Path, recipe_cls
         loss, _ = recipe.step(batch, {"teacher_temp": 0.04, "teacher_patch_temp": 0.04, "it": 0})
         losses.append(float(loss.detach()))
     assert keys[0] == keys[1] and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("recipe_cls, name", [(IBOTRecipe, "demo_ibot.yaml"), (DINORecipe, "demo_dino.yaml")])
+@pytest.mark.parametrize("features", ["backbone", "projection"])
+def test_qscore_regulariser_inside_dino_and_ibot(digits_shards: Path, recipe_cls, name: str, features: str) -> None:
+    """qscore.enabled adds exactly the regulariser's term (on the student's global crops) to the SSL loss."""
+    from sslpipe.losses.qscore import QScoreRegularizer
+
+    overrides = [f"data.train={digits_shards}", "data.batch_size=4", "data.num_workers=0",
+                 "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "crops.n_local=2",
+                 f"qscore.features={features}", "qscore.lambda1=0.1", "qscore.lambda2=0.01"]
+    sched = {"teacher_temp": 0.04, "teacher_patch_temp": 0.04, "it": 0}
+    results = {}
+    for enabled in (False, True):
+        cfg = load_config(RECIPES / name, [*overrides, f"qscore.enabled={str(enabled).lower()}"])
+        torch.manual_seed(0)
+        recipe = recipe_cls(cfg)
+        recipe.build(Accelerator(cpu=True))
+        torch.manual_seed(1)
+        batch = next(iter(recipe.train_loader(0, 0, 1)))
+        torch.manual_seed(2)
+        loss, metrics = recipe.step(batch, sched)
+        results[enabled] = (float(loss.detach()), metrics)
+    (plain, m0), (regularised, m1) = results[False], results[True]
+    assert "qscore/term" not in m0 and "qscore/term" in m1
+    assert regularised - plain == pytest.approx(float(m1["qscore/term"]), rel=1e-4, abs=1e-6)
+    assert float(m1["qscore/term"]) != 0.0 and isinstance(recipe._qscore, QScoreRegularizer)

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from lightly.loss import DINOLoss as LightlyDINOLoss
@@ -24,6 +23,7 @@ from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerTI
 from lightly.models.utils import update_momentum
 from torch import nn
 
+from sslpipe.bench.timing import time_interleaved
 from sslpipe.losses.ibot import IBOTLoss
 from sslpipe.models.backbones import MaskedViT, create_backbone
 from sslpipe.models.ema import build_teacher, ema_update
@@ -41,25 +41,6 @@ def _lightly_head_from(ours: IBOTHead, in_dim: int, hidden: int, bottleneck: int
             b.bias.copy_(a.bias)
         head.last_layer.weight_v.copy_(ours.last_layer.parametrizations.weight.original1)
     return head
-
-
-def _time_interleaved(a: Callable[[], float], b: Callable[[], float], warmup: int, steps: int,
-                      device: torch.device) -> tuple[list[float], list[float], float, float]:
-    """Alternate the two steps so that both see the same machine load (2 shared cores drift a lot)."""
-    first_a, first_b = a(), b()
-    for _ in range(max(0, warmup - 1)):
-        a(), b()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(steps):
-        for fn, out in ((a, times[0]), (b, times[1])):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            out.append(time.perf_counter() - t0)
-    return times[0], times[1], first_a, first_b
 
 
 def run_ibot_step_bench(arch: str = "vit_tiny_patch16_224", *, img_size: int = 32, local_size: int = 16,
@@ -92,8 +73,8 @@ def run_ibot_step_bench(arch: str = "vit_tiny_patch16_224", *, img_size: int = 3
 
     def ours_step() -> float:
         with torch.no_grad():
-            t_cls, t_patch, _ = teacher(globals_)
-        s_cls, s_patch, s_loc = student(globals_, masks, locals_)
+            t_cls, t_patch = teacher(globals_)[:2]
+        s_cls, s_patch, s_loc, _ = student(globals_, masks, locals_)
         out = loss_fn(s_cls, s_patch, t_cls, t_patch, masks, student_local_cls=s_loc, **temps)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -133,7 +114,7 @@ def run_ibot_step_bench(arch: str = "vit_tiny_patch16_224", *, img_size: int = 3
         update_momentum(l_head, l_t_head, 0.996)
         return loss.item()
 
-    ours_times, l_times, ours_first, l_first = _time_interleaved(ours_step, lightly_step, warmup, steps, dev)
+    ours_times, l_times, ours_first, l_first = time_interleaved(ours_step, lightly_step, warmup, steps, dev)
     ours_ms, l_ms = 1000 * statistics.median(ours_times), 1000 * statistics.median(l_times)
     return {
         "device": str(dev), "arch": arch, "img_size": img_size, "local_size": local_size, "patch_size": patch_size,

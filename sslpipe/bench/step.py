@@ -20,12 +20,13 @@ import json
 import random
 import resource
 import statistics
-import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from sslpipe.bench.timing import time_interleaved
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched by device-name substring.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
@@ -54,16 +55,6 @@ def synthetic_batch(cfg: Any, recipe: Any, batch_size: int, seed: int = 0) -> di
         masks = torch.from_numpy(np.stack([sample_fn.mask_generator() for _ in range(c.n_global * batch_size)]))
     return {"global_crops": crops(c.n_global, c.global_size), "local_crops": crops(c.n_local, c.local_size),
             "masks": masks, "labels": torch.zeros(batch_size, dtype=torch.long)}
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def _flops(fn: Callable[[], Any]) -> int:
@@ -142,13 +133,8 @@ def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: i
 
     bare = _bare_step(cfg, dev, batch, dtype)
     flops_ours, flops_bare = _flops(ours), _flops(bare)
-    times: dict[str, list[float]] = {"ours": [], "bare": []}
-    for i in range(warmup + steps):
-        for name, fn in (("ours", ours), ("bare", bare)):
-            t = _timed(fn, dev)
-            if i >= warmup:
-                times[name].append(t)
-    ours_s, bare_s = statistics.median(times["ours"]), statistics.median(times["bare"])
+    ours_times, bare_times, _, _ = time_interleaved(ours, bare, warmup, steps, dev)
+    ours_s, bare_s = statistics.median(ours_times), statistics.median(bare_times)
     peak = peak if peak is not None else peak_tflops(dev)
     result: dict[str, Any] = {
         "recipe": recipe_path, "device": str(dev), "device_name": torch.cuda.get_device_name(dev)

@@ -128,6 +128,28 @@ def dataset_len(name: str, split: str, *, limit: int | None = None, root: str | 
     return n if limit is None else min(n, limit)
 
 
+def load_arrays(
+    name: str, split: str, *, limit: int | None = None, root: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split as ``(uint8 images (N, H, W), int64 labels (N,))`` for random access (scene generation).
+
+    Fashion-MNIST is read in one block from the idx files (60,000 images = 47 MB); the order is the data set's own.
+    """
+    _check(name, split)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if name == "digits":
+        images, labels = _digits_split(split)
+        return images[:limit], labels[:limit]
+    with _open_fashion(split, root) as (path, fi, fl, n, rows, cols):
+        n = n if limit is None else min(n, limit)
+        pixels, labels = fi.read(n * rows * cols), fl.read(n)
+        if len(pixels) != n * rows * cols or len(labels) != n:
+            raise ValueError(f"{path}: truncated before sample {n}; reinstall dataset-fashion-mnist")
+    images = np.frombuffer(pixels, dtype=np.uint8).reshape(n, rows, cols)
+    return images, np.frombuffer(labels, dtype=np.uint8).astype(np.int64)
+
+
 def iter_dataset(
     name: str, split: str, *, limit: int | None = None, root: str | Path | None = None
 ) -> Iterator[tuple[Image.Image, int]]:

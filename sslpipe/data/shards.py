@@ -11,6 +11,9 @@ Sources (``kind``; auto-detected when ``None``):
 - ``"seg-list"``: a text file of ``image_path label_map_path`` lines; the label map (8-bit ``L`` or palette ``P``
   PNG, pixel = class index, 255 = ignore) is stored as ``seg.png`` beside the image. Auto-detected when the second
   column of the first entry ends in an image extension.
+- ``"scenes"`` (source ``"scenes"``): generated segmentation scenes (``sslpipe/data/scenes.py``: Fashion-MNIST objects
+  on scikit-image's bundled photographs), ``seg.png`` + an instance-id map ``inst.png`` (16-bit PNG, 0 = none) per
+  sample; splits ``train``/``val`` with ``scenes={"train": N, "val": M, "size": S, ...}`` (``seed`` seeds them).
 
 Folder/list sources have no official split: ``val_fraction`` of them (a seeded permutation) goes to ``val``, and both
 splits are written in that seeded shuffled order (``shuffle=True``) so a streaming shuffle buffer sees mixed classes.
@@ -50,7 +53,8 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 _SHARD_RE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
 _TAR_BLOCK, _TAR_RECORD = 512, 20 * 512
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
-SourceKind = Literal["folder", "list", "dataset", "seg-list"]
+SourceKind = Literal["folder", "list", "dataset", "seg-list", "scenes"]
+SCENE_DEFAULTS = {"train": 2000, "val": 500, "size": 64}
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,8 @@ class _Entry:
     ref: str  # what the user sees in manifest["skipped"]: a path, or "digits/train/17"
     label: int  # -1 = unlabelled
     image: str | Image.Image  # a file path, or an already decoded image (bundled data sets)
-    seg: str | None = None
+    seg: str | Image.Image | None = None
+    inst: Image.Image | None = None  # instance ids (uint16), generated scenes only
 
 
 @dataclass(frozen=True)
@@ -105,8 +110,12 @@ def _encode(entry: _Entry, opts: _EncodeOptions) -> tuple[_Entry, dict[str, byte
         fields = {key: raw if raw is not None else _encode_image(resized, key, opts.quality)}
         if entry.label >= 0:
             fields["cls"] = str(entry.label).encode("ascii")
+        if entry.inst is not None:
+            if entry.inst.size != img.size:
+                raise ValueError(f"instance map is {entry.inst.size}, image is {img.size}")
+            fields["inst.png"] = _encode_image(_resized(entry.inst, opts.max_side, Image.Resampling.NEAREST), "png", 0)
         if entry.seg is not None:
-            seg = Image.open(entry.seg)
+            seg = entry.seg if isinstance(entry.seg, Image.Image) else Image.open(entry.seg)
             seg.load()
             if seg.mode not in ("L", "P"):
                 raise ValueError(f"label map {entry.seg} has mode {seg.mode}; expected 8-bit L or palette P")
@@ -123,6 +132,8 @@ def _encode(entry: _Entry, opts: _EncodeOptions) -> tuple[_Entry, dict[str, byte
 def _detect_kind(source: str) -> SourceKind:
     if source in BUNDLED_DATASETS:
         return "dataset"
+    if source == "scenes":
+        return "scenes"
     path = Path(source)
     if path.is_dir():
         return "folder"
@@ -199,6 +210,16 @@ def _list_entries(path: Path, seg: bool) -> tuple[list[_Entry], list[str]]:
 def _dataset_entries(name: str, split: str, limit: int | None) -> Iterator[_Entry]:
     for i, (img, label) in enumerate(iter_dataset(name, split, limit=limit)):
         yield _Entry(f"{name}/{split}/{i}", label, img)
+
+
+def _scene_entries(split: str, n: int, seed: int, options: dict) -> Iterator[_Entry]:
+    from sslpipe.data.scenes import SceneGenerator
+
+    gen = SceneGenerator(split, seed=seed, **options)
+    for i in range(n):
+        scene = gen[i]
+        yield _Entry(f"scenes/{split}/{i}", -1, scene.image, Image.fromarray(scene.semantic),
+                     Image.fromarray(scene.instances))
 
 
 def _split_entries(
@@ -296,7 +317,7 @@ def _write_split(
         if isinstance(fields, str):
             skipped.append({"source": entry.ref, "split": split, "error": fields})
             continue
-        keys_seen.update(k for k in fields if k not in ("cls", "seg.png"))
+        keys_seen.update(k for k in fields if k not in ("cls", "seg.png", "inst.png"))
         size = _member_size(fields)
         if state and (state["n"] >= samples_per_shard or (
                 max_shard_bytes is not None and _tar_size(state["content"] + size) > max_shard_bytes)):
@@ -342,6 +363,7 @@ def write_shards(
     force: bool = False,
     created_by: str | None = None,
     progress: bool = True,
+    scenes: dict | None = None,
 ) -> dict:
     """Write ``source`` as ``out_dir/{split}-{i:06d}.tar`` shards + ``manifest.json``; return the manifest.
 
@@ -352,8 +374,10 @@ def write_shards(
     "jpg"/"png" re-encodes everything; ``quality`` is the JPEG quality; ``max_side`` downsizes (keeping aspect) images
     whose longer side exceeds it. ``limit``: at most this many samples per split. ``num_workers`` > 0 decodes and
     encodes in a process pool; results stay in order, so shards are identical for any worker count. ``force``:
-    allow a non-empty ``out_dir`` (its old shards and manifest are removed). Unreadable images are skipped and listed
-    in ``manifest["skipped"]``. Shards are written under temporary names and renamed, and the manifest is written last.
+    allow a non-empty ``out_dir`` (its old shards and manifest are removed). ``scenes``: options of the ``scenes``
+    source (``train``/``val`` counts, ``size`` and any `SceneGenerator` keyword). Unreadable images are skipped and
+    listed in ``manifest["skipped"]``. Shards are written under temporary names and renamed, and the manifest is
+    written last.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -367,7 +391,20 @@ def write_shards(
     opts = _EncodeOptions(reencode, quality, max_side)
 
     totals: dict[str, int] = {}
-    if kind == "dataset":
+    scene_options: dict | None = None
+    if kind == "scenes":
+        from sslpipe.data.scenes import SCENE_CLASSES
+
+        scene_options = {**SCENE_DEFAULTS, **(scenes or {})}
+        counts = {s: int(scene_options.pop(s)) for s in SPLITS}
+        if val_fraction:
+            raise ValueError("scenes have their own train/val splits (scenes={'train': N, 'val': M}); "
+                             "val_fraction must be 0")
+        totals = {s: n if limit is None else min(n, limit) for s, n in counts.items()}
+        classes = list(SCENE_CLASSES)
+        split_iters = {s: _scene_entries(s, n, seed, scene_options) for s, n in totals.items() if n > 0}
+        source_name = "scenes"
+    elif kind == "dataset":
         if val_fraction:
             raise ValueError(f"{source} has an official train/val split; val_fraction must be 0")
         classes = dataset_classes(source)
@@ -381,7 +418,7 @@ def write_shards(
         elif kind in ("list", "seg-list"):
             entries, classes = _list_entries(path, seg=kind == "seg-list")
         else:
-            raise ValueError(f"unknown shard source kind {kind!r}; choose folder, list, dataset or seg-list")
+            raise ValueError(f"unknown shard source kind {kind!r}; choose folder, list, dataset, seg-list or scenes")
         if not entries:
             raise ValueError(f"no images found in {source} (extensions: {', '.join(IMG_EXTENSIONS)})")
         splits = {s: e[:limit] for s, e in _split_entries(entries, val_fraction, seed, shuffle).items()}
@@ -417,7 +454,8 @@ def write_shards(
         "source_kind": kind,
         "classes": classes,
         "image_key": ";".join(sorted(keys_seen)) or (reencode or "png"),
-        "has_seg": kind == "seg-list",
+        "has_seg": kind in ("seg-list", "scenes"),
+        **({"has_inst": True, "scenes": scene_options} if kind == "scenes" else {}),
         "splits": split_info,
         "skipped": skipped,
         "options": {"samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,

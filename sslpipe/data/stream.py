@@ -156,6 +156,10 @@ def decode_sample(sample: dict[str, Any],
             elif seg.mode != "L":
                 raise ValueError(f"seg.png has mode {seg.mode!r}; expected 8-bit single-channel ('L')")
             out["seg"] = seg.copy()
+    if "inst.png" in sample:  # instance ids (16-bit PNG, 0 = none): decoded to a 32-bit "I" image
+        with Image.open(io.BytesIO(sample["inst.png"])) as inst:
+            inst.load()
+            out["inst"] = inst.convert("I")
     return out
 
 

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, ProjectConfiguration,
+                               broadcast_object_list, parse_flag_from_env, set_seed)
 from tqdm.auto import tqdm
 
 from sslpipe.config import Config, load_config, save_config
@@ -200,10 +201,12 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
     if ckpt is not None:
         cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})
     log_with, init_kwargs = tracker_setup(cfg, run_dir)
+    recipe_cls = get_recipe(cfg.method)
     accelerator = Accelerator(
         cpu=use_cpu, mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe_cls.ddp_find_unused_parameters)],
     )
     rank, world = state.process_index, state.num_processes
     if accelerator.is_main_process:
@@ -216,7 +219,7 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
 
     # Same seed on every rank while models are built (teacher = copy of an identical student); per-rank afterwards.
     set_seed(cfg.seed)
-    recipe = get_recipe(cfg.method)(cfg)
+    recipe = recipe_cls(cfg)
     recipe.build(accelerator)
     if accelerator.distributed_type != DistributedType.FSDP:  # FSDP shards from the CPU copy itself
         recipe.student.to(accelerator.device)  # before the optimizer: fused AdamW wants its parameters on the GPU

@@ -9,6 +9,11 @@ from sslpipe.recipes.base import Recipe
 KNOWN_RECIPES: dict[str, str] = {
     "dino": "sslpipe.recipes.dino:DINORecipe",
     "ibot": "sslpipe.recipes.ibot:IBOTRecipe",
+    "finetune_mask2former": "sslpipe.recipes.finetune_m2f:Mask2FormerRecipe",
+    "finetune_vitdet": "sslpipe.recipes.finetune_vitdet:ViTDetRecipe",
+    "simclr": "sslpipe.recipes.simclr:SimCLRRecipe",
+    "u2pl": "sslpipe.recipes.u2pl:U2PLRecipe",
+    "supervised_seg": "sslpipe.recipes.seg_supervised:SupervisedSegRecipe",
 }
 
 

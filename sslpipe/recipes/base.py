@@ -25,6 +25,9 @@ class Recipe(ABC):
     """One training method. Subclasses get the validated `Config` and must be deterministic given `cfg.seed`."""
 
     student: nn.Module
+    # DDP: True when some parameters may get no gradient in a step (Mask R-CNN's mask head in a step without a
+    # positive proposal); costs an extra graph traversal per step, so only such recipes set it.
+    ddp_find_unused_parameters: bool = False
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

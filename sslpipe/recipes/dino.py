@@ -27,11 +27,13 @@ class DINONet(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, global_crops: torch.Tensor,
+                local_crops: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head logits of all crops, globals first; backbone features of the global crops)."""
         feats = [forward_cls(self.backbone, global_crops)]
         if local_crops is not None:
             feats.append(forward_cls(self.backbone, local_crops))
-        return self.head(torch.cat(feats))
+        return self.head(torch.cat(feats)), feats[0]
 
 
 class DINORecipe(MultiCropRecipe):
@@ -73,13 +75,13 @@ class DINORecipe(MultiCropRecipe):
         c = self.cfg.crops
         global_crops, local_crops = self.crops_on_device(batch)
         with torch.no_grad():
-            teacher_out = self.teacher(global_crops)
-        student_out = self.student(global_crops, local_crops)
+            teacher_out = self.teacher(global_crops)[0]
+        student_out, student_feats = self.student(global_crops, local_crops)
         loss = self.loss(student_out, teacher_out, teacher_temp=sched["teacher_temp"],
                          n_crops=c.n_global + c.n_local, n_global=c.n_global)
-        metrics: dict[str, float] = {}
+        loss, metrics = self.add_qscore(loss, student_feats, student_out[: global_crops.shape[0]])
         if self.cfg.train.health_every and (int(sched["it"]) + 1) % self.cfg.train.health_every == 0:
-            metrics = health_metrics(
+            metrics |= health_metrics(
                 teacher_cls=teacher_out.float(), student_cls=student_out[: global_crops.shape[0]].detach().float(),
                 center=self.loss.center, teacher_temp=sched["teacher_temp"],
                 student_temp=self.cfg.loss.student_temp,

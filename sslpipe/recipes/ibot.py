@@ -32,16 +32,17 @@ class IBOTNet(nn.Module):
         global_crops: torch.Tensor,
         masks: torch.Tensor | None = None,
         local_crops: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(CLS logits, patch logits, local CLS logits or None, backbone CLS features of the global crops)."""
         prefix = self.backbone.num_prefix_tokens
         patch_mask = masks.flatten(1) if masks is not None else None
-        cls, patch = self.head(self.backbone(global_crops, mask=masks), num_prefix_tokens=prefix,
-                               patch_mask=patch_mask)
+        tokens = self.backbone(global_crops, mask=masks)
+        cls, patch = self.head(tokens, num_prefix_tokens=prefix, patch_mask=patch_mask)
         local_cls = None
         if local_crops is not None:
             # Local crops contribute CLS terms only: the head sees their CLS token, not their patches.
             local_cls = self.head.forward_cls(self.backbone(local_crops)[:, 0])
-        return cls, patch, local_cls
+        return cls, patch, local_cls, tokens[:, 0]
 
 
 class IBOTRecipe(MultiCropRecipe):
@@ -85,16 +86,17 @@ class IBOTRecipe(MultiCropRecipe):
         global_crops, local_crops = self.crops_on_device(batch)
         masks = batch["masks"].to(self.accelerator.device, non_blocking=True)
         with torch.no_grad():
-            teacher_cls, teacher_patch, _ = self.teacher(global_crops)
-        student_cls, student_patch, student_local_cls = self.student(global_crops, masks, local_crops)
+            teacher_cls, teacher_patch = self.teacher(global_crops)[:2]
+        student_cls, student_patch, student_local_cls, student_feats = self.student(global_crops, masks, local_crops)
         flat_masks = masks.flatten(1)
         out = self.loss(
             student_cls, student_patch, teacher_cls, teacher_patch, flat_masks,
             teacher_temp=sched["teacher_temp"], teacher_patch_temp=sched["teacher_patch_temp"],
             student_local_cls=student_local_cls,
         )
+        loss, metrics = self.add_qscore(out["loss"], student_feats, student_cls)
         # 0-d tensors: the trainer reads them only when it logs, so no device sync per step
-        metrics = {"loss_cls": out["cls"].detach(), "loss_patch": out["patch"].detach()}
+        metrics |= {"loss_cls": out["cls"].detach(), "loss_patch": out["patch"].detach()}
         if self.cfg.train.health_every and (int(sched["it"]) + 1) % self.cfg.train.health_every == 0:
             metrics.update(health_metrics(
                 teacher_cls=teacher_cls.float(), student_cls=student_cls.detach().float(),
@@ -103,4 +105,4 @@ class IBOTRecipe(MultiCropRecipe):
                 center2=self.loss.center2, teacher_patch_temp=sched["teacher_patch_temp"], masks=flat_masks,
             ))
         self.loss.update_center(teacher_cls, teacher_patch)
-        return out["loss"], metrics
+        return loss, metrics

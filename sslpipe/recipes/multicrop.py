@@ -19,6 +19,7 @@ from sslpipe.data.masking import MaskGenerator
 from sslpipe.data.stream import build_loader, count_samples, resolve_shards
 from sslpipe.data.views import multicrop_from_config
 from sslpipe.engine.state_io import without_aliases
+from sslpipe.losses.qscore import build_qscore
 from sslpipe.models.ema import ema_update
 from sslpipe.recipes.base import Recipe
 
@@ -117,6 +118,19 @@ class MultiCropRecipe(Recipe):
 
     def batch_size_of(self, batch: dict[str, Any]) -> int:
         return int(batch["labels"].shape[0])
+
+    def add_qscore(self, loss: torch.Tensor, backbone_feats: torch.Tensor,
+                   projections: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The SSL loss plus the Q-score regulariser when `qscore.enabled` (SPEC §4, `sslpipe.losses.qscore`), on the
+        student's global crops: their backbone CLS features (`qscore.features: backbone`, the paper's choice) or
+        their head outputs (`projection`: the prototype logits). Returns (loss, the regulariser's metrics)."""
+        if not hasattr(self, "_qscore"):
+            self._qscore = build_qscore(self.cfg)
+        if self._qscore is None:
+            return loss, {}
+        feats = backbone_feats if self.cfg.qscore.features == "backbone" else projections
+        term, metrics = self._qscore(feats)
+        return loss + term, metrics
 
     def compile_backbones(self, *nets: nn.Module) -> None:
         """`train.compile`: compile each ViT block (or a CNN backbone whole) in place; names and state dicts are

@@ -1,0 +1,305 @@
+"""Readers for the common semantic segmentation layouts and the semi-supervised shard writer (U2PL data).
+
+Layouts -> lists of (id, image path, label path):
+- PASCAL VOC style: `ROOT/JPEGImages/<id>.jpg` (or .png) and `ROOT/<label_dir>/<id>.png` (palette or 8-bit, pixel =
+  class, 255 = ignore); `label_dir` is `SegmentationClassAug` when present (the 10582-image train_aug labels that
+  U2PL uses), else `SegmentationClass`. Ids come from a split list (one id per line, e.g. ImageSets/Segmentation/
+  train.txt, or U2PL's data/splits/pascal/1464/labeled.txt).
+- Cityscapes style: `ROOT/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png` with
+  `ROOT/gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png` (19 train ids, 255 = ignore); when only
+  `*_gtFine_labelIds.png` exist they are converted to train ids (the official cityscapesscripts table) into a cache
+  folder first.
+- generated scenes (sslpipe/data/scenes.py), written as a VOC-style folder of PNGs, so that the bundled real data
+  goes through the same path as VOC.
+
+`write_semi_shards` turns (train, val) lists into three shard sets: `OUT/labeled` (image + seg.png, the seeded
+labelled subset: `sslpipe.data.semi.label_split`, or a given id list), `OUT/unlabeled` (images only, the rest) and
+`OUT/val` (image + seg.png), each with split `train` (val: `val`), plus `OUT/split.json` (the ids of each subset).
+The shards are written by `write_shards(kind="seg-list" / "list")`; the class names of the layout are then put into
+each manifest (the seg-list source has no way to know them).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor"]
+CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                      "bicycle"]
+# cityscapesscripts labels.py: labelId -> trainId for the 19 evaluated classes; every other id -> 255
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+Pair = tuple[str, str, str]  # (id, image path, label path)
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """Ids of a split list: one per line (first field), blank lines and `#` comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split list {path} not found")
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not ids:
+        raise ValueError(f"split list {path} holds no ids")
+    return ids
+
+
+def voc_label_dir(root: str | Path) -> Path:
+    root = Path(root)
+    for name in ("SegmentationClassAug", "SegmentationClass"):
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(f"{root} has neither SegmentationClassAug/ nor SegmentationClass/: not a VOC-style folder")
+
+
+def voc_pairs(root: str | Path, ids: Sequence[str], label_dir: str | Path | None = None) -> list[Pair]:
+    """(id, JPEGImages/<id>.jpg|.png, <label_dir>/<id>.png) for each id; one error listing the missing files."""
+    root = Path(root)
+    labels = Path(label_dir) if label_dir else voc_label_dir(root)
+    pairs, missing = [], []
+    for i in ids:
+        image = next((root / "JPEGImages" / f"{i}{ext}" for ext in (".jpg", ".png", ".jpeg")
+                      if (root / "JPEGImages" / f"{i}{ext}").is_file()), None)
+        label = labels / f"{i}.png"
+        if image is None:
+            missing.append(str(root / "JPEGImages" / f"{i}.jpg"))
+        elif not label.is_file():
+            missing.append(str(label))
+        else:
+            pairs.append((i, str(image), str(label)))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} files of the VOC split are missing, e.g. {missing[:3]}; check the "
+                                "root folder and the split list")
+    return pairs
+
+
+def voc_split_list(root: str | Path, name: str) -> Path:
+    """ImageSets/Segmentation/<name>.txt of a VOC root (name: train, val, trainaug, ...) or `name` as a path."""
+    path = Path(root) / "ImageSets" / "Segmentation" / f"{name}.txt"
+    return path if path.is_file() else Path(name)
+
+
+def cityscapes_pairs(root: str | Path, split: str = "train", cache: str | Path | None = None) -> list[Pair]:
+    """(id, leftImg8bit image, train-id label) of a Cityscapes split, sorted by name (module docstring)."""
+    root = Path(root)
+    images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
+    if not images:
+        raise FileNotFoundError(f"no {root}/leftImg8bit/{split}/<city>/*_leftImg8bit.png images")
+    lut = np.full(256, 255, np.uint8)
+    for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
+        lut[label_id] = train_id
+    pairs = []
+    for img in images:
+        stem = img.name[: -len("_leftImg8bit.png")]
+        gt = root / "gtFine" / split / img.parent.name
+        train_ids = gt / f"{stem}_gtFine_labelTrainIds.png"
+        if not train_ids.is_file():
+            label_ids = gt / f"{stem}_gtFine_labelIds.png"
+            if not label_ids.is_file():
+                raise FileNotFoundError(f"neither {train_ids.name} nor {label_ids.name} in {gt}")
+            if cache is None:
+                raise ValueError("Cityscapes labelIds need converting to train ids: pass a cache folder")
+            train_ids = Path(cache) / split / img.parent.name / f"{stem}_gtFine_labelTrainIds.png"
+            if not train_ids.is_file():
+                train_ids.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(lut[np.asarray(Image.open(label_ids))]).save(train_ids)
+        pairs.append((f"{img.parent.name}/{stem}", str(img), str(train_ids)))
+    return pairs
+
+
+def scene_pairs(folder: str | Path, n_train: int, n_val: int, *, size: int = 64, seed: int = 0,
+                **options) -> tuple[list[Pair], list[Pair]]:
+    """Write generated scenes (sslpipe/data/scenes.py) as PNGs in a VOC-style folder; return (train, val) pairs."""
+    from sslpipe.data.scenes import SceneGenerator
+
+    folder = Path(folder)
+    (folder / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (folder / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+    out = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        gen, pairs = SceneGenerator(split, size=size, seed=seed, **options), []
+        for i in range(n):
+            sid = f"{split}_{i:06d}"
+            image, label = folder / "JPEGImages" / f"{sid}.png", folder / "SegmentationClass" / f"{sid}.png"
+            scene = gen[i]
+            scene.image.save(image)
+            Image.fromarray(scene.semantic).save(label)
+            pairs.append((sid, str(image), str(label)))
+        out.append(pairs)
+    return out[0], out[1]
+
+
+STARDIST_CLASSES = ["background", "nucleus"]
+
+
+def stardist_pairs(folder: str | Path, *, tile: int = 64, val_fraction: float = 0.25,
+                   seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """The one real 2-D fluorescence image with a per-pixel nuclei mask that ships in the stardist wheel
+    (`stardist/data/images/img2d.tif`, `mask2d.tif`, 512 x 512; install with `pip install --no-deps stardist`, read
+    with tifffile), cut into `tile` x `tile` tiles written as a VOC-style folder: image = the intensity scaled to
+    0-255 (grey RGB), label = 1 where the instance mask is non-zero (nucleus), else 0. A seeded `val_fraction` of
+    the tiles is the val split."""
+    import importlib.util
+
+    import tifffile
+
+    spec = importlib.util.find_spec("stardist")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the stardist wheel is not installed: pip install --no-deps stardist")
+    data = Path(spec.origin).parent / "data" / "images"
+    image = tifffile.imread(data / "img2d.tif").astype(np.float32)
+    mask = tifffile.imread(data / "mask2d.tif")
+    image = np.round(255 * (image - image.min()) / max(float(image.max() - image.min()), 1.0)).astype(np.uint8)
+    folder = Path(folder)
+    (folder / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (folder / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for y in range(0, image.shape[0] - tile + 1, tile):
+        for x in range(0, image.shape[1] - tile + 1, tile):
+            tid = f"tile_{y:04d}_{x:04d}"
+            img, lab = folder / "JPEGImages" / f"{tid}.png", folder / "SegmentationClass" / f"{tid}.png"
+            Image.fromarray(image[y:y + tile, x:x + tile]).convert("RGB").save(img)
+            Image.fromarray((mask[y:y + tile, x:x + tile] > 0).astype(np.uint8)).save(lab)
+            pairs.append((tid, str(img), str(lab)))
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n_val = int(round(val_fraction * len(pairs)))
+    val = sorted(order[:n_val].tolist())
+    return [p for k, p in enumerate(pairs) if k not in set(val)], [pairs[k] for k in val]
+
+
+def _write_list(lines: list[str], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _set_classes(shard_dir: Path, classes: list[str]) -> None:
+    """Put the layout's class names into a manifest written by write_shards (atomic rewrite)."""
+    path = shard_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["classes"] = list(classes)
+    tmp = shard_dir / ".manifest.json.partial"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def write_semi_shards(out: str | Path, train: list[Pair], val: list[Pair] | None, *, classes: list[str],
+                      labeled: str | int | float | None = None, labeled_ids: Sequence[str] | None = None,
+                      seed: int = 0, samples_per_shard: int = 1000, min_shards: int = 4, force: bool = False,
+                      num_workers: int = 0, progress: bool = True, created_by: str | None = None) -> dict:
+    """Write OUT/labeled, OUT/unlabeled (when any train item is unlabelled), OUT/val and OUT/split.json (module
+    docstring). The labelled subset is `labeled_ids` when given, else the seeded `label_split(ids, labeled, seed)`.
+    Each set gets at least `min_shards` shards when it has that many samples (so that 2-4 processes can share it)."""
+    from sslpipe.data.semi import label_split
+    from sslpipe.data.shards import write_shards
+
+    out = Path(out)
+    train = [(i, str(Path(a).resolve()), str(Path(b).resolve())) for i, a, b in train]
+    val = [(i, str(Path(a).resolve()), str(Path(b).resolve())) for i, a, b in val or []]
+    ids = [p[0] for p in train]
+    if labeled_ids is not None:
+        wanted = set(labeled_ids)
+        unknown = wanted - set(ids)
+        if unknown:
+            raise ValueError(f"{len(unknown)} labelled ids are not in the train list, e.g. {sorted(unknown)[:3]}")
+        lab_ids = [i for i in ids if i in wanted]
+        unl_ids = [i for i in ids if i not in wanted]
+    elif labeled is not None:
+        lab_ids, unl_ids = label_split(ids, labeled, seed)
+    else:
+        lab_ids, unl_ids = ids, []
+    by_id = {p[0]: p for p in train}
+    lists = out / "lists"
+    sets = {"labeled": (_write_list([f"{by_id[i][1]}\t{by_id[i][2]}" for i in lab_ids], lists / "labeled.txt"),
+                        "seg-list", len(lab_ids))}
+    if unl_ids:
+        sets["unlabeled"] = (_write_list([by_id[i][1] for i in unl_ids], lists / "unlabeled.txt"), "list",
+                             len(unl_ids))
+    if val:
+        sets["val"] = (_write_list([f"{p[1]}\t{p[2]}" for p in val], lists / "val.txt"), "seg-list", len(val))
+    summary: dict = {"labeled": len(lab_ids), "unlabeled": len(unl_ids), "val": len(val or []), "seed": seed,
+                     "labeled_spec": labeled if labeled_ids is None else "list", "sets": {}}
+    for name, (list_file, kind, n) in sets.items():
+        per_shard = max(1, min(samples_per_shard, math.ceil(n / min_shards)))
+        manifest = write_shards(out / name, source=str(list_file), kind=kind, samples_per_shard=per_shard,
+                                seed=seed, force=force, num_workers=num_workers, progress=progress,
+                                created_by=created_by)
+        if name == "val":  # write_shards names a list source's only split `train`; val shards carry split `val`
+            _rename_split(out / name, "train", "val")
+        _set_classes(out / name, classes)
+        if manifest.get("skipped"):
+            raise ValueError(f"{out / name}: {len(manifest['skipped'])} of {n} images could not be read, e.g. "
+                             f"{manifest['skipped'][0]}")
+        summary["sets"][name] = {"samples": n, "shards": sum(len(s["shards"]) for s in manifest["splits"].values())}
+    _write_list([json.dumps({"labeled": lab_ids, "unlabeled": unl_ids, "seed": seed,
+                             "labeled_spec": summary["labeled_spec"]})], out / "split.json")
+    return summary
+
+
+def _rename_split(shard_dir: Path, old: str, new: str) -> None:
+    """Rename the shards and manifest entry of split `old` to `new` (tar contents unchanged, so sha256 holds)."""
+    path = shard_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    info = manifest["splits"].pop(old)
+    for shard in info["shards"]:
+        name = new + shard["name"][len(old):]
+        os.replace(shard_dir / shard["name"], shard_dir / name)
+        shard["name"] = name
+    manifest["splits"][new] = info
+    tmp = shard_dir / ".manifest.json.partial"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def layout_shards(out: str | Path, *, voc: str | None = None, cityscapes: str | None = None,
+                  scenes: dict | None = None, stardist: bool = False, voc_train: str = "train",
+                  voc_val: str = "val",
+                  labeled: str | None = None, labeled_list: str | None = None, seed: int = 0,
+                  samples_per_shard: int = 1000, force: bool = False, num_workers: int = 0,
+                  created_by: str | None = None) -> dict:
+    """`sslpipe shards --voc / --cityscapes / --dataset scenes --semi / --dataset stardist`: read the layout and
+    `write_semi_shards`.
+    scenes: {"train": N, "val": M, "size": S} (the PNGs go to OUT/source)."""
+    given = [voc is not None, cityscapes is not None, scenes is not None, stardist]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of voc, cityscapes, scenes or stardist")
+    out = Path(out)
+    if voc is not None:
+        train = voc_pairs(voc, read_id_list(voc_split_list(voc, voc_train)))
+        val = voc_pairs(voc, read_id_list(voc_split_list(voc, voc_val)))
+        classes = VOC_CLASSES
+    elif cityscapes is not None:
+        train = cityscapes_pairs(cityscapes, "train", cache=out / "source" / "labelTrainIds")
+        val = cityscapes_pairs(cityscapes, "val", cache=out / "source" / "labelTrainIds")
+        classes = CITYSCAPES_CLASSES
+    elif stardist:
+        train, val = stardist_pairs(out / "source", seed=seed)
+        classes = STARDIST_CLASSES
+    else:
+        from sslpipe.data.scenes import SCENE_CLASSES
+
+        opts = dict(scenes)
+        train, val = scene_pairs(out / "source", int(opts.pop("train")), int(opts.pop("val")), seed=seed, **opts)
+        classes = SCENE_CLASSES
+    ids = [_list_id(i) for i in read_id_list(labeled_list)] if labeled_list else None
+    return write_semi_shards(out, train, val, classes=classes, labeled=labeled, labeled_ids=ids, seed=seed,
+                             samples_per_shard=samples_per_shard, force=force, num_workers=num_workers,
+                             created_by=created_by)
+
+
+def _list_id(entry: str) -> str:
+    """An id of a split list as this module names it: U2PL's Cityscapes lists give image paths
+    (`leftImg8bit/train/ulm/ulm_000079_000019_leftImg8bit.png` -> `ulm/ulm_000079_000019`); VOC ids pass unchanged."""
+    if entry.endswith("_leftImg8bit.png"):
+        parts = entry[: -len("_leftImg8bit.png")].split("/")
+        return "/".join(parts[-2:])
+    return entry

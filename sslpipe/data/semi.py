@@ -1,0 +1,126 @@
+"""Labelled + unlabelled segmentation streams for semi-supervised training (U2PL), and seeded label splits.
+
+Labelled shards carry `seg.png` (255 = ignore); unlabelled shards only images (a `seg.png` there is never read). Each
+training batch holds `batch_size` labelled and `round(batch_size * unlabeled_ratio)` unlabelled images, streamed by two
+independent `build_loader`s (own shard schedule, own augmentation seed) and zipped; both are cut at the same number of
+batches per epoch, so the smaller set repeats within an epoch (the official code repeats the labelled list to the
+length of the unlabelled one: `u2pl/dataset/pascal_voc.py`).
+
+Views: both streams get U2PL's joint augmentation (`SegTransform`: random scale, flip, crop padded to the crop size).
+An unlabelled image passes through it with an all-zero label, so that the crop's padding comes out as 255: the
+recipe gives the padding no pseudo-label.
+
+Label splits (`label_split`): the labelled subset of a list of ids is a seeded choice (numpy `default_rng(seed)`
+permutation of the ids in their given order, the first n kept), n given as a count (`92`, `1464`) or a fraction
+(`1/16` ... `1/2`, rounded); the unlabelled subset is the rest.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sslpipe.data.stream import build_loader, derive_seed
+from sslpipe.data.views import SegTransform
+
+IGNORE_INDEX = 255
+
+
+# ------------------------------------------------------------------------------------------------------ splits
+def parse_labeled(spec: str | int | float, total: int) -> int:
+    """Number of labelled items: an int count, a fraction string `1/16`, or a float in (0, 1)."""
+    if isinstance(spec, str) and "/" in spec:
+        frac = float(Fraction(spec))
+    elif isinstance(spec, str):
+        frac = float(spec)
+    else:
+        frac = float(spec)
+    n = int(round(frac * total)) if 0 < frac < 1 else int(frac)
+    if not 1 <= n <= total:
+        raise ValueError(f"labelled subset {spec!r} gives {n} of {total} items: give a count in 1..{total} or a "
+                         "fraction such as 1/16")
+    return n
+
+
+def label_split(ids: Sequence[str], labeled: str | int | float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(labelled, unlabelled) ids: a seeded choice of `labeled` items (count or fraction), each list in the given
+    order of `ids`."""
+    n = parse_labeled(labeled, len(ids))
+    chosen = set(np.random.default_rng(seed).permutation(len(ids))[:n].tolist())
+    return ([i for k, i in enumerate(ids) if k in chosen], [i for k, i in enumerate(ids) if k not in chosen])
+
+
+# ------------------------------------------------------------------------------------------------------ samples
+class LabeledSample:
+    """raw stream sample -> (image (3, H, W), label (H, W) long); a clear error when the shard has no seg.png."""
+
+    def __init__(self, transform: SegTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, raw: dict[str, Any]) -> tuple[Tensor, Tensor, str]:
+        if "seg" not in raw:
+            raise ValueError(f"sample {raw['key']} of {raw['url']} has no seg.png: labelled data (data.train) must "
+                             "be segmentation shards (`sslpipe shards --seg-list/--voc/--cityscapes ...`)")
+        image, label = self.transform(raw["image"], raw["seg"])
+        return image, label, raw["key"]
+
+
+class UnlabeledSample:
+    """raw stream sample -> (image, valid (H, W) bool: False on the crop's padding); any label is dropped."""
+
+    def __init__(self, transform: SegTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, raw: dict[str, Any]) -> tuple[Tensor, Tensor, str]:
+        zeros = Image.new("L", raw["image"].size, 0)
+        image, label = self.transform(raw["image"], zeros)
+        return image, label != IGNORE_INDEX, raw["key"]
+
+
+def collate_pairs(samples: list[tuple[Tensor, Tensor, str]]) -> tuple[Tensor, Tensor, list[str]]:
+    return (torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples]), [s[2] for s in samples])
+
+
+# ------------------------------------------------------------------------------------------------------ loaders
+class SemiBatches:
+    """Zips the labelled and unlabelled loaders of one epoch into dicts {image_l, label_l, image_u, valid_u, keys_l,
+    keys_u}; `unlabeled` may be None (supervised only: image_u/valid_u absent)."""
+
+    def __init__(self, labeled: Any, unlabeled: Any | None, num_batches: int) -> None:
+        self.labeled, self.unlabeled, self.num_batches = labeled, unlabeled, num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        it_u = iter(self.unlabeled) if self.unlabeled is not None else None
+        for i, (image_l, label_l, keys_l) in enumerate(self.labeled):
+            if i >= self.num_batches:
+                return
+            batch = {"image_l": image_l, "label_l": label_l, "keys_l": keys_l}
+            if it_u is not None:
+                image_u, valid_u, keys_u = next(it_u)
+                batch.update(image_u=image_u, valid_u=valid_u, keys_u=keys_u)
+            yield batch
+
+
+def semi_loader(*, labeled: str, labeled_split: str, unlabeled: str | None, unlabeled_split: str,
+                transform: SegTransform, batch_size: int, unlabeled_batch_size: int, num_batches: int,
+                epoch: int, seed: int, rank: int, world_size: int, num_workers: int = 0, shuffle_buffer: int = 1000,
+                resampled: bool = False, on_error: str = "warn") -> SemiBatches:
+    """The paired stream of one rank and epoch (module docstring); deterministic in (seed, epoch, rank)."""
+    common = dict(epoch=epoch, rank=rank, world_size=world_size, num_workers=num_workers, shuffle=True,
+                  shuffle_buffer=shuffle_buffer, resampled=resampled, num_batches=num_batches, on_error=on_error)
+    lab = build_loader(labeled, split=labeled_split, sample_fn=LabeledSample(transform), collate_fn=collate_pairs,
+                       batch_size=batch_size, seed=seed, **common)
+    unl = None
+    if unlabeled is not None:
+        unl = build_loader(unlabeled, split=unlabeled_split, sample_fn=UnlabeledSample(transform),
+                           collate_fn=collate_pairs, batch_size=unlabeled_batch_size,
+                           seed=derive_seed(seed, 0x5EED), **common)
+    return SemiBatches(lab, unl, num_batches)

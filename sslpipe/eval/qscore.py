@@ -1,0 +1,184 @@
+"""Q-score: label-free, per-sample quality metrics of a self-supervised representation (SPEC.md §4).
+
+Kalibhat, Narang, Firooz, Sanjabi, Feizi, arXiv 2203.01881. The paper changed its definition between versions and
+ships no code; both are implemented, as `v1` ("Understanding Failure Modes of Self-Supervised Learning", 2022) and
+`v2` (v2 and later, AAAI 2024 "Measuring Self-Supervised Representation Quality for Downstream Classification using
+Discriminative Features"). The v2 definition is second-hand (a summary of the paper and an independent
+implementation; see docs/qscore.md).
+
+Input: a feature matrix h of shape (N, D), one row per sample: by default the backbone output before any projection
+head (ResNet: pooled, non-negative after ReLU; ViT: the CLS token after the final norm, which has negative values).
+All statistics are per row (per sample) over its D features; std is the population std (divide by D, as np.std in
+the third-party v1 implementation, FraCorti/.../utils/pies.py).
+
+v1, computed on h' = h_i / ||h_i||_2 when `l2_normalize` (the default: the only known implementation does it, and
+it makes Q invariant to the scale of h; with `l2_normalize=False`, h' = h):
+    mu_i      = (1/D) sum_j h'_ij
+    sigma_i   = sqrt((1/D) sum_j (h'_ij - mu_i)^2)
+    sparsity_i = (1/D) #{j : h'_ij < eta}                 (soft sparsity; `sparsity_abs`: |h'_ij| < eta)
+    l1_i      = sum_j |h'_ij|
+    z_i       = (max_j h'_ij - mu_i) / max(sigma_i, tiny)
+    q_v1_i    = z_i / max(l1_i, tiny)
+v2, on the raw h (no normalisation), with mu_i, sigma_i the mean and population std of h_i:
+    L_i  = {j : h_ij > mu_i + eps * sigma_i}               (highly activating features of sample i, eps = 4)
+    A_j  = (1/N) #{i : j in L_i}                            (activation rate of feature j over the reference set)
+    D    = {j : A_j > 0 and P_lo <= A_j <= P_hi}, P_lo/P_hi = the `percentiles` (default 50th/95th) of the non-zero
+           A_j (torch.quantile, linear interpolation as numpy's default)     (discriminative features)
+    q_v2_i = (1/|L_i ∩ D|) sum_{j in L_i ∩ D} (h_ij - mu_i), and 0 when L_i ∩ D is empty.
+The reference set of A_j is `rates` when given (e.g. rates of the training split), else the rows of h themselves.
+Note (Samuelson's inequality): with the population std no value can exceed mu + eps*sigma when D <= eps^2 + 1, so
+eps = 4 needs D >= 18 features for L_i to be non-empty at all.
+
+Correctly classified samples are expected to have a higher z and q and a lower l1 (paper, v1).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DEFAULT_ETA = 1e-3  # soft-sparsity threshold: the paper's value was not found (SPEC §4); ours
+DEFAULT_EPS = 4.0  # v2 "highly activating" threshold in per-sample stds (second-hand, SPEC §4)
+DEFAULT_PERCENTILES: tuple[float, float] = (50.0, 95.0)  # v2 band of non-zero activation rates (second-hand)
+TINY = 1e-12  # floor of sigma and of the L1 norm: a constant or all-zero row gets z = 0, q = 0 instead of NaN
+
+
+def _check(h: Tensor) -> Tensor:
+    if h.ndim != 2:
+        raise ValueError(f"Q-score features must be a (N, D) matrix, got shape {tuple(h.shape)}")
+    return h if h.is_floating_point() else h.float()
+
+
+def row_mean_std(h: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row mean and population std (unbiased=False), each (N,)."""
+    return h.mean(dim=1), h.std(dim=1, unbiased=False)
+
+
+def v1_input(h: Tensor, l2_normalize: bool = True) -> Tensor:
+    """h' of the v1 metrics: h / ||h||_2 row-wise (F.normalize, eps 1e-12) or h itself."""
+    h = _check(h)
+    return F.normalize(h, dim=1, eps=TINY) if l2_normalize else h
+
+
+def z_score_of_max(h: Tensor) -> Tensor:
+    """z_i = (max_j h_ij - mu_i) / max(sigma_i, TINY), on the rows as given (differentiable)."""
+    mu, sigma = row_mean_std(h)
+    return (h.max(dim=1).values - mu) / sigma.clamp_min(TINY)
+
+
+def q_v1(h: Tensor, *, l2_normalize: bool = True) -> Tensor:
+    """Q-score v1 per sample: z_i / max(||h'_i||_1, TINY), with h' = `v1_input(h, l2_normalize)` (differentiable)."""
+    hp = v1_input(h, l2_normalize)
+    return z_score_of_max(hp) / hp.abs().sum(dim=1).clamp_min(TINY)
+
+
+def highly_active(h: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+    """Bool (N, D): j in L_i, i.e. h_ij > mu_i + eps * sigma_i (population std)."""
+    h = _check(h)
+    mu, sigma = row_mean_std(h.detach())
+    return h.detach() > (mu + eps * sigma).unsqueeze(1)
+
+
+def activation_rates(h: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+    """A_j = share of rows in which feature j is highly activating, (D,) float."""
+    return highly_active(h, eps).float().mean(dim=0)
+
+
+def discriminative_features(rates: Tensor, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> Tensor:
+    """Bool (D,): A_j > 0 and P_lo <= A_j <= P_hi, the percentiles taken over the non-zero A_j only."""
+    lo, hi = (float(p) for p in percentiles)
+    if not 0.0 <= lo <= hi <= 100.0:
+        raise ValueError(f"Q-score percentiles must satisfy 0 <= low <= high <= 100, got {tuple(percentiles)}")
+    nonzero = rates[rates > 0]
+    if nonzero.numel() == 0:
+        return torch.zeros_like(rates, dtype=torch.bool)
+    q = torch.tensor([lo / 100.0, hi / 100.0], dtype=torch.float64, device=rates.device)
+    bounds = torch.quantile(nonzero.double(), q)
+    r = rates.double()
+    return (r > 0) & (r >= bounds[0]) & (r <= bounds[1])
+
+
+def v2_selection(h: Tensor, *, eps: float = DEFAULT_EPS, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+                 rates: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(L, D, L ∩ D): bool (N, D) highly-active mask, bool (D,) discriminative features, their intersection (N, D).
+
+    Selections are made on detached values: they are sets, not functions to differentiate."""
+    high = highly_active(h, eps)
+    if rates is None:
+        rates = high.float().mean(dim=0)
+    elif rates.shape != (h.shape[1],):
+        raise ValueError(f"activation rates of shape {tuple(rates.shape)} do not fit features of width {h.shape[1]}")
+    disc = discriminative_features(rates.to(h.device), percentiles)
+    return high, disc, high & disc.unsqueeze(0)
+
+
+def q_v2(h: Tensor, *, eps: float = DEFAULT_EPS, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+         rates: Tensor | None = None) -> Tensor:
+    """Q-score v2 per sample: mean over j in L_i ∩ D of (h_ij - mu_i), 0 where L_i ∩ D is empty (differentiable in h
+    through h_ij and mu_i; the sets are fixed by the current values)."""
+    h = _check(h)
+    _, _, sel = v2_selection(h, eps=eps, percentiles=percentiles, rates=rates)
+    sel = sel.to(h.dtype)
+    excess = h - h.mean(dim=1, keepdim=True)
+    count = sel.sum(dim=1)
+    return (excess * sel).sum(dim=1) / count.clamp_min(1.0)
+
+
+@torch.no_grad()
+def qscore_metrics(
+    h: Tensor,
+    *,
+    eta: float = DEFAULT_ETA,
+    eps: float = DEFAULT_EPS,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    l2_normalize: bool = True,
+    sparsity_abs: bool = False,
+    rates: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Every per-sample metric, each (N,) float on h's device: mean, std, sparsity, l1, z, q_v1 (all on h', the v1
+    input), q_v2, n_high (|L_i|) and n_high_disc (|L_i ∩ D|) (on the raw h). Formulas: the module docstring."""
+    h = _check(h).float()
+    hp = v1_input(h, l2_normalize)
+    mu, sigma = row_mean_std(hp)
+    below = (hp.abs() if sparsity_abs else hp) < eta
+    l1 = hp.abs().sum(dim=1)
+    z = (hp.max(dim=1).values - mu) / sigma.clamp_min(TINY)
+    high, _, sel = v2_selection(h, eps=eps, percentiles=percentiles, rates=rates)
+    return {
+        "mean": mu, "std": sigma, "sparsity": below.float().mean(dim=1), "l1": l1, "z": z,
+        "q_v1": z / l1.clamp_min(TINY), "q_v2": q_v2(h, eps=eps, percentiles=percentiles, rates=rates),
+        "n_high": high.sum(dim=1).float(), "n_high_disc": sel.sum(dim=1).float(),
+    }
+
+
+@torch.no_grad()
+def batch_summary(
+    h: Tensor,
+    *,
+    eta: float = DEFAULT_ETA,
+    eps: float = DEFAULT_EPS,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    l2_normalize: bool = True,
+    sparsity_abs: bool = False,
+    rates: Tensor | None = None,
+) -> dict[str, float]:
+    """Set-level summaries: mean of every per-sample metric (`mean_<name>`), `always_active_frac` (share of features
+    with h'_ij >= eta in every sample, i.e. never soft-sparse: the degenerate "fires for every sample" feature the
+    v1 column term fights), `discriminative_frac` (|D| / D), `never_high_frac` (share of features with A_j = 0)."""
+    h = _check(h).float()
+    m = qscore_metrics(h, eta=eta, eps=eps, percentiles=percentiles, l2_normalize=l2_normalize,
+                       sparsity_abs=sparsity_abs, rates=rates)
+    hp = v1_input(h, l2_normalize)
+    active = ~((hp.abs() if sparsity_abs else hp) < eta)
+    high, disc, _ = v2_selection(h, eps=eps, percentiles=percentiles, rates=rates)
+    used_rates = rates.to(h.device) if rates is not None else high.float().mean(dim=0)
+    out = {f"mean_{k}": float(v.mean()) for k, v in m.items()}
+    out.update(
+        always_active_frac=float(active.all(dim=0).float().mean()),
+        discriminative_frac=float(disc.float().mean()),
+        never_high_frac=float((used_rates == 0).float().mean()),
+        n_samples=int(h.shape[0]), n_features=int(h.shape[1]),
+    )
+    return out

@@ -1,0 +1,381 @@
+"""What the dense fine-tuning recipes share: the backbone (export -> ViTDet pyramid), dense data, optimiser groups,
+evaluation every `eval.knn_every_epochs` epochs, and prediction PNGs (docs/finetune.md).
+
+A subclass (`finetune_m2f.Mask2FormerRecipe`, `finetune_vitdet.ViTDetRecipe`) builds the head on the pyramid, computes
+the loss of one batch and turns network outputs into metric updates and overlays. Nothing is kept besides the student
+(no EMA, no queues), so `extra_state` is empty and checkpoints are the engine's own.
+
+Data: segmentation shards (`seg.png`, 255 = ignore; `inst.png` instance ids for instance tasks), e.g. `sslpipe shards
+--dataset scenes`. Training view (`DenseTransform`): scale jitter (the longer side becomes `img_size * s`, s uniform
+in `scale_range`: ViTDet's large-scale jitter), horizontal flip, random crop / pad to `img_size` x `img_size` (image
+pad = the mean colour, label pad = ignore, instance pad = 0). Named deviation: Mask2Former's ADE20K pipeline (short-side
+jitter, 512 crop with cat_max_ratio 1.0, ColorAugSSD) is replaced by this one jitter-crop-flip for both heads.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+
+from sslpipe.config import Config
+from sslpipe.data.stream import build_loader, count_samples, resolve_shards
+from sslpipe.heads.vitdet import ViTDetBackbone, ViTDetPyramid, build_vitdet_pyramid, dense_param_groups
+from sslpipe.recipes.base import Recipe
+
+
+# ------------------------------------------------------------------------------------------------------ backbone
+def load_vit(cfg: Config) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
+    """The timm ViT to fine-tune and its normalisation: `finetune.backbone` (an export: its architecture and, unless
+    `backbone_init: random`, its weights; mean/std from the export) or `model.arch` at random init (crops.mean/std).
+    `model.drop_path_rate` is applied in both cases (ViTDet ViT-B: 0.1)."""
+    import timm
+    from safetensors.torch import load_file
+
+    from sslpipe.export import read_export_config
+    from sslpipe.models.backbones import create_backbone
+
+    f, m = cfg.finetune, cfg.model
+    if f.backbone is None:
+        vit = create_backbone(m.arch, img_size=f.img_size, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate,
+                              **m.kwargs)
+        return vit, tuple(cfg.crops.mean), tuple(cfg.crops.std)
+    export = read_export_config(f.backbone)
+    args = {**export["model_args"], "drop_path_rate": m.drop_path_rate}
+    vit = timm.create_model(export["architecture"], pretrained=False, **args)
+    if f.backbone_init == "export":
+        path = Path(f.backbone)
+        weights = path / "model.safetensors" if path.is_dir() else path
+        try:
+            vit.load_state_dict(load_file(str(weights)), strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"finetune.backbone={f.backbone}: the weights do not fit {export['architecture']} "
+                             f"with the export's model_args ({err}); re-export the run with `sslpipe export`") from err
+    return vit, tuple(export["mean"]), tuple(export["std"])
+
+
+def manifest_classes(spec: str) -> list[str] | None:
+    """Class names from a shard directory's manifest (None for patterns/URLs without one)."""
+    from sslpipe.data.shards import read_manifest
+
+    try:
+        return list(read_manifest(spec)["classes"])
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+class DenseTransform:
+    """Raw stream sample -> {"image": float (3, H, W), "seg": long (H, W), "inst": long (H, W) or None, "key"}.
+
+    train: jitter / flip / crop-pad to `size` (module docstring); eval: only the optional short-side resize of the
+    image to `eval_size` (labels stay at their native size: metrics are computed there). `normalize=False` leaves
+    images in [0, 1] (torchvision's detectors normalise themselves).
+    """
+
+    def __init__(self, size: int, scale_range: tuple[float, float], hflip: float, mean: tuple[float, ...],
+                 std: tuple[float, ...], ignore_index: int = 255, train: bool = True, eval_size: int | None = None,
+                 normalize: bool = True, need_inst: bool = False) -> None:
+        self.size, self.scale_range, self.hflip = size, tuple(scale_range), hflip
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+        self.ignore_index, self.train, self.eval_size = ignore_index, train, eval_size
+        self.normalize, self.need_inst = normalize, need_inst
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        if "seg" not in raw:
+            raise ValueError(f"sample {raw['key']} of {raw['url']} has no seg.png: fine-tuning needs segmentation "
+                             "shards (`sslpipe shards --seg-list ...` or `--dataset scenes`)")
+        if self.need_inst and "inst" not in raw:
+            raise ValueError(f"sample {raw['key']} of {raw['url']} has no inst.png (instance ids): instance tasks need "
+                             "shards with instance maps (`sslpipe shards --dataset scenes`)")
+        img = TF.pil_to_tensor(raw["image"])
+        seg = torch.from_numpy(np.asarray(raw["seg"], dtype=np.uint8).copy())[None]
+        inst = torch.from_numpy(np.asarray(raw["inst"], dtype=np.float32).copy())[None] if "inst" in raw else None
+        if self.train:
+            img, seg, inst = self._jitter(img, seg, inst)
+        elif self.eval_size:
+            img = TF.resize(img, self.eval_size, antialias=True)
+        image = img.float() / 255.0
+        if self.normalize:
+            image = (image - self.mean) / self.std
+        if self.train:
+            image, seg, inst = self._pad(image, seg, inst)
+        return {"image": image, "seg": seg[0].long(), "inst": inst[0].long() if inst is not None else None,
+                "key": raw["key"]}
+
+    def _jitter(self, img: Tensor, seg: Tensor, inst: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        h, w = img.shape[-2:]
+        s = float(torch.empty(()).uniform_(*self.scale_range))
+        factor = self.size * s / max(h, w)
+        size = [max(1, round(h * factor)), max(1, round(w * factor))]
+        img = TF.resize(img, size, antialias=True)
+        seg = TF.resize(seg, size, interpolation=InterpolationMode.NEAREST)
+        inst = TF.resize(inst, size, interpolation=InterpolationMode.NEAREST) if inst is not None else None
+        if float(torch.rand(())) < self.hflip:
+            img, seg = TF.horizontal_flip(img), TF.horizontal_flip(seg)
+            inst = TF.horizontal_flip(inst) if inst is not None else None
+        y = int(torch.randint(0, max(size[0] - self.size, 0) + 1, ()))
+        x = int(torch.randint(0, max(size[1] - self.size, 0) + 1, ()))
+        crop = (slice(None), slice(y, y + self.size), slice(x, x + self.size))
+        return img[crop], seg[crop], inst[crop] if inst is not None else None
+
+    def _pad(self, image: Tensor, seg: Tensor, inst: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        h, w = image.shape[-2:]
+        if (h, w) == (self.size, self.size):
+            return image, seg, inst
+        fill = torch.zeros(3, 1, 1) if self.normalize else self.mean
+        canvas = fill.expand(3, self.size, self.size).clone()
+        canvas[:, :h, :w] = image
+        seg_canvas = torch.full((1, self.size, self.size), self.ignore_index, dtype=seg.dtype)
+        seg_canvas[:, :h, :w] = seg
+        inst_canvas = None
+        if inst is not None:
+            inst_canvas = torch.zeros((1, self.size, self.size), dtype=inst.dtype)
+            inst_canvas[:, :h, :w] = inst
+        return canvas, seg_canvas, inst_canvas
+
+
+def collate_dense(samples: list[dict[str, Any]], pad_to: int = 32) -> dict[str, Any]:
+    """Images padded (zeros, bottom/right) to a common size that is a multiple of `pad_to`; `sizes` = each image's
+    valid (h, w); `seg`/`inst` stay lists (native sizes; stack them when they agree)."""
+    sizes = [tuple(s["image"].shape[-2:]) for s in samples]
+    height = -(-max(h for h, _ in sizes) // pad_to) * pad_to
+    width = -(-max(w for _, w in sizes) // pad_to) * pad_to
+    images = samples[0]["image"].new_zeros(len(samples), 3, height, width)
+    for i, s in enumerate(samples):
+        images[i, :, : sizes[i][0], : sizes[i][1]] = s["image"]
+    return {"images": images, "sizes": sizes, "seg": [s["seg"] for s in samples],
+            "inst": [s["inst"] for s in samples] if all(s["inst"] is not None for s in samples) else None,
+            "keys": [s["key"] for s in samples]}
+
+
+# -------------------------------------------------------------------------------------------------------- recipe
+class DenseFinetuneRecipe(Recipe):
+    """Base of the fine-tuning recipes; subclasses set `normalize_images`, `needs_instances`, `backbone_prefix` and
+    implement `build_head`, `step`, `eval_metric`, `eval_batch` and `overlays`."""
+
+    normalize_images = True  # False: images stay in [0, 1] (the head normalises)
+    backbone_prefix = ""  # dotted path of the ViTDetBackbone inside the student
+    top_block = True  # the pyramid's stride-64 max-pooled level (Mask R-CNN's p6)
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.accelerator = None
+        self.run_dir: Path | None = None
+        self.student: nn.Module
+        self.device = torch.device("cpu")
+
+    # ----------------------------------------------------------------- model
+    @property
+    def needs_instances(self) -> bool:
+        return self.cfg.finetune.task == "instance"
+
+    def classes(self) -> list[str]:
+        """Class names: the manifest's (checked against finetune.num_classes) or "0".."K-1"."""
+        f = self.cfg.finetune
+        names = manifest_classes(self.cfg.data.train)
+        if names is None and f.num_classes is None:
+            raise ValueError(f"data.train={self.cfg.data.train!r} has no manifest.json to read the classes from: "
+                             "set finetune.num_classes")
+        if f.num_classes is not None and names is not None and len(names) != f.num_classes:
+            raise ValueError(f"finetune.num_classes={f.num_classes} but the manifest of {self.cfg.data.train} lists "
+                             f"{len(names)} classes {names}")
+        return names if names is not None else [str(i) for i in range(f.num_classes)]
+
+    def build_pyramid(self) -> ViTDetPyramid:
+        f = self.cfg.finetune
+        vit, self.mean, self.std = load_vit(self.cfg)
+        return build_vitdet_pyramid(vit, window_size=f.window_size, global_blocks=f.global_blocks,
+                                    use_rel_pos=f.use_rel_pos, img_size=f.img_size,
+                                    out_channels=f.pyramid_channels, top_block=self.top_block)
+
+    def build_head(self, pyramid: ViTDetPyramid) -> nn.Module:
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        """The whole network (no accelerator needed: `sslpipe predict` calls this too)."""
+        self.class_names = self.classes()
+        self.student = self.build_head(self.build_pyramid())
+        return self.student
+
+    def build(self, accelerator: Any) -> None:
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.run_dir = Path(accelerator.project_dir) if accelerator.project_dir else None
+        self.build_model()
+
+    def model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.student) if self.accelerator is not None else self.student
+
+    def vit_trunk(self) -> ViTDetBackbone:
+        module = self.model()
+        for part in self.backbone_prefix.split("."):
+            module = getattr(module, part)
+        return module
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        f = self.cfg.finetune
+        return dense_param_groups(self.student, backbone_prefix=self.backbone_prefix,
+                                  num_layers=self.vit_trunk().num_layers, layer_decay=f.layer_decay,
+                                  backbone_lr_mult=f.backbone_lr_mult)
+
+    # ------------------------------------------------------------------ data
+    def transform(self, train: bool) -> DenseTransform:
+        f = self.cfg.finetune
+        return DenseTransform(f.img_size, f.scale_range, f.hflip, self.mean, self.std, f.ignore_index, train=train,
+                              eval_size=f.eval_size, normalize=self.normalize_images, need_inst=self.needs_instances)
+
+    def steps_per_epoch(self, world_size: int) -> int:
+        d = self.cfg.data
+        resolve_shards(d.train, d.train_split)
+        if d.steps_per_epoch is not None:
+            return d.steps_per_epoch
+        total = count_samples(d.train, d.train_split)
+        if total is None:
+            raise ValueError(f"data.train={d.train!r} has no manifest.json to count samples from: "
+                             "set data.steps_per_epoch")
+        steps = total // (d.batch_size * world_size)
+        if steps == 0:
+            raise ValueError(f"data.train holds {total} samples, fewer than one global batch "
+                             f"({d.batch_size} x {world_size} processes): lower data.batch_size")
+        return steps
+
+    def train_loader(self, epoch: int, rank: int, world_size: int):
+        d = self.cfg.data
+        return build_loader(
+            d.train, split=d.train_split, sample_fn=self.transform(train=True), collate_fn=collate_dense,
+            batch_size=d.batch_size, num_workers=d.num_workers, epoch=epoch, seed=self.cfg.seed, rank=rank,
+            world_size=world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
+            num_batches=self.steps_per_epoch(world_size), on_error=d.on_error,
+        )
+
+    def eval_batches(self, spec: str | None = None, split: str | None = None,
+                     max_images: int | None = None) -> Iterator[dict[str, Any]]:
+        """Validation batches in shard order (one pass, no shuffling), at most `max_images` images."""
+        d, f = self.cfg.data, self.cfg.finetune
+        spec = spec or d.val
+        if not spec:
+            raise ValueError("evaluation needs data.val (segmentation shards with a val split)")
+        loader = build_loader(spec, split=split or d.val_split, sample_fn=self.transform(train=False),
+                              collate_fn=collate_dense, batch_size=f.eval_batch_size, num_workers=0, shuffle=False,
+                              drop_last=False, on_error=d.on_error)
+        seen = 0
+        for batch in loader:
+            if max_images is not None and seen + len(batch["keys"]) > max_images:
+                keep = max_images - seen
+                if keep <= 0:
+                    return
+                batch = {k: (v[:keep] if v is not None else None) for k, v in batch.items()}
+            seen += len(batch["keys"])
+            yield batch
+            if max_images is not None and seen >= max_images:
+                return
+
+    def batch_size_of(self, batch: dict[str, Any]) -> int:
+        return int(batch["images"].shape[0])
+
+    # ---------------------------------------------------------------- engine
+    def after_optimizer_step(self, sched: dict[str, float]) -> None:
+        """Nothing: fine-tuning has no EMA or other per-step state."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise KeyError(f"a fine-tuning checkpoint has no extra state, got keys {sorted(state)[:5]}")
+
+    def backbone(self, which: str = "teacher") -> nn.Module:
+        """The fine-tuned ViT trunk (a ViTDetBackbone: windowed blocks, resized positions; not a plain timm model)."""
+        return self.vit_trunk()
+
+    # ------------------------------------------------------------ evaluation
+    def eval_metric(self) -> Any:
+        raise NotImplementedError
+
+    def eval_batch(self, model: nn.Module, batch: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        """(predictions, targets) of one batch, in the metric's format, on the CPU."""
+        raise NotImplementedError
+
+    def overlays(self, batch: dict[str, Any], preds: list[Any], targets: list[Any]) -> list[list[Tensor]]:
+        """Rows of uint8 (3, H, W) panels (image, ground truth, prediction) for the predictions PNG."""
+        raise NotImplementedError
+
+    def display_image(self, image: Tensor, size: tuple[int, int]) -> Tensor:
+        """A batch image back to uint8 RGB at its valid size."""
+        img = image[:, : size[0], : size[1]].detach().float().cpu()
+        if self.normalize_images:
+            img = img * torch.tensor(self.std).view(3, 1, 1) + torch.tensor(self.mean).view(3, 1, 1)
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    @torch.no_grad()
+    def run_evaluation(self, max_images: int | None = None, png: Path | None = None, n_png: int = 0,
+                       spec: str | None = None, split: str | None = None, progress: bool = False) -> dict[str, Any]:
+        """Metrics over the val split (and a predictions PNG of the first `n_png` images when `png` is given)."""
+        from tqdm.auto import tqdm
+
+        from sslpipe.predict import save_rows
+
+        model = self.model()
+        was_training = model.training
+        model.eval()
+        metric, rows = self.eval_metric(), []
+        try:
+            for batch in tqdm(self.eval_batches(spec, split, max_images), desc="eval", disable=not progress,
+                              unit="batch"):
+                preds, targets = self.eval_batch(model, batch)
+                metric.update(preds, targets)
+                if png is not None and len(rows) < n_png:
+                    rows += self.overlays(batch, preds, targets)[: n_png - len(rows)]
+        finally:
+            model.train(was_training)
+        result = metric.compute()
+        if png is not None and rows:
+            save_rows(rows, png)
+        return result
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """mIoU or AP on the val split by the main process (broadcast to all ranks); writes
+        `RUN/eval/epoch_NNN.json` and the predictions PNG `RUN/predictions/epoch_NNN.png`."""
+        from accelerate.utils import broadcast_object_list
+
+        if not self.cfg.data.val:
+            return {}
+        metrics: list[Any] = [None]
+        if self.accelerator is None or self.accelerator.is_main_process:
+            f = self.cfg.finetune
+            png = self.run_dir / "predictions" / f"epoch_{epoch + 1:03d}.png" if self.run_dir else None
+            result = self.run_evaluation(f.eval_max_images, png, f.predict_images, progress=True)
+            if self.run_dir is not None:
+                out = self.run_dir / "eval" / f"epoch_{epoch + 1:03d}.json"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=1) + "\n")
+            metrics = [self.flat_metrics(result)]
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            metrics = broadcast_object_list(metrics)
+        return metrics[0]
+
+    def flat_metrics(self, result: dict[str, Any]) -> dict[str, float]:
+        """The loggable numbers of `run_evaluation`'s result."""
+        return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+
+
+def stack_or_none(items: list[Tensor] | None) -> Tensor | None:
+    return torch.stack(items) if items is not None else None
+
+
+def crop_resize_logits(logits: Tensor, valid: tuple[int, int], padded: tuple[int, int],
+                       out: tuple[int, int]) -> Tensor:
+    """Official post-processing of (Q, h, w) mask logits predicted on a padded input: upsample to the padded input
+    size, keep the valid (unpadded) region, resize to the label's native size."""
+    x = F.interpolate(logits[None], size=padded, mode="bilinear", align_corners=False)[..., : valid[0], : valid[1]]
+    if tuple(x.shape[-2:]) != tuple(out):
+        x = F.interpolate(x, size=out, mode="bilinear", align_corners=False)
+    return x[0]

@@ -1,0 +1,222 @@
+"""Supervised-only semantic segmentation on the labelled subset (`method: supervised_seg`): U2PL's baseline
+(official `train_sup.py`, experiments/pascal/1464/suponly/config.yaml) and the base class of the U2PL recipe.
+
+Same network as U2PL (sslpipe/models/segmentation.py, without the representation head, as the code's
+`rep_head: False`), same labelled shards and augmentation, loss = CE(upsampled logits, label, ignore 255). Parameter
+groups: encoder lr x1, decoder lr x `u2pl.head_lr_mult` (10 on VOC); weight decay on every parameter (the code's SGD).
+Evaluation every `eval.knn_every_epochs` epochs on data.val: mIoU (metrics `mIoU`, `pixel_acc`, `iou/<class>`) by
+the main process, broadcast to all, also written to RUN/eval/epoch_NNN.json.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sslpipe.config import Config
+from sslpipe.data.semi import semi_loader
+from sslpipe.data.stream import build_loader, count_samples, resolve_shards
+from sslpipe.data.views import SegTransform
+from sslpipe.recipes.base import Recipe
+
+
+def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear, align_corners=True (the official code's choice everywhere)."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+class SupervisedSegRecipe(Recipe):
+    uses_unlabeled = False
+    rep_head = False
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.accelerator = None
+        self.device = torch.device("cpu")
+        self.run_dir: Path | None = None
+        self.class_names: list[str] = []
+        self.num_classes = 0
+
+    # ------------------------------------------------------------------ model
+    def classes(self) -> list[str]:
+        from sslpipe.data.shards import read_manifest
+
+        u = self.cfg.u2pl
+        try:
+            names = list(read_manifest(self.cfg.data.train)["classes"])
+        except (FileNotFoundError, ValueError):
+            names = []
+        if u.num_classes is None:
+            if not names:
+                raise ValueError(f"data.train={self.cfg.data.train!r} lists no classes in a manifest: set "
+                                 "u2pl.num_classes")
+            return names
+        if names and len(names) != u.num_classes:
+            raise ValueError(f"u2pl.num_classes={u.num_classes} but the manifest of {self.cfg.data.train} lists "
+                             f"{len(names)} classes")
+        return names or [str(i) for i in range(u.num_classes)]
+
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """crops.mean/std, or the export's when model.init_from is set."""
+        if self.cfg.model.init_from:
+            from sslpipe.export import read_export_config
+
+            export = read_export_config(self.cfg.model.init_from)
+            return tuple(export["mean"]), tuple(export["std"])
+        return tuple(self.cfg.crops.mean), tuple(self.cfg.crops.std)
+
+    def build_model(self) -> nn.Module:
+        """The student network (no accelerator needed: `sslpipe eval-seg` calls this)."""
+        from sslpipe.models.segmentation import build_segmentation_net
+
+        m, u = self.cfg.model, self.cfg.u2pl
+        self.class_names = self.classes()
+        self.num_classes = len(self.class_names)
+        self.mean, self.std = self.normalisation()
+        kwargs = dict(m.kwargs)
+        if m.drop_path_rate:
+            kwargs["drop_path_rate"] = m.drop_path_rate
+        self.student = build_segmentation_net(
+            m.arch, self.num_classes, init_from=m.init_from, output_stride=u.output_stride, img_size=u.crop_size,
+            patch_size=m.patch_size, model_kwargs=kwargs, channels=u.decoder_channels,
+            aspp_channels=u.aspp_channels, dilations=u.aspp_dilations, rep_dim=u.rep_dim if self.rep_head else None,
+            low_index=u.low_level_index, vit_high_stride=u.vit_high_stride, vit_window_size=u.vit_window_size,
+            vit_global_blocks=u.vit_global_blocks)
+        return self.student
+
+    def build(self, accelerator: Any) -> None:
+        from sslpipe.models.backbones import sync_batchnorm
+
+        self.accelerator, self.device = accelerator, accelerator.device
+        self.run_dir = Path(accelerator.project_dir) if accelerator.project_dir else None
+        self.build_model()
+        self.student = sync_batchnorm(self.student, enabled=self.cfg.model.sync_batchnorm,
+                                      num_processes=accelerator.num_processes, device=accelerator.device)
+
+    def model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.student) if self.accelerator is not None else self.student
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        net = self.model()
+        return [{"params": list(net.encoder.parameters()), "apply_wd": True, "lr_scale": 1.0},
+                {"params": list(net.decoder.parameters()), "apply_wd": True,
+                 "lr_scale": self.cfg.u2pl.head_lr_mult}]
+
+    # ------------------------------------------------------------------- data
+    def transform(self, train: bool) -> SegTransform:
+        u = self.cfg.u2pl
+        return SegTransform(u.crop_size, tuple(u.scale_range), u.ignore_index, self.mean, self.std, hflip=u.hflip,
+                            train=train)
+
+    def unlabeled_batch_size(self) -> int:
+        return max(1, round(self.cfg.data.batch_size * self.cfg.u2pl.unlabeled_ratio))
+
+    def steps_per_epoch(self, world_size: int) -> int:
+        """data.steps_per_epoch, else the unlabelled set (U2PL) or labelled set (baseline) over the global batch."""
+        d, u = self.cfg.data, self.cfg.u2pl
+        resolve_shards(d.train, d.train_split)
+        if d.steps_per_epoch is not None:
+            return d.steps_per_epoch
+        spec, split, batch = ((u.unlabeled, u.unlabeled_split, self.unlabeled_batch_size()) if self.uses_unlabeled
+                              else (d.train, d.train_split, d.batch_size))
+        total = count_samples(spec, split)
+        if total is None:
+            raise ValueError(f"{spec!r} has no manifest.json to count samples from: set data.steps_per_epoch")
+        steps = total // (batch * world_size)
+        if steps == 0:
+            raise ValueError(f"{spec} holds {total} samples, fewer than one global batch ({batch} x {world_size} "
+                             "processes): lower data.batch_size")
+        return steps
+
+    def train_loader(self, epoch: int, rank: int, world_size: int):
+        d, u = self.cfg.data, self.cfg.u2pl
+        if self.uses_unlabeled and not u.unlabeled:
+            raise ValueError("method u2pl needs u2pl.unlabeled (unlabelled shards, e.g. OUT/unlabeled written by "
+                             "`sslpipe shards --voc ... --labeled 1464`)")
+        return semi_loader(labeled=d.train, labeled_split=d.train_split,
+                           unlabeled=u.unlabeled if self.uses_unlabeled else None,
+                           unlabeled_split=u.unlabeled_split, transform=self.transform(train=True),
+                           batch_size=d.batch_size, unlabeled_batch_size=self.unlabeled_batch_size(),
+                           num_batches=self.steps_per_epoch(world_size), epoch=epoch, seed=self.cfg.seed, rank=rank,
+                           world_size=world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+                           resampled=d.resampled, on_error=d.on_error)
+
+    def batch_size_of(self, batch: dict[str, Any]) -> int:
+        return int(batch["image_l"].shape[0]) + (int(batch["image_u"].shape[0]) if "image_u" in batch else 0)
+
+    def eval_batches(self, spec: str | None = None, split: str | None = None) -> Iterator[tuple[list, list]]:
+        """(images, labels) lists of the val split at native size, in shard order."""
+        d = self.cfg.data
+        spec = spec or d.val
+        if not spec:
+            raise ValueError("evaluation needs data.val (segmentation shards with a val split)")
+        transform = self.transform(train=False)
+
+        def sample(raw: dict[str, Any]) -> tuple[Tensor, Tensor]:
+            if "seg" not in raw:
+                raise ValueError(f"sample {raw['key']} of {raw['url']} has no seg.png: evaluation data must be "
+                                 "segmentation shards (e.g. OUT/val of `sslpipe shards --voc/--semi`)")
+            return transform(raw["image"], raw["seg"])
+
+        loader = build_loader(spec, split=split or d.val_split, sample_fn=sample,
+                              collate_fn=lambda s: ([x[0] for x in s], [x[1] for x in s]),
+                              batch_size=self.cfg.u2pl.eval_batch_size, num_workers=0, shuffle=False,
+                              drop_last=False, on_error=d.on_error)
+        yield from loader
+
+    # ------------------------------------------------------------------- step
+    def supervised_loss(self, pred: Tensor, label: Tensor) -> Tensor:
+        return F.cross_entropy(upsample(pred.float(), label.shape[-2:]), label,
+                               ignore_index=self.cfg.u2pl.ignore_index)
+
+    def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+        out = self.student(batch["image_l"])
+        loss = self.supervised_loss(out["pred"], batch["label_l"])
+        return loss, {"loss/sup": loss.detach()}
+
+    def after_optimizer_step(self, sched: dict[str, float]) -> None:
+        """Nothing: no teacher."""
+
+    def extra_state(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise KeyError(f"a supervised_seg checkpoint has no extra state, got {sorted(state)[:5]}")
+
+    def backbone(self, which: str = "teacher") -> nn.Module:
+        enc = self.model().encoder
+        return enc.model if hasattr(enc, "model") else enc.pyramid.backbone
+
+    # ------------------------------------------------------------- evaluation
+    def eval_model(self) -> nn.Module:
+        return self.model()
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        from accelerate.utils import broadcast_object_list
+
+        from sslpipe.eval.seg_eval import evaluate_segmentation
+
+        if not self.cfg.data.val:
+            return {}
+        metrics: list[Any] = [None]
+        if self.accelerator is None or self.accelerator.is_main_process:
+            u = self.cfg.u2pl
+            result = evaluate_segmentation(
+                self.eval_model(), self.eval_batches(), self.num_classes, class_names=self.class_names,
+                ignore_index=u.ignore_index, mode=u.eval_mode, crop=u.eval_crop or u.crop_size,
+                stride_rate=u.eval_stride_rate, device=self.device, max_images=u.eval_max_images)
+            if self.run_dir is not None:
+                out = self.run_dir / "eval" / f"epoch_{epoch + 1:03d}.json"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=1) + "\n")
+            metrics = [{"mIoU": result["mIoU"], "pixel_acc": result["pixel_acc"],
+                        **{f"iou/{k}": v for k, v in result["per_class"].items()}}]
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            metrics = broadcast_object_list(metrics)
+        return metrics[0]

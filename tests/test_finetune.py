@@ -1,0 +1,272 @@
+"""Fine-tuning: metrics against the libraries and hand-computed values, dense data transform, config keys, optimiser
+groups in the engine, and short end-to-end runs of both recipes (marked slow) with predictions PNGs."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from helpers import REPO
+from PIL import Image
+
+from sslpipe.config import ConfigError, config_from_dict, load_config
+from sslpipe.eval.detection import DetectionMetric, masks_to_targets
+from sslpipe.eval.segmentation import SegmentationMetric, format_iou_table
+from sslpipe.recipes.finetune import DenseTransform, collate_dense
+
+torch.set_num_threads(1)
+
+
+# -------------------------------------------------------------------------------------------------------- mIoU
+def test_miou_by_hand_and_against_torchmetrics():
+    target = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 1]]])
+    preds = torch.tensor([[[0, 1, 1, 1], [2, 0, 2, 1]]])
+    metric = SegmentationMetric(4, ignore_index=255, class_names=["bg", "a", "b", "c"])
+    metric.update(preds, target)
+    r = metric.compute()
+    # class 0: tp 1, fp 1 (pixel (1,1)), fn 1 (pixel (0,1)) -> 1/3; class 1: tp 3, fp 1 -> 3/4; class 2: tp 1, fn 1
+    # -> 1/2 (the prediction at the ignored pixel does not count); class 3 absent everywhere -> NaN, not averaged
+    assert r["per_class"]["bg"] == pytest.approx(1 / 3)
+    assert r["per_class"]["a"] == pytest.approx(3 / 4)
+    assert r["per_class"]["b"] == pytest.approx(1 / 2)
+    assert math.isnan(r["per_class"]["c"])
+    assert r["mIoU"] == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    assert r["pixel_acc"] == pytest.approx(5 / 7)
+    from torchmetrics.functional.classification import multiclass_jaccard_index
+
+    ref = multiclass_jaccard_index(preds, target, 4, average="macro", ignore_index=255)
+    assert r["mIoU"] == pytest.approx(float(ref))
+    assert "mIoU" in format_iou_table(r) and "n/a" in format_iou_table(r)
+
+
+def test_miou_accumulates_over_images_of_different_sizes():
+    g = torch.Generator().manual_seed(0)
+    a_t, a_p = torch.randint(0, 3, (5, 6), generator=g), torch.randint(0, 3, (5, 6), generator=g)
+    b_t, b_p = torch.randint(0, 3, (7, 4), generator=g), torch.randint(0, 3, (7, 4), generator=g)
+    metric = SegmentationMetric(3)
+    metric.update([a_p, b_p], [a_t, b_t])
+    from torchmetrics.functional.classification import multiclass_jaccard_index
+
+    ref = multiclass_jaccard_index(torch.cat([a_p.flatten(), b_p.flatten()]),
+                                   torch.cat([a_t.flatten(), b_t.flatten()]), 3, average="macro")
+    assert metric.compute()["mIoU"] == pytest.approx(float(ref))
+
+
+# ---------------------------------------------------------------------------------------------------------- AP
+def test_ap_by_hand():
+    """One object, one detection: box IoU 0.62 matches at IoU thresholds 0.50, 0.55, 0.60 of the ten -> AP 0.3,
+    AP50 1, AP75 0; mask IoU 64/100 likewise."""
+    gt_mask = torch.zeros(1, 20, 20, dtype=torch.bool)
+    gt_mask[0, 0:10, 0:10] = True
+    pred_mask = torch.zeros(1, 20, 20, dtype=torch.bool)
+    pred_mask[0, 0:8, 0:8] = True
+    metric = DetectionMetric()
+    metric.update([{"boxes": torch.tensor([[0.0, 0.0, 10.0, 6.2]]), "scores": torch.tensor([0.9]),
+                    "labels": torch.tensor([1]), "masks": pred_mask}],
+                  [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1]), "masks": gt_mask}])
+    r = metric.compute()
+    for kind in ("bbox", "segm"):
+        assert r[f"{kind}/AP"] == pytest.approx(0.3)
+        assert r[f"{kind}/AP50"] == pytest.approx(1.0)
+        assert r[f"{kind}/AP75"] == pytest.approx(0.0)
+
+
+def test_box_ap_agrees_with_pycocotools():
+    """A case with several images, classes, misses and false positives: our wrapper == COCOeval run directly."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    g = torch.Generator().manual_seed(0)
+    preds, targets, images, anns, dets = [], [], [], [], []
+    for img in range(4):
+        n = 3
+        xy = torch.rand(n, 2, generator=g) * 60
+        wh = torch.rand(n, 2, generator=g) * 30 + 5
+        gt = torch.cat([xy, xy + wh], 1)
+        labels = torch.randint(1, 3, (n,), generator=g)
+        pb = gt[:2] + torch.randn(2, 4, generator=g) * 3
+        pb = torch.cat([pb, torch.tensor([[10.0, 10, 30, 30]])])
+        scores = torch.rand(3, generator=g)
+        pl = torch.cat([labels[:2], torch.tensor([1])])
+        preds.append({"boxes": pb, "scores": scores, "labels": pl})
+        targets.append({"boxes": gt, "labels": labels})
+        images.append({"id": img, "width": 100, "height": 100})
+        for b, c in zip(gt.tolist(), labels.tolist()):
+            anns.append({"id": len(anns) + 1, "image_id": img, "category_id": c, "iscrowd": 0,
+                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])})
+        for b, c, s in zip(pb.tolist(), pl.tolist(), scores.tolist()):
+            dets.append({"image_id": img, "category_id": c, "score": s, "bbox": [b[0], b[1], b[2] - b[0],
+                                                                              b[3] - b[1]]})
+    metric = DetectionMetric(("bbox",))
+    metric.update(preds, targets)
+    ours = metric.compute()
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1}, {"id": 2}]}
+    coco.createIndex()
+    ev = COCOeval(coco, coco.loadRes(dets), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ours["bbox/AP"] == pytest.approx(ev.stats[0], abs=1e-6)
+    assert ours["bbox/AP50"] == pytest.approx(ev.stats[1], abs=1e-6)
+    assert ours["bbox/AP75"] == pytest.approx(ev.stats[2], abs=1e-6)
+    assert 0 < ours["bbox/AP"] < 1
+
+
+def test_masks_to_targets():
+    inst = torch.tensor([[0, 1, 1, 0], [0, 1, 2, 2], [3, 0, 2, 2]])
+    sem = torch.tensor([[0, 4, 4, 0], [0, 4, 7, 7], [255, 0, 7, 7]])
+    t = masks_to_targets(inst, sem, class_offset=0)
+    assert t["labels"].tolist() == [4, 7]  # instance 3 has only ignore under it: dropped
+    assert t["boxes"].tolist() == [[1, 0, 3, 2], [2, 1, 4, 3]]  # x2/y2 = last pixel + 1
+    assert t["masks"].shape == (2, 3, 4)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def test_dense_transform_keeps_labels_aligned():
+    torch.manual_seed(0)
+    inst = np.zeros((40, 30), np.int32)
+    inst[5:20, 3:15], inst[22:38, 10:28] = 1, 2
+    sem = np.where(inst == 1, 3, np.where(inst == 2, 5, 0)).astype(np.uint8)
+    sem[0:2] = 255
+    image = Image.fromarray(np.stack([sem] * 3, -1))
+    raw = {"key": "k", "url": "u", "image": image, "seg": Image.fromarray(sem), "inst": Image.fromarray(inst, "I")}
+    t = DenseTransform(32, (0.5, 1.5), 0.5, (0.5,) * 3, (0.5,) * 3, train=True, need_inst=True)
+    for _ in range(20):
+        out = t(raw)
+        assert out["image"].shape == (3, 32, 32) and out["seg"].shape == (32, 32) == out["inst"].shape
+        seg, ins = out["seg"], out["inst"]
+        assert (seg[ins == 1] == 3).all() and (seg[ins == 2] == 5).all()
+        assert set(seg[ins == 0].unique().tolist()) <= {0, 255}
+    ev = DenseTransform(32, (0.5, 1.5), 0.5, (0.5,) * 3, (0.5,) * 3, train=False, need_inst=True)(raw)
+    assert ev["image"].shape == (3, 40, 30) and torch.equal(ev["seg"], torch.from_numpy(sem).long())
+    batch = collate_dense([ev, ev])
+    assert batch["images"].shape == (2, 3, 64, 32) and batch["sizes"] == [(40, 30)] * 2
+    no_inst = {k: v for k, v in raw.items() if k != "inst"}
+    with pytest.raises(ValueError, match="inst.png"):
+        DenseTransform(32, (1.0, 1.0), 0.0, (0.5,) * 3, (0.5,) * 3, need_inst=True)(no_inst)
+
+
+# ----------------------------------------------------------------------------------------------------- config
+def test_finetune_config_keys():
+    cfg = config_from_dict({"method": "finetune_vitdet", "data": {"train": "x"},
+                            "finetune": {"img_size": 64, "global_blocks": [1, 3]}})
+    assert cfg.finetune.img_size == 64 and cfg.finetune.layer_decay == 0.7  # published ViTDet default
+    with pytest.raises(ConfigError, match="Did you mean 'finetune.img_size'"):
+        config_from_dict({"method": "finetune_vitdet", "data": {"train": "x"}, "finetune": {"img_sise": 64}})
+
+
+@pytest.mark.parametrize("path", ["recipes/finetune_m2f_ade20k_vit_small.yaml",
+                                  "recipes/finetune_vitdet_coco_vit_base.yaml",
+                                  "recipes/demo_finetune_m2f.yaml", "recipes/demo_finetune_vitdet.yaml"])
+def test_recipes_load(path):
+    cfg = load_config(REPO / path, ["finetune.img_size=96"])
+    assert cfg.method.startswith("finetune_") and cfg.finetune.img_size == 96
+
+
+def test_published_recipes_hold_the_published_values():
+    m2f = load_config(REPO / "recipes/finetune_m2f_ade20k_vit_small.yaml")
+    f, o = m2f.finetune, m2f.optim
+    assert (f.num_queries, f.hidden_dim, f.decoder_layers, f.encoder_layers, f.train_num_points) == (
+        100, 256, 10, 6, 12544)
+    assert (f.class_weight, f.mask_weight, f.dice_weight, f.no_object_weight, f.backbone_lr_mult) == (
+        2.0, 5.0, 5.0, 0.1, 0.1)
+    assert (o.lr, o.weight_decay, o.clip_grad, o.clip_mode, o.schedule, m2f.data.batch_size) == (
+        1e-4, 0.05, 0.01, "global", "poly", 16)
+    det = load_config(REPO / "recipes/finetune_vitdet_coco_vit_base.yaml")
+    f, o = det.finetune, det.optim
+    assert (f.window_size, f.global_blocks, f.layer_decay, f.img_size, tuple(f.scale_range)) == (
+        14, [2, 5, 8, 11], 0.7, 1024, (0.1, 2.0))
+    assert (o.lr, o.weight_decay, o.warmup_iters, o.schedule, det.model.drop_path_rate, det.data.batch_size) == (
+        1e-4, 0.1, 250, "step", 0.1, 64)
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def finetune_data(tmp_path_factory):
+    from sslpipe.data.shards import write_shards
+    from sslpipe.export import export_backbone
+
+    root = tmp_path_factory.mktemp("finetune")
+    write_shards(root / "scenes", source="scenes", scenes={"train": 16, "val": 6, "size": 64}, samples_per_shard=8,
+                 progress=False)
+    torch.manual_seed(0)
+    args = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 32, "dynamic_img_size": True}
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **args)
+    export = export_backbone(vit, root / "export", arch="vit_tiny_patch16_224", model_args=args, img_size=32,
+                             mean=(0.4,) * 3, std=(0.3,) * 3, source={"which": "test"})
+    return root, export
+
+
+TINY_HEADS = ["finetune.img_size=64", "finetune.window_size=8", "finetune.global_blocks=[1]",
+              "finetune.pyramid_channels=32", "data.batch_size=4", "data.num_workers=0", "data.steps_per_epoch=2",
+              "train.epochs=2", "finetune.eval_max_images=4", "finetune.predict_images=2",
+              "finetune.eval_batch_size=2"]
+
+
+def _run(recipe: str, root, export, extra: list[str]):
+    from sslpipe.engine.trainer import train
+
+    cfg = load_config(REPO / recipe, [f"data.train={root / 'scenes'}", f"data.val={root / 'scenes'}",
+                               f"finetune.backbone={export}", f"output_dir={root / 'runs'}", *TINY_HEADS, *extra])
+    return train(cfg)
+
+
+@pytest.mark.slow
+def test_mask2former_finetune_end_to_end(finetune_data, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    root, export = finetune_data
+    run = _run("recipes/demo_finetune_m2f.yaml", root, export, [
+        "run_name=m2f", "finetune.num_queries=4", "finetune.hidden_dim=32", "finetune.num_heads=2",
+        "finetune.dim_feedforward=64", "finetune.decoder_layers=4", "finetune.encoder_layers=1",
+        "finetune.encoder_feedforward_dim=64", "finetune.train_num_points=128"])
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "mIoU" in r]
+    assert len(evals) == 2 and all(0 <= r["mIoU"] <= 1 for r in evals)
+    assert all(math.isfinite(r["loss"]) for r in lines if "loss" in r)
+    result = json.loads((run / "eval" / "epoch_002.json").read_text())
+    assert set(result["per_class"]) == {"background", "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"}
+    png = Image.open(run / "predictions" / "epoch_002.png")
+    assert png.size[0] > png.size[1] > 0
+    from sslpipe.predict import predict_run
+
+    out = predict_run(run, n=3, out=root / "pred.png")
+    assert out["png"].is_file() and 0 <= out["metrics"]["mIoU"] <= 1
+    with pytest.raises(FileNotFoundError, match="export folder"):
+        _run("recipes/demo_finetune_m2f.yaml", root, root / "nowhere", ["run_name=bad"])
+
+
+@pytest.mark.slow
+def test_vitdet_finetune_end_to_end(finetune_data, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    root, export = finetune_data
+    run = _run("recipes/demo_finetune_vitdet.yaml", root, export, [
+        "run_name=vitdet", "finetune.head_dim=16", "finetune.fc_dim=32", "finetune.box_head_convs=1",
+        "finetune.mask_head_convs=1", "finetune.box_batch_size_per_image=16", "optim.warmup_iters=1",
+        "optim.step_epochs=[1.5]"])
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "segm/AP" in r]
+    assert len(evals) == 2 and all(-1 <= r["segm/AP"] <= 1 and -1 <= r["bbox/AP"] <= 1 for r in evals)
+    steps = [r for r in lines if "loss_mask" in r]
+    assert steps and all(math.isfinite(r["loss"]) for r in steps)
+    assert (run / "predictions" / "epoch_002.png").is_file()
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    assert ckpts and (ckpts[-1] / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_mask2former_instance_task_reports_ap(finetune_data, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    root, export = finetune_data
+    run = _run("recipes/demo_finetune_m2f.yaml", root, export, [
+        "run_name=m2f_inst", "finetune.task=instance", "train.best_metric=segm/AP", "train.epochs=1",
+        "finetune.num_queries=4", "finetune.hidden_dim=32", "finetune.num_heads=2", "finetune.dim_feedforward=64",
+        "finetune.decoder_layers=4", "finetune.encoder_layers=1", "finetune.encoder_feedforward_dim=64",
+        "finetune.train_num_points=128", "finetune.test_topk=10"])
+    result = json.loads((run / "eval" / "epoch_001.json").read_text())
+    assert {"segm/AP", "bbox/AP", "segm/AP50"} <= set(result) and -1 <= result["segm/AP"] <= 1
+    assert (run / "predictions" / "epoch_001.png").is_file()

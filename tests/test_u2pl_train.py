@@ -1,0 +1,208 @@
+"""U2PL and its supervised baseline end to end on tiny bundled real data (scenes): layouts -> shards -> trainer ->
+evaluation, exact resume of teacher and queues, `sslpipe eval-seg`, VOC/Cityscapes readers, and the queues under
+`accelerate launch` with 2 CPU processes."""
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import REPO, child_env
+from PIL import Image
+from safetensors.torch import load_file
+
+from sslpipe.cli import main as cli_main
+from sslpipe.config import load_config
+from sslpipe.data.seg_layouts import CITYSCAPES_TRAIN_IDS, cityscapes_pairs, layout_shards
+
+TINY = ["model.arch=resnet10t", "u2pl.crop_size=32", "u2pl.decoder_channels=16", "u2pl.aspp_channels=16",
+        "u2pl.rep_dim=16", "u2pl.num_queries=8", "u2pl.num_negatives=4", "u2pl.queue_size=64",
+        "u2pl.background_queue_size=96", "data.batch_size=2", "data.num_workers=0", "data.steps_per_epoch=2",
+        "train.epochs=3", "train.log_every=1", "train.checkpoint_every_epochs=1", "train.keep_last=3",
+        "eval.knn_every_epochs=3", "u2pl.eval_batch_size=8", "u2pl.cutmix_p=1.0"]
+
+
+@pytest.fixture(scope="module")
+def semi(tmp_path_factory) -> Path:
+    """Scenes (32 px): 24 train images of which 1/4 labelled, 8 val images."""
+    out = tmp_path_factory.mktemp("u2pl") / "semi"
+    layout_shards(out, scenes={"train": 24, "val": 8, "size": 32}, labeled="1/4", seed=0, samples_per_shard=4,
+                  created_by="pytest")
+    return out
+
+
+def _cfg(semi: Path, recipe: str, out: Path, extra: list[str]):
+    return load_config(REPO / recipe, [f"data.train={semi / 'labeled'}", f"data.val={semi / 'val'}",
+                                       f"u2pl.unlabeled={semi / 'unlabeled'}", f"output_dir={out}", *TINY, *extra])
+
+
+def test_semi_shards_from_scenes(semi: Path) -> None:
+    split = json.loads((semi / "split.json").read_text())
+    assert len(split["labeled"]) == 6 and len(split["unlabeled"]) == 18 and not set(split["labeled"]) & set(
+        split["unlabeled"])
+    lab = json.loads((semi / "labeled" / "manifest.json").read_text())
+    unl = json.loads((semi / "unlabeled" / "manifest.json").read_text())
+    val = json.loads((semi / "val" / "manifest.json").read_text())
+    assert lab["has_seg"] and not unl["has_seg"] and val["has_seg"] and list(val["splits"]) == ["val"]
+    assert lab["classes"][0] == "background" and len(lab["classes"]) == 11
+
+
+@pytest.mark.slow
+def test_u2pl_trains_evaluates_and_resumes_exactly(semi: Path, tmp_path: Path, monkeypatch) -> None:
+    """6 steps (2 supervised-only) straight vs 3 + resume: identical student, teacher and queues; eval-seg of the
+    final teacher reproduces the logged mIoU."""
+    from sslpipe.engine.trainer import train
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    full = train(_cfg(semi, "recipes/demo_u2pl.yaml", tmp_path, ["run_name=full"]))
+    train(_cfg(semi, "recipes/demo_u2pl.yaml", tmp_path, ["run_name=cut", "train.max_steps=3"]))
+    cut = train(_cfg(semi, "recipes/demo_u2pl.yaml", tmp_path, ["run_name=cut"]), resume=str(tmp_path / "cut"))
+    lines = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss/sup" in r]
+    assert [("loss/unsup" in r) for r in steps] == [False, False, True, True, True, True]
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert all(r["cutmix"] == 1.0 and 0 < r["pseudo/reliable_frac"] <= 1 for r in steps[2:])
+    evals = [r for r in lines if "mIoU" in r]
+    assert len(evals) == 1 and 0 <= evals[0]["mIoU"] <= 1 and "iou/background" in evals[0]
+
+    a = load_file(str(full / "checkpoints" / "step_00000006" / "extra_state.safetensors"))
+    b = load_file(str(cut / "checkpoints" / "step_00000006" / "extra_state.safetensors"))
+    assert sorted(a) == sorted(b) and int(a["teacher_ready"]) == 1
+    assert sum(a[f"queue.{c}"].shape[0] for c in range(11)) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    sa = load_file(str(full / "checkpoints" / "step_00000006" / "model.safetensors"))
+    sb = load_file(str(cut / "checkpoints" / "step_00000006" / "model.safetensors"))
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], msg=key)
+
+    assert cli_main(["eval-seg", str(full), "--out", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["model"] == "teacher" and result["mIoU"] == pytest.approx(evals[0]["mIoU"], abs=1e-9)
+    assert cli_main(["eval-seg", str(full), "--which", "student", "--mode", "slide", "--crop", "24",
+                     "--out", str(tmp_path / "s.json")]) == 0
+    assert 0 <= json.loads((tmp_path / "s.json").read_text())["mIoU"] <= 1
+
+
+@pytest.mark.slow
+def test_supervised_baseline_runs_on_the_same_labelled_images(semi: Path, tmp_path: Path, monkeypatch) -> None:
+    from sslpipe.engine.trainer import train
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    run = train(_cfg(semi, "recipes/demo_supervised_seg.yaml", tmp_path, ["run_name=sup", "train.epochs=1",
+                                                                          "eval.knn_every_epochs=1"]))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("mIoU" in r for r in lines) and all("loss/unsup" not in r for r in lines)
+    extra = load_file(str(next((run / "checkpoints").glob("step_*")) / "extra_state.safetensors"))
+    assert extra == {}
+
+
+def test_u2pl_requires_unlabelled_shards(semi: Path, tmp_path: Path) -> None:
+    from sslpipe.recipes.u2pl import U2PLRecipe
+
+    recipe = U2PLRecipe(_cfg(semi, "recipes/demo_u2pl.yaml", tmp_path, ["u2pl.unlabeled=null"]))
+    recipe.build_model()
+    with pytest.raises(ValueError, match="u2pl.unlabeled"):
+        recipe.train_loader(0, 0, 1)
+
+
+def test_voc_layout_to_semi_shards(tmp_path: Path) -> None:
+    """A VOC-style folder (JPEGImages, SegmentationClass palette PNGs, ImageSets lists) -> `sslpipe shards --voc`."""
+    root = tmp_path / "VOC"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = [f"2007_{i:06d}" for i in range(10)]
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{i}.jpg")
+        label = Image.fromarray(rng.choice([0, 5, 15, 255], (20, 24)).astype(np.uint8), mode="L").convert("P")
+        label.save(root / "SegmentationClass" / f"{i}.png")
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids[:8]) + "\n")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids[8:]) + "\n")
+    (tmp_path / "labeled.txt").write_text(f"{ids[1]}\n{ids[4]}\n")
+    out = tmp_path / "shards"
+    assert cli_main(["shards", "--voc", str(root), str(out), "--labeled-list", str(tmp_path / "labeled.txt")]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert split["labeled"] == [ids[1], ids[4]] and len(split["unlabeled"]) == 6
+    from sslpipe.data.stream import build_loader
+
+    samples = list(build_loader(str(out / "labeled"), sample_fn=lambda r: r, collate_fn=lambda s: s, batch_size=1,
+                                shuffle=False, drop_last=False))
+    seg = {s[0]["key"]: np.asarray(s[0]["seg"]) for s in samples}
+    assert len(seg) == 2
+    for key, arr in seg.items():
+        assert set(np.unique(arr)) <= {0, 5, 15, 255}
+    manifest = json.loads((out / "val" / "manifest.json").read_text())
+    assert manifest["classes"][15] == "person" and manifest["splits"]["val"]["samples"] == 2
+    assert cli_main(["shards", "--voc", str(root), str(tmp_path / "frac"), "--labeled", "1/4", "--seed", "1"]) == 0
+    assert len(json.loads((tmp_path / "frac" / "split.json").read_text())["labeled"]) == 2
+
+
+def test_cityscapes_label_ids_become_train_ids(tmp_path: Path) -> None:
+    root = tmp_path / "cs"
+    (root / "leftImg8bit" / "train" / "ulm").mkdir(parents=True)
+    (root / "gtFine" / "train" / "ulm").mkdir(parents=True)
+    Image.new("RGB", (8, 4)).save(root / "leftImg8bit" / "train" / "ulm" / "ulm_000001_000019_leftImg8bit.png")
+    ids = np.array([[7, 8, 26, 33, 0, 1, 5, 24]] * 4, np.uint8)
+    Image.fromarray(ids).save(root / "gtFine" / "train" / "ulm" / "ulm_000001_000019_gtFine_labelIds.png")
+    pairs = cityscapes_pairs(root, "train", cache=tmp_path / "cache")
+    assert pairs[0][0] == "ulm/ulm_000001_000019"
+    got = np.asarray(Image.open(pairs[0][2]))
+    want = [CITYSCAPES_TRAIN_IDS.get(v, 255) for v in ids[0]]
+    assert got[0].tolist() == want == [0, 1, 13, 18, 255, 255, 255, 11]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_queues_identical_on_two_processes(semi: Path, tmp_path: Path) -> None:
+    """`accelerate launch` with 2 CPU processes (gloo): different unlabelled images per rank, yet after every step
+    both ranks hold the same queues (the keys are all-gathered)."""
+    env = child_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(_free_port()), "-m", "sslpipe", "train", str(REPO / "recipes/demo_u2pl.yaml"),
+           "method=tests.ddp_u2pl:CheckedU2PL", f"data.train={semi / 'labeled'}", f"data.val={semi / 'val'}",
+           f"u2pl.unlabeled={semi / 'unlabeled'}", f"output_dir={tmp_path}", "run_name=ddp", *TINY,
+           "train.epochs=2", "eval.knn_every_epochs=0", "u2pl.sup_only_epoch=0"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [[json.loads(x) for x in (tmp_path / "ddp" / f"queues_rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 4
+    for a, b in zip(*ranks):
+        assert a["it"] == b["it"] and a["sizes"] == b["sizes"] and a["queues"] == b["queues"]
+        assert not set(a["keys_u"]) & set(b["keys_u"])  # each rank saw its own unlabelled images
+    assert sum(ranks[0][-1]["sizes"]) > sum(ranks[0][0]["sizes"]) > 0
+
+
+def test_published_voc_recipes_hold_the_published_values() -> None:
+    cfg = load_config(REPO / "recipes/u2pl_voc_1464.yaml")
+    u, o = cfg.u2pl, cfg.optim
+    assert (cfg.method, u.crop_size, cfg.data.batch_size, cfg.train.epochs) == ("u2pl", 513, 4, 80)
+    assert (o.name, o.lr, o.sgd_momentum, o.weight_decay, o.schedule, o.poly_power) == ("sgd", 1e-3, 0.9, 1e-4,
+                                                                                          "poly", 0.9)
+    assert (u.head_lr_mult, u.ema_decay, u.sup_only_epoch, tuple(u.scale_range)) == (10.0, 0.99, 1, (0.5, 2.0))
+    assert (u.drop_percent, u.low_rank, u.high_rank, u.current_class_threshold, u.low_entropy_threshold) == (
+        80.0, 3, 20, 0.3, 20.0)
+    assert (u.num_negatives, u.num_queries, u.temperature, u.queue_size, u.background_queue_size) == (
+        50, 256, 0.5, 30000, 50000)
+    assert u.contrastive_weight == 0.1 and u.output_stride == 8 and u.aspp_dilations == [12, 24, 36]
+    sup = load_config(REPO / "recipes/supervised_voc_1464.yaml")
+    assert sup.method == "supervised_seg" and sup.data.train == cfg.data.train and sup.data.batch_size == 8
+
+
+def test_shards_cli_rejects_labeled_without_a_layout(tmp_path: Path, capsys) -> None:
+    assert cli_main(["shards", "--dataset", "digits", str(tmp_path / "x"), "--labeled", "1/8"]) == 2
+    assert "--labeled" in capsys.readouterr().err
