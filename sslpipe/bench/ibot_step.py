@@ -5,7 +5,8 @@ crops (CLS only), loss, backward, AdamW step, centre update, EMA update. Both si
 the same head weights, batch, crops and masks, so their first-step losses agree (``loss_abs_diff``) when the local
 crops have the global crops' size: the comparison times equal work. With smaller local crops the two resize the
 position embedding differently (sslpipe: the official iBOT interpolation; lightly: timm's), which moves the loss a
-little but not the amount of work. lightly side: MaskedVisionTransformerTIMM (init "skip", so the timm weights are kept),
+little but not the amount of work. lightly side: MaskedVisionTransformerTIMM (init "skip", so the timm weights are
+kept),
 one DINOProjectionHead shared by CLS and patch tokens (lightly has no iBOT head), DINOLoss for the CLS term,
 IBOTPatchLoss for the patch term, update_momentum for the EMA.
 """

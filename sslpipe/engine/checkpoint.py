@@ -79,9 +79,9 @@ def _rng_file(rank: int) -> str:
     return f"rng_state_{rank}.safetensors"
 
 
-def save_checkpoint(accelerator: Any, run_dir: Path, trainer_state: dict[str, Any], extra_state: dict[str, torch.Tensor],
-                    keep_last: int = 2, metric: float | None = None, *, model: torch.nn.Module | None = None,
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+def save_checkpoint(accelerator: Any, run_dir: Path, trainer_state: dict[str, Any],
+                    extra_state: dict[str, torch.Tensor], keep_last: int = 2, metric: float | None = None, *,
+                    model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write a checkpoint atomically (all processes must call this), prune old ones and track the best one.
 
     `model` / `optimizer` are the prepared student and optimizer. `metric` (higher is better, e.g. kNN top-1) marks

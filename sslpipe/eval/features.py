@@ -256,7 +256,8 @@ def prepare_backbone(
 
 def extract_train_val(model: nn.Module, train_spec: str | list[str], val_spec: str | list[str], *, train_split: str,
                       val_split: str, max_train: int | None, max_test: int | None, cache_dir: str | Path | None,
-                      cache_name: str = "", accelerator: Any = None, **common: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      cache_name: str = "", accelerator: Any = None,
+                      **common: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Features and labels of the train and val splits (what every probe starts from), cached under `cache_dir`
     as `{cache_name}train.safetensors` / `{cache_name}val.safetensors` when it is given. With an `accelerator` of
     several processes each extracts its share and all get everything (`extract_features_sharded`; no cache)."""

@@ -5,9 +5,9 @@ Train and test features are L2-normalised (cosine similarity). For each test sam
 (top-5 only when there are >= 5 classes) are reported for every k; the search runs once with the largest k and is
 sliced. faiss's exact `IndexFlatIP` does the search (moved to a GPU only when `faiss.get_num_gpus() > 0`);
 `backend="torch"` is the brute-force matmul + topk reference, and the fallback (with a one-line notice) when faiss is
-not installed (`pip install 'sslpipe[cpu]'` or `'sslpipe[gpu]'` brings it). The votes use `scatter_add_` over class ids, which
-equals DINO's one-hot x weights sum without the (chunk, k, classes) one-hot tensor. Accuracies are fractions in
-[0, 1] (DINO prints percentages).
+not installed (`pip install 'sslpipe[cpu]'` or `'sslpipe[gpu]'` brings it). The votes use `scatter_add_` over class
+ids, which equals DINO's one-hot x weights sum without the (chunk, k, classes) one-hot tensor. Accuracies are
+fractions in [0, 1] (DINO prints percentages).
 """
 from __future__ import annotations
 
