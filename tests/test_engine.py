@@ -395,3 +395,48 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path: Path) -> None:
     sums = [(run / f"params_rank{r}.txt").read_text() for r in (0, 1)]
     assert len(sums[0]) == 64 and sums[0] == sums[1]
     assert "# overrides: optim.clip_grad=1.0" in (run / "config.yaml").read_text()
+
+
+def test_lean_step_gives_the_parameters_of_the_plain_step(tmp_path: Path) -> None:
+    """`train_step` (foreach clipping without host syncs, one schedule call, EMA after the step) leaves the student
+    and teacher with exactly the parameters of a plain loop that clips parameter by parameter and reads every norm
+    back to Python (the step before the lean rewrite), over a few steps on the CPU."""
+    from accelerate import Accelerator
+
+    from sslpipe.engine.optim import apply_schedule, build_optimizer
+    from sslpipe.engine.trainer import train_step
+
+    cfg = toy_cfg(tmp_path, "lean", optim={"clip_grad": 0.05})
+    results = []
+    for lean in (True, False):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True)
+        set_seed(0)
+        recipe = ToyRecipe(cfg)
+        recipe.build(accelerator)
+        optimizer = build_optimizer(cfg, recipe.param_groups())
+        recipe.student, optimizer = accelerator.prepare(recipe.student, optimizer)
+        schedules = Schedules(cfg, steps_per_epoch=6)
+        batches = list(recipe.train_loader(0, 0, 1))[:4]
+        set_seed(1)
+        for it, batch in enumerate(batches):
+            s = schedules(it)
+            if lean:
+                train_step(accelerator, recipe, optimizer, [batch], s, cfg)
+                continue
+            apply_schedule(optimizer, s)
+            loss, _ = recipe.step(batch, s)
+            loss.backward()
+            for p in recipe.student.parameters():  # DINO utils.clip_gradients, one sync per parameter
+                norm = float(p.grad.norm(2))
+                if cfg.optim.clip_grad / (norm + 1e-6) < 1:
+                    p.grad.mul_(cfg.optim.clip_grad / (norm + 1e-6))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            recipe.after_optimizer_step(s)
+        results.append({**recipe.student.state_dict(), **{f"t.{k}": v for k, v in recipe.teacher.state_dict().items()}})
+    lean_state, plain_state = results
+    assert lean_state.keys() == plain_state.keys()
+    for key in lean_state:
+        torch.testing.assert_close(lean_state[key], plain_state[key], rtol=1e-6, atol=1e-7, msg=key)
