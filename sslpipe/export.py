@@ -31,8 +31,10 @@ CONFIG_NAME = "config.json"
 FORMAT = "sslpipe-backbone/1"
 # Keys that belong to the training wrapper, never to the timm model (iBOT's learnable mask token).
 _TRAINING_ONLY_KEYS = ("mask_token",)
-# Where the backbone sits inside a recipe's network: MaskedViT wrapper first (its `.vit` is the timm model).
-_BACKBONE_PREFIXES = ("backbone.vit.", "backbone.")
+# Where the backbone sits inside a recipe's network: MaskedViT wrapper first (its `.vit` is the timm model), then
+# DINO/iBOT/SimCLR's plain `backbone`, then the CNN encoder of U2PL / supervised_seg (a ViT encoder there is ViTDet-
+# modified: not a plain timm ViT).
+_BACKBONE_PREFIXES = ("backbone.vit.", "backbone.", "encoder.model.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile
 
 

@@ -126,7 +126,8 @@ def _fake_run(tmp_path, teacher_prefix: str, student_prefix: str):
         extra["teacher.backbone.mask_token"] = torch.zeros(1, 192)
     save_file(extra, str(ckpt / "extra_state.safetensors"))
     model = {f"{student_prefix}{k}": v.clone() for k, v in student.state_dict().items()}
-    model[student_prefix.split("backbone.")[0] + "head.w"] = torch.ones(2)
+    root = student_prefix.split("backbone.")[0] if "backbone." in student_prefix else ""  # DDP's module. prefix
+    model[root + "head.w"] = torch.ones(2)  # a head beside the backbone, never exported
     save_file(model, str(ckpt / "model.safetensors"))
     return run, teacher, student
 
@@ -134,6 +135,7 @@ def _fake_run(tmp_path, teacher_prefix: str, student_prefix: str):
 @pytest.mark.parametrize("teacher_prefix,student_prefix", [
     ("teacher.backbone.vit.", "module.backbone.vit."),
     ("teacher.backbone.", "backbone."),
+    ("teacher.encoder.model.", "encoder.model."),  # U2PL / supervised_seg CNN encoders
 ])
 def test_export_run(tmp_path, teacher_prefix, student_prefix):
     run, teacher, student = _fake_run(tmp_path, teacher_prefix, student_prefix)
