@@ -108,8 +108,8 @@ def format_table(result: dict[str, Any]) -> str:
     rows = [(f"sslpipe stream, {b} crops", result[f"stream_{b}_img_s"], workers) for b in result["backends"]]
     rows.append(("torchvision ImageFolder", ref, workers))
     rows += [(f"decode+augment, {b} crops", result[f"ceiling_{b}_img_s"], 1) for b in result["backends"]]
-    lines = [f"{'path':<30}{'images/s':>10}{'per core':>10}{'x ImageFolder':>15}  processes",
-             *(f"{name:<30}{rate:>10.1f}{rate / cores:>10.1f}{rate / ref:>15.2f}  "
+    lines = [f"{'path':<34}{'images/s':>10}{'per core':>10}{'x ImageFolder':>15}  processes",
+             *(f"{name:<34}{rate:>10.1f}{rate / cores:>10.1f}{rate / ref:>15.2f}  "
                f"{cores} {'worker(s)' if 'ceiling' not in name and 'decode' not in name else '(this process)'}"
                for name, rate, cores in rows)]
     return "\n".join(lines)

@@ -64,11 +64,12 @@ def _flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def _bare_step(cfg: Any, device: torch.device, batch: dict[str, Any], dtype: torch.dtype | None) -> Callable[[], Any]:
+def _bare_step(cfg: Any, accelerator: Any, batch: dict[str, Any]) -> Callable[[], Any]:
     from sslpipe.data.fast_views import normalize_crops
     from sslpipe.models.backbones import create_backbone
 
     m, c = cfg.model, cfg.crops
+    device = accelerator.device
     student = create_backbone(m.arch, img_size=c.global_size, patch_size=m.patch_size,
                               drop_path_rate=m.drop_path_rate, **m.kwargs).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)
@@ -77,7 +78,7 @@ def _bare_step(cfg: Any, device: torch.device, batch: dict[str, Any], dtype: tor
              if batch[k] is not None]
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with accelerator.autocast():  # the trainer's precision, exactly
             with torch.no_grad():
                 teacher.forward_features(views[0])
             loss = sum(student.forward_features(v).float().mean() for v in views)
@@ -126,12 +127,11 @@ def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: i
     if dev.type == "cuda":
         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     sched = Schedules(cfg, steps_per_epoch=1000)(1000 * cfg.train.epochs // 2)  # mid-run: lr, momentum non-trivial
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def ours() -> None:
         train_step(accelerator, recipe, optimizer, [batch], sched, cfg)
 
-    bare = _bare_step(cfg, dev, batch, dtype)
+    bare = _bare_step(cfg, accelerator, batch)
     flops_ours, flops_bare = _flops(ours), _flops(bare)
     ours_times, bare_times, _, _ = time_interleaved(ours, bare, warmup, steps, dev)
     ours_s, bare_s = statistics.median(ours_times), statistics.median(bare_times)
@@ -140,7 +140,7 @@ def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: i
         "recipe": recipe_path, "device": str(dev), "device_name": torch.cuda.get_device_name(dev)
         if dev.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch_size": B,
         "crops": f"{cfg.crops.n_global}x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}",
-        "mixed_precision": precision, "steps": steps,
+        "mixed_precision": accelerator.mixed_precision, "steps": steps,
         "ours_ms": 1000 * ours_s, "bare_ms": 1000 * bare_s, "ratio_ours_over_bare": ours_s / bare_s,
         "ours_img_s": B / ours_s, "bare_img_s": B / bare_s,
         "gflop_per_image_ours": flops_ours / B / 1e9, "gflop_per_image_bare": flops_bare / B / 1e9,
