@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -152,6 +152,13 @@ class TrainConfig(_Section):
     epochs: int = 800
     max_steps: int | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        """YAML reads an unquoted `no` (`train.mixed_precision=no`) as false: that means "no" here."""
+        return "no" if value is False else value
+
     # Deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cuDNN flags): on a GPU, resume is
     # then bit-exact; without it a resumed GPU run matches the uninterrupted one only to float rounding (docs).
     deterministic: bool = False

@@ -103,3 +103,11 @@ def test_save_and_reload_round_trip(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, MINIMAL), ["optim.lr=2e-3", "crops.local_scale=[0.1,0.3]"])
     again = load_config(save_config(cfg, tmp_path / "out" / "config.yaml"))
     assert again == cfg
+
+
+def test_unquoted_no_means_no_mixed_precision() -> None:
+    from sslpipe.config import apply_overrides, config_from_dict
+
+    data = apply_overrides({"method": "dino", "data": {"train": "x"}}, ["train.mixed_precision=no"])
+    assert data["train"]["mixed_precision"] is False  # what YAML makes of it
+    assert config_from_dict(data).train.mixed_precision == "no"
