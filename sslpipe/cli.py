@@ -21,6 +21,10 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--voc", help="a PASCAL VOC style folder (JPEGImages/, SegmentationClass[Aug]/, split lists): "
                                    "writes OUT/labeled, OUT/unlabeled, OUT/val for U2PL (docs/u2pl.md)")
     src.add_argument("--cityscapes", help="a Cityscapes style folder (leftImg8bit/, gtFine/): like --voc")
+    src.add_argument("--ade20k", help="an ADEChallengeData2016 folder (images/, annotations/; labels 1..150 -> 0..149, "
+                                      "0 -> 255): like --voc")
+    src.add_argument("--coco", help="COCO instances: a COCO folder (annotations/instances_*.json + image folders, "
+                                    "splits kept) or one COCO-format json; writes seg.png + inst.png per image")
     p.add_argument("out", help="output directory (refused if it is not empty, unless --force)")
     p.add_argument("--samples-per-shard", type=int, default=10000)
     p.add_argument("--max-shard-bytes", type=int, default=None, help="also start a new shard past this size")
@@ -32,15 +36,18 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes that read and encode images")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    p.add_argument("--coco-images", default=None, help="--coco with one json: its image folder (default: found "
+                                                       "next to the json)")
     p.add_argument("--scene-size", type=int, default=64, help="scenes: image side in pixels")
     p.add_argument("--scene-train", type=int, default=2000, help="scenes: number of train images")
     p.add_argument("--scene-val", type=int, default=500, help="scenes: number of val images")
     p.add_argument("--semi", action="store_true",
                    help="scenes: write labelled/unlabelled/val shard sets like --voc (with --labeled)")
     p.add_argument("--labeled", default=None,
-                   help="--voc/--cityscapes/--semi: the labelled subset, a count (1464) or fraction (1/16), chosen "
-                        "by a seeded list (--seed); the rest becomes unlabelled. Default: all labelled")
-    p.add_argument("--labeled-list", default=None, help="--voc/--cityscapes: a file of the labelled ids instead")
+                   help="--voc/--cityscapes/--ade20k/--semi: the labelled subset, a count (1464) or fraction "
+                        "(1/16), chosen by a seeded list (--seed); the rest becomes unlabelled. Default: all labelled")
+    p.add_argument("--labeled-list", default=None,
+                   help="--voc/--cityscapes/--ade20k: a file of the labelled ids instead")
     p.add_argument("--voc-train", default="train",
                    help="--voc: train split (ImageSets/Segmentation/NAME.txt or a list file; U2PL: trainaug ids)")
     p.add_argument("--voc-val", default="val", help="--voc: val split (name or list file)")
@@ -51,7 +58,7 @@ def _run_layout_shards(args: argparse.Namespace) -> int:
 
     scenes = ({"train": args.scene_train, "val": args.scene_val, "size": args.scene_size}
               if args.dataset == "scenes" else None)
-    summary = layout_shards(args.out, voc=args.voc, cityscapes=args.cityscapes, scenes=scenes,
+    summary = layout_shards(args.out, voc=args.voc, cityscapes=args.cityscapes, ade20k=args.ade20k, scenes=scenes,
                             stardist=args.dataset == "stardist",
                             voc_train=args.voc_train, voc_val=args.voc_val, labeled=args.labeled,
                             labeled_list=args.labeled_list, seed=args.seed, samples_per_shard=args.samples_per_shard,
@@ -64,14 +71,15 @@ def _run_layout_shards(args: argparse.Namespace) -> int:
 def _run_shards(args: argparse.Namespace) -> int:
     from sslpipe.data.shards import write_shards
 
-    if args.voc or args.cityscapes or args.dataset == "stardist" or (args.dataset == "scenes" and args.semi):
+    if args.voc or args.cityscapes or args.ade20k or args.dataset == "stardist" or (args.dataset == "scenes" and args.semi):
         return _run_layout_shards(args)
     if args.semi or args.labeled or args.labeled_list:
-        raise ValueError("--semi/--labeled/--labeled-list go with --voc, --cityscapes or --dataset scenes --semi")
+        raise ValueError("--semi/--labeled/--labeled-list go with --voc, --cityscapes, --ade20k or --dataset scenes --semi")
     source, kind = (
         (args.dataset, "scenes" if args.dataset == "scenes" else "dataset") if args.dataset else
         (args.folder, "folder") if args.folder else
         (args.list_file, "list") if args.list_file else
+        (args.coco, "coco") if args.coco else
         (args.seg_list, "seg-list")
     )
     manifest = write_shards(
@@ -80,7 +88,7 @@ def _run_shards(args: argparse.Namespace) -> int:
         quality=args.quality, max_side=args.max_side, limit=args.limit, num_workers=args.workers,
         seed=args.seed, force=args.force, created_by="sslpipe " + " ".join(sys.argv[1:]),
         scenes={"size": args.scene_size, "train": args.scene_train, "val": args.scene_val}
-        if args.dataset == "scenes" else None,
+        if args.dataset == "scenes" else None, coco_images=args.coco_images,
     )
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")

@@ -3,11 +3,13 @@ evaluation, exact resume of teacher and queues, `sslpipe eval-seg`, VOC/Cityscap
 `accelerate launch` with 2 CPU processes."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from safetensors.torch import load_file
 
 from sslpipe.cli import main as cli_main
 from sslpipe.config import load_config
-from sslpipe.data.seg_layouts import CITYSCAPES_TRAIN_IDS, cityscapes_pairs, layout_shards
+from sslpipe.data.seg_layouts import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS, cityscapes_pairs, layout_shards
 
 TINY = ["model.arch=resnet10t", "u2pl.crop_size=32", "u2pl.decoder_channels=16", "u2pl.aspp_channels=16",
         "u2pl.rep_dim=16", "u2pl.num_queries=8", "u2pl.num_negatives=4", "u2pl.queue_size=64",
@@ -157,6 +159,37 @@ def test_cityscapes_label_ids_become_train_ids(tmp_path: Path) -> None:
     got = np.asarray(Image.open(pairs[0][2]))
     want = [CITYSCAPES_TRAIN_IDS.get(v, 255) for v in ids[0]]
     assert got[0].tolist() == want == [0, 1, 13, 18, 255, 255, 255, 11]
+
+
+def test_ade20k_layout_shifts_labels_and_keeps_splits(tmp_path: Path, capsys) -> None:
+    """ADEChallengeData2016 -> `sslpipe shards --ade20k`: 0 ("other") -> 255, 1..150 -> 0..149; training / validation
+    become OUT/labeled (split train) and OUT/val (split val) with the 150 names."""
+    root = tmp_path / "ADEChallengeData2016"
+    labels = np.array([[0, 1, 2, 150, 13, 0, 149, 21]] * 4, np.uint8)
+    for split, n in (("training", 3), ("validation", 1)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 4), (i * 40, 90, 200)).save(root / "images" / split / f"ADE_{split}_{i:08d}.jpg")
+            Image.fromarray(labels).save(root / "annotations" / split / f"ADE_{split}_{i:08d}.png")
+    out = tmp_path / "shards"
+    assert cli_main(["shards", "--ade20k", str(root), str(out), "--labeled", "2"]) == 0
+    assert len(ADE20K_CLASSES) == 150 and ADE20K_CLASSES[12] == "person" and ADE20K_CLASSES[-1] == "flag"
+    counts = {}
+    for name, split in (("labeled", "train"), ("unlabeled", "train"), ("val", "val")):
+        manifest = json.loads((out / name / "manifest.json").read_text())
+        counts[name] = manifest["splits"][split]["samples"]
+        if name != "unlabeled":
+            assert manifest["classes"] == ADE20K_CLASSES
+            for tar in (out / name).glob("*.tar"):
+                with tarfile.open(tar) as f:
+                    for m in f.getmembers():
+                        if m.name.endswith("seg.png"):
+                            seg = np.asarray(Image.open(io.BytesIO(f.extractfile(m).read())))
+                            assert seg[0].tolist() == [255, 0, 1, 149, 12, 255, 148, 20]
+    assert counts == {"labeled": 2, "unlabeled": 1, "val": 1}
+    assert cli_main(["shards", "--ade20k", str(tmp_path / "nowhere"), str(tmp_path / "x")]) != 0
+    assert "not an ADEChallengeData2016 folder" in capsys.readouterr().err
 
 
 def _free_port() -> int:

@@ -9,6 +9,9 @@ Layouts -> lists of (id, image path, label path):
   `ROOT/gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png` (19 train ids, 255 = ignore); when only
   `*_gtFine_labelIds.png` exist they are converted to train ids (the official cityscapesscripts table) into a cache
   folder first.
+- ADE20K (SceneParsing, `ADEChallengeData2016`): `ROOT/images/{training,validation}/<id>.jpg` with
+  `ROOT/annotations/{training,validation}/<id>.png` (0 = "other", 1..150 = classes); labels are shifted to 0..149
+  with 0 -> 255 (ignore), as mmseg's / Mask2Former's `reduce_zero_label`, into a cache folder.
 - generated scenes (sslpipe/data/scenes.py), written as a VOC-style folder of PNGs, so that the bundled real data
   goes through the same path as VOC.
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -38,6 +42,25 @@ CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "
 # cityscapesscripts labels.py: labelId -> trainId for the 19 evaluated classes; every other id -> 255
 CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                         26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+# mmsegmentation's ADE20KDataset names, in label order 1..150 (objectInfo150 of the SceneParsing benchmark)
+ADE20K_CLASSES = [
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet", "sidewalk",
+    "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water", "painting", "sofa",
+    "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp",
+    "bathtub", "railing", "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand",
+    "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table",
+    "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
+    "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair", "boat",
+    "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier", "awning",
+    "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister",
+    "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt",
+    "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag",
+    "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal",
+    "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light",
+    "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
+    "glass", "clock", "flag",
+]
 
 Pair = tuple[str, str, str]  # (id, image path, label path)
 
@@ -113,6 +136,32 @@ def cityscapes_pairs(root: str | Path, split: str = "train", cache: str | Path |
                 train_ids.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(lut[np.asarray(Image.open(label_ids))]).save(train_ids)
         pairs.append((f"{img.parent.name}/{stem}", str(img), str(train_ids)))
+    return pairs
+
+
+def ade20k_pairs(root: str | Path, split: str = "training", cache: str | Path | None = None) -> list[Pair]:
+    """(id, image, 0..149/255 label) of an ADEChallengeData2016 split (`training` / `validation`), sorted by id;
+    the shifted labels are written once into `cache` (module docstring)."""
+    root = Path(root)
+    images = sorted((root / "images" / split).glob("*.jpg"))
+    if not images:
+        raise FileNotFoundError(f"no {root}/images/{split}/*.jpg: not an ADEChallengeData2016 folder")
+    if cache is None:
+        raise ValueError("ADE20K labels need shifting (0 = other -> 255): pass a cache folder")
+    lut = np.full(256, 255, np.uint8)
+    lut[1:len(ADE20K_CLASSES) + 1] = np.arange(len(ADE20K_CLASSES), dtype=np.uint8)
+    pairs = []
+    for img in tqdm(images, desc=f"ADE20K {split} labels", unit="img", leave=False):
+        label = root / "annotations" / split / f"{img.stem}.png"
+        if not label.is_file():
+            raise FileNotFoundError(f"{label} (the label of {img.name}) is missing")
+        shifted = Path(cache) / split / label.name
+        if not shifted.is_file():
+            shifted.parent.mkdir(parents=True, exist_ok=True)
+            tmp = shifted.with_suffix(".partial.png")
+            Image.fromarray(lut[np.asarray(Image.open(label))]).save(tmp)
+            os.replace(tmp, shifted)  # a run cut short never leaves a half-written label behind
+        pairs.append((img.stem, str(img), str(shifted)))
     return pairs
 
 
@@ -260,18 +309,18 @@ def _rename_split(shard_dir: Path, old: str, new: str) -> None:
     os.replace(tmp, path)
 
 
-def layout_shards(out: str | Path, *, voc: str | None = None, cityscapes: str | None = None,
+def layout_shards(out: str | Path, *, voc: str | None = None, cityscapes: str | None = None, ade20k: str | None = None,
                   scenes: dict | None = None, stardist: bool = False, voc_train: str = "train",
                   voc_val: str = "val",
                   labeled: str | None = None, labeled_list: str | None = None, seed: int = 0,
                   samples_per_shard: int = 1000, force: bool = False, num_workers: int = 0,
                   created_by: str | None = None) -> dict:
-    """`sslpipe shards --voc / --cityscapes / --dataset scenes --semi / --dataset stardist`: read the layout and
-    `write_semi_shards`.
+    """`sslpipe shards --voc / --cityscapes / --ade20k / --dataset scenes --semi / --dataset stardist`: read the layout
+    and `write_semi_shards`.
     scenes: {"train": N, "val": M, "size": S} (the PNGs go to OUT/source)."""
-    given = [voc is not None, cityscapes is not None, scenes is not None, stardist]
+    given = [voc is not None, cityscapes is not None, ade20k is not None, scenes is not None, stardist]
     if sum(given) != 1:
-        raise ValueError("give exactly one of voc, cityscapes, scenes or stardist")
+        raise ValueError("give exactly one of voc, cityscapes, ade20k, scenes or stardist")
     out = Path(out)
     if voc is not None:
         train = voc_pairs(voc, read_id_list(voc_split_list(voc, voc_train)))
@@ -281,6 +330,10 @@ def layout_shards(out: str | Path, *, voc: str | None = None, cityscapes: str | 
         train = cityscapes_pairs(cityscapes, "train", cache=out / "source" / "labelTrainIds")
         val = cityscapes_pairs(cityscapes, "val", cache=out / "source" / "labelTrainIds")
         classes = CITYSCAPES_CLASSES
+    elif ade20k is not None:
+        train = ade20k_pairs(ade20k, "training", cache=out / "source" / "ade20k_labels")
+        val = ade20k_pairs(ade20k, "validation", cache=out / "source" / "ade20k_labels")
+        classes = ADE20K_CLASSES
     elif stardist:
         train, val = stardist_pairs(out / "source", seed=seed)
         classes = STARDIST_CLASSES

@@ -11,6 +11,8 @@ Sources (``kind``; auto-detected when ``None``):
 - ``"seg-list"``: a text file of ``image_path label_map_path`` lines; the label map (8-bit ``L`` or palette ``P``
   PNG, pixel = class index, 255 = ignore) is stored as ``seg.png`` beside the image. Auto-detected when the second
   column of the first entry ends in an image extension.
+- ``"coco"``: COCO-format instance annotations, a COCO root folder or one json (``sslpipe/data/coco.py``), written as
+  ``seg.png`` + ``inst.png`` per image like the scenes; the official layout keeps its splits.
 - ``"scenes"`` (source ``"scenes"``): generated segmentation scenes (``sslpipe/data/scenes.py``: Fashion-MNIST objects
   on scikit-image's bundled photographs), ``seg.png`` + an instance-id map ``inst.png`` (16-bit PNG, 0 = none) per
   sample; splits ``train``/``val`` with ``scenes={"train": N, "val": M, "size": S, ...}`` (``seed`` seeds them).
@@ -45,6 +47,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from sslpipe.data.coco import CocoMasks, is_coco_source, read_coco
 from sslpipe.data.datasets import BUNDLED_DATASETS, SPLITS, dataset_classes, dataset_len, iter_dataset
 
 FORMAT = "sslpipe-shards/1"
@@ -53,7 +56,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 _SHARD_RE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
 _TAR_BLOCK, _TAR_RECORD = 512, 20 * 512
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
-SourceKind = Literal["folder", "list", "dataset", "seg-list", "scenes"]
+SourceKind = Literal["folder", "list", "dataset", "seg-list", "scenes", "coco"]
 SCENE_DEFAULTS = {"train": 2000, "val": 500, "size": 64}
 
 
@@ -64,6 +67,7 @@ class _Entry:
     image: str | Image.Image  # a file path, or an already decoded image (bundled data sets)
     seg: str | Image.Image | None = None
     inst: Image.Image | None = None  # instance ids (uint16), generated scenes only
+    masks: CocoMasks | None = None  # COCO annotations, rendered to seg + inst after the image is read
 
 
 @dataclass(frozen=True)
@@ -110,17 +114,20 @@ def _encode(entry: _Entry, opts: _EncodeOptions) -> tuple[_Entry, dict[str, byte
         fields = {key: raw if raw is not None else _encode_image(resized, key, opts.quality)}
         if entry.label >= 0:
             fields["cls"] = str(entry.label).encode("ascii")
-        if entry.inst is not None:
-            if entry.inst.size != img.size:
-                raise ValueError(f"instance map is {entry.inst.size}, image is {img.size}")
-            fields["inst.png"] = _encode_image(_resized(entry.inst, opts.max_side, Image.Resampling.NEAREST), "png", 0)
-        if entry.seg is not None:
-            seg = entry.seg if isinstance(entry.seg, Image.Image) else Image.open(entry.seg)
+        seg_source, inst = entry.seg, entry.inst
+        if entry.masks is not None:
+            seg_source, inst = entry.masks.render(img.size)
+        if inst is not None:
+            if inst.size != img.size:
+                raise ValueError(f"instance map is {inst.size}, image is {img.size}")
+            fields["inst.png"] = _encode_image(_resized(inst, opts.max_side, Image.Resampling.NEAREST), "png", 0)
+        if seg_source is not None:
+            seg = seg_source if isinstance(seg_source, Image.Image) else Image.open(seg_source)
             seg.load()
             if seg.mode not in ("L", "P"):
-                raise ValueError(f"label map {entry.seg} has mode {seg.mode}; expected 8-bit L or palette P")
+                raise ValueError(f"label map {seg_source} has mode {seg.mode}; expected 8-bit L or palette P")
             if seg.size != img.size:
-                raise ValueError(f"label map {entry.seg} is {seg.size}, image is {img.size}")
+                raise ValueError(f"label map {seg_source} is {seg.size}, image is {img.size}")
             seg = Image.fromarray(np.asarray(seg, dtype=np.uint8))  # palette index -> class index, mode L
             fields["seg.png"] = _encode_image(_resized(seg, opts.max_side, Image.Resampling.NEAREST), "png", 0)
         return entry, fields
@@ -135,6 +142,8 @@ def _detect_kind(source: str) -> SourceKind:
     if source == "scenes":
         return "scenes"
     path = Path(source)
+    if is_coco_source(path):
+        return "coco"
     if path.is_dir():
         return "folder"
     if path.is_file():
@@ -364,6 +373,7 @@ def write_shards(
     created_by: str | None = None,
     progress: bool = True,
     scenes: dict | None = None,
+    coco_images: str | Path | None = None,
 ) -> dict:
     """Write ``source`` as ``out_dir/{split}-{i:06d}.tar`` shards + ``manifest.json``; return the manifest.
 
@@ -375,7 +385,8 @@ def write_shards(
     whose longer side exceeds it. ``limit``: at most this many samples per split. ``num_workers`` > 0 decodes and
     encodes in a process pool; results stay in order, so shards are identical for any worker count. ``force``:
     allow a non-empty ``out_dir`` (its old shards and manifest are removed). ``scenes``: options of the ``scenes``
-    source (``train``/``val`` counts, ``size`` and any `SceneGenerator` keyword). Unreadable images are skipped and
+    source (``train``/``val`` counts, ``size`` and any `SceneGenerator` keyword). ``coco_images``: the image folder of
+    a single COCO json (default: found next to it, see coco.py). Unreadable images are skipped and
     listed in ``manifest["skipped"]``. Shards are written under temporary names and renamed, and the manifest is
     written last.
     """
@@ -411,6 +422,19 @@ def write_shards(
         split_iters = {s: _dataset_entries(source, s, limit) for s in SPLITS}
         totals = {s: dataset_len(source, s, limit=limit) for s in SPLITS}
         source_name = source
+    elif kind == "coco":
+        coco = read_coco(source, coco_images)
+        classes = coco.classes
+        if len(coco.splits) > 1 and val_fraction:
+            raise ValueError(f"{source} has its own splits ({', '.join(coco.splits)}); val_fraction must be 0")
+        splits = {}
+        for name, samples in coco.splits.items():
+            entries = [_Entry(path, -1, path, masks=masks) for path, masks in samples]
+            for sub, part in _split_entries(entries, val_fraction, seed, shuffle and name == "train").items():
+                splits[name if sub == "train" else sub] = part[:limit]
+        split_iters = {s: iter(e) for s, e in splits.items()}
+        totals = {s: len(e) for s, e in splits.items()}
+        source_name = str(Path(source).resolve())
     else:
         path = Path(source)
         if kind == "folder":
@@ -418,7 +442,7 @@ def write_shards(
         elif kind in ("list", "seg-list"):
             entries, classes = _list_entries(path, seg=kind == "seg-list")
         else:
-            raise ValueError(f"unknown shard source kind {kind!r}; choose folder, list, dataset, seg-list or scenes")
+            raise ValueError(f"unknown shard source kind {kind!r}; choose folder, list, dataset, seg-list, scenes or coco")
         if not entries:
             raise ValueError(f"no images found in {source} (extensions: {', '.join(IMG_EXTENSIONS)})")
         splits = {s: e[:limit] for s, e in _split_entries(entries, val_fraction, seed, shuffle).items()}
@@ -454,8 +478,9 @@ def write_shards(
         "source_kind": kind,
         "classes": classes,
         "image_key": ";".join(sorted(keys_seen)) or (reencode or "png"),
-        "has_seg": kind in ("seg-list", "scenes"),
+        "has_seg": kind in ("seg-list", "scenes", "coco"),
         **({"has_inst": True, "scenes": scene_options} if kind == "scenes" else {}),
+        **({"has_inst": True, "coco": coco.info} if kind == "coco" else {}),
         "splits": split_info,
         "skipped": skipped,
         "options": {"samples_per_shard": samples_per_shard, "max_shard_bytes": max_shard_bytes,
