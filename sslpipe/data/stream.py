@@ -124,6 +124,23 @@ def count_samples(spec: str | list[str], split: str = "train") -> int | None:
     return int(_manifest_split(manifest, split, os.fspath(spec))["samples"])
 
 
+def batches_per_epoch(spec: str | list[str], split: str, batch_size: int, world_size: int,
+                      fixed: int | None = None) -> int:
+    """Batches per rank in one epoch: `fixed` (the recipe's data.steps_per_epoch) when set, else the manifest's sample
+    count over the global batch. Checks first that the shards exist, naming the missing ones."""
+    resolve_shards(spec, split)
+    if fixed is not None:
+        return fixed
+    total = count_samples(spec, split)
+    if total is None:
+        raise ValueError(f"{spec!r} has no manifest.json to count samples from: set data.steps_per_epoch")
+    steps = total // (batch_size * world_size)
+    if steps == 0:
+        raise ValueError(f"{spec} holds {total} samples, fewer than one global batch ({batch_size} x {world_size} "
+                         "processes): lower data.batch_size")
+    return steps
+
+
 # ------------------------------------------------------------------------------------------------ reading, decoding
 def derive_seed(*parts: int) -> int:
     """A 32-bit seed from integers, the same in every process (unlike `hash`), well mixed by numpy's SeedSequence."""

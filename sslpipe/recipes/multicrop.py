@@ -16,7 +16,7 @@ from sslpipe.data.collate import MultiCropSample, collate_multicrop
 from sslpipe.data.device_views import device_crops
 from sslpipe.data.fast_views import normalize_crops
 from sslpipe.data.masking import MaskGenerator
-from sslpipe.data.stream import build_loader, count_samples, resolve_shards
+from sslpipe.data.stream import batches_per_epoch, build_loader
 from sslpipe.data.views import multicrop_from_config
 from sslpipe.engine.state_io import without_aliases
 from sslpipe.losses.qscore import build_qscore
@@ -78,21 +78,7 @@ class MultiCropRecipe(Recipe):
 
     def steps_per_epoch(self, world_size: int) -> int:
         d = self.cfg.data
-        resolve_shards(d.train, d.train_split)  # fails early, naming missing shards and how to make them
-        if d.steps_per_epoch is not None:
-            return d.steps_per_epoch
-        total = count_samples(d.train, d.train_split)
-        if total is None:
-            raise ValueError(
-                f"data.train={d.train!r} has no manifest.json to count samples from: set data.steps_per_epoch"
-            )
-        steps = total // (d.batch_size * world_size)
-        if steps == 0:
-            raise ValueError(
-                f"data.train holds {total} samples, fewer than one global batch "
-                f"({d.batch_size} x {world_size} processes): lower data.batch_size"
-            )
-        return steps
+        return batches_per_epoch(d.train, d.train_split, d.batch_size, world_size, d.steps_per_epoch)
 
     def train_loader(self, epoch: int, rank: int, world_size: int):
         d = self.cfg.data

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from sslpipe.config import Config
 from sslpipe.data.semi import semi_loader
-from sslpipe.data.stream import build_loader, count_samples, resolve_shards
+from sslpipe.data.stream import batches_per_epoch, build_loader, resolve_shards
 from sslpipe.data.views import SegTransform
 from sslpipe.recipes.base import Recipe
 
@@ -120,24 +120,16 @@ class SupervisedSegRecipe(Recipe):
         """data.steps_per_epoch, else the unlabelled set (U2PL) or labelled set (baseline) over the global batch."""
         d, u = self.cfg.data, self.cfg.u2pl
         resolve_shards(d.train, d.train_split)
-        if d.steps_per_epoch is not None:
-            return d.steps_per_epoch
-        spec, split, batch = ((u.unlabeled, u.unlabeled_split, self.unlabeled_batch_size()) if self.uses_unlabeled
-                              else (d.train, d.train_split, d.batch_size))
-        total = count_samples(spec, split)
-        if total is None:
-            raise ValueError(f"{spec!r} has no manifest.json to count samples from: set data.steps_per_epoch")
-        steps = total // (batch * world_size)
-        if steps == 0:
-            raise ValueError(f"{spec} holds {total} samples, fewer than one global batch ({batch} x {world_size} "
-                             "processes): lower data.batch_size")
-        return steps
-
-    def train_loader(self, epoch: int, rank: int, world_size: int):
-        d, u = self.cfg.data, self.cfg.u2pl
         if self.uses_unlabeled and not u.unlabeled:
             raise ValueError("method u2pl needs u2pl.unlabeled (unlabelled shards, e.g. OUT/unlabeled written by "
                              "`sslpipe shards --voc ... --labeled 1464`)")
+        if self.uses_unlabeled:
+            return batches_per_epoch(u.unlabeled, u.unlabeled_split, self.unlabeled_batch_size(), world_size,
+                                     d.steps_per_epoch)
+        return batches_per_epoch(d.train, d.train_split, d.batch_size, world_size, d.steps_per_epoch)
+
+    def train_loader(self, epoch: int, rank: int, world_size: int):
+        d, u = self.cfg.data, self.cfg.u2pl
         return semi_loader(labeled=d.train, labeled_split=d.train_split,
                            unlabeled=u.unlabeled if self.uses_unlabeled else None,
                            unlabeled_split=u.unlabeled_split, transform=self.transform(train=True),

@@ -23,7 +23,7 @@ from lightly.transforms import SimCLRTransform
 from torch import Tensor, nn
 
 from sslpipe.config import Config
-from sslpipe.data.stream import build_loader, count_samples, resolve_shards
+from sslpipe.data.stream import batches_per_epoch, build_loader
 from sslpipe.losses.qscore import build_qscore
 from sslpipe.models.backbones import backbone_embed_dim, create_backbone, forward_cls, sync_batchnorm
 from sslpipe.recipes.base import Recipe
@@ -104,18 +104,7 @@ class SimCLRRecipe(Recipe):
     # ----------------------------------------------------------------- data
     def steps_per_epoch(self, world_size: int) -> int:
         d = self.cfg.data
-        resolve_shards(d.train, d.train_split)  # fails early, naming missing shards
-        if d.steps_per_epoch is not None:
-            return d.steps_per_epoch
-        total = count_samples(d.train, d.train_split)
-        if total is None:
-            raise ValueError(f"data.train={d.train!r} has no manifest.json to count samples from: "
-                             "set data.steps_per_epoch")
-        steps = total // (d.batch_size * world_size)
-        if steps == 0:
-            raise ValueError(f"data.train holds {total} samples, fewer than one global batch "
-                             f"({d.batch_size} x {world_size} processes): lower data.batch_size")
-        return steps
+        return batches_per_epoch(d.train, d.train_split, d.batch_size, world_size, d.steps_per_epoch)
 
     def train_loader(self, epoch: int, rank: int, world_size: int):
         d = self.cfg.data
