@@ -91,7 +91,8 @@ def is_coco_source(path: Path) -> bool:
 
 
 def read_coco(source: str | Path, images: str | Path | None = None) -> CocoSource:
-    """Read a COCO root folder or one annotation json (module docstring)."""
+    """Read a COCO root folder or one annotation json (module docstring); `images`: the image folder of a single
+    json."""
     source = Path(source)
     if source.is_dir():
         files = sorted((source / "annotations").glob("instances_*.json"))
@@ -100,9 +101,9 @@ def read_coco(source: str | Path, images: str | Path | None = None) -> CocoSourc
         jobs = []
         for file in files:
             name = file.stem[len("instances_"):]
-            jobs.append((re.sub(r"\d+$", "", name) or name, file, Path(images) if images else source / name))
+            jobs.append((re.sub(r"\d+$", "", name) or name, file, source / name))
     elif source.is_file():
-        jobs = [("train", source, Path(images) if images else None)]
+        jobs = [("train", source, Path(images) if images else None)]  # `images` is for a single json only
     else:
         raise FileNotFoundError(f"COCO source {source} does not exist")
     if len({split for split, _, _ in jobs}) != len(jobs):

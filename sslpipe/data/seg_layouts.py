@@ -111,6 +111,17 @@ def voc_split_list(root: str | Path, name: str) -> Path:
     return path if path.is_file() else Path(name)
 
 
+def _lut_converted(label: Path, target: Path, lut: np.ndarray) -> Path:
+    """`target` = `lut` applied to the label map `label`, written once (atomically: a run cut short never leaves a
+    half-written label behind) and reused after."""
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".partial.png")
+        Image.fromarray(lut[np.asarray(Image.open(label))]).save(tmp)
+        os.replace(tmp, target)
+    return target
+
+
 def cityscapes_pairs(root: str | Path, split: str = "train", cache: str | Path | None = None) -> list[Pair]:
     """(id, leftImg8bit image, train-id label) of a Cityscapes split, sorted by name (module docstring)."""
     root = Path(root)
@@ -131,10 +142,7 @@ def cityscapes_pairs(root: str | Path, split: str = "train", cache: str | Path |
                 raise FileNotFoundError(f"neither {train_ids.name} nor {label_ids.name} in {gt}")
             if cache is None:
                 raise ValueError("Cityscapes labelIds need converting to train ids: pass a cache folder")
-            train_ids = Path(cache) / split / img.parent.name / f"{stem}_gtFine_labelTrainIds.png"
-            if not train_ids.is_file():
-                train_ids.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(lut[np.asarray(Image.open(label_ids))]).save(train_ids)
+            train_ids = _lut_converted(label_ids, Path(cache) / split / img.parent.name / train_ids.name, lut)
         pairs.append((f"{img.parent.name}/{stem}", str(img), str(train_ids)))
     return pairs
 
@@ -155,13 +163,7 @@ def ade20k_pairs(root: str | Path, split: str = "training", cache: str | Path | 
         label = root / "annotations" / split / f"{img.stem}.png"
         if not label.is_file():
             raise FileNotFoundError(f"{label} (the label of {img.name}) is missing")
-        shifted = Path(cache) / split / label.name
-        if not shifted.is_file():
-            shifted.parent.mkdir(parents=True, exist_ok=True)
-            tmp = shifted.with_suffix(".partial.png")
-            Image.fromarray(lut[np.asarray(Image.open(label))]).save(tmp)
-            os.replace(tmp, shifted)  # a run cut short never leaves a half-written label behind
-        pairs.append((img.stem, str(img), str(shifted)))
+        pairs.append((img.stem, str(img), str(_lut_converted(label, Path(cache) / split / label.name, lut))))
     return pairs
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sslpipe.data.stream import batches_per_epoch
+
 
 class Recipe(ABC):
     """One training method. Subclasses get the validated `Config` and must be deterministic given `cfg.seed`."""
@@ -49,9 +51,11 @@ class Recipe(ABC):
         loader of the interrupted epoch and drops the batches already consumed. It must yield at least
         `steps_per_epoch(world_size)` batches, the same number on every rank."""
 
-    @abstractmethod
     def steps_per_epoch(self, world_size: int) -> int:
-        """Batches per epoch per rank (optimizer steps = this // train.grad_accum_steps)."""
+        """Batches per epoch per rank (optimizer steps = this // train.grad_accum_steps); by default
+        data.steps_per_epoch, else data.train's manifest count over the global batch."""
+        d = self.cfg.data
+        return batches_per_epoch(d.train, d.train_split, d.batch_size, world_size, d.steps_per_epoch)
 
     @abstractmethod
     def step(self, batch: Any, sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:

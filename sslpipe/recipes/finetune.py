@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 
 from sslpipe.config import Config
-from sslpipe.data.stream import batches_per_epoch, build_loader
+from sslpipe.data.stream import build_loader
 from sslpipe.heads.vitdet import ViTDetBackbone, ViTDetPyramid, build_vitdet_pyramid, dense_param_groups
 from sslpipe.recipes.base import Recipe
 
@@ -231,10 +231,6 @@ class DenseFinetuneRecipe(Recipe):
         f = self.cfg.finetune
         return DenseTransform(f.img_size, f.scale_range, f.hflip, self.mean, self.std, f.ignore_index, train=train,
                               eval_size=f.eval_size, normalize=self.normalize_images, need_inst=self.needs_instances)
-
-    def steps_per_epoch(self, world_size: int) -> int:
-        d = self.cfg.data
-        return batches_per_epoch(d.train, d.train_split, d.batch_size, world_size, d.steps_per_epoch)
 
     def train_loader(self, epoch: int, rank: int, world_size: int):
         d = self.cfg.data

@@ -16,7 +16,7 @@ from sslpipe.data.collate import MultiCropSample, collate_multicrop
 from sslpipe.data.device_views import device_crops
 from sslpipe.data.fast_views import normalize_crops
 from sslpipe.data.masking import MaskGenerator
-from sslpipe.data.stream import batches_per_epoch, build_loader
+from sslpipe.data.stream import build_loader
 from sslpipe.data.views import multicrop_from_config
 from sslpipe.engine.state_io import without_aliases
 from sslpipe.losses.qscore import build_qscore
@@ -75,10 +75,6 @@ class MultiCropRecipe(Recipe):
             )
             masks.set_epoch(epoch)
         return MultiCropSample(crops, masks)
-
-    def steps_per_epoch(self, world_size: int) -> int:
-        d = self.cfg.data
-        return batches_per_epoch(d.train, d.train_split, d.batch_size, world_size, d.steps_per_epoch)
 
     def train_loader(self, epoch: int, rank: int, world_size: int):
         d = self.cfg.data

@@ -118,15 +118,15 @@ class SupervisedSegRecipe(Recipe):
 
     def steps_per_epoch(self, world_size: int) -> int:
         """data.steps_per_epoch, else the unlabelled set (U2PL) or labelled set (baseline) over the global batch."""
+        if not self.uses_unlabeled:
+            return super().steps_per_epoch(world_size)
         d, u = self.cfg.data, self.cfg.u2pl
-        resolve_shards(d.train, d.train_split)
-        if self.uses_unlabeled and not u.unlabeled:
+        if not u.unlabeled:
             raise ValueError("method u2pl needs u2pl.unlabeled (unlabelled shards, e.g. OUT/unlabeled written by "
                              "`sslpipe shards --voc ... --labeled 1464`)")
-        if self.uses_unlabeled:
-            return batches_per_epoch(u.unlabeled, u.unlabeled_split, self.unlabeled_batch_size(), world_size,
-                                     d.steps_per_epoch)
-        return batches_per_epoch(d.train, d.train_split, d.batch_size, world_size, d.steps_per_epoch)
+        resolve_shards(d.train, d.train_split)  # the labelled shards must exist too
+        return batches_per_epoch(u.unlabeled, u.unlabeled_split, self.unlabeled_batch_size(), world_size,
+                                 d.steps_per_epoch)
 
     def train_loader(self, epoch: int, rank: int, world_size: int):
         d, u = self.cfg.data, self.cfg.u2pl

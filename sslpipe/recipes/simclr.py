@@ -23,7 +23,7 @@ from lightly.transforms import SimCLRTransform
 from torch import Tensor, nn
 
 from sslpipe.config import Config
-from sslpipe.data.stream import batches_per_epoch, build_loader
+from sslpipe.data.stream import build_loader
 from sslpipe.losses.qscore import build_qscore
 from sslpipe.models.backbones import backbone_embed_dim, create_backbone, forward_cls, sync_batchnorm
 from sslpipe.recipes.base import Recipe
@@ -102,10 +102,6 @@ class SimCLRRecipe(Recipe):
         self.qscore = build_qscore(self.cfg)
 
     # ----------------------------------------------------------------- data
-    def steps_per_epoch(self, world_size: int) -> int:
-        d = self.cfg.data
-        return batches_per_epoch(d.train, d.train_split, d.batch_size, world_size, d.steps_per_epoch)
-
     def train_loader(self, epoch: int, rank: int, world_size: int):
         d = self.cfg.data
         return build_loader(
