@@ -36,6 +36,9 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes that read and encode images")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    p.add_argument("--classes", default=None,
+                   help="--seg-list/--list: the class names in label order, a file (one per line) or a,b,c "
+                        "(a seg-list names none otherwise; its label maps are checked against them)")
     p.add_argument("--coco-images", default=None, help="--coco with one json: its image folder (default: found "
                                                        "next to the json)")
     p.add_argument("--scene-size", type=int, default=64, help="scenes: image side in pixels")
@@ -69,8 +72,10 @@ def _run_layout_shards(args: argparse.Namespace) -> int:
 
 
 def _run_shards(args: argparse.Namespace) -> int:
-    from sslpipe.data.shards import write_shards
+    from sslpipe.data.shards import parse_classes, write_shards
 
+    if args.classes and not (args.seg_list or args.list_file):
+        raise ValueError("--classes names the classes of a --seg-list or --list source; the others name their own")
     if args.voc or args.cityscapes or args.ade20k or args.dataset == "stardist" or (args.dataset == "scenes" and args.semi):
         return _run_layout_shards(args)
     if args.semi or args.labeled or args.labeled_list:
@@ -89,6 +94,7 @@ def _run_shards(args: argparse.Namespace) -> int:
         seed=args.seed, force=args.force, created_by="sslpipe " + " ".join(sys.argv[1:]),
         scenes={"size": args.scene_size, "train": args.scene_train, "val": args.scene_val}
         if args.dataset == "scenes" else None, coco_images=args.coco_images,
+        classes=parse_classes(args.classes) if args.classes else None,
     )
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
@@ -187,6 +193,46 @@ def _run_linear(args: argparse.Namespace) -> int:
         out_json=args.out,
     )
     print(f"linear probe top-1 {result['top1']:.4f}" + (f"  top-5 {result['top5']:.4f}" if "top5" in result else ""))
+    return 0
+
+
+def _add_linear_seg(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("linear-seg", help="linear segmentation probe (DINOv2's dense protocol) on a frozen backbone")
+    p.add_argument("backbone", help="an export folder (`sslpipe export`)")
+    p.add_argument("--data", required=True, help="segmentation shards (seg.png): the train split trains the probe")
+    p.add_argument("--val", default=None, help="shards to evaluate on (default: --data)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--size", type=int, default=None, help="training crop and evaluation window (default: the "
+                                                          "export's image size)")
+    p.add_argument("--layers", type=int, default=1, choices=[1, 4],
+                   help="patch features of the last block, or of the last 4 concatenated (DINOv2 +ms)")
+    p.add_argument("--steps", type=int, default=1000, help="training batches (DINOv2: 40000 at batch 16)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default: manifest)")
+    p.add_argument("--max-val", type=int, default=None, help="evaluate on at most this many val images")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the training stream")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="result JSON (mIoU, per-class IoU, baseline, settings)")
+    p.add_argument("--png", default=None, help="overlays of the first val images (image | truth | prediction)")
+
+
+def _run_linear_seg(args: argparse.Namespace) -> int:
+    from sslpipe.eval.linear_seg import format_linear_seg, linear_seg_probe
+    from sslpipe.eval.segmentation import format_iou_table
+
+    result = linear_seg_probe(
+        args.backbone, args.data, val=args.val, train_split=args.train_split, val_split=args.val_split,
+        size=args.size, layers=args.layers, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, num_classes=args.num_classes, max_val=args.max_val,
+        num_workers=args.workers, device=args.device, seed=args.seed, out_json=args.out, png=args.png)
+    print(format_iou_table(result))
+    print(format_linear_seg(result))
+    if args.out:
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -415,6 +461,7 @@ COMMANDS = {
     "export": (_add_export, _run_export),
     "knn": (_add_knn, _run_knn),
     "linear": (_add_linear, _run_linear),
+    "linear-seg": (_add_linear_seg, _run_linear_seg),
     "qscore": (_add_qscore, _run_qscore),
     "finetune": (_add_finetune, _run_finetune),
     "predict": (_add_predict, _run_predict),

@@ -246,7 +246,12 @@ class FinetuneConfig(_Section):
     img_size: int = 1024  # training crop (square); also sizes the global blocks' relative-position tables
     scale_range: tuple[float, float] = (0.1, 2.0)  # scale jitter of the crop size (ViTDet LSJ 0.1-2.0)
     hflip: float = 0.5
-    eval_size: int | None = None  # evaluation: resize the short side to this; null: native size
+    eval_size: int | None = None  # evaluation: resize the short side to this first; null: native size
+    # evaluation on the training grid (ViT position tables never stretched): Mask2Former semantic `slide` (windows of
+    # img_size at a stride of 2/3, BEiT / ViT-Adapter) or `whole` (the image as it is); instance tasks resize the
+    # longer side to img_size and pad to the img_size square (ViTDet's square pad)
+    eval_mode: Literal["slide", "whole"] = "slide"
+    freeze_backbone: bool = False  # train the pyramid and head on a frozen ViT trunk (kept in eval mode)
     # ViTDet backbone (SPEC §5)
     window_size: int = 14
     global_blocks: list[int] = [2, 5, 8, 11]

@@ -80,6 +80,7 @@ def test_coco_json_renders_classes_crowd_and_overlaps(coco_json, tmp_path: Path)
     assert manifest["coco"]["files"]["train"]["crowd"] == 1 and manifest["coco"]["files"]["train"]["instances"] == 3
     samples = list(read_split(tmp_path / "out", "train").values())
     assert len(samples) == 2 and not manifest["skipped"]
+    assert manifest["seg_values"] == [0, 1, 2, 3, 255]
     seg, inst = maps(next(s for s in samples if "jpg" in s))
 
     expected = np.zeros((32, 40), np.uint8)
@@ -88,18 +89,55 @@ def test_coco_json_renders_classes_crowd_and_overlaps(coco_json, tmp_path: Path)
     expected[m["zebra"]] = 3
     expected[m["person"]] = 1  # the smaller instance stays on top of the car
     np.testing.assert_array_equal(seg, expected)
-    # ids by decreasing area: car (504 px), then zebra (> 36 px), then person (36 px); crowd has no id
+    # ids by decreasing area: car (504 px), then zebra (> 36 px), then person (36 px); the crowd region after them,
+    # under the instances, its class in crowd.json
     assert m["zebra"].sum() > m["person"].sum()
     expected_inst = np.zeros((32, 40), np.int64)
+    expected_inst[m["crowd"]] = 4
     expected_inst[m["car"]], expected_inst[m["zebra"]], expected_inst[m["person"]] = 1, 2, 3
     np.testing.assert_array_equal(inst, expected_inst)
+    sample_a = next(s for s in samples if "jpg" in s)
+    assert json.loads(sample_a["crowd.json"]) == {"4": 1}  # the crowd region is a person crowd (class 1)
 
     targets = masks_to_targets(torch.from_numpy(inst), torch.from_numpy(seg.astype(np.int64)))
-    assert targets["labels"].tolist() == [2, 3, 1]
+    assert targets["labels"].tolist() == [2, 3, 1] and targets["iscrowd"].tolist() == [0, 0, 0]  # training
     assert targets["boxes"][0].tolist() == [2, 2, 30, 20] and targets["boxes"][2].tolist() == [20, 10, 26, 16]
+    with_crowd = masks_to_targets(torch.from_numpy(inst), torch.from_numpy(seg.astype(np.int64)), crowd={4: 1})
+    assert with_crowd["labels"].tolist() == [2, 3, 1, 1] and with_crowd["iscrowd"].tolist() == [0, 0, 0, 1]
+    assert with_crowd["boxes"][3].tolist() == [26, 16, 38, 24]  # the crowd rectangle (its part under the car hidden)
 
     seg_b, inst_b = maps(next(s for s in samples if "png" in s))  # no annotations: all background, no instance
     assert seg_b.shape == (20, 24) and not seg_b.any() and not inst_b.any()
+
+
+def test_perfect_prediction_with_a_crowd_region_has_ap_one(coco_json, tmp_path: Path) -> None:
+    """COCOeval's crowd rule through our metric: a detection on a crowd region of its class is matched to it and
+    counts neither way, so the perfect prediction plus one on the crowd keeps AP 1.0; with the crowd region dropped
+    (the old reading) the same detection is a false positive."""
+    from sslpipe.data.stream import decode_sample
+    from sslpipe.eval.detection import DetectionMetric
+
+    path, _ = coco_json
+    write_shards(tmp_path / "out", source=str(path), shuffle=False, progress=False)
+    raw = next(s for s in read_split(tmp_path / "out", "train").values() if "jpg" in s)
+    sample = decode_sample({**raw, "__key__": "a", "__url__": "x"})
+    inst = torch.from_numpy(np.asarray(sample["inst"], dtype=np.int64))
+    seg = torch.from_numpy(np.asarray(sample["seg"], dtype=np.int64))
+    target = masks_to_targets(inst, seg, crowd=sample["crowd"])
+    things = target["iscrowd"] == 0
+    perfect = {k: target[k][things] for k in ("boxes", "labels", "masks")}
+    on_crowd = {k: target[k][~things] for k in ("boxes", "labels", "masks")}
+    pred = {k: torch.cat([perfect[k], on_crowd[k]]) for k in perfect}
+    pred["scores"] = torch.tensor([0.9, 0.8, 0.7, 0.95])  # the crowd detection scores highest
+
+    results = {}
+    for name, tgt in (("crowd kept", target), ("crowd dropped", {k: v[things] for k, v in target.items()})):
+        metric = DetectionMetric(("bbox", "segm"))
+        metric.update([pred], [tgt])
+        results[name] = metric.compute()
+    assert results["crowd kept"]["bbox/AP"] == pytest.approx(1.0)
+    assert results["crowd kept"]["segm/AP"] == pytest.approx(1.0)
+    assert results["crowd dropped"]["bbox/AP"] < 0.99
 
 
 def test_coco_json_val_fraction_and_image_folder(coco_json, tmp_path: Path) -> None:
@@ -178,6 +216,10 @@ def test_coco_folder_round_trips_scene_instances(tmp_path: Path) -> None:
             scene = by_bytes[sample["png"]]  # the train split is written in a seeded shuffled order
             seg, inst = maps(sample)
             np.testing.assert_array_equal(seg, scene.semantic)
-            pairs = {(int(a), int(b)) for a, b in zip(scene.instances.ravel(), inst.ravel())}
+            crowd = {int(k) for k in json.loads(sample.get("crowd.json", b"{}"))}  # the remnants, as crowd regions
+            assert set(np.unique(inst[seg == 255])) <= crowd | {0}
+            inst = np.where(np.isin(inst, list(crowd)), 0, inst)
+            pairs = {(int(a), int(b)) for a, b in zip(np.where(scene.semantic == 255, 0, scene.instances).ravel(),
+                                                        inst.ravel())}
             assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})  # a bijection of ids
             assert (0, 0) in pairs

@@ -15,7 +15,7 @@ from PIL import Image
 from sslpipe.config import ConfigError, config_from_dict, load_config
 from sslpipe.eval.detection import DetectionMetric, masks_to_targets
 from sslpipe.eval.segmentation import SegmentationMetric, format_iou_table
-from sslpipe.recipes.finetune import DenseTransform, collate_dense
+from sslpipe.data.dense import DenseTransform, collate_dense
 
 torch.set_num_threads(1)
 
@@ -213,6 +213,119 @@ def _run(recipe: str, root, export, extra: list[str]):
     cfg = load_config(REPO / recipe, [f"data.train={root / 'scenes'}", f"data.val={root / 'scenes'}",
                                f"finetune.backbone={export}", f"output_dir={root / 'runs'}", *TINY_HEADS, *extra])
     return train(cfg)
+
+
+M2F_TINY = ["finetune.num_queries=4", "finetune.hidden_dim=32", "finetune.num_heads=2", "finetune.dim_feedforward=64",
+            "finetune.decoder_layers=4", "finetune.encoder_layers=1", "finetune.encoder_feedforward_dim=64",
+            "finetune.train_num_points=128"]
+VITDET_TINY = ["finetune.head_dim=16", "finetune.fc_dim=32", "finetune.box_head_convs=1", "finetune.mask_head_convs=1",
+               "finetune.box_batch_size_per_image=16"]
+
+
+def _recipe(recipe: str, root, export, extra: list[str]):
+    """A fine-tuning recipe object with its network built (no trainer)."""
+    from sslpipe.recipes import get_recipe
+
+    cfg = load_config(REPO / recipe, [f"data.train={root / 'scenes'}", f"data.val={root / 'scenes'}",
+                                      f"finetune.backbone={export}", *TINY_HEADS, *extra])
+    recipe_obj = get_recipe(cfg.method)(cfg)
+    recipe_obj.build_model()
+    return recipe_obj
+
+
+def _non_square_batch(h: int, w: int, inst: bool = False) -> dict:
+    torch.manual_seed(0)
+    seg = torch.zeros(h, w, dtype=torch.long)
+    seg[5:20, 8:30] = 3
+    sample = {"image": torch.randn(3, h, w), "seg": seg, "inst": (seg > 0).long() if inst else None, "crowd": {},
+              "key": "k"}
+    return collate_dense([sample])
+
+
+@pytest.mark.parametrize("task,size", [("semantic", (40, 100)), ("semantic", (48, 48)), ("instance", (48, 80))])
+def test_mask2former_evaluates_on_the_training_grid(finetune_data, task, size):
+    """Every forward of evaluation sees img_size x img_size inputs (64 here): windows slid over a larger image,
+    a smaller one padded, instance images fitted into the square; predictions come back at the label size."""
+    root, export = finetune_data
+    recipe = _recipe("recipes/demo_finetune_m2f.yaml", root, export, [*M2F_TINY, f"finetune.task={task}"])
+    model = recipe.model().eval()
+    shapes = []
+    recipe.vit_trunk().register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        preds, targets = recipe.eval_batch(model, _non_square_batch(*size, inst=task == "instance"))
+    assert shapes and set(shapes) == {(64, 64)}
+    if task == "semantic":
+        windows = (math.ceil((max(size[0], 64) - 64) / 43) + 1) * (math.ceil((max(size[1], 64) - 64) / 43) + 1)
+        assert len(shapes) == windows and preds[0].shape == size
+    else:
+        assert len(shapes) == 1 and preds[0]["masks"].shape[-2:] == size
+
+
+def test_vitdet_evaluates_on_the_training_grid(finetune_data):
+    root, export = finetune_data
+    recipe = _recipe("recipes/demo_finetune_vitdet.yaml", root, export, VITDET_TINY)
+    model = recipe.model().eval()
+    shapes = []
+    recipe.vit_trunk().register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        preds, _ = recipe.eval_batch(model, _non_square_batch(48, 32, inst=True))
+    assert shapes == [(64, 64)] and preds[0]["masks"].shape[-2:] == (48, 32)
+
+
+@pytest.mark.parametrize("recipe_file,extra", [("recipes/demo_finetune_m2f.yaml", M2F_TINY),
+                                               ("recipes/demo_finetune_vitdet.yaml", VITDET_TINY)])
+def test_built_trunk_holds_the_export_tensor_by_tensor(finetune_data, recipe_file, extra):
+    """Regression: after the network is built, every backbone tensor of the export is in the trunk unchanged
+    (patch embedding, blocks, the position grid without the CLS entry); only CLS token and final norm are dropped."""
+    from safetensors.torch import load_file
+
+    root, export = finetune_data
+    exported = load_file(str(export / "model.safetensors"))
+    trunk = _recipe(recipe_file, root, export, extra).vit_trunk().state_dict()
+    used = set()
+    for name, tensor in trunk.items():
+        if name.startswith("blocks.") and ".block." in name:
+            source = name.replace(".block.", ".", 1)
+            assert torch.equal(tensor, exported[source]), name
+            used.add(source)
+        elif name == "pos_embed":
+            grid = exported["pos_embed"][:, 1:].reshape(tensor.shape)
+            assert torch.equal(tensor, grid)
+            used.add(name)
+        elif name in exported:
+            assert torch.equal(tensor, exported[name]), name
+            used.add(name)
+        else:
+            assert ".rel_pos_" in name and not tensor.any(), name  # ViTDet's new relative positions start at zero
+    assert set(exported) - used == {"cls_token", "norm.weight", "norm.bias"}
+
+
+def test_frozen_backbone_trains_only_the_head(finetune_data):
+    from sslpipe.engine.optim import build_optimizer
+
+    root, export = finetune_data
+    recipe = _recipe("recipes/demo_finetune_m2f.yaml", root, export,
+                     [*M2F_TINY, "finetune.freeze_backbone=true", "model.drop_path_rate=0.5"])
+    model = recipe.model().train()
+    trunk = recipe.vit_trunk()
+    before = {k: v.clone() for k, v in trunk.state_dict().items()}
+    head_before = model.model.transformer_module.queries_features.weight.clone()
+    groups = recipe.param_groups()
+    assert all(not p.requires_grad for p in trunk.parameters())
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+    opt = build_optimizer(recipe.cfg, groups)
+    for group in opt.param_groups:
+        group["lr"] = 1e-3  # the engine sets it every step
+    batch = next(iter(recipe.train_loader(0, 0, 1)))
+    for _ in range(2):
+        loss, _ = recipe.step(batch, {})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert not trunk.training  # drop path off in the frozen trunk even though the model trains
+    assert all(torch.equal(before[k], v) for k, v in trunk.state_dict().items())
+    assert not torch.equal(head_before, model.model.transformer_module.queries_features.weight)
 
 
 @pytest.mark.slow

@@ -217,6 +217,102 @@ def test_mask_rcnn_step_on_exported_backbone(tmp_path, device):
     assert out[0]["masks"].shape[1:] == (1, 64, 64)
 
 
+def test_roi_align_v2_samples_pixel_centres_and_assigns_fpn_levels(device):
+    """ROIAlignV2 (detectron2): on a map whose value is its own column index, a 7-bin pooling of a box returns
+    (x1 + (j + 0.5) w / 7) / stride - 0.5 at bin j (bilinear sampling is exact on a linear map; aligned=True shifts
+    by half a pixel). Level: floor(4 + log2(sqrt(area) / 224)) -> a 224-px box on p4, a 20-px box on p2."""
+    from sslpipe.heads.maskrcnn import ROIAlignV2
+
+    strides = [4, 8, 16, 32]
+    names = ["p2", "p3", "p4", "p5"]
+    size = 512
+    feats = {}
+    for name, stride in zip(names, strides):
+        n = size // stride
+        cols = torch.arange(n, dtype=torch.float32, device=device).expand(n, n)
+        feats[name] = torch.stack([cols, torch.full_like(cols, stride)])[None]  # channel 1 names the level
+    pool = ROIAlignV2(names, strides, output_size=7)
+    boxes = [torch.tensor([[100.0, 60.0, 324.0, 284.0], [30.0, 40.0, 50.0, 60.0]], device=device)]
+    out = pool(feats, boxes, [(size, size)])
+    assert out.shape == (2, 2, 7, 7)
+    torch.testing.assert_close(out[:, 1].cpu(), torch.tensor([16.0, 4.0]).view(2, 1, 1).expand(2, 7, 7))
+    for k, (box, stride) in enumerate(zip(boxes[0].tolist(), (16, 4))):
+        x1, x2 = box[0], box[2]
+        expected = torch.tensor([(x1 + (j + 0.5) * (x2 - x1) / 7) / stride - 0.5 for j in range(7)])
+        torch.testing.assert_close(out[k, 0, 0].cpu(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[k, 0].cpu(), expected.expand(7, 7), rtol=1e-5, atol=1e-5)
+
+
+def _tiny_rcnn(tmp_path, device):
+    torch.manual_seed(0)
+    pyramid = build_vitdet_pyramid(load_backbone(_export_tiny(tmp_path)).train(), window_size=4,
+                                   global_blocks=[1, 3], use_rel_pos=True, img_size=64, out_channels=32)
+    return build_mask_rcnn(pyramid, 3, min_size=64, max_size=64, anchor_sizes=(8, 16, 32, 64, 128),
+                           box_batch_size_per_image=32, rpn_pre_nms_top_n=(100, 100), rpn_post_nms_top_n=(50, 50),
+                           head_dim=32, fc_dim=64, box_head_convs=1, mask_head_convs=1, fixed_size=64).to(device)
+
+
+def test_rpn_box_loss_is_l1_over_sampled_anchors(tmp_path, device):
+    """detectron2 smooth_l1_beta=0: the RPN box loss is sum |delta - target| over positive anchors / sampled
+    anchors (all of them are sampled here: fewer than 256)."""
+    rpn = _tiny_rcnn(tmp_path, device).rpn
+    labels = [torch.tensor([1.0, 0.0, -1.0, 1.0, 0.0, 0.0], device=device)]
+    targets = [torch.tensor([[0.1, -0.2, 0.03, 0.5]] * 6, device=device)]
+    deltas = torch.tensor([[0.0, 0.0, 0.0, 0.0], [9, 9, 9, 9], [9, 9, 9, 9], [0.2, 0.1, 0.0, 0.1], [9, 9, 9, 9],
+                           [9, 9, 9, 9]], device=device)
+    objectness = torch.tensor([2.0, -1.0, 0.0, 1.0, 0.5, -2.0], device=device)
+    obj_loss, box_loss = rpn.compute_loss(objectness, deltas, labels, targets)
+    l1 = (0.1 + 0.2 + 0.03 + 0.5) + (0.1 + 0.3 + 0.03 + 0.4)  # the two positives
+    assert box_loss.item() == pytest.approx(l1 / 5, rel=1e-5)  # 2 positives + 3 negatives sampled
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    ref = F.binary_cross_entropy_with_logits(objectness[keep], labels[0][keep])
+    assert obj_loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_box_head_loss_is_l1_of_the_true_class(tmp_path, device):
+    """The RoI box loss of a training forward equals the L1 of each sampled foreground RoI's own-class deltas,
+    summed and divided by the number of sampled RoIs (not torchvision's smooth L1 with beta 1/9)."""
+    model = _tiny_rcnn(tmp_path, device).train()
+    seen = {}
+    heads = model.roi_heads
+    original = heads.select_training_samples
+
+    def spy(proposals, targets):
+        out = original(proposals, targets)
+        seen["labels"], seen["targets"] = torch.cat(out[2]), torch.cat(out[3])
+        return out
+
+    heads.select_training_samples = spy
+    heads.box_predictor.register_forward_hook(lambda m, args, out: seen.__setitem__("deltas", out[1]))
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8, device=device)
+    masks[0, 8:40, 10:44] = 1
+    target = {"boxes": torch.tensor([[10.0, 8, 44, 40]], device=device), "labels": torch.tensor([2], device=device),
+              "masks": masks}
+    losses = model([torch.rand(3, 64, 64, device=device)], [target])
+    labels, targets = seen["labels"], seen["targets"]
+    fg = torch.where(labels > 0)[0]
+    assert len(fg) > 0  # the ground-truth box is added to the proposals: at least one foreground RoI
+    deltas = seen["deltas"].reshape(len(labels), -1, 4)[fg, labels[fg]]
+    expected = (deltas - targets[fg]).abs().sum() / len(labels)
+    assert losses["loss_box_reg"].item() == pytest.approx(expected.item(), rel=1e-5)
+    smooth = F.smooth_l1_loss(deltas, targets[fg], beta=1 / 9, reduction="sum") / len(labels)
+    assert losses["loss_box_reg"].item() != pytest.approx(smooth.item(), rel=1e-3)
+
+
+def test_mask_rcnn_pads_evaluation_images_to_the_training_square(tmp_path, device):
+    """ViTDet's square pad: a 48x64 image (and a 64x40 one) reaches the ViT as 64x64, the grid of training; boxes
+    come back in the image's own coordinates."""
+    model = _tiny_rcnn(tmp_path, device).eval()
+    shapes = []
+    model.backbone.backbone.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        out = model([torch.rand(3, 48, 64, device=device), torch.rand(3, 64, 40, device=device)])
+    assert shapes == [(64, 64)]
+    assert out[0]["masks"].shape[-2:] == (48, 64) and out[1]["masks"].shape[-2:] == (64, 40)
+    with pytest.raises(ValueError, match="fixed_size"):
+        build_mask_rcnn(model.backbone, 3, min_size=64, max_size=128, fixed_size=64)
+
+
 def _m2f(pyramid: nn.Module, num_labels: int = 3, **kw) -> nn.Module:
     args = dict(hidden_dim=32, num_queries=6, decoder_layers=4, encoder_layers=1, num_heads=4, dim_feedforward=64,
                 encoder_feedforward_dim=64, train_num_points=256)

@@ -227,6 +227,52 @@ def test_seg_list_carries_label_map_and_resizes_jointly(tmp_path: Path) -> None:
     assert np.array_equal(decode(s0["seg.png"]), expected)  # nearest: same size as the image, no invented classes
 
 
+def test_seg_list_classes_named_and_label_values_checked(tmp_path: Path) -> None:
+    """A seg-list names no classes unless --classes does; its label values are recorded (`seg_values`), and a value
+    beyond the named classes stops the writing with the label map named and no shard left behind."""
+    from sslpipe.data.shards import parse_classes
+
+    labels = [np.array([[0, 1], [2, 255]], np.uint8), np.array([[0, 0], [1, 3]], np.uint8)]
+    lines = []
+    for i, lab in enumerate(labels):
+        save(tmp_path / f"i{i}.png", rand_image(i, 2, 2), "PNG")
+        save(tmp_path / f"l{i}.png", lab, "PNG")
+        lines.append(f"i{i}.png l{i}.png")
+    listing = tmp_path / "seg.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    unnamed = write_shards(tmp_path / "a", source=str(listing), progress=False)
+    assert unnamed["classes"] == [] and unnamed["seg_values"] == [0, 1, 2, 3, 255]
+    (tmp_path / "names.txt").write_text("# my classes\nbackground\ncat\ndog\nbird\n")
+    named = write_shards(tmp_path / "b", source=str(listing), classes=parse_classes(str(tmp_path / "names.txt")),
+                         progress=False)
+    assert named["classes"] == ["background", "cat", "dog", "bird"]
+    with pytest.raises(ValueError, match=r"l1.png holds class value\(s\) \[3\].*name only 3"):
+        write_shards(tmp_path / "c", source=str(listing), classes=parse_classes("background,cat,dog"),
+                     shuffle=False, progress=False)
+    assert not list((tmp_path / "c").iterdir())  # the partial shard is removed, no manifest written
+    with pytest.raises(ValueError, match="twice"):
+        parse_classes("a,b,a")
+
+
+def test_list_classes_order_the_names(tmp_path: Path) -> None:
+    for i in range(3):
+        save(tmp_path / f"{i}.png", rand_image(i), "PNG")
+    (tmp_path / "names.txt").write_text("0.png dog\n1.png cat\n2.png dog\n")
+    (tmp_path / "ints.txt").write_text("0.png 0\n1.png 2\n2.png 1\n")
+    m = write_shards(tmp_path / "a", source=str(tmp_path / "names.txt"), classes=["dog", "cat", "fish"],
+                     shuffle=False, progress=False)
+    assert m["classes"] == ["dog", "cat", "fish"]
+    assert [int(s["cls"]) for s in read_split(tmp_path / "a", "train").values()] == [0, 1, 0]
+    m = write_shards(tmp_path / "b", source=str(tmp_path / "ints.txt"), classes=["x", "y", "z"], progress=False)
+    assert m["classes"] == ["x", "y", "z"]
+    with pytest.raises(ValueError, match="labels go up to 2"):
+        write_shards(tmp_path / "c", source=str(tmp_path / "ints.txt"), classes=["x", "y"], progress=False)
+    with pytest.raises(ValueError, match=r"\['dog'\] are not among"):
+        write_shards(tmp_path / "d", source=str(tmp_path / "names.txt"), classes=["cat"], progress=False)
+    with pytest.raises(ValueError, match="--list and --seg-list"):
+        write_shards(tmp_path / "e", source="digits", classes=["a"], progress=False)
+
+
 def test_fashion_mnist_reader_counts_and_pixels() -> None:
     assert dataset_len("fashion-mnist", "train") == 60000 and dataset_len("fashion-mnist", "val") == 10000
     for split, prefix, first_labels in (("train", "train", [9, 0, 0]), ("val", "t10k", [9, 2, 1])):

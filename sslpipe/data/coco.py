@@ -11,7 +11,9 @@ Two sources (`sslpipe shards --coco PATH OUT`):
 Rendering (one sample per image record, images without annotations included):
 - classes: the json's category ids in increasing order -> 1..K (0 = background; K <= 254, since 255 = ignore);
   manifest `classes` = ["background", names...], `coco.category_ids` keeps the original ids;
-- crowd regions (`iscrowd: 1`) -> `seg` 255 (ignore) and no instance, as detectron2 drops crowd boxes from training;
+- crowd regions (`iscrowd: 1`) -> `seg` 255 (ignore: never a training target, as detectron2 drops crowd boxes from
+  training) and instance ids after the others, with their classes in the sample's `crowd.json` ({id: class}): the
+  evaluation keeps them as `iscrowd` ground truth, so a detection on a crowd region is not a false positive (COCOeval);
 - instances (polygons, RLE or compressed RLE, decoded by pycocotools) are painted in decreasing area order, so where
   two overlap the smaller one is on top and keeps its pixels (the choice of COCO's panoptic conversion); an instance
   with no visible pixel left vanishes from the sample.
@@ -40,28 +42,30 @@ class CocoMasks:
     height: int
     annotations: tuple[tuple[int, bool, object], ...]  # (class index 1..K, iscrowd, segmentation) per annotation
 
-    def render(self, size: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
-        """(seg, inst): 8-bit classes (0 background, 255 crowd) and 16-bit instance ids (1..N, 0 = none)."""
+    def render(self, size: tuple[int, int]) -> tuple[Image.Image, Image.Image, dict[int, int]]:
+        """(seg, inst, crowd): 8-bit classes (0 background, 255 crowd), 16-bit instance ids (things 1..N, then the
+        crowd regions N+1.., under the things; 0 = none) and {crowd instance id: class}."""
         if size != (self.width, self.height):
             raise ValueError(f"{self.file} is {size[0]}x{size[1]} but its COCO record says {self.width}x{self.height}")
         seg = np.zeros((self.height, self.width), np.uint8)
         inst = np.zeros((self.height, self.width), np.uint16)
-        things = []
+        things, crowds = [], []
         for cls, crowd, segmentation in self.annotations:
-            mask = self._decode(segmentation)
-            if crowd:
-                seg[mask] = 255
-            else:
-                things.append((cls, mask))
-        if len(things) > np.iinfo(np.uint16).max:
-            raise ValueError(f"{self.file} has {len(things)} instances; inst.png holds at most 65535")
+            (crowds if crowd else things).append((cls, self._decode(segmentation)))
+        if len(things) + len(crowds) > np.iinfo(np.uint16).max:
+            raise ValueError(f"{self.file} has {len(things) + len(crowds)} instances; inst.png holds at most 65535")
+        crowd_classes = {}
+        for k, (cls, mask) in enumerate(crowds, len(things) + 1):
+            seg[mask] = 255
+            inst[mask] = k
+            crowd_classes[k] = cls
         # largest first (area of the decoded mask: exports do not always fill in `area`); a stable sort keeps ties
         # in annotation order
         things.sort(key=lambda thing: -int(thing[1].sum()))
         for instance_id, (cls, mask) in enumerate(things, 1):
             seg[mask] = cls
             inst[mask] = instance_id
-        return Image.fromarray(seg), Image.fromarray(inst)
+        return Image.fromarray(seg), Image.fromarray(inst), crowd_classes
 
     def _decode(self, segmentation: object) -> np.ndarray:
         from pycocotools import mask as mask_utils

@@ -77,8 +77,15 @@ def load_backgrounds(max_side: int = 512) -> tuple[np.ndarray, ...]:
 
 
 @functools.lru_cache(maxsize=4)
-def _objects(split: str, pool: int | None) -> tuple[np.ndarray, np.ndarray]:
-    return load_arrays("fashion-mnist", split, limit=pool)
+def _objects(dataset: str, split: str, pool: int | None) -> tuple[np.ndarray, np.ndarray]:
+    return load_arrays(dataset, split, limit=pool)
+
+
+def scene_classes(dataset: str = "fashion-mnist") -> list[str]:
+    """Class names of scenes whose objects come from `dataset` (label = object class + 1; 0 = background)."""
+    from sslpipe.data.datasets import dataset_classes
+
+    return ["background", *dataset_classes(dataset)]
 
 
 def _hsv_tint(rng: np.random.Generator) -> np.ndarray:
@@ -95,12 +102,13 @@ class SceneGenerator:
     ``size``: square side in pixels; ``objects``: (min, max) objects per scene; ``scale``: object side as a fraction
     of ``size``; ``threshold``: Fashion-MNIST intensity (0-255, after resizing) above which a pixel is object;
     ``min_visible`` / ``min_pixels``: an object left with less of its area becomes ignore (255); ``pool``: use only
-    the first N Fashion-MNIST images of the split (None: all).
+    the first N object images of the split (None: all); ``dataset``: where the objects come from, ``fashion-mnist``
+    or scikit-learn's ``digits`` (8x8 handwritten digits, a second real object domain; classes `scene_classes`).
     """
 
     def __init__(self, split: str = "train", *, size: int = 64, seed: int = 0, objects: tuple[int, int] = (1, 4),
                  scale: tuple[float, float] = (0.35, 0.7), threshold: int = 40, min_visible: float = 0.3,
-                 min_pixels: int = 12, pool: int | None = None) -> None:
+                 min_pixels: int = 12, pool: int | None = None, dataset: str = "fashion-mnist") -> None:
         if split not in _SPLIT_IDS:
             raise ValueError(f"unknown scene split {split!r}; choose one of {', '.join(_SPLIT_IDS)}")
         if size < 16:
@@ -112,7 +120,7 @@ class SceneGenerator:
         self.split, self.size, self.seed = split, size, seed
         self.objects, self.scale, self.threshold = tuple(objects), tuple(scale), threshold
         self.min_visible, self.min_pixels = min_visible, min_pixels
-        self.images, self.labels = _objects(split, pool)
+        self.images, self.labels = _objects(dataset, split, pool)
         self.backgrounds = load_backgrounds()
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
@@ -167,3 +175,20 @@ def iter_scenes(split: str, n: int, **kwargs) -> Iterator[Scene]:
     gen = SceneGenerator(split, **kwargs)
     for i in range(n):
         yield gen[i]
+
+
+def write_scene_files(out: str | Path, n: int, *, split: str = "train", **kwargs) -> tuple[Path, Path]:
+    """Scenes written the way a user's own data arrives: `out/images/NNNNN.png` + `out/labels/NNNNN.png` (8-bit
+    class maps), a seg-list `out/list.txt` and the class names `out/classes.txt` (for `sslpipe shards --seg-list
+    out/list.txt --classes out/classes.txt`). Keyword arguments go to :class:`SceneGenerator`. Returns (list, classes)."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, scene in enumerate(iter_scenes(split, n, **kwargs)):
+        scene.image.save(out / "images" / f"{i:05d}.png")
+        Image.fromarray(scene.semantic).save(out / "labels" / f"{i:05d}.png")
+        lines.append(f"images/{i:05d}.png labels/{i:05d}.png")
+    (out / "list.txt").write_text("\n".join(lines) + "\n")
+    (out / "classes.txt").write_text("\n".join(scene_classes(kwargs.get("dataset", "fashion-mnist"))) + "\n")
+    return out / "list.txt", out / "classes.txt"

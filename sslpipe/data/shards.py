@@ -10,7 +10,11 @@ Sources (``kind``; auto-detected when ``None``):
   (classes = sorted names); all lines labelled or none.
 - ``"seg-list"``: a text file of ``image_path label_map_path`` lines; the label map (8-bit ``L`` or palette ``P``
   PNG, pixel = class index, 255 = ignore) is stored as ``seg.png`` beside the image. Auto-detected when the second
-  column of the first entry ends in an image extension.
+  column of the first entry ends in an image extension. Its classes are unknown (``classes: []``) unless
+  ``classes=`` names them (``sslpipe shards --classes FILE|a,b,c``); every label value is then checked against them.
+
+Segmentation manifests record ``seg_values``: the label values that occur in the label maps (255 included), so a
+reader can size a classifier or catch a wrong class count before it trains.
 - ``"coco"``: COCO-format instance annotations, a COCO root folder or one json (``sslpipe/data/coco.py``), written as
   ``seg.png`` + ``inst.png`` per image like the scenes; the official layout keeps its splits.
 - ``"scenes"`` (source ``"scenes"``): generated segmentation scenes (``sslpipe/data/scenes.py``: Fashion-MNIST objects
@@ -36,7 +40,7 @@ import os
 import random
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,6 +62,8 @@ _TAR_BLOCK, _TAR_RECORD = 512, 20 * 512
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
 SourceKind = Literal["folder", "list", "dataset", "seg-list", "scenes", "coco"]
 SCENE_DEFAULTS = {"train": 2000, "val": 500, "size": 64}
+IGNORE_LABEL = 255
+_SEG_VALUES = "__seg_values__"  # not a tar member: the label values of a sample's seg.png, for the manifest
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,12 @@ def _encode(entry: _Entry, opts: _EncodeOptions) -> tuple[_Entry, dict[str, byte
             fields["cls"] = str(entry.label).encode("ascii")
         seg_source, inst = entry.seg, entry.inst
         if entry.masks is not None:
-            seg_source, inst = entry.masks.render(img.size)
+            seg_source, inst, crowd = entry.masks.render(img.size)
+            if crowd:  # visible crowd regions ({instance id: class}), iscrowd ground truth in evaluation
+                visible = set(np.unique(np.asarray(_resized(inst, opts.max_side, Image.Resampling.NEAREST))).tolist())
+                crowd = {k: c for k, c in crowd.items() if k in visible}
+            if crowd:
+                fields["crowd.json"] = json.dumps({str(k): c for k, c in crowd.items()}).encode()
         if inst is not None:
             if inst.size != img.size:
                 raise ValueError(f"instance map is {inst.size}, image is {img.size}")
@@ -128,8 +139,10 @@ def _encode(entry: _Entry, opts: _EncodeOptions) -> tuple[_Entry, dict[str, byte
                 raise ValueError(f"label map {seg_source} has mode {seg.mode}; expected 8-bit L or palette P")
             if seg.size != img.size:
                 raise ValueError(f"label map {seg_source} is {seg.size}, image is {img.size}")
-            seg = Image.fromarray(np.asarray(seg, dtype=np.uint8))  # palette index -> class index, mode L
+            values = np.asarray(seg, dtype=np.uint8)  # palette index -> class index, mode L
+            seg = Image.fromarray(values)
             fields["seg.png"] = _encode_image(_resized(seg, opts.max_side, Image.Resampling.NEAREST), "png", 0)
+            fields[_SEG_VALUES] = np.unique(values).tobytes()
         return entry, fields
     except Exception as e:  # noqa: BLE001 - any unreadable sample is skipped and reported, never fatal
         return entry, f"{type(e).__name__}: {e}"
@@ -216,6 +229,43 @@ def _list_entries(path: Path, seg: bool) -> tuple[list[_Entry], list[str]]:
     return [_Entry(resolve(f[0]), index[f[1]], resolve(f[0])) for _, f in rows], classes
 
 
+def parse_classes(spec: str) -> list[str]:
+    """Class names from a file (one name per line, `#` comments) or a comma-separated list `a,b,c`."""
+    path = Path(spec)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines()]
+        names = [n for n in names if n and not n.startswith("#")]
+    else:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--classes {spec!r} names no classes (a file with one name per line, or a,b,c)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--classes {spec!r} names a class twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    return names
+
+
+def _named_classes(path: Path, entries: list[_Entry], found: list[str], names: Sequence[str] | None) -> list[str]:
+    """The classes of a list source: `names` when given (checked against the labels of the list), else `found`.
+    A seg-list's label values are checked while its label maps are read (`_write_split`)."""
+    if names is None:
+        return found
+    names = list(names)
+    if not found:  # a seg-list, or an unlabelled list
+        return names
+    if all(re.fullmatch(r"\d+", c) for c in found):  # integer labels 0..max: the names follow them
+        if len(found) > len(names):
+            raise ValueError(f"{path}: labels go up to {len(found) - 1} but --classes names only {len(names)} "
+                             "classes")
+        return names
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise ValueError(f"{path}: labels {unknown[:5]} are not among the --classes names {names[:10]}")
+    index = {c: i for i, c in enumerate(names)}
+    relabel = {i: index[c] for i, c in enumerate(found)}
+    entries[:] = [_Entry(e.ref, relabel[e.label], e.image, e.seg) for e in entries]
+    return names
+
+
 def _dataset_entries(name: str, split: str, limit: int | None) -> Iterator[_Entry]:
     for i, (img, label) in enumerate(iter_dataset(name, split, limit=limit)):
         yield _Entry(f"{name}/{split}/{i}", label, img)
@@ -297,48 +347,79 @@ def _encode_star(args: tuple[_Entry, _EncodeOptions]) -> tuple[_Entry, dict[str,
     return _encode(*args)
 
 
+class _SplitWriter:
+    """The shards of one split, written under temporary names (each appended to `renames` as it opens, so a caller
+    can remove them on failure); a shard is closed at `samples_per_shard` samples or before it would pass
+    `max_shard_bytes`."""
+
+    def __init__(self, out: Path, split: str, samples_per_shard: int, max_shard_bytes: int | None,
+                 renames: list[tuple[Path, Path]]) -> None:
+        self.out, self.split, self.renames = out, split, renames
+        self.samples_per_shard, self.max_shard_bytes = samples_per_shard, max_shard_bytes
+        self.shards: list[dict] = []
+        self.state: dict = {}
+        self.index = 0
+
+    def add(self, fields: dict[str, bytes]) -> None:
+        size = _member_size(fields)
+        state = self.state
+        if state and (state["n"] >= self.samples_per_shard or (self.max_shard_bytes is not None and _tar_size(
+                state["content"] + size) > self.max_shard_bytes)):
+            self.close_shard()
+        if not self.state:
+            self.open_shard()
+        self.state["writer"].write({"__key__": f"{self.split}_{self.index:08d}", **fields})
+        self.state["n"] += 1
+        self.state["content"] += size
+        self.index += 1
+
+    def open_shard(self) -> None:
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        tmp = self.out / f".{name}.partial"
+        file = _HashingFile(tmp)
+        self.state.update(name=name, file=file, n=0, content=0,
+                          writer=wds.TarWriter(file, encoder=False, mtime=0, user="sslpipe", group="sslpipe"))
+        self.renames.append((tmp, self.out / name))
+
+    def close_shard(self, keep: bool = True) -> None:
+        if self.state:
+            self.state["writer"].close()
+            self.state["file"].close()
+            if keep:
+                self.shards.append({"name": self.state["name"], "samples": self.state["n"],
+                                    "bytes": self.state["file"].bytes, "sha256": self.state["file"].sha.hexdigest()})
+            self.state.clear()
+
+
 def _write_split(
     out: Path, split: str, samples: Iterator[tuple[_Entry, dict[str, bytes] | str]], samples_per_shard: int,
-    max_shard_bytes: int | None, skipped: list[dict], keys_seen: set[str],
-) -> tuple[dict, list[tuple[Path, Path]]]:
-    shards: list[dict] = []
-    renames: list[tuple[Path, Path]] = []
-    state: dict = {}
-
-    def close() -> None:
-        if state:
-            state["writer"].close()
-            state["file"].close()
-            shards.append({"name": state["name"], "samples": state["n"], "bytes": state["file"].bytes,
-                           "sha256": state["file"].sha.hexdigest()})
-            state.clear()
-
-    def open_next() -> None:
-        name = f"{split}-{len(shards):06d}.tar"
-        tmp = out / f".{name}.partial"
-        file = _HashingFile(tmp)
-        state.update(name=name, file=file, n=0, content=0,
-                     writer=wds.TarWriter(file, encoder=False, mtime=0, user="sslpipe", group="sslpipe"))
-        renames.append((tmp, out / name))
-
-    index = 0
-    for entry, fields in samples:
-        if isinstance(fields, str):
-            skipped.append({"source": entry.ref, "split": split, "error": fields})
-            continue
-        keys_seen.update(k for k in fields if k not in ("cls", "seg.png", "inst.png"))
-        size = _member_size(fields)
-        if state and (state["n"] >= samples_per_shard or (
-                max_shard_bytes is not None and _tar_size(state["content"] + size) > max_shard_bytes)):
-            close()
-        if not state:
-            open_next()
-        state["writer"].write({"__key__": f"{split}_{index:08d}", **fields})
-        state["n"] += 1
-        state["content"] += size
-        index += 1
-    close()
-    return {"samples": index, "shards": shards}, renames
+    max_shard_bytes: int | None, skipped: list[dict], keys_seen: set[str], seg_values: set[int],
+    renames: list[tuple[Path, Path]], num_classes: int | None = None,
+) -> dict:
+    """Write one split (unreadable samples skipped and listed); `num_classes` (named classes of a segmentation
+    source): a label value outside 0..num_classes-1 and 255 stops the writing with an error naming the label map."""
+    writer = _SplitWriter(out, split, samples_per_shard, max_shard_bytes, renames)
+    try:
+        for entry, fields in samples:
+            if isinstance(fields, str):
+                skipped.append({"source": entry.ref, "split": split, "error": fields})
+                continue
+            if _SEG_VALUES in fields:
+                values = set(np.frombuffer(fields.pop(_SEG_VALUES), dtype=np.uint8).tolist())
+                bad = sorted(v for v in values if num_classes is not None and v >= num_classes and v != IGNORE_LABEL)
+                if bad:
+                    label_map = entry.seg if isinstance(entry.seg, str) else entry.ref
+                    raise ValueError(f"label map {label_map} holds class value(s) {bad}, but the classes name only "
+                                     f"{num_classes} (values 0..{num_classes - 1}, {IGNORE_LABEL} = ignore): fix "
+                                     "--classes or the label maps")
+                seg_values.update(values)
+            keys_seen.update(k for k in fields if k not in ("cls", "seg.png", "inst.png", "crowd.json"))
+            writer.add(fields)
+    except BaseException:
+        writer.close_shard(keep=False)  # closed, so the caller can remove it
+        raise
+    writer.close_shard()
+    return {"samples": writer.index, "shards": writer.shards}
 
 
 def _prepare_out_dir(out: Path, force: bool) -> None:
@@ -374,6 +455,7 @@ def write_shards(
     progress: bool = True,
     scenes: dict | None = None,
     coco_images: str | Path | None = None,
+    classes: Sequence[str] | None = None,
 ) -> dict:
     """Write ``source`` as ``out_dir/{split}-{i:06d}.tar`` shards + ``manifest.json``; return the manifest.
 
@@ -386,7 +468,9 @@ def write_shards(
     encodes in a process pool; results stay in order, so shards are identical for any worker count. ``force``:
     allow a non-empty ``out_dir`` (its old shards and manifest are removed). ``scenes``: options of the ``scenes``
     source (``train``/``val`` counts, ``size`` and any `SceneGenerator` keyword). ``coco_images``: the image folder of
-    a single COCO json (default: found next to it, see coco.py). Unreadable images are skipped and
+    a single COCO json (default: found next to it, see coco.py). ``classes``: the class names of a ``list`` or
+    ``seg-list`` source, in label order (``parse_classes`` reads them from a file or ``a,b,c``); label maps are
+    checked against them. Unreadable images are skipped and
     listed in ``manifest["skipped"]``. Shards are written under temporary names and renamed, and the manifest is
     written last.
     """
@@ -400,6 +484,10 @@ def write_shards(
         raise ValueError(f"reencode must be None, 'jpg' or 'png', got {reencode!r}")
     kind = kind or _detect_kind(source)
     opts = _EncodeOptions(reencode, quality, max_side)
+    named = None  # class names given by the caller, checked against the label maps
+    if classes is not None and kind not in ("list", "seg-list"):
+        raise ValueError(f"class names (--classes) are for --list and --seg-list sources; {kind} sources name "
+                         "their own classes")
 
     totals: dict[str, int] = {}
     scene_options: dict | None = None
@@ -440,7 +528,8 @@ def write_shards(
         if kind == "folder":
             entries, classes = _folder_entries(path)
         elif kind in ("list", "seg-list"):
-            entries, classes = _list_entries(path, seg=kind == "seg-list")
+            entries, found = _list_entries(path, seg=kind == "seg-list")
+            named, classes = classes, _named_classes(path, entries, found, classes)
         else:
             raise ValueError(f"unknown shard source kind {kind!r}; choose folder, list, dataset, seg-list, scenes or coco")
         if not entries:
@@ -454,6 +543,7 @@ def write_shards(
     _prepare_out_dir(out, force)
     skipped: list[dict] = []
     keys_seen: set[str] = set()
+    seg_values: set[int] = set()
     split_info: dict[str, dict] = {}
     renames: list[tuple[Path, Path]] = []
     pool = multiprocessing.Pool(num_workers) if num_workers > 0 else None
@@ -461,9 +551,13 @@ def write_shards(
         for split, entries_iter in split_iters.items():
             bar = tqdm(_encoded(entries_iter, opts, pool, window=max(64, 64 * num_workers)), total=totals[split],
                        desc=f"shards {split}", unit="img", disable=not progress)
-            split_info[split], split_renames = _write_split(
-                out, split, iter(bar), samples_per_shard, max_shard_bytes, skipped, keys_seen)
-            renames += split_renames
+            split_info[split] = _write_split(out, split, iter(bar), samples_per_shard, max_shard_bytes, skipped,
+                                             keys_seen, seg_values, renames,
+                                             len(named) if named is not None and kind == "seg-list" else None)
+    except BaseException:
+        for tmp, _ in renames:  # nothing half-written stays behind; earlier shard sets are untouched
+            tmp.unlink(missing_ok=True)
+        raise
     finally:
         if pool is not None:
             pool.terminate()
@@ -479,6 +573,7 @@ def write_shards(
         "classes": classes,
         "image_key": ";".join(sorted(keys_seen)) or (reencode or "png"),
         "has_seg": kind in ("seg-list", "scenes", "coco"),
+        **({"seg_values": sorted(seg_values)} if kind in ("seg-list", "scenes", "coco") else {}),
         **({"has_inst": True, "scenes": scene_options} if kind == "scenes" else {}),
         **({"has_inst": True, "coco": coco.info} if kind == "coco" else {}),
         "splits": split_info,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import multiprocessing
 import os
 import random
@@ -150,7 +151,7 @@ def derive_seed(*parts: int) -> int:
 def decode_sample(sample: dict[str, Any],
                   draft: Callable[[int, int], tuple[int, int]] | None = None) -> dict[str, Any]:
     """Raw tar members -> ``{key, url, image (PIL RGB), label (int, -1 if none), seg (PIL "L", if present),
-    inst (PIL "I" instance ids, if present)}``.
+    inst (PIL "I" instance ids, if present), crowd ({instance id: class} of COCO crowd regions, if present)}``.
 
     `draft(width, height) -> (w, h)`: the smallest size the consumer needs; a JPEG is then decoded at the largest
     1/2, 1/4 or 1/8 reduction that stays at least that big (PIL `draft`: scaling inside the decoder, far cheaper
@@ -177,6 +178,8 @@ def decode_sample(sample: dict[str, Any],
         with Image.open(io.BytesIO(sample["inst.png"])) as inst:
             inst.load()
             out["inst"] = inst.convert("I")
+    if "crowd.json" in sample:  # COCO crowd regions among the instance ids: {id: class}
+        out["crowd"] = {int(k): int(v) for k, v in json.loads(sample["crowd.json"]).items()}
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,10 @@ def whole_logits(model: nn.Module, images: Tensor) -> Tensor:
     return F.interpolate(pred, size=images.shape[-2:], mode="bilinear", align_corners=True)
 
 
-def slide_logits(model: nn.Module, image: Tensor, crop: int, stride_rate: float = 2 / 3) -> Tensor:
-    """(1, K, H, W) logits of one image (1, 3, H, W) by sliding crops (module docstring; eval.py
-    `scale_crop_process`)."""
+def slide_logits(logits_fn: Callable[[Tensor], Tensor], image: Tensor, crop: int, stride_rate: float = 2 / 3) -> Tensor:
+    """(1, K, H, W) scores of one image (1, 3, H, W) by sliding crops (module docstring; U2PL eval.py
+    `scale_crop_process`, mmseg `slide_inference`): `logits_fn` maps a (1, 3, crop, crop) window to (1, K, crop,
+    crop) scores, which are averaged where windows overlap."""
     h, w = image.shape[-2:]
     pad_h, pad_w = max(crop - h, 0), max(crop - w, 0)
     top, left = pad_h // 2, pad_w // 2
@@ -47,7 +48,7 @@ def slide_logits(model: nn.Module, image: Tensor, crop: int, stride_rate: float 
         for c in range(cols):
             x1 = min(c * stride + crop, W)
             x0 = x1 - crop
-            logits = whole_logits(model, image[:, :, y0:y1, x0:x1])
+            logits = logits_fn(image[:, :, y0:y1, x0:x1])
             if total is None:
                 total = torch.zeros(1, logits.shape[1], H, W, device=image.device)
             total[:, :, y0:y1, x0:x1] += logits
@@ -63,7 +64,7 @@ def predict(model: nn.Module, images: Tensor, mode: str = "whole", crop: int | N
         return whole_logits(model, images).argmax(1)
     if mode != "slide" or crop is None:
         raise ValueError(f"eval mode must be 'whole' or 'slide' with a crop size, got {mode!r} crop={crop}")
-    return torch.cat([slide_logits(model, images[i:i + 1], crop, stride_rate).argmax(1)
+    return torch.cat([slide_logits(lambda x: whole_logits(model, x), images[i:i + 1], crop, stride_rate).argmax(1)
                       for i in range(images.shape[0])])
 
 

@@ -6,10 +6,8 @@ the loss of one batch and turns network outputs into metric updates and overlays
 (no EMA, no queues), so `extra_state` is empty and checkpoints are the engine's own.
 
 Data: segmentation shards (`seg.png`, 255 = ignore; `inst.png` instance ids for instance tasks), e.g. `sslpipe shards
---dataset scenes`. Training view (`DenseTransform`): scale jitter (the longer side becomes `img_size * s`, s uniform
-in `scale_range`: ViTDet's large-scale jitter), horizontal flip, random crop / pad to `img_size` x `img_size` (image
-pad = the mean colour, label pad = ignore, instance pad = 0). Named deviation: Mask2Former's ADE20K pipeline (short-side
-jitter, 512 crop with cat_max_ratio 1.0, ColorAugSSD) is replaced by this one jitter-crop-flip for both heads.
+--dataset scenes`, through `sslpipe.data.dense` (the training view and its named deviation are described there).
+`finetune.freeze_backbone` trains the pyramid and the head on a frozen trunk.
 """
 from __future__ import annotations
 
@@ -18,14 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
-from torchvision.transforms import InterpolationMode
 
 from sslpipe.config import Config
+from sslpipe.data.dense import DenseTransform, collate_dense
+from sslpipe.data.seg_classes import segmentation_classes
 from sslpipe.data.stream import build_loader
 from sslpipe.heads.vitdet import ViTDetBackbone, ViTDetPyramid, build_vitdet_pyramid, dense_param_groups
 from sslpipe.recipes.base import Recipe
@@ -61,101 +58,6 @@ def load_vit(cfg: Config) -> tuple[nn.Module, tuple[float, ...], tuple[float, ..
     return vit, tuple(export["mean"]), tuple(export["std"])
 
 
-def manifest_classes(spec: str) -> list[str] | None:
-    """Class names from a shard directory's manifest (None for patterns/URLs without one)."""
-    from sslpipe.data.shards import read_manifest
-
-    try:
-        return list(read_manifest(spec)["classes"])
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-# ---------------------------------------------------------------------------------------------------------- data
-class DenseTransform:
-    """Raw stream sample -> {"image": float (3, H, W), "seg": long (H, W), "inst": long (H, W) or None, "key"}.
-
-    train: jitter / flip / crop-pad to `size` (module docstring); eval: only the optional short-side resize of the
-    image to `eval_size` (labels stay at their native size: metrics are computed there). `normalize=False` leaves
-    images in [0, 1] (torchvision's detectors normalise themselves).
-    """
-
-    def __init__(self, size: int, scale_range: tuple[float, float], hflip: float, mean: tuple[float, ...],
-                 std: tuple[float, ...], ignore_index: int = 255, train: bool = True, eval_size: int | None = None,
-                 normalize: bool = True, need_inst: bool = False) -> None:
-        self.size, self.scale_range, self.hflip = size, tuple(scale_range), hflip
-        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-        self.ignore_index, self.train, self.eval_size = ignore_index, train, eval_size
-        self.normalize, self.need_inst = normalize, need_inst
-
-    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
-        if "seg" not in raw:
-            raise ValueError(f"sample {raw['key']} of {raw['url']} has no seg.png: fine-tuning needs segmentation "
-                             "shards (`sslpipe shards --seg-list ...` or `--dataset scenes`)")
-        if self.need_inst and "inst" not in raw:
-            raise ValueError(f"sample {raw['key']} of {raw['url']} has no inst.png (instance ids): instance tasks need "
-                             "shards with instance maps (`sslpipe shards --dataset scenes`)")
-        img = TF.pil_to_tensor(raw["image"])
-        seg = torch.from_numpy(np.asarray(raw["seg"], dtype=np.uint8).copy())[None]
-        inst = torch.from_numpy(np.asarray(raw["inst"], dtype=np.float32).copy())[None] if "inst" in raw else None
-        if self.train:
-            img, seg, inst = self._jitter(img, seg, inst)
-        elif self.eval_size:
-            img = TF.resize(img, self.eval_size, antialias=True)
-        image = img.float() / 255.0
-        if self.normalize:
-            image = (image - self.mean) / self.std
-        if self.train:
-            image, seg, inst = self._pad(image, seg, inst)
-        return {"image": image, "seg": seg[0].long(), "inst": inst[0].long() if inst is not None else None,
-                "key": raw["key"]}
-
-    def _jitter(self, img: Tensor, seg: Tensor, inst: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        h, w = img.shape[-2:]
-        s = float(torch.empty(()).uniform_(*self.scale_range))
-        factor = self.size * s / max(h, w)
-        size = [max(1, round(h * factor)), max(1, round(w * factor))]
-        img = TF.resize(img, size, antialias=True)
-        seg = TF.resize(seg, size, interpolation=InterpolationMode.NEAREST)
-        inst = TF.resize(inst, size, interpolation=InterpolationMode.NEAREST) if inst is not None else None
-        if float(torch.rand(())) < self.hflip:
-            img, seg = TF.horizontal_flip(img), TF.horizontal_flip(seg)
-            inst = TF.horizontal_flip(inst) if inst is not None else None
-        y = int(torch.randint(0, max(size[0] - self.size, 0) + 1, ()))
-        x = int(torch.randint(0, max(size[1] - self.size, 0) + 1, ()))
-        crop = (slice(None), slice(y, y + self.size), slice(x, x + self.size))
-        return img[crop], seg[crop], inst[crop] if inst is not None else None
-
-    def _pad(self, image: Tensor, seg: Tensor, inst: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        h, w = image.shape[-2:]
-        if (h, w) == (self.size, self.size):
-            return image, seg, inst
-        fill = torch.zeros(3, 1, 1) if self.normalize else self.mean
-        canvas = fill.expand(3, self.size, self.size).clone()
-        canvas[:, :h, :w] = image
-        seg_canvas = torch.full((1, self.size, self.size), self.ignore_index, dtype=seg.dtype)
-        seg_canvas[:, :h, :w] = seg
-        inst_canvas = None
-        if inst is not None:
-            inst_canvas = torch.zeros((1, self.size, self.size), dtype=inst.dtype)
-            inst_canvas[:, :h, :w] = inst
-        return canvas, seg_canvas, inst_canvas
-
-
-def collate_dense(samples: list[dict[str, Any]], pad_to: int = 32) -> dict[str, Any]:
-    """Images padded (zeros, bottom/right) to a common size that is a multiple of `pad_to`; `sizes` = each image's
-    valid (h, w); `seg`/`inst` stay lists (native sizes; stack them when they agree)."""
-    sizes = [tuple(s["image"].shape[-2:]) for s in samples]
-    height = -(-max(h for h, _ in sizes) // pad_to) * pad_to
-    width = -(-max(w for _, w in sizes) // pad_to) * pad_to
-    images = samples[0]["image"].new_zeros(len(samples), 3, height, width)
-    for i, s in enumerate(samples):
-        images[i, :, : sizes[i][0], : sizes[i][1]] = s["image"]
-    return {"images": images, "sizes": sizes, "seg": [s["seg"] for s in samples],
-            "inst": [s["inst"] for s in samples] if all(s["inst"] is not None for s in samples) else None,
-            "keys": [s["key"] for s in samples]}
-
-
 # -------------------------------------------------------------------------------------------------------- recipe
 class DenseFinetuneRecipe(Recipe):
     """Base of the fine-tuning recipes; subclasses set `normalize_images`, `needs_instances`, `backbone_prefix` and
@@ -178,16 +80,11 @@ class DenseFinetuneRecipe(Recipe):
         return self.cfg.finetune.task == "instance"
 
     def classes(self) -> list[str]:
-        """Class names: the manifest's (checked against finetune.num_classes) or "0".."K-1"."""
+        """Class names from the manifests, checked against finetune.num_classes and the label values
+        (`sslpipe.data.seg_classes`)."""
         f = self.cfg.finetune
-        names = manifest_classes(self.cfg.data.train)
-        if names is None and f.num_classes is None:
-            raise ValueError(f"data.train={self.cfg.data.train!r} has no manifest.json to read the classes from: "
-                             "set finetune.num_classes")
-        if f.num_classes is not None and names is not None and len(names) != f.num_classes:
-            raise ValueError(f"finetune.num_classes={f.num_classes} but the manifest of {self.cfg.data.train} lists "
-                             f"{len(names)} classes {names}")
-        return names if names is not None else [str(i) for i in range(f.num_classes)]
+        return segmentation_classes(self.cfg.data.train, f.num_classes, "finetune.num_classes", val=self.cfg.data.val,
+                                    ignore_index=f.ignore_index)
 
     def build_pyramid(self) -> ViTDetPyramid:
         f = self.cfg.finetune
@@ -200,9 +97,14 @@ class DenseFinetuneRecipe(Recipe):
         raise NotImplementedError
 
     def build_model(self) -> nn.Module:
-        """The whole network (no accelerator needed: `sslpipe predict` calls this too)."""
+        """The whole network (no accelerator needed: `sslpipe predict` calls this too). With
+        `finetune.freeze_backbone` the ViT trunk gets no gradient and always runs in eval mode (no drop path)."""
         self.class_names = self.classes()
         self.student = self.build_head(self.build_pyramid())
+        if self.cfg.finetune.freeze_backbone:
+            trunk = self.vit_trunk()
+            trunk.requires_grad_(False)
+            trunk.register_forward_pre_hook(_keep_in_eval_mode)
         return self.student
 
     def build(self, accelerator: Any) -> None:
@@ -306,7 +208,7 @@ class DenseFinetuneRecipe(Recipe):
         """Metrics over the val split (and a predictions PNG of the first `n_png` images when `png` is given)."""
         from tqdm.auto import tqdm
 
-        from sslpipe.predict import save_rows
+        from sslpipe.viz.overlays import save_rows
 
         model = self.model()
         was_training = model.training
@@ -350,6 +252,12 @@ class DenseFinetuneRecipe(Recipe):
     def flat_metrics(self, result: dict[str, Any]) -> dict[str, float]:
         """The loggable numbers of `run_evaluation`'s result."""
         return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+
+
+def _keep_in_eval_mode(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a frozen trunk: eval mode whatever the model's mode (no drop path, dropout or BN
+    updates)."""
+    module.eval()
 
 
 def stack_or_none(items: list[Tensor] | None) -> Tensor | None:

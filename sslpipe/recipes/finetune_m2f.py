@@ -6,17 +6,26 @@ reports COCO mask/box AP. The loss is transformers' Mask2Former criterion (publi
 published optimiser is AdamW 1e-4, weight decay 0.05, backbone lr x0.1, full-model gradient clip 0.01, poly decay
 (recipes/finetune_m2f_ade20k_vit_small.yaml).
 
-Named deviation: the official backbone multiplier 0.1 applies to the pretrained ViT trunk only; the simple feature
-pyramid (new, randomly initialised) trains at the base rate like the pixel decoder.
+Evaluation keeps the token grid of training (the ViT's position tables are never stretched to another grid):
+semantic tasks slide windows of `finetune.img_size` over the image (after the optional `eval_size` resize) at a stride
+of 2/3 of the window and average the per-class scores where windows overlap, the protocol of the official plain-ViT
+segmentation evaluations (BEiT, ViT-Adapter: 512 windows, stride 341); `eval_mode: whole` runs the image as it is.
+Instance tasks fit the image into the img_size square (longer side resized, padded), as ViTDet's `square_pad`.
+
+Named deviations: the official backbone multiplier 0.1 applies to the pretrained ViT trunk only; the simple feature
+pyramid (new, randomly initialised) trains at the base rate like the pixel decoder. Mask2Former's own ADE20K test
+(Swin backbones) runs the whole image at short side 512; a plain ViT trained on one grid needs the fixed-grid one.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslpipe.eval.detection import DetectionMetric, masks_to_targets
+from sslpipe.eval.seg_eval import slide_logits
 from sslpipe.eval.segmentation import SegmentationMetric
 from sslpipe.heads.mask2former import (
     build_mask2former,
@@ -27,6 +36,9 @@ from sslpipe.heads.mask2former import (
 )
 from sslpipe.heads.vitdet import ViTDetPyramid
 from sslpipe.recipes.finetune import DenseFinetuneRecipe, crop_resize_logits, stack_or_none
+
+
+SLIDE_STRIDE_RATE = 2 / 3  # BEiT / ViT-Adapter ADE20K: 512 windows at a stride of 341
 
 
 class Mask2FormerRecipe(DenseFinetuneRecipe):
@@ -72,24 +84,57 @@ class Mask2FormerRecipe(DenseFinetuneRecipe):
         return SegmentationMetric(len(self.class_names), self.cfg.finetune.ignore_index, self.class_names)
 
     def eval_batch(self, model: nn.Module, batch: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-        images = batch["images"].to(self.device)
-        out = model(pixel_values=images)
+        """One image at a time on the training grid (module docstring): semantic scores by sliding img_size windows
+        (or the whole image), instance predictions on the image fitted into the img_size square."""
+        f = self.cfg.finetune
         preds, targets = [], []
         for i, (valid, seg) in enumerate(zip(batch["sizes"], batch["seg"])):
-            masks = crop_resize_logits(out.masks_queries_logits[i].float(), valid, tuple(images.shape[-2:]),
-                                       tuple(seg.shape))
-            cls = out.class_queries_logits[i: i + 1].float()
+            image = batch["images"][i: i + 1, :, : valid[0], : valid[1]].to(self.device)
+            size = tuple(seg.shape)
             if self.needs_instances:
-                pred = instance_inference(cls, masks[None], tuple(seg.shape), self.cfg.finetune.test_topk)[0]
+                cls, masks = self.square_logits(model, image, size)
+                pred = instance_inference(cls, masks[None], size, f.test_topk)[0]
                 preds.append({k: v.cpu() for k, v in pred.items()})
-                targets.append(masks_to_targets(batch["inst"][i], seg, 1, self.cfg.finetune.ignore_index))
+                targets.append(masks_to_targets(batch["inst"][i], seg, 1, f.ignore_index, batch["crowd"][i]))
             else:
-                preds.append(semantic_inference(cls, masks[None], tuple(seg.shape)).argmax(1)[0].cpu())
+                scores = self.semantic_scores(model, image)
+                if tuple(scores.shape[-2:]) != size:
+                    scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+                preds.append(scores.argmax(1)[0].cpu())
                 targets.append(seg)
         return preds, targets
 
+    def semantic_scores(self, model: nn.Module, image: Tensor) -> Tensor:
+        """(1, K, h, w) per-class scores of one normalised image (1, 3, h, w): `slide` windows of img_size (an image
+        smaller than a window is padded, centred) or the `whole` image padded to a multiple of 32."""
+        f = self.cfg.finetune
+
+        def scores(x: Tensor) -> Tensor:
+            out = model(pixel_values=x)
+            return semantic_inference(out.class_queries_logits.float(), out.masks_queries_logits.float(),
+                                      tuple(x.shape[-2:]))
+
+        if f.eval_mode == "slide":
+            return slide_logits(scores, image, f.img_size, SLIDE_STRIDE_RATE)
+        h, w = image.shape[-2:]
+        padded = F.pad(image, (0, (-w) % 32, 0, (-h) % 32))
+        return scores(padded)[..., :h, :w]
+
+    def square_logits(self, model: nn.Module, image: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """(class logits (1, Q, K+1), mask logits (Q, *size)) of one image with its longer side resized to img_size
+        and padded to the img_size square (ViTDet's square pad), masks brought back to the label's `size`."""
+        side = self.cfg.finetune.img_size
+        h, w = image.shape[-2:]
+        scale = side / max(h, w)
+        fitted = (max(1, round(h * scale)), max(1, round(w * scale)))
+        if fitted != (h, w):
+            image = F.interpolate(image, size=fitted, mode="bilinear", align_corners=False, antialias=scale < 1)
+        out = model(pixel_values=F.pad(image, (0, side - fitted[1], 0, side - fitted[0])))
+        masks = crop_resize_logits(out.masks_queries_logits[0].float(), fitted, (side, side), size)
+        return out.class_queries_logits.float(), masks
+
     def overlays(self, batch: dict[str, Any], preds: Any, targets: Any) -> list[list[Tensor]]:
-        from sslpipe.predict import SHOW_SCORE, instance_overlay, semantic_overlay
+        from sslpipe.viz.overlays import SHOW_SCORE, instance_overlay, semantic_overlay
 
         rows = []
         n = len(self.class_names)

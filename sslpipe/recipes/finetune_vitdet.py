@@ -42,12 +42,13 @@ class ViTDetRecipe(DenseFinetuneRecipe):
             rpn_pre_nms_top_n=tuple(f.rpn_pre_nms_top_n), rpn_post_nms_top_n=tuple(f.rpn_post_nms_top_n),
             box_batch_size_per_image=f.box_batch_size_per_image, box_detections_per_img=f.detections_per_img,
             box_head_convs=f.box_head_convs, mask_head_convs=f.mask_head_convs, head_dim=f.head_dim,
-            fc_dim=f.fc_dim,
+            fc_dim=f.fc_dim, fixed_size=f.img_size,
         )
 
     def transform(self, train: bool) -> Any:
-        """Evaluation images stay at their native size: Mask R-CNN resizes them itself (min_size/max_size =
-        finetune.img_size, ViTDet's test ResizeShortestEdge) and returns boxes and masks in input coordinates."""
+        """Evaluation images stay at their native size: Mask R-CNN resizes them itself (longer side to
+        finetune.img_size, ViTDet's test ResizeShortestEdge with max_size), pads them to the img_size square (the
+        token grid of training) and returns boxes and masks in input coordinates."""
         t = super().transform(train)
         t.eval_size = None
         return t
@@ -80,12 +81,12 @@ class ViTDetRecipe(DenseFinetuneRecipe):
                 masks = torch.nn.functional.interpolate(masks[:, None].float(), size=tuple(seg.shape))[:, 0] > 0.5
             preds.append({"boxes": out["boxes"].cpu(), "scores": out["scores"].cpu(), "labels": out["labels"].cpu(),
                           "masks": masks.cpu()})
-        targets = [masks_to_targets(inst, seg, 0, self.cfg.finetune.ignore_index)
-                   for inst, seg in zip(batch["inst"], batch["seg"])]
+        targets = [masks_to_targets(inst, seg, 0, self.cfg.finetune.ignore_index, crowd)
+                   for inst, seg, crowd in zip(batch["inst"], batch["seg"], batch["crowd"])]
         return preds, targets
 
     def overlays(self, batch: dict[str, Any], preds: Any, targets: Any) -> list[list[Tensor]]:
-        from sslpipe.predict import SHOW_SCORE, instance_overlay
+        from sslpipe.viz.overlays import SHOW_SCORE, instance_overlay
 
         n = len(self.class_names)
         rows = []

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslpipe.config import Config
+from sslpipe.data.seg_classes import segmentation_classes
 from sslpipe.data.semi import semi_loader
 from sslpipe.data.stream import batches_per_epoch, build_loader, resolve_shards
 from sslpipe.data.views import SegTransform
@@ -44,22 +45,11 @@ class SupervisedSegRecipe(Recipe):
 
     # ------------------------------------------------------------------ model
     def classes(self) -> list[str]:
-        from sslpipe.data.shards import read_manifest
-
+        """Class names from the manifests, checked against u2pl.num_classes and the label values
+        (`sslpipe.data.seg_classes`)."""
         u = self.cfg.u2pl
-        try:
-            names = list(read_manifest(self.cfg.data.train)["classes"])
-        except (FileNotFoundError, ValueError):
-            names = []
-        if u.num_classes is None:
-            if not names:
-                raise ValueError(f"data.train={self.cfg.data.train!r} lists no classes in a manifest: set "
-                                 "u2pl.num_classes")
-            return names
-        if names and len(names) != u.num_classes:
-            raise ValueError(f"u2pl.num_classes={u.num_classes} but the manifest of {self.cfg.data.train} lists "
-                             f"{len(names)} classes")
-        return names or [str(i) for i in range(u.num_classes)]
+        return segmentation_classes(self.cfg.data.train, u.num_classes, "u2pl.num_classes", val=self.cfg.data.val,
+                                    ignore_index=u.ignore_index)
 
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """crops.mean/std, or the export's when model.init_from is set."""

@@ -1,0 +1,1 @@
+"""Pictures of predictions, backbones and runs (docs/finetune.md, docs/internals.md)."""

@@ -1,0 +1,80 @@
+"""Coloured mask overlays: ground truth and predictions drawn over images, and panels laid out as a PNG.
+
+One drawer for every picture of predictions (fine-tuning evaluation, `sslpipe predict`, the linear segmentation
+probe): torchvision's `draw_segmentation_masks` / `draw_bounding_boxes`, colours fixed per class (a seeded palette),
+so the ground-truth and predicted panels of a class match. Instance predictions are drawn when they score >=
+`SHOW_SCORE`, and at least as many of the best-scoring ones as the image has ground-truth instances.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+SHOW_SCORE = 0.3  # instance predictions drawn in the PNGs (metrics use every detection)
+
+
+def palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """A fixed colour per class index (seeded), bright enough to read over photographs."""
+    rng = np.random.default_rng(12345)
+    colours = rng.integers(60, 256, size=(max(num_classes, 1), 3))
+    return [tuple(int(c) for c in row) for row in colours]
+
+
+def semantic_overlay(image: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255,
+                     alpha: float = 0.8) -> Tensor:
+    """uint8 (3, H, W) image + (H, W) class map -> overlay; class 0 (background) stays uncoloured, ignore is white."""
+    from torchvision.utils import draw_segmentation_masks
+
+    labels = labels.to(image.device)
+    classes = list(range(1, num_classes))
+    masks = torch.stack([labels == c for c in classes] + [labels == ignore_index])
+    colours = [palette(num_classes)[c] for c in classes] + [(255, 255, 255)]
+    return draw_segmentation_masks(image, masks, alpha=alpha, colors=colours)
+
+
+def instance_overlay(image: Tensor, instances: dict[str, Tensor], num_classes: int, offset: int = 0,
+                     min_score: float | None = None, top_k: int = 0, alpha: float = 0.75) -> Tensor:
+    """uint8 (3, H, W) image + {masks (N, H, W), labels, boxes[, scores]} -> masks coloured by class, boxes drawn.
+    Predictions: those scoring >= `min_score` plus the `top_k` best (a weak model's masks still show); `offset` maps
+    thing labels back to class indices (Mask2Former instance labels are class - 1)."""
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    keep = torch.ones(len(instances["labels"]), dtype=torch.bool)
+    if min_score is not None and "scores" in instances:
+        scores = instances["scores"].cpu()
+        keep = scores >= min_score
+        keep[scores.argsort(descending=True)[:top_k]] = True
+    if not keep.any():
+        return image
+    colours = [palette(num_classes)[min(int(c) + offset, num_classes - 1)] for c in instances["labels"][keep]]
+    out = draw_segmentation_masks(image, instances["masks"][keep].bool().cpu(), alpha=alpha, colors=colours)
+    return draw_bounding_boxes(out, instances["boxes"][keep].cpu(), colors=colours, width=1)
+
+
+def save_rows(rows: list[list[Tensor]], path: str | Path, min_side: int = 192, gap: int = 2) -> Path:
+    """Panels (uint8 (3, H, W)) laid out row by row, small images enlarged (nearest) to `min_side`; written
+    atomically as PNG."""
+    scale = max(1, -(-min_side // max(1, min(min(p.shape[-2:]) for row in rows for p in row))))
+    arrays = [[np.asarray(p.permute(1, 2, 0).cpu().numpy()).repeat(scale, 0).repeat(scale, 1) for p in row]
+              for row in rows]
+    height = sum(max(a.shape[0] for a in row) for row in arrays) + gap * (len(arrays) - 1)
+    width = max(sum(a.shape[1] for a in row) + gap * (len(row) - 1) for row in arrays)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    y = 0
+    for row in arrays:
+        x = 0
+        for a in row:
+            canvas[y: y + a.shape[0], x: x + a.shape[1]] = a
+            x += a.shape[1] + gap
+        y += max(a.shape[0] for a in row) + gap
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(canvas).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
