@@ -138,6 +138,20 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="verify a run's checkpoints and exports against their sha256s (a table; exit "
+                                     "status 1 when any is bad)")
+    p.add_argument("run", help="a run directory")
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from sslpipe.engine.check import check_run, format_check
+
+    rows = check_run(args.run)
+    print(format_check(rows))
+    return 1 if any(r.status == "bad" for r in rows) else 0
+
+
 def _add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("backbone", help="an export folder (or its model.safetensors)")
     p.add_argument("--data", required=True, help="shard directory with manifest.json (or a shard pattern)")
@@ -459,6 +473,7 @@ COMMANDS = {
     "shards": (_add_shards, _run_shards),
     "train": (_add_train, _run_train),
     "export": (_add_export, _run_export),
+    "check": (_add_check, _run_check),
     "knn": (_add_knn, _run_knn),
     "linear": (_add_linear, _run_linear),
     "linear-seg": (_add_linear_seg, _run_linear_seg),
@@ -502,3 +517,11 @@ def main(argv: list[str] | None = None) -> int:
         # Errors we raise on bad input carry the file/key and the fix; a traceback would only hide them.
         print(f"sslpipe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        from sslpipe.errors import WriteFailed
+
+        if not isinstance(err, WriteFailed):
+            raise
+        # A full or failing disk: the message names the file, what was removed and how to continue.
+        print(f"sslpipe {args.command}: error: {err}", file=sys.stderr)
+        return 1

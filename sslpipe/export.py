@@ -1,7 +1,9 @@
 """Backbone export and import (docs/internals.md §6).
 
 An export folder holds `model.safetensors` (the plain timm model's state dict, no pickles) and `config.json` (timm
-architecture name + the model arguments that re-create it, image size, normalisation, where the weights came from).
+architecture name + the model arguments that re-create it, image size, normalisation, where the weights came from,
+and the sha256 of `model.safetensors`, which `sslpipe check` compares). Both are written under temporary names and
+renamed; a failed write removes them and leaves an earlier export as it was.
 It loads in plain timm, without sslpipe:
 
     timm.create_model(cfg["architecture"], pretrained=True, num_classes=0,
@@ -13,6 +15,7 @@ strictly itself and the export is checked right after writing by reloading it an
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from datetime import datetime, timezone
@@ -25,6 +28,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from sslpipe.errors import WriteFailed, io_failure
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -105,7 +110,6 @@ def export_backbone(
     `mask_token` (training-only, iBOT) are stripped. Returns `out_dir`.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {
         k: v.detach().to("cpu").contiguous().clone()
         for k, v in module.state_dict().items()
@@ -125,10 +129,23 @@ def export_backbone(
         "sslpipe_version": _version(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "architecture": arch})
-    tmp.replace(out / WEIGHTS_NAME)
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    tmp_weights, tmp_config = out / (WEIGHTS_NAME + ".tmp"), out / (CONFIG_NAME + ".tmp")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(tmp_weights), metadata={"format": "pt", "architecture": arch})
+        with open(tmp_weights, "rb") as f:
+            config["sha256"] = {WEIGHTS_NAME: hashlib.file_digest(f, "sha256").hexdigest()}
+        tmp_config.write_text(json.dumps(config, indent=2) + "\n")
+        tmp_weights.replace(out / WEIGHTS_NAME)
+        tmp_config.replace(out / CONFIG_NAME)
+    except Exception as err:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_config.unlink(missing_ok=True)
+        if io_failure(err) is None:
+            raise
+        raise WriteFailed(f"could not write the export {out}: {io_failure(err)}. Removed its temporary files; an "
+                          f"earlier export there is as it was. Free space (or fix the disk / permissions) and "
+                          "export again") from err
     _verify(module, out, img_size)
     return out
 

@@ -60,20 +60,29 @@ def test_centres_are_all_reduced_means(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_two_process_dino_run_under_accelerate_launch(digits_shards: Path, tmp_path: Path) -> None:
-    """`accelerate launch` with 2 CPU processes (gloo) trains the real DINO recipe: both ranks see different data
+    """The command launch/cpu_2proc.yaml documents, verbatim and without ACCELERATE_USE_CPU (issue 21: it used to
+    start two 1-process jobs), runs ONE 2-process job: the real DINO recipe over gloo, both ranks see different data
     yet end with identical student, teacher and centre (gradients and centres are all-reduced)."""
     repo = Path(__file__).resolve().parents[1]
-    env = child_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "launch/cpu_2proc.yaml"),
-           "--main_process_port", str(_free_port()), "-m", "sslpipe", "train", str(repo / "recipes/demo_dino.yaml"),
+    usage = next(line for line in (repo / "launch/cpu_2proc.yaml").read_text().splitlines() if "Usage:" in line)
+    documented = "OMP_NUM_THREADS=1 accelerate launch --config_file launch/cpu_2proc.yaml -m sslpipe train RECIPE.yaml"
+    assert usage.split("Usage: ", 1)[1] == documented
+    env = child_env(OMP_NUM_THREADS="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/cpu_2proc.yaml", "-m",
+           "sslpipe", "train", "recipes/demo_dino.yaml",
            "method=tests.ddp_dino:CheckedDINO", f"data.train={digits_shards}", "data.batch_size=8",
            "data.num_workers=0", "data.steps_per_epoch=2", "train.epochs=1", "eval.knn_every_epochs=1",
            f"output_dir={tmp_path}", "run_name=ddp"]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    scale = [line for line in proc.stdout.splitlines() if "process(es) x batch" in line]
+    assert len(scale) == 1 and scale[0].startswith("2 process(es) x batch 8"), proc.stdout[-2000:]
     run = tmp_path / "ddp"
     state = json.loads(next((run / "checkpoints").glob("step_*/trainer_state.json")).read_text())
     assert state["world_size"] == 2 and state["global_step"] == 2
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in lines if "loss" in r] == [2], "one job's metrics, not two interleaved"
     ranks = [(run / f"state_rank{r}.txt").read_text() for r in (0, 1)]
     assert ranks[0] == ranks[1] and float(ranks[0].split()[1]) > 0
 

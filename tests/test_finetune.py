@@ -329,6 +329,39 @@ def test_frozen_backbone_trains_only_the_head(finetune_data):
 
 
 @pytest.mark.slow
+def test_own_seg_list_fine_tunes_end_to_end(finetune_data, tmp_path):
+    """The own-data path of docs/finetune.md, command for command: image + label PNG files and a class file ->
+    `sslpipe shards --seg-list LIST --classes FILE OUT --val-fraction 0.2` -> `sslpipe finetune
+    recipes/demo_finetune_m2f.yaml data.train=OUT data.val=OUT finetune.backbone=EXPORT` (sizes shrunk by more
+    overrides). Without --classes the class count comes from the label values (it crashed before)."""
+    import subprocess
+    import sys
+
+    from helpers import child_env
+
+    from sslpipe.data.scenes import scene_classes, write_scene_files
+
+    _, export = finetune_data
+    listing, classes = write_scene_files(tmp_path / "mine", 30, size=64, dataset="digits")
+    shrink = [*TINY_HEADS, *M2F_TINY, "train.epochs=1", f"output_dir={tmp_path / 'runs'}"]
+    env = child_env(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    for name, class_args in (("named", ["--classes", str(classes)]), ("unnamed", [])):
+        shards = tmp_path / f"shards_{name}"
+        cmd = [sys.executable, "-m", "sslpipe", "shards", "--seg-list", str(listing), *class_args, str(shards),
+               "--val-fraction", "0.2"]
+        done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        cmd = [sys.executable, "-m", "sslpipe", "finetune", "recipes/demo_finetune_m2f.yaml", f"data.train={shards}",
+               f"data.val={shards}", f"finetune.backbone={export}", *shrink, f"run_name={name}"]
+        done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads((tmp_path / "runs" / name / "eval" / "epoch_001.json").read_text())
+        expected = scene_classes("digits") if name == "named" else [str(i) for i in range(11)]
+        assert list(result["per_class"]) == expected and 0 <= result["mIoU"] <= 1
+    assert "11 classes from its label values 0..10" in done.stdout
+
+
+@pytest.mark.slow
 def test_mask2former_finetune_end_to_end(finetune_data, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     root, export = finetune_data

@@ -84,3 +84,24 @@ def test_launch_files_are_accelerate_configs(name: str) -> None:
     cfg = yaml.safe_load((REPO / "launch" / name).read_text())
     assert cfg["distributed_type"] in {"NO", "MULTI_GPU", "FSDP"} and cfg["num_processes"] >= 1
     assert cfg.get("rdzv_backend", "static") in {"static", "c10d"}
+
+
+@pytest.mark.parametrize("env, gpu, expected", [
+    ({}, False, False),                                          # plain `sslpipe train`: Accelerate decides
+    ({"LOCAL_RANK": "0"}, False, True),                          # torchrun (cpu_2proc.yaml) without a GPU: gloo
+    ({"LOCAL_RANK": "0"}, True, False),                          # torchrun on GPUs
+    ({"LOCAL_RANK": "0", "ACCELERATE_USE_CPU": "0"}, False, False),  # an explicit setting wins
+    ({"ACCELERATE_USE_CPU": "1"}, True, True),
+])
+def test_a_torchrun_launch_without_a_gpu_runs_on_the_cpu(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                                         gpu: bool, expected: bool) -> None:
+    """accelerate passes a launch file's `use_cpu` only to its 1-process launcher; the trainer reads the launch
+    from torchrun's LOCAL_RANK instead (launch/cpu_2proc.yaml, issue 21)."""
+    from sslpipe.engine import processes
+
+    for var in ("LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(processes.torch.accelerator, "is_available", lambda: gpu)
+    assert processes.use_cpu() is expected

@@ -31,6 +31,7 @@ Shards are deterministic: fixed mtime/owner in the tar headers and a single writ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -52,7 +53,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from sslpipe.data.coco import CocoMasks, is_coco_source, read_coco
-from sslpipe.data.datasets import BUNDLED_DATASETS, SPLITS, dataset_classes, dataset_len, iter_dataset
+from sslpipe.data.datasets import (
+    BUNDLED_DATASETS,
+    SPLITS,
+    dataset_classes,
+    dataset_len,
+    iter_dataset,
+)
+from sslpipe.errors import WriteFailed, io_failure
 
 FORMAT = "sslpipe-shards/1"
 MANIFEST = "manifest.json"
@@ -64,8 +72,6 @@ SourceKind = Literal["folder", "list", "dataset", "seg-list", "scenes", "coco"]
 SCENE_DEFAULTS = {"train": 2000, "val": 500, "size": 64}
 IGNORE_LABEL = 255
 _SEG_VALUES = "__seg_values__"  # not a tar member: the label values of a sample's seg.png, for the manifest
-
-
 @dataclass(frozen=True)
 class _Entry:
     ref: str  # what the user sees in manifest["skipped"]: a path, or "digits/train/17"
@@ -383,11 +389,15 @@ class _SplitWriter:
 
     def close_shard(self, keep: bool = True) -> None:
         if self.state:
-            self.state["writer"].close()
-            self.state["file"].close()
             if keep:
+                self.state["writer"].close()
+                self.state["file"].close()
                 self.shards.append({"name": self.state["name"], "samples": self.state["n"],
                                     "bytes": self.state["file"].bytes, "sha256": self.state["file"].sha.hexdigest()})
+            else:  # discarded after a failure, which closing may repeat (a full disk): the file is closed anyway
+                for part in ("writer", "file"):
+                    with contextlib.suppress(OSError):
+                        self.state[part].close()
             self.state.clear()
 
 
@@ -540,7 +550,13 @@ def write_shards(
         source_name = str(path.resolve())
 
     out = Path(out_dir)
-    _prepare_out_dir(out, force)
+    try:
+        _prepare_out_dir(out, force)
+    except OSError as err:
+        if io_failure(err) is None:
+            raise
+        raise WriteFailed(f"cannot write shards into {out}: {io_failure(err)}; choose another output directory "
+                          "or fix its permissions / free space") from err
     skipped: list[dict] = []
     keys_seen: set[str] = set()
     seg_values: set[int] = set()
@@ -554,9 +570,14 @@ def write_shards(
             split_info[split] = _write_split(out, split, iter(bar), samples_per_shard, max_shard_bytes, skipped,
                                              keys_seen, seg_values, renames,
                                              len(named) if named is not None and kind == "seg-list" else None)
-    except BaseException:
+    except BaseException as err:
         for tmp, _ in renames:  # nothing half-written stays behind; earlier shard sets are untouched
             tmp.unlink(missing_ok=True)
+        if io_failure(err) is not None:
+            where = err.filename if isinstance(err, OSError) and err.filename else renames[-1][0] if renames else out
+            raise WriteFailed(f"could not write {where}: {io_failure(err)}. Removed the {len(renames)} unfinished "
+                              f"shard file(s) of this run (.*.tar.partial in {out}); no manifest was written. Free "
+                              "space (or fix the disk / permissions) and run the command again with --force") from err
         raise
     finally:
         if pool is not None:
@@ -583,8 +604,18 @@ def write_shards(
                     "quality": quality, "max_side": max_side, "limit": limit},
     }
     tmp = out / f".{MANIFEST}.partial"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, out / MANIFEST)
+    except OSError as err:
+        if io_failure(err) is None:
+            raise
+        tmp.unlink(missing_ok=True)
+        for _, final in renames:  # shards without a manifest are no shard set: leave the directory as it was
+            final.unlink(missing_ok=True)
+        raise WriteFailed(f"could not write {out / MANIFEST}: {io_failure(err)}. Removed the partial manifest and "
+                          f"the {len(renames)} shard file(s) of this run from {out}. Free space (or fix the disk / "
+                          "permissions) and run the command again with --force") from err
     return manifest
 
 

@@ -26,7 +26,8 @@ the loader does not disturb the training loop's global RNG (and skipping batches
 Errors: an undecodable sample or a truncated/unreadable shard is skipped with a warning naming the shard URL and
 key and counted in ``loader.stats`` (``corrupt_samples``, ``shard_errors``). The counters live in shared memory,
 so counts from worker processes are included; they count every sample a worker has read, including batches
-prefetched but not yet consumed. ``on_error="raise"`` raises :class:`ShardReadError` instead.
+prefetched but not yet consumed (`loader_stats`; the trainer prints and logs their totals at the end of a run).
+``on_error="raise"`` raises :class:`ShardReadError` instead.
 """
 
 from __future__ import annotations
@@ -404,6 +405,15 @@ class StreamLoader:
 
 
 _END = object()
+
+
+def loader_stats(loader: Any) -> dict[str, int] | None:
+    """The skip counters of a training loader: a `StreamLoader`'s own, or summed over the `StreamLoader`s an object
+    holds as attributes (U2PL's labelled + unlabelled pair); None for a loader without counters."""
+    if isinstance(loader, StreamLoader):
+        return loader.stats
+    parts = [v.stats for v in getattr(loader, "__dict__", {}).values() if isinstance(v, StreamLoader)]
+    return {k: sum(p[k] for p in parts) for k in _Stats.FIELDS} if parts else None
 
 
 def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Callable[[dict], Any],

@@ -1,4 +1,5 @@
-"""Stop cleanly when asked: a checkpoint at the next log step, then `train` returns (resume with `--resume auto`).
+"""Stop cleanly when asked: a checkpoint at the next log step, then `train` returns (resume with `--resume auto`);
+and end cleanly when terminated.
 
 Two ways to ask, both checked only at log steps (every `train.log_every` steps) with one gather, so every process
 stops at the same step and no step pays a collective for it:
@@ -6,12 +7,18 @@ stops at the same step and no step pays a collective for it:
 - a stop file (`train.stop_file`) appearing: the SLURM template traps the time-limit warning in the batch shell
   (`--signal=B:USR1@...`), touches the file on the shared file system and requeues the job after the checkpoint,
   which is more robust than signalling processes through srun and the launcher.
+
+SIGTERM (what `kill`, torchrun on a failed peer and schedulers send) would end the process on the spot;
+`sigterm_as_exit` turns it into `SystemExit(143)` in the main thread instead, so `finally` blocks run: the
+run-directory lock is released, a half-written checkpoint removed, trackers closed.
 """
 from __future__ import annotations
 
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -47,3 +54,20 @@ class StopRequest:
         """True on every process when any process was asked to stop (one gather)."""
         flag = torch.tensor([1.0 if self.requested_locally() else 0.0], device=accelerator.device)
         return bool(accelerator.gather(flag).max() > 0)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit(143) (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -5,6 +5,7 @@ wandb must never block a run without network: when no API key is configured it r
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -17,24 +18,36 @@ from typing import Any
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 
 from sslpipe.config import Config, config_to_dict
+from sslpipe.errors import WriteFailed, io_failure
 
 
 class JsonlWriter:
-    """Append one JSON object per line and flush it, so a crash loses at most the line being written."""
+    """Append one JSON object per line, unbuffered, so a crash loses at most the line being written; a line that
+    cannot be written in full (disk full) is cut off again and raises `WriteFailed`, so the file never holds half a
+    line."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: _jsonable(v) for k, v in record.items()}
         clean.setdefault("time", time.time())
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        line = memoryview((json.dumps(clean) + "\n").encode())
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            while line:
+                line = line[os.write(self._fd, line):]
+        except OSError as err:
+            if io_failure(err) is None:
+                raise
+            with contextlib.suppress(OSError):  # a disk that failed the write may fail this too
+                os.ftruncate(self._fd, start)
+            raise WriteFailed(f"could not write {self.path}: {io_failure(err)}") from err
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
 
 
 def _jsonable(value: Any) -> Any:

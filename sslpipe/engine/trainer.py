@@ -8,6 +8,11 @@ One iteration = one optimizer step = `train.grad_accum_steps` batches per proces
 `train.epochs * steps_per_epoch` iterations; `train.max_steps` only stops the run early (a final checkpoint is
 written), so a run stopped by `max_steps` and resumed continues on the same schedule.
 
+Faults (issue 21): the launcher's process count is checked (`engine/processes.py`); the main process holds the run
+directory's lock for the whole run (`engine/run_lock.py`) and resumes only a checkpoint whose files match their
+sha256; a failed write (disk full, I/O error, permission) ends the run with one `WriteFailed` naming the file, the
+last good checkpoint and how to resume; the end of a run reports what the loader skipped.
+
 Run as a module for multi-process launches:
     accelerate launch -m sslpipe.engine.trainer RECIPE.yaml optim.lr=1e-3 [--resume auto|RUN|CKPT]
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
@@ -24,22 +30,40 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, ProjectConfiguration,
-                               broadcast_object_list, parse_flag_from_env, set_seed)
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
 from sslpipe.config import Config, load_config, save_config
-from sslpipe.engine.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from sslpipe.data.stream import loader_stats
+from sslpipe.engine.checkpoint import (
+    checkpoint_dirs,
+    load_checkpoint,
+    pick_checkpoint,
+    resume_run_dir,
+    save_checkpoint,
+)
 from sslpipe.engine.determinism import deterministic_mode
-from sslpipe.engine.optim import (apply_schedule, build_optimizer, cancel_last_layer_gradients,
-                                  clip_gradients_per_tensor)
-from sslpipe.engine.preemption import StopRequest
+from sslpipe.engine.optim import (
+    apply_schedule,
+    build_optimizer,
+    cancel_last_layer_gradients,
+    clip_gradients_per_tensor,
+)
+from sslpipe.engine.preemption import StopRequest, sigterm_as_exit
 from sslpipe.engine.prefetch import prefetch_to_device
+from sslpipe.engine.processes import process_state
+from sslpipe.engine.run_lock import RunLock
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup
+from sslpipe.errors import WriteFailed, io_failure
 from sslpipe.recipes import get_recipe
 from sslpipe.recipes.base import Recipe
-
 
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
@@ -68,19 +92,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def epoch_batches(recipe: Recipe, epoch: int, rank: int, world_size: int, skip: int) -> Iterator[Any]:
-    """The loader of `epoch` with its first `skip` batches dropped (exact resume).
+def epoch_batches(recipe: Recipe, epoch: int, rank: int, world_size: int, skip: int) -> tuple[Any, Iterator[Any]]:
+    """The loader of `epoch` (for its skip counters) and its batches with the first `skip` dropped (exact resume).
 
     Creating the iterator (DataLoader draws a base seed) and the skipped batches must not move the global RNGs:
     they are restored afterwards, so an epoch started fresh or resumed mid-way consumes the same random numbers.
     """
     saved = _rng_state()
-    it = iter(recipe.train_loader(epoch, rank, world_size))
+    loader = recipe.train_loader(epoch, rank, world_size)
+    it = iter(loader)
     for i in range(skip):
         if next(it, None) is None:
             raise RuntimeError(f"resume: the loader of epoch {epoch} ended after {i} batches, before {skip}")
     _set_rng_state(saved)
-    return it
+    return loader, it
 
 
 def train_step(accelerator: Accelerator, recipe: Recipe, optimizer: torch.optim.Optimizer, batches: list[Any],
@@ -131,21 +156,65 @@ def rescaled_step(step: int, saved_steps_per_epoch: int, steps_per_epoch: int) -
     return epoch * steps_per_epoch + round(in_epoch * steps_per_epoch / saved_steps_per_epoch)
 
 
-def _run_dir(cfg: Config, ckpt: Path | None) -> Path:
-    """`output_dir/run_name`, a timestamped name agreed by all processes, or the resumed run's directory."""
-    if ckpt is not None:
-        return ckpt.parent.parent
-    name = cfg.run_name
-    if name is None:
-        stamp = [f"{cfg.method.rsplit(':', 1)[-1].lower()}-{datetime.now():%Y%m%d-%H%M%S}"]
-        name = broadcast_object_list(stamp)[0]
-    run_dir = Path(cfg.output_dir) / name
-    if list_checkpoints(run_dir):
-        raise FileExistsError(
-            f"run directory {run_dir} already has checkpoints: continue it with --resume {run_dir} "
-            "(or --resume auto), or choose another run_name"
-        )
-    return run_dir
+def _claim_run(cfg: Config, resume: str | None, overrides_text: str | None) -> tuple[Path, Path | None, RunLock]:
+    """Main process: the run directory (`output_dir/run_name`, a timestamped name, or the resumed run's), its lock,
+    the verified checkpoint to resume, and config.yaml. The lock comes before anything is read or written, so a
+    second job on the directory is refused at once."""
+    run_dir, named = resume_run_dir(resume, cfg.output_dir, cfg.run_name) if resume else (None, None)
+    fresh = run_dir is None
+    if fresh:
+        run_dir = Path(cfg.output_dir) / (cfg.run_name or
+                                          f"{cfg.method.rsplit(':', 1)[-1].lower()}-{datetime.now():%Y%m%d-%H%M%S}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir).acquire()
+    except OSError as err:
+        if io_failure(err) is None:
+            raise
+        raise WriteFailed(f"cannot write the run directory {run_dir}: {io_failure(err)}; choose an output_dir that "
+                          "is writable and has free space") from err
+    if lock.notice:
+        print(lock.notice, file=sys.stderr)
+    try:
+        if fresh and checkpoint_dirs(run_dir):
+            raise FileExistsError(
+                f"run directory {run_dir} already has checkpoints: continue it with --resume {run_dir} "
+                "(or --resume auto), or choose another run_name")
+        ckpt = None if fresh else pick_checkpoint(run_dir, named)
+        if ckpt is not None:
+            cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})
+        try:
+            save_config(cfg, run_dir / "config.yaml")
+            if overrides_text:
+                text = (run_dir / "config.yaml").read_text()
+                (run_dir / "config.yaml").write_text(f"# overrides: {overrides_text}\n{text}")
+        except OSError as err:
+            if io_failure(err) is None:
+                raise
+            raise WriteFailed(f"could not write {run_dir / 'config.yaml'}: {io_failure(err)}; free space (or fix "
+                              "the disk / permissions) and start again") from err
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, ckpt, lock
+
+
+def _open_run(cfg: Config, resume: str | None, overrides_text: str | None
+              ) -> tuple[Path, Path | None, RunLock | None]:
+    """`_claim_run` on the main process; every process gets its run directory and checkpoint, or its error, from
+    one broadcast (the lock stays with the main process)."""
+    lock, answer = None, None
+    if PartialState().is_main_process:
+        try:
+            run_dir, ckpt, lock = _claim_run(cfg, resume, overrides_text)
+            answer = (run_dir, ckpt)
+        except Exception as err:
+            broadcast_object_list([err])
+            raise
+    answer = broadcast_object_list([answer])[0]
+    if isinstance(answer, Exception):
+        raise answer
+    return answer[0], answer[1], lock
 
 
 def _divergence(accelerator: Accelerator, losses: list[torch.Tensor], steps: list[int], run_dir: Path,
@@ -182,40 +251,35 @@ def train(cfg: Config, *, resume: str | None = None, overrides_text: str | None 
     """Train `cfg.method` and return the run directory.
 
     `resume`: None (fresh run), "auto" (newest run in `cfg.output_dir` with a checkpoint, else fresh), a run
-    directory or a checkpoint directory. `overrides_text` (the command-line overrides) is recorded in config.yaml.
-    With `train.deterministic` the run uses deterministic kernels (bit-exact resume on a GPU too; see
-    `sslpipe.engine.determinism`).
+    directory (its newest good checkpoint) or a checkpoint directory. `overrides_text` (the command-line overrides)
+    is recorded in config.yaml. With `train.deterministic` the run uses deterministic kernels (bit-exact resume on a
+    GPU too; see `sslpipe.engine.determinism`).
     """
-    with deterministic_mode(cfg.train.deterministic):
-        return _train(cfg, resume=resume, overrides_text=overrides_text)
+    with deterministic_mode(cfg.train.deterministic), sigterm_as_exit():
+        # The process group comes first (all ranks must agree on the run directory). Ranks wait at a collective
+        # while the main process runs a periodic kNN probe: allow hours, not NCCL's 10 min.
+        _, cpu = process_state(COLLECTIVE_TIMEOUT)
+        run_dir, ckpt, lock = _open_run(cfg, resume, overrides_text)
+        if ckpt is not None:
+            cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})
+        try:
+            return _train(cfg, cpu=cpu, run_dir=run_dir, ckpt=ckpt)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
-def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Path:
-    # The process group comes first (all ranks must agree on the run directory); honour ACCELERATE_USE_CPU exactly as
-    # the Accelerator does, or a CPU multi-process launch would silently become N independent runs.
-    # Ranks wait at a collective while the main process runs a periodic kNN probe: allow hours, not NCCL's 10 min.
-    use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
-    state = PartialState(cpu=use_cpu, timeout=COLLECTIVE_TIMEOUT)
-    ckpt = resolve_resume(resume, cfg.output_dir, cfg.run_name) if resume else None
-    run_dir = _run_dir(cfg, ckpt)
-    if ckpt is not None:
-        cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})
+def _train(cfg: Config, *, cpu: bool, run_dir: Path, ckpt: Path | None) -> Path:
+    state = PartialState()
     log_with, init_kwargs = tracker_setup(cfg, run_dir)
     recipe_cls = get_recipe(cfg.method)
     accelerator = Accelerator(
-        cpu=use_cpu, mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        cpu=cpu, mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe_cls.ddp_find_unused_parameters)],
     )
     rank, world = state.process_index, state.num_processes
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        if overrides_text:
-            text = (run_dir / "config.yaml").read_text()
-            (run_dir / "config.yaml").write_text(f"# overrides: {overrides_text}\n{text}")
-    accelerator.wait_for_everyone()
 
     # Same seed on every rank while models are built (teacher = copy of an identical student); per-rank afterwards.
     set_seed(cfg.seed)
@@ -238,7 +302,8 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
 
     global_step, best, last_metrics = 0, None, {}
     if ckpt is not None:
-        trainer_state, extra = load_checkpoint(accelerator, ckpt, model=recipe.student, optimizer=optimizer)
+        trainer_state, extra = load_checkpoint(accelerator, ckpt, model=recipe.student, optimizer=optimizer,
+                                               verify=False)  # verified by the main process when it was picked
         recipe.load_extra_state(extra)
         best = trainer_state.get("best")
         saved_step = int(trainer_state["global_step"])
@@ -283,6 +348,28 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
             log({"step": error.step, "event": "diverged"})
             raise error
 
+    skipped: dict[str, int] = {}  # the loader's skip counters of the epochs already done, this process
+    loader = None
+
+    def count_skipped() -> None:
+        for key, value in (loader_stats(loader) or {}).items():
+            skipped[key] = skipped.get(key, 0) + value
+
+    def report_skipped() -> None:
+        """Print and log what the loader skipped over this start (all processes), so that a data set silently
+        shrinking by corrupt samples or unreadable shards shows up. Loaders without counters (toys) report nothing."""
+        count_skipped()
+        if not skipped:
+            return
+        keys = sorted(skipped)
+        totals = accelerator.reduce(torch.tensor([float(skipped[k]) for k in keys], device=accelerator.device), "sum")
+        counts = {k: int(v) for k, v in zip(keys, totals.tolist())}
+        log({"step": global_step, "event": "loader skipped", **counts})
+        hint = ("; the warnings above name each one: check or rewrite the shards" if any(counts.values()) else "")
+        accelerator.print(f"loader skipped {counts.get('corrupt_samples', 0)} corrupt sample(s) and "
+                          f"{counts.get('shard_errors', 0)} unreadable shard(s) since this start, over {world} "
+                          f"process(es){hint}")
+
     bar = tqdm(total=stop_at, initial=global_step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     window_images, window_start, window_loss, window_metrics = 0, time.perf_counter(), [], {}
     window_steps: list[int] = []
@@ -290,8 +377,9 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
     try:
         while global_step < stop_at:
             epoch, start = divmod(global_step, spe)
-            batches = prefetch_to_device(epoch_batches(recipe, epoch, rank, world, skip=start * accum),
-                                         accelerator.device)
+            count_skipped()
+            loader, batch_iter = epoch_batches(recipe, epoch, rank, world, skip=start * accum)
+            batches = prefetch_to_device(batch_iter, accelerator.device)
             for _ in range(start, spe):
                 s = sched(global_step)
                 batch_list = []
@@ -327,6 +415,7 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
                     window_steps = []
                     if stop_request.agreed(accelerator):
                         checkpoint()
+                        report_skipped()
                         log({"step": global_step, "event": "stopped on request"})
                         accelerator.print(f"stopped on request at step {global_step}: checkpoint {last_ckpt}; "
                                           f"continue with --resume {run_dir} (or --resume auto)")
@@ -352,6 +441,12 @@ def _train(cfg: Config, *, resume: str | None, overrides_text: str | None) -> Pa
                     checkpoint(metric)
         if last_saved != global_step:
             checkpoint()
+        report_skipped()
+    except WriteFailed as err:
+        where = (f"the last good checkpoint is {last_ckpt}: continue with --resume {run_dir} (or --resume auto)"
+                 if last_ckpt else "no checkpoint was written yet: start the run again")
+        raise WriteFailed(f"{err}. Nothing written before was lost; {where} once the disk has space again (or is "
+                          "repaired / writable)") from err
     finally:
         stop_request.restore()
         bar.close()

@@ -258,7 +258,7 @@ def evaluate_linear_seg(features: PatchFeatures, head: LinearSegHead, val: str, 
 
 def _draw(rows: list[tuple[Tensor, Tensor, Tensor]], png: str | Path, names: list[str], mean: Sequence[float],
           std: Sequence[float], ignore_index: int) -> None:
-    from sslpipe.viz.overlays import save_rows, semantic_overlay
+    from sslpipe.viz.overlays import class_legend, save_rows, semantic_overlay
 
     panels = []
     for image, seg, pred in rows:
@@ -269,7 +269,7 @@ def _draw(rows: list[tuple[Tensor, Tensor, Tensor]], png: str | Path, names: lis
             img = img.to(torch.uint8)[0]
         panels.append([img, semantic_overlay(img, seg, len(names), ignore_index),
                        semantic_overlay(img, pred, len(names), ignore_index)])
-    save_rows(panels, png)
+    save_rows(panels, png, legend=class_legend(names))
 
 
 def format_linear_seg(result: dict[str, Any]) -> str:

@@ -208,7 +208,7 @@ class DenseFinetuneRecipe(Recipe):
         """Metrics over the val split (and a predictions PNG of the first `n_png` images when `png` is given)."""
         from tqdm.auto import tqdm
 
-        from sslpipe.viz.overlays import save_rows
+        from sslpipe.viz.overlays import class_legend, save_rows
 
         model = self.model()
         was_training = model.training
@@ -225,7 +225,7 @@ class DenseFinetuneRecipe(Recipe):
             model.train(was_training)
         result = metric.compute()
         if png is not None and rows:
-            save_rows(rows, png)
+            save_rows(rows, png, legend=class_legend(self.class_names))
         return result
 
     def evaluate(self, epoch: int) -> dict[str, float]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 SHOW_SCORE = 0.3  # instance predictions drawn in the PNGs (metrics use every detection)
@@ -56,25 +56,73 @@ def instance_overlay(image: Tensor, instances: dict[str, Tensor], num_classes: i
     return draw_bounding_boxes(out, instances["boxes"][keep].cpu(), colors=colours, width=1)
 
 
-def save_rows(rows: list[list[Tensor]], path: str | Path, min_side: int = 192, gap: int = 2) -> Path:
-    """Panels (uint8 (3, H, W)) laid out row by row, small images enlarged (nearest) to `min_side`; written
-    atomically as PNG."""
+PANEL_TITLES = ("image", "ground truth", "prediction")
+
+
+def class_legend(class_names: list[str], ignore: bool = True) -> list[tuple[str, tuple[int, int, int]]]:
+    """(name, colour) of every drawn class (class 0, the background, stays uncoloured), and white for ignore."""
+    colours = palette(len(class_names))
+    entries = [(name, colours[c]) for c, name in enumerate(class_names) if c > 0]
+    return entries + ([("ignore", (255, 255, 255))] if ignore else [])
+
+
+def _font(size: int = 13) -> ImageFont.ImageFont:
+    """Pillow's bundled font (no system or downloaded font needed)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _legend_strip(legend: list[tuple[str, tuple[int, int, int]]], width: int) -> np.ndarray:
+    """Coloured squares with class names, wrapped to `width`."""
+    font, pad, box = _font(), 6, 12
+    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    items, x, y = [], pad, pad
+    for name, colour in legend:
+        w = box + 4 + int(draw_probe.textlength(name, font=font)) + 12
+        if x + w > width and x > pad:
+            x, y = pad, y + box + 6
+        items.append((x, y, name, colour))
+        x += w
+    strip = Image.new("RGB", (width, y + box + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for x, y, name, colour in items:
+        draw.rectangle([x, y, x + box, y + box], fill=tuple(colour), outline=(0, 0, 0))
+        draw.text((x + box + 4, y - 1), name, fill=(0, 0, 0), font=font)
+    return np.asarray(strip)
+
+
+def save_rows(rows: list[list[Tensor]], path: str | Path, min_side: int = 192, gap: int = 2,
+              titles: tuple[str, ...] | None = PANEL_TITLES,
+              legend: list[tuple[str, tuple[int, int, int]]] | None = None) -> Path:
+    """Panels (uint8 (3, H, W)) laid out row by row, small images enlarged (nearest) to `min_side`, with a title
+    over each column and a colour legend below (`class_legend`); written atomically as PNG."""
     scale = max(1, -(-min_side // max(1, min(min(p.shape[-2:]) for row in rows for p in row))))
     arrays = [[np.asarray(p.permute(1, 2, 0).cpu().numpy()).repeat(scale, 0).repeat(scale, 1) for p in row]
               for row in rows]
-    height = sum(max(a.shape[0] for a in row) for row in arrays) + gap * (len(arrays) - 1)
+    header = 20 if titles else 0
+    height = header + sum(max(a.shape[0] for a in row) for row in arrays) + gap * (len(arrays) - 1)
     width = max(sum(a.shape[1] for a in row) + gap * (len(row) - 1) for row in arrays)
     canvas = np.full((height, width, 3), 255, np.uint8)
-    y = 0
+    y = header
     for row in arrays:
         x = 0
         for a in row:
             canvas[y: y + a.shape[0], x: x + a.shape[1]] = a
             x += a.shape[1] + gap
         y += max(a.shape[0] for a in row) + gap
+    image = Image.fromarray(canvas)
+    if titles:
+        draw, font, x = ImageDraw.Draw(image), _font(14), 0
+        for title, a in zip(titles, arrays[0]):
+            draw.text((x + a.shape[1] // 2, header // 2), title, fill=(0, 0, 0), font=font, anchor="mm")
+            x += a.shape[1] + gap
+    if legend:
+        image = Image.fromarray(np.concatenate([np.asarray(image), _legend_strip(legend, width)]))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(canvas).save(tmp, format="PNG")
+    image.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
