@@ -138,6 +138,32 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="an official DINO / iBOT / DINOv2 / MAE checkpoint or a timm state dict as an "
+                                      "export folder (model.safetensors + config.json), for every probe and recipe")
+    p.add_argument("source", help="a .pth/.pt/.bin checkpoint (read with torch.load(weights_only=True)), a "
+                                  ".safetensors file or an export folder")
+    p.add_argument("out", help="output export folder")
+    p.add_argument("--format", choices=["dino", "ibot", "dinov2", "mae", "timm", "safetensors"], default=None,
+                   help="the checkpoint's layout (default: detected from the keys)")
+    p.add_argument("--which", choices=["teacher", "student"], default=None,
+                   help="training checkpoints with both networks (DINO, iBOT, DINOv2): default the teacher")
+    p.add_argument("--arch", default=None,
+                   help="timm architecture whose defaults describe the weights (default: read from the shapes)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size of the export (default: the checkpoint's position grid x patch size); another "
+                        "grid resizes the position embedding by the source's official rule")
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from sslpipe.import_checkpoint import import_checkpoint
+
+    report = import_checkpoint(args.source, args.out, fmt=args.format, which=args.which, arch=args.arch,
+                               img_size=args.img_size)
+    print("\n".join(report.lines()))
+    return 0
+
+
 def _add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="verify a run's checkpoints and exports against their sha256s (a table; exit "
                                      "status 1 when any is bad)")
@@ -469,10 +495,71 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("show", help="what a backbone sees: attention maps, patch PCA, nearest neighbours and an "
+                                    "embedding map of a few images, one PNG each")
+    p.add_argument("backbone", help="an export folder (`sslpipe export`)")
+    p.add_argument("--data", default=None, help="shards: the first -n val images are shown, neighbours come from "
+                                                "the train split, the embedding map from the val split")
+    p.add_argument("--images", nargs="+", default=[], help="image files to show instead of the first val images")
+    p.add_argument("--out", required=True, help="folder for attention.png, pca.png, neighbours.png, embedding.png")
+    p.add_argument("-n", "--num-images", type=int, default=4, help="val images to show (with --data)")
+    p.add_argument("--k", type=int, default=5, help="neighbours per image")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--max-train", type=int, default=10000, help="search the neighbours among the first N train "
+                                                                "images (0: all)")
+    p.add_argument("--max-val", type=int, default=2000, help="map the first N val images (0: all)")
+    p.add_argument("--resize", type=int, default=None, help="eval resize (default: the export's image size x 256/224)")
+    p.add_argument("--crop", type=int, default=None, help="eval centre crop (default: the export's image size)")
+    p.add_argument("--embedding", choices=["tsne", "umap"], default="tsne",
+                   help="t-SNE (scikit-learn) or UMAP (needs umap-learn)")
+    p.add_argument("--log-with", choices=["wandb"], default=None, help="also log the PNGs to this tracker")
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from sslpipe.viz.show import show
+
+    tracker = None
+    if args.log_with:
+        from accelerate import Accelerator
+
+        from sslpipe.engine.tracking import resolve_wandb_mode
+
+        accelerator = Accelerator(cpu=True, log_with=args.log_with, project_dir=args.out)
+        accelerator.init_trackers("sslpipe-show", config={k: str(v) for k, v in vars(args).items()},
+                                  init_kwargs={"wandb": {"mode": resolve_wandb_mode(None), "dir": args.out}})
+        tracker = accelerator.get_tracker(args.log_with)
+    try:
+        show(args.backbone, args.out, data=args.data, images=args.images, n=args.num_images, k=args.k,
+             train_split=args.train_split, val_split=args.val_split, max_train=args.max_train or None,
+             max_val=args.max_val or None, resize=args.resize, crop=args.crop, embedding=args.embedding,
+             tracker=tracker)
+    finally:
+        if tracker is not None:
+            accelerator.end_training()
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="a run's curves, health, evaluations, pictures and config as a static HTML "
+                                      "page (no server, no network); several runs on the same axes")
+    p.add_argument("runs", nargs="+", help="run directories (metrics.jsonl + config.yaml)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/report, or RUN_A/report-compare)")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from sslpipe.viz.report import write_report
+
+    print(f"wrote {write_report(args.runs, args.out)}")
+    return 0
+
+
 COMMANDS = {
     "shards": (_add_shards, _run_shards),
     "train": (_add_train, _run_train),
     "export": (_add_export, _run_export),
+    "import": (_add_import, _run_import),
     "check": (_add_check, _run_check),
     "knn": (_add_knn, _run_knn),
     "linear": (_add_linear, _run_linear),
@@ -482,6 +569,8 @@ COMMANDS = {
     "predict": (_add_predict, _run_predict),
     "eval-seg": (_add_eval_seg, _run_eval_seg),
     "demo": (_add_demo, _run_demo),
+    "show": (_add_show, _run_show),
+    "report": (_add_report, _run_report),
     "bench": (_add_bench, _run_bench),
 }
 

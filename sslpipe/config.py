@@ -6,6 +6,7 @@ typo (`optim.lrr`) fails loudly with the closest valid spelling instead of silen
 from __future__ import annotations
 
 import difflib
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -435,7 +436,8 @@ def _format_validation_error(err: ValidationError, data: dict[str, Any], where: 
 
 
 # ---------------------------------------------------------------------------------------------------- overrides
-def _check_override_key(keys: list[str], item: str) -> None:
+def _check_override_key(keys: list[str], item: str) -> Any:
+    """Raise on a key the schema lacks; return the annotation of the field set, None inside a free-form dict."""
     model: type[BaseModel] = Config
     for i, key in enumerate(keys):
         field = model.model_fields.get(key)
@@ -447,11 +449,34 @@ def _check_override_key(keys: list[str], item: str) -> None:
         elif i < len(keys) - 1 and typing.get_origin(ann) is not dict:
             raise ConfigError(f"override '{item}': '{'.'.join(keys[: i + 1])}' is a value, not a section")
         else:
-            return
+            return ann if i == len(keys) - 1 else None
+    return None
+
+
+def _accepts_str(annotation: Any) -> bool:
+    """True for `str`, a Literal of strings, or a union holding one of them (`str | None`)."""
+    arms = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    return any(a is str or (typing.get_origin(a) is Literal and all(isinstance(v, str) for v in typing.get_args(a)))
+               for a in arms)
+
+
+def _typed_override(annotation: Any, raw: str, value: Any) -> Any:
+    """The YAML value of an override, typed by its field as users type it: a string field keeps the text (YAML
+    reads `off`, `no`, `on`, `yes` as booleans and `2024` as a number), and a list field takes one value as a
+    one-element list (`tracking.log_with=wandb`)."""
+    if annotation is None or value is None:
+        return value
+    if not isinstance(value, str) and _accepts_str(annotation):
+        return raw.strip()
+    if typing.get_origin(annotation) is list and not isinstance(value, list):
+        return [value]
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides in place; values are parsed as YAML (`1e-3`, `[0.4,1.0]`, `null`)."""
+    """Apply `a.b=value` overrides in place; values are parsed as YAML (`1e-3`, `[0.4,1.0]`, `null`), then typed by
+    the schema's field (`_typed_override`)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value (e.g. optim.lr=1e-3)")
@@ -459,11 +484,14 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
         keys = [k for k in key.strip().split(".")]
         if not all(keys):
             raise ConfigError(f"override '{item}': empty key part in '{key}'")
-        _check_override_key(keys, item)
+        annotation = _check_override_key(keys, item)
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': value {raw!r} is not valid YAML ({exc})") from exc
+            if not _accepts_str(annotation):
+                raise ConfigError(f"override '{item}': value {raw!r} is not valid YAML ({exc})") from exc
+            value = raw.strip()  # a string field takes any text (`run_name=a: b`)
+        value = _typed_override(annotation, raw, value)
         node = data
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):

@@ -2,7 +2,7 @@
 
 Each stage calls the same library function as its own subcommand, and the demo prints that command, so a user can
 replay any stage by hand: shards -> train -> export -> kNN (pretrained teacher vs the same network at random init,
-with raw pixels for context) -> a table and a PNG plot in the run directory.
+with raw pixels for context) -> a table and a PNG plot in the run directory, and the run's report (RUN/report).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from sslpipe.engine.trainer import train
 from sslpipe.eval.knn import knn_classify, run_knn
 from sslpipe.export import export_backbone, export_run
 from sslpipe.models.backbones import create_backbone
+from sslpipe.viz.report import write_report
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_ibot.yaml"
 KNN_K = [10, 20]
@@ -127,7 +128,8 @@ def run_demo(out: str | Path = "runs/demo", *, recipe: str | Path | None = None,
     extra = [f"data.train={shards}", f"data.val={shards}", f"output_dir={out}", f"run_name={run_name}", *overrides]
     _say("2/4 pretraining", f"sslpipe train {recipe} {' '.join(extra)}")
     cfg = load_config(recipe, extra)
-    run_dir = train(cfg, resume="auto" if (out / run_name / "checkpoints").exists() else None)
+    run_dir = train(cfg, resume="auto" if (out / run_name / "checkpoints").exists() else None,
+                    overrides_text=" ".join(extra))  # recorded in config.yaml: the report shows the command
 
     _say("3/4 export", f"sslpipe export {run_dir}")
     exported = export_run(run_dir, which="teacher")
@@ -154,4 +156,5 @@ def run_demo(out: str | Path = "runs/demo", *, recipe: str | Path | None = None,
     for name, value in table.items():
         print(f"  {name:<14} {value:.4f}")
     print(f"plot: {png}")
+    print(f"report (open in a browser, no server needed): {write_report([run_dir])}")
     return table

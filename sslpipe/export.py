@@ -4,12 +4,14 @@ An export folder holds `model.safetensors` (the plain timm model's state dict, n
 architecture name + the model arguments that re-create it, image size, normalisation, where the weights came from,
 and the sha256 of `model.safetensors`, which `sslpipe check` compares). Both are written under temporary names and
 renamed; a failed write removes them and leaves an earlier export as it was.
-It loads in plain timm, without sslpipe:
+`export_run` and `sslpipe import` also write `README.md`, a model card with the Hugging Face header (`library_name:
+timm`), so the folder can be published to a model hub as it is. It loads in plain timm, without sslpipe:
 
-    timm.create_model(cfg["architecture"], pretrained=True, num_classes=0,
+    timm.create_model(cfg["architecture"], pretrained=True,
                       pretrained_cfg_overlay=dict(file=".../model.safetensors"), **cfg["model_args"])
 
-timm 1.0.31 reads a `file` overlay from disk (no download is attempted); since `num_classes=0` differs from the
+(`model_args` holds `num_classes=0`). timm 1.0.31 reads a `file` overlay from disk (no download is attempted); since
+`num_classes=0` differs from the
 architecture's default pretrained config it drops classifier keys and loads non-strictly, so `load_backbone` loads
 strictly itself and the export is checked right after writing by reloading it and comparing outputs.
 """
@@ -26,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import timm
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -33,6 +36,7 @@ from sslpipe.errors import WriteFailed, io_failure
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
 FORMAT = "sslpipe-backbone/1"
 # Keys that belong to the training wrapper, never to the timm model (iBOT's learnable mask token).
 _TRAINING_ONLY_KEYS = ("mask_token",)
@@ -206,6 +210,109 @@ def load_backbone(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _tensor_digest(path: Path) -> str:
+    """sha256 over the tensors (name, dtype, shape, bytes) of a safetensors file: equal for equal weights, which the
+    file's own sha256 is not (safetensors writes its metadata map in no fixed order)."""
+    digest = hashlib.sha256()
+    with safe_open(str(path), "pt") as f:
+        for name in sorted(f.keys()):
+            tensor = f.get_tensor(name)
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_model_card(out_dir: str | Path, *, title: str, tags: Sequence[str], provenance: Sequence[tuple[str, str]],
+                     results: Sequence[tuple[str, str]] = ()) -> Path:
+    """Write `README.md` beside an export: the Hugging Face model-card header (`library_name: timm`, tags), how to
+    load the folder, where the weights came from (`provenance` rows) and the probe results measured on exactly these
+    weights (`results` rows). Everything else is read from its config.json: nothing is guessed. Returns the path."""
+    out = Path(out_dir)
+    cfg = read_export_config(out)
+    header = yaml.safe_dump({"library_name": "timm", "pipeline_tag": "image-feature-extraction",
+                             "tags": list(dict.fromkeys(["timm", "sslpipe", *tags]))}, sort_keys=False)
+    args = ", ".join(f"{k}={v!r}" for k, v in cfg["model_args"].items())
+    size, sha = cfg["img_size"], (cfg.get("sha256") or {}).get(WEIGHTS_NAME, "not recorded")
+    rows = [("architecture", f"`{cfg['architecture']}`, model_args `{json.dumps(cfg['model_args'])}`"),
+            *provenance, ("weights", f"`{WEIGHTS_NAME}`, sha256 `{sha}`"),
+            ("exported", f"{cfg.get('created_at', '?')} by sslpipe {cfg.get('sslpipe_version', '?')}")]
+    lines = [
+        "---", header.strip(), "---", "", f"# {title}", "",
+        f"A `{cfg['architecture']}` image backbone ({cfg.get('num_features')}-d features) exported by sslpipe: "
+        f"`{WEIGHTS_NAME}` holds the weights (no classifier), `{CONFIG_NAME}` the architecture, its model "
+        "arguments, the input size and the normalisation.", "",
+        "## Use", "", "```python", "import timm", "",
+        f"model = timm.create_model({cfg['architecture']!r}, pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file={WEIGHTS_NAME!r}), {args}).eval()", "```", "",
+        f"Inputs: RGB at {size}x{size} px ({cfg.get('interpolation', 'bicubic')} resize), normalised with mean "
+        f"{cfg['mean']} and std {cfg['std']}; `model(x)` gives the image feature. With sslpipe: "
+        "`sslpipe.load_backbone(FOLDER)`, `sslpipe knn FOLDER --data SHARDS`, "
+        "`sslpipe finetune RECIPE.yaml finetune.backbone=FOLDER`.", "",
+        "## Provenance", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+        "## Probe results", "",
+        *(["| probe | result |", "|---|---|", *(f"| {k} | {v} |" for k, v in results)] if results else
+          ["None recorded for these weights."]), "",
+    ]
+    card, tmp = out / CARD_NAME, out / (CARD_NAME + ".tmp")
+    try:
+        tmp.write_text("\n".join(lines))
+        tmp.replace(card)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if io_failure(err) is None:
+            raise
+        raise WriteFailed(f"could not write the model card {card}: {io_failure(err)}. The weights and config.json "
+                          "beside it are complete; free space (or fix the disk / permissions) and export "
+                          "again") from err
+    return card
+
+
+def _manifest_row(spec: Any) -> str:
+    """data.train and the sha256 of its shard manifest, when it has one."""
+    path = Path(str(spec))
+    manifest = path / "manifest.json" if path.is_dir() else path if path.suffix == ".json" else None
+    if manifest is None or not manifest.is_file():
+        return f"`{spec}` (no manifest.json there: the shards are not identified)"
+    return f"`{spec}`, manifest.json sha256 `{_sha256(manifest)}`"
+
+
+def _probe_rows(run: Path, out: Path, step: int | None, periodic: bool,
+                same_weights_since: float | None) -> list[tuple[str, str]]:
+    """Probe results of exactly the exported weights: the run's periodic kNN at the exported step (`periodic`: the
+    exported network is the one the run probes), and kNN result files (`sslpipe knn --out`, the demo's
+    knn_*.json) in the export folder, the run or its parent whose `backbone` is this export folder -- only when the
+    folder held these same weights before and the file was written since (`same_weights_since`)."""
+    rows = []
+    metrics = run / "metrics.jsonl"
+    if periodic and step is not None and metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            rows += [(f"kNN {k.split('/', 1)[1]}, data.val, measured during training at step {step}", f"{v:.4f}")
+                     for k, v in rec.items() if rec.get("step") == step and k.startswith("knn/")]
+    if same_weights_since is None:
+        return rows
+    for folder in dict.fromkeys((out, run, run.parent)):
+        for file in sorted(folder.glob("*.json")):
+            if file.name == CONFIG_NAME or file.stat().st_mtime < same_weights_since:
+                continue
+            try:
+                result = json.loads(file.read_text())
+            except (OSError, ValueError):
+                continue
+            if not (isinstance(result, dict) and isinstance(result.get("k"), dict) and result.get("backbone")
+                    and Path(str(result["backbone"])).resolve() == out.resolve()):
+                continue
+            rows += [(f"kNN k={k}, T={result.get('T')}, {result.get('n_train')} train / {result.get('n_test')} "
+                      f"val samples (`{file.name}`)", ", ".join(f"{m} {v:.4f}" for m, v in acc.items()))
+                     for k, acc in result["k"].items()]
+    return rows
+
+
 def _find_checkpoint(run_dir: Path, checkpoint: str | Path | int | None) -> Path:
     if checkpoint is not None and not isinstance(checkpoint, int):
         ckpt = Path(checkpoint)
@@ -247,7 +354,8 @@ def export_run(
     Reads `RUN/config.yaml` (`model.arch`, `model.patch_size`, `model.kwargs`, `crops.global_size`, `crops.mean`,
     `crops.std`) and `checkpoints/step_N/`: the teacher from `extra_state.safetensors` (keys `teacher.*`), the
     student from `model.safetensors`. `which=None`: the teacher when the run has one (DINO, iBOT), else the student
-    (SimCLR). Default output `RUN/export/{which}`.
+    (SimCLR). Default output `RUN/export/{which}`, with a model card (`write_model_card`: method, config and manifest
+    sha256, probe results of these weights).
     """
     if which not in ("teacher", "student", None):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
@@ -281,13 +389,28 @@ def export_run(
     except RuntimeError as err:
         raise RuntimeError(f"{weights} does not match model.arch={arch!r} of {cfg_path}: {err}")
     match = re.fullmatch(r"step_(\d+)", ckpt.name)
-    source = {"run_dir": str(run.resolve()), "checkpoint": str(ckpt.resolve()),
-              "step": int(match.group(1)) if match else None, "which": which}
-    return export_backbone(
-        module.eval(), out if out is not None else run / "export" / which, arch=arch, model_args=model_args,
+    step = int(match.group(1)) if match else None
+    source = {"run_dir": str(run.resolve()), "checkpoint": str(ckpt.resolve()), "step": step, "which": which}
+    out_dir = Path(out) if out is not None else run / "export" / which
+    previous = out_dir / WEIGHTS_NAME
+    before = (_tensor_digest(previous), previous.stat().st_mtime) if previous.is_file() else None
+    out_dir = export_backbone(
+        module.eval(), out_dir, arch=arch, model_args=model_args,
         img_size=img_size, mean=_cfg_get(cfg, "crops.mean", cfg_path, (0.485, 0.456, 0.406)),
         std=_cfg_get(cfg, "crops.std", cfg_path, (0.229, 0.224, 0.225)), source=source,
     )
+    method = str(_cfg_get(cfg, "method", cfg_path, "unknown"))
+    unchanged = before is not None and before[0] == _tensor_digest(out_dir / WEIGHTS_NAME)
+    probed = "teacher" if has_teacher else "student"  # the network a run's periodic kNN probes
+    write_model_card(
+        out_dir, title=f"{arch} pretrained with {method} (sslpipe)", tags=[method],
+        provenance=[("method", f"`{method}`; the resolved recipe is the run's `config.yaml`, sha256 "
+                               f"`{_sha256(cfg_path)}`"),
+                    ("checkpoint", f"`{ckpt.name}`, the {which}"),
+                    *([("training data", _manifest_row(data))] if (data := _cfg_get(cfg, "data.train", cfg_path,
+                                                                                    None)) else [])],
+        results=_probe_rows(run, out_dir, step, which == probed, before[1] if unchanged else None))
+    return out_dir
 
 
 def _some(keys: Sequence[str], n: int = 8) -> str:

@@ -109,5 +109,26 @@ def test_unquoted_no_means_no_mixed_precision() -> None:
     from sslpipe.config import apply_overrides, config_from_dict
 
     data = apply_overrides({"method": "dino", "data": {"train": "x"}}, ["train.mixed_precision=no"])
-    assert data["train"]["mixed_precision"] is False  # what YAML makes of it
+    assert data["train"]["mixed_precision"] == "no"  # a string field keeps the text of an override
     assert config_from_dict(data).train.mixed_precision == "no"
+    recipe = {"method": "dino", "data": {"train": "x"}, "train": {"mixed_precision": False}}  # `no` in a YAML file
+    assert config_from_dict(recipe).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("word", ["off", "no", "on", "yes", "Off", "2024", "1e-3"])
+def test_a_string_field_keeps_the_text_yaml_would_read_as_another_type(tmp_path: Path, word: str) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL), [f"run_name={word}", f"data.val={word}", f"output_dir={word}"])
+    assert (cfg.run_name, cfg.data.val, cfg.output_dir) == (word, word, word)
+    assert load_config(write(tmp_path, MINIMAL), ["run_name=null"]).run_name is None  # null still means none
+    assert load_config(write(tmp_path, MINIMAL), ["train.deterministic=yes"]).train.deterministic is True
+
+
+def test_one_name_for_a_list_field_is_a_one_element_list(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL), ["tracking.log_with=wandb", "eval.knn_k=20",
+                                                 "optim.step_epochs=[8, 11]"])
+    assert cfg.tracking.log_with == ["wandb"] and cfg.eval.knn_k == [20] and cfg.optim.step_epochs == [8.0, 11.0]
+    assert cfg.crops.global_scale == (0.25, 1.0)  # tuples are not lists: a single value stays an error
+    with pytest.raises(ConfigError, match="crops.global_scale"):
+        load_config(write(tmp_path, MINIMAL), ["crops.global_scale=0.4"])
+    with pytest.raises(ConfigError, match="tracking.log_with"):
+        load_config(write(tmp_path, MINIMAL), ["tracking.log_with=mlflow"])

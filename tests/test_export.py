@@ -1,6 +1,7 @@
 """Export / import of backbones: timm round trip, run-directory key layouts, clear errors."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -163,3 +164,73 @@ def test_export_run_errors(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(RuntimeError, match="does not match model.arch"):
         export_run(run)
+
+
+def _card(out):
+    """(YAML header, markdown body) of an export's model card."""
+    _, header, body = (out / "README.md").read_text().split("---", 2)
+    return yaml.safe_load(header), body
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_export_run_writes_a_model_card(tmp_path, monkeypatch):
+    """Hugging Face header, the recipe's config sha256, the shard manifest's sha256 and the probe results that were
+    measured on exactly the exported weights; nothing else."""
+    run, teacher, _ = _fake_run(tmp_path, "teacher.backbone.", "backbone.")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text('{"format": "sslpipe-shards/1", "splits": {}}')
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "method": "ibot", "data": {"train": str(shards)}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "epoch": 1, "knn/top1_k20": 0.25}) + "\n"
+                                       + json.dumps({"step": 10, "loss": 3.0}) + "\n"
+                                       + json.dumps({"step": 10, "epoch": 2, "knn/top1_k20": 0.5}) + "\n")
+    out = export_run(run)
+    header, body = _card(out)
+    assert header == {"library_name": "timm", "pipeline_tag": "image-feature-extraction",
+                      "tags": ["timm", "sslpipe", "ibot"]}
+    assert _sha256(run / "config.yaml") in body and _sha256(shards / "manifest.json") in body
+    assert _sha256(out / "model.safetensors") in body and "step_00000010" in body
+    assert "| kNN top1_k20, data.val, measured during training at step 10 | 0.5000 |" in body and "0.2500" not in body
+
+    # the card's own snippet loads the weights in plain timm
+    code = body.split("```python")[1].split("```")[0]
+    monkeypatch.chdir(out)
+    namespace: dict = {}
+    exec(code, namespace)
+    _assert_same_state(teacher, namespace["model"])
+    monkeypatch.undo()
+
+    # the periodic kNN probed the teacher: the student's card has no result
+    _, student_body = _card(export_run(run, which="student", out=tmp_path / "student"))
+    assert "None recorded for these weights" in student_body
+
+    # a kNN result of this export folder, written after the folder held these weights, is listed on re-export ...
+    knn = {"k": {"20": {"top1": 0.61, "top5": 0.95}}, "n_train": 100, "n_test": 20, "T": 0.07, "backbone": str(out)}
+    (run.parent / "knn_pretrained.json").write_text(json.dumps(knn))
+    (run.parent / "knn_other.json").write_text(json.dumps({**knn, "backbone": str(tmp_path / "elsewhere")}))
+    _, body = _card(export_run(run))
+    assert "| kNN k=20, T=0.07, 100 train / 20 val samples (`knn_pretrained.json`) | top1 0.6100, top5 0.9500 |" in body
+    assert "knn_other.json" not in body
+
+    # ... and no longer once the folder holds other weights (a newer checkpoint)
+    newer = run / "checkpoints" / "step_00000012"
+    newer.mkdir()
+    extra = load_file(str(run / "checkpoints" / "step_00000010" / "extra_state.safetensors"))
+    save_file({k: v + 1 if k.startswith("teacher.backbone.") else v for k, v in extra.items()},
+              str(newer / "extra_state.safetensors"))
+    _, body = _card(export_run(run))
+    assert "knn_pretrained.json" not in body and "None recorded for these weights" in body
+
+
+def test_model_card_without_a_manifest_says_so(tmp_path):
+    run, _, _ = _fake_run(tmp_path, "teacher.backbone.", "backbone.")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "method": "dino",
+                                                     "data": {"train": "pipe:curl -s s3://b/train-{0..9}.tar"}}))
+    _, body = _card(export_run(run))
+    assert "`pipe:curl -s s3://b/train-{0..9}.tar` (no manifest.json there: the shards are not identified)" in body
+    assert "manifest.json sha256" not in body

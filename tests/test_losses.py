@@ -8,6 +8,7 @@ from lightly.loss import DINOLoss as LightlyDINOLoss
 from lightly.loss import IBOTPatchLoss
 
 from sslpipe.losses import DINOLoss, IBOTLoss, health_metrics
+from sslpipe.losses.health import embed_std, embedding_health, rankme
 
 
 def softmax(row):
@@ -206,3 +207,42 @@ def test_health_one_prototype_collapse_and_spread():
     assert m["prototype_usage"] == pytest.approx(B / K)
     assert m["batch_entropy"] == pytest.approx(math.log(B), rel=1e-5)
     assert m["teacher_entropy"] == pytest.approx(0.0, abs=1e-6)
+
+
+def _rankme_by_hand(singular_values: list[float], eps: float = 1e-7) -> float:
+    total = sum(singular_values)
+    p = [s / total + eps for s in singular_values]
+    return math.exp(-sum(x * math.log(x) for x in p))
+
+
+def test_rankme_of_collapsed_and_full_rank_features():
+    torch.manual_seed(0)
+    n, d = 256, 32
+    collapsed = torch.randn(n, 1) * torch.randn(1, d)  # rank 1: every row on one line
+    s = torch.linalg.svdvals(collapsed.double())[0].item()
+    assert rankme(collapsed) == pytest.approx(_rankme_by_hand([s] + [0.0] * (d - 1)), rel=1e-4)
+    assert rankme(collapsed) == pytest.approx(1.0, abs=1e-3)
+    q, _ = torch.linalg.qr(torch.randn(n, d, dtype=torch.float64))  # orthonormal columns: d singular values of 1
+    assert rankme(q.float()) == pytest.approx(_rankme_by_hand([1.0] * d), rel=1e-5)
+    assert rankme(q.float()) == pytest.approx(d, rel=1e-4)
+    two = torch.cat([q[:, :2] * torch.tensor([3.0, 1.0], dtype=torch.float64), torch.zeros(n, d - 2)], 1)
+    assert rankme(two) == pytest.approx(_rankme_by_hand([3.0, 1.0] + [0.0] * (d - 2)), rel=1e-4)
+    assert rankme(two) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel=1e-4)
+    gaussian = torch.randn(4096, d)  # isotropic: singular values nearly equal, effective rank just under d
+    assert rankme(gaussian) == pytest.approx(_rankme_by_hand(torch.linalg.svdvals(gaussian.double()).tolist()),
+                                             rel=1e-4)
+    assert 0.98 * d < rankme(gaussian) < d
+
+
+def test_embed_std_is_zero_when_collapsed_and_one_over_sqrt_d_when_spread():
+    torch.manual_seed(0)
+    n, d = 4096, 64
+    collapsed = torch.randn(1, d).repeat(n, 1) * torch.rand(n, 1)  # one direction, any length
+    assert embed_std(collapsed) == pytest.approx(0.0, abs=1e-6)
+    gaussian = torch.randn(n, d)
+    unit = gaussian / gaussian.norm(dim=1, keepdim=True)
+    assert embed_std(gaussian) == pytest.approx(unit.std(dim=0).mean().item(), rel=1e-5)
+    assert embed_std(gaussian) == pytest.approx(1 / math.sqrt(d), rel=0.02)
+    m = embedding_health(teacher=collapsed, student=gaussian)
+    assert set(m) == {"rankme/teacher", "embed_std/teacher", "rankme/student", "embed_std/student"}
+    assert m["rankme/teacher"] == pytest.approx(1.0, abs=1e-3) and m["rankme/student"] > 0.98 * d

@@ -4,6 +4,13 @@ The two collapse modes of DINO (Caron et al. 2021, §5.3) are read off the teach
 (teacher entropy -> log K, sharpening too weak) and one-prototype collapse (batch-mean teacher entropy -> 0, one
 prototype used, centring too weak). All entropies are in nats (maximum log K); KL(teacher || student) -> 0 means the
 student no longer learns anything. Cheap: one softmax per input, no gradients.
+
+Label-free checks of the embeddings themselves (`embedding_health`, on the backbone's CLS features, teacher and
+student): RankMe (Garrido et al., ICML 2023), the effective rank exp(H(p)) of the singular values, p_k = s_k / sum s
++ eps, which tracks downstream accuracy without labels; and SimSiam's collapse check (Chen & He, CVPR 2021, §4.1), the
+per-dimension std of the L2-normalised embeddings, about 1/sqrt(d) when they spread over the sphere and 0 when they
+collapse to one point. Both are computed on one process's batch, so RankMe is bounded by min(batch rows, d): compare
+values at the same batch size.
 """
 
 from __future__ import annotations
@@ -11,6 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+RANKME_EPS = 1e-7  # Garrido et al.'s epsilon (their code and paper)
+# The keys these functions log (what `sslpipe report` draws as health): `health_metrics`' names, and the prefixes of
+# `embedding_health`'s (`rankme/teacher`, `embed_std/student`, ...).
+HEALTH_KEYS = ("teacher_entropy", "student_entropy", "kl_teacher_student", "batch_entropy", "prototype_usage",
+               "teacher_patch_entropy", "student_patch_entropy", "mask_ratio")
+EMBEDDING_PREFIXES = ("rankme/", "embed_std/")
 
 
 def _entropy(logp: Tensor) -> Tensor:
@@ -52,4 +67,29 @@ def health_metrics(teacher_cls: Tensor, student_cls: Tensor, *, teacher_temp: fl
         out["student_patch_entropy"] = _entropy(s_patch_logp).mean().item()
     if masks is not None:
         out["mask_ratio"] = masks.float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def rankme(z: Tensor, eps: float = RANKME_EPS) -> float:
+    """RankMe of embeddings z (N, d): exp(-sum_k p_k log p_k) with p_k = s_k / ||s||_1 + eps over the singular values
+    s of z (not centred, as in the paper). About 1 for rank-1 features, min(N, d) for equal singular values."""
+    s = torch.linalg.svdvals(z.float())
+    p = s / s.sum().clamp_min(torch.finfo(s.dtype).tiny) + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def embed_std(z: Tensor) -> float:
+    """Mean over dimensions of the (unbiased) std over the batch of z / ||z||_2: about 1/sqrt(d) for embeddings
+    spread over the sphere, 0 when every sample maps to the same direction (SimSiam's collapse check)."""
+    return float(F.normalize(z.float(), dim=-1).std(dim=0).mean())
+
+
+def embedding_health(**features: Tensor) -> dict[str, float]:
+    """`embedding_health(teacher=(N, d), student=(N, d))` -> {"rankme/teacher", "embed_std/teacher", ...}."""
+    out: dict[str, float] = {}
+    for name, z in features.items():
+        out[f"{EMBEDDING_PREFIXES[0]}{name}"] = rankme(z)
+        out[f"{EMBEDDING_PREFIXES[1]}{name}"] = embed_std(z)
     return out

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sslpipe.losses.dino import DINOLoss
-from sslpipe.losses.health import health_metrics
+from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.models.backbones import (MaskedViT, backbone_embed_dim, create_backbone, forward_cls, is_vit_arch,
                                      sync_batchnorm)
 from sslpipe.models.heads import DINOHead
@@ -75,7 +75,7 @@ class DINORecipe(MultiCropRecipe):
         c = self.cfg.crops
         global_crops, local_crops = self.crops_on_device(batch)
         with torch.no_grad():
-            teacher_out = self.teacher(global_crops)[0]
+            teacher_out, teacher_feats = self.teacher(global_crops)
         student_out, student_feats = self.student(global_crops, local_crops)
         loss = self.loss(student_out, teacher_out, teacher_temp=sched["teacher_temp"],
                          n_crops=c.n_global + c.n_local, n_global=c.n_global)
@@ -86,5 +86,6 @@ class DINORecipe(MultiCropRecipe):
                 center=self.loss.center, teacher_temp=sched["teacher_temp"],
                 student_temp=self.cfg.loss.student_temp,
             )
+            metrics |= embedding_health(teacher=teacher_feats, student=student_feats.detach())
         self.loss.update_center(teacher_out)
         return loss, metrics

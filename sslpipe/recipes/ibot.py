@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sslpipe.losses.health import health_metrics
+from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.losses.ibot import IBOTLoss
 from sslpipe.models.backbones import MaskedViT, create_backbone
 from sslpipe.models.heads import IBOTHead
@@ -86,7 +86,7 @@ class IBOTRecipe(MultiCropRecipe):
         global_crops, local_crops = self.crops_on_device(batch)
         masks = batch["masks"].to(self.accelerator.device, non_blocking=True)
         with torch.no_grad():
-            teacher_cls, teacher_patch = self.teacher(global_crops)[:2]
+            teacher_cls, teacher_patch, _, teacher_feats = self.teacher(global_crops)
         student_cls, student_patch, student_local_cls, student_feats = self.student(global_crops, masks, local_crops)
         flat_masks = masks.flatten(1)
         out = self.loss(
@@ -104,5 +104,6 @@ class IBOTRecipe(MultiCropRecipe):
                 teacher_patch=teacher_patch.float(), student_patch=student_patch.detach()[flat_masks].float(),
                 center2=self.loss.center2, teacher_patch_temp=sched["teacher_patch_temp"], masks=flat_masks,
             ))
+            metrics.update(embedding_health(teacher=teacher_feats, student=student_feats.detach()))
         self.loss.update_center(teacher_cls, teacher_patch)
         return loss, metrics

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from sslpipe.config import Config
 from sslpipe.data.stream import build_loader
+from sslpipe.losses.health import embedding_health
 from sslpipe.losses.qscore import build_qscore
 from sslpipe.models.backbones import backbone_embed_dim, create_backbone, forward_cls, sync_batchnorm
 from sslpipe.recipes.base import Recipe
@@ -130,6 +131,8 @@ class SimCLRRecipe(Recipe):
             term, qmetrics = self.qscore(h)
             loss = loss + term
             metrics.update(qmetrics)
+        if self.cfg.train.health_every and (int(sched["it"]) + 1) % self.cfg.train.health_every == 0:
+            metrics.update(embedding_health(student=feats.detach()))  # no teacher: the student's features only
         return loss, metrics
 
     def after_optimizer_step(self, sched: dict[str, float]) -> None:

@@ -1,1 +1,1 @@
-"""Pictures of predictions, backbones and runs (docs/finetune.md, docs/internals.md)."""
+"""Pictures of predictions, backbones and runs (docs/finetune.md, docs/show_and_report.md, docs/internals.md)."""

@@ -93,31 +93,55 @@ def _legend_strip(legend: list[tuple[str, tuple[int, int, int]]], width: int) ->
     return np.asarray(strip)
 
 
+def _wrap(text: str, width: int, font: ImageFont.ImageFont) -> list[str]:
+    """`text` broken into lines at spaces so that each fits `width` pixels."""
+    probe, lines = ImageDraw.Draw(Image.new("RGB", (1, 1))), [""]
+    for word in text.split():
+        line = f"{lines[-1]} {word}".strip()
+        if lines[-1] and probe.textlength(line, font=font) > width:
+            lines.append(word)
+        else:
+            lines[-1] = line
+    return lines
+
+
 def save_rows(rows: list[list[Tensor]], path: str | Path, min_side: int = 192, gap: int = 2,
               titles: tuple[str, ...] | None = PANEL_TITLES,
-              legend: list[tuple[str, tuple[int, int, int]]] | None = None) -> Path:
+              legend: list[tuple[str, tuple[int, int, int]]] | None = None, caption: str | None = None,
+              labels: list[list[str]] | None = None) -> Path:
     """Panels (uint8 (3, H, W)) laid out row by row, small images enlarged (nearest) to `min_side`, with a title
-    over each column and a colour legend below (`class_legend`); written atomically as PNG."""
+    over each column and a colour legend below (`class_legend`); written atomically as PNG. `caption` is a line
+    (wrapped) over everything that says what the picture shows; `labels` a short text under each panel."""
     scale = max(1, -(-min_side // max(1, min(min(p.shape[-2:]) for row in rows for p in row))))
     arrays = [[np.asarray(p.permute(1, 2, 0).cpu().numpy()).repeat(scale, 0).repeat(scale, 1) for p in row]
               for row in rows]
     header = 20 if titles else 0
-    height = header + sum(max(a.shape[0] for a in row) for row in arrays) + gap * (len(arrays) - 1)
+    below = 16 if labels else 0
     width = max(sum(a.shape[1] for a in row) + gap * (len(row) - 1) for row in arrays)
+    caption_lines = _wrap(caption, width - 8, _font(14)) if caption else []
+    top = 18 * len(caption_lines) + 4 * bool(caption_lines)
+    height = top + header + sum(max(a.shape[0] for a in row) + below for row in arrays) + gap * (len(arrays) - 1)
     canvas = np.full((height, width, 3), 255, np.uint8)
-    y = header
-    for row in arrays:
+    y, spots = top + header, []
+    for r, row in enumerate(arrays):
         x = 0
-        for a in row:
+        for c, a in enumerate(row):
             canvas[y: y + a.shape[0], x: x + a.shape[1]] = a
+            if labels and c < len(labels[r]):
+                spots.append((x + a.shape[1] // 2, y + a.shape[0] + below // 2, labels[r][c]))
             x += a.shape[1] + gap
-        y += max(a.shape[0] for a in row) + gap
+        y += max(a.shape[0] for a in row) + below + gap
     image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(caption_lines):
+        draw.text((4, 2 + 18 * i), line, fill=(0, 0, 0), font=_font(14))
     if titles:
-        draw, font, x = ImageDraw.Draw(image), _font(14), 0
+        font, x = _font(14), 0
         for title, a in zip(titles, arrays[0]):
-            draw.text((x + a.shape[1] // 2, header // 2), title, fill=(0, 0, 0), font=font, anchor="mm")
+            draw.text((x + a.shape[1] // 2, top + header // 2), title, fill=(0, 0, 0), font=font, anchor="mm")
             x += a.shape[1] + gap
+    for x, y, text in spots:
+        draw.text((x, y), text, fill=(0, 0, 0), font=_font(12), anchor="mm")
     if legend:
         image = Image.fromarray(np.concatenate([np.asarray(image), _legend_strip(legend, width)]))
     path = Path(path)

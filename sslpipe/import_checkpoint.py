@@ -1,0 +1,310 @@
+"""`sslpipe import`: an official DINO / iBOT / DINOv2 / MAE checkpoint, a timm state dict or a safetensors file ->
+an export folder, exactly what `sslpipe export` writes (`model.safetensors`, `config.json`, model card), so every probe
+and fine-tuning recipe takes it (docs/own_backbone.md). The official key layouts: `sslpipe.checkpoint_layouts`.
+
+Reading is safe: `.safetensors` hold tensors only; anything else goes through `torch.load(weights_only=True)`, which
+rebuilds tensors and plain containers and refuses every other pickled object (unpickling one can run code). One
+class is let through: `argparse.Namespace`, the `args` entry of every DINO / iBOT / MAE training checkpoint. It is a
+plain attribute container -- rebuilding it fills a `__dict__` and runs none of its code -- and its values pass the
+same restricted unpickler, so a Namespace holding anything else is refused too.
+
+Every tensor is accounted for: what is not exported (the other network, heads, decoder, mask tokens, optimizer ...)
+is listed with the reason in the report and in config.json's `source.dropped`; a backbone key missing, left over or
+of another shape is an error naming the first keys on both sides.
+
+The architecture is read from the shapes (patch size, width, depth, MLP ratio, registers, layer scale, biases,
+position grid); the number of attention heads leaves no trace in any shape, so the standard of the width is taken,
+and said. A position grid other than the one asked for (`img_size / patch`) is resized here, once, by the source's
+own rule, so the export at that size computes what the official model computes at that size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+
+from sslpipe.checkpoint_layouts import (
+    FORMATS,
+    Dropped,
+    UnusableCheckpoint,
+    backbone_state,
+    detect_format,
+    infer_resnet,
+    infer_vit,
+    native_size,
+    select_network,
+    square,
+    to_timm_names,
+)
+from sslpipe.export import (
+    CARD_NAME,
+    CONFIG_NAME,
+    FORMAT,
+    WEIGHTS_NAME,
+    _sha256,
+    _timm_args,
+    export_backbone,
+    write_model_card,
+)
+from sslpipe.models.backbones import pos_interpolation_matrix
+
+SAFE_GLOBALS = (argparse.Namespace,)
+_OFFICIAL = ("dino", "ibot", "dinov2", "mae")
+_CLASSIFIERS = ("head", "fc", "classifier")
+_CONVERT = """If you trust the file, keep only its tensors, once (this runs its pickles):
+    import torch
+    ck = torch.load("{src}", map_location="cpu", weights_only=False)
+    torch.save({{k: v for k, v in ck.items() if isinstance(v, (dict, torch.Tensor))}}, "{dst}")
+and import that: `sslpipe import {dst} OUT`. (Or allow the class in your own code with
+torch.serialization.add_safe_globals([{name}]).)"""
+
+
+def _few(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
+    """The checkpoint's contents, read without running pickled code (module docstring). A missing, truncated or
+    damaged file, one that pickles objects and one without tensors each raise one error that says what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass a .pth/.pt/.bin checkpoint, a .safetensors file or an "
+                                "export folder")
+    kind = "safetensors file" if path.suffix == ".safetensors" else "torch checkpoint"
+
+    def damaged(detail: object) -> UnusableCheckpoint:
+        return UnusableCheckpoint(f"{path} could not be read as a {kind} ({detail}): truncated or damaged? Download "
+                                  "it again (and compare its sha256)")
+
+    if path.suffix == ".safetensors":
+        try:
+            ckpt: Any = load_file(str(path))
+        except SafetensorError as err:
+            raise damaged(err) from err
+    else:
+        try:
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            if found is None:
+                raise damaged(str(err).splitlines()[0]) from err
+            name = found.group(1)
+            raise UnusableCheckpoint(
+                f"{path} holds a pickled Python object ({name}) that a safe load refuses: unpickling it could run "
+                "code (only tensors, plain containers and argparse.Namespace are read). "
+                + _CONVERT.format(src=path, dst=path.with_name(path.stem + ".tensors.pth"), name=name)) from err
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            detail = str(err).split(". ")[0] if str(err) else f"{type(err).__name__}: the file ends early"
+            raise damaged(detail) from err
+    if not isinstance(ckpt, Mapping):
+        raise UnusableCheckpoint(f"{path} holds a {type(ckpt).__name__}, not a dict of tensors: save "
+                                 "model.state_dict() (or a dict of state dicts)")
+
+    def tensors(value: Any) -> bool:
+        return isinstance(value, Tensor) or (isinstance(value, Mapping) and any(map(tensors, value.values())))
+
+    if not tensors(ckpt):
+        entries = sorted(map(str, ckpt))[:12] or "none, an empty dict"
+        raise UnusableCheckpoint(f"{path} holds no tensors (entries: {entries}): pass the checkpoint that holds the "
+                                 "weights")
+    return ckpt
+
+
+def _resize_pos_embed(pos: Tensor, prefix: int, old: int, new: int, fmt: str, registers: bool) -> tuple[Tensor, str]:
+    """The grid part of a position embedding resized by the rule of the model it comes from."""
+    head, grid = pos[:, :prefix], pos[:, prefix:]
+    if fmt in ("dino", "ibot") or (fmt == "dinov2" and not registers):
+        grid = (pos_interpolation_matrix((old, old), (new, new), dtype=torch.float64) @ grid[0].double())[None]
+        how = "bicubic, scale factor (n + 0.1) / N, as the official interpolate_pos_encoding of DINO / iBOT / DINOv2"
+    else:
+        grid = resample_abs_pos_embed(grid.float(), new_size=[new, new], old_size=[old, old], num_prefix_tokens=0,
+                                      antialias=fmt != "mae")
+        how = {"mae": "bicubic to the new size, no antialias, as MAE's interpolate_pos_embed",
+               "dinov2": "bicubic to the new size with antialias, as DINOv2's register models (interpolate_offset=0, "
+                         "interpolate_antialias=True)"}.get(fmt, "bicubic with antialias, timm's "
+                                                                 "resample_abs_pos_embed")
+    return torch.cat([head, grid.to(pos.dtype)], dim=1), f"position embedding {old}x{old} -> {new}x{new}: {how}"
+
+
+def _fit(state: dict[str, Tensor], module: nn.Module, fmt: str) -> tuple[list[Dropped], list[str]]:
+    """Resize the position grid to the module's and drop a classifier the export leaves out (in place)."""
+    notes, dropped = [], []
+    pos, target = state.get("pos_embed"), getattr(module, "pos_embed", None)
+    if pos is not None and isinstance(target, Tensor) and pos.shape != target.shape and pos.shape[2] == target.shape[2]:
+        prefix = 0 if getattr(module, "no_embed_class", False) else module.num_prefix_tokens
+        old, new = square(pos.shape[1] - prefix), tuple(module.patch_embed.grid_size)
+        if old and new[0] == new[1] and target.shape[1] == prefix + new[0] * new[1]:
+            state["pos_embed"], note = _resize_pos_embed(pos, prefix, old, new[0], fmt, "reg_token" in state)
+            notes.append(note)
+    target_keys = module.state_dict()
+    classifier = sorted(k for k in state if k not in target_keys and k.split(".")[0] in _CLASSIFIERS)
+    for key in classifier:
+        del state[key]
+    for group in dict.fromkeys(k.split(".")[0] for k in classifier):
+        dropped.append(Dropped(f"{group}.*", sum(k.startswith(group + ".") for k in classifier),
+                               "classifier (an export has num_classes=0)"))
+    return dropped, notes
+
+
+def _check_keys(state: Mapping[str, Tensor], module: nn.Module, what: str, hint: str) -> None:
+    target = module.state_dict()
+    missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in sorted(set(state) & set(target))
+              if state[k].shape != target[k].shape]
+    problems = [f"in the model, not in the checkpoint: {_few(missing)}" if missing else "",
+                f"in the checkpoint, not in the model: {_few(unexpected)}" if unexpected else "",
+                f"shape checkpoint vs model: {_few(shapes, 4)}" if shapes else ""]
+    if missing or unexpected or shapes:
+        raise UnusableCheckpoint(f"{what}: " + "; ".join(p for p in problems if p) + f". {hint}")
+
+
+def _tensors(n: int) -> str:
+    return "" if n == 0 else "1 tensor" if n == 1 else f"{n} tensors"
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    """Architecture, model arguments, input size and normalisation from the config.json beside a .safetensors file:
+    an sslpipe export's, or a timm Hugging Face folder's (`architecture` + `pretrained_cfg`)."""
+    config = path.parent / CONFIG_NAME
+    if path.suffix != ".safetensors" or not config.is_file():
+        return {}
+    try:
+        cfg = json.loads(config.read_text())
+    except ValueError as err:
+        raise UnusableCheckpoint(f"{config} beside {path.name} is not valid JSON ({err}): fix or remove it") from err
+    if not isinstance(cfg, dict) or "architecture" not in cfg:
+        return {}
+    pre = cfg if cfg.get("format") == FORMAT else cfg.get("pretrained_cfg", {})
+    size = pre.get("img_size") or (pre.get("input_size") or [None])[-1]
+    return {"arch": cfg["architecture"], "model_args": dict(cfg.get("model_args") or {}), "img_size": size,
+            "mean": pre.get("mean"), "std": pre.get("std"), "from": f"{config.name} beside the weights"}
+
+
+def _source_file(source: Path) -> Path:
+    if not source.is_dir():
+        return source
+    for name in (WEIGHTS_NAME, "pytorch_model.bin"):
+        if (source / name).is_file():
+            return source / name
+    raise FileNotFoundError(f"{source} is a folder without {WEIGHTS_NAME} or pytorch_model.bin: pass the checkpoint "
+                            f"file (it holds {sorted(p.name for p in source.iterdir())[:8]})")
+
+
+@dataclass
+class ImportReport:
+    """What `import_checkpoint` read, kept, left out and assumed; `lines()` is what `sslpipe import` prints."""
+
+    source: Path
+    out: Path
+    fmt: str
+    detected: bool
+    which: str | None
+    arch: str
+    arch_from: str
+    model_args: dict[str, Any]
+    kept: int
+    dropped: list[Dropped]
+    notes: list[str]
+
+    def lines(self) -> list[str]:
+        out = [f"read {self.source}: {self.fmt} layout ({'detected from the keys' if self.detected else '--format'})"
+               + (f", the {self.which}" if self.which else "")]
+        out.append(f"architecture {self.arch} ({self.arch_from}): "
+                   + ", ".join(f"{k}={v}" for k, v in self.model_args.items() if k != "num_classes"))
+        out += [f"note: {n}" for n in self.notes]
+        if self.dropped:
+            out.append("dropped, not part of the backbone:")
+            width = max(len(d.entry) for d in self.dropped)
+            out += [f"  {d.entry:<{width}}  {_tensors(d.tensors):>12}  {d.why}" for d in self.dropped]
+        out.append(f"kept {self.kept} tensors -> {self.out} ({WEIGHTS_NAME}, {CONFIG_NAME}, {CARD_NAME}); reloaded "
+                   "in timm with the same outputs")
+        return out
+
+
+def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = None, which: str | None = None,
+                      arch: str | None = None, img_size: int | None = None) -> ImportReport:
+    """Write the backbone of `source` as an export folder `out` (module docstring).
+
+    `fmt`: one of FORMATS (default: detected from the keys); `which`: "teacher" | "student" for checkpoints with
+    both (default: the teacher); `arch`: a timm name whose defaults describe the weights (default: read from the
+    shapes, or from an export's config.json beside a .safetensors file); `img_size`: the input size of the export
+    (default: the checkpoint's position grid x patch size; 224 for CNNs).
+    """
+    path = _source_file(Path(source))
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    ckpt = read_checkpoint(path)
+    net, chosen, dropped = select_network(ckpt, which, path)
+    found = detect_format(ckpt, net, path.suffix)
+    if fmt in _OFFICIAL and found in _OFFICIAL and found != fmt:
+        raise UnusableCheckpoint(f"--format {fmt}, but {path} has the keys of a {found} checkpoint: leave --format "
+                                 f"out or pass --format {found}")
+    detected, fmt = fmt is None, fmt or found
+    state, beside = backbone_state(net, fmt)
+    state = to_timm_names(state)
+    side = _sidecar(path) if fmt in ("timm", "safetensors") and arch is None else {}
+    notes: list[str] = []
+    patch: int | None = None
+    kwargs: dict[str, Any] = {}
+    if arch is not None:
+        if not timm.is_model(arch):
+            raise UnusableCheckpoint(f"--arch {arch!r} is not a timm architecture (timm.list_models('vit_*') lists "
+                                     "them)")
+        arch_from, hint = "--arch", (f"These weights are no {arch}: leave --arch out to read the architecture from "
+                                     "the shapes, or name the right one")
+    elif side:
+        arch, arch_from = side["arch"], side["from"]
+        hint = f"The {CONFIG_NAME} beside it does not describe these weights: pass --arch"
+        patch = side["model_args"].get("patch_size")
+        kwargs = {k: v for k, v in side["model_args"].items()
+                  if k not in ("img_size", "patch_size", "num_classes", "dynamic_img_size")}
+    else:
+        arch_from, hint = "inferred from the shapes", "Name the architecture with --arch TIMM_NAME (its defaults apply)"
+        if "patch_embed.proj.weight" in state:
+            arch, kwargs, patch, notes = infer_vit(state, fmt)
+        elif "conv1.weight" in state and "layer1.0.conv1.weight" in state:
+            arch = infer_resnet(state)
+        else:
+            raise UnusableCheckpoint(f"cannot read the architecture of {path} from keys like "
+                                     f"{_few(sorted(state))}: pass --arch TIMM_NAME")
+    size = int(img_size or side.get("img_size") or native_size(state) or 224)
+    try:
+        module, model_args = _timm_args(arch, size, patch, kwargs)
+    except TypeError as err:
+        raise UnusableCheckpoint(f"timm.create_model({arch!r}) rejects the model arguments {kwargs} "
+                                 f"({arch_from}): {err}. {hint}") from err
+    step = getattr(getattr(module, "patch_embed", None), "patch_size", (1,))[0]
+    if size % step:
+        raise UnusableCheckpoint(f"--img-size {size} is not a multiple of the patch size {step}")
+    classifier, resized = _fit(state, module, fmt)
+    _check_keys(state, module, f"{path} ({fmt} layout) does not fit {arch} with {model_args} ({arch_from})", hint)
+    module.load_state_dict(state, strict=True)
+    dropped += beside + classifier
+    notes += resized
+    source_info = {"imported_from": str(path.resolve()), "sha256": _sha256(path), "format": fmt, "which": chosen,
+                   "architecture_from": arch_from, "dropped": [d.as_dict() for d in dropped], "notes": notes}
+    out_dir = export_backbone(
+        module.eval(), out, arch=arch, model_args=model_args, img_size=size,
+        mean=side.get("mean") or IMAGENET_DEFAULT_MEAN, std=side.get("std") or IMAGENET_DEFAULT_STD,
+        source=source_info)
+    write_model_card(
+        out_dir, title=f"{arch} imported from a {fmt} checkpoint", tags=[fmt, "imported"],
+        provenance=[("source", f"`{path.name}`, sha256 `{source_info['sha256']}`"),
+                    ("layout", f"{fmt}" + (f", the {chosen}" if chosen else "")),
+                    ("architecture read from", arch_from),
+                    ("left out", "; ".join(f"`{d.entry}`: {d.why}" for d in dropped) or "nothing"),
+                    *(("note", n) for n in notes)])
+    return ImportReport(path, out_dir, fmt, detected, chosen, arch, arch_from, model_args, len(state), dropped, notes)
