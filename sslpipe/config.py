@@ -117,8 +117,9 @@ class LossConfig(_Section):
 
 class OptimConfig(_Section):
     """With `lr_scaling: linear` (DINO/iBOT) `lr` is per 256 images: the applied rate is
-    lr * batch_size * world_size * grad_accum_steps / 256; with `none` it is applied as given (fine-tuning recipes
-    quote the published absolute rate at the published batch).
+    lr * batch_size * world_size * grad_accum_steps / 256; with `sqrt_wrt_1024` (DINOv2's `optim.scaling_rule`,
+    dinov2/utils/config.py) `lr` is the rate for a global batch of 1024, applied as lr * sqrt(global batch / 1024);
+    with `none` it is applied as given (fine-tuning recipes quote the published absolute rate at the published batch).
 
     `schedule`: `cosine` (DINO/iBOT: to `min_lr`), `step` (x `step_gamma` at each of `step_epochs`; ViTDet),
     `poly` ((1 - t)^`poly_power` to `min_lr`; Mask2Former, U2PL) or `constant`; all after a linear warm-up from 0 over
@@ -128,7 +129,7 @@ class OptimConfig(_Section):
 
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 5e-4
-    lr_scaling: Literal["linear", "none"] = "linear"
+    lr_scaling: Literal["linear", "sqrt_wrt_1024", "none"] = "linear"
     min_lr: float = 1e-6
     schedule: Literal["cosine", "step", "poly", "constant"] = "cosine"
     warmup_epochs: float = 10
@@ -305,8 +306,10 @@ class U2PLConfig(_Section):
     num_classes: int | None = None  # null: the classes of data.train's manifest
     ignore_index: int = 255
     crop_size: int = 513
+    # official RandResize: the scale is uniform in [lo, 1] or in [1, hi], each with probability 1/2 (lo <= 1 <= hi)
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: float = 0.5
+    label_pad: int = 0  # label of the crop's padding on labelled images: official Crop pads with 0; 255 = ignore it
     # network: DeepLabv3+ (official dec_deeplabv3_plus), 256-d representation head
     output_stride: int = 8  # CNN encoders (dilated ResNet-101)
     decoder_channels: int = 256
@@ -346,6 +349,47 @@ class U2PLConfig(_Section):
     eval_max_images: int | None = None
 
 
+class DINOv2Config(_Section):
+    """DINOv2 (`method: dinov2`, sslpipe/recipes/dinov2.py): what DINOv2 adds to DINO + iBOT. Defaults are
+    facebookresearch/dinov2 dinov2/configs/ssl_default_config.yaml with the method switches of its train configs
+    (train/vitl14.yaml, vitg14.yaml: separate heads, Sinkhorn-Knopp centering).
+
+    The CLS head is `head.*` (out_dim = `dino.head_n_prototypes`); the patch head has `head.patch_out_dim`
+    prototypes and, where the `ibot_*` sizes are null, head.*'s sizes. Temperatures and centre momenta: `loss.*`
+    (one teacher temperature for CLS and patches, as in the official code: the `*_patch_temp` keys are iBOT's).
+    LayerScale and registers are timm arguments (`model.kwargs: {init_values: 1.0e-5, reg_tokens: 4}`)."""
+
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1  # on the student's backbone CLS tokens of each global crop, summed over crops
+    separate_head: bool = True  # train/vitl14.yaml; ssl_default_config.yaml: false (the CLS head also maps patches)
+    ibot_hidden_dim: int | None = None  # null: head.hidden_dim
+    ibot_bottleneck_dim: int | None = None  # null: head.bottleneck_dim
+    ibot_nlayers: int | None = None  # null: head.nlayers
+    centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"  # softmax: DINO/iBOT's centre + softmax
+    sinkhorn_iterations: int = 3
+    # collate_data_and_cast: int(mask_sample_probability * global crops in the batch) crops are masked, with ratios
+    # drawn from linearly spaced bins over mask_ratio_min_max, block masks of at least mask_min_num_patches patches
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    mask_sample_probability: float = 0.5
+    mask_min_num_patches: int = 4  # dinov2/data/masking.py MaskingGenerator default
+    mask_min_aspect: float = 0.3
+    drop_path_uniform: bool = True  # the same drop-path rate in every block (timm: linear from 0)
+    layerwise_decay: float = 0.9  # lr x decay^(L + 1 - layer_id) in the backbone (dinov2/utils/param_groups.py)
+    patch_embed_lr_mult: float = 0.2
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "DINOv2Config":
+        lo, hi = self.mask_ratio_min_max
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"dinov2.mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {[lo, hi]}")
+        if not 0.0 < self.mask_sample_probability <= 1.0:
+            raise ValueError(f"dinov2.mask_sample_probability must be in (0, 1], got {self.mask_sample_probability}")
+        if self.sinkhorn_iterations < 1:
+            raise ValueError(f"dinov2.sinkhorn_iterations must be >= 1, got {self.sinkhorn_iterations}")
+        return self
+
+
 class Config(_Section):
     method: str
     seed: int = 0
@@ -365,6 +409,7 @@ class Config(_Section):
     simclr: SimCLRConfig = SimCLRConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     u2pl: U2PLConfig = U2PLConfig()
+    dinov2: DINOv2Config = DINOv2Config()
 
 
 # --------------------------------------------------------------------------------------------------------- errors

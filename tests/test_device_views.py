@@ -13,8 +13,9 @@ from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from sslpipe.config import load_config
+from sslpipe.data.crop_params import P
 from sslpipe.data.device_views import DeferredCrops, DeviceMultiCropTransform, augment_batch, device_crops
-from sslpipe.data.fast_views import P, FastMultiCropTransform, as_array, normalize_crops
+from sslpipe.data.fast_views import FastMultiCropTransform, as_array, normalize_crops
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -1,5 +1,6 @@
 """U2PL: the entropy filter and its schedule, the rank rule of negatives, FIFO queues (and their checkpoint), CutMix
-alignment, the contrastive loss against a hand computation, the EMA decay, mIoU against a reference, sliding-window
+alignment, the contrastive loss against a hand computation, the EMA decay and the teacher update of the official code,
+the official crop padding and scale draw, the pseudo-label diagnostics, mIoU against a reference, sliding-window
 inference, seeded label splits."""
 from __future__ import annotations
 
@@ -8,17 +9,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sslpipe.data.cutmix import apply_cutmix, cutmix_box, cutmix_masks
 from sslpipe.data.semi import label_split, parse_labeled
+from sslpipe.data.u2pl_views import U2PLSegTransform, draw_scale
 from sslpipe.eval.seg_eval import slide_logits, whole_logits
 from sslpipe.eval.segmentation import SegmentationMetric
 from sslpipe.losses.u2pl_contrastive import (U2PLContrastiveLoss, class_ranks, entropy_split, info_nce,
                                              low_entropy_percent, negative_masks)
 from sslpipe.losses.u2pl_unsup import drop_percent_at, entropy_map, percentile, reliable_mask, unsupervised_loss
+from sslpipe.models.ema import build_teacher
 from sslpipe.models.memory_queue import ClassQueues
-from sslpipe.recipes.u2pl import ema_decay_at
+from sslpipe.recipes.u2pl import ema_decay_at, pseudo_label_metrics, update_teacher
 
 
 def _probs_with_entropies(n: int, classes: int = 4) -> torch.Tensor:
@@ -214,6 +218,116 @@ def test_ema_decay_schedule() -> None:
     assert ema_decay_at(150, 100, 0.99) == pytest.approx(1 - 1 / 51)
     assert ema_decay_at(199, 100, 0.99) == pytest.approx(0.99)
     assert ema_decay_at(5000, 100, 0.99) == 0.99
+
+
+def test_teacher_is_the_student_during_the_first_u2pl_epoch_then_ema() -> None:
+    """train_semi.py: during epoch sup_only_epoch the teacher's parameters alias the student's, later the EMA with
+    decay min(1 - 1/(it - sup_only_iters + 1), ema_decay). 3 steps per epoch, sup_only_epoch 1, the student's weight
+    is it + 1 after the step of iteration it, the teacher's starts at 100."""
+    student = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    teacher = build_teacher(student)
+    with torch.no_grad():
+        teacher[0].weight.fill_(100.0)
+        teacher[1].running_mean.fill_(-5.0)
+
+    def run(ema_decay: float) -> list[float]:
+        t = build_teacher(teacher)
+        seen = []
+        for it in range(9):
+            with torch.no_grad():
+                student[0].weight.fill_(it + 1.0)
+            update_teacher(t, student, epoch=it // 3, it=it, sup_only_epoch=1, sup_only_iters=3, ema_decay=ema_decay)
+            seen.append(float(t[0].weight))
+        assert float(t[1].running_mean) == -5.0  # parameters only: BatchNorm statistics stay the teacher's
+        return seen
+
+    # epoch 0: untouched; epoch 1: the student (4, 5, 6); epoch 2: decay 3/4, 4/5, 5/6:
+    # 0.75 * 6 + 0.25 * 7 = 6.25; 0.8 * 6.25 + 0.2 * 8 = 6.6; 5/6 * 6.6 + 1/6 * 9 = 7.0
+    # (the earlier copy-once-then-average teacher gave 4, 4.5, 5 in epoch 1)
+    assert run(0.99) == pytest.approx([100, 100, 100, 4, 5, 6, 6.25, 6.6, 7.0])
+    # ema_decay caps the decay: 0.7 * 6 + 0.3 * 7 = 6.3; 0.7 * 6.3 + 0.3 * 8 = 6.81; 0.7 * 6.81 + 0.3 * 9 = 7.467
+    assert run(0.7) == pytest.approx([100, 100, 100, 4, 5, 6, 6.3, 6.81, 7.467])
+
+
+# --------------------------------------------------------------------------------------------- augmentation
+def _image_and_label(h: int, w: int, cls: int) -> tuple[Image.Image, Image.Image]:
+    rgb = (np.arange(h * w * 3).reshape(h, w, 3) % 251).astype(np.uint8)
+    return Image.fromarray(rgb), Image.fromarray(np.full((h, w), cls, np.uint8), mode="L")
+
+
+def test_crop_pads_like_the_official_code() -> None:
+    """augmentation.py Crop: the missing size is padded pad // 2 before and the rest after, image with 0 (after
+    normalisation), label with 0 (its `ignore_label` is forced to 0); label_pad=255 ignores the padding instead.
+    A 5 x 6 image (label 3) into an 8 x 8 crop at scale 1 without flip: pad rows 1 + 2, columns 1 + 1."""
+    image, seg = _image_and_label(5, 6, 3)
+    expected = torch.zeros(8, 8, dtype=torch.long)
+    expected[1:6, 1:7] = 3
+    t = U2PLSegTransform(8, scale_range=(1.0, 1.0), hflip=0.0, mean=(0.5,) * 3, std=(0.25,) * 3)
+    img, label = t(image, seg)
+    assert torch.equal(label, expected)
+    ref = (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
+    assert torch.equal(img[:, 1:6, 1:7], ref) and img[:, expected == 0].abs().sum() == 0
+    _, label255 = U2PLSegTransform(8, scale_range=(1.0, 1.0), hflip=0.0, label_pad=255)(image, seg)
+    assert torch.equal(label255, torch.where(expected == 3, 3, 255))
+    # unlabelled: validity and the diagnostic ground truth (255 on padding; all 255 without a seg.png)
+    _, valid, truth = t.unlabeled(image, seg)
+    assert torch.equal(valid, expected == 3) and torch.equal(truth, torch.where(expected == 3, 3, 255))
+    assert (t.unlabeled(image)[2] == 255).all()
+    # larger than the crop: a window of the image, no padding
+    big_img, big_seg = _image_and_label(12, 10, 1)
+    img, label = t(big_img, big_seg)
+    assert img.shape == (3, 8, 8) and (label == 1).all()
+
+
+def test_unlabelled_ground_truth_does_not_change_the_draws() -> None:
+    image, seg = _image_and_label(20, 14, 2)
+    t = U2PLSegTransform(16, hflip=0.5)
+    outs = []
+    for s in (seg, None):
+        torch.manual_seed(7)
+        outs.append(t.unlabeled(image, s))
+    torch.manual_seed(7)
+    labelled = t(image, seg)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert torch.equal(outs[0][0], labelled[0])
+
+
+def test_scale_is_drawn_below_or_above_one_with_equal_chance() -> None:
+    """augmentation.py RandResize: uniform in [0.5, 1] or [1, 2], each with probability 1/2: mean 0.5 * 0.75 + 0.5 *
+    1.5 = 1.125 and half the draws below 1 (uniform on [0.5, 2] would give mean 1.25 and a third below 1)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.tensor([draw_scale((0.5, 2.0), g) for _ in range(20000)])
+    assert 0.5 <= float(s.min()) and float(s.max()) <= 2.0
+    below = s < 1
+    assert float(below.float().mean()) == pytest.approx(0.5, abs=0.015)
+    assert float(s.mean()) == pytest.approx(1.125, abs=0.01)
+    assert float(s[below].mean()) == pytest.approx(0.75, abs=0.01) and float(s[~below].mean()) == pytest.approx(
+        1.5, abs=0.02)
+    # the transform resizes by that draw, truncating the size (int(side * s)), as the code
+    image, seg = _image_and_label(20, 20, 1)
+    t = U2PLSegTransform(48)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        scale = draw_scale((0.5, 2.0))
+        torch.manual_seed(seed)
+        assert int(t.unlabeled(image, seg)[1].sum()) == int(20 * scale) ** 2
+    with pytest.raises(ValueError, match="u2pl.scale_range"):
+        U2PLSegTransform(8, scale_range=(1.2, 2.0))
+
+
+# ------------------------------------------------------------------------------------------------ diagnostics
+def test_pseudo_label_metrics_equal_hand_computation() -> None:
+    names = ["bg", "cat", "dog"]
+    pseudo = torch.tensor([[0, 0, 1, 1, 2, 255, 0, 1]])
+    truth = torch.tensor([[0, 1, 1, 1, 0, 2, 255, 1]])
+    kept = torch.tensor([[True, False, True, True, True, True, True, False]])
+    m = pseudo_label_metrics(pseudo, kept, truth, names)
+    # pixels with both: 0..4 and 7 (6 pixels), hits 0, 2, 3, 7 -> 4/6; kept among them 0, 2, 3, 4 -> hits 3/4
+    assert float(m["pseudo/acc"]) == pytest.approx(4 / 6) and float(m["pseudo/acc_kept"]) == pytest.approx(3 / 4)
+    # truth bg at 0, 4 (hit 0) -> 1/2; cat at 1, 2, 3, 7 -> 3/4; dog only where pseudo is 255 -> absent
+    assert float(m["pseudo/recall/bg"]) == pytest.approx(0.5) and float(m["pseudo/recall/cat"]) == 0.75
+    assert "pseudo/recall/dog" not in m
+    assert pseudo_label_metrics(pseudo, kept, torch.full_like(truth, 255), names) == {}
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

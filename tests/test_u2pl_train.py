@@ -1,8 +1,11 @@
 """U2PL and its supervised baseline end to end on tiny bundled real data (scenes): layouts -> shards -> trainer ->
-evaluation, exact resume of teacher and queues, `sslpipe eval-seg`, VOC/Cityscapes readers, and the queues under
-`accelerate launch` with 2 CPU processes."""
+evaluation, exact resume of teacher and queues, `sslpipe eval-seg`, VOC/Cityscapes readers, the queues under
+`accelerate launch` with 2 CPU processes; one U2PL step against the supervised one (no leak of the unlabelled
+machinery into the supervised path), the unlabelled ground truth kept out of every loss, the teacher update wired
+into the recipe, and the diagnostics in metrics.jsonl."""
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -22,6 +25,8 @@ from safetensors.torch import load_file
 from sslpipe.cli import main as cli_main
 from sslpipe.config import load_config
 from sslpipe.data.seg_layouts import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS, cityscapes_pairs, layout_shards
+from sslpipe.recipes.seg_supervised import SupervisedSegRecipe
+from sslpipe.recipes.u2pl import U2PLRecipe
 
 TINY = ["model.arch=resnet10t", "u2pl.crop_size=32", "u2pl.decoder_channels=16", "u2pl.aspp_channels=16",
         "u2pl.rep_dim=16", "u2pl.num_queries=8", "u2pl.num_negatives=4", "u2pl.queue_size=64",
@@ -70,6 +75,8 @@ def test_u2pl_trains_evaluates_and_resumes_exactly(semi: Path, tmp_path: Path, m
     assert [("loss/unsup" in r) for r in steps] == [False, False, True, True, True, True]
     assert all(math.isfinite(r["loss"]) for r in steps)
     assert all(r["cutmix"] == 1.0 and 0 < r["pseudo/reliable_frac"] <= 1 for r in steps[2:])
+    # unlabelled shards without seg.png: queue fill per class, no pseudo-label accuracy
+    assert all("queue_fill/background" in r and "pseudo/acc" not in r for r in steps[2:])
     evals = [r for r in lines if "mIoU" in r]
     assert len(evals) == 1 and 0 <= evals[0]["mIoU"] <= 1 and "iou/background" in evals[0]
 
@@ -106,12 +113,148 @@ def test_supervised_baseline_runs_on_the_same_labelled_images(semi: Path, tmp_pa
 
 
 def test_u2pl_requires_unlabelled_shards(semi: Path, tmp_path: Path) -> None:
-    from sslpipe.recipes.u2pl import U2PLRecipe
-
     recipe = U2PLRecipe(_cfg(semi, "recipes/demo_u2pl.yaml", tmp_path, ["u2pl.unlabeled=null"]))
     recipe.build_model()
     with pytest.raises(ValueError, match="u2pl.unlabeled"):
         recipe.train_loader(0, 0, 1)
+
+
+# ------------------------------------------------------------------------------------------------- one step
+def _built(cls: type, semi: Path, tmp_path: Path, recipe: str, extra: list[str]):
+    from accelerate import Accelerator
+
+    built = cls(_cfg(semi, recipe, tmp_path, extra))
+    torch.manual_seed(0)
+    built.build(Accelerator(cpu=True))
+    return built
+
+
+def _batch(seed: int = 0, n: int = 2, size: int = 32, classes: int = 11) -> dict[str, torch.Tensor]:
+    """A synthetic U2PL batch: labelled images with labels (some 255), unlabelled images (last 4 columns padding) with
+    a ground truth."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, classes, (n, size, size), generator=g)
+    label[:, :3] = 255
+    valid = torch.ones(n, size, size, dtype=torch.bool)
+    valid[..., -4:] = False
+    truth = torch.where(valid, torch.randint(0, classes, (n, size, size), generator=g), 255)
+    return {"image_l": torch.randn(n, 3, size, size, generator=g), "label_l": label,
+            "image_u": torch.randn(n, 3, size, size, generator=g), "valid_u": valid, "truth_u": truth}
+
+
+def _grads(recipe, batch: dict[str, torch.Tensor], epoch: int = 1) -> tuple[torch.Tensor, dict, dict]:
+    """(loss, {parameter: gradient}, metrics) of one step, the global RNG seeded first."""
+    net = recipe.model()
+    net.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    loss, metrics = recipe.step(batch, {"epoch": epoch, "it": 2 * epoch})
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}, metrics
+
+
+def _close(a: dict, b: dict) -> bool:
+    """Same gradients up to float rounding: every difference below 1e-5 of the largest gradient (elementwise relative
+    tolerances fail on the ~0 gradients of conv biases before BatchNorm)."""
+    scale = max(float(g.abs().max()) for g in b.values())
+    return a.keys() >= b.keys() and all(float((a[k] - b[k]).abs().max()) <= 1e-5 * scale for k in b)
+
+
+def test_without_unlabelled_losses_u2pl_has_the_supervised_gradients(semi: Path, tmp_path: Path) -> None:
+    """unsup_weight 0 and no contrastive loss: the U2PL step's gradients are the supervised step's on the same
+    labelled images, up to BatchNorm, whose batch statistics cover the unlabelled half of the student's batch too (the
+    code's one forward on [labelled; unlabelled]). Dropout off so that only BatchNorm can differ."""
+    u2pl = _built(U2PLRecipe, semi, tmp_path, "recipes/demo_u2pl.yaml",
+                  ["u2pl.unsup_weight=0", "u2pl.contrastive=false", "u2pl.cutmix=false"])
+    sup = _built(SupervisedSegRecipe, semi, tmp_path, "recipes/demo_supervised_seg.yaml", [])
+    u2pl_state = u2pl.model().state_dict()
+    sup.model().load_state_dict({k: u2pl_state[k] for k in sup.model().state_dict()})
+    for net in (u2pl.model(), sup.model()):
+        for m in net.modules():
+            if isinstance(m, torch.nn.Dropout2d):
+                m.p = 0.0
+    batch = _batch()
+    # BatchNorm on running statistics (eval mode): the gradients are the supervised ones, the representation head
+    # gets none
+    u2pl.model().eval()
+    sup.model().eval()
+    _, g_sup, _ = _grads(sup, batch)
+    loss_u, g_u, metrics = _grads(u2pl, batch)
+    assert set(g_sup) < set(g_u) and _close(g_u, g_sup)
+    assert all(not g_u[k].any() for k in set(g_u) - set(g_sup))
+    assert metrics["loss/unsup"] > 0 and float(loss_u) == pytest.approx(float(metrics["loss/sup"]), abs=1e-6)
+    # the check can fail: with L_u weighted in, the same comparison sees the unlabelled images
+    u2pl.cfg.u2pl.unsup_weight = 1.0
+    assert not _close(_grads(u2pl, batch)[1], g_sup)
+    u2pl.cfg.u2pl.unsup_weight = 0.0
+    # BatchNorm on batch statistics (train mode): an unlabelled half equal to the labelled half leaves them as they
+    # are, so the gradients are the supervised ones; other unlabelled images change them, and only that differs
+    u2pl.model().train()
+    sup.model().train()
+    _, g_sup, _ = _grads(sup, batch)
+    assert _close(_grads(u2pl, dict(batch, image_u=batch["image_l"].clone()))[1], g_sup)
+    assert not _close(_grads(u2pl, batch)[1], g_sup)
+
+
+def test_unlabelled_ground_truth_never_enters_a_loss(semi: Path, tmp_path: Path) -> None:
+    """The same U2PL step (CutMix on, contrastive loss with anchors) with the true, a shuffled or no ground truth of
+    the unlabelled images: identical loss and gradients, while the pseudo-label accuracy does read it."""
+    recipe = _built(U2PLRecipe, semi, tmp_path, "recipes/demo_u2pl.yaml", ["u2pl.current_class_threshold=0.0"])
+    student, queues = copy.deepcopy(recipe.model().state_dict()), recipe.queues.state()
+    batch = _batch()
+    shuffled = torch.where(batch["truth_u"] == 255, 255, (batch["truth_u"] + 1) % 11)
+    runs = []
+    for truth in (batch["truth_u"], shuffled, None):
+        recipe.model().load_state_dict(student)
+        recipe.queues.load_state(queues)
+        recipe.teacher_ready = False
+        b = {k: v for k, v in batch.items() if k != "truth_u"}
+        runs.append(_grads(recipe, b if truth is None else dict(b, truth_u=truth)))
+    (loss, grads, metrics), *others = runs
+    assert metrics["cutmix"] == 1.0 and metrics["contrastive/classes"] > 0 and metrics["loss/unsup"] > 0
+    for other_loss, other_grads, _ in others:
+        assert torch.equal(other_loss, loss)
+        assert other_grads.keys() == grads.keys() and all(torch.equal(other_grads[k], grads[k]) for k in grads)
+    assert "pseudo/acc" in metrics and float(metrics["pseudo/acc"]) != float(runs[1][2]["pseudo/acc"])
+    assert "pseudo/acc" not in runs[2][2] and "pseudo/reliable_frac" in runs[2][2]
+
+
+def test_recipe_teacher_is_the_student_in_the_first_u2pl_epoch(semi: Path, tmp_path: Path) -> None:
+    """After each optimizer step of epoch sup_only_epoch (1) the teacher's parameters equal the student's; after the
+    first step of epoch 2 (it 4, 2 steps per epoch) it is the EMA with decay 1 - 1/(4 - 2 + 1) = 2/3."""
+    recipe = _built(U2PLRecipe, semi, tmp_path, "recipes/demo_u2pl.yaml", [])
+    net = recipe.model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    batch = _batch()
+    for it in (2, 3):
+        _grads(recipe, batch)
+        opt.step()
+        recipe.after_optimizer_step({"epoch": 1, "it": it})
+        teacher = dict(recipe.teacher.named_parameters())
+        assert all(torch.equal(teacher[k], p) for k, p in net.named_parameters())
+    before = {k: p.clone() for k, p in recipe.teacher.named_parameters()}
+    _grads(recipe, batch, epoch=2)
+    opt.step()
+    recipe.after_optimizer_step({"epoch": 2, "it": 4})
+    for k, p in net.named_parameters():
+        torch.testing.assert_close(dict(recipe.teacher.named_parameters())[k], 2 / 3 * before[k] + 1 / 3 * p)
+
+
+def test_diagnostics_are_logged_with_unlabelled_ground_truth(semi: Path, tmp_path: Path, monkeypatch) -> None:
+    """Unlabelled shards with seg.png (the labelled ones, here): pseudo-label accuracy, recall per class, the kept
+    share, queue fill per class and the three losses reach metrics.jsonl at every log step of the U2PL epochs."""
+    from sslpipe.engine.trainer import train
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    run = train(_cfg(semi, "recipes/demo_u2pl.yaml", tmp_path, ["run_name=diag", f"u2pl.unlabeled={semi / 'labeled'}",
+                                                                "train.epochs=2", "eval.knn_every_epochs=0"]))
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss/sup" in r]
+    assert len(steps) == 4 and all("pseudo/acc" not in r for r in steps[:2])
+    for r in steps[2:]:
+        assert {"loss/unsup", "loss/contrastive", "pseudo/reliable_frac", "queue_fill/background"} <= set(r)
+        assert 0 <= r["pseudo/acc"] <= 1 and 0 < r["pseudo/reliable_frac"] <= 1
+        recalls = [k for k in r if k.startswith("pseudo/recall/")]
+        assert recalls and all(0 <= r[k] <= 1 for k in recalls)
+        assert len([k for k in r if k.startswith("queue_fill/")]) == 11
 
 
 def test_voc_layout_to_semi_shards(tmp_path: Path) -> None:

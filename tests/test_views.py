@@ -12,7 +12,12 @@ from torchvision.transforms.v2 import InterpolationMode
 
 from sslpipe.data.collate import MultiCropSample, collate_multicrop
 from sslpipe.data.masking import MaskGenerator
-from sslpipe.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropTransform, SegTransform
+from sslpipe.data.views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    MultiCropTransform,
+)
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -100,7 +105,8 @@ def test_blur_and_solarize_probabilities(monkeypatch):
 
 def test_blur_scaled_with_the_crop_sizes():
     from sslpipe.config import CropsConfig
-    from sslpipe.data.views import GaussianBlur, multicrop_from_config
+    from sslpipe.data.views import GaussianBlur
+    from sslpipe.recipes.multicrop import multicrop_from_config
 
     def sigmas(compose):
         return next(t.sigmas for t in compose.transforms if isinstance(t, GaussianBlur))
@@ -152,49 +158,6 @@ def label_of(image):
     return (red // 32).long()
 
 
-def test_seg_alignment_strict():
-    torch.manual_seed(0)
-    image, seg = blocks_image()
-    t = SegTransform(160, image_interpolation=InterpolationMode.NEAREST)
-    padded = False
-    for _ in range(30):
-        x, y = t(image, seg)
-        assert x.shape == (3, 160, 160) and y.shape == (160, 160) and y.dtype == torch.long
-        valid = y != 255
-        assert valid.any()
-        assert torch.equal(label_of(x)[valid], y[valid])
-        if (~valid).any():
-            padded = True
-            assert torch.equal(x[:, ~valid], torch.zeros_like(x[:, ~valid]))  # image padding = mean colour
-    assert padded  # scale 0.5 of a 128 px image cannot fill a 160 px crop
-
-
-def test_seg_alignment_bilinear_and_jitter_only_on_image():
-    torch.manual_seed(1)
-    image, seg = blocks_image()
-    plain = SegTransform(96)
-    wrong = 0
-    total = 0
-    for _ in range(20):
-        x, y = plain(image, seg)
-        valid = y != 255
-        wrong += int((label_of(x)[valid] != y[valid]).sum())
-        total += int(valid.sum())
-    assert wrong / total < 0.1  # only pixels on block borders may differ
-    jitter = SegTransform(96, color_jitter=(0.9, 0.9, 0.9, 0.4), jitter_p=1.0)
-    x, y = jitter(image, seg)
-    assert set(y.unique().tolist()) <= set(range(8)) | {255}  # labels never touched by colour jitter
-
-
-def test_seg_eval_variant_and_errors():
-    image, seg = blocks_image(block=4, n=5)
-    x, y = SegTransform(16, train=False)(image, seg)
-    assert x.shape == (3, 20, 20) and torch.equal(y, torch.from_numpy(np.array(seg)).long())
-    assert torch.equal(label_of(x), y)
-    with pytest.raises(ValueError, match="label size"):
-        SegTransform(16)(image, Image.new("L", (3, 3)))
-
-
 def test_collate_crop_major_order():
     B, n_global, n_local = 3, 2, 3
     samples = []
@@ -239,3 +202,31 @@ def test_multicrop_sample_end_to_end():
     assert out["local_crops"] is None
     with pytest.raises(ValueError, match="mask grid"):
         MultiCropSample(MultiCropTransform(32, 16), MaskGenerator(grid=(5, 5)))
+
+
+def _sslpipe_imports(relative: str) -> set[str]:
+    """The sslpipe modules a source file imports (inside functions too)."""
+    import ast
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "sslpipe" / relative
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sslpipe"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("sslpipe")}
+    return found
+
+
+def test_crop_modules_and_multicrop_recipe_import_only_downward():
+    """The crop backends build on each other in one direction (crop_params <- views, fast_views <- device_views),
+    the factory sits above them, and the multi-crop recipe reaches nothing in the engine (the stage above it)."""
+    assert _sslpipe_imports("data/crop_params.py") == set()
+    assert _sslpipe_imports("data/views.py") == {"sslpipe.data.crop_params"}
+    assert _sslpipe_imports("data/fast_views.py") == {"sslpipe.data.crop_params"}
+    assert _sslpipe_imports("data/device_views.py") == {"sslpipe.data.crop_params", "sslpipe.data.fast_views"}
+    recipe = _sslpipe_imports("recipes/multicrop.py")
+    assert {"sslpipe.data.views", "sslpipe.data.fast_views", "sslpipe.data.device_views"} <= recipe
+    assert not any(m.startswith(("sslpipe.engine", "sslpipe.cli", "sslpipe.bench")) for m in recipe), recipe
+    assert "sslpipe.models.state_dict" in _sslpipe_imports("engine/state_io.py")

@@ -209,7 +209,7 @@ def run_loader_bench_from_recipe(shard_dir: str, recipe: str, *, backends: tuple
                                  device: str | None = None) -> dict[str, Any]:
     """`sslpipe bench loader`: the benchmark with the recipe's own multi-crop settings, printed as a table."""
     from sslpipe.config import load_config
-    from sslpipe.data.views import multicrop_from_config
+    from sslpipe.recipes.multicrop import multicrop_from_config
 
     c = load_config(recipe, ["data.train=unused"]).crops
     transforms = {b: multicrop_from_config(c.model_copy(update={"backend": b})) for b in backends}

@@ -1,5 +1,5 @@
-"""`sslpipe bench step`: the trainer's step of a multi-crop recipe (iBOT, DINO) against the bare network doing the
-same work, side by side in one process.
+"""`sslpipe bench step`: the trainer's step of a multi-crop recipe (iBOT, DINO, DINOv2) against the bare network
+doing the same work, side by side in one process.
 
 "Ours" is exactly what the trainer runs per iteration (`sslpipe.engine.trainer.train_step`): the batch arrives as the
 loader hands it over (uint8 crops in host memory, pinned on CUDA), is copied and normalised on the device, the
@@ -22,7 +22,6 @@ import resource
 import statistics
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -40,21 +39,18 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def synthetic_batch(cfg: Any, recipe: Any, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor | None]:
-    """A batch in the loader's format: uint8 crops crop-major, real iBOT block masks (from the recipe's own mask
-    generator), labels."""
+    """A batch in the loader's format: uint8 crops crop-major, the recipe's own masks (iBOT's per-crop block masks,
+    DINOv2's batch-level ones with their indices; `MultiCropRecipe.mask_fields`), labels."""
     g = torch.Generator().manual_seed(seed)
     c = cfg.crops
 
     def crops(n: int, size: int) -> torch.Tensor | None:
         return torch.randint(0, 256, (n * batch_size, 3, size, size), generator=g, dtype=torch.uint8) if n else None
 
-    sample_fn = recipe.make_sample_fn(epoch=max(cfg.masking.pred_start_epoch, 0))
-    masks = None
-    if sample_fn.mask_generator is not None:
-        random.seed(seed)
-        masks = torch.from_numpy(np.stack([sample_fn.mask_generator() for _ in range(c.n_global * batch_size)]))
+    random.seed(seed)
+    masks = recipe.mask_fields(c.n_global * batch_size, epoch=max(cfg.masking.pred_start_epoch, 0))
     return {"global_crops": crops(c.n_global, c.global_size), "local_crops": crops(c.n_local, c.local_size),
-            "masks": masks, "labels": torch.zeros(batch_size, dtype=torch.long)}
+            **masks, "labels": torch.zeros(batch_size, dtype=torch.long)}
 
 
 def _flops(fn: Callable[[], Any]) -> int:
@@ -110,7 +106,7 @@ def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: i
     cfg = load_config(recipe_path, [*overrides, *extra])
     recipe_cls = get_recipe(cfg.method)
     if not issubclass(recipe_cls, MultiCropRecipe):
-        raise ValueError(f"`sslpipe bench step` times multi-crop recipes (ibot, dino); {recipe_path} is "
+        raise ValueError(f"`sslpipe bench step` times multi-crop recipes (ibot, dino, dinov2); {recipe_path} is "
                          f"method {cfg.method!r}")
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

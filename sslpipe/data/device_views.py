@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from sslpipe.data.fast_views import FastMultiCropTransform, P, as_array
-
-_GRAY = (0.299, 0.587, 0.114)
+from sslpipe.data.crop_params import GRAY_WEIGHTS, P
+from sslpipe.data.fast_views import FastMultiCropTransform, as_array
 
 
 @dataclass
@@ -54,7 +53,7 @@ def _levels(x: Tensor) -> Tensor:
 
 
 def _gray(x: Tensor) -> Tensor:
-    w = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(dim=1, keepdim=True)
 
 

@@ -34,10 +34,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from sslpipe.data.views import BLUR_SIGMAS
+from sslpipe.data.crop_params import BLUR_SIGMAS, PARAM_FIELDS, P
 
 cv2.setNumThreads(1)  # one loader worker = one core; OpenCV's own threads would oversubscribe it
-_GRAY = (0.299, 0.587, 0.114)
 _LEVELS = np.arange(256, dtype=np.float32)
 
 
@@ -126,10 +125,6 @@ def solarize(img: np.ndarray, threshold: int = 128) -> np.ndarray:
 
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-# One crop's random draws as a vector (the device path receives these from the loader workers).
-PARAM_FIELDS = ("top", "left", "height", "width", "flip", "jitter", "order0", "order1", "order2", "order3",
-                "brightness", "contrast", "saturation", "hue", "gray", "sigma", "solarize")
-P = {name: i for i, name in enumerate(PARAM_FIELDS)}
 
 
 class FastCropView:

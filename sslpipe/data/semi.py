@@ -1,14 +1,15 @@
 """Labelled + unlabelled segmentation streams for semi-supervised training (U2PL), and seeded label splits.
 
-Labelled shards carry `seg.png` (255 = ignore); unlabelled shards only images (a `seg.png` there is never read). Each
-training batch holds `batch_size` labelled and `round(batch_size * unlabeled_ratio)` unlabelled images, streamed by two
-independent `build_loader`s (own shard schedule, own augmentation seed) and zipped; both are cut at the same number of
-batches per epoch, so the smaller set repeats within an epoch (the official code repeats the labelled list to the
-length of the unlabelled one: `u2pl/dataset/pascal_voc.py`).
+Labelled shards carry `seg.png` (255 = ignore); unlabelled shards usually only images. Each training batch holds
+`batch_size` labelled and `round(batch_size * unlabeled_ratio)` unlabelled images, streamed by two independent
+`build_loader`s (own shard schedule, own augmentation seed) and zipped; both are cut at the same number of batches per
+epoch, so the smaller set repeats within an epoch (the official code repeats the labelled list to the length of the
+unlabelled one: `u2pl/dataset/pascal_voc.py`).
 
-Views: both streams get U2PL's joint augmentation (`SegTransform`: random scale, flip, crop padded to the crop size).
-An unlabelled image passes through it with an all-zero label, so that the crop's padding comes out as 255: the
-recipe gives the padding no pseudo-label.
+Views: both streams get U2PL's joint augmentation (`sslpipe.data.u2pl_views.U2PLSegTransform`: the official random
+scale, flip, crop padded to the crop size). An unlabelled image also gets `valid` (False on the crop's padding: the
+recipe gives it no pseudo-label) and `truth_u`: the ground truth when its shard has a `seg.png`, else 255 everywhere.
+`truth_u` exists for diagnostics only (pseudo-label accuracy): no loss may read it.
 
 Label splits (`label_split`): the labelled subset of a list of ids is a seeded choice (numpy `default_rng(seed)`
 permutation of the ids in their given order, the first n kept), n given as a count (`92`, `1464`) or a fraction
@@ -22,13 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from sslpipe.data.stream import build_loader, derive_seed
-from sslpipe.data.views import SegTransform
-
-IGNORE_INDEX = 255
+from sslpipe.data.u2pl_views import U2PLSegTransform
 
 
 # ------------------------------------------------------------------------------------------------------ splits
@@ -57,9 +55,9 @@ def label_split(ids: Sequence[str], labeled: str | int | float, seed: int = 0) -
 
 # ------------------------------------------------------------------------------------------------------ samples
 class LabeledSample:
-    """raw stream sample -> (image (3, H, W), label (H, W) long); a clear error when the shard has no seg.png."""
+    """raw stream sample -> (image (3, H, W), label (H, W) long, key); a clear error when the shard has no seg.png."""
 
-    def __init__(self, transform: SegTransform) -> None:
+    def __init__(self, transform: U2PLSegTransform) -> None:
         self.transform = transform
 
     def __call__(self, raw: dict[str, Any]) -> tuple[Tensor, Tensor, str]:
@@ -71,25 +69,26 @@ class LabeledSample:
 
 
 class UnlabeledSample:
-    """raw stream sample -> (image, valid (H, W) bool: False on the crop's padding); any label is dropped."""
+    """raw stream sample -> (image, valid (H, W) bool: False on the crop's padding, truth (H, W) long: the seg.png
+    when present (255 on padding), else all 255, key)."""
 
-    def __init__(self, transform: SegTransform) -> None:
+    def __init__(self, transform: U2PLSegTransform) -> None:
         self.transform = transform
 
-    def __call__(self, raw: dict[str, Any]) -> tuple[Tensor, Tensor, str]:
-        zeros = Image.new("L", raw["image"].size, 0)
-        image, label = self.transform(raw["image"], zeros)
-        return image, label != IGNORE_INDEX, raw["key"]
+    def __call__(self, raw: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, str]:
+        image, valid, truth = self.transform.unlabeled(raw["image"], raw.get("seg"))
+        return image, valid, truth, raw["key"]
 
 
-def collate_pairs(samples: list[tuple[Tensor, Tensor, str]]) -> tuple[Tensor, Tensor, list[str]]:
-    return (torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples]), [s[2] for s in samples])
+def collate_samples(samples: list[tuple]) -> tuple:
+    """Stack every tensor field of the samples; the last field (the keys) stays a list."""
+    return (*(torch.stack([s[i] for s in samples]) for i in range(len(samples[0]) - 1)), [s[-1] for s in samples])
 
 
 # ------------------------------------------------------------------------------------------------------ loaders
 class SemiBatches:
-    """Zips the labelled and unlabelled loaders of one epoch into dicts {image_l, label_l, image_u, valid_u, keys_l,
-    keys_u}; `unlabeled` may be None (supervised only: image_u/valid_u absent)."""
+    """Zips the labelled and unlabelled loaders of one epoch into dicts {image_l, label_l, keys_l, image_u, valid_u,
+    truth_u, keys_u}; `unlabeled` may be None (supervised only: the *_u entries absent)."""
 
     def __init__(self, labeled: Any, unlabeled: Any | None, num_batches: int) -> None:
         self.labeled, self.unlabeled, self.num_batches = labeled, unlabeled, num_batches
@@ -104,23 +103,23 @@ class SemiBatches:
                 return
             batch = {"image_l": image_l, "label_l": label_l, "keys_l": keys_l}
             if it_u is not None:
-                image_u, valid_u, keys_u = next(it_u)
-                batch.update(image_u=image_u, valid_u=valid_u, keys_u=keys_u)
+                image_u, valid_u, truth_u, keys_u = next(it_u)
+                batch.update(image_u=image_u, valid_u=valid_u, truth_u=truth_u, keys_u=keys_u)
             yield batch
 
 
 def semi_loader(*, labeled: str, labeled_split: str, unlabeled: str | None, unlabeled_split: str,
-                transform: SegTransform, batch_size: int, unlabeled_batch_size: int, num_batches: int,
+                transform: U2PLSegTransform, batch_size: int, unlabeled_batch_size: int, num_batches: int,
                 epoch: int, seed: int, rank: int, world_size: int, num_workers: int = 0, shuffle_buffer: int = 1000,
                 resampled: bool = False, on_error: str = "warn") -> SemiBatches:
     """The paired stream of one rank and epoch (module docstring); deterministic in (seed, epoch, rank)."""
     common = dict(epoch=epoch, rank=rank, world_size=world_size, num_workers=num_workers, shuffle=True,
                   shuffle_buffer=shuffle_buffer, resampled=resampled, num_batches=num_batches, on_error=on_error)
-    lab = build_loader(labeled, split=labeled_split, sample_fn=LabeledSample(transform), collate_fn=collate_pairs,
+    lab = build_loader(labeled, split=labeled_split, sample_fn=LabeledSample(transform), collate_fn=collate_samples,
                        batch_size=batch_size, seed=seed, **common)
     unl = None
     if unlabeled is not None:
         unl = build_loader(unlabeled, split=unlabeled_split, sample_fn=UnlabeledSample(transform),
-                           collate_fn=collate_pairs, batch_size=unlabeled_batch_size,
+                           collate_fn=collate_samples, batch_size=unlabeled_batch_size,
                            seed=derive_seed(seed, 0x5EED), **common)
     return SemiBatches(lab, unl, num_batches)

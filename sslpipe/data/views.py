@@ -10,20 +10,18 @@ at exactly two global crops, and it forgets ``cj_strength`` for the second globa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torchvision.transforms.v2 as T
-import torchvision.transforms.v2.functional as F
 from lightly.transforms.gaussian_blur import GaussianBlur
 from lightly.transforms.solarize import RandomSolarization
 from PIL import Image
 from torch import Tensor
-from torchvision import tv_tensors
+
+from sslpipe.data.crop_params import BLUR_SIGMAS
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-BLUR_SIGMAS: tuple[float, float] = (0.1, 2.0)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -99,28 +97,6 @@ class MultiCropTransform:
         return crops
 
 
-def multicrop_from_config(crops: Any) -> Any:
-    """The multi-crop transform of a recipe's `crops` section (`sslpipe.config.CropsConfig`): the uint8 fast path
-    (`fast_views`, normalised later on the device), the device path (`device_views`: parameters only, crops made
-    on the accelerator) or this module's reference pipeline."""
-    global_sigma, local_sigma = crops.blur_sigmas()
-    backend = getattr(crops, "backend", "torchvision")
-    if backend in ("fast", "device"):
-        from sslpipe.data.device_views import DeviceMultiCropTransform
-        from sslpipe.data.fast_views import FastMultiCropTransform
-
-        return (FastMultiCropTransform if backend == "fast" else DeviceMultiCropTransform)(
-            global_size=crops.global_size, local_size=crops.local_size, n_global=crops.n_global,
-            n_local=crops.n_local, global_scale=tuple(crops.global_scale), local_scale=tuple(crops.local_scale),
-            blur_sigma=global_sigma, local_blur_sigma=local_sigma,
-        )
-    return MultiCropTransform(
-        global_size=crops.global_size, local_size=crops.local_size, n_global=crops.n_global, n_local=crops.n_local,
-        global_scale=tuple(crops.global_scale), local_scale=tuple(crops.local_scale), mean=crops.mean, std=crops.std,
-        blur_sigma=global_sigma, local_blur_sigma=local_sigma,
-    )
-
-
 class EvalTransform:
     """kNN / linear evaluation view (dino eval_knn.py): Resize short side to ``resize`` (bicubic), CenterCrop ``crop``,
     normalise."""
@@ -139,63 +115,3 @@ class EvalTransform:
 
     def __call__(self, image: Image.Image) -> Tensor:
         return self.transform(_to_rgb(image))
-
-
-class SegTransform:
-    """Joint image + label augmentation for segmentation (U2PL-style: random scale in ``scale_range``, random crop
-    padded to ``crop_size``, horizontal flip), geometry applied identically to both through torchvision ``tv_tensors``:
-    the image is resized bilinearly, the label with nearest neighbour. Padding: label ``ignore_index``, image 0 after
-    normalisation (the mean colour). Optional ColorJitter (``color_jitter`` = (b, c, s, h), applied with p
-    ``jitter_p``) touches the image only; U2PL's supervised branch uses none, hence the default None.
-    ``image_interpolation`` exists so tests can check pixel-exact alignment with NEAREST.
-
-    ``train=False`` gives the deterministic evaluation variant: no scale/crop/flip/jitter, only normalisation.
-    """
-
-    def __init__(
-        self,
-        crop_size: int | tuple[int, int],
-        scale_range: tuple[float, float] = (0.5, 2.0),
-        ignore_index: int = 255,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        hflip: float = 0.5,
-        color_jitter: tuple[float, float, float, float] | None = None,
-        jitter_p: float = 0.8,
-        train: bool = True,
-        image_interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR,
-    ) -> None:
-        self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
-        self.scale_range = scale_range
-        self.ignore_index = ignore_index
-        self.image_interpolation = image_interpolation
-        self.train = train
-        self.photometric = (
-            T.RandomApply([T.ColorJitter(*color_jitter)], p=jitter_p) if color_jitter is not None else T.Identity()
-        )
-        self.flip = T.RandomHorizontalFlip(p=hflip)
-        self.normalize = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])
-        self.crop = T.RandomCrop(
-            self.crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index}
-        )
-
-    def __call__(self, image: Image.Image, seg: Image.Image) -> tuple[Tensor, Tensor]:
-        """-> (image float (3, H, W) normalised, label long (H, W) with ``ignore_index`` where padded)."""
-        image = _to_rgb(image)
-        if image.size != seg.size:
-            raise ValueError(f"SegTransform: image size {image.size} != label size {seg.size}")
-        img = tv_tensors.Image(F.pil_to_tensor(image))
-        lab = tv_tensors.Mask(F.pil_to_tensor(seg.convert("L") if seg.mode not in ("L", "P") else seg))
-        if self.train:
-            s = float(torch.empty(()).uniform_(*self.scale_range))
-            h, w = img.shape[-2:]
-            size = [max(1, round(h * s)), max(1, round(w * s))]
-            img = F.resize(img, size, interpolation=self.image_interpolation, antialias=True)
-            lab = F.resize(lab, size, interpolation=T.InterpolationMode.NEAREST)
-            img = self.photometric(img)
-            img, lab = self.flip(img, lab)
-            img = self.normalize(img)
-            img, lab = self.crop(img, lab)
-        else:
-            img = self.normalize(img)
-        return img.as_subclass(Tensor), lab.as_subclass(Tensor)[0].long()

@@ -43,8 +43,9 @@ def cosine_schedule(it: int, base: float, final: float, total: int, warmup: int 
 class Schedules:
     """All per-iteration values the trainer and recipes need, from the config and the run's geometry.
 
-    `steps_per_epoch` counts optimizer steps; `world_size` and `grad_accum_steps` enter the linear lr scaling rule
-    lr = optim.lr * batch_size * world_size * grad_accum_steps / 256. Schedules span `train.epochs` epochs even when
+    `steps_per_epoch` counts optimizer steps; `world_size` and `grad_accum_steps` enter the lr scaling rule: linear,
+    lr = optim.lr * global batch / 256 (DINO/iBOT), or DINOv2's lr = optim.lr * sqrt(global batch / 1024), with
+    global batch = batch_size * world_size * grad_accum_steps. Schedules span `train.epochs` epochs even when
     `train.max_steps` stops the run earlier.
     """
 
@@ -55,7 +56,8 @@ class Schedules:
         self.steps_per_epoch = steps_per_epoch
         self.total = cfg.train.epochs * steps_per_epoch
         self.global_batch = cfg.data.batch_size * world_size * cfg.train.grad_accum_steps
-        self.base_lr = o.lr * self.global_batch / 256.0 if o.lr_scaling == "linear" else o.lr
+        self.base_lr = {"linear": o.lr * self.global_batch / 256.0,
+                        "sqrt_wrt_1024": o.lr * math.sqrt(self.global_batch / 1024.0)}.get(o.lr_scaling, o.lr)
         self.min_lr = o.min_lr
         self.shape = o.schedule
         self.warmup = o.warmup_iters if o.warmup_iters is not None else int(round(o.warmup_epochs * steps_per_epoch))

@@ -24,20 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-
-def without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep the first name of tensors registered twice (iBOT's shared head: last_layer2 is last_layer).
-
-    safetensors refuses aliased tensors; loading the first name restores the shared module for both names.
-    """
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    out = {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            out[name] = tensor
-    return out
+from sslpipe.models.state_dict import without_aliases
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

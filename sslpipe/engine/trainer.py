@@ -141,8 +141,9 @@ def train_step(accelerator: Accelerator, recipe: Recipe, optimizer: torch.optim.
 def describe_scale(cfg: Config, sched: Schedules, world: int) -> str:
     """The numbers that change with the process count, printed at start so a run never changes them silently."""
     o = cfg.optim
-    rule = (f"= optim.lr {o.lr:g} x {sched.global_batch} / 256" if o.lr_scaling == "linear"
-            else "(optim.lr_scaling none: as given)")
+    rule = {"linear": f"= optim.lr {o.lr:g} x {sched.global_batch} / 256",
+            "sqrt_wrt_1024": f"= optim.lr {o.lr:g} x sqrt({sched.global_batch} / 1024)"}.get(
+        o.lr_scaling, "(optim.lr_scaling none: as given)")
     return (f"{world} process(es) x batch {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation = "
             f"global batch {sched.global_batch}; peak lr {sched.base_lr:.4g} {rule}; {sched.steps_per_epoch} steps "
             f"per epoch, {sched.total} steps in {cfg.train.epochs} epochs")

@@ -9,6 +9,7 @@ from sslpipe.recipes.base import Recipe
 KNOWN_RECIPES: dict[str, str] = {
     "dino": "sslpipe.recipes.dino:DINORecipe",
     "ibot": "sslpipe.recipes.ibot:IBOTRecipe",
+    "dinov2": "sslpipe.recipes.dinov2:DINOv2Recipe",
     "finetune_mask2former": "sslpipe.recipes.finetune_m2f:Mask2FormerRecipe",
     "finetune_vitdet": "sslpipe.recipes.finetune_vitdet:ViTDetRecipe",
     "simclr": "sslpipe.recipes.simclr:SimCLRRecipe",
@@ -18,7 +19,7 @@ KNOWN_RECIPES: dict[str, str] = {
 
 
 def get_recipe(method: str) -> type[Recipe]:
-    """`dino`, `ibot`, or `package.module:ClassName` for a recipe defined outside sslpipe."""
+    """`dino`, `ibot`, `dinov2`, ..., or `package.module:ClassName` for a recipe defined outside sslpipe."""
     target = KNOWN_RECIPES.get(method.lower(), method)
     if ":" not in target:
         raise ValueError(

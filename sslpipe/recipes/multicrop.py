@@ -6,22 +6,43 @@ the state to checkpoint and periodic kNN evaluation lives here once.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from sslpipe.config import Config
+from sslpipe.config import Config, CropsConfig
 from sslpipe.data.collate import MultiCropSample, collate_multicrop
-from sslpipe.data.device_views import device_crops
-from sslpipe.data.fast_views import normalize_crops
+from sslpipe.data.device_views import DeviceMultiCropTransform, device_crops
+from sslpipe.data.fast_views import FastMultiCropTransform, normalize_crops
 from sslpipe.data.masking import MaskGenerator
 from sslpipe.data.stream import build_loader
-from sslpipe.data.views import multicrop_from_config
-from sslpipe.engine.state_io import without_aliases
+from sslpipe.data.views import MultiCropTransform
 from sslpipe.losses.qscore import build_qscore
 from sslpipe.models.ema import ema_update
+from sslpipe.models.state_dict import without_aliases
 from sslpipe.recipes.base import Recipe
+
+
+def multicrop_from_config(crops: CropsConfig) -> MultiCropTransform | FastMultiCropTransform:
+    """The multi-crop transform of a recipe's `crops` section, by `crops.backend`: the uint8 fast path
+    (`fast_views`, normalised later on the device), the device path (`device_views`: parameters only, crops made
+    on the accelerator) or the torchvision reference (`views`). Lives here, above the three crop modules, so that
+    none of them imports another upward."""
+    global_sigma, local_sigma = crops.blur_sigmas()
+    if crops.backend in ("fast", "device"):
+        return (FastMultiCropTransform if crops.backend == "fast" else DeviceMultiCropTransform)(
+            global_size=crops.global_size, local_size=crops.local_size, n_global=crops.n_global,
+            n_local=crops.n_local, global_scale=tuple(crops.global_scale), local_scale=tuple(crops.local_scale),
+            blur_sigma=global_sigma, local_blur_sigma=local_sigma,
+        )
+    return MultiCropTransform(
+        global_size=crops.global_size, local_size=crops.local_size, n_global=crops.n_global, n_local=crops.n_local,
+        global_scale=tuple(crops.global_scale), local_scale=tuple(crops.local_scale), mean=crops.mean, std=crops.std,
+        blur_sigma=global_sigma, local_blur_sigma=local_sigma,
+    )
 
 
 def split_decay_groups(module: nn.Module) -> list[dict[str, Any]]:
@@ -76,10 +97,23 @@ class MultiCropRecipe(Recipe):
             masks.set_epoch(epoch)
         return MultiCropSample(crops, masks)
 
+    def make_collate_fn(self, epoch: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """The loader's batch collate (runs in the workers); DINOv2 draws its batch-level masks there."""
+        return collate_multicrop
+
+    def mask_fields(self, n_crops: int, epoch: int = 0) -> dict[str, torch.Tensor | None]:
+        """The mask keys of a batch of `n_crops` global crops as the loader gives them: `masks` bool
+        (n_crops, Hp, Wp), None for a recipe without masks (iBOT draws each crop's on its own; DINOv2 adds its
+        collate's keys). What `sslpipe bench step` puts in its synthetic batch."""
+        generator = self.make_sample_fn(epoch).mask_generator
+        if generator is None:
+            return {"masks": None}
+        return {"masks": torch.from_numpy(np.stack([generator() for _ in range(n_crops)]))}
+
     def train_loader(self, epoch: int, rank: int, world_size: int):
         d = self.cfg.data
         return build_loader(
-            d.train, split=d.train_split, sample_fn=self.make_sample_fn(epoch), collate_fn=collate_multicrop,
+            d.train, split=d.train_split, sample_fn=self.make_sample_fn(epoch), collate_fn=self.make_collate_fn(epoch),
             batch_size=d.batch_size, num_workers=d.num_workers, epoch=epoch, seed=self.cfg.seed, rank=rank,
             world_size=world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
             num_batches=self.steps_per_epoch(world_size), on_error=d.on_error,

@@ -2,8 +2,9 @@
 (official `train_sup.py`, experiments/pascal/1464/suponly/config.yaml) and the base class of the U2PL recipe.
 
 Same network as U2PL (sslpipe/models/segmentation.py, without the representation head, as the code's
-`rep_head: False`), same labelled shards and augmentation, loss = CE(upsampled logits, label, ignore 255). Parameter
-groups: encoder lr x1, decoder lr x `u2pl.head_lr_mult` (10 on VOC); weight decay on every parameter (the code's SGD).
+`rep_head: False`), same labelled shards and augmentation (sslpipe/data/u2pl_views.py, the official one), loss =
+CE(upsampled logits, label, ignore 255). Parameter groups: encoder lr x1, decoder lr x `u2pl.head_lr_mult` (10 on
+VOC); weight decay on every parameter (the code's SGD).
 Evaluation every `eval.knn_every_epochs` epochs on data.val: mIoU (metrics `mIoU`, `pixel_acc`, `iou/<class>`) by
 the main process, broadcast to all, also written to RUN/eval/epoch_NNN.json.
 """
@@ -22,7 +23,7 @@ from sslpipe.config import Config
 from sslpipe.data.seg_classes import segmentation_classes
 from sslpipe.data.semi import semi_loader
 from sslpipe.data.stream import batches_per_epoch, build_loader, resolve_shards
-from sslpipe.data.views import SegTransform
+from sslpipe.data.u2pl_views import U2PLSegTransform
 from sslpipe.recipes.base import Recipe
 
 
@@ -98,10 +99,10 @@ class SupervisedSegRecipe(Recipe):
                  "lr_scale": self.cfg.u2pl.head_lr_mult}]
 
     # ------------------------------------------------------------------- data
-    def transform(self, train: bool) -> SegTransform:
+    def transform(self, train: bool) -> U2PLSegTransform:
         u = self.cfg.u2pl
-        return SegTransform(u.crop_size, tuple(u.scale_range), u.ignore_index, self.mean, self.std, hflip=u.hflip,
-                            train=train)
+        return U2PLSegTransform(u.crop_size, u.scale_range, u.label_pad, self.mean, self.std, hflip=u.hflip,
+                                train=train)
 
     def unlabeled_batch_size(self) -> int:
         return max(1, round(self.cfg.data.batch_size * self.cfg.u2pl.unlabeled_ratio))

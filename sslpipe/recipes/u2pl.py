@@ -6,21 +6,28 @@ One step (epoch t of T, iteration it):
   so DDP sees every parameter used).
 - otherwise: the EMA teacher (eval mode) labels the clean unlabelled images: p = softmax(upsampled logits), pseudo-label
   = argmax p, confidence = max p (padding: no label). With probability cutmix_p the batch is CutMixed
-  (sslpipe/data/cutmix.py: image, pseudo-label and confidence move together). The student runs on [labelled;
-  unlabelled]; the teacher (no grad, train mode as in the code) on the same batch gives probabilities, entropy and
-  representations.
+  (sslpipe/data/cutmix.py: image, pseudo-label, confidence and the diagnostic ground truth move together). The student
+  runs on [labelled; unlabelled]; the teacher (no grad, train mode as in the code) on the same batch gives
+  probabilities, entropy and representations.
   L = L_s + unsup_weight * L_u + contrastive_weight * L_c (sslpipe/losses/u2pl_unsup.py, u2pl_contrastive.py).
-- after each optimizer step from sup_only_epoch on: teacher <- EMA with decay min(1 - 1/(it - sup_only_iters + 1),
-  ema_decay) over parameters (the teacher's BatchNorm statistics come from its own train-mode passes, as the code).
+- after each optimizer step (`update_teacher`, as train_semi.py): during epoch sup_only_epoch the teacher's parameters
+  are the student's; from the next epoch on teacher <- EMA with decay min(1 - 1/(it - sup_only_iters + 1), ema_decay).
+  Parameters only: the teacher's BatchNorm statistics come from its own train-mode passes, as in the code.
+
+Diagnostics (metrics of the step, logged every train.log_every steps): loss/sup, loss/unsup, loss/contrastive (L_s,
+L_u, L_c unweighted), pseudo/reliable_frac (share of the unlabelled pixels the entropy filter keeps), pseudo/confidence,
+queue_fill/<class> (queue size / capacity), and, when the unlabelled shards carry seg.png (`truth_u` of the batch),
+pseudo/acc, pseudo/acc_kept and pseudo/recall/<class> (`pseudo_label_metrics`). The ground truth only enters these
+metrics, never a loss (tested: identical loss and gradients with the true, a shuffled or no ground truth).
 
 State (`extra_state`, flat tensors): `teacher.*` (weights and buffers), `queue.<c>` (the per-class FIFO queues of
 negative keys, gathered over processes so every rank holds the same) and `teacher_ready`.
 Evaluation uses the student before sup_only_epoch and the teacher after (as the code).
 
 Named deviations from the code (besides those of the losses' docstrings):
-- at the first U2PL step the teacher is set to the student once, weights *and* BatchNorm statistics; the code copies
-  parameters at every step of epoch sup_only_epoch (keeping the teacher's stale BN statistics) and the EMA formula
-  starts with decay 0 anyway;
+- at the first U2PL step the teacher also takes the student's BatchNorm statistics; the code's teacher keeps those
+  it gathered in train mode with its own initial weights during the supervised-only epochs (replaced at momentum 0.1
+  by its later train-mode passes), so its first eval-mode pseudo-labels come from mismatched statistics;
 - pixels of an unlabelled crop that are padding get no pseudo-label (the code labels the padding);
 - the teacher's dropout is off (`build_teacher`); the code runs its teacher in train mode with Dropout2d(0.1);
 - λ_c = u2pl.contrastive_weight, default 0.1 (the paper's value per the maintainer, issue #57; the code uses 1).
@@ -48,9 +55,46 @@ def downsample_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def ema_decay_at(it: int, sup_only_iters: int, ema_decay: float = 0.99) -> float:
-    """The official EMA decay min(1 - 1/(it - sup_only_iters + 1), ema_decay): 0 at the first U2PL iteration (the
-    teacher becomes the student), then 1/2, 2/3, ... up to ema_decay."""
+    """The official EMA decay min(1 - 1/(it - sup_only_iters + 1), ema_decay) (0, 1/2, 2/3, ... from the first U2PL
+    iteration; `update_teacher` uses it from the epoch after sup_only_epoch on)."""
     return max(0.0, min(1.0 - 1.0 / (it - sup_only_iters + 1), ema_decay))
+
+
+@torch.no_grad()
+def update_teacher(teacher: nn.Module, student: nn.Module, epoch: int, it: int, sup_only_epoch: int,
+                   sup_only_iters: int, ema_decay: float) -> None:
+    """The teacher after the optimizer step of iteration `it` (train_semi.py, `train`):
+    - epoch < sup_only_epoch: unchanged;
+    - epoch == sup_only_epoch: the student's parameters. The code sets `t_params.data = s_params.data` before every
+      forward of that epoch, so the teacher shares the student's storage, the optimizer step moves both, and the
+      EMA after it (decay 0, 1/2, 2/3, ...) averages the student with itself: the teacher *is* the student;
+    - later: decay * teacher + (1 - decay) * student, decay = `ema_decay_at(it, sup_only_iters, ema_decay)`.
+    Parameters only, as the code (BatchNorm statistics are the teacher's own)."""
+    if epoch < sup_only_epoch:
+        return
+    decay = 0.0 if epoch == sup_only_epoch else ema_decay_at(it, sup_only_iters, ema_decay)
+    ema_update(teacher, student, decay)
+
+
+def pseudo_label_metrics(pseudo: Tensor, kept: Tensor, truth: Tensor, class_names: list[str]) -> dict[str, Tensor]:
+    """Pseudo-labels (B, H, W; 255 = none) against the ground truth of the unlabelled images (255 = unknown): pixel
+    accuracy over the pixels having both (`pseudo/acc`), over those the entropy filter keeps (`pseudo/acc_kept`), and
+    per class present in the truth, the share of its pixels labelled with it (`pseudo/recall/<class>`). Empty when
+    no pixel has both. A diagnostic: its inputs carry no gradient and its outputs enter no loss."""
+    known = (truth != IGNORE_INDEX) & (pseudo != IGNORE_INDEX)
+    n_known = int(known.sum())
+    if n_known == 0:
+        return {}
+    hit = known & (pseudo == truth)
+    metrics = {"pseudo/acc": hit.sum() / n_known}
+    if bool((known & kept).any()):
+        metrics["pseudo/acc_kept"] = (hit & kept).sum() / (known & kept).sum()
+    n = len(class_names)
+    total = torch.bincount(truth[known], minlength=n)[:n]
+    correct = torch.bincount(truth[hit], minlength=n)[:n]
+    for c in torch.nonzero(total).flatten().tolist():
+        metrics[f"pseudo/recall/{class_names[c]}"] = correct[c] / total[c]
+    return metrics
 
 
 class U2PLRecipe(SupervisedSegRecipe):
@@ -90,7 +134,7 @@ class U2PLRecipe(SupervisedSegRecipe):
             self.teacher.load_state_dict(self.model().state_dict())
             self.teacher_ready = True
 
-        image_u, valid_u = batch["image_u"], batch["valid_u"]
+        image_u, valid_u, truth = batch["image_u"], batch["valid_u"], batch.get("truth_u")
         with torch.no_grad():
             self.teacher.eval()
             prob = torch.softmax(upsample(self.teacher(image_u)["pred"].float(), size), dim=1)
@@ -100,6 +144,7 @@ class U2PLRecipe(SupervisedSegRecipe):
             if u.cutmix and float(torch.rand(())) < u.cutmix_p:
                 keep = cutmix_masks(image_u.shape[0], *image_u.shape[-2:], device=image_u.device)
                 image_u, pseudo, conf = apply_cutmix(keep, image_u, pseudo, conf)
+                truth = apply_cutmix(keep, truth)[0] if truth is not None else None
                 mixed = 1.0
 
         n_l = image_l.shape[0]
@@ -117,14 +162,19 @@ class U2PLRecipe(SupervisedSegRecipe):
 
         pred_u = upsample(pred_all[n_l:].float(), size)
         unsup, reliable = unsupervised_loss(pred_u, pseudo, entropy_u, drop_percent_at(epoch, epochs, u.drop_percent))
+        labelled_u = pseudo != IGNORE_INDEX
         metrics: dict[str, Any] = {"loss/sup": sup.detach(), "loss/unsup": unsup.detach(), "cutmix": mixed,
-                                   "pseudo/reliable_frac": reliable.float().sum() / valid_u.sum().clamp(min=1),
-                                   "pseudo/confidence": conf[pseudo != IGNORE_INDEX].mean()}
+                                   "pseudo/reliable_frac": reliable.sum() / labelled_u.sum().clamp(min=1),
+                                   "pseudo/confidence": conf[labelled_u].mean()}
+        if truth is not None:
+            metrics.update(pseudo_label_metrics(pseudo, reliable, truth, self.class_names))
         loss = sup + u.unsup_weight * unsup
         if u.contrastive:
             contra, cm = self.contrastive_loss(rep_all, out_t["rep"], prob_t, label_l, pseudo, entropy_u, epoch)
             loss = loss + u.contrastive_weight * contra
             metrics.update(cm, **{"loss/contrastive": contra.detach()})
+            metrics.update({f"queue_fill/{name}": n / cap for name, n, cap in
+                            zip(self.class_names, self.queues.sizes(), self.queues.capacities)})
         else:
             loss = loss + 0.0 * rep_all.sum()
         return loss, metrics
@@ -145,10 +195,11 @@ class U2PLRecipe(SupervisedSegRecipe):
         return self.contrastive(rep, rep_t, prob_t, labels, labelled, low, high, self.queues)
 
     def after_optimizer_step(self, sched: dict[str, float]) -> None:
-        if int(sched["epoch"]) < self.cfg.u2pl.sup_only_epoch or not self.teacher_ready:
+        if not self.teacher_ready:
             return
-        ema_update(self.teacher, self.model(), ema_decay_at(int(sched["it"]), self.sup_only_iters(),
-                                                            self.cfg.u2pl.ema_decay))
+        u = self.cfg.u2pl
+        update_teacher(self.teacher, self.model(), int(sched["epoch"]), int(sched["it"]), u.sup_only_epoch,
+                       self.sup_only_iters(), u.ema_decay)
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Tensor]:

@@ -1,0 +1,262 @@
+"""DINOv2 (Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", TMLR 2024): DINO's CLS
+distillation + iBOT's masked-patch distillation with separate heads, KoLeo on the student's CLS tokens and
+Sinkhorn-Knopp centering of the teacher (`sslpipe.losses.dinov2`), as in facebookresearch/dinov2
+(dinov2/train/ssl_meta_arch.py, train/train.py, data/collate.py, utils/param_groups.py).
+
+Shared with iBOT/DINO: the multi-crop views, the masked timm ViT, the heads, the EMA teacher, the schedules (teacher
+temperature warm-up, cosine momentum, cosine weight decay). DINOv2's own: masks drawn per batch (`DINOv2Masks`),
+LayerScale (`model.kwargs.init_values`), a uniform drop-path rate, registers (`model.kwargs.reg_tokens`), the lr
+rule `optim.lr_scaling: sqrt_wrt_1024`, layer-wise lr decay and the patch-embedding lr multiplier
+(`dinov2_param_groups`).
+
+Deviations from the official code:
+- augmentation: the published multi-crop (global crop 1 blurred with p 1, crop 2 with p 0.1 + solarize 0.2, local
+  crops p 0.5, PIL-exact Gaussian). The official `GaussianBlur` passes 1 - p to `RandomApply`, so its global crops
+  are blurred with p 0 and 0.9 (dinov2 PR #411), with a 9-pixel torchvision kernel;
+- gradient clipping (`optim.clip_mode: global`, 3.0): one norm over the whole student; the official code clips
+  the backbone and each head by its own norm;
+- the last layers are frozen the first epoch by dropping their gradients (the trainer's rule for every recipe);
+  the official code sets their lr to 0, so AdamW's moments still see those gradients;
+- stochastic depth is timm's `DropPath` in every block at the same rate; the official blocks drop the residual of
+  a random subset of the batch when the rate exceeds 0.1 (the same expectation, cheaper);
+- numerics: KoLeo in float32 with lightly's diagonal fill (`sslpipe.losses.koleo`); Sinkhorn-Knopp as scalings
+  of exp((t - max) / tau), which cannot overflow (`sslpipe.losses.sinkhorn`); without local crops the CLS pairs are
+  averaged (`sslpipe.losses.dinov2`); the mask ratios' bins are float64 (the official collate's float32 linspace).
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from sslpipe.data.collate import collate_multicrop
+from sslpipe.data.masking import MaskGenerator
+from sslpipe.losses.dinov2 import DINOv2Loss, mask_weights
+from sslpipe.losses.health import embedding_health, health_metrics
+from sslpipe.models.backbones import MaskedViT, create_backbone
+from sslpipe.models.heads import DINOHead
+from sslpipe.recipes.multicrop import MultiCropRecipe
+
+
+class DINOv2Masks:
+    """Patch masks of one batch of global crops as DINOv2's collate draws them (data/collate.py
+    `collate_data_and_cast` with data/masking.py `MaskingGenerator`).
+
+    Of n crops, int(n * probability) are masked; their ratios are drawn one per bin of `linspace(min, max, k + 1)`
+    (so the batch covers the range evenly), each gives int(N * ratio) patches to a BEiT block mask with blocks of at
+    least `min_num_patches` (4) patches; the other crops are unmasked; the list is shuffled. The block algorithm is
+    `sslpipe.data.masking.MaskGenerator.block_mask` (iBOT's), which draws exactly as the official generator (tested
+    mask for mask); the official per-block cap of (H // 2) * W patches never binds below a ratio of 1/2, and larger
+    ratios are refused. Randomness: `rng` or python's `random`, which the stream seeds per worker and epoch.
+    """
+
+    def __init__(self, grid: tuple[int, int], ratio_min_max: tuple[float, float] = (0.1, 0.5),
+                 probability: float = 0.5, min_num_patches: int = 4, min_aspect: float = 0.3,
+                 rng: random.Random | None = None) -> None:
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.n_tokens = self.grid[0] * self.grid[1]
+        self.ratio_min_max = (float(ratio_min_max[0]), float(ratio_min_max[1]))
+        self.probability = float(probability)
+        cap = (self.grid[0] // 2) * self.grid[1]
+        if int(self.n_tokens * self.ratio_min_max[1]) > cap:
+            raise ValueError(f"DINOv2Masks: a mask ratio of {self.ratio_min_max[1]} on a {self.grid} patch grid asks "
+                             f"for more than the official cap of {cap} patches per block: use "
+                             "dinov2.mask_ratio_min_max with a maximum of at most 0.5")
+        self._rng = rng if rng is not None else random
+        self.generator = MaskGenerator(grid=self.grid, pred_ratio=0.0, pred_ratio_var=0.0, pred_shape="block",
+                                       min_num_patches=min_num_patches, min_aspect=min_aspect, rng=self._rng)
+
+    def __call__(self, n_crops: int) -> torch.Tensor:
+        """bool (n_crops, H, W), True = masked."""
+        n_masked = int(n_crops * self.probability)
+        edges = np.linspace(*self.ratio_min_max, n_masked + 1)
+        masks = [self.generator.block_mask(int(self.n_tokens * self._rng.uniform(edges[i], edges[i + 1])))
+                 for i in range(n_masked)]
+        masks += [np.zeros(self.grid, dtype=bool) for _ in range(n_crops - n_masked)]
+        self._rng.shuffle(masks)
+        return torch.from_numpy(np.stack(masks))
+
+
+def mask_batch_fields(masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the official collate hands the step beside the masks (GB, H, W): ``mask_indices`` (M,), the masked
+    positions in the flattened (GB * N) patch tokens, and ``masks_weight`` (M,), 1 / #masked of their crop. Computed
+    in the loader workers, so that the step selects the masked tokens without a device synchronisation."""
+    flat = masks.flatten(1)
+    return {"masks": masks, "mask_indices": flat.flatten().nonzero().flatten(), "masks_weight": mask_weights(flat)}
+
+
+class DINOv2Collate:
+    """`collate_multicrop` plus the batch's masks (`DINOv2Masks` over its n_global * B global crops)."""
+
+    def __init__(self, masks: DINOv2Masks) -> None:
+        self.masks = masks
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate_multicrop(samples)
+        batch.update(mask_batch_fields(self.masks(int(samples[0]["n_global"]) * len(samples))))
+        return batch
+
+
+def uniform_drop_path(vit: nn.Module, rate: float) -> None:
+    """DINOv2's `drop_path_uniform`: every block drops its two residual branches with the same probability (timm
+    rises linearly from 0 in the first block to `rate` in the last)."""
+    for block in vit.blocks:
+        block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
+        block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+
+
+def _layer_id(name: str, num_layers: int) -> int:
+    """dinov2 `get_vit_lr_decay_rate`: embeddings and tokens 0, block i -> i + 1, anything after the blocks L + 1."""
+    if any(key in name for key in ("pos_embed", "patch_embed", "mask_token", "cls_token", "reg_token")):
+        return 0
+    if ".blocks." in name:
+        return int(name.split(".blocks.")[1].split(".")[0]) + 1
+    return num_layers + 1
+
+
+def dinov2_param_groups(net: nn.Module, layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict[str, Any]]:
+    """dinov2/utils/param_groups.py `get_params_groups_with_decay` for a `DINOv2Net`: in the backbone,
+    lr_scale = layerwise_decay ** (L + 1 - layer_id), times `patch_embed_lr_mult` for the patch embedding; the
+    heads 1. No weight decay on biases and on parameters named *norm* or *gamma* (LayerScale); the tokens and
+    position embedding are decayed. Frozen parameters are left out."""
+    num_layers = len(net.backbone.vit.blocks)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in net.named_parameters():
+        if not param.requires_grad:
+            continue
+        scale = 1.0
+        if name.startswith("backbone."):
+            scale = layerwise_decay ** (num_layers + 1 - _layer_id(name, num_layers))
+            if "patch_embed" in name:
+                scale *= patch_embed_lr_mult
+        decay = not (name.endswith(".bias") or "norm" in name or "gamma" in name)
+        groups.setdefault((scale, decay), []).append(param)
+    return [{"params": params, "apply_wd": decay, "lr_scale": scale} for (scale, decay), params in groups.items()]
+
+
+class DINOv2Net(nn.Module):
+    """Masked ViT + CLS head (`dino_head`) + patch head (`ibot_head`, None when the CLS head maps patches too)."""
+
+    def __init__(self, backbone: MaskedViT, dino_head: DINOHead, ibot_head: DINOHead | None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = dino_head
+        self.ibot_head = ibot_head
+
+    def forward(self, global_crops: torch.Tensor, masks: torch.Tensor, mask_indices: torch.Tensor,
+                local_crops: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(global CLS logits (GB, K), patch logits at the masked positions (M, Kp), local CLS logits or None,
+        backbone CLS tokens of the global crops (GB, D)).
+
+        ``masks`` (GB, N) bool; ``mask_indices`` (M,) the masked positions in the flattened (GB * N) patch tokens
+        (`mask_batch_fields`). The student (built with a mask token) sees the masked crops; the teacher (without
+        one) sees them whole; both map the tokens at the masked positions."""
+        backbone = self.backbone
+        tokens = backbone(global_crops, mask=masks if backbone.mask_token is not None else None)
+        cls_tokens = tokens[:, 0]
+        patches = tokens[:, backbone.num_prefix_tokens:].flatten(0, 1).index_select(0, mask_indices)
+        cls_in = cls_tokens if local_crops is None else torch.cat([cls_tokens, backbone(local_crops)[:, 0]])
+        GB, n_cls = cls_tokens.shape[0], cls_in.shape[0]
+        if self.ibot_head is None:  # one pass of the shared head over CLS and patch tokens
+            out = self.dino_head(torch.cat([cls_in, patches]))
+            cls_logits, patch_logits = out[:n_cls], out[n_cls:]
+        else:
+            cls_logits, patch_logits = self.dino_head(cls_in), self.ibot_head(patches)
+        local_logits = cls_logits[GB:] if local_crops is not None else None
+        return cls_logits[:GB], patch_logits, local_logits, cls_tokens
+
+
+class DINOv2Recipe(MultiCropRecipe):
+    """The DINOv2 recipe: `method: dinov2` in a YAML recipe."""
+
+    def build_net(self, drop_path_rate: float, mask_token: bool) -> DINOv2Net:
+        m, h, d = self.cfg.model, self.cfg.head, self.cfg.dinov2
+        vit = create_backbone(m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
+                              drop_path_rate=drop_path_rate, **m.kwargs)
+        if d.drop_path_uniform:
+            uniform_drop_path(vit, drop_path_rate)
+        if getattr(vit, "cls_token", None) is not None:
+            nn.init.normal_(vit.cls_token, std=1e-6)  # dinov2's init (create_backbone gives DINO's)
+        backbone = MaskedViT(vit, mask_token=mask_token)
+        dino_head = DINOHead(backbone.embed_dim, h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
+                             nlayers=h.nlayers, norm_last_layer=h.norm_last_layer)
+        ibot_head = None
+        if d.separate_head:
+            ibot_head = DINOHead(backbone.embed_dim, h.patch_out_dim, hidden_dim=d.ibot_hidden_dim or h.hidden_dim,
+                                 bottleneck_dim=d.ibot_bottleneck_dim or h.bottleneck_dim,
+                                 nlayers=d.ibot_nlayers or h.nlayers, norm_last_layer=h.norm_last_layer)
+        elif h.patch_out_dim != h.out_dim:
+            raise ValueError(f"dinov2.separate_head=false maps the patches with the CLS head: set head.patch_out_dim "
+                             f"to head.out_dim ({h.out_dim}), got {h.patch_out_dim}")
+        return DINOv2Net(backbone, dino_head, ibot_head)
+
+    def build(self, accelerator) -> None:
+        self.accelerator = accelerator
+        self.student = self.build_net(self.cfg.model.drop_path_rate, mask_token=True)
+        # Teacher: no mask token, no drop path, initialised from the student (parameters present in both).
+        self.teacher = self.build_net(0.0, mask_token=False)
+        student_state = self.student.state_dict()
+        self.teacher.load_state_dict({k: student_state.get(k, v) for k, v in self.teacher.state_dict().items()})
+        self.teacher.requires_grad_(False)
+        self.teacher.to(accelerator.device)
+        c, d, lc = self.cfg.crops, self.cfg.dinov2, self.cfg.loss
+        self.loss = DINOv2Loss(
+            self.cfg.head.out_dim, self.cfg.head.patch_out_dim, n_global=c.n_global, n_local=c.n_local,
+            centering=d.centering, sinkhorn_iterations=d.sinkhorn_iterations, student_temp=lc.student_temp,
+            center_momentum=lc.center_momentum, center_momentum2=lc.center_momentum2, dino_weight=d.dino_loss_weight,
+            ibot_weight=d.ibot_loss_weight, koleo_weight=d.koleo_loss_weight,
+        ).to(accelerator.device)
+        self.compile_backbones(self.student, self.teacher)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        d = self.cfg.dinov2
+        return dinov2_param_groups(self._unwrapped_student(), d.layerwise_decay, d.patch_embed_lr_mult)
+
+    # ----------------------------------------------------------------- data
+    def mask_sampler(self) -> DINOv2Masks:
+        d = self.cfg.dinov2
+        return DINOv2Masks(self.patch_grid(), tuple(d.mask_ratio_min_max), d.mask_sample_probability,
+                           min_num_patches=d.mask_min_num_patches, min_aspect=d.mask_min_aspect)
+
+    def make_collate_fn(self, epoch: int) -> DINOv2Collate:
+        return DINOv2Collate(self.mask_sampler())
+
+    def mask_fields(self, n_crops: int, epoch: int = 0) -> dict[str, torch.Tensor]:
+        return mask_batch_fields(self.mask_sampler()(n_crops))
+
+    # ----------------------------------------------------------------- step
+    def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        global_crops, local_crops = self.crops_on_device(batch)
+        device = self.accelerator.device
+        masks, indices, weights = (batch[k].to(device, non_blocking=True)
+                                   for k in ("masks", "mask_indices", "masks_weight"))
+        masks = masks.flatten(1)
+        temp = sched["teacher_temp"]  # one teacher temperature for CLS and patches, as in the official code
+        with torch.no_grad():
+            teacher_cls, teacher_patch, _, teacher_feats = self.teacher(global_crops, masks, indices)
+        student_cls, student_patch, student_local_cls, student_feats = self.student(global_crops, masks, indices,
+                                                                                    local_crops)
+        out = self.loss(student_cls, teacher_cls, student_patch, teacher_patch, masks, student_feats, temp,
+                        student_local_cls=student_local_cls, masks_weight=weights)
+        loss, metrics = self.add_qscore(out["loss"], student_feats, student_cls)
+        # 0-d tensors: the trainer reads them only when it logs, so no device sync per step
+        metrics |= {"loss_dino": out["dino"].detach(), "loss_ibot": out["ibot"].detach(),
+                    "loss_koleo": out["koleo"].detach()}
+        if self.cfg.train.health_every and (int(sched["it"]) + 1) % self.cfg.train.health_every == 0:
+            # entropies of softmax((t - C) / tau); with Sinkhorn-Knopp centering, of the sharpened logits before SK
+            softmax = self.cfg.dinov2.centering == "softmax"
+            metrics.update(health_metrics(
+                teacher_cls=teacher_cls.float(), student_cls=student_cls.detach().float(),
+                center=self.loss.center if softmax else None, teacher_temp=temp,
+                student_temp=self.cfg.loss.student_temp, teacher_patch=teacher_patch.float(),
+                student_patch=student_patch.detach().float(), center2=self.loss.center2 if softmax else None,
+                teacher_patch_temp=temp, masks=masks,
+            ))
+            metrics.update(embedding_health(teacher=teacher_feats, student=student_feats.detach()))
+        self.loss.update_center(teacher_cls, teacher_patch)
+        return loss, metrics
