@@ -268,7 +268,13 @@ def _run_linear_seg(args: argparse.Namespace) -> int:
         args.backbone, args.data, val=args.val, train_split=args.train_split, val_split=args.val_split,
         size=args.size, layers=args.layers, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, num_classes=args.num_classes, max_val=args.max_val,
-        num_workers=args.workers, device=args.device, seed=args.seed, out_json=args.out, png=args.png)
+        num_workers=args.workers, device=args.device, seed=args.seed, out_json=args.out,
+        keep_samples=6 if args.png else 0)
+    if args.png:
+        from sslpipe.viz.overlays import save_semantic_samples
+
+        save_semantic_samples(result.pop("samples"), args.png, list(result["per_class"]))
+        print(f"wrote {args.png}")
     print(format_iou_table(result))
     print(format_linear_seg(result))
     if args.out:
@@ -289,6 +295,14 @@ def _add_qscore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sparsity-abs", action="store_true", help="sparsity counts |h| < eta instead of h < eta")
     p.add_argument("--rates-from", choices=["val", "train"], default="val",
                    help="v2: split whose activation rates select the discriminative features")
+    p.add_argument("--v2-coverage", default="0.5",
+                   help="v2: lower eps (from --eps, in steps of 0.25) until this share of samples has a selected "
+                        "feature; 'none' keeps --eps as given")
+    p.add_argument("--v2-raw", action="store_true",
+                   help="v2: Q as the raw excess h - mean (the published form) instead of in units of the sample's std")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUROC/AUPRC intervals")
+    p.add_argument("--ci", type=float, default=0.95, help="confidence level of the intervals")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--png", default=None, help="histogram PNG (default: next to --out, same name .png)")
     p.add_argument("--cache", default=None, help="folder to cache extracted features in")
     p.add_argument("--log-with", choices=["wandb", "tensorboard"], default=None,
@@ -313,7 +327,9 @@ def _run_qscore(args: argparse.Namespace) -> int:
             args.backbone, args.data, args.data, train_split=args.train_split, val_split=args.val_split, k=args.k,
             T=args.temperature, eta=args.eta, eps=args.eps, percentiles=args.percentiles,
             l2_normalize=not args.no_l2_normalize, sparsity_abs=args.sparsity_abs, rates_from=args.rates_from,
-            resize=args.resize, crop=args.crop, batch_size=args.batch_size, num_workers=args.workers,
+            v2_coverage=None if args.v2_coverage.lower() == "none" else float(args.v2_coverage),
+            v2_standardize=not args.v2_raw, n_boot=args.bootstrap, ci=args.ci, seed=args.seed, resize=args.resize,
+            crop=args.crop, batch_size=args.batch_size, num_workers=args.workers,
             max_train=args.max_train, max_test=args.max_val, cache_dir=args.cache, out_json=args.out,
             out_png=args.png, tracker=tracker,
         )
@@ -322,12 +338,19 @@ def _run_qscore(args: argparse.Namespace) -> int:
             tracker.end_training()
     print(f"kNN k={args.k} top-1 {result['knn']['top1']:.4f}: {result['n_wrong']} of {result['n_val']} val samples "
           "wrong")
-    print(f"{'metric':<10}{'flags':>6}{'AUROC':>8}{'AUPRC':>8}  above 0.5")
+    cover = result["coverage"]
+    print(f"coverage (share of samples with a non-empty selection): q_v1 {cover['q_v1']:.4f}, q_v2 {cover['q_v2']:.4f}"
+          f" (v2 eps {result['settings']['eps']:g})")
+    ci = f"{args.ci:.0%} CI"
+    print(f"{'metric':<10}{'flags':>6}{'AUROC':>8}  {ci:<17}{'AUPRC':>8}  above 0.5 (whole CI)")
     for name, s in result["scores"].items():
         if s["auroc"] is None:
-            print(f"{name:<10}{s['direction']:>6}     n/a     n/a")
+            print(f"{name:<10}{s['direction']:>6}  {'degenerate' if s['degenerate'] else 'n/a'}")
             continue
-        print(f"{name:<10}{s['direction']:>6}{s['auroc']:8.4f}{s['auprc']:8.4f}  {'yes' if s['above_chance'] else 'no'}")
+        lo, hi = s["auroc_ci"] or (float("nan"), float("nan"))
+        print(f"{name:<10}{s['direction']:>6}{s['auroc']:8.4f}  [{lo:.4f}, {hi:.4f}] {s['auprc']:8.4f}  "
+              f"{'yes' if s['above_chance'] else 'no'}")
+    print("(pre-registered directions; the flipped AUROCs in the JSON's `post_hoc` were chosen after seeing labels)")
     if result.get("plot"):
         print(f"plot: {result['plot']}")
     return 0
@@ -391,8 +414,8 @@ def _add_eval_seg(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval_seg(args: argparse.Namespace) -> int:
-    from sslpipe.eval.seg_eval import eval_seg_run
     from sslpipe.eval.segmentation import format_iou_table
+    from sslpipe.eval_seg import eval_seg_run
 
     result = eval_seg_run(args.run, checkpoint=args.checkpoint, which=args.which, data=args.data, split=args.split,
                           mode=args.mode, crop=args.crop, max_images=args.max_images, out=args.out)

@@ -197,21 +197,27 @@ class EvalConfig(_Section):
 
 
 class QScoreConfig(_Section):
-    """The Q-score regulariser (sslpipe/losses/qscore.py, SPEC.md §4), off unless `enabled`.
+    """The Q-score regulariser (sslpipe/losses/qscore.py, SPEC.md §4, docs/qscore.md), off unless `enabled`.
 
-    L = L_SSL - lambda1 * sum_{i: Q_i < alpha} Q_i + lambda2 * sum_{k: ||H_{*,k}||_1 > beta} ||H_{*,k}||_1 over the
-    batch features H (both views stacked); alpha / beta null = the batch means of Q_i / of the column L1 norms.
+    `reduction: balanced` (default): L_SSL + lambda1 * mean_{i: Q_i < alpha} (alpha - Q_i) / mean|Q| + lambda2 *
+    mean_{k: c_k > beta} (c_k - beta) / mean c, both terms dimensionless (issue 19: with sums the sample term
+    vanished next to the column term). `reduction: sum`: the published form, L_SSL - lambda1 * sum_{i: Q_i < alpha}
+    Q_i + lambda2 * sum_{k: c_k > beta} c_k, with lambda1 = lambda2 = 1e-4 (second-hand). c_k = ||H_{*,k}||_1 over the
+    batch features H (both views stacked); alpha / beta null = the batch means of Q_i / of the c_k.
     """
 
     enabled: bool = False
     version: Literal["v1", "v2"] = "v2"
-    lambda1: float = 1e-4  # published v2 value (second-hand)
-    lambda2: float = 1e-4  # published v2 value (second-hand)
+    reduction: Literal["balanced", "sum"] = "balanced"
+    lambda1: float = 0.1  # balanced terms (ours, untuned); the published sums use 1e-4 (second-hand)
+    lambda2: float = 0.1  # balanced terms (ours, untuned); the published sums use 1e-4 (second-hand)
     alpha: float | None = None  # None: the batch mean of Q_i
     beta: float | None = None  # None: the batch mean of the column L1 norms
     eta: float = 1e-3  # soft-sparsity threshold (metrics only; the paper's value was not found)
     eps: float = 4.0  # v2: highly activating = h_ij > mu_i + eps * sigma_i
     percentiles: tuple[float, float] = (50.0, 95.0)  # v2: band of the non-zero activation rates = discriminative
+    v2_coverage: float | None = 0.5  # v2: eps lowered from `eps` per batch until this share of rows has L_i ∩ D
+    standardize: bool = True  # v2: Q in units of the row's std, (h_ij - mu_i) / sigma_i (ours: scale-free)
     l2_normalize: bool = True  # v1: Q on h / ||h||_2 (the third-party implementation's choice)
     features: Literal["backbone", "projection"] = "backbone"  # which output of the network H is
 

@@ -12,9 +12,10 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from sslpipe.config import QScoreConfig, load_config
-from sslpipe.eval.qscore import (activation_rates, batch_summary, discriminative_features, highly_active, q_v1, q_v2,
-                                 qscore_metrics)
-from sslpipe.eval.qscore_report import detection_scores, qscore_from_features
+from sslpipe.eval.qscore import (activation_rates, batch_summary, discriminative_features, eps_for_coverage,
+                                 highly_active, q_v1, q_v2, qscore_metrics, v2_selection)
+from sslpipe.eval.qscore_report import (auroc_rows, average_precision_rows, bootstrap_interval, coverage,
+                                        detection_scores, is_degenerate, qscore_from_features)
 from sslpipe.losses.qscore import QScoreRegularizer, build_qscore
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -117,6 +118,41 @@ def test_v2_with_reference_rates_and_band() -> None:
         q_v2(h, eps=1.0, percentiles=(95, 50))
 
 
+def test_v2_fallback_and_standardize_by_hand() -> None:
+    """Row 0 has L ∩ D empty: metric Q 0 and no gradient; with the fallback it is scored on its strongest feature of
+    D = {1, 2, 4} (all 0, so h - mu = 0 - 1 = -1) and the gradient reaches it. `standardize` divides by sigma_i."""
+    h = torch.tensor(V2_H, requires_grad=True)
+    q = q_v2(h, eps=1.0)
+    q.sum().backward()
+    assert q.tolist() == pytest.approx(V2_Q) and h.grad[0].abs().sum().item() == 0.0
+    h.grad = None
+    fb = q_v2(h, eps=1.0, fallback=True)
+    assert fb.tolist() == pytest.approx([-1.0, 4.0, 8 / 3, 5.0], rel=1e-6)
+    fb.sum().backward()
+    # d/dh_0j of (h_01 - mean_j h_0j) = [j == 1] - 1/6
+    assert h.grad[0].tolist() == pytest.approx([-1 / 6, 5 / 6, -1 / 6, -1 / 6, -1 / 6, -1 / 6], rel=1e-6)
+    sig = [math.sqrt(20 / 6), math.sqrt(20 / 6), math.sqrt(32 / 9), math.sqrt(5)]
+    expected = [0.0] + [V2_Q[i] / sig[i] for i in (1, 2, 3)]
+    assert q_v2(h.detach(), eps=1.0, standardize=True).tolist() == pytest.approx(expected, rel=1e-6)
+    # no discriminative feature at all (eps = 4 on 6 features): the fallback is each row's largest feature
+    assert q_v2(h.detach(), eps=4.0, fallback=True).tolist() == pytest.approx([4.0, 4.0, 8 / 3, 5.0], rel=1e-6)
+
+
+def test_eps_for_coverage_by_hand() -> None:
+    """V2_H row max z: 2.19, 2.19, 1.41, 2.24. From eps 4 down in steps of 0.25 nothing is selected until eps 2:
+    L = {0}, {1}, {}, {4}, all rates 1/4, D = {0, 1, 4}: coverage 3/4. Lower, row 2 selects {0, 2} and feature 0
+    (rate 1/2) leaves D, so row 0 drops out: 3/4 is the most any eps reaches, and a target of 1 ends at eps_min."""
+    h = torch.tensor(V2_H)
+    assert eps_for_coverage(h, 0.75) == 2.0 and eps_for_coverage(h, 0.5) == 2.0
+    assert eps_for_coverage(h, 1.0) == 0.5 and eps_for_coverage(h, 0.8, eps_min=1.0) == 1.0
+    assert eps_for_coverage(h, 0.1, eps_max=1.5) == 1.5  # the cap: eps never goes above eps_max
+    # 18 features with one spike per row: eps 4 already covers every row, so it is kept
+    spikes = torch.zeros(18, 18) + torch.eye(18)
+    assert eps_for_coverage(spikes, 1.0) == 4.0
+    with pytest.raises(ValueError, match="coverage"):
+        eps_for_coverage(h, 0.0)
+
+
 def test_eps4_needs_at_least_18_features() -> None:
     """Samuelson: max z-score of D values (population std) is sqrt(D - 1); eps = 4 needs D >= 18."""
     spike = torch.zeros(2, 17)
@@ -146,38 +182,67 @@ def _features(seed: int = 0, n: int = 12, d: int = 32) -> torch.Tensor:
     return h
 
 
-def test_defaults_are_the_published_v2_values() -> None:
+def _gaussian_features(seed: int = 0, n: int = 32, d: int = 64) -> torch.Tensor:
+    """ViT-like rows (LayerNorm output): Gaussian, so no value passes mean + 4 std and v2 selects nothing."""
+    h = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return (h - h.mean(1, keepdim=True)) / h.std(1, unbiased=False, keepdim=True)
+
+
+def test_defaults_balanced_and_the_published_form_available() -> None:
     c = QScoreConfig()
-    assert (c.version, c.lambda1, c.lambda2, c.alpha, c.beta, c.eps, tuple(c.percentiles)) == \
-        ("v2", 1e-4, 1e-4, None, None, 4.0, (50.0, 95.0))
+    assert (c.version, c.reduction, c.lambda1, c.lambda2, c.alpha, c.beta, c.eps, tuple(c.percentiles)) == \
+        ("v2", "balanced", 0.1, 0.1, None, None, 4.0, (50.0, 95.0))
+    assert (c.v2_coverage, c.standardize) == (0.5, True)
     assert build_qscore(c) is None and isinstance(build_qscore(c.model_copy(update={"enabled": True})),
                                                    QScoreRegularizer)
 
 
+def test_terms_by_hand_on_the_v2_example() -> None:
+    """V2_H, eps 1, alpha fixed at 3. Q with the fallback = [-1, 4, 8/3, 5]; low rows {0, 2}. Column L1 norms
+    [9, 5, 4, 0, 6, 2], beta = mean = 13/3, high columns {0, 1, 4}.
+    balanced: S = mean(3 - (-1), 3 - 8/3) / mean|Q| = (13/6) / (19/6) = 13/19;
+              C = mean(9, 5, 6 - 13/3 each) / (13/3) = (7/3) / (13/3) = 7/13.
+    sum:      S = -(-1 + 8/3) = -5/3; C = 9 + 5 + 6 = 20."""
+    h = torch.tensor(V2_H)
+    reg = dict(version="v2", eps=1.0, alpha=3.0, v2_coverage=None, standardize=False)
+    term, m = QScoreRegularizer(**reg, lambda1=2.0, lambda2=0.5)(h)
+    assert m["qscore/sample_term"].item() == pytest.approx(2.0 * 13 / 19, rel=1e-6)
+    assert m["qscore/col_term"].item() == pytest.approx(0.5 * 7 / 13, rel=1e-6)
+    assert term.item() == pytest.approx(2.0 * 13 / 19 + 0.5 * 7 / 13, rel=1e-6)
+    assert m["qscore/beta"].item() == pytest.approx(13 / 3) and m["qscore/low_frac"].item() == 0.5
+    term, m = QScoreRegularizer(**reg, lambda1=2.0, lambda2=0.5, reduction="sum")(h)
+    assert term.item() == pytest.approx(2.0 * (-5 / 3) + 0.5 * 20, rel=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "balanced"])
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_term_equals_the_formula(version: str) -> None:
+def test_term_equals_the_formula(version: str, reduction: str) -> None:
     h = _features()
-    reg = QScoreRegularizer(version=version, lambda1=0.3, lambda2=0.02)
+    reg = QScoreRegularizer(version=version, lambda1=0.3, lambda2=0.02, reduction=reduction)
     term, metrics = reg(h)
-    q = q_v1(h) if version == "v1" else q_v2(h)
-    col = h.abs().sum(0)
-    expected = -0.3 * q[q < q.mean()].sum() + 0.02 * col[col > col.mean()].sum()
-    assert term.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert metrics["qscore/low_frac"].item() == pytest.approx((q < q.mean()).float().mean().item())
+    q = q_v1(h) if version == "v1" else q_v2(h, standardize=True, fallback=True)  # eps 4 covers these rows
+    col = (torch.nn.functional.normalize(h, dim=1) if version == "v1" else h).abs().sum(0)  # the matrix Q sees
+    low, high = q < q.mean(), col > col.mean()
+    if reduction == "sum":
+        expected = -0.3 * q[low].sum() + 0.02 * col[high].sum()
+    else:
+        expected = (0.3 * (q.mean() - q[low]).mean() / q.abs().mean()
+                    + 0.02 * (col[high] - col.mean()).mean() / col.mean())
+    assert term.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["qscore/low_frac"].item() == pytest.approx(low.float().mean().item())
     assert metrics["qscore/alpha"].item() == pytest.approx(q.mean().item())
 
 
+@pytest.mark.parametrize("reduction", ["sum", "balanced"])
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_sample_term_touches_only_low_q_rows_and_raises_their_q(version: str, device: str) -> None:
+def test_sample_term_touches_only_low_q_rows_and_raises_their_q(version: str, device: str, reduction: str) -> None:
     h = _features().to(device).requires_grad_(True)
-    reg = QScoreRegularizer(version=version, lambda1=1.0, lambda2=0.0)
+    reg = QScoreRegularizer(version=version, lambda1=1.0, lambda2=0.0, reduction=reduction)
     q_before = reg.q_scores(h).detach()
     selected = q_before < q_before.mean()
     assert 0 < int(selected.sum()) < len(h)
     if version == "v2":
-        from sslpipe.eval.qscore import v2_selection
-
         sel = v2_selection(h.detach())[2]
         assert sel.any(dim=1).all(), "every row needs L_i ∩ D non-empty for this test"
     term, _ = reg(h)
@@ -193,18 +258,63 @@ def test_sample_term_touches_only_low_q_rows_and_raises_their_q(version: str, de
     assert torch.equal(q_after[~selected], q_before[~selected])
 
 
+def test_v2_term_reaches_samples_with_no_selected_feature() -> None:
+    """On Gaussian (ViT-like) rows v2 with eps 4 selects nothing: the published term was identically 0 with no
+    gradient; with the fallback every low-Q row gets a gradient."""
+    assert not v2_selection(_gaussian_features())[2].any()
+    for target in (None, 0.5):  # eps 4 kept (the fallback alone) or lowered per batch (the default)
+        h = _gaussian_features().requires_grad_(True)
+        reg = QScoreRegularizer(version="v2", lambda1=1.0, lambda2=0.0, v2_coverage=target)
+        if target is not None:
+            assert reg.v2_eps(h) == eps_for_coverage(h.detach(), 0.5) < 4.0
+        q = reg.q_scores(h).detach()
+        term, _ = reg(h)
+        term.backward()
+        low = q < q.mean()
+        assert term.item() > 0 and torch.equal(h.grad.abs().sum(1) > 0, low)
+
+
+@pytest.mark.parametrize(("version", "batch"), [("v1", "relu"), ("v2", "relu"), ("v1", "gaussian"), ("v2", "gaussian")])
+def test_a_few_steps_of_the_term_raise_bottom_q_and_lower_high_columns(version: str, batch: str) -> None:
+    """The regulariser alone (both terms, lambda 1, balanced), 5 SGD steps on a fixed batch H: the rows that start
+    below alpha end with a higher mean Q, the columns that start above beta with lower L1 norms, and at the start
+    neither term is under a tenth of the other."""
+    h0 = _features(n=24) if batch == "relu" else _gaussian_features()
+    reg = QScoreRegularizer(version=version, lambda1=1.0, lambda2=1.0)
+    h = torch.nn.Parameter(h0.clone())
+    q0 = reg.q_scores(h0)
+    col0 = reg.q_input(h0).abs().sum(0)
+    low, high = q0 < q0.mean(), col0 > col0.mean()
+    _, m = reg(h0)
+    ratio = m["qscore/sample_term"].item() / m["qscore/col_term"].item()
+    assert 0.1 < ratio < 10, f"unbalanced terms: sample / column = {ratio:.3g}"
+    opt = torch.optim.SGD([h], lr=0.5 if version == "v2" else 0.05)
+    for _ in range(5):
+        opt.zero_grad()
+        reg(h)[0].backward()
+        opt.step()
+    with torch.no_grad():
+        q1 = reg.q_scores(h)
+        col1 = reg.q_input(h).abs().sum(0)
+    assert q1[low].mean() > q0[low].mean()
+    assert (col1[high] < col0[high]).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_column_term_touches_only_columns_above_beta(device: str) -> None:
     h = _features().to(device)
     h[0, 5] = -4.0  # a negative entry: |h| counts, its gradient sign is negative
     h.requires_grad_(True)
-    term, metrics = QScoreRegularizer(lambda1=0.0, lambda2=0.5)(h)
+    term, metrics = QScoreRegularizer(lambda1=0.0, lambda2=0.5, reduction="sum")(h)
     term.backward()
     col = h.detach().abs().sum(0)
     high = col > col.mean()
     assert torch.equal(h.grad.abs().sum(0) > 0, high)
     torch.testing.assert_close(h.grad[:, high], 0.5 * torch.sign(h.detach()[:, high]))
     assert metrics["qscore/col_high_frac"].item() == pytest.approx(high.float().mean().item())
+    h.grad = None
+    QScoreRegularizer(lambda1=0.0, lambda2=0.5)(h)[0].backward()  # balanced: 0.5 / (#high * mean column norm)
+    torch.testing.assert_close(h.grad[:, high], 0.5 * torch.sign(h.detach()[:, high]) / (high.sum() * col.mean()))
 
 
 def test_column_term_penalises_a_feature_active_everywhere_more_than_a_rare_one() -> None:
@@ -214,7 +324,7 @@ def test_column_term_penalises_a_feature_active_everywhere_more_than_a_rare_one(
     h[:, 0] = 1.0  # fires in every sample: norm 16
     h[:2, 1] = 1.0  # fires in 2 samples: norm 2
     h.requires_grad_(True)
-    reg = QScoreRegularizer(lambda1=0.0, lambda2=1.0)
+    reg = QScoreRegularizer(lambda1=0.0, lambda2=1.0, reduction="sum")
     term, metrics = reg(h)
     beta = metrics["qscore/beta"].item()
     assert beta == pytest.approx((16 + 2 + 30 * 4.8) / 32)
@@ -229,7 +339,7 @@ def test_column_term_penalises_a_feature_active_everywhere_more_than_a_rare_one(
 
 def test_fixed_alpha_beta_and_shape_errors() -> None:
     h = _features()
-    term, m = QScoreRegularizer(version="v1", lambda1=1.0, lambda2=1.0, alpha=1e9, beta=1e9)(h)
+    term, m = QScoreRegularizer(version="v1", lambda1=1.0, lambda2=1.0, alpha=1e9, beta=1e9, reduction="sum")(h)
     assert term.item() == pytest.approx(-q_v1(h).sum().item(), rel=1e-6)  # every row selected, no column
     assert m["qscore/low_frac"].item() == 1.0 and m["qscore/col_high_frac"].item() == 0.0
     with pytest.raises(ValueError, match=r"\(M, l\)"):
@@ -242,14 +352,82 @@ def test_fixed_alpha_beta_and_shape_errors() -> None:
 def test_detection_scores_by_hand_and_against_sklearn() -> None:
     v = np.array([0.1, 0.4, 0.35, 0.8, 0.2])
     wrong = np.array([True, False, False, True, False])
-    s = detection_scores(v, wrong, "low")
+    s = detection_scores(v, wrong, "low", n_boot=0)
     # scores -v; wrong ones at -0.1 (above all 3 correct) and -0.8 (below all): AUROC 3/6; AP (1/1 + 2/5) / 2
     assert s["auroc"] == pytest.approx(0.5) and s["auprc"] == pytest.approx(0.7)
-    assert s["auroc"] == pytest.approx(roc_auc_score(wrong, -v))
-    high = detection_scores(v, wrong, "high")
+    assert s["auroc"] == pytest.approx(roc_auc_score(wrong, -v)) and s["chance_auprc"] == pytest.approx(0.4)
+    assert s["auroc_ci"] is None and s["above_chance"] is None and not s["degenerate"]
+    high = detection_scores(v, wrong, "high", n_boot=0)
     assert high["auroc"] == pytest.approx(roc_auc_score(wrong, v))
     assert high["auprc"] == pytest.approx(average_precision_score(wrong, v))
     assert detection_scores(v, np.zeros(5, bool), "low")["auroc"] is None
+
+
+def test_flipped_direction_is_reported_apart_as_post_hoc() -> None:
+    # "low" flags errors, but here the wrong samples have the highest values: AUROC 0 pre-registered, 1 flipped
+    v = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    wrong = np.array([False, False, False, True, True])
+    s = detection_scores(v, wrong, "low", n_boot=50)
+    assert s["auroc"] == 0.0 and s["above_chance"] is False
+    assert set(s["post_hoc"]) == {"auroc_flipped", "note"} and s["post_hoc"]["auroc_flipped"] == 1.0
+    assert "auroc_best" not in s
+
+
+def test_degenerate_scores_get_no_auroc() -> None:
+    wrong = np.arange(1000) % 4 == 0
+    constant = np.zeros(1000)
+    s = detection_scores(constant, wrong, "low")
+    assert s["degenerate"] and s["auroc"] is None and s["post_hoc"] is None and "degenerate" in s["note"]
+    nearly = constant.copy()
+    nearly[:9] = 1.0  # 0.9% of the samples differ from the modal value: below the 1% floor
+    assert is_degenerate(nearly) and detection_scores(nearly, wrong, "low")["auroc"] is None
+    nearly[:10] = 1.0  # 1.0%: ranked
+    assert not is_degenerate(nearly)
+    assert is_degenerate(np.full(10, 0.03125) + np.arange(10) * 1e-13)  # a range within float rounding
+    assert not is_degenerate(np.array([0.0, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_row_statistics_equal_sklearn(ties: bool) -> None:
+    """The vectorised AUROC / AP of the bootstrap against scikit-learn row by row, with and without tied scores."""
+    rng = np.random.default_rng(3)
+    y = rng.random((12, 40)) < 0.35
+    y[:, 0], y[:, 1] = True, False
+    score = rng.random((12, 40)) + 0.3 * y
+    if ties:
+        score = np.round(score * 3) / 3
+    np.testing.assert_allclose(auroc_rows(y, score), [roc_auc_score(a, b) for a, b in zip(y, score)], atol=1e-12)
+    np.testing.assert_allclose(average_precision_rows(y, score),
+                               [average_precision_score(a, b) for a, b in zip(y, score)], atol=1e-12)
+    # by hand: scores [3, 2, 2, 1], labels [1, 0, 1, 0]: AUROC (1 + 1 + 0.5 + 1) / 4; AP 1/2 * 1 + 1/2 * 2/3
+    y1, s1 = np.array([[True, False, True, False]]), np.array([[3.0, 2.0, 2.0, 1.0]])
+    assert auroc_rows(y1, s1)[0] == pytest.approx(3.5 / 4)
+    assert average_precision_rows(y1, s1)[0] == pytest.approx(0.5 + 1 / 3)
+
+
+def test_bootstrap_interval_equals_a_reference_loop_and_perfect_separation() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.random(60) < 0.3
+    score = y + rng.normal(0, 1.0, 60)
+    idx = np.random.default_rng(7).integers(0, 60, size=(200, 60))
+    for statistic, reference in (("auroc", roc_auc_score), ("auprc", average_precision_score)):
+        got = bootstrap_interval(y, score, statistic, n_boot=200, ci=0.9, seed=7, chunk=64)
+        ref = [reference(y[i], score[i]) for i in idx if 0 < y[i].sum() < 60]
+        assert got == pytest.approx(list(np.percentile(ref, [5.0, 95.0]))), statistic
+        assert got[0] < reference(y, score) < got[1]
+    # a score that separates perfectly has AUROC 1 on every resample: the interval is [1, 1]
+    perfect = detection_scores(np.arange(20.0), np.arange(20) < 5, "low", n_boot=100)
+    assert perfect["auroc"] == 1.0 and perfect["auroc_ci"] == pytest.approx([1.0, 1.0]) and perfect["above_chance"]
+    assert perfect["auprc_ci"] == pytest.approx([1.0, 1.0])
+
+
+def test_coverage_by_hand() -> None:
+    """V2_H with eps 1: L ∩ D non-empty for rows 1-3 (3/4), L non-empty for all; v1 needs a non-zero std (a
+    constant fifth row has none)."""
+    m = qscore_metrics(torch.tensor(V2_H), eps=1.0)
+    assert coverage(m) == {"q_v1": 1.0, "q_v2": 0.75, "v2_highly_active": 1.0}
+    m = qscore_metrics(torch.tensor(V2_H + [[1.0] * 6]), eps=1.0)
+    assert coverage(m)["q_v1"] == pytest.approx(4 / 5)
 
 
 def _clustered(seed: int, n: int, d: int = 24, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,14 +444,20 @@ def test_report_equals_sklearn_on_the_same_inputs(rates_from: str) -> None:
     train_x, train_y = _clustered(0, 200)
     val_x, val_y = _clustered(1, 120)
     result, metrics, wrong = qscore_from_features(train_x, train_y, val_x, val_y, k=10, backend="torch",
-                                                  rates_from=rates_from)
+                                                  rates_from=rates_from, n_boot=20)
     preds = knn_classify(train_x, train_y, val_x, val_y, [10], 0.07, backend="torch",
                          return_predictions=True)["predictions"][10]
     expected_wrong = (preds != val_y).numpy()
     assert np.array_equal(wrong.numpy(), expected_wrong) and 0 < expected_wrong.sum() < len(val_y)
-    rates = activation_rates(train_x, 4.0) if rates_from == "train" else None
-    ref = qscore_metrics(val_x, rates=rates)
+    eps = result["settings"]["eps"]  # v2's eps lowered to cover half the reference samples
+    assert eps == eps_for_coverage(train_x if rates_from == "train" else val_x, 0.5)
+    rates = activation_rates(train_x, eps) if rates_from == "train" else None
+    ref = qscore_metrics(val_x, eps=eps, rates=rates, standardize=True)
+    assert result["coverage"] == coverage(ref)
     for name, s in result["scores"].items():
+        if s["degenerate"]:
+            assert s["auroc"] is None
+            continue
         oriented = -ref[name].numpy() if s["direction"] == "low" else ref[name].numpy()
         assert s["auroc"] == pytest.approx(roc_auc_score(expected_wrong, oriented)), name
         assert s["auprc"] == pytest.approx(average_precision_score(expected_wrong, oriented)), name
@@ -294,11 +478,16 @@ def test_cli_qscore_writes_json_png_and_logs(digits_shards: Path, tmp_path: Path
                              mean=(0.5,) * 3, std=(0.5,) * 3, source={"test": True})
     out = tmp_path / "report" / "qscore.json"
     assert main(["qscore", str(export), "--data", str(digits_shards), "--k", "10", "--max-train", "600",
-                 "--max-val", "200", "--out", str(out)]) == 0
+                 "--max-val", "200", "--bootstrap", "200", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 1000
     assert result["n_val"] == 200 and result["n_train"] == 600 and set(result["scores"]) >= {"q_v1", "q_v2", "l1"}
     assert result["error_rate"] == pytest.approx(1 - result["knn"]["top1"])
+    assert set(result["coverage"]) == {"q_v1", "q_v2", "v2_highly_active"}
+    assert result["settings"]["n_boot"] == 200 and result["settings"]["eps"] <= 4.0
+    for s in result["scores"].values():
+        assert s["degenerate"] or (s["auroc_ci"][0] <= s["auroc"] <= s["auroc_ci"][1]
+                                   and s["post_hoc"]["auroc_flipped"] == pytest.approx(1 - s["auroc"]))
 
     class Tracker:
         logged: dict = {}
@@ -308,8 +497,9 @@ def test_cli_qscore_writes_json_png_and_logs(digits_shards: Path, tmp_path: Path
 
     tracker = Tracker()
     again = qscore_report(export, str(digits_shards), str(digits_shards), k=10, max_train=600, max_test=200,
-                          tracker=tracker, progress=False)
+                          n_boot=200, tracker=tracker, progress=False)
     assert tracker.logged["qscore/q_v1/auroc"] == pytest.approx(result["scores"]["q_v1"]["auroc"])
+    assert tracker.logged["qscore/coverage/q_v2"] == pytest.approx(result["coverage"]["q_v2"])
     assert again["scores"]["l1"]["auprc"] == pytest.approx(result["scores"]["l1"]["auprc"])
 
 

@@ -149,14 +149,14 @@ def linear_seg_probe(
     device: str | torch.device | None = None,
     seed: int = 0,
     out_json: str | Path | None = None,
-    png: str | Path | None = None,
-    n_png: int = 6,
+    keep_samples: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the linear head on the frozen backbone for `steps` batches of `data` (split `train_split`), evaluate on
     `val` (default: `data`, split `val_split`); returns (and writes to `out_json`) mIoU, pixel accuracy, IoU per
     class, the constant-prediction baseline and the settings. `size`: training crop and evaluation window (default:
-    the export's image size)."""
+    the export's image size). `keep_samples`: the first val images with their labels and predictions, returned
+    under `samples` (not written to the JSON) for `sslpipe.viz.overlays.save_semantic_samples`."""
     start = time.perf_counter()
     val = val or data
     names = segmentation_classes(data, num_classes, "--num-classes", val=val, ignore_index=ignore_index,
@@ -193,8 +193,8 @@ def linear_seg_probe(
     train_s = time.perf_counter() - start
 
     result = evaluate_linear_seg(features, head, val, val_split, size=size, names=names, mean=mean, std=std,
-                                 ignore_index=ignore_index, max_images=max_val, device=dev, png=png, n_png=n_png,
-                                 progress=progress)
+                                 ignore_index=ignore_index, max_images=max_val, device=dev,
+                                 keep_samples=keep_samples, progress=progress)
     result.update(backbone=source, data=str(data), val=str(val), size=size, layers=layers, steps=steps,
                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                   final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])), train_seconds=round(train_s, 1),
@@ -202,7 +202,7 @@ def linear_seg_probe(
     if out_json:
         out = Path(out_json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        out.write_text(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1) + "\n")
     return result
 
 
@@ -210,9 +210,10 @@ def linear_seg_probe(
 def evaluate_linear_seg(features: PatchFeatures, head: LinearSegHead, val: str, split: str, *, size: int,
                         names: list[str], mean: Sequence[float], std: Sequence[float], ignore_index: int = 255,
                         max_images: int | None = None, device: torch.device | str = "cpu",
-                        png: str | Path | None = None, n_png: int = 6, progress: bool = True) -> dict[str, Any]:
+                        keep_samples: int = 0, progress: bool = True) -> dict[str, Any]:
     """mIoU of the probe on the val split by sliding `size` windows; `baseline` = the same metrics for a constant
-    prediction of the most frequent val class."""
+    prediction of the most frequent val class; `samples` = (uint8 image, label, prediction) of the first
+    `keep_samples` val images."""
     head.eval()
     transform = DenseTransform(size, (1.0, 1.0), 0.0, mean, std, ignore_index, train=False)
     loader = build_loader(val, split=split, sample_fn=transform, collate_fn=collate_dense, batch_size=8,
@@ -239,8 +240,8 @@ def evaluate_linear_seg(features: PatchFeatures, head: LinearSegHead, val: str, 
             metric.update(pred[None], seg[None])
             counts += torch.bincount(seg[seg != ignore_index].flatten(), minlength=len(names))[: len(names)]
             targets_all.append(seg)
-            if png is not None and len(rows) < n_png:
-                rows.append((image[0].cpu(), seg, pred))
+            if len(rows) < keep_samples:
+                rows.append((_to_uint8(image[0].cpu(), tuple(seg.shape), mean, std), seg, pred))
             seen += 1
     result = metric.compute()
     majority = int(counts.argmax())
@@ -250,26 +251,18 @@ def evaluate_linear_seg(features: PatchFeatures, head: LinearSegHead, val: str, 
     base = constant.compute()
     result["baseline"] = {"predict": names[majority], "mIoU": base["mIoU"], "pixel_acc": base["pixel_acc"]}
     result["n_val"] = seen
-    if png is not None and rows:
-        _draw(rows, png, names, mean, std, ignore_index)
-        result["png"] = str(png)
+    if keep_samples:
+        result["samples"] = rows
     return result
 
 
-def _draw(rows: list[tuple[Tensor, Tensor, Tensor]], png: str | Path, names: list[str], mean: Sequence[float],
-          std: Sequence[float], ignore_index: int) -> None:
-    from sslpipe.viz.overlays import class_legend, save_rows, semantic_overlay
-
-    panels = []
-    for image, seg, pred in rows:
-        img = (image * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
-        img = (img * 255).round().to(torch.uint8)
-        if tuple(img.shape[-2:]) != tuple(seg.shape):
-            img = F.interpolate(img[None].float(), size=tuple(seg.shape), mode="bilinear").round().clamp(0, 255)
-            img = img.to(torch.uint8)[0]
-        panels.append([img, semantic_overlay(img, seg, len(names), ignore_index),
-                       semantic_overlay(img, pred, len(names), ignore_index)])
-    save_rows(panels, png, legend=class_legend(names))
+def _to_uint8(image: Tensor, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """A normalised val image back to uint8 RGB at the label's size, for drawing."""
+    img = (image * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
+    img = (img * 255).round()
+    if tuple(img.shape[-2:]) != size:
+        img = F.interpolate(img[None], size=size, mode="bilinear")[0].round().clamp(0, 255)
+    return img.to(torch.uint8)
 
 
 def format_linear_seg(result: dict[str, Any]) -> str:

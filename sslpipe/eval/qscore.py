@@ -24,10 +24,13 @@ v2, on the raw h (no normalisation), with mu_i, sigma_i the mean and population 
     A_j  = (1/N) #{i : j in L_i}                            (activation rate of feature j over the reference set)
     D    = {j : A_j > 0 and P_lo <= A_j <= P_hi}, P_lo/P_hi = the `percentiles` (default 50th/95th) of the non-zero
            A_j (torch.quantile, linear interpolation as numpy's default)     (discriminative features)
-    q_v2_i = (1/|L_i ∩ D|) sum_{j in L_i ∩ D} (h_ij - mu_i), and 0 when L_i ∩ D is empty.
+    q_v2_i = (1/|L_i ∩ D|) sum_{j in L_i ∩ D} (h_ij - mu_i) / s_i, and 0 when L_i ∩ D is empty;
+             s_i = sigma_i with `standardize` (ours: scale-free, like v1's z), else 1 (the published form).
 The reference set of A_j is `rates` when given (e.g. rates of the training split), else the rows of h themselves.
 Note (Samuelson's inequality): with the population std no value can exceed mu + eps*sigma when D <= eps^2 + 1, so
-eps = 4 needs D >= 18 features for L_i to be non-empty at all.
+eps = 4 needs D >= 18 features for L_i to be non-empty at all; and on Gaussian-like rows (a ViT's CLS after
+LayerNorm) no value reaches 4 std in practice. `eps_for_coverage` lowers eps until a given share of rows has
+L_i ∩ D non-empty (issue 19: how v2 is defined on a ViT; measured in docs/qscore.md).
 
 Correctly classified samples are expected to have a higher z and q and a lower l1 (paper, v1).
 """
@@ -42,6 +45,8 @@ from torch import Tensor
 DEFAULT_ETA = 1e-3  # soft-sparsity threshold: the paper's value was not found (SPEC §4); ours
 DEFAULT_EPS = 4.0  # v2 "highly activating" threshold in per-sample stds (second-hand, SPEC §4)
 DEFAULT_PERCENTILES: tuple[float, float] = (50.0, 95.0)  # v2 band of non-zero activation rates (second-hand)
+EPS_STEP = 0.25  # grid of `eps_for_coverage`
+EPS_MIN = 0.5  # lowest eps `eps_for_coverage` goes to
 TINY = 1e-12  # floor of sigma and of the L1 norm: a constant or all-zero row gets z = 0, q = 0 instead of NaN
 
 
@@ -114,16 +119,46 @@ def v2_selection(h: Tensor, *, eps: float = DEFAULT_EPS, percentiles: Sequence[f
     return high, disc, high & disc.unsqueeze(0)
 
 
+def eps_for_coverage(h: Tensor, coverage: float, *, eps_max: float = DEFAULT_EPS, step: float = EPS_STEP,
+                     eps_min: float = EPS_MIN, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> float:
+    """The largest eps on the grid eps_max, eps_max - step, ..., eps_min at which at least `coverage` of the rows of
+    h have L_i ∩ D non-empty (D from h's own rates at that eps); eps_min when none does.
+
+    Why: v2's eps = 4 assumes sparse, heavy-tailed rows (ReLU ResNet features). A ViT's CLS after LayerNorm is
+    Gaussian-like (the demo ViT: median max z 2.6 over 128 features), so eps = 4 selects nothing and every q_v2 is
+    0. Lowering eps only as far as the selection needs keeps eps = 4 wherever it already works (docs/qscore.md)."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"v2 coverage target must be in (0, 1], got {coverage}")
+    h = _check(h).detach()
+    eps = float(eps_max)
+    while eps > eps_min:
+        if v2_selection(h, eps=eps, percentiles=percentiles)[2].any(dim=1).float().mean().item() >= coverage:
+            return eps
+        eps = round(eps - step, 10)
+    return float(eps_min)
+
+
 def q_v2(h: Tensor, *, eps: float = DEFAULT_EPS, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
-         rates: Tensor | None = None) -> Tensor:
-    """Q-score v2 per sample: mean over j in L_i ∩ D of (h_ij - mu_i), 0 where L_i ∩ D is empty (differentiable in h
-    through h_ij and mu_i; the sets are fixed by the current values)."""
+         rates: Tensor | None = None, standardize: bool = False, fallback: bool = False) -> Tensor:
+    """Q-score v2 per sample: mean over j in L_i ∩ D of (h_ij - mu_i), divided by sigma_i when `standardize`
+    (differentiable in h through h_ij, mu_i and sigma_i; the sets are fixed by the current values).
+
+    A sample with L_i ∩ D empty gets 0 and no gradient; with `fallback` (what the regulariser uses, so that its
+    gradient reaches exactly those samples) it is scored on its strongest discriminative feature instead,
+    argmax_{j in D} h_ij (argmax over all features when D is empty)."""
     h = _check(h)
-    _, _, sel = v2_selection(h, eps=eps, percentiles=percentiles, rates=rates)
+    _, disc, sel = v2_selection(h, eps=eps, percentiles=percentiles, rates=rates)
+    if fallback:
+        pool = disc if disc.any() else torch.ones_like(disc)
+        best = h.detach().masked_fill(~pool.unsqueeze(0), float("-inf")).argmax(dim=1)
+        empty = ~sel.any(dim=1)
+        sel = sel | (F.one_hot(best, h.shape[1]).bool() & empty.unsqueeze(1))
     sel = sel.to(h.dtype)
-    excess = h - h.mean(dim=1, keepdim=True)
-    count = sel.sum(dim=1)
-    return (excess * sel).sum(dim=1) / count.clamp_min(1.0)
+    mu, sigma = row_mean_std(h)
+    excess = h - mu.unsqueeze(1)
+    if standardize:
+        excess = excess / sigma.clamp_min(TINY).unsqueeze(1)
+    return (excess * sel).sum(dim=1) / sel.sum(dim=1).clamp_min(1.0)
 
 
 @torch.no_grad()
@@ -136,6 +171,7 @@ def qscore_metrics(
     l2_normalize: bool = True,
     sparsity_abs: bool = False,
     rates: Tensor | None = None,
+    standardize: bool = False,
 ) -> dict[str, Tensor]:
     """Every per-sample metric, each (N,) float on h's device: mean, std, sparsity, l1, z, q_v1 (all on h', the v1
     input), q_v2, n_high (|L_i|) and n_high_disc (|L_i ∩ D|) (on the raw h). Formulas: the module docstring."""
@@ -148,7 +184,8 @@ def qscore_metrics(
     high, _, sel = v2_selection(h, eps=eps, percentiles=percentiles, rates=rates)
     return {
         "mean": mu, "std": sigma, "sparsity": below.float().mean(dim=1), "l1": l1, "z": z,
-        "q_v1": z / l1.clamp_min(TINY), "q_v2": q_v2(h, eps=eps, percentiles=percentiles, rates=rates),
+        "q_v1": z / l1.clamp_min(TINY), "q_v2": q_v2(h, eps=eps, percentiles=percentiles, rates=rates,
+                                                        standardize=standardize),
         "n_high": high.sum(dim=1).float(), "n_high_disc": sel.sum(dim=1).float(),
     }
 
@@ -163,13 +200,14 @@ def batch_summary(
     l2_normalize: bool = True,
     sparsity_abs: bool = False,
     rates: Tensor | None = None,
+    standardize: bool = False,
 ) -> dict[str, float]:
     """Set-level summaries: mean of every per-sample metric (`mean_<name>`), `always_active_frac` (share of features
     with h'_ij >= eta in every sample, i.e. never soft-sparse: the degenerate "fires for every sample" feature the
     v1 column term fights), `discriminative_frac` (|D| / D), `never_high_frac` (share of features with A_j = 0)."""
     h = _check(h).float()
     m = qscore_metrics(h, eta=eta, eps=eps, percentiles=percentiles, l2_normalize=l2_normalize,
-                       sparsity_abs=sparsity_abs, rates=rates)
+                       sparsity_abs=sparsity_abs, rates=rates, standardize=standardize)
     hp = v1_input(h, l2_normalize)
     active = ~((hp.abs() if sparsity_abs else hp) < eta)
     high, disc, _ = v2_selection(h, eps=eps, percentiles=percentiles, rates=rates)

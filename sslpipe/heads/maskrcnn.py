@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor

@@ -1,24 +1,36 @@
 """The Q-score regulariser (Kalibhat et al., arXiv 2203.01881, SPEC.md §4): a loss term any recipe adds.
 
+The published form (second-hand, `reduction: sum`):
+
     L = L_SSL - lambda1 * sum_{i : Q_i < alpha} Q_i + lambda2 * sum_{k : ||H_{*,k}||_1 > beta} ||H_{*,k}||_1
 
 H in R^{M x l} is the batch's feature matrix (M = 2N for two views stacked; a recipe passes all global views), Q_i the
 per-sample Q-score of row i (`version` v1 or v2, formulas in sslpipe/eval/qscore.py), ||H_{*,k}||_1 = sum_i |H_ik|
 the L1 norm of feature column k over the batch. The first term raises Q on the low-quality samples (Q_i below alpha);
 the second penalises features that fire across the batch (v1 found that the first term alone makes one feature fire
-for every sample). alpha / beta null = the batch means of Q_i / of the column norms (published v2 values, second-hand,
-as are lambda1 = lambda2 = 1e-4). The selections {i : Q_i < alpha} and {k : ||H_{*,k}||_1 > beta} use detached values,
-so the gradient reaches only the selected rows (through Q_i) and the selected columns (through their norms).
+for every sample). alpha / beta null = the batch means of Q_i / of the column norms. The selections use detached
+values, so the gradient reaches only the selected rows (through Q_i) and the selected columns (through their norms).
 
-Written here because no library ships it. Choices of ours (the paper body could not be read, docs/qscore.md):
-- sums, not means, as the formula is written: the term grows with the per-process batch; alpha, beta and the column
-  norms are per process (each rank regularises its own batch; DDP then averages the gradients);
-- the column term is the norm of each selected column (an indicator, as written), not a hinge (norm - beta);
-- v2's activation rates A_j (hence the discriminative features D) are those of the batch H itself;
+Why the default differs (issue 19, measured in docs/qscore.md): with sums and lambda1 = lambda2 = 1e-4 the sample
+term was about 1e-3 against a column term of 0.3-0.8 (the regulariser was an L1 penalty on columns), and on a ViT
+v2 selected no feature, so every Q_i was 0 with no gradient. The default `reduction: balanced` makes both terms
+dimensionless means of the same size, so one lambda means the same on any batch size, width or feature scale:
+
+    S = mean_{i : Q_i < alpha} (alpha - Q_i) / mean_i |Q_i|       relative shortfall of the low-Q rows
+    C = mean_{k : c_k > beta} (c_k - beta) / mean_k c_k           relative excess of the columns, c_k = ||H_{*,k}||_1
+    L = L_SSL + lambda1 * S + lambda2 * C                         (the denominators are detached)
+
+The gradients point the same way as the published terms' (a hinge and -Q_i differ by a constant on the selected
+rows). In both forms:
+- v2 is defined on any backbone: eps is lowered per batch until `v2_coverage` of the rows have L_i ∩ D non-empty
+  (`eps_for_coverage`; a ViT's LayerNorm CLS never reaches mean + 4 std), Q_i is in units of sigma_i
+  (`standardize`, so it cannot be raised by scaling the features), and a row with L_i ∩ D still empty is scored on
+  its strongest discriminative feature (`q_v2(fallback=True)`), so the term reaches the samples it exists for
+  instead of giving them Q = 0 and no gradient;
+- the column norms are taken on the matrix Q is computed on (v1: the L2-normalised rows when `l2_normalize`);
+- sums, alpha, beta and the column norms are per process (each rank regularises its own batch; DDP averages);
 - computed in float32 whatever the autocast dtype (max, std and small lambdas are fragile in half precision).
-Caveat (measured, docs/qscore.md): on Gaussian-like features (a ViT's CLS after LayerNorm) v2 with eps = 4 selects
-no feature, so its sample term is 0 and only the column term acts; a large lambda1 with v1 collapses each sample
-onto about one feature (Q up 23x, kNN down 12 points on the demo).
+Written here because no library ships it; the choices above are ours (the paper's body could not be read).
 """
 from __future__ import annotations
 
@@ -27,7 +39,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from sslpipe.eval.qscore import q_v1, q_v2
+from sslpipe.eval.qscore import TINY, eps_for_coverage, q_v1, q_v2, v1_input
 
 
 class QScoreRegularizer(nn.Module):
@@ -35,8 +47,9 @@ class QScoreRegularizer(nn.Module):
 
     `cfg` is a `sslpipe.config.QScoreConfig` (or a mapping / keyword overrides of its fields). `enabled` is not
     looked at here: a recipe builds the regulariser only when `cfg.qscore.enabled` (see `build_qscore`).
-    Metrics (0-d detached tensors): `qscore/term`, `qscore/q_mean`, `qscore/low_frac` (share of rows with
-    Q_i < alpha), `qscore/col_high_frac` (share of columns over beta), `qscore/alpha`, `qscore/beta`.
+    Metrics (0-d detached tensors): `qscore/term` = `qscore/sample_term` + `qscore/col_term` (each with its lambda,
+    so their balance shows in the logs), `qscore/q_mean`, `qscore/low_frac` (share of rows with Q_i < alpha),
+    `qscore/col_high_frac` (share of columns over beta), `qscore/alpha`, `qscore/beta`.
     """
 
     def __init__(self, cfg: Any = None, **overrides: Any) -> None:
@@ -49,12 +62,24 @@ class QScoreRegularizer(nn.Module):
             cfg = QScoreConfig(**cfg)
         self.cfg = QScoreConfig.model_validate({**cfg.model_dump(), **overrides}) if overrides else cfg
 
+    def q_input(self, h: Tensor) -> Tensor:
+        """The matrix Q is computed on, and the column norms too: v1's h' (L2-normalised rows when
+        `l2_normalize`), v2's raw h."""
+        return v1_input(h, self.cfg.l2_normalize) if self.cfg.version == "v1" else h
+
     def q_scores(self, h: Tensor) -> Tensor:
-        """Per-row Q-score (M,) of the configured version, differentiable in h."""
+        """Per-row Q-score (M,) the term acts on, differentiable in h (v2 with the fallback for empty selections)."""
         c = self.cfg
         if c.version == "v1":
             return q_v1(h, l2_normalize=c.l2_normalize)
-        return q_v2(h, eps=c.eps, percentiles=tuple(c.percentiles))
+        return q_v2(h, eps=self.v2_eps(h), percentiles=tuple(c.percentiles), standardize=c.standardize, fallback=True)
+
+    def v2_eps(self, h: Tensor) -> float:
+        """v2's eps on this batch: `eps`, lowered by `eps_for_coverage` when `v2_coverage` is set."""
+        c = self.cfg
+        if c.v2_coverage is None:
+            return c.eps
+        return eps_for_coverage(h, c.v2_coverage, eps_max=c.eps, percentiles=tuple(c.percentiles))
 
     def forward(self, features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         if features.ndim != 2:
@@ -64,16 +89,23 @@ class QScoreRegularizer(nn.Module):
         q = self.q_scores(h)
         alpha = q.detach().mean() if c.alpha is None else torch.as_tensor(c.alpha, device=h.device)
         low = q.detach() < alpha
-        sample_term = -(q * low).sum()
-        col = h.abs().sum(dim=0)
+        col = self.q_input(h).abs().sum(dim=0)
         beta = col.detach().mean() if c.beta is None else torch.as_tensor(c.beta, device=h.device)
         high = col.detach() > beta
-        col_term = (col * high).sum()
+        if c.reduction == "sum":
+            sample_term = -(q * low).sum()
+            col_term = (col * high).sum()
+        else:
+            q_scale = q.detach().abs().mean().clamp_min(TINY)
+            col_scale = col.detach().mean().clamp_min(TINY)
+            sample_term = ((alpha - q) * low).sum() / low.sum().clamp_min(1) / q_scale
+            col_term = ((col - beta) * high).sum() / high.sum().clamp_min(1) / col_scale
         term = c.lambda1 * sample_term + c.lambda2 * col_term
         metrics = {
-            "qscore/term": term.detach(), "qscore/q_mean": q.detach().mean(), "qscore/low_frac": low.float().mean(),
-            "qscore/col_high_frac": high.float().mean(), "qscore/alpha": alpha.detach().float(),
-            "qscore/beta": beta.detach().float(),
+            "qscore/term": term.detach(), "qscore/sample_term": (c.lambda1 * sample_term).detach(),
+            "qscore/col_term": (c.lambda2 * col_term).detach(), "qscore/q_mean": q.detach().mean(),
+            "qscore/low_frac": low.float().mean(), "qscore/col_high_frac": high.float().mean(),
+            "qscore/alpha": alpha.detach().float(), "qscore/beta": beta.detach().float(),
         }
         return term, metrics
 

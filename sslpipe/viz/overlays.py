@@ -150,3 +150,13 @@ def save_rows(rows: list[list[Tensor]], path: str | Path, min_side: int = 192, g
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def save_semantic_samples(samples: list[tuple[Tensor, Tensor, Tensor]], path: str | Path, class_names: list[str],
+                          ignore_index: int = 255) -> Path:
+    """Rows of image | ground truth | prediction for (uint8 image, label map, predicted map) samples, with the class
+    legend: what `sslpipe linear-seg --png` draws."""
+    n = len(class_names)
+    rows = [[image, semantic_overlay(image, seg, n, ignore_index), semantic_overlay(image, pred, n, ignore_index)]
+            for image, seg, pred in samples]
+    return save_rows(rows, path, legend=class_legend(class_names))
