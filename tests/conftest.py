@@ -10,6 +10,8 @@ from pathlib import Path
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from helpers import DEVICES  # noqa: E402
 
 from sslpipe.data.shards import write_shards  # noqa: E402
@@ -47,3 +49,27 @@ def trainer_device(device: str, monkeypatch: pytest.MonkeyPatch) -> str:
     else:
         monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     return device
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons. One torch thread
+    (two busy processes on two cores oversubscribe otherwise)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.set_num_threads(1)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt of timm to fetch weights fails the test."""
+    from timm.models import _builder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("timm tried to download weights")
+
+    for name in ("load_state_dict_from_url", "load_state_dict_from_hf", "download_cached_file"):
+        monkeypatch.setattr(_builder, name, refuse)

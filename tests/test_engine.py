@@ -33,15 +33,7 @@ from tests.toy_recipe import ToyRecipe  # noqa: E402
 TOY = "tests.toy_recipe:ToyRecipe"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(1)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def toy_cfg(tmp_path: Path, run_name: str, **sections) -> Config:

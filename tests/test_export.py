@@ -18,16 +18,7 @@ VIT_ARGS = {"img_size": 32, "patch_size": 4, "depth": 2, "dynamic_img_size": Tru
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
-@pytest.fixture(autouse=True)
-def no_download(monkeypatch):
-    """Any attempt of timm to fetch weights fails the test."""
-    from timm.models import _builder
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("timm tried to download weights")
-
-    for name in ("load_state_dict_from_url", "load_state_dict_from_hf", "download_cached_file"):
-        monkeypatch.setattr(_builder, name, refuse)
+pytestmark = pytest.mark.usefixtures("no_download")
 
 
 def _vit(seed: int = 0) -> nn.Module:

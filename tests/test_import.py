@@ -40,16 +40,7 @@ TIMM_ARGS = {"img_size": SIZE, "dynamic_img_size": True, "patch_size": PATCH, "e
              "num_heads": HEADS}
 
 
-@pytest.fixture(autouse=True)
-def no_download(monkeypatch):
-    """Any attempt of timm to fetch weights fails the test."""
-    from timm.models import _builder
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("timm tried to download weights")
-
-    for name in ("load_state_dict_from_url", "load_state_dict_from_hf", "download_cached_file"):
-        monkeypatch.setattr(_builder, name, refuse)
+pytestmark = pytest.mark.usefixtures("no_download")
 
 
 # ---------------------------------------------------------------------------------- the official module structures

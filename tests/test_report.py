@@ -7,9 +7,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from sslpipe.cli import main
@@ -20,14 +18,7 @@ from sslpipe.viz.report import read_run, write_report
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(1)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 class Page(HTMLParser):
