@@ -19,7 +19,7 @@ from sslpipe.data.shards import read_manifest, write_shards
 from sslpipe.engine.trainer import train
 from sslpipe.eval.knn import knn_classify, run_knn
 from sslpipe.export import export_backbone, export_run
-from sslpipe.models.backbones import create_backbone
+from sslpipe.models.backbones import create_backbone, is_vit_arch
 from sslpipe.viz.report import write_report
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_ibot.yaml"
@@ -46,7 +46,9 @@ def _random_init_export(cfg, out: Path) -> Path:
     torch.manual_seed(cfg.seed)
     m = cfg.model
     model = create_backbone(m.arch, img_size=cfg.crops.global_size, patch_size=m.patch_size, **m.kwargs)
-    model_args = dict(m.kwargs, img_size=cfg.crops.global_size)
+    model_args = dict(m.kwargs)
+    if is_vit_arch(m.arch):  # a CNN takes any input size: timm rejects img_size there
+        model_args["img_size"] = cfg.crops.global_size
     if m.patch_size:
         model_args["patch_size"] = m.patch_size
     return export_backbone(model, out, arch=m.arch, model_args=model_args, img_size=cfg.crops.global_size,
