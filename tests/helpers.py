@@ -18,3 +18,23 @@ def child_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
+
+
+def one_teacher_student_step(recipe, momentum: float = 0.996) -> tuple[torch.Tensor, dict]:
+    """Build a teacher-student recipe (DINO, iBOT, DINOv2), take one AdamW step and one EMA update by hand; check
+    the loss is finite, the teacher gets no gradient and the EMA moves it. Returns the detached loss and metrics."""
+    from accelerate import Accelerator
+
+    recipe.build(Accelerator(cpu=True))
+    opt = torch.optim.AdamW([p for g in recipe.param_groups() for p in g["params"]], lr=1e-3)
+    batch = next(iter(recipe.train_loader(0, 0, 1)))
+    sched = {"teacher_temp": 0.04, "teacher_patch_temp": 0.04, "momentum": momentum, "it": 0}
+    before = {k: v.clone() for k, v in recipe.teacher.state_dict().items()}
+    loss, metrics = recipe.step(batch, sched)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in recipe.teacher.parameters()), "the teacher must receive no gradient"
+    opt.step()
+    recipe.after_optimizer_step(sched)
+    assert any(not torch.equal(v, before[k]) for k, v in recipe.teacher.state_dict().items()), "EMA moved nothing"
+    return loss.detach(), metrics
