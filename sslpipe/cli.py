@@ -44,6 +44,13 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scene-size", type=int, default=64, help="scenes: image side in pixels")
     p.add_argument("--scene-train", type=int, default=2000, help="scenes: number of train images")
     p.add_argument("--scene-val", type=int, default=500, help="scenes: number of val images")
+    p.add_argument("--scene-objects", default=None, metavar="MIN,MAX",
+                   help="scenes: objects per image (default 1,4)")
+    p.add_argument("--scene-scale", default=None, metavar="LO,HI",
+                   help="scenes: object side as a fraction of the image side (default 0.35,0.7)")
+    p.add_argument("--scene-classes", default=None, metavar="NAME,NAME,...",
+                   help="scenes: paste only these Fashion-MNIST classes, labelled 1.. in this order "
+                        "(e.g. Trouser,Sneaker,Bag; default all ten)")
     p.add_argument("--semi", action="store_true",
                    help="scenes: write labelled/unlabelled/val shard sets like --voc (with --labeled)")
     p.add_argument("--labeled", default=None,
@@ -56,11 +63,33 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--voc-val", default="val", help="--voc: val split (name or list file)")
 
 
+def _pair(text: str, cast: type, flag: str) -> tuple:
+    """`a,b` -> (cast(a), cast(b)), or a clear error naming the flag."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return cast(parts[0]), cast(parts[1])
+    except ValueError:
+        raise ValueError(f"{flag} takes two numbers as MIN,MAX (e.g. {flag} 1,2), got {text!r}") from None
+
+
+def _scene_options(args: argparse.Namespace) -> dict:
+    """The `scenes` options of `--dataset scenes` (SceneGenerator keywords besides the counts and the size)."""
+    options = {"train": args.scene_train, "val": args.scene_val, "size": args.scene_size}
+    if args.scene_objects:
+        options["objects"] = _pair(args.scene_objects, int, "--scene-objects")
+    if args.scene_scale:
+        options["scale"] = _pair(args.scene_scale, float, "--scene-scale")
+    if args.scene_classes:
+        options["classes"] = [name.strip() for name in args.scene_classes.split(",")]
+    return options
+
+
 def _run_layout_shards(args: argparse.Namespace) -> int:
     from sslpipe.data.seg_layouts import layout_shards
 
-    scenes = ({"train": args.scene_train, "val": args.scene_val, "size": args.scene_size}
-              if args.dataset == "scenes" else None)
+    scenes = _scene_options(args) if args.dataset == "scenes" else None
     summary = layout_shards(args.out, voc=args.voc, cityscapes=args.cityscapes, ade20k=args.ade20k, scenes=scenes,
                             stardist=args.dataset == "stardist",
                             voc_train=args.voc_train, voc_val=args.voc_val, labeled=args.labeled,
@@ -92,8 +121,7 @@ def _run_shards(args: argparse.Namespace) -> int:
         max_shard_bytes=args.max_shard_bytes, val_fraction=args.val_fraction, reencode=args.reencode,
         quality=args.quality, max_side=args.max_side, limit=args.limit, num_workers=args.workers,
         seed=args.seed, force=args.force, created_by="sslpipe " + " ".join(sys.argv[1:]),
-        scenes={"size": args.scene_size, "train": args.scene_train, "val": args.scene_val}
-        if args.dataset == "scenes" else None, coco_images=args.coco_images,
+        scenes=_scene_options(args) if args.dataset == "scenes" else None, coco_images=args.coco_images,
         classes=parse_classes(args.classes) if args.classes else None,
     )
     for split, info in manifest["splits"].items():

@@ -8,12 +8,14 @@ renamed; a failed write removes them and leaves an earlier export as it was.
 timm`), so the folder can be published to a model hub as it is. It loads in plain timm, without sslpipe:
 
     timm.create_model(cfg["architecture"], pretrained=True,
-                      pretrained_cfg_overlay=dict(file=".../model.safetensors"), **cfg["model_args"])
+                      pretrained_cfg_overlay=dict(file=".../model.safetensors", custom_load=False),
+                      **cfg["model_args"])
 
-(`model_args` holds `num_classes=0`). timm 1.0.31 reads a `file` overlay from disk (no download is attempted); since
-`num_classes=0` differs from the
-architecture's default pretrained config it drops classifier keys and loads non-strictly, so `load_backbone` loads
-strictly itself and the export is checked right after writing by reloading it and comparing outputs.
+(`model_args` holds `num_classes=0`; `custom_load=False`: timm before 1.0.31 otherwise hands a ViT's file to its JAX
+`.npz` reader, as its published ViT configs ask). timm reads a `file` overlay from disk (no download is attempted);
+since `num_classes=0` differs from the architecture's default pretrained config it drops classifier keys and loads
+non-strictly, so `load_backbone` loads strictly itself and the export is checked right after writing by reloading it
+and comparing outputs.
 """
 from __future__ import annotations
 
@@ -248,7 +250,7 @@ def write_model_card(out_dir: str | Path, *, title: str, tags: Sequence[str], pr
         "arguments, the input size and the normalisation.", "",
         "## Use", "", "```python", "import timm", "",
         f"model = timm.create_model({cfg['architecture']!r}, pretrained=True, "
-        f"pretrained_cfg_overlay=dict(file={WEIGHTS_NAME!r}), {args}).eval()", "```", "",
+        f"pretrained_cfg_overlay=dict(file={WEIGHTS_NAME!r}, custom_load=False), {args}).eval()", "```", "",
         f"Inputs: RGB at {size}x{size} px ({cfg.get('interpolation', 'bicubic')} resize), normalised with mean "
         f"{cfg['mean']} and std {cfg['std']}; `model(x)` gives the image feature. With sslpipe: "
         "`sslpipe.load_backbone(FOLDER)`, `sslpipe knn FOLDER --data SHARDS`, "

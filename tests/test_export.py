@@ -30,7 +30,8 @@ def _timm_reload(out, arch, model_args):
     """The plain-timm recipe from the export module docstring."""
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architecture"] == arch and cfg["model_args"] == {**model_args, "num_classes": 0}
-    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")),
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"),
+                                                                                custom_load=False),
                              **cfg["model_args"]).eval()
 
 

@@ -56,8 +56,11 @@ STEPS = 12  # 2 epochs x 6 steps; checkpoints at 4, 8, 12
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for var in ("WORLD_SIZE", "LOCAL_RANK", "RANK", "ACCELERATE_USE_CPU"):
+    for var in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
         monkeypatch.delenv(var, raising=False)
+    # Faults of the checkpoint files do not depend on the device, and the forked children of `in_child` cannot use
+    # CUDA once the parent has: every run of this file trains on the CPU, on a GPU host too.
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     reset()
     torch.set_num_threads(1)
     yield
@@ -513,7 +516,7 @@ def test_world_size_mismatch_stops_before_anything_is_written(tmp_path: Path, mo
     assert "Traceback" not in err and "WORLD_SIZE=2" in err and "Accelerate sees 1" in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before, "nothing was touched"
     monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     reset()
     assert_loadable(list_checkpoints(run)[-1])
     assert_same_weights(train(toy_cfg(runs, "mismatch"), resume="auto"), reference)

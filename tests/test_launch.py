@@ -86,22 +86,27 @@ def test_launch_files_are_accelerate_configs(name: str) -> None:
     assert cfg.get("rdzv_backend", "static") in {"static", "c10d"}
 
 
-@pytest.mark.parametrize("env, gpu, expected", [
-    ({}, False, False),                                          # plain `sslpipe train`: Accelerate decides
-    ({"LOCAL_RANK": "0"}, False, True),                          # torchrun (cpu_2proc.yaml) without a GPU: gloo
-    ({"LOCAL_RANK": "0"}, True, False),                          # torchrun on GPUs
-    ({"LOCAL_RANK": "0", "ACCELERATE_USE_CPU": "0"}, False, False),  # an explicit setting wins
-    ({"ACCELERATE_USE_CPU": "1"}, True, True),
+@pytest.mark.parametrize("env, gpus, expected", [
+    ({}, 0, False),                                              # plain `sslpipe train`: Accelerate decides
+    ({"LOCAL_RANK": "0"}, 0, True),                              # torchrun (cpu_2proc.yaml) without a GPU: gloo
+    ({"LOCAL_RANK": "0"}, 1, False),                             # torchrun on GPUs
+    ({"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}, 2, False),    # one GPU per process
+    ({"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}, 1, True),     # cpu_2proc.yaml on a 1-GPU host: NCCL would refuse
+    ({"LOCAL_RANK": "0", "ACCELERATE_USE_CPU": "0"}, 0, False),  # an explicit setting wins
+    ({"ACCELERATE_USE_CPU": "1"}, 1, True),
 ])
-def test_a_torchrun_launch_without_a_gpu_runs_on_the_cpu(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
-                                                         gpu: bool, expected: bool) -> None:
+def test_a_torchrun_launch_with_fewer_gpus_than_processes_runs_on_the_cpu(monkeypatch: pytest.MonkeyPatch,
+                                                                           env: dict[str, str], gpus: int,
+                                                                           expected: bool) -> None:
     """accelerate passes a launch file's `use_cpu` only to its 1-process launcher; the trainer reads the launch
-    from torchrun's LOCAL_RANK instead (launch/cpu_2proc.yaml, issue 21)."""
+    from torchrun's LOCAL_RANK and LOCAL_WORLD_SIZE instead (launch/cpu_2proc.yaml, issue 21): fewer GPUs than
+    local processes means the CPU."""
     from sslpipe.engine import processes
 
-    for var in ("LOCAL_RANK", "ACCELERATE_USE_CPU"):
+    for var in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "ACCELERATE_USE_CPU"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
-    monkeypatch.setattr(processes.torch.accelerator, "is_available", lambda: gpu)
+    monkeypatch.setattr(processes.torch.accelerator, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(processes.torch.accelerator, "device_count", lambda: gpus)
     assert processes.use_cpu() is expected

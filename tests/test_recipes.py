@@ -238,6 +238,17 @@ def test_demo_simclr_matches_the_demo_budget_builds_and_steps(digits_shards: Pat
     assert any(k.startswith("backbone.") for k in moved) and any(k.startswith("head.") for k in moved)
 
 
+def test_moonshot_is_the_demo_simclr_recipe_stretched_six_fold() -> None:
+    """recipes/moonshot_simclr.yaml (issue 20's 60-minute try) is demo_simclr.yaml with 24 epochs instead of 4 and
+    its own run directory, so the build-and-step test above covers it."""
+    demo, moon = load_config(RECIPES / "demo_simclr.yaml"), load_config(RECIPES / "moonshot_simclr.yaml")
+    assert (moon.train.epochs, demo.train.epochs, moon.output_dir, moon.run_name) == (
+        24, 4, "runs/moonshot", "simclr_resnet18")
+    stretched = demo.model_copy(update={"output_dir": moon.output_dir, "run_name": moon.run_name,
+                                        "train": demo.train.model_copy(update={"epochs": 24})})
+    assert stretched.model_dump() == moon.model_dump()
+
+
 def test_random_init_baseline_of_a_cnn_recipe_loads(tmp_path: Path) -> None:
     """The demo's random-init kNN baseline for a CNN recipe: the export holds no img_size (timm's ResNet rejects
     it), loads, and equals the network the recipe starts from."""

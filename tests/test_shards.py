@@ -277,7 +277,7 @@ def test_fashion_mnist_reader_counts_and_pixels() -> None:
     assert dataset_len("fashion-mnist", "train") == 60000 and dataset_len("fashion-mnist", "val") == 10000
     for split, prefix, first_labels in (("train", "train", [9, 0, 0]), ("val", "t10k", [9, 2, 1])):
         samples = list(iter_dataset("fashion-mnist", split, limit=3))
-        with gzip.open(datasets.FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz") as f:
+        with gzip.open(datasets.fashion_mnist_dir() / f"{prefix}-images-idx3-ubyte.gz") as f:
             raw = np.frombuffer(f.read(16 + 3 * 784)[16:], dtype=np.uint8).reshape(3, 28, 28)
         assert [label for _, label in samples] == first_labels  # published first labels of the idx files
         for (image, _), ref in zip(samples, raw, strict=True):

@@ -43,7 +43,7 @@ def hand_ntxent(z1: torch.Tensor, z2: torch.Tensor, T: float) -> torch.Tensor:
     n = len(z1)
     sim = z @ z.T / T
     sim.fill_diagonal_(float("-inf"))
-    pos = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    pos = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(sim, pos)
 
 

@@ -56,7 +56,8 @@ def test_semi_shards_from_scenes(semi: Path) -> None:
     lab = json.loads((semi / "labeled" / "manifest.json").read_text())
     unl = json.loads((semi / "unlabeled" / "manifest.json").read_text())
     val = json.loads((semi / "val" / "manifest.json").read_text())
-    assert lab["has_seg"] and not unl["has_seg"] and val["has_seg"] and list(val["splits"]) == ["val"]
+    # the unlabelled images keep their labels for the pseudo-label diagnostics (no loss reads them)
+    assert lab["has_seg"] and unl["has_seg"] and val["has_seg"] and list(val["splits"]) == ["val"]
     assert lab["classes"][0] == "background" and len(lab["classes"]) == 11
 
 
@@ -75,8 +76,8 @@ def test_u2pl_trains_evaluates_and_resumes_exactly(semi: Path, tmp_path: Path, m
     assert [("loss/unsup" in r) for r in steps] == [False, False, True, True, True, True]
     assert all(math.isfinite(r["loss"]) for r in steps)
     assert all(r["cutmix"] == 1.0 and 0 < r["pseudo/reliable_frac"] <= 1 for r in steps[2:])
-    # unlabelled shards without seg.png: queue fill per class, no pseudo-label accuracy
-    assert all("queue_fill/background" in r and "pseudo/acc" not in r for r in steps[2:])
+    # unlabelled shards with seg.png: queue fill per class and the pseudo-label accuracy
+    assert all("queue_fill/background" in r and 0 <= r["pseudo/acc"] <= 1 for r in steps[2:])
     evals = [r for r in lines if "mIoU" in r]
     assert len(evals) == 1 and 0 <= evals[0]["mIoU"] <= 1 and "iou/background" in evals[0]
 
@@ -240,13 +241,14 @@ def test_recipe_teacher_is_the_student_in_the_first_u2pl_epoch(semi: Path, tmp_p
 
 
 def test_diagnostics_are_logged_with_unlabelled_ground_truth(semi: Path, tmp_path: Path, monkeypatch) -> None:
-    """Unlabelled shards with seg.png (the labelled ones, here): pseudo-label accuracy, recall per class, the kept
-    share, queue fill per class and the three losses reach metrics.jsonl at every log step of the U2PL epochs."""
+    """Unlabelled shards with seg.png (as `sslpipe shards --semi` writes them): pseudo-label accuracy, recall per
+    class, the kept share, queue fill per class and the three losses reach metrics.jsonl at every log step of the
+    U2PL epochs."""
     from sslpipe.engine.trainer import train
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    run = train(_cfg(semi, "recipes/demo_u2pl.yaml", tmp_path, ["run_name=diag", f"u2pl.unlabeled={semi / 'labeled'}",
-                                                                "train.epochs=2", "eval.knn_every_epochs=0"]))
+    run = train(_cfg(semi, "recipes/demo_u2pl.yaml", tmp_path, ["run_name=diag", "train.epochs=2",
+                                                                "eval.knn_every_epochs=0"]))
     steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss/sup" in r]
     assert len(steps) == 4 and all("pseudo/acc" not in r for r in steps[:2])
     for r in steps[2:]:
@@ -382,3 +384,62 @@ def test_published_voc_recipes_hold_the_published_values() -> None:
 def test_shards_cli_rejects_labeled_without_a_layout(tmp_path: Path, capsys) -> None:
     assert cli_main(["shards", "--dataset", "digits", str(tmp_path / "x"), "--labeled", "1/8"]) == 2
     assert "--labeled" in capsys.readouterr().err
+
+
+def test_shards_cli_scene_objects_scale_and_classes(tmp_path: Path, capsys) -> None:
+    """`--scene-objects 1,1 --scene-scale 0.8,0.9`: one large object per scene, written into every set; a malformed
+    pair is refused with the flag named and nothing written."""
+    out = tmp_path / "big"
+    assert cli_main(["shards", "--dataset", "scenes", str(out), "--semi", "--labeled", "1/4", "--scene-train", "8",
+                     "--scene-val", "4", "--scene-size", "32", "--scene-objects", "1,1", "--scene-scale",
+                     "0.8,0.9", "--scene-classes", "Trouser,Bag"]) == 0
+    for name in ("labeled", "unlabeled", "val"):
+        assert json.loads((out / name / "manifest.json").read_text())["classes"] == ["background", "Trouser", "Bag"]
+    labels = sorted((out / "source" / "SegmentationClass").glob("*.png"))
+    assert len(labels) == 12
+    for path in labels:
+        seg = np.asarray(Image.open(path))
+        assert len(set(np.unique(seg).tolist()) - {0, 255}) == 1 and seg[seg != 255].max() <= 2
+        ys, xs = np.nonzero((seg != 0) & (seg != 255))
+        extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+        assert int(0.8 * 32) // 2 <= extent <= round(0.9 * 32)  # pasted at a side of 25-29 px of the 32
+    assert cli_main(["shards", "--dataset", "scenes", str(tmp_path / "bad"), "--semi", "--scene-objects", "3"]) == 2
+    assert "--scene-objects" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert cli_main(["shards", "--dataset", "scenes", str(tmp_path / "bad"), "--semi", "--scene-classes", "Hat"]) == 2
+    assert "Hat" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_scenes_recipe_pair_pretrains_exports_and_starts_both_runs_from_the_export(semi: Path, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """Issue 18's pipeline story, shrunk: SimCLR (recipes/scenes_simclr_resnet10t.yaml) on the training images,
+    export, then recipes/scenes_u2pl.yaml and recipes/scenes_supervised.yaml from that export. The pair differs only in
+    what U2PL adds; both encoders start as the exported weights; both runs train and evaluate."""
+    from accelerate import Accelerator
+
+    from sslpipe.engine.trainer import train
+    from sslpipe.export import export_run
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    u2pl, sup = load_config(REPO / "recipes/scenes_u2pl.yaml"), load_config(REPO / "recipes/scenes_supervised.yaml")
+    same = lambda c: (c.data.train, c.data.val, c.data.batch_size, c.data.steps_per_epoch, c.train.epochs,
+                      c.model.arch, c.model.init_from, c.optim, c.u2pl.crop_size, c.u2pl.scale_range, c.seed)
+    assert same(u2pl) == same(sup) and (u2pl.train.epochs, u2pl.u2pl.sup_only_epoch) == (40, 10)
+    simclr = load_config(REPO / "recipes/scenes_simclr_resnet10t.yaml", [
+        f"data.train={semi / 'unlabeled'}", f"output_dir={tmp_path}", "data.batch_size=4", "data.num_workers=0",
+        "data.shuffle_buffer=4", "train.epochs=1", "data.steps_per_epoch=2", "train.health_every=0",
+        "crops.global_size=32"])
+    assert simclr.method == "simclr" and u2pl.model.arch == simclr.model.arch == "resnet10t"
+    export = export_run(train(simclr), which=None)
+    exported = load_file(str(export / "model.safetensors"))
+    for recipe, cls, extra in (("recipes/scenes_u2pl.yaml", U2PLRecipe, ["u2pl.sup_only_epoch=1"]),
+                               ("recipes/scenes_supervised.yaml", SupervisedSegRecipe, [])):
+        cfg = _cfg(semi, recipe, tmp_path, [f"model.init_from={export}", "train.epochs=2", "eval.knn_every_epochs=2",
+                                            *extra])
+        built = cls(cfg)
+        built.build(Accelerator(cpu=True))
+        start = built.student.state_dict()
+        for key, value in exported.items():  # every exported tensor is in the encoder, unchanged
+            assert any(k.endswith("." + key) and torch.equal(v, value) for k, v in start.items()), key
+        run = train(cfg)
+        assert any("mIoU" in json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines())

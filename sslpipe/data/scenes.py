@@ -18,7 +18,7 @@ can be regenerated alone and shards written twice are identical. Each scene give
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,14 +77,38 @@ def load_backgrounds(max_side: int = 512) -> tuple[np.ndarray, ...]:
 
 
 @functools.lru_cache(maxsize=4)
-def _objects(dataset: str, split: str, pool: int | None) -> tuple[np.ndarray, np.ndarray]:
-    return load_arrays(dataset, split, limit=pool)
+def _objects(dataset: str, split: str, pool: int | None,
+             classes: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Object images and their scene labels minus one: the source class, or its position in `classes`."""
+    images, labels = load_arrays(dataset, split, limit=pool)
+    if classes is None:
+        return images, labels
+    index = _class_indices(dataset, classes)
+    keep = np.isin(labels, index)
+    remap = np.full(int(labels.max()) + 1, -1, np.int64)
+    remap[index] = np.arange(len(index))
+    return images[keep], remap[labels[keep]]
 
 
-def scene_classes(dataset: str = "fashion-mnist") -> list[str]:
-    """Class names of scenes whose objects come from `dataset` (label = object class + 1; 0 = background)."""
+def _class_indices(dataset: str, classes: Sequence[str]) -> list[int]:
     from sslpipe.data.datasets import dataset_classes
 
+    names = dataset_classes(dataset)
+    unknown = [c for c in classes if c not in names]
+    if unknown or not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"scene classes {list(classes)}: give distinct names of {dataset} classes "
+                         f"({', '.join(names)}); unknown: {unknown}")
+    return [names.index(c) for c in classes]
+
+
+def scene_classes(dataset: str = "fashion-mnist", classes: Sequence[str] | None = None) -> list[str]:
+    """Class names of scenes whose objects come from `dataset` (label = object class + 1, or the position in
+    `classes` + 1 when only those classes are pasted; 0 = background)."""
+    from sslpipe.data.datasets import dataset_classes
+
+    if classes is not None:
+        _class_indices(dataset, classes)
+        return ["background", *classes]
     return ["background", *dataset_classes(dataset)]
 
 
@@ -103,12 +127,14 @@ class SceneGenerator:
     of ``size``; ``threshold``: Fashion-MNIST intensity (0-255, after resizing) above which a pixel is object;
     ``min_visible`` / ``min_pixels``: an object left with less of its area becomes ignore (255); ``pool``: use only
     the first N object images of the split (None: all); ``dataset``: where the objects come from, ``fashion-mnist``
-    or scikit-learn's ``digits`` (8x8 handwritten digits, a second real object domain; classes `scene_classes`).
+    or scikit-learn's ``digits`` (8x8 handwritten digits, a second real object domain; classes `scene_classes`);
+    ``classes``: paste only objects of these source classes (names), labelled 1..len(classes) in that order.
     """
 
     def __init__(self, split: str = "train", *, size: int = 64, seed: int = 0, objects: tuple[int, int] = (1, 4),
                  scale: tuple[float, float] = (0.35, 0.7), threshold: int = 40, min_visible: float = 0.3,
-                 min_pixels: int = 12, pool: int | None = None, dataset: str = "fashion-mnist") -> None:
+                 min_pixels: int = 12, pool: int | None = None, dataset: str = "fashion-mnist",
+                 classes: Sequence[str] | None = None) -> None:
         if split not in _SPLIT_IDS:
             raise ValueError(f"unknown scene split {split!r}; choose one of {', '.join(_SPLIT_IDS)}")
         if size < 16:
@@ -120,7 +146,7 @@ class SceneGenerator:
         self.split, self.size, self.seed = split, size, seed
         self.objects, self.scale, self.threshold = tuple(objects), tuple(scale), threshold
         self.min_visible, self.min_pixels = min_visible, min_pixels
-        self.images, self.labels = _objects(dataset, split, pool)
+        self.images, self.labels = _objects(dataset, split, pool, None if classes is None else tuple(classes))
         self.backgrounds = load_backgrounds()
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
@@ -190,5 +216,6 @@ def write_scene_files(out: str | Path, n: int, *, split: str = "train", **kwargs
         Image.fromarray(scene.semantic).save(out / "labels" / f"{i:05d}.png")
         lines.append(f"images/{i:05d}.png labels/{i:05d}.png")
     (out / "list.txt").write_text("\n".join(lines) + "\n")
-    (out / "classes.txt").write_text("\n".join(scene_classes(kwargs.get("dataset", "fashion-mnist"))) + "\n")
+    names = scene_classes(kwargs.get("dataset", "fashion-mnist"), kwargs.get("classes"))
+    (out / "classes.txt").write_text("\n".join(names) + "\n")
     return out / "list.txt", out / "classes.txt"

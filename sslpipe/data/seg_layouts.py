@@ -16,10 +16,11 @@ Layouts -> lists of (id, image path, label path):
   goes through the same path as VOC.
 
 `write_semi_shards` turns (train, val) lists into three shard sets: `OUT/labeled` (image + seg.png, the seeded
-labelled subset: `sslpipe.data.semi.label_split`, or a given id list), `OUT/unlabeled` (images only, the rest) and
-`OUT/val` (image + seg.png), each with split `train` (val: `val`), plus `OUT/split.json` (the ids of each subset).
-The shards are written by `write_shards(kind="seg-list" / "list")`; the class names of the layout are then put into
-each manifest (the seg-list source has no way to know them).
+labelled subset: `sslpipe.data.semi.label_split`, or a given id list), `OUT/unlabeled` (the rest, image + seg.png:
+the labels travel for U2PL's pseudo-label diagnostics only, no loss reads them) and `OUT/val` (image + seg.png), each
+with split `train` (val: `val`), plus `OUT/split.json` (the ids of each subset). The shards are written by
+`write_shards(kind="seg-list")`; the class names of the layout are then put into each manifest (the seg-list source
+has no way to know them).
 """
 from __future__ import annotations
 
@@ -272,9 +273,9 @@ def write_semi_shards(out: str | Path, train: list[Pair], val: list[Pair] | None
     lists = out / "lists"
     sets = {"labeled": (_write_list([f"{by_id[i][1]}\t{by_id[i][2]}" for i in lab_ids], lists / "labeled.txt"),
                         "seg-list", len(lab_ids))}
-    if unl_ids:
-        sets["unlabeled"] = (_write_list([by_id[i][1] for i in unl_ids], lists / "unlabeled.txt"), "list",
-                             len(unl_ids))
+    if unl_ids:  # with their labels: U2PL reads them for its pseudo-label diagnostics only (docs/u2pl.md)
+        sets["unlabeled"] = (_write_list([f"{by_id[i][1]}\t{by_id[i][2]}" for i in unl_ids], lists / "unlabeled.txt"),
+                             "seg-list", len(unl_ids))
     if val:
         sets["val"] = (_write_list([f"{p[1]}\t{p[2]}" for p in val], lists / "val.txt"), "seg-list", len(val))
     summary: dict = {"labeled": len(lab_ids), "unlabeled": len(unl_ids), "val": len(val or []), "seed": seed,
@@ -340,11 +341,11 @@ def layout_shards(out: str | Path, *, voc: str | None = None, cityscapes: str | 
         train, val = stardist_pairs(out / "source", seed=seed)
         classes = STARDIST_CLASSES
     else:
-        from sslpipe.data.scenes import SCENE_CLASSES
+        from sslpipe.data.scenes import scene_classes
 
         opts = dict(scenes)
+        classes = scene_classes(opts.get("dataset", "fashion-mnist"), opts.get("classes"))
         train, val = scene_pairs(out / "source", int(opts.pop("train")), int(opts.pop("val")), seed=seed, **opts)
-        classes = SCENE_CLASSES
     ids = [_list_id(i) for i in read_id_list(labeled_list)] if labeled_list else None
     return write_semi_shards(out, train, val, classes=classes, labeled=labeled, labeled_ids=ids, seed=seed,
                              samples_per_shard=samples_per_shard, force=force, num_workers=num_workers,

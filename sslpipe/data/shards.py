@@ -502,7 +502,7 @@ def write_shards(
     totals: dict[str, int] = {}
     scene_options: dict | None = None
     if kind == "scenes":
-        from sslpipe.data.scenes import SCENE_CLASSES
+        from sslpipe.data.scenes import scene_classes
 
         scene_options = {**SCENE_DEFAULTS, **(scenes or {})}
         counts = {s: int(scene_options.pop(s)) for s in SPLITS}
@@ -510,7 +510,7 @@ def write_shards(
             raise ValueError("scenes have their own train/val splits (scenes={'train': N, 'val': M}); "
                              "val_fraction must be 0")
         totals = {s: n if limit is None else min(n, limit) for s, n in counts.items()}
-        classes = list(SCENE_CLASSES)
+        classes = scene_classes(scene_options.get("dataset", "fashion-mnist"), scene_options.get("classes"))
         split_iters = {s: _scene_entries(s, n, seed, scene_options) for s, n in totals.items() if n > 0}
         source_name = "scenes"
     elif kind == "dataset":

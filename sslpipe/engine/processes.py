@@ -3,13 +3,16 @@
 `accelerate launch` with a multi-process launch file starts N processes through torchrun, which sets WORLD_SIZE and
 LOCAL_RANK; but accelerate passes a launch file's `use_cpu: true` on to the processes only from its single-process
 launcher (as ACCELERATE_USE_CPU). On a machine without a GPU each of the N processes then finds no GPU backend and
-builds a 1-process state: N independent runs writing one run directory (issue 21). So a torchrun launch (LOCAL_RANK
-set) on a machine without an accelerator runs its processes on the CPU over gloo, as `launch/cpu_2proc.yaml` means,
-and a launcher's WORLD_SIZE that differs from the processes Accelerate sees stops the run at once.
+builds a 1-process state: N independent runs writing one run directory (issue 21); on a machine with fewer GPUs than
+processes NCCL refuses two processes on one GPU. So a torchrun launch (LOCAL_RANK set) on a machine with fewer
+accelerators than local processes runs its processes on the CPU over gloo, as `launch/cpu_2proc.yaml` means (with a
+notice when GPUs are present), and a launcher's WORLD_SIZE that differs from the processes Accelerate sees stops the
+run at once.
 """
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -21,11 +24,25 @@ class LaunchMismatch(ValueError):
     """The launcher started a different number of processes than Accelerate sees: each would train alone."""
 
 
+def accelerator_count() -> int:
+    """Accelerators this process can see (0 without one)."""
+    return torch.accelerator.device_count() if torch.accelerator.is_available() else 0
+
+
+def too_few_accelerators() -> bool:
+    """A torchrun launch with more processes on this machine (LOCAL_WORLD_SIZE) than accelerators: one per process
+    is impossible (NCCL refuses two processes on one GPU), and none means each process would build a 1-process
+    state."""
+    if "LOCAL_RANK" not in os.environ:
+        return False
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1").strip()
+    return (int(local) if local.isdigit() else 1) > accelerator_count()
+
+
 def use_cpu() -> bool:
-    """ACCELERATE_USE_CPU when it is set; otherwise True for a torchrun launch on a machine without an accelerator
-    (the only way such a launch becomes one job rather than N)."""
-    launched_by_torchrun = "LOCAL_RANK" in os.environ
-    return parse_flag_from_env("ACCELERATE_USE_CPU", launched_by_torchrun and not torch.accelerator.is_available())
+    """ACCELERATE_USE_CPU when it is set; otherwise True for a torchrun launch with fewer accelerators than local
+    processes (the only way such a launch becomes one job rather than N, or runs at all)."""
+    return parse_flag_from_env("ACCELERATE_USE_CPU", too_few_accelerators())
 
 
 def process_state(timeout: timedelta) -> tuple[PartialState, bool]:
@@ -36,6 +53,11 @@ def process_state(timeout: timedelta) -> tuple[PartialState, bool]:
     """
     launched = os.environ.get("WORLD_SIZE")  # read first: a CPU process group rewrites it
     cpu = use_cpu()
+    if cpu and "ACCELERATE_USE_CPU" not in os.environ and accelerator_count() and os.environ.get("LOCAL_RANK") == "0":
+        print(f"sslpipe: {os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine but {accelerator_count()} "
+              "GPU(s): the run uses the CPU (gloo). To train on the GPUs launch at most one process per GPU "
+              "(--num_processes, or a launch file such as launch/8gpu_ddp.yaml with num_processes set to the GPUs).",
+              file=sys.stderr, flush=True)
     state = PartialState(cpu=cpu, timeout=timeout)
     if launched is not None and launched.strip().isdigit() and int(launched) != state.num_processes:
         raise LaunchMismatch(
