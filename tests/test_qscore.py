@@ -153,6 +153,27 @@ def test_eps_for_coverage_by_hand() -> None:
         eps_for_coverage(h, 0.0)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "relu"])
+def test_eps_for_coverage_equals_the_grid_search_one_eps_at_a_time(kind: str) -> None:
+    """The all-at-once search picks the eps a plain loop over the grid with `v2_selection` picks."""
+    from sslpipe.eval.qscore import EPS_MIN, EPS_STEP
+
+    def loop(h: torch.Tensor, coverage: float) -> float:
+        eps = 4.0
+        while eps > EPS_MIN:
+            if v2_selection(h, eps=eps)[2].any(dim=1).float().mean().item() >= coverage:
+                return eps
+            eps = round(eps - EPS_STEP, 10)
+        return EPS_MIN
+
+    torch.manual_seed(0)
+    for _ in range(5):
+        h = torch.randn(64, 96)
+        if kind == "relu":
+            h = torch.relu(h) ** 3
+        for coverage in (0.1, 0.5, 0.9, 1.0):
+            assert eps_for_coverage(h, coverage) == loop(h, coverage), (kind, coverage)
+
 def test_eps4_needs_at_least_18_features() -> None:
     """Samuelson: max z-score of D values (population std) is sqrt(D - 1); eps = 4 needs D >= 18."""
     spike = torch.zeros(2, 17)

@@ -129,13 +129,27 @@ def eps_for_coverage(h: Tensor, coverage: float, *, eps_max: float = DEFAULT_EPS
     0. Lowering eps only as far as the selection needs keeps eps = 4 wherever it already works (docs/qscore.md)."""
     if not 0.0 < coverage <= 1.0:
         raise ValueError(f"v2 coverage target must be in (0, 1], got {coverage}")
-    h = _check(h).detach()
-    eps = float(eps_max)
+    lo, hi = (float(p) for p in percentiles)
+    if not 0.0 <= lo <= hi <= 100.0:
+        raise ValueError(f"Q-score percentiles must satisfy 0 <= low <= high <= 100, got {tuple(percentiles)}")
+    grid, eps = [], float(eps_max)
     while eps > eps_min:
-        if v2_selection(h, eps=eps, percentiles=percentiles)[2].any(dim=1).float().mean().item() >= coverage:
-            return eps
+        grid.append(eps)
         eps = round(eps - step, 10)
-    return float(eps_min)
+    if not grid:
+        return float(eps_min)
+    # Every eps of the grid at once (G x N x D masks), one host sync: the regulariser calls this at every step.
+    h = _check(h).detach()
+    mu, sigma = row_mean_std(h)
+    eps_t = torch.tensor(grid, dtype=h.dtype, device=h.device)
+    high = h.unsqueeze(0) > (mu.unsqueeze(0) + eps_t.unsqueeze(1) * sigma.unsqueeze(0)).unsqueeze(2)
+    rates = high.float().mean(dim=1).double()  # (G, D), as `v2_selection` computes them
+    q = torch.tensor([lo / 100.0, hi / 100.0], dtype=torch.float64, device=h.device)
+    bounds = torch.nanquantile(rates.masked_fill(rates <= 0, float("nan")), q, dim=1)  # (2, G), over non-zero A_j
+    disc = (rates > 0) & (rates >= bounds[0].unsqueeze(1)) & (rates <= bounds[1].unsqueeze(1))
+    covered = (high & disc.unsqueeze(1)).any(dim=2).float().mean(dim=1)
+    first = torch.nonzero(covered >= coverage).flatten()[:1].tolist()
+    return grid[first[0]] if first else float(eps_min)
 
 
 def q_v2(h: Tensor, *, eps: float = DEFAULT_EPS, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
