@@ -454,9 +454,10 @@ def _run_eval_seg(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="shards -> iBOT pretraining -> export -> kNN vs random init, on Fashion-MNIST")
+    p = sub.add_parser("demo", help="shards -> DINOv2 pretraining -> export -> kNN vs random init, on Fashion-MNIST")
     p.add_argument("--out", default="runs/demo", help="demo directory")
-    p.add_argument("--recipe", default=None, help="recipe to pretrain (default: recipes/demo_ibot.yaml)")
+    p.add_argument("--recipe", default=None,
+                   help="recipe to pretrain (default: recipes/demo_dinov2.yaml; iBOT's: recipes/demo_ibot.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides for the recipe")
     p.add_argument("--force", action="store_true", help="start over in an existing demo directory")
 

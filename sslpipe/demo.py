@@ -22,7 +22,7 @@ from sslpipe.export import export_backbone, export_run
 from sslpipe.models.backbones import create_backbone, is_vit_arch
 from sslpipe.viz.report import write_report
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_ibot.yaml"
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_dinov2.yaml"
 KNN_K = [10, 20]
 
 

@@ -99,7 +99,7 @@ def test_init_from_export_loads_strictly_and_names_mismatches(digits_shards: Pat
 
     def export(name: str, embed_dim: int) -> Path:
         torch.manual_seed(123)
-        kwargs = dict(embed_dim=embed_dim, depth=4, num_heads=4)
+        kwargs = dict(embed_dim=embed_dim, depth=4, num_heads=4, init_values=0.1)  # the recipe's ViT (LayerScale)
         model = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, **kwargs)
         return export_backbone(model, tmp_path / name, arch="vit_tiny_patch16_224",
                                model_args=dict(kwargs, img_size=32, patch_size=4), img_size=32, mean=(0.5,) * 3,
