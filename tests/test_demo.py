@@ -7,20 +7,14 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from sslpipe.cli import main
 from sslpipe.config import load_config
-from sslpipe.demo import DEFAULT_RECIPE
 from sslpipe.engine.trainer import train
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-
-
-def test_the_demo_pretrains_the_dinov2_recipe() -> None:
-    assert DEFAULT_RECIPE.name == "demo_dinov2.yaml" and DEFAULT_RECIPE.is_file()
 
 
 def test_sslpipe_demo_runs_every_stage_and_writes_the_teacher_export_the_docs_start_from(
