@@ -34,7 +34,7 @@ def test_sslpipe_demo_runs_every_stage_and_writes_the_teacher_export_the_docs_st
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "loss_koleo" in r] == [1, 2, 3]
 
-    teacher = run / "export" / "teacher"  # the path docs/finetune.md, docs/u2pl.md and the fine-tuning recipes use
+    teacher = run / "export" / "teacher"  # the path docs/finetune.md and the fine-tuning recipes use
     weights = load_file(str(teacher / "model.safetensors"))
     assert weights["pos_embed"].shape == (1, 65, 128) and "blocks.0.ls1.gamma" in weights  # 8x8 patches + CLS
     result = json.loads((out / "demo_result.json").read_text())["knn_top1_k20"]
