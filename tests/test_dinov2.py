@@ -299,8 +299,13 @@ def test_batch_masks_equal_the_official_collate(size: int, patch: int, n_crops: 
 
 
 def test_batch_masks_refuse_ratios_above_the_official_cap():
-    with pytest.raises(ValueError, match="at most 0.5"):
+    with pytest.raises(ValueError, match="at most 0.5 on this grid"):
         DINOv2Masks((8, 8), ratio_min_max=(0.1, 0.7))
+    # an odd grid height caps lower: (7 // 2) * 7 = 21 of 49 patches, so the published 0.5 is refused with the
+    # ratio that fits, and that ratio is accepted
+    with pytest.raises(ValueError, match=r"cap of 21 patches .* at most 0\.428 on this grid"):
+        DINOv2Masks((7, 7), ratio_min_max=(0.1, 0.5))
+    assert DINOv2Masks((7, 7), ratio_min_max=(0.1, 0.428))(4).flatten(1).sum(1).max() <= 21
 
 
 # -------------------------------------------------------------------------- optimiser groups and lr rule

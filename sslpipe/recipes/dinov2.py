@@ -25,6 +25,7 @@ Deviations from the official code:
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -63,9 +64,10 @@ class DINOv2Masks:
         self.probability = float(probability)
         cap = (self.grid[0] // 2) * self.grid[1]
         if int(self.n_tokens * self.ratio_min_max[1]) > cap:
+            most = math.floor(1000 * cap / self.n_tokens) / 1000  # 0.5 on an even grid height, less on an odd one
             raise ValueError(f"DINOv2Masks: a mask ratio of {self.ratio_min_max[1]} on a {self.grid} patch grid asks "
                              f"for more than the official cap of {cap} patches per block: use "
-                             "dinov2.mask_ratio_min_max with a maximum of at most 0.5")
+                             f"dinov2.mask_ratio_min_max with a maximum of at most {most} on this grid")
         self._rng = rng if rng is not None else random
         self.generator = MaskGenerator(grid=self.grid, pred_ratio=0.0, pred_ratio_var=0.0, pred_shape="block",
                                        min_num_patches=min_num_patches, min_aspect=min_aspect, rng=self._rng)
