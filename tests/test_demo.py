@@ -36,7 +36,7 @@ def test_sslpipe_demo_runs_every_stage_and_writes_the_teacher_export_the_docs_st
 
     teacher = run / "export" / "teacher"  # the path docs/finetune.md and the fine-tuning recipes use
     weights = load_file(str(teacher / "model.safetensors"))
-    assert weights["pos_embed"].shape == (1, 65, 128) and "blocks.0.ls1.gamma" in weights  # 8x8 patches + CLS
+    assert weights["pos_embed"].shape == (1, 50, 128) and "blocks.0.ls1.gamma" in weights  # 7x7 patches (28 px) + CLS
     result = json.loads((out / "demo_result.json").read_text())["knn_top1_k20"]
     assert set(result) == {"pretrained", "random init", "raw pixels"}
     assert all(0.0 <= v <= 1.0 for v in result.values())

@@ -63,7 +63,7 @@ def test_recipe_builds_and_takes_a_step(digits_shards: Path, device: str) -> Non
     recipe.build(accelerator)
     recipe.student.to(accelerator.device)
     batch = next(iter(recipe.train_loader(0, 0, 1)))
-    assert batch["views"].shape == (16, 3, 32, 32) and recipe.batch_size_of(batch) == 8
+    assert batch["views"].shape == (16, 3, 28, 28) and recipe.batch_size_of(batch) == 8  # the demo export's 28 px
     params = [p for g in recipe.param_groups() for p in g["params"]]
     assert len(params) == len([p for p in recipe.student.parameters() if p.requires_grad])
     before = {k: v.clone() for k, v in recipe.student.state_dict().items()}
@@ -99,10 +99,10 @@ def test_init_from_export_loads_strictly_and_names_mismatches(digits_shards: Pat
 
     def export(name: str, embed_dim: int) -> Path:
         torch.manual_seed(123)
-        kwargs = dict(embed_dim=embed_dim, depth=4, num_heads=4, init_values=0.1)  # the recipe's ViT (LayerScale)
-        model = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, **kwargs)
+        kwargs = dict(embed_dim=embed_dim, depth=4, num_heads=4, init_values=0.1)  # the recipe's ViT, 28 px
+        model = create_backbone("vit_tiny_patch16_224", img_size=28, patch_size=4, **kwargs)
         return export_backbone(model, tmp_path / name, arch="vit_tiny_patch16_224",
-                               model_args=dict(kwargs, img_size=32, patch_size=4), img_size=32, mean=(0.5,) * 3,
+                               model_args=dict(kwargs, img_size=28, patch_size=4), img_size=28, mean=(0.5,) * 3,
                                std=(0.5,) * 3, source={"test": name})
 
     good = export("good", 128)
