@@ -51,8 +51,9 @@ class DINOv2Masks:
     (so the batch covers the range evenly), each gives int(N * ratio) patches to a BEiT block mask with blocks of at
     least `min_num_patches` (4) patches; the other crops are unmasked; the list is shuffled. The block algorithm is
     `sslpipe.data.masking.MaskGenerator.block_mask` (iBOT's), which draws exactly as the official generator (tested
-    mask for mask); the official per-block cap of (H // 2) * W patches never binds below a ratio of 1/2, and larger
-    ratios are refused. Randomness: `rng` or python's `random`, which the stream seeds per worker and epoch.
+    mask for mask); the official per-block cap of (H // 2) * W patches never binds below a ratio of 1/2 on a grid of
+    even height and binds lower on an odd one (7x7: 21 of 49 patches, 0.428); larger ratios are refused with the one
+    that fits. Randomness: `rng` or python's `random`, which the stream seeds per worker and epoch.
     """
 
     def __init__(self, grid: tuple[int, int], ratio_min_max: tuple[float, float] = (0.1, 0.5),
