@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sslpipe.eval.spec import FeatureSpec, ProbeData
 
 
 def _add_shards(sub: argparse._SubParsersAction) -> None:
@@ -140,7 +144,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from sslpipe.config import load_config
+    from sslpipe.recipes import load_config
     from sslpipe.engine.trainer import train
 
     cfg = load_config(args.recipe, args.overrides)
@@ -220,6 +224,26 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the result JSON here")
 
 
+# parsed flag -> FeatureSpec field, for the probe commands that have the flag
+_SPEC_FLAGS = {"resize": "resize", "crop": "crop", "size": "crop", "workers": "num_workers", "device": "device"}
+
+
+def _feature_spec(args: argparse.Namespace, **fields: Any) -> FeatureSpec:
+    """The probe's FeatureSpec: the export's image size, mean and std, overridden by the flags given (--resize,
+    --crop or --size, --workers, --device, where the command has them) and by the command's own `fields`."""
+    from sslpipe.eval.spec import FeatureSpec
+
+    flags = {field: getattr(args, flag) for flag, field in _SPEC_FLAGS.items() if hasattr(args, flag)}
+    return FeatureSpec.from_export(args.backbone, **flags, **fields)
+
+
+def _probe_data(args: argparse.Namespace) -> ProbeData:
+    """The images of a `_add_probe_args` command: both splits of --data, capped by --max-train / --max-val."""
+    from sslpipe.eval.spec import ProbeData
+
+    return ProbeData(args.data, args.data, args.train_split, args.val_split, args.max_train, args.max_val)
+
+
 def _add_knn(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("knn", help="weighted kNN probe (DINO protocol) of an exported backbone, with faiss")
     _add_probe_args(p)
@@ -231,12 +255,8 @@ def _add_knn(sub: argparse._SubParsersAction) -> None:
 def _run_knn(args: argparse.Namespace) -> int:
     from sslpipe.eval.knn import run_knn
 
-    result = run_knn(
-        args.backbone, args.data, args.data, train_split=args.train_split, val_split=args.val_split,
-        k_list=args.k, T=args.temperature, resize=args.resize, crop=args.crop, batch_size=args.batch_size,
-        num_workers=args.workers, max_train=args.max_train, max_test=args.max_val, out_json=args.out,
-        cache_dir=args.cache,
-    )
+    result = run_knn(args.backbone, _feature_spec(args, batch_size=args.batch_size), _probe_data(args),
+                     k_list=args.k, T=args.temperature, out_json=args.out, cache_dir=args.cache)
     for k, v in result["k"].items():
         top5 = f"  top-5 {v['top5']:.4f}" if "top5" in v else ""
         print(f"k={k:<4d} top-1 {v['top1']:.4f}{top5}")
@@ -254,12 +274,10 @@ def _add_linear(sub: argparse._SubParsersAction) -> None:
 def _run_linear(args: argparse.Namespace) -> int:
     from sslpipe.eval.linear import linear_probe
 
-    result = linear_probe(
-        args.backbone, args.data, args.data, train_split=args.train_split, val_split=args.val_split,
-        epochs=args.epochs, n_last_blocks=args.n_last_blocks, lr=args.lr, resize=args.resize, crop=args.crop,
-        batch_size=args.batch_size, num_workers=args.workers, max_train=args.max_train, max_test=args.max_val,
-        out_json=args.out,
-    )
+    # --batch-size is the classifier's; features are extracted 256 at a time
+    spec = _feature_spec(args, pooling="blocks", layers=args.n_last_blocks)
+    result = linear_probe(args.backbone, spec, _probe_data(args), epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, out_json=args.out)
     print(f"linear probe top-1 {result['top1']:.4f}" + (f"  top-5 {result['top5']:.4f}" if "top5" in result else ""))
     return 0
 
@@ -291,12 +309,13 @@ def _add_linear_seg(sub: argparse._SubParsersAction) -> None:
 def _run_linear_seg(args: argparse.Namespace) -> int:
     from sslpipe.eval.linear_seg import format_linear_seg, linear_seg_probe
     from sslpipe.eval.segmentation import format_iou_table
+    from sslpipe.eval.spec import ProbeData
 
+    data = ProbeData(args.data, args.val or args.data, args.train_split, args.val_split, max_val=args.max_val,
+                     num_classes=args.num_classes)
     result = linear_seg_probe(
-        args.backbone, args.data, val=args.val, train_split=args.train_split, val_split=args.val_split,
-        size=args.size, layers=args.layers, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, num_classes=args.num_classes, max_val=args.max_val,
-        num_workers=args.workers, device=args.device, seed=args.seed, out_json=args.out,
+        args.backbone, _feature_spec(args, pooling="patch", layers=args.layers), data, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, out_json=args.out,
         keep_samples=6 if args.png else 0)
     if args.png:
         from sslpipe.viz.overlays import save_semantic_samples
@@ -338,8 +357,13 @@ def _add_qscore(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_qscore(args: argparse.Namespace) -> int:
-    from sslpipe.eval.qscore_report import qscore_report
+    from sslpipe.eval.qscore_report import QScoreSettings, qscore_report
 
+    settings = QScoreSettings(
+        k=args.k, T=args.temperature, eta=args.eta, eps=args.eps, percentiles=args.percentiles,
+        l2_normalize=not args.no_l2_normalize, sparsity_abs=args.sparsity_abs, rates_from=args.rates_from,
+        v2_coverage=None if args.v2_coverage.lower() == "none" else float(args.v2_coverage),
+        v2_standardize=not args.v2_raw, n_boot=args.bootstrap, ci=args.ci, seed=args.seed)
     tracker = None
     if args.log_with:
         from accelerate import Accelerator
@@ -351,16 +375,8 @@ def _run_qscore(args: argparse.Namespace) -> int:
         tracker = Accelerator(cpu=True, log_with=args.log_with, project_dir=str(log_dir))
         tracker.init_trackers("sslpipe-qscore", config={k: str(v) for k, v in vars(args).items()}, init_kwargs=init)
     try:
-        result = qscore_report(
-            args.backbone, args.data, args.data, train_split=args.train_split, val_split=args.val_split, k=args.k,
-            T=args.temperature, eta=args.eta, eps=args.eps, percentiles=args.percentiles,
-            l2_normalize=not args.no_l2_normalize, sparsity_abs=args.sparsity_abs, rates_from=args.rates_from,
-            v2_coverage=None if args.v2_coverage.lower() == "none" else float(args.v2_coverage),
-            v2_standardize=not args.v2_raw, n_boot=args.bootstrap, ci=args.ci, seed=args.seed, resize=args.resize,
-            crop=args.crop, batch_size=args.batch_size, num_workers=args.workers,
-            max_train=args.max_train, max_test=args.max_val, cache_dir=args.cache, out_json=args.out,
-            out_png=args.png, tracker=tracker,
-        )
+        result = qscore_report(args.backbone, _feature_spec(args, batch_size=args.batch_size), _probe_data(args),
+                               settings, cache_dir=args.cache, out_json=args.out, out_png=args.png, tracker=tracker)
     finally:
         if tracker is not None:
             tracker.end_training()
@@ -394,7 +410,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from sslpipe.config import load_config
+    from sslpipe.recipes import load_config
     from sslpipe.engine.trainer import train
 
     cfg = load_config(args.recipe, args.overrides)
@@ -570,6 +586,7 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_show(args: argparse.Namespace) -> int:
+    from sslpipe.eval.spec import ProbeData
     from sslpipe.viz.show import show
 
     tracker = None
@@ -582,11 +599,13 @@ def _run_show(args: argparse.Namespace) -> int:
         accelerator.init_trackers("sslpipe-show", config={k: str(v) for k, v in vars(args).items()},
                                   init_kwargs={"wandb": {"mode": resolve_wandb_mode(None), "dir": args.out}})
         tracker = accelerator.get_tracker(args.log_with)
+    data = None
+    if args.data:
+        data = ProbeData(args.data, args.data, args.train_split, args.val_split, args.max_train or None,
+                         args.max_val or None)
     try:
-        show(args.backbone, args.out, data=args.data, images=args.images, n=args.num_images, k=args.k,
-             train_split=args.train_split, val_split=args.val_split, max_train=args.max_train or None,
-             max_val=args.max_val or None, resize=args.resize, crop=args.crop, embedding=args.embedding,
-             tracker=tracker)
+        show(args.backbone, args.out, _feature_spec(args), data=data, images=args.images, n=args.num_images,
+             k=args.k, embedding=args.embedding, tracker=tracker)
     finally:
         if tracker is not None:
             accelerator.end_training()

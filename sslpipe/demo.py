@@ -14,10 +14,11 @@ from typing import Sequence
 
 import torch
 
-from sslpipe.config import load_config
+from sslpipe.recipes import load_config
 from sslpipe.data.shards import read_manifest, write_shards
 from sslpipe.engine.trainer import train
 from sslpipe.eval.knn import knn_classify, run_knn
+from sslpipe.eval.spec import FeatureSpec, ProbeData
 from sslpipe.export import export_backbone, export_run
 from sslpipe.models.backbones import create_backbone, is_vit_arch
 from sslpipe.viz.report import write_report
@@ -138,13 +139,14 @@ def run_demo(out: str | Path = "runs/demo", *, recipe: str | Path | None = None,
     random_dir = _random_init_export(cfg, out / "random-init")
 
     size = cfg.crops.global_size
-    probe = dict(train_split="train", val_split="val", k_list=KNN_K, resize=size, crop=size,
-                 max_train=max_train, max_test=max_val, num_workers=1)
+    data = ProbeData(shards, shards, max_train=max_train, max_val=max_val)
     limits = f" --max-train {max_train}" * bool(max_train) + f" --max-val {max_val}" * bool(max_val)
     _say("4/4 kNN probe", f"sslpipe knn {exported} --data {shards} --resize {size} --crop {size} --k 10 20{limits}")
-    pretrained = run_knn(exported, shards, shards, out_json=out / "knn_pretrained.json", **probe)
+    pretrained = run_knn(exported, FeatureSpec.from_export(exported, resize=size, crop=size, num_workers=1), data,
+                         k_list=KNN_K, out_json=out / "knn_pretrained.json")
     print(f"    $ sslpipe knn {random_dir} --data {shards} --resize {size} --crop {size} --k 10 20{limits}")
-    random_init = run_knn(random_dir, shards, shards, out_json=out / "knn_random_init.json", **probe)
+    random_init = run_knn(random_dir, FeatureSpec.from_export(random_dir, resize=size, crop=size, num_workers=1), data,
+                          k_list=KNN_K, out_json=out / "knn_random_init.json")
     raw = _raw_pixel_knn(shards, KNN_K, max_train, max_val)
 
     table = {"pretrained": pretrained["k"][20]["top1"], "random init": random_init["k"][20]["top1"],

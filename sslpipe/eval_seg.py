@@ -10,10 +10,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sslpipe.config import config_from_dict
 from sslpipe.eval.seg_eval import evaluate_segmentation
 from sslpipe.export import _find_checkpoint
-from sslpipe.recipes import get_recipe
+from sslpipe.recipes import config_from_dict, get_recipe
 
 
 def eval_seg_run(run: str | Path, *, checkpoint: str | None = None, which: str = "teacher", data: str | None = None,
@@ -44,13 +43,14 @@ def eval_seg_run(run: str | Path, *, checkpoint: str | None = None, which: str =
     model.load_state_dict(state, strict=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
-    u = cfg.u2pl
+    e, section = cfg.eval, recipe.section
+    mode = mode or e.mode or "whole"
     result = evaluate_segmentation(
         model, recipe.eval_batches(data, split), recipe.num_classes, class_names=recipe.class_names,
-        ignore_index=u.ignore_index, mode=mode or u.eval_mode, crop=crop or u.eval_crop or u.crop_size,
-        stride_rate=u.eval_stride_rate, device=dev, max_images=max_images, progress=True)
+        ignore_index=section.ignore_index, mode=mode, crop=crop or e.window or section.crop_size,
+        stride_rate=e.stride_rate, device=dev, max_images=max_images, progress=True)
     result.update(checkpoint=str(ckpt), model=used, data=data or cfg.data.val, split=split or cfg.data.val_split,
-                  mode=mode or u.eval_mode)
+                  mode=mode)
     out = Path(out) if out else run / "eval" / "eval_seg.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

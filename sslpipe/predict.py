@@ -13,9 +13,8 @@ def predict_run(run: str | Path, *, checkpoint: str | Path | None = None, data: 
     `RUN/predictions/predict.png`). Returns {"png": path, "metrics": metrics over those n images}."""
     from safetensors.torch import load_file
 
-    from sslpipe.config import load_config
     from sslpipe.engine.checkpoint import find_latest_checkpoint
-    from sslpipe.recipes import get_recipe
+    from sslpipe.recipes import get_recipe, load_config
     from sslpipe.recipes.finetune import DenseFinetuneRecipe
 
     run = Path(run)

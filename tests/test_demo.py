@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from sslpipe.cli import main
-from sslpipe.config import load_config
+from sslpipe.recipes import load_config
 from sslpipe.engine.trainer import train
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

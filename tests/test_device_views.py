@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from sslpipe.config import load_config
+from sslpipe.recipes import load_config
 from sslpipe.data.crop_params import P
 from sslpipe.data.device_views import DeferredCrops, DeviceMultiCropTransform, augment_batch, device_crops
 from sslpipe.data.fast_views import FastMultiCropTransform, as_array, normalize_crops

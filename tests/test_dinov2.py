@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState, GradientState
 from helpers import one_teacher_student_step
 from lightly.loss.swav_loss import sinkhorn as lightly_swav_sinkhorn
 
-from sslpipe.config import config_from_dict, load_config
+from sslpipe.recipes import config_from_dict, load_config
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.trainer import train
 from sslpipe.export import export_run, load_backbone
@@ -28,8 +28,8 @@ from sslpipe.recipes import get_recipe
 from sslpipe.recipes.dinov2 import DINOv2Masks, DINOv2Recipe, dinov2_param_groups, mask_batch_fields
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TINY = ["model.kwargs={embed_dim: 32, depth: 2, num_heads: 2, init_values: 1.0e-5}", "head.out_dim=64",
-        "head.patch_out_dim=48", "head.hidden_dim=32", "head.bottleneck_dim=16", "crops.n_local=2"]
+TINY = ["model.kwargs={embed_dim: 32, depth: 2, num_heads: 2, init_values: 1.0e-5}", "dinov2.head.out_dim=64",
+        "dinov2.head.patch_out_dim=48", "dinov2.head.hidden_dim=32", "dinov2.head.bottleneck_dim=16", "crops.n_local=2"]
 
 
 @pytest.fixture(autouse=True)
@@ -356,9 +356,9 @@ def test_shared_head_and_softmax_centering_in_the_recipe(digits_shards: Path):
     """ssl_default_config.yaml's variant: the CLS head also maps the patches, softmax centering with centres."""
     overrides = [f"data.train={digits_shards}", "data.batch_size=4", "data.num_workers=0", *TINY,
                  "dinov2.separate_head=false", "dinov2.centering=softmax"]
-    with pytest.raises(ValueError, match="head.patch_out_dim"):
+    with pytest.raises(ValueError, match="dinov2.head.patch_out_dim"):
         DINOv2Recipe(load_config(RECIPES / "demo_dinov2.yaml", overrides)).build(Accelerator(cpu=True))
-    recipe = DINOv2Recipe(load_config(RECIPES / "demo_dinov2.yaml", [*overrides, "head.patch_out_dim=64"]))
+    recipe = DINOv2Recipe(load_config(RECIPES / "demo_dinov2.yaml", [*overrides, "dinov2.head.patch_out_dim=64"]))
     recipe.build(Accelerator(cpu=True))
     assert recipe.student.ibot_head is None and "ibot_head.mlp.0.weight" not in recipe.student.state_dict()
     batch = next(iter(recipe.train_loader(0, 0, 1)))
@@ -391,7 +391,7 @@ def test_published_dinov2_vit_small_builds_and_steps(digits_shards: Path) -> Non
     d = cfg.dinov2
     assert (d.centering, d.separate_head, d.koleo_loss_weight, tuple(d.mask_ratio_min_max)) == \
         ("sinkhorn_knopp", True, 0.1, (0.1, 0.5))
-    assert (cfg.optim.lr, cfg.optim.lr_scaling, cfg.optim.momentum_teacher, cfg.optim.weight_decay_end,
+    assert (cfg.optim.lr, cfg.optim.lr_scaling, cfg.dinov2.momentum_teacher, cfg.optim.weight_decay_end,
             d.layerwise_decay, d.patch_embed_lr_mult) == (4e-3, "sqrt_wrt_1024", 0.992, 0.2, 0.9, 0.2)
     recipe, _, metrics = _one_step(cfg)
     vit = recipe.student.backbone.vit

@@ -72,7 +72,7 @@ def test_two_process_dino_run_under_accelerate_launch(digits_shards: Path, tmp_p
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/cpu_2proc.yaml", "-m",
            "sslpipe", "train", "recipes/demo_dino.yaml",
            "method=tests.ddp_dino:CheckedDINO", f"data.train={digits_shards}", "data.batch_size=8",
-           "data.num_workers=0", "data.steps_per_epoch=2", "train.epochs=1", "eval.knn_every_epochs=1",
+           "data.num_workers=0", "data.steps_per_epoch=2", "train.epochs=1", "eval.every_epochs=1",
            f"output_dir={tmp_path}", "run_name=ddp"]
     proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,7 +17,8 @@ from accelerate.utils import set_seed
 from helpers import child_env
 from safetensors.torch import load_file
 
-from sslpipe.config import Config, config_from_dict, load_config
+from sslpipe.config import RunConfig
+from sslpipe.recipes import config_from_dict, get_recipe, load_config
 from sslpipe.engine.checkpoint import find_latest_checkpoint, list_checkpoints, resolve_resume
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.tracking import resolve_wandb_mode
@@ -36,7 +37,7 @@ TOY = "tests.toy_recipe:ToyRecipe"
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-def toy_cfg(tmp_path: Path, run_name: str, **sections) -> Config:
+def toy_cfg(tmp_path: Path, run_name: str, **sections) -> RunConfig:
     data = {"method": TOY, "run_name": run_name, "output_dir": str(tmp_path / "runs"),
             "data": {"train": "synthetic", "batch_size": 8},
             "optim": {"lr": 0.05, "warmup_epochs": 1},
@@ -62,14 +63,19 @@ def dino_cosine_scheduler(base, final, epochs, niter, warmup_epochs=0, start_war
     return np.concatenate((warmup, schedule))
 
 
-def sched_cfg(**optim) -> Config:
+def sched_cfg(**optim) -> RunConfig:
     return config_from_dict({"method": "dino", "data": {"train": "x", "batch_size": 256},
                              "optim": {"lr": 1.0, "min_lr": 0.0, "warmup_epochs": 1, **optim},
-                             "loss": {"warmup_teacher_temp_epochs": 2}, "train": {"epochs": 3}})
+                             "dino": {"loss": {"warmup_teacher_temp_epochs": 2}}, "train": {"epochs": 3}})
+
+
+def schedules(cfg: RunConfig, steps_per_epoch: int, world_size: int = 1) -> Schedules:
+    """The trainer's schedules with the method's own values (momentum, temperatures) joined, as in a run."""
+    return Schedules(cfg, steps_per_epoch, world_size, recipe=get_recipe(cfg.method)(cfg).schedule)
 
 
 def test_schedules_match_hand_computed_values() -> None:
-    s = Schedules(sched_cfg(), steps_per_epoch=10)  # T = 30 iterations, warm-up 10, teacher-temp warm-up 20
+    s = schedules(sched_cfg(), steps_per_epoch=10)  # T = 30 iterations, warm-up 10, teacher-temp warm-up 20
     assert s.total == 30
     assert s(0)["lr"] == 0.0                                   # warm-up start
     assert s(5)["lr"] == pytest.approx(5 / 9)                  # linspace(0, 1, 10)[5]
@@ -85,18 +91,18 @@ def test_schedules_match_hand_computed_values() -> None:
     assert s(0)["teacher_temp"] == pytest.approx(0.04)
     assert s(10)["teacher_temp"] == pytest.approx(0.04 + 0.03 * 10 / 19)
     assert s(19)["teacher_temp"] == pytest.approx(0.07)
-    assert s(25)["teacher_temp"] == s(25)["teacher_patch_temp"] == pytest.approx(0.07)
+    assert s(25)["teacher_temp"] == pytest.approx(0.07) and s(10)["last_layer_frozen"] == 0.0
     assert s(25)["epoch"] == 2 and s(25)["it"] == 25
 
 
 def test_schedules_equal_dino_cosine_scheduler_everywhere() -> None:
-    s = Schedules(sched_cfg(lr=5e-4, min_lr=1e-6), steps_per_epoch=7)
+    s = schedules(sched_cfg(lr=5e-4, min_lr=1e-6), steps_per_epoch=7)
     lr = dino_cosine_scheduler(5e-4, 1e-6, 3, 7, warmup_epochs=1)
     wd = dino_cosine_scheduler(0.04, 0.4, 3, 7)
     mom = dino_cosine_scheduler(0.996, 1.0, 3, 7)
     np.testing.assert_allclose([s.lr(i) for i in range(21)], lr, rtol=1e-12)
     np.testing.assert_allclose([s.weight_decay(i) for i in range(21)], wd, rtol=1e-12)
-    np.testing.assert_allclose([s.momentum(i) for i in range(21)], mom, rtol=1e-12)
+    np.testing.assert_allclose([s(i)["momentum"] for i in range(21)], mom, rtol=1e-12)
 
 
 def test_lr_scaling_rule() -> None:
@@ -124,13 +130,13 @@ def test_step_poly_and_constant_schedules_with_absolute_lr() -> None:
 def test_patch_temperature_waits_for_pred_start_epoch() -> None:
     """iBOTLoss: the patch temperature stays at its warm-up value for pred_start_epoch epochs, then warms up."""
     cfg = config_from_dict({"method": "ibot", "data": {"train": "x"}, "train": {"epochs": 10},
-                            "masking": {"pred_start_epoch": 2}, "loss": {"warmup_teacher_temp_epochs": 3}})
-    s = Schedules(cfg, steps_per_epoch=10)  # temperature warm-up: 30 iterations, patch warm-up from iteration 20
-    assert s.teacher_temp(19, patch=True) == pytest.approx(0.04)
-    assert s.teacher_temp(20, patch=True) == pytest.approx(0.04)
-    assert s.teacher_temp(35, patch=True) == pytest.approx(0.04 + 0.03 * 15 / 29)
-    assert s.teacher_temp(49, patch=True) == pytest.approx(0.07)
-    assert s.teacher_temp(15) == pytest.approx(0.04 + 0.03 * 15 / 29)  # the CLS temperature starts at once
+                            "ibot": {"masking": {"pred_start_epoch": 2}, "loss": {"warmup_teacher_temp_epochs": 3}}})
+    s = schedules(cfg, steps_per_epoch=10)  # temperature warm-up: 30 iterations, patch warm-up from iteration 20
+    assert s(19)["teacher_patch_temp"] == pytest.approx(0.04)
+    assert s(20)["teacher_patch_temp"] == pytest.approx(0.04)
+    assert s(35)["teacher_patch_temp"] == pytest.approx(0.04 + 0.03 * 15 / 29)
+    assert s(49)["teacher_patch_temp"] == pytest.approx(0.07)
+    assert s(15)["teacher_temp"] == pytest.approx(0.04 + 0.03 * 15 / 29)  # the CLS temperature starts at once
 
 
 def test_param_group_lr_scale() -> None:
@@ -186,7 +192,7 @@ def test_prefetch_yields_every_batch_on_the_device(device: str) -> None:
         assert torch.equal(b["images"][0].cpu(), torch.arange(i + 1))
 
 
-def initial_student(cfg: Config) -> dict[str, torch.Tensor]:
+def initial_student(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The student the trainer starts from: it seeds with `cfg.seed` right before `build`."""
     set_seed(cfg.seed)
     recipe = ToyRecipe(cfg)
@@ -196,7 +202,7 @@ def initial_student(cfg: Config) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("freeze_epochs", [1, 0])
 def test_freeze_last_layer_in_epoch_zero(tmp_path: Path, freeze_epochs: int) -> None:
-    cfg = toy_cfg(tmp_path, "freeze", optim={"freeze_last_layer_epochs": freeze_epochs}, train={"max_steps": 3})
+    cfg = toy_cfg(tmp_path, "freeze", toy={"freeze_last_layer_epochs": freeze_epochs}, train={"max_steps": 3})
     init = initial_student(cfg)
     after = load_file(str(find_latest_checkpoint(train(cfg)) / "model.safetensors"))
     assert not torch.equal(after["body.0.weight"], init["body.0.weight"])
@@ -369,7 +375,7 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path: Path) -> None:
     recipe.write_text(
         f"method: {TOY}\nrun_name: ddp\noutput_dir: {tmp_path / 'runs'}\n"
         "data: {train: synthetic, batch_size: 4}\nmodel: {kwargs: {write_checksums: true}}\n"
-        "optim: {lr: 0.05, warmup_epochs: 1}\ntrain: {epochs: 2, log_every: 3}\neval: {knn_every_epochs: 1}\n"
+        "optim: {lr: 0.05, warmup_epochs: 1}\ntrain: {epochs: 2, log_every: 3}\neval: {every_epochs: 1}\n"
     )
     env = child_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -397,7 +403,7 @@ def test_lean_step_gives_the_parameters_of_the_plain_step(tmp_path: Path) -> Non
     from sslpipe.engine.optim import apply_schedule, build_optimizer
     from sslpipe.engine.trainer import train_step
 
-    cfg = toy_cfg(tmp_path, "lean", optim={"clip_grad": 0.05})
+    cfg = toy_cfg(tmp_path, "lean", optim={"clip_grad": 0.05}, toy={"freeze_last_layer_epochs": 0})
     results = []
     for lean in (True, False):
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -408,11 +414,11 @@ def test_lean_step_gives_the_parameters_of_the_plain_step(tmp_path: Path) -> Non
         recipe.build(accelerator)
         optimizer = build_optimizer(cfg, recipe.param_groups())
         recipe.student, optimizer = accelerator.prepare(recipe.student, optimizer)
-        schedules = Schedules(cfg, steps_per_epoch=6)
+        steps = schedules(cfg, steps_per_epoch=6)
         batches = list(recipe.train_loader(0, 0, 1))[:4]
         set_seed(1)
         for it, batch in enumerate(batches):
-            s = schedules(it)
+            s = steps(it)
             if lean:
                 train_step(accelerator, recipe, optimizer, [batch], s, cfg)
                 continue

@@ -30,7 +30,8 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from sslpipe.cli import main
-from sslpipe.config import Config, config_from_dict
+from sslpipe.config import RunConfig
+from sslpipe.recipes import config_from_dict
 from sslpipe.data.shards import write_shards
 from sslpipe.engine import checkpoint as ckpt_module
 from sslpipe.engine import state_io, tracking
@@ -79,7 +80,7 @@ def toy_dict(output_dir: Path, run_name: str, **train_opts: object) -> dict:
                       "keep_last": 3, **train_opts}}
 
 
-def toy_cfg(output_dir: Path, run_name: str, **train_opts: object) -> Config:
+def toy_cfg(output_dir: Path, run_name: str, **train_opts: object) -> RunConfig:
     return config_from_dict(toy_dict(output_dir, run_name, **train_opts))
 
 

@@ -12,7 +12,8 @@ import torch
 from helpers import REPO
 from PIL import Image
 
-from sslpipe.config import ConfigError, config_from_dict, load_config
+from sslpipe.config import ConfigError
+from sslpipe.recipes import config_from_dict, load_config
 from sslpipe.eval.detection import DetectionMetric, masks_to_targets
 from sslpipe.eval.segmentation import SegmentationMetric, format_iou_table
 from sslpipe.data.dense import DenseTransform, collate_dense
@@ -153,23 +154,26 @@ def test_dense_transform_keeps_labels_aligned():
 # ----------------------------------------------------------------------------------------------------- config
 def test_finetune_config_keys():
     cfg = config_from_dict({"method": "finetune_vitdet", "data": {"train": "x"},
-                            "finetune": {"img_size": 64, "global_blocks": [1, 3]}})
-    assert cfg.finetune.img_size == 64 and cfg.finetune.layer_decay == 0.7  # published ViTDet default
-    with pytest.raises(ConfigError, match="Did you mean 'finetune.img_size'"):
-        config_from_dict({"method": "finetune_vitdet", "data": {"train": "x"}, "finetune": {"img_sise": 64}})
+                            "finetune_vitdet": {"img_size": 64, "global_blocks": [1, 3]}})
+    assert cfg.finetune_vitdet.img_size == 64 and cfg.finetune_vitdet.layer_decay == 0.7  # published ViTDet default
+    with pytest.raises(ConfigError, match="Did you mean 'finetune_vitdet.img_size'"):
+        config_from_dict({"method": "finetune_vitdet", "data": {"train": "x"}, "finetune_vitdet": {"img_sise": 64}})
+    with pytest.raises(ConfigError, match="unknown key 'finetune_vitdet.num_queries'"):  # Mask2Former's, not ViTDet's
+        config_from_dict({"method": "finetune_vitdet", "data": {"train": "x"}, "finetune_vitdet": {"num_queries": 4}})
 
 
 @pytest.mark.parametrize("path", ["recipes/finetune_m2f_ade20k_vit_small.yaml",
                                   "recipes/finetune_vitdet_coco_vit_base.yaml",
                                   "recipes/demo_finetune_m2f.yaml", "recipes/demo_finetune_vitdet.yaml"])
 def test_recipes_load(path):
-    cfg = load_config(REPO / path, ["finetune.img_size=96"])
-    assert cfg.method.startswith("finetune_") and cfg.finetune.img_size == 96
+    key = "finetune_vitdet" if "vitdet" in path else "finetune_mask2former"
+    cfg = load_config(REPO / path, [f"{key}.img_size=96"])
+    assert cfg.method == key and getattr(cfg, key).img_size == 96
 
 
 def test_published_recipes_hold_the_published_values():
     m2f = load_config(REPO / "recipes/finetune_m2f_ade20k_vit_small.yaml")
-    f, o = m2f.finetune, m2f.optim
+    f, o = m2f.finetune_mask2former, m2f.optim
     assert (f.num_queries, f.hidden_dim, f.decoder_layers, f.encoder_layers, f.train_num_points) == (
         100, 256, 10, 6, 12544)
     assert (f.class_weight, f.mask_weight, f.dice_weight, f.no_object_weight, f.backbone_lr_mult) == (
@@ -177,7 +181,7 @@ def test_published_recipes_hold_the_published_values():
     assert (o.lr, o.weight_decay, o.clip_grad, o.clip_mode, o.schedule, m2f.data.batch_size) == (
         1e-4, 0.05, 0.01, "global", "poly", 16)
     det = load_config(REPO / "recipes/finetune_vitdet_coco_vit_base.yaml")
-    f, o = det.finetune, det.optim
+    f, o = det.finetune_vitdet, det.optim
     assert (f.window_size, f.global_blocks, f.layer_decay, f.img_size, tuple(f.scale_range)) == (
         14, [2, 5, 8, 11], 0.7, 1024, (0.1, 2.0))
     assert (o.lr, o.weight_decay, o.warmup_iters, o.schedule, det.model.drop_path_rate, det.data.batch_size) == (
@@ -201,25 +205,31 @@ def finetune_data(tmp_path_factory):
     return root, export
 
 
-TINY_HEADS = ["finetune.img_size=64", "finetune.window_size=8", "finetune.global_blocks=[1]",
-              "finetune.pyramid_channels=32", "data.batch_size=4", "data.num_workers=0", "data.steps_per_epoch=2",
-              "train.epochs=2", "finetune.eval_max_images=4", "finetune.predict_images=2",
-              "finetune.eval_batch_size=2"]
+def _keyed(overrides: list[str], recipe: str) -> list[str]:
+    """`{m}.key=value` overrides written for both heads, with {m} the recipe's method section."""
+    key = "finetune_vitdet" if "vitdet" in recipe else "finetune_mask2former"
+    return [o.replace("{m}.", f"{key}.") for o in overrides]
+
+
+TINY_HEADS = ["{m}.img_size=64", "{m}.window_size=8", "{m}.global_blocks=[1]", "{m}.pyramid_channels=32",
+              "data.batch_size=4", "data.num_workers=0", "data.steps_per_epoch=2",
+              "train.epochs=2", "eval.max_val=4", "eval.predict_images=2",
+              "eval.batch_size=2"]
 
 
 def _run(recipe: str, root, export, extra: list[str]):
     from sslpipe.engine.trainer import train
 
     cfg = load_config(REPO / recipe, [f"data.train={root / 'scenes'}", f"data.val={root / 'scenes'}",
-                               f"finetune.backbone={export}", f"output_dir={root / 'runs'}", *TINY_HEADS, *extra])
+                               f"model.init_from={export}", f"output_dir={root / 'runs'}",
+                                      *_keyed([*TINY_HEADS, *extra], recipe)])
     return train(cfg)
 
 
-M2F_TINY = ["finetune.num_queries=4", "finetune.hidden_dim=32", "finetune.num_heads=2", "finetune.dim_feedforward=64",
-            "finetune.decoder_layers=4", "finetune.encoder_layers=1", "finetune.encoder_feedforward_dim=64",
-            "finetune.train_num_points=128"]
-VITDET_TINY = ["finetune.head_dim=16", "finetune.fc_dim=32", "finetune.box_head_convs=1", "finetune.mask_head_convs=1",
-               "finetune.box_batch_size_per_image=16"]
+M2F_TINY = ["{m}.num_queries=4", "{m}.hidden_dim=32", "{m}.num_heads=2", "{m}.dim_feedforward=64",
+            "{m}.decoder_layers=4", "{m}.encoder_layers=1", "{m}.encoder_feedforward_dim=64", "{m}.train_num_points=128"]
+VITDET_TINY = ["{m}.head_dim=16", "{m}.fc_dim=32", "{m}.box_head_convs=1", "{m}.mask_head_convs=1",
+               "{m}.box_batch_size_per_image=16"]
 
 
 def _recipe(recipe: str, root, export, extra: list[str]):
@@ -227,7 +237,7 @@ def _recipe(recipe: str, root, export, extra: list[str]):
     from sslpipe.recipes import get_recipe
 
     cfg = load_config(REPO / recipe, [f"data.train={root / 'scenes'}", f"data.val={root / 'scenes'}",
-                                      f"finetune.backbone={export}", *TINY_HEADS, *extra])
+                                      f"model.init_from={export}", *_keyed([*TINY_HEADS, *extra], recipe)])
     recipe_obj = get_recipe(cfg.method)(cfg)
     recipe_obj.build_model()
     return recipe_obj
@@ -247,7 +257,7 @@ def test_mask2former_evaluates_on_the_training_grid(finetune_data, task, size):
     """Every forward of evaluation sees img_size x img_size inputs (64 here): windows slid over a larger image,
     a smaller one padded, instance images fitted into the square; predictions come back at the label size."""
     root, export = finetune_data
-    recipe = _recipe("recipes/demo_finetune_m2f.yaml", root, export, [*M2F_TINY, f"finetune.task={task}"])
+    recipe = _recipe("recipes/demo_finetune_m2f.yaml", root, export, [*M2F_TINY, f"{{m}}.task={task}"])
     model = recipe.model().eval()
     shapes = []
     recipe.vit_trunk().register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[-2:])))
@@ -305,7 +315,7 @@ def test_frozen_backbone_trains_only_the_head(finetune_data):
 
     root, export = finetune_data
     recipe = _recipe("recipes/demo_finetune_m2f.yaml", root, export,
-                     [*M2F_TINY, "finetune.freeze_backbone=true", "model.drop_path_rate=0.5"])
+                     [*M2F_TINY, "{m}.freeze_backbone=true", "model.drop_path_rate=0.5"])
     model = recipe.model().train()
     trunk = recipe.vit_trunk()
     before = {k: v.clone() for k, v in trunk.state_dict().items()}
@@ -332,7 +342,7 @@ def test_frozen_backbone_trains_only_the_head(finetune_data):
 def test_own_seg_list_fine_tunes_end_to_end(finetune_data, tmp_path):
     """The own-data path of docs/finetune.md, command for command: image + label PNG files and a class file ->
     `sslpipe shards --seg-list LIST --classes FILE OUT --val-fraction 0.2` -> `sslpipe finetune
-    recipes/demo_finetune_m2f.yaml data.train=OUT data.val=OUT finetune.backbone=EXPORT` (sizes shrunk by more
+    recipes/demo_finetune_m2f.yaml data.train=OUT data.val=OUT model.init_from=EXPORT` (sizes shrunk by more
     overrides). Without --classes the class count comes from the label values (it crashed before)."""
     import subprocess
     import sys
@@ -343,7 +353,7 @@ def test_own_seg_list_fine_tunes_end_to_end(finetune_data, tmp_path):
 
     _, export = finetune_data
     listing, classes = write_scene_files(tmp_path / "mine", 30, size=64, dataset="digits")
-    shrink = [*TINY_HEADS, *M2F_TINY, "train.epochs=1", f"output_dir={tmp_path / 'runs'}"]
+    shrink = _keyed([*TINY_HEADS, *M2F_TINY, "train.epochs=1", f"output_dir={tmp_path / 'runs'}"], "m2f")
     env = child_env(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     for name, class_args in (("named", ["--classes", str(classes)]), ("unnamed", [])):
         shards = tmp_path / f"shards_{name}"
@@ -352,7 +362,7 @@ def test_own_seg_list_fine_tunes_end_to_end(finetune_data, tmp_path):
         done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         cmd = [sys.executable, "-m", "sslpipe", "finetune", "recipes/demo_finetune_m2f.yaml", f"data.train={shards}",
-               f"data.val={shards}", f"finetune.backbone={export}", *shrink, f"run_name={name}"]
+               f"data.val={shards}", f"model.init_from={export}", *shrink, f"run_name={name}"]
         done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         result = json.loads((tmp_path / "runs" / name / "eval" / "epoch_001.json").read_text())
@@ -366,9 +376,7 @@ def test_mask2former_finetune_end_to_end(finetune_data, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     root, export = finetune_data
     run = _run("recipes/demo_finetune_m2f.yaml", root, export, [
-        "run_name=m2f", "finetune.num_queries=4", "finetune.hidden_dim=32", "finetune.num_heads=2",
-        "finetune.dim_feedforward=64", "finetune.decoder_layers=4", "finetune.encoder_layers=1",
-        "finetune.encoder_feedforward_dim=64", "finetune.train_num_points=128"])
+        "run_name=m2f", *M2F_TINY])
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in lines if "mIoU" in r]
     assert len(evals) == 2 and all(0 <= r["mIoU"] <= 1 for r in evals)
@@ -391,8 +399,7 @@ def test_vitdet_finetune_end_to_end(finetune_data, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     root, export = finetune_data
     run = _run("recipes/demo_finetune_vitdet.yaml", root, export, [
-        "run_name=vitdet", "finetune.head_dim=16", "finetune.fc_dim=32", "finetune.box_head_convs=1",
-        "finetune.mask_head_convs=1", "finetune.box_batch_size_per_image=16", "optim.warmup_iters=1",
+        "run_name=vitdet", *VITDET_TINY, "optim.warmup_iters=1",
         "optim.step_epochs=[1.5]"])
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in lines if "segm/AP" in r]
@@ -409,10 +416,8 @@ def test_mask2former_instance_task_reports_ap(finetune_data, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     root, export = finetune_data
     run = _run("recipes/demo_finetune_m2f.yaml", root, export, [
-        "run_name=m2f_inst", "finetune.task=instance", "train.best_metric=segm/AP", "train.epochs=1",
-        "finetune.num_queries=4", "finetune.hidden_dim=32", "finetune.num_heads=2", "finetune.dim_feedforward=64",
-        "finetune.decoder_layers=4", "finetune.encoder_layers=1", "finetune.encoder_feedforward_dim=64",
-        "finetune.train_num_points=128", "finetune.test_topk=10"])
+        "run_name=m2f_inst", "{m}.task=instance", "train.best_metric=segm/AP", "train.epochs=1", *M2F_TINY,
+        "{m}.test_topk=10"])
     result = json.loads((run / "eval" / "epoch_001.json").read_text())
     assert {"segm/AP", "bbox/AP", "segm/AP50"} <= set(result) and -1 <= result["segm/AP"] <= 1
     assert (run / "predictions" / "epoch_001.png").is_file()

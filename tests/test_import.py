@@ -573,7 +573,7 @@ def test_import_runs_through_sslpipe_knn(tmp_path, digits_shards, capsys):
 
 def test_imported_dinov2_fine_tunes_one_vitdet_step(tmp_path):
     """The DINOv2 import (registers, layer scale) becomes the ViTDet trunk tensor by tensor and trains."""
-    from sslpipe.config import load_config
+    from sslpipe.recipes import load_config
     from sslpipe.data.shards import write_shards
     from sslpipe.recipes import get_recipe
 
@@ -582,10 +582,11 @@ def test_imported_dinov2_fine_tunes_one_vitdet_step(tmp_path):
     write_shards(tmp_path / "scenes", source="scenes", scenes={"train": 8, "val": 4, "size": 64}, samples_per_shard=8,
                  progress=False)
     cfg = load_config(REPO / "recipes/demo_finetune_vitdet.yaml", [
-        f"data.train={tmp_path / 'scenes'}", f"data.val={tmp_path / 'scenes'}", f"finetune.backbone={export}",
-        "finetune.img_size=64", "finetune.window_size=4", "finetune.global_blocks=[1]", "finetune.pyramid_channels=32",
-        "finetune.head_dim=16", "finetune.fc_dim=32", "finetune.box_head_convs=1", "finetune.mask_head_convs=1",
-        "finetune.box_batch_size_per_image=16", "data.batch_size=2", "data.num_workers=0", "data.steps_per_epoch=1"])
+        f"data.train={tmp_path / 'scenes'}", f"data.val={tmp_path / 'scenes'}", f"model.init_from={export}",
+        "finetune_vitdet.img_size=64", "finetune_vitdet.window_size=4", "finetune_vitdet.global_blocks=[1]",
+        "finetune_vitdet.pyramid_channels=32", "finetune_vitdet.head_dim=16", "finetune_vitdet.fc_dim=32",
+        "finetune_vitdet.box_head_convs=1", "finetune_vitdet.mask_head_convs=1",
+        "finetune_vitdet.box_batch_size_per_image=16", "data.batch_size=2", "data.num_workers=0", "data.steps_per_epoch=1"])
     recipe = get_recipe(cfg.method)(cfg)
     recipe.build_model()
     trunk = recipe.vit_trunk()

@@ -12,9 +12,10 @@ from sklearn.datasets import load_digits
 
 from sslpipe.bench.knn import clustered_features, run_knn_bench
 from sslpipe.eval import knn as knn_mod
-from sslpipe.eval.features import pre_logits
+from sslpipe.eval.features import LastBlocksCLS, pre_logits
 from sslpipe.eval.knn import class_scores, knn_classify
-from sslpipe.eval.linear import LastBlocksCLS, train_linear
+from sslpipe.eval.linear import train_linear
+from sslpipe.eval.spec import FeatureSpec, ProbeData
 
 torch.set_num_threads(1)
 
@@ -161,10 +162,45 @@ def test_without_faiss_the_torch_backend_answers_with_a_notice(monkeypatch, caps
     assert "pip install 'sslpipe[cpu]'" in capsys.readouterr().err
 
 
+def test_feature_spec_reads_the_export_and_keys_the_cache(tmp_path):
+    """A spec built from an export takes its image size, mean and std (flags override them); the cache fingerprint
+    follows every field that changes the features and none that only changes how they are computed."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from sslpipe.data.shards import write_shards
+    from sslpipe.eval.features import fingerprint
+    from sslpipe.export import export_backbone
+
+    args = {"img_size": 28, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **args).eval()
+    out = export_backbone(vit, tmp_path / "exp", arch="vit_tiny_patch16_224", model_args=args, img_size=28,
+                          mean=(0.4,) * 3, std=(0.2,) * 3, source={})
+    spec = FeatureSpec.from_export(out, resize=None, crop=None, batch_size=16)
+    assert (spec.img_size, spec.input_size, spec.short_side, spec.batch_size) == (28, 28, 32, 16)
+    assert spec.mean == (0.4,) * 3 and spec.std == (0.2,) * 3
+    assert FeatureSpec.from_export(out, crop=24).input_size == 24
+    assert spec.transform()(Image.new("RGB", (50, 40))).shape == (3, 28, 28)
+
+    shards = tmp_path / "shards"
+    write_shards(shards, source="digits", limit=10, samples_per_shard=10, progress=False)
+
+    def key(s: FeatureSpec) -> str:
+        return fingerprint(vit, str(shards), "train", s, None)
+
+    assert key(replace(spec, batch_size=7, num_workers=2, device="cpu")) == key(spec)
+    changed = [replace(spec, resize=40), replace(spec, crop=24), replace(spec, mean=(0.5,) * 3),
+               replace(spec, pooling="blocks"), replace(spec, pooling="blocks", layers=2),
+               replace(spec, precision="autocast")]
+    assert len({key(s) for s in [spec, *changed]}) == 1 + len(changed)
+
+
 def test_extract_features_and_run_knn_on_shards(tmp_path, monkeypatch, device):
+    from dataclasses import replace
+
     from sslpipe.data.datasets import iter_dataset
     from sslpipe.data.shards import write_shards
-    from sslpipe.data.views import EvalTransform
     from sslpipe.eval import features as feat_mod
     from sslpipe.eval.knn import run_knn
     from sslpipe.export import export_backbone
@@ -174,42 +210,44 @@ def test_extract_features_and_run_knn_on_shards(tmp_path, monkeypatch, device):
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4, depth=2,
                             dynamic_img_size=True).eval().to(device)
-    transform = EvalTransform(resize=32, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    spec = FeatureSpec(img_size=32, resize=32, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3, batch_size=16)
+    transform = spec.transform()
     cache = tmp_path / "cache" / "f.safetensors"
-    feats, labels = feat_mod.extract_features(vit, str(shards), split="train", transform=transform, batch_size=16,
-                                              max_samples=35, cache_path=cache, progress=False)
+    feats, labels = feat_mod.extract_features(vit, str(shards), spec, split="train", max_samples=35,
+                                              cache_path=cache, progress=False)
     assert next(vit.parameters()).device.type == device, "extraction must leave the model where it was"
     images = list(iter_dataset("digits", "train", limit=35))
     assert labels.tolist() == [label for _, label in images]
     with torch.no_grad():
         expected = vit(torch.stack([transform(img.convert("RGB")) for img, _ in images]).to(device)).cpu()
     assert feats.dtype == torch.float32 and torch.allclose(feats, expected, atol=1e-5)
-    on_cpu, _ = feat_mod.extract_features(vit, str(shards), split="train", transform=transform, batch_size=16,
-                                          max_samples=35, device="cpu", progress=False)
+    on_cpu, _ = feat_mod.extract_features(vit, str(shards), replace(spec, device="cpu"), split="train",
+                                          max_samples=35, progress=False)
     assert next(vit.parameters()).device.type == device
     torch.testing.assert_close(on_cpu, feats, atol=1e-4, rtol=1e-4)  # fp32 on either device
 
     # a matching cache is reused without reading shards; a changed model is not
     monkeypatch.setattr(feat_mod, "build_loader", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
-    again, _ = feat_mod.extract_features(vit, str(shards), split="train", transform=transform, max_samples=35,
-                                         cache_path=cache, progress=False)
+    again, _ = feat_mod.extract_features(vit, str(shards), replace(spec, batch_size=7), split="train",
+                                         max_samples=35, cache_path=cache, progress=False)
     assert torch.equal(again, feats)
     with torch.no_grad():
         vit.cls_token.add_(1.0)
     with pytest.raises(AssertionError, match="read"):
-        feat_mod.extract_features(vit, str(shards), split="train", transform=transform, max_samples=35,
-                                  cache_path=cache, progress=False)
+        feat_mod.extract_features(vit, str(shards), spec, split="train", max_samples=35, cache_path=cache,
+                                  progress=False)
     monkeypatch.undo()
 
     out = export_backbone(vit, tmp_path / "exp", arch="vit_tiny_patch16_224",
                           model_args={"img_size": 32, "patch_size": 4, "depth": 2, "dynamic_img_size": True},
                           img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, source={})
     # val = the train split itself: each sample is its own nearest neighbour
-    result = run_knn(out, str(shards), str(shards), val_split="train", k_list=[1, 5], resize=32, batch_size=16,
-                     progress=False, out_json=tmp_path / "knn.json", device=device)
+    data = ProbeData(str(shards), str(shards), val_split="train")
+    result = run_knn(out, FeatureSpec.from_export(out, resize=32, batch_size=16, device=device), data,
+                     k_list=[1, 5], progress=False, out_json=tmp_path / "knn.json")
     assert result["n_train"] == 40 and result["n_test"] == 40 and result["backbone"] == str(out)
     assert result["k"][1]["top1"] == 1.0
     assert json.loads((tmp_path / "knn.json").read_text())["k"]["5"] == result["k"][5]
-    on_cpu = run_knn(out, str(shards), str(shards), val_split="train", k_list=[1, 5], resize=32, batch_size=16,
-                     progress=False, device="cpu")
+    on_cpu = run_knn(out, FeatureSpec.from_export(out, resize=32, batch_size=16, device="cpu"), data,
+                     k_list=[1, 5], progress=False)
     assert on_cpu["k"] == result["k"]

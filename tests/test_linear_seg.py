@@ -87,3 +87,25 @@ def test_linear_seg_command_end_to_end(tmp_path):
     assert result["final_loss"] < 0.9 * math.log(11)  # below chance: the probe learned from the frozen features
     assert result["steps"] == 60 and result["size"] == 32 and result["layers"] == 1
     assert "linear-seg mIoU" in done.stdout and (tmp_path / "probe.png").is_file()
+
+
+def test_linear_seg_on_a_fixed_size_28px_export(tmp_path):
+    """`sslpipe linear-seg` on a 28 px ViT export without dynamic_img_size (the demo's random-init export): the
+    training crops reach the backbone at the export's 28 px. They were padded to 32 px (a multiple of 32) before,
+    which such a ViT rejects: "Input height (32) doesn't match model (28)"."""
+    from sslpipe.cli import main
+    from sslpipe.export import export_backbone
+
+    scenes = tmp_path / "scenes"
+    assert main(["shards", "--dataset", "scenes", str(scenes), "--scene-size", "28", "--scene-train", "12",
+                 "--scene-val", "3"]) == 0
+    args = {**TINY, "img_size": 28, "depth": 2}
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **args).eval()
+    export = export_backbone(vit, tmp_path / "random-init", arch="vit_tiny_patch16_224", model_args=args,
+                             img_size=28, mean=(0.286,) * 3, std=(0.353,) * 3, source={"which": "random-init"})
+    out = tmp_path / "probe.json"
+    assert main(["linear-seg", str(export), "--data", str(scenes), "--steps", "3", "--batch-size", "4",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["size"] == 28 and result["n_val"] == 3 and 0 <= result["pixel_acc"] <= 1

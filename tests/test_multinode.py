@@ -15,8 +15,8 @@ from helpers import REPO, child_env
 
 from sslpipe.data.shards import write_shards
 
-TINY = ["model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "head.out_dim=64", "head.patch_out_dim=64",
-        "head.hidden_dim=32", "head.bottleneck_dim=16", "crops.n_local=2"]
+TINY = ["model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "ibot.head.out_dim=64",
+        "ibot.head.patch_out_dim=64", "ibot.head.hidden_dim=32", "ibot.head.bottleneck_dim=16", "crops.n_local=2"]
 
 
 def _port() -> int:
@@ -31,7 +31,7 @@ def test_two_nodes_of_two_processes_then_elastic_resume_on_one(tmp_path: Path) -
     write_shards(shards, source="digits", samples_per_shard=8, limit=128, progress=False)
     common = [str(REPO / "recipes/demo_ibot.yaml"), "method=tests.ddp_ibot:CheckedIBOT", f"data.train={shards}",
               f"data.val={shards}", "data.batch_size=8", "data.num_workers=0", "data.steps_per_epoch=null",
-              "train.epochs=2", "train.log_every=2", "eval.knn_every_epochs=1", "eval.knn_k=[5]",
+              "train.epochs=2", "train.log_every=2", "eval.every_epochs=1", "eval.knn_k=[5]",
               f"output_dir={tmp_path}", "run_name=nodes", *TINY]
     port = _port()
     env = child_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
@@ -65,9 +65,12 @@ def test_two_nodes_of_two_processes_then_elastic_resume_on_one(tmp_path: Path) -
     knn = [m["knn/top1_k5"] for m in metrics if "knn/top1_k5" in m]
     assert len(knn) == 2 and all(0.0 < v <= 1.0 for v in knn), "the sharded periodic kNN ran each epoch"
     from sslpipe.eval.knn import run_knn
+    from sslpipe.eval.spec import FeatureSpec, ProbeData
     from sslpipe.export import export_run
 
-    single = run_knn(export_run(run, checkpoint=8), shards, shards, k_list=[5], resize=32, crop=32, progress=False)
+    exported = export_run(run, checkpoint=8)
+    single = run_knn(exported, FeatureSpec.from_export(exported, resize=32, crop=32), ProbeData(shards, shards),
+                     k_list=[5], progress=False)
     assert single["k"][5]["top1"] == knn[1], "4 shares of the extraction, gathered == one process reading it all"
 
     # elastic: the 4-process run continues on 1 process (16 steps per epoch): epoch 2 begins at step 32

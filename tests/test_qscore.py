@@ -11,12 +11,14 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from sslpipe.config import QScoreConfig, load_config
+from sslpipe.recipes import load_config
+from sslpipe.recipes.multicrop import build_qscore
+from sslpipe.recipes.sections import QScoreConfig
 from sslpipe.eval.qscore import (activation_rates, batch_summary, discriminative_features, eps_for_coverage,
                                  highly_active, q_v1, q_v2, qscore_metrics, v2_selection)
-from sslpipe.eval.qscore_report import (auroc_rows, average_precision_rows, bootstrap_interval, coverage,
-                                        detection_scores, is_degenerate, qscore_from_features)
-from sslpipe.losses.qscore import QScoreRegularizer, build_qscore
+from sslpipe.eval.qscore_report import (QScoreSettings, auroc_rows, average_precision_rows, bootstrap_interval,
+                                        coverage, detection_scores, is_degenerate, qscore_from_features)
+from sslpipe.losses.qscore import QScoreRegularizer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -464,8 +466,8 @@ def test_report_equals_sklearn_on_the_same_inputs(rates_from: str) -> None:
 
     train_x, train_y = _clustered(0, 200)
     val_x, val_y = _clustered(1, 120)
-    result, metrics, wrong = qscore_from_features(train_x, train_y, val_x, val_y, k=10, backend="torch",
-                                                  rates_from=rates_from, n_boot=20)
+    settings = QScoreSettings(k=10, backend="torch", rates_from=rates_from, n_boot=20)
+    result, metrics, wrong = qscore_from_features(train_x, train_y, val_x, val_y, settings)
     preds = knn_classify(train_x, train_y, val_x, val_y, [10], 0.07, backend="torch",
                          return_predictions=True)["predictions"][10]
     expected_wrong = (preds != val_y).numpy()
@@ -489,6 +491,7 @@ def test_report_equals_sklearn_on_the_same_inputs(rates_from: str) -> None:
 def test_cli_qscore_writes_json_png_and_logs(digits_shards: Path, tmp_path: Path) -> None:
     from sslpipe.cli import main
     from sslpipe.eval.qscore_report import qscore_report
+    from sslpipe.eval.spec import FeatureSpec, ProbeData
     from sslpipe.export import export_backbone
     from sslpipe.models.backbones import create_backbone
 
@@ -517,8 +520,9 @@ def test_cli_qscore_writes_json_png_and_logs(digits_shards: Path, tmp_path: Path
             self.logged.update(values)
 
     tracker = Tracker()
-    again = qscore_report(export, str(digits_shards), str(digits_shards), k=10, max_train=600, max_test=200,
-                          n_boot=200, tracker=tracker, progress=False)
+    data = ProbeData(str(digits_shards), str(digits_shards), max_train=600, max_val=200)
+    again = qscore_report(export, FeatureSpec.from_export(export), data, QScoreSettings(k=10, n_boot=200),
+                          tracker=tracker, progress=False)
     assert tracker.logged["qscore/q_v1/auroc"] == pytest.approx(result["scores"]["q_v1"]["auroc"])
     assert tracker.logged["qscore/coverage/q_v2"] == pytest.approx(result["coverage"]["q_v2"])
     assert again["scores"]["l1"]["auprc"] == pytest.approx(result["scores"]["l1"]["auprc"])
@@ -526,9 +530,11 @@ def test_cli_qscore_writes_json_png_and_logs(digits_shards: Path, tmp_path: Path
 
 def test_config_section_and_overrides(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("method: simclr\ndata: {train: x}\nqscore: {enabled: true, version: v1}\n")
-    cfg = load_config(recipe, ["qscore.lambda1=0.5", "qscore.alpha=0.1", "qscore.percentiles=[40,90]"])
-    assert (cfg.qscore.enabled, cfg.qscore.version, cfg.qscore.lambda1, cfg.qscore.alpha) == (True, "v1", 0.5, 0.1)
-    assert tuple(cfg.qscore.percentiles) == (40.0, 90.0) and cfg.qscore.beta is None
-    with pytest.raises(ValueError, match="qscore.lamda1"):
-        load_config(recipe, ["qscore.lamda1=1"])
+    recipe.write_text("method: simclr\ndata: {train: x}\nsimclr:\n  qscore: {enabled: true, version: v1}\n")
+    cfg = load_config(recipe, ["simclr.qscore.lambda1=0.5", "simclr.qscore.alpha=0.1",
+                               "simclr.qscore.percentiles=[40,90]"])
+    q = cfg.simclr.qscore
+    assert (q.enabled, q.version, q.lambda1, q.alpha) == (True, "v1", 0.5, 0.1)
+    assert tuple(q.percentiles) == (40.0, 90.0) and q.beta is None
+    with pytest.raises(ValueError, match="simclr.qscore.lamda1"):
+        load_config(recipe, ["simclr.qscore.lamda1=1"])

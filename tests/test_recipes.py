@@ -13,9 +13,10 @@ from accelerate.state import AcceleratorState, GradientState
 from helpers import DEVICES, one_teacher_student_step
 from safetensors.torch import load_file
 
-from sslpipe.config import load_config
+from sslpipe.recipes import load_config
 from sslpipe.engine.trainer import train
 from sslpipe.eval.knn import run_knn
+from sslpipe.eval.spec import FeatureSpec, ProbeData
 from sslpipe.export import export_run, load_backbone
 from sslpipe.models.heads import IBOTHead
 from sslpipe.recipes.dino import DINORecipe
@@ -69,7 +70,7 @@ def test_published_ibot_vit_base_builds_and_steps(digits_shards: Path) -> None:
                                                       "data.num_workers=0", "data.shuffle_buffer=4",
                                                       "crops.n_local=2"])
     recipe, _ = _one_step(IBOTRecipe, cfg)
-    assert recipe.student.backbone.vit.embed_dim == 768 and cfg.head.norm_last_layer
+    assert recipe.student.backbone.vit.embed_dim == 768 and cfg.ibot.head.norm_last_layer
 
 
 def test_demo_recipes_step_and_report_health(digits_shards: Path) -> None:
@@ -128,7 +129,7 @@ def test_ibot_train_export_knn_and_exact_resume(digits_shards: Path, tmp_path: P
         monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     common = [f"data.train={digits_shards}", f"data.val={digits_shards}", "data.batch_size=16",
               "data.num_workers=0", "data.steps_per_epoch=2", "train.epochs=2", "train.log_every=1",
-              "eval.knn_every_epochs=1", "eval.knn_k=[5]", "eval.knn_max_train=300", "eval.knn_max_val=100",
+              "eval.every_epochs=1", "eval.knn_k=[5]", "eval.max_train=300", "eval.max_val=100",
               f"output_dir={tmp_path}", f"train.deterministic={str(deterministic).lower()}"]
     full = train(load_config(RECIPES / "demo_ibot.yaml", [*common, "run_name=full"]))
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
@@ -139,7 +140,8 @@ def test_ibot_train_export_knn_and_exact_resume(digits_shards: Path, tmp_path: P
     exported = export_run(full, which="teacher")
     model = load_backbone(exported)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 128)
-    result = run_knn(exported, digits_shards, digits_shards, k_list=[5], resize=32, crop=32, progress=False)
+    result = run_knn(exported, FeatureSpec.from_export(exported, resize=32, crop=32),
+                     ProbeData(digits_shards, digits_shards), k_list=[5], progress=False)
     assert 0.3 < result["k"][5]["top1"] <= 1.0  # digits raw-ish features: well above chance (0.1)
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -183,19 +185,19 @@ def test_regional_compile_keeps_names_and_values(digits_shards: Path, recipe_cls
     assert keys[0] == keys[1] and losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-@pytest.mark.parametrize("recipe_cls, name", [(IBOTRecipe, "demo_ibot.yaml"), (DINORecipe, "demo_dino.yaml")])
+@pytest.mark.parametrize("recipe_cls, m", [(IBOTRecipe, "ibot"), (DINORecipe, "dino")])
 @pytest.mark.parametrize("features", ["backbone", "projection"])
-def test_qscore_regulariser_inside_dino_and_ibot(digits_shards: Path, recipe_cls, name: str, features: str) -> None:
-    """qscore.enabled adds exactly the regulariser's term (on the student's global crops) to the SSL loss."""
+def test_qscore_regulariser_inside_dino_and_ibot(digits_shards: Path, recipe_cls, m: str, features: str) -> None:
+    """<method>.qscore.enabled adds exactly the regulariser's term (on the student's global crops) to the SSL loss."""
     from sslpipe.losses.qscore import QScoreRegularizer
 
     overrides = [f"data.train={digits_shards}", "data.batch_size=4", "data.num_workers=0",
                  "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "crops.n_local=2",
-                 f"qscore.features={features}", "qscore.lambda1=0.1", "qscore.lambda2=0.01"]
+                 f"{m}.qscore.features={features}", f"{m}.qscore.lambda1=0.1", f"{m}.qscore.lambda2=0.01"]
     sched = {"teacher_temp": 0.04, "teacher_patch_temp": 0.04, "it": 0}
     results = {}
     for enabled in (False, True):
-        cfg = load_config(RECIPES / name, [*overrides, f"qscore.enabled={str(enabled).lower()}"])
+        cfg = load_config(RECIPES / f"demo_{m}.yaml", [*overrides, f"{m}.qscore.enabled={str(enabled).lower()}"])
         torch.manual_seed(0)
         recipe = recipe_cls(cfg)
         recipe.build(Accelerator(cpu=True))

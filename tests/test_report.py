@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from sslpipe.cli import main
-from sslpipe.config import load_config
+from sslpipe.recipes import load_config
 from sslpipe.engine.trainer import train
 from sslpipe.viz.report import read_run, write_report
 
@@ -65,8 +65,8 @@ def test_report_of_a_short_dino_run_holds_every_plot(digits_shards: Path, tmp_pa
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     overrides = [f"data.train={digits_shards}", f"data.val={digits_shards}", "data.batch_size=8",
                  "data.num_workers=0", "data.steps_per_epoch=1", "train.epochs=2", "train.log_every=1",
-                 "train.health_every=1", "eval.knn_every_epochs=1", "eval.knn_k=[5]", "eval.knn_max_train=100",
-                 "eval.knn_max_val=40", f"output_dir={tmp_path}", "run_name=dino"]
+                 "train.health_every=1", "eval.every_epochs=1", "eval.knn_k=[5]", "eval.max_train=100",
+                 "eval.max_val=40", f"output_dir={tmp_path}", "run_name=dino"]
     run = train(load_config(RECIPES / "demo_dino.yaml", overrides), overrides_text=" ".join(overrides))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = {k for r in records if "event" not in r for k, v in r.items()
@@ -86,7 +86,7 @@ def test_report_of_a_short_dino_run_holds_every_plot(digits_shards: Path, tmp_pa
     assert {"loss", "lr", "weight_decay", "momentum", "teacher_temp", "knn/top1_k5", "rankme/teacher",
             "rankme/student", "embed_std/teacher", "embed_std/student", "images_per_s"} <= drawn
     text = index.read_text()
-    assert "eval.knn_every_epochs=1" in text and "method: dino" in text  # the command and the resolved config
+    assert "eval.every_epochs=1" in text and "method: dino" in text  # the command and the resolved config
     assert all(key in text for key in logged)  # and the table of last values
 
 
@@ -94,7 +94,7 @@ def write_finetune_run(root: Path, name: str, miou: list[float], pictures: bool 
     run = root / name
     (run / "predictions").mkdir(parents=True)
     config = {"method": "finetune_mask2former", "run_name": name, "data": {"train": "x", "batch_size": 4},
-              "finetune": {"backbone": "runs/demo/pretrain/export/teacher"}}
+              "model": {"init_from": "runs/demo/pretrain/export/teacher"}}
     (run / "config.yaml").write_text("# overrides: train.epochs=2\n" + yaml.safe_dump(config))
     lines = []
     for step in range(1, 5):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from sslpipe.config import load_config
+from sslpipe.recipes import load_config
 from sslpipe.recipes import get_recipe
 from sslpipe.recipes.simclr import SimCLRRecipe, build_ntxent, collate_two_views
 
@@ -86,7 +86,7 @@ def test_recipe_builds_and_takes_a_step(digits_shards: Path, device: str) -> Non
 
 
 def test_without_qscore_the_loss_is_plain_ntxent(digits_shards: Path) -> None:
-    recipe = SimCLRRecipe(_cfg(digits_shards, "qscore.enabled=false", "qscore.features=projection"))
+    recipe = SimCLRRecipe(_cfg(digits_shards, "simclr.qscore.enabled=false", "simclr.qscore.features=projection"))
     recipe.build(Accelerator(cpu=True))
     assert recipe.qscore is None
     loss, metrics = recipe.step(next(iter(recipe.train_loader(0, 0, 1))), {"it": 0})
@@ -144,7 +144,7 @@ def _worker(rank: int, port: int, out: str, cfg_path: str) -> None:
     cfg = load_config(cfg_path, ["data.train=unused"])
     proj = _projector()
     x1, x2 = _inputs(rank)
-    loss = build_ntxent(cfg)(proj(x1), proj(x2))
+    loss = build_ntxent(cfg.simclr.temperature)(proj(x1), proj(x2))
     loss.backward()
     for p in proj.parameters():  # what DDP does: average the gradients over processes
         dist.all_reduce(p.grad)
@@ -179,7 +179,7 @@ def test_short_run_trains_checkpoints_and_exports(digits_shards: Path, tmp_path:
     from sslpipe.export import export_run, load_backbone
 
     cfg = _cfg(digits_shards, "data.steps_per_epoch=3", "train.log_every=1", f"output_dir={tmp_path}",
-               "run_name=simclr", "eval.knn_every_epochs=1", "eval.knn_max_train=200", "eval.knn_max_val=50")
+               "run_name=simclr", "eval.every_epochs=1", "eval.max_train=200", "eval.max_val=50")
     run = train(cfg)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]

@@ -18,21 +18,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import REPO, child_env
 from PIL import Image
 from safetensors.torch import load_file
 
 from sslpipe.cli import main as cli_main
-from sslpipe.config import load_config
+from sslpipe.recipes import load_config
 from sslpipe.data.seg_layouts import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS, cityscapes_pairs, layout_shards
 from sslpipe.recipes.seg_supervised import SupervisedSegRecipe
 from sslpipe.recipes.u2pl import U2PLRecipe
 
-TINY = ["model.arch=resnet10t", "u2pl.crop_size=32", "u2pl.decoder_channels=16", "u2pl.aspp_channels=16",
-        "u2pl.rep_dim=16", "u2pl.num_queries=8", "u2pl.num_negatives=4", "u2pl.queue_size=64",
-        "u2pl.background_queue_size=96", "data.batch_size=2", "data.num_workers=0", "data.steps_per_epoch=2",
-        "train.epochs=3", "train.log_every=1", "train.checkpoint_every_epochs=1", "train.keep_last=3",
-        "eval.knn_every_epochs=3", "u2pl.eval_batch_size=8", "u2pl.cutmix_p=1.0"]
+SEG_TINY = ["model.arch=resnet10t", "{m}.crop_size=32", "{m}.decoder_channels=16", "{m}.aspp_channels=16",
+            "data.batch_size=2", "data.num_workers=0", "data.steps_per_epoch=2", "train.epochs=3", "train.log_every=1",
+            "train.checkpoint_every_epochs=1", "train.keep_last=3", "eval.every_epochs=3", "eval.batch_size=8"]
+U2PL_TINY = ["u2pl.rep_dim=16", "u2pl.num_queries=8", "u2pl.num_negatives=4", "u2pl.queue_size=64",
+             "u2pl.background_queue_size=96", "u2pl.cutmix_p=1.0"]
+TINY = [o.replace("{m}.", "u2pl.") for o in SEG_TINY] + U2PL_TINY  # method u2pl
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,12 @@ def semi(tmp_path_factory) -> Path:
 
 
 def _cfg(semi: Path, recipe: str, out: Path, extra: list[str]):
-    return load_config(REPO / recipe, [f"data.train={semi / 'labeled'}", f"data.val={semi / 'val'}",
-                                       f"u2pl.unlabeled={semi / 'unlabeled'}", f"output_dir={out}", *TINY, *extra])
+    """The recipe shrunk to seconds: U2PL's unlabelled data and sizes only for method u2pl."""
+    method = yaml.safe_load((REPO / recipe).read_text())["method"]
+    u2pl = [f"u2pl.unlabeled={semi / 'unlabeled'}", *U2PL_TINY] if method == "u2pl" else []
+    overrides = [f"data.train={semi / 'labeled'}", f"data.val={semi / 'val'}", *u2pl, f"output_dir={out}", *SEG_TINY,
+                 *extra]
+    return load_config(REPO / recipe, [o.replace("{m}.", f"{method}.") for o in overrides])
 
 
 def test_semi_shards_from_scenes(semi: Path) -> None:
@@ -106,7 +112,7 @@ def test_supervised_baseline_runs_on_the_same_labelled_images(semi: Path, tmp_pa
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     run = train(_cfg(semi, "recipes/demo_supervised_seg.yaml", tmp_path, ["run_name=sup", "train.epochs=1",
-                                                                          "eval.knn_every_epochs=1"]))
+                                                                          "eval.every_epochs=1"]))
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("mIoU" in r for r in lines) and all("loss/unsup" not in r for r in lines)
     extra = load_file(str(next((run / "checkpoints").glob("step_*")) / "extra_state.safetensors"))
@@ -184,9 +190,9 @@ def test_without_unlabelled_losses_u2pl_has_the_supervised_gradients(semi: Path,
     assert all(not g_u[k].any() for k in set(g_u) - set(g_sup))
     assert metrics["loss/unsup"] > 0 and float(loss_u) == pytest.approx(float(metrics["loss/sup"]), abs=1e-6)
     # the check can fail: with L_u weighted in, the same comparison sees the unlabelled images
-    u2pl.cfg.u2pl.unsup_weight = 1.0
+    u2pl.section.unsup_weight = 1.0
     assert not _close(_grads(u2pl, batch)[1], g_sup)
-    u2pl.cfg.u2pl.unsup_weight = 0.0
+    u2pl.section.unsup_weight = 0.0
     # BatchNorm on batch statistics (train mode): an unlabelled half equal to the labelled half leaves them as they
     # are, so the gradients are the supervised ones; other unlabelled images change them, and only that differs
     u2pl.model().train()
@@ -248,7 +254,7 @@ def test_diagnostics_are_logged_with_unlabelled_ground_truth(semi: Path, tmp_pat
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     run = train(_cfg(semi, "recipes/demo_u2pl.yaml", tmp_path, ["run_name=diag", "train.epochs=2",
-                                                                "eval.knn_every_epochs=0"]))
+                                                                "eval.every_epochs=0"]))
     steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss/sup" in r]
     assert len(steps) == 4 and all("pseudo/acc" not in r for r in steps[:2])
     for r in steps[2:]:
@@ -353,7 +359,7 @@ def test_queues_identical_on_two_processes(semi: Path, tmp_path: Path) -> None:
            str(_free_port()), "-m", "sslpipe", "train", str(REPO / "recipes/demo_u2pl.yaml"),
            "method=tests.ddp_u2pl:CheckedU2PL", f"data.train={semi / 'labeled'}", f"data.val={semi / 'val'}",
            f"u2pl.unlabeled={semi / 'unlabeled'}", f"output_dir={tmp_path}", "run_name=ddp", *TINY,
-           "train.epochs=2", "eval.knn_every_epochs=0", "u2pl.sup_only_epoch=0"]
+           "train.epochs=2", "eval.every_epochs=0", "u2pl.sup_only_epoch=0"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [[json.loads(x) for x in (tmp_path / "ddp" / f"queues_rank{r}.jsonl").read_text().splitlines()]
@@ -423,7 +429,8 @@ def test_scenes_recipe_pair_pretrains_exports_and_starts_both_runs_from_the_expo
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     u2pl, sup = load_config(REPO / "recipes/scenes_u2pl.yaml"), load_config(REPO / "recipes/scenes_supervised.yaml")
     same = lambda c: (c.data.train, c.data.val, c.data.batch_size, c.data.steps_per_epoch, c.train.epochs,
-                      c.model.arch, c.model.init_from, c.optim, c.u2pl.crop_size, c.u2pl.scale_range, c.seed)
+                      c.model.arch, c.model.init_from, c.optim, c.eval, getattr(c, c.method).crop_size,
+                      getattr(c, c.method).scale_range, c.seed)
     assert same(u2pl) == same(sup) and (u2pl.train.epochs, u2pl.u2pl.sup_only_epoch) == (40, 10)
     simclr = load_config(REPO / "recipes/scenes_simclr_resnet10t.yaml", [
         f"data.train={semi / 'unlabeled'}", f"output_dir={tmp_path}", "data.batch_size=4", "data.num_workers=0",
@@ -434,7 +441,7 @@ def test_scenes_recipe_pair_pretrains_exports_and_starts_both_runs_from_the_expo
     exported = load_file(str(export / "model.safetensors"))
     for recipe, cls, extra in (("recipes/scenes_u2pl.yaml", U2PLRecipe, ["u2pl.sup_only_epoch=1"]),
                                ("recipes/scenes_supervised.yaml", SupervisedSegRecipe, [])):
-        cfg = _cfg(semi, recipe, tmp_path, [f"model.init_from={export}", "train.epochs=2", "eval.knn_every_epochs=2",
+        cfg = _cfg(semi, recipe, tmp_path, [f"model.init_from={export}", "train.epochs=2", "eval.every_epochs=2",
                                             *extra])
         built = cls(cfg)
         built.build(Accelerator(cpu=True))

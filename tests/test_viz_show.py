@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sslpipe.cli import main
+from sslpipe.eval.spec import FeatureSpec, ProbeData
 from sslpipe.export import export_backbone
 from sslpipe.viz.attention import cls_attention, draw_attention, feature_norm, has_attention, mass_mask
 from sslpipe.viz.neighbours import nearest
@@ -182,8 +183,9 @@ def export_tiny_vit(out: Path) -> Path:
 def test_show_writes_four_pngs_and_logs_them(digits_shards: Path, tmp_path: Path) -> None:
     export = export_tiny_vit(tmp_path / "export")
     tracker = FakeTracker()
-    paths = show(export, tmp_path / "show", data=str(digits_shards), n=2, k=3, max_train=120, max_val=60,
-                 tracker=tracker, progress=False)
+    data = ProbeData(str(digits_shards), str(digits_shards), max_train=120, max_val=60)
+    paths = show(export, tmp_path / "show", FeatureSpec.from_export(export), data=data, n=2, k=3, tracker=tracker,
+                 progress=False)
     assert set(paths) == {"attention", "pca", "neighbours", "embedding"}
     sizes = {name: Image.open(p).size for name, p in paths.items()}
     panel = 192 + 2

@@ -19,7 +19,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from sslpipe.models.heads import cancel_last_layer_gradients
 from sslpipe.recipes.base import Recipe
+from sslpipe.recipes.multicrop import teacher_schedule
+from sslpipe.recipes.sections import TeacherStudentConfig
 
 IN_DIM, HIDDEN, OUT_DIM = 8, 16, 4
 
@@ -39,6 +42,9 @@ def _collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.
 
 
 class ToyRecipe(Recipe):
+    config_key = "toy"
+    config_section = TeacherStudentConfig  # EMA momentum, teacher temperature, last-layer freeze, loss.*
+
     def build(self, accelerator: Any) -> None:
         self.accelerator = accelerator
         opts = self.cfg.model.kwargs
@@ -75,14 +81,21 @@ class ToyRecipe(Recipe):
             t = self.teacher(x)
             target = torch.softmax((t - self.center) / sched["teacher_temp"], dim=-1)
         s = self.student(x + 0.1 * torch.randn_like(x))
-        loss = -(target * torch.log_softmax(s / self.cfg.loss.student_temp, dim=-1)).sum(-1).mean()
+        loss = -(target * torch.log_softmax(s / self.section.loss.student_temp, dim=-1)).sum(-1).mean()
         if self.nan_at_step is not None and int(sched["it"]) == int(self.nan_at_step):
             loss = loss * float("nan")
         if int(sched["it"]) == self.cfg.model.kwargs.get("signal_at_step", -1):
             os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM's --signal=USR1 does before the time limit
         batch_center = self.accelerator.reduce(t.mean(0, keepdim=True), "mean")
-        self.center = self.center * self.cfg.loss.center_momentum + batch_center * (1 - self.cfg.loss.center_momentum)
+        self.center = self.center * self.section.loss.center_momentum + batch_center * (1 - self.section.loss.center_momentum)
         return loss, {"toy_center_norm": float(self.center.norm())}
+
+    def schedule(self, it: int, steps_per_epoch: int, total: int) -> dict[str, float]:
+        return teacher_schedule(self.section, it, steps_per_epoch, total)
+
+    def before_optimizer_step(self, sched: dict[str, float]) -> None:
+        if sched["last_layer_frozen"]:
+            cancel_last_layer_gradients(self.student)
 
     @torch.no_grad()
     def after_optimizer_step(self, sched: dict[str, float]) -> None:

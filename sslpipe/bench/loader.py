@@ -208,7 +208,7 @@ def run_loader_bench_from_recipe(shard_dir: str, recipe: str, *, backends: tuple
                                  rounds: int = 2, max_seconds: float = 30.0,
                                  device: str | None = None) -> dict[str, Any]:
     """`sslpipe bench loader`: the benchmark with the recipe's own multi-crop settings, printed as a table."""
-    from sslpipe.config import load_config
+    from sslpipe.recipes import load_config
     from sslpipe.recipes.multicrop import multicrop_from_config
 
     c = load_config(recipe, ["data.train=unused"]).crops

@@ -48,7 +48,8 @@ def synthetic_batch(cfg: Any, recipe: Any, batch_size: int, seed: int = 0) -> di
         return torch.randint(0, 256, (n * batch_size, 3, size, size), generator=g, dtype=torch.uint8) if n else None
 
     random.seed(seed)
-    masks = recipe.mask_fields(c.n_global * batch_size, epoch=max(cfg.masking.pred_start_epoch, 0))
+    start = recipe.section.masking.pred_start_epoch if recipe.uses_masks else 0  # iBOT's masks begin there
+    masks = recipe.mask_fields(c.n_global * batch_size, epoch=max(start, 0))
     return {"global_crops": crops(c.n_global, c.global_size), "local_crops": crops(c.n_local, c.local_size),
             **masks, "labels": torch.zeros(batch_size, dtype=torch.long)}
 
@@ -92,11 +93,10 @@ def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: i
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from sslpipe.config import load_config
     from sslpipe.engine.optim import build_optimizer
     from sslpipe.engine.schedules import Schedules
     from sslpipe.engine.trainer import train_step
-    from sslpipe.recipes import get_recipe
+    from sslpipe.recipes import get_recipe, load_config
     from sslpipe.recipes.multicrop import MultiCropRecipe
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -122,7 +122,8 @@ def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: i
     batch = synthetic_batch(cfg, recipe, B, seed=cfg.seed)
     if dev.type == "cuda":
         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    sched = Schedules(cfg, steps_per_epoch=1000)(1000 * cfg.train.epochs // 2)  # mid-run: lr, momentum non-trivial
+    # mid-run: lr and momentum non-trivial, last layer no longer frozen
+    sched = Schedules(cfg, steps_per_epoch=1000, recipe=recipe.schedule)(1000 * cfg.train.epochs // 2)
 
     def ours() -> None:
         train_step(accelerator, recipe, optimizer, [batch], sched, cfg)

@@ -1,5 +1,6 @@
 """The optimizer side of a training step: building the optimizer from a recipe's parameter groups, applying the
-per-iteration schedule, DINO/iBOT's per-tensor gradient clipping and the last-layer freeze.
+per-iteration schedule and DINO/iBOT's per-tensor gradient clipping (the last-layer freeze is the teacher-student
+recipes', `sslpipe.models.heads.cancel_last_layer_gradients`).
 
 Everything here runs without a host-device synchronisation: clipping computes all norms with one
 ``torch._foreach_norm`` and rescales with one ``torch._foreach_mul_``, never reading a norm back to Python (the
@@ -12,10 +13,10 @@ from typing import Any
 
 import torch
 
-from sslpipe.config import Config
+from sslpipe.config import RunConfig
 
 
-def build_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     """AdamW or SGD (momentum `optim.sgd_momentum`) over the recipe's groups; lr and weight decay are set every
     iteration. A group may carry `lr_scale` (default 1): layer-wise decay, a backbone multiplier. With every
     parameter on a GPU, AdamW runs its fused kernel (one launch for all parameters)."""
@@ -59,10 +60,3 @@ def clip_gradients_per_tensor(module: torch.nn.Module, clip: float) -> torch.Ten
         torch._foreach_mul_(grads, list(coefs.unbind()))
         norms.append(group_norms.float())
     return torch.cat([n.to(norms[0].device) for n in norms]) if norms else torch.zeros(0)
-
-
-def cancel_last_layer_gradients(module: torch.nn.Module) -> None:
-    """DINO `cancel_gradients_last_layer`: drop the gradients of parameters named *last_layer* (frozen early on)."""
-    for name, param in module.named_parameters():
-        if "last_layer" in name:
-            param.grad = None

@@ -17,7 +17,7 @@ from typing import Any
 
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 
-from sslpipe.config import Config, config_to_dict
+from sslpipe.config import RunConfig, config_to_dict
 from sslpipe.errors import WriteFailed, io_failure
 
 
@@ -78,7 +78,7 @@ def resolve_wandb_mode(cfg_mode: str | None) -> str:
     return "online" if wandb_api_key_configured() else "offline"
 
 
-def flat_config(cfg: Config) -> dict[str, Any]:
+def flat_config(cfg: RunConfig) -> dict[str, Any]:
     """`{"optim.lr": 5e-4, ...}`: trackers store hyper-parameters as flat scalars (lists become strings)."""
     flat: dict[str, Any] = {}
 
@@ -93,7 +93,7 @@ def flat_config(cfg: Config) -> dict[str, Any]:
     return flat
 
 
-def tracker_setup(cfg: Config, run_dir: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
+def tracker_setup(cfg: RunConfig, run_dir: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """(log_with for the Accelerator, init_kwargs for `accelerator.init_trackers`)."""
     log_with: list[str] = []
     init_kwargs: dict[str, dict[str, Any]] = {}

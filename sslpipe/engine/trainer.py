@@ -39,7 +39,7 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from sslpipe.config import Config, load_config, save_config
+from sslpipe.config import RunConfig, save_config
 from sslpipe.data.stream import loader_stats
 from sslpipe.engine.checkpoint import (
     checkpoint_dirs,
@@ -49,12 +49,7 @@ from sslpipe.engine.checkpoint import (
     save_checkpoint,
 )
 from sslpipe.engine.determinism import deterministic_mode
-from sslpipe.engine.optim import (
-    apply_schedule,
-    build_optimizer,
-    cancel_last_layer_gradients,
-    clip_gradients_per_tensor,
-)
+from sslpipe.engine.optim import apply_schedule, build_optimizer, clip_gradients_per_tensor
 from sslpipe.engine.preemption import StopRequest, sigterm_as_exit
 from sslpipe.engine.prefetch import prefetch_to_device
 from sslpipe.engine.processes import process_state
@@ -62,8 +57,7 @@ from sslpipe.engine.run_lock import RunLock
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup
 from sslpipe.errors import WriteFailed, io_failure
-from sslpipe.recipes import get_recipe
-from sslpipe.recipes.base import Recipe
+from sslpipe.recipes import Recipe, get_recipe, load_config
 
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
@@ -109,10 +103,10 @@ def epoch_batches(recipe: Recipe, epoch: int, rank: int, world_size: int, skip: 
 
 
 def train_step(accelerator: Accelerator, recipe: Recipe, optimizer: torch.optim.Optimizer, batches: list[Any],
-               sched: dict[str, float], cfg: Config, *, freeze_last_layer: bool = False
-               ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+               sched: dict[str, float], cfg: RunConfig) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """One optimizer step over `batches` (the gradient-accumulation window), then the recipe's EMA update: the
-    schedule, the forward passes under autocast, backward, clipping, the last-layer freeze, the optimizer.
+    schedule, the forward passes under autocast, backward, clipping, the recipe's hook (DINO's last-layer freeze),
+    the optimizer.
     Returns the per-batch losses (on the device, unsynchronised) and the last batch's metrics. `sslpipe bench step`
     times exactly this function."""
     apply_schedule(optimizer, sched)
@@ -129,8 +123,7 @@ def train_step(accelerator: Accelerator, recipe: Recipe, optimizer: torch.optim.
                     clip_gradients_per_tensor(recipe.student, cfg.optim.clip_grad)
                 elif cfg.optim.clip_mode == "global" and cfg.optim.clip_grad > 0:
                     accelerator.clip_grad_norm_(recipe.student.parameters(), cfg.optim.clip_grad)
-                if freeze_last_layer:
-                    cancel_last_layer_gradients(recipe.student)
+                recipe.before_optimizer_step(sched)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach().float())
@@ -138,7 +131,7 @@ def train_step(accelerator: Accelerator, recipe: Recipe, optimizer: torch.optim.
     return losses, metrics
 
 
-def describe_scale(cfg: Config, sched: Schedules, world: int) -> str:
+def describe_scale(cfg: RunConfig, sched: Schedules, world: int) -> str:
     """The numbers that change with the process count, printed at start so a run never changes them silently."""
     o = cfg.optim
     rule = {"linear": f"= optim.lr {o.lr:g} x {sched.global_batch} / 256",
@@ -157,7 +150,7 @@ def rescaled_step(step: int, saved_steps_per_epoch: int, steps_per_epoch: int) -
     return epoch * steps_per_epoch + round(in_epoch * steps_per_epoch / saved_steps_per_epoch)
 
 
-def _claim_run(cfg: Config, resume: str | None, overrides_text: str | None) -> tuple[Path, Path | None, RunLock]:
+def _claim_run(cfg: RunConfig, resume: str | None, overrides_text: str | None) -> tuple[Path, Path | None, RunLock]:
     """Main process: the run directory (`output_dir/run_name`, a timestamped name, or the resumed run's), its lock,
     the verified checkpoint to resume, and config.yaml. The lock comes before anything is read or written, so a
     second job on the directory is refused at once."""
@@ -185,10 +178,8 @@ def _claim_run(cfg: Config, resume: str | None, overrides_text: str | None) -> t
         if ckpt is not None:
             cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})
         try:
-            save_config(cfg, run_dir / "config.yaml")
-            if overrides_text:
-                text = (run_dir / "config.yaml").read_text()
-                (run_dir / "config.yaml").write_text(f"# overrides: {overrides_text}\n{text}")
+            save_config(cfg, run_dir / "config.yaml",
+                        header=f"overrides: {overrides_text}" if overrides_text else None)
         except OSError as err:
             if io_failure(err) is None:
                 raise
@@ -200,7 +191,7 @@ def _claim_run(cfg: Config, resume: str | None, overrides_text: str | None) -> t
     return run_dir, ckpt, lock
 
 
-def _open_run(cfg: Config, resume: str | None, overrides_text: str | None
+def _open_run(cfg: RunConfig, resume: str | None, overrides_text: str | None
               ) -> tuple[Path, Path | None, RunLock | None]:
     """`_claim_run` on the main process; every process gets its run directory and checkpoint, or its error, from
     one broadcast (the lock stays with the main process)."""
@@ -248,7 +239,7 @@ def _divergence(accelerator: Accelerator, losses: list[torch.Tensor], steps: lis
 
 
 # ------------------------------------------------------------------------------------------------------ train
-def train(cfg: Config, *, resume: str | None = None, overrides_text: str | None = None) -> Path:
+def train(cfg: RunConfig, *, resume: str | None = None, overrides_text: str | None = None) -> Path:
     """Train `cfg.method` and return the run directory.
 
     `resume`: None (fresh run), "auto" (newest run in `cfg.output_dir` with a checkpoint, else fresh), a run
@@ -270,7 +261,7 @@ def train(cfg: Config, *, resume: str | None = None, overrides_text: str | None 
                 lock.release()
 
 
-def _train(cfg: Config, *, cpu: bool, run_dir: Path, ckpt: Path | None) -> Path:
+def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None) -> Path:
     state = PartialState()
     log_with, init_kwargs = tracker_setup(cfg, run_dir)
     recipe_cls = get_recipe(cfg.method)
@@ -296,9 +287,8 @@ def _train(cfg: Config, *, cpu: bool, run_dir: Path, ckpt: Path | None) -> Path:
     spe = recipe.steps_per_epoch(world) // accum
     if spe <= 0:
         raise ValueError(f"{recipe.steps_per_epoch(world)} batches per epoch < train.grad_accum_steps={accum}")
-    sched = Schedules(cfg, spe, world)
+    sched = Schedules(cfg, spe, world, recipe=recipe.schedule)
     stop_at = sched.total if cfg.train.max_steps is None else min(sched.total, cfg.train.max_steps)
-    freeze_iters = int(round(cfg.optim.freeze_last_layer_epochs * spe))
     accelerator.print(describe_scale(cfg, sched, world))
 
     global_step, best, last_metrics = 0, None, {}
@@ -390,8 +380,7 @@ def _train(cfg: Config, *, cpu: bool, run_dir: Path, ckpt: Path | None) -> Path:
                         raise RuntimeError(f"the loader of epoch {epoch} (rank {rank}) yielded fewer than "
                                            f"steps_per_epoch={spe * accum} batches: check data.steps_per_epoch")
                     batch_list.append(batch)
-                losses, metrics = train_step(accelerator, recipe, optimizer, batch_list, s, cfg,
-                                             freeze_last_layer=global_step < freeze_iters)
+                losses, metrics = train_step(accelerator, recipe, optimizer, batch_list, s, cfg)
                 window_images += sum(recipe.batch_size_of(b) for b in batch_list)
                 window_loss += losses
                 window_steps += [global_step] * len(losses)
@@ -403,11 +392,11 @@ def _train(cfg: Config, *, cpu: bool, run_dir: Path, ckpt: Path | None) -> Path:
                     check_finite()
                     mean_loss = accelerator.reduce(torch.stack(window_loss).mean(), "mean").item()
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    scheduled = {k: v for k, v in s.items() if k not in ("epoch", "it")}
                     last_metrics = {
-                        "step": global_step, "epoch": global_step / spe, "loss": mean_loss, "lr": s["lr"],
-                        "weight_decay": s["weight_decay"], "momentum": s["momentum"],
-                        "teacher_temp": s["teacher_temp"], "images_per_s": window_images * world / elapsed,
-                        "world_size": world, **{k: float(v) for k, v in window_metrics.items()},
+                        "step": global_step, "epoch": global_step / spe, "loss": mean_loss, **scheduled,
+                        "images_per_s": window_images * world / elapsed, "world_size": world,
+                        **{k: float(v) for k, v in window_metrics.items()},
                     }
                     log(last_metrics)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{s['lr']:.2e}",
@@ -429,7 +418,7 @@ def _train(cfg: Config, *, cpu: bool, run_dir: Path, ckpt: Path | None) -> Path:
 
             if global_step % spe == 0:  # the epoch is complete
                 done_epoch, metric = global_step // spe - 1, None
-                if cfg.eval.knn_every_epochs > 0 and (done_epoch + 1) % cfg.eval.knn_every_epochs == 0:
+                if cfg.eval.every_epochs > 0 and (done_epoch + 1) % cfg.eval.every_epochs == 0:
                     check_finite()
                     results = recipe.evaluate(done_epoch)
                     if results:

@@ -1,10 +1,11 @@
 """Streamed feature extraction for the kNN and linear probes (docs/internals.md §6).
 
 Shards are read once, in a fixed order (no shuffle, every sample, last partial batch kept), through the same
-WebDataset stream as training. The default feature of a timm model is its pre-logits output,
-`forward_head(forward_features(x), pre_logits=True)`: for a ViT with `global_pool='token'` that is the CLS token after
-the final LayerNorm (DINO's kNN feature); for a CNN the globally pooled features. With `num_classes=0` this equals
-`model(x)` (checked in tests/test_knn.py); going through `pre_logits` keeps it right for models that still have a head.
+WebDataset stream as training; a `FeatureSpec` (sslpipe/eval/spec.py) says how images become features. The default
+feature of a timm model is its pre-logits output, `forward_head(forward_features(x), pre_logits=True)`: for a ViT
+with `global_pool='token'` that is the CLS token after the final LayerNorm (DINO's kNN feature); for a CNN the
+globally pooled features. With `num_classes=0` this equals `model(x)` (checked in tests/test_knn.py); going through
+`pre_logits` keeps it right for models that still have a head. The linear probe's feature is `LastBlocksCLS`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import json
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -23,6 +24,9 @@ from tqdm.auto import tqdm
 
 from sslpipe.data.stream import build_loader, count_samples, resolve_shards
 
+if TYPE_CHECKING:
+    from sslpipe.eval.spec import FeatureSpec, ProbeData
+
 FeatureFn = Callable[[nn.Module, Tensor], Tensor]
 
 
@@ -31,6 +35,30 @@ def pre_logits(model: nn.Module, x: Tensor) -> Tensor:
     if hasattr(model, "forward_head") and hasattr(model, "forward_features"):
         return model.forward_head(model.forward_features(x), pre_logits=True)
     return model(x)
+
+
+class LastBlocksCLS:
+    """Feature function for `extract_features`: concat of the last `n` blocks' CLS tokens after the final norm.
+
+    timm's `forward_intermediates(norm=True)` applies `model.norm` to every returned block output, as DINO's
+    `get_intermediate_layers` does; `return_prefix_tokens=True` hands back the prefix tokens whose first is CLS.
+    CNNs (no class token) fall back to `pre_logits`.
+    """
+
+    def __init__(self, n: int = 4) -> None:
+        if n < 1:
+            raise ValueError(f"n_last_blocks must be >= 1, got {n}")
+        self.n = n
+
+    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
+        if not (getattr(model, "has_class_token", False) and hasattr(model, "forward_intermediates")):
+            return pre_logits(model, x)
+        blocks = model.forward_intermediates(x, indices=self.n, norm=True, output_fmt="NLC",
+                                             intermediates_only=True, return_prefix_tokens=True)
+        return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=-1)
+
+    def __repr__(self) -> str:
+        return f"LastBlocksCLS(n={self.n})"
 
 
 class _EvalSample:
@@ -48,32 +76,23 @@ def _collate(batch: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
-def _describe(obj: Any) -> str:
-    """A stable description for the cache fingerprint (default reprs hold memory addresses)."""
-    text = repr(obj)
-    if " at 0x" in text and hasattr(obj, "__dict__"):
-        inner = ", ".join(f"{k}={_describe(v)}" for k, v in sorted(vars(obj).items()))
-        return f"{type(obj).__qualname__}({inner})"
-    return text
-
-
-def fingerprint(model: nn.Module, spec: str | list[str], split: str, transform: Any, max_samples: int | None,
-                feature_fn: FeatureFn) -> str:
-    """sha256 over the model weights, the resolved shards (path, size, mtime), the transform and the feature
-    function: a cache written for anything else is not reused."""
+def fingerprint(model: nn.Module, shards: str | list[str], split: str, spec: FeatureSpec,
+                max_samples: int | None) -> str:
+    """sha256 over the model weights, the resolved shards (path, size, mtime), the split, the sample cap and the
+    spec's `cache_key` (preprocessing, pooling, precision): a cache written for anything else is not reused."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    for url in resolve_shards(spec, split):
+    for url in resolve_shards(shards, split):
         stat = os.stat(url) if os.path.exists(url) else None
         h.update(f"{url}|{stat.st_size if stat else ''}|{stat.st_mtime_ns if stat else ''}".encode())
-    h.update(f"{split}|{max_samples}|{_describe(transform)}|{_describe(feature_fn)}".encode())
+    h.update(f"{split}|{max_samples}|{spec.cache_key()}".encode())
     return h.hexdigest()
 
 
-def _autocast(device: torch.device, amp: bool):
-    if not amp or device.type != "cuda":
+def _autocast(device: torch.device, precision: str):
+    if precision != "autocast" or device.type != "cuda":
         return nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
@@ -109,35 +128,28 @@ def on_device(model: nn.Module, device: torch.device, *, train: bool = False) ->
 
 def extract_features(
     model: nn.Module,
-    spec: str | list[str],
+    shards: str | list[str],
+    spec: FeatureSpec,
     *,
     split: str,
-    transform: Callable,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    device: str | torch.device | None = None,
     max_samples: int | None = None,
-    amp: bool = False,
     cache_path: str | Path | None = None,
     progress: bool = True,
-    feature_fn: FeatureFn = pre_logits,
     rank: int = 0,
     world_size: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Features (N, D) float32 and labels (N,) int64 of a shard split, on the CPU.
+    """Features (N, D) float32 and labels (N,) int64 of a shard split, on the CPU, as `spec` says (transform,
+    pooling, batch size, workers, device, precision).
 
-    Runs on `device` (default: the model's GPU, else a GPU when present, else the CPU); every batch is moved to that
-    device, and the model is moved there only for the extraction and then returned to its own device and mode.
-    Float32 by default, as DINO's eval_knn.py; `amp=True` uses autocast (bf16 where supported, else fp16) on CUDA,
-    faster but not bit-comparable with the CPU. `feature_fn(model, x)` picks the feature (default: `pre_logits`; the
-    linear probe passes the last blocks' CLS). With `cache_path`, features are stored as safetensors with a
-    fingerprint of model, shards, transform and feature function, and reloaded only when the fingerprint matches.
+    Every batch is moved to `spec.device` (default: the model's GPU, else a GPU when present, else the CPU); the model
+    is moved there only for the extraction and then returned to its own device and mode. With `cache_path`, features
+    are stored as safetensors with a `fingerprint` of model, shards and spec, and reloaded only when it matches.
     With `world_size` > 1 only this rank's shards are read (see `extract_features_sharded`).
     """
-    device = torch.device(device) if device is not None else default_device(model)
+    device = torch.device(spec.device) if spec.device is not None else default_device(model)
     fp = None
     if cache_path is not None:
-        fp = fingerprint(model, spec, split, transform, max_samples, feature_fn)
+        fp = fingerprint(model, shards, split, spec, max_samples)
         cache = Path(cache_path)
         if cache.is_file():
             with safe_open(str(cache), "pt") as f:
@@ -146,11 +158,13 @@ def extract_features(
                 data = load_file(str(cache))
                 return data["features"], data["labels"]
 
+    feature_fn = spec.feature_fn()
     loader = build_loader(
-        spec, split=split, sample_fn=_EvalSample(transform), collate_fn=_collate, batch_size=batch_size,
-        num_workers=num_workers, shuffle=False, drop_last=False, rank=rank, world_size=world_size,
+        shards, split=split, sample_fn=_EvalSample(spec.transform()), collate_fn=_collate,
+        batch_size=spec.batch_size, num_workers=spec.num_workers, shuffle=False, drop_last=False, rank=rank,
+        world_size=world_size,
     )
-    total = count_samples(spec, split) if world_size == 1 else None
+    total = count_samples(shards, split) if world_size == 1 else None
     if max_samples is not None:
         total = min(total, max_samples) if total is not None else max_samples
     feats: list[Tensor] = []
@@ -159,7 +173,7 @@ def extract_features(
     with on_device(model, device), torch.inference_mode(), \
             tqdm(total=total, desc=f"features {split}", disable=not progress, unit="img") as bar:
         for images, batch_labels in loader:
-            with _autocast(device, amp):
+            with _autocast(device, spec.precision):
                 out = feature_fn(model, images.to(device, non_blocking=True))
             feats.append(out.float().cpu())
             labels.append(batch_labels)
@@ -168,7 +182,7 @@ def extract_features(
             if max_samples is not None and seen >= max_samples:
                 break
     if not feats:
-        raise ValueError(f"no samples in split {split!r} of {spec!r}")
+        raise ValueError(f"no samples in split {split!r} of {shards!r}")
     features, all_labels = torch.cat(feats), torch.cat(labels)
     if max_samples is not None:
         features, all_labels = features[:max_samples], all_labels[:max_samples]
@@ -181,8 +195,9 @@ def extract_features(
     return features, all_labels
 
 
-def extract_features_sharded(model: nn.Module, spec: str | list[str], accelerator: Any, *, split: str,
-                             max_samples: int | None = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
+def extract_features_sharded(model: nn.Module, shards: str | list[str], spec: FeatureSpec, accelerator: Any, *,
+                             split: str, max_samples: int | None = None,
+                             progress: bool = True) -> tuple[Tensor, Tensor]:
     """Every process extracts its own share of the split's shards (the training split rule: rank r reads shards
     r, r + P, ...) and the shares are gathered, so a probe on P processes reads each image once and takes about
     1/P of the time. Every process returns all features, in rank order (kNN does not depend on the order).
@@ -190,15 +205,14 @@ def extract_features_sharded(model: nn.Module, spec: str | list[str], accelerato
     ceil(max_samples / P) (a different subset than one process would take, of the same size)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     if world == 1:
-        return extract_features(model, spec, split=split, max_samples=max_samples, **kwargs)
-    readers = min(world, len(resolve_shards(spec, split)))
+        return extract_features(model, shards, spec, split=split, max_samples=max_samples, progress=progress)
+    readers = min(world, len(resolve_shards(shards, split)))
     share = None if max_samples is None else -(-max_samples // readers)
     if rank < readers:
-        feats, labels = extract_features(model, spec, split=split, max_samples=share, rank=rank,
-                                         world_size=readers, **kwargs)
+        feats, labels = extract_features(model, shards, spec, split=split, max_samples=share, progress=progress,
+                                         rank=rank, world_size=readers)
     else:
-        dim = int(feature_dim(model, kwargs.get("feature_fn", pre_logits), kwargs["transform"]))
-        feats, labels = torch.zeros(0, dim), torch.zeros(0, dtype=torch.long)
+        feats, labels = torch.zeros(0, feature_dim(model, spec)), torch.zeros(0, dtype=torch.long)
     device = accelerator.device
     counts = accelerator.gather(torch.tensor([len(labels)], device=device)).tolist()
     feats = accelerator.gather(accelerator.pad_across_processes(feats.to(device), dim=0)).cpu()
@@ -209,70 +223,56 @@ def extract_features_sharded(model: nn.Module, spec: str | list[str], accelerato
 
 
 @torch.no_grad()
-def feature_dim(model: nn.Module, feature_fn: FeatureFn, transform: Any) -> int:
-    """The feature width, from one forward pass on a blank image through the evaluation transform."""
+def feature_dim(model: nn.Module, spec: FeatureSpec) -> int:
+    """The feature width, from one forward pass on a blank image through the spec's transform and pooling."""
     from PIL import Image
 
-    image = transform(Image.new("RGB", (256, 256)))
+    image = spec.transform()(Image.new("RGB", (256, 256)))
     with on_device(model, model_device(model)):
-        return int(feature_fn(model, image[None].to(model_device(model))).shape[-1])
+        return int(spec.feature_fn()(model, image[None].to(model_device(model))).shape[-1])
 
 
-def default_eval_sizes(img_size: int) -> tuple[int, int]:
-    """DINO's Resize 256 -> CenterCrop 224, scaled to the backbone's image size (e.g. 37 -> 32 for 32px)."""
-    return round(img_size * 256 / 224), img_size
+def _fit_input_size(model: nn.Module, size: int) -> None:
+    """A ViT exported at another size runs on `size` crops: timm resamples its position embedding (bicubic)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or not hasattr(model, "set_input_size"):
+        return
+    if tuple(patch_embed.img_size) != (size, size):
+        model.set_input_size(img_size=(size, size))
 
 
-def prepare_backbone(
-    backbone: str | Path | nn.Module,
-    *,
-    img_size: int | None = None,
-    resize: int | None = None,
-    crop: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> tuple[nn.Module, Callable, str | None]:
-    """(model, EvalTransform, source) for a probe: an export folder is loaded with its own image size, mean and std
-    (from `config.json`); a module uses the arguments (defaults 224 and ImageNet statistics). Resize/crop default to
-    `default_eval_sizes(img_size)`."""
-    from sslpipe.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
-
-    source = None
+def prepare_backbone(backbone: str | Path | nn.Module, spec: FeatureSpec) -> tuple[nn.Module, str | None]:
+    """(model, source) for a probe. An export folder is loaded and, when it is a ViT of another input size,
+    fitted to `spec.input_size` (a fixed-size ViT would reject the crops otherwise); its source is the path. A
+    module is used as it is, never changed (it may be the training teacher); its source is None."""
     if isinstance(backbone, nn.Module):
-        model = backbone
-    else:
-        from sslpipe.export import load_backbone, read_export_config
+        return backbone, None
+    from sslpipe.export import load_backbone
 
-        source = str(backbone)
-        model = load_backbone(backbone)
-        cfg = read_export_config(backbone)
-        img_size = img_size or cfg["img_size"]
-        mean, std = mean or cfg["mean"], std or cfg["std"]
-    default_resize, default_crop = default_eval_sizes(img_size or 224)
-    transform = EvalTransform(resize=resize or default_resize, crop=crop or default_crop,
-                              mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
-    return model, transform, source
+    model = load_backbone(backbone)
+    _fit_input_size(model, spec.input_size)
+    return model, str(backbone)
 
 
-def extract_train_val(model: nn.Module, train_spec: str | list[str], val_spec: str | list[str], *, train_split: str,
-                      val_split: str, max_train: int | None, max_test: int | None, cache_dir: str | Path | None,
+def extract_train_val(model: nn.Module, spec: FeatureSpec, data: ProbeData, *, cache_dir: str | Path | None = None,
                       cache_name: str = "", accelerator: Any = None,
-                      **common: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      progress: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Features and labels of the train and val splits (what every probe starts from), cached under `cache_dir`
     as `{cache_name}train.safetensors` / `{cache_name}val.safetensors` when it is given. With an `accelerator` of
     several processes each extracts its share and all get everything (`extract_features_sharded`; no cache)."""
     if accelerator is not None and accelerator.num_processes > 1:
-        train_x, train_y = extract_features_sharded(model, train_spec, accelerator, split=train_split,
-                                                    max_samples=max_train, **common)
-        val_x, val_y = extract_features_sharded(model, val_spec, accelerator, split=val_split, max_samples=max_test,
-                                                **common)
+        train_x, train_y = extract_features_sharded(model, data.train, spec, accelerator, split=data.train_split,
+                                                    max_samples=data.max_train, progress=progress)
+        val_x, val_y = extract_features_sharded(model, data.val, spec, accelerator, split=data.val_split,
+                                                max_samples=data.max_val, progress=progress)
         return train_x, train_y, val_x, val_y
     cache = Path(cache_dir) if cache_dir is not None else None
-    train_x, train_y = extract_features(model, train_spec, split=train_split, max_samples=max_train,
+    train_x, train_y = extract_features(model, data.train, spec, split=data.train_split, max_samples=data.max_train,
                                         cache_path=cache / f"{cache_name}train.safetensors" if cache else None,
-                                        **common)
-    val_x, val_y = extract_features(model, val_spec, split=val_split, max_samples=max_test,
-                                    cache_path=cache / f"{cache_name}val.safetensors" if cache else None, **common)
+                                        progress=progress)
+    val_x, val_y = extract_features(model, data.val, spec, split=data.val_split, max_samples=data.max_val,
+                                    cache_path=cache / f"{cache_name}val.safetensors" if cache else None,
+                                    progress=progress)
     return train_x, train_y, val_x, val_y
 
 

@@ -11,16 +11,18 @@ fractions in [0, 1] (DINO prints percentages).
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Sequence
-
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from sslpipe.eval.spec import FeatureSpec, ProbeData
 
 try:
     import faiss
@@ -172,25 +174,12 @@ def knn_classify(
 
 def run_knn(
     backbone: str | Path | nn.Module,
-    train_spec: str | list[str],
-    val_spec: str | list[str],
+    spec: FeatureSpec,
+    data: ProbeData,
     *,
-    train_split: str = "train",
-    val_split: str = "val",
     k_list: Sequence[int] = DEFAULT_K,
     T: float = DEFAULT_T,
-    img_size: int | None = None,
-    resize: int | None = None,
-    crop: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    device: str | torch.device | None = None,
-    max_train: int | None = None,
-    max_test: int | None = None,
     backend: str = "faiss",
-    num_classes: int | None = None,
     cache_dir: str | Path | None = None,
     out_json: str | Path | None = None,
     tracker: Any = None,
@@ -198,46 +187,32 @@ def run_knn(
     progress: bool = True,
     accelerator: Any = None,
 ) -> dict[str, Any]:
-    """Extract train/val features of a backbone (an export folder or a module) and run the weighted kNN.
+    """Extract train/val features of a backbone (an export folder or a module) as `spec` says and run the weighted
+    kNN on `data` (the search runs on `spec.device` too).
 
     With an `accelerator` of several processes (the periodic probe of a distributed run) every process extracts its
     share of the shards and all receive the gathered features; each then runs the same search, so all return the
     same result without waiting on one another.
 
-    Image size, mean and std default to the export's `config.json` (ImageNet statistics and 224 for a module);
-    resize/crop default to DINO's 256/224 ratio at that size. Writes the result to `out_json` and logs
-    `knn/top1_k{k}` (and top5) through `tracker.log(values, step=step)` (e.g. an accelerate Accelerator).
+    Writes the result to `out_json` and logs `knn/top1_k{k}` (and top5) through `tracker.log(values, step=step)`
+    (e.g. an accelerate Accelerator).
     """
     from sslpipe.eval.features import extract_train_val, prepare_backbone, report
 
-    model, transform, source = prepare_backbone(backbone, img_size=img_size, resize=resize, crop=crop, mean=mean,
-                                                std=std)
-    train_x, train_y, test_x, test_y = extract_train_val(
-        model, train_spec, val_spec, train_split=train_split, val_split=val_split, max_train=max_train,
-        max_test=max_test, cache_dir=cache_dir, transform=transform, batch_size=batch_size, num_workers=num_workers,
-        device=device, progress=progress, accelerator=accelerator,
-    )
-    result = knn_classify(train_x, train_y, test_x, test_y, k_list, T, num_classes, backend=backend, device=device)
+    model, source = prepare_backbone(backbone, spec)
+    train_x, train_y, test_x, test_y = extract_train_val(model, spec, data, cache_dir=cache_dir, progress=progress,
+                                                         accelerator=accelerator)
+    result = knn_classify(train_x, train_y, test_x, test_y, k_list, T, data.num_classes, backend=backend,
+                          device=spec.device)
     result["backbone"] = source
     report(result, {f"knn/{m}_k{k}": v for k, acc in result["k"].items() for m, v in acc.items()}, out_json,
            tracker, step)
     return result
 
 
-def knn_probe(module: nn.Module, cfg: Any, progress: bool = True, accelerator: Any = None) -> dict[str, Any]:
-    """The periodic kNN of a training run (recipes call it with the teacher backbone and the run's Config, on every
-    process: with several, the extraction is shared out, see `run_knn`).
-
-    Reads `cfg.data.{train, train_split, val, val_split, batch_size, num_workers}`, `cfg.crops.{global_size, mean,
-    std}` and, when present, `cfg.eval.{knn_k, knn_temperature, knn_max_train, knn_max_val}`.
-    """
-    data, crops, ev = cfg.data, cfg.crops, getattr(cfg, "eval", None)
-    return run_knn(
-        module, data.train, data.val, train_split=getattr(data, "train_split", "train"),
-        val_split=getattr(data, "val_split", "val"), k_list=getattr(ev, "knn_k", DEFAULT_K),
-        T=getattr(ev, "knn_temperature", DEFAULT_T), img_size=crops.global_size, mean=crops.mean, std=crops.std,
-        resize=getattr(ev, "resize", None), crop=getattr(ev, "crop", None),
-        batch_size=getattr(data, "batch_size", 256), num_workers=getattr(data, "num_workers", 0),
-        max_train=getattr(ev, "knn_max_train", None), max_test=getattr(ev, "knn_max_val", None), progress=progress,
-        accelerator=accelerator,
-    )
+def knn_probe(module: nn.Module, spec: FeatureSpec, data: ProbeData, *, k_list: Sequence[int] = DEFAULT_K,
+              T: float = DEFAULT_T, accelerator: Any = None, progress: bool = False) -> dict[str, float]:
+    """The periodic kNN of a training run: `run_knn` of the module (the teacher backbone) on every process (with
+    several, the extraction is shared out), returned as the metrics the trainer logs, `knn/top1_k{k}`."""
+    result = run_knn(module, spec, data, k_list=k_list, T=T, progress=progress, accelerator=accelerator)
+    return {f"knn/top1_k{k}": v["top1"] for k, v in result["k"].items()}

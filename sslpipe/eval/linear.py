@@ -1,8 +1,9 @@
 """Linear probe on frozen features (DINO eval_linear.py, SPEC.md §2).
 
 Features: the CLS token of each of the last `n_last_blocks` blocks, each after the final LayerNorm, concatenated
-(DINO: n=4 for ViT-S); CNNs (no class token) use their pooled features. One `nn.Linear` (weight N(0, 0.01), bias 0)
-is trained with SGD (momentum 0.9, weight decay 0, lr = 0.001 * batch / 256) and a per-epoch cosine schedule to 0.
+(DINO: n=4 for ViT-S; `FeatureSpec(pooling="blocks", layers=4)`, `sslpipe.eval.features.LastBlocksCLS`); CNNs (no
+class token) use their pooled features. One `nn.Linear` (weight N(0, 0.01), bias 0) is trained with SGD (momentum
+0.9, weight decay 0, lr = 0.001 * batch / 256) and a per-epoch cosine schedule to 0.
 
 Deviation from DINO, for cost: features are extracted once from the evaluation view (Resize + CenterCrop) and the
 classifier is trained on these cached features, so there is no RandomResizedCrop/flip training augmentation. The
@@ -12,37 +13,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sslpipe.eval.features import extract_train_val, pre_logits, prepare_backbone, report
+from sslpipe.eval.features import extract_train_val, prepare_backbone, report
 
-
-class LastBlocksCLS:
-    """Feature function for `extract_features`: concat of the last `n` blocks' CLS tokens after the final norm.
-
-    timm's `forward_intermediates(norm=True)` applies `model.norm` to every returned block output, as DINO's
-    `get_intermediate_layers` does; `return_prefix_tokens=True` hands back the prefix tokens whose first is CLS.
-    """
-
-    def __init__(self, n: int = 4) -> None:
-        if n < 1:
-            raise ValueError(f"n_last_blocks must be >= 1, got {n}")
-        self.n = n
-
-    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
-        if not (getattr(model, "has_class_token", False) and hasattr(model, "forward_intermediates")):
-            return pre_logits(model, x)
-        blocks = model.forward_intermediates(x, indices=self.n, norm=True, output_fmt="NLC",
-                                             intermediates_only=True, return_prefix_tokens=True)
-        return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=-1)
-
-    def __repr__(self) -> str:
-        return f"LastBlocksCLS(n={self.n})"
+if TYPE_CHECKING:
+    from sslpipe.eval.spec import FeatureSpec, ProbeData
 
 
 @torch.no_grad()
@@ -108,42 +89,27 @@ def train_linear(
 
 def linear_probe(
     backbone: str | Path | nn.Module,
-    train_spec: str | list[str],
-    val_spec: str | list[str],
+    spec: FeatureSpec,
+    data: ProbeData,
     *,
-    train_split: str = "train",
-    val_split: str = "val",
-    n_last_blocks: int = 4,
     epochs: int = 100,
     batch_size: int = 256,
     lr: float | None = None,
-    img_size: int | None = None,
-    resize: int | None = None,
-    crop: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    num_workers: int = 0,
-    device: str | torch.device | None = None,
-    max_train: int | None = None,
-    max_test: int | None = None,
+    seed: int = 0,
     cache_dir: str | Path | None = None,
     out_json: str | Path | None = None,
     tracker: Any = None,
     step: int | None = None,
-    seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Extract last-blocks features once, train the linear layer on them, report val accuracy (JSON + tracker
-    keys `linear/top1`, `linear/top5`)."""
-    model, transform, source = prepare_backbone(backbone, img_size=img_size, resize=resize, crop=crop, mean=mean,
-                                                std=std)
-    train_x, train_y, val_x, val_y = extract_train_val(
-        model, train_spec, val_spec, train_split=train_split, val_split=val_split, max_train=max_train,
-        max_test=max_test, cache_dir=cache_dir, cache_name="linear_", transform=transform, batch_size=256,
-        num_workers=num_workers, device=device, progress=progress, feature_fn=LastBlocksCLS(n_last_blocks),
-    )
-    result = train_linear(train_x, train_y, val_x, val_y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                          device=device, progress=progress)
-    result.update(backbone=source, n_last_blocks=n_last_blocks)
+    """Extract features once as `spec` says (DINO's protocol: `pooling="blocks"`, `layers=4`), train the linear
+    layer on them (`batch_size`, `lr`, `epochs`: the classifier's), report val accuracy (JSON + tracker keys
+    `linear/top1`, `linear/top5`)."""
+    model, source = prepare_backbone(backbone, spec)
+    train_x, train_y, val_x, val_y = extract_train_val(model, spec, data, cache_dir=cache_dir, cache_name="linear_",
+                                                       progress=progress)
+    result = train_linear(train_x, train_y, val_x, val_y, num_classes=data.num_classes, epochs=epochs,
+                          batch_size=batch_size, lr=lr, seed=seed, device=spec.device, progress=progress)
+    result.update(backbone=source, n_last_blocks=spec.layers)
     report(result, {f"linear/{m}": result[m] for m in ("top1", "top5") if m in result}, out_json, tracker, step)
     return result

@@ -25,8 +25,9 @@ import inspect
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,16 @@ from tqdm.auto import tqdm
 from sslpipe.data.dense import DenseTransform, collate_dense
 from sslpipe.data.seg_classes import segmentation_classes
 from sslpipe.data.stream import build_loader
+from sslpipe.eval.features import model_device, prepare_backbone
 from sslpipe.eval.seg_eval import slide_logits
 from sslpipe.eval.segmentation import SegmentationMetric
 
+if TYPE_CHECKING:
+    from sslpipe.eval.spec import FeatureSpec, ProbeData
+
 SLIDE_STRIDE_RATE = 2 / 3
 WARMUP_FRACTION = 1500 / 40000
+IGNORE_INDEX = 255  # the label of unlabelled pixels in segmentation shards
 
 
 class PatchFeatures(nn.Module):
@@ -104,76 +110,48 @@ def probe_lr(step: int, steps: int, lr: float) -> float:
     return regular
 
 
-def _normalisation(backbone: str | Path | nn.Module, mean: Sequence[float] | None,
-                   std: Sequence[float] | None) -> tuple[nn.Module, tuple, tuple, str | None, int]:
-    if isinstance(backbone, nn.Module):
-        if mean is None or std is None:
-            raise ValueError("a module backbone needs mean and std")
-        return backbone, tuple(mean), tuple(std), None, 224
-    from sslpipe.export import load_backbone, read_export_config
-
-    cfg = read_export_config(backbone)
-    model = load_backbone(backbone)
-    return model, tuple(mean or cfg["mean"]), tuple(std or cfg["std"]), str(backbone), int(cfg["img_size"])
-
-
-def _fit_input_size(model: nn.Module, size: int) -> None:
-    """A ViT exported at another size runs on `size` crops: timm resamples its position embedding (bicubic)."""
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is None or not hasattr(model, "set_input_size"):
-        return
-    if tuple(patch_embed.img_size) != (size, size):
-        model.set_input_size(img_size=(size, size))
-
-
 def linear_seg_probe(
     backbone: str | Path | nn.Module,
-    data: str,
+    spec: FeatureSpec,
+    data: ProbeData,
     *,
-    val: str | None = None,
-    train_split: str = "train",
-    val_split: str = "val",
-    size: int | None = None,
-    layers: int = 1,
     steps: int = 1000,
     batch_size: int = 16,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     scale_range: tuple[float, float] = (0.5, 2.0),
-    num_classes: int | None = None,
-    ignore_index: int = 255,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    num_workers: int = 0,
-    max_val: int | None = None,
-    device: str | torch.device | None = None,
     seed: int = 0,
     out_json: str | Path | None = None,
     keep_samples: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train the linear head on the frozen backbone for `steps` batches of `data` (split `train_split`), evaluate on
-    `val` (default: `data`, split `val_split`); returns (and writes to `out_json`) mIoU, pixel accuracy, IoU per
-    class, the constant-prediction baseline and the settings. `size`: training crop and evaluation window (default:
-    the export's image size). `keep_samples`: the first val images with their labels and predictions, returned
-    under `samples` (not written to the JSON) for `sslpipe.viz.overlays.save_semantic_samples`."""
+    """Train the linear head on the frozen backbone for `steps` batches of `batch_size` crops of the train split
+    (scale jitter in `scale_range`), evaluate on the val split; returns (and writes to `out_json`) mIoU, pixel
+    accuracy, IoU per class, the constant-prediction baseline and the settings. From `spec` (`pooling="patch"`): the
+    training crop and evaluation window `spec.input_size` (an export's own image size unless overridden), `mean` /
+    `std`, `layers`, `num_workers` (training stream) and `device`. `keep_samples`: the first val images with their
+    labels and predictions, returned under `samples` (not written to the JSON) for
+    `sslpipe.viz.overlays.save_semantic_samples`."""
+    if spec.pooling != "patch":
+        raise ValueError(f"the linear segmentation probe reads patch tokens: FeatureSpec(pooling='patch'), "
+                         f"got pooling={spec.pooling!r}")
     start = time.perf_counter()
-    val = val or data
-    names = segmentation_classes(data, num_classes, "--num-classes", val=val, ignore_index=ignore_index,
-                                 verbose=progress)
-    model, mean, std, source, export_size = _normalisation(backbone, mean, std)
-    size = int(size or export_size)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = segmentation_classes(data.train, data.num_classes, "--num-classes", val=data.val,
+                                 ignore_index=IGNORE_INDEX, verbose=progress)
+    model, source = prepare_backbone(backbone, spec)
+    size = spec.input_size
+    dev = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
-    _fit_input_size(model, size)
-    features = PatchFeatures(model, layers).to(dev)
+    features = PatchFeatures(model, spec.layers).to(dev)
     head = LinearSegHead(features.channels(size), len(names)).to(dev)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
 
-    transform = DenseTransform(size, scale_range, 0.5, mean, std, ignore_index, train=True)
-    loader = build_loader(data, split=train_split, sample_fn=transform, collate_fn=collate_dense,
-                          batch_size=batch_size, num_workers=num_workers, seed=seed, shuffle=True,
-                          resampled=True, num_batches=steps)
+    transform = DenseTransform(size, scale_range, 0.5, spec.mean, spec.std, IGNORE_INDEX, train=True)
+    # every training crop is `size` x `size` already; collate_dense's default padding to a multiple of 32 would hand
+    # a 28 px ViT 32 px images (and shift the logits against the labels)
+    loader = build_loader(data.train, split=data.train_split, sample_fn=transform,
+                          collate_fn=partial(collate_dense, pad_to=size), batch_size=batch_size,
+                          num_workers=spec.num_workers, seed=seed, shuffle=True, resampled=True, num_batches=steps)
     head.train()
     losses: list[float] = []
     bar = tqdm(loader, total=steps, desc="linear-seg train", unit="step", disable=not progress)
@@ -183,7 +161,7 @@ def linear_seg_probe(
         images = batch["images"].to(dev)
         labels = torch.stack(batch["seg"]).to(dev)
         logits = F.interpolate(head(features(images)), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits, labels, ignore_index=ignore_index)
+        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -192,11 +170,10 @@ def linear_seg_probe(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     train_s = time.perf_counter() - start
 
-    result = evaluate_linear_seg(features, head, val, val_split, size=size, names=names, mean=mean, std=std,
-                                 ignore_index=ignore_index, max_images=max_val, device=dev,
-                                 keep_samples=keep_samples, progress=progress)
-    result.update(backbone=source, data=str(data), val=str(val), size=size, layers=layers, steps=steps,
-                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+    result = evaluate_linear_seg(features, head, spec, data, names=names, keep_samples=keep_samples,
+                                 progress=progress)
+    result.update(backbone=source, data=str(data.train), val=str(data.val), size=size, layers=spec.layers,
+                  steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                   final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])), train_seconds=round(train_s, 1),
                   seconds=round(time.perf_counter() - start, 1))
     if out_json:
@@ -207,18 +184,17 @@ def linear_seg_probe(
 
 
 @torch.no_grad()
-def evaluate_linear_seg(features: PatchFeatures, head: LinearSegHead, val: str, split: str, *, size: int,
-                        names: list[str], mean: Sequence[float], std: Sequence[float], ignore_index: int = 255,
-                        max_images: int | None = None, device: torch.device | str = "cpu",
-                        keep_samples: int = 0, progress: bool = True) -> dict[str, Any]:
-    """mIoU of the probe on the val split by sliding `size` windows; `baseline` = the same metrics for a constant
-    prediction of the most frequent val class; `samples` = (uint8 image, label, prediction) of the first
-    `keep_samples` val images."""
+def evaluate_linear_seg(features: PatchFeatures, head: LinearSegHead, spec: FeatureSpec, data: ProbeData, *,
+                        names: list[str], keep_samples: int = 0, progress: bool = True) -> dict[str, Any]:
+    """mIoU of the probe on the val split of `data` (its first `max_val` images) by sliding `spec.input_size`
+    windows, on the head's device; `baseline` = the same metrics for a constant prediction of the most frequent val
+    class; `samples` = (uint8 image, label, prediction) of the first `keep_samples` val images."""
+    size, max_images, device = spec.input_size, data.max_val, model_device(head)
     head.eval()
-    transform = DenseTransform(size, (1.0, 1.0), 0.0, mean, std, ignore_index, train=False)
-    loader = build_loader(val, split=split, sample_fn=transform, collate_fn=collate_dense, batch_size=8,
-                          num_workers=0, shuffle=False, drop_last=False)
-    metric = SegmentationMetric(len(names), ignore_index, names)
+    transform = DenseTransform(size, (1.0, 1.0), 0.0, spec.mean, spec.std, IGNORE_INDEX, train=False)
+    loader = build_loader(data.val, split=data.val_split, sample_fn=transform, collate_fn=collate_dense,
+                          batch_size=8, num_workers=0, shuffle=False, drop_last=False)
+    metric = SegmentationMetric(len(names), IGNORE_INDEX, names)
     counts = torch.zeros(len(names), dtype=torch.long)
     targets_all, rows = [], []
     seen = 0
@@ -238,14 +214,14 @@ def evaluate_linear_seg(features: PatchFeatures, head: LinearSegHead, val: str, 
                 logits = F.interpolate(logits, size=tuple(seg.shape), mode="bilinear", align_corners=False)
             pred = logits.argmax(1)[0].cpu()
             metric.update(pred[None], seg[None])
-            counts += torch.bincount(seg[seg != ignore_index].flatten(), minlength=len(names))[: len(names)]
+            counts += torch.bincount(seg[seg != IGNORE_INDEX].flatten(), minlength=len(names))[: len(names)]
             targets_all.append(seg)
             if len(rows) < keep_samples:
-                rows.append((_to_uint8(image[0].cpu(), tuple(seg.shape), mean, std), seg, pred))
+                rows.append((_to_uint8(image[0].cpu(), tuple(seg.shape), spec.mean, spec.std), seg, pred))
             seen += 1
     result = metric.compute()
     majority = int(counts.argmax())
-    constant = SegmentationMetric(len(names), ignore_index, names)
+    constant = SegmentationMetric(len(names), IGNORE_INDEX, names)
     for seg in targets_all:
         constant.update(torch.full_like(seg, majority)[None], seg[None])
     base = constant.compute()

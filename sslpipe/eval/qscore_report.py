@@ -20,8 +20,9 @@ with the positive class = correctly classified (the paper's convention for its A
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from torch import Tensor
 from sslpipe.eval.qscore import (DEFAULT_EPS, DEFAULT_ETA, DEFAULT_PERCENTILES, activation_rates, batch_summary,
                                  eps_for_coverage, qscore_metrics)
 
+if TYPE_CHECKING:
+    from sslpipe.eval.spec import FeatureSpec, ProbeData
+
 DIRECTIONS: dict[str, str] = {
     "q_v1": "low", "q_v2": "low", "z": "low", "sparsity": "low", "l1": "high", "mean": "high", "std": "low",
 }
@@ -37,6 +41,36 @@ DEFAULT_BOOTSTRAP = 1000  # resamples for the intervals
 DEFAULT_CI = 0.95
 DEFAULT_V2_COVERAGE = 0.5  # v2's eps lowered from eps (4) until half the samples have L_i ∩ D non-empty
 DEFAULT_MIN_VARYING = 0.01  # a score is degenerate when fewer than 1% of the samples differ from its modal value
+
+
+@dataclass(frozen=True)
+class QScoreSettings:
+    """How the report scores the metrics, one value per `sslpipe qscore` flag: the kNN whose mistakes are to be
+    flagged (`k`, temperature `T`, `backend`), the metric options (`sslpipe.eval.qscore`: `eta`, `eps` (v2's eps, or
+    its ceiling when `v2_coverage` lowers it), `percentiles`, `l2_normalize`, `sparsity_abs`, `v2_standardize`:
+    q_v2 in units of each row's std), `rates_from` ("val": the scored samples, or "train": the reference set of the
+    v2 activation rates) and the bootstrap / degeneracy rules (`n_boot`, `ci`, `seed`, `min_varying`)."""
+
+    k: int = 20
+    T: float = 0.07
+    backend: str = "faiss"
+    eta: float = DEFAULT_ETA
+    eps: float = DEFAULT_EPS
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+    l2_normalize: bool = True
+    sparsity_abs: bool = False
+    rates_from: str = "val"
+    v2_coverage: float | None = DEFAULT_V2_COVERAGE
+    v2_standardize: bool = True
+    n_boot: int = DEFAULT_BOOTSTRAP
+    ci: float = DEFAULT_CI
+    seed: int = 0
+    min_varying: float = DEFAULT_MIN_VARYING
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "percentiles", tuple(self.percentiles))
+        if self.rates_from not in ("val", "train"):
+            raise ValueError(f"rates_from must be 'val' or 'train', got {self.rates_from!r}")
 
 
 def is_degenerate(values: np.ndarray, min_varying: float = DEFAULT_MIN_VARYING) -> bool:
@@ -198,34 +232,28 @@ def plot_distributions(metrics: dict[str, Tensor], wrong: Tensor, scores: dict[s
 
 
 def qscore_from_features(
-    train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, *, k: int = 20, T: float = 0.07,
-    eta: float = DEFAULT_ETA, eps: float = DEFAULT_EPS, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
-    l2_normalize: bool = True, sparsity_abs: bool = False, rates_from: str = "val", num_classes: int | None = None,
-    v2_coverage: float | None = DEFAULT_V2_COVERAGE, v2_standardize: bool = True, n_boot: int = DEFAULT_BOOTSTRAP,
-    ci: float = DEFAULT_CI, seed: int = 0, min_varying: float = DEFAULT_MIN_VARYING,
-    backend: str = "faiss", device: str | torch.device | None = None,
+    train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, settings: QScoreSettings = QScoreSettings(), *,
+    num_classes: int | None = None, device: str | torch.device | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor], Tensor]:
     """The report on given features: (result dict, per-sample val metrics, bool `wrong` per val sample).
 
-    `rates_from`: the reference set of the v2 activation rates A_j, "val" (the scored samples) or "train".
-    `v2_coverage`: v2's eps is `eps_for_coverage(reference set, v2_coverage, eps_max=eps)` (None: `eps` as given);
-    the eps used is `settings.eps`. `v2_standardize`: q_v2 in units of each row's std."""
+    v2's eps is `eps_for_coverage(reference set, settings.v2_coverage, eps_max=settings.eps)` (`v2_coverage` None:
+    `eps` as given); the eps used is the result's `settings.eps`. The kNN search runs on `device`."""
     from sslpipe.eval.knn import knn_classify
 
-    if rates_from not in ("val", "train"):
-        raise ValueError(f"rates_from must be 'val' or 'train', got {rates_from!r}")
-    knn = knn_classify(train_x, train_y, val_x, val_y, [k], T, num_classes, backend=backend, device=device,
+    s = settings
+    knn = knn_classify(train_x, train_y, val_x, val_y, [s.k], s.T, num_classes, backend=s.backend, device=device,
                        return_predictions=True)
-    wrong = knn["predictions"][k].cpu() != val_y.long().cpu()
-    reference = train_x if rates_from == "train" else val_x
-    eps_used = eps if v2_coverage is None else eps_for_coverage(reference.float(), v2_coverage, eps_max=eps,
-                                                                percentiles=percentiles)
-    rates = activation_rates(train_x.float(), eps_used) if rates_from == "train" else None
-    settings = dict(eta=eta, eps=eps_used, percentiles=tuple(percentiles), l2_normalize=l2_normalize,
-                    sparsity_abs=sparsity_abs, rates=rates, standardize=v2_standardize)
-    metrics = {name: v.cpu() for name, v in qscore_metrics(val_x.float(), **settings).items()}
+    wrong = knn["predictions"][s.k].cpu() != val_y.long().cpu()
+    reference = train_x if s.rates_from == "train" else val_x
+    eps_used = s.eps if s.v2_coverage is None else eps_for_coverage(reference.float(), s.v2_coverage, eps_max=s.eps,
+                                                                    percentiles=s.percentiles)
+    rates = activation_rates(train_x.float(), eps_used) if s.rates_from == "train" else None
+    metric_args = dict(eta=s.eta, eps=eps_used, percentiles=s.percentiles, l2_normalize=s.l2_normalize,
+                       sparsity_abs=s.sparsity_abs, rates=rates, standardize=s.v2_standardize)
+    metrics = {name: v.cpu() for name, v in qscore_metrics(val_x.float(), **metric_args).items()}
     cover = coverage(metrics)
-    boot = dict(n_boot=n_boot, ci=ci, seed=seed, min_varying=min_varying)
+    boot = dict(n_boot=s.n_boot, ci=s.ci, seed=s.seed, min_varying=s.min_varying)
     scores = {name: detection_scores(metrics[name], wrong, direction, **boot) for name, direction in DIRECTIONS.items()}
     for name in ("q_v1", "q_v2"):
         scores[name]["coverage"] = cover[name]
@@ -234,49 +262,23 @@ def qscore_from_features(
         scores["q_v2"]["on_covered"] = detection_scores(metrics["q_v2"][covered], wrong[covered], DIRECTIONS["q_v2"],
                                                         **boot)
     result = {
-        "knn": {"k": k, "T": T, "top1": knn["k"][k]["top1"], "backend": knn["backend"]},
+        "knn": {"k": s.k, "T": s.T, "top1": knn["k"][s.k]["top1"], "backend": knn["backend"]},
         "n_train": int(len(train_x)), "n_val": int(len(val_x)), "n_wrong": int(wrong.sum()),
         "error_rate": float(wrong.float().mean()), "feature_dim": int(val_x.shape[1]),
-        "settings": {**{k_: v for k_, v in settings.items() if k_ != "rates"}, "percentiles": list(percentiles),
-                     "rates_from": rates_from, "eps_max": eps, "v2_coverage": v2_coverage, "n_boot": n_boot,
-                     "ci": ci, "seed": seed, "min_varying": min_varying},
-        "coverage": cover, "scores": scores, "summary": batch_summary(val_x.float(), **settings),
+        "settings": {**{k_: v for k_, v in metric_args.items() if k_ != "rates"}, "percentiles": list(s.percentiles),
+                     "rates_from": s.rates_from, "eps_max": s.eps, "v2_coverage": s.v2_coverage, "n_boot": s.n_boot,
+                     "ci": s.ci, "seed": s.seed, "min_varying": s.min_varying},
+        "coverage": cover, "scores": scores, "summary": batch_summary(val_x.float(), **metric_args),
     }
     return result, metrics, wrong
 
 
 def qscore_report(
     backbone: str | Path | torch.nn.Module,
-    train_spec: str | list[str],
-    val_spec: str | list[str],
+    spec: FeatureSpec,
+    data: ProbeData,
+    settings: QScoreSettings = QScoreSettings(),
     *,
-    train_split: str = "train",
-    val_split: str = "val",
-    k: int = 20,
-    T: float = 0.07,
-    eta: float = DEFAULT_ETA,
-    eps: float = DEFAULT_EPS,
-    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
-    l2_normalize: bool = True,
-    sparsity_abs: bool = False,
-    rates_from: str = "val",
-    v2_coverage: float | None = DEFAULT_V2_COVERAGE,
-    v2_standardize: bool = True,
-    n_boot: int = DEFAULT_BOOTSTRAP,
-    ci: float = DEFAULT_CI,
-    seed: int = 0,
-    min_varying: float = DEFAULT_MIN_VARYING,
-    img_size: int | None = None,
-    resize: int | None = None,
-    crop: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    device: str | torch.device | None = None,
-    max_train: int | None = None,
-    max_test: int | None = None,
-    backend: str = "faiss",
     cache_dir: str | Path | None = None,
     out_json: str | Path | None = None,
     out_png: str | Path | None = None,
@@ -284,32 +286,22 @@ def qscore_report(
     step: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Extract features of a backbone (an export folder or a module), run the kNN probe and score every Q-score
-    metric as a misclassification detector (pre-registered direction, bootstrap intervals, coverage; degenerate
-    scores get no AUROC). Writes `out_json` and the histogram PNG `out_png` (default: next to
-    the JSON, same name .png) and logs `qscore/<metric>/auroc|auprc`, `qscore/coverage/<version>` and
-    `qscore/knn_top1` through
-    `tracker.log(values, step=step)` (e.g. an accelerate Accelerator)."""
+    """Extract features of a backbone (an export folder or a module) as `spec` says, run the kNN probe and score
+    every Q-score metric as a misclassification detector (pre-registered direction, bootstrap intervals, coverage;
+    degenerate scores get no AUROC). Writes `out_json` and the histogram PNG `out_png` (default: next to the JSON,
+    same name .png) and logs `qscore/<metric>/auroc|auprc`, `qscore/coverage/<version>` and `qscore/knn_top1`
+    through `tracker.log(values, step=step)` (e.g. an accelerate Accelerator)."""
     from sslpipe.eval.features import extract_train_val, prepare_backbone, report
 
-    model, transform, source = prepare_backbone(backbone, img_size=img_size, resize=resize, crop=crop, mean=mean,
-                                                std=std)
-    train_x, train_y, val_x, val_y = extract_train_val(
-        model, train_spec, val_spec, train_split=train_split, val_split=val_split, max_train=max_train,
-        max_test=max_test, cache_dir=cache_dir, transform=transform, batch_size=batch_size, num_workers=num_workers,
-        device=device, progress=progress,
-    )
-    result, metrics, wrong = qscore_from_features(
-        train_x, train_y, val_x, val_y, k=k, T=T, eta=eta, eps=eps, percentiles=percentiles,
-        l2_normalize=l2_normalize, sparsity_abs=sparsity_abs, rates_from=rates_from, v2_coverage=v2_coverage,
-        v2_standardize=v2_standardize, n_boot=n_boot, ci=ci, seed=seed,
-        min_varying=min_varying, backend=backend, device=device,
-    )
+    model, source = prepare_backbone(backbone, spec)
+    train_x, train_y, val_x, val_y = extract_train_val(model, spec, data, cache_dir=cache_dir, progress=progress)
+    result, metrics, wrong = qscore_from_features(train_x, train_y, val_x, val_y, settings,
+                                                  num_classes=data.num_classes, device=spec.device)
     result["backbone"] = source
     if out_png is None and out_json is not None:
         out_png = Path(out_json).with_suffix(".png")
     if out_png is not None:
-        title = f"{source or type(model).__name__}: kNN k={k} top-1 {result['knn']['top1']:.4f}"
+        title = f"{source or type(model).__name__}: kNN k={settings.k} top-1 {result['knn']['top1']:.4f}"
         result["plot"] = str(plot_distributions(metrics, wrong, result["scores"], out_png, title=title))
     values = {"qscore/knn_top1": result["knn"]["top1"],
               **{f"qscore/coverage/{name}": v for name, v in result["coverage"].items()}}

@@ -34,7 +34,7 @@ Written here because no library ships it; the choices above are ours (the paper'
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -43,56 +43,57 @@ from sslpipe.eval.qscore import TINY, eps_for_coverage, q_v1, q_v2, v1_input
 
 
 class QScoreRegularizer(nn.Module):
-    """`QScoreRegularizer(cfg.qscore)(features (M, l)) -> (term, metrics)`; add `term` to the SSL loss.
+    """`QScoreRegularizer(...)(features (M, l)) -> (term, metrics)`; add `term` to the SSL loss.
 
-    `cfg` is a `sslpipe.config.QScoreConfig` (or a mapping / keyword overrides of its fields). `enabled` is not
-    looked at here: a recipe builds the regulariser only when `cfg.qscore.enabled` (see `build_qscore`).
-    Metrics (0-d detached tensors): `qscore/term` = `qscore/sample_term` + `qscore/col_term` (each with its lambda,
-    so their balance shows in the logs), `qscore/q_mean`, `qscore/low_frac` (share of rows with Q_i < alpha),
-    `qscore/col_high_frac` (share of columns over beta), `qscore/alpha`, `qscore/beta`.
+    Arguments (the recipe's `qscore` section; defaults ours, see the module docstring): `version` v1 or v2,
+    `reduction` balanced or sum, `lambda1` / `lambda2` the weights of the sample and column terms, `alpha` / `beta`
+    the thresholds (None: batch means), v2's `eps`, `percentiles`, `v2_coverage` and `standardize`, v1's
+    `l2_normalize`. Metrics (0-d detached tensors): `qscore/term` = `qscore/sample_term` + `qscore/col_term` (each
+    with its lambda, so their balance shows in the logs), `qscore/q_mean`, `qscore/low_frac` (share of rows with
+    Q_i < alpha), `qscore/col_high_frac` (share of columns over beta), `qscore/alpha`, `qscore/beta`.
     """
 
-    def __init__(self, cfg: Any = None, **overrides: Any) -> None:
+    def __init__(self, *, version: Literal["v1", "v2"] = "v2", reduction: Literal["balanced", "sum"] = "balanced",
+                 lambda1: float = 0.1, lambda2: float = 0.1, alpha: float | None = None, beta: float | None = None,
+                 eps: float = 4.0, percentiles: tuple[float, float] = (50.0, 95.0), v2_coverage: float | None = 0.5,
+                 standardize: bool = True, l2_normalize: bool = True) -> None:
         super().__init__()
-        from sslpipe.config import QScoreConfig
-
-        if cfg is None:
-            cfg = QScoreConfig()
-        elif isinstance(cfg, Mapping):
-            cfg = QScoreConfig(**cfg)
-        self.cfg = QScoreConfig.model_validate({**cfg.model_dump(), **overrides}) if overrides else cfg
+        if version not in ("v1", "v2") or reduction not in ("balanced", "sum"):
+            raise ValueError(f"QScoreRegularizer: version must be v1 or v2 and reduction balanced or sum, got "
+                             f"{version!r} and {reduction!r}")
+        self.version, self.reduction = version, reduction
+        self.lambda1, self.lambda2, self.alpha, self.beta = lambda1, lambda2, alpha, beta
+        self.eps, self.percentiles, self.v2_coverage = eps, tuple(percentiles), v2_coverage
+        self.standardize, self.l2_normalize = standardize, l2_normalize
 
     def q_input(self, h: Tensor) -> Tensor:
         """The matrix Q is computed on, and the column norms too: v1's h' (L2-normalised rows when
         `l2_normalize`), v2's raw h."""
-        return v1_input(h, self.cfg.l2_normalize) if self.cfg.version == "v1" else h
+        return v1_input(h, self.l2_normalize) if self.version == "v1" else h
 
     def q_scores(self, h: Tensor) -> Tensor:
         """Per-row Q-score (M,) the term acts on, differentiable in h (v2 with the fallback for empty selections)."""
-        c = self.cfg
-        if c.version == "v1":
-            return q_v1(h, l2_normalize=c.l2_normalize)
-        return q_v2(h, eps=self.v2_eps(h), percentiles=tuple(c.percentiles), standardize=c.standardize, fallback=True)
+        if self.version == "v1":
+            return q_v1(h, l2_normalize=self.l2_normalize)
+        return q_v2(h, eps=self.v2_eps(h), percentiles=self.percentiles, standardize=self.standardize, fallback=True)
 
     def v2_eps(self, h: Tensor) -> float:
         """v2's eps on this batch: `eps`, lowered by `eps_for_coverage` when `v2_coverage` is set."""
-        c = self.cfg
-        if c.v2_coverage is None:
-            return c.eps
-        return eps_for_coverage(h, c.v2_coverage, eps_max=c.eps, percentiles=tuple(c.percentiles))
+        if self.v2_coverage is None:
+            return self.eps
+        return eps_for_coverage(h, self.v2_coverage, eps_max=self.eps, percentiles=self.percentiles)
 
     def forward(self, features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         if features.ndim != 2:
             raise ValueError(f"QScoreRegularizer expects batch features of shape (M, l), got {tuple(features.shape)}")
-        c = self.cfg
         h = features.float()
         q = self.q_scores(h)
-        alpha = q.detach().mean() if c.alpha is None else torch.as_tensor(c.alpha, device=h.device)
+        alpha = q.detach().mean() if self.alpha is None else torch.as_tensor(self.alpha, device=h.device)
         low = q.detach() < alpha
         col = self.q_input(h).abs().sum(dim=0)
-        beta = col.detach().mean() if c.beta is None else torch.as_tensor(c.beta, device=h.device)
+        beta = col.detach().mean() if self.beta is None else torch.as_tensor(self.beta, device=h.device)
         high = col.detach() > beta
-        if c.reduction == "sum":
+        if self.reduction == "sum":
             sample_term = -(q * low).sum()
             col_term = (col * high).sum()
         else:
@@ -100,17 +101,11 @@ class QScoreRegularizer(nn.Module):
             col_scale = col.detach().mean().clamp_min(TINY)
             sample_term = ((alpha - q) * low).sum() / low.sum().clamp_min(1) / q_scale
             col_term = ((col - beta) * high).sum() / high.sum().clamp_min(1) / col_scale
-        term = c.lambda1 * sample_term + c.lambda2 * col_term
+        term = self.lambda1 * sample_term + self.lambda2 * col_term
         metrics = {
-            "qscore/term": term.detach(), "qscore/sample_term": (c.lambda1 * sample_term).detach(),
-            "qscore/col_term": (c.lambda2 * col_term).detach(), "qscore/q_mean": q.detach().mean(),
+            "qscore/term": term.detach(), "qscore/sample_term": (self.lambda1 * sample_term).detach(),
+            "qscore/col_term": (self.lambda2 * col_term).detach(), "qscore/q_mean": q.detach().mean(),
             "qscore/low_frac": low.float().mean(), "qscore/col_high_frac": high.float().mean(),
             "qscore/alpha": alpha.detach().float(), "qscore/beta": beta.detach().float(),
         }
         return term, metrics
-
-
-def build_qscore(cfg: Any) -> QScoreRegularizer | None:
-    """The regulariser of a recipe's `Config` (its `qscore` section), or None when `qscore.enabled` is false."""
-    section = getattr(cfg, "qscore", cfg)
-    return QScoreRegularizer(section) if section.enabled else None

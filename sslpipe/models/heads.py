@@ -109,3 +109,11 @@ class IBOTHead(nn.Module):
         patch_logits = selected.new_zeros(*patch_mask.shape, selected.shape[-1])
         patch_logits[patch_mask] = selected
         return cls_logits, patch_logits
+
+
+def cancel_last_layer_gradients(module: nn.Module) -> None:
+    """DINO `cancel_gradients_last_layer`: drop the gradients of parameters named *last_layer* (the heads' last
+    layer is frozen for the first `freeze_last_layer_epochs`, which stabilises the start of training)."""
+    for name, param in module.named_parameters():
+        if "last_layer" in name:
+            param.grad = None

@@ -3,23 +3,30 @@
 The trainer owns devices, mixed precision, the optimizer, schedules, gradient clipping, checkpoints and logging; a
 recipe owns models, losses, data and what one step computes. A recipe never calls `backward` or `optimizer.step`.
 
+A recipe declares its settings beside itself: `config_section` (a `sslpipe.config.Section`), read under the key
+`config_key` (the method's name), and `unread`, the core keys it does not read (refused in a recipe, with why). A
+run's schema is the core plus that one section (`sslpipe.recipes.registry`).
+
 Order of calls made by `sslpipe.engine.trainer.train`:
 1. `Recipe(cfg)`; 2. `build(accelerator)`; 3. `param_groups()` -> optimizer;
 4. the trainer prepares `student` with Accelerate and assigns the prepared (possibly DDP-wrapped) module back to
    `recipe.student`: use `accelerator.unwrap_model(self.student)` when you need parameter names (EMA, export);
-5. on resume: `load_extra_state(...)`; 6. per epoch `train_loader(epoch, rank, world_size)`; per batch
-   `step(batch, sched)` under `accelerator.autocast()`; after every optimizer step `after_optimizer_step(sched)`;
-7. every `eval.knn_every_epochs` epochs `evaluate(epoch)`; at each checkpoint `extra_state()`.
+5. on resume: `load_extra_state(...)`; 6. per epoch `train_loader(epoch, rank, world_size)`; per iteration
+   `schedule(...)` joins the trainer's lr and weight decay in `sched`; per batch `step(batch, sched)` under
+   `accelerator.autocast()`; after clipping `before_optimizer_step(sched)`; after every optimizer step
+   `after_optimizer_step(sched)`;
+7. every `eval.every_epochs` epochs `evaluate(epoch)`; at each checkpoint `extra_state()`.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from sslpipe.config import Section
 from sslpipe.data.stream import batches_per_epoch
 
 
@@ -27,6 +34,9 @@ class Recipe(ABC):
     """One training method. Subclasses get the validated `Config` and must be deterministic given `cfg.seed`."""
 
     student: nn.Module
+    config_key: ClassVar[str | None] = None  # the method's section in a recipe, e.g. `dino`
+    config_section: ClassVar[type[Section] | None] = None
+    unread: ClassVar[dict[str, str]] = {}  # dotted core keys this method does not read -> why (or what instead)
     # DDP: True when some parameters may get no gradient in a step (Mask R-CNN's mask head in a step without a
     # positive proposal); costs an extra graph traversal per step, so only such recipes set it.
     ddp_find_unused_parameters: bool = False
@@ -51,6 +61,11 @@ class Recipe(ABC):
         loader of the interrupted epoch and drops the batches already consumed. It must yield at least
         `steps_per_epoch(world_size)` batches, the same number on every rank."""
 
+    @property
+    def section(self) -> Any:
+        """This method's own section of the config (`cfg.<config_key>`)."""
+        return getattr(self.cfg, self.config_key)
+
     def steps_per_epoch(self, world_size: int) -> int:
         """Batches per epoch per rank (optimizer steps = this // train.grad_accum_steps); by default
         data.steps_per_epoch, else data.train's manifest count over the global batch."""
@@ -60,8 +75,16 @@ class Recipe(ABC):
     @abstractmethod
     def step(self, batch: Any, sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         """Forward pass of one batch: returns the scalar loss to back-propagate and metrics to log (floats or 0-d
-        tensors). `sched` holds lr, weight_decay, momentum, teacher_temp, teacher_patch_temp, epoch, it. Update
+        tensors). `sched` holds lr, weight_decay, epoch, it and this recipe's `schedule` values. Update
         non-gradient state that depends on this batch (e.g. centres) here."""
+
+    def schedule(self, it: int, steps_per_epoch: int, total: int) -> dict[str, float]:
+        """This method's per-iteration values at iteration `it` of `total` (EMA momentum, teacher temperatures),
+        merged into the `sched` that `step` receives and logged; none by default."""
+        return {}
+
+    def before_optimizer_step(self, sched: dict[str, float]) -> None:
+        """Called after the gradients are clipped, before the optimizer steps (DINO's last-layer freeze)."""
 
     @abstractmethod
     def after_optimizer_step(self, sched: dict[str, float]) -> None:
@@ -81,7 +104,7 @@ class Recipe(ABC):
         """The plain backbone (a timm model) of the teacher or the student, for export and kNN probes."""
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """Optional periodic evaluation (called on every process after epoch `epoch` when eval.knn_every_epochs > 0);
+        """Optional periodic evaluation (called on every process after epoch `epoch` when eval.every_epochs > 0);
         returns metrics to log, e.g. {'knn/top1_k20': 71.3}."""
         return {}
 

@@ -1,8 +1,9 @@
-"""DINO: self-distillation with no labels (Caron et al., ICCV 2021), SPEC.md §2.
+"""DINO: self-distillation with no labels (Caron et al., ICCV 2021), docs/methods.md §2.
 
 Student = backbone + DINO head on every crop; teacher = EMA of the student on the global crops only, with centring
 and sharpening of its outputs (see `sslpipe.losses.dino`). Any timm backbone works: ViTs give their CLS token after
-the final norm, CNNs their pooled features.
+the final norm, CNNs their pooled features. Settings: the `dino` section, a `TeacherStudentConfig`
+(`sslpipe.recipes.sections`; DINO's published values in recipes/dino_vit_small.yaml).
 """
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from sslpipe.models.backbones import (MaskedViT, backbone_embed_dim, create_back
                                      sync_batchnorm)
 from sslpipe.models.heads import DINOHead
 from sslpipe.recipes.multicrop import MultiCropRecipe
+from sslpipe.recipes.sections import TeacherStudentConfig
+
+
+class DINOConfig(TeacherStudentConfig):
+    """`dino:` in a recipe: head, teacher sharpening and centring, EMA momentum, last-layer freeze, Q-score."""
 
 
 class DINONet(nn.Module):
@@ -40,9 +46,11 @@ class DINORecipe(MultiCropRecipe):
     """The DINO recipe: `method: dino` in a YAML recipe."""
 
     uses_masks = False
+    config_key = "dino"
+    config_section = DINOConfig
 
     def build_net(self, drop_path_rate: float) -> DINONet:
-        m, h = self.cfg.model, self.cfg.head
+        m, h = self.cfg.model, self.section.head
         backbone = create_backbone(
             m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
             drop_path_rate=drop_path_rate, **m.kwargs,
@@ -67,8 +75,9 @@ class DINORecipe(MultiCropRecipe):
         self.teacher = sync_batchnorm(self.teacher, **sync)
         self.teacher.requires_grad_(False)
         self.teacher.to(accelerator.device)
-        self.loss = DINOLoss(self.cfg.head.out_dim, student_temp=self.cfg.loss.student_temp,
-                             center_momentum=self.cfg.loss.center_momentum).to(accelerator.device)
+        h, lo = self.section.head, self.section.loss
+        self.loss = DINOLoss(h.out_dim, student_temp=lo.student_temp,
+                             center_momentum=lo.center_momentum).to(accelerator.device)
         self.compile_backbones(self.student, self.teacher)
 
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -84,7 +93,7 @@ class DINORecipe(MultiCropRecipe):
             metrics |= health_metrics(
                 teacher_cls=teacher_out.float(), student_cls=student_out[: global_crops.shape[0]].detach().float(),
                 center=self.loss.center, teacher_temp=sched["teacher_temp"],
-                student_temp=self.cfg.loss.student_temp,
+                student_temp=self.section.loss.student_temp,
             )
             metrics |= embedding_health(teacher=teacher_feats, student=student_feats.detach())
         self.loss.update_center(teacher_out)

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from timm.layers import DropPath
 from torch import nn
 
@@ -41,6 +42,63 @@ from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.models.backbones import MaskedViT, create_backbone
 from sslpipe.models.heads import DINOHead
 from sslpipe.recipes.multicrop import MultiCropRecipe
+from sslpipe.recipes.sections import HeadConfig, TeacherLossConfig, TeacherStudentConfig
+
+
+class DINOv2HeadConfig(HeadConfig):
+    """The CLS head's sizes plus the patch head's prototypes."""
+
+    patch_out_dim: int = 8192
+
+
+class DINOv2LossConfig(TeacherLossConfig):
+    """Plus the patch centre's momentum (softmax centering)."""
+
+    center_momentum2: float = 0.9
+
+
+class DINOv2Config(TeacherStudentConfig):
+    """DINOv2 (`method: dinov2`, sslpipe/recipes/dinov2.py): what DINOv2 adds to DINO + iBOT. Defaults are
+    facebookresearch/dinov2 dinov2/configs/ssl_default_config.yaml with the method switches of its train configs
+    (train/vitl14.yaml, vitg14.yaml: separate heads, Sinkhorn-Knopp centering).
+
+    The CLS head is `dinov2.head` (out_dim = `dino.head_n_prototypes`); the patch head has `head.patch_out_dim`
+    prototypes and, where the `ibot_*` sizes are null, the CLS head's sizes. Temperatures and centre momenta:
+    `dinov2.loss` (one teacher temperature for CLS and patches, as in the official code). LayerScale and registers
+    are timm arguments (`model.kwargs: {init_values: 1.0e-5, reg_tokens: 4}`)."""
+
+    head: DINOv2HeadConfig = Field(default_factory=DINOv2HeadConfig)
+    loss: DINOv2LossConfig = Field(default_factory=DINOv2LossConfig)
+
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1  # on the student's backbone CLS tokens of each global crop, summed over crops
+    separate_head: bool = True  # train/vitl14.yaml; ssl_default_config.yaml: false (the CLS head also maps patches)
+    ibot_hidden_dim: int | None = None  # null: head.hidden_dim
+    ibot_bottleneck_dim: int | None = None  # null: head.bottleneck_dim
+    ibot_nlayers: int | None = None  # null: head.nlayers
+    centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"  # softmax: DINO/iBOT's centre + softmax
+    sinkhorn_iterations: int = 3
+    # collate_data_and_cast: int(mask_sample_probability * global crops in the batch) crops are masked, with ratios
+    # drawn from linearly spaced bins over mask_ratio_min_max, block masks of at least mask_min_num_patches patches
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    mask_sample_probability: float = 0.5
+    mask_min_num_patches: int = 4  # dinov2/data/masking.py MaskingGenerator default
+    mask_min_aspect: float = 0.3
+    drop_path_uniform: bool = True  # the same drop-path rate in every block (timm: linear from 0)
+    layerwise_decay: float = 0.9  # lr x decay^(L + 1 - layer_id) in the backbone (dinov2/utils/param_groups.py)
+    patch_embed_lr_mult: float = 0.2
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "DINOv2Config":
+        lo, hi = self.mask_ratio_min_max
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"dinov2.mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {[lo, hi]}")
+        if not 0.0 < self.mask_sample_probability <= 1.0:
+            raise ValueError(f"dinov2.mask_sample_probability must be in (0, 1], got {self.mask_sample_probability}")
+        if self.sinkhorn_iterations < 1:
+            raise ValueError(f"dinov2.sinkhorn_iterations must be >= 1, got {self.sinkhorn_iterations}")
+        return self
 
 
 class DINOv2Masks:
@@ -177,8 +235,13 @@ class DINOv2Net(nn.Module):
 class DINOv2Recipe(MultiCropRecipe):
     """The DINOv2 recipe: `method: dinov2` in a YAML recipe."""
 
+    config_key = "dinov2"
+    config_section = DINOv2Config
+    unread = {**MultiCropRecipe.unread, "model.sync_batchnorm": "its ViT has no BatchNorm"}
+
     def build_net(self, drop_path_rate: float, mask_token: bool) -> DINOv2Net:
-        m, h, d = self.cfg.model, self.cfg.head, self.cfg.dinov2
+        m, d = self.cfg.model, self.section
+        h = d.head
         vit = create_backbone(m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
                               drop_path_rate=drop_path_rate, **m.kwargs)
         if d.drop_path_uniform:
@@ -194,8 +257,8 @@ class DINOv2Recipe(MultiCropRecipe):
                                  bottleneck_dim=d.ibot_bottleneck_dim or h.bottleneck_dim,
                                  nlayers=d.ibot_nlayers or h.nlayers, norm_last_layer=h.norm_last_layer)
         elif h.patch_out_dim != h.out_dim:
-            raise ValueError(f"dinov2.separate_head=false maps the patches with the CLS head: set head.patch_out_dim "
-                             f"to head.out_dim ({h.out_dim}), got {h.patch_out_dim}")
+            raise ValueError(f"dinov2.separate_head=false maps the patches with the CLS head: set "
+                             f"dinov2.head.patch_out_dim to dinov2.head.out_dim ({h.out_dim}), got {h.patch_out_dim}")
         return DINOv2Net(backbone, dino_head, ibot_head)
 
     def build(self, accelerator) -> None:
@@ -207,9 +270,10 @@ class DINOv2Recipe(MultiCropRecipe):
         self.teacher.load_state_dict({k: student_state.get(k, v) for k, v in self.teacher.state_dict().items()})
         self.teacher.requires_grad_(False)
         self.teacher.to(accelerator.device)
-        c, d, lc = self.cfg.crops, self.cfg.dinov2, self.cfg.loss
+        c, d = self.cfg.crops, self.section
+        lc = d.loss
         self.loss = DINOv2Loss(
-            self.cfg.head.out_dim, self.cfg.head.patch_out_dim, n_global=c.n_global, n_local=c.n_local,
+            d.head.out_dim, d.head.patch_out_dim, n_global=c.n_global, n_local=c.n_local,
             centering=d.centering, sinkhorn_iterations=d.sinkhorn_iterations, student_temp=lc.student_temp,
             center_momentum=lc.center_momentum, center_momentum2=lc.center_momentum2, dino_weight=d.dino_loss_weight,
             ibot_weight=d.ibot_loss_weight, koleo_weight=d.koleo_loss_weight,
@@ -217,12 +281,12 @@ class DINOv2Recipe(MultiCropRecipe):
         self.compile_backbones(self.student, self.teacher)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        d = self.cfg.dinov2
+        d = self.section
         return dinov2_param_groups(self._unwrapped_student(), d.layerwise_decay, d.patch_embed_lr_mult)
 
     # ----------------------------------------------------------------- data
     def mask_sampler(self) -> DINOv2Masks:
-        d = self.cfg.dinov2
+        d = self.section
         return DINOv2Masks(self.patch_grid(), tuple(d.mask_ratio_min_max), d.mask_sample_probability,
                            min_num_patches=d.mask_min_num_patches, min_aspect=d.mask_min_aspect)
 
@@ -252,11 +316,11 @@ class DINOv2Recipe(MultiCropRecipe):
                     "loss_koleo": out["koleo"].detach()}
         if self.cfg.train.health_every and (int(sched["it"]) + 1) % self.cfg.train.health_every == 0:
             # entropies of softmax((t - C) / tau); with Sinkhorn-Knopp centering, of the sharpened logits before SK
-            softmax = self.cfg.dinov2.centering == "softmax"
+            softmax = self.section.centering == "softmax"
             metrics.update(health_metrics(
                 teacher_cls=teacher_cls.float(), student_cls=student_cls.detach().float(),
                 center=self.loss.center if softmax else None, teacher_temp=temp,
-                student_temp=self.cfg.loss.student_temp, teacher_patch=teacher_patch.float(),
+                student_temp=self.section.loss.student_temp, teacher_patch=teacher_patch.float(),
                 student_patch=student_patch.detach().float(), center2=self.loss.center2 if softmax else None,
                 teacher_patch_temp=temp, masks=masks,
             ))

@@ -1,5 +1,5 @@
 """What the dense fine-tuning recipes share: the backbone (export -> ViTDet pyramid), dense data, optimiser groups,
-evaluation every `eval.knn_every_epochs` epochs, and prediction PNGs (docs/finetune.md).
+evaluation every `eval.every_epochs` epochs, and prediction PNGs (docs/finetune.md).
 
 A subclass (`finetune_m2f.Mask2FormerRecipe`, `finetune_vitdet.ViTDetRecipe`) builds the head on the pyramid, computes
 the loss of one batch and turns network outputs into metric updates and overlays. Nothing is kept besides the student
@@ -7,20 +7,21 @@ the loss of one batch and turns network outputs into metric updates and overlays
 
 Data: segmentation shards (`seg.png`, 255 = ignore; `inst.png` instance ids for instance tasks), e.g. `sslpipe shards
 --dataset scenes`, through `sslpipe.data.dense` (the training view and its named deviation are described there).
-`finetune.freeze_backbone` trains the pyramid and the head on a frozen trunk.
+`<method>.freeze_backbone` trains the pyramid and the head on a frozen trunk. The settings both heads read are a
+`FinetuneConfig`; each method's section extends it with its head's.
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslpipe.config import Config
+from sslpipe.config import RunConfig, Section
 from sslpipe.data.dense import DenseTransform, collate_dense
 from sslpipe.data.seg_classes import segmentation_classes
 from sslpipe.data.stream import build_loader
@@ -28,10 +29,47 @@ from sslpipe.heads.vitdet import ViTDetBackbone, ViTDetPyramid, build_vitdet_pyr
 from sslpipe.recipes.base import Recipe
 
 
+class FinetuneConfig(Section):
+    """Dense fine-tuning (`method: finetune_mask2former` / `finetune_vitdet`; docs/finetune.md, docs/methods.md
+    §5-6): the ViTDet trunk and pyramid and the training view. The backbone is `model.init_from` (an export: its
+    architecture and weights; `backbone_init: random` keeps the architecture and drops the weights, the
+    same-network baseline) or, when null, `model.arch` at random init. Defaults are the published values."""
+
+    backbone_init: Literal["export", "random"] = "export"
+    num_classes: int | None = None  # null: the shards' manifest classes (instance: minus class 0 = background)
+    ignore_index: int = 255
+    img_size: int = 1024  # training crop (square); also sizes the global blocks' relative-position tables
+    scale_range: tuple[float, float] = (0.1, 2.0)  # scale jitter of the crop size (ViTDet LSJ 0.1-2.0)
+    hflip: float = 0.5
+    freeze_backbone: bool = False  # train the pyramid and head on a frozen ViT trunk (kept in eval mode)
+    # ViTDet backbone (docs/methods.md §5)
+    window_size: int = 14
+    global_blocks: list[int] = [2, 5, 8, 11]
+    use_rel_pos: bool = True
+    pyramid_channels: int = 256
+    layer_decay: float = 0.7  # lr x decay^(L + 1 - layer_id) inside the ViT
+    backbone_lr_mult: float = 1.0  # extra lr factor of the ViT (Mask2Former: 0.1)
+
+
+# a dense method reads only the normalisation of crops (at random init), and none of the kNN keys
+DENSE_UNREAD = {
+    **{f"crops.{key}": "dense fine-tuning crops <method>.img_size with its own scale jitter"
+       for key in ("global_size", "local_size", "n_global", "n_local", "global_scale", "local_scale", "blur_sigma",
+                   "blur_scale_with_size", "backend")},
+    **{f"eval.{key}": "the evaluation is mIoU / AP, not a kNN probe"
+       for key in ("knn_k", "knn_temperature", "max_train", "crop")},
+    "model.sync_batchnorm": "the ViT has no BatchNorm",
+    "train.compile": "regional compile is built for the teacher-student recipes",
+    "train.compile_backend": "regional compile is built for the teacher-student recipes",
+    "train.health_every": "the health metrics are those of self-supervised embeddings",
+}
+
+
 # ------------------------------------------------------------------------------------------------------ backbone
-def load_vit(cfg: Config) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
-    """The timm ViT to fine-tune and its normalisation: `finetune.backbone` (an export: its architecture and, unless
-    `backbone_init: random`, its weights; mean/std from the export) or `model.arch` at random init (crops.mean/std).
+def load_vit(cfg: RunConfig, img_size: int, init_weights: bool
+             ) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
+    """The timm ViT to fine-tune and its normalisation: `model.init_from` (an export: its architecture and, when
+    `init_weights`, its weights; mean/std from the export) or `model.arch` at random init (crops.mean/std).
     `model.drop_path_rate` is applied in both cases (ViTDet ViT-B: 0.1)."""
     import timm
     from safetensors.torch import load_file
@@ -39,21 +77,21 @@ def load_vit(cfg: Config) -> tuple[nn.Module, tuple[float, ...], tuple[float, ..
     from sslpipe.export import read_export_config
     from sslpipe.models.backbones import create_backbone
 
-    f, m = cfg.finetune, cfg.model
-    if f.backbone is None:
-        vit = create_backbone(m.arch, img_size=f.img_size, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate,
+    m = cfg.model
+    if m.init_from is None:
+        vit = create_backbone(m.arch, img_size=img_size, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate,
                               **m.kwargs)
         return vit, tuple(cfg.crops.mean), tuple(cfg.crops.std)
-    export = read_export_config(f.backbone)
+    export = read_export_config(m.init_from)
     args = {**export["model_args"], "drop_path_rate": m.drop_path_rate}
     vit = timm.create_model(export["architecture"], pretrained=False, **args)
-    if f.backbone_init == "export":
-        path = Path(f.backbone)
+    if init_weights:
+        path = Path(m.init_from)
         weights = path / "model.safetensors" if path.is_dir() else path
         try:
             vit.load_state_dict(load_file(str(weights)), strict=True)
         except RuntimeError as err:
-            raise ValueError(f"finetune.backbone={f.backbone}: the weights do not fit {export['architecture']} "
+            raise ValueError(f"model.init_from={m.init_from}: the weights do not fit {export['architecture']} "
                              f"with the export's model_args ({err}); re-export the run with `sslpipe export`") from err
     return vit, tuple(export["mean"]), tuple(export["std"])
 
@@ -66,6 +104,7 @@ class DenseFinetuneRecipe(Recipe):
     normalize_images = True  # False: images stay in [0, 1] (the head normalises)
     backbone_prefix = ""  # dotted path of the ViTDetBackbone inside the student
     top_block = True  # the pyramid's stride-64 max-pooled level (Mask R-CNN's p6)
+    default_eval_batch = 8
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
@@ -77,18 +116,19 @@ class DenseFinetuneRecipe(Recipe):
     # ----------------------------------------------------------------- model
     @property
     def needs_instances(self) -> bool:
-        return self.cfg.finetune.task == "instance"
+        return self.section.task == "instance"
 
     def classes(self) -> list[str]:
         """Class names from the manifests, checked against finetune.num_classes and the label values
         (`sslpipe.data.seg_classes`)."""
-        f = self.cfg.finetune
-        return segmentation_classes(self.cfg.data.train, f.num_classes, "finetune.num_classes", val=self.cfg.data.val,
+        f = self.section
+        return segmentation_classes(self.cfg.data.train, f.num_classes, f"{self.config_key}.num_classes",
+                                    val=self.cfg.data.val,
                                     ignore_index=f.ignore_index)
 
     def build_pyramid(self) -> ViTDetPyramid:
-        f = self.cfg.finetune
-        vit, self.mean, self.std = load_vit(self.cfg)
+        f = self.section
+        vit, self.mean, self.std = load_vit(self.cfg, f.img_size, init_weights=f.backbone_init == "export")
         return build_vitdet_pyramid(vit, window_size=f.window_size, global_blocks=f.global_blocks,
                                     use_rel_pos=f.use_rel_pos, img_size=f.img_size,
                                     out_channels=f.pyramid_channels, top_block=self.top_block)
@@ -98,10 +138,10 @@ class DenseFinetuneRecipe(Recipe):
 
     def build_model(self) -> nn.Module:
         """The whole network (no accelerator needed: `sslpipe predict` calls this too). With
-        `finetune.freeze_backbone` the ViT trunk gets no gradient and always runs in eval mode (no drop path)."""
+        `<method>.freeze_backbone` the ViT trunk gets no gradient and always runs in eval mode (no drop path)."""
         self.class_names = self.classes()
         self.student = self.build_head(self.build_pyramid())
-        if self.cfg.finetune.freeze_backbone:
+        if self.section.freeze_backbone:
             trunk = self.vit_trunk()
             trunk.requires_grad_(False)
             trunk.register_forward_pre_hook(_keep_in_eval_mode)
@@ -123,16 +163,16 @@ class DenseFinetuneRecipe(Recipe):
         return module
 
     def param_groups(self) -> list[dict[str, Any]]:
-        f = self.cfg.finetune
+        f = self.section
         return dense_param_groups(self.student, backbone_prefix=self.backbone_prefix,
                                   num_layers=self.vit_trunk().num_layers, layer_decay=f.layer_decay,
                                   backbone_lr_mult=f.backbone_lr_mult)
 
     # ------------------------------------------------------------------ data
     def transform(self, train: bool) -> DenseTransform:
-        f = self.cfg.finetune
+        f = self.section
         return DenseTransform(f.img_size, f.scale_range, f.hflip, self.mean, self.std, f.ignore_index, train=train,
-                              eval_size=f.eval_size, normalize=self.normalize_images, need_inst=self.needs_instances)
+                              eval_size=self.cfg.eval.resize, normalize=self.normalize_images, need_inst=self.needs_instances)
 
     def train_loader(self, epoch: int, rank: int, world_size: int):
         d = self.cfg.data
@@ -146,12 +186,13 @@ class DenseFinetuneRecipe(Recipe):
     def eval_batches(self, spec: str | None = None, split: str | None = None,
                      max_images: int | None = None) -> Iterator[dict[str, Any]]:
         """Validation batches in shard order (one pass, no shuffling), at most `max_images` images."""
-        d, f = self.cfg.data, self.cfg.finetune
+        d = self.cfg.data
         spec = spec or d.val
         if not spec:
             raise ValueError("evaluation needs data.val (segmentation shards with a val split)")
         loader = build_loader(spec, split=split or d.val_split, sample_fn=self.transform(train=False),
-                              collate_fn=collate_dense, batch_size=f.eval_batch_size, num_workers=0, shuffle=False,
+                              collate_fn=collate_dense, batch_size=self.cfg.eval.batch_size or self.default_eval_batch,
+                              num_workers=0, shuffle=False,
                               drop_last=False, on_error=d.on_error)
         seen = 0
         for batch in loader:
@@ -237,9 +278,9 @@ class DenseFinetuneRecipe(Recipe):
             return {}
         metrics: list[Any] = [None]
         if self.accelerator is None or self.accelerator.is_main_process:
-            f = self.cfg.finetune
+            e = self.cfg.eval
             png = self.run_dir / "predictions" / f"epoch_{epoch + 1:03d}.png" if self.run_dir else None
-            result = self.run_evaluation(f.eval_max_images, png, f.predict_images, progress=True)
+            result = self.run_evaluation(e.max_val, png, e.predict_images, progress=True)
             if self.run_dir is not None:
                 out = self.run_dir / "eval" / f"epoch_{epoch + 1:03d}.json"
                 out.parent.mkdir(parents=True, exist_ok=True)

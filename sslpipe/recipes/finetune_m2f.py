@@ -1,15 +1,16 @@
-"""Mask2Former fine-tuning on a ViTDet pyramid (`method: finetune_mask2former`; SPEC.md §6, docs/finetune.md).
+"""Mask2Former fine-tuning on a ViTDet pyramid (`method: finetune_mask2former`; docs/methods.md §6, docs/finetune.md).
 
-`finetune.task: semantic` trains on one mask per class present (label 255 ignored) and reports mIoU with the per-class
+`finetune_mask2former.task: semantic` trains on one mask per class present (label 255 ignored) and reports mIoU with the per-class
 IoU table; `instance` trains on one mask per instance (thing classes = classes 1.. with class 0 the background) and
 reports COCO mask/box AP. The loss is transformers' Mask2Former criterion (published weights, deep supervision); the
 published optimiser is AdamW 1e-4, weight decay 0.05, backbone lr x0.1, full-model gradient clip 0.01, poly decay
 (recipes/finetune_m2f_ade20k_vit_small.yaml).
 
 Evaluation keeps the token grid of training (the ViT's position tables are never stretched to another grid):
-semantic tasks slide windows of `finetune.img_size` over the image (after the optional `eval_size` resize) at a stride
-of 2/3 of the window and average the per-class scores where windows overlap, the protocol of the official plain-ViT
-segmentation evaluations (BEiT, ViT-Adapter: 512 windows, stride 341); `eval_mode: whole` runs the image as it is.
+semantic tasks slide windows of `img_size` (`eval.window`) over the image (after the optional `eval.resize`) at a
+stride of 2/3 of the window (`eval.stride_rate`) and average the per-class scores where windows overlap, the protocol of
+the official plain-ViT segmentation evaluations (BEiT, ViT-Adapter: 512 windows, stride 341); `eval.mode: whole` runs
+the image as it is.
 Instance tasks fit the image into the img_size square (longer side resized, padded), as ViTDet's `square_pad`.
 
 Named deviations: the official backbone multiplier 0.1 applies to the pretrained ViT trunk only; the simple feature
@@ -18,7 +19,7 @@ pyramid (new, randomly initialised) trains at the base rate like the pixel decod
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +36,39 @@ from sslpipe.heads.mask2former import (
     semantic_targets,
 )
 from sslpipe.heads.vitdet import ViTDetPyramid
-from sslpipe.recipes.finetune import DenseFinetuneRecipe, crop_resize_logits, stack_or_none
+from sslpipe.recipes.finetune import (DENSE_UNREAD, DenseFinetuneRecipe, FinetuneConfig, crop_resize_logits,
+                                     stack_or_none)
 
 
-SLIDE_STRIDE_RATE = 2 / 3  # BEiT / ViT-Adapter ADE20K: 512 windows at a stride of 341
+class Mask2FormerConfig(FinetuneConfig):
+    """`finetune_mask2former:` in a recipe: the shared fine-tuning settings plus Mask2Former's (docs/methods.md §6;
+    defaults published). Semantic evaluation slides windows of `eval.window` (null: img_size) at a stride of
+    `eval.stride_rate` (BEiT / ViT-Adapter ADE20K: 512 windows at a stride of 341), or takes the `whole` image."""
+
+    task: Literal["semantic", "instance"] = "semantic"
+    num_queries: int = 100
+    hidden_dim: int = 256
+    num_heads: int = 8
+    dim_feedforward: int = 2048
+    decoder_layers: int = 10  # 9 masked-attention layers + the query-only prediction
+    encoder_layers: int = 6
+    encoder_feedforward_dim: int = 1024
+    train_num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    test_topk: int = 100  # instance inference: top-k (query, class) pairs per image
 
 
 class Mask2FormerRecipe(DenseFinetuneRecipe):
     """`method: finetune_mask2former`."""
+
+    config_key = "finetune_mask2former"
+    config_section = Mask2FormerConfig
+    unread = DENSE_UNREAD
 
     normalize_images = True
     backbone_prefix = "model.pixel_level_module.encoder.pyramid.backbone"
@@ -53,7 +79,7 @@ class Mask2FormerRecipe(DenseFinetuneRecipe):
         return n - 1 if self.needs_instances else n
 
     def build_head(self, pyramid: ViTDetPyramid) -> nn.Module:
-        f = self.cfg.finetune
+        f = self.section
         return build_mask2former(
             pyramid, self.num_labels(), hidden_dim=f.hidden_dim, num_queries=f.num_queries,
             decoder_layers=f.decoder_layers, encoder_layers=f.encoder_layers, num_heads=f.num_heads,
@@ -68,8 +94,8 @@ class Mask2FormerRecipe(DenseFinetuneRecipe):
         seg = torch.stack(batch["seg"]).to(self.device)
         if self.needs_instances:
             return instance_targets(stack_or_none(batch["inst"]).to(self.device), seg, 1,
-                                    self.cfg.finetune.ignore_index)
-        return semantic_targets(seg, self.cfg.finetune.ignore_index)
+                                    self.section.ignore_index)
+        return semantic_targets(seg, self.section.ignore_index)
 
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         mask_labels, class_labels = self.targets(batch)
@@ -81,12 +107,12 @@ class Mask2FormerRecipe(DenseFinetuneRecipe):
     def eval_metric(self) -> Any:
         if self.needs_instances:
             return DetectionMetric(("bbox", "segm"))
-        return SegmentationMetric(len(self.class_names), self.cfg.finetune.ignore_index, self.class_names)
+        return SegmentationMetric(len(self.class_names), self.section.ignore_index, self.class_names)
 
     def eval_batch(self, model: nn.Module, batch: dict[str, Any]) -> tuple[list[Any], list[Any]]:
         """One image at a time on the training grid (module docstring): semantic scores by sliding img_size windows
         (or the whole image), instance predictions on the image fitted into the img_size square."""
-        f = self.cfg.finetune
+        f = self.section
         preds, targets = [], []
         for i, (valid, seg) in enumerate(zip(batch["sizes"], batch["seg"])):
             image = batch["images"][i: i + 1, :, : valid[0], : valid[1]].to(self.device)
@@ -107,15 +133,16 @@ class Mask2FormerRecipe(DenseFinetuneRecipe):
     def semantic_scores(self, model: nn.Module, image: Tensor) -> Tensor:
         """(1, K, h, w) per-class scores of one normalised image (1, 3, h, w): `slide` windows of img_size (an image
         smaller than a window is padded, centred) or the `whole` image padded to a multiple of 32."""
-        f = self.cfg.finetune
+        f = self.section
 
         def scores(x: Tensor) -> Tensor:
             out = model(pixel_values=x)
             return semantic_inference(out.class_queries_logits.float(), out.masks_queries_logits.float(),
                                       tuple(x.shape[-2:]))
 
-        if f.eval_mode == "slide":
-            return slide_logits(scores, image, f.img_size, SLIDE_STRIDE_RATE)
+        e = self.cfg.eval
+        if (e.mode or "slide") == "slide":
+            return slide_logits(scores, image, e.window or f.img_size, e.stride_rate)
         h, w = image.shape[-2:]
         padded = F.pad(image, (0, (-w) % 32, 0, (-h) % 32))
         return scores(padded)[..., :h, :w]
@@ -123,7 +150,7 @@ class Mask2FormerRecipe(DenseFinetuneRecipe):
     def square_logits(self, model: nn.Module, image: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """(class logits (1, Q, K+1), mask logits (Q, *size)) of one image with its longer side resized to img_size
         and padded to the img_size square (ViTDet's square pad), masks brought back to the label's `size`."""
-        side = self.cfg.finetune.img_size
+        side = self.section.img_size
         h, w = image.shape[-2:]
         scale = side / max(h, w)
         fitted = (max(1, round(h * scale)), max(1, round(w * scale)))
@@ -148,8 +175,8 @@ class Mask2FormerRecipe(DenseFinetuneRecipe):
                              instance_overlay(image, preds[i], n, offset=1, min_score=SHOW_SCORE,
                                               top_k=len(targets[i]["labels"]))])
             else:
-                rows.append([image, semantic_overlay(image, targets[i], n, self.cfg.finetune.ignore_index),
-                             semantic_overlay(image, preds[i], n, self.cfg.finetune.ignore_index)])
+                rows.append([image, semantic_overlay(image, targets[i], n, self.section.ignore_index),
+                             semantic_overlay(image, preds[i], n, self.section.ignore_index)])
         return rows
 
     def flat_metrics(self, result: dict[str, Any]) -> dict[str, float]:

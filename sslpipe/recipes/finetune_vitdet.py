@@ -1,4 +1,4 @@
-"""ViTDet fine-tuning: Mask R-CNN on the simple feature pyramid (`method: finetune_vitdet`; SPEC.md §5).
+"""ViTDet fine-tuning: Mask R-CNN on the simple feature pyramid (`method: finetune_vitdet`; docs/methods.md §5).
 
 Instance segmentation and detection from instance shards (`inst.png` ids + `seg.png` classes, class 0 = background):
 one target per instance (its majority class, box = the mask's extent). The step returns the sum of torchvision's five
@@ -17,11 +17,33 @@ from torch import Tensor, nn
 from sslpipe.eval.detection import DetectionMetric, masks_to_targets
 from sslpipe.heads.maskrcnn import build_mask_rcnn
 from sslpipe.heads.vitdet import ViTDetPyramid
-from sslpipe.recipes.finetune import DenseFinetuneRecipe
+from sslpipe.recipes.finetune import DENSE_UNREAD, DenseFinetuneRecipe, FinetuneConfig
+
+
+class ViTDetConfig(FinetuneConfig):
+    """`finetune_vitdet:` in a recipe: the shared fine-tuning settings plus Mask R-CNN's (docs/methods.md §5,
+    detectron2 mask_rcnn_vitdet; defaults published). Always instance segmentation."""
+
+    anchor_sizes: list[int] = [32, 64, 128, 256, 512]  # one per pyramid level p2-p6
+    rpn_batch_size_per_image: int = 256
+    rpn_pre_nms_top_n: tuple[int, int] = (2000, 1000)  # (train, test)
+    rpn_post_nms_top_n: tuple[int, int] = (1000, 1000)
+    box_batch_size_per_image: int = 512
+    box_head_convs: int = 4
+    mask_head_convs: int = 4
+    head_dim: int = 256
+    fc_dim: int = 1024
+    detections_per_img: int = 100
 
 
 class ViTDetRecipe(DenseFinetuneRecipe):
     """`method: finetune_vitdet`."""
+
+    config_key = "finetune_vitdet"
+    config_section = ViTDetConfig
+    unread = {**DENSE_UNREAD,
+              **{f"eval.{key}": "Mask R-CNN fits each image into the img_size square itself"
+                 for key in ("resize", "mode", "window", "stride_rate")}}
 
     normalize_images = False  # torchvision's detection transform normalises with the backbone's mean/std
     ddp_find_unused_parameters = True  # the mask head gets no gradient in a step without a positive proposal
@@ -33,9 +55,7 @@ class ViTDetRecipe(DenseFinetuneRecipe):
         return True
 
     def build_head(self, pyramid: ViTDetPyramid) -> nn.Module:
-        f = self.cfg.finetune
-        if f.task != "instance":
-            raise ValueError("finetune_vitdet trains Mask R-CNN (instance segmentation): set finetune.task: instance")
+        f = self.section
         return build_mask_rcnn(
             pyramid, len(self.class_names), min_size=f.img_size, max_size=f.img_size, image_mean=self.mean,
             image_std=self.std, anchor_sizes=f.anchor_sizes, rpn_batch_size_per_image=f.rpn_batch_size_per_image,
@@ -47,7 +67,7 @@ class ViTDetRecipe(DenseFinetuneRecipe):
 
     def transform(self, train: bool) -> Any:
         """Evaluation images stay at their native size: Mask R-CNN resizes them itself (longer side to
-        finetune.img_size, ViTDet's test ResizeShortestEdge with max_size), pads them to the img_size square (the
+        finetune_vitdet.img_size, ViTDet's test ResizeShortestEdge with max_size), pads them to the img_size square (the
         token grid of training) and returns boxes and masks in input coordinates."""
         t = super().transform(train)
         t.eval_size = None
@@ -56,7 +76,7 @@ class ViTDetRecipe(DenseFinetuneRecipe):
     def targets(self, batch: dict[str, Any]) -> list[dict[str, Tensor]]:
         out = []
         for inst, seg in zip(batch["inst"], batch["seg"]):
-            t = masks_to_targets(inst.to(self.device), seg.to(self.device), 0, self.cfg.finetune.ignore_index)
+            t = masks_to_targets(inst.to(self.device), seg.to(self.device), 0, self.section.ignore_index)
             t["masks"] = t["masks"].to(torch.uint8)
             out.append(t)
         return out
@@ -81,7 +101,7 @@ class ViTDetRecipe(DenseFinetuneRecipe):
                 masks = torch.nn.functional.interpolate(masks[:, None].float(), size=tuple(seg.shape))[:, 0] > 0.5
             preds.append({"boxes": out["boxes"].cpu(), "scores": out["scores"].cpu(), "labels": out["labels"].cpu(),
                           "masks": masks.cpu()})
-        targets = [masks_to_targets(inst, seg, 0, self.cfg.finetune.ignore_index, crowd)
+        targets = [masks_to_targets(inst, seg, 0, self.section.ignore_index, crowd)
                    for inst, seg, crowd in zip(batch["inst"], batch["seg"], batch["crowd"])]
         return preds, targets
 

@@ -1,22 +1,65 @@
-"""iBOT: image BERT pre-training with an online tokenizer (Zhou et al., ICLR 2022), SPEC.md §1.
+"""iBOT: image BERT pre-training with an online tokenizer (Zhou et al., ICLR 2022), docs/methods.md §1.
 
 The student sees the global crops with block masks (masked patch embeddings replaced by a learned mask token) and
 the local crops unmasked; the EMA teacher sees the unmasked global crops. The loss distils the teacher's CLS
 distribution across views (DINO) and its patch distributions at the masked positions of the same view (MIM with the
-teacher as online tokenizer). Requires a timm ViT backbone.
+teacher as online tokenizer). Requires a timm ViT backbone. Settings: the `ibot` section (`IBOTConfig`).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.losses.ibot import IBOTLoss
 from sslpipe.models.backbones import MaskedViT, create_backbone
+from sslpipe.config import Section
+from sslpipe.curves import warmed_up
 from sslpipe.models.heads import IBOTHead
 from sslpipe.recipes.multicrop import MultiCropRecipe
+from sslpipe.recipes.sections import HeadConfig, TeacherLossConfig, TeacherStudentConfig
+
+
+class IBOTHeadConfig(HeadConfig):
+    """DINO's head plus the patch prototypes; `shared_head`: the patch tokens go through the CLS head's MLP and last
+    layer (student, teacher; published ViT-S/16: both true)."""
+
+    patch_out_dim: int = 8192
+    shared_head: bool = True
+    shared_head_teacher: bool = True
+
+
+class IBOTLossConfig(TeacherLossConfig):
+    """The patch term's teacher temperature (warmed up from `pred_start_epoch`), its centre momentum, and the
+    weights of the CLS (`lambda1`) and patch (`lambda2`) terms."""
+
+    warmup_teacher_patch_temp: float = 0.04
+    teacher_patch_temp: float = 0.07
+    center_momentum2: float = 0.9
+    lambda1: float = 1.0
+    lambda2: float = 1.0
+
+
+class MaskingConfig(Section):
+    """Block masks of the global crops (loader.py of iBOT): ratio lists are drawn per crop, docs/methods.md §1."""
+
+    pred_ratio: float | list[float] = [0.0, 0.3]
+    pred_ratio_var: float | list[float] = [0.0, 0.2]
+    pred_shape: Literal["block", "rand"] = "block"
+    pred_start_epoch: int = 0
+    min_num_patches: int | None = None  # None: the official (min(H, W) // 3) ** 2, i.e. 16 on a 14x14 grid
+    min_aspect: float = 0.3
+
+
+class IBOTConfig(TeacherStudentConfig):
+    """`ibot:` in a recipe; defaults are the published ViT-S/16 values."""
+
+    head: IBOTHeadConfig = Field(default_factory=IBOTHeadConfig)
+    loss: IBOTLossConfig = Field(default_factory=IBOTLossConfig)
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)
 
 
 class IBOTNet(nn.Module):
@@ -49,9 +92,12 @@ class IBOTRecipe(MultiCropRecipe):
     """The iBOT recipe: `method: ibot` in a YAML recipe."""
 
     uses_masks = True
+    config_key = "ibot"
+    config_section = IBOTConfig
+    unread = {**MultiCropRecipe.unread, "model.sync_batchnorm": "its ViT has no BatchNorm"}
 
     def build_net(self, drop_path_rate: float, mask_token: bool, shared_head: bool) -> IBOTNet:
-        m, h = self.cfg.model, self.cfg.head
+        m, h = self.cfg.model, self.section.head
         vit = create_backbone(
             m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
             drop_path_rate=drop_path_rate, **m.kwargs,
@@ -65,7 +111,7 @@ class IBOTRecipe(MultiCropRecipe):
 
     def build(self, accelerator) -> None:
         self.accelerator = accelerator
-        h = self.cfg.head
+        h = self.section.head
         self.student = self.build_net(self.cfg.model.drop_path_rate, mask_token=True, shared_head=h.shared_head)
         # Teacher: no mask token, no drop path, initialised from the student (parameters present in both).
         self.teacher = self.build_net(0.0, mask_token=False, shared_head=h.shared_head_teacher)
@@ -74,13 +120,22 @@ class IBOTRecipe(MultiCropRecipe):
         self.teacher.load_state_dict({k: student_state.get(k, v) for k, v in teacher_state.items()})
         self.teacher.requires_grad_(False)
         self.teacher.to(accelerator.device)
-        lc = self.cfg.loss
+        lc = self.section.loss
         self.loss = IBOTLoss(
             h.out_dim, h.patch_out_dim, n_global=self.cfg.crops.n_global, n_local=self.cfg.crops.n_local,
             student_temp=lc.student_temp, center_momentum=lc.center_momentum, center_momentum2=lc.center_momentum2,
             lambda1=lc.lambda1, lambda2=lc.lambda2,
         ).to(accelerator.device)
         self.compile_backbones(self.student, self.teacher)
+
+    def schedule(self, it: int, steps_per_epoch: int, total: int) -> dict[str, float]:
+        """Plus the patch temperature, held at its warm-up value for `masking.pred_start_epoch` epochs and only then
+        warmed up (iBOTLoss; the CLS temperature starts at once)."""
+        lo = self.section.loss
+        return super().schedule(it, steps_per_epoch, total) | {"teacher_patch_temp": warmed_up(
+            it, lo.warmup_teacher_patch_temp, lo.teacher_patch_temp,
+            int(round(lo.warmup_teacher_temp_epochs * steps_per_epoch)),
+            delay=int(round(self.section.masking.pred_start_epoch * steps_per_epoch)))}
 
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         global_crops, local_crops = self.crops_on_device(batch)
@@ -100,7 +155,8 @@ class IBOTRecipe(MultiCropRecipe):
         if self.cfg.train.health_every and (int(sched["it"]) + 1) % self.cfg.train.health_every == 0:
             metrics.update(health_metrics(
                 teacher_cls=teacher_cls.float(), student_cls=student_cls.detach().float(),
-                center=self.loss.center, teacher_temp=sched["teacher_temp"], student_temp=self.cfg.loss.student_temp,
+                center=self.loss.center, teacher_temp=sched["teacher_temp"],
+                student_temp=self.section.loss.student_temp,
                 teacher_patch=teacher_patch.float(), student_patch=student_patch.detach()[flat_masks].float(),
                 center2=self.loss.center2, teacher_patch_temp=sched["teacher_patch_temp"], masks=flat_masks,
             ))

@@ -1,8 +1,10 @@
-"""What DINO and iBOT share: multi-crop data, an EMA teacher, checkpointed extra state and the kNN hook.
+"""What DINO, iBOT and DINOv2 share: multi-crop data, an EMA teacher with its schedules (momentum, teacher
+temperature, last-layer freeze), checkpointed extra state, the Q-score term and the kNN hook.
 
 A subclass builds `self.student` (one module whose forward does the whole student pass, so that DDP sees a single
 forward per step), `self.teacher` and `self.loss`, and defines `step`. Everything about data, the teacher's EMA update,
-the state to checkpoint and periodic kNN evaluation lives here once.
+the state to checkpoint and periodic kNN evaluation lives here once. Its settings are a `TeacherStudentConfig`
+(`sslpipe.recipes.sections`) under the method's key.
 """
 from __future__ import annotations
 
@@ -13,17 +15,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from sslpipe.config import Config, CropsConfig
+from sslpipe.config import CropsConfig, RunConfig
+from sslpipe.curves import cosine_schedule, warmed_up
 from sslpipe.data.collate import MultiCropSample, collate_multicrop
 from sslpipe.data.device_views import DeviceMultiCropTransform, device_crops
 from sslpipe.data.fast_views import FastMultiCropTransform, normalize_crops
 from sslpipe.data.masking import MaskGenerator
 from sslpipe.data.stream import build_loader
 from sslpipe.data.views import MultiCropTransform
-from sslpipe.losses.qscore import build_qscore
+from sslpipe.losses.qscore import QScoreRegularizer
 from sslpipe.models.ema import ema_update
+from sslpipe.models.heads import cancel_last_layer_gradients
 from sslpipe.models.state_dict import without_aliases
 from sslpipe.recipes.base import Recipe
+from sslpipe.recipes.sections import QScoreConfig, TeacherStudentConfig
+
+# keys of the dense evaluations, which a method probed by kNN does not read
+DENSE_EVAL_KEYS = {"eval.mode": "its evaluation is a kNN probe, not a segmentation",
+                   "eval.window": "its evaluation is a kNN probe, not a sliding-window segmentation",
+                   "eval.stride_rate": "its evaluation is a kNN probe, not a sliding-window segmentation",
+                   "eval.predict_images": "it draws no predictions"}
+
+
+def build_qscore(section: QScoreConfig) -> QScoreRegularizer | None:
+    """The Q-score regulariser of a method's `qscore` section, or None when it is not enabled."""
+    return QScoreRegularizer(**section.regularizer_args()) if section.enabled else None
 
 
 def multicrop_from_config(crops: CropsConfig) -> MultiCropTransform | FastMultiCropTransform:
@@ -62,12 +78,25 @@ def split_decay_groups(module: nn.Module) -> list[dict[str, Any]]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
 
 
+def teacher_schedule(section: TeacherStudentConfig, it: int, steps_per_epoch: int, total: int) -> dict[str, float]:
+    """The EMA momentum (cosine from `momentum_teacher` to `momentum_teacher_end`), the teacher temperature
+    (linear warm-up over `loss.warmup_teacher_temp_epochs`, per iteration where iBOT moves it per epoch: both reach
+    the final value when the warm-up ends) and whether the last layer is still frozen (`last_layer_frozen`)."""
+    lo = section.loss
+    return {"momentum": cosine_schedule(it, section.momentum_teacher, section.momentum_teacher_end, total),
+            "teacher_temp": warmed_up(it, lo.warmup_teacher_temp, lo.teacher_temp,
+                                      int(round(lo.warmup_teacher_temp_epochs * steps_per_epoch))),
+            "last_layer_frozen": float(it < int(round(section.freeze_last_layer_epochs * steps_per_epoch)))}
+
+
 class MultiCropRecipe(Recipe):
     """Base of the teacher-student recipes; subclasses set `uses_masks` and build the networks."""
 
     uses_masks: bool = False
+    unread = {**DENSE_EVAL_KEYS,
+              "model.init_from": "it starts from random init (continued pretraining from an export comes with issue 32)"}
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.accelerator = None
         self.student: nn.Module
@@ -88,7 +117,7 @@ class MultiCropRecipe(Recipe):
         crops = multicrop_from_config(self.cfg.crops)
         masks = None
         if self.uses_masks:
-            m = self.cfg.masking
+            m = self.section.masking
             masks = MaskGenerator(
                 grid=self.patch_grid(), pred_ratio=m.pred_ratio, pred_ratio_var=m.pred_ratio_var,
                 pred_shape=m.pred_shape, min_num_patches=m.min_num_patches, min_aspect=m.min_aspect,
@@ -141,10 +170,10 @@ class MultiCropRecipe(Recipe):
         student's global crops: their backbone CLS features (`qscore.features: backbone`, the paper's choice) or
         their head outputs (`projection`: the prototype logits). Returns (loss, the regulariser's metrics)."""
         if not hasattr(self, "_qscore"):
-            self._qscore = build_qscore(self.cfg)
+            self._qscore = build_qscore(self.section.qscore)
         if self._qscore is None:
             return loss, {}
-        feats = backbone_feats if self.cfg.qscore.features == "backbone" else projections
+        feats = backbone_feats if self.section.qscore.features == "backbone" else projections
         term, metrics = self._qscore(feats)
         return loss + term, metrics
 
@@ -159,6 +188,13 @@ class MultiCropRecipe(Recipe):
                 module.compile(backend=self.cfg.train.compile_backend)
 
     # -------------------------------------------------------------- teacher
+    def schedule(self, it: int, steps_per_epoch: int, total: int) -> dict[str, float]:
+        return teacher_schedule(self.section, it, steps_per_epoch, total)
+
+    def before_optimizer_step(self, sched: dict[str, float]) -> None:
+        if sched["last_layer_frozen"]:
+            cancel_last_layer_gradients(self.student)
+
     def _unwrapped_student(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.student) if self.accelerator is not None else self.student
 
@@ -190,14 +226,19 @@ class MultiCropRecipe(Recipe):
         return getattr(backbone, "vit", backbone)
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """Weighted kNN of the teacher on the validation split (every `eval.knn_every_epochs` epochs).
+        """Weighted kNN of the teacher on the validation split (every `eval.every_epochs` epochs).
 
         Every process extracts its share of the train and val shards; the features are gathered and each process
         runs the same search, so all log and checkpoint the same value and the probe takes ~1/P of the time.
         """
         from sslpipe.eval.knn import knn_probe
+        from sslpipe.eval.spec import FeatureSpec, ProbeData
 
-        if not self.cfg.data.val:
+        data, crops, ev = self.cfg.data, self.cfg.crops, self.cfg.eval
+        if not data.val:
             return {}
-        result = knn_probe(self.backbone("teacher"), self.cfg, progress=False, accelerator=self.accelerator)
-        return {f"knn/top1_k{k}": v["top1"] for k, v in result["k"].items()}
+        spec = FeatureSpec(img_size=crops.global_size, resize=ev.resize, crop=ev.crop, mean=crops.mean,
+                           std=crops.std, batch_size=ev.batch_size or data.batch_size, num_workers=data.num_workers)
+        probe_data = ProbeData(data.train, data.val, data.train_split, data.val_split, ev.max_train, ev.max_val)
+        return knn_probe(self.backbone("teacher"), spec, probe_data, k_list=ev.knn_k, T=ev.knn_temperature,
+                         accelerator=self.accelerator)

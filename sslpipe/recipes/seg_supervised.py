@@ -3,10 +3,11 @@
 
 Same network as U2PL (sslpipe/models/segmentation.py, without the representation head, as the code's
 `rep_head: False`), same labelled shards and augmentation (sslpipe/data/u2pl_views.py, the official one), loss =
-CE(upsampled logits, label, ignore 255). Parameter groups: encoder lr x1, decoder lr x `u2pl.head_lr_mult` (10 on
+CE(upsampled logits, label, ignore 255). Parameter groups: encoder lr x1, decoder lr x `head_lr_mult` (10 on
 VOC); weight decay on every parameter (the code's SGD).
-Evaluation every `eval.knn_every_epochs` epochs on data.val: mIoU (metrics `mIoU`, `pixel_acc`, `iou/<class>`) by
-the main process, broadcast to all, also written to RUN/eval/epoch_NNN.json.
+Evaluation every `eval.every_epochs` epochs on data.val: mIoU (metrics `mIoU`, `pixel_acc`, `iou/<class>`) by
+the main process, broadcast to all, also written to RUN/eval/epoch_NNN.json; `eval.mode` whole (default) or slide
+(windows of `eval.window`, null: crop_size, at a stride of `eval.stride_rate`).
 """
 from __future__ import annotations
 
@@ -19,12 +20,49 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslpipe.config import Config
+from sslpipe.config import RunConfig, Section
 from sslpipe.data.seg_classes import segmentation_classes
 from sslpipe.data.semi import semi_loader
 from sslpipe.data.stream import batches_per_epoch, build_loader, resolve_shards
 from sslpipe.data.u2pl_views import U2PLSegTransform
 from sslpipe.recipes.base import Recipe
+
+
+class SegConfig(Section):
+    """`supervised_seg:` in a recipe (and the base of `u2pl:`): the labelled data's classes, U2PL's training view
+    and its DeepLabv3+ network. The network is model.arch (timm CNN or ViT) or the export model.init_from. Defaults:
+    the published VOC values (experiments/pascal/1464/ours/config.yaml); docs/u2pl.md, docs/methods.md §3."""
+
+    num_classes: int | None = None  # null: the classes of data.train's manifest
+    ignore_index: int = 255
+    crop_size: int = 513
+    # official RandResize: the scale is uniform in [lo, 1] or in [1, hi], each with probability 1/2 (lo <= 1 <= hi)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: float = 0.5
+    label_pad: int = 0  # label of the crop's padding on labelled images: official Crop pads with 0; 255 = ignore it
+    # network: DeepLabv3+ (official dec_deeplabv3_plus)
+    output_stride: int = 8  # CNN encoders (dilated ResNet-101)
+    decoder_channels: int = 256
+    aspp_channels: int = 256
+    aspp_dilations: list[int] = [12, 24, 36]
+    low_level_index: int = 1  # timm feature index of the stride-4 skip
+    vit_high_stride: int = 16  # ViT encoders: the pyramid level fed to ASPP
+    vit_window_size: int = 0
+    vit_global_blocks: list[int] = []
+    head_lr_mult: float = 10.0  # decoder lr x10 (VOC; Cityscapes 1)
+
+
+# a segmentation method reads only the normalisation of crops (at random init), and none of the kNN keys
+SEG_UNREAD = {
+    **{f"crops.{key}": "segmentation crops <method>.crop_size with U2PL's own augmentation"
+       for key in ("global_size", "local_size", "n_global", "n_local", "global_scale", "local_scale", "blur_sigma",
+                   "blur_scale_with_size", "backend")},
+    **{f"eval.{key}": "the evaluation is mIoU at native size, not a kNN probe"
+       for key in ("knn_k", "knn_temperature", "max_train", "crop", "resize", "predict_images")},
+    "train.compile": "regional compile is built for the teacher-student recipes",
+    "train.compile_backend": "regional compile is built for the teacher-student recipes",
+    "train.health_every": "the health metrics are those of self-supervised embeddings",
+}
 
 
 def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -33,10 +71,16 @@ def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class SupervisedSegRecipe(Recipe):
+    """`method: supervised_seg`."""
+
+    config_key = "supervised_seg"
+    config_section = SegConfig
+    unread = SEG_UNREAD
     uses_unlabeled = False
     rep_head = False
+    default_eval_batch = 8
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.accelerator = None
         self.device = torch.device("cpu")
@@ -46,11 +90,11 @@ class SupervisedSegRecipe(Recipe):
 
     # ------------------------------------------------------------------ model
     def classes(self) -> list[str]:
-        """Class names from the manifests, checked against u2pl.num_classes and the label values
+        """Class names from the manifests, checked against <method>.num_classes and the label values
         (`sslpipe.data.seg_classes`)."""
-        u = self.cfg.u2pl
-        return segmentation_classes(self.cfg.data.train, u.num_classes, "u2pl.num_classes", val=self.cfg.data.val,
-                                    ignore_index=u.ignore_index)
+        u = self.section
+        return segmentation_classes(self.cfg.data.train, u.num_classes, f"{self.config_key}.num_classes",
+                                    val=self.cfg.data.val, ignore_index=u.ignore_index)
 
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """crops.mean/std, or the export's when model.init_from is set."""
@@ -65,7 +109,7 @@ class SupervisedSegRecipe(Recipe):
         """The student network (no accelerator needed: `sslpipe eval-seg` calls this)."""
         from sslpipe.models.segmentation import build_segmentation_net
 
-        m, u = self.cfg.model, self.cfg.u2pl
+        m, u = self.cfg.model, self.section
         self.class_names = self.classes()
         self.num_classes = len(self.class_names)
         self.mean, self.std = self.normalisation()
@@ -96,22 +140,23 @@ class SupervisedSegRecipe(Recipe):
         net = self.model()
         return [{"params": list(net.encoder.parameters()), "apply_wd": True, "lr_scale": 1.0},
                 {"params": list(net.decoder.parameters()), "apply_wd": True,
-                 "lr_scale": self.cfg.u2pl.head_lr_mult}]
+                 "lr_scale": self.section.head_lr_mult}]
 
     # ------------------------------------------------------------------- data
     def transform(self, train: bool) -> U2PLSegTransform:
-        u = self.cfg.u2pl
+        u = self.section
         return U2PLSegTransform(u.crop_size, u.scale_range, u.label_pad, self.mean, self.std, hflip=u.hflip,
                                 train=train)
 
     def unlabeled_batch_size(self) -> int:
-        return max(1, round(self.cfg.data.batch_size * self.cfg.u2pl.unlabeled_ratio))
+        """Unlabelled images per batch (U2PL); the baseline reads none."""
+        return 0
 
     def steps_per_epoch(self, world_size: int) -> int:
         """data.steps_per_epoch, else the unlabelled set (U2PL) or labelled set (baseline) over the global batch."""
         if not self.uses_unlabeled:
             return super().steps_per_epoch(world_size)
-        d, u = self.cfg.data, self.cfg.u2pl
+        d, u = self.cfg.data, self.section
         if not u.unlabeled:
             raise ValueError("method u2pl needs u2pl.unlabeled (unlabelled shards, e.g. OUT/unlabeled written by "
                              "`sslpipe shards --voc ... --labeled 1464`)")
@@ -120,10 +165,10 @@ class SupervisedSegRecipe(Recipe):
                                  d.steps_per_epoch)
 
     def train_loader(self, epoch: int, rank: int, world_size: int):
-        d, u = self.cfg.data, self.cfg.u2pl
+        d, u = self.cfg.data, self.section
         return semi_loader(labeled=d.train, labeled_split=d.train_split,
                            unlabeled=u.unlabeled if self.uses_unlabeled else None,
-                           unlabeled_split=u.unlabeled_split, transform=self.transform(train=True),
+                           unlabeled_split=u.unlabeled_split if self.uses_unlabeled else "", transform=self.transform(train=True),
                            batch_size=d.batch_size, unlabeled_batch_size=self.unlabeled_batch_size(),
                            num_batches=self.steps_per_epoch(world_size), epoch=epoch, seed=self.cfg.seed, rank=rank,
                            world_size=world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
@@ -148,14 +193,15 @@ class SupervisedSegRecipe(Recipe):
 
         loader = build_loader(spec, split=split or d.val_split, sample_fn=sample,
                               collate_fn=lambda s: ([x[0] for x in s], [x[1] for x in s]),
-                              batch_size=self.cfg.u2pl.eval_batch_size, num_workers=0, shuffle=False,
+                              batch_size=self.cfg.eval.batch_size or self.default_eval_batch, num_workers=0,
+                              shuffle=False,
                               drop_last=False, on_error=d.on_error)
         yield from loader
 
     # ------------------------------------------------------------------- step
     def supervised_loss(self, pred: Tensor, label: Tensor) -> Tensor:
         return F.cross_entropy(upsample(pred.float(), label.shape[-2:]), label,
-                               ignore_index=self.cfg.u2pl.ignore_index)
+                               ignore_index=self.section.ignore_index)
 
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
         out = self.student(batch["image_l"])
@@ -189,11 +235,12 @@ class SupervisedSegRecipe(Recipe):
             return {}
         metrics: list[Any] = [None]
         if self.accelerator is None or self.accelerator.is_main_process:
-            u = self.cfg.u2pl
+            e = self.cfg.eval
             result = evaluate_segmentation(
                 self.eval_model(), self.eval_batches(), self.num_classes, class_names=self.class_names,
-                ignore_index=u.ignore_index, mode=u.eval_mode, crop=u.eval_crop or u.crop_size,
-                stride_rate=u.eval_stride_rate, device=self.device, max_images=u.eval_max_images)
+                ignore_index=self.section.ignore_index, mode=e.mode or "whole",
+                crop=e.window or self.section.crop_size, stride_rate=e.stride_rate, device=self.device,
+                max_images=e.max_val)
             if self.run_dir is not None:
                 out = self.run_dir / "eval" / f"epoch_{epoch + 1:03d}.json"
                 out.parent.mkdir(parents=True, exist_ok=True)

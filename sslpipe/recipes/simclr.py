@@ -1,4 +1,4 @@
-"""SimCLR (Chen et al., ICML 2020), the setting of the Q-score paper (SPEC.md §4), with the optional Q-score term.
+"""SimCLR (Chen et al., ICML 2020), the setting of the Q-score paper (docs/methods.md §4), with the optional Q-score term.
 
 Two augmented views per image (lightly's `SimCLRTransform`: RandomResizedCrop, flip, colour jitter, grayscale,
 Gaussian blur), any timm backbone, lightly's `SimCLRProjectionHead` and `NTXentLoss(gather_distributed=True)`:
@@ -6,7 +6,7 @@ with several processes the projections of every process are all-gathered with gr
 so each sample's negatives are the 2 * global_batch - 2 other views, not only the local ones.
 
     L = NT-Xent(z_view1, z_view2)  [+ the Q-score term of sslpipe.losses.qscore on H = both views' backbone features
-                                     (qscore.features: backbone) or projections (projection), when qscore.enabled]
+                                     (simclr.qscore.features: backbone) or projections (projection), when enabled]
 
 `model.init_from` initialises the backbone from an sslpipe export (the paper fine-tunes a pretrained SimCLR model);
 the projection head then starts from scratch (exports hold only the backbone; the paper keeps its projector).
@@ -17,18 +17,43 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from lightly.transforms import SimCLRTransform
 from torch import Tensor, nn
 
-from sslpipe.config import Config
+from sslpipe.config import RunConfig, Section
 from sslpipe.data.stream import build_loader
 from sslpipe.losses.health import embedding_health
-from sslpipe.losses.qscore import build_qscore
 from sslpipe.models.backbones import backbone_embed_dim, create_backbone, forward_cls, sync_batchnorm
 from sslpipe.recipes.base import Recipe
-from sslpipe.recipes.multicrop import split_decay_groups
+from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, build_qscore, split_decay_groups
+from sslpipe.recipes.sections import QScoreConfig
+
+
+class SimCLRConfig(Section):
+    """`simclr:` in a recipe: NT-Xent temperature, projection head, two-view augmentation (lightly's
+    SimCLRTransform at crops.global_size, normalised with crops.mean/std, blur sigma crops.blur_sigma), Q-score."""
+
+    temperature: float = 0.5  # lightly's NTXentLoss default (SimCLR paper CIFAR-10); solo-learn IN-100 uses 0.2
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 128  # SimCLR paper
+    proj_layers: int = 2  # SimCLR v1: Linear-(BN)-ReLU-Linear
+    proj_batch_norm: bool = True  # lightly's SimCLRProjectionHead default; solo-learn's projector has none
+    min_scale: float = 0.08  # RandomResizedCrop scale (0.08, 1)
+    cj_prob: float = 0.8
+    cj_strength: float = 1.0  # colour jitter (0.8, 0.8, 0.8, 0.2) x strength
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    hflip_p: float = 0.5
+    qscore: QScoreConfig = Field(default_factory=QScoreConfig)
+
+
+# the multi-crop keys: SimCLR makes two views of crops.global_size with its own scale range
+TWO_VIEW_UNREAD = {f"crops.{key}": "SimCLR makes two views of crops.global_size (scale: simclr.min_scale)"
+                   for key in ("local_size", "n_global", "n_local", "global_scale", "local_scale",
+                               "blur_scale_with_size", "backend")}
 
 
 class SimCLRNet(nn.Module):
@@ -63,7 +88,7 @@ def collate_two_views(samples: list[dict[str, Any]]) -> dict[str, Tensor]:
     }
 
 
-def build_transform(cfg: Config) -> SimCLRTransform:
+def build_transform(cfg: RunConfig) -> SimCLRTransform:
     s, c = cfg.simclr, cfg.crops
     return SimCLRTransform(
         input_size=c.global_size, cj_prob=s.cj_prob, cj_strength=s.cj_strength, min_scale=s.min_scale,
@@ -72,15 +97,21 @@ def build_transform(cfg: Config) -> SimCLRTransform:
     )
 
 
-def build_ntxent(cfg: Config) -> NTXentLoss:
+def build_ntxent(temperature: float) -> NTXentLoss:
     """lightly's NT-Xent with negatives gathered across processes (a no-op on one process)."""
-    return NTXentLoss(temperature=cfg.simclr.temperature, gather_distributed=True)
+    return NTXentLoss(temperature=temperature, gather_distributed=True)
 
 
 class SimCLRRecipe(Recipe):
     """`method: simclr` in a YAML recipe."""
 
-    def __init__(self, cfg: Config) -> None:
+    config_key = "simclr"
+    config_section = SimCLRConfig
+    unread = {**TWO_VIEW_UNREAD, **DENSE_EVAL_KEYS,
+              "train.compile": "regional compile is built for the teacher-student recipes",
+              "train.compile_backend": "regional compile is built for the teacher-student recipes"}
+
+    def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.accelerator = None
         self.student: nn.Module
@@ -99,8 +130,8 @@ class SimCLRRecipe(Recipe):
                                     batch_norm=s.proj_batch_norm)
         self.student = sync_batchnorm(SimCLRNet(backbone, head), enabled=m.sync_batchnorm,
                                       num_processes=accelerator.num_processes, device=accelerator.device)
-        self.loss = build_ntxent(self.cfg)
-        self.qscore = build_qscore(self.cfg)
+        self.loss = build_ntxent(s.temperature)
+        self.qscore = build_qscore(s.qscore)
 
     # ----------------------------------------------------------------- data
     def train_loader(self, epoch: int, rank: int, world_size: int):
@@ -127,7 +158,7 @@ class SimCLRRecipe(Recipe):
         metrics: dict[str, Any] = {"ntxent": ssl.detach()}
         loss = ssl
         if self.qscore is not None:
-            h = feats if self.cfg.qscore.features == "backbone" else proj
+            h = feats if self.cfg.simclr.qscore.features == "backbone" else proj
             term, qmetrics = self.qscore(h)
             loss = loss + term
             metrics.update(qmetrics)
@@ -158,11 +189,16 @@ class SimCLRRecipe(Recipe):
         from accelerate.utils import broadcast_object_list
 
         from sslpipe.eval.knn import knn_probe
+        from sslpipe.eval.spec import FeatureSpec, ProbeData
 
-        if not self.cfg.data.val:
+        data, crops, ev = self.cfg.data, self.cfg.crops, self.cfg.eval
+        if not data.val:
             return {}
         metrics = [None]
         if self.accelerator.is_main_process:
-            result = knn_probe(self.backbone(), self.cfg, progress=False)
-            metrics = [{f"knn/top1_k{k}": v["top1"] for k, v in result["k"].items()}]
+            spec = FeatureSpec(img_size=crops.global_size, resize=ev.resize, crop=ev.crop, mean=crops.mean,
+                               std=crops.std, batch_size=ev.batch_size or data.batch_size,
+                               num_workers=data.num_workers)
+            probe_data = ProbeData(data.train, data.val, data.train_split, data.val_split, ev.max_train, ev.max_val)
+            metrics = [knn_probe(self.backbone(), spec, probe_data, k_list=ev.knn_k, T=ev.knn_temperature)]
         return broadcast_object_list(metrics)[0]

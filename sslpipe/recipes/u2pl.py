@@ -1,5 +1,5 @@
 """U2PL: semi-supervised semantic segmentation using unreliable pseudo-labels (Wang et al., CVPR 2022; official
-Haochen-Wang409/U2PL @ab3d2be `train_semi.py` 234-548; SPEC.md §3; docs/u2pl.md).
+Haochen-Wang409/U2PL @ab3d2be `train_semi.py` 234-548; docs/methods.md §3; docs/u2pl.md).
 
 One step (epoch t of T, iteration it):
 - t < sup_only_epoch: L = CE on the labelled images (the representation head enters with weight 0, as in the code,
@@ -45,7 +45,7 @@ from sslpipe.losses.u2pl_contrastive import U2PLContrastiveLoss, entropy_split, 
 from sslpipe.losses.u2pl_unsup import IGNORE_INDEX, drop_percent_at, entropy_map, unsupervised_loss
 from sslpipe.models.ema import build_teacher, ema_update
 from sslpipe.models.memory_queue import ClassQueues
-from sslpipe.recipes.seg_supervised import SupervisedSegRecipe, upsample
+from sslpipe.recipes.seg_supervised import SegConfig, SupervisedSegRecipe, upsample
 
 
 def downsample_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -97,13 +97,48 @@ def pseudo_label_metrics(pseudo: Tensor, kept: Tensor, truth: Tensor, class_name
     return metrics
 
 
+class U2PLConfig(SegConfig):
+    """`u2pl:` in a recipe: the supervised settings plus the unlabelled data, the EMA teacher and the two
+    unsupervised terms. data.train = labelled shards (seg.png), `unlabeled` = unlabelled shards, data.val = val.
+    Defaults: the published VOC values, except contrastive_weight (the paper's 0.1); docs/methods.md §3."""
+
+    unlabeled: str | None = None  # unlabelled shards (image only); required
+    unlabeled_split: str = "train"
+    unlabeled_ratio: float = 1.0  # unlabelled images per labelled image in a batch (official 4 + 4)
+    rep_dim: int = 256  # the representation head's width
+    # teacher and schedule
+    sup_only_epoch: int = 1
+    ema_decay: float = 0.99  # decay = min(1 - 1/(it - sup_only_iters + 1), ema_decay)
+    # unsupervised loss on reliable pseudo-labels
+    unsup_weight: float = 1.0
+    drop_percent: float = 80.0
+    cutmix: bool = True
+    cutmix_p: float = 0.5
+    # contrastive loss on unreliable pixels
+    contrastive: bool = True
+    contrastive_weight: float = 0.1  # paper (maintainer, issue #57); official code 1.0
+    current_class_threshold: float = 0.3
+    low_entropy_threshold: float = 20.0
+    low_rank: int = 3
+    high_rank: int = 20
+    num_queries: int = 256
+    num_negatives: int = 50
+    temperature: float = 0.5
+    queue_size: int = 30000
+    background_queue_size: int = 50000  # class 0
+
+
 class U2PLRecipe(SupervisedSegRecipe):
+    """`method: u2pl`."""
+
+    config_key = "u2pl"
+    config_section = U2PLConfig
     uses_unlabeled = True
     rep_head = True
 
     def build(self, accelerator: Any) -> None:
         super().build(accelerator)
-        u = self.cfg.u2pl
+        u = self.section
         self.teacher = build_teacher(self.student).to(self.device)
         caps = [u.queue_size] * self.num_classes
         caps[0] = u.background_queue_size
@@ -114,15 +149,18 @@ class U2PLRecipe(SupervisedSegRecipe):
         self.teacher_ready = False
         self._spe: int | None = None
 
+    def unlabeled_batch_size(self) -> int:
+        return max(1, round(self.cfg.data.batch_size * self.section.unlabeled_ratio))
+
     def sup_only_iters(self) -> int:
         if self._spe is None:
             world = self.accelerator.num_processes if self.accelerator is not None else 1
             self._spe = self.steps_per_epoch(world) // self.cfg.train.grad_accum_steps
-        return self.cfg.u2pl.sup_only_epoch * self._spe
+        return self.section.sup_only_epoch * self._spe
 
     # ------------------------------------------------------------------- step
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
-        u, epochs = self.cfg.u2pl, self.cfg.train.epochs
+        u, epochs = self.section, self.cfg.train.epochs
         epoch = int(sched["epoch"])
         image_l, label_l = batch["image_l"], batch["label_l"]
         size = tuple(label_l.shape[-2:])
@@ -182,7 +220,7 @@ class U2PLRecipe(SupervisedSegRecipe):
     def contrastive_loss(self, rep: Tensor, rep_t: Tensor, prob_t: Tensor, label_l: Tensor, pseudo: Tensor,
                          entropy_u: Tensor, epoch: int) -> tuple[Tensor, dict[str, float]]:
         """L_c at the representation's resolution: entropy masks at label size, then nearest-resized."""
-        u = self.cfg.u2pl
+        u = self.section
         alpha = low_entropy_percent(epoch, self.cfg.train.epochs, u.low_entropy_threshold)
         low_u, high_u = entropy_split(entropy_u, pseudo != IGNORE_INDEX, alpha)
         small = tuple(rep.shape[-2:])
@@ -197,7 +235,7 @@ class U2PLRecipe(SupervisedSegRecipe):
     def after_optimizer_step(self, sched: dict[str, float]) -> None:
         if not self.teacher_ready:
             return
-        u = self.cfg.u2pl
+        u = self.section
         update_teacher(self.teacher, self.model(), int(sched["epoch"]), int(sched["it"]), u.sup_only_epoch,
                        self.sup_only_iters(), u.ema_decay)
 

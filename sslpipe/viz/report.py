@@ -28,7 +28,8 @@ from sslpipe.losses.health import EMBEDDING_PREFIXES, HEALTH_KEYS
 from sslpipe.viz.figures import pyplot, save_figure
 
 _NOT_SERIES = ("step", "epoch", "time", "world_size")
-_TEACHER_SCHEDULES = ("momentum", "teacher_temp")  # logged by the trainer for every method, used by DINO / iBOT
+# the teacher's schedules: logged only by methods with a teacher, but by every method of sslpipe 0.1
+_TEACHER_SCHEDULES = ("momentum", "teacher_temp", "teacher_patch_temp", "last_layer_frozen")
 _SUPERVISED = ("supervised_seg", "u2pl")  # segmentation methods: evaluated by mIoU, not kNN
 _TEACHERLESS = ("simclr", *_SUPERVISED)  # methods (besides finetune_*) that ignore the teacher schedules
 
@@ -126,7 +127,7 @@ SECTIONS = (
             _is_loss),
     Section("schedules", "Schedules", "Per-iteration learning rate and weight decay, and for methods with an EMA "
             "teacher its momentum and temperature.", lambda k: k in ("lr", "weight_decay", *_TEACHER_SCHEDULES)),
-    Section("knn", "kNN probe", "Weighted kNN top-1 / top-5 on the val split (eval.knn_every_epochs).",
+    Section("knn", "kNN probe", "Weighted kNN top-1 / top-5 on the val split (eval.every_epochs).",
             lambda k: k.startswith("knn/")),
     Section("health", "Health", "Every train.health_every steps, on one process's batch. Teacher entropy near "
             "log K = uniform collapse, batch entropy near 0 = one-prototype collapse; rankme/* is the effective rank "
@@ -140,6 +141,12 @@ SECTIONS = (
             lambda k: k in ("mIoU", "pixel_acc") or k.startswith(("bbox/", "segm/"))),
 )
 OTHER = Section("other", "Other metrics", "Everything else the run logged.", lambda k: not k.startswith("iou/"))
+
+
+def _eval_every(config: dict[str, Any]) -> int:
+    """eval.every_epochs of a run's config (eval.knn_every_epochs in a run of sslpipe 0.1)."""
+    ev = config.get("eval") or {}
+    return ev.get("every_epochs", ev.get("knn_every_epochs", 0))
 
 
 def _shown(run: RunLog, key: str) -> bool:
@@ -231,7 +238,8 @@ def _summary(run: RunLog) -> list[tuple[str, str]]:
     speed = run.points("images_per_s")[1]
     knn = sorted(k for k in run.series if k.startswith("knn/top1"))
     rows = [("method", run.method),
-            ("backbone", (c.get("finetune") or {}).get("backbone") or (c.get("model") or {}).get("arch", "?")),
+            ("backbone", (c.get("model") or {}).get("init_from") or (c.get("finetune") or {}).get("backbone")
+             or (c.get("model") or {}).get("arch", "?")),  # finetune.backbone: a run of sslpipe 0.1
             ("processes x batch x accumulation", f"{world} x {batch} x {train.get('grad_accum_steps', 1)}"),
             ("steps / epochs logged", f"{steps} / {epochs:g}"),
             ("wall time (first to last log line)", f"{wall / 60:.1f} min" if wall is not None else "?"),
@@ -285,9 +293,8 @@ def _curves_html(logs: Sequence[RunLog], out: Path) -> list[tuple[str, str, str]
             content = f"<p class='about'>{_e(section.about)}</p><img src='{png.name}' alt='{_e(alt)}'>"
             blocks.append((section.name, section.title, content))
         elif section.name == "knn" and pretraining:
-            every = ", ".join(f"{run.label}: {(run.config.get('eval') or {}).get('knn_every_epochs', 0)}"
-                              for run in pretraining)
-            note = (f"<p class='about'>Not logged during training (eval.knn_every_epochs {_e(every)}): set it to "
+            every = ", ".join(f"{run.label}: {_eval_every(run.config)}" for run in pretraining)
+            note = (f"<p class='about'>Not logged during training (eval.every_epochs {_e(every)}): set it to "
                     "probe every N epochs, or run <code>sslpipe knn RUN/export/teacher --data SHARDS</code> on the "
                     "export.</p>")
             blocks.append(("knn", section.title, note))

@@ -4,26 +4,28 @@ attention.png (the last block's [CLS] attention per head and its 60%-mass masks;
 pca.png (DINOv2's patch PCA), neighbours.png (each query beside its nearest train images under the kNN probe's
 features) and embedding.png (t-SNE / UMAP of the val split coloured by label). The images are the first `n` of the
 val split of `data`, or the `images` files; neighbours and the embedding map need `data` (train and val splits).
-Everything goes through the probe's own `EvalTransform` (the export's size, mean and std unless resize/crop are
-given), so the pictures show exactly what `sslpipe knn` measures.
+Everything goes through the probe's own `FeatureSpec` (`FeatureSpec.from_export`: the export's size, mean and std
+unless resize/crop are given), so the pictures show exactly what `sslpipe knn` measures.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from PIL import Image
 
 from sslpipe.data.shards import read_manifest
 from sslpipe.data.stream import build_loader
-from sslpipe.eval.features import default_device, extract_features, on_device, pre_logits, prepare_backbone
-from sslpipe.export import read_export_config
+from sslpipe.eval.features import default_device, extract_features, on_device, prepare_backbone
 from sslpipe.viz.attention import draw_attention
 from sslpipe.viz.embedding import draw_embedding, embed_2d
 from sslpipe.viz.figures import display_image
 from sslpipe.viz.neighbours import draw_neighbours, nearest
 from sslpipe.viz.pca import draw_pca
+
+if TYPE_CHECKING:
+    from sslpipe.eval.spec import FeatureSpec, ProbeData
 
 
 def _raw(sample: dict[str, Any]) -> tuple[Image.Image, int]:
@@ -70,28 +72,28 @@ def log_pictures(tracker: Any, paths: dict[str, Path]) -> None:
     tracker.log_images({f"show/{name}": [Image.open(path).convert("RGB")] for name, path in paths.items()})
 
 
-def show(export: str | Path, out: str | Path, *, data: str | None = None, images: Sequence[str | Path] = (),
-         n: int = 4, k: int = 5, train_split: str = "train", val_split: str = "val", max_train: int | None = 10000,
-         max_val: int | None = 2000, resize: int | None = None, crop: int | None = None, embedding: str = "tsne",
-         batch_size: int = 256, tracker: Any = None, progress: bool = True) -> dict[str, Path]:
+def show(export: str | Path, out: str | Path, spec: FeatureSpec, *, data: ProbeData | None = None,
+         images: Sequence[str | Path] = (), n: int = 4, k: int = 5, embedding: str = "tsne", tracker: Any = None,
+         progress: bool = True) -> dict[str, Path]:
     """Write attention.png, pca.png and, with `data`, neighbours.png and embedding.png into `out`; return
-    {name: path}. `max_train` / `max_val` bound the train features searched and the val features mapped."""
+    {name: path}. The queries are `images` or the first `n` images of `data`'s val split; `data.max_train` /
+    `data.max_val` bound the train features searched and the val features mapped."""
     if data is None and not images:
         raise ValueError("sslpipe show needs images: --data SHARDS (the first n val images) and/or --images FILES")
     say = print if progress else (lambda *_a, **_k: None)
-    model, transform, _ = prepare_backbone(export, resize=resize, crop=crop)
-    cfg = read_export_config(export)
-    names = _class_names(data)
+    model, _ = prepare_backbone(export, spec)
+    transform = spec.transform()
+    names = _class_names(data.train if data is not None else None)
     if images:
         missing = [str(p) for p in images if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"image file(s) not found: {', '.join(missing)}")
         queries = [(Image.open(p).convert("RGB"), -1) for p in images]
     else:
-        found = read_samples(data, val_split, range(n))
+        found = read_samples(data.val, data.val_split, range(n))
         queries = [found[i] for i in range(n)]
     x = torch.stack([transform(image) for image, _ in queries])
-    shown = [display_image(t, cfg["mean"], cfg["std"]) for t in x]
+    shown = [display_image(t, spec.mean, spec.std) for t in x]
     out = Path(out)
     paths: dict[str, Path] = {}
     device = default_device(model)
@@ -102,21 +104,22 @@ def show(export: str | Path, out: str | Path, *, data: str | None = None, images
         paths["pca"] = draw_pca(model, xd, shown, out / "pca.png")
         say(f"wrote {paths['pca']}")
         with torch.no_grad():
-            query_feats = pre_logits(model, xd).float().cpu()
+            query_feats = spec.feature_fn()(model, xd).float().cpu()
     if data is None:
         say("neighbours and embedding map skipped: they need --data SHARDS (train and val splits)")
     else:
-        common = dict(transform=transform, batch_size=batch_size, progress=progress)
-        train_x, train_y = extract_features(model, data, split=train_split, max_samples=max_train, **common)
+        train_x, train_y = extract_features(model, data.train, spec, split=data.train_split,
+                                            max_samples=data.max_train, progress=progress)
         sims, idx = nearest(train_x, query_feats, k)
-        found = read_samples(data, train_split, sorted(set(idx.flatten().tolist())))
-        neighbour_images = [[display_image(transform(found[i][0]), cfg["mean"], cfg["std"]) for i in row]
+        found = read_samples(data.train, data.train_split, sorted(set(idx.flatten().tolist())))
+        neighbour_images = [[display_image(transform(found[i][0]), spec.mean, spec.std) for i in row]
                             for row in idx.tolist()]
         neighbour_names = [[_name(int(train_y[i]), names) for i in row] for row in idx.tolist()]
         paths["neighbours"] = draw_neighbours(shown, [_name(label, names) for _, label in queries], neighbour_images,
                                               neighbour_names, sims, out / "neighbours.png")
         say(f"wrote {paths['neighbours']}")
-        val_x, val_y = extract_features(model, data, split=val_split, max_samples=max_val, **common)
+        val_x, val_y = extract_features(model, data.val, spec, split=data.val_split, max_samples=data.max_val,
+                                        progress=progress)
         say(f"{embedding} of {len(val_x)} val features ...")
         points = embed_2d(val_x, embedding)
         paths["embedding"] = draw_embedding(points, val_y, names, out / "embedding.png", method=embedding)

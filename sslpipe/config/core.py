@@ -1,0 +1,205 @@
+"""The core of every run's schema: the sections every training method shares (data, crops, model, optim, train,
+tracking, eval). A method adds one section of its own, named after it and declared beside its recipe
+(`sslpipe.recipes`); `run_schema` joins the two. Every section forbids unknown keys, so a typo (`optim.lrr`) fails
+with the closest valid spelling instead of training with a default.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Section(BaseModel):
+    """A block of a recipe: typed, validated on assignment, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: str
+    train_split: str = "train"
+    val: str | None = None
+    val_split: str = "val"
+    batch_size: int = 64
+    num_workers: int = 8
+    shuffle_buffer: int = 5000
+    resampled: bool = False
+    steps_per_epoch: int | None = None
+    on_error: Literal["warn", "raise"] = "warn"
+
+    @model_validator(mode="after")
+    def _resampled_needs_steps(self) -> "DataConfig":
+        if self.resampled and self.steps_per_epoch is None:
+            raise ValueError("data.resampled=true streams forever: set data.steps_per_epoch")
+        return self
+
+
+class CropsConfig(Section):
+    """Views of an image: the multi-crop of the teacher-student methods (published iBOT values by default), the
+    size and normalisation every method uses."""
+
+    global_size: int = 224
+    local_size: int = 96
+    n_global: int = 2
+    n_local: int = 10
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range in output-crop pixels (published)
+    # true: blur_sigma is the published range for 224-px global / 96-px local crops, scaled to this recipe's sizes
+    # (x global_size / 224 and x local_size / 96), so small CPU crops get the same relative blur
+    blur_scale_with_size: bool = False
+    # fast: the same augmentations on uint8 arrays (OpenCV + torch kernels), uint8 crops normalised on the device
+    # (sslpipe.data.fast_views); device: workers only decode and draw the parameters, the batch is cropped and
+    # coloured on the accelerator (sslpipe.data.device_views); torchvision: the reference pipeline, float crops
+    backend: Literal["fast", "device", "torchvision"] = "fast"
+
+    def blur_sigmas(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(global, local) Gaussian blur sigma ranges in pixels of the output crops."""
+        if not self.blur_scale_with_size:
+            return tuple(self.blur_sigma), tuple(self.blur_sigma)
+        g, loc = self.global_size / 224, self.local_size / 96
+        return tuple(s * g for s in self.blur_sigma), tuple(s * loc for s in self.blur_sigma)
+
+
+class ModelConfig(Section):
+    arch: str = "vit_small_patch16_224"
+    patch_size: int | None = 16
+    drop_path_rate: float = 0.1
+    # BatchNorm backbones (CNNs) on several CUDA processes: SyncBatchNorm in student and teacher, as DINO's
+    # main_dino.py does. gloo (CPU) has no SyncBatchNorm: there the backbone keeps per-process statistics.
+    sync_batchnorm: bool = True
+    kwargs: dict[str, Any] = {}
+    # an export folder (`sslpipe export` / `sslpipe import`): its architecture and weights start the network
+    init_from: str | None = None
+
+
+class OptimConfig(Section):
+    """With `lr_scaling: linear` (DINO/iBOT) `lr` is per 256 images: the applied rate is
+    lr * batch_size * world_size * grad_accum_steps / 256; with `sqrt_wrt_1024` (DINOv2's `optim.scaling_rule`,
+    dinov2/utils/config.py) `lr` is the rate for a global batch of 1024, applied as lr * sqrt(global batch / 1024);
+    with `none` it is applied as given (fine-tuning recipes quote the published absolute rate at the published batch).
+
+    `schedule`: `cosine` (DINO/iBOT: to `min_lr`), `step` (x `step_gamma` at each of `step_epochs`; ViTDet),
+    `poly` ((1 - t)^`poly_power` to `min_lr`; Mask2Former, U2PL) or `constant`; all after a linear warm-up from 0 over
+    `warmup_iters` iterations when set, else `warmup_epochs`. Parameter groups may carry `lr_scale` (layer decay,
+    backbone multiplier): a group's rate is the scheduled rate times its `lr_scale`. Weight decay follows a cosine
+    from `weight_decay` to `weight_decay_end` (equal values: constant).
+    """
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 5e-4
+    lr_scaling: Literal["linear", "sqrt_wrt_1024", "none"] = "linear"
+    min_lr: float = 1e-6
+    schedule: Literal["cosine", "step", "poly", "constant"] = "cosine"
+    warmup_epochs: float = 10
+    warmup_iters: int | None = None
+    step_epochs: list[float] = []
+    step_gamma: float = 0.1
+    poly_power: float = 0.9
+    sgd_momentum: float = 0.9
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    clip_mode: Literal["per_tensor", "global", "none"] = "per_tensor"
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class TrainConfig(Section):
+    """Schedules always span `epochs * steps_per_epoch` optimizer steps; `max_steps` only stops the run early."""
+
+    epochs: int = 800
+    max_steps: int | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        """YAML reads an unquoted `no` (`train.mixed_precision=no`) as false: that means "no" here."""
+        return "no" if value is False else value
+
+    # Deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cuDNN flags): on a GPU, resume is
+    # then bit-exact; without it a resumed GPU run matches the uninterrupted one only to float rounding (docs).
+    deterministic: bool = False
+    # regional torch.compile: each transformer block (a CNN backbone as a whole) of student and teacher is compiled
+    # on its own, which compiles fast and recompiles only per crop size; off by default (measure with bench step)
+    compile: bool = False
+    compile_backend: str = "inductor"
+    # a file whose appearance asks the run to checkpoint and stop at the next log step (SIGUSR1 does the same);
+    # launch/slurm.sbatch sets it for requeue before the time limit
+    stop_file: str | None = None
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    health_every: int = 50
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_epochs: int = 1
+    keep_last: int = 2
+    best_metric: str | None = None  # a metric from recipe.evaluate (higher is better) whose best checkpoint is kept
+
+
+class TrackingConfig(Section):
+    log_with: list[Literal["wandb", "tensorboard"]] = []
+    wandb_project: str = "sslpipe"
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+
+
+class EvalConfig(Section):
+    """The periodic evaluation of a run: a weighted kNN of the backbone for the self-supervised methods, mIoU or
+    mask AP on the val split for the dense ones, every `every_epochs` epochs (0: never). The same keys drive
+    `sslpipe eval-seg`."""
+
+    every_epochs: int = 0
+    batch_size: int | None = None  # null: data.batch_size for kNN, 8 images for the dense evaluations
+    max_val: int | None = None  # the first N val samples (kNN) or images (dense); null: all
+    # short side before evaluation: kNN null = crops.global_size * 256 / 224 (DINO); dense null = native size
+    resize: int | None = None
+    # kNN (DINO's eval_knn.py protocol)
+    crop: int | None = None  # centre crop; null: crops.global_size
+    knn_k: list[int] = [10, 20, 100, 200]
+    knn_temperature: float = 0.07
+    max_train: int | None = None  # the first N train samples; null: all
+    # dense: the whole image, or sliding windows (BEiT / ViT-Adapter / U2PL) of `window` px at a stride of
+    # `stride_rate` x window; null mode: the method's own (Mask2Former slide, U2PL whole)
+    mode: Literal["whole", "slide"] | None = None
+    window: int | None = None  # null: the training crop
+    stride_rate: float = 2 / 3
+    predict_images: int = 6  # fine-tuning: images in the predictions PNG written at each evaluation
+
+
+class RunConfig(Section):
+    """The core schema; `run_schema` adds the method's own section. `unread` (per schema): the dotted core keys
+    the method does not read, each with why; they are refused in a recipe and left out of the saved config."""
+
+    unread: ClassVar[dict[str, str]] = {}
+
+    method: str
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None
+    data: DataConfig
+    crops: CropsConfig = Field(default_factory=CropsConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+CORE_SECTIONS = ("data", "crops", "model", "optim", "train", "tracking", "eval")
+
+
+def run_schema(key: str | None, section: type[Section] | None,
+               unread: dict[str, str] | None = None) -> type[RunConfig]:
+    """The schema of one method's runs: the core plus `key: section` (none for a method without settings), with
+    the core keys it does not read."""
+    if key in RunConfig.model_fields:
+        raise ValueError(f"a method section cannot be named {key!r}: that is a core section")
+    fields = {key: (section, Field(default_factory=section))} if key and section else {}
+    schema = create_model(f"{section.__name__ if section else 'Core'}Run", __base__=RunConfig, **fields)
+    schema.unread = dict(unread or {})
+    return schema

@@ -1,0 +1,228 @@
+"""Recipe YAML in, a validated run config out: reading, `key.sub=value` overrides typed by the schema, the keys a
+method does not read, and errors that name the file, the dotted key and the fix.
+
+The schema is given by the caller (`sslpipe.recipes.load_config` picks the method's); nothing here knows a method.
+"""
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from sslpipe.config.core import RunConfig
+
+
+class ConfigError(ValueError):
+    """A recipe YAML or an override that cannot be turned into a valid config; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------------------------------------- schema
+def _section_at(schema: type[BaseModel], keys: tuple) -> type[BaseModel] | None:
+    """The section model holding the last of `keys`, or None when the path leaves the schema (e.g. model.kwargs)."""
+    model = schema
+    for key in keys[:-1]:
+        field = model.model_fields.get(str(key))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _annotation_at(schema: type[BaseModel], keys: Iterable[str]) -> Any:
+    model, annotation = schema, None
+    for key in keys:
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return annotation
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation) if typing.get_origin(annotation) else getattr(annotation, "__name__", str(annotation))
+    return text.replace("typing.", "")
+
+
+def unknown_key_message(schema: type[BaseModel], loc: tuple, where: str, hints: Mapping[str, str]) -> str:
+    """One line for a key the schema lacks: what it is when the caller knows (`hints`, e.g. another method's
+    section), else the closest valid spelling and the valid keys of its section."""
+    dotted = ".".join(str(k) for k in loc)
+    if dotted in hints:
+        return f"{where}: key '{dotted}' {hints[dotted]}"
+    model = _section_at(schema, loc)
+    valid = list(model.model_fields) if model else []
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+    parent = ".".join(str(k) for k in loc[:-1])
+    hint = f" Did you mean '{(parent + '.') if parent else ''}{close[0]}'?" if close else ""
+    return f"{where}: unknown key '{dotted}'.{hint} Valid keys{(' of ' + parent) if parent else ''}: {', '.join(valid)}"
+
+
+def _value_at(data: Any, loc: tuple) -> Any:
+    for key in loc:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _format_validation_error(err: ValidationError, data: dict[str, Any], schema: type[BaseModel], where: str,
+                             hints: Mapping[str, str]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        if any(isinstance(k, int) for k in loc):  # an element of a list/tuple: report the whole value
+            loc = loc[: next(i for i, k in enumerate(loc) if isinstance(k, int))]
+            e = {**e, "type": "element", "input": _value_at(data, loc)}
+        dotted = ".".join(str(k) for k in loc)
+        if e["type"] == "extra_forbidden":
+            lines.append(unknown_key_message(schema, loc, where, hints))
+        elif e["type"] == "missing":
+            lines.append(f"{where}: required key '{dotted}' is missing")
+        elif e["type"] == "value_error" and not loc:
+            lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            expected = _type_name(_annotation_at(schema, [k for k in loc if isinstance(k, str)]))
+            lines.append(f"{where}: key '{dotted}' = {e.get('input')!r} is invalid: expected {expected} ({e['msg']})")
+    return "\n".join(dict.fromkeys(lines))
+
+
+# ------------------------------------------------------------------------------------------------------ overrides
+def _check_override_key(schema: type[BaseModel], keys: list[str], item: str, hints: Mapping[str, str]) -> Any:
+    """Raise on a key the schema lacks; return the annotation of the field set, None inside a free-form dict."""
+    model: type[BaseModel] = schema
+    for i, key in enumerate(keys):
+        field = model.model_fields.get(key)
+        if field is None:
+            raise ConfigError(unknown_key_message(schema, tuple(keys[: i + 1]), f"override '{item}'", hints))
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        elif i < len(keys) - 1 and typing.get_origin(ann) is not dict:
+            raise ConfigError(f"override '{item}': '{'.'.join(keys[: i + 1])}' is a value, not a section")
+        else:
+            return ann if i == len(keys) - 1 else None
+    return None
+
+
+def _accepts_str(annotation: Any) -> bool:
+    """True for `str`, a Literal of strings, or a union holding one of them (`str | None`)."""
+    arms = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    return any(a is str or (typing.get_origin(a) is Literal and all(isinstance(v, str) for v in typing.get_args(a)))
+               for a in arms)
+
+
+def _typed_override(annotation: Any, raw: str, value: Any) -> Any:
+    """The YAML value of an override, typed by its field as users type it: a string field keeps the text (YAML
+    reads `off`, `no`, `on`, `yes` as booleans and `2024` as a number), and a list field takes one value as a
+    one-element list (`tracking.log_with=wandb`)."""
+    if annotation is None or value is None:
+        return value
+    if not isinstance(value, str) and _accepts_str(annotation):
+        return raw.strip()
+    if typing.get_origin(annotation) is list and not isinstance(value, list):
+        return [value]
+    return value
+
+
+def split_override(item: str) -> tuple[list[str], str]:
+    """`a.b=value` -> (['a', 'b'], 'value'), or a ConfigError saying the expected form."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value (e.g. optim.lr=1e-3)")
+    key, raw = item.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override '{item}': empty key part in '{key}'")
+    return keys, raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str], schema: type[BaseModel],
+                    hints: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Apply `a.b=value` overrides in place; values are parsed as YAML (`1e-3`, `[0.4,1.0]`, `null`), then typed by
+    the schema's field (`_typed_override`)."""
+    for item in overrides:
+        keys, raw = split_override(item)
+        annotation = _check_override_key(schema, keys, item, hints or {})
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            if not _accepts_str(annotation):
+                raise ConfigError(f"override '{item}': value {raw!r} is not valid YAML ({exc})") from exc
+            value = raw.strip()  # a string field takes any text (`run_name=a: b`)
+        value = _typed_override(annotation, raw, value)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ loading, saving
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A recipe file as a dict; errors name the file (and the line of a YAML syntax error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (give the path of a recipe YAML, e.g. recipes/demo_*.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{line}: invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def refuse_unread(data: Mapping[str, Any], unread: Mapping[str, str], method: str, where: str) -> None:
+    """A key the method does not read is refused, never ignored: `unread` maps dotted core keys to why."""
+    for dotted, why in unread.items():
+        node: Any = data
+        for key in dotted.split("."):
+            node = node.get(key, _MISSING) if isinstance(node, Mapping) else _MISSING
+        if node is not _MISSING:
+            raise ConfigError(f"{where}: key '{dotted}' is not read by method '{method}': {why}. Remove it")
+
+
+_MISSING = object()
+
+
+def validate(data: dict[str, Any], schema: type[RunConfig], where: str,
+             hints: Mapping[str, str] | None = None) -> RunConfig:
+    """Validate a plain dict against `schema`; errors name `where`, the dotted key and what was expected."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, data, schema, where, hints or {})) from None
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain YAML/JSON-friendly dict (tuples become lists), without the core keys the method does not read (so the
+    saved file loads back under the same refusal)."""
+    data = cfg.model_dump(mode="json")
+    for dotted in type(cfg).unread:
+        *parents, last = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(last, None)
+    return data
+
+
+def save_config(cfg: RunConfig, path: str | Path, header: str | None = None) -> Path:
+    """Write the resolved config as YAML (what the loader reads back to the same config); `header` becomes a
+    comment line on top (the command-line overrides)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    path.write_text((f"# {header}\n" if header else "") + text)
+    return path

@@ -1,0 +1,99 @@
+"""The methods sslpipe trains, and the schema of each method's runs: the core plus the method's own section.
+
+`get_recipe(method)` maps the config's `method` to a `Recipe` class, imported only when asked for, so a config
+never imports models it does not use. `load_config` reads a recipe YAML under its method's schema: a key of another
+method's section, or a core key the method does not read, is refused with one line that names the method.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sslpipe.config import ConfigError, RunConfig, run_schema
+from sslpipe.config import legacy
+from sslpipe.config.loading import apply_overrides, read_yaml, refuse_unread, validate
+from sslpipe.recipes.base import Recipe
+
+KNOWN_RECIPES: dict[str, str] = {
+    "dino": "sslpipe.recipes.dino:DINORecipe",
+    "ibot": "sslpipe.recipes.ibot:IBOTRecipe",
+    "dinov2": "sslpipe.recipes.dinov2:DINOv2Recipe",
+    "finetune_mask2former": "sslpipe.recipes.finetune_m2f:Mask2FormerRecipe",
+    "finetune_vitdet": "sslpipe.recipes.finetune_vitdet:ViTDetRecipe",
+    "simclr": "sslpipe.recipes.simclr:SimCLRRecipe",
+    "u2pl": "sslpipe.recipes.u2pl:U2PLRecipe",
+    "supervised_seg": "sslpipe.recipes.seg_supervised:SupervisedSegRecipe",
+}
+
+
+def get_recipe(method: str) -> type[Recipe]:
+    """`dino`, `ibot`, `dinov2`, ..., or `package.module:ClassName` for a recipe defined outside sslpipe."""
+    target = KNOWN_RECIPES.get(method.lower(), method)
+    if ":" not in target:
+        raise ValueError(
+            f"unknown method {method!r} (config key 'method'): known methods are {', '.join(sorted(KNOWN_RECIPES))}, "
+            "or give 'package.module:ClassName' for your own Recipe subclass"
+        )
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"method {method!r}: cannot import module {module_name!r} ({exc})") from exc
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Recipe)):
+        raise ValueError(f"method {method!r}: {module_name}.{class_name} is not a sslpipe.recipes.base.Recipe subclass")
+    return cls
+
+
+@functools.cache
+def schema_for(method: str) -> type[RunConfig]:
+    """The schema of `method`'s runs (the core, the method's section, its unread core keys), one class per method."""
+    cls = get_recipe(method)
+    return run_schema(cls.config_key, cls.config_section, cls.unread)
+
+
+def _other_sections(method: str) -> dict[str, str]:
+    """What a top-level key that belongs to another built-in method is, for the refusal's one line."""
+    key = get_recipe(method).config_key
+    return {other: f"is the section of method '{other}', not read by method '{method}'"
+            + (f" (its section is '{key}')" if key else "")
+            for other in KNOWN_RECIPES if other != key}
+
+
+def _method_of(data: dict[str, Any], where: str) -> str:
+    method = data.get("method")
+    if not isinstance(method, str) or not method:
+        raise ConfigError(f"{where}: required key 'method' is missing (e.g. method: dinov2; known methods: "
+                          f"{', '.join(sorted(KNOWN_RECIPES))})")
+    return method
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config", overrides: Iterable[str] = ()) -> RunConfig:
+    """Validate a plain dict (plus overrides) under its method's schema; errors name `where` and the dotted key.
+    A config written before the per-method schema is read in its new layout (`sslpipe.config.legacy`)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(data).__name__}")
+    overrides = list(overrides)
+    method = _method_of(data, where)
+    try:
+        schema = schema_for(method)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    if legacy.is_legacy(data, schema):
+        sections = {cls.config_key: cls.config_section for cls in map(get_recipe, KNOWN_RECIPES)}
+        data, notes = legacy.migrate(data, get_recipe(method).config_key, schema, sections, where)
+        print(f"{where}: read in the layout before per-method sections; moved {', '.join(notes) or 'nothing'}",
+              file=sys.stderr)
+    hints = _other_sections(method)
+    apply_overrides(data, overrides, schema, hints)
+    refuse_unread(data, schema.unread, method, where)
+    return validate(data, schema, where, hints)
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a recipe YAML, apply `key.sub=value` overrides and validate it under its method's schema."""
+    return config_from_dict(read_yaml(path), where=str(path), overrides=overrides)

@@ -1,0 +1,77 @@
+"""Config sections that several methods share, each inside the section of a method that reads it: the projection
+head and the teacher's sharpening and centring of DINO, iBOT and DINOv2 (`<method>.head`, `<method>.loss`), the EMA
+teacher's momentum and the last-layer freeze, and the Q-score regulariser (`<method>.qscore`).
+
+Defaults are the published iBOT ViT-S/16 values (docs/methods.md §1); DINO's and DINOv2's own are written out in
+their recipes (recipes/dino_vit_small.yaml, recipes/dinov2_vit_small.yaml).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from sslpipe.config import Section
+
+
+class HeadConfig(Section):
+    """DINO's projection head: MLP in -> hidden -> ... -> bottleneck, L2 normalisation, weight-normalised linear to
+    `out_dim` prototypes (`norm_last_layer`: the weight-norm gain fixed to 1)."""
+
+    out_dim: int = 8192
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    norm_last_layer: bool = False
+
+
+class TeacherLossConfig(Section):
+    """Sharpening and centring of the teacher: student temperature, teacher temperature warmed up linearly from
+    `warmup_teacher_temp` over `warmup_teacher_temp_epochs`, centre momentum."""
+
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: float = 30
+    center_momentum: float = 0.9
+
+
+class QScoreConfig(Section):
+    """The Q-score regulariser (sslpipe/losses/qscore.py, docs/methods.md §4, docs/qscore.md), off unless `enabled`.
+
+    `reduction: balanced` (default): L_SSL + lambda1 * mean_{i: Q_i < alpha} (alpha - Q_i) / mean|Q| + lambda2 *
+    mean_{k: c_k > beta} (c_k - beta) / mean c, both terms dimensionless (issue 19: with sums the sample term
+    vanished next to the column term). `reduction: sum`: the published form, L_SSL - lambda1 * sum_{i: Q_i < alpha}
+    Q_i + lambda2 * sum_{k: c_k > beta} c_k, with lambda1 = lambda2 = 1e-4 (second-hand). c_k = ||H_{*,k}||_1 over the
+    batch features H (both views stacked); alpha / beta null = the batch means of Q_i / of the c_k.
+    """
+
+    enabled: bool = False
+    version: Literal["v1", "v2"] = "v2"
+    reduction: Literal["balanced", "sum"] = "balanced"
+    lambda1: float = 0.1  # balanced terms (ours, untuned); the published sums use 1e-4 (second-hand)
+    lambda2: float = 0.1  # balanced terms (ours, untuned); the published sums use 1e-4 (second-hand)
+    alpha: float | None = None  # None: the batch mean of Q_i
+    beta: float | None = None  # None: the batch mean of the column L1 norms
+    eps: float = 4.0  # v2: highly activating = h_ij > mu_i + eps * sigma_i
+    percentiles: tuple[float, float] = (50.0, 95.0)  # v2: band of the non-zero activation rates = discriminative
+    v2_coverage: float | None = 0.5  # v2: eps lowered from `eps` per batch until this share of rows has L_i ∩ D
+    standardize: bool = True  # v2: Q in units of the row's std, (h_ij - mu_i) / sigma_i (ours: scale-free)
+    l2_normalize: bool = True  # v1: Q on h / ||h||_2 (the third-party implementation's choice)
+    features: Literal["backbone", "projection"] = "backbone"  # which output of the network H is
+
+    def regularizer_args(self) -> dict[str, Any]:
+        """The keyword arguments of `sslpipe.losses.qscore.QScoreRegularizer`."""
+        return self.model_dump(exclude={"enabled", "features"})
+
+
+class TeacherStudentConfig(Section):
+    """What every EMA teacher-student method reads: the teacher momentum, cosine from `momentum_teacher` to
+    `momentum_teacher_end` per iteration; the epochs whose last-layer gradients are dropped; head, loss, Q-score."""
+
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+    freeze_last_layer_epochs: float = 1
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    loss: TeacherLossConfig = Field(default_factory=TeacherLossConfig)
+    qscore: QScoreConfig = Field(default_factory=QScoreConfig)
