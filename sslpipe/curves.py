@@ -16,7 +16,8 @@ def linear_warmup(it: int, start: float, end: float, n: int) -> float:
     return start + (end - start) * it / (n - 1)
 
 
-def cosine_schedule(it: int, base: float, final: float, total: int, warmup: int = 0, warmup_start: float = 0.0) -> float:
+def cosine_schedule(it: int, base: float, final: float, total: int, warmup: int = 0,
+                    warmup_start: float = 0.0) -> float:
     """DINO `utils.cosine_scheduler(base, final, epochs, niter, warmup_epochs, start_warmup_value)[it]`.
 
     Warm-up: linear from `warmup_start` to `base` over `warmup` iterations (endpoint included); then

@@ -18,13 +18,16 @@ from helpers import child_env
 from safetensors.torch import load_file
 
 from sslpipe.config import RunConfig
-from sslpipe.recipes import config_from_dict, get_recipe, load_config
-from sslpipe.engine.checkpoint import find_latest_checkpoint, list_checkpoints, resolve_resume
+from sslpipe.engine.checkpoint import (
+    find_latest_checkpoint,
+    list_checkpoints,
+    resolve_resume,
+)
+from sslpipe.engine.optim import clip_gradients_per_tensor
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.tracking import resolve_wandb_mode
-from sslpipe.engine.optim import clip_gradients_per_tensor
 from sslpipe.engine.trainer import TrainingDiverged, train
-from sslpipe.recipes import get_recipe
+from sslpipe.recipes import config_from_dict, get_recipe, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -380,7 +383,7 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path: Path) -> None:
     env = child_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), "-m", "sslpipe.engine.trainer", str(recipe), "optim.clip_grad=1.0"]
+           str(port), "-m", "sslpipe", "train", str(recipe), "optim.clip_grad=1.0"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"

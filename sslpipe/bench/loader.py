@@ -203,13 +203,25 @@ def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
     return result
 
 
-def run_loader_bench_from_recipe(shard_dir: str, recipe: str, *, backends: tuple[str, ...] = ("fast", "torchvision"),
-                                 batch_size: int = 64, num_workers: int = 0, max_images: int = 4096,
-                                 rounds: int = 2, max_seconds: float = 30.0,
-                                 device: str | None = None) -> dict[str, Any]:
-    """`sslpipe bench loader`: the benchmark with the recipe's own multi-crop settings, printed as a table."""
+BACKEND_SETS = {"both": ("fast", "torchvision"), "all": ("fast", "torchvision", "device")}
+
+
+def run_loader_bench_from_recipe(shard_dir: str | None, recipe: str, *,
+                                 backends: tuple[str, ...] = ("fast", "torchvision"), batch_size: int = 64,
+                                 num_workers: int = 0, max_images: int = 4096, rounds: int = 2,
+                                 max_seconds: float = 30.0, device: str | None = None,
+                                 photos: int | None = None) -> dict[str, Any]:
+    """`sslpipe bench loader`: the benchmark with the recipe's own multi-crop settings, printed as a table. With
+    `photos`, first write that many photographs as shards (into `shard_dir`, default runs/bench_photos)."""
     from sslpipe.recipes import load_config
     from sslpipe.recipes.multicrop import multicrop_from_config
+
+    if photos:
+        from sslpipe.bench.photos import make_photo_shards
+
+        shard_dir = str(make_photo_shards(shard_dir or "runs/bench_photos", photos))
+    if shard_dir is None:
+        raise ValueError("give a shard directory, or --photos N to make one of photographs")
 
     c = load_config(recipe, ["data.train=unused"]).crops
     transforms = {b: multicrop_from_config(c.model_copy(update={"backend": b})) for b in backends}

@@ -93,8 +93,8 @@ def _leaves(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple
 
 
 def _same(a: Any, b: Any) -> bool:
-    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
-    return norm(a) == norm(b)
+    """Equal values, a tuple default and its YAML list alike."""
+    return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
 
 
 def _default(keys: list[str], schema: type[BaseModel], sections: Mapping[str, type[BaseModel]]) -> Any:

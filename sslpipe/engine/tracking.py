@@ -12,6 +12,7 @@ import math
 import netrc
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,22 @@ def tracker_setup(cfg: RunConfig, run_dir: Path) -> tuple[list[str], dict[str, d
                                f"(or remove it from tracking.log_with)")
         log_with.append(name)
     return log_with, init_kwargs
+
+
+@contextlib.contextmanager
+def command_tracker(log_with: str | None, project: str, log_dir: str | Path,
+                    config: dict[str, Any]) -> Iterator[Any]:
+    """The tracker of a one-off command (`sslpipe show`, `sslpipe qscore`): an Accelerator on the CPU that logs to
+    `log_with` (wandb offline without an API key, as in training), or None without one; ended on exit."""
+    if not log_with:
+        yield None
+        return
+    from accelerate import Accelerator
+
+    init = {"wandb": {"mode": resolve_wandb_mode(None), "dir": str(log_dir)}} if log_with == "wandb" else {}
+    accelerator = Accelerator(cpu=True, log_with=log_with, project_dir=str(log_dir))
+    accelerator.init_trackers(project, config={k: str(v) for k, v in config.items()}, init_kwargs=init)
+    try:
+        yield accelerator
+    finally:
+        accelerator.end_training()

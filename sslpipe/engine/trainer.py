@@ -13,12 +13,11 @@ directory's lock for the whole run (`engine/run_lock.py`) and resumes only a che
 sha256; a failed write (disk full, I/O error, permission) ends the run with one `WriteFailed` naming the file, the
 last good checkpoint and how to resume; the end of a run reports what the loader skipped.
 
-Run as a module for multi-process launches:
-    accelerate launch -m sslpipe.engine.trainer RECIPE.yaml optim.lr=1e-3 [--resume auto|RUN|CKPT]
+Multi-process launches run the command: `accelerate launch -m sslpipe train RECIPE.yaml optim.lr=1e-3 [--resume
+auto|RUN|CKPT]` (`run_recipe`).
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -49,7 +48,11 @@ from sslpipe.engine.checkpoint import (
     save_checkpoint,
 )
 from sslpipe.engine.determinism import deterministic_mode
-from sslpipe.engine.optim import apply_schedule, build_optimizer, clip_gradients_per_tensor
+from sslpipe.engine.optim import (
+    apply_schedule,
+    build_optimizer,
+    clip_gradients_per_tensor,
+)
 from sslpipe.engine.preemption import StopRequest, sigterm_as_exit
 from sslpipe.engine.prefetch import prefetch_to_device
 from sslpipe.engine.processes import process_state
@@ -446,15 +449,13 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None) -> Pa
     return run_dir
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m sslpipe.engine.trainer", description="Train a recipe YAML.")
-    parser.add_argument("config", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-3")
-    parser.add_argument("--resume", default=None, help="'auto', a run directory or a checkpoint directory")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    return train(cfg, resume=args.resume, overrides_text=" ".join(args.overrides) or None)
-
-
-if __name__ == "__main__":
-    main()
+def run_recipe(recipe: str | Path, overrides: Sequence[str] = (), *, resume: str | None = None,
+               methods: Sequence[str] | None = None, command: str = "train") -> Path:
+    """The one entry point of `sslpipe train` and `sslpipe finetune` (also under `accelerate launch -m sslpipe`):
+    load the recipe with its overrides, refuse a method outside `methods` (naming the command that takes it), train,
+    and record the overrides in the run's config.yaml."""
+    cfg = load_config(recipe, overrides)
+    if methods is not None and cfg.method not in methods:
+        raise ValueError(f"{recipe}: method {cfg.method!r} is not one `sslpipe {command}` trains "
+                         f"({', '.join(methods)}); use `sslpipe train` for it")
+    return train(cfg, resume=resume, overrides_text=" ".join(overrides) or None)

@@ -28,8 +28,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sslpipe.eval.qscore import (DEFAULT_EPS, DEFAULT_ETA, DEFAULT_PERCENTILES, activation_rates, batch_summary,
-                                 eps_for_coverage, qscore_metrics)
+from sslpipe.eval.qscore import (
+    DEFAULT_EPS,
+    DEFAULT_ETA,
+    DEFAULT_PERCENTILES,
+    activation_rates,
+    batch_summary,
+    eps_for_coverage,
+    qscore_metrics,
+)
 
 if TYPE_CHECKING:
     from sslpipe.eval.spec import FeatureSpec, ProbeData
@@ -310,3 +317,25 @@ def qscore_report(
             values.update({f"qscore/{name}/auroc": s["auroc"], f"qscore/{name}/auprc": s["auprc"]})
     report(result, values, out_json, tracker, step)
     return result
+
+
+def format_qscore_report(result: dict[str, Any], ci: float) -> str:
+    """The report as `sslpipe qscore` prints it: kNN, coverage, then one line per metric with its AUROC interval."""
+    cover = result["coverage"]
+    lines = [f"kNN k={result['knn']['k']} top-1 {result['knn']['top1']:.4f}: {result['n_wrong']} of "
+             f"{result['n_val']} val samples wrong",
+             f"coverage (share of samples with a non-empty selection): q_v1 {cover['q_v1']:.4f}, q_v2 "
+             f"{cover['q_v2']:.4f} (v2 eps {result['settings']['eps']:g})",
+             f"{'metric':<10}{'flags':>6}{'AUROC':>8}  {f'{ci:.0%} CI':<17}{'AUPRC':>8}  above 0.5 (whole CI)"]
+    for name, s in result["scores"].items():
+        if s["auroc"] is None:
+            lines.append(f"{name:<10}{s['direction']:>6}  {'degenerate' if s['degenerate'] else 'n/a'}")
+            continue
+        lo, hi = s["auroc_ci"] or (float("nan"), float("nan"))
+        lines.append(f"{name:<10}{s['direction']:>6}{s['auroc']:8.4f}  [{lo:.4f}, {hi:.4f}] {s['auprc']:8.4f}  "
+                     f"{'yes' if s['above_chance'] else 'no'}")
+    lines.append("(pre-registered directions; the flipped AUROCs in the JSON's `post_hoc` were chosen after seeing "
+                 "labels)")
+    if result.get("plot"):
+        lines.append(f"plot: {result['plot']}")
+    return "\n".join(lines)

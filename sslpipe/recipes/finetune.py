@@ -25,7 +25,12 @@ from sslpipe.config import RunConfig, Section
 from sslpipe.data.dense import DenseTransform, collate_dense
 from sslpipe.data.seg_classes import segmentation_classes
 from sslpipe.data.stream import build_loader
-from sslpipe.heads.vitdet import ViTDetBackbone, ViTDetPyramid, build_vitdet_pyramid, dense_param_groups
+from sslpipe.heads.vitdet import (
+    ViTDetBackbone,
+    ViTDetPyramid,
+    build_vitdet_pyramid,
+    dense_param_groups,
+)
 from sslpipe.recipes.base import Recipe
 
 
@@ -106,7 +111,7 @@ class DenseFinetuneRecipe(Recipe):
     top_block = True  # the pyramid's stride-64 max-pooled level (Mask R-CNN's p6)
     default_eval_batch = 8
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.accelerator = None
         self.run_dir: Path | None = None

@@ -1,7 +1,8 @@
-"""Mask2Former fine-tuning on a ViTDet pyramid (`method: finetune_mask2former`; docs/methods.md §6, docs/finetune.md).
+"""Mask2Former fine-tuning on a ViTDet pyramid (`method: finetune_mask2former`; docs/methods.md §6,
+docs/finetune.md).
 
-`finetune_mask2former.task: semantic` trains on one mask per class present (label 255 ignored) and reports mIoU with the per-class
-IoU table; `instance` trains on one mask per instance (thing classes = classes 1.. with class 0 the background) and
+`finetune_mask2former.task: semantic` trains on one mask per class present (label 255 ignored) and reports mIoU with
+the per-class IoU table; `instance` trains on one mask per instance (thing classes = classes 1.. with class 0 the background) and
 reports COCO mask/box AP. The loss is transformers' Mask2Former criterion (published weights, deep supervision); the
 published optimiser is AdamW 1e-4, weight decay 0.05, backbone lr x0.1, full-model gradient clip 0.01, poly decay
 (recipes/finetune_m2f_ade20k_vit_small.yaml).
@@ -36,8 +37,13 @@ from sslpipe.heads.mask2former import (
     semantic_targets,
 )
 from sslpipe.heads.vitdet import ViTDetPyramid
-from sslpipe.recipes.finetune import (DENSE_UNREAD, DenseFinetuneRecipe, FinetuneConfig, crop_resize_logits,
-                                     stack_or_none)
+from sslpipe.recipes.finetune import (
+    DENSE_UNREAD,
+    DenseFinetuneRecipe,
+    FinetuneConfig,
+    crop_resize_logits,
+    stack_or_none,
+)
 
 
 class Mask2FormerConfig(FinetuneConfig):

@@ -94,7 +94,7 @@ class MultiCropRecipe(Recipe):
 
     uses_masks: bool = False
     unread = {**DENSE_EVAL_KEYS,
-              "model.init_from": "it starts from random init (continued pretraining from an export comes with issue 32)"}
+              "model.init_from": "it starts from random init (continued pretraining is not built yet)"}
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

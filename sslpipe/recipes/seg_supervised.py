@@ -168,7 +168,8 @@ class SupervisedSegRecipe(Recipe):
         d, u = self.cfg.data, self.section
         return semi_loader(labeled=d.train, labeled_split=d.train_split,
                            unlabeled=u.unlabeled if self.uses_unlabeled else None,
-                           unlabeled_split=u.unlabeled_split if self.uses_unlabeled else "", transform=self.transform(train=True),
+                           unlabeled_split=u.unlabeled_split if self.uses_unlabeled else "",
+                           transform=self.transform(train=True),
                            batch_size=d.batch_size, unlabeled_batch_size=self.unlabeled_batch_size(),
                            num_batches=self.steps_per_epoch(world_size), epoch=epoch, seed=self.cfg.seed, rank=rank,
                            world_size=world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,

@@ -1,4 +1,5 @@
-"""SimCLR (Chen et al., ICML 2020), the setting of the Q-score paper (docs/methods.md §4), with the optional Q-score term.
+"""SimCLR (Chen et al., ICML 2020), the setting of the Q-score paper (docs/methods.md §4, §9), with the optional
+Q-score term.
 
 Two augmented views per image (lightly's `SimCLRTransform`: RandomResizedCrop, flip, colour jitter, grayscale,
 Gaussian blur), any timm backbone, lightly's `SimCLRProjectionHead` and `NTXentLoss(gather_distributed=True)`:
@@ -17,16 +18,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from lightly.transforms import SimCLRTransform
+from pydantic import Field
 from torch import Tensor, nn
 
 from sslpipe.config import RunConfig, Section
 from sslpipe.data.stream import build_loader
 from sslpipe.losses.health import embedding_health
-from sslpipe.models.backbones import backbone_embed_dim, create_backbone, forward_cls, sync_batchnorm
+from sslpipe.models.backbones import (
+    backbone_embed_dim,
+    create_backbone,
+    forward_cls,
+    sync_batchnorm,
+)
 from sslpipe.recipes.base import Recipe
 from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, build_qscore, split_decay_groups
 from sslpipe.recipes.sections import QScoreConfig

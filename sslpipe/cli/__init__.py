@@ -1,0 +1,72 @@
+"""The `sslpipe` command: one module per subcommand, each a thin `add(sub)` (its arguments) and `run(args)` (parse,
+then call the library). Library code is imported inside `run`, so `sslpipe --help` is instant and one stage's
+dependencies never slow another's start."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sslpipe.cli import (
+    bench,
+    check,
+    demo,
+    eval_seg,
+    export,
+    finetune,
+    importing,
+    knn,
+    linear,
+    linear_seg,
+    predict,
+    qscore,
+    report,
+    shards,
+    show,
+    train,
+)
+
+COMMANDS = {"shards": shards, "train": train, "export": export, "import": importing, "check": check, "knn": knn,
+            "linear": linear, "linear-seg": linear_seg, "qscore": qscore, "finetune": finetune, "predict": predict,
+            "eval-seg": eval_seg, "demo": demo, "show": show, "report": report, "bench": bench}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sslpipe",
+        description="Self-supervised pretraining for vision: shards -> train (DINOv2, iBOT, DINO, SimCLR) -> export "
+                    "-> kNN / linear / fine-tuning.",
+        epilog="Start with `sslpipe demo`; each stage's --help lists its options.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS.values():
+        module.add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # `key=value` overrides may come before or after options (`train R.yaml --resume auto a.b=1`); argparse
+    # stops filling a `*` positional at the first option, so stragglers are collected here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    try:
+        return COMMANDS[args.command].run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        # Errors we raise on bad input carry the file/key and the fix; a traceback would only hide them.
+        print(f"sslpipe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        from sslpipe.errors import WriteFailed
+
+        if not isinstance(err, WriteFailed):
+            raise
+        # A full or failing disk: the message names the file, what was removed and how to continue.
+        print(f"sslpipe {args.command}: error: {err}", file=sys.stderr)
+        return 1

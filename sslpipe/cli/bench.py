@@ -1,0 +1,76 @@
+"""`sslpipe bench`: benchmarks, each against a reference run side by side (loader, kNN, iBOT step, trainer step)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks, each against a reference run side by side")
+    which = p.add_subparsers(dest="bench", required=True)
+    loader = which.add_parser("loader", help="shard stream (fast / torchvision crops) vs ImageFolder vs ceiling")
+    loader.add_argument("shards", nargs="?", default=None,
+                        help="shard directory with manifest.json (default with --photos: runs/bench_photos)")
+    loader.add_argument("--photos", type=int, default=None, metavar="N",
+                        help="first write N 500x375 JPEG photographs (from scikit-image's bundled images) as shards")
+    loader.add_argument("--recipe", default="recipes/demo_ibot.yaml", help="takes the multi-crop settings from it")
+    loader.add_argument("--backend", choices=["fast", "torchvision", "device", "both", "all"], default="both",
+                        help="crop backends to time (crops.backend); both = fast + torchvision, all = + device")
+    loader.add_argument("--device", default=None, help="where the device backend crops (default: cuda if present)")
+    loader.add_argument("--batch-size", type=int, default=64)
+    loader.add_argument("--workers", type=int, default=2)
+    loader.add_argument("--max-images", type=int, default=4096)
+    loader.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each path counts")
+    loader.add_argument("--max-seconds", type=float, default=30.0, help="time bound of the single-core ceiling")
+    knn = which.add_parser("knn", help="faiss vs torch matmul+topk vs scikit-learn kNN on the same features")
+    knn.add_argument("--n-train", type=int, default=50000)
+    knn.add_argument("--n-test", type=int, default=10000)
+    knn.add_argument("--dim", type=int, default=384)
+    knn.add_argument("--k", type=int, default=20)
+    ibot = which.add_parser("ibot-step", help="our iBOT training step vs one built from lightly's blocks")
+    ibot.add_argument("--batch-size", type=int, default=64)
+    ibot.add_argument("--steps", type=int, default=10)
+    step = which.add_parser("step", help="the trainer's step of a recipe vs the bare network: time, FLOPs, MFU")
+    step.add_argument("--recipe", default="recipes/demo_ibot.yaml")
+    step.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    step.add_argument("--batch-size", type=int, default=None, help="default: the recipe's data.batch_size")
+    step.add_argument("--steps", type=int, default=10)
+    step.add_argument("--warmup", type=int, default=3)
+    step.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    step.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    step.add_argument("overrides", nargs="*", help="key.sub=value overrides for the recipe")
+    for q in (loader, knn, ibot, step):
+        q.add_argument("--out", default=None, help="also write the result as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bench == "loader":
+        from sslpipe.bench.loader import BACKEND_SETS, run_loader_bench_from_recipe
+
+        result = run_loader_bench_from_recipe(
+            args.shards, args.recipe, backends=BACKEND_SETS.get(args.backend, (args.backend,)),
+            batch_size=args.batch_size, num_workers=args.workers, max_images=args.max_images, rounds=args.rounds,
+            max_seconds=args.max_seconds, device=args.device, photos=args.photos)
+    elif args.bench == "knn":
+        from sslpipe.bench.knn import run_knn_bench
+
+        result = run_knn_bench(n_train=args.n_train, n_test=args.n_test, dim=args.dim, k=args.k)
+        print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
+    elif args.bench == "step":
+        from sslpipe.bench.step import main_print, run_step_bench
+
+        result = run_step_bench(args.recipe, device=args.device, batch_size=args.batch_size, steps=args.steps,
+                                warmup=args.warmup, mixed_precision=args.mixed_precision, overrides=args.overrides,
+                                peak=args.peak_tflops)
+        main_print(result)
+    else:
+        from sslpipe.bench.ibot_step import run_ibot_step_bench
+
+        result = run_ibot_step_bench(batch_size=args.batch_size, steps=args.steps)
+        print(json.dumps(result, indent=2))
+        print(f"sslpipe iBOT step {result['sslpipe_ms']:.1f} ms, lightly-assembled {result['lightly_ms']:.1f} ms: "
+              f"ratio {result['ratio_sslpipe_over_lightly']:.2f} (lower is faster)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,21 @@
+"""`sslpipe export`: a run's backbone as model.safetensors + config.json (loads in timm)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run's backbone as model.safetensors + config.json (loads in timm)")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--which", choices=["teacher", "student"], default=None,
+                   help="default: the teacher when the run has one (DINO, iBOT), else the student (SimCLR)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the newest)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/export/WHICH)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sslpipe.export import export_run
+
+    out = export_run(args.run, which=args.which, out=args.out, checkpoint=args.checkpoint)
+    print(f"exported to {out}")
+    return 0

@@ -1,0 +1,30 @@
+"""`sslpipe import`: an official DINO / iBOT / DINOv2 / MAE checkpoint or a timm state dict as an export folder."""
+from __future__ import annotations
+
+import argparse
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="an official DINO / iBOT / DINOv2 / MAE checkpoint or a timm state dict as an "
+                                      "export folder (model.safetensors + config.json), for every probe and recipe")
+    p.add_argument("source", help="a .pth/.pt/.bin checkpoint (read with torch.load(weights_only=True)), a "
+                                  ".safetensors file or an export folder")
+    p.add_argument("out", help="output export folder")
+    p.add_argument("--format", choices=["dino", "ibot", "dinov2", "mae", "timm", "safetensors"], default=None,
+                   help="the checkpoint's layout (default: detected from the keys)")
+    p.add_argument("--which", choices=["teacher", "student"], default=None,
+                   help="training checkpoints with both networks (DINO, iBOT, DINOv2): default the teacher")
+    p.add_argument("--arch", default=None,
+                   help="timm architecture whose defaults describe the weights (default: read from the shapes)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size of the export (default: the checkpoint's position grid x patch size); another "
+                        "grid resizes the position embedding by the source's official rule")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sslpipe.import_checkpoint import import_checkpoint
+
+    report = import_checkpoint(args.source, args.out, fmt=args.format, which=args.which, arch=args.arch,
+                               img_size=args.img_size)
+    print("\n".join(report.lines()))
+    return 0

@@ -1,0 +1,131 @@
+"""`sslpipe shards`: write WebDataset shards + manifest.json from images, a list, a dataset layout or a bundled
+data set."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shards", help="write WebDataset tar shards + manifest.json from images or a bundled data set")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=["fashion-mnist", "digits", "scenes", "stardist"],
+                     help="a bundled data set; `scenes`: generated segmentation scenes (Fashion-MNIST objects on "
+                          "scikit-image photographs, seg.png + inst.png); `stardist`: 64-px tiles of the real "
+                          "nuclei image in the stardist wheel (background/nucleus), written like --voc")
+    src.add_argument("--folder", help="an image folder with one sub-folder per class (like ImageFolder)")
+    src.add_argument("--list", dest="list_file", help="a list file: `path [label]` per line")
+    src.add_argument("--seg-list", help="a list file: `image_path label_png_path` per line (segmentation)")
+    src.add_argument("--voc", help="a PASCAL VOC style folder (JPEGImages/, SegmentationClass[Aug]/, split lists): "
+                                   "writes OUT/labeled, OUT/unlabeled, OUT/val for U2PL (docs/u2pl.md)")
+    src.add_argument("--cityscapes", help="a Cityscapes style folder (leftImg8bit/, gtFine/): like --voc")
+    src.add_argument("--ade20k", help="an ADEChallengeData2016 folder (images/, annotations/; labels 1..150 -> 0..149, "
+                                      "0 -> 255): like --voc")
+    src.add_argument("--coco", help="COCO instances: a COCO folder (annotations/instances_*.json + image folders, "
+                                    "splits kept) or one COCO-format json; writes seg.png + inst.png per image")
+    p.add_argument("out", help="output directory (refused if it is not empty, unless --force)")
+    p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--max-shard-bytes", type=int, default=None, help="also start a new shard past this size")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="held-out fraction for sources with no split")
+    p.add_argument("--reencode", choices=["jpg", "png"], default=None, help="re-encode images (default: keep bytes)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
+    p.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is at most this")
+    p.add_argument("--limit", type=int, default=None, help="bundled data sets: only the first N samples per split")
+    p.add_argument("--workers", type=int, default=1, help="processes that read and encode images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    p.add_argument("--classes", default=None,
+                   help="--seg-list/--list: the class names in label order, a file (one per line) or a,b,c "
+                        "(a seg-list names none otherwise; its label maps are checked against them)")
+    p.add_argument("--coco-images", default=None, help="--coco with one json: its image folder (default: found "
+                                                       "next to the json)")
+    p.add_argument("--scene-size", type=int, default=64, help="scenes: image side in pixels")
+    p.add_argument("--scene-train", type=int, default=2000, help="scenes: number of train images")
+    p.add_argument("--scene-val", type=int, default=500, help="scenes: number of val images")
+    p.add_argument("--scene-objects", default=None, metavar="MIN,MAX",
+                   help="scenes: objects per image (default 1,4)")
+    p.add_argument("--scene-scale", default=None, metavar="LO,HI",
+                   help="scenes: object side as a fraction of the image side (default 0.35,0.7)")
+    p.add_argument("--scene-classes", default=None, metavar="NAME,NAME,...",
+                   help="scenes: paste only these Fashion-MNIST classes, labelled 1.. in this order "
+                        "(e.g. Trouser,Sneaker,Bag; default all ten)")
+    p.add_argument("--semi", action="store_true",
+                   help="scenes: write labelled/unlabelled/val shard sets like --voc (with --labeled)")
+    p.add_argument("--labeled", default=None,
+                   help="--voc/--cityscapes/--ade20k/--semi: the labelled subset, a count (1464) or fraction "
+                        "(1/16), chosen by a seeded list (--seed); the rest becomes unlabelled. Default: all labelled")
+    p.add_argument("--labeled-list", default=None,
+                   help="--voc/--cityscapes/--ade20k: a file of the labelled ids instead")
+    p.add_argument("--voc-train", default="train",
+                   help="--voc: train split (ImageSets/Segmentation/NAME.txt or a list file; U2PL: trainaug ids)")
+    p.add_argument("--voc-val", default="val", help="--voc: val split (name or list file)")
+
+
+def _pair(text: str, cast: type, flag: str) -> tuple:
+    """`a,b` -> (cast(a), cast(b)), or a clear error naming the flag."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return cast(parts[0]), cast(parts[1])
+    except ValueError:
+        raise ValueError(f"{flag} takes two numbers as MIN,MAX (e.g. {flag} 1,2), got {text!r}") from None
+
+
+def _scene_options(args: argparse.Namespace) -> dict:
+    """The `scenes` options of `--dataset scenes` (SceneGenerator keywords besides the counts and the size)."""
+    options = {"train": args.scene_train, "val": args.scene_val, "size": args.scene_size}
+    if args.scene_objects:
+        options["objects"] = _pair(args.scene_objects, int, "--scene-objects")
+    if args.scene_scale:
+        options["scale"] = _pair(args.scene_scale, float, "--scene-scale")
+    if args.scene_classes:
+        options["classes"] = [name.strip() for name in args.scene_classes.split(",")]
+    return options
+
+
+def _run_layout_shards(args: argparse.Namespace) -> int:
+    from sslpipe.data.seg_layouts import layout_shards
+
+    scenes = _scene_options(args) if args.dataset == "scenes" else None
+    summary = layout_shards(args.out, voc=args.voc, cityscapes=args.cityscapes, ade20k=args.ade20k, scenes=scenes,
+                            stardist=args.dataset == "stardist",
+                            voc_train=args.voc_train, voc_val=args.voc_val, labeled=args.labeled,
+                            labeled_list=args.labeled_list, seed=args.seed, samples_per_shard=args.samples_per_shard,
+                            force=args.force, num_workers=args.workers, created_by="sslpipe " + " ".join(sys.argv[1:]))
+    for name, info in summary["sets"].items():
+        print(f"{args.out}/{name}: {info['samples']} samples in {info['shards']} shards")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from sslpipe.data.shards import parse_classes, write_shards
+
+    if args.classes and not (args.seg_list or args.list_file):
+        raise ValueError("--classes names the classes of a --seg-list or --list source; the others name their own")
+    if (args.voc or args.cityscapes or args.ade20k or args.dataset == "stardist"
+            or (args.dataset == "scenes" and args.semi)):
+        return _run_layout_shards(args)
+    if args.semi or args.labeled or args.labeled_list:
+        raise ValueError("--semi/--labeled/--labeled-list go with --voc, --cityscapes, --ade20k or --dataset scenes "
+                         "--semi")
+    source, kind = (
+        (args.dataset, "scenes" if args.dataset == "scenes" else "dataset") if args.dataset else
+        (args.folder, "folder") if args.folder else
+        (args.list_file, "list") if args.list_file else
+        (args.coco, "coco") if args.coco else
+        (args.seg_list, "seg-list")
+    )
+    manifest = write_shards(
+        args.out, source=source, kind=kind, samples_per_shard=args.samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes, val_fraction=args.val_fraction, reencode=args.reencode,
+        quality=args.quality, max_side=args.max_side, limit=args.limit, num_workers=args.workers,
+        seed=args.seed, force=args.force, created_by="sslpipe " + " ".join(sys.argv[1:]),
+        scenes=_scene_options(args) if args.dataset == "scenes" else None, coco_images=args.coco_images,
+        classes=parse_classes(args.classes) if args.classes else None,
+    )
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
+    if manifest.get("skipped"):
+        print(f"skipped {len(manifest['skipped'])} unreadable images (listed in {args.out}/manifest.json)")
+    return 0
