@@ -72,7 +72,7 @@ def resized_crop_params(height: int, width: int, scale: tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _resize(region: np.ndarray, size: int) -> np.ndarray:
+def resize_square(region: np.ndarray, size: int) -> np.ndarray:
     """Antialiased bicubic resize of a uint8 HWC region to (size, size), HWC contiguous (torch's uint8 kernel)."""
     chw = torch.from_numpy(region).permute(2, 0, 1)  # a strided view of the image: no copy
     out = F.interpolate(chw[None], size=(size, size), mode="bicubic", antialias=True)[0]
@@ -158,7 +158,7 @@ class FastCropView:
 
     def apply(self, image: np.ndarray, p: Sequence[float]) -> Tensor:
         top, left, h, w = (int(v) for v in p[0:4])
-        img = _resize(image[top:top + h, left:left + w], self.size)
+        img = resize_square(image[top:top + h, left:left + w], self.size)
         if p[P["flip"]]:
             img = np.ascontiguousarray(img[:, ::-1])
         if p[P["jitter"]]:

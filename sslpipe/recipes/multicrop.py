@@ -28,6 +28,7 @@ from sslpipe.models.ema import ema_update
 from sslpipe.models.heads import cancel_last_layer_gradients
 from sslpipe.models.state_dict import without_aliases
 from sslpipe.recipes.base import Recipe
+from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.sections import QScoreConfig, TeacherStudentConfig
 
 # keys of the dense evaluations, which a method probed by kNN does not read
@@ -231,14 +232,4 @@ class MultiCropRecipe(Recipe):
         Every process extracts its share of the train and val shards; the features are gathered and each process
         runs the same search, so all log and checkpoint the same value and the probe takes ~1/P of the time.
         """
-        from sslpipe.eval.knn import knn_probe
-        from sslpipe.eval.spec import FeatureSpec, ProbeData
-
-        data, crops, ev = self.cfg.data, self.cfg.crops, self.cfg.eval
-        if not data.val:
-            return {}
-        spec = FeatureSpec(img_size=crops.global_size, resize=ev.resize, crop=ev.crop, mean=crops.mean,
-                           std=crops.std, batch_size=ev.batch_size or data.batch_size, num_workers=data.num_workers)
-        probe_data = ProbeData(data.train, data.val, data.train_split, data.val_split, ev.max_train, ev.max_val)
-        return knn_probe(self.backbone("teacher"), spec, probe_data, k_list=ev.knn_k, T=ev.knn_temperature,
-                         accelerator=self.accelerator)
+        return periodic_knn(self.cfg, self.backbone("teacher"), self.accelerator)

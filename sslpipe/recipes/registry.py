@@ -25,6 +25,7 @@ KNOWN_RECIPES: dict[str, str] = {
     "finetune_mask2former": "sslpipe.recipes.finetune_m2f:Mask2FormerRecipe",
     "finetune_vitdet": "sslpipe.recipes.finetune_vitdet:ViTDetRecipe",
     "simclr": "sslpipe.recipes.simclr:SimCLRRecipe",
+    "distill": "sslpipe.recipes.distill:DistillRecipe",
     "u2pl": "sslpipe.recipes.u2pl:U2PLRecipe",
     "supervised_seg": "sslpipe.recipes.seg_supervised:SupervisedSegRecipe",
 }

@@ -34,6 +34,7 @@ from sslpipe.models.backbones import (
     sync_batchnorm,
 )
 from sslpipe.recipes.base import Recipe
+from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, build_qscore, split_decay_groups
 from sslpipe.recipes.sections import QScoreConfig
 
@@ -194,17 +195,5 @@ class SimCLRRecipe(Recipe):
         """Weighted kNN of the backbone on the validation split; the main process probes and broadcasts."""
         from accelerate.utils import broadcast_object_list
 
-        from sslpipe.eval.knn import knn_probe
-        from sslpipe.eval.spec import FeatureSpec, ProbeData
-
-        data, crops, ev = self.cfg.data, self.cfg.crops, self.cfg.eval
-        if not data.val:
-            return {}
-        metrics = [None]
-        if self.accelerator.is_main_process:
-            spec = FeatureSpec(img_size=crops.global_size, resize=ev.resize, crop=ev.crop, mean=crops.mean,
-                               std=crops.std, batch_size=ev.batch_size or data.batch_size,
-                               num_workers=data.num_workers)
-            probe_data = ProbeData(data.train, data.val, data.train_split, data.val_split, ev.max_train, ev.max_val)
-            metrics = [knn_probe(self.backbone(), spec, probe_data, k_list=ev.knn_k, T=ev.knn_temperature)]
+        metrics = [periodic_knn(self.cfg, self.backbone()) if self.accelerator.is_main_process else None]
         return broadcast_object_list(metrics)[0]

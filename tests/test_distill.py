@@ -1,0 +1,229 @@
+"""Distillation (`method: distill`): the queue pseudo-label loss, the cosine and dense terms against hand-computed
+values, the recipe's step, resume and refusals, and two processes (gloo) against one at the same global batch."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from accelerate import Accelerator
+from helpers import REPO
+
+from sslpipe.config import ConfigError
+from sslpipe.losses.cosine_distill import cosine_distill_loss
+from sslpipe.losses.dense_distill import dense_distill_loss, resample_to_grid
+from sslpipe.losses.queue_distill import QueueDistillLoss
+from sslpipe.recipes import load_config
+from sslpipe.recipes.distill import DistillRecipe, auto_queue_size
+
+RECIPE = REPO / "recipes/demo_distill.yaml"
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+TINY_VIT = "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}"
+VIT_ARGS = {"embed_dim": 48, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 32, "dynamic_img_size": True}
+EXPORT_ARGS = dict(img_size=32, mean=(0.4,) * 3, std=(0.3,) * 3, source={"which": "test"})
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+def test_queue_loss_by_hand() -> None:
+    """Queue of 3 (one slot filled by the teacher [1, 0]), tau 0.5: p_t = softmax([2, 0, 0]); a student equal to the
+    teacher gives the entropy of p_t, an orthogonal one ([0, 1]: logits 0) gives log 3."""
+    loss = QueueDistillLoss(dim=2, queue_size=3, temperature=0.5)
+    t = torch.tensor([[3.0, 0.0]])  # normalised inside
+    loss.enqueue(t)
+    p = np.exp([2.0, 0.0, 0.0]) / np.exp([2.0, 0.0, 0.0]).sum()
+    assert loss(torch.tensor([[2.0, 0.0]]), t).item() == pytest.approx(-(p * np.log(p)).sum(), rel=1e-6)
+    assert loss(torch.tensor([[0.0, 5.0]]), t).item() == pytest.approx(math.log(3), rel=1e-6)
+
+
+def test_queue_is_first_in_first_out() -> None:
+    loss = QueueDistillLoss(dim=2, queue_size=3)
+    loss.enqueue(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    loss.enqueue(torch.tensor([[-1.0, 0.0]]))
+    torch.testing.assert_close(loss.queue, torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    loss.enqueue(torch.tensor([[0.0, -2.0]] * 4))  # more than the queue holds: the first 3 of the newest
+    torch.testing.assert_close(loss.queue, torch.tensor([[0.0, -1.0]] * 3))
+
+
+def test_queue_loss_gradient_pulls_the_student_to_the_teacher() -> None:
+    torch.manual_seed(0)
+    loss = QueueDistillLoss(dim=8, queue_size=64, temperature=0.07)
+    teacher = torch.randn(16, 8)
+    loss.enqueue(torch.randn(48, 8))
+    loss.enqueue(teacher)
+    student = torch.randn(16, 8, requires_grad=True)
+    before = torch.nn.functional.cosine_similarity(student, teacher).mean().item()
+    opt = torch.optim.SGD([student], lr=0.5)
+    for _ in range(50):
+        opt.zero_grad()
+        loss(student, teacher).backward()
+        opt.step()
+    assert torch.nn.functional.cosine_similarity(student, teacher).mean().item() > max(0.75, before + 0.5)
+
+
+def test_cosine_loss_by_hand() -> None:
+    s, t = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 2.0], [2.0, 2.0]])
+    assert cosine_distill_loss(s, t).item() == pytest.approx((1.0 + 0.0) / 2)
+    with pytest.raises(ValueError, match="differ in shape"):
+        cosine_distill_loss(s, t[:1])
+
+
+def test_dense_loss_resamples_the_student_to_the_teacher_grid() -> None:
+    """A 1x1 student map (D=3) against a 2x2 teacher grid: resampled, it is the same vector at the four positions.
+    mse compares it to the teacher tokens layer-normalised per position; cosine to the raw tokens."""
+    torch.manual_seed(1)
+    v = torch.tensor([0.5, -1.0, 2.0])
+    student = v.view(1, 3, 1, 1)
+    teacher = torch.randn(1, 3, 2, 2)
+    assert torch.equal(resample_to_grid(student, (2, 2)), v.view(1, 3, 1, 1).expand(1, 3, 2, 2))
+    tokens = teacher[0].permute(1, 2, 0).reshape(4, 3).numpy()
+    ln = (tokens - tokens.mean(1, keepdims=True)) / np.sqrt(tokens.var(1, keepdims=True) + 1e-5)
+    assert dense_distill_loss(student, teacher, "mse").item() == pytest.approx(((v.numpy() - ln) ** 2).mean(), rel=1e-5)
+    cos = tokens @ v.numpy() / np.linalg.norm(tokens, axis=1) / np.linalg.norm(v.numpy())
+    assert dense_distill_loss(student, teacher, "cosine").item() == pytest.approx((1 - cos).mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="same batch and width"):
+        dense_distill_loss(torch.zeros(1, 4, 1, 1), teacher)
+
+
+def test_auto_queue_size() -> None:
+    assert (auto_queue_size(60000), auto_queue_size(1797), auto_queue_size(40), auto_queue_size(None)) == \
+        (8192, 256, 16, 8192)
+
+
+# ------------------------------------------------------------------------------------------------------ recipe
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two frozen teachers at 32 px: a tiny ViT (patch 4: an 8x8 grid of patch tokens) and a ResNet."""
+    from sslpipe.export import export_backbone
+
+    root = tmp_path_factory.mktemp("teachers")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **VIT_ARGS)
+    cnn = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    return {"vit": export_backbone(vit, root / "vit", arch="vit_tiny_patch16_224", model_args=VIT_ARGS, **EXPORT_ARGS),
+            "cnn": export_backbone(cnn, root / "cnn", arch="resnet10t", model_args={}, **EXPORT_ARGS)}
+
+
+def _cfg(shards: Path, teacher: Path, *extra: str):
+    return load_config(RECIPE, [f"data.train={shards}", f"data.val={shards}", f"distill.teacher={teacher}",
+                                "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=8", TINY_VIT, *extra])
+
+
+@pytest.mark.parametrize("teacher, extra", [
+    ("vit", ["distill.dense_loss=mse", "distill.teacher_blocks=2"]),
+    ("cnn", ["model.arch=resnet10t", "model.patch_size=null", "model.kwargs={}", "distill.global_loss=cosine"]),
+])
+def test_step_trains_the_student_and_leaves_the_teacher(digits_shards: Path, teachers, teacher: str,
+                                                        extra: list[str]) -> None:
+    recipe = DistillRecipe(_cfg(digits_shards, teachers[teacher], *extra))
+    recipe.build(Accelerator(cpu=True))
+    teacher_before = {k: v.clone() for k, v in recipe.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in recipe.student.state_dict().items()}
+    opt = torch.optim.AdamW([p for g in recipe.param_groups() for p in g["params"]], lr=1e-3)
+    loss, metrics = recipe.step(next(iter(recipe.train_loader(0, 0, 1))), {"it": 0})
+    assert torch.isfinite(loss) and "distill/global" in metrics
+    assert ("distill/dense" in metrics) == (teacher == "vit")
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(v, teacher_before[k]) for k, v in recipe.teacher.state_dict().items())
+    assert any(not torch.equal(v, student_before[k]) for k, v in recipe.student.state_dict().items())
+    assert all(not p.requires_grad for p in recipe.teacher.parameters())
+
+
+def test_refusals_are_one_line(digits_shards: Path, teachers) -> None:
+    with pytest.raises(ValueError, match="method distill needs distill.teacher"):
+        DistillRecipe(_cfg(digits_shards, teachers["vit"], "distill.teacher=null"))
+    with pytest.raises(ValueError, match="both none: nothing to learn"):
+        DistillRecipe(_cfg(digits_shards, teachers["vit"], "distill.global_loss=none"))
+    with pytest.raises(ConfigError, match="'crops.n_local' is not read by method 'distill'"):
+        _cfg(digits_shards, teachers["vit"], "crops.n_local=2")
+    recipe = DistillRecipe(_cfg(digits_shards, teachers["cnn"], "model.arch=resnet10t", "model.patch_size=null",
+                                "model.kwargs={}", "distill.teacher_blocks=2", "distill.dense_loss=mse"))
+    with pytest.raises(ValueError, match="teacher_blocks=2 needs a ViT teacher"):
+        recipe.build(Accelerator(cpu=True))
+
+
+def test_run_exports_the_student_names_the_teacher_and_refuses_a_changed_teacher(digits_shards: Path, teachers,
+                                                                                  tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    import shutil
+
+    from sslpipe.engine.trainer import train
+    from sslpipe.export import export_backbone, export_run, read_export_config
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teachers["vit"], teacher)
+    cfg = _cfg(digits_shards, teacher, f"output_dir={tmp_path}", "run_name=d", "train.max_steps=3")
+    run = train(cfg)
+    record = json.loads((run / "distill_teacher.json").read_text())
+    assert record["sha256"] == read_export_config(teacher)["sha256"]["model.safetensors"]
+    export = export_run(run, which=None)
+    assert export.name == "student" and read_export_config(export)["architecture"] == "vit_tiny_patch16_224"
+    cfg = _cfg(digits_shards, teacher, f"output_dir={tmp_path}", "run_name=d", "train.max_steps=5")
+    other = export_backbone(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **VIT_ARGS),
+                            tmp_path / "other", arch="vit_tiny_patch16_224", model_args=VIT_ARGS, **EXPORT_ARGS)
+    shutil.copy(other / "model.safetensors", teacher / "model.safetensors")  # weights that no longer match
+    with pytest.raises(ValueError, match="does not match the sha256 its config.json records"):
+        train(cfg, resume=str(run))
+    shutil.copy(other / "config.json", teacher / "config.json")  # another teacher, consistent in itself
+    with pytest.raises(ValueError, match="is not the teacher this run started from"):
+        train(cfg, resume=str(run))
+
+
+# ------------------------------------------------------------------------------------- 2 processes (gloo)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batch() -> torch.Tensor:
+    return torch.randint(0, 256, (8, 3, 28, 28), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+
+
+def _grads_of_one_step(cfg, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Build the recipe, step on this rank's half of the global batch, average the gradients as DDP does."""
+    torch.manual_seed(0)
+    recipe = DistillRecipe(cfg)
+    recipe.build(Accelerator(cpu=True))
+    views = _global_batch().chunk(world)[rank]
+    loss, _ = recipe.step({"views": views, "labels": torch.zeros(len(views), dtype=torch.long)}, {"it": 0})
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in recipe.student.named_parameters() if p.grad is not None}
+    if world > 1:
+        for g in grads.values():
+            dist.all_reduce(g)
+            g /= world
+    return {**grads, "queue": recipe.queue_loss.queue.clone(), "loss": loss.detach()}
+
+
+def _worker(rank: int, port: int, out: str, overrides: list[str]) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), ACCELERATE_USE_CPU="1")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.save(_grads_of_one_step(load_config(RECIPE, overrides), rank, 2), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_at_the_same_global_batch(digits_shards: Path, teachers, tmp_path: Path) -> None:
+    """Mixup off (it permutes within a process's batch): the averaged gradients and the shared queue of two
+    processes with 4 images each equal one process with the 8."""
+    overrides = [f"data.train={digits_shards}", f"distill.teacher={teachers['vit']}", "distill.mixup=false",
+                 "distill.queue_size=16", "distill.dense_loss=mse", TINY_VIT]
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), overrides), nprocs=2, join=True)
+    one = _grads_of_one_step(load_config(RECIPE, overrides), 0, 1)
+    for rank in range(2):
+        two = torch.load(tmp_path / f"rank{rank}.pt")
+        assert two.keys() == one.keys()
+        for key in one:
+            if key != "loss":
+                torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
