@@ -163,7 +163,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from sslpipe.export import export_run
+    from sslpipe.weights.run_export import export_run
 
     out = export_run(args.run, which=args.which, out=args.out, checkpoint=args.checkpoint)
     print(f"exported to {out}")
@@ -188,7 +188,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from sslpipe.import_checkpoint import import_checkpoint
+    from sslpipe.weights.importing import import_checkpoint
 
     report = import_checkpoint(args.source, args.out, fmt=args.format, which=args.which, arch=args.arch,
                                img_size=args.img_size)
@@ -203,7 +203,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from sslpipe.engine.check import check_run, format_check
+    from sslpipe.weights.verify import check_run, format_check
 
     rows = check_run(args.run)
     print(format_check(rows))
