@@ -9,6 +9,6 @@ __all__ = ["load_backbone", "__version__"]
 
 def load_backbone(path: str) -> Any:
     """Load an exported backbone (an export folder or its model.safetensors) as an eval-mode timm model."""
-    from sslpipe.export import load_backbone as _load
+    from sslpipe.weights.export import load_backbone as _load
 
     return _load(path)

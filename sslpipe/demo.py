@@ -19,9 +19,10 @@ from sslpipe.data.shards import read_manifest, write_shards
 from sslpipe.engine.trainer import train
 from sslpipe.eval.knn import knn_classify, run_knn
 from sslpipe.eval.spec import FeatureSpec, ProbeData
-from sslpipe.export import export_backbone, export_run
 from sslpipe.models.backbones import create_backbone, is_vit_arch
 from sslpipe.viz.report import write_report
+from sslpipe.weights.export import export_backbone
+from sslpipe.weights.run_export import export_run
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_dinov2.yaml"
 KNN_K = [10, 20]

@@ -11,8 +11,8 @@ import yaml
 from safetensors.torch import load_file
 
 from sslpipe.eval.seg_eval import evaluate_segmentation
-from sslpipe.export import _find_checkpoint
 from sslpipe.recipes import config_from_dict, get_recipe
+from sslpipe.weights.checkpoint import find_checkpoint
 
 
 def eval_seg_run(run: str | Path, *, checkpoint: str | None = None, which: str = "teacher", data: str | None = None,
@@ -31,7 +31,7 @@ def eval_seg_run(run: str | Path, *, checkpoint: str | None = None, which: str =
     if not hasattr(recipe, "build_model"):
         raise ValueError(f"{run}: method {cfg.method!r} is not a segmentation recipe (u2pl, supervised_seg)")
     model = recipe.build_model()
-    ckpt = _find_checkpoint(run, int(checkpoint) if checkpoint and checkpoint.isdigit() else checkpoint)
+    ckpt = find_checkpoint(run, int(checkpoint) if checkpoint and checkpoint.isdigit() else checkpoint)
     extra = load_file(str(ckpt / "extra_state.safetensors")) if (ckpt / "extra_state.safetensors").is_file() else {}
     teacher = {k[len("teacher."):]: v for k, v in extra.items() if k.startswith("teacher.")}
     if which == "teacher" and teacher:

@@ -13,9 +13,9 @@ def predict_run(run: str | Path, *, checkpoint: str | Path | None = None, data: 
     `RUN/predictions/predict.png`). Returns {"png": path, "metrics": metrics over those n images}."""
     from safetensors.torch import load_file
 
-    from sslpipe.engine.checkpoint import find_latest_checkpoint
     from sslpipe.recipes import get_recipe, load_config
     from sslpipe.recipes.finetune import DenseFinetuneRecipe
+    from sslpipe.weights.checkpoint import find_checkpoint
 
     run = Path(run)
     if (run / "trainer_state.json").is_file() and checkpoint is None:  # a checkpoint folder was given
@@ -25,8 +25,8 @@ def predict_run(run: str | Path, *, checkpoint: str | Path | None = None, data: 
     if not isinstance(recipe, DenseFinetuneRecipe):
         raise ValueError(f"{run} was trained with method {cfg.method!r}: `sslpipe predict` needs a fine-tuning run "
                          "(finetune_mask2former or finetune_vitdet)")
-    ckpt = Path(checkpoint) if checkpoint is not None else find_latest_checkpoint(run)
-    if ckpt is None or not (ckpt / "model.safetensors").is_file():
+    ckpt = find_checkpoint(run, checkpoint)
+    if not (ckpt / "model.safetensors").is_file():
         raise FileNotFoundError(f"no checkpoint with model.safetensors under {run / 'checkpoints'}: train first, "
                                 "or pass --checkpoint")
     model = recipe.build_model()

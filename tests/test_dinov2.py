@@ -20,7 +20,8 @@ from lightly.loss.swav_loss import sinkhorn as lightly_swav_sinkhorn
 from sslpipe.recipes import config_from_dict, load_config
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.trainer import train
-from sslpipe.export import export_run, load_backbone
+from sslpipe.weights.export import load_backbone
+from sslpipe.weights.run_export import export_run
 from sslpipe.losses.dinov2 import DINOv2Loss
 from sslpipe.losses.koleo import KoLeoLoss
 from sslpipe.losses.sinkhorn import sinkhorn_knopp

@@ -101,7 +101,7 @@ def test_auto_queue_size() -> None:
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two frozen teachers at 32 px: a tiny ViT (patch 4: an 8x8 grid of patch tokens) and a ResNet."""
-    from sslpipe.export import export_backbone
+    from sslpipe.weights.export import export_backbone
 
     root = tmp_path_factory.mktemp("teachers")
     torch.manual_seed(0)
@@ -156,7 +156,8 @@ def test_run_exports_the_student_names_the_teacher_and_refuses_a_changed_teacher
     import shutil
 
     from sslpipe.engine.trainer import train
-    from sslpipe.export import export_backbone, export_run, read_export_config
+    from sslpipe.weights.export import export_backbone, read_export_config
+    from sslpipe.weights.run_export import export_run
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     teacher = tmp_path / "teacher"

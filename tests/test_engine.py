@@ -18,16 +18,13 @@ from helpers import child_env
 from safetensors.torch import load_file
 
 from sslpipe.config import RunConfig
-from sslpipe.engine.checkpoint import (
-    find_latest_checkpoint,
-    list_checkpoints,
-    resolve_resume,
-)
 from sslpipe.engine.optim import clip_gradients_per_tensor
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.tracking import resolve_wandb_mode
 from sslpipe.engine.trainer import TrainingDiverged, train
 from sslpipe.recipes import config_from_dict, get_recipe, load_config
+from sslpipe.weights.checkpoint import find_checkpoint, list_checkpoints
+from sslpipe.weights.resume import resolve_resume
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -207,7 +204,7 @@ def initial_student(cfg: RunConfig) -> dict[str, torch.Tensor]:
 def test_freeze_last_layer_in_epoch_zero(tmp_path: Path, freeze_epochs: int) -> None:
     cfg = toy_cfg(tmp_path, "freeze", toy={"freeze_last_layer_epochs": freeze_epochs}, train={"max_steps": 3})
     init = initial_student(cfg)
-    after = load_file(str(find_latest_checkpoint(train(cfg)) / "model.safetensors"))
+    after = load_file(str(find_checkpoint(train(cfg)) / "model.safetensors"))
     assert not torch.equal(after["body.0.weight"], init["body.0.weight"])
     frozen = all(torch.equal(after[k], init[k]) for k in ("last_layer.weight", "last_layer.bias"))
     assert frozen == (freeze_epochs == 1)
@@ -230,8 +227,8 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, clip_mode: str
     AcceleratorState._reset_state(reset_partial_state=True)
     resumed = train(toy_cfg(tmp_path, "killed", **extra), resume=str(run))
     assert resumed == run
-    a, b = params(find_latest_checkpoint(straight)), params(find_latest_checkpoint(resumed))
-    assert find_latest_checkpoint(resumed).name == f"step_{total:08d}" and a.keys() == b.keys()
+    a, b = params(find_checkpoint(straight)), params(find_checkpoint(resumed))
+    assert find_checkpoint(resumed).name == f"step_{total:08d}" and a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -246,7 +243,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, clip_mode: str
 def test_steps_under_mixed_precision_on_each_device(tmp_path: Path, trainer_device: str, precision: str) -> None:
     """The trainer steps and checkpoints under autocast: parameters stay float32, the loss stays finite."""
     run = train(toy_cfg(tmp_path, f"amp-{precision}", train={"max_steps": 3, "mixed_precision": precision}))
-    state = load_file(str(find_latest_checkpoint(run) / "model.safetensors"))
+    state = load_file(str(find_checkpoint(run) / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in state.values())
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert losses and all(math.isfinite(v) for v in losses)
@@ -290,8 +287,8 @@ def test_stop_request_checkpoints_and_resume_finishes_the_same_run(tmp_path: Pat
     stop_file.unlink(missing_ok=True)
     AcceleratorState._reset_state(reset_partial_state=True)
     resumed = train(toy_cfg(tmp_path, "asked"), resume=str(run))
-    a, b = params(find_latest_checkpoint(straight)), params(find_latest_checkpoint(resumed))
-    assert find_latest_checkpoint(resumed).name == find_latest_checkpoint(straight).name
+    a, b = params(find_checkpoint(straight)), params(find_checkpoint(resumed))
+    assert find_checkpoint(resumed).name == find_checkpoint(straight).name
     assert all(torch.equal(a[k], b[k]) for k in a)
     import signal
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, "the handler is restored after the run"
@@ -327,7 +324,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path: Path) 
     assert events[-1]["event"] == "diverged" and events[-1]["step"] == 3
     AcceleratorState._reset_state(reset_partial_state=True)
     fixed = toy_cfg(tmp_path, "nan", train={"max_steps": 4})  # the last checkpoint loads and training continues
-    assert find_latest_checkpoint(train(fixed, resume=str(run))).name == "step_00000004"
+    assert find_checkpoint(train(fixed, resume=str(run))).name == "step_00000004"
 
 
 def test_unknown_method_lists_known_ones() -> None:
@@ -387,7 +384,7 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"
-    ckpt = find_latest_checkpoint(run)
+    ckpt = find_checkpoint(run)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["global_step"] == 2 * (48 // 2 // 4)
     assert sorted(p.name for p in ckpt.glob("rng_state_*")) == ["rng_state_0.safetensors", "rng_state_1.safetensors"]

@@ -11,7 +11,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sslpipe.export import export_backbone, export_run, load_backbone, strip_prefix
+from sslpipe.cli import main
+from sslpipe.weights.checkpoint import (
+    CheckpointInvalid,
+    DamagedCheckpointWarning,
+    find_checkpoint,
+    list_checkpoints,
+)
+from sslpipe.weights.export import export_backbone, load_backbone
+from sslpipe.weights.run_export import export_run, strip_prefix
 
 torch.set_num_threads(1)
 VIT_ARGS = {"img_size": 32, "patch_size": 4, "depth": 2, "dynamic_img_size": True}
@@ -103,12 +111,19 @@ def test_strip_prefix_layouts_and_error():
         strip_prefix({"head.mlp.weight": w, "loss.center": w})
 
 
+def _checkpoint(run, step: int):
+    """A complete (empty) checkpoint folder: trainer_state.json is what makes it one."""
+    ckpt = run / "checkpoints" / f"step_{step:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return ckpt
+
+
 def _fake_run(tmp_path, teacher_prefix: str, student_prefix: str):
     """A run directory as the trainer writes it, with a teacher and a (different) student backbone."""
     run = tmp_path / "run"
-    ckpt = run / "checkpoints" / "step_00000010"
-    ckpt.mkdir(parents=True)
-    (run / "checkpoints" / "step_00000004").mkdir()  # an older checkpoint that must not be picked
+    ckpt = _checkpoint(run, 10)
+    _checkpoint(run, 4)  # an older checkpoint that must not be picked
     cfg = {"model": {"arch": "vit_tiny_patch16_224", "patch_size": 4, "kwargs": {"depth": 2}},
            "crops": {"global_size": 32, "mean": list(MEAN), "std": list(STD)}, "seed": 0}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -156,6 +171,41 @@ def test_export_run_errors(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(RuntimeError, match="does not match model.arch"):
         export_run(run)
+
+
+def test_export_skips_an_incomplete_checkpoint_and_refuses_one_named(tmp_path, capsys):
+    """One finder for export, eval-seg and predict: a `step_N` folder without trainer_state.json is incomplete. The
+    newest complete checkpoint is exported instead, with a warning naming the folder skipped (as resuming skips a
+    damaged one); naming it by step or folder is a one-line error naming it."""
+    run, teacher, _ = _fake_run(tmp_path, "teacher.backbone.", "backbone.")
+    newer = run / "checkpoints" / "step_00000012"
+    newer.mkdir()
+    save_file(load_file(str(run / "checkpoints" / "step_00000010" / "extra_state.safetensors")),
+              str(newer / "extra_state.safetensors"))
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000004", "step_00000010"]
+    assert list_checkpoints(run, complete_only=False)[-1] == newer
+    with pytest.warns(DamagedCheckpointWarning, match="incomplete checkpoint .*step_00000012"):
+        out = export_run(run)
+    assert json.loads((out / "config.json").read_text())["source"]["step"] == 10
+    _assert_same_state(teacher, load_backbone(out))
+    for named in (12, "step_00000012", newer):
+        with pytest.raises(CheckpointInvalid, match=f"{newer} is not a complete checkpoint"):
+            export_run(run, checkpoint=named)
+    assert main(["export", str(run), "--checkpoint", "step_00000012"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{newer} is not a complete checkpoint (no trainer_state.json" in error
+
+
+def test_find_checkpoint_without_a_complete_one(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="no checkpoints/step_N folders"):
+        find_checkpoint(run)
+    (run / "checkpoints" / "step_00000003").mkdir(parents=True)
+    with pytest.raises(CheckpointInvalid, match="has no complete checkpoint: step_00000003"):
+        find_checkpoint(run)
+    assert find_checkpoint(run, _checkpoint(run, 2)) == run / "checkpoints" / "step_00000002"
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 5 .*have \[2, 3\]"):
+        find_checkpoint(run, 5)
 
 
 def _card(out):
@@ -209,8 +259,7 @@ def test_export_run_writes_a_model_card(tmp_path, monkeypatch):
     assert "knn_other.json" not in body
 
     # ... and no longer once the folder holds other weights (a newer checkpoint)
-    newer = run / "checkpoints" / "step_00000012"
-    newer.mkdir()
+    newer = _checkpoint(run, 12)
     extra = load_file(str(run / "checkpoints" / "step_00000010" / "extra_state.safetensors"))
     save_file({k: v + 1 if k.startswith("teacher.backbone.") else v for k, v in extra.items()},
               str(newer / "extra_state.safetensors"))

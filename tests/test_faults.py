@@ -33,18 +33,15 @@ from sslpipe.cli import main
 from sslpipe.config import RunConfig
 from sslpipe.recipes import config_from_dict
 from sslpipe.data.shards import write_shards
-from sslpipe.engine import checkpoint as ckpt_module
-from sslpipe.engine import state_io, tracking
-from sslpipe.engine.check import check_run, verify_export
-from sslpipe.engine.checkpoint import (
-    DamagedCheckpointWarning,
-    list_checkpoints,
-    load_checkpoint,
-    verify_checkpoint,
-)
+from sslpipe.engine import tracking
 from sslpipe.engine.run_lock import LOCK_NAME, RunDirectoryInUse, RunLock
 from sslpipe.engine.trainer import train
 from sslpipe.errors import WriteFailed
+from sslpipe.weights import checkpoint_io as ckpt_module
+from sslpipe.weights import state_io
+from sslpipe.weights.checkpoint import DamagedCheckpointWarning, list_checkpoints
+from sslpipe.weights.checkpoint_io import load_checkpoint
+from sslpipe.weights.verify import check_run, verify_checkpoint, verify_export
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -395,7 +392,7 @@ def test_disk_full_during_an_export_keeps_the_earlier_export(tmp_path: Path, sma
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import timm
 
-    from sslpipe import export
+    from sslpipe.weights import export
 
     model_args = {"img_size": 32, "patch_size": 16, "depth": 1, "embed_dim": 32, "num_heads": 2}
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **model_args)

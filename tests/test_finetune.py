@@ -192,7 +192,7 @@ def test_published_recipes_hold_the_published_values():
 @pytest.fixture(scope="module")
 def finetune_data(tmp_path_factory):
     from sslpipe.data.shards import write_shards
-    from sslpipe.export import export_backbone
+    from sslpipe.weights.export import export_backbone
 
     root = tmp_path_factory.mktemp("finetune")
     write_shards(root / "scenes", source="scenes", scenes={"train": 16, "val": 6, "size": 64}, samples_per_shard=8,

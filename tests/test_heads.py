@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer_sam import Attention as SAMAttention
 from torch import nn
 
-from sslpipe.export import export_backbone, load_backbone
+from sslpipe.weights.export import export_backbone, load_backbone
 from sslpipe.heads.mask2former import (
     build_mask2former,
     instance_targets,

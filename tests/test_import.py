@@ -28,10 +28,10 @@ from helpers import REPO
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sslpipe.checkpoint_layouts import UnusableCheckpoint, to_timm_names
 from sslpipe.cli import main
-from sslpipe.export import export_backbone, load_backbone, read_export_config
-from sslpipe.import_checkpoint import import_checkpoint
+from sslpipe.weights.export import export_backbone, load_backbone, read_export_config
+from sslpipe.weights.importing import import_checkpoint
+from sslpipe.weights.layouts import UnusableCheckpoint, to_timm_names
 
 torch.set_num_threads(1)
 TOL = {"atol": 1e-5, "rtol": 1e-5}

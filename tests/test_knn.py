@@ -171,7 +171,7 @@ def test_feature_spec_reads_the_export_and_keys_the_cache(tmp_path):
 
     from sslpipe.data.shards import write_shards
     from sslpipe.eval.features import fingerprint
-    from sslpipe.export import export_backbone
+    from sslpipe.weights.export import export_backbone
 
     args = {"img_size": 28, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **args).eval()
@@ -203,7 +203,7 @@ def test_extract_features_and_run_knn_on_shards(tmp_path, monkeypatch, device):
     from sslpipe.data.shards import write_shards
     from sslpipe.eval import features as feat_mod
     from sslpipe.eval.knn import run_knn
-    from sslpipe.export import export_backbone
+    from sslpipe.weights.export import export_backbone
 
     shards = tmp_path / "shards"
     write_shards(shards, source="digits", limit=40, samples_per_shard=15, progress=False)

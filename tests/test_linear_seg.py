@@ -69,7 +69,7 @@ def test_linear_seg_command_end_to_end(tmp_path):
     """`sslpipe linear-seg EXPORT --data SHARDS --out RESULT.json` on generated scenes (a tiny export): the JSON holds
     mIoU, per-class IoU, the constant baseline and the settings, and the training loss fell below chance."""
     from sslpipe.data.shards import write_shards
-    from sslpipe.export import export_backbone
+    from sslpipe.weights.export import export_backbone
 
     write_shards(tmp_path / "scenes", source="scenes", scenes={"train": 48, "val": 12, "size": 32},
                  samples_per_shard=16, progress=False)
@@ -94,7 +94,7 @@ def test_linear_seg_on_a_fixed_size_28px_export(tmp_path):
     training crops reach the backbone at the export's 28 px. They were padded to 32 px (a multiple of 32) before,
     which such a ViT rejects: "Input height (32) doesn't match model (28)"."""
     from sslpipe.cli import main
-    from sslpipe.export import export_backbone
+    from sslpipe.weights.export import export_backbone
 
     scenes = tmp_path / "scenes"
     assert main(["shards", "--dataset", "scenes", str(scenes), "--scene-size", "28", "--scene-train", "12",

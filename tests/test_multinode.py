@@ -66,7 +66,7 @@ def test_two_nodes_of_two_processes_then_elastic_resume_on_one(tmp_path: Path) -
     assert len(knn) == 2 and all(0.0 < v <= 1.0 for v in knn), "the sharded periodic kNN ran each epoch"
     from sslpipe.eval.knn import run_knn
     from sslpipe.eval.spec import FeatureSpec, ProbeData
-    from sslpipe.export import export_run
+    from sslpipe.weights.run_export import export_run
 
     exported = export_run(run, checkpoint=8)
     single = run_knn(exported, FeatureSpec.from_export(exported, resize=32, crop=32), ProbeData(shards, shards),

@@ -492,7 +492,7 @@ def test_cli_qscore_writes_json_png_and_logs(digits_shards: Path, tmp_path: Path
     from sslpipe.cli import main
     from sslpipe.eval.qscore_report import qscore_report
     from sslpipe.eval.spec import FeatureSpec, ProbeData
-    from sslpipe.export import export_backbone
+    from sslpipe.weights.export import export_backbone
     from sslpipe.models.backbones import create_backbone
 
     torch.manual_seed(0)

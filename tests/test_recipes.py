@@ -17,7 +17,8 @@ from sslpipe.recipes import load_config
 from sslpipe.engine.trainer import train
 from sslpipe.eval.knn import run_knn
 from sslpipe.eval.spec import FeatureSpec, ProbeData
-from sslpipe.export import export_run, load_backbone
+from sslpipe.weights.export import load_backbone
+from sslpipe.weights.run_export import export_run
 from sslpipe.models.heads import IBOTHead
 from sslpipe.recipes.dino import DINORecipe
 from sslpipe.recipes.ibot import IBOTRecipe

@@ -94,7 +94,7 @@ def test_without_qscore_the_loss_is_plain_ntxent(digits_shards: Path) -> None:
 
 
 def test_init_from_export_loads_strictly_and_names_mismatches(digits_shards: Path, tmp_path: Path) -> None:
-    from sslpipe.export import export_backbone
+    from sslpipe.weights.export import export_backbone
     from sslpipe.models.backbones import create_backbone
 
     def export(name: str, embed_dim: int) -> Path:
@@ -176,7 +176,8 @@ def test_negatives_are_gathered_across_two_processes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_short_run_trains_checkpoints_and_exports(digits_shards: Path, tmp_path: Path) -> None:
     from sslpipe.engine.trainer import train
-    from sslpipe.export import export_run, load_backbone
+    from sslpipe.weights.export import load_backbone
+    from sslpipe.weights.run_export import export_run
 
     cfg = _cfg(digits_shards, "data.steps_per_epoch=3", "train.log_every=1", f"output_dir={tmp_path}",
                "run_name=simclr", "eval.every_epochs=1", "eval.max_train=200", "eval.max_val=50")
@@ -194,11 +195,12 @@ def test_export_of_a_run_without_teacher_defaults_to_the_student(tmp_path):
     """`sslpipe export RUN` picks the student of a SimCLR run and names the fix when the teacher is asked for."""
     from safetensors.torch import save_file
 
-    from sslpipe.export import export_run
+    from sslpipe.weights.run_export import export_run
 
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "step_00000001"
     ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"global_step": 1}')  # a complete checkpoint
     (run / "config.yaml").write_text("method: simclr\nmodel: {arch: resnet18, patch_size: null}\n"
                                      "crops: {global_size: 32}\n")
     import timm

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sslpipe.engine import state_io
+from sslpipe.weights import state_io
 
 
 def _trained(opt_cls, **kw):
@@ -67,7 +67,7 @@ def test_scaler_and_model_with_shared_tensors(tmp_path: Path) -> None:
     net = torch.nn.Module()
     net.a = torch.nn.Linear(2, 2)
     net.b = net.a  # a shared module, as iBOT's shared head
-    state_io.save_model(net, tmp_path / "m.safetensors")
+    state_io.save_model(net.state_dict(), tmp_path / "m.safetensors")
     twin = torch.nn.Module()
     twin.a = torch.nn.Linear(2, 2)
     twin.b = twin.a
@@ -80,7 +80,7 @@ def test_old_pickled_checkpoints_are_refused_with_a_message(tmp_path: Path) -> N
 
     from accelerate.utils import DistributedType
 
-    from sslpipe.engine.checkpoint import load_checkpoint
+    from sslpipe.weights.checkpoint_io import load_checkpoint
 
     (tmp_path / "trainer_state.json").write_text("{}")
     (tmp_path / "optimizer.bin").write_bytes(b"not read")

@@ -405,7 +405,7 @@ def test_segmentation_net_outputs_and_lr_groups(arch, kwargs) -> None:
 def test_segmentation_net_from_an_export(tmp_path) -> None:
     import timm
 
-    from sslpipe.export import export_backbone
+    from sslpipe.weights.export import export_backbone
     from sslpipe.models.segmentation import build_segmentation_net
 
     torch.manual_seed(0)

@@ -424,7 +424,7 @@ def test_scenes_recipe_pair_pretrains_exports_and_starts_both_runs_from_the_expo
     from accelerate import Accelerator
 
     from sslpipe.engine.trainer import train
-    from sslpipe.export import export_run
+    from sslpipe.weights.run_export import export_run
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     u2pl, sup = load_config(REPO / "recipes/scenes_u2pl.yaml"), load_config(REPO / "recipes/scenes_supervised.yaml")

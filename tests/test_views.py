@@ -229,4 +229,4 @@ def test_crop_modules_and_multicrop_recipe_import_only_downward():
     recipe = _sslpipe_imports("recipes/multicrop.py")
     assert {"sslpipe.data.views", "sslpipe.data.fast_views", "sslpipe.data.device_views"} <= recipe
     assert not any(m.startswith(("sslpipe.engine", "sslpipe.cli", "sslpipe.bench")) for m in recipe), recipe
-    assert "sslpipe.models.state_dict" in _sslpipe_imports("engine/state_io.py")
+    assert "sslpipe.weights.state_dict" in _sslpipe_imports("weights/state_io.py")

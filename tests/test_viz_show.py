@@ -14,7 +14,7 @@ from PIL import Image
 
 from sslpipe.cli import main
 from sslpipe.eval.spec import FeatureSpec, ProbeData
-from sslpipe.export import export_backbone
+from sslpipe.weights.export import export_backbone
 from sslpipe.viz.attention import cls_attention, draw_attention, feature_norm, has_attention, mass_mask
 from sslpipe.viz.neighbours import nearest
 from sslpipe.viz.pca import patch_features, pca_rgb

@@ -11,7 +11,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.engine.check import check_run, format_check
+    from sslpipe.weights.verify import check_run, format_check
 
     rows = check_run(args.run)
     print(format_check(rows))

@@ -14,7 +14,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.export import export_run
+    from sslpipe.weights.run_export import export_run
 
     out = export_run(args.run, which=args.which, out=args.out, checkpoint=args.checkpoint)
     print(f"exported to {out}")

@@ -22,7 +22,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.import_checkpoint import import_checkpoint
+    from sslpipe.weights.importing import import_checkpoint
 
     report = import_checkpoint(args.source, args.out, fmt=args.format, which=args.which, arch=args.arch,
                                img_size=args.img_size)

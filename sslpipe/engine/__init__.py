@@ -1,14 +1,13 @@
-"""The Accelerate training engine: loop, schedules, checkpoints and tracking (docs/internals.md §5).
+"""The Accelerate training engine: loop, schedules and tracking (docs/internals.md §5); its checkpoints are
+`sslpipe.weights`.
 
 `train` and `TrainingDiverged` are imported lazily so that `python -m sslpipe.engine.trainer` runs cleanly.
 """
 from typing import Any
 
-from sslpipe.engine.checkpoint import find_latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from sslpipe.engine.schedules import Schedules
 
-__all__ = ["Schedules", "TrainingDiverged", "find_latest_checkpoint", "load_checkpoint", "resolve_resume",
-           "save_checkpoint", "train"]
+__all__ = ["Schedules", "TrainingDiverged", "train"]
 
 
 def __getattr__(name: str) -> Any:

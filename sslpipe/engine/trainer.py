@@ -40,13 +40,6 @@ from tqdm.auto import tqdm
 
 from sslpipe.config import RunConfig, save_config
 from sslpipe.data.stream import loader_stats
-from sslpipe.engine.checkpoint import (
-    checkpoint_dirs,
-    load_checkpoint,
-    pick_checkpoint,
-    resume_run_dir,
-    save_checkpoint,
-)
 from sslpipe.engine.determinism import deterministic_mode
 from sslpipe.engine.optim import (
     apply_schedule,
@@ -61,6 +54,9 @@ from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup
 from sslpipe.errors import WriteFailed, io_failure
 from sslpipe.recipes import Recipe, get_recipe, load_config
+from sslpipe.weights.checkpoint import list_checkpoints
+from sslpipe.weights.checkpoint_io import load_checkpoint, save_checkpoint
+from sslpipe.weights.resume import pick_checkpoint, resume_run_dir
 
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
@@ -173,7 +169,7 @@ def _claim_run(cfg: RunConfig, resume: str | None, overrides_text: str | None) -
     if lock.notice:
         print(lock.notice, file=sys.stderr)
     try:
-        if fresh and checkpoint_dirs(run_dir):
+        if fresh and list_checkpoints(run_dir, complete_only=False):
             raise FileExistsError(
                 f"run directory {run_dir} already has checkpoints: continue it with --resume {run_dir} "
                 "(or --resume auto), or choose another run_name")

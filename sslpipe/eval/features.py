@@ -247,7 +247,7 @@ def prepare_backbone(backbone: str | Path | nn.Module, spec: FeatureSpec) -> tup
     module is used as it is, never changed (it may be the training teacher); its source is None."""
     if isinstance(backbone, nn.Module):
         return backbone, None
-    from sslpipe.export import load_backbone
+    from sslpipe.weights.export import load_backbone
 
     model = load_backbone(backbone)
     _fit_input_size(model, spec.input_size)

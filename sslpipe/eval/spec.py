@@ -60,7 +60,7 @@ class FeatureSpec:
     def from_export(cls, export: str | Path, **overrides: Any) -> FeatureSpec:
         """The spec of an export folder: its `img_size`, `mean` and `std`, then every override that is not None
         (a flag left at None keeps the export's value or the default)."""
-        from sslpipe.export import read_export_config
+        from sslpipe.weights.export import read_export_config
 
         cfg = read_export_config(export)
         fields = {"img_size": int(cfg["img_size"]), "mean": cfg["mean"], "std": cfg["std"]}

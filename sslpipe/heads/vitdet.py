@@ -112,9 +112,9 @@ class WindowBlock(nn.Module):
 class ViTDetBackbone(nn.Module):
     """The plain ViT trunk of ViTDet: patch embedding + resized absolute positions + (window) blocks -> (B, C, H, W).
 
-    Built from a timm `VisionTransformer` (e.g. `sslpipe.export.load_backbone(path)`): its patch embedding, position
-    embedding (grid part), `norm_pre` and blocks are taken over with their weights; CLS/register tokens, the final
-    norm and the head are dropped. `window_size` = 0 makes every block global.
+    Built from a timm `VisionTransformer` (e.g. `sslpipe.weights.export.load_backbone(path)`): its patch embedding,
+    position embedding (grid part), `norm_pre` and blocks are taken over with their weights; CLS/register tokens, the
+    final norm and the head are dropped. `window_size` = 0 makes every block global.
     """
 
     def __init__(self, vit: VisionTransformer, *, window_size: int = 14, global_blocks: Iterable[int] = (2, 5, 8, 11),

@@ -134,7 +134,7 @@ def _timm_model(arch: str, init_from: str | None, model_args: dict[str, Any]) ->
 
     if init_from is None:
         return timm.create_model(arch, pretrained=False, num_classes=0, **model_args), arch
-    from sslpipe.export import read_export_config
+    from sslpipe.weights.export import read_export_config
 
     export = read_export_config(init_from)
     arch = export["architecture"]
@@ -156,7 +156,7 @@ def build_segmentation_net(arch: str, num_classes: int, *, init_from: str | None
     kwargs = dict(model_kwargs or {})
     name = arch
     if init_from is not None:
-        from sslpipe.export import read_export_config
+        from sslpipe.weights.export import read_export_config
 
         name = read_export_config(init_from)["architecture"]
     if is_vit_arch(name):

@@ -37,6 +37,7 @@ from sslpipe.models.backbones import create_backbone, sync_batchnorm
 from sslpipe.recipes.base import Recipe
 from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, split_decay_groups
+from sslpipe.weights.hashing import sha256_file
 
 
 class DistillConfig(Section):
@@ -131,13 +132,13 @@ class DistillRecipe(Recipe):
 
     # ------------------------------------------------------------------ build
     def build(self, accelerator: Any) -> None:
-        from sslpipe.export import load_backbone, read_export_config
+        from sslpipe.weights.export import export_paths, load_backbone, read_export_config
 
         d, m, crops = self.section, self.cfg.model, self.cfg.crops
         self.accelerator = accelerator
         export = read_export_config(d.teacher)
         self.teacher = load_backbone(d.teacher).eval().requires_grad_(False).to(accelerator.device)
-        self.teacher_sha256 = _file_sha256(d.teacher)
+        self.teacher_sha256 = sha256_file(export_paths(d.teacher)[0])
         recorded = (export.get("sha256") or {}).get("model.safetensors")
         if recorded and recorded != self.teacher_sha256:
             raise ValueError(f"distill.teacher={d.teacher}: model.safetensors does not match the sha256 its "
@@ -250,13 +251,3 @@ class DistillRecipe(Recipe):
     def evaluate(self, epoch: int) -> dict[str, float]:
         """Weighted kNN of the student on the validation split, shared out over the processes."""
         return periodic_knn(self.cfg, self.backbone(), self.accelerator)
-
-
-def _file_sha256(export: str) -> str:
-    """sha256 of an export's model.safetensors: what the run's checkpoints and the student's model card record."""
-    import hashlib
-
-    path = Path(export)
-    weights = path / "model.safetensors" if path.is_dir() else path
-    with open(weights, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -79,7 +79,7 @@ def load_vit(cfg: RunConfig, img_size: int, init_weights: bool
     import timm
     from safetensors.torch import load_file
 
-    from sslpipe.export import read_export_config
+    from sslpipe.weights.export import read_export_config
     from sslpipe.models.backbones import create_backbone
 
     m = cfg.model

@@ -26,10 +26,10 @@ from sslpipe.data.views import MultiCropTransform
 from sslpipe.losses.qscore import QScoreRegularizer
 from sslpipe.models.ema import ema_update
 from sslpipe.models.heads import cancel_last_layer_gradients
-from sslpipe.models.state_dict import without_aliases
 from sslpipe.recipes.base import Recipe
 from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.sections import QScoreConfig, TeacherStudentConfig
+from sslpipe.weights.state_dict import without_aliases
 
 # keys of the dense evaluations, which a method probed by kNN does not read
 DENSE_EVAL_KEYS = {"eval.mode": "its evaluation is a kNN probe, not a segmentation",

@@ -99,7 +99,7 @@ class SupervisedSegRecipe(Recipe):
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """crops.mean/std, or the export's when model.init_from is set."""
         if self.cfg.model.init_from:
-            from sslpipe.export import read_export_config
+            from sslpipe.weights.export import read_export_config
 
             export = read_export_config(self.cfg.model.init_from)
             return tuple(export["mean"]), tuple(export["std"])

@@ -129,7 +129,7 @@ class SimCLRRecipe(Recipe):
         backbone = create_backbone(m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
                                    drop_path_rate=m.drop_path_rate, **m.kwargs)
         if m.init_from:
-            from sslpipe.export import load_export_into
+            from sslpipe.weights.export import load_export_into
 
             load_export_into(backbone, m.init_from)
         dim = backbone_embed_dim(backbone)

@@ -1,5 +1,5 @@
-"""State dicts of models whose modules share tensors, shared by the recipes (extra state) and the engine
-(checkpoints): the lowest stage both import."""
+"""State dicts of models whose modules share tensors, written by the recipes (extra state) and the checkpoints
+(`sslpipe.weights.state_io`) alike."""
 from __future__ import annotations
 
 import torch

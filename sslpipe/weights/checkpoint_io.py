@@ -1,10 +1,10 @@
-"""Atomic, verified, resumable checkpoints without pickles: `RUN/checkpoints/step_{N:08d}/`.
+"""Writing and reading run checkpoints: atomic, verified, without pickles (`RUN/checkpoints/step_{N:08d}/`).
 
 A checkpoint holds the student (`model.safetensors`), the optimizer (`optimizer.safetensors`: tensors + JSON
 metadata), one `rng_state_{rank}.safetensors` per process, `scaler.json` under fp16, the recipe's extra state
 (`extra_state.safetensors`: EMA teacher, centres, queues) and `trainer_state.json` (global step, epoch, position in
 the epoch, world size, last metrics, best value, and `files`: the size and sha256 of every other file). Nothing is a
-pickle, so resuming a checkpoint from elsewhere cannot run code (`sslpipe.engine.state_io`). FSDP runs are the
+pickle, so resuming a checkpoint from elsewhere cannot run code (`sslpipe.weights.state_io`). FSDP runs are the
 exception: their sharded optimizer is written by accelerate's `save_state` and read back with
 `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
 
@@ -17,10 +17,8 @@ permission) stops every process with one `WriteFailed` naming the file, after th
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,179 +28,30 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType, gather_object
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sslpipe.engine import state_io
 from sslpipe.errors import WriteFailed, io_failure
-
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-TRAINER_STATE = "trainer_state.json"
-EXTRA_STATE = "extra_state.safetensors"
-BEST_FILE = "best.json"
-FILES = "files"  # trainer_state.json: {relative path: {"bytes": n, "sha256": hex}} of every other file
-
-
-class CheckpointInvalid(ValueError):
-    """A checkpoint asked for by name is damaged or incomplete (the message says which file and how)."""
-
-
-class DamagedCheckpointWarning(UserWarning):
-    """Resuming skipped a damaged checkpoint, or loads one that has no checksums to verify."""
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (by step)."""
-    ckpt_root = Path(run_dir) / "checkpoints"
-    if not ckpt_root.is_dir():
-        return []
-    found = [p for p in ckpt_root.iterdir() if STEP_DIR.match(p.name) and (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Every `step_N` folder of a run, complete or not, oldest first."""
-    ckpt_root = Path(run_dir) / "checkpoints"
-    if not ckpt_root.is_dir():
-        return []
-    return sorted((p for p in ckpt_root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()),
-                  key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
-def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def _sha256(path: Path, sync: bool = False) -> str:
-    with open(path, "rb") as f:
-        if sync:
-            os.fsync(f.fileno())
-        return hashlib.file_digest(f, "sha256").hexdigest()
+from sslpipe.weights import state_io
+from sslpipe.weights.checkpoint import (
+    BEST_FILE,
+    EXTRA_STATE,
+    FILES,
+    MODEL,
+    OPTIMIZER,
+    SCALER,
+    TRAINER_STATE,
+    CheckpointInvalid,
+    list_checkpoints,
+)
+from sslpipe.weights.hashing import sha256_file
+from sslpipe.weights.verify import verify_checkpoint
 
 
 def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file under `folder` but trainer_state.json, each synced to disk first."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != TRAINER_STATE)
-    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p, sync=True)}
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p, sync=True)}
             for p in files}
-
-
-def file_problems(folder: Path, table: dict[str, dict[str, Any]]) -> list[str]:
-    """Files of `table` ({name: {"bytes", "sha256"}}) that are missing, cut short or changed under `folder`."""
-    problems = []
-    for name, expected in table.items():
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif path.stat().st_size != expected["bytes"]:
-            problems.append(f"{name} has {path.stat().st_size} bytes, {expected['bytes']} written (truncated or "
-                            "overwritten)")
-        elif _sha256(path) != expected["sha256"]:
-            problems.append(f"{name} does not match its sha256 (bit rot or modified)")
-    return problems
-
-
-def structure_problems(folder: Path) -> list[str]:
-    """For files without checksums (older versions): safetensors headers that do not cover their file (truncation)
-    and JSON that does not parse. Cannot see a flipped bit inside tensor data."""
-    problems = []
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt"):
-                pass
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for any bad header
-            problems.append(f"{path.name}: {err}")
-    for path in sorted(folder.glob("*.json")):
-        try:
-            json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            problems.append(f"{path.name}: {err}")
-    return problems
-
-
-def verify_checkpoint(ckpt: str | Path) -> tuple[str, str]:
-    """("ok" | "unverified" | "bad", detail): every file against the sizes and sha256s in trainer_state.json;
-    "unverified" for a checkpoint of an older version (no checksums) whose files are at least whole."""
-    ckpt = Path(ckpt)
-    state_file = ckpt / TRAINER_STATE
-    if not state_file.is_file():
-        return "bad", f"incomplete: no {TRAINER_STATE}"
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError) as err:
-        return "bad", f"{TRAINER_STATE} is unreadable: {err}"
-    if FILES not in state:
-        problems = structure_problems(ckpt)
-        return ("bad", "; ".join(problems)) if problems else (
-            "unverified", "written without checksums (older sslpipe): files whole, contents not verifiable")
-    problems = file_problems(ckpt, state[FILES])
-    return ("bad", "; ".join(problems)) if problems else ("ok", f"{len(state[FILES])} files match their sha256")
-
-
-def resume_run_dir(resume: str, output_dir: str | Path, run_name: str | None = None
-                   ) -> tuple[Path | None, Path | None]:
-    """(run directory, checkpoint named by `resume` or None) of `--resume`, without reading any checkpoint.
-
-    `auto`: with a `run_name`, that run (another run in `output_dir` is never picked up); without one, the run under
-    `output_dir` whose newest checkpoint folder is the most recent; (None, None) when there is none (a fresh run
-    starts). Otherwise a run directory, or a checkpoint folder (`RUN/checkpoints/step_N`).
-    """
-    if resume == "auto" and run_name is not None:
-        run = Path(output_dir) / run_name
-        return (run, None) if checkpoint_dirs(run) else (None, None)
-    if resume == "auto":
-        root = Path(output_dir)
-        newest = [c[-1] for c in (checkpoint_dirs(d) for d in root.iterdir() if d.is_dir()) if c] \
-            if root.is_dir() else []
-        return (max(newest, key=lambda c: c.stat().st_mtime).parent.parent, None) if newest else (None, None)
-    path = Path(resume)
-    if (path / TRAINER_STATE).is_file() or (STEP_DIR.match(path.name) and path.parent.name == "checkpoints"
-                                           and path.is_dir()):
-        return path.parent.parent, path
-    if path.is_dir():
-        if not checkpoint_dirs(path):
-            raise FileNotFoundError(f"--resume {path}: no checkpoint in {path / 'checkpoints'} (nothing to resume)")
-        return path, None
-    raise FileNotFoundError(f"--resume {path}: no such run or checkpoint directory")
-
-
-def pick_checkpoint(run_dir: Path, named: Path | None = None) -> Path:
-    """The checkpoint to resume, verified: `named` itself (damaged: `CheckpointInvalid`), else the run's newest
-    good checkpoint, with a warning naming each newer damaged one it skips."""
-    if named is not None:
-        status, detail = verify_checkpoint(named)
-        if status == "bad":
-            raise CheckpointInvalid(
-                f"--resume {named}: this checkpoint is damaged ({detail}). Resume the run instead (--resume "
-                f"{run_dir} or --resume auto): it continues from the newest good checkpoint; `sslpipe check "
-                f"{run_dir}` lists them")
-        if status == "unverified":
-            warnings.warn(f"{named}: {detail}", DamagedCheckpointWarning, stacklevel=2)
-        return named
-    skipped = []
-    for ckpt in reversed(checkpoint_dirs(run_dir)):
-        status, detail = verify_checkpoint(ckpt)
-        if status == "bad":
-            skipped.append(f"{ckpt.name} ({detail})")
-            continue
-        for bad in skipped:
-            warnings.warn(f"skipping the damaged checkpoint {run_dir / 'checkpoints'}/{bad}: resuming from the "
-                          f"older {ckpt}", DamagedCheckpointWarning, stacklevel=2)
-        if status == "unverified":
-            warnings.warn(f"{ckpt}: {detail}", DamagedCheckpointWarning, stacklevel=2)
-        return ckpt
-    raise CheckpointInvalid(f"{run_dir} has no checkpoint that can be resumed: {'; '.join(skipped)}. Start a new "
-                            "run (another run_name) or restore the files from a copy")
-
-
-def resolve_resume(resume: str, output_dir: str | Path, run_name: str | None = None) -> Path | None:
-    """The verified checkpoint `--resume` continues from (`resume_run_dir`, then `pick_checkpoint`), or None."""
-    run_dir, named = resume_run_dir(resume, output_dir, run_name)
-    return None if run_dir is None else pick_checkpoint(run_dir, named)
-
-
-MODEL, OPTIMIZER, SCALER = "model.safetensors", "optimizer.safetensors", "scaler.json"
 
 
 def _rng_file(rank: int) -> str:
@@ -264,8 +113,7 @@ def _write_process_files(accelerator: Any, tmp: Path, extra_state: dict[str, tor
     elif model is not None:
         state = accelerator.get_state_dict(model)  # a collective under sharding: every rank calls it
         if main:
-            _write(tmp / MODEL, lambda p: save_file(state_io._cpu(state_io.without_aliases(state)), str(p),
-                                                    metadata={"format": "pt"}))
+            _write(tmp / MODEL, lambda p: state_io.save_model(state, p))
             if optimizer is not None:
                 _write(tmp / OPTIMIZER, lambda p: state_io.save_optimizer(optimizer, p))
             if getattr(accelerator, "scaler", None) is not None:

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sslpipe.models.state_dict import without_aliases
+from sslpipe.weights.state_dict import without_aliases
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -37,8 +37,9 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------------- model
-def save_model(model: nn.Module, path: Path) -> None:
-    save_file(_cpu(without_aliases(model.state_dict())), str(path), metadata={"format": "pt"})
+def save_model(state: dict[str, torch.Tensor], path: Path) -> None:
+    """`state`: the model's state dict, as `accelerator.get_state_dict` gathers it (a collective under sharding)."""
+    save_file(_cpu(without_aliases(state)), str(path), metadata={"format": "pt"})
 
 
 def load_model(model: nn.Module, path: Path) -> None:

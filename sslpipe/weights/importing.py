@@ -1,6 +1,6 @@
 """`sslpipe import`: an official DINO / iBOT / DINOv2 / MAE checkpoint, a timm state dict or a safetensors file ->
 an export folder, exactly what `sslpipe export` writes (`model.safetensors`, `config.json`, model card), so every probe
-and fine-tuning recipe takes it (docs/own_backbone.md). The official key layouts: `sslpipe.checkpoint_layouts`.
+and fine-tuning recipe takes it (docs/own_backbone.md). The official key layouts: `sslpipe.weights.layouts`.
 
 Reading is safe: `.safetensors` hold tensors only; anything else goes through `torch.load(weights_only=True)`, which
 rebuilds tensors and plain containers and refuses every other pickled object (unpickling one can run code). One
@@ -29,13 +29,26 @@ from typing import Any, Mapping
 
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from sslpipe.checkpoint_layouts import (
+from sslpipe.weights.card import write_model_card
+from sslpipe.weights.export import (
+    CARD_NAME,
+    CONFIG_NAME,
+    FORMAT,
+    WEIGHTS_NAME,
+    create_timm_backbone,
+    export_backbone,
+    key_mismatches,
+    some_keys,
+)
+from sslpipe.weights.hashing import sha256_file
+from sslpipe.weights.layouts import (
     FORMATS,
     Dropped,
     UnusableCheckpoint,
@@ -48,17 +61,6 @@ from sslpipe.checkpoint_layouts import (
     square,
     to_timm_names,
 )
-from sslpipe.export import (
-    CARD_NAME,
-    CONFIG_NAME,
-    FORMAT,
-    WEIGHTS_NAME,
-    _sha256,
-    _timm_args,
-    export_backbone,
-    write_model_card,
-)
-from sslpipe.models.backbones import pos_interpolation_matrix
 
 SAFE_GLOBALS = (argparse.Namespace,)
 _OFFICIAL = ("dino", "ibot", "dinov2", "mae")
@@ -69,10 +71,6 @@ _CONVERT = """If you trust the file, keep only its tensors, once (this runs its 
     torch.save({{k: v for k, v in ck.items() if isinstance(v, (dict, torch.Tensor))}}, "{dst}")
 and import that: `sslpipe import {dst} OUT`. (Or allow the class in your own code with
 torch.serialization.add_safe_globals([{name}]).)"""
-
-
-def _few(keys: list[str], n: int = 6) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
@@ -127,7 +125,9 @@ def _resize_pos_embed(pos: Tensor, prefix: int, old: int, new: int, fmt: str, re
     """The grid part of a position embedding resized by the rule of the model it comes from."""
     head, grid = pos[:, :prefix], pos[:, prefix:]
     if fmt in ("dino", "ibot") or (fmt == "dinov2" and not registers):
-        grid = (pos_interpolation_matrix((old, old), (new, new), dtype=torch.float64) @ grid[0].double())[None]
+        square = grid[0].double().T.reshape(1, -1, old, old)  # (1, D, old, old), as the official code resizes it
+        grid = F.interpolate(square, scale_factor=((new + 0.1) / old,) * 2, mode="bicubic", align_corners=False)
+        grid = grid.reshape(-1, new * new).T[None]
         how = "bicubic, scale factor (n + 0.1) / N, as the official interpolate_pos_encoding of DINO / iBOT / DINOv2"
     else:
         grid = resample_abs_pos_embed(grid.float(), new_size=[new, new], old_size=[old, old], num_prefix_tokens=0,
@@ -160,13 +160,10 @@ def _fit(state: dict[str, Tensor], module: nn.Module, fmt: str) -> tuple[list[Dr
 
 
 def _check_keys(state: Mapping[str, Tensor], module: nn.Module, what: str, hint: str) -> None:
-    target = module.state_dict()
-    missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in sorted(set(state) & set(target))
-              if state[k].shape != target[k].shape]
-    problems = [f"in the model, not in the checkpoint: {_few(missing)}" if missing else "",
-                f"in the checkpoint, not in the model: {_few(unexpected)}" if unexpected else "",
-                f"shape checkpoint vs model: {_few(shapes, 4)}" if shapes else ""]
+    missing, unexpected, shapes = key_mismatches(state, module)
+    problems = [f"in the model, not in the checkpoint: {some_keys(missing, 6)}" if missing else "",
+                f"in the checkpoint, not in the model: {some_keys(unexpected, 6)}" if unexpected else "",
+                f"shape checkpoint vs model: {some_keys(shapes, 4)}" if shapes else ""]
     if missing or unexpected or shapes:
         raise UnusableCheckpoint(f"{what}: " + "; ".join(p for p in problems if p) + f". {hint}")
 
@@ -279,10 +276,10 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
             arch = infer_resnet(state)
         else:
             raise UnusableCheckpoint(f"cannot read the architecture of {path} from keys like "
-                                     f"{_few(sorted(state))}: pass --arch TIMM_NAME")
+                                     f"{some_keys(sorted(state), 6)}: pass --arch TIMM_NAME")
     size = int(img_size or side.get("img_size") or native_size(state) or 224)
     try:
-        module, model_args = _timm_args(arch, size, patch, kwargs)
+        module, model_args = create_timm_backbone(arch, size, patch, kwargs)
     except TypeError as err:
         raise UnusableCheckpoint(f"timm.create_model({arch!r}) rejects the model arguments {kwargs} "
                                  f"({arch_from}): {err}. {hint}") from err
@@ -294,7 +291,7 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
     module.load_state_dict(state, strict=True)
     dropped += beside + classifier
     notes += resized
-    source_info = {"imported_from": str(path.resolve()), "sha256": _sha256(path), "format": fmt, "which": chosen,
+    source_info = {"imported_from": str(path.resolve()), "sha256": sha256_file(path), "format": fmt, "which": chosen,
                    "architecture_from": arch_from, "dropped": [d.as_dict() for d in dropped], "notes": notes}
     out_dir = export_backbone(
         module.eval(), out, arch=arch, model_args=model_args, img_size=size,

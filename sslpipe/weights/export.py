@@ -1,0 +1,216 @@
+"""The export folder: a backbone as plain timm weights, written, checked and read back (docs/internals.md §6).
+
+An export folder holds `model.safetensors` (the plain timm model's state dict, no pickles) and `config.json` (timm
+architecture name + the model arguments that re-create it, image size, normalisation, where the weights came from,
+and the sha256 of `model.safetensors`, which `sslpipe check` compares). Both are written under temporary names and
+renamed; a failed write removes them and leaves an earlier export as it was. `export_run`
+(`sslpipe.weights.run_export`) and `sslpipe import` (`sslpipe.weights.importing`) also write `README.md`, a model
+card (`sslpipe.weights.card`), so the folder can be published to a model hub as it is. It loads in plain timm,
+without sslpipe:
+
+    timm.create_model(cfg["architecture"], pretrained=True,
+                      pretrained_cfg_overlay=dict(file=".../model.safetensors", custom_load=False),
+                      **cfg["model_args"])
+
+(`model_args` holds `num_classes=0`; `custom_load=False`: timm before 1.0.31 otherwise hands a ViT's file to its JAX
+`.npz` reader, as its published ViT configs ask). timm reads a `file` overlay from disk (no download is attempted);
+since `num_classes=0` differs from the architecture's default pretrained config it drops classifier keys and loads
+non-strictly, so `load_backbone` loads strictly itself and the export is checked right after writing by reloading it
+and comparing outputs.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sslpipe.errors import WriteFailed, io_failure
+from sslpipe.weights.hashing import sha256_file
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+FORMAT = "sslpipe-backbone/1"
+# Keys that belong to the training wrapper, never to the timm model (iBOT's learnable mask token).
+TRAINING_ONLY_KEYS = ("mask_token",)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("sslpipe")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def create_timm_backbone(arch: str, img_size: int, patch_size: int | None, kwargs: Mapping[str, Any]
+                         ) -> tuple[nn.Module, dict[str, Any]]:
+    """Create `arch` the way `create_backbone` does (ViTs: img_size, patch_size, dynamic_img_size) and return the
+    model with the exact timm arguments; architectures without `img_size` (CNNs) are retried without it."""
+    vit_args: dict[str, Any] = {"img_size": img_size, "dynamic_img_size": True}
+    if patch_size:
+        vit_args["patch_size"] = patch_size
+    args = {**vit_args, **kwargs, "num_classes": 0}
+    try:
+        return timm.create_model(arch, pretrained=False, **args), args
+    except TypeError as err:
+        if "unexpected keyword" not in str(err):
+            raise
+    args = {**kwargs, "num_classes": 0}
+    return timm.create_model(arch, pretrained=False, **args), args
+
+
+def export_backbone(
+    module: nn.Module,
+    out_dir: str | Path,
+    *,
+    arch: str,
+    model_args: Mapping[str, Any],
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    source: Mapping[str, Any],
+) -> Path:
+    """Write `module` (a plain timm model) as `out_dir/model.safetensors` + `config.json`, then reload and check.
+
+    `model_args` are the keyword arguments of `timm.create_model(arch, ...)` (num_classes is forced to 0). Keys named
+    `mask_token` (training-only, iBOT) are stripped. Returns `out_dir`.
+    """
+    out = Path(out_dir)
+    state = {
+        k: v.detach().to("cpu").contiguous().clone()
+        for k, v in module.state_dict().items()
+        if k.split(".")[-1] not in TRAINING_ONLY_KEYS
+    }
+    args = {**dict(model_args), "num_classes": 0}
+    config = {
+        "format": FORMAT,
+        "architecture": arch,
+        "model_args": args,
+        "num_features": int(getattr(module, "num_features", 0)),
+        "img_size": int(img_size),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "interpolation": "bicubic",
+        "source": dict(source),
+        "sslpipe_version": _version(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    tmp_weights, tmp_config = out / (WEIGHTS_NAME + ".tmp"), out / (CONFIG_NAME + ".tmp")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(tmp_weights), metadata={"format": "pt", "architecture": arch})
+        config["sha256"] = {WEIGHTS_NAME: sha256_file(tmp_weights)}
+        tmp_config.write_text(json.dumps(config, indent=2) + "\n")
+        tmp_weights.replace(out / WEIGHTS_NAME)
+        tmp_config.replace(out / CONFIG_NAME)
+    except Exception as err:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_config.unlink(missing_ok=True)
+        if io_failure(err) is None:
+            raise
+        raise WriteFailed(f"could not write the export {out}: {io_failure(err)}. Removed its temporary files; an "
+                          f"earlier export there is as it was. Free space (or fix the disk / permissions) and "
+                          "export again") from err
+    _verify(module, out, img_size)
+    return out
+
+
+@torch.no_grad()
+def _verify(module: nn.Module, out: Path, img_size: int) -> None:
+    """Reload the export and compare outputs on one random batch: catches wrong keys or model arguments."""
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    reloaded = load_backbone(out).to(device)
+    was_training = module.training
+    module.eval()
+    try:
+        x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
+        expected, got = module(x).float(), reloaded(x).float()
+    finally:
+        module.train(was_training)
+    if not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
+        raise RuntimeError(
+            f"export check failed: {out} reloaded with timm gives different outputs "
+            f"(max abs diff {(expected - got).abs().max().item():.3g}); model_args in {out / CONFIG_NAME} are wrong"
+        )
+
+
+def export_paths(path: str | Path) -> tuple[Path, Path]:
+    """(model.safetensors, config.json) of an export folder, or of the folder holding the given weights file."""
+    path = Path(path)
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    config = weights.parent / CONFIG_NAME
+    for p in (weights, config):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: pass an export folder written by `sslpipe export`")
+    return weights, config
+
+
+def read_export_config(path: str | Path) -> dict[str, Any]:
+    """`config.json` of an export folder (or of the folder holding `model.safetensors`)."""
+    return json.loads(export_paths(path)[1].read_text())
+
+
+def load_backbone(path: str | Path) -> nn.Module:
+    """Re-create the timm model from `config.json` and load `model.safetensors` strictly; eval mode.
+
+    The data config (mean, std, input size, interpolation) is written into `model.pretrained_cfg`, so
+    `timm.data.resolve_data_config(model=...)` gives the normalisation the backbone was trained with.
+    """
+    weights, config_path = export_paths(path)
+    cfg = json.loads(config_path.read_text())
+    model = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"])
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"{weights} does not match {cfg['architecture']} with {config_path} model_args: {err}")
+    size = cfg["img_size"]
+    model.pretrained_cfg = {
+        **model.pretrained_cfg, "file": str(weights), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+        "input_size": (3, size, size), "interpolation": cfg.get("interpolation", "bicubic"), "num_classes": 0,
+    }
+    return model.eval()
+
+
+def some_keys(keys: Sequence[str], n: int) -> str:
+    """The first `n` keys and how many more: error messages name enough keys to recognise a layout, not all."""
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def key_mismatches(state: Mapping[str, torch.Tensor], module: nn.Module) -> tuple[list[str], list[str], list[str]]:
+    """(keys of `module` missing from `state`, keys of `state` not in `module`, "key (shape) vs (shape)" of the
+    keys whose shapes differ), each sorted: all empty when `state` loads strictly."""
+    target = module.state_dict()
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in sorted(set(state) & set(target))
+              if state[k].shape != target[k].shape]
+    return sorted(set(target) - set(state)), sorted(set(state) - set(target)), shapes
+
+
+def load_export_into(module: nn.Module, path: str | Path) -> nn.Module:
+    """Copy the weights of an export folder into an existing plain timm backbone, strictly (fine-tuning init,
+    `model.init_from`). Every key must exist on both sides with the same shape; otherwise a ValueError names the
+    export, its architecture and the missing / unexpected / mis-shaped keys. Returns `module`."""
+    weights, config_path = export_paths(path)
+    cfg = json.loads(config_path.read_text())
+    state = load_file(str(weights))
+    missing, unexpected, shapes = key_mismatches(state, module)
+    if missing or unexpected or shapes:
+        problems = [f"missing in the export: {some_keys(missing, 8)}" if missing else "",
+                    f"not in the backbone: {some_keys(unexpected, 8)}" if unexpected else "",
+                    f"shape export vs backbone: {some_keys(shapes, 8)}" if shapes else ""]
+        raise ValueError(
+            f"export {path} ({cfg.get('architecture')} with model_args {cfg.get('model_args')}) does not fit the "
+            f"{type(module).__name__} backbone to initialise: " + "; ".join(p for p in problems if p)
+            + ". Build the backbone with the export's architecture and model arguments (model.arch, "
+            "model.patch_size, model.kwargs, crops.global_size)"
+        )
+    module.load_state_dict(state, strict=True)
+    return module

@@ -1,0 +1,176 @@
+"""`sslpipe export RUN`: the teacher or student backbone of a training run as an export folder with its model card.
+
+The run is read as files, not through the recipes: `RUN/config.yaml` as a plain dict (the model and crop keys that
+re-create the timm backbone) and a complete checkpoint (`find_checkpoint`: the newest unless one is named), whose
+recipe keys are mapped onto the plain timm model's (`strip_prefix`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sslpipe.weights.card import write_model_card
+from sslpipe.weights.checkpoint import EXTRA_STATE, MODEL, find_checkpoint, step_of
+from sslpipe.weights.export import CONFIG_NAME, TRAINING_ONLY_KEYS, WEIGHTS_NAME, create_timm_backbone, export_backbone
+from sslpipe.weights.hashing import sha256_file, tensor_digest
+
+# Where the backbone sits inside a recipe's network: MaskedViT wrapper first (its `.vit` is the timm model), then
+# DINO/iBOT/SimCLR's plain `backbone`, then the CNN encoder of U2PL / supervised_seg (a ViT encoder there is ViTDet-
+# modified: not a plain timm ViT).
+_BACKBONE_PREFIXES = ("backbone.vit.", "backbone.", "encoder.model.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], network: str = "") -> dict[str, torch.Tensor]:
+    """The timm backbone's keys out of a recipe checkpoint.
+
+    Keeps keys under `{network}.` (e.g. `teacher.` in `extra_state.safetensors`; "" for the student's accelerate
+    model file), drops DDP/compile wrappers (`module.`, `_orig_mod.`), then takes the first of `backbone.vit.`
+    (masked ViT wrapper) and `backbone.` (plain timm model) that matches and removes it.
+    """
+    root = f"{network}." if network else ""
+    keys: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith(root):
+            continue
+        key = key[len(root):]
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        keys[key] = value
+    for prefix in _BACKBONE_PREFIXES:
+        found = {k[len(prefix):]: v for k, v in keys.items() if k.startswith(prefix)}
+        if found:
+            return found
+    seen = sorted({".".join(k.split(".")[:2]) for k in state})
+    raise KeyError(
+        f"no backbone weights under {root or '(root)'}{{{', '.join(_BACKBONE_PREFIXES)}}}; "
+        f"key prefixes found: {seen[:20]}"
+    )
+
+
+def _manifest_row(spec: Any) -> str:
+    """data.train and the sha256 of its shard manifest, when it has one."""
+    path = Path(str(spec))
+    manifest = path / "manifest.json" if path.is_dir() else path if path.suffix == ".json" else None
+    if manifest is None or not manifest.is_file():
+        return f"`{spec}` (no manifest.json there: the shards are not identified)"
+    return f"`{spec}`, manifest.json sha256 `{sha256_file(manifest)}`"
+
+
+def _probe_rows(run: Path, out: Path, step: int | None, periodic: bool,
+                same_weights_since: float | None) -> list[tuple[str, str]]:
+    """Probe results of exactly the exported weights: the run's periodic kNN at the exported step (`periodic`: the
+    exported network is the one the run probes), and kNN result files (`sslpipe knn --out`, the demo's
+    knn_*.json) in the export folder, the run or its parent whose `backbone` is this export folder -- only when the
+    folder held these same weights before and the file was written since (`same_weights_since`)."""
+    rows = []
+    metrics = run / "metrics.jsonl"
+    if periodic and step is not None and metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            rows += [(f"kNN {k.split('/', 1)[1]}, data.val, measured during training at step {step}", f"{v:.4f}")
+                     for k, v in rec.items() if rec.get("step") == step and k.startswith("knn/")]
+    if same_weights_since is None:
+        return rows
+    for folder in dict.fromkeys((out, run, run.parent)):
+        for file in sorted(folder.glob("*.json")):
+            if file.name == CONFIG_NAME or file.stat().st_mtime < same_weights_since:
+                continue
+            try:
+                result = json.loads(file.read_text())
+            except (OSError, ValueError):
+                continue
+            if not (isinstance(result, dict) and isinstance(result.get("k"), dict) and result.get("backbone")
+                    and Path(str(result["backbone"])).resolve() == out.resolve()):
+                continue
+            rows += [(f"kNN k={k}, T={result.get('T')}, {result.get('n_train')} train / {result.get('n_test')} "
+                      f"val samples (`{file.name}`)", ", ".join(f"{m} {v:.4f}" for m, v in acc.items()))
+                     for k, acc in result["k"].items()]
+    return rows
+
+
+def _cfg_get(cfg: Mapping[str, Any], dotted: str, path: Path, default: Any = ...) -> Any:
+    """`a.b.c` of the run's config; without a `default`, a missing key is a KeyError naming it and the file."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            if default is ...:
+                raise KeyError(f"{path} has no key `{dotted}` needed to re-create the backbone")
+            return default
+        node = node[part]
+    return node
+
+
+def export_run(
+    run_dir: str | Path,
+    which: str | None = "teacher",
+    out: str | Path | None = None,
+    checkpoint: str | Path | int | None = None,
+) -> Path:
+    """Export the teacher or student backbone of a run (the newest complete checkpoint unless `checkpoint` is a step
+    or folder: `find_checkpoint`).
+
+    Reads `RUN/config.yaml` (`model.arch`, `model.patch_size`, `model.kwargs`, `crops.global_size`, `crops.mean`,
+    `crops.std`) and `checkpoints/step_N/`: the teacher from `extra_state.safetensors` (keys `teacher.*`), the
+    student from `model.safetensors`. `which=None`: the teacher when the run has one (DINO, iBOT), else the student
+    (SimCLR). Default output `RUN/export/{which}`, with a model card (`write_model_card`: method, config and manifest
+    sha256, probe results of these weights).
+    """
+    if which not in ("teacher", "student", None):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    run = Path(run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: {run} is not an sslpipe run directory")
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    ckpt = find_checkpoint(run, checkpoint)
+    extra = ckpt / EXTRA_STATE
+    has_teacher = extra.is_file() and any(k.startswith("teacher.") for k in load_file(str(extra)))
+    if which is None:
+        which = "teacher" if has_teacher else "student"
+    elif which == "teacher" and extra.is_file() and not has_teacher:
+        raise ValueError(f"{run} has no teacher (method {_cfg_get(cfg, 'method', cfg_path, '?')}): export the "
+                         "student (`sslpipe export RUN --which student`)")
+    weights = ckpt / (EXTRA_STATE if which == "teacher" else MODEL)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found; {ckpt} holds {sorted(p.name for p in ckpt.iterdir())}")
+    state = strip_prefix(load_file(str(weights)), "teacher" if which == "teacher" else "")
+    state = {k: v for k, v in state.items() if k.split(".")[-1] not in TRAINING_ONLY_KEYS}
+
+    arch = _cfg_get(cfg, "model.arch", cfg_path)
+    img_size = int(_cfg_get(cfg, "crops.global_size", cfg_path))
+    module, model_args = create_timm_backbone(
+        arch, img_size, _cfg_get(cfg, "model.patch_size", cfg_path, None),
+        _cfg_get(cfg, "model.kwargs", cfg_path, None) or {},
+    )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"{weights} does not match model.arch={arch!r} of {cfg_path}: {err}")
+    step = step_of(ckpt)
+    source = {"run_dir": str(run.resolve()), "checkpoint": str(ckpt.resolve()), "step": step, "which": which}
+    out_dir = Path(out) if out is not None else run / "export" / which
+    previous = out_dir / WEIGHTS_NAME
+    before = (tensor_digest(previous), previous.stat().st_mtime) if previous.is_file() else None
+    out_dir = export_backbone(
+        module.eval(), out_dir, arch=arch, model_args=model_args,
+        img_size=img_size, mean=_cfg_get(cfg, "crops.mean", cfg_path, (0.485, 0.456, 0.406)),
+        std=_cfg_get(cfg, "crops.std", cfg_path, (0.229, 0.224, 0.225)), source=source,
+    )
+    method = str(_cfg_get(cfg, "method", cfg_path, "unknown"))
+    unchanged = before is not None and before[0] == tensor_digest(out_dir / WEIGHTS_NAME)
+    probed = "teacher" if has_teacher else "student"  # the network a run's periodic kNN probes
+    write_model_card(
+        out_dir, title=f"{arch} pretrained with {method} (sslpipe)", tags=[method],
+        provenance=[("method", f"`{method}`; the resolved recipe is the run's `config.yaml`, sha256 "
+                               f"`{sha256_file(cfg_path)}`"),
+                    ("checkpoint", f"`{ckpt.name}`, the {which}"),
+                    *([("training data", _manifest_row(data))] if (data := _cfg_get(cfg, "data.train", cfg_path,
+                                                                                    None)) else [])],
+        results=_probe_rows(run, out_dir, step, which == probed, before[1] if unchanged else None))
+    return out_dir
