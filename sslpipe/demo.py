@@ -15,10 +15,12 @@ from typing import Sequence
 import torch
 
 from sslpipe.recipes import load_config
-from sslpipe.data.shards import read_manifest, write_shards
+from sslpipe.data.manifest import read_manifest
 from sslpipe.engine.trainer import train
 from sslpipe.eval.knn import knn_classify, run_knn
 from sslpipe.eval.spec import FeatureSpec, ProbeData
+from sslpipe.ingest.options import ShardOptions
+from sslpipe.ingest.shards import write_shards
 from sslpipe.models.backbones import create_backbone, is_vit_arch
 from sslpipe.viz.report import write_report
 from sslpipe.weights.export import export_backbone
@@ -39,8 +41,8 @@ def _write_demo_shards(shards: Path) -> None:
         return
     except (FileNotFoundError, ValueError):
         pass
-    write_shards(shards, source="fashion-mnist", kind="dataset", samples_per_shard=5000, force=True,
-                 created_by=f"sslpipe shards --dataset fashion-mnist {shards} --samples-per-shard 5000")
+    write_shards(shards, source="fashion-mnist", kind="dataset", options=ShardOptions(samples_per_shard=5000),
+                 force=True, created_by=f"sslpipe shards --dataset fashion-mnist {shards} --samples-per-shard 5000")
 
 
 def _random_init_export(cfg, out: Path) -> Path:

@@ -14,14 +14,15 @@ import torch  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from helpers import DEVICES  # noqa: E402
 
-from sslpipe.data.shards import write_shards  # noqa: E402
+from sslpipe.ingest.options import ShardOptions  # noqa: E402
+from sslpipe.ingest.shards import write_shards  # noqa: E402
 
 DIGITS_SAMPLES_PER_SHARD = 128  # 1438 train -> 12 train shards, 359 val -> 3 val shards
 
 
 def make_digits_shards(out_dir: Path, samples_per_shard: int = DIGITS_SAMPLES_PER_SHARD) -> Path:
     """Write the digits data set (8x8 grayscale png, labels 0..9) as shards into ``out_dir``; return it."""
-    write_shards(out_dir, source="digits", samples_per_shard=samples_per_shard, progress=False,
+    write_shards(out_dir, source="digits", options=ShardOptions(samples_per_shard=samples_per_shard), progress=False,
                  created_by="pytest digits_shards fixture")
     return Path(out_dir)
 

@@ -1,4 +1,4 @@
-"""COCO-format instance annotations -> instance shards (sslpipe/data/coco.py)."""
+"""COCO-format instance annotations -> instance shards (sslpipe/ingest/coco.py)."""
 from __future__ import annotations
 
 import io
@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sslpipe.data.scenes import SCENE_CLASSES, SceneGenerator, skimage_data_dir
-from sslpipe.data.shards import read_manifest, write_shards
-from sslpipe.eval.detection import masks_to_targets
+from sslpipe.data.manifest import read_manifest
+from sslpipe.ingest.options import ShardOptions
+from sslpipe.ingest.scenes import SCENE_CLASSES, SceneGenerator, skimage_data_dir
+from sslpipe.ingest.shards import write_shards
+from sslpipe.data.targets import masks_to_targets
 from tests.helpers import REPO, child_env
 from tests.test_shards import read_split
 
@@ -73,7 +75,7 @@ def coco_json(tmp_path: Path) -> tuple[Path, dict]:
 
 def test_coco_json_renders_classes_crowd_and_overlaps(coco_json, tmp_path: Path) -> None:
     path, m = coco_json
-    manifest = write_shards(tmp_path / "out", source=str(path), shuffle=False, progress=False)
+    manifest = write_shards(tmp_path / "out", source=str(path), options=ShardOptions(shuffle=False), progress=False)
     assert manifest["source_kind"] == "coco" and manifest["has_seg"] and manifest["has_inst"]
     assert manifest["classes"] == ["background", "person", "car", "zebra"]
     assert manifest["coco"]["category_ids"] == [1, 5, 90]
@@ -118,7 +120,7 @@ def test_perfect_prediction_with_a_crowd_region_has_ap_one(coco_json, tmp_path: 
     from sslpipe.eval.detection import DetectionMetric
 
     path, _ = coco_json
-    write_shards(tmp_path / "out", source=str(path), shuffle=False, progress=False)
+    write_shards(tmp_path / "out", source=str(path), options=ShardOptions(shuffle=False), progress=False)
     raw = next(s for s in read_split(tmp_path / "out", "train").values() if "jpg" in s)
     sample = decode_sample({**raw, "__key__": "a", "__url__": "x"})
     inst = torch.from_numpy(np.asarray(sample["inst"], dtype=np.int64))
@@ -146,7 +148,8 @@ def test_coco_json_val_fraction_and_image_folder(coco_json, tmp_path: Path) -> N
     (tmp_path / "images").rename(moved)
     with pytest.raises(FileNotFoundError, match="a.jpg.*--coco-images"):
         write_shards(tmp_path / "out", source=str(path), progress=False)
-    manifest = write_shards(tmp_path / "out", source=str(path), coco_images=moved, val_fraction=0.5, progress=False)
+    manifest = write_shards(tmp_path / "out", source=str(path), coco_images=moved,
+                            options=ShardOptions(val_fraction=0.5), progress=False)
     assert {s: i["samples"] for s, i in manifest["splits"].items()} == {"train": 1, "val": 1}
 
 

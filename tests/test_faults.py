@@ -32,8 +32,9 @@ from safetensors.torch import load_file
 from sslpipe.cli import main
 from sslpipe.config import RunConfig
 from sslpipe.recipes import config_from_dict
-from sslpipe.data.shards import write_shards
 from sslpipe.engine import tracking
+from sslpipe.ingest.options import ShardOptions
+from sslpipe.ingest.shards import write_shards
 from sslpipe.engine.run_lock import LOCK_NAME, RunDirectoryInUse, RunLock
 from sslpipe.engine.trainer import train
 from sslpipe.errors import WriteFailed
@@ -420,20 +421,20 @@ def test_disk_full_during_an_export_keeps_the_earlier_export(tmp_path: Path, sma
 def test_disk_full_while_writing_shards(tmp_path: Path, small_disk: types.SimpleNamespace,
                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     out = small_disk.path / "shards"
-    from sslpipe.data import shards
+    from sslpipe.ingest import tar_writer
 
     if small_disk.real:  # leave room for about one shard
         small_disk.fill()
         filler = small_disk.path / "filler"
         os.truncate(filler, filler.stat().st_size - 100_000)
     else:
-        write = shards._HashingFile.write
+        write = tar_writer._HashingFile.write
 
         def failing(self: object, data: bytes) -> int:
             if self.bytes > 100_000:
                 raise enospc()
             return write(self, data)
-        monkeypatch.setattr(shards._HashingFile, "write", failing)
+        monkeypatch.setattr(tar_writer._HashingFile, "write", failing)
     assert main(["shards", "--dataset", "digits", str(out), "--samples-per-shard", "200"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and "No space left on device" in err and "--force" in err
@@ -541,7 +542,7 @@ class SkippingToy(ToyRecipe):
 
 def test_end_of_run_reports_what_the_loader_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     shards = tmp_path / "shards"
-    write_shards(shards, source="digits", samples_per_shard=32, limit=96, progress=False)
+    write_shards(shards, source="digits", options=ShardOptions(samples_per_shard=32, limit=96), progress=False)
     first = shards / "train-000000.tar"  # one undecodable image
     with tarfile.open(first) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]

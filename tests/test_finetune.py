@@ -14,7 +14,8 @@ from PIL import Image
 
 from sslpipe.config import ConfigError
 from sslpipe.recipes import config_from_dict, load_config
-from sslpipe.eval.detection import DetectionMetric, masks_to_targets
+from sslpipe.data.targets import masks_to_targets
+from sslpipe.eval.detection import DetectionMetric
 from sslpipe.eval.segmentation import SegmentationMetric, format_iou_table
 from sslpipe.data.dense import DenseTransform, collate_dense
 
@@ -191,12 +192,13 @@ def test_published_recipes_hold_the_published_values():
 # ------------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def finetune_data(tmp_path_factory):
-    from sslpipe.data.shards import write_shards
+    from sslpipe.ingest.options import ShardOptions
+    from sslpipe.ingest.shards import write_shards
     from sslpipe.weights.export import export_backbone
 
     root = tmp_path_factory.mktemp("finetune")
-    write_shards(root / "scenes", source="scenes", scenes={"train": 16, "val": 6, "size": 64}, samples_per_shard=8,
-                 progress=False)
+    write_shards(root / "scenes", source="scenes", scenes={"train": 16, "val": 6, "size": 64},
+                 options=ShardOptions(samples_per_shard=8), progress=False)
     torch.manual_seed(0)
     args = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "img_size": 32, "dynamic_img_size": True}
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **args)
@@ -349,7 +351,7 @@ def test_own_seg_list_fine_tunes_end_to_end(finetune_data, tmp_path):
 
     from helpers import child_env
 
-    from sslpipe.data.scenes import scene_classes, write_scene_files
+    from sslpipe.ingest.scenes import scene_classes, write_scene_files
 
     _, export = finetune_data
     listing, classes = write_scene_files(tmp_path / "mine", 30, size=64, dataset="digits")

@@ -574,13 +574,14 @@ def test_import_runs_through_sslpipe_knn(tmp_path, digits_shards, capsys):
 def test_imported_dinov2_fine_tunes_one_vitdet_step(tmp_path):
     """The DINOv2 import (registers, layer scale) becomes the ViTDet trunk tensor by tensor and trains."""
     from sslpipe.recipes import load_config
-    from sslpipe.data.shards import write_shards
+    from sslpipe.ingest.options import ShardOptions
+    from sslpipe.ingest.shards import write_shards
     from sslpipe.recipes import get_recipe
 
     path, meta = _dinov2_train(tmp_path, block_chunks=0)
     export = import_checkpoint(path, tmp_path / "export").out
-    write_shards(tmp_path / "scenes", source="scenes", scenes={"train": 8, "val": 4, "size": 64}, samples_per_shard=8,
-                 progress=False)
+    write_shards(tmp_path / "scenes", source="scenes", scenes={"train": 8, "val": 4, "size": 64},
+                 options=ShardOptions(samples_per_shard=8), progress=False)
     cfg = load_config(REPO / "recipes/demo_finetune_vitdet.yaml", [
         f"data.train={tmp_path / 'scenes'}", f"data.val={tmp_path / 'scenes'}", f"model.init_from={export}",
         "finetune_vitdet.img_size=64", "finetune_vitdet.window_size=4", "finetune_vitdet.global_blocks=[1]",

@@ -12,7 +12,8 @@ from sklearn.datasets import load_digits
 
 from sslpipe.bench.knn import clustered_features, run_knn_bench
 from sslpipe.eval import knn as knn_mod
-from sslpipe.eval.features import LastBlocksCLS, pre_logits
+from sslpipe.eval.spec import LastBlocksCLS
+from sslpipe.models.backbones import pooled_features
 from sslpipe.eval.knn import class_scores, knn_classify
 from sslpipe.eval.linear import train_linear
 from sslpipe.eval.spec import FeatureSpec, ProbeData
@@ -122,8 +123,11 @@ def test_feature_definitions():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         cls = vit.forward_features(x)[:, 0]  # CLS after the final norm
-        assert torch.equal(pre_logits(vit, x), cls) and torch.equal(vit(x), cls)
-        assert torch.equal(pre_logits(cnn, x), cnn(x)) and cnn(x).shape == (2, 512)
+        assert torch.equal(pooled_features(vit, x), cls) and torch.equal(vit(x), cls)
+        assert torch.equal(pooled_features(cnn, x), cnn(x)) and cnn(x).shape == (2, 512)
+        headed = timm.create_model("resnet18", num_classes=10).eval()  # a classifier: its pre-logits feature
+        headed.load_state_dict(cnn.state_dict(), strict=False)
+        assert torch.equal(pooled_features(headed, x), cnn(x))
         # last 2 blocks' CLS, each through the final norm (DINO get_intermediate_layers)
         tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
         block0 = vit.blocks[0](tokens)
@@ -169,7 +173,8 @@ def test_feature_spec_reads_the_export_and_keys_the_cache(tmp_path):
 
     from PIL import Image
 
-    from sslpipe.data.shards import write_shards
+    from sslpipe.ingest.options import ShardOptions
+    from sslpipe.ingest.shards import write_shards
     from sslpipe.eval.features import fingerprint
     from sslpipe.weights.export import export_backbone
 
@@ -184,7 +189,7 @@ def test_feature_spec_reads_the_export_and_keys_the_cache(tmp_path):
     assert spec.transform()(Image.new("RGB", (50, 40))).shape == (3, 28, 28)
 
     shards = tmp_path / "shards"
-    write_shards(shards, source="digits", limit=10, samples_per_shard=10, progress=False)
+    write_shards(shards, source="digits", options=ShardOptions(limit=10, samples_per_shard=10), progress=False)
 
     def key(s: FeatureSpec) -> str:
         return fingerprint(vit, str(shards), "train", s, None)
@@ -199,14 +204,15 @@ def test_feature_spec_reads_the_export_and_keys_the_cache(tmp_path):
 def test_extract_features_and_run_knn_on_shards(tmp_path, monkeypatch, device):
     from dataclasses import replace
 
-    from sslpipe.data.datasets import iter_dataset
-    from sslpipe.data.shards import write_shards
+    from sslpipe.ingest.datasets import iter_dataset
+    from sslpipe.ingest.options import ShardOptions
+    from sslpipe.ingest.shards import write_shards
     from sslpipe.eval import features as feat_mod
     from sslpipe.eval.knn import run_knn
     from sslpipe.weights.export import export_backbone
 
     shards = tmp_path / "shards"
-    write_shards(shards, source="digits", limit=40, samples_per_shard=15, progress=False)
+    write_shards(shards, source="digits", options=ShardOptions(limit=40, samples_per_shard=15), progress=False)
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4, depth=2,
                             dynamic_img_size=True).eval().to(device)

@@ -68,11 +68,12 @@ def test_probe_lr_warms_up_then_decays_linearly():
 def test_linear_seg_command_end_to_end(tmp_path):
     """`sslpipe linear-seg EXPORT --data SHARDS --out RESULT.json` on generated scenes (a tiny export): the JSON holds
     mIoU, per-class IoU, the constant baseline and the settings, and the training loss fell below chance."""
-    from sslpipe.data.shards import write_shards
+    from sslpipe.ingest.options import ShardOptions
+    from sslpipe.ingest.shards import write_shards
     from sslpipe.weights.export import export_backbone
 
     write_shards(tmp_path / "scenes", source="scenes", scenes={"train": 48, "val": 12, "size": 32},
-                 samples_per_shard=16, progress=False)
+                 options=ShardOptions(samples_per_shard=16), progress=False)
     export = export_backbone(tiny_vit(), tmp_path / "export", arch="vit_tiny_patch16_224", model_args=TINY,
                              img_size=32, mean=(0.45,) * 3, std=(0.25,) * 3, source={"which": "test"})
     out = tmp_path / "probe.json"

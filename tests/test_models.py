@@ -7,7 +7,7 @@ import torch
 from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerTIMM
 
 from sslpipe.models import (DINOHead, IBOTHead, MaskedViT, backbone_embed_dim, build_teacher, create_backbone,
-                            ema_update, forward_cls, weight_norm_g)
+                            ema_update, pooled_features, weight_norm_g)
 
 
 def tiny_vit(**kw):
@@ -25,7 +25,7 @@ def test_masked_vit_output_shape_and_local_crops():
     assert model(torch.randn(3, 3, 16, 16)).shape == (3, 1 + 16, 32)  # pos-embed resampled 8x8 -> 4x4
     assert model(torch.randn(2, 3, 16, 24)).shape == (2, 1 + 24, 32)  # non-square crop
     assert model.embed_dim == 32 and model.num_prefix_tokens == 1
-    assert forward_cls(model, torch.randn(2, 3, 32, 32)).shape == (2, 32)
+    assert pooled_features(model, torch.randn(2, 3, 32, 32)).shape == (2, 32)
     assert backbone_embed_dim(model) == 32
 
 
@@ -57,7 +57,7 @@ def test_masked_vit_with_zero_mask_equals_timm_and_teacher_rejects_masks():
     x = torch.randn(2, 3, 32, 32)
     no_mask = torch.zeros(2, 64, dtype=torch.bool)
     assert torch.allclose(model(x, no_mask), vit.forward_features(x), atol=1e-6)
-    assert torch.allclose(forward_cls(vit, x), vit.forward_features(x)[:, 0], atol=1e-6)
+    assert torch.allclose(pooled_features(vit, x), vit.forward_features(x)[:, 0], atol=1e-6)
     with pytest.raises(ValueError, match="mask_token=False"):
         MaskedViT(vit, mask_token=False)(x, no_mask)
     with pytest.raises(ValueError, match="patch grid"):
@@ -80,7 +80,7 @@ def test_masked_vit_equals_lightly_with_skip_init():
 def test_cnn_backbone_pooled_features():
     model = create_backbone("resnet18", img_size=32)
     assert backbone_embed_dim(model) == 512
-    assert forward_cls(model, torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    assert pooled_features(model, torch.randn(2, 3, 32, 32)).shape == (2, 512)
     with pytest.raises(ValueError, match="not a ViT"):
         create_backbone("resnet18", img_size=32, patch_size=4)
     with pytest.raises(ValueError, match="unknown timm architecture"):
@@ -116,7 +116,7 @@ def test_dino_head_equals_lightly_projection_head():
         ref.last_layer.weight_v.copy_(ours.last_layer.parametrizations.weight.original1)
     x = torch.randn(5, 16)
     assert torch.allclose(ours(x), ref(x), atol=1e-6)
-    # init per SPEC: zero biases, trunc-normal std 0.02 weights (bounds +-2 absolute, as timm/official)
+    # init per docs/methods.md §1: zero biases, trunc-normal std 0.02 weights (bounds +-2 absolute, as timm/official)
     assert all(torch.all(m.bias == 0) for m in lin)
     assert all(0.015 < m.weight.std().item() < 0.025 for m in lin)
 

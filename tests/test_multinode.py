@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, child_env
 
-from sslpipe.data.shards import write_shards
+from sslpipe.ingest.options import ShardOptions
+from sslpipe.ingest.shards import write_shards
 
 TINY = ["model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "ibot.head.out_dim=64",
         "ibot.head.patch_out_dim=64", "ibot.head.hidden_dim=32", "ibot.head.bottleneck_dim=16", "crops.n_local=2"]
@@ -28,7 +29,7 @@ def _port() -> int:
 @pytest.mark.slow
 def test_two_nodes_of_two_processes_then_elastic_resume_on_one(tmp_path: Path) -> None:
     shards = tmp_path / "shards"  # 16 shards x 8 samples: 4 shards per rank, 4 batches of 8 per rank and epoch
-    write_shards(shards, source="digits", samples_per_shard=8, limit=128, progress=False)
+    write_shards(shards, source="digits", options=ShardOptions(samples_per_shard=8, limit=128), progress=False)
     common = [str(REPO / "recipes/demo_ibot.yaml"), "method=tests.ddp_ibot:CheckedIBOT", f"data.train={shards}",
               f"data.val={shards}", "data.batch_size=8", "data.num_workers=0", "data.steps_per_epoch=null",
               "train.epochs=2", "train.log_every=2", "eval.every_epochs=1", "eval.knn_k=[5]",

@@ -1,5 +1,5 @@
-"""Q-score (SPEC.md §4): every metric against a hand computation, the regulariser's selections and gradients, the
-report's AUROC/AUPRC against scikit-learn, and `sslpipe qscore` end to end on a tiny export."""
+"""Q-score (docs/methods.md §4): every metric against a hand computation, the regulariser's selections and gradients,
+the report's AUROC/AUPRC against scikit-learn, and `sslpipe qscore` end to end on a tiny export."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from sslpipe.recipes import load_config
 from sslpipe.recipes.multicrop import build_qscore
 from sslpipe.recipes.sections import QScoreConfig
-from sslpipe.eval.qscore import (activation_rates, batch_summary, discriminative_features, eps_for_coverage,
-                                 highly_active, q_v1, q_v2, qscore_metrics, v2_selection)
+from sslpipe.eval.qscore import batch_summary, qscore_metrics
+from sslpipe.losses.qscore_math import (activation_rates, discriminative_features, eps_for_coverage, highly_active,
+                                        q_v1, q_v2, v2_selection)
 from sslpipe.eval.qscore_report import (QScoreSettings, auroc_rows, average_precision_rows, bootstrap_interval,
                                         coverage, detection_scores, is_degenerate, qscore_from_features)
 from sslpipe.losses.qscore import QScoreRegularizer
@@ -158,7 +159,7 @@ def test_eps_for_coverage_by_hand() -> None:
 @pytest.mark.parametrize("kind", ["gaussian", "relu"])
 def test_eps_for_coverage_equals_the_grid_search_one_eps_at_a_time(kind: str) -> None:
     """The all-at-once search picks the eps a plain loop over the grid with `v2_selection` picks."""
-    from sslpipe.eval.qscore import EPS_MIN, EPS_STEP
+    from sslpipe.losses.qscore_math import EPS_MIN, EPS_STEP
 
     def loop(h: torch.Tensor, coverage: float) -> float:
         eps = 4.0

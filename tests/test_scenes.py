@@ -4,8 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sslpipe.data.datasets import load_arrays
-from sslpipe.data.scenes import (
+from sslpipe.data.manifest import read_manifest
+from sslpipe.data.stream import build_loader
+from sslpipe.ingest.datasets import load_arrays
+from sslpipe.ingest.options import ShardOptions
+from sslpipe.ingest.scenes import (
     BACKGROUND_FILES,
     IGNORE_INDEX,
     SCENE_CLASSES,
@@ -13,8 +16,7 @@ from sslpipe.data.scenes import (
     load_backgrounds,
     skimage_data_dir,
 )
-from sslpipe.data.shards import read_manifest, write_shards
-from sslpipe.data.stream import build_loader
+from sslpipe.ingest.shards import write_shards
 
 
 def _same(a, b) -> bool:
@@ -90,10 +92,10 @@ def test_bad_arguments():
 
 def test_scene_shards_round_trip(tmp_path):
     out = tmp_path / "scenes"
-    manifest = write_shards(out, source="scenes", scenes={"train": 10, "val": 4, "size": 32}, samples_per_shard=6,
-                            seed=5, progress=False)
+    manifest = write_shards(out, source="scenes", scenes={"train": 10, "val": 4, "size": 32},
+                            options=ShardOptions(samples_per_shard=6, seed=5), progress=False)
     again = write_shards(tmp_path / "again", source="scenes", scenes={"train": 10, "val": 4, "size": 32},
-                         samples_per_shard=6, seed=5, progress=False)
+                         options=ShardOptions(samples_per_shard=6, seed=5), progress=False)
     assert [s["sha256"] for s in manifest["splits"]["train"]["shards"]] == \
         [s["sha256"] for s in again["splits"]["train"]["shards"]]
     m = read_manifest(out)
@@ -113,5 +115,5 @@ def test_scene_shards_round_trip(tmp_path):
 
 def test_scene_shards_refuse_val_fraction(tmp_path):
     with pytest.raises(ValueError, match="val_fraction"):
-        write_shards(tmp_path / "x", source="scenes", scenes={"train": 2, "val": 1}, val_fraction=0.1,
-                     progress=False)
+        write_shards(tmp_path / "x", source="scenes", scenes={"train": 2, "val": 1},
+                     options=ShardOptions(val_fraction=0.1), progress=False)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sslpipe.data.seg_classes import segmentation_classes
-from sslpipe.data.shards import write_shards
+from sslpipe.ingest.shards import write_shards
 
 
 def seg_list(tmp_path: Path, labels: list[np.ndarray], name: str = "seg.txt") -> Path:

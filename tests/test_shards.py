@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sslpipe.data import datasets
-from sslpipe.data.datasets import dataset_len, iter_dataset
-from sslpipe.data.shards import read_manifest, verify_shards, write_shards
+from sslpipe.data.manifest import read_manifest, verify_shards
+from sslpipe.ingest import datasets
+from sslpipe.ingest.datasets import dataset_len, iter_dataset
+from sslpipe.ingest.options import ShardOptions
+from sslpipe.ingest.shards import write_shards
 
 
 def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
@@ -114,8 +116,9 @@ def test_verify_detects_changed_and_missing_shard(digits_shards: Path, tmp_path:
 
 def test_folder_source_keeps_bytes_labels_and_splits(class_folder, tmp_path: Path) -> None:
     root, expected = class_folder
-    manifest = write_shards(tmp_path / "out", source=str(root), val_fraction=0.4, samples_per_shard=2,
-                            progress=False, created_by="test")
+    manifest = write_shards(tmp_path / "out", source=str(root),
+                            options=ShardOptions(val_fraction=0.4, samples_per_shard=2), progress=False,
+                            created_by="test")
     assert manifest["source_kind"] == "folder" and manifest["classes"] == ["cat", "dog"]
     assert manifest["image_key"] == "jpg;png"
     assert {s: manifest["splits"][s]["samples"] for s in ("train", "val")} == {"train": 3, "val": 2}  # round(5*0.4)
@@ -132,10 +135,10 @@ def test_folder_source_keeps_bytes_labels_and_splits(class_folder, tmp_path: Pat
 
 def test_shards_are_deterministic_for_any_worker_count(class_folder, tmp_path: Path) -> None:
     root, _ = class_folder
-    kw = dict(source=str(root), val_fraction=0.2, seed=3, progress=False, created_by="t")
+    kw = dict(source=str(root), options=ShardOptions(val_fraction=0.2, seed=3), progress=False, created_by="t")
     a = write_shards(tmp_path / "a", num_workers=0, **kw)
     b = write_shards(tmp_path / "b", num_workers=2, **kw)
-    c = write_shards(tmp_path / "c", num_workers=0, **{**kw, "seed": 4})
+    c = write_shards(tmp_path / "c", num_workers=0, **{**kw, "options": ShardOptions(val_fraction=0.2, seed=4)})
     assert a["splits"] == b["splits"]
     assert a["splits"] != c["splits"]  # another seed, another split/order
 
@@ -145,7 +148,7 @@ def test_list_source_relative_paths_names_and_comments(tmp_path: Path) -> None:
     b = save(tmp_path / "elsewhere" / "b b.png", rand_image(2), "PNG")
     listing = tmp_path / "data" / "list.txt"
     listing.write_text(f"# comment\na.png\tzebra\n\n{tmp_path / 'elsewhere' / 'b b.png'}\tant\n")
-    manifest = write_shards(tmp_path / "out", source=str(listing), shuffle=False, progress=False)
+    manifest = write_shards(tmp_path / "out", source=str(listing), options=ShardOptions(shuffle=False), progress=False)
     assert manifest["source_kind"] == "list" and manifest["classes"] == ["ant", "zebra"]
     samples = list(read_split(tmp_path / "out", "train").values())
     assert [(s["png"], s["cls"]) for s in samples] == [(a, b"1"), (b, b"0")]
@@ -177,9 +180,9 @@ def test_corrupt_images_are_skipped_and_listed(tmp_path: Path) -> None:
 def test_existing_output_needs_force(digits_shards: Path, tmp_path: Path) -> None:
     out = shutil.copytree(digits_shards, tmp_path / "out")
     with pytest.raises(FileExistsError, match="--force"):
-        write_shards(out, source="digits", limit=10, progress=False)
+        write_shards(out, source="digits", options=ShardOptions(limit=10), progress=False)
     assert verify_shards(out) == []  # untouched
-    manifest = write_shards(out, source="digits", limit=10, force=True, progress=False)
+    manifest = write_shards(out, source="digits", options=ShardOptions(limit=10), force=True, progress=False)
     assert manifest["splits"]["train"]["samples"] == 10
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-000000.tar", "val-000000.tar"]
 
@@ -189,7 +192,8 @@ def test_max_shard_bytes_splits_shards(tmp_path: Path) -> None:
     for i in range(12):  # incompressible 48x48 RGB: ~7 KB png each, 3 tar blocks of overhead at most
         save(root / "a" / f"{i:02d}.png", rand_image(i, 48, 48), "PNG")
     limit = 28000  # 3 samples (~26 KB of tar members) fit only if the 10 KB tar record padding is ignored
-    manifest = write_shards(tmp_path / "out", source=str(root), max_shard_bytes=limit, progress=False)
+    manifest = write_shards(tmp_path / "out", source=str(root), options=ShardOptions(max_shard_bytes=limit),
+                            progress=False)
     shards = manifest["splits"]["train"]["shards"]
     assert [s["samples"] for s in shards] == [2] * 6
     for s in shards:
@@ -210,7 +214,7 @@ def test_seg_list_carries_label_map_and_resizes_jointly(tmp_path: Path) -> None:
     listing = tmp_path / "seg.txt"
     listing.write_text("img/0.jpg lbl/0.png\nimg/1.png lbl/1.png\n")
 
-    manifest = write_shards(tmp_path / "out", source=str(listing), shuffle=False, progress=False)
+    manifest = write_shards(tmp_path / "out", source=str(listing), options=ShardOptions(shuffle=False), progress=False)
     assert manifest["source_kind"] == "seg-list" and manifest["has_seg"] is True
     s0, s1 = read_split(tmp_path / "out", "train").values()
     assert set(s0) == {"jpg", "seg.png"} and s0["jpg"] == img0
@@ -218,8 +222,8 @@ def test_seg_list_carries_label_map_and_resizes_jointly(tmp_path: Path) -> None:
     assert np.array_equal(decode(s0["seg.png"]), label_l)
     assert np.array_equal(decode(s1["seg.png"]), np.asarray(label_p))  # palette indices, not colours
 
-    manifest = write_shards(tmp_path / "small", source=str(listing), shuffle=False, reencode="jpg", max_side=15,
-                            progress=False)
+    manifest = write_shards(tmp_path / "small", source=str(listing),
+                            options=ShardOptions(shuffle=False, reencode="jpg", max_side=15), progress=False)
     assert manifest["image_key"] == "jpg"
     s0, _ = read_split(tmp_path / "small", "train").values()
     assert Image.open(io.BytesIO(s0["jpg"])).size == (15, 10)  # 30x20 -> longer side 15, aspect kept
@@ -230,7 +234,7 @@ def test_seg_list_carries_label_map_and_resizes_jointly(tmp_path: Path) -> None:
 def test_seg_list_classes_named_and_label_values_checked(tmp_path: Path) -> None:
     """A seg-list names no classes unless --classes does; its label values are recorded (`seg_values`), and a value
     beyond the named classes stops the writing with the label map named and no shard left behind."""
-    from sslpipe.data.shards import parse_classes
+    from sslpipe.ingest.sources import parse_classes
 
     labels = [np.array([[0, 1], [2, 255]], np.uint8), np.array([[0, 0], [1, 3]], np.uint8)]
     lines = []
@@ -248,7 +252,7 @@ def test_seg_list_classes_named_and_label_values_checked(tmp_path: Path) -> None
     assert named["classes"] == ["background", "cat", "dog", "bird"]
     with pytest.raises(ValueError, match=r"l1.png holds class value\(s\) \[3\].*name only 3"):
         write_shards(tmp_path / "c", source=str(listing), classes=parse_classes("background,cat,dog"),
-                     shuffle=False, progress=False)
+                     options=ShardOptions(shuffle=False), progress=False)
     assert not list((tmp_path / "c").iterdir())  # the partial shard is removed, no manifest written
     with pytest.raises(ValueError, match="twice"):
         parse_classes("a,b,a")
@@ -260,7 +264,7 @@ def test_list_classes_order_the_names(tmp_path: Path) -> None:
     (tmp_path / "names.txt").write_text("0.png dog\n1.png cat\n2.png dog\n")
     (tmp_path / "ints.txt").write_text("0.png 0\n1.png 2\n2.png 1\n")
     m = write_shards(tmp_path / "a", source=str(tmp_path / "names.txt"), classes=["dog", "cat", "fish"],
-                     shuffle=False, progress=False)
+                     options=ShardOptions(shuffle=False), progress=False)
     assert m["classes"] == ["dog", "cat", "fish"]
     assert [int(s["cls"]) for s in read_split(tmp_path / "a", "train").values()] == [0, 1, 0]
     m = write_shards(tmp_path / "b", source=str(tmp_path / "ints.txt"), classes=["x", "y", "z"], progress=False)
@@ -287,7 +291,8 @@ def test_fashion_mnist_reader_counts_and_pixels() -> None:
 
 
 def test_fashion_mnist_shards_with_limit(tmp_path: Path) -> None:
-    manifest = write_shards(tmp_path / "out", source="fashion-mnist", limit=30, samples_per_shard=20, progress=False)
+    manifest = write_shards(tmp_path / "out", source="fashion-mnist",
+                            options=ShardOptions(limit=30, samples_per_shard=20), progress=False)
     assert manifest["classes"][0] == "T-shirt/top" and manifest["image_key"] == "png"
     assert [(s, i["samples"], len(i["shards"])) for s, i in manifest["splits"].items()] == [
         ("train", 30, 2), ("val", 30, 2)]

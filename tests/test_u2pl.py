@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sslpipe.data.cutmix import apply_cutmix, cutmix_box, cutmix_masks
-from sslpipe.data.semi import label_split, parse_labeled
+from sslpipe.ingest.semi_shards import label_split, parse_labeled
 from sslpipe.data.u2pl_views import U2PLSegTransform, draw_scale
 from sslpipe.eval.seg_eval import slide_logits, whole_logits
 from sslpipe.eval.segmentation import SegmentationMetric

@@ -25,7 +25,9 @@ from safetensors.torch import load_file
 
 from sslpipe.cli import main as cli_main
 from sslpipe.recipes import load_config
-from sslpipe.data.seg_layouts import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS, cityscapes_pairs, layout_shards
+from sslpipe.ingest.layouts import ADE20K_CLASSES, CITYSCAPES_TRAIN_IDS, cityscapes_pairs
+from sslpipe.ingest.options import ShardOptions
+from sslpipe.ingest.route import ShardSource, write_source
 from sslpipe.recipes.seg_supervised import SupervisedSegRecipe
 from sslpipe.recipes.u2pl import U2PLRecipe
 
@@ -41,8 +43,8 @@ TINY = [o.replace("{m}.", "u2pl.") for o in SEG_TINY] + U2PL_TINY  # method u2pl
 def semi(tmp_path_factory) -> Path:
     """Scenes (32 px): 24 train images of which 1/4 labelled, 8 val images."""
     out = tmp_path_factory.mktemp("u2pl") / "semi"
-    layout_shards(out, scenes={"train": 24, "val": 8, "size": 32}, labeled="1/4", seed=0, samples_per_shard=4,
-                  created_by="pytest")
+    write_source(out, ShardSource(dataset="scenes", scenes={"train": 24, "val": 8, "size": 32}),
+                 ShardOptions(samples_per_shard=4, seed=0), semi=True, labeled="1/4", created_by="pytest")
     return out
 
 

@@ -1,6 +1,6 @@
 """kNN benchmark: faiss vs torch brute force vs scikit-learn on the same weighted-kNN task, in one process.
 
-All three compute the same classifier (DINO's weighted vote, SPEC.md §2): cosine similarity, top-k neighbours,
+All three compute the same classifier (DINO's weighted vote, docs/methods.md §2): cosine similarity, top-k neighbours,
 class score = sum of exp(sim / T). faiss and torch run through `knn_classify` (L2-normalise, search, vote);
 scikit-learn runs `KNeighborsClassifier(metric="cosine", algorithm="brute")` with a callable weight
 exp((1 - d) / T) on the cosine distance d = 1 - sim, i.e. the same vote. Times are wall-clock seconds of the whole

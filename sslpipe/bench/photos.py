@@ -64,7 +64,9 @@ def write_photo_folder(out_dir: str | Path, n: int, size: tuple[int, int] = (500
 def make_photo_shards(out: str | Path, n: int = 1024, *, size: tuple[int, int] = (500, 375), seed: int = 0,
                       samples_per_shard: int = 256, force: bool = False) -> Path:
     """Shards (`train` split, original JPEG bytes) of `write_photo_folder`; reused when they already exist."""
-    from sslpipe.data.shards import read_manifest, write_shards
+    from sslpipe.data.manifest import read_manifest
+    from sslpipe.ingest.options import ShardOptions
+    from sslpipe.ingest.shards import write_shards
 
     out = Path(out)
     try:
@@ -74,6 +76,6 @@ def make_photo_shards(out: str | Path, n: int = 1024, *, size: tuple[int, int] =
         pass
     with tempfile.TemporaryDirectory() as tmp:
         write_photo_folder(tmp, n, size=size, seed=seed)
-        write_shards(out, source=tmp, kind="folder", samples_per_shard=samples_per_shard, force=True,
-                     progress=False, created_by=f"sslpipe bench loader --photos {n}")
+        write_shards(out, source=tmp, kind="folder", options=ShardOptions(samples_per_shard=samples_per_shard),
+                     force=True, progress=False, created_by=f"sslpipe bench loader --photos {n}")
     return out

@@ -84,48 +84,21 @@ def _scene_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _run_layout_shards(args: argparse.Namespace) -> int:
-    from sslpipe.data.seg_layouts import layout_shards
-
-    scenes = _scene_options(args) if args.dataset == "scenes" else None
-    summary = layout_shards(args.out, voc=args.voc, cityscapes=args.cityscapes, ade20k=args.ade20k, scenes=scenes,
-                            stardist=args.dataset == "stardist",
-                            voc_train=args.voc_train, voc_val=args.voc_val, labeled=args.labeled,
-                            labeled_list=args.labeled_list, seed=args.seed, samples_per_shard=args.samples_per_shard,
-                            force=args.force, num_workers=args.workers, created_by="sslpipe " + " ".join(sys.argv[1:]))
-    for name, info in summary["sets"].items():
-        print(f"{args.out}/{name}: {info['samples']} samples in {info['shards']} shards")
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.data.shards import parse_classes, write_shards
+    from sslpipe.ingest.options import ShardOptions
+    from sslpipe.ingest.route import ShardSource, write_source
+    from sslpipe.ingest.sources import parse_classes
 
-    if args.classes and not (args.seg_list or args.list_file):
-        raise ValueError("--classes names the classes of a --seg-list or --list source; the others name their own")
-    if (args.voc or args.cityscapes or args.ade20k or args.dataset == "stardist"
-            or (args.dataset == "scenes" and args.semi)):
-        return _run_layout_shards(args)
-    if args.semi or args.labeled or args.labeled_list:
-        raise ValueError("--semi/--labeled/--labeled-list go with --voc, --cityscapes, --ade20k or --dataset scenes "
-                         "--semi")
-    source, kind = (
-        (args.dataset, "scenes" if args.dataset == "scenes" else "dataset") if args.dataset else
-        (args.folder, "folder") if args.folder else
-        (args.list_file, "list") if args.list_file else
-        (args.coco, "coco") if args.coco else
-        (args.seg_list, "seg-list")
-    )
-    manifest = write_shards(
-        args.out, source=source, kind=kind, samples_per_shard=args.samples_per_shard,
-        max_shard_bytes=args.max_shard_bytes, val_fraction=args.val_fraction, reencode=args.reencode,
-        quality=args.quality, max_side=args.max_side, limit=args.limit, num_workers=args.workers,
-        seed=args.seed, force=args.force, created_by="sslpipe " + " ".join(sys.argv[1:]),
-        scenes=_scene_options(args) if args.dataset == "scenes" else None, coco_images=args.coco_images,
-        classes=parse_classes(args.classes) if args.classes else None,
-    )
-    for split, info in manifest["splits"].items():
-        print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
-    if manifest.get("skipped"):
-        print(f"skipped {len(manifest['skipped'])} unreadable images (listed in {args.out}/manifest.json)")
+    source = ShardSource(dataset=args.dataset, folder=args.folder, list_file=args.list_file, seg_list=args.seg_list,
+                         coco=args.coco, voc=args.voc, cityscapes=args.cityscapes, ade20k=args.ade20k,
+                         classes=parse_classes(args.classes) if args.classes else None, coco_images=args.coco_images,
+                         scenes=_scene_options(args) if args.dataset == "scenes" else None,
+                         voc_splits=(args.voc_train, args.voc_val))
+    options = ShardOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
+                           val_fraction=args.val_fraction, seed=args.seed, reencode=args.reencode, quality=args.quality,
+                           max_side=args.max_side, limit=args.limit)
+    for line in write_source(args.out, source, options, semi=args.semi, labeled=args.labeled,
+                             labeled_list=args.labeled_list, num_workers=args.workers, force=args.force,
+                             created_by="sslpipe " + " ".join(sys.argv[1:])):
+        print(line)
     return 0

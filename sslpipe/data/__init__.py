@@ -1,1 +1,1 @@
-"""Data stage: bundled data sets and WebDataset shard writing (see docs/internals.md §1)."""
+"""Data stage: what training reads: the shard manifest and stream, views, masks, collation and targets."""

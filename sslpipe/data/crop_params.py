@@ -8,7 +8,8 @@ picks a backend from a recipe's `crops` section (`multicrop_from_config`) lives 
 """
 from __future__ import annotations
 
-# Gaussian-blur sigma range in pixels of the output crop (iBOT/DINO utils.GaussianBlur, SPEC §1), tuned for 224/96 px.
+# Gaussian-blur sigma range in pixels of the output crop (iBOT/DINO utils.GaussianBlur, docs/methods.md §1), tuned for
+# 224/96 px.
 BLUR_SIGMAS: tuple[float, float] = (0.1, 2.0)
 
 # ITU-R 601 grey weights as OpenCV applies them (the fast path's cvtColor and the device path's batched version).

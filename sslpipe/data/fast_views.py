@@ -128,7 +128,7 @@ JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 class FastCropView:
-    """One crop recipe of SPEC §1 on a uint8 HWC array -> uint8 (3, size, size) tensor.
+    """One crop recipe of docs/methods.md §1 on a uint8 HWC array -> uint8 (3, size, size) tensor.
 
     `sample(height, width)` draws every random choice of the crop (in the order the reference draws them) as a
     `PARAM_FIELDS` vector; `apply(image, params)` executes it. ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8 draws a

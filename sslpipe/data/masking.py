@@ -1,4 +1,4 @@
-"""iBOT patch masks: BEiT-style block masking and uniform random masking (SPEC.md §1).
+"""iBOT patch masks: BEiT-style block masking and uniform random masking (docs/methods.md §1).
 
 Follows bytedance/ibot ``loader.py`` (ImageFolderMask.get_pred_ratio and the block loop of __getitem__), which in turn
 follows BEiT's ``masking_generator.py``. Written by hand because no library does this exact algorithm:
@@ -97,7 +97,7 @@ class MaskGenerator:
         self.epoch = int(epoch)
 
     def get_pred_ratio(self) -> float:
-        """The masking ratio r for one crop (SPEC §1 list semantics)."""
+        """The masking ratio r for one crop (docs/methods.md §1 list semantics)."""
         if self.epoch < self.pred_start_epoch:
             return 0.0
         u = self._rng.uniform

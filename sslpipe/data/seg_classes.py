@@ -12,7 +12,7 @@ Shard specs without a manifest (brace patterns, URLs) cannot be checked: the cla
 """
 from __future__ import annotations
 
-from sslpipe.data.shards import read_manifest
+from sslpipe.data.manifest import read_manifest
 
 
 def _manifest(spec: str | None) -> dict | None:

@@ -1,4 +1,4 @@
-"""Labelled + unlabelled segmentation streams for semi-supervised training (U2PL), and seeded label splits.
+"""Labelled + unlabelled segmentation streams for semi-supervised training (U2PL).
 
 Labelled shards carry `seg.png` (255 = ignore); unlabelled shards usually only images. Each training batch holds
 `batch_size` labelled and `round(batch_size * unlabeled_ratio)` unlabelled images, streamed by two independent
@@ -9,48 +9,19 @@ unlabelled one: `u2pl/dataset/pascal_voc.py`).
 Views: both streams get U2PL's joint augmentation (`sslpipe.data.u2pl_views.U2PLSegTransform`: the official random
 scale, flip, crop padded to the crop size). An unlabelled image also gets `valid` (False on the crop's padding: the
 recipe gives it no pseudo-label) and `truth_u`: the ground truth when its shard has a `seg.png`, else 255 everywhere.
-`truth_u` exists for diagnostics only (pseudo-label accuracy): no loss may read it.
-
-Label splits (`label_split`): the labelled subset of a list of ids is a seeded choice (numpy `default_rng(seed)`
-permutation of the ids in their given order, the first n kept), n given as a count (`92`, `1464`) or a fraction
-(`1/16` ... `1/2`, rounded); the unlabelled subset is the rest.
+`truth_u` exists for diagnostics only (pseudo-label accuracy): no loss may read it. Which images are labelled is
+chosen when the shards are written (`sslpipe.ingest.semi_shards`).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from fractions import Fraction
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from sslpipe.data.stream import build_loader, derive_seed
 from sslpipe.data.u2pl_views import U2PLSegTransform
-
-
-# ------------------------------------------------------------------------------------------------------ splits
-def parse_labeled(spec: str | int | float, total: int) -> int:
-    """Number of labelled items: an int count, a fraction string `1/16`, or a float in (0, 1)."""
-    if isinstance(spec, str) and "/" in spec:
-        frac = float(Fraction(spec))
-    elif isinstance(spec, str):
-        frac = float(spec)
-    else:
-        frac = float(spec)
-    n = int(round(frac * total)) if 0 < frac < 1 else int(frac)
-    if not 1 <= n <= total:
-        raise ValueError(f"labelled subset {spec!r} gives {n} of {total} items: give a count in 1..{total} or a "
-                         "fraction such as 1/16")
-    return n
-
-
-def label_split(ids: Sequence[str], labeled: str | int | float, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(labelled, unlabelled) ids: a seeded choice of `labeled` items (count or fraction), each list in the given
-    order of `ids`."""
-    n = parse_labeled(labeled, len(ids))
-    chosen = set(np.random.default_rng(seed).permutation(len(ids))[:n].tolist())
-    return ([i for k, i in enumerate(ids) if k in chosen], [i for k, i in enumerate(ids) if k not in chosen])
 
 
 # ------------------------------------------------------------------------------------------------------ samples

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from sslpipe.data.shards import read_manifest
+from sslpipe.data.manifest import read_manifest
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")

@@ -60,8 +60,8 @@ def crop_view(
 
 
 class MultiCropTransform:
-    """iBOT/DINO multi-crop (SPEC §1): crop 1 global with blur p=1; every further global crop blur p=0.1 + solarize
-    p=0.2; local crops blur p=0.5. Any image size works (RandomResizedCrop upsamples small images).
+    """iBOT/DINO multi-crop (docs/methods.md §1): crop 1 global with blur p=1; every further global crop blur p=0.1 +
+    solarize p=0.2; local crops blur p=0.5. Any image size works (RandomResizedCrop upsamples small images).
 
     ``blur_sigma`` is the published U[0.1, 2] in pixels of the output crop, tuned for 224/96 px crops;
     ``local_blur_sigma`` (default: the same) sets the local crops' range, so that a small CPU recipe can scale each

@@ -46,8 +46,8 @@ def clip_gradients_per_tensor(module: torch.nn.Module, clip: float) -> torch.Ten
     """DINO `utils.clip_gradients`: each parameter's gradient is rescaled on its own to norm <= `clip`.
 
     coef = clip / (||g||_2 + 1e-6); g <- g * coef when coef < 1 (g * min(coef, 1), which leaves the others
-    bit-identical). Not the global norm of `clip_grad_norm_` (SPEC §1: iBOT/DINO clip per tensor), hence written
-    here. Returns the norms before clipping as one tensor (in parameter order), left on the device.
+    bit-identical). Not the global norm of `clip_grad_norm_` (docs/methods.md §1: iBOT/DINO clip per tensor), hence
+    written here. Returns the norms before clipping as one tensor (in parameter order), left on the device.
     """
     by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for param in module.parameters():

@@ -2,14 +2,14 @@
 
 Predictions and targets are torchvision-style dicts per image: `boxes` (N, 4) xyxy in pixels, `labels` (N,),
 `scores` (N,) (predictions only), `masks` (N, H, W) bool for `segm` and `iscrowd` (N,) (targets only: COCO crowd
-regions, which COCOeval matches without counting: a detection on one is neither a true nor a false positive). Results are reported under `bbox/...` and
+regions, which COCOeval matches without counting: a detection on one is neither a true nor a false positive; built by
+`sslpipe.data.targets.masks_to_targets`). Results are reported under `bbox/...` and
 `segm/...` with COCO's names: AP (IoU 0.50:0.95), AP50, AP75, APs/APm/APl (area < 32^2, < 96^2, larger), AR100.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 _NAMES = {"map": "AP", "map_50": "AP50", "map_75": "AP75", "map_small": "APs", "map_medium": "APm",
@@ -54,37 +54,3 @@ class DetectionMetric:
                 if isinstance(value, Tensor) and value.numel() == 1:
                     out[f"{iou_type}/{name}"] = float(value)
         return out
-
-
-def masks_to_targets(instances: Tensor, semantic: Tensor, class_offset: int = 0, ignore_index: int = 255,
-                     crowd: dict[int, int] | None = None) -> dict[str, Tensor]:
-    """One image's (H, W) instance ids (0 = none) + class map -> {boxes, labels, masks, iscrowd}: one entry per
-    instance, its class = the majority semantic class under it minus `class_offset` (instances left with a class < 0,
-    e.g. only background or ignore under them, are dropped); boxes span the mask's pixels (x2 = last column + 1,
-    COCO's box of a mask). `crowd` ({instance id: class}, COCO crowd regions, whose pixels are ignore in the class
-    map) adds those as `iscrowd` = 1 entries for evaluation; without it they are dropped (training)."""
-    ids = torch.unique(instances)
-    ids = ids[ids > 0]
-    masks = instances[None] == ids[:, None, None]
-    labels, keep, is_crowd = [], [], []
-    for instance_id, mask in zip(ids.tolist(), masks):
-        if crowd and instance_id in crowd:
-            label = crowd[instance_id] - class_offset
-        else:
-            values = semantic[mask]
-            values = values[values != ignore_index]
-            label = int(torch.mode(values).values) - class_offset if values.numel() else -1
-        keep.append(label >= 0)
-        labels.append(label)
-        is_crowd.append(bool(crowd) and instance_id in crowd)
-    keep_t = torch.tensor(keep, dtype=torch.bool, device=instances.device)
-    masks = masks[keep_t]
-    boxes = torch.zeros(len(masks), 4, device=instances.device)
-    if len(masks):
-        from torchvision.ops import masks_to_boxes
-
-        boxes = masks_to_boxes(masks).float()
-        boxes[:, 2:] += 1
-    labels_t = torch.tensor([c for c, k in zip(labels, keep) if k], dtype=torch.long, device=instances.device)
-    crowd_t = torch.tensor([c for c, k in zip(is_crowd, keep) if k], dtype=torch.long, device=instances.device)
-    return {"boxes": boxes, "labels": labels_t, "masks": masks, "iscrowd": crowd_t}

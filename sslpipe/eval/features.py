@@ -1,11 +1,9 @@
 """Streamed feature extraction for the kNN and linear probes (docs/internals.md §6).
 
 Shards are read once, in a fixed order (no shuffle, every sample, last partial batch kept), through the same
-WebDataset stream as training; a `FeatureSpec` (sslpipe/eval/spec.py) says how images become features. The default
-feature of a timm model is its pre-logits output, `forward_head(forward_features(x), pre_logits=True)`: for a ViT
-with `global_pool='token'` that is the CLS token after the final LayerNorm (DINO's kNN feature); for a CNN the
-globally pooled features. With `num_classes=0` this equals `model(x)` (checked in tests/test_knn.py); going through
-`pre_logits` keeps it right for models that still have a head. The linear probe's feature is `LastBlocksCLS`.
+WebDataset stream as training; a `FeatureSpec` (sslpipe/eval/spec.py) says how images become features: by default
+the backbone's pre-logits output (`sslpipe.models.backbones.pooled_features`), for the linear probe the CLS tokens of
+the last blocks (`LastBlocksCLS`).
 """
 from __future__ import annotations
 
@@ -26,40 +24,6 @@ from sslpipe.data.stream import build_loader, count_samples, resolve_shards
 
 if TYPE_CHECKING:
     from sslpipe.eval.spec import FeatureSpec, ProbeData
-
-FeatureFn = Callable[[nn.Module, Tensor], Tensor]
-
-
-def pre_logits(model: nn.Module, x: Tensor) -> Tensor:
-    """CLS after the final norm (ViT, global_pool='token') or pooled features (CNN)."""
-    if hasattr(model, "forward_head") and hasattr(model, "forward_features"):
-        return model.forward_head(model.forward_features(x), pre_logits=True)
-    return model(x)
-
-
-class LastBlocksCLS:
-    """Feature function for `extract_features`: concat of the last `n` blocks' CLS tokens after the final norm.
-
-    timm's `forward_intermediates(norm=True)` applies `model.norm` to every returned block output, as DINO's
-    `get_intermediate_layers` does; `return_prefix_tokens=True` hands back the prefix tokens whose first is CLS.
-    CNNs (no class token) fall back to `pre_logits`.
-    """
-
-    def __init__(self, n: int = 4) -> None:
-        if n < 1:
-            raise ValueError(f"n_last_blocks must be >= 1, got {n}")
-        self.n = n
-
-    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
-        if not (getattr(model, "has_class_token", False) and hasattr(model, "forward_intermediates")):
-            return pre_logits(model, x)
-        blocks = model.forward_intermediates(x, indices=self.n, norm=True, output_fmt="NLC",
-                                             intermediates_only=True, return_prefix_tokens=True)
-        return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=-1)
-
-    def __repr__(self) -> str:
-        return f"LastBlocksCLS(n={self.n})"
-
 
 class _EvalSample:
     """sample_fn for the stream: (transformed image, label). A class, so DataLoader workers can pickle it."""

@@ -1,4 +1,4 @@
-"""Weighted kNN classifier of DINO (eval_knn.py 142-182, SPEC.md §2) on faiss.
+"""Weighted kNN classifier of DINO (eval_knn.py 142-182, docs/methods.md §2) on faiss.
 
 Train and test features are L2-normalised (cosine similarity). For each test sample the top-k train neighbours
 (largest inner product) vote: class score = sum over neighbours of that class of exp(sim / T). Top-1 and top-5

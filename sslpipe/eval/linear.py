@@ -1,7 +1,7 @@
-"""Linear probe on frozen features (DINO eval_linear.py, SPEC.md §2).
+"""Linear probe on frozen features (DINO eval_linear.py, docs/methods.md §2).
 
 Features: the CLS token of each of the last `n_last_blocks` blocks, each after the final LayerNorm, concatenated
-(DINO: n=4 for ViT-S; `FeatureSpec(pooling="blocks", layers=4)`, `sslpipe.eval.features.LastBlocksCLS`); CNNs (no
+(DINO: n=4 for ViT-S; `FeatureSpec(pooling="blocks", layers=4)`, `sslpipe.eval.spec.LastBlocksCLS`); CNNs (no
 class token) use their pooled features. One `nn.Linear` (weight N(0, 0.01), bias 0) is trained with SGD (momentum
 0.9, weight decay 0, lr = 0.001 * batch / 256) and a per-epoch cosine schedule to 0.
 

@@ -1,36 +1,10 @@
-"""Q-score: label-free, per-sample quality metrics of a self-supervised representation (SPEC.md §4).
+"""Q-score metrics: every label-free, per-sample quality metric of a representation, and set-level summaries
+(docs/methods.md §4).
 
-Kalibhat, Narang, Firooz, Sanjabi, Feizi, arXiv 2203.01881. The paper changed its definition between versions and
-ships no code; both are implemented, as `v1` ("Understanding Failure Modes of Self-Supervised Learning", 2022) and
-`v2` (v2 and later, AAAI 2024 "Measuring Self-Supervised Representation Quality for Downstream Classification using
-Discriminative Features"). The v2 definition is second-hand (a summary of the paper and an independent
-implementation; see docs/qscore.md).
-
-Input: a feature matrix h of shape (N, D), one row per sample: by default the backbone output before any projection
-head (ResNet: pooled, non-negative after ReLU; ViT: the CLS token after the final norm, which has negative values).
-All statistics are per row (per sample) over its D features; std is the population std (divide by D, as np.std in
-the third-party v1 implementation, FraCorti/.../utils/pies.py).
-
-v1, computed on h' = h_i / ||h_i||_2 when `l2_normalize` (the default: the only known implementation does it, and
-it makes Q invariant to the scale of h; with `l2_normalize=False`, h' = h):
-    mu_i      = (1/D) sum_j h'_ij
-    sigma_i   = sqrt((1/D) sum_j (h'_ij - mu_i)^2)
-    sparsity_i = (1/D) #{j : h'_ij < eta}                 (soft sparsity; `sparsity_abs`: |h'_ij| < eta)
-    l1_i      = sum_j |h'_ij|
-    z_i       = (max_j h'_ij - mu_i) / max(sigma_i, tiny)
-    q_v1_i    = z_i / max(l1_i, tiny)
-v2, on the raw h (no normalisation), with mu_i, sigma_i the mean and population std of h_i:
-    L_i  = {j : h_ij > mu_i + eps * sigma_i}               (highly activating features of sample i, eps = 4)
-    A_j  = (1/N) #{i : j in L_i}                            (activation rate of feature j over the reference set)
-    D    = {j : A_j > 0 and P_lo <= A_j <= P_hi}, P_lo/P_hi = the `percentiles` (default 50th/95th) of the non-zero
-           A_j (torch.quantile, linear interpolation as numpy's default)     (discriminative features)
-    q_v2_i = (1/|L_i ∩ D|) sum_{j in L_i ∩ D} (h_ij - mu_i) / s_i, and 0 when L_i ∩ D is empty;
-             s_i = sigma_i with `standardize` (ours: scale-free, like v1's z), else 1 (the published form).
-The reference set of A_j is `rates` when given (e.g. rates of the training split), else the rows of h themselves.
-Note (Samuelson's inequality): with the population std no value can exceed mu + eps*sigma when D <= eps^2 + 1, so
-eps = 4 needs D >= 18 features for L_i to be non-empty at all; and on Gaussian-like rows (a ViT's CLS after
-LayerNorm) no value reaches 4 std in practice. `eps_for_coverage` lowers eps until a given share of rows has
-L_i ∩ D non-empty (issue 19: how v2 is defined on a ViT; measured in docs/qscore.md).
+The scores and the selections they rest on (q_v1, q_v2, L_i, D, with their formulas) are
+`sslpipe.losses.qscore_math`, which the regulariser shares. The report scores them beside descriptive statistics of
+the v1 input h': mu_i, sigma_i, l1_i and z_i as defined there, and the soft sparsity
+    sparsity_i = (1/D) #{j : h'_ij < eta}                 (`sparsity_abs`: |h'_ij| < eta)
 
 Correctly classified samples are expected to have a higher z and q and a lower l1 (paper, v1).
 """
@@ -39,140 +13,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-DEFAULT_ETA = 1e-3  # soft-sparsity threshold: the paper's value was not found (SPEC §4); ours
-DEFAULT_EPS = 4.0  # v2 "highly activating" threshold in per-sample stds (second-hand, SPEC §4)
-DEFAULT_PERCENTILES: tuple[float, float] = (50.0, 95.0)  # v2 band of non-zero activation rates (second-hand)
-EPS_STEP = 0.25  # grid of `eps_for_coverage`
-EPS_MIN = 0.5  # lowest eps `eps_for_coverage` goes to
-TINY = 1e-12  # floor of sigma and of the L1 norm: a constant or all-zero row gets z = 0, q = 0 instead of NaN
+from sslpipe.losses.qscore_math import (DEFAULT_EPS, DEFAULT_PERCENTILES, TINY, feature_matrix, q_v2, row_mean_std,
+                                        v1_input, v2_selection)
 
-
-def _check(h: Tensor) -> Tensor:
-    if h.ndim != 2:
-        raise ValueError(f"Q-score features must be a (N, D) matrix, got shape {tuple(h.shape)}")
-    return h if h.is_floating_point() else h.float()
-
-
-def row_mean_std(h: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row mean and population std (unbiased=False), each (N,)."""
-    return h.mean(dim=1), h.std(dim=1, unbiased=False)
-
-
-def v1_input(h: Tensor, l2_normalize: bool = True) -> Tensor:
-    """h' of the v1 metrics: h / ||h||_2 row-wise (F.normalize, eps 1e-12) or h itself."""
-    h = _check(h)
-    return F.normalize(h, dim=1, eps=TINY) if l2_normalize else h
-
-
-def z_score_of_max(h: Tensor) -> Tensor:
-    """z_i = (max_j h_ij - mu_i) / max(sigma_i, TINY), on the rows as given (differentiable)."""
-    mu, sigma = row_mean_std(h)
-    return (h.max(dim=1).values - mu) / sigma.clamp_min(TINY)
-
-
-def q_v1(h: Tensor, *, l2_normalize: bool = True) -> Tensor:
-    """Q-score v1 per sample: z_i / max(||h'_i||_1, TINY), with h' = `v1_input(h, l2_normalize)` (differentiable)."""
-    hp = v1_input(h, l2_normalize)
-    return z_score_of_max(hp) / hp.abs().sum(dim=1).clamp_min(TINY)
-
-
-def highly_active(h: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
-    """Bool (N, D): j in L_i, i.e. h_ij > mu_i + eps * sigma_i (population std)."""
-    h = _check(h)
-    mu, sigma = row_mean_std(h.detach())
-    return h.detach() > (mu + eps * sigma).unsqueeze(1)
-
-
-def activation_rates(h: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
-    """A_j = share of rows in which feature j is highly activating, (D,) float."""
-    return highly_active(h, eps).float().mean(dim=0)
-
-
-def discriminative_features(rates: Tensor, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> Tensor:
-    """Bool (D,): A_j > 0 and P_lo <= A_j <= P_hi, the percentiles taken over the non-zero A_j only."""
-    lo, hi = (float(p) for p in percentiles)
-    if not 0.0 <= lo <= hi <= 100.0:
-        raise ValueError(f"Q-score percentiles must satisfy 0 <= low <= high <= 100, got {tuple(percentiles)}")
-    nonzero = rates[rates > 0]
-    if nonzero.numel() == 0:
-        return torch.zeros_like(rates, dtype=torch.bool)
-    q = torch.tensor([lo / 100.0, hi / 100.0], dtype=torch.float64, device=rates.device)
-    bounds = torch.quantile(nonzero.double(), q)
-    r = rates.double()
-    return (r > 0) & (r >= bounds[0]) & (r <= bounds[1])
-
-
-def v2_selection(h: Tensor, *, eps: float = DEFAULT_EPS, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
-                 rates: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(L, D, L ∩ D): bool (N, D) highly-active mask, bool (D,) discriminative features, their intersection (N, D).
-
-    Selections are made on detached values: they are sets, not functions to differentiate."""
-    high = highly_active(h, eps)
-    if rates is None:
-        rates = high.float().mean(dim=0)
-    elif rates.shape != (h.shape[1],):
-        raise ValueError(f"activation rates of shape {tuple(rates.shape)} do not fit features of width {h.shape[1]}")
-    disc = discriminative_features(rates.to(h.device), percentiles)
-    return high, disc, high & disc.unsqueeze(0)
-
-
-def eps_for_coverage(h: Tensor, coverage: float, *, eps_max: float = DEFAULT_EPS, step: float = EPS_STEP,
-                     eps_min: float = EPS_MIN, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> float:
-    """The largest eps on the grid eps_max, eps_max - step, ..., eps_min at which at least `coverage` of the rows of
-    h have L_i ∩ D non-empty (D from h's own rates at that eps); eps_min when none does.
-
-    Why: v2's eps = 4 assumes sparse, heavy-tailed rows (ReLU ResNet features). A ViT's CLS after LayerNorm is
-    Gaussian-like (the demo ViT: median max z 2.6 over 128 features), so eps = 4 selects nothing and every q_v2 is
-    0. Lowering eps only as far as the selection needs keeps eps = 4 wherever it already works (docs/qscore.md)."""
-    if not 0.0 < coverage <= 1.0:
-        raise ValueError(f"v2 coverage target must be in (0, 1], got {coverage}")
-    lo, hi = (float(p) for p in percentiles)
-    if not 0.0 <= lo <= hi <= 100.0:
-        raise ValueError(f"Q-score percentiles must satisfy 0 <= low <= high <= 100, got {tuple(percentiles)}")
-    grid, eps = [], float(eps_max)
-    while eps > eps_min:
-        grid.append(eps)
-        eps = round(eps - step, 10)
-    if not grid:
-        return float(eps_min)
-    # Every eps of the grid at once (G x N x D masks), one host sync: the regulariser calls this at every step.
-    h = _check(h).detach()
-    mu, sigma = row_mean_std(h)
-    eps_t = torch.tensor(grid, dtype=h.dtype, device=h.device)
-    high = h.unsqueeze(0) > (mu.unsqueeze(0) + eps_t.unsqueeze(1) * sigma.unsqueeze(0)).unsqueeze(2)
-    rates = high.float().mean(dim=1).double()  # (G, D), as `v2_selection` computes them
-    q = torch.tensor([lo / 100.0, hi / 100.0], dtype=torch.float64, device=h.device)
-    bounds = torch.nanquantile(rates.masked_fill(rates <= 0, float("nan")), q, dim=1)  # (2, G), over non-zero A_j
-    disc = (rates > 0) & (rates >= bounds[0].unsqueeze(1)) & (rates <= bounds[1].unsqueeze(1))
-    covered = (high & disc.unsqueeze(1)).any(dim=2).float().mean(dim=1)
-    first = torch.nonzero(covered >= coverage).flatten()[:1].tolist()
-    return grid[first[0]] if first else float(eps_min)
-
-
-def q_v2(h: Tensor, *, eps: float = DEFAULT_EPS, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
-         rates: Tensor | None = None, standardize: bool = False, fallback: bool = False) -> Tensor:
-    """Q-score v2 per sample: mean over j in L_i ∩ D of (h_ij - mu_i), divided by sigma_i when `standardize`
-    (differentiable in h through h_ij, mu_i and sigma_i; the sets are fixed by the current values).
-
-    A sample with L_i ∩ D empty gets 0 and no gradient; with `fallback` (what the regulariser uses, so that its
-    gradient reaches exactly those samples) it is scored on its strongest discriminative feature instead,
-    argmax_{j in D} h_ij (argmax over all features when D is empty)."""
-    h = _check(h)
-    _, disc, sel = v2_selection(h, eps=eps, percentiles=percentiles, rates=rates)
-    if fallback:
-        pool = disc if disc.any() else torch.ones_like(disc)
-        best = h.detach().masked_fill(~pool.unsqueeze(0), float("-inf")).argmax(dim=1)
-        empty = ~sel.any(dim=1)
-        sel = sel | (F.one_hot(best, h.shape[1]).bool() & empty.unsqueeze(1))
-    sel = sel.to(h.dtype)
-    mu, sigma = row_mean_std(h)
-    excess = h - mu.unsqueeze(1)
-    if standardize:
-        excess = excess / sigma.clamp_min(TINY).unsqueeze(1)
-    return (excess * sel).sum(dim=1) / sel.sum(dim=1).clamp_min(1.0)
+DEFAULT_ETA = 1e-3  # soft-sparsity threshold: the paper's value was not found (docs/methods.md §4); ours
 
 
 @torch.no_grad()
@@ -189,7 +35,7 @@ def qscore_metrics(
 ) -> dict[str, Tensor]:
     """Every per-sample metric, each (N,) float on h's device: mean, std, sparsity, l1, z, q_v1 (all on h', the v1
     input), q_v2, n_high (|L_i|) and n_high_disc (|L_i ∩ D|) (on the raw h). Formulas: the module docstring."""
-    h = _check(h).float()
+    h = feature_matrix(h).float()
     hp = v1_input(h, l2_normalize)
     mu, sigma = row_mean_std(hp)
     below = (hp.abs() if sparsity_abs else hp) < eta
@@ -219,7 +65,7 @@ def batch_summary(
     """Set-level summaries: mean of every per-sample metric (`mean_<name>`), `always_active_frac` (share of features
     with h'_ij >= eta in every sample, i.e. never soft-sparse: the degenerate "fires for every sample" feature the
     v1 column term fights), `discriminative_frac` (|D| / D), `never_high_frac` (share of features with A_j = 0)."""
-    h = _check(h).float()
+    h = feature_matrix(h).float()
     m = qscore_metrics(h, eta=eta, eps=eps, percentiles=percentiles, l2_normalize=l2_normalize,
                        sparsity_abs=sparsity_abs, rates=rates, standardize=standardize)
     hp = v1_input(h, l2_normalize)

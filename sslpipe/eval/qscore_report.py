@@ -28,15 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sslpipe.eval.qscore import (
-    DEFAULT_EPS,
-    DEFAULT_ETA,
-    DEFAULT_PERCENTILES,
-    activation_rates,
-    batch_summary,
-    eps_for_coverage,
-    qscore_metrics,
-)
+from sslpipe.eval.qscore import DEFAULT_ETA, batch_summary, qscore_metrics
+from sslpipe.losses.qscore_math import DEFAULT_EPS, DEFAULT_PERCENTILES, activation_rates, eps_for_coverage
 
 if TYPE_CHECKING:
     from sslpipe.eval.spec import FeatureSpec, ProbeData

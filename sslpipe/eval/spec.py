@@ -9,15 +9,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
+from torch import Tensor, nn
 
 from sslpipe.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
-from sslpipe.eval.features import FeatureFn, LastBlocksCLS, pre_logits
+from sslpipe.models.backbones import pooled_features
 
 Pooling = Literal["cls", "blocks", "patch"]
 Precision = Literal["fp32", "autocast"]
+FeatureFn = Callable[[nn.Module, Tensor], Tensor]
+
+
+class LastBlocksCLS:
+    """Feature function of the `blocks` pooling: concat of the last `n` blocks' CLS tokens after the final norm.
+
+    timm's `forward_intermediates(norm=True)` applies `model.norm` to every returned block output, as DINO's
+    `get_intermediate_layers` does; `return_prefix_tokens=True` hands back the prefix tokens whose first is CLS.
+    CNNs (no class token) fall back to `pooled_features`.
+    """
+
+    def __init__(self, n: int = 4) -> None:
+        if n < 1:
+            raise ValueError(f"n_last_blocks must be >= 1, got {n}")
+        self.n = n
+
+    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
+        if not (getattr(model, "has_class_token", False) and hasattr(model, "forward_intermediates")):
+            return pooled_features(model, x)
+        blocks = model.forward_intermediates(x, indices=self.n, norm=True, output_fmt="NLC",
+                                             intermediates_only=True, return_prefix_tokens=True)
+        return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=-1)
+
+    def __repr__(self) -> str:
+        return f"LastBlocksCLS(n={self.n})"
 
 
 @dataclass(frozen=True)
@@ -84,7 +110,7 @@ class FeatureSpec:
     def feature_fn(self) -> FeatureFn:
         """`feature_fn(model, images)` -> (B, D) features of the `cls` or `blocks` pooling."""
         if self.pooling == "cls":
-            return pre_logits
+            return pooled_features
         if self.pooling == "blocks":
             return LastBlocksCLS(self.layers)
         raise ValueError("pooling 'patch' gives dense (B, C, h, w) maps, not one vector per image: the linear "

@@ -1,4 +1,4 @@
-"""Mask2Former (Cheng et al., CVPR 2022; SPEC.md §6) on a ViTDet pyramid, through transformers' implementation.
+"""Mask2Former (Cheng et al., CVPR 2022; docs/methods.md §6) on a ViTDet pyramid, through transformers' implementation.
 
 transformers' `Mask2FormerForUniversalSegmentation` is a maintained, CPU-capable port of the official model (pure
 PyTorch multi-scale deformable attention): pixel decoder (6 deformable-attention layers over 1/8, 1/16, 1/32, FPN to
@@ -58,7 +58,8 @@ def build_mask2former(pyramid: ViTDetPyramid, num_labels: int, *, hidden_dim: in
                       train_num_points: int = 12544, oversample_ratio: float = 3.0,
                       importance_sample_ratio: float = 0.75, class_weight: float = 2.0, mask_weight: float = 5.0,
                       dice_weight: float = 5.0, no_object_weight: float = 0.1, ignore_index: int = 255) -> nn.Module:
-    """transformers' Mask2FormerForUniversalSegmentation (published defaults, SPEC §6) with `pyramid` as encoder.
+    """transformers' Mask2FormerForUniversalSegmentation (published defaults, docs/methods.md §6) with `pyramid` as
+    encoder.
 
     `decoder_layers` counts the query-only prediction too (official DEC_LAYERS 10 = 9 layers + 1), as in
     transformers. `hidden_dim` is also the pixel decoder's width and the mask-embedding size (official 256 for all).
@@ -111,7 +112,7 @@ def instance_targets(instances: Tensor, semantic: Tensor, class_offset: int = 1,
                      ignore_index: int = 255) -> tuple[list[Tensor], list[Tensor]]:
     """(B, H, W) instance ids (0 = none) + class maps -> per image (masks (N, H, W), thing classes (N,)); an instance's
     class is the majority semantic class under it minus `class_offset` (1 when class 0 is the background)."""
-    from sslpipe.eval.detection import masks_to_targets
+    from sslpipe.data.targets import masks_to_targets
 
     masks, classes = [], []
     for inst, sem in zip(instances, semantic):

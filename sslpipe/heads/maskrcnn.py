@@ -1,4 +1,4 @@
-"""ViTDet's Mask R-CNN: torchvision's MaskRCNN on the simple feature pyramid (SPEC.md §5).
+"""ViTDet's Mask R-CNN: torchvision's MaskRCNN on the simple feature pyramid (docs/methods.md §5).
 
 torchvision accepts any backbone with `out_channels` that returns an ordered dict of maps. The heads follow detectron2's
 `configs/common/models/mask_rcnn_vitdet.py` (on `mask_rcnn_fpn.py`): RPN with 2 convs over all five levels (one anchor

@@ -1,4 +1,4 @@
-"""ViTDet: a plain (exported) timm ViT as a multi-scale dense backbone (Li et al., ECCV 2022; SPEC.md §5).
+"""ViTDet: a plain (exported) timm ViT as a multi-scale dense backbone (Li et al., ECCV 2022; docs/methods.md §5).
 
 detectron2 `modeling/backbone/vit.py` (ViT, SimpleFeaturePyramid, get_vit_lr_decay_rate) is the reference:
 - window attention (non-overlapping windows of `window_size`, padded to a multiple, no shift) in every block except

@@ -1,5 +1,5 @@
 """iBOT loss (Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer", ICLR 2022; official bytedance/ibot
-main_ibot.py iBOTLoss; SPEC §1 "Loss").
+main_ibot.py iBOTLoss; docs/methods.md §1 "Loss").
 
 With teacher targets P_t = softmax((t - C) / tau_t) (detached) and student log-probs log_softmax(s / tau_s):
     L_cls   = mean over pairs (teacher global view q, student view v != q; 2 global + n_local views) of
@@ -12,7 +12,7 @@ mean of each image's mean patch logit over ALL patches.
 
 Written here rather than assembled from lightly: lightly's IBOTPatchLoss gives the same patch value per view (it also
 divides by the whole batch including unmasked images, tested), but its centre is the mean over the MASKED teacher
-tokens only (SPEC: over all patches of each image) and it updates the centre inside ``forward``.
+tokens only (docs/methods.md §1: over all patches of each image) and it updates the centre inside ``forward``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,16 @@
-"""The Q-score regulariser (Kalibhat et al., arXiv 2203.01881, SPEC.md §4): a loss term any recipe adds.
+"""The Q-score regulariser (Kalibhat et al., arXiv 2203.01881, docs/methods.md §4): a loss term any recipe adds.
 
 The published form (second-hand, `reduction: sum`):
 
     L = L_SSL - lambda1 * sum_{i : Q_i < alpha} Q_i + lambda2 * sum_{k : ||H_{*,k}||_1 > beta} ||H_{*,k}||_1
 
 H in R^{M x l} is the batch's feature matrix (M = 2N for two views stacked; a recipe passes all global views), Q_i the
-per-sample Q-score of row i (`version` v1 or v2, formulas in sslpipe/eval/qscore.py), ||H_{*,k}||_1 = sum_i |H_ik|
-the L1 norm of feature column k over the batch. The first term raises Q on the low-quality samples (Q_i below alpha);
-the second penalises features that fire across the batch (v1 found that the first term alone makes one feature fire
-for every sample). alpha / beta null = the batch means of Q_i / of the column norms. The selections use detached
-values, so the gradient reaches only the selected rows (through Q_i) and the selected columns (through their norms).
+per-sample Q-score of row i (`version` v1 or v2, formulas in sslpipe/losses/qscore_math.py),
+||H_{*,k}||_1 = sum_i |H_ik| the L1 norm of feature column k over the batch. The first term raises Q on the low-quality
+samples (Q_i below alpha); the second penalises features that fire across the batch (v1 found that the first term alone
+makes one feature fire for every sample). alpha / beta null = the batch means of Q_i / of the column norms. The
+selections use detached values, so the gradient reaches only the selected rows (through Q_i) and the selected columns
+(through their norms).
 
 Why the default differs (issue 19, measured in docs/qscore.md): with sums and lambda1 = lambda2 = 1e-4 the sample
 term was about 1e-3 against a column term of 0.3-0.8 (the regulariser was an L1 penalty on columns), and on a ViT
@@ -39,7 +40,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from sslpipe.eval.qscore import TINY, eps_for_coverage, q_v1, q_v2, v1_input
+from sslpipe.losses.qscore_math import TINY, eps_for_coverage, q_v1, q_v2, v1_input
 
 
 class QScoreRegularizer(nn.Module):

@@ -20,7 +20,7 @@ unlabelled entropy map H:
 Defaults (experiments/pascal/1464/ours/config.yaml): delta_p = current_class_threshold 0.3, r_l = low_rank 3,
 r_h = high_rank 20, low_entropy_threshold 20, M = num_queries 256, N = num_negatives 50, tau = temperature 0.5.
 
-Paper vs code (named deviations; the paper is followed, SPEC.md §3):
+Paper vs code (named deviations; the paper is followed, docs/methods.md §3):
 - negatives: the code multiplies the high-entropy mask by the one-hot (pseudo-)label of c before applying the rank
   rule (issue #171), which contradicts it (a pixel labelled c has rank 0, not >= r_l; a labelled pixel must have
   y != c): only pixels where the eval-mode pseudo-label and the train-mode teacher disagree survive. Here the

@@ -10,11 +10,11 @@ Unreliable Pseudo-Labels", CVPR 2022, Sec. 3.2, eqs. 2, 6-8; official Haochen-Wa
 
 With drop_percent 80 the top 20% most uncertain pixels are dropped at epoch 0, decaying linearly to none at the end.
 
-Paper vs code (named deviation; the paper is followed, SPEC.md §3): the paper averages the per-pixel CE over all
-pixels of the batch (eq. 2: 1/|B_u| sum_i 1/(HW) sum_j, ignored pixels contributing 0); the official code takes the
-mean CE over the *reliable* pixels and multiplies it by B*H*W / #reliable, i.e. it weighs L_u up by (#all /
-#reliable)^2 (x1.56 at epoch 0). Here "all pixels" means the valid ones: pixels padded by the crop (no image there)
-carry no pseudo-label and count nowhere (the code lets the teacher label the padding).
+Paper vs code (named deviation; the paper is followed, docs/methods.md §3): the paper averages the per-pixel CE over all
+pixels of the batch (eq. 2: 1/|B_u| sum_i 1/(HW) sum_j, ignored pixels contributing 0); the official code takes the mean
+CE over the *reliable* pixels and multiplies it by B*H*W / #reliable, i.e. it weighs L_u up by (#all / #reliable)^2
+(x1.56 at epoch 0). Here "all pixels" means the valid ones: pixels padded by the crop (no image there) carry no
+pseudo-label and count nowhere (the code lets the teacher label the padding).
 
 `percentile` is numpy's default ("linear") percentile written in torch so that it runs on the device (the code copies
 the entropy map to the host for `np.percentile`); tests check it against numpy.

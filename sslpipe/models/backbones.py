@@ -117,7 +117,7 @@ def vit_pos_embed(vit: VisionTransformer, tokens: Tensor) -> Tensor:
 
 
 class MaskedViT(nn.Module):
-    """A timm ViT whose patch tokens can be replaced by a learnable mask token (iBOT student, SPEC §1); with
+    """A timm ViT whose patch tokens can be replaced by a learnable mask token (iBOT student, docs/methods.md §1); with
     ``mask_token=False`` it is the iBOT teacher or a DINO ViT.
 
     The mask token (1, D), initialised to zeros, is written into the patch-embedding output at masked positions
@@ -188,7 +188,7 @@ def sync_batchnorm(model: nn.Module, *, enabled: bool, num_processes: int, devic
 
 
 def backbone_embed_dim(model: nn.Module) -> int:
-    """Width of the feature returned by :func:`forward_cls` (ViT embed dim or the CNN's pooled width)."""
+    """Width of the feature returned by :func:`pooled_features` (ViT embed dim or the CNN's pooled width)."""
     if isinstance(model, MaskedViT):
         return model.embed_dim
     dim = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
@@ -198,15 +198,18 @@ def backbone_embed_dim(model: nn.Module) -> int:
     return int(dim)
 
 
-def forward_cls(model: nn.Module, x: Tensor) -> Tensor:
-    """(B, D) image feature: CLS token after the final norm for ViTs, the pooled feature for CNNs.
+def pooled_features(model: nn.Module, x: Tensor) -> Tensor:
+    """(B, D) image feature, the one every method and probe uses: timm's pre-logits output
+    ``forward_head(forward_features(x), pre_logits=True)``, i.e. the CLS token after the final norm for a ViT with
+    ``global_pool="token"`` (DINO's kNN feature) and the globally pooled features for a CNN.
 
-    A timm model created with ``num_classes=0`` returns exactly this from ``model(x)`` (global_pool="token" ViTs
-    return ``norm(x)[:, 0]``), so only the MaskedViT wrapper needs special handling.
+    A :class:`MaskedViT` gives its CLS token. A model without a classifier (``num_classes=0``, as
+    :func:`create_backbone` builds them) returns exactly the pre-logits output from ``model(x)``, which is called
+    instead so that a compiled module (``nn.Module.compile``) and hooks apply; a model with a head goes through
+    ``pre_logits``, and one without timm's API is called as it is.
     """
     if isinstance(model, MaskedViT):
         return model(x)[:, 0]
-    if getattr(model, "num_classes", 0) != 0:
-        raise ValueError(f"{type(model).__name__} has a classifier (num_classes={model.num_classes}): "
-                         "build it with create_backbone (num_classes=0)")
-    return model(x)
+    if getattr(model, "num_classes", 0) == 0 or not hasattr(model, "forward_head"):
+        return model(x)
+    return model.forward_head(model.forward_features(x), pre_logits=True)

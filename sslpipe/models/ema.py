@@ -27,7 +27,7 @@ def _clean(name: str) -> str:
 
 
 def build_teacher(student: nn.Module) -> nn.Module:
-    """Deep copy of ``student`` with no gradients and drop-path / dropout rates set to 0 (SPEC §1: teacher
+    """Deep copy of ``student`` with no gradients and drop-path / dropout rates set to 0 (docs/methods.md §1: teacher
     drop_path 0), so the teacher may run in train mode (BatchNorm batch statistics, as the official code does) or
     eval mode; the caller decides."""
     teacher = copy.deepcopy(student)

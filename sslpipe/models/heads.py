@@ -1,4 +1,4 @@
-"""DINO / iBOT projection heads (SPEC §1 "Head"; iBOT models/head.py, DINO vision_transformer.py DINOHead).
+"""DINO / iBOT projection heads (docs/methods.md §1 "Head"; iBOT models/head.py, DINO vision_transformer.py DINOHead).
 
 MLP in -> hidden -> GELU -> hidden -> GELU -> bottleneck (trunc-normal std 0.02, zero bias), L2-normalise, then a
 weight-normalised Linear bottleneck -> out_dim without bias whose norm g is filled with 1 (and frozen when

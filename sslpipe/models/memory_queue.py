@@ -1,5 +1,5 @@
 """Per-class FIFO memory queues of U2PL's negative keys (official `u2pl/utils/utils.py: dequeue_and_enqueue`,
-capacity 30000 per class, 50000 for class 0 = background; SPEC.md §3).
+capacity 30000 per class, 50000 for class 0 = background; docs/methods.md §3).
 
 Every step each process offers, per class, the teacher representations of its negative candidates. They are gathered
 from all processes (rank 0's keys first, then rank 1's, ...: the official `all_gather_object` order) and appended

@@ -1,6 +1,6 @@
 """Segmentation network for U2PL and its supervised baseline: encoder -> DeepLabv3+ decoder -> {"pred", "rep"}.
 
-Decoder (official U2PL `u2pl/models/decoder.py: dec_deeplabv3_plus`, `base.py: ASPP`; SPEC.md §3):
+Decoder (official U2PL `u2pl/models/decoder.py: dec_deeplabv3_plus`, `base.py: ASPP`; docs/methods.md §3):
     ASPP(high) = concat[ image pool -> 1x1, 1x1, 3x3 d1, 3x3 d2, 3x3 d3 ] (each conv + BN + ReLU, `inner` channels)
     head = 3x3 conv (5*inner -> C) + BN + ReLU + Dropout(0.1);  low = 1x1 conv (low_ch -> C) + BN + ReLU
     x = concat[ low, upsample(head, low size) ]          (2C channels at the low-level stride, 4)

@@ -14,7 +14,7 @@ from torch import nn
 
 from sslpipe.losses.dino import DINOLoss
 from sslpipe.losses.health import embedding_health, health_metrics
-from sslpipe.models.backbones import (MaskedViT, backbone_embed_dim, create_backbone, forward_cls, is_vit_arch,
+from sslpipe.models.backbones import (MaskedViT, backbone_embed_dim, create_backbone, is_vit_arch, pooled_features,
                                      sync_batchnorm)
 from sslpipe.models.heads import DINOHead
 from sslpipe.recipes.multicrop import MultiCropRecipe
@@ -36,9 +36,9 @@ class DINONet(nn.Module):
     def forward(self, global_crops: torch.Tensor,
                 local_crops: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(head logits of all crops, globals first; backbone features of the global crops)."""
-        feats = [forward_cls(self.backbone, global_crops)]
+        feats = [pooled_features(self.backbone, global_crops)]
         if local_crops is not None:
-            feats.append(forward_cls(self.backbone, local_crops))
+            feats.append(pooled_features(self.backbone, local_crops))
         return self.head(torch.cat(feats)), feats[0]
 
 

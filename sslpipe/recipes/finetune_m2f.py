@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslpipe.eval.detection import DetectionMetric, masks_to_targets
+from sslpipe.data.targets import masks_to_targets
+from sslpipe.eval.detection import DetectionMetric
 from sslpipe.eval.seg_eval import slide_logits
 from sslpipe.eval.segmentation import SegmentationMetric
 from sslpipe.heads.mask2former import (

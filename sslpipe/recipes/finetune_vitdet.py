@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sslpipe.eval.detection import DetectionMetric, masks_to_targets
+from sslpipe.data.targets import masks_to_targets
+from sslpipe.eval.detection import DetectionMetric
 from sslpipe.heads.maskrcnn import build_mask_rcnn
 from sslpipe.heads.vitdet import ViTDetPyramid
 from sslpipe.recipes.finetune import DENSE_UNREAD, DenseFinetuneRecipe, FinetuneConfig

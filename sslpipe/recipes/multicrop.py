@@ -167,9 +167,10 @@ class MultiCropRecipe(Recipe):
 
     def add_qscore(self, loss: torch.Tensor, backbone_feats: torch.Tensor,
                    projections: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The SSL loss plus the Q-score regulariser when `qscore.enabled` (SPEC §4, `sslpipe.losses.qscore`), on the
-        student's global crops: their backbone CLS features (`qscore.features: backbone`, the paper's choice) or
-        their head outputs (`projection`: the prototype logits). Returns (loss, the regulariser's metrics)."""
+        """The SSL loss plus the Q-score regulariser when `qscore.enabled` (docs/methods.md §4,
+        `sslpipe.losses.qscore`), on the student's global crops: their backbone CLS features (`qscore.features:
+        backbone`, the paper's choice) or their head outputs (`projection`: the prototype logits). Returns (loss, the
+        regulariser's metrics)."""
         if not hasattr(self, "_qscore"):
             self._qscore = build_qscore(self.section.qscore)
         if self._qscore is None:

@@ -27,12 +27,7 @@ from torch import Tensor, nn
 from sslpipe.config import RunConfig, Section
 from sslpipe.data.stream import build_loader
 from sslpipe.losses.health import embedding_health
-from sslpipe.models.backbones import (
-    backbone_embed_dim,
-    create_backbone,
-    forward_cls,
-    sync_batchnorm,
-)
+from sslpipe.models.backbones import backbone_embed_dim, create_backbone, pooled_features, sync_batchnorm
 from sslpipe.recipes.base import Recipe
 from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, build_qscore, split_decay_groups
@@ -72,7 +67,7 @@ class SimCLRNet(nn.Module):
         self.head = head
 
     def forward(self, views: Tensor) -> tuple[Tensor, Tensor]:
-        feats = forward_cls(self.backbone, views)
+        feats = pooled_features(self.backbone, views)
         return feats, self.head(feats)
 
 

@@ -1,7 +1,7 @@
 """Nearest neighbours of a query among the train split: what the kNN probe votes with, as pictures.
 
-The features are the kNN probe's (`sslpipe.eval.features.pre_logits` through the probe's `EvalTransform`) and the
-similarity is its cosine (L2-normalised inner product), so the neighbours shown are the ones `sslpipe knn` counts.
+The features are the kNN probe's (`sslpipe.models.backbones.pooled_features` through the probe's `EvalTransform`) and
+the similarity is its cosine (L2-normalised inner product), so the neighbours shown are the ones `sslpipe knn` counts.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from PIL import Image
 
-from sslpipe.data.shards import read_manifest
+from sslpipe.data.manifest import read_manifest
 from sslpipe.data.stream import build_loader
 from sslpipe.eval.features import default_device, extract_features, on_device, prepare_backbone
 from sslpipe.viz.attention import draw_attention

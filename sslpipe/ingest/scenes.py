@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sslpipe.data.datasets import FASHION_MNIST_CLASSES, load_arrays
+from sslpipe.ingest.datasets import FASHION_MNIST_CLASSES, load_arrays
 
 IGNORE_INDEX = 255
 SCENE_CLASSES = ["background", *FASHION_MNIST_CLASSES]
@@ -91,7 +91,7 @@ def _objects(dataset: str, split: str, pool: int | None,
 
 
 def _class_indices(dataset: str, classes: Sequence[str]) -> list[int]:
-    from sslpipe.data.datasets import dataset_classes
+    from sslpipe.ingest.datasets import dataset_classes
 
     names = dataset_classes(dataset)
     unknown = [c for c in classes if c not in names]
@@ -104,7 +104,7 @@ def _class_indices(dataset: str, classes: Sequence[str]) -> list[int]:
 def scene_classes(dataset: str = "fashion-mnist", classes: Sequence[str] | None = None) -> list[str]:
     """Class names of scenes whose objects come from `dataset` (label = object class + 1, or the position in
     `classes` + 1 when only those classes are pasted; 0 = background)."""
-    from sslpipe.data.datasets import dataset_classes
+    from sslpipe.ingest.datasets import dataset_classes
 
     if classes is not None:
         _class_indices(dataset, classes)

@@ -1,6 +1,7 @@
-"""Readers for the common semantic segmentation layouts and the semi-supervised shard writer (U2PL data).
+"""Readers of the common semantic segmentation layouts: what `sslpipe shards --voc / --cityscapes / --ade20k /
+--dataset scenes --semi / --dataset stardist` reads, before `sslpipe.ingest.semi_shards` writes U2PL's shard sets.
 
-Layouts -> lists of (id, image path, label path):
+Layouts -> lists of (id, image path, label path), and the layout's class names:
 - PASCAL VOC style: `ROOT/JPEGImages/<id>.jpg` (or .png) and `ROOT/<label_dir>/<id>.png` (palette or 8-bit, pixel =
   class, 255 = ignore); `label_dir` is `SegmentationClassAug` when present (the 10582-image train_aug labels that
   U2PL uses), else `SegmentationClass`. Ids come from a split list (one id per line, e.g. ImageSets/Segmentation/
@@ -12,20 +13,12 @@ Layouts -> lists of (id, image path, label path):
 - ADE20K (SceneParsing, `ADEChallengeData2016`): `ROOT/images/{training,validation}/<id>.jpg` with
   `ROOT/annotations/{training,validation}/<id>.png` (0 = "other", 1..150 = classes); labels are shifted to 0..149
   with 0 -> 255 (ignore), as mmseg's / Mask2Former's `reduce_zero_label`, into a cache folder.
-- generated scenes (sslpipe/data/scenes.py), written as a VOC-style folder of PNGs, so that the bundled real data
-  goes through the same path as VOC.
-
-`write_semi_shards` turns (train, val) lists into three shard sets: `OUT/labeled` (image + seg.png, the seeded
-labelled subset: `sslpipe.data.semi.label_split`, or a given id list), `OUT/unlabeled` (the rest, image + seg.png:
-the labels travel for U2PL's pseudo-label diagnostics only, no loss reads them) and `OUT/val` (image + seg.png), each
-with split `train` (val: `val`), plus `OUT/split.json` (the ids of each subset). The shards are written by
-`write_shards(kind="seg-list")`; the class names of the layout are then put into each manifest (the seg-list source
-has no way to know them).
+- generated scenes (sslpipe/ingest/scenes.py), written as a VOC-style folder of PNGs, so that the bundled real data
+  goes through the same path as VOC;
+- the stardist nuclei image, cut into tiles written the same way.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,8 +163,8 @@ def ade20k_pairs(root: str | Path, split: str = "training", cache: str | Path | 
 
 def scene_pairs(folder: str | Path, n_train: int, n_val: int, *, size: int = 64, seed: int = 0,
                 **options) -> tuple[list[Pair], list[Pair]]:
-    """Write generated scenes (sslpipe/data/scenes.py) as PNGs in a VOC-style folder; return (train, val) pairs."""
-    from sslpipe.data.scenes import SceneGenerator
+    """Write generated scenes (sslpipe/ingest/scenes.py) as PNGs in a VOC-style folder; return (train, val) pairs."""
+    from sslpipe.ingest.scenes import SceneGenerator
 
     folder = Path(folder)
     (folder / "JPEGImages").mkdir(parents=True, exist_ok=True)
@@ -228,128 +221,38 @@ def stardist_pairs(folder: str | Path, *, tile: int = 64, val_fraction: float = 
     return [p for k, p in enumerate(pairs) if k not in set(val)], [pairs[k] for k in val]
 
 
-def _write_list(lines: list[str], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _set_classes(shard_dir: Path, classes: list[str]) -> None:
-    """Put the layout's class names into a manifest written by write_shards (atomic rewrite)."""
-    path = shard_dir / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["classes"] = list(classes)
-    tmp = shard_dir / ".manifest.json.partial"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def write_semi_shards(out: str | Path, train: list[Pair], val: list[Pair] | None, *, classes: list[str],
-                      labeled: str | int | float | None = None, labeled_ids: Sequence[str] | None = None,
-                      seed: int = 0, samples_per_shard: int = 1000, min_shards: int = 4, force: bool = False,
-                      num_workers: int = 0, progress: bool = True, created_by: str | None = None) -> dict:
-    """Write OUT/labeled, OUT/unlabeled (when any train item is unlabelled), OUT/val and OUT/split.json (module
-    docstring). The labelled subset is `labeled_ids` when given, else the seeded `label_split(ids, labeled, seed)`.
-    Each set gets at least `min_shards` shards when it has that many samples (so that 2-4 processes can share it)."""
-    from sslpipe.data.semi import label_split
-    from sslpipe.data.shards import write_shards
-
-    out = Path(out)
-    train = [(i, str(Path(a).resolve()), str(Path(b).resolve())) for i, a, b in train]
-    val = [(i, str(Path(a).resolve()), str(Path(b).resolve())) for i, a, b in val or []]
-    ids = [p[0] for p in train]
-    if labeled_ids is not None:
-        wanted = set(labeled_ids)
-        unknown = wanted - set(ids)
-        if unknown:
-            raise ValueError(f"{len(unknown)} labelled ids are not in the train list, e.g. {sorted(unknown)[:3]}")
-        lab_ids = [i for i in ids if i in wanted]
-        unl_ids = [i for i in ids if i not in wanted]
-    elif labeled is not None:
-        lab_ids, unl_ids = label_split(ids, labeled, seed)
-    else:
-        lab_ids, unl_ids = ids, []
-    by_id = {p[0]: p for p in train}
-    lists = out / "lists"
-    sets = {"labeled": (_write_list([f"{by_id[i][1]}\t{by_id[i][2]}" for i in lab_ids], lists / "labeled.txt"),
-                        "seg-list", len(lab_ids))}
-    if unl_ids:  # with their labels: U2PL reads them for its pseudo-label diagnostics only (docs/u2pl.md)
-        sets["unlabeled"] = (_write_list([f"{by_id[i][1]}\t{by_id[i][2]}" for i in unl_ids], lists / "unlabeled.txt"),
-                             "seg-list", len(unl_ids))
-    if val:
-        sets["val"] = (_write_list([f"{p[1]}\t{p[2]}" for p in val], lists / "val.txt"), "seg-list", len(val))
-    summary: dict = {"labeled": len(lab_ids), "unlabeled": len(unl_ids), "val": len(val or []), "seed": seed,
-                     "labeled_spec": labeled if labeled_ids is None else "list", "sets": {}}
-    for name, (list_file, kind, n) in sets.items():
-        per_shard = max(1, min(samples_per_shard, math.ceil(n / min_shards)))
-        manifest = write_shards(out / name, source=str(list_file), kind=kind, samples_per_shard=per_shard,
-                                seed=seed, force=force, num_workers=num_workers, progress=progress,
-                                created_by=created_by)
-        if name == "val":  # write_shards names a list source's only split `train`; val shards carry split `val`
-            _rename_split(out / name, "train", "val")
-        _set_classes(out / name, classes)
-        if manifest.get("skipped"):
-            raise ValueError(f"{out / name}: {len(manifest['skipped'])} of {n} images could not be read, e.g. "
-                             f"{manifest['skipped'][0]}")
-        summary["sets"][name] = {"samples": n, "shards": sum(len(s["shards"]) for s in manifest["splits"].values())}
-    _write_list([json.dumps({"labeled": lab_ids, "unlabeled": unl_ids, "seed": seed,
-                             "labeled_spec": summary["labeled_spec"]})], out / "split.json")
-    return summary
-
-
-def _rename_split(shard_dir: Path, old: str, new: str) -> None:
-    """Rename the shards and manifest entry of split `old` to `new` (tar contents unchanged, so sha256 holds)."""
-    path = shard_dir / "manifest.json"
-    manifest = json.loads(path.read_text())
-    info = manifest["splits"].pop(old)
-    for shard in info["shards"]:
-        name = new + shard["name"][len(old):]
-        os.replace(shard_dir / shard["name"], shard_dir / name)
-        shard["name"] = name
-    manifest["splits"][new] = info
-    tmp = shard_dir / ".manifest.json.partial"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def layout_shards(out: str | Path, *, voc: str | None = None, cityscapes: str | None = None, ade20k: str | None = None,
-                  scenes: dict | None = None, stardist: bool = False, voc_train: str = "train",
-                  voc_val: str = "val",
-                  labeled: str | None = None, labeled_list: str | None = None, seed: int = 0,
-                  samples_per_shard: int = 1000, force: bool = False, num_workers: int = 0,
-                  created_by: str | None = None) -> dict:
-    """`sslpipe shards --voc / --cityscapes / --ade20k / --dataset scenes --semi / --dataset stardist`: read the layout
-    and `write_semi_shards`.
-    scenes: {"train": N, "val": M, "size": S} (the PNGs go to OUT/source)."""
+def read_layout(folder: Path, *, voc: str | None = None, cityscapes: str | None = None, ade20k: str | None = None,
+                scenes: dict | None = None, stardist: bool = False, voc_train: str = "train", voc_val: str = "val",
+                seed: int = 0) -> tuple[list[Pair], list[Pair], list[str]]:
+    """(train pairs, val pairs, class names) of the one layout given; `folder` holds what a layout writes first
+    (converted labels, generated PNGs). scenes: {"train": N, "val": M, "size": S, ...} (`scene_pairs`)."""
     given = [voc is not None, cityscapes is not None, ade20k is not None, scenes is not None, stardist]
     if sum(given) != 1:
         raise ValueError("give exactly one of voc, cityscapes, ade20k, scenes or stardist")
-    out = Path(out)
     if voc is not None:
         train = voc_pairs(voc, read_id_list(voc_split_list(voc, voc_train)))
-        val = voc_pairs(voc, read_id_list(voc_split_list(voc, voc_val)))
-        classes = VOC_CLASSES
-    elif cityscapes is not None:
-        train = cityscapes_pairs(cityscapes, "train", cache=out / "source" / "labelTrainIds")
-        val = cityscapes_pairs(cityscapes, "val", cache=out / "source" / "labelTrainIds")
-        classes = CITYSCAPES_CLASSES
-    elif ade20k is not None:
-        train = ade20k_pairs(ade20k, "training", cache=out / "source" / "ade20k_labels")
-        val = ade20k_pairs(ade20k, "validation", cache=out / "source" / "ade20k_labels")
-        classes = ADE20K_CLASSES
-    elif stardist:
-        train, val = stardist_pairs(out / "source", seed=seed)
-        classes = STARDIST_CLASSES
-    else:
-        from sslpipe.data.scenes import scene_classes
+        return train, voc_pairs(voc, read_id_list(voc_split_list(voc, voc_val))), VOC_CLASSES
+    if cityscapes is not None:
+        cache = folder / "labelTrainIds"
+        return (cityscapes_pairs(cityscapes, "train", cache=cache), cityscapes_pairs(cityscapes, "val", cache=cache),
+                CITYSCAPES_CLASSES)
+    if ade20k is not None:
+        cache = folder / "ade20k_labels"
+        return (ade20k_pairs(ade20k, "training", cache=cache), ade20k_pairs(ade20k, "validation", cache=cache),
+                ADE20K_CLASSES)
+    if stardist:
+        return (*stardist_pairs(folder, seed=seed), STARDIST_CLASSES)
+    from sslpipe.ingest.scenes import scene_classes
 
-        opts = dict(scenes)
-        classes = scene_classes(opts.get("dataset", "fashion-mnist"), opts.get("classes"))
-        train, val = scene_pairs(out / "source", int(opts.pop("train")), int(opts.pop("val")), seed=seed, **opts)
-    ids = [_list_id(i) for i in read_id_list(labeled_list)] if labeled_list else None
-    return write_semi_shards(out, train, val, classes=classes, labeled=labeled, labeled_ids=ids, seed=seed,
-                             samples_per_shard=samples_per_shard, force=force, num_workers=num_workers,
-                             created_by=created_by)
+    opts = dict(scenes)
+    classes = scene_classes(opts.get("dataset", "fashion-mnist"), opts.get("classes"))
+    train, val = scene_pairs(folder, int(opts.pop("train")), int(opts.pop("val")), seed=seed, **opts)
+    return train, val, classes
+
+
+def read_labelled_ids(path: str | Path) -> list[str]:
+    """The labelled ids of a split list (`--labeled-list`), named as this module names them (`_list_id`)."""
+    return [_list_id(i) for i in read_id_list(path)]
 
 
 def _list_id(entry: str) -> str:

@@ -1,0 +1,1 @@
+"""Ingest stage: data sets, layouts and generated scenes written as WebDataset shards (`sslpipe shards`)."""

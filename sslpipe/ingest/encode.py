@@ -1,0 +1,119 @@
+"""Read, check and encode each sample of a source into its tar fields, in this process or a pool of them.
+
+Results come back in source order whatever the number of processes, so shards are identical for any worker count.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.pool import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sslpipe.ingest.coco import CocoMasks
+from sslpipe.ingest.options import ShardOptions
+
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
+SEG_VALUES = "__seg_values__"  # not a tar member: the label values of a sample's seg.png, for the manifest
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One sample of a source, before its image is read (in the encoder, maybe in another process)."""
+
+    ref: str  # what the user sees in manifest["skipped"]: a path, or "digits/train/17"
+    label: int  # -1 = unlabelled
+    image: str | Image.Image  # a file path, or an already decoded image (bundled data sets)
+    seg: str | Image.Image | None = None
+    inst: Image.Image | None = None  # instance ids (uint16), generated scenes only
+    masks: CocoMasks | None = None  # COCO annotations, rendered to seg + inst after the image is read
+
+
+Encoded = tuple[Entry, dict[str, bytes] | str]  # a sample's tar fields, or why it is skipped
+
+def _resized(img: Image.Image, max_side: int | None, resample: int) -> Image.Image:
+    if max_side is None or max(img.size) <= max_side:
+        return img
+    scale = max_side / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, resample)
+
+
+def _encode_image(img: Image.Image, key: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if key == "jpg":
+        img = img if img.mode in ("L", "RGB") else img.convert("RGB")
+        img.save(buf, format="JPEG", quality=quality)
+    else:
+        img = img if img.mode in _PNG_MODES else img.convert("RGB")
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _encode(entry: Entry, opts: ShardOptions) -> Encoded:
+    """Read, check and encode one sample; returns the tar fields or an error string (the sample is then skipped)."""
+    try:
+        if isinstance(entry.image, Image.Image):
+            img, raw, key = entry.image, None, opts.reencode or "png"
+        else:
+            raw = Path(entry.image).read_bytes()
+            img = Image.open(io.BytesIO(raw))
+            fmt = img.format
+            img.load()  # decode fully: truncated/corrupt files fail here, not in the training stream
+            native = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}.get(fmt or "")
+            key = opts.reencode or native or "png"
+            if key != native or (opts.max_side is not None and max(img.size) > opts.max_side):
+                raw = None
+        resized = _resized(img, opts.max_side, Image.Resampling.BICUBIC)
+        fields = {key: raw if raw is not None else _encode_image(resized, key, opts.quality)}
+        if entry.label >= 0:
+            fields["cls"] = str(entry.label).encode("ascii")
+        seg_source, inst = entry.seg, entry.inst
+        if entry.masks is not None:
+            seg_source, inst, crowd = entry.masks.render(img.size)
+            if crowd:  # visible crowd regions ({instance id: class}), iscrowd ground truth in evaluation
+                visible = set(np.unique(np.asarray(_resized(inst, opts.max_side, Image.Resampling.NEAREST))).tolist())
+                crowd = {k: c for k, c in crowd.items() if k in visible}
+            if crowd:
+                fields["crowd.json"] = json.dumps({str(k): c for k, c in crowd.items()}).encode()
+        if inst is not None:
+            if inst.size != img.size:
+                raise ValueError(f"instance map is {inst.size}, image is {img.size}")
+            fields["inst.png"] = _encode_image(_resized(inst, opts.max_side, Image.Resampling.NEAREST), "png", 0)
+        if seg_source is not None:
+            seg = seg_source if isinstance(seg_source, Image.Image) else Image.open(seg_source)
+            seg.load()
+            if seg.mode not in ("L", "P"):
+                raise ValueError(f"label map {seg_source} has mode {seg.mode}; expected 8-bit L or palette P")
+            if seg.size != img.size:
+                raise ValueError(f"label map {seg_source} is {seg.size}, image is {img.size}")
+            values = np.asarray(seg, dtype=np.uint8)  # palette index -> class index, mode L
+            seg = Image.fromarray(values)
+            fields["seg.png"] = _encode_image(_resized(seg, opts.max_side, Image.Resampling.NEAREST), "png", 0)
+            fields[SEG_VALUES] = np.unique(values).tobytes()
+        return entry, fields
+    except Exception as e:  # noqa: BLE001 - any unreadable sample is skipped and reported, never fatal
+        return entry, f"{type(e).__name__}: {e}"
+
+
+def encoded(entries: Iterable[Entry], opts: ShardOptions, pool: Pool | None, window: int) -> Iterator[Encoded]:
+    """Every entry encoded, in order: here, or by `pool` fed `window` entries at a time."""
+    if pool is None:
+        yield from (_encode(e, opts) for e in entries)
+        return
+    # Feed the pool window by window: Pool.imap would otherwise pull the whole (possibly in-memory) source at once.
+    batch: list[Entry] = []
+    for e in entries:
+        batch.append(e)
+        if len(batch) == window:
+            yield from pool.imap(_encode_star, [(b, opts) for b in batch], chunksize=8)
+            batch = []
+    yield from pool.imap(_encode_star, [(b, opts) for b in batch], chunksize=8)
+
+
+def _encode_star(args: tuple[Entry, ShardOptions]) -> Encoded:
+    return _encode(*args)
