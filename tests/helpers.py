@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tarfile
 from pathlib import Path
 
 import torch
@@ -38,3 +39,26 @@ def one_teacher_student_step(recipe, momentum: float = 0.996) -> tuple[torch.Ten
     recipe.after_optimizer_step(sched)
     assert any(not torch.equal(v, before[k]) for k, v in recipe.teacher.state_dict().items()), "EMA moved nothing"
     return loss.detach(), metrics
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """All samples of a shard as {key: {extension: bytes}}, keys in tar order (WebDataset: key = name up to 1st dot)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def read_split(out: Path, split: str) -> dict[str, dict[str, bytes]]:
+    """Every sample of a split of a shard set, checked against the manifest's counts."""
+    from sslpipe.data.manifest import read_manifest
+
+    manifest = read_manifest(out)
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in manifest["splits"][split]["shards"]:
+        part = read_tar(out / shard["name"])
+        assert len(part) == shard["samples"]
+        samples.update(part)
+    return samples

@@ -1,0 +1,439 @@
+"""The training engine with the toy recipe: schedules, clipping, freezing, exact resume, NaN stop, tracking, 2 ranks."""
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from helpers import child_env
+from safetensors.torch import load_file
+
+from sslpipe.config import RunConfig
+from sslpipe.engine.optim import clip_gradients_per_tensor
+from sslpipe.engine.schedules import Schedules
+from sslpipe.engine.tracking import resolve_wandb_mode
+from sslpipe.engine.trainer import TrainingDiverged, train
+from sslpipe.recipes import config_from_dict, get_recipe, load_config
+from sslpipe.weights.checkpoint import find_checkpoint, list_checkpoints
+from sslpipe.weights.resume import resolve_resume
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from tests.workers.toy_recipe import ToyRecipe  # noqa: E402
+
+TOY = "tests.workers.toy_recipe:ToyRecipe"
+
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def toy_cfg(tmp_path: Path, run_name: str, **sections) -> RunConfig:
+    data = {"method": TOY, "run_name": run_name, "output_dir": str(tmp_path / "runs"),
+            "data": {"train": "synthetic", "batch_size": 8},
+            "optim": {"lr": 0.05, "warmup_epochs": 1},
+            "train": {"epochs": 2, "log_every": 2}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
+    return config_from_dict(data)
+
+
+def params(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = {f"student.{k}": v for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+    state.update(load_file(str(ckpt / "extra_state.safetensors")))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------- schedules
+def dino_cosine_scheduler(base, final, epochs, niter, warmup_epochs=0, start_warmup_value=0.0) -> np.ndarray:
+    """DINO utils.cosine_scheduler, the reference our closed form must reproduce element by element."""
+    warmup_iters = warmup_epochs * niter
+    warmup = np.linspace(start_warmup_value, base, warmup_iters) if warmup_epochs > 0 else np.array([])
+    iters = np.arange(epochs * niter - warmup_iters)
+    schedule = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup, schedule))
+
+
+def sched_cfg(**optim) -> RunConfig:
+    return config_from_dict({"method": "dino", "data": {"train": "x", "batch_size": 256},
+                             "optim": {"lr": 1.0, "min_lr": 0.0, "warmup_epochs": 1, **optim},
+                             "dino": {"loss": {"warmup_teacher_temp_epochs": 2}}, "train": {"epochs": 3}})
+
+
+def schedules(cfg: RunConfig, steps_per_epoch: int, world_size: int = 1) -> Schedules:
+    """The trainer's schedules with the method's own values (momentum, temperatures) joined, as in a run."""
+    return Schedules(cfg, steps_per_epoch, world_size, recipe=get_recipe(cfg.method)(cfg).schedule)
+
+
+def test_schedules_match_hand_computed_values() -> None:
+    s = schedules(sched_cfg(), steps_per_epoch=10)  # T = 30 iterations, warm-up 10, teacher-temp warm-up 20
+    assert s.total == 30
+    assert s(0)["lr"] == 0.0                                   # warm-up start
+    assert s(5)["lr"] == pytest.approx(5 / 9)                  # linspace(0, 1, 10)[5]
+    assert s(9)["lr"] == pytest.approx(1.0)                    # end of warm-up
+    assert s(10)["lr"] == pytest.approx(1.0)                   # cosine start
+    assert s(20)["lr"] == pytest.approx(0.5)                   # middle of the cosine part: cos(pi/2) = 0
+    assert s(29)["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 19 / 20)))
+    assert s(0)["momentum"] == pytest.approx(0.996)
+    assert s(15)["momentum"] == pytest.approx(0.998)           # 1 - 0.004 * (1 + cos(pi/2)) / 2
+    assert s(30)["momentum"] == pytest.approx(1.0)
+    assert s(0)["weight_decay"] == pytest.approx(0.04)
+    assert s(15)["weight_decay"] == pytest.approx(0.22)        # (0.04 + 0.4) / 2
+    assert s(0)["teacher_temp"] == pytest.approx(0.04)
+    assert s(10)["teacher_temp"] == pytest.approx(0.04 + 0.03 * 10 / 19)
+    assert s(19)["teacher_temp"] == pytest.approx(0.07)
+    assert s(25)["teacher_temp"] == pytest.approx(0.07) and s(10)["last_layer_frozen"] == 0.0
+    assert s(25)["epoch"] == 2 and s(25)["it"] == 25
+
+
+def test_schedules_equal_dino_cosine_scheduler_everywhere() -> None:
+    s = schedules(sched_cfg(lr=5e-4, min_lr=1e-6), steps_per_epoch=7)
+    lr = dino_cosine_scheduler(5e-4, 1e-6, 3, 7, warmup_epochs=1)
+    wd = dino_cosine_scheduler(0.04, 0.4, 3, 7)
+    mom = dino_cosine_scheduler(0.996, 1.0, 3, 7)
+    np.testing.assert_allclose([s.lr(i) for i in range(21)], lr, rtol=1e-12)
+    np.testing.assert_allclose([s.weight_decay(i) for i in range(21)], wd, rtol=1e-12)
+    np.testing.assert_allclose([s(i)["momentum"] for i in range(21)], mom, rtol=1e-12)
+
+
+def test_lr_scaling_rule() -> None:
+    cfg = config_from_dict({"method": "dino", "data": {"train": "x", "batch_size": 64},
+                            "train": {"grad_accum_steps": 2}, "optim": {"lr": 5e-4}})
+    assert Schedules(cfg, steps_per_epoch=5, world_size=2).base_lr == pytest.approx(5e-4 * 64 * 2 * 2 / 256)
+
+
+def test_step_poly_and_constant_schedules_with_absolute_lr() -> None:
+    base = {"method": "dino", "data": {"train": "x", "batch_size": 8}, "train": {"epochs": 10}}
+    step = config_from_dict({**base, "optim": {"lr": 1e-4, "lr_scaling": "none", "schedule": "step",
+                                               "warmup_iters": 4, "step_epochs": [8, 9.5], "step_gamma": 0.1}})
+    s = Schedules(step, steps_per_epoch=10, world_size=4)  # lr_scaling none: the batch does not enter
+    assert s.lr(0) == 0.0 and s.lr(2) == pytest.approx(1e-4 * 2 / 3) and s.lr(3) == pytest.approx(1e-4)
+    assert s.lr(79) == pytest.approx(1e-4) and s.lr(80) == pytest.approx(1e-5) and s.lr(95) == pytest.approx(1e-6)
+    poly = config_from_dict({**base, "optim": {"lr": 1e-3, "lr_scaling": "none", "schedule": "poly",
+                                               "warmup_epochs": 0, "poly_power": 0.9, "min_lr": 0.0}})
+    p = Schedules(poly, steps_per_epoch=10)
+    assert p.lr(0) == pytest.approx(1e-3) and p.lr(50) == pytest.approx(1e-3 * 0.5 ** 0.9)
+    assert p.lr(100) == 0.0
+    const = config_from_dict({**base, "optim": {"lr": 2.0, "schedule": "constant", "warmup_epochs": 0}})
+    assert Schedules(const, steps_per_epoch=10).lr(37) == pytest.approx(2.0 * 8 / 256)
+
+
+def test_patch_temperature_waits_for_pred_start_epoch() -> None:
+    """iBOTLoss: the patch temperature stays at its warm-up value for pred_start_epoch epochs, then warms up."""
+    cfg = config_from_dict({"method": "ibot", "data": {"train": "x"}, "train": {"epochs": 10},
+                            "ibot": {"masking": {"pred_start_epoch": 2}, "loss": {"warmup_teacher_temp_epochs": 3}}})
+    s = schedules(cfg, steps_per_epoch=10)  # temperature warm-up: 30 iterations, patch warm-up from iteration 20
+    assert s(19)["teacher_patch_temp"] == pytest.approx(0.04)
+    assert s(20)["teacher_patch_temp"] == pytest.approx(0.04)
+    assert s(35)["teacher_patch_temp"] == pytest.approx(0.04 + 0.03 * 15 / 29)
+    assert s(49)["teacher_patch_temp"] == pytest.approx(0.07)
+    assert s(15)["teacher_temp"] == pytest.approx(0.04 + 0.03 * 15 / 29)  # the CLS temperature starts at once
+
+
+def test_param_group_lr_scale() -> None:
+    from sslpipe.engine.optim import apply_schedule, build_optimizer
+
+    cfg = sched_cfg()
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, 2))
+    opt = build_optimizer(cfg, [{"params": [a], "apply_wd": False, "lr_scale": 0.1},
+                                {"params": iter([b]), "apply_wd": True}])
+    apply_schedule(opt, {"lr": 2.0, "weight_decay": 0.5})
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(pytest.approx(0.2), 0.0), (2.0, 0.5)]
+
+
+# ----------------------------------------------------------------------------------------------- optimisation
+def test_per_tensor_clipping_matches_dino_formula() -> None:
+    net = torch.nn.Linear(2, 1)
+    net.weight.grad = torch.tensor([[3.0, 4.0]])  # norm 5 > clip 1: scaled by 1 / (5 + 1e-6)
+    net.bias.grad = torch.tensor([0.5])           # norm 0.5 < clip: unchanged
+    norms = clip_gradients_per_tensor(net, clip=1.0)
+    assert norms.tolist() == pytest.approx([5.0, 0.5])
+    torch.testing.assert_close(net.weight.grad, torch.tensor([[3.0, 4.0]]) / (5.0 + 1e-6), rtol=0, atol=1e-7)
+    assert net.bias.grad.item() == 0.5  # a global-norm clip would have scaled it too
+
+
+def test_foreach_clipping_equals_the_per_parameter_loop(device: str) -> None:
+    """The no-sync clipping (one _foreach_norm, one _foreach_mul_) gives DINO's loop result on a real ViT."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4, depth=2).to(device)
+    for p in vit.parameters():
+        p.grad = torch.randn_like(p) * float(torch.rand(())) * 3 / p.numel() ** 0.5 * 2  # norms around 0-6
+    expected = []
+    for p in vit.parameters():  # DINO utils.clip_gradients
+        g = p.grad.clone()
+        coef = 3.0 / (g.norm(2) + 1e-6)
+        expected.append(g * coef if coef < 1 else g)
+    norms = clip_gradients_per_tensor(vit, 3.0)
+    assert (norms > 3.0).any() and (norms < 3.0).any(), "both branches are exercised"
+    for e, p in zip(expected, vit.parameters()):
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-7)
+    assert max(float(p.grad.norm()) for p in vit.parameters()) <= 3.0 + 1e-4
+
+
+def test_prefetch_yields_every_batch_on_the_device(device: str) -> None:
+    from sslpipe.engine.prefetch import prefetch_to_device
+
+    batches = [{"x": torch.full((2, 3), float(i)), "images": [torch.arange(i + 1)], "label": i} for i in range(4)]
+    got = list(prefetch_to_device(iter(batches), torch.device(device)))
+    assert [b["label"] for b in got] == [0, 1, 2, 3]
+    for i, b in enumerate(got):
+        assert b["x"].device.type == device and torch.equal(b["x"].cpu(), batches[i]["x"])
+        assert torch.equal(b["images"][0].cpu(), torch.arange(i + 1))
+
+
+def initial_student(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The student the trainer starts from: it seeds with `cfg.seed` right before `build`."""
+    set_seed(cfg.seed)
+    recipe = ToyRecipe(cfg)
+    recipe.build(types.SimpleNamespace(device=torch.device("cpu"), unwrap_model=lambda m: m))
+    return {k: v.clone() for k, v in recipe.student.state_dict().items()}
+
+
+@pytest.mark.parametrize("freeze_epochs", [1, 0])
+def test_freeze_last_layer_in_epoch_zero(tmp_path: Path, freeze_epochs: int) -> None:
+    cfg = toy_cfg(tmp_path, "freeze", toy={"freeze_last_layer_epochs": freeze_epochs}, train={"max_steps": 3})
+    init = initial_student(cfg)
+    after = load_file(str(find_checkpoint(train(cfg)) / "model.safetensors"))
+    assert not torch.equal(after["body.0.weight"], init["body.0.weight"])
+    frozen = all(torch.equal(after[k], init[k]) for k in ("last_layer.weight", "last_layer.bias"))
+    assert frozen == (freeze_epochs == 1)
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("clip_mode, accum", [("per_tensor", 1), ("global", 2)])
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, clip_mode: str, accum: int,
+                                                  trainer_device: str) -> None:
+    """Bit-exact on the CPU; on a GPU in deterministic mode (train.deterministic)."""
+    extra = {"optim": {"clip_mode": clip_mode, "clip_grad": 0.5},
+             "train": {"grad_accum_steps": accum, "deterministic": trainer_device == "cuda"}}
+    straight = train(toy_cfg(tmp_path, "straight", **extra))
+    total = 2 * (48 // 8 // accum)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    killed_cfg = toy_cfg(tmp_path, "killed", **extra)
+    killed_cfg.train.max_steps = total // 2 - 1  # stop mid-epoch
+    run = train(killed_cfg)
+    assert [c.name for c in list_checkpoints(run)][-1] == f"step_{total // 2 - 1:08d}"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = train(toy_cfg(tmp_path, "killed", **extra), resume=str(run))
+    assert resumed == run
+    a, b = params(find_checkpoint(straight)), params(find_checkpoint(resumed))
+    assert find_checkpoint(resumed).name == f"step_{total:08d}" and a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kill = total // 2 - 1  # the killed run also logs its last step
+    assert [r["step"] for r in lines if "loss" in r] == sorted({*range(2, total + 1, 2), kill})
+    assert all(math.isfinite(r["loss"]) and r["world_size"] == 1 for r in lines if "loss" in r)
+    written = load_config(run / "config.yaml")
+    assert written.method == TOY and written.train.grad_accum_steps == accum
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_steps_under_mixed_precision_on_each_device(tmp_path: Path, trainer_device: str, precision: str) -> None:
+    """The trainer steps and checkpoints under autocast: parameters stay float32, the loss stays finite."""
+    run = train(toy_cfg(tmp_path, f"amp-{precision}", train={"max_steps": 3, "mixed_precision": precision}))
+    state = load_file(str(find_checkpoint(run) / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in state.values())
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses and all(math.isfinite(v) for v in losses)
+    init = initial_student(toy_cfg(tmp_path, "x"))
+    assert not torch.equal(state["body.0.weight"], init["body.0.weight"])
+
+
+def test_deterministic_mode_is_scoped_to_the_run(tmp_path: Path) -> None:
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen = {}
+
+    class Spy(ToyRecipe):
+        def step(self, batch, sched):
+            seen["deterministic"] = torch.are_deterministic_algorithms_enabled()
+            return super().step(batch, sched)
+
+    import tests.workers.toy_recipe as toy_module
+    toy_module.SpyRecipe = Spy
+    cfg = toy_cfg(tmp_path, "det", method="tests.workers.toy_recipe:SpyRecipe", train={"max_steps": 1, "deterministic": True})
+    train(cfg)
+    assert seen["deterministic"] is True and not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("how", ["signal", "stop_file"])
+def test_stop_request_checkpoints_and_resume_finishes_the_same_run(tmp_path: Path, how: str) -> None:
+    """SIGUSR1 (or the stop file) at step 3: the run stops at the next log step (4) with a checkpoint; resumed, it
+    ends exactly where an uninterrupted run ends."""
+    straight = train(toy_cfg(tmp_path, "straight"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    stop_file = tmp_path / "STOP"
+    if how == "signal":
+        cfg = toy_cfg(tmp_path, "asked", model={"kwargs": {"signal_at_step": 3}})
+    else:
+        stop_file.touch()
+        cfg = toy_cfg(tmp_path, "asked", train={"stop_file": str(stop_file)})
+    run = train(cfg)
+    first_stop = 4 if how == "signal" else 2  # the file exists from the start: the first log step (2)
+    assert [c.name for c in list_checkpoints(run)] == [f"step_{first_stop:08d}"]
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1] == {**events[-1], "event": "stopped on request", "step": first_stop}
+    stop_file.unlink(missing_ok=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = train(toy_cfg(tmp_path, "asked"), resume=str(run))
+    a, b = params(find_checkpoint(straight)), params(find_checkpoint(resumed))
+    assert find_checkpoint(resumed).name == find_checkpoint(straight).name
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    import signal
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, "the handler is restored after the run"
+
+
+def test_rescaled_step_keeps_the_position_in_the_epoch() -> None:
+    from sslpipe.engine.trainer import rescaled_step
+
+    assert rescaled_step(8, 4, 16) == 32  # 4 processes -> 1: end of epoch 2 stays the end of epoch 2
+    assert rescaled_step(10, 4, 16) == 40  # epoch 2 + half an epoch
+    assert rescaled_step(37, 16, 4) == 9  # 1 process -> 4: epoch 2 + 5/16 of an epoch -> 2 epochs + round(1.25)
+    assert rescaled_step(7, 5, 5) == 7
+
+
+def test_resume_auto_picks_newest_run(tmp_path: Path) -> None:
+    assert resolve_resume("auto", tmp_path / "runs") is None
+    run = train(toy_cfg(tmp_path, "first", train={"max_steps": 2}))
+    assert resolve_resume("auto", tmp_path / "runs") == run / "checkpoints" / "step_00000002"
+    with pytest.raises(FileExistsError, match="--resume"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        train(toy_cfg(tmp_path, "first", train={"max_steps": 2}))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path: Path) -> None:
+    cfg = toy_cfg(tmp_path, "nan", model={"kwargs": {"nan_at_step": 3}}, train={"checkpoint_every_steps": 2})
+    with pytest.raises(TrainingDiverged) as err:
+        train(cfg)
+    run = tmp_path / "runs" / "nan"
+    assert "global step 3" in str(err.value) and "step_00000002" in str(err.value) and "optim.lr" in str(err.value)
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000002"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "diverged" and events[-1]["step"] == 3
+    AcceleratorState._reset_state(reset_partial_state=True)
+    fixed = toy_cfg(tmp_path, "nan", train={"max_steps": 4})  # the last checkpoint loads and training continues
+    assert find_checkpoint(train(fixed, resume=str(run))).name == "step_00000004"
+
+
+def test_unknown_method_lists_known_ones() -> None:
+    with pytest.raises(ValueError, match="known methods are .*dino.*ibot"):
+        get_recipe("byol")
+    assert get_recipe(TOY) is ToyRecipe
+
+
+# ---------------------------------------------------------------------------------------------------- tracking
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+
+
+def test_wandb_mode_resolution(wandb_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_wandb_mode(None) == "offline"  # no key anywhere: never try the network
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode(None) == "online"
+    assert resolve_wandb_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_wandb_mode("online") == "offline"  # the environment wins
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_wandb_offline_writes_a_run_and_disabled_none(tmp_path: Path, wandb_env, mode: str) -> None:
+    cfg = toy_cfg(tmp_path, mode, tracking={"log_with": ["wandb"], "wandb_mode": mode}, train={"max_steps": 2})
+    run = train(cfg)
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    if mode == "offline":
+        assert len(offline_runs) == 1
+    else:
+        assert not (run / "wandb").exists()
+    assert (run / "metrics.jsonl").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- 2 processes
+@pytest.mark.slow
+def test_two_process_cpu_run_keeps_ranks_identical(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(
+        f"method: {TOY}\nrun_name: ddp\noutput_dir: {tmp_path / 'runs'}\n"
+        "data: {train: synthetic, batch_size: 4}\nmodel: {kwargs: {write_checksums: true}}\n"
+        "optim: {lr: 0.05, warmup_epochs: 1}\ntrain: {epochs: 2, log_every: 3}\neval: {every_epochs: 1}\n"
+    )
+    env = child_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "sslpipe", "train", str(recipe), "optim.clip_grad=1.0"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    ckpt = find_checkpoint(run)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["global_step"] == 2 * (48 // 2 // 4)
+    assert sorted(p.name for p in ckpt.glob("rng_state_*")) == ["rng_state_0.safetensors", "rng_state_1.safetensors"]
+    assert not list(ckpt.glob("*.pkl")) and not list(ckpt.glob("*.bin")), "no pickles in a checkpoint"
+    sums = [(run / f"params_rank{r}.txt").read_text() for r in (0, 1)]
+    assert len(sums[0]) == 64 and sums[0] == sums[1]
+    assert "# overrides: optim.clip_grad=1.0" in (run / "config.yaml").read_text()
+
+
+def test_lean_step_gives_the_parameters_of_the_plain_step(tmp_path: Path) -> None:
+    """`train_step` (foreach clipping without host syncs, one schedule call, EMA after the step) leaves the student
+    and teacher with exactly the parameters of a plain loop that clips parameter by parameter and reads every norm
+    back to Python (the step before the lean rewrite), over a few steps on the CPU."""
+    from accelerate import Accelerator
+
+    from sslpipe.engine.optim import apply_schedule, build_optimizer
+    from sslpipe.engine.trainer import train_step
+
+    cfg = toy_cfg(tmp_path, "lean", optim={"clip_grad": 0.05}, toy={"freeze_last_layer_epochs": 0})
+    results = []
+    for lean in (True, False):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True)
+        set_seed(0)
+        recipe = ToyRecipe(cfg)
+        recipe.build(accelerator)
+        optimizer = build_optimizer(cfg, recipe.param_groups())
+        recipe.student, optimizer = accelerator.prepare(recipe.student, optimizer)
+        steps = schedules(cfg, steps_per_epoch=6)
+        batches = list(recipe.train_loader(0, 0, 1))[:4]
+        set_seed(1)
+        for it, batch in enumerate(batches):
+            s = steps(it)
+            if lean:
+                train_step(accelerator, recipe, optimizer, [batch], s, cfg)
+                continue
+            apply_schedule(optimizer, s)
+            loss, _ = recipe.step(batch, s)
+            loss.backward()
+            for p in recipe.student.parameters():  # DINO utils.clip_gradients, one sync per parameter
+                norm = float(p.grad.norm(2))
+                if cfg.optim.clip_grad / (norm + 1e-6) < 1:
+                    p.grad.mul_(cfg.optim.clip_grad / (norm + 1e-6))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            recipe.after_optimizer_step(s)
+        results.append({**recipe.student.state_dict(), **{f"t.{k}": v for k, v in recipe.teacher.state_dict().items()}})
+    lean_state, plain_state = results
+    assert lean_state.keys() == plain_state.keys()
+    for key in lean_state:
+        torch.testing.assert_close(lean_state[key], plain_state[key], rtol=1e-6, atol=1e-7, msg=key)
