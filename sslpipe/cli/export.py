@@ -11,11 +11,15 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="default: the teacher when the run has one (DINO, iBOT), else the student (SimCLR)")
     p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the newest)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/export/WHICH)")
+    p.add_argument("--with-heads", action="store_true",
+                   help="also keep the projection heads (heads.safetensors): `model.init_from` then continues the "
+                        "run's pretraining with them (DINO, iBOT, DINOv2)")
 
 
 def run(args: argparse.Namespace) -> int:
     from sslpipe.weights.run_export import export_run
 
-    out = export_run(args.run, which=args.which, out=args.out, checkpoint=args.checkpoint)
+    out = export_run(args.run, which=args.which, out=args.out, checkpoint=args.checkpoint,
+                     with_heads=args.with_heads)
     print(f"exported to {out}")
     return 0

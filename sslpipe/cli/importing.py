@@ -19,12 +19,15 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=None,
                    help="input size of the export (default: the checkpoint's position grid x patch size); another "
                         "grid resizes the position embedding by the source's official rule")
+    p.add_argument("--with-heads", action="store_true",
+                   help="DINO / iBOT / DINOv2 training checkpoints: also keep the projection heads (heads.safetensors), "
+                        "to continue the official pretraining with `model.init_from`")
 
 
 def run(args: argparse.Namespace) -> int:
     from sslpipe.weights.importing import import_checkpoint
 
     report = import_checkpoint(args.source, args.out, fmt=args.format, which=args.which, arch=args.arch,
-                               img_size=args.img_size)
+                               img_size=args.img_size, with_heads=args.with_heads)
     print("\n".join(report.lines()))
     return 0

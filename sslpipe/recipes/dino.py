@@ -66,6 +66,7 @@ class DINORecipe(MultiCropRecipe):
     def build(self, accelerator) -> None:
         self.accelerator = accelerator
         self.student = self.build_net(self.cfg.model.drop_path_rate)
+        self.start_from_export(self.student)
         # The official teacher is a second network without drop path, initialised from the student.
         self.teacher = self.build_net(0.0)
         self.teacher.load_state_dict(self.student.state_dict())

@@ -264,6 +264,7 @@ class DINOv2Recipe(MultiCropRecipe):
     def build(self, accelerator) -> None:
         self.accelerator = accelerator
         self.student = self.build_net(self.cfg.model.drop_path_rate, mask_token=True)
+        self.start_from_export(self.student)
         # Teacher: no mask token, no drop path, initialised from the student (parameters present in both).
         self.teacher = self.build_net(0.0, mask_token=False)
         student_state = self.student.state_dict()

@@ -113,6 +113,7 @@ class IBOTRecipe(MultiCropRecipe):
         self.accelerator = accelerator
         h = self.section.head
         self.student = self.build_net(self.cfg.model.drop_path_rate, mask_token=True, shared_head=h.shared_head)
+        self.start_from_export(self.student)
         # Teacher: no mask token, no drop path, initialised from the student (parameters present in both).
         self.teacher = self.build_net(0.0, mask_token=False, shared_head=h.shared_head_teacher)
         student_state = self.student.state_dict()

@@ -94,8 +94,7 @@ class MultiCropRecipe(Recipe):
     """Base of the teacher-student recipes; subclasses set `uses_masks` and build the networks."""
 
     uses_masks: bool = False
-    unread = {**DENSE_EVAL_KEYS,
-              "model.init_from": "it starts from random init (continued pretraining is not built yet)"}
+    unread = DENSE_EVAL_KEYS
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -178,6 +177,22 @@ class MultiCropRecipe(Recipe):
         feats = backbone_feats if self.section.qscore.features == "backbone" else projections
         term, metrics = self._qscore(feats)
         return loss + term, metrics
+
+    def start_from_export(self, net: nn.Module) -> None:
+        """`model.init_from`: continued pretraining. The student's backbone starts from the export, tensor for tensor
+        (its position grid resampled to crops.global_size by the export's rule; another patch size or architecture
+        is refused), and its heads from the export's when it carries this method's and `init_heads` (else fresh).
+        Call before the teacher copies the student, so both start there."""
+        from sslpipe.weights.export import load_export_into
+        from sslpipe.weights.heads import load_heads
+
+        path = self.cfg.model.init_from
+        if not path:
+            return
+        notes = load_export_into(getattr(net.backbone, "vit", net.backbone), path)
+        notes += (load_heads(net, path, self.config_key) if self.section.init_heads
+                  else [f"{self.config_key}.init_heads=false: the heads start fresh"])
+        print(f"model.init_from={path}: backbone" + "".join(f"; {n}" for n in notes))
 
     def compile_backbones(self, *nets: nn.Module) -> None:
         """`train.compile`: compile each ViT block (or a CNN backbone whole) in place; names and state dicts are

@@ -72,6 +72,8 @@ class TeacherStudentConfig(Section):
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0
     freeze_last_layer_epochs: float = 1
+    # with model.init_from: the heads start from the export's when it carries this method's (`--with-heads`)
+    init_heads: bool = True
     head: HeadConfig = Field(default_factory=HeadConfig)
     loss: TeacherLossConfig = Field(default_factory=TeacherLossConfig)
     qscore: QScoreConfig = Field(default_factory=QScoreConfig)

@@ -126,7 +126,8 @@ class SimCLRRecipe(Recipe):
         if m.init_from:
             from sslpipe.weights.export import load_export_into
 
-            load_export_into(backbone, m.init_from)
+            notes = load_export_into(backbone, m.init_from)
+            print(f"model.init_from={m.init_from}: backbone" + "".join(f"; {n}" for n in notes))
         dim = backbone_embed_dim(backbone)
         head = SimCLRProjectionHead(dim, s.proj_hidden_dim, s.proj_output_dim, num_layers=s.proj_layers,
                                     batch_norm=s.proj_batch_norm)

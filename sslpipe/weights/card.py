@@ -9,7 +9,12 @@ from typing import Sequence
 import yaml
 
 from sslpipe.errors import WriteFailed, io_failure
-from sslpipe.weights.export import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_export_config
+from sslpipe.weights.export import (
+    CARD_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    read_export_config,
+)
 
 
 def write_model_card(out_dir: str | Path, *, title: str, tags: Sequence[str], provenance: Sequence[tuple[str, str]],

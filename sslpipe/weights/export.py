@@ -33,6 +33,7 @@ from torch import nn
 
 from sslpipe.errors import WriteFailed, io_failure
 from sslpipe.weights.hashing import sha256_file
+from sslpipe.weights.positions import export_position_rule, fit_position_grid
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -194,13 +195,22 @@ def key_mismatches(state: Mapping[str, torch.Tensor], module: nn.Module) -> tupl
     return sorted(set(target) - set(state)), sorted(set(state) - set(target)), shapes
 
 
-def load_export_into(module: nn.Module, path: str | Path) -> nn.Module:
-    """Copy the weights of an export folder into an existing plain timm backbone, strictly (fine-tuning init,
-    `model.init_from`). Every key must exist on both sides with the same shape; otherwise a ValueError names the
-    export, its architecture and the missing / unexpected / mis-shaped keys. Returns `module`."""
+def load_export_into(module: nn.Module, path: str | Path) -> list[str]:
+    """Copy the weights of an export folder into a plain timm backbone of the same architecture (`model.init_from`:
+    fine-tuning, continued pretraining), tensor for tensor. A ViT built for another image size gets the export's
+    position grid resampled by the rule the export's network was trained with (`sslpipe.weights.positions`); another
+    patch size, or any other key or shape that differs, is refused with one ValueError naming the export. Returns
+    notes on what was adapted."""
     weights, config_path = export_paths(path)
     cfg = json.loads(config_path.read_text())
     state = load_file(str(weights))
+    patch = state.get("patch_embed.proj.weight")
+    own = getattr(getattr(module, "patch_embed", None), "patch_size", None)
+    if patch is not None and own is not None and tuple(patch.shape[-2:]) != tuple(own):
+        raise ValueError(f"model.init_from={path}: its patches are {patch.shape[-1]} px, the network built here has "
+                         f"{own[0]} px patches; a patch size cannot be resampled: set model.patch_size="
+                         f"{patch.shape[-1]}")
+    notes = fit_position_grid(state, module, export_position_rule(cfg, "reg_token" in state))
     missing, unexpected, shapes = key_mismatches(state, module)
     if missing or unexpected or shapes:
         problems = [f"missing in the export: {some_keys(missing, 8)}" if missing else "",
@@ -210,7 +220,7 @@ def load_export_into(module: nn.Module, path: str | Path) -> nn.Module:
             f"export {path} ({cfg.get('architecture')} with model_args {cfg.get('model_args')}) does not fit the "
             f"{type(module).__name__} backbone to initialise: " + "; ".join(p for p in problems if p)
             + ". Build the backbone with the export's architecture and model arguments (model.arch, "
-            "model.patch_size, model.kwargs, crops.global_size)"
+            "model.patch_size, model.kwargs)"
         )
     module.load_state_dict(state, strict=True)
-    return module
+    return notes

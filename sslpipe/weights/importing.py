@@ -29,11 +29,9 @@ from typing import Any, Mapping
 
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from sslpipe.weights.card import write_model_card
@@ -48,6 +46,7 @@ from sslpipe.weights.export import (
     some_keys,
 )
 from sslpipe.weights.hashing import sha256_file
+from sslpipe.weights.heads import HEADS_NAME, heads_of, write_heads
 from sslpipe.weights.layouts import (
     FORMATS,
     Dropped,
@@ -58,9 +57,9 @@ from sslpipe.weights.layouts import (
     infer_vit,
     native_size,
     select_network,
-    square,
     to_timm_names,
 )
+from sslpipe.weights.positions import fit_position_grid, position_rule
 
 SAFE_GLOBALS = (argparse.Namespace,)
 _OFFICIAL = ("dino", "ibot", "dinov2", "mae")
@@ -121,34 +120,10 @@ def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
     return ckpt
 
 
-def _resize_pos_embed(pos: Tensor, prefix: int, old: int, new: int, fmt: str, registers: bool) -> tuple[Tensor, str]:
-    """The grid part of a position embedding resized by the rule of the model it comes from."""
-    head, grid = pos[:, :prefix], pos[:, prefix:]
-    if fmt in ("dino", "ibot") or (fmt == "dinov2" and not registers):
-        square = grid[0].double().T.reshape(1, -1, old, old)  # (1, D, old, old), as the official code resizes it
-        grid = F.interpolate(square, scale_factor=((new + 0.1) / old,) * 2, mode="bicubic", align_corners=False)
-        grid = grid.reshape(-1, new * new).T[None]
-        how = "bicubic, scale factor (n + 0.1) / N, as the official interpolate_pos_encoding of DINO / iBOT / DINOv2"
-    else:
-        grid = resample_abs_pos_embed(grid.float(), new_size=[new, new], old_size=[old, old], num_prefix_tokens=0,
-                                      antialias=fmt != "mae")
-        how = {"mae": "bicubic to the new size, no antialias, as MAE's interpolate_pos_embed",
-               "dinov2": "bicubic to the new size with antialias, as DINOv2's register models (interpolate_offset=0, "
-                         "interpolate_antialias=True)"}.get(fmt, "bicubic with antialias, timm's "
-                                                                 "resample_abs_pos_embed")
-    return torch.cat([head, grid.to(pos.dtype)], dim=1), f"position embedding {old}x{old} -> {new}x{new}: {how}"
-
-
 def _fit(state: dict[str, Tensor], module: nn.Module, fmt: str) -> tuple[list[Dropped], list[str]]:
     """Resize the position grid to the module's and drop a classifier the export leaves out (in place)."""
-    notes, dropped = [], []
-    pos, target = state.get("pos_embed"), getattr(module, "pos_embed", None)
-    if pos is not None and isinstance(target, Tensor) and pos.shape != target.shape and pos.shape[2] == target.shape[2]:
-        prefix = 0 if getattr(module, "no_embed_class", False) else module.num_prefix_tokens
-        old, new = square(pos.shape[1] - prefix), tuple(module.patch_embed.grid_size)
-        if old and new[0] == new[1] and target.shape[1] == prefix + new[0] * new[1]:
-            state["pos_embed"], note = _resize_pos_embed(pos, prefix, old, new[0], fmt, "reg_token" in state)
-            notes.append(note)
+    dropped = []
+    notes = fit_position_grid(state, module, position_rule(fmt, "reg_token" in state))
     target_keys = module.state_dict()
     classifier = sorted(k for k in state if k not in target_keys and k.split(".")[0] in _CLASSIFIERS)
     for key in classifier:
@@ -232,13 +207,14 @@ class ImportReport:
 
 
 def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = None, which: str | None = None,
-                      arch: str | None = None, img_size: int | None = None) -> ImportReport:
+                      arch: str | None = None, img_size: int | None = None, with_heads: bool = False) -> ImportReport:
     """Write the backbone of `source` as an export folder `out` (module docstring).
 
     `fmt`: one of FORMATS (default: detected from the keys); `which`: "teacher" | "student" for checkpoints with
     both (default: the teacher); `arch`: a timm name whose defaults describe the weights (default: read from the
     shapes, or from an export's config.json beside a .safetensors file); `img_size`: the input size of the export
-    (default: the checkpoint's position grid x patch size; 224 for CNNs).
+    (default: the checkpoint's position grid x patch size; 224 for CNNs); `with_heads`: also the DINO / iBOT /
+    DINOv2 projection heads of a training checkpoint (`sslpipe.weights.heads`), to continue its pretraining.
     """
     path = _source_file(Path(source))
     if fmt is not None and fmt not in FORMATS:
@@ -291,6 +267,9 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
     module.load_state_dict(state, strict=True)
     dropped += beside + classifier
     notes += resized
+    heads = heads_of(net, fmt) if with_heads else None
+    if heads is not None:
+        notes.append(f"the {fmt} projection heads kept beside the backbone ({HEADS_NAME}, {len(heads)} tensors)")
     source_info = {"imported_from": str(path.resolve()), "sha256": sha256_file(path), "format": fmt, "which": chosen,
                    "architecture_from": arch_from, "dropped": [d.as_dict() for d in dropped], "notes": notes}
     out_dir = export_backbone(
@@ -304,4 +283,6 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
                     ("architecture read from", arch_from),
                     ("left out", "; ".join(f"`{d.entry}`: {d.why}" for d in dropped) or "nothing"),
                     *(("note", n) for n in notes)])
+    if heads is not None:
+        write_heads(out_dir, heads, fmt)
     return ImportReport(path, out_dir, fmt, detected, chosen, arch, arch_from, model_args, len(state), dropped, notes)

@@ -16,8 +16,15 @@ from safetensors.torch import load_file
 
 from sslpipe.weights.card import write_model_card
 from sslpipe.weights.checkpoint import EXTRA_STATE, MODEL, find_checkpoint, step_of
-from sslpipe.weights.export import CONFIG_NAME, TRAINING_ONLY_KEYS, WEIGHTS_NAME, create_timm_backbone, export_backbone
+from sslpipe.weights.export import (
+    CONFIG_NAME,
+    TRAINING_ONLY_KEYS,
+    WEIGHTS_NAME,
+    create_timm_backbone,
+    export_backbone,
+)
 from sslpipe.weights.hashing import sha256_file, tensor_digest
+from sslpipe.weights.heads import heads_of, write_heads
 
 # Where the backbone sits inside a recipe's network: MaskedViT wrapper first (its `.vit` is the timm model), then
 # DINO/iBOT/SimCLR's plain `backbone`, then the CNN encoder of U2PL / supervised_seg (a ViT encoder there is ViTDet-
@@ -111,6 +118,7 @@ def export_run(
     which: str | None = "teacher",
     out: str | Path | None = None,
     checkpoint: str | Path | int | None = None,
+    with_heads: bool = False,
 ) -> Path:
     """Export the teacher or student backbone of a run (the newest complete checkpoint unless `checkpoint` is a step
     or folder: `find_checkpoint`).
@@ -119,7 +127,8 @@ def export_run(
     `crops.std`) and `checkpoints/step_N/`: the teacher from `extra_state.safetensors` (keys `teacher.*`), the
     student from `model.safetensors`. `which=None`: the teacher when the run has one (DINO, iBOT), else the student
     (SimCLR). Default output `RUN/export/{which}`, with a model card (`write_model_card`: method, config and manifest
-    sha256, probe results of these weights).
+    sha256, probe results of these weights). `with_heads`: also the network's projection heads (`heads.safetensors`,
+    `sslpipe.weights.heads`), so `model.init_from` continues the run exactly.
     """
     if which not in ("teacher", "student", None):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
@@ -163,6 +172,11 @@ def export_run(
         std=_cfg_get(cfg, "crops.std", cfg_path, (0.229, 0.224, 0.225)), source=source,
     )
     method = str(_cfg_get(cfg, "method", cfg_path, "unknown"))
+    if with_heads:
+        raw = load_file(str(weights))
+        network = {k.removeprefix("teacher."): v for k, v in raw.items()
+                   if which == "student" or k.startswith("teacher.")}
+        write_heads(out_dir, heads_of(network, method), method)
     unchanged = before is not None and before[0] == tensor_digest(out_dir / WEIGHTS_NAME)
     probed = "teacher" if has_teacher else "student"  # the network a run's periodic kNN probes
     write_model_card(

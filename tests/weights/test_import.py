@@ -676,3 +676,31 @@ def test_import_writes_a_model_card(tmp_path):
     assert header["library_name"] == "timm" and {"timm", "sslpipe", "dino"} <= set(header["tags"])
     assert hashlib.sha256(path.read_bytes()).hexdigest() in text
     assert read_export_config(out)["sha256"]["model.safetensors"] in text
+
+
+def test_dino_training_checkpoint_with_heads_continues_in_a_dino_recipe(tmp_path, digits_shards, monkeypatch):
+    """`--with-heads`: the official teacher's head (weight_g / weight_v -> our weight-norm parametrisation) lands in
+    heads.safetensors, and `model.init_from` starts a DINO recipe's student and teacher backbone and head from it, so
+    both compute what the official teacher computes."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from sslpipe.models.backbones import pooled_features
+    from sslpipe.recipes import load_config
+    from sslpipe.recipes.dino import DINORecipe
+
+    path, _, teacher = _dino_checkpoint(tmp_path)
+    out = import_checkpoint(path, tmp_path / "out", with_heads=True).out
+    assert read_export_config(out)["heads"] == {"method": "dino", "file": "heads.safetensors", "tensors": 8}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = load_config(REPO / "recipes/demo_dino.yaml", [
+        f"data.train={digits_shards}", "crops.global_size=32", "model.arch=vit_tiny_patch16_224",
+        f"model.patch_size={PATCH}", f"model.kwargs={{embed_dim: {DIM}, depth: {DEPTH}, num_heads: {HEADS}}}",
+        "dino.head.out_dim=64", "dino.head.hidden_dim=32", "dino.head.bottleneck_dim=16", f"model.init_from={out}"])
+    recipe = DINORecipe(cfg)
+    recipe.build(Accelerator(cpu=True))
+    x = _x()
+    with torch.no_grad():  # the official DINOHead.forward: last_layer(normalize(mlp(x)))
+        want = teacher.head.last_layer(F.normalize(teacher.head.mlp(teacher.backbone(x)), dim=-1))
+        for net in (recipe.student.eval(), recipe.teacher):
+            torch.testing.assert_close(net.head(pooled_features(net.backbone, x)), want, **TOL)

@@ -1,0 +1,85 @@
+"""Projection heads beside an export, so continued pretraining can pick up exactly where a run stopped.
+
+`sslpipe export RUN --with-heads` and `sslpipe import CHECKPOINT OUT --with-heads` write `heads.safetensors` next to
+`model.safetensors`: the DINO / iBOT / DINOv2 heads of the exported network, named as sslpipe's networks name them
+(`head.*`; `dino_head.*`, `ibot_head.*`), and record in config.json which method they belong to and their sha256.
+With `model.init_from=EXPORT`, a recipe of that method starts its student and teacher heads from them
+(`<method>.init_heads`); otherwise its heads start fresh. The official heads keep their weight-normalised last layers
+as `weight_g` / `weight_v`; sslpipe's use torch's parametrisation (`parametrizations.weight.original0` / `original1`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from sslpipe.weights.export import CONFIG_NAME, export_paths, some_keys
+from sslpipe.weights.hashing import sha256_file
+from sslpipe.weights.state_dict import without_aliases
+
+HEADS_NAME = "heads.safetensors"
+# the prefixes of the heads in each method's network (sslpipe's and the official checkpoints' alike)
+HEAD_PREFIXES = {"dino": ("head.",), "ibot": ("head.",), "dinov2": ("dino_head.", "ibot_head.")}
+_OFFICIAL_NAMES = {".weight_g": ".parametrizations.weight.original0", ".weight_v": ".parametrizations.weight.original1"}
+
+
+def heads_of(network: dict[str, Tensor], method: str) -> dict[str, Tensor]:
+    """The head tensors of a network's state dict (sslpipe's or an official checkpoint's), in sslpipe's names."""
+    prefixes = HEAD_PREFIXES.get(method)
+    if prefixes is None:
+        raise ValueError(f"--with-heads: method {method!r} has no projection heads to keep (dino, ibot, dinov2 have)")
+    heads = {}
+    for key, value in without_aliases(network).items():
+        if key.startswith(prefixes):
+            for old, new in _OFFICIAL_NAMES.items():
+                if key.endswith(old):
+                    key = key[: -len(old)] + new
+            heads[key] = value.detach().cpu().clone()
+    if not heads:
+        raise ValueError(f"--with-heads: no {' or '.join(prefixes)} tensors in the {method} network")
+    return heads
+
+
+def write_heads(export: str | Path, heads: dict[str, Tensor], method: str) -> Path:
+    """Write `heads` beside an export and record them (method, count, sha256) in its config.json, both atomically."""
+    weights, config_path = export_paths(export)
+    out, tmp = weights.parent / HEADS_NAME, weights.parent / (HEADS_NAME + ".tmp")
+    save_file(heads, str(tmp), metadata={"format": "pt", "method": method})
+    config = json.loads(config_path.read_text())
+    config["heads"] = {"method": method, "file": HEADS_NAME, "tensors": len(heads)}
+    config.setdefault("sha256", {})[HEADS_NAME] = sha256_file(tmp)
+    tmp_config = config_path.with_name(CONFIG_NAME + ".tmp")
+    tmp_config.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(out)
+    tmp_config.replace(config_path)
+    return out
+
+
+def load_heads(net: nn.Module, export: str | Path, method: str) -> list[str]:
+    """Copy an export's heads of `method` into `net` (a recipe's network: backbone + heads), tensor for tensor.
+    Returns a note; a note and nothing loaded when the export carries no heads or another method's; a ValueError
+    naming the export when its heads do not fit the ones built here."""
+    weights, config_path = export_paths(export)
+    recorded = json.loads(config_path.read_text()).get("heads")
+    if not recorded:
+        return [f"{export} carries no heads: the heads start fresh (export with --with-heads to keep them)"]
+    if recorded["method"] != method:
+        return [f"{export} carries {recorded['method']} heads, not {method}'s: the heads start fresh"]
+    state = load_file(str(weights.parent / recorded["file"]))
+    heads = nn.ModuleDict({name: module for name, module in net.named_children() if name != "backbone"})
+    target = heads.state_dict()
+    real = without_aliases(target)  # iBOT's shared head: last_layer2 is last_layer
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in sorted(set(state) & set(target))
+              if state[k].shape != target[k].shape]
+    missing, unexpected = sorted(set(real) - set(state)), sorted(set(state) - set(target))
+    if missing or unexpected or shapes:
+        problems = [f"missing in the export: {some_keys(missing, 6)}" if missing else "",
+                    f"not built here: {some_keys(unexpected, 6)}" if unexpected else "",
+                    f"shape export vs built: {some_keys(shapes, 6)}" if shapes else ""]
+        raise ValueError(f"model.init_from={export}: its {method} heads do not fit the heads of this recipe ("
+                         + "; ".join(p for p in problems if p) + f"): set {method}.head.* to the export's sizes, or "
+                         f"{method}.init_heads=false to start the heads fresh")
+    heads.load_state_dict(state, strict=False)
+    return [f"heads from {export} ({len(state)} tensors)"]
