@@ -46,8 +46,12 @@ def test_every_shipped_recipe_loads_in_the_current_layout(path: Path, capsys: py
 
 
 def test_a_core_key_the_method_does_not_read_is_refused_naming_the_method(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"key 'model.init_from' is not read by method 'dinov2'"):
-        load_config(REPO / "recipes/demo_dinov2.yaml", ["model.init_from=/nonexistent/export"])
+    with pytest.raises(ConfigError, match=r"key 'model.sync_batchnorm' is not read by method 'dinov2': its ViT has "
+                                          r"no BatchNorm"):
+        load_config(REPO / "recipes/demo_dinov2.yaml", ["model.sync_batchnorm=false"])
+    with pytest.raises(ConfigError, match=r"key 'model.init_from' is not read by method 'distill': the student "
+                                          r"starts from random init; the teacher is distill.teacher"):
+        load_config(REPO / "recipes/demo_distill.yaml", ["model.init_from=/nonexistent/export"])
     with pytest.raises(ConfigError, match=r"recipe.yaml: key 'crops.n_local' is not read by method 'u2pl'"):
         load_config(write(tmp_path, "method: u2pl\ndata: {train: x}\ncrops: {n_local: 2}\n"))
 

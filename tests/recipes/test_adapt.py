@@ -120,3 +120,25 @@ def test_refusals_are_one_line(digits_shards: Path, export: Path, tmp_path: Path
         _recipe("ibot", digits_shards, f"model.init_from={cnn}")
     with pytest.raises(FileNotFoundError, match="not found: pass an export folder"):
         _recipe("dinov2", digits_shards, f"model.init_from={tmp_path / 'nowhere'}")
+
+
+@pytest.mark.slow
+def test_published_adapt_recipe_builds_from_a_518px_release_and_steps(digits_shards: Path, tmp_path: Path) -> None:
+    """recipes/adapt_dinov2_vit_small.yaml from a (random) ViT-S/14 in the released layout at 518 px: the 37x37 grid
+    is resampled to the 16x16 of 224 px crops, and one step of the published continued-pretraining values runs."""
+    from helpers import one_teacher_student_step
+
+    torch.manual_seed(0)
+    args = {"img_size": 518, "patch_size": 14, "init_values": 1e-5}
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, **args)
+    release = export_backbone(vit, tmp_path / "dinov2_vits14", arch="vit_small_patch14_dinov2", model_args=args,
+                              img_size=518, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                              source={"format": "dinov2"})
+    cfg = load_config(RECIPES / "adapt_dinov2_vit_small.yaml", [
+        f"data.train={digits_shards}", "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4",
+        "crops.n_local=2", f"model.init_from={release}"])
+    assert (cfg.dinov2.momentum_teacher, cfg.dinov2.momentum_teacher_end, cfg.optim.lr) == (0.999, 0.999, 1e-3)
+    recipe = get_recipe(cfg.method)(cfg)
+    loss, _ = one_teacher_student_step(recipe, momentum=0.999)
+    assert torch.isfinite(loss) and recipe.patch_grid() == (16, 16)
+    assert tuple(_vit(recipe.teacher).pos_embed.shape) == (1, 1 + 16 * 16, 384)
