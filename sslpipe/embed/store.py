@@ -1,0 +1,109 @@
+"""The on-disk form of a set of image embeddings, what `sslpipe embed` writes and `sslpipe search` / `sslpipe curate`
+read:
+
+    DIR/embed.json                 {"format": "sslpipe-embed/1", "backbone", "backbone_sha256", "spec", "data",
+                                    "split", "dim", "dtype": "float16", "shards": [...], "complete", "count"}
+    DIR/part-000017.safetensors    the embeddings of shard 17 of the split: "features" (n, dim) float16 (L2-normalised
+                                   rows), with the metadata "keys" and "sources" (JSON lists: each sample's key and the
+                                   shard it came from) and "shard"
+
+One part per input shard, written under a temporary name and renamed when whole: a killed run resumes at the first
+shard without a part, and processes under `accelerate launch` write disjoint parts (shard i is rank i mod P's).
+Readers walk the parts in shard order and never hold more than one part in memory (`iter_parts`).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "sslpipe-embed/1"
+INDEX = "embed.json"
+
+
+def part_name(shard_index: int) -> str:
+    return f"part-{shard_index:06d}.safetensors"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One shard's embeddings: `features` float16 (n, dim), `keys` and `sources` (n each)."""
+
+    shard: int
+    keys: list[str]
+    sources: list[str]
+    features: np.ndarray
+
+
+def write_part(out_dir: str | Path, shard_index: int, features: torch.Tensor, keys: list[str],
+               sources: list[str]) -> Path:
+    """Write one shard's embeddings atomically (a temporary file renamed when complete)."""
+    if len(keys) != len(features) or len(sources) != len(features):
+        raise ValueError(f"write_part: {len(features)} features, {len(keys)} keys and {len(sources)} sources differ")
+    out = Path(out_dir) / part_name(shard_index)
+    tmp = out.with_name(out.name + ".tmp")
+    metadata = {"keys": json.dumps(keys), "sources": json.dumps(sources), "shard": str(shard_index)}
+    save_file({"features": features.to(torch.float16).contiguous()}, str(tmp), metadata=metadata)
+    tmp.replace(out)
+    return out
+
+
+def read_index(folder: str | Path) -> dict[str, Any]:
+    """embed.json of an embedding folder, or a FileNotFoundError saying how to make one."""
+    path = Path(folder) / INDEX
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {folder} is not an embedding folder (write one with "
+                                "`sslpipe embed EXPORT --data SHARDS --out DIR`)")
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}")
+    return index
+
+
+def write_index(folder: str | Path, index: dict[str, Any]) -> Path:
+    path = Path(folder) / INDEX
+    tmp = path.with_name(INDEX + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, **index}, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def done_shards(folder: str | Path) -> set[int]:
+    """Shard indices that already have a complete part (what a resumed run skips)."""
+    return {int(p.name[5:11]) for p in Path(folder).glob("part-*.safetensors")}
+
+
+def read_part(path: str | Path) -> Part:
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+        return Part(int(meta["shard"]), json.loads(meta["keys"]), json.loads(meta["sources"]), f.get_tensor("features"))
+
+
+def iter_parts(folder: str | Path) -> Iterator[Part]:
+    """The parts of a complete embedding folder in shard order, one in memory at a time."""
+    index = read_index(folder)
+    if not index.get("complete"):
+        raise ValueError(f"{folder} is incomplete (a run stopped before every shard was embedded): run `sslpipe "
+                         "embed` again with the same --out to finish it")
+    for shard in range(len(index["shards"])):
+        path = Path(folder) / part_name(shard)
+        if path.is_file():
+            yield read_part(path)
+
+
+def load_all(folder: str | Path) -> tuple[list[str], list[str], np.ndarray]:
+    """(keys, sources, features (N, dim) float16) of a whole folder: for sets that fit in memory (search)."""
+    keys, sources, chunks = [], [], []
+    for part in iter_parts(folder):
+        keys += part.keys
+        sources += part.sources
+        chunks.append(part.features)
+    dim = read_index(folder)["dim"]
+    return keys, sources, np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float16)
