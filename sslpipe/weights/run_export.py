@@ -113,6 +113,16 @@ def _cfg_get(cfg: Mapping[str, Any], dotted: str, path: Path, default: Any = ...
     return node
 
 
+def _teacher_rows(run: Path) -> list[tuple[str, str]]:
+    """The frozen teacher a distillation run learned from (`distill_teacher.json`), for the model card."""
+    record = run / "distill_teacher.json"
+    if not record.is_file():
+        return []
+    teacher = json.loads(record.read_text())
+    return [("distilled from", f"`{teacher['teacher']}` ({teacher.get('architecture')}), model.safetensors sha256 "
+                               f"`{teacher['sha256']}`")]
+
+
 def export_run(
     run_dir: str | Path,
     which: str | None = "teacher",
@@ -185,6 +195,7 @@ def export_run(
                                f"`{sha256_file(cfg_path)}`"),
                     ("checkpoint", f"`{ckpt.name}`, the {which}"),
                     *([("training data", _manifest_row(data))] if (data := _cfg_get(cfg, "data.train", cfg_path,
-                                                                                    None)) else [])],
+                                                                                    None)) else []),
+                    *_teacher_rows(run)],
         results=_probe_rows(run, out_dir, step, which == probed, before[1] if unchanged else None))
     return out_dir

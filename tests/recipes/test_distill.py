@@ -168,6 +168,8 @@ def test_run_exports_the_student_names_the_teacher_and_refuses_a_changed_teacher
     assert record["sha256"] == read_export_config(teacher)["sha256"]["model.safetensors"]
     export = export_run(run, which=None)
     assert export.name == "student" and read_export_config(export)["architecture"] == "vit_tiny_patch16_224"
+    card = (export / "README.md").read_text()
+    assert f"distilled from | `{teacher.resolve()}` (vit_tiny_patch16_224)" in card and record["sha256"] in card
     cfg = _cfg(digits_shards, teacher, f"output_dir={tmp_path}", "run_name=d", "train.max_steps=5")
     other = export_backbone(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **VIT_ARGS),
                             tmp_path / "other", arch="vit_tiny_patch16_224", model_args=VIT_ARGS, **EXPORT_ARGS)
