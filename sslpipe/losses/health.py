@@ -25,7 +25,7 @@ RANKME_EPS = 1e-7  # Garrido et al.'s epsilon (their code and paper)
 # `embedding_health`'s (`rankme/teacher`, `embed_std/student`, ...).
 HEALTH_KEYS = ("teacher_entropy", "student_entropy", "kl_teacher_student", "batch_entropy", "prototype_usage",
                "teacher_patch_entropy", "student_patch_entropy", "mask_ratio")
-EMBEDDING_PREFIXES = ("rankme/", "embed_std/")
+EMBEDDING_PREFIXES = ("rankme/", "embed_std/", "dense/")
 
 
 def _entropy(logp: Tensor) -> Tensor:
@@ -93,3 +93,16 @@ def embedding_health(**features: Tensor) -> dict[str, float]:
         out[f"{EMBEDDING_PREFIXES[0]}{name}"] = rankme(z)
         out[f"{EMBEDDING_PREFIXES[1]}{name}"] = embed_std(z)
     return out
+
+
+def dense_health(cls_tokens: Tensor, patch_tokens: Tensor) -> dict[str, float]:
+    """The patch-feature health DINOv3 tracks (Siméoni et al. 2025, §4.1: dense features degrade as the patch tokens
+    align with the [CLS] token in long runs): `dense/patch_cls_cos`, the mean cosine of each patch token to its
+    image's [CLS] token, and `dense/patch_patch_cos`, the mean cosine between two patch tokens of one image (1 when
+    the dense features are all alike). cls_tokens (B, D), patch_tokens (B, N, D)."""
+    cls = F.normalize(cls_tokens.detach().float(), dim=-1)
+    patches = F.normalize(patch_tokens.detach().float(), dim=-1)
+    n = patches.shape[1]
+    pair = (patches @ patches.transpose(1, 2)).sum((1, 2)) - n  # off-diagonal sum per image
+    return {f"{EMBEDDING_PREFIXES[2]}patch_cls_cos": float((patches @ cls.unsqueeze(-1)).mean()),
+            f"{EMBEDDING_PREFIXES[2]}patch_patch_cos": float((pair / max(n * (n - 1), 1)).mean())}

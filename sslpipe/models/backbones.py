@@ -21,12 +21,14 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-# timm modules whose models are (subclasses of) VisionTransformer and accept img_size / patch_size /
-# dynamic_img_size. Other archs (resnet, mobilevitv2, ...) are used through their pooled features.
-_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+# timm modules whose models are ViTs that accept img_size / patch_size / dynamic_img_size: VisionTransformer (DINO,
+# iBOT, DINOv2) and Eva (rotary position embeddings: DINOv3's `*_dinov3`). Other archs (resnet, mobilevitv2, ...) are
+# used through their pooled features.
+_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.eva")
 
 
 def is_vit_arch(arch: str) -> bool:
@@ -51,8 +53,11 @@ def create_backbone(
     ViTs get ``img_size`` (the global crop size: it sizes the learned position embedding), optional ``patch_size``
     and ``dynamic_img_size=True``; extra ``model_args`` (depth, embed_dim, num_heads, reg_tokens, ...) go to timm.
     CNN-like models accept any input size, so ``img_size`` is not passed to them; ``patch_size`` is an error there.
+    DINOv3's rotary ViTs (`*_dinov3`) get ``global_pool="token"``: their feature is the [CLS] token, as upstream.
     """
     kwargs: dict[str, Any] = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **model_args)
+    if arch.endswith("_dinov3") and "global_pool" not in kwargs:
+        kwargs["global_pool"] = "token"  # timm pools DINOv3's patch tokens by default; the official feature is CLS
     if is_vit_arch(arch):
         kwargs.update(img_size=img_size, dynamic_img_size=True)
         if patch_size is not None:
@@ -125,6 +130,9 @@ class MaskedViT(nn.Module):
     crop sizes by the official interpolation (:func:`vit_pos_embed`); the rest is timm's own forward (``patch_drop``,
     ``norm_pre``, ``blocks``, ``norm``), so timm ViT variants (registers, no_embed_class, non-square crops) work.
 
+    A timm `Eva` (DINOv3's rotary-position ViTs, `vit_*_dinov3`) works the same way: its rotary embedding is computed
+    for the crop's own grid at every call (no resampling, any crop size), its storage tokens are timm's registers.
+
     Written here rather than using lightly's MaskedVisionTransformerTIMM because that wrapper (a) re-initialises the
     timm ViT and replaces the learned position embedding by a fixed sin-cos one unless both init options are set to
     "skip", (b) infers the dynamic token grid as a square (non-square crops fail) and (c) takes a (B, P+N) mask
@@ -132,10 +140,10 @@ class MaskedViT(nn.Module):
     computes the same thing (tested in tests/test_models.py).
     """
 
-    def __init__(self, vit: VisionTransformer, mask_token: bool) -> None:
+    def __init__(self, vit: VisionTransformer | Eva, mask_token: bool) -> None:
         super().__init__()
-        if not isinstance(vit, VisionTransformer):
-            raise TypeError(f"MaskedViT needs a timm VisionTransformer, got {type(vit).__name__}")
+        if not isinstance(vit, (VisionTransformer, Eva)):
+            raise TypeError(f"MaskedViT needs a timm VisionTransformer or Eva, got {type(vit).__name__}")
         self.vit = vit
         self.embed_dim: int = vit.embed_dim
         self.num_prefix_tokens: int = vit.num_prefix_tokens
@@ -164,6 +172,12 @@ class MaskedViT(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """All tokens after the final norm, (B, P+N, D); ``mask`` is bool (B, H, W) or (B, N), True = masked."""
         v = self.vit
+        if isinstance(v, Eva):
+            tokens, rope = v._pos_embed(self.embed(x, mask))
+            tokens = v.norm_pre(tokens)
+            for block in v.blocks:
+                tokens = block(tokens, rope=rope)
+            return v.norm(tokens)
         tokens = vit_pos_embed(v, self.embed(x, mask))
         tokens = v.norm_pre(v.patch_drop(tokens))
         tokens = v.blocks(tokens)

@@ -38,7 +38,7 @@ from torch import nn
 from sslpipe.data.collate import collate_multicrop
 from sslpipe.data.masking import MaskGenerator
 from sslpipe.losses.dinov2 import DINOv2Loss, mask_weights
-from sslpipe.losses.health import embedding_health, health_metrics
+from sslpipe.losses.health import dense_health, embedding_health, health_metrics
 from sslpipe.models.backbones import MaskedViT, create_backbone
 from sslpipe.models.heads import DINOHead
 from sslpipe.recipes.multicrop import MultiCropRecipe
@@ -210,9 +210,9 @@ class DINOv2Net(nn.Module):
 
     def forward(self, global_crops: torch.Tensor, masks: torch.Tensor, mask_indices: torch.Tensor,
                 local_crops: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(global CLS logits (GB, K), patch logits at the masked positions (M, Kp), local CLS logits or None,
-        backbone CLS tokens of the global crops (GB, D)).
+        backbone CLS tokens of the global crops (GB, D), their patch tokens (GB, N, D): DINOv3's Gram anchoring).
 
         ``masks`` (GB, N) bool; ``mask_indices`` (M,) the masked positions in the flattened (GB * N) patch tokens
         (`mask_batch_fields`). The student (built with a mask token) sees the masked crops; the teacher (without
@@ -229,7 +229,7 @@ class DINOv2Net(nn.Module):
         else:
             cls_logits, patch_logits = self.dino_head(cls_in), self.ibot_head(patches)
         local_logits = cls_logits[GB:] if local_crops is not None else None
-        return cls_logits[:GB], patch_logits, local_logits, cls_tokens
+        return cls_logits[:GB], patch_logits, local_logits, cls_tokens, tokens[:, backbone.num_prefix_tokens:]
 
 
 class DINOv2Recipe(MultiCropRecipe):
@@ -306,15 +306,17 @@ class DINOv2Recipe(MultiCropRecipe):
         masks = masks.flatten(1)
         temp = sched["teacher_temp"]  # one teacher temperature for CLS and patches, as in the official code
         with torch.no_grad():
-            teacher_cls, teacher_patch, _, teacher_feats = self.teacher(global_crops, masks, indices)
-        student_cls, student_patch, student_local_cls, student_feats = self.student(global_crops, masks, indices,
-                                                                                    local_crops)
+            teacher_cls, teacher_patch, _, teacher_feats, teacher_patches = self.teacher(global_crops, masks, indices)
+        student_cls, student_patch, student_local_cls, student_feats, student_patches = self.student(
+            global_crops, masks, indices, local_crops)
         out = self.loss(student_cls, teacher_cls, student_patch, teacher_patch, masks, student_feats, temp,
                         student_local_cls=student_local_cls, masks_weight=weights)
         loss, metrics = self.add_qscore(out["loss"], student_feats, student_cls)
+        extra, extra_metrics = self.extra_loss(global_crops, masks, student_patches, sched)
+        loss = loss + extra
         # 0-d tensors: the trainer reads them only when it logs, so no device sync per step
         metrics |= {"loss_dino": out["dino"].detach(), "loss_ibot": out["ibot"].detach(),
-                    "loss_koleo": out["koleo"].detach()}
+                    "loss_koleo": out["koleo"].detach(), **extra_metrics}
         if self.cfg.train.health_every and (int(sched["it"]) + 1) % self.cfg.train.health_every == 0:
             # entropies of softmax((t - C) / tau); with Sinkhorn-Knopp centering, of the sharpened logits before SK
             softmax = self.section.centering == "softmax"
@@ -326,5 +328,12 @@ class DINOv2Recipe(MultiCropRecipe):
                 teacher_patch_temp=temp, masks=masks,
             ))
             metrics.update(embedding_health(teacher=teacher_feats, student=student_feats.detach()))
+            metrics.update(dense_health(teacher_feats, teacher_patches))
         self.loss.update_center(teacher_cls, teacher_patch)
         return loss, metrics
+
+    def extra_loss(self, global_crops: torch.Tensor, masks: torch.Tensor, student_patches: torch.Tensor,
+                   sched: dict[str, float]) -> tuple[torch.Tensor | float, dict[str, Any]]:
+        """A term a method adds to DINOv2's on the student's patch tokens of the global crops (DINOv3's Gram
+        anchoring); none here."""
+        return 0.0, {}

@@ -22,6 +22,7 @@ KNOWN_RECIPES: dict[str, str] = {
     "dino": "sslpipe.recipes.dino:DINORecipe",
     "ibot": "sslpipe.recipes.ibot:IBOTRecipe",
     "dinov2": "sslpipe.recipes.dinov2:DINOv2Recipe",
+    "dinov3": "sslpipe.recipes.dinov3:DINOv3Recipe",
     "finetune_mask2former": "sslpipe.recipes.finetune_m2f:Mask2FormerRecipe",
     "finetune_vitdet": "sslpipe.recipes.finetune_vitdet:ViTDetRecipe",
     "simclr": "sslpipe.recipes.simclr:SimCLRRecipe",

@@ -57,6 +57,8 @@ def create_timm_backbone(arch: str, img_size: int, patch_size: int | None, kwarg
     vit_args: dict[str, Any] = {"img_size": img_size, "dynamic_img_size": True}
     if patch_size:
         vit_args["patch_size"] = patch_size
+    if arch.endswith("_dinov3"):
+        vit_args["global_pool"] = "token"  # the [CLS] feature, as create_backbone builds DINOv3 (timm: avg)
     args = {**vit_args, **kwargs, "num_classes": 0}
     try:
         return timm.create_model(arch, pretrained=False, **args), args

@@ -1,0 +1,122 @@
+"""DINOv3 (`method: dinov3`): the rotary ViT inside the masked wrapper, the Gram teacher's snapshot and refreshes at the
+right iterations, Gram anchoring in the step, exact resume of the Gram teacher, and the export as timm's `*_dinov3`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from accelerate import Accelerator
+from helpers import REPO
+from safetensors.torch import load_file
+
+from sslpipe.models.backbones import MaskedViT, create_backbone
+from sslpipe.recipes import load_config
+from sslpipe.recipes.dinov3 import DINOv3Recipe
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+RECIPE = REPO / "recipes/demo_dinov3.yaml"
+TINY = ["model.kwargs={embed_dim: 32, depth: 2, num_heads: 2, init_values: 0.1}", "dinov3.head.out_dim=32",
+        "dinov3.head.patch_out_dim=32", "dinov3.head.hidden_dim=32", "dinov3.head.bottleneck_dim=16",
+        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8"]
+
+
+def test_masked_wrapper_runs_a_rotary_vit_at_any_size() -> None:
+    torch.manual_seed(0)
+    vit = create_backbone("vit_small_patch16_dinov3", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    wrapped = MaskedViT(vit, mask_token=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), vit.forward_features(x))
+        assert wrapped(torch.randn(2, 3, 16, 16)).shape == (2, 5 + 16, 32)  # CLS + 4 storage tokens + 4x4 patches
+        mask = torch.zeros(2, 8, 8, dtype=torch.bool)
+        mask[:, 0, 0] = True
+        assert not torch.allclose(wrapped(x, mask), wrapped(x))
+    assert vit.global_pool == "token"  # the [CLS] feature, as upstream (timm's default pools the patches)
+
+
+def _recipe(shards: Path, *extra: str) -> DINOv3Recipe:
+    recipe = DINOv3Recipe(load_config(RECIPE, [f"data.train={shards}", *TINY, *extra]))
+    torch.manual_seed(0)
+    recipe.build(Accelerator(cpu=True))
+    return recipe
+
+
+def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_gram_teacher_is_taken_then_refreshed_at_the_right_iterations(digits_shards: Path) -> None:
+    """load_at 2, refresh every 3 from iteration 6 on, at most 2 times: snapshots after the EMA update of the steps
+    ending at iterations 6 and 9, none at 3 (before first_refresh) or 12 (the limit)."""
+    recipe = _recipe(digits_shards, "dinov3.gram.load_at=2", "dinov3.gram.refresh_every=3",
+                     "dinov3.gram.first_refresh=6", "dinov3.gram.max_refreshes=2")
+    opt = torch.optim.SGD([p for g in recipe.param_groups() for p in g["params"]], lr=0.5)
+    batches = iter(recipe.train_loader(0, 0, 1))
+    taken = []
+    for it in range(12):
+        before = _state(recipe.gram_teacher)
+        sched = {"teacher_temp": 0.04, "momentum": 0.5, "it": it}
+        loss, metrics = recipe.step(next(batches), sched)
+        assert ("loss_gram" in metrics) == (it >= 2)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        recipe.after_optimizer_step(sched)
+        if any(not torch.equal(v, before[k]) for k, v in recipe.gram_teacher.state_dict().items()):
+            taken.append(it)
+        if it in (2, 5, 8):
+            teacher = recipe.teacher.backbone.state_dict()
+            assert any(not torch.equal(v, teacher[k]) for k, v in recipe.gram_teacher.state_dict().items())
+    assert taken == [2, 5, 8] and int(recipe.gram_refreshes) == 2  # iteration 2: the first snapshot (in the step)
+    teacher = recipe.teacher.backbone.state_dict()
+    assert not all(torch.equal(v, teacher[k]) for k, v in recipe.gram_teacher.state_dict().items())
+
+
+def test_gram_anchoring_pulls_the_student_towards_the_gram_teachers_structure(digits_shards: Path) -> None:
+    recipe = _recipe(digits_shards, "dinov3.gram.load_at=0", "dinov3.gram.high_res=2.0")
+    loss, metrics = recipe.step(next(iter(recipe.train_loader(0, 0, 1))), {"teacher_temp": 0.04, "it": 0})
+    assert torch.isfinite(loss) and metrics["loss_gram"] >= 0
+    off = _recipe(digits_shards, "dinov3.gram.weight=0")
+    _, metrics = off.step(next(iter(off.train_loader(0, 0, 1))), {"teacher_temp": 0.04, "it": 0})
+    assert "loss_gram" not in metrics
+    with pytest.raises(ValueError, match="set dinov3.gram.img_level=false"):
+        _recipe(digits_shards, "dinov3.gram.tokens=masked")
+
+
+def test_resume_restores_the_gram_teacher_exactly(digits_shards: Path, tmp_path: Path, monkeypatch) -> None:
+    from sslpipe.engine.trainer import train
+    from sslpipe.weights.checkpoint import find_checkpoint
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    common = [f"data.train={digits_shards}", *TINY, "data.steps_per_epoch=4", "train.epochs=2",
+              "dinov3.gram.load_at=1", "dinov3.gram.refresh_every=3", f"output_dir={tmp_path}", "train.log_every=1"]
+    straight = train(load_config(RECIPE, [*common, "run_name=straight"]))
+    train(load_config(RECIPE, [*common, "run_name=cut", "train.max_steps=5"]))
+    resumed = train(load_config(RECIPE, [*common, "run_name=cut"]), resume=str(tmp_path / "cut"))
+    a, b = (load_file(str(find_checkpoint(run) / "extra_state.safetensors")) for run in (straight, resumed))
+    gram = [k for k in a if k.startswith("gram_teacher.")]
+    assert gram and a.keys() == b.keys() and int(a["gram_refreshes"]) == 2
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_export_loads_in_timm_as_the_dinov3_architecture(digits_shards: Path, tmp_path: Path, monkeypatch) -> None:
+    from sslpipe.engine.trainer import train
+    from sslpipe.weights.export import load_backbone
+    from sslpipe.weights.run_export import export_run
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    run = train(load_config(RECIPE, [f"data.train={digits_shards}", *TINY, "train.max_steps=1",
+                                     f"output_dir={tmp_path}", "run_name=d3"]))
+    out = export_run(run, which="teacher")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "vit_small_patch16_dinov3" and config["model_args"]["global_pool"] == "token"
+    model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
+    model.load_state_dict(load_file(str(out / "model.safetensors")))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), load_backbone(out)(x))
+        torch.testing.assert_close(model(x), model.forward_features(x)[:, 0])  # the [CLS] token
