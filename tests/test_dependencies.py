@@ -4,6 +4,7 @@ code imports is declared."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 import tomllib
 from importlib import metadata
@@ -13,7 +14,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-CI_EXTRAS = ("cpu", "gpu", "test")  # what constraints.txt pins; the other extras are optional add-ons
+CI_EXTRAS = ("cpu", "gpu", "test", "onnx")  # what constraints.txt pins; the other extras are optional add-ons
 # Modules of optional extras CI does not install (so no installed distribution names them): their distribution.
 NOT_INSTALLED = {"tensorboard": "tensorboard", "umap": "umap-learn"}
 
@@ -32,8 +33,8 @@ def _pins() -> dict[str, str]:
 
 
 def test_declared_ranges_hold_the_installed_versions():
-    """What the tests run on (`.[cpu,test]`) is inside the declared ranges; nothing is pinned exactly."""
-    for req in _requirements(("cpu", "test")):
+    """What the tests run on (`.[cpu,test,onnx]`) is inside the declared ranges; nothing is pinned exactly."""
+    for req in _requirements(("cpu", "test", "onnx")):
         version = metadata.version(req.name)
         assert req.specifier.contains(version, prereleases=True), f"{req.name} {version} is outside {req}"
     exact = [str(r) for r in _requirements() if any(s.operator in ("==", "===") for s in r.specifier)]
@@ -53,6 +54,15 @@ def test_constraints_pin_every_declared_package_inside_its_range():
         except metadata.PackageNotFoundError:
             continue
         assert installed == version, f"constraints.txt pins {name}=={version}, installed {installed}"
+
+
+def test_ci_installs_what_the_readme_installs():
+    """`.ci/run` and the README's first command install the same extras, all of them pinned here."""
+    install = r'pip install (?:-q )?-c constraints.txt -e "\.\[([a-z,]+)\]"'
+    ci = re.findall(install, (REPO / ".ci" / "run").read_text())
+    readme = re.findall(install, (REPO / "README.md").read_text())
+    assert len(ci) == 1 and readme[:1] == ci, (ci, readme)
+    assert set(ci[0].split(",")) <= set(CI_EXTRAS)
 
 
 def _imported_modules() -> dict[str, str]:

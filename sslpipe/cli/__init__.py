@@ -17,6 +17,7 @@ from sslpipe.cli import (
     knn,
     linear,
     linear_seg,
+    onnx,
     predict,
     qscore,
     report,
@@ -25,9 +26,9 @@ from sslpipe.cli import (
     train,
 )
 
-COMMANDS = {"shards": shards, "train": train, "export": export, "import": importing, "check": check, "knn": knn,
-            "linear": linear, "linear-seg": linear_seg, "qscore": qscore, "finetune": finetune, "predict": predict,
-            "eval-seg": eval_seg, "demo": demo, "show": show, "report": report, "bench": bench}
+COMMANDS = {"shards": shards, "train": train, "export": export, "import": importing, "onnx": onnx, "check": check,
+            "knn": knn, "linear": linear, "linear-seg": linear_seg, "qscore": qscore, "finetune": finetune,
+            "predict": predict, "eval-seg": eval_seg, "demo": demo, "show": show, "report": report, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""`sslpipe export`: a run's backbone as model.safetensors + config.json (loads in timm)."""
+"""`sslpipe export`: a run's backbone as model.safetensors + config.json (loads in timm), optionally model.onnx."""
 from __future__ import annotations
 
 import argparse
@@ -14,12 +14,20 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--with-heads", action="store_true",
                    help="also keep the projection heads (heads.safetensors): `model.init_from` then continues the "
                         "run's pretraining with them (DINO, iBOT, DINOv2)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx (opset 18, dynamic batch, height and width; `sslpipe onnx EXPORT` "
+                        "converts an existing export folder)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from sslpipe.weights.onnx import export_onnx, require_onnx
     from sslpipe.weights.run_export import export_run
 
+    if args.onnx:
+        require_onnx()  # before the export, not after it
     out = export_run(args.run, which=args.which, out=args.out, checkpoint=args.checkpoint,
                      with_heads=args.with_heads)
     print(f"exported to {out}")
+    if args.onnx:
+        print("\n".join(export_onnx(out).lines()))
     return 0

@@ -182,6 +182,13 @@ def load_backbone(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def rewrite_config(config_path: Path, config: Mapping[str, Any]) -> None:
+    """Replace an export's config.json atomically (a temporary file renamed): a reader sees the old or the new one."""
+    tmp = config_path.with_name(CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(config_path)
+
+
 def some_keys(keys: Sequence[str], n: int) -> str:
     """The first `n` keys and how many more: error messages name enough keys to recognise a layout, not all."""
     keys = list(keys)

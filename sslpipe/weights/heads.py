@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from sslpipe.weights.export import CONFIG_NAME, export_paths, some_keys
+from sslpipe.weights.export import export_paths, rewrite_config, some_keys
 from sslpipe.weights.hashing import sha256_file
 from sslpipe.weights.state_dict import without_aliases
 
@@ -50,10 +50,8 @@ def write_heads(export: str | Path, heads: dict[str, Tensor], method: str) -> Pa
     config = json.loads(config_path.read_text())
     config["heads"] = {"method": method, "file": HEADS_NAME, "tensors": len(heads)}
     config.setdefault("sha256", {})[HEADS_NAME] = sha256_file(tmp)
-    tmp_config = config_path.with_name(CONFIG_NAME + ".tmp")
-    tmp_config.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(out)
-    tmp_config.replace(config_path)
+    rewrite_config(config_path, config)
     return out
 
 
