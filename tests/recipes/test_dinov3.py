@@ -121,3 +121,47 @@ def test_export_loads_in_timm_as_the_dinov3_architecture(digits_shards: Path, tm
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), load_backbone(out)(x))
         torch.testing.assert_close(model(x), model.forward_features(x)[:, 0])  # the [CLS] token
+
+
+# ------------------------------------------------------------------------------------- the published recipes
+SMALL_CROPS = ["data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=2", "crops.global_size=32",
+               "crops.local_size=16", "crops.n_local=2", "train.mixed_precision=no"]
+
+
+@pytest.mark.slow
+def test_published_dinov3_vit_large_in1k_builds_and_steps(digits_shards: Path) -> None:
+    """recipes/dinov3_vit_large_in1k.yaml: the ViT-L/16 (RoPE, qkv bias, LayerScale 1e-5) and its 65536-prototype
+    heads as published, stepped once on 32 px crops (the network is the recipe's; only the crop sizes shrink)."""
+    from helpers import one_teacher_student_step
+
+    cfg = load_config(REPO / "recipes/dinov3_vit_large_in1k.yaml", [f"data.train={digits_shards}", *SMALL_CROPS])
+    d = cfg.dinov3
+    assert (d.centering, d.koleo_loss_weight, tuple(d.mask_ratio_min_max), d.gram.weight) == \
+        ("sinkhorn_knopp", 0.1, (0.1, 0.5), 0.0)
+    assert (cfg.optim.lr, cfg.optim.lr_scaling, d.momentum_teacher, d.loss.teacher_temp) == \
+        (1e-3, "sqrt_wrt_1024", 0.992, 0.07)
+    recipe = DINOv3Recipe(cfg)
+    torch.manual_seed(0)
+    _, metrics = one_teacher_student_step(recipe, momentum=0.992)
+    vit = recipe.student.backbone.vit
+    assert (vit.embed_dim, len(vit.blocks), vit.patch_embed.patch_size) == (1024, 24, (16, 16))
+    assert cfg.model.kwargs["init_values"] == 1e-5 and vit.blocks[0].gamma_1.shape == (1024,)  # LayerScale
+    assert recipe.student.dino_head.last_layer.out_features == 65536
+    assert {"loss_dino", "loss_ibot", "loss_koleo"} <= set(metrics) and "loss_gram" not in metrics
+
+
+@pytest.mark.slow
+def test_published_dinov3_high_res_adaptation_builds_and_steps_with_gram(digits_shards: Path) -> None:
+    """recipes/dinov3_vit_large_high_res.yaml: Gram anchoring from iteration 0 with the Gram teacher on crops 1.5x
+    the globals. Its init_from (an export of the in1k run) is replaced by a fresh network here; the continuation
+    itself is tested in tests/recipes/test_adapt.py."""
+    from helpers import one_teacher_student_step
+
+    cfg = load_config(REPO / "recipes/dinov3_vit_large_high_res.yaml", [
+        f"data.train={digits_shards}", *SMALL_CROPS, "model.init_from=null", "dinov3.init_heads=false"])
+    g = cfg.dinov3.gram
+    assert (g.weight, g.load_at, g.max_refreshes, g.img_level, g.normalized, g.high_res) == (1.5, 0, 0, True, True, 1.5)
+    recipe = DINOv3Recipe(cfg)
+    torch.manual_seed(0)
+    _, metrics = one_teacher_student_step(recipe, momentum=0.999)
+    assert metrics["loss_gram"] >= 0.0 and len(recipe.student.backbone.vit.blocks) == 24
