@@ -1,10 +1,11 @@
 """What the [CLS] token looks at: the self-attention of the last block, per head (DINO's visualize_attention.py).
 
-timm's `Attention` runs fused scaled-dot-product attention, which never forms the attention matrix, so it is computed
-here from the block's own weights on the block's own input: `norm1` of the tokens entering the last block (caught by a
-hook on the attention module, so the patch embedding, prefix tokens and position embeddings are timm's), then
-q, k = qkv(x) (with timm's q/k norms), softmax(q k^T * scale); the [CLS] row over the patch tokens is the map.
-DINO's thresholded variant keeps, per map, the patches holding `MASS` (60%) of its attention.
+timm's attention modules run fused scaled-dot-product attention, which never forms the attention matrix. For the map,
+the last block runs once on timm's unfused path (`fused_attn = False`), where the softmax attention passes through
+`attn_drop`; a hook there reads it. The matrix is therefore timm's own, whatever the block adds to q and k: q/k norms,
+the q and v biases of EVA-style blocks, and the rotary position embedding of RoPE ViTs (DINOv3: `*_dinov3`). The
+[CLS] row over the patch tokens is the map. DINO's thresholded variant keeps, per map, the patches holding `MASS`
+(60%) of its attention.
 
 CNNs have no attention; the class-agnostic stand-in is the L2 norm of the last feature map at each position (where
 the activations are strong), with the same mass threshold.
@@ -25,9 +26,11 @@ MASS = 0.6  # DINO's --threshold: keep the patches that hold 60% of the attentio
 
 
 def has_attention(model: nn.Module) -> bool:
-    """A timm ViT whose last block has a qkv attention (VisionTransformer, DeiT, DINOv2-style with registers)."""
+    """A timm ViT whose last block has an attention with an unfused path (VisionTransformer, DeiT, DINOv2 with
+    registers, EVA and DINOv3 RoPE ViTs)."""
     blocks = getattr(model, "blocks", None)
-    return blocks is not None and len(blocks) > 0 and hasattr(getattr(blocks[-1], "attn", None), "qkv")
+    attn = getattr(blocks[-1], "attn", None) if blocks is not None and len(blocks) > 0 else None
+    return hasattr(attn, "fused_attn") and isinstance(getattr(attn, "attn_drop", None), nn.Dropout)
 
 
 def patch_grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
@@ -36,29 +39,23 @@ def patch_grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
     return x.shape[-2] // ph, x.shape[-1] // pw
 
 
-def attention_from_input(attn: nn.Module, tokens: Tensor) -> Tensor:
-    """The softmax attention (B, heads, N, N) of a timm `Attention` on its input tokens (B, N, C), from its weights."""
-    B, N, _ = tokens.shape
-    qkv = attn.qkv(tokens).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-
-
 @torch.no_grad()
 def cls_attention(model: nn.Module, x: Tensor) -> Tensor:
     """The last block's [CLS] attention over the patches, (B, heads, h, w), for inputs x (B, 3, H, W)."""
     if not has_attention(model):
-        raise ValueError(f"{type(model).__name__} has no timm attention blocks (blocks[-1].attn.qkv)")
+        raise ValueError(f"{type(model).__name__} has no timm attention blocks (blocks[-1].attn with attn_drop)")
+    attn = model.blocks[-1].attn
     caught: list[Tensor] = []
-    hook = model.blocks[-1].attn.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
+    fused, attn.fused_attn = attn.fused_attn, False
+    hook = attn.attn_drop.register_forward_hook(lambda _m, _args, out: caught.append(out))
     try:
         model.forward_features(x)
     finally:
         hook.remove()
-    attn = attention_from_input(model.blocks[-1].attn, caught[0])
+        attn.fused_attn = fused
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     h, w = patch_grid(model, x)
-    return attn[:, :, 0, prefix:].reshape(x.shape[0], -1, h, w)
+    return caught[0][:, :, 0, prefix:].reshape(x.shape[0], -1, h, w)
 
 
 def mass_mask(maps: Tensor, mass: float = MASS) -> Tensor:

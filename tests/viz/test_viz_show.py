@@ -75,6 +75,39 @@ def test_cls_attention_equals_a_direct_computation_and_timms_unfused_path(reg_to
     torch.testing.assert_close(got, caught[0][:, :, 0, prefix:].reshape(2, HEADS, grid, grid), rtol=1e-5, atol=1e-6)
 
 
+def test_cls_attention_of_a_rope_vit_applies_the_rotation() -> None:
+    """DINOv3's RoPE ViT (timm's vit_small_patch16_dinov3, 4 storage tokens, q and v biases): the map equals the
+    softmax of rotated q and k written out here (DINOv3's rotate-half form on the patch tokens only), and differs
+    from the map without the rotation."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, num_classes=0, img_size=SIZE,
+                              patch_size=PATCH, embed_dim=DIM, depth=2, num_heads=HEADS).eval()
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    got = cls_attention(model, x)
+    with torch.no_grad():
+        tokens, rope = model._pos_embed(model.patch_embed(x))
+        tokens = model.blocks[0](model.norm_pre(tokens), rope=rope)
+        block = model.blocks[-1]
+        y = block.norm1(tokens)
+        bias = torch.cat([block.attn.q_bias, torch.zeros_like(block.attn.q_bias), block.attn.v_bias])
+        q, k, _ = (y @ block.attn.qkv.weight.T + bias).reshape(2, -1, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
+        sin, cos = rope.chunk(2, dim=-1)
+
+        def rotate(t: torch.Tensor) -> torch.Tensor:
+            first, second = t.chunk(2, dim=-1)
+            return t * cos + torch.cat([-second, first], dim=-1) * sin
+
+        prefix = model.num_prefix_tokens
+        assert prefix == 5  # [CLS] + 4 storage tokens
+        q_rot, k_rot = (torch.cat([t[:, :, :prefix], rotate(t[:, :, prefix:])], dim=2) for t in (q, k))
+        grid = SIZE // PATCH
+        for qq, kk, same in ((q_rot, k_rot, True), (q, k, False)):
+            direct = ((qq[:, :, :1] @ kk.transpose(-2, -1)) / math.sqrt(DIM // HEADS)).softmax(-1)
+            direct = direct[:, :, 0, prefix:].reshape(2, HEADS, grid, grid)
+            assert torch.allclose(got, direct, rtol=1e-5, atol=1e-6) == same
+    assert model.blocks[-1].attn.fused_attn == timm.layers.use_fused_attn()  # restored
+
+
 def test_attention_of_a_hand_set_block_is_uniform() -> None:
     """q = 0 (hand-set weights) makes every score 0: the [CLS] attends 1/N to each of the N tokens."""
     model = tiny_vit()
