@@ -1,27 +1,29 @@
-"""`sslpipe import`: an official DINO / iBOT / DINOv2 / MAE checkpoint or a timm state dict as an export folder."""
+"""`sslpipe import`: an official DINO / iBOT / DINOv2 / DINOv3 / MAE checkpoint or a timm state dict as an export
+folder."""
 from __future__ import annotations
 
 import argparse
 
 
 def add(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="an official DINO / iBOT / DINOv2 / MAE checkpoint or a timm state dict as an "
-                                      "export folder (model.safetensors + config.json), for every probe and recipe")
+    p = sub.add_parser("import", help="an official DINO / iBOT / DINOv2 / DINOv3 / MAE checkpoint or a timm state dict "
+                                      "as an export folder (model.safetensors + config.json), for every probe and "
+                                      "recipe")
     p.add_argument("source", help="a .pth/.pt/.bin checkpoint (read with torch.load(weights_only=True)), a "
                                   ".safetensors file or an export folder")
     p.add_argument("out", help="output export folder")
-    p.add_argument("--format", choices=["dino", "ibot", "dinov2", "mae", "timm", "safetensors"], default=None,
-                   help="the checkpoint's layout (default: detected from the keys)")
+    p.add_argument("--format", choices=["dino", "ibot", "dinov2", "dinov3", "mae", "timm", "safetensors"],
+                   default=None, help="the checkpoint's layout (default: detected from the keys)")
     p.add_argument("--which", choices=["teacher", "student"], default=None,
-                   help="training checkpoints with both networks (DINO, iBOT, DINOv2): default the teacher")
+                   help="training checkpoints with both networks (DINO, iBOT, DINOv2, DINOv3): default the teacher")
     p.add_argument("--arch", default=None,
                    help="timm architecture whose defaults describe the weights (default: read from the shapes)")
     p.add_argument("--img-size", type=int, default=None,
-                   help="input size of the export (default: the checkpoint's position grid x patch size); another "
-                        "grid resizes the position embedding by the source's official rule")
+                   help="input size of the export (default: the checkpoint's position grid x patch size, else 224); "
+                        "another grid resizes the position embedding by the source's official rule")
     p.add_argument("--with-heads", action="store_true",
-                   help="DINO / iBOT / DINOv2 training checkpoints: also keep the projection heads (heads.safetensors), "
-                        "to continue the official pretraining with `model.init_from`")
+                   help="DINO / iBOT / DINOv2 / DINOv3 training checkpoints: also keep the projection heads "
+                        "(heads.safetensors), to continue the official pretraining with `model.init_from`")
 
 
 def run(args: argparse.Namespace) -> int:

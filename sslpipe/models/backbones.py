@@ -25,6 +25,8 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from sslpipe.weights.export import is_dinov3_vit
+
 # timm modules whose models are ViTs that accept img_size / patch_size / dynamic_img_size: VisionTransformer (DINO,
 # iBOT, DINOv2) and Eva (rotary position embeddings: DINOv3's `*_dinov3`). Other archs (resnet, mobilevitv2, ...) are
 # used through their pooled features.
@@ -53,10 +55,11 @@ def create_backbone(
     ViTs get ``img_size`` (the global crop size: it sizes the learned position embedding), optional ``patch_size``
     and ``dynamic_img_size=True``; extra ``model_args`` (depth, embed_dim, num_heads, reg_tokens, ...) go to timm.
     CNN-like models accept any input size, so ``img_size`` is not passed to them; ``patch_size`` is an error there.
-    DINOv3's rotary ViTs (`*_dinov3`) get ``global_pool="token"``: their feature is the [CLS] token, as upstream.
+    DINOv3's rotary ViTs (`*_dinov3`, `*_dinov3_qkvb`) get ``global_pool="token"``: their feature is the [CLS] token,
+    as upstream.
     """
     kwargs: dict[str, Any] = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **model_args)
-    if arch.endswith("_dinov3") and "global_pool" not in kwargs:
+    if is_dinov3_vit(arch) and "global_pool" not in kwargs:
         kwargs["global_pool"] = "token"  # timm pools DINOv3's patch tokens by default; the official feature is CLS
     if is_vit_arch(arch):
         kwargs.update(img_size=img_size, dynamic_img_size=True)

@@ -50,6 +50,12 @@ def _version() -> str:
         return "unknown"
 
 
+def is_dinov3_vit(arch: str) -> bool:
+    """timm's DINOv3 rotary ViTs, `vit_*_dinov3` and `vit_*_dinov3_qkvb`: their feature is the [CLS] token, as
+    upstream, where timm pools the patch tokens by default."""
+    return arch.removesuffix("_qkvb").endswith("_dinov3")
+
+
 def create_timm_backbone(arch: str, img_size: int, patch_size: int | None, kwargs: Mapping[str, Any]
                          ) -> tuple[nn.Module, dict[str, Any]]:
     """Create `arch` the way `create_backbone` does (ViTs: img_size, patch_size, dynamic_img_size) and return the
@@ -57,7 +63,7 @@ def create_timm_backbone(arch: str, img_size: int, patch_size: int | None, kwarg
     vit_args: dict[str, Any] = {"img_size": img_size, "dynamic_img_size": True}
     if patch_size:
         vit_args["patch_size"] = patch_size
-    if arch.endswith("_dinov3"):
+    if is_dinov3_vit(arch):
         vit_args["global_pool"] = "token"  # the [CLS] feature, as create_backbone builds DINOv3 (timm: avg)
     args = {**vit_args, **kwargs, "num_classes": 0}
     try:

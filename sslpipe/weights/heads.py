@@ -1,11 +1,14 @@
 """Projection heads beside an export, so continued pretraining can pick up exactly where a run stopped.
 
 `sslpipe export RUN --with-heads` and `sslpipe import CHECKPOINT OUT --with-heads` write `heads.safetensors` next to
-`model.safetensors`: the DINO / iBOT / DINOv2 heads of the exported network, named as sslpipe's networks name them
-(`head.*`; `dino_head.*`, `ibot_head.*`), and record in config.json which method they belong to and their sha256.
+`model.safetensors`: the DINO / iBOT / DINOv2 / DINOv3 heads of the exported network, named as sslpipe's networks name
+them (`head.*`; `dino_head.*`, `ibot_head.*`), and record in config.json which method they belong to and their sha256.
 With `model.init_from=EXPORT`, a recipe of that method starts its student and teacher heads from them
 (`<method>.init_heads`); otherwise its heads start fresh. The official heads keep their weight-normalised last layers
 as `weight_g` / `weight_v`; sslpipe's use torch's parametrisation (`parametrizations.weight.original0` / `original1`).
+DINOv3's last layers are plain Linear layers (layers/dino_head.py): a weight W is kept as g = the norms of its rows
+and v = W, which sslpipe's weight-normalised layer turns back into W (trained freely, as the official W, with
+`dinov3.head.norm_last_layer: false`, the default; `true` holds g at these norms).
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from sslpipe.weights.state_dict import without_aliases
 
 HEADS_NAME = "heads.safetensors"
 # the prefixes of the heads in each method's network (sslpipe's and the official checkpoints' alike)
-HEAD_PREFIXES = {"dino": ("head.",), "ibot": ("head.",), "dinov2": ("dino_head.", "ibot_head.")}
+HEAD_PREFIXES = {"dino": ("head.",), "ibot": ("head.",), "dinov2": ("dino_head.", "ibot_head."),
+                 "dinov3": ("dino_head.", "ibot_head.")}
 _OFFICIAL_NAMES = {".weight_g": ".parametrizations.weight.original0", ".weight_v": ".parametrizations.weight.original1"}
 
 
@@ -29,10 +33,15 @@ def heads_of(network: dict[str, Tensor], method: str) -> dict[str, Tensor]:
     """The head tensors of a network's state dict (sslpipe's or an official checkpoint's), in sslpipe's names."""
     prefixes = HEAD_PREFIXES.get(method)
     if prefixes is None:
-        raise ValueError(f"--with-heads: method {method!r} has no projection heads to keep (dino, ibot, dinov2 have)")
+        raise ValueError(f"--with-heads: method {method!r} has no projection heads to keep (dino, ibot, dinov2, "
+                         "dinov3 have)")
     heads = {}
     for key, value in without_aliases(network).items():
-        if key.startswith(prefixes):
+        if key.startswith(prefixes) and key.endswith(".last_layer.weight"):  # DINOv3's plain last layer (docstring)
+            layer = key.removesuffix(".weight")
+            heads[layer + _OFFICIAL_NAMES[".weight_g"]] = value.detach().cpu().norm(dim=1, keepdim=True)
+            heads[layer + _OFFICIAL_NAMES[".weight_v"]] = value.detach().cpu().clone()
+        elif key.startswith(prefixes):
             for old, new in _OFFICIAL_NAMES.items():
                 if key.endswith(old):
                     key = key[: -len(old)] + new

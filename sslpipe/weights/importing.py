@@ -1,6 +1,8 @@
-"""`sslpipe import`: an official DINO / iBOT / DINOv2 / MAE checkpoint, a timm state dict or a safetensors file ->
-an export folder, exactly what `sslpipe export` writes (`model.safetensors`, `config.json`, model card), so every probe
-and fine-tuning recipe takes it (docs/own_backbone.md). The official key layouts: `sslpipe.weights.layouts`.
+"""`sslpipe import`: an official DINO / iBOT / DINOv2 / DINOv3 / MAE checkpoint, a timm state dict or a safetensors
+file -> an export folder, exactly what `sslpipe export` writes (`model.safetensors`, `config.json`, model card), so
+every probe and fine-tuning recipe takes it (docs/own_backbone.md). The official key layouts:
+`sslpipe.weights.layouts`, DINOv3's `sslpipe.weights.layouts_dinov3` (mapped by timm's own filters, which need the
+timm model: so a DINOv3 network is renamed after the model is built, the others before).
 
 Reading is safe: `.safetensors` hold tensors only; anything else goes through `torch.load(weights_only=True)`, which
 rebuilds tensors and plain containers and refuses every other pickled object (unpickling one can run code). One
@@ -13,9 +15,10 @@ is listed with the reason in the report and in config.json's `source.dropped`; a
 of another shape is an error naming the first keys on both sides.
 
 The architecture is read from the shapes (patch size, width, depth, MLP ratio, registers, layer scale, biases,
-position grid); the number of attention heads leaves no trace in any shape, so the standard of the width is taken,
-and said. A position grid other than the one asked for (`img_size / patch`) is resized here, once, by the source's
-own rule, so the export at that size computes what the official model computes at that size.
+position grid); the number of attention heads leaves no trace in any shape (DINOv3's RoPE periods excepted), so
+the standard of the width is taken, and said. A position grid other than the one asked for (`img_size / patch`) is
+resized here, once, by the source's own rule, so the export at that size computes what the official model computes at
+that size (DINOv3's rotary embeddings need none).
 """
 from __future__ import annotations
 
@@ -59,10 +62,11 @@ from sslpipe.weights.layouts import (
     select_network,
     to_timm_names,
 )
+from sslpipe.weights.layouts_dinov3 import dinov3_to_timm, infer_dinov3
 from sslpipe.weights.positions import fit_position_grid, position_rule
 
 SAFE_GLOBALS = (argparse.Namespace,)
-_OFFICIAL = ("dino", "ibot", "dinov2", "mae")
+_OFFICIAL = ("dino", "ibot", "dinov2", "dinov3", "mae")
 _CLASSIFIERS = ("head", "fc", "classifier")
 _CONVERT = """If you trust the file, keep only its tensors, once (this runs its pickles):
     import torch
@@ -168,6 +172,10 @@ def _sidecar(path: Path) -> dict[str, Any]:
 def _source_file(source: Path) -> Path:
     if not source.is_dir():
         return source
+    if (source / ".metadata").is_file():
+        raise UnusableCheckpoint(f"{source} is a torch.distributed.checkpoint folder (DINOv3's training checkpoints): "
+                                 "make it one file first, `python -m torch.distributed.checkpoint.format_utils "
+                                 f"dcp_to_torch {source} {source}.pth`, and import that")
     for name in (WEIGHTS_NAME, "pytorch_model.bin"):
         if (source / name).is_file():
             return source / name
@@ -227,7 +235,8 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
                                  f"out or pass --format {found}")
     detected, fmt = fmt is None, fmt or found
     state, beside = backbone_state(net, fmt)
-    state = to_timm_names(state)
+    if fmt != "dinov3":
+        state = to_timm_names(state)
     side = _sidecar(path) if fmt in ("timm", "safetensors") and arch is None else {}
     notes: list[str] = []
     patch: int | None = None
@@ -246,7 +255,9 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
                   if k not in ("img_size", "patch_size", "num_classes", "dynamic_img_size")}
     else:
         arch_from, hint = "inferred from the shapes", "Name the architecture with --arch TIMM_NAME (its defaults apply)"
-        if "patch_embed.proj.weight" in state:
+        if fmt == "dinov3":
+            arch, kwargs, patch, notes = infer_dinov3(state, path)
+        elif "patch_embed.proj.weight" in state:
             arch, kwargs, patch, notes = infer_vit(state, fmt)
         elif "conv1.weight" in state and "layer1.0.conv1.weight" in state:
             arch = infer_resnet(state)
@@ -262,10 +273,14 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
     step = getattr(getattr(module, "patch_embed", None), "patch_size", (1,))[0]
     if size % step:
         raise UnusableCheckpoint(f"--img-size {size} is not a multiple of the patch size {step}")
+    renamed: list[Dropped] = []
+    if fmt == "dinov3":
+        state, renamed, more = dinov3_to_timm(state, module, arch, path)
+        notes += more
     classifier, resized = _fit(state, module, fmt)
     _check_keys(state, module, f"{path} ({fmt} layout) does not fit {arch} with {model_args} ({arch_from})", hint)
     module.load_state_dict(state, strict=True)
-    dropped += beside + classifier
+    dropped += beside + renamed + classifier
     notes += resized
     heads = heads_of(net, fmt) if with_heads else None
     if heads is not None:

@@ -13,6 +13,8 @@ docs/own_backbone.md). Read from the official code:
   `{'teacher': ...}`. FSDP's per-rank files hold flattened shards (`flat_param`) and are refused.
 - MAE (facebookresearch/mae, models_mae.py + util/misc.py): `{'model', 'optimizer', 'epoch', 'scaler', 'args'}`,
   the encoder in timm's names beside the decoder (`decoder_*`) and its `mask_token`.
+- DINOv3 (facebookresearch/dinov3): rotary ViTs and ConvNeXts, onto timm by timm's own filters:
+  `sslpipe.weights.layouts_dinov3`.
 
 timm's `checkpoint_filter_fn` knows two of the renames (iBOT/DeiT-3 `gamma_` with adapt_layer_scale, DINOv2
 registers and SwiGLU), but it also resamples position and patch embeddings silently with its own rule, starts the
@@ -32,21 +34,32 @@ from typing import Any, Mapping
 import timm
 from torch import Tensor
 
-FORMATS = ("dino", "ibot", "dinov2", "mae", "timm", "safetensors")
+FORMATS = ("dino", "ibot", "dinov2", "dinov3", "mae", "timm", "safetensors")
 NETWORKS = ("teacher", "student")
 _WRAPPERS = re.compile(r"^module\.|(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
+# Keys only DINOv3 networks have: RoPE periods, storage tokens, the key-bias mask, the untied local CLS norm, and
+# the ConvNeXt's final norm listed again.
+_DINOV3 = re.compile(r"(^|\.)(rope_embed\.periods|storage_tokens|local_cls_norm\.weight|attn\.qkv\.bias_mask|"
+                     r"norms\.3\.weight)$")
 # Top-level entries of training checkpoints that are no network.
 _TOP_LEVEL = {"optimizer": "optimizer state", "scaler": "loss-scaler state", "fp16_scaler": "loss-scaler state",
               "epoch": "training progress", "iteration": "training progress", "args": "training arguments",
               "dino_loss": "DINO loss centre", "ibot_loss": "iBOT loss centres"}
+# Members of DINOv3's SSLMetaArch beside the chosen network (train/ssl_meta_arch.py).
+_BESIDE = {"model_ema": "the teacher again (SSLMetaArch.model_ema is the teacher)",
+           "gram_teacher": "the Gram teacher (Gram anchoring's frozen copy of the teacher)",
+           "dino_loss": "DINO loss centre", "ibot_patch_loss": "iBOT loss centre"}
+# DINOv2's and DINOv3's SSLMetaArch networks: backbone + `dino_head` + `ibot_head`; the backbone's iBOT mask token.
+_META_ARCH = (("dino_head.", "DINO head"), ("ibot_head.", "iBOT head"),
+              ("mask_token", "mask token of masked image modelling (training only)"))
 # What a format holds beside its backbone: (key or key prefix, why it is not exported).
 _NOT_BACKBONE = {
     "dino": (("head.", "DINO projection head"),),
     "ibot": (("head.", "iBOT projection head"), ("masked_embed", "mask token of masked image modelling (training "
                                                                 "only)")),
-    "dinov2": (("dino_head.", "DINO head"), ("ibot_head.", "iBOT head"),
-               ("mask_token", "mask token of masked image modelling (training only)")),
+    "dinov2": _META_ARCH,
+    "dinov3": _META_ARCH,
     "mae": (("decoder_", "MAE decoder (pretraining only)"), ("mask_token", "mask token of the MAE decoder")),
 }
 
@@ -119,7 +132,8 @@ def select_network(ckpt: Mapping[str, Any], which: str | None, path: Any) -> tup
                     label = f"{container}.{key.split('.')[0]}.*"
                     groups[label] = groups.get(label, 0) + 1
             dropped += [Dropped(label, n, f"the {label.split('.')[1]} (--which {label.split('.')[1]} imports it)"
-                                if label.split(".")[1] in NETWORKS else f"not in the {chosen}")
+                                if label.split(".")[1] in NETWORKS else _BESIDE.get(label.split(".")[1],
+                                                                                     f"not in the {chosen}"))
                         for label, n in groups.items()]
             net = {k[len(chosen) + 1:]: v for k, v in net.items() if k.startswith(chosen + ".")}
     else:
@@ -154,6 +168,8 @@ def detect_format(ckpt: Mapping[str, Any], net: Mapping[str, Tensor], suffix: st
         if isinstance(value, Mapping):
             keys |= {_strip_wrappers(str(k)) for k in value}
     mask = net.get("mask_token")
+    if any(_DINOV3.search(k) for k in keys):
+        return "dinov3"
     if "ibot_loss" in ckpt or any(k.endswith(("masked_embed", ".gamma_1")) or "last_layer2." in k for k in keys):
         return "ibot"
     if any("register_tokens" in k or "dino_head." in k or "ibot_head." in k or ".mlp.w12." in k
@@ -221,6 +237,13 @@ def native_size(state: Mapping[str, Tensor]) -> int | None:
     return grid * state["patch_embed.proj.weight"].shape[-1] if grid else None
 
 
+def mlp_ratio(hidden: int, dim: int) -> float:
+    """The `mlp_ratio` for which timm's `int(dim * mlp_ratio)` is `hidden` (hidden / dim, one ulp up where the
+    division rounds down)."""
+    ratio = hidden / dim
+    return ratio if int(dim * ratio) == hidden else math.nextafter(ratio, math.inf)
+
+
 def infer_vit(state: Mapping[str, Tensor], fmt: str) -> tuple[str, dict[str, Any], int, list[str]]:
     """(timm name, model arguments, patch size, notes) of a ViT in timm's names. Every structural argument is
     written out, so the name only supplies what no shape shows (norm eps, activation; SwiGLU for ViT-g)."""
@@ -234,9 +257,7 @@ def infer_vit(state: Mapping[str, Tensor], fmt: str) -> tuple[str, dict[str, Any
         raise UnusableCheckpoint(f"cannot tell the architecture of a width-{dim} ViT with {patch}x{patch_w} patches "
                                  "from the shapes: pass --arch TIMM_NAME")
     swiglu = fc1.shape[0] == 2 * fc2.shape[1]  # packed SwiGLU (DINOv2 ViT-g): fc1 gives value and gate
-    ratio = fc1.shape[0] / dim
-    if int(dim * ratio) != fc1.shape[0]:  # timm sizes the MLP as int(dim * mlp_ratio)
-        ratio = math.nextafter(ratio, math.inf)
+    ratio = mlp_ratio(fc1.shape[0], dim)
     regs = state["reg_token"].shape[1] if "reg_token" in state else 0
     n_pos = state["pos_embed"].shape[1] if "pos_embed" in state else 0
     args: dict[str, Any] = {

@@ -5,7 +5,9 @@ what the original computes.
 Rules: `official`, DINO / iBOT / DINOv2 without registers (interpolate_pos_encoding: bicubic with scale factor
 (n + 0.1) / N, dino#8), which sslpipe's own training also uses for local crops (`models.backbones.vit_pos_embed`);
 `mae`, bicubic to the new size without antialias (MAE's interpolate_pos_embed); `antialias`, bicubic with antialias
-(DINOv2's register models, timm's `resample_abs_pos_embed`).
+(DINOv2's register models, timm's `resample_abs_pos_embed`); `rope`, DINOv3: rotary position embeddings, computed
+for every grid from the coordinates (timm's vit_*_dinov3 as the official RopePositionEmbedding), so there is no
+position grid to resize and `fit_position_grid` does nothing.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-Rule = Literal["official", "mae", "antialias"]
+Rule = Literal["official", "mae", "antialias", "rope"]
 _HOW = {"official": "bicubic, scale factor (n + 0.1) / N, as the official interpolate_pos_encoding of DINO / iBOT / "
                     "DINOv2",
         "mae": "bicubic to the new size, no antialias, as MAE's interpolate_pos_embed",
@@ -29,6 +31,8 @@ def position_rule(fmt: str | None, registers: bool) -> Rule:
     """The rule of a checkpoint format (`sslpipe import --format`); sslpipe's own runs (None) train with `official`."""
     if fmt in (None, "dino", "ibot") or (fmt == "dinov2" and not registers):
         return "official"
+    if fmt == "dinov3":
+        return "rope"
     return "mae" if fmt == "mae" else "antialias"
 
 
@@ -52,7 +56,9 @@ def resize_pos_embed(pos: Tensor, prefix: int, old: int, new: int, rule: Rule) -
 
 def fit_position_grid(state: dict[str, Tensor], module: nn.Module, rule: Rule) -> list[str]:
     """Resize `state["pos_embed"]` in place to `module`'s square grid by `rule` when only the grid differs; the
-    notes say what was done (none when nothing was)."""
+    notes say what was done (none when nothing was). `rope` (DINOv3) resizes nothing: its positions are computed."""
+    if rule == "rope":
+        return []
     pos, target = state.get("pos_embed"), getattr(module, "pos_embed", None)
     if pos is None or not isinstance(target, Tensor) or pos.shape == target.shape or pos.shape[2] != target.shape[2]:
         return []
