@@ -16,6 +16,12 @@ has no hook for the q-dependent relative-position bias). timm's `VisionTransform
 needs its own module layout; re-using the export's blocks keeps any timm ViT variant (qk-norm, layer scale, registers)
 working unchanged.
 
+RoPE trunks (timm's `Eva`: DINOv3's `vit_*_dinov3`, EVA-02; named extension, not in detectron2): the blocks keep timm's
+own rotary attention; each token is rotated by the RoPE of its position in the whole image grid, inside windows too
+(a window's tokens keep their global positions; padded tokens get the identity rotation). The prefix tokens ([CLS],
+storage tokens) are dropped as for any ViT, so the attention modules rotate every token. Relative-position biases are
+refused on RoPE trunks (RoPE is itself relative).
+
 Generalisation (named deviation): detectron2 builds the pyramid for patch 16 (scale factors 4, 2, 1, 0.5). Here the
 factors follow from the patch size so that the outputs are always at strides `strides` (default 4, 8, 16, 32 + 64):
 patch 16 gives exactly the published layers; a 4-px-patch demo ViT gives identity, then max-pools of 2, 4, 8.
@@ -33,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
+from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias, window_partition, window_unpartition
 from torch import Tensor, nn
@@ -58,14 +65,23 @@ class WindowBlock(nn.Module):
 
     def __init__(self, block: nn.Module, window_size: int = 0, rel_pos_size: tuple[int, int] | None = None) -> None:
         super().__init__()
-        for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
+        self.rotary = isinstance(block, EvaBlock) and isinstance(block.attn, EvaAttention)
+        scales = ("gamma_1", "gamma_2") if self.rotary else ("ls1", "ls2")
+        for name in ("norm1", "attn", *scales, "drop_path1", "norm2", "mlp", "drop_path2"):
             if not hasattr(block, name):
-                raise TypeError(f"WindowBlock needs a timm vision_transformer.Block (no `{name}` on "
+                raise TypeError(f"WindowBlock needs a timm vision_transformer.Block or eva.EvaBlock (no `{name}` on "
                                 f"{type(block).__name__}); use a standard timm ViT")
         attn = block.attn
-        for name in ("qkv", "q_norm", "k_norm", "proj", "num_heads", "head_dim"):
-            if not hasattr(attn, name):
-                raise TypeError(f"WindowBlock needs timm's fused-qkv Attention (no `{name}` on {type(attn).__name__})")
+        if not self.rotary:
+            for name in ("qkv", "q_norm", "k_norm", "proj", "num_heads", "head_dim"):
+                if not hasattr(attn, name):
+                    raise TypeError(f"WindowBlock needs timm's fused-qkv Attention (no `{name}` on "
+                                    f"{type(attn).__name__})")
+        elif rel_pos_size is not None:
+            raise ValueError("use_rel_pos on a RoPE ViT: its rotary embedding already encodes relative positions; "
+                             "set use_rel_pos false")
+        else:
+            attn.num_prefix_tokens = 0  # ViTDet drops the prefix tokens: every token is a patch, every one rotated
         self.block = block
         self.window_size = int(window_size)
         self.rel_pos_h: nn.Parameter | None = None
@@ -74,12 +90,15 @@ class WindowBlock(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, attn.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, attn.head_dim))
 
-    def attention(self, x: Tensor) -> Tensor:
-        """timm `Attention.forward` on (B', h, w, C) windows, plus the relative-position bias (q before scaling)."""
+    def attention(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
+        """timm `Attention.forward` on (B', h, w, C) windows, plus the relative-position bias (q before scaling);
+        RoPE blocks: timm's `EvaAttention` itself, given the rotary embedding of the windows' positions."""
         a = self.block.attn
         b, h, w, c = x.shape
         n = h * w
         tokens = x.reshape(b, n, c)
+        if self.rotary:
+            return a(tokens, rope=rope).reshape(b, h, w, -1)
         gate = a.gate(tokens).sigmoid() if getattr(a, "gate", None) is not None else None
         q, k, v = a.qkv(tokens).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = a.q_norm(q), a.k_norm(k)
@@ -96,32 +115,63 @@ class WindowBlock(nn.Module):
             out = out * gate
         return a.proj_drop(a.proj(out)).reshape(b, h, w, -1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
+        """x (B, H, W, C); `rope` (H * W, R) the rotary embedding of the grid's positions (RoPE trunks only)."""
         blk = self.block
         height, width = x.shape[1:3]
         y = blk.norm1(x)
         if self.window_size > 0:
             y, pad_hw = window_partition(y, self.window_size)
-            y = window_unpartition(self.attention(y), self.window_size, (height, width), pad_hw)
+            if rope is not None:
+                rope = window_rope(rope, (height, width), self.window_size, batch=x.shape[0])
+            y = window_unpartition(self.attention(y, rope), self.window_size, (height, width), pad_hw)
         else:
-            y = self.attention(y)
+            y = self.attention(y, rope)
+        if self.rotary:
+            y = y if blk.gamma_1 is None else blk.gamma_1 * y
+            x = x + blk.drop_path1(y)
+            y = blk.mlp(blk.norm2(x))
+            return x + blk.drop_path2(y if blk.gamma_2 is None else blk.gamma_2 * y)
         x = x + blk.drop_path1(blk.ls1(y))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def window_rope(rope: Tensor, hw: tuple[int, int], window_size: int, batch: int) -> Tensor:
+    """The rotary embedding (H * W, R) of a grid, cut into the windows `window_partition` makes of that grid, for a
+    batch of `batch` images: (batch * windows, 1, window_size**2, R). Padded positions get the identity rotation
+    (sin 0, cos 1; timm's concatenated layout is [sin, cos])."""
+    height, width = hw
+    grid = rope.reshape(1, height, width, -1)
+    pad_h, pad_w = (-height) % window_size, (-width) % window_size
+    if pad_h or pad_w:
+        identity = torch.cat([torch.zeros_like(rope[:1]).chunk(2, -1)[0], torch.ones_like(rope[:1]).chunk(2, -1)[1]],
+                             dim=-1)
+        full = identity.reshape(1, 1, 1, -1).expand(1, height + pad_h, width + pad_w, -1).clone()
+        full[:, :height, :width] = grid
+        grid = full
+    windows, _ = window_partition(grid, window_size)  # (windows, ws, ws, R)
+    windows = windows.reshape(windows.shape[0], 1, window_size * window_size, -1)
+    return windows.repeat(batch, 1, 1, 1)
 
 
 class ViTDetBackbone(nn.Module):
     """The plain ViT trunk of ViTDet: patch embedding + resized absolute positions + (window) blocks -> (B, C, H, W).
 
-    Built from a timm `VisionTransformer` (e.g. `sslpipe.weights.export.load_backbone(path)`): its patch embedding,
-    position embedding (grid part), `norm_pre` and blocks are taken over with their weights; CLS/register tokens, the
-    final norm and the head are dropped. `window_size` = 0 makes every block global.
+    Built from a timm `VisionTransformer` or RoPE `Eva` (e.g. `sslpipe.weights.export.load_backbone(path)`): its
+    patch embedding, position embedding (grid part) or rotary embedding, `norm_pre` and blocks are taken over with
+    their weights; CLS/register/storage tokens, the final norm and the head are dropped. `window_size` = 0 makes every block global.
     """
 
-    def __init__(self, vit: VisionTransformer, *, window_size: int = 14, global_blocks: Iterable[int] = (2, 5, 8, 11),
-                 use_rel_pos: bool = False, rel_pos_grid: tuple[int, int] | None = None) -> None:
+    def __init__(self, vit: VisionTransformer | Eva, *, window_size: int = 14,
+                 global_blocks: Iterable[int] = (2, 5, 8, 11), use_rel_pos: bool = False,
+                 rel_pos_grid: tuple[int, int] | None = None) -> None:
         super().__init__()
-        if not isinstance(vit, VisionTransformer):
-            raise TypeError(f"ViTDet needs a timm VisionTransformer, got {type(vit).__name__}")
+        if not isinstance(vit, (VisionTransformer, Eva)):
+            raise TypeError(f"ViTDet needs a timm VisionTransformer or Eva (RoPE) ViT, got {type(vit).__name__}")
+        if getattr(vit, "rope_mixed", False):
+            raise ValueError("ViTDet takes RoPE ViTs with one rotary embedding for all blocks; this one learns a "
+                             "RoPE per block (rope_mixed), which has no windowed form here")
+        self.rope = getattr(vit, "rope", None)
         depth = len(vit.blocks)
         global_blocks = sorted({int(i) for i in global_blocks})
         bad = [i for i in global_blocks if not 0 <= i < depth]
@@ -161,8 +211,9 @@ class ViTDetBackbone(nn.Module):
         if self.pos_embed is not None:
             x = x + resize_pos_embed(self.pos_embed, tuple(x.shape[1:3]))
         x = self.norm_pre(x)
+        rope = self.rope.get_embed(shape=list(x.shape[1:3])) if self.rope is not None else None
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope)
         return x.permute(0, 3, 1, 2).contiguous()
 
 
@@ -235,7 +286,7 @@ class ViTDetPyramid(nn.Module):
         return self.fpn(self.backbone(x))
 
 
-def build_vitdet_pyramid(vit: VisionTransformer, *, window_size: int = 14, global_blocks: Iterable[int] = (2, 5, 8, 11),
+def build_vitdet_pyramid(vit: VisionTransformer | Eva, *, window_size: int = 14, global_blocks: Iterable[int] = (2, 5, 8, 11),
                          use_rel_pos: bool = False, img_size: int | None = None, out_channels: int = 256,
                          strides: Sequence[int] = (4, 8, 16, 32), top_block: bool = True) -> ViTDetPyramid:
     """A timm ViT -> ViTDet pyramid. `img_size` (the fine-tuning input) sizes the global blocks' relative-position

@@ -134,9 +134,12 @@ class DenseFinetuneRecipe(Recipe):
     def build_pyramid(self) -> ViTDetPyramid:
         f = self.section
         vit, self.mean, self.std = load_vit(self.cfg, f.img_size, init_weights=f.backbone_init == "export")
-        return build_vitdet_pyramid(vit, window_size=f.window_size, global_blocks=f.global_blocks,
-                                    use_rel_pos=f.use_rel_pos, img_size=f.img_size,
-                                    out_channels=f.pyramid_channels, top_block=self.top_block)
+        try:
+            return build_vitdet_pyramid(vit, window_size=f.window_size, global_blocks=f.global_blocks,
+                                        use_rel_pos=f.use_rel_pos, img_size=f.img_size,
+                                        out_channels=f.pyramid_channels, top_block=self.top_block)
+        except ValueError as err:  # the keys it names live in this method's section
+            raise ValueError(f"{self.config_key}: {err}") from None
 
     def build_head(self, pyramid: ViTDetPyramid) -> nn.Module:
         raise NotImplementedError

@@ -151,11 +151,82 @@ def _no_cls(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]) + vit.pos_embed[:, 1:]
 
 
+def tiny_rope_vit(seed: int = 0, **kw) -> nn.Module:
+    """DINOv3's RoPE ViT (timm Eva) at test size: [CLS] + 4 storage tokens unless told otherwise."""
+    torch.manual_seed(seed)
+    return timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, num_classes=0,
+                             **{**TINY, "init_values": 0.5, **kw}).eval()
+
+
+def test_rope_trunk_with_global_blocks_is_timms_forward(device):
+    """A RoPE ViT without prefix tokens: the all-global trunk is timm's own forward (patch embedding, rotary
+    embedding, blocks) minus the final norm, at the pre-training size and at another one."""
+    vit = randomize(tiny_rope_vit(class_token=False, num_reg_tokens=0)).to(device)
+    assert vit.num_prefix_tokens == 0 and vit.pos_embed is None
+    for size in (32, (24, 40)):
+        x = torch.randn(1, 3, *((size, size) if isinstance(size, int) else size), device=device)
+        with torch.no_grad():
+            tokens, rope = vit._pos_embed(vit.patch_embed(x))
+            ref = vit.norm_pre(tokens)
+            for block in vit.blocks:
+                ref = block(ref, rope=rope)
+            got = ViTDetBackbone(vit, window_size=0, global_blocks=[])(x)
+        torch.testing.assert_close(got.permute(0, 2, 3, 1).reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_window_attention_rotates_each_token_by_its_grid_position(device):
+    """6x6 grid, window 4 (padded to 8x8): inside each window the tokens keep the rotary embedding of their position
+    in the whole grid; padded tokens are zeros after norm1 and are not rotated."""
+    vit = randomize(tiny_rope_vit()).to(device)
+    block = vit.blocks[1]
+    wb = WindowBlock(block, window_size=4).to(device)
+    assert block.attn.num_prefix_tokens == 0  # the trunk has no prefix tokens: every token is rotated
+    x = torch.randn(2, 6, 6, 64, device=device)
+    rope = vit.rope.get_embed(shape=[6, 6]).to(device)
+    with torch.no_grad():
+        got = wb(x, rope)
+        y = F.pad(block.norm1(x), (0, 0, 0, 2, 0, 2))
+        half = rope.shape[-1] // 2
+        identity = torch.cat([torch.zeros(half), torch.ones(half)]).to(device)
+        grid = identity.expand(8, 8, -1).clone()
+        grid[:6, :6] = rope.reshape(6, 6, -1)
+        att = torch.zeros_like(y)
+        for i in range(2):
+            for j in range(2):
+                win = y[:, 4 * i: 4 * i + 4, 4 * j: 4 * j + 4].reshape(2, 16, 64)
+                win_rope = grid[4 * i: 4 * i + 4, 4 * j: 4 * j + 4].reshape(16, -1)
+                att[:, 4 * i: 4 * i + 4, 4 * j: 4 * j + 4] = block.attn(win, rope=win_rope).reshape(2, 4, 4, 64)
+        ref = x + block.gamma_1 * att[:, :6, :6]
+        ref = ref + block.gamma_2 * block.mlp(block.norm2(ref))
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(wb(x, None), got, atol=1e-3)  # the rotation matters
+
+
+def test_mask2former_step_on_a_rope_backbone(device):
+    """DINOv3's RoPE ViT (with [CLS] and storage tokens, dropped by the trunk) under Mask2Former: a finite loss that
+    reaches the blocks, and a refusal of relative-position tables in one line."""
+    vit = tiny_rope_vit()
+    with pytest.raises(ValueError, match="RoPE ViT"):
+        build_vitdet_pyramid(tiny_rope_vit(), window_size=4, global_blocks=[3], use_rel_pos=True, img_size=64)
+    pyramid = build_vitdet_pyramid(vit.train(), window_size=4, global_blocks=[1, 3], img_size=64, out_channels=32,
+                                   top_block=False)
+    model = _m2f(pyramid).to(device).train()
+    labels = torch.zeros(2, 64, 64, dtype=torch.long, device=device)
+    labels[0, 10:30, 10:30] = 1
+    mask_labels, class_labels = semantic_targets(labels)
+    out = model(pixel_values=torch.randn(2, 3, 64, 64, device=device), mask_labels=mask_labels,
+                class_labels=class_labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    trunk = model.model.pixel_level_module.encoder.pyramid.backbone
+    assert trunk.blocks[0].block.attn.qkv.weight.grad.abs().sum() > 0
+
+
 def test_window_blocks_and_errors():
     vit = tiny_vit()
     with pytest.raises(ValueError, match="outside the 4 blocks"):
         ViTDetBackbone(vit, global_blocks=[7])
-    with pytest.raises(TypeError, match="VisionTransformer"):
+    with pytest.raises(TypeError, match="VisionTransformer or Eva"):
         ViTDetBackbone(nn.Linear(2, 2))
 
 

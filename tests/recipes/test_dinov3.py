@@ -123,6 +123,41 @@ def test_export_loads_in_timm_as_the_dinov3_architecture(digits_shards: Path, tm
         torch.testing.assert_close(model(x), model.forward_features(x)[:, 0])  # the [CLS] token
 
 
+def test_every_consumer_takes_the_rope_export(digits_shards: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """kNN, linear, linear-seg, show (the rotated attention) and both dense fine-tunings take a DINOv3 export through
+    the CLI; ViTDet's relative-position tables on a RoPE trunk are refused in one line that names the section."""
+    from sslpipe.cli import main
+    from sslpipe.engine.trainer import train
+    from sslpipe.weights.run_export import export_run
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    torch.set_num_threads(1)
+    run = train(load_config(RECIPE, [f"data.train={digits_shards}", *TINY, "train.max_steps=1",
+                                     f"output_dir={tmp_path}", "run_name=d3"]))
+    export = str(export_run(run, which="teacher"))
+    scenes = str(tmp_path / "scenes")
+    assert main(["shards", "--dataset", "scenes", scenes, "--scene-size", "64", "--scene-train", "8",
+                 "--scene-val", "2"]) == 0
+    out = tmp_path / "out"
+    assert main(["knn", export, "--data", str(digits_shards), "--k", "5", "--out", str(out / "knn.json")]) == 0
+    assert main(["linear", export, "--data", str(digits_shards), "--epochs", "1", "--out", str(out / "lin.json")]) == 0
+    assert main(["linear-seg", export, "--data", scenes, "--steps", "2", "--batch-size", "4",
+                 "--out", str(out / "seg.json")]) == 0
+    assert {"knn.json", "lin.json", "seg.json"} <= {p.name for p in out.iterdir()}
+    assert main(["show", export, "--data", str(digits_shards), "--num-images", "2", "--max-train", "50",
+                 "--max-val", "20", "--out", str(out / "show")]) == 0
+    assert (out / "show" / "attention.png").stat().st_size > 0
+    for recipe, section in (("demo_finetune_m2f", "finetune_mask2former"), ("demo_finetune_vitdet", "finetune_vitdet")):
+        args = [str(REPO / f"recipes/{recipe}.yaml"), f"model.init_from={export}", f"data.train={scenes}",
+                f"data.val={scenes}", "data.num_workers=0", "train.max_steps=1", "eval.every_epochs=0",
+                f"output_dir={tmp_path / 'ft'}", f"run_name={recipe}", f"{section}.global_blocks=[1]"]
+        capsys.readouterr()
+        assert main(["finetune", *args]) != 0
+        assert f"{section}: use_rel_pos on a RoPE ViT" in capsys.readouterr().err
+        assert main(["finetune", *args, f"{section}.use_rel_pos=false"]) == 0
+        assert (tmp_path / "ft" / recipe / "metrics.jsonl").exists()
+
+
 # ------------------------------------------------------------------------------------- the published recipes
 SMALL_CROPS = ["data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=2", "crops.global_size=32",
                "crops.local_size=16", "crops.n_local=2", "train.mixed_precision=no"]
