@@ -62,3 +62,43 @@ def read_split(out: Path, split: str) -> dict[str, dict[str, bytes]]:
         assert len(part) == shard["samples"]
         samples.update(part)
     return samples
+
+
+TINY_VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 4, "img_size": 16, "dynamic_img_size": True}
+
+
+def tiny_export(out: Path, seed: int = 0, in_chans: int = 3) -> Path:
+    """A one-block ViT on 16-px crops, exported (seeded: two seeds are two backbones). `in_chans` other than 3 is
+    written by hand: `export_backbone` checks its export on RGB input, which such a model cannot take."""
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+
+    from sslpipe.weights.export import export_backbone
+    from sslpipe.weights.hashing import sha256_file
+
+    torch.manual_seed(seed)
+    args = {**TINY_VIT, **({"in_chans": in_chans} if in_chans != 3 else {})}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **args)
+    common = {"img_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3}
+    if in_chans == 3:
+        return export_backbone(model, out, arch="vit_tiny_patch16_224", model_args=args, source={"which": "test"},
+                               **common)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    config = {"format": "sslpipe-backbone/1", "architecture": "vit_tiny_patch16_224",
+              "model_args": {**args, "num_classes": 0}, **common, "source": {"which": "test"},
+              "sha256": {"model.safetensors": sha256_file(out / "model.safetensors")}}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    """Run `sslpipe ARGV`: exit status 2 and one error line on stderr (progress bars before it aside); returns it."""
+    from sslpipe.cli import main
+
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    return lines[0]

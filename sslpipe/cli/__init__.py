@@ -9,7 +9,9 @@ import sys
 from sslpipe.cli import (
     bench,
     check,
+    curate,
     demo,
+    embed,
     eval_seg,
     export,
     finetune,
@@ -21,6 +23,7 @@ from sslpipe.cli import (
     predict,
     qscore,
     report,
+    search,
     shards,
     show,
     train,
@@ -28,7 +31,8 @@ from sslpipe.cli import (
 
 COMMANDS = {"shards": shards, "train": train, "export": export, "import": importing, "onnx": onnx, "check": check,
             "knn": knn, "linear": linear, "linear-seg": linear_seg, "qscore": qscore, "finetune": finetune,
-            "predict": predict, "eval-seg": eval_seg, "demo": demo, "show": show, "report": report, "bench": bench}
+            "predict": predict, "eval-seg": eval_seg, "demo": demo, "show": show, "report": report, "embed": embed,
+            "search": search, "curate": curate, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:

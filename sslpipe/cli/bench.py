@@ -1,4 +1,5 @@
-"""`sslpipe bench`: benchmarks, each against a reference run side by side (loader, kNN, iBOT step, trainer step)."""
+"""`sslpipe bench`: benchmarks, each against a reference run side by side (loader, kNN, iBOT step, trainer step,
+curation)."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     step.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     step.add_argument("overrides", nargs="*", help="key.sub=value overrides for the recipe")
-    for q in (loader, knn, ibot, step):
+    curate = which.add_parser("curate", help="faiss k-means vs scikit-learn MiniBatchKMeans; IVF vs exact search")
+    curate.add_argument("--n", type=int, default=1_000_000, help="synthetic features (rows)")
+    curate.add_argument("--dim", type=int, default=384)
+    curate.add_argument("--k", type=int, default=None, help="clusters (default: curate's level-1 count, N / 100)")
+    curate.add_argument("--iters", type=int, default=20, help="k-means passes over the data, both")
+    curate.add_argument("--queries", type=int, default=1000, help="held-out queries of the search comparison")
+    for q in (loader, knn, ibot, step, curate):
         q.add_argument("--out", default=None, help="also write the result as JSON here")
 
 
@@ -57,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_knn_bench(n_train=args.n_train, n_test=args.n_test, dim=args.dim, k=args.k)
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
+    elif args.bench == "curate":
+        from sslpipe.bench.curate import run_curate_bench
+
+        result = run_curate_bench(n=args.n, dim=args.dim, k=args.k, niter=args.iters, queries=args.queries)
+        print(result["table"])
     elif args.bench == "step":
         from sslpipe.bench.step import main_print, run_step_bench
 

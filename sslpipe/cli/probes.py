@@ -1,5 +1,6 @@
 """What the probe commands (knn, linear, qscore, linear-seg, show) share: their arguments and how those become a
-`FeatureSpec` (the export's image size, mean and std, overridden by the flags given) and a `ProbeData`."""
+`FeatureSpec` (the export's image size, mean and std, overridden by the flags given) and a `ProbeData`. embed and
+curate take the same feature flags (`add_spec_args`), so their features are the probes'."""
 from __future__ import annotations
 
 import argparse
@@ -14,13 +15,18 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="shard directory with manifest.json (or a shard pattern)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
+    add_spec_args(p)
+    p.add_argument("--max-train", type=int, default=None, help="use only the first N train samples")
+    p.add_argument("--max-val", type=int, default=None, help="use only the first N val samples")
+    p.add_argument("--out", default=None, help="write the result JSON here")
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    """The flags that say how images become features (embed and curate take them too)."""
     p.add_argument("--resize", type=int, default=None, help="eval resize (default: the export's image size x 256/224)")
     p.add_argument("--crop", type=int, default=None, help="eval centre crop (default: the export's image size)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--max-train", type=int, default=None, help="use only the first N train samples")
-    p.add_argument("--max-val", type=int, default=None, help="use only the first N val samples")
-    p.add_argument("--out", default=None, help="write the result JSON here")
 
 
 # parsed flag -> FeatureSpec field, for the probe commands that have the flag

@@ -34,12 +34,13 @@ def part_name(shard_index: int) -> str:
 
 @dataclass(frozen=True)
 class Part:
-    """One shard's embeddings: `features` float16 (n, dim), `keys` and `sources` (n each)."""
+    """One shard's embeddings: `features` float16 (n, dim) (None when only the keys were read), `keys` and
+    `sources` (n each)."""
 
     shard: int
     keys: list[str]
     sources: list[str]
-    features: np.ndarray
+    features: np.ndarray | None
 
 
 def write_part(out_dir: str | Path, shard_index: int, features: torch.Tensor, keys: list[str],
@@ -80,14 +81,17 @@ def done_shards(folder: str | Path) -> set[int]:
     return {int(p.name[5:11]) for p in Path(folder).glob("part-*.safetensors")}
 
 
-def read_part(path: str | Path) -> Part:
+def read_part(path: str | Path, features: bool = True) -> Part:
+    """One part; `features=False` reads only its header (keys and sources), not the vectors."""
     with safe_open(str(path), "np") as f:
         meta = f.metadata()
-        return Part(int(meta["shard"]), json.loads(meta["keys"]), json.loads(meta["sources"]), f.get_tensor("features"))
+        return Part(int(meta["shard"]), json.loads(meta["keys"]), json.loads(meta["sources"]),
+                    f.get_tensor("features") if features else None)
 
 
-def iter_parts(folder: str | Path) -> Iterator[Part]:
-    """The parts of a complete embedding folder in shard order, one in memory at a time."""
+def iter_parts(folder: str | Path, features: bool = True) -> Iterator[Part]:
+    """The parts of a complete embedding folder in shard order, one in memory at a time (`features=False`: the
+    keys and sources alone, for the readers that take the vectors from elsewhere or later)."""
     index = read_index(folder)
     if not index.get("complete"):
         raise ValueError(f"{folder} is incomplete (a run stopped before every shard was embedded): run `sslpipe "
@@ -95,7 +99,7 @@ def iter_parts(folder: str | Path) -> Iterator[Part]:
     for shard in range(len(index["shards"])):
         path = Path(folder) / part_name(shard)
         if path.is_file():
-            yield read_part(path)
+            yield read_part(path, features)
 
 
 def load_all(folder: str | Path) -> tuple[list[str], list[str], np.ndarray]:

@@ -55,7 +55,8 @@ def fingerprint(model: nn.Module, shards: str | list[str], split: str, spec: Fea
     return h.hexdigest()
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
+    """CUDA autocast (bf16 where supported, else fp16) for `precision="autocast"` on a GPU; nothing otherwise."""
     if precision != "autocast" or device.type != "cuda":
         return nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -137,7 +138,7 @@ def extract_features(
     with on_device(model, device), torch.inference_mode(), \
             tqdm(total=total, desc=f"features {split}", disable=not progress, unit="img") as bar:
         for images, batch_labels in loader:
-            with _autocast(device, spec.precision):
+            with autocast(device, spec.precision):
                 out = feature_fn(model, images.to(device, non_blocking=True))
             feats.append(out.float().cpu())
             labels.append(batch_labels)

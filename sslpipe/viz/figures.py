@@ -23,6 +23,20 @@ def display_image(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Ten
     return ((x * s + m).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
+def thumbnail(image: Any, side: int) -> Tensor:
+    """A PIL image as a uint8 (3, side, side) panel: short side resized to `side` (nearest when enlarging, so
+    small images stay sharp), centre crop (grids of images of any size line up)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = side / min(image.size)
+    size = (max(side, round(image.width * scale)), max(side, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BICUBIC)
+    left, top = (size[0] - side) // 2, (size[1] - side) // 2
+    array = np.asarray(image.crop((left, top, left + side, top + side)))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
 def upsample(grid: Tensor, size: tuple[int, int]) -> Tensor:
     """A (h, w) patch-grid map to `size` pixels, nearest (each patch a block, as DINO draws it)."""
     return F.interpolate(grid[None, None].float(), size=size, mode="nearest")[0, 0]

@@ -26,13 +26,15 @@ def nearest(train_feats: Tensor, query_feats: Tensor, k: int) -> tuple[Tensor, T
 
 
 def draw_neighbours(queries: Sequence[Tensor], query_names: Sequence[str], neighbours: Sequence[Sequence[Tensor]],
-                    neighbour_names: Sequence[Sequence[str]], sims: Tensor, path: str | Path) -> Path:
-    """One row per query: the query, then its neighbours best first, each labelled with its class and cosine."""
+                    neighbour_names: Sequence[Sequence[str]], sims: Tensor, path: str | Path,
+                    what: str | None = None) -> Path:
+    """One row per query: the query, then its neighbours best first, each labelled with its name (class or key)
+    and cosine; `what` is the caption (default: the kNN probe's neighbours)."""
     k = sims.shape[1]
     rows = [[q, *n] for q, n in zip(queries, neighbours)]
     labels = [[qn, *(f"{name} {s:.4f}" for name, s in zip(names, row_sims.tolist()))]
               for qn, names, row_sims in zip(query_names, neighbour_names, sims)]
-    what = (f"Each query (left) and its {k} nearest train images by cosine similarity of the kNN probe's features "
-            "(label and similarity under each).")
+    what = what or (f"Each query (left) and its {k} nearest train images by cosine similarity of the kNN probe's "
+                    "features (label and similarity under each).")
     return save_rows(rows, path, titles=("query", *(f"neighbour {i + 1}" for i in range(k))), caption=what,
                      labels=labels)

@@ -1,0 +1,180 @@
+"""`sslpipe embed`: the feature of every image of a split, float16 and L2-normalised, one store part per shard
+(sslpipe/embed/store.py).
+
+The features are the probes' (`FeatureSpec.from_export`: the export's size, mean and std; the `cls` pooling), so a
+neighbour found in an embedding folder is one `sslpipe knn` would count. Resumable: a part is written whole or not at
+all, and a run skips the shards that have one. Under `accelerate launch` rank r of P embeds shards r, r + P, ...
+(each part is its own file, so the processes never write the same one); after a barrier rank 0 counts the parts and
+marks embed.json `complete`. Every rank decodes with `spec.num_workers` loader processes; a batch carries its loader
+worker's id, and as each worker reads its shards one after the other, a shard is whole once its worker has moved on.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import get_worker_info
+from tqdm.auto import tqdm
+
+from sslpipe.data.stream import build_loader
+from sslpipe.embed.backbone import backbone_sha256, open_backbone, spec_record
+from sslpipe.embed.inputs import FOLDER_SHARDS, Input, data_name, is_image_folder, resolve_input, write_folder_shards
+from sslpipe.embed.store import INDEX, done_shards, part_name, read_index, read_part, write_index, write_part
+from sslpipe.eval.features import autocast, default_device, feature_dim
+from sslpipe.eval.spec import FeatureSpec
+
+IDENTITY = ("backbone_sha256", "data", "split", "spec")  # what must match for a run to add to an existing --out
+
+
+class _Sample:
+    """sample_fn of the stream: (image tensor, key, shard URL, loader worker). A class, so workers can pickle it."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, raw: dict[str, Any]) -> tuple[Tensor, str, str, int]:
+        info = get_worker_info()
+        return self.transform(raw["image"]), raw["key"], raw["url"], info.id if info is not None else 0
+
+
+def _collate(batch: list[tuple[Tensor, str, str, int]]) -> tuple[Tensor, list[str], list[str], int]:
+    images, keys, urls, workers = zip(*batch)
+    return torch.stack(images), list(keys), list(urls), workers[0]
+
+
+def _describe(index: dict[str, Any]) -> str:
+    return (f"backbone {index['backbone']} (sha256 {index['backbone_sha256'][:12]}...) on {index['data']} split "
+            f"{index['split']!r}")
+
+
+def check_out(out: Path, identity: dict[str, Any], urls: list[str] | None, force: bool) -> dict[str, Any] | None:
+    """The index of `out` when this run may add to it (None: a fresh start); refuses, naming both sides, an `out`
+    of another backbone, data set or spec, or a non-empty folder that is no embedding folder (unless `force`)."""
+    if force or not out.exists() or not any(out.iterdir()):
+        return None
+    if not (out / INDEX).is_file():
+        raise FileExistsError(f"--out {out} is not empty and holds no {INDEX}: choose an empty or new folder, or "
+                              "pass --force to write the embeddings there anyway")
+    index = read_index(out)
+    differ = [k for k in IDENTITY if index.get(k) != identity[k]]
+    if not differ and urls is not None and index["shards"] != urls:
+        differ = ["shards"]
+    if differ:
+        raise FileExistsError(f"--out {out} holds the embeddings of {_describe(index)}; this run embeds "
+                              f"{_describe(identity)} ({', '.join(differ)} differ): choose another --out, or pass "
+                              "--force to start over")
+    return index
+
+
+def _clear(out: Path) -> None:
+    """Remove what an embedding run writes (never other files of the folder): --force starts over."""
+    (out / INDEX).unlink(missing_ok=True)
+    for pattern in ("part-*.safetensors", "part-*.safetensors.tmp", "search-*"):
+        for path in out.glob(pattern):
+            path.unlink()
+    shutil.rmtree(out / FOLDER_SHARDS, ignore_errors=True)
+
+
+@torch.inference_mode()
+def _embed(model: nn.Module, spec: FeatureSpec, device: torch.device, todo: dict[str, int], out: Path, dim: int,
+           bar: tqdm) -> None:
+    """Embed the shards `todo` (URL -> shard index) and write each one's part as soon as it is whole."""
+    loader = build_loader(list(todo), split="train", sample_fn=_Sample(spec.transform()), collate_fn=_collate,
+                          batch_size=spec.batch_size, num_workers=spec.num_workers, shuffle=False, drop_last=False)
+    pending: dict[str, tuple[list[Tensor], list[str]]] = {}
+    current: dict[int, str] = {}
+    written: set[str] = set()
+    feature_fn = spec.feature_fn()
+
+    def flush(url: str) -> None:
+        feats, keys = pending.pop(url, ([], []))
+        features = torch.cat(feats) if feats else torch.zeros(0, dim)
+        write_part(out, todo[url], features, keys, [url] * len(keys))
+        written.add(url)
+
+    for images, keys, urls, worker in loader:
+        with autocast(device, spec.precision):
+            out_features = feature_fn(model, images.to(device, non_blocking=True))
+        feats = F.normalize(out_features.float(), dim=1).to(torch.float16).cpu()
+        for row, (key, url) in enumerate(zip(keys, urls)):
+            if current.get(worker, url) != url:
+                flush(current[worker])  # this worker has moved on: its previous shard is whole
+            current[worker] = url
+            entry = pending.setdefault(url, ([], []))
+            entry[0].append(feats[row:row + 1])
+            entry[1].append(key)
+        bar.update(len(keys))
+    for url in todo:  # the last shard of each worker, and shards without one readable sample
+        if url not in written:
+            flush(url)
+
+
+def _ranks(accelerator: Any) -> tuple[int, int]:
+    return (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+
+
+def _barrier(accelerator: Any) -> None:
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+
+
+def _finish(out: Path, inp: Input) -> dict[str, Any]:
+    """Mark the folder complete once every shard has its part; the count is read from the part headers."""
+    index = read_index(out)
+    missing = [i for i in range(len(inp.urls)) if i not in done_shards(out)]
+    if missing:
+        raise RuntimeError(f"{out}: shards {missing[:5]} have no part after every process finished; run the same "
+                           "command again to embed them")
+    count = sum(len(read_part(out / part_name(i), features=False).keys) for i in range(len(inp.urls)))
+    index.update(complete=True, count=count)
+    index.pop("format", None)
+    write_index(out, index)
+    return index
+
+
+def embed_shards(export: str | Path, data: str | Path, out: str | Path, *, split: str = "train",
+                 spec: FeatureSpec | None = None, accelerator: Any = None, progress: bool = True,
+                 force: bool = False) -> Path:
+    """Write the embeddings of `data`'s `split` (a shard set, or a folder of images) under `export` into `out`;
+    return `out`. `spec`: default `FeatureSpec.from_export(export)`; `accelerator`: several processes share the
+    shards; `force`: start over in an `out` that holds other embeddings. A run that stopped resumes."""
+    out = Path(out)
+    spec = spec or FeatureSpec.from_export(export)
+    rank, world = _ranks(accelerator)
+    model = open_backbone(export, spec)
+    identity = {"backbone": str(Path(export).resolve()), "backbone_sha256": backbone_sha256(export),
+                "data": data_name(data), "split": split, "spec": spec_record(spec)}
+    folder = is_image_folder(data)
+    existing = check_out(out, identity, None if folder else resolve_input(data, split, out).urls, force)
+    if rank == 0:
+        if force:
+            _clear(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if folder:
+            write_folder_shards(data, out, progress)
+    _barrier(accelerator)
+    inp = resolve_input(data, split, out)
+    dim = feature_dim(model, spec)
+    if rank == 0 and (existing is None or existing.get("shards") != inp.urls or existing.get("complete")):
+        write_index(out, {**identity, "dim": dim, "dtype": "float16", "shards": inp.urls,
+                          "files": str(inp.files) if inp.files else None, "complete": False, "count": None})
+    _barrier(accelerator)
+    done = done_shards(out)
+    todo = {url: i for i, url in enumerate(inp.urls) if i % world == rank and i not in done}
+    total = sum(n or 0 for i, n in enumerate(inp.samples) if inp.urls[i] in todo) or None
+    device = torch.device(spec.device) if spec.device is not None else (
+        accelerator.device if accelerator is not None else default_device(model))
+    desc = f"embed {split}" + (f" (rank {rank} of {world})" if world > 1 else "")
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress or rank != 0) as bar:
+        if todo:
+            model.to(device).eval()
+            _embed(model, spec, device, todo, out, dim, bar)
+    _barrier(accelerator)
+    if rank == 0:
+        _finish(out, inp)
+    _barrier(accelerator)
+    return out

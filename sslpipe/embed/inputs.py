@@ -1,0 +1,96 @@
+"""What `sslpipe embed --data` reads: a shard set (a directory with manifest.json, a pattern or a list), or a FOLDER of
+images.
+
+A folder is written as shards into OUT/shards with the ingest code (folder order, bytes kept, no re-encoding), and
+then read like any shard set. Why not read its files directly: every sample of an embedding folder is then a key in a
+shard, so search draws neighbours and curate copies members from shards whatever the input was, and the images go
+through one decoder (`decode_sample`) and one transform. OUT/shards/files.tsv maps each key back to its file.
+A run killed while writing them leaves no manifest there, so the next run writes them again.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sslpipe.data.manifest import read_manifest
+from sslpipe.data.stream import resolve_shards
+from sslpipe.ingest.options import ShardOptions
+from sslpipe.ingest.shards import write_shards
+from sslpipe.ingest.sources import open_source
+
+FOLDER_SHARDS = "shards"
+FILES = "files.tsv"
+FOLDER_SAMPLES_PER_SHARD = 1000  # a part per 1000 images: a killed run loses little, P processes get shards early
+
+
+@dataclass(frozen=True)
+class Input:
+    """The data of an embedding: `data` as embed.json names it, its shard URLs in order (part i = shard i), the
+    sample count of each shard where a manifest tells it, and the key -> file map of a folder."""
+
+    data: str
+    urls: list[str]
+    samples: list[int | None]
+    files: Path | None = None
+
+
+def is_image_folder(data: str | Path) -> bool:
+    """A directory without a manifest.json: a folder of images, not a shard set."""
+    path = Path(data)
+    return path.is_dir() and not (path / "manifest.json").is_file()
+
+
+def data_name(data: str | Path) -> str:
+    """How embed.json names the data: the absolute path of a local directory or file, else the spec as given."""
+    text = os.fspath(data)
+    return str(Path(text).resolve()) if os.path.exists(text) else text
+
+
+def _shard_counts(data: str | Path, split: str, urls: list[str]) -> list[int | None]:
+    """Samples per shard from the manifest (None for patterns and lists: no manifest to ask)."""
+    path = Path(os.fspath(data))
+    if not (path.is_dir() or path.suffix == ".json") or not path.exists():
+        return [None] * len(urls)
+    info = read_manifest(path)["splits"].get(split, {})
+    by_name = {entry["name"]: int(entry["samples"]) for entry in info.get("shards", [])}
+    return [by_name.get(Path(url).name) for url in urls]
+
+
+def write_folder_shards(folder: str | Path, out: Path, progress: bool = True) -> None:
+    """Write the folder's images as OUT/shards (split `train`, folder order) and files.tsv, unless a complete set
+    of this folder is there already (a resumed run)."""
+    shards = out / FOLDER_SHARDS
+    source = data_name(folder)
+    if (shards / "manifest.json").is_file() and read_manifest(shards).get("source") == source:
+        return
+    options = ShardOptions(samples_per_shard=FOLDER_SAMPLES_PER_SHARD, shuffle=False)
+    manifest = write_shards(shards, source=str(folder), kind="folder", options=options, force=True,
+                            created_by=f"sslpipe embed (images of {source})", progress=progress)
+    skipped = {entry["source"] for entry in manifest["skipped"]}
+    written = [entry.ref for entry in open_source(str(folder), "folder", options).splits["train"]
+               if entry.ref not in skipped]
+    lines = [f"train_{i:08d}\t{path}\n" for i, path in enumerate(written)]  # the keys _SplitWriter gives
+    tmp = shards / f".{FILES}.tmp"
+    tmp.write_text("".join(lines))
+    tmp.replace(shards / FILES)
+
+
+def resolve_input(data: str | Path, split: str, out: Path) -> Input:
+    """The shards of `data`'s split; a folder's are those `write_folder_shards` wrote into `out`."""
+    if is_image_folder(data):
+        if split != "train":
+            raise ValueError(f"--split {split}: a folder of images ({data}) is embedded whole as split 'train'; "
+                             "--split picks a split of a shard set")
+        shards = out / FOLDER_SHARDS
+        urls = resolve_shards(str(shards), "train")
+        return Input(data_name(data), urls, _shard_counts(shards, "train", urls), shards / FILES)
+    urls = resolve_shards(data, split)
+    return Input(data_name(data), urls, _shard_counts(data, split, urls))
+
+
+def read_files(path: Path | None) -> dict[str, str]:
+    """key -> image file of an embedded folder ({} for shard sets)."""
+    if path is None or not path.is_file():
+        return {}
+    return dict(line.rstrip("\n").split("\t", 1) for line in path.read_text().splitlines() if line)

@@ -1,0 +1,154 @@
+"""`sslpipe embed`: parts of float16 unit vectors with keys and source shards, resume after a kill, two processes
+over gloo, a folder of images, and the refusals (one line each)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers import one_line_error, read_tar, tiny_export
+from PIL import Image
+
+from sslpipe.cli import main
+from sslpipe.embed.embed import embed_shards
+from sslpipe.embed.store import INDEX, part_name, read_index, read_part
+from sslpipe.weights.hashing import sha256_file
+
+torch.set_num_threads(1)
+TRAIN_SHARDS, TRAIN_SAMPLES = 12, 1438
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_export(tmp_path_factory.mktemp("export") / "vit")
+
+
+@pytest.fixture(scope="module")
+def embedded(export: Path, digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return embed_shards(export, digits_shards, tmp_path_factory.mktemp("emb") / "digits", progress=False)
+
+
+def _parts(folder: Path) -> list:
+    return [read_part(folder / part_name(i)) for i in range(len(read_index(folder)["shards"]))]
+
+
+def test_parts_hold_unit_float16_features_keys_and_source_shards(embedded: Path, export: Path,
+                                                                 digits_shards: Path) -> None:
+    index = read_index(embedded)
+    assert index["complete"] and index["count"] == TRAIN_SAMPLES and index["dim"] == 32 and index["split"] == "train"
+    assert index["backbone_sha256"] == sha256_file(export / "model.safetensors")
+    assert index["data"] == str(digits_shards.resolve()) and len(index["shards"]) == TRAIN_SHARDS
+    assert index["spec"]["crop"] == 16 and index["spec"]["resize"] == 18 and index["spec"]["pooling"] == "cls"
+    for part, url in zip(_parts(embedded), index["shards"]):
+        assert part.features.dtype == np.float16
+        np.testing.assert_allclose(np.linalg.norm(part.features.astype(np.float32), axis=1), 1.0, atol=2e-3)
+        assert part.keys == list(read_tar(Path(url))) and set(part.sources) == {url}
+
+
+def test_a_killed_run_resumes_with_the_same_features(embedded: Path, export: Path, digits_shards: Path,
+                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last part deleted and the complete flag cleared (a run killed before its last shard): the rerun embeds
+    that shard alone and ends with the features and keys of the uninterrupted run."""
+    import shutil
+
+    import sslpipe.embed.embed as embed_module
+
+    folder = tmp_path / "emb"
+    shutil.copytree(embedded, folder)
+    index = read_index(folder)
+    (folder / part_name(TRAIN_SHARDS - 1)).unlink()
+    index.update(complete=False, count=None)
+    (folder / INDEX).write_text(json.dumps(index))
+    written = []
+    real = embed_module.write_part
+    monkeypatch.setattr(embed_module, "write_part", lambda out, i, *a: written.append(i) or real(out, i, *a))
+    embed_shards(export, digits_shards, folder, progress=False)
+    assert written == [TRAIN_SHARDS - 1]
+    assert read_index(folder)["complete"] and read_index(folder)["count"] == TRAIN_SAMPLES
+    for again, first in zip(_parts(folder), _parts(embedded)):
+        assert again.keys == first.keys and np.array_equal(again.features, first.features)
+
+
+def test_loader_workers_write_the_same_parts(embedded: Path, export: Path, digits_shards: Path,
+                                             tmp_path: Path) -> None:
+    """Two loader workers interleave their shards batch by batch; each part is still written whole."""
+    from sslpipe.eval.spec import FeatureSpec
+
+    spec = FeatureSpec.from_export(export, num_workers=2, batch_size=50)
+    out = embed_shards(export, digits_shards, tmp_path / "emb", spec=spec, progress=False)
+    for got, first in zip(_parts(out), _parts(embedded)):
+        assert got.keys == first.keys and np.allclose(got.features, first.features, atol=1e-3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, export: str, shards: str, out: str) -> None:
+    """One of two processes, set up as `accelerate launch` sets them up (the CLI's PartialState over gloo)."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    from accelerate import PartialState
+
+    import sslpipe.embed.embed as embed_module
+
+    real, mine = embed_module.write_part, []
+    embed_module.write_part = lambda folder, i, *a: mine.append(i) or real(folder, i, *a)
+    state = PartialState(cpu=True)
+    embed_shards(export, shards, out, accelerator=state, progress=False)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(mine))
+
+
+def test_two_processes_write_disjoint_parts_that_cover_the_set(embedded: Path, export: Path, digits_shards: Path,
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / "emb2"
+    mp.spawn(_worker, args=(_free_port(), str(export), str(digits_shards), str(out)), nprocs=2, join=True)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [list(range(0, TRAIN_SHARDS, 2)), list(range(1, TRAIN_SHARDS, 2))]  # rank r: shards r, r+2, ...
+    assert read_index(out)["complete"] and read_index(out)["count"] == TRAIN_SAMPLES
+    for two, one in zip(_parts(out), _parts(embedded)):
+        assert two.keys == one.keys and np.array_equal(two.features, one.features)
+
+
+def test_a_folder_of_images_is_embedded_through_shards(export: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = embed_shards(export, folder, tmp_path / "emb", progress=False)
+    index = read_index(out)
+    assert index["count"] == 5 and index["data"] == str(folder.resolve())
+    files = dict(line.split("\t") for line in Path(index["files"]).read_text().splitlines())
+    assert sorted(Path(f).name for f in files.values()) == [f"img{i}.png" for i in range(5)]
+    assert _parts(out)[0].keys == sorted(files)
+
+
+def test_refusals_are_one_line(embedded: Path, export: Path, digits_shards: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture) -> None:
+    gray = tiny_export(tmp_path / "gray", in_chans=1)
+    err = one_line_error(["embed", str(gray), "--data", str(digits_shards), "--out", str(tmp_path / "g")], capsys)
+    assert "1-channel" in err and "in_channels=1" in err and str(gray) in err
+    other = tiny_export(tmp_path / "other", seed=1)
+    err = one_line_error(["embed", str(other), "--data", str(digits_shards), "--out", str(embedded)], capsys)
+    assert str(export.resolve()) in err and str(other.resolve()) in err and "--force" in err
+    err = one_line_error(["embed", str(export), "--data", str(digits_shards), "--split", "val", "--out",
+                           str(embedded)], capsys)
+    assert "'train'" in err and "'val'" in err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    err = one_line_error(["embed", str(export), "--data", str(digits_shards), "--out", str(busy)], capsys)
+    assert "holds no embed.json" in err
+    assert main(["embed", str(other), "--data", str(digits_shards), "--split", "val", "--out", str(busy),
+                 "--force"]) == 0
+    assert read_index(busy)["split"] == "val" and (busy / "notes.txt").is_file()

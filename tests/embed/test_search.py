@@ -1,0 +1,70 @@
+"""`sslpipe search`: key queries come back first, an image file finds its own sample, JSON and PNG outputs, the
+stored IVF index above the crossover, and one-line refusals."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import one_line_error, read_tar, tiny_export
+
+from sslpipe.cli import main
+from sslpipe.embed import index as index_module
+from sslpipe.embed.embed import embed_shards
+from sslpipe.embed.search import IVF_FILE, search
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def embedded(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("search")
+    return embed_shards(tiny_export(root / "vit"), digits_shards, root / "emb", progress=False)
+
+
+def test_key_queries_find_themselves_first(embedded: Path, tmp_path: Path) -> None:
+    keys = ["train_00000000", "train_00000700", "train_00001437"]
+    results = search(embedded, [f"key:{k}" for k in keys], k=5, png=tmp_path / "n.png", json_out=tmp_path / "n.json")
+    for key, result in zip(keys, results):
+        first = result["neighbours"][0]
+        assert first["key"] == key and first["score"] == pytest.approx(1.0, abs=1e-5)
+        assert len(result["neighbours"]) == 5 and Path(first["source"]).name.startswith("train-")
+        scores = [n["score"] for n in result["neighbours"]]
+        assert scores == sorted(scores, reverse=True)
+    assert json.loads((tmp_path / "n.json").read_text()) == results
+    assert (tmp_path / "n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_image_file_finds_its_own_sample(embedded: Path, digits_shards: Path, tmp_path: Path) -> None:
+    """The file holds the bytes of a sample, so it is embedded to the same vector (up to float16) as the sample."""
+    samples = read_tar(digits_shards / "train-000003.tar")
+    key = list(samples)[7]
+    (tmp_path / "q.png").write_bytes(samples[key]["png"])
+    (result,) = search(embedded, [str(tmp_path / "q.png")], k=3)
+    assert result["neighbours"][0]["key"] == key and result["neighbours"][0]["score"] > 0.999
+
+
+def test_above_the_crossover_the_ivf_index_is_stored_and_reused(embedded: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    folder = tmp_path / "emb"
+    shutil.copytree(embedded, folder)
+    monkeypatch.setattr(index_module, "EXACT_MAX", 100)
+    first = search(folder, ["key:train_00000042"], k=4)
+    stored = (folder / IVF_FILE).stat().st_mtime_ns
+    again = search(folder, ["key:train_00000042"], k=4)
+    assert (folder / IVF_FILE).stat().st_mtime_ns == stored and again == first
+    assert first[0]["neighbours"][0]["key"] == "train_00000042"
+
+
+def test_refusals_are_one_line(embedded: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    for query, expected in ((str(broken), f"query image {broken} cannot be read"),
+                            (str(tmp_path / "none.png"), "no such image file"),
+                            ("key:nope", "key:nope: no sample with that key")):
+        assert expected in one_line_error(["search", str(embedded), query], capsys)
+    assert main(["search", str(embedded), "key:train_00000001", "-k", "2"]) == 0
+    assert "train_00000001" in capsys.readouterr().out
