@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 from torchvision.datasets import ImageFolder
 
+from sslpipe.data.remote import Reading
 from sslpipe.data.stream import IMAGE_KEYS, StreamDataset, build_loader, resolve_shards
 
 
@@ -40,7 +41,7 @@ def _raw_samples(shard_dir: str, split: str, max_images: int) -> list[dict]:
     """The first `max_images` raw samples (encoded bytes) of the split, in shard order."""
     reader = StreamDataset(resolve_shards(shard_dir, split), sample_fn=lambda s: s, epoch=0, seed=0, rank=0,
                            world_size=1, num_workers=1, shuffle=False, shuffle_buffer=1, resampled=False,
-                           repeat=False, on_error="warn")
+                           repeat=False, reading=Reading())
     out: list[dict] = []
     for url in reader.urls:
         for sample in reader.read_shard(url):

@@ -33,6 +33,7 @@ COMMANDS = {"shards": shards, "train": train, "export": export, "import": import
             "knn": knn, "linear": linear, "linear-seg": linear_seg, "qscore": qscore, "finetune": finetune,
             "predict": predict, "eval-seg": eval_seg, "demo": demo, "show": show, "report": report, "embed": embed,
             "search": search, "curate": curate, "bench": bench}
+_SHARD_ERROR = "sslpipe.data.stream.ShardReadError: "
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         # Errors we raise on bad input carry the file/key and the fix; a traceback would only hide them.
         print(f"sslpipe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from sslpipe.data.stream import ShardReadError
+
+        if not isinstance(err, ShardReadError):
+            raise
+        # Raised in a loader worker, it arrives with the worker's traceback in its text: its own line is the last.
+        print(f"sslpipe {args.command}: error: {str(err).strip().splitlines()[-1].removeprefix(_SHARD_ERROR)}",
+              file=sys.stderr)
+        return 1
     except OSError as err:
         from sslpipe.errors import WriteFailed
 

@@ -1,5 +1,5 @@
 """`sslpipe bench`: benchmarks, each against a reference run side by side (loader, kNN, iBOT step, trainer step,
-curation)."""
+curation, remote shards)."""
 from __future__ import annotations
 
 import argparse
@@ -47,7 +47,14 @@ def add(sub: argparse._SubParsersAction) -> None:
     curate.add_argument("--k", type=int, default=None, help="clusters (default: curate's level-1 count, N / 100)")
     curate.add_argument("--iters", type=int, default=20, help="k-means passes over the data, both")
     curate.add_argument("--queries", type=int, default=1000, help="held-out queries of the search comparison")
-    for q in (loader, knn, ibot, step, curate):
+    remote = which.add_parser("remote", help="shards over HTTP (a local server) vs on disk; descriptors before/after")
+    remote.add_argument("shards", nargs="?", default=None, help="a shard set (default: --photos N made in a temp dir)")
+    remote.add_argument("--photos", type=int, default=1024, metavar="N", help="500x375 JPEG shards when no shards")
+    remote.add_argument("--processes", type=int, default=2)
+    remote.add_argument("--workers", type=int, default=2)
+    remote.add_argument("--batch-size", type=int, default=64)
+    remote.add_argument("--seconds", type=float, default=60.0, help="reading time of each side")
+    for q in (loader, knn, ibot, step, curate, remote):
         q.add_argument("--out", default=None, help="also write the result as JSON here")
 
 
@@ -64,6 +71,19 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_knn_bench(n_train=args.n_train, n_test=args.n_test, dim=args.dim, k=args.k)
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
+    elif args.bench == "remote":
+        import tempfile
+
+        from sslpipe.bench.photos import make_photo_shards
+        from sslpipe.bench.remote import run_remote_bench
+
+        with tempfile.TemporaryDirectory() as tmp:
+            # enough shards for every worker of every process (4 each)
+            per_shard = max(1, args.photos // (4 * args.processes * args.workers))
+            shards = args.shards or make_photo_shards(Path(tmp) / "photos", args.photos, samples_per_shard=per_shard)
+            result = run_remote_bench(shards, processes=args.processes, workers=args.workers,
+                                      batch_size=args.batch_size, seconds=args.seconds)
+        print(result["table"])
     elif args.bench == "curate":
         from sslpipe.bench.curate import run_curate_bench
 

@@ -30,6 +30,14 @@ class DataConfig(Section):
     resampled: bool = False
     steps_per_epoch: int | None = None
     on_error: Literal["warn", "raise"] = "warn"
+    # remote (http/https) shards, sslpipe/data/remote.py: tries after the first, the first wait (doubled each try,
+    # at most 30 s), seconds without a byte before a read fails; the run stops when a process's loader has lost more
+    # than max_skipped_shards shards (null: never); verify_sha256 reads each shard whole and checks it first
+    retries: int = Field(3, ge=0)
+    retry_backoff: float = Field(1.0, ge=0)
+    read_timeout: float = Field(60.0, gt=0)
+    max_skipped_shards: int | None = Field(None, ge=0)
+    verify_sha256: bool = False
 
     @model_validator(mode="after")
     def _resampled_needs_steps(self) -> "DataConfig":

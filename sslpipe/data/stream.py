@@ -1,8 +1,8 @@
 """Stream WebDataset shards into reproducible, rank- and worker-split DataLoaders (docs/internals.md §2).
 
-The pieces that webdataset does well are used as-is: URL opening (`gopen`: local files, `pipe:` commands, http, ...),
-tar member iteration (`tar_file_iterator`), key splitting (`base_plus_ext`) and the sample shuffle buffer
-(`wds.shuffle`). The shard *schedule* is written here because webdataset's `split_by_node`, `split_by_worker` and
+The pieces that webdataset does well are used as-is: URL opening (`gopen`: local files, `pipe:` commands, ...;
+http(s) by `sslpipe.data.remote`, which retries and resumes), tar member iteration (`tar_file_iterator`), key
+splitting (`base_plus_ext`) and the sample shuffle buffer (`wds.shuffle`). The shard *schedule* is written here because webdataset's `split_by_node`, `split_by_worker` and
 `ResampledShards` read the rank from `torch.distributed`/environment variables and keep a hidden epoch counter,
 whereas the trainer needs the rank, world size and epoch passed explicitly (tests simulate ranks; resume rebuilds
 the loader of a given epoch). Shard reading is per shard so that a truncated shard or undecodable image can be
@@ -27,7 +27,8 @@ Errors: an undecodable sample or a truncated/unreadable shard is skipped with a 
 key and counted in ``loader.stats`` (``corrupt_samples``, ``shard_errors``). The counters live in shared memory,
 so counts from worker processes are included; they count every sample a worker has read, including batches
 prefetched but not yet consumed (`loader_stats`; the trainer prints and logs their totals at the end of a run).
-``on_error="raise"`` raises :class:`ShardReadError` instead.
+``on_error="raise"`` raises :class:`ShardReadError` instead, and so does the shard after `max_skipped_shards`
+lost by one loader. HTTP(S) shards are read with retries, a read timeout and resumption (`sslpipe.data.remote`).
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from sslpipe.data.manifest import read_manifest
+from sslpipe.data.remote import HTTP_PREFIXES, Reading, fetch_manifest, open_shard
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://", "ais://")
@@ -68,8 +69,10 @@ class CorruptSampleWarning(UserWarning):
 
 # ----------------------------------------------------------------------------------------------- shard resolution
 def _load_manifest(path: str) -> tuple[dict, str]:
-    """The manifest (directory or .json file, see `shards.read_manifest`) and the directory its shard names are
-    relative to."""
+    """The manifest (directory, .json file, or the http(s) URL of a manifest.json) and the directory or URL its
+    shard names are relative to."""
+    if path.startswith(HTTP_PREFIXES):
+        return fetch_manifest(path), path.rsplit("/", 1)[0]
     file = os.path.join(path, "manifest.json") if os.path.isdir(path) else path
     return read_manifest(path), os.path.dirname(os.path.abspath(file))
 
@@ -82,28 +85,46 @@ def _manifest_split(manifest: dict, split: str, where: str) -> dict:
 
 
 def _is_manifest_spec(spec: str) -> bool:
-    return os.path.isdir(spec) or (spec.endswith(".json") and not spec.startswith(_REMOTE_PREFIXES))
+    return os.path.isdir(spec) or (spec.endswith(".json") and
+                                   (spec.startswith(HTTP_PREFIXES) or not spec.startswith(_REMOTE_PREFIXES)))
+
+
+def _manifest_urls(spec: str, split: str) -> list[tuple[str, dict]]:
+    """(url, manifest entry) of each shard of `split` in the manifest `spec` names."""
+    manifest, root = _load_manifest(spec)
+    entries = _manifest_split(manifest, split, spec).get("shards", [])
+    if not entries:
+        raise ValueError(f"{spec}: split {split!r} lists no shards; {_MAKE_SHARDS_HINT}")
+    join = (lambda name: f"{root}/{name}") if root.startswith(HTTP_PREFIXES) else (lambda name: os.path.join(root, name))
+    return [(join(entry["name"]), entry) for entry in entries]
+
+
+def shard_entries(spec: str | list[str], split: str = "train") -> dict[str, dict]:
+    """{url: manifest entry (name, samples, bytes, sha256)} of the shards a manifest lists (none for patterns and
+    plain URLs): a shard that ends early is caught by its sample count, a damaged one by its sha256."""
+    if isinstance(spec, (list, tuple)):
+        return {url: entry for item in spec for url, entry in shard_entries(item, split).items()}
+    spec = os.fspath(spec)
+    return dict(_manifest_urls(spec, split)) if _is_manifest_spec(spec) else {}
 
 
 def resolve_shards(spec: str | list[str], split: str = "train") -> list[str]:
     """Turn a shard spec into the list of shard URLs.
 
-    `spec` is a shard directory with ``manifest.json`` or a manifest file (-> that split's shards), a brace pattern
-    (``data/train-{000000..000127}.tar``), a glob, a local path, a remote/``pipe:`` URL (brace-expanded, otherwise
-    passed through untouched), or a list of any of these. Local files are checked so that a typo fails here with
+    `spec` is a shard directory with ``manifest.json``, a manifest file or the http(s) URL of one (-> that split's
+    shards), a brace pattern (``data/train-{000000..000127}.tar``), a glob, a local path, a remote/``pipe:`` URL
+    (brace-expanded, otherwise passed through untouched), or a list of any of these. Local files are checked so that a typo fails here with
     the missing names rather than inside a DataLoader worker.
     """
     if isinstance(spec, (list, tuple)):
         return [url for item in spec for url in resolve_shards(item, split)]
     spec = os.fspath(spec)
-    if spec.startswith(_REMOTE_PREFIXES) or "://" in spec:
-        return list(braceexpand.braceexpand(spec))
     if _is_manifest_spec(spec):
-        manifest, root = _load_manifest(spec)
-        entries = _manifest_split(manifest, split, spec).get("shards", [])
-        urls = [os.path.join(root, entry["name"]) for entry in entries]
-        if not urls:
-            raise ValueError(f"{spec}: split {split!r} lists no shards; {_MAKE_SHARDS_HINT}")
+        urls = [url for url, _ in _manifest_urls(spec, split)]
+        if urls[0].startswith(HTTP_PREFIXES):
+            return urls
+    elif spec.startswith(_REMOTE_PREFIXES) or "://" in spec:
+        return list(braceexpand.braceexpand(spec))
     else:
         urls = []
         for path in braceexpand.braceexpand(spec):
@@ -204,12 +225,13 @@ class StreamDataset(IterableDataset):
 
     def __init__(self, urls: list[str], *, sample_fn: Callable[[dict], Any], epoch: int, seed: int, rank: int,
                  world_size: int, num_workers: int, shuffle: bool, shuffle_buffer: int, resampled: bool,
-                 repeat: bool, on_error: str) -> None:
+                 repeat: bool, reading: Reading, entries: dict[str, dict] | None = None) -> None:
         super().__init__()
         self.urls, self.sample_fn = urls, sample_fn
         self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
         self.num_workers, self.shuffle, self.shuffle_buffer = num_workers, shuffle, shuffle_buffer
-        self.resampled, self.repeat, self.on_error = resampled, repeat, on_error
+        self.resampled, self.repeat, self.reading = resampled, repeat, reading
+        self.entries = entries or {}
         self.stats = _Stats()
 
     def rank_shards(self) -> list[str]:
@@ -232,26 +254,34 @@ class StreamDataset(IterableDataset):
 
     def _problem(self, kind: str, url: str, key: str | None, exn: BaseException) -> None:
         what = f"shard {url}" + (f", sample {key!r}" if key else "")
-        if self.on_error == "raise":
+        if self.reading.on_error == "raise":
             raise ShardReadError(f"{what}: {type(exn).__name__}: {exn}") from exn
         self.stats.add(kind)
+        lost, most = self.stats.as_dict()["shard_errors"], self.reading.max_skipped_shards
+        if kind == "shard_errors" and most is not None and lost > most:
+            raise ShardReadError(f"{lost} shards lost by rank {self.rank}'s loader, more than data.max_skipped_shards="
+                                 f"{most}; the last: {what}: {type(exn).__name__}: {exn}. Check the shards' server or "
+                                 "paths, then resume the run (--resume auto)") from exn
         skipped = "rest of shard" if kind == "shard_errors" else "sample"
         warnings.warn(f"skipping {skipped} ({what}): {type(exn).__name__}: {exn}", CorruptSampleWarning,
                       stacklevel=2)
 
     def read_shard(self, url: str) -> Iterator[dict[str, Any]]:
-        """Yield raw samples (members grouped by key) of one shard; a read error drops the unfinished sample."""
+        """Yield raw samples (members grouped by key) of one shard; a read error drops the unfinished sample, and a
+        shard that ends before the manifest's sample count (cut at a member boundary: the tar reader cannot tell)
+        counts as unreadable."""
         current: dict[str, Any] | None = None
-        last_key = None
+        last_key, count = None, 0
+        entry = self.entries.get(url, {})
         try:
-            stream = gopen(url)
+            stream = open_shard(url, self.reading, entry.get("sha256"))
             try:
                 for member in tar_file_iterator(stream):
                     key, ext = base_plus_ext(member["fname"])
                     if key is None:
                         continue
                     if current is not None and current["__key__"] != key:
-                        last_key = current["__key__"]
+                        last_key, count = current["__key__"], count + 1
                         yield current
                         current = None
                     if current is None:
@@ -264,7 +294,11 @@ class StreamDataset(IterableDataset):
             self._problem("shard_errors", url, key, exn)
             return
         if current is not None:
+            last_key, count = current["__key__"], count + 1
             yield current
+        if count < entry.get("samples", 0):
+            self._problem("shard_errors", url, f"after {last_key}", EOFError(
+                f"the shard ended after {count} of the {entry['samples']} samples its manifest lists (truncated)"))
 
     def _decoded(self, raw: Iterator[dict[str, Any]]) -> Iterator[Any]:
         """Decode + `sample_fn`; an endless stream stops after more failures in a row than a pass can hold."""
@@ -419,7 +453,7 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
                  collate_fn: Callable[[list], Any], batch_size: int, num_workers: int = 0, epoch: int = 0,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 1000,
                  resampled: bool = False, num_batches: int | None = None, drop_last: bool = True,
-                 on_error: str = "warn", pin_memory: bool = False) -> StreamLoader:
+                 reading: Reading = Reading(), pin_memory: bool = False) -> StreamLoader:
     """Build the batch stream of one rank for one epoch (schedule and seeding: see the module docstring).
 
     Rank and world size are explicit (no torch.distributed lookup). Batches are formed inside each DataLoader
@@ -427,8 +461,6 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
     batch is dropped. Workers beyond this rank's shard count would get nothing and are not started.
     `pin_memory` (training on CUDA) pins the batches so that their copies to the GPU can run asynchronously.
     """
-    if on_error not in ("warn", "raise"):
-        raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if resampled and num_batches is None:
@@ -443,7 +475,8 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
         num_workers = min(num_workers, len(urls[rank::world_size]))
     dataset = StreamDataset(urls, sample_fn=sample_fn, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
                             num_workers=max(1, num_workers), shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                            resampled=resampled, repeat=num_batches is not None, on_error=on_error)
+                            resampled=resampled, repeat=num_batches is not None, reading=reading,
+                            entries=shard_entries(spec, split))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
                         drop_last=drop_last, persistent_workers=False, pin_memory=pin_memory,
                         # DataLoader draws a base seed from this generator, not from the caller's global RNG

@@ -26,8 +26,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sslpipe.config import Section
+from sslpipe.config import DataConfig, Section
+from sslpipe.data.remote import Reading
 from sslpipe.data.stream import batches_per_epoch
+
+
+def shard_reading(data: DataConfig) -> Reading:
+    """How the recipe's loaders read shards: `data.on_error` and the remote-read keys."""
+    return Reading(on_error=data.on_error, retries=data.retries, retry_backoff=data.retry_backoff,
+                   read_timeout=data.read_timeout, max_skipped_shards=data.max_skipped_shards,
+                   verify_sha256=data.verify_sha256)
 
 
 class Recipe(ABC):

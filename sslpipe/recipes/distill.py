@@ -34,7 +34,7 @@ from sslpipe.losses.dense_distill import dense_distill_loss
 from sslpipe.losses.health import embedding_health
 from sslpipe.losses.queue_distill import QueueDistillLoss
 from sslpipe.models.backbones import create_backbone, sync_batchnorm
-from sslpipe.recipes.base import Recipe
+from sslpipe.recipes.base import Recipe, shard_reading
 from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, split_decay_groups
 from sslpipe.weights.hashing import sha256_file
@@ -186,7 +186,7 @@ class DistillRecipe(Recipe):
             d.train, split=d.train_split, sample_fn=ConsistentView(c.global_size, c.global_scale, self.section.hflip),
             collate_fn=collate_views, batch_size=d.batch_size, num_workers=d.num_workers, epoch=epoch,
             seed=self.cfg.seed, rank=rank, world_size=world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,
-            resampled=d.resampled, num_batches=self.steps_per_epoch(world_size), on_error=d.on_error,
+            resampled=d.resampled, num_batches=self.steps_per_epoch(world_size), reading=shard_reading(d),
             pin_memory=self.accelerator is not None and self.accelerator.device.type == "cuda")
 
     def batch_size_of(self, batch: dict[str, Any]) -> int:

@@ -31,7 +31,7 @@ from sslpipe.heads.vitdet import (
     build_vitdet_pyramid,
     dense_param_groups,
 )
-from sslpipe.recipes.base import Recipe
+from sslpipe.recipes.base import Recipe, shard_reading
 
 
 class FinetuneConfig(Section):
@@ -188,7 +188,7 @@ class DenseFinetuneRecipe(Recipe):
             d.train, split=d.train_split, sample_fn=self.transform(train=True), collate_fn=collate_dense,
             batch_size=d.batch_size, num_workers=d.num_workers, epoch=epoch, seed=self.cfg.seed, rank=rank,
             world_size=world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
-            num_batches=self.steps_per_epoch(world_size), on_error=d.on_error,
+            num_batches=self.steps_per_epoch(world_size), reading=shard_reading(d),
         )
 
     def eval_batches(self, spec: str | None = None, split: str | None = None,
@@ -201,7 +201,7 @@ class DenseFinetuneRecipe(Recipe):
         loader = build_loader(spec, split=split or d.val_split, sample_fn=self.transform(train=False),
                               collate_fn=collate_dense, batch_size=self.cfg.eval.batch_size or self.default_eval_batch,
                               num_workers=0, shuffle=False,
-                              drop_last=False, on_error=d.on_error)
+                              drop_last=False, reading=shard_reading(d))
         seen = 0
         for batch in loader:
             if max_images is not None and seen + len(batch["keys"]) > max_images:

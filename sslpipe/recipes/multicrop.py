@@ -26,7 +26,7 @@ from sslpipe.data.views import MultiCropTransform
 from sslpipe.losses.qscore import QScoreRegularizer
 from sslpipe.models.ema import ema_update
 from sslpipe.models.heads import cancel_last_layer_gradients
-from sslpipe.recipes.base import Recipe
+from sslpipe.recipes.base import Recipe, shard_reading
 from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.sections import QScoreConfig, TeacherStudentConfig
 from sslpipe.weights.state_dict import without_aliases
@@ -145,7 +145,7 @@ class MultiCropRecipe(Recipe):
             d.train, split=d.train_split, sample_fn=self.make_sample_fn(epoch), collate_fn=self.make_collate_fn(epoch),
             batch_size=d.batch_size, num_workers=d.num_workers, epoch=epoch, seed=self.cfg.seed, rank=rank,
             world_size=world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
-            num_batches=self.steps_per_epoch(world_size), on_error=d.on_error,
+            num_batches=self.steps_per_epoch(world_size), reading=shard_reading(d),
             pin_memory=self.accelerator is not None and self.accelerator.device.type == "cuda",
         )
 

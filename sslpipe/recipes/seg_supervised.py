@@ -25,7 +25,7 @@ from sslpipe.data.seg_classes import segmentation_classes
 from sslpipe.data.semi import semi_loader
 from sslpipe.data.stream import batches_per_epoch, build_loader, resolve_shards
 from sslpipe.data.u2pl_views import U2PLSegTransform
-from sslpipe.recipes.base import Recipe
+from sslpipe.recipes.base import Recipe, shard_reading
 
 
 class SegConfig(Section):
@@ -173,7 +173,7 @@ class SupervisedSegRecipe(Recipe):
                            batch_size=d.batch_size, unlabeled_batch_size=self.unlabeled_batch_size(),
                            num_batches=self.steps_per_epoch(world_size), epoch=epoch, seed=self.cfg.seed, rank=rank,
                            world_size=world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-                           resampled=d.resampled, on_error=d.on_error)
+                           resampled=d.resampled, reading=shard_reading(d))
 
     def batch_size_of(self, batch: dict[str, Any]) -> int:
         return int(batch["image_l"].shape[0]) + (int(batch["image_u"].shape[0]) if "image_u" in batch else 0)
@@ -196,7 +196,7 @@ class SupervisedSegRecipe(Recipe):
                               collate_fn=lambda s: ([x[0] for x in s], [x[1] for x in s]),
                               batch_size=self.cfg.eval.batch_size or self.default_eval_batch, num_workers=0,
                               shuffle=False,
-                              drop_last=False, on_error=d.on_error)
+                              drop_last=False, reading=shard_reading(d))
         yield from loader
 
     # ------------------------------------------------------------------- step

@@ -28,7 +28,7 @@ from sslpipe.config import RunConfig, Section
 from sslpipe.data.stream import build_loader
 from sslpipe.losses.health import embedding_health
 from sslpipe.models.backbones import backbone_embed_dim, create_backbone, pooled_features, sync_batchnorm
-from sslpipe.recipes.base import Recipe
+from sslpipe.recipes.base import Recipe, shard_reading
 from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, build_qscore, split_decay_groups
 from sslpipe.recipes.sections import QScoreConfig
@@ -143,7 +143,7 @@ class SimCLRRecipe(Recipe):
             d.train, split=d.train_split, sample_fn=TwoViewSample(build_transform(self.cfg)),
             collate_fn=collate_two_views, batch_size=d.batch_size, num_workers=d.num_workers, epoch=epoch,
             seed=self.cfg.seed, rank=rank, world_size=world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,
-            resampled=d.resampled, num_batches=self.steps_per_epoch(world_size), on_error=d.on_error,
+            resampled=d.resampled, num_batches=self.steps_per_epoch(world_size), reading=shard_reading(d),
         )
 
     def batch_size_of(self, batch: dict[str, Any]) -> int:

@@ -14,6 +14,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from sslpipe.data.remote import Reading
 from sslpipe.data.stream import (
     CorruptSampleWarning,
     ShardReadError,
@@ -166,9 +167,9 @@ def test_corrupt_jpeg_and_truncated_shard_skipped_and_counted(tmp_path):
     assert sorted(_keys(in_workers)) == sorted(got) and in_workers.stats == loader.stats
 
     with pytest.raises(ShardReadError, match=r"train-000001\.tar.*bad_jpeg"):
-        _keys(_loader(str(tmp_path / "train-000001.tar"), on_error="raise"))
+        _keys(_loader(str(tmp_path / "train-000001.tar"), reading=Reading(on_error="raise")))
     with pytest.raises(ShardReadError, match=r"train-000002\.tar.*cut_2"):
-        _keys(_loader(str(cut), on_error="raise"))
+        _keys(_loader(str(cut), reading=Reading(on_error="raise")))
 
 
 def test_decoded_fields(tmp_path):
