@@ -11,6 +11,11 @@ or was an earlier run of the same SLURM job (a requeue, possibly on another node
 refused: not every shared file system carries flocks between hosts, so only the user can tell that it is gone.
 Where the file system has no flock at all (some NFS mounts), the rule falls back to the pid: a holder on this host
 whose pid no longer exists is stale.
+
+A flock belongs to the open file, which `fork` shares: a DataLoader worker forked during the run would hold the lock
+until it noticed its parent was gone (seconds), and a restart right after kill -9 would be refused. So every forked
+child closes its copy of a held lock's descriptor at once (`os.register_at_fork`); the lock then dies with the main
+process alone (tests/engine/test_faults.py, `test_restart_right_after_kill_9_with_loader_workers`).
 """
 from __future__ import annotations
 
@@ -25,6 +30,20 @@ from typing import Any
 
 LOCK_NAME = "run.lock"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_held_in_child() -> None:
+    """After fork, in the child: drop the copies of the parent's lock descriptors (the parent keeps its lock)."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 class RunDirectoryInUse(FileExistsError):
@@ -96,6 +115,7 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
+        _HELD.add(fd)
         return self
 
     def _stale_reason(self, holder: dict[str, Any], flocked: bool, host: str, job: str | None) -> str:
@@ -120,5 +140,6 @@ class RunLock:
         except OSError:
             pass  # a failing disk: the flock still goes with the close, and the pid rule covers the content
         finally:
+            _HELD.discard(self._fd)
             os.close(self._fd)
             self._fd = None

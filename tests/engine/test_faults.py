@@ -479,6 +479,38 @@ def test_a_second_start_on_a_run_directory_in_use_is_refused(tmp_path: Path,
     assert lock.read_text() == "", "released at the end"
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_restart_right_after_kill_9_with_loader_workers(tmp_path: Path, digits_shards: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A scheduler's path: `sslpipe train` with 2 loader workers is killed with SIGKILL while its workers run, and
+    `--resume auto` starts at once. The orphaned workers must not hold the run's lock (they would for seconds if the
+    flock went with their copy of its descriptor)."""
+    args = ["train", str(REPO / "recipes" / "demo_simclr.yaml"), f"data.train={digits_shards}",
+            f"data.val={digits_shards}", "data.batch_size=8", "data.num_workers=2", "data.steps_per_epoch=3",
+            "train.epochs=3", "train.checkpoint_every_epochs=1", "eval.every_epochs=0", f"output_dir={tmp_path}",
+            "run_name=killed"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "sslpipe", *args], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "checkpoints" / "step_00000003"
+    deadline, workers = time.time() + 120, []
+    while time.time() < deadline and job.poll() is None:  # the first checkpoint, then the next epoch's workers
+        workers = _children(job.pid) if first.is_dir() else []
+        if workers:
+            break
+        time.sleep(0.05)
+    assert workers, "the run reached its first checkpoint with its loader workers running"
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    capsys.readouterr()
+    assert main([*args, "--resume", "auto"]) == 0  # at once: no sleep
+    err = capsys.readouterr().err
+    assert "in use by" not in err and (tmp_path / "killed" / "checkpoints" / "step_00000009").is_dir()
+
+
 def test_stale_lock_rule(tmp_path: Path) -> None:
     held = RunLock(tmp_path).acquire()
     with pytest.raises(RunDirectoryInUse, match=f"pid {os.getpid()} on host {socket.gethostname()}"):
