@@ -152,6 +152,38 @@ def test_a_shard_set_by_its_manifest_url_reads_as_on_disk_on_both_ranks(server: 
     assert len(seen) == len(set(seen)) == 1438  # the two ranks' shards are disjoint and cover the set
 
 
+def _gloo_rank(rank: int, port: int, spec: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    keys = _all_keys(_batches(spec, rank=dist.get_rank(), world_size=dist.get_world_size(), num_workers=2))
+    gathered: list[list[str] | None] = [None, None]
+    dist.all_gather_object(gathered, keys)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_of_two_workers_read_disjoint_shards_that_cover_the_set(server: ShardServer,
+                                                                                   digits_shards: Path,
+                                                                                   tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "keys.json"
+    mp.spawn(_gloo_rank, args=(port, f"{server.url}/manifest.json", str(out)), nprocs=2, join=True)
+    ranks = json.loads(out.read_text())
+    assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) + len(ranks[1]) == 1438
+    for rank in (0, 1):
+        assert ranks[rank] == _all_keys(_batches(str(digits_shards), rank=rank, world_size=2, num_workers=2))
+
+
 def test_a_dropped_connection_goes_on_at_the_byte_it_stopped(server: ShardServer, digits_shards: Path) -> None:
     server.faults["train-000003.tar"] = {"kind": "drop", "times": 2}
     assert _batches(f"{server.url}/manifest.json") == _batches(str(digits_shards))
