@@ -384,6 +384,21 @@ def _one_step(cfg) -> tuple[DINOv2Recipe, torch.Tensor, dict]:
     return recipe, loss, metrics
 
 
+def test_gpu_quality_recipe_is_the_demo_network_on_the_whole_set_and_steps(digits_shards: Path) -> None:
+    """recipes/gpu_fmnist_dinov2.yaml (issue 36): the demo's network and loss settings; batch 256 over full epochs,
+    30 of them, bf16, kNN on the full splits. It builds and takes a step here (fp32 on the CPU)."""
+    demo, gpu = load_config(RECIPES / "demo_dinov2.yaml"), load_config(RECIPES / "gpu_fmnist_dinov2.yaml")
+    assert gpu.model == demo.model and gpu.crops == demo.crops
+    assert gpu.dinov2.head == demo.dinov2.head and gpu.dinov2.mask_ratio_min_max == demo.dinov2.mask_ratio_min_max
+    assert (gpu.data.batch_size, gpu.data.steps_per_epoch, gpu.train.epochs, gpu.train.mixed_precision) == \
+        (256, None, 30, "bf16")
+    assert (gpu.eval.max_train, gpu.eval.max_val, gpu.eval.every_epochs) == (None, None, 10)
+    cfg = load_config(RECIPES / "gpu_fmnist_dinov2.yaml", [f"data.train={digits_shards}", "data.batch_size=4",
+                                                          "data.num_workers=0", "train.mixed_precision=no"])
+    _, loss, _ = _one_step(cfg)
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.slow
 def test_published_dinov2_vit_small_builds_and_steps(digits_shards: Path) -> None:
     cfg = load_config(RECIPES / "dinov2_vit_small.yaml", [f"data.train={digits_shards}", "data.batch_size=2",
