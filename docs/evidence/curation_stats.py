@@ -42,7 +42,7 @@ def random_subset(pool_images: Path, out: Path, n: int, seed: int) -> None:
 
 def stats(pool_images: Path, curated: Path, random_folder: Path | None) -> dict:
     files = _truth(pool_images)
-    row_of_key = lambda key: int(key.rsplit("_", 1)[1])  # noqa: E731 - pool shards written from the folder, in order
+    row_of_key = lambda key: int(key.rsplit("_", 1)[1])  # pool shards written from the folder, in order
     manifest = json.loads((curated / "manifest.json").read_text())
     picked = [row_of_key(k) for k in manifest["curation"]["samples"]["source_key"]]
     groups = json.loads((curated / "duplicates.json").read_text())["groups"]

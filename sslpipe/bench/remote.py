@@ -118,5 +118,6 @@ def format_table(r: dict[str, Any]) -> str:
         f"| disk | {r['disk_images_per_s']:.0f} | 1.00 |",
         f"| HTTP (127.0.0.1) | {r['http_images_per_s']:.0f} | {r['http_over_disk']:.2f} |",
         *leaks,
-        f"this process (server): fds {s['before']['fds']} -> {s['after_runs']['fds']} after the runs, sockets "
-        f"{s['before']['sockets']} -> {s['after_runs']['sockets']} (the listening socket: +1)"])
+        (f"this process (server): fds {s['before']['fds']} -> {s['after_runs']['fds']} after the runs, sockets "
+         f"{s['before']['sockets']} -> {s['after_runs']['sockets']} (its listening socket is one), sockets "
+         f"{s['after_close']['sockets']} once it is closed")])

@@ -22,7 +22,13 @@ from safetensors.torch import load_file
 
 from sslpipe.cli import main
 from sslpipe.data.remote import Reading
-from sslpipe.data.stream import CorruptSampleWarning, ShardReadError, build_loader, count_samples, resolve_shards
+from sslpipe.data.stream import (
+    CorruptSampleWarning,
+    ShardReadError,
+    build_loader,
+    count_samples,
+    resolve_shards,
+)
 from sslpipe.engine.trainer import train
 from sslpipe.recipes import load_config
 from sslpipe.weights.checkpoint import find_checkpoint
@@ -46,7 +52,7 @@ class ShardServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            def do_GET(self) -> None:
                 server.serve(self)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
