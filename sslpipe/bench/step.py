@@ -154,6 +154,23 @@ def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: i
     return result
 
 
+def run_packing_bench(recipe_path: str, *, overrides: Sequence[str] = (), **kwargs: Any) -> dict[str, Any]:
+    """`run_step_bench` with the student's crops per size and packed into one pass (`<method>.pack_crops`), one after
+    the other, each beside the bare network (whose ratio shows the drift between the two runs)."""
+    from sslpipe.recipes import load_config
+
+    method = load_config(recipe_path, list(overrides)).method
+    if method not in ("dinov2", "dinov3"):
+        raise ValueError(f"--packing: {recipe_path} is method {method!r}; crop packing exists for dinov2 and dinov3")
+    runs = {pack: run_step_bench(recipe_path, overrides=[*overrides, f"{method}.pack_crops={str(pack).lower()}"],
+                                 **kwargs) for pack in (False, True)}
+    ratio = runs[True]["ours_ms"] / runs[False]["ours_ms"]
+    table = "\n".join([f"per size (pack_crops=false):\n{runs[False]['table']}",
+                       f"packed (pack_crops=true):\n{runs[True]['table']}",
+                       f"packed / per size: {ratio:.2f}x"])
+    return {"per_size": runs[False], "packed": runs[True], "packed_over_per_size": ratio, "table": table}
+
+
 def format_table(r: dict[str, Any]) -> str:
     def mfu(v: float | None) -> str:
         return f"{100 * v:.1f}%" if v is not None else "n/a (no peak for this device)"

@@ -40,6 +40,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--warmup", type=int, default=3)
     step.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     step.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    step.add_argument("--packing", action="store_true",
+                      help="DINOv2/DINOv3: time the step with the crops packed and per size, side by side")
     step.add_argument("overrides", nargs="*", help="key.sub=value overrides for the recipe")
     curate = which.add_parser("curate", help="faiss k-means vs scikit-learn MiniBatchKMeans; IVF vs exact search")
     curate.add_argument("--n", type=int, default=1_000_000, help="synthetic features (rows)")
@@ -92,10 +94,18 @@ def run(args: argparse.Namespace) -> int:
     elif args.bench == "step":
         from sslpipe.bench.step import main_print, run_step_bench
 
-        result = run_step_bench(args.recipe, device=args.device, batch_size=args.batch_size, steps=args.steps,
-                                warmup=args.warmup, mixed_precision=args.mixed_precision, overrides=args.overrides,
-                                peak=args.peak_tflops)
-        main_print(result)
+        if args.packing:
+            from sslpipe.bench.step import run_packing_bench
+
+            result = run_packing_bench(args.recipe, device=args.device, batch_size=args.batch_size, steps=args.steps,
+                                       warmup=args.warmup, mixed_precision=args.mixed_precision,
+                                       overrides=args.overrides, peak=args.peak_tflops)
+            print(result["table"])
+        else:
+            result = run_step_bench(args.recipe, device=args.device, batch_size=args.batch_size, steps=args.steps,
+                                    warmup=args.warmup, mixed_precision=args.mixed_precision,
+                                    overrides=args.overrides, peak=args.peak_tflops)
+            main_print(result)
     else:
         from sslpipe.bench.ibot_step import run_ibot_step_bench
 

@@ -33,13 +33,14 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 from timm.layers import DropPath
+from timm.models.eva import Eva
 from torch import nn
 
 from sslpipe.data.collate import collate_multicrop
 from sslpipe.data.masking import MaskGenerator
 from sslpipe.losses.dinov2 import DINOv2Loss, mask_weights
 from sslpipe.losses.health import dense_health, embedding_health, health_metrics
-from sslpipe.models.backbones import MaskedViT, create_backbone
+from sslpipe.models.backbones import MaskedViT, create_backbone, packed_forward
 from sslpipe.models.heads import DINOHead
 from sslpipe.recipes.multicrop import MultiCropRecipe
 from sslpipe.recipes.sections import HeadConfig, TeacherLossConfig, TeacherStudentConfig
@@ -88,6 +89,9 @@ class DINOv2Config(TeacherStudentConfig):
     drop_path_uniform: bool = True  # the same drop-path rate in every block (timm: linear from 0)
     layerwise_decay: float = 0.9  # lr x decay^(L + 1 - layer_id) in the backbone (dinov2/utils/param_groups.py)
     patch_embed_lr_mult: float = 0.2
+    # the student's global and local crops in one pass of the blocks with block-diagonal attention (the official
+    # forward_features_list): fewer, larger kernels for a GPU (sslpipe/models/backbones.py: packed_forward)
+    pack_crops: bool = False
 
     @model_validator(mode="after")
     def _ranges(self) -> "DINOv2Config":
@@ -202,11 +206,13 @@ def dinov2_param_groups(net: nn.Module, layerwise_decay: float, patch_embed_lr_m
 class DINOv2Net(nn.Module):
     """Masked ViT + CLS head (`dino_head`) + patch head (`ibot_head`, None when the CLS head maps patches too)."""
 
-    def __init__(self, backbone: MaskedViT, dino_head: DINOHead, ibot_head: DINOHead | None) -> None:
+    def __init__(self, backbone: MaskedViT, dino_head: DINOHead, ibot_head: DINOHead | None, n_global: int = 2,
+                 pack_crops: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.dino_head = dino_head
         self.ibot_head = ibot_head
+        self.n_global, self.pack_crops = n_global, pack_crops
 
     def forward(self, global_crops: torch.Tensor, masks: torch.Tensor, mask_indices: torch.Tensor,
                 local_crops: torch.Tensor | None = None
@@ -216,12 +222,19 @@ class DINOv2Net(nn.Module):
 
         ``masks`` (GB, N) bool; ``mask_indices`` (M,) the masked positions in the flattened (GB * N) patch tokens
         (`mask_batch_fields`). The student (built with a mask token) sees the masked crops; the teacher (without
-        one) sees them whole; both map the tokens at the masked positions."""
+        one) sees them whole; both map the tokens at the masked positions. With `pack_crops` the global and local
+        crops go through one pass of the blocks (`packed_forward`)."""
         backbone = self.backbone
-        tokens = backbone(global_crops, mask=masks if backbone.mask_token is not None else None)
+        mask = masks if backbone.mask_token is not None else None
+        if self.pack_crops and local_crops is not None:
+            tokens, local_tokens = packed_forward(backbone, [(global_crops, mask), (local_crops, None)],
+                                                  images=len(global_crops) // self.n_global)
+        else:
+            tokens = backbone(global_crops, mask=mask)
+            local_tokens = backbone(local_crops) if local_crops is not None else None
         cls_tokens = tokens[:, 0]
         patches = tokens[:, backbone.num_prefix_tokens:].flatten(0, 1).index_select(0, mask_indices)
-        cls_in = cls_tokens if local_crops is None else torch.cat([cls_tokens, backbone(local_crops)[:, 0]])
+        cls_in = cls_tokens if local_tokens is None else torch.cat([cls_tokens, local_tokens[:, 0]])
         GB, n_cls = cls_tokens.shape[0], cls_in.shape[0]
         if self.ibot_head is None:  # one pass of the shared head over CLS and patch tokens
             out = self.dino_head(torch.cat([cls_in, patches]))
@@ -249,6 +262,10 @@ class DINOv2Recipe(MultiCropRecipe):
         if getattr(vit, "cls_token", None) is not None:
             nn.init.normal_(vit.cls_token, std=1e-6)  # dinov2's init (create_backbone gives DINO's)
         backbone = MaskedViT(vit, mask_token=mask_token)
+        if d.pack_crops and isinstance(vit, Eva):
+            raise ValueError(f"{self.config_key}.pack_crops: a RoPE ViT ({m.arch}) runs its crops one size at a time "
+                             f"(its rotary embedding assumes one crop per sequence); set {self.config_key}.pack_crops="
+                             "false")
         dino_head = DINOHead(backbone.embed_dim, h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
                              nlayers=h.nlayers, norm_last_layer=h.norm_last_layer)
         ibot_head = None
@@ -259,7 +276,7 @@ class DINOv2Recipe(MultiCropRecipe):
         elif h.patch_out_dim != h.out_dim:
             raise ValueError(f"dinov2.separate_head=false maps the patches with the CLS head: set "
                              f"dinov2.head.patch_out_dim to dinov2.head.out_dim ({h.out_dim}), got {h.patch_out_dim}")
-        return DINOv2Net(backbone, dino_head, ibot_head)
+        return DINOv2Net(backbone, dino_head, ibot_head, n_global=self.cfg.crops.n_global, pack_crops=d.pack_crops)
 
     def build(self, accelerator) -> None:
         self.accelerator = accelerator
