@@ -56,13 +56,14 @@ def main() -> None:
                             ("demo ViT distilled (500 steps)", f"knn_{data}_vit_distilled_s{{s}}.json"),
                             ("demo ViT, DINOv2 from scratch (500 steps)", f"knn_{data}_vit_scratch_s{{s}}.json")]))
     elif which == "curation":
-        print(table(evidence / "curate", [("curated N", "knn_curated_s{s}.json"), ("random N", "knn_random_s{s}.json"),
-                                          ("whole pool", "knn_whole_s{s}.json")]))
-        for s in range(3):
-            stats = evidence / "curate" / f"stats_s{s}.json"
-            if stats.is_file():
+        print(table(evidence / "curate", [("curated N (demo ViT embeddings)", "knn_curated_s{s}.json"),
+                                          ("curated N (SimCLR ResNet-18 embeddings)", "knn_curated_t_s{s}.json"),
+                                          ("random N", "knn_random_s{s}.json"), ("whole pool", "knn_whole_s{s}.json")]))
+        for s, tag in [(s, tag) for tag in ("", "t_") for s in range(3)]:
+            stats = evidence / "curate" / f"stats_{tag}s{s}.json"
+            if stats.is_file() and stats.stat().st_size:
                 st = json.loads(stats.read_text())
-                print(f"seed {s}: entropy pool {st['pool']['entropy_bits']} curated {st['curated']['entropy_bits']} "
+                print(f"{'teacher' if tag else 'demo ViT'} seed {s}: entropy pool {st['pool']['entropy_bits']} curated {st['curated']['entropy_bits']} "
                       f"random {st['random']['entropy_bits']} bits; junk pool {st['pool']['junk_share']} curated "
                       f"{st['curated']['junk_share']} random {st['random']['junk_share']}; two heavy classes pool "
                       f"{st['pool']['heavy_share']} curated {st['curated']['heavy_share']} random "

@@ -29,7 +29,7 @@ def _export(tmp_path, arch: str, args: dict, source: dict | None = None):
     """A random-weight export (position grid far from its init, so a wrongly resampled grid shows)."""
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=0, **args).eval()
-    if hasattr(model, "pos_embed"):
+    if getattr(model, "pos_embed", None) is not None:
         torch.nn.init.normal_(model.pos_embed)
     return export_backbone(model, tmp_path / "exp", arch=arch, model_args=args, img_size=32, mean=(0.5,) * 3,
                            std=(0.25,) * 3, source=source or {})
@@ -54,6 +54,17 @@ def test_vit_matches_torch_at_two_sizes(tmp_path, args):
     for shape in [(2, 3, 32, 32), (3, 3, 48, 48), (1, 3, 16, 64)]:  # the grid resampled in the graph
         assert _max_diff(out, shape) <= 1e-4, shape
     assert "not the `official` rule" in report.lines()[-1]  # sslpipe's runs train with the official rule
+
+
+def test_rope_vit_of_dinov3_matches_torch_at_other_sizes(tmp_path):
+    """timm's `vit_*_dinov3` (rotary positions, storage tokens): the rotary embedding is computed in the graph for
+    each input's own grid, so other sizes need no resampling and still equal torch."""
+    out = _export(tmp_path, "vit_small_patch16_dinov3", {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2,
+                                                          "num_heads": 2})
+    report = export_onnx(out)
+    assert max(report.diffs.values()) <= 1e-4
+    for shape in [(2, 3, 32, 32), (1, 3, 48, 64)]:
+        assert _max_diff(out, shape) <= 1e-4, shape
 
 
 def test_cnn_matches_torch_with_weights_beside_it(tmp_path, monkeypatch):
