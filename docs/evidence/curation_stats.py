@@ -6,8 +6,10 @@ found of a curated set, from the pool's truth.json (docs/evidence/skewed_pool.py
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -40,10 +42,27 @@ def random_subset(pool_images: Path, out: Path, n: int, seed: int) -> None:
         dst.symlink_to((pool_images / files[r]["file"]).resolve())
 
 
+def _rows_of_keys(pool_images: Path, files: list[dict], shards: list[str]) -> dict[str, int]:
+    """Each pool sample's key -> its row in truth.json, by the bytes of its image (`sslpipe shards --folder` keeps
+    them; it does not keep the folder's order). Identical images (a zero shift) are matched in order."""
+    rows_of_bytes: dict[str, list[int]] = {}
+    for r, f in enumerate(files):
+        rows_of_bytes.setdefault(hashlib.md5((pool_images / f["file"]).read_bytes()).hexdigest(), []).append(r)
+    rows = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".png"):
+                    digest = hashlib.md5(tar.extractfile(member).read()).hexdigest()
+                    rows[member.name[:-4]] = rows_of_bytes[digest].pop(0)
+    return rows
+
+
 def stats(pool_images: Path, curated: Path, random_folder: Path | None) -> dict:
     files = _truth(pool_images)
-    row_of_key = lambda key: int(key.rsplit("_", 1)[1])  # pool shards written from the folder, in order
     manifest = json.loads((curated / "manifest.json").read_text())
+    rows = _rows_of_keys(pool_images, files, manifest["curation"]["source_shards"])
+    row_of_key = rows.__getitem__
     picked = [row_of_key(k) for k in manifest["curation"]["samples"]["source_key"]]
     groups = json.loads((curated / "duplicates.json").read_text())["groups"]
     group_of = {}
