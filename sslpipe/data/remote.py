@@ -162,10 +162,14 @@ def _verified(url: str, reading: Reading, sha256: str) -> BinaryIO:
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
         digest = hashlib.sha256()
         source = gopen(url) if not url.startswith(HTTP_PREFIXES) else io.BufferedReader(HttpShard(url, reading))
-        with source:
-            while chunk := source.read(1 << 20):
-                digest.update(chunk)
-                spool.write(chunk)
+        try:
+            with source:
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+                    spool.write(chunk)
+        except BaseException:
+            spool.close()
+            raise
         if digest.hexdigest() == sha256:
             spool.seek(0)
             return spool
