@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sslpipe.data.remote import Reading
 from sslpipe.data.stream import build_loader, derive_seed
 from sslpipe.data.u2pl_views import U2PLSegTransform
 
@@ -82,10 +83,10 @@ class SemiBatches:
 def semi_loader(*, labeled: str, labeled_split: str, unlabeled: str | None, unlabeled_split: str,
                 transform: U2PLSegTransform, batch_size: int, unlabeled_batch_size: int, num_batches: int,
                 epoch: int, seed: int, rank: int, world_size: int, num_workers: int = 0, shuffle_buffer: int = 1000,
-                resampled: bool = False, on_error: str = "warn") -> SemiBatches:
+                resampled: bool = False, reading: Reading = Reading()) -> SemiBatches:
     """The paired stream of one rank and epoch (module docstring); deterministic in (seed, epoch, rank)."""
     common = dict(epoch=epoch, rank=rank, world_size=world_size, num_workers=num_workers, shuffle=True,
-                  shuffle_buffer=shuffle_buffer, resampled=resampled, num_batches=num_batches, on_error=on_error)
+                  shuffle_buffer=shuffle_buffer, resampled=resampled, num_batches=num_batches, reading=reading)
     lab = build_loader(labeled, split=labeled_split, sample_fn=LabeledSample(transform), collate_fn=collate_samples,
                        batch_size=batch_size, seed=seed, **common)
     unl = None
