@@ -54,7 +54,11 @@ def main() -> None:
             print(table(d, [("teacher (SimCLR ResNet-18)", f"knn_{data}_teacher.json"),
                             ("random init (demo ViT)", f"knn_{data}_random_vit.json"),
                             ("demo ViT distilled (500 steps)", f"knn_{data}_vit_distilled_s{{s}}.json"),
-                            ("demo ViT, DINOv2 from scratch (500 steps)", f"knn_{data}_vit_scratch_s{{s}}.json")]))
+                            ("demo ViT, DINOv2 from scratch (500 steps)", f"knn_{data}_vit_scratch_s{{s}}.json"),
+                            ("random init (ResNet-10t)", f"knn_{data}_random_resnet.json"),
+                            ("ResNet-10t distilled (500 steps)", f"knn_{data}_resnet_distilled_s{{s}}.json"),
+                            ("ResNet-10t, SimCLR from scratch (500 steps)",
+                             f"knn_{data}_resnet_scratch_s{{s}}.json")]))
     elif which == "curation":
         print(table(evidence / "curate", [("curated N (demo ViT embeddings)", "knn_curated_s{s}.json"),
                                           ("curated N (SimCLR ResNet-18 embeddings)", "knn_curated_t_s{s}.json"),
