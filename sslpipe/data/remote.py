@@ -17,6 +17,7 @@ Local files, `pipe:` commands and other schemes go through webdataset's `gopen` 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import io
@@ -146,8 +147,11 @@ def fetch_bytes(url: str, reading: Reading) -> bytes:
         return stream.read()
 
 
+@functools.lru_cache(maxsize=16)
 def fetch_manifest(url: str, reading: Reading = Reading()) -> dict:
-    """The manifest at `url` (`.../manifest.json`), read over HTTP(S)."""
+    """The manifest at `url` (`.../manifest.json`), read over HTTP(S) once per process: resolving the shards, their
+    entries and the sample count of every epoch's loader read the same one (a shard set does not change mid-run).
+    Callers must not modify the returned dict."""
     try:
         return json.loads(fetch_bytes(url, reading))
     except RemoteReadError as err:
