@@ -1,17 +1,10 @@
 """Reading shards over HTTP(S) without hanging and without a traceback: retries with backoff, a read timeout,
 resumption of a dropped connection at the byte it stopped, and an optional sha256 check against the manifest.
 
-What happens on each fault (docs/internals.md §2, "Remote shards"; tests/data/test_remote.py):
-
-| fault | what sslpipe does |
-|---|---|
-| connection refused / reset, 5xx, 429 | up to `retries` new tries, `retry_backoff` x 2^i seconds apart (capped at 30 s) |
-| connection dropped mid-shard | reconnects with `Range: bytes=N-` and goes on at byte N (a server that ignores Range: the first N bytes are read again and dropped); counts as a try |
-| no byte for `read_timeout` seconds | the read fails and is retried as a drop |
-| 4xx other than 429 (404, 403, ...) | no retry: the shard is skipped at once |
-| tries exhausted | the shard's remaining samples are skipped, counted (`shard_errors`) and named in a warning |
-| body shorter than its Content-Length / truncated tar | retried as a drop; a file that is short on the server fails in the tar reader: the rest of the shard is skipped |
-| flipped bytes | an image that no longer decodes is skipped; with `verify_sha256` the whole shard is read first (a spooled temporary file: 64 MB in memory, the rest on local disk) and compared with the manifest's sha256, and a mismatch is retried then skipped before any of its samples is used |
+A failed connect or read (refused, reset, 5xx, 429, nothing for `read_timeout` seconds, a body shorter than its
+Content-Length) is retried `retries` times, `retry_backoff` x 2^i seconds apart (at most 30 s), and a dropped
+connection goes on at the byte it stopped (`Range: bytes=N-`); any other 4xx is not retried. What each fault ends in,
+and its test: the table in docs/internals.md §2, "Remote shards".
 
 Local files, `pipe:` commands and other schemes go through webdataset's `gopen` unchanged.
 """

@@ -2,11 +2,12 @@
 
 The pieces that webdataset does well are used as-is: URL opening (`gopen`: local files, `pipe:` commands, ...;
 http(s) by `sslpipe.data.remote`, which retries and resumes), tar member iteration (`tar_file_iterator`), key
-splitting (`base_plus_ext`) and the sample shuffle buffer (`wds.shuffle`). The shard *schedule* is written here because webdataset's `split_by_node`, `split_by_worker` and
-`ResampledShards` read the rank from `torch.distributed`/environment variables and keep a hidden epoch counter,
-whereas the trainer needs the rank, world size and epoch passed explicitly (tests simulate ranks; resume rebuilds
-the loader of a given epoch). Shard reading is per shard so that a truncated shard or undecodable image can be
-reported with its shard URL and sample key, and counted.
+splitting (`base_plus_ext`) and the sample shuffle buffer (`wds.shuffle`). The shard *schedule* is written here
+because webdataset's `split_by_node`, `split_by_worker` and `ResampledShards` read the rank from
+`torch.distributed`/environment variables and keep a hidden epoch counter, whereas the trainer needs the rank, world
+size and epoch passed explicitly (tests simulate ranks; resume rebuilds the loader of a given epoch). Shard reading
+is per shard so that a truncated shard or undecodable image can be reported with its shard URL and sample key, and
+counted.
 
 Schedule, exact mode (``resampled=False``):
   1. all shard URLs are shuffled with a seed derived from (seed, epoch) -- identical on every rank;
@@ -95,8 +96,8 @@ def _manifest_urls(spec: str, split: str) -> list[tuple[str, dict]]:
     entries = _manifest_split(manifest, split, spec).get("shards", [])
     if not entries:
         raise ValueError(f"{spec}: split {split!r} lists no shards; {_MAKE_SHARDS_HINT}")
-    join = (lambda name: f"{root}/{name}") if root.startswith(HTTP_PREFIXES) else (lambda name: os.path.join(root, name))
-    return [(join(entry["name"]), entry) for entry in entries]
+    remote = root.startswith(HTTP_PREFIXES)
+    return [(f"{root}/{e['name']}" if remote else os.path.join(root, e["name"]), e) for e in entries]
 
 
 def shard_entries(spec: str | list[str], split: str = "train") -> dict[str, dict]:
@@ -113,8 +114,8 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> list[str]:
 
     `spec` is a shard directory with ``manifest.json``, a manifest file or the http(s) URL of one (-> that split's
     shards), a brace pattern (``data/train-{000000..000127}.tar``), a glob, a local path, a remote/``pipe:`` URL
-    (brace-expanded, otherwise passed through untouched), or a list of any of these. Local files are checked so that a typo fails here with
-    the missing names rather than inside a DataLoader worker.
+    (brace-expanded, otherwise passed through untouched), or a list of any of these. Local files are checked so
+    that a typo fails here with the missing names rather than inside a DataLoader worker.
     """
     if isinstance(spec, (list, tuple)):
         return [url for item in spec for url in resolve_shards(item, split)]
