@@ -252,17 +252,24 @@ def test_moonshot_is_the_demo_simclr_recipe_stretched_six_fold() -> None:
     assert stretched.model_dump() == moon.model_dump()
 
 
-def test_random_init_baseline_of_a_cnn_recipe_loads(tmp_path: Path) -> None:
-    """The demo's random-init kNN baseline for a CNN recipe: the export holds no img_size (timm's ResNet rejects
-    it), loads, and equals the network the recipe starts from."""
+@pytest.mark.parametrize("recipe", ["demo_simclr.yaml", "demo_dinov3.yaml"])
+def test_random_init_baseline_loads(tmp_path: Path, recipe: str) -> None:
+    """The demo's random-init kNN baseline: a CNN's export holds no img_size (timm's ResNet rejects it); a DINOv3
+    ViT's keeps the [CLS] pooling create_backbone gives it (timm's default pools the patches). Both load and equal
+    the network the recipe starts from."""
     from sslpipe.demo import _random_init_export
     from sslpipe.models.backbones import create_backbone
 
-    cfg = load_config(RECIPES / "demo_simclr.yaml")
+    cfg = load_config(RECIPES / recipe)
     export = _random_init_export(cfg, tmp_path / "random")
-    assert "img_size" not in json.loads((export / "config.json").read_text())["model_args"]
+    model_args = json.loads((export / "config.json").read_text())["model_args"]
+    if cfg.model.arch.startswith("resnet"):
+        assert "img_size" not in model_args
+    else:
+        assert model_args["global_pool"] == "token"
     torch.manual_seed(cfg.seed)
-    fresh = create_backbone(cfg.model.arch, img_size=cfg.crops.global_size, **cfg.model.kwargs).eval()
+    fresh = create_backbone(cfg.model.arch, img_size=cfg.crops.global_size, patch_size=cfg.model.patch_size,
+                            **cfg.model.kwargs).eval()
     loaded = load_backbone(export).eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, cfg.crops.global_size, cfg.crops.global_size)
     assert torch.equal(loaded(x), fresh(x))
