@@ -1,6 +1,6 @@
 """Tables of the evidence runs (docs/evidence/*.sh): kNN top-1 at k = 20 per seed, mean +- std (sample std, n - 1).
 
-    python docs/evidence/summarize.py EVIDENCE_DIR {adapt,distill,curation,gram}
+    python docs/evidence/summarize.py EVIDENCE_DIR {adapt,distill,curation}
 """
 from __future__ import annotations
 
@@ -12,10 +12,6 @@ from pathlib import Path
 
 def top1(path: Path) -> float | None:
     return json.loads(path.read_text())["k"]["20"]["top1"] if path.is_file() else None
-
-
-def seg_miou(path: Path) -> float | None:
-    return json.loads(path.read_text())["mIoU"] if path.is_file() else None
 
 
 def row(name: str, values: list[float | None]) -> str:
@@ -30,13 +26,13 @@ def row(name: str, values: list[float | None]) -> str:
     return f"| {name} | {summary} | {cells} |"
 
 
-def table(root: Path, arms: list[tuple[str, str]], read=top1, what: str = "kNN top-1") -> str:
-    lines = [f"| arm | {what}, mean ± std | seeds 0 / 1 / 2 |", "|---|---|---|"]
+def table(root: Path, arms: list[tuple[str, str]]) -> str:
+    lines = ["| arm | kNN top-1, mean ± std | seeds 0 / 1 / 2 |", "|---|---|---|"]
     for name, pattern in arms:
         if "{s}" in pattern:
-            lines.append(row(name, [read(root / pattern.format(s=s)) for s in range(3)]))
+            lines.append(row(name, [top1(root / pattern.format(s=s)) for s in range(3)]))
         else:  # one run that does not depend on the seed (a teacher, a random init)
-            value = read(root / pattern)
+            value = top1(root / pattern)
             lines.append(f"| {name} | {'not run' if value is None else f'{value:.4f}'} (one network) | |")
     return "\n".join(lines)
 
@@ -75,10 +71,7 @@ def main() -> None:
                       f"{st['planted_duplicates']} ({st['planted_found_share']}), removed {st['removed']} of which "
                       f"{st['removed_outside_planted_pairs']} outside planted pairs; curated kinds {st['curated_kinds']}")
     else:
-        g = evidence / "gram"
-        print(table(g, [("Gram anchoring (w 2)", "knn_gram_s{s}.json"), ("without", "knn_nogram_s{s}.json")]))
-        print(table(g, [("Gram anchoring (w 2)", "seg_gram_s{s}.json"), ("without", "seg_nogram_s{s}.json")],
-                    read=seg_miou, what="linear-seg mIoU"))
+        raise SystemExit(f"unknown evidence {which!r}: adapt, distill or curation (Gram anchoring: gram_report.py)")
 
 
 if __name__ == "__main__":
