@@ -2,8 +2,8 @@
 
     python docs/evidence/gram_report.py EVIDENCE_DIR/gram docs/img/gram_dense_health.png
 
-Tables: kNN top-1 (k = 20) at step 1000, linear-seg mIoU on the scenes at steps 500 and 1000, and the teacher's
-dense health (mean cosine patch-[CLS] and patch-patch) averaged over each run's last 250 steps; mean ± sample std
+Tables: kNN top-1 (k = 20) at step 1000, linear-seg mIoU on the scenes at steps 500, 700 and 1000, and the teacher's
+dense health (mean cosine patch-[CLS] and patch-patch) averaged over each run's steps 800-1000 (5 points); mean ± sample std
 over seeds 0, 1, 2 beside the random-init network and the constant prediction. The figure draws the dense health
 every 50 steps (mean over seeds, band = min..max) and the linear-seg mIoU at each probed step.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 ARMS = {"gram": "Gram anchoring (w 2)", "nogram": "without"}
 HEALTH = ("dense/patch_cls_cos", "dense/patch_patch_cos")
 SEEDS = (0, 1, 2)
+PROBED = (500, 700, 1000)  # the steps whose checkpoint the linear-seg probe read
 
 
 def read(path: Path, key: str) -> float | None:
@@ -48,7 +49,7 @@ def tables(g: Path) -> str:
     if base is not None:
         out.append(f"| linear-seg mIoU | background everywhere | {base['mIoU']:.4f} | |")
     out.append(f"| linear-seg mIoU | random init | {summary([read(g / 'curve' / 'seg_random_s0.json', 'mIoU')])} |")
-    for step in (500, 1000):
+    for step in PROBED:
         for arm, name in ARMS.items():
             vals = [read(g / "curve" / f"seg_{arm}_s{s}_{step}.json", "mIoU") for s in SEEDS]
             out.append(f"| linear-seg mIoU (step {step}) | {name} | {summary(vals)} |")
@@ -77,9 +78,9 @@ def plot(g: Path, png: Path) -> None:
             per_step = [[v for run in runs for st, v in run[key] if st == step] for step in steps]
             ax.plot(steps, [statistics.mean(v) for v in per_step], label=name)
             ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.25)
-            ax.set_title(f"teacher {key} (mean, min..max of 3 seeds)")
+            ax.set_title(f"teacher {key}\n(mean, band min..max of the seeds)", fontsize=10)
         probed = [(step, [read(g / "curve" / f"seg_{arm}_s{s}_{step}.json", "mIoU") for s in SEEDS])
-                  for step in (500, 1000)]
+                  for step in PROBED]
         xs = [step for step, v in probed if None not in v]
         axes[2].errorbar(xs, [statistics.mean(v) for _, v in probed if None not in v],
                          yerr=[statistics.stdev(v) for _, v in probed if None not in v], marker="o", capsize=4,
@@ -90,10 +91,11 @@ def plot(g: Path, png: Path) -> None:
     rnd = read(g / "curve" / "seg_random_s0.json", "mIoU")
     if rnd is not None:
         axes[2].axhline(rnd, color="black", ls="--", label="random init")
-    axes[2].set_title("linear-seg mIoU on the scenes (mean ± std)")
+    axes[2].set_title("linear-seg mIoU on the scenes\n(mean ± std of the seeds)", fontsize=10)
     for ax in axes:
         ax.axvline(200, color="grey", lw=0.8)  # the Gram teacher is first copied at step 200
         ax.set_xlabel("step")
+        ax.set_xlim(0, 1050)
         ax.legend(fontsize=8)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
