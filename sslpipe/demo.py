@@ -21,7 +21,7 @@ from sslpipe.eval.knn import knn_classify, run_knn
 from sslpipe.eval.spec import FeatureSpec, ProbeData
 from sslpipe.ingest.options import ShardOptions
 from sslpipe.ingest.shards import write_shards
-from sslpipe.models.backbones import create_backbone, is_vit_arch
+from sslpipe.models.backbones import backbone_args, create_backbone
 from sslpipe.viz.report import write_report
 from sslpipe.weights.export import export_backbone
 from sslpipe.weights.run_export import export_run
@@ -50,11 +50,7 @@ def _random_init_export(cfg, out: Path) -> Path:
     torch.manual_seed(cfg.seed)
     m = cfg.model
     model = create_backbone(m.arch, img_size=cfg.crops.global_size, patch_size=m.patch_size, **m.kwargs)
-    model_args = dict(m.kwargs)
-    if is_vit_arch(m.arch):  # a CNN takes any input size: timm rejects img_size there
-        model_args["img_size"] = cfg.crops.global_size
-    if m.patch_size:
-        model_args["patch_size"] = m.patch_size
+    model_args = backbone_args(m.arch, img_size=cfg.crops.global_size, patch_size=m.patch_size, **m.kwargs)
     return export_backbone(model, out, arch=m.arch, model_args=model_args, img_size=cfg.crops.global_size,
                            mean=cfg.crops.mean, std=cfg.crops.std, source={"run": None, "which": "random-init"})
 

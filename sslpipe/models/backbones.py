@@ -42,6 +42,28 @@ def is_vit_arch(arch: str) -> bool:
     return timm.models.model_entrypoint(arch).__module__ in _VIT_MODULES
 
 
+def backbone_args(arch: str, *, img_size: int, patch_size: int | None = None, **model_args: Any) -> dict[str, Any]:
+    """The `timm.create_model(arch, ...)` arguments of `create_backbone` (without drop_path_rate): what an export
+    records so that timm rebuilds the same network.
+
+    ViTs get ``img_size`` (the global crop size: it sizes the learned position embedding), optional ``patch_size``
+    and ``dynamic_img_size=True``; extra ``model_args`` (depth, embed_dim, num_heads, reg_tokens, ...) go to timm.
+    CNN-like models accept any input size, so ``img_size`` is not passed to them; ``patch_size`` is an error there.
+    DINOv3's rotary ViTs (`*_dinov3`, `*_dinov3_qkvb`) get ``global_pool="token"``: their feature is the [CLS] token,
+    as upstream.
+    """
+    args: dict[str, Any] = dict(num_classes=0, **model_args)
+    if is_dinov3_vit(arch) and "global_pool" not in args:
+        args["global_pool"] = "token"  # timm pools DINOv3's patch tokens by default; the official feature is CLS
+    if is_vit_arch(arch):
+        args.update(img_size=img_size, dynamic_img_size=True)
+        if patch_size is not None:
+            args["patch_size"] = patch_size
+    elif patch_size is not None:
+        raise ValueError(f"model.patch_size={patch_size} given for {arch!r}, which is not a ViT: remove patch_size")
+    return args
+
+
 def create_backbone(
     arch: str,
     *,
@@ -50,25 +72,10 @@ def create_backbone(
     drop_path_rate: float = 0.0,
     **model_args: Any,
 ) -> nn.Module:
-    """Create a randomly initialised timm backbone without classifier.
-
-    ViTs get ``img_size`` (the global crop size: it sizes the learned position embedding), optional ``patch_size``
-    and ``dynamic_img_size=True``; extra ``model_args`` (depth, embed_dim, num_heads, reg_tokens, ...) go to timm.
-    CNN-like models accept any input size, so ``img_size`` is not passed to them; ``patch_size`` is an error there.
-    DINOv3's rotary ViTs (`*_dinov3`, `*_dinov3_qkvb`) get ``global_pool="token"``: their feature is the [CLS] token,
-    as upstream.
-    """
-    kwargs: dict[str, Any] = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **model_args)
-    if is_dinov3_vit(arch) and "global_pool" not in kwargs:
-        kwargs["global_pool"] = "token"  # timm pools DINOv3's patch tokens by default; the official feature is CLS
-    if is_vit_arch(arch):
-        kwargs.update(img_size=img_size, dynamic_img_size=True)
-        if patch_size is not None:
-            kwargs["patch_size"] = patch_size
-    elif patch_size is not None:
-        raise ValueError(f"model.patch_size={patch_size} given for {arch!r}, which is not a ViT: remove patch_size")
+    """Create a randomly initialised timm backbone without classifier, with `backbone_args`' arguments."""
+    kwargs = backbone_args(arch, img_size=img_size, patch_size=patch_size, **model_args)
     try:
-        model = timm.create_model(arch, **kwargs)
+        model = timm.create_model(arch, pretrained=False, drop_path_rate=drop_path_rate, **kwargs)
     except TypeError as e:
         raise ValueError(f"timm.create_model({arch!r}) rejected the model arguments {sorted(kwargs)}: {e}") from e
     if getattr(model, "cls_token", None) is not None:

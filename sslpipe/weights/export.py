@@ -98,8 +98,6 @@ def export_backbone(
         if k.split(".")[-1] not in TRAINING_ONLY_KEYS
     }
     args = {**dict(model_args), "num_classes": 0}
-    if is_dinov3_vit(arch) and isinstance(getattr(module, "global_pool", None), str):
-        args.setdefault("global_pool", module.global_pool)  # timm's default (avg) is not create_backbone's (token)
     config = {
         "format": FORMAT,
         "architecture": arch,
