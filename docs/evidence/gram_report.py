@@ -9,6 +9,7 @@ every 50 steps (mean over seeds, band = min..max) and the linear-seg mIoU at eac
 """
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -27,6 +28,7 @@ def read(path: Path, key: str) -> float | None:
     return data["k"]["20"]["top1"] if key == "knn" else data[key]
 
 
+@functools.lru_cache(maxsize=None)  # the tables and the figure read each run's metrics once
 def health(run: Path) -> dict[str, list[tuple[int, float]]]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {key: [(r["step"], r[key]) for r in rows if key in r] for key in HEALTH}
