@@ -12,6 +12,8 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from sslpipe.config import RunConfig
 
@@ -41,21 +43,32 @@ def apply_schedule(optimizer: torch.optim.Optimizer, sched: dict[str, float]) ->
         group["weight_decay"] = sched["weight_decay"] if group.get("apply_wd", True) else 0.0
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 @torch.no_grad()
 def clip_gradients_per_tensor(module: torch.nn.Module, clip: float) -> torch.Tensor:
     """DINO `utils.clip_gradients`: each parameter's gradient is rescaled on its own to norm <= `clip`.
 
     coef = clip / (||g||_2 + 1e-6); g <- g * coef when coef < 1 (g * min(coef, 1), which leaves the others
     bit-identical). Not the global norm of `clip_grad_norm_` (docs/methods.md §1: iBOT/DINO clip per tensor), hence
-    written here. Returns the norms before clipping as one tensor (in parameter order), left on the device.
+    written here. Under FSDP2 the norms are those of the whole gradients (one all-reduce). Returns the norms before
+    clipping as one tensor (in parameter order), left on the device.
     """
     by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    sharded = False
     for param in module.parameters():
         if param.grad is not None:
-            by_device[(param.grad.device, param.grad.dtype)].append(param.grad)
+            sharded |= isinstance(param.grad, DTensor)
+            by_device[(param.grad.device, param.grad.dtype)].append(_local(param.grad))
     norms = []
     for grads in by_device.values():
         group_norms = torch.stack(torch._foreach_norm(grads, 2.0))
+        if sharded:  # FSDP2: each process holds a slice of every gradient; one all-reduce of the squared norms
+            squares = group_norms.float().square()
+            dist.all_reduce(squares)
+            group_norms = squares.sqrt().to(group_norms.dtype)
         coefs = (clip / (group_norms + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, list(coefs.unbind()))
         norms.append(group_norms.float())

@@ -31,7 +31,6 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (
     DistributedDataParallelKwargs,
-    DistributedType,
     ProjectConfiguration,
     broadcast_object_list,
     set_seed,
@@ -50,6 +49,7 @@ from sslpipe.engine.preemption import StopRequest, sigterm_as_exit
 from sslpipe.engine.prefetch import prefetch_to_device
 from sslpipe.engine.processes import process_state
 from sslpipe.engine.run_lock import RunLock
+from sslpipe.engine.sharding import Sharding, shard, sharding_from_launcher, unsharded
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup
 from sslpipe.errors import WriteFailed, io_failure
@@ -246,6 +246,10 @@ def train(cfg: RunConfig, *, resume: str | None = None, overrides_text: str | No
     is recorded in config.yaml. With `train.deterministic` the run uses deterministic kernels (bit-exact resume on a
     GPU too; see `sslpipe.engine.determinism`).
     """
+    sharding = sharding_from_launcher()  # before Accelerate reads the environment
+    if sharding is not None and get_recipe(cfg.method).sharded_modules is Recipe.sharded_modules:
+        raise ValueError(f"method {cfg.method} does not run sharded (FSDP2 launch file): launch it with DDP, e.g. "
+                         "launch/8gpu_ddp.yaml; dino, ibot, dinov2 and dinov3 run sharded")
     with deterministic_mode(cfg.train.deterministic), sigterm_as_exit():
         # The process group comes first (all ranks must agree on the run directory). Ranks wait at a collective
         # while the main process runs a periodic kNN probe: allow hours, not NCCL's 10 min.
@@ -254,13 +258,13 @@ def train(cfg: RunConfig, *, resume: str | None = None, overrides_text: str | No
         if ckpt is not None:
             cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})
         try:
-            return _train(cfg, cpu=cpu, run_dir=run_dir, ckpt=ckpt)
+            return _train(cfg, cpu=cpu, run_dir=run_dir, ckpt=ckpt, sharding=sharding)
         finally:
             if lock is not None:
                 lock.release()
 
 
-def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None) -> Path:
+def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, sharding: Sharding | None) -> Path:
     state = PartialState()
     log_with, init_kwargs = tracker_setup(cfg, run_dir)
     recipe_cls = get_recipe(cfg.method)
@@ -276,10 +280,17 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None) -> Pa
     set_seed(cfg.seed)
     recipe = recipe_cls(cfg)
     recipe.build(accelerator)
-    if accelerator.distributed_type != DistributedType.FSDP:  # FSDP shards from the CPU copy itself
-        recipe.student.to(accelerator.device)  # before the optimizer: fused AdamW wants its parameters on the GPU
+    # Before the optimizer: fused AdamW wants its parameters on the GPU, a sharded run its slices (DTensors).
+    sharded = recipe.sharded_modules() if sharding is not None else []
+    if sharded:
+        shard(sharded, accelerator.device, sharding)
+    else:
+        recipe.student.to(accelerator.device)
     optimizer = build_optimizer(cfg, recipe.param_groups())
-    recipe.student, optimizer = accelerator.prepare(recipe.student, optimizer)
+    if sharded:  # the student stays as sharded, never DDP-wrapped
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        recipe.student, optimizer = accelerator.prepare(recipe.student, optimizer)
     set_seed(cfg.seed, device_specific=True)
 
     accum = cfg.train.grad_accum_steps
@@ -419,7 +430,8 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None) -> Pa
                 done_epoch, metric = global_step // spe - 1, None
                 if cfg.eval.every_epochs > 0 and (done_epoch + 1) % cfg.eval.every_epochs == 0:
                     check_finite()
-                    results = recipe.evaluate(done_epoch)
+                    with unsharded(sharded):
+                        results = recipe.evaluate(done_epoch)
                     if results:
                         log({"step": global_step, "epoch": done_epoch + 1, **results})
                         if cfg.train.best_metric in results:

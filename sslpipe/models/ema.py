@@ -12,6 +12,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
 
@@ -24,6 +25,10 @@ def _clean(name: str) -> str:
             if name.startswith(p):
                 name, changed = name[len(p):], True
     return name
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def build_teacher(student: nn.Module) -> nn.Module:
@@ -55,7 +60,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
            if _clean(n) in s_params and p_t.shape != s_params[_clean(n)].shape]
     if bad:
         raise ValueError(f"ema_update: teacher and student parameters differ in shape: {bad[:5]}")
-    t_list = [t for t, _ in pairs]
-    s_list = [s.detach().to(t.dtype) for t, s in pairs]
+    # FSDP2 (both nets sharded alike): each process averages its own slice, no communication.
+    t_list = [_local(t) for t, _ in pairs]
+    s_list = [_local(s.detach()).to(t.dtype) for t, s in zip(t_list, (s for _, s in pairs))]
     torch._foreach_mul_(t_list, momentum)
     torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)

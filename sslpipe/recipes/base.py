@@ -111,6 +111,12 @@ class Recipe(ABC):
     def backbone(self, which: str = "teacher") -> nn.Module:
         """The plain backbone (a timm model) of the teacher or the student, for export and kNN probes."""
 
+    def sharded_modules(self) -> list[nn.Module] | None:
+        """The modules a sharded (FSDP2) run shards alike, the student first, or None when the method does not run
+        sharded. Everything that reads one of them across processes (an EMA update, a snapshot) must then work on
+        each process's slice."""
+        return None
+
     def evaluate(self, epoch: int) -> dict[str, float]:
         """Optional periodic evaluation (called on every process after epoch `epoch` when eval.every_epochs > 0);
         returns metrics to log, e.g. {'knn/top1_k20': 71.3}."""

@@ -23,11 +23,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from pydantic import Field
 
 from sslpipe.config import Section
 from sslpipe.losses.gram import GramLoss
 from sslpipe.recipes.dinov2 import DINOv2Config, DINOv2Recipe
+from sslpipe.weights.sharded_state import load_whole
 from sslpipe.weights.state_dict import without_aliases
 
 
@@ -117,6 +119,9 @@ class DINOv3Recipe(DINOv2Recipe):
             self.gram_refreshes += 1
 
     # ------------------------------------------------------------------ state
+    def sharded_modules(self) -> list[nn.Module]:
+        return [*super().sharded_modules(), self.gram_teacher]  # sharded like the teacher: snapshots copy slices
+
     def extra_state(self) -> dict[str, torch.Tensor]:
         state = super().extra_state()
         state.update({f"gram_teacher.{k}": v for k, v in without_aliases(self.gram_teacher.state_dict()).items()})
@@ -126,6 +131,6 @@ class DINOv3Recipe(DINOv2Recipe):
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         gram = {k[len("gram_teacher."):]: v for k, v in state.items() if k.startswith("gram_teacher.")}
         super().load_extra_state(state)
-        self.gram_teacher.load_state_dict(gram)
+        load_whole(self.gram_teacher, gram)
         self.gram_ready.copy_(state["gram_ready"])
         self.gram_refreshes.copy_(state["gram_refreshes"])

@@ -29,6 +29,7 @@ from sslpipe.models.heads import cancel_last_layer_gradients
 from sslpipe.recipes.base import Recipe, shard_reading
 from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.sections import QScoreConfig, TeacherStudentConfig
+from sslpipe.weights.sharded_state import load_whole
 from sslpipe.weights.state_dict import without_aliases
 
 # keys of the dense evaluations, which a method probed by kNN does not read
@@ -221,6 +222,9 @@ class MultiCropRecipe(Recipe):
     def param_groups(self) -> list[dict[str, Any]]:
         return split_decay_groups(self.student)
 
+    def sharded_modules(self) -> list[nn.Module]:
+        return [self.student, self.teacher]
+
     def extra_state(self) -> dict[str, torch.Tensor]:
         state = {f"teacher.{k}": v for k, v in without_aliases(self.teacher.state_dict()).items()}
         state.update({f"loss.{k}": v for k, v in self.loss.state_dict().items()})
@@ -228,7 +232,7 @@ class MultiCropRecipe(Recipe):
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         teacher = {k[8:]: v for k, v in state.items() if k.startswith("teacher.")}
-        missing, unexpected = self.teacher.load_state_dict(teacher, strict=False)
+        missing, unexpected = load_whole(self.teacher, teacher, strict=False)
         aliases = set(self.teacher.state_dict()) - set(without_aliases(self.teacher.state_dict()))
         if unexpected or set(missing) - aliases:
             raise KeyError(f"checkpoint teacher state does not fit the recipe's teacher: missing "

@@ -4,9 +4,9 @@ A checkpoint holds the student (`model.safetensors`), the optimizer (`optimizer.
 metadata), one `rng_state_{rank}.safetensors` per process, `scaler.json` under fp16, the recipe's extra state
 (`extra_state.safetensors`: EMA teacher, centres, queues) and `trainer_state.json` (global step, epoch, position in
 the epoch, world size, last metrics, best value, and `files`: the size and sha256 of every other file). Nothing is a
-pickle, so resuming a checkpoint from elsewhere cannot run code (`sslpipe.weights.state_io`). FSDP runs are the
-exception: their sharded optimizer is written by accelerate's `save_state` and read back with
-`torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+pickle, so resuming a checkpoint from elsewhere cannot run code (`sslpipe.weights.state_io`). A sharded (FSDP2)
+run writes the same files, its whole tensors gathered first (`sslpipe.weights.sharded_state`), so any run resumes
+sharded or not, on any number of processes.
 
 Everything is first written to `checkpoints/.tmp-step_N`, synced to disk, hashed into `trainer_state.json` (written
 last) and renamed when complete, so a crash mid-write never leaves a checkpoint that looks valid. A file damaged
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from sslpipe.errors import WriteFailed, io_failure
-from sslpipe.weights import state_io
+from sslpipe.weights import sharded_state, state_io
 from sslpipe.weights.checkpoint import (
     BEST_FILE,
     EXTRA_STATE,
@@ -108,16 +108,20 @@ def _write_process_files(accelerator: Any, tmp: Path, extra_state: dict[str, tor
                          model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> None:
     """This process's files: the weights, optimizer, scaler and extra state (main process), its RNG state (all)."""
     main = accelerator.is_main_process
-    if accelerator.distributed_type == DistributedType.FSDP:
-        _write(tmp, lambda p: accelerator.save_state(str(p), safe_serialization=True))
+    # Collectives first, on every process, before any write that could fail on one of them alone.
+    extra_state = sharded_state.whole(extra_state)
+    if model is not None and sharded_state.is_sharded(model):
+        state = sharded_state.gathered_model_state(model)
+        optim = sharded_state.gathered_optimizer_state(model, optimizer) if optimizer is not None else None
     elif model is not None:
-        state = accelerator.get_state_dict(model)  # a collective under sharding: every rank calls it
-        if main:
-            _write(tmp / MODEL, lambda p: state_io.save_model(state, p))
-            if optimizer is not None:
-                _write(tmp / OPTIMIZER, lambda p: state_io.save_optimizer(optimizer, p))
-            if getattr(accelerator, "scaler", None) is not None:
-                _write(tmp / SCALER, lambda p: state_io.save_scaler(accelerator.scaler, p))
+        state = accelerator.get_state_dict(model)
+        optim = optimizer.state_dict() if optimizer is not None else None
+    if model is not None and main:
+        _write(tmp / MODEL, lambda p: state_io.save_model(state, p))
+        if optim is not None:
+            _write(tmp / OPTIMIZER, lambda p: state_io.save_optimizer_state(optim, p))
+        if getattr(accelerator, "scaler", None) is not None:
+            _write(tmp / SCALER, lambda p: state_io.save_scaler(accelerator.scaler, p))
     _write(tmp / _rng_file(accelerator.process_index), state_io.save_rng)
     if main:
         _write(tmp / EXTRA_STATE, lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in
@@ -214,16 +218,20 @@ def load_checkpoint(accelerator: Any, ckpt_dir: str | Path, *, model: torch.nn.M
         status, detail = verify_checkpoint(ckpt_dir)
         if status == "bad":
             raise CheckpointInvalid(f"{ckpt_dir} is damaged: {detail}")
-    if accelerator.distributed_type == DistributedType.FSDP:
-        accelerator.load_state(str(ckpt_dir), load_kwargs={"weights_only": True})
-    elif model is not None:
+    if model is not None:
         if not (ckpt_dir / OPTIMIZER).is_file() and (ckpt_dir / "optimizer.bin").is_file():
             raise ValueError(f"{ckpt_dir} was written by an older sslpipe (pickled optimizer.bin, "
                              "random_states_*.pkl), which this version does not unpickle; export its weights from a "
                              "trusted environment or restart the run")
-        state_io.load_model(accelerator.unwrap_model(model), ckpt_dir / MODEL)
-        if optimizer is not None:
-            state_io.load_optimizer(optimizer, ckpt_dir / OPTIMIZER)
+        if sharded_state.is_sharded(model):
+            sharded_state.set_model_from_whole(model, load_file(str(ckpt_dir / MODEL)), str(ckpt_dir / MODEL))
+            if optimizer is not None:
+                sharded_state.set_optimizer_from_whole(
+                    model, optimizer, state_io.read_optimizer_state(optimizer, ckpt_dir / OPTIMIZER))
+        else:
+            state_io.load_model(accelerator.unwrap_model(model), ckpt_dir / MODEL)
+            if optimizer is not None:
+                state_io.load_optimizer(optimizer, ckpt_dir / OPTIMIZER)
         if getattr(accelerator, "scaler", None) is not None and (ckpt_dir / SCALER).is_file():
             state_io.load_scaler(accelerator.scaler, ckpt_dir / SCALER)
     rng = ckpt_dir / _rng_file(accelerator.process_index)

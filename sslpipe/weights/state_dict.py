@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -10,10 +11,11 @@ def without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     safetensors refuses aliased tensors; loading the first name restores the shared module for both names.
     """
-    seen: set[tuple[int, tuple[int, ...]]] = set()
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
     out = {}
     for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # FSDP2: this process's slice
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(tensor.shape))
         if key not in seen:
             seen.add(key)
             out[name] = tensor

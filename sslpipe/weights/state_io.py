@@ -54,7 +54,11 @@ def load_model(model: nn.Module, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------------- optimizer
 def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    sd = optimizer.state_dict()
+    save_optimizer_state(optimizer.state_dict(), path)
+
+
+def save_optimizer_state(sd: dict[str, Any], path: Path) -> None:
+    """An optimizer state dict keyed by parameter index (`optimizer.state_dict()`'s layout)."""
     tensors, scalars = {}, {}
     for index, entries in sd["state"].items():
         for name, value in entries.items():
@@ -67,6 +71,11 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    optimizer.load_state_dict(read_optimizer_state(optimizer, path))
+
+
+def read_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
+    """The state dict in `path`, checked to fit `optimizer`'s groups (their count and sizes)."""
     meta = _metadata(path)
     state: dict[int, dict[str, Any]] = {}
     for key, value in load_file(str(path)).items():
@@ -81,7 +90,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
         raise ValueError(f"{path}: the optimizer was saved with parameter groups of sizes "
                          f"{[len(g['params']) for g in groups]}, this run has "
                          f"{[len(g['params']) for g in optimizer.param_groups]} (a different model or recipe?)")
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 # ------------------------------------------------------------------------------------------------------------- RNG

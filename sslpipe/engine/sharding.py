@@ -1,0 +1,87 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for the teacher-student recipes: the switch in the launch file, the
+sharding itself, and the whole modules an evaluation needs.
+
+A launch file with `distributed_type: FSDP` and `fsdp_version: 2` (launch/8gpu_fsdp.yaml, launch/cpu_2proc_fsdp.yaml)
+makes `accelerate launch` export ACCELERATE_USE_FSDP=true and FSDP_VERSION=2 to its processes. sslpipe takes that as
+its switch and shards the run itself, before Accelerate reads it, for two reasons:
+- accelerate's FSDP plugin shards only the model it prepares, the student. The official DINOv2 code shards the EMA
+  teacher alike (its `SSLMetaArch` under FSDP), so that every process averages its own slice with no communication;
+  that needs the teacher's parameters sharded exactly as the student's (`Recipe.sharded_modules`);
+- accelerate runs FSDP on GPUs only, so a 2-process CPU test (gloo) could not run the code the GPUs run.
+Accelerate then drives the processes as in a DDP run (autocast, the optimizer wrapper) but never wraps the student.
+
+Each transformer block (any module in a `blocks` list) is one unit, and the whole network the outer unit (its
+patch embedding, tokens and heads), DINOv2's wrapping. Parameters stay fp32 and `train.mixed_precision` autocasts,
+as in a DDP run, so a sharded run computes what a DDP run computes, up to the order of float sums. Checkpoints hold
+whole tensors in the usual files (`sslpipe.weights.sharded_state`).
+
+Read from the launch file: `fsdp_reshard_after_forward` (true, the default: parameters gathered again for the
+backward, least memory, ZeRO-3; false: kept from forward to backward, ZeRO-2). Refused: `fsdp_version: 1` and
+`fsdp_offload_params: true`. The other `fsdp_*` keys (wrap policy, state-dict type, prefetch) are accelerate's
+own and not read.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+_LAUNCH_KEYS = ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_RESHARD_AFTER_FORWARD", "FSDP_OFFLOAD_PARAMS",
+                "FSDP_SHARDING_STRATEGY")
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """FSDP2 as the launch file asked for it."""
+
+    reshard_after_forward: bool = True
+
+
+def sharding_from_launcher() -> Sharding | None:
+    """The launch file's FSDP request (None for DDP or one process), taken out of the environment so that
+    Accelerate does not wrap the student itself. Raises ValueError for what sslpipe does not run."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    env = {k: os.environ.pop(k, None) for k in _LAUNCH_KEYS}
+    if (env["FSDP_VERSION"] or "1") != "2":
+        raise ValueError(f"the launch file asks for FSDP version {env['FSDP_VERSION'] or 1}: sslpipe shards with "
+                         "FSDP2 only (fully_shard; the EMA teacher sharded like the student). Set `fsdp_version: 2` "
+                         "in its fsdp_config (see launch/8gpu_fsdp.yaml)")
+    if (env["FSDP_OFFLOAD_PARAMS"] or "false").lower() == "true":
+        raise ValueError("the launch file sets fsdp_offload_params: true, which sslpipe does not run: set it to false "
+                         "(see launch/8gpu_fsdp.yaml)")
+    return Sharding(reshard_after_forward=(env["FSDP_RESHARD_AFTER_FORWARD"] or "true").lower() == "true")
+
+
+def shard(modules: list[nn.Module], device: torch.device, sharding: Sharding) -> None:
+    """Move each module to `device` and shard it in place over all processes: every block of a `blocks` list one
+    unit, then the module. The modules are sharded alike, so equal names hold equal slices on each process."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for module in modules:
+        module.to(device)
+        for name, child in list(module.named_modules()):
+            if name.rsplit(".", 1)[-1] == "blocks" and isinstance(child, (nn.ModuleList, nn.Sequential)):
+                for block in child:
+                    fully_shard(block, mesh=mesh, reshard_after_forward=sharding.reshard_after_forward)
+        fully_shard(module, mesh=mesh, reshard_after_forward=sharding.reshard_after_forward)
+
+
+@contextmanager
+def unsharded(modules: list[nn.Module]) -> Iterator[None]:
+    """The outer units' parameters gathered (the blocks gather their own when called), so that a part of a sharded
+    network can run on its own, e.g. the teacher's backbone in the periodic kNN. A no-op for unsharded modules."""
+    outer = [m for m in modules if isinstance(m, FSDPModule)]
+    for module in outer:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in outer:
+            module.reshard()
