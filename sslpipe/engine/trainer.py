@@ -281,7 +281,9 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
     recipe = recipe_cls(cfg)
     recipe.build(accelerator)
     # Before the optimizer: fused AdamW wants its parameters on the GPU, a sharded run its slices (DTensors).
-    sharded = recipe.sharded_modules() if sharding is not None else []
+    sharded = recipe.sharded_modules() if sharding is not None and world > 1 else []
+    if sharding is not None and world == 1:
+        accelerator.print("an FSDP launch file with one process: nothing to shard, the run is not sharded")
     if sharded:
         shard(sharded, accelerator.device, sharding)
     else:

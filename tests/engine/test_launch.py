@@ -77,7 +77,7 @@ def test_time_limit_warning_checkpoints_and_requeues(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["1gpu.yaml", "8gpu_ddp.yaml", "8gpu_fsdp.yaml", "cpu_2proc.yaml",
-                                  "multi_node.yaml", "multi_node_c10d.yaml"])
+                                  "cpu_2proc_fsdp.yaml", "multi_node.yaml", "multi_node_c10d.yaml"])
 def test_launch_files_are_accelerate_configs(name: str) -> None:
     import yaml
 
