@@ -49,8 +49,8 @@ from sslpipe.engine.preemption import StopRequest, sigterm_as_exit
 from sslpipe.engine.prefetch import prefetch_to_device
 from sslpipe.engine.processes import process_state
 from sslpipe.engine.run_lock import RunLock
-from sslpipe.engine.sharding import Sharding, shard, sharding_from_launcher, unsharded
 from sslpipe.engine.schedules import Schedules
+from sslpipe.engine.sharding import Sharding, shard, sharding_from_launcher, unsharded
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup
 from sslpipe.errors import WriteFailed, io_failure
 from sslpipe.recipes import Recipe, get_recipe, load_config

@@ -10,7 +10,8 @@ run's schema is the core plus that one section (`sslpipe.recipes.registry`).
 Order of calls made by `sslpipe.engine.trainer.train`:
 1. `Recipe(cfg)`; 2. `build(accelerator)`; 3. `param_groups()` -> optimizer;
 4. the trainer prepares `student` with Accelerate and assigns the prepared (possibly DDP-wrapped) module back to
-   `recipe.student`: use `accelerator.unwrap_model(self.student)` when you need parameter names (EMA, export);
+   `recipe.student`: use `accelerator.unwrap_model(self.student)` when you need parameter names (EMA, export). Under
+   an FSDP2 launch file it shards `sharded_modules()` in place instead (`sslpipe.engine.sharding`);
 5. on resume: `load_extra_state(...)`; 6. per epoch `train_loader(epoch, rank, world_size)`; per iteration
    `schedule(...)` joins the trainer's lr and weight decay in `sched`; per batch `step(batch, sched)` under
    `accelerator.autocast()`; after clipping `before_optimizer_step(sched)`; after every optimizer step

@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from pydantic import Field
+from torch import nn
 
 from sslpipe.config import Section
 from sslpipe.losses.gram import GramLoss

@@ -53,12 +53,9 @@ def load_model(model: nn.Module, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- optimizer
-def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    save_optimizer_state(optimizer.state_dict(), path)
-
-
 def save_optimizer_state(sd: dict[str, Any], path: Path) -> None:
-    """An optimizer state dict keyed by parameter index (`optimizer.state_dict()`'s layout)."""
+    """An optimizer state dict keyed by parameter index (`optimizer.state_dict()`'s layout; a sharded run's is
+    gathered into it, `sslpipe.weights.sharded_state`)."""
     tensors, scalars = {}, {}
     for index, entries in sd["state"].items():
         for name, value in entries.items():

@@ -320,13 +320,13 @@ def test_disk_full_during_a_checkpoint(tmp_path: Path, small_disk: types.SimpleN
     runs = small_disk.path / "runs"
     monkeypatch.setattr(ckpt_module, "after_file_written", on_file(8, "model.safetensors", lambda _: small_disk.fill()))
     if not small_disk.real:
-        save_optimizer = state_io.save_optimizer
+        save_optimizer_state = state_io.save_optimizer_state
 
-        def failing(optimizer: torch.optim.Optimizer, path: Path) -> None:
+        def failing(state: dict, path: Path) -> None:
             if small_disk.full:
                 raise enospc()
-            save_optimizer(optimizer, path)
-        monkeypatch.setattr(state_io, "save_optimizer", failing)
+            save_optimizer_state(state, path)
+        monkeypatch.setattr(state_io, "save_optimizer_state", failing)
     capsys.readouterr()
 
     assert main(["train", toy_yaml(tmp_path, runs, "full")]) == 1

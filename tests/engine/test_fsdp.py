@@ -15,9 +15,9 @@ from helpers import REPO, child_env
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sslpipe.recipes import load_config
 from sslpipe.engine import train
 from sslpipe.engine.sharding import sharding_from_launcher
+from sslpipe.recipes import load_config
 
 FILES = ("model", "optimizer", "extra_state")
 STEPS = ["data.batch_size=8", "data.num_workers=0", "data.steps_per_epoch=2", "train.epochs=2",
