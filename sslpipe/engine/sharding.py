@@ -16,9 +16,10 @@ as in a DDP run, so a sharded run computes what a DDP run computes, up to the or
 whole tensors in the usual files (`sslpipe.weights.sharded_state`).
 
 Read from the launch file: `fsdp_reshard_after_forward` (true, the default: parameters gathered again for the
-backward, least memory, ZeRO-3; false: kept from forward to backward, ZeRO-2). Refused: `fsdp_version: 1` and
-`fsdp_offload_params: true`. The other `fsdp_*` keys (wrap policy, state-dict type, prefetch) are accelerate's
-own and not read.
+backward, least memory, ZeRO-3; false: kept from forward to backward, ZeRO-2). Refused: `fsdp_version: 1`,
+`fsdp_offload_params: true` and fp16 (its loss scaler would see only each process's slice of the gradients, so
+processes could disagree on skipping a step: use bf16). The other `fsdp_*` keys (wrap policy, state-dict type,
+prefetch) are accelerate's own and not read.
 """
 from __future__ import annotations
 

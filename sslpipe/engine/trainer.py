@@ -18,6 +18,7 @@ auto|RUN|CKPT]` (`run_recipe`).
 """
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -250,6 +251,11 @@ def train(cfg: RunConfig, *, resume: str | None = None, overrides_text: str | No
     if sharding is not None and get_recipe(cfg.method).sharded_modules is Recipe.sharded_modules:
         raise ValueError(f"method {cfg.method} does not run sharded (FSDP2 launch file): launch it with DDP, e.g. "
                          "launch/8gpu_ddp.yaml; dino, ibot, dinov2 and dinov3 run sharded")
+    precision = cfg.train.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if sharding is not None and precision == "fp16":
+        raise ValueError("fp16 under an FSDP2 launch file: the loss scaler would skip steps on some processes and "
+                         "not others (it sees only its slice of the gradients); use bf16 (train.mixed_precision=bf16 "
+                         "or the launch file's mixed_precision)")
     with deterministic_mode(cfg.train.deterministic), sigterm_as_exit():
         # The process group comes first (all ranks must agree on the run directory). Ranks wait at a collective
         # while the main process runs a periodic kNN probe: allow hours, not NCCL's 10 min.

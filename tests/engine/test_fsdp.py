@@ -55,18 +55,25 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
 
 
-def _assert_close(a: dict, b: dict, moved: float) -> None:
-    """Equal up to float rounding: the gradients (Adam's moments) and the EMA teacher to 1e-6; the student to 5 % of
-    what two steps move it (Adam's first steps divide by the gradient's own size, which magnifies rounding)."""
-    assert _max_diff(a["optimizer"], b["optimizer"]) < 1e-6
-    assert _max_diff(a["extra_state"], b["extra_state"]) < 2e-6
-    assert _max_diff(a["model"], b["model"]) < 0.05 * moved
+def _norm_of_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
+    return float(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)) ** 0.5
+
+
+def _assert_close(a: dict, b: dict, moved: float, bf16: bool = False) -> None:
+    """Equal up to float rounding: the gradients (Adam's moments) to 1e-6 and the EMA teacher to 2e-6 in fp32 (1e-3
+    and 1e-4 under bf16 autocast, whose rounding is 2^-8); the student within 2 % of how far two steps move it, in
+    norm over all its tensors (Adam's first steps divide by each gradient's own size, which magnifies rounding in
+    the tensors whose gradient is near zero)."""
+    assert _max_diff(a["optimizer"], b["optimizer"]) < (1e-3 if bf16 else 1e-6)
+    assert _max_diff(a["extra_state"], b["extra_state"]) < (1e-4 if bf16 else 2e-6)
+    assert _norm_of_difference(a["model"], b["model"]) < 0.02 * moved
     assert a["optimizer_meta"] == b["optimizer_meta"]
 
 
 def _moved(run: Path) -> float:
-    moved = _max_diff(_state(run, 2)["model"], _state(run, 4)["model"])
-    assert moved > 1e-3, "two steps must change the student for the comparison to mean anything"
+    moved = _norm_of_difference(_state(run, 2)["model"], _state(run, 4)["model"])
+    assert moved > 0.1, "two steps must change the student for the comparison to mean anything"
     return moved
 
 
@@ -107,6 +114,7 @@ def test_a_sharded_run_equals_ddp_resumes_exactly_and_a_ddp_run_continues_it(dig
     ("demo_dino.yaml", ()),         # per-tensor clipping of sharded gradients
     ("demo_ibot.yaml", ()),         # a head shared by two names, stored once
     ("demo_dinov3.yaml", ("dinov3.gram.load_at=1", "dinov3.gram.first_refresh=2", "dinov3.gram.refresh_every=2")),
+    ("demo_dinov2.yaml", ("train.mixed_precision=bf16",)),  # what launch/8gpu_fsdp.yaml runs: bf16 autocast
 ])
 def test_each_teacher_student_method_sharded_equals_ddp(recipe: str, extra: tuple[str, ...], digits_shards: Path,
                                                         tmp_path: Path) -> None:
@@ -115,7 +123,7 @@ def test_each_teacher_student_method_sharded_equals_ddp(recipe: str, extra: tupl
     _launch("cpu_2proc_fsdp.yaml", recipe, digits_shards, tmp_path, "sharded", *extra)
     _launch("cpu_2proc.yaml", recipe, digits_shards, tmp_path, "ddp", *extra)
     sharded, ddp = _state(tmp_path / "sharded", 4), _state(tmp_path / "ddp", 4)
-    _assert_close(sharded, ddp, _moved(tmp_path / "ddp"))
+    _assert_close(sharded, ddp, _moved(tmp_path / "ddp"), bf16="train.mixed_precision=bf16" in extra)
     if recipe == "demo_dinov3.yaml":
         assert int(sharded["extra_state"]["gram_refreshes"]) == 2  # after steps 2 and 4
         assert any(k.startswith("gram_teacher.") for k in sharded["extra_state"])
@@ -147,13 +155,17 @@ def test_launcher_settings_are_read_and_taken_out_of_the_environment(monkeypatch
     assert "ACCELERATE_USE_FSDP" not in os.environ and "FSDP_VERSION" not in os.environ
 
 
-def test_a_method_without_sharding_is_refused_before_anything_is_written(monkeypatch: pytest.MonkeyPatch,
-                                                                          digits_shards: Path,
-                                                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe, extra, message", [
+    ("demo_simclr.yaml", [], r"method simclr does not run sharded .* launch/8gpu_ddp.yaml"),
+    ("demo_dinov2.yaml", ["train.mixed_precision=fp16"], r"fp16 under an FSDP2 launch file: .* use bf16"),
+])
+def test_what_does_not_run_sharded_is_refused_before_anything_is_written(
+        monkeypatch: pytest.MonkeyPatch, digits_shards: Path, tmp_path: Path, recipe: str, extra: list[str],
+        message: str) -> None:
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    cfg = load_config(REPO / "recipes/demo_simclr.yaml", [f"data.train={digits_shards}", f"output_dir={tmp_path}",
-                                                          "run_name=x"])
-    with pytest.raises(ValueError, match=r"method simclr does not run sharded .* launch/8gpu_ddp.yaml"):
+    cfg = load_config(REPO / "recipes" / recipe, [f"data.train={digits_shards}", f"output_dir={tmp_path}",
+                                                  "run_name=x", *extra])
+    with pytest.raises(ValueError, match=message):
         train(cfg)
     assert not (tmp_path / "x").exists()
