@@ -56,6 +56,26 @@ class MultiCropSample:
         return {**out, "crops": crops}
 
 
+def mask_weights(masks: Tensor) -> Tensor:
+    """(M,) float: 1 / (number of masked patches of its crop) for each masked position of masks (GB, ...), in the
+    order of ``masks.nonzero()`` (the official DINOv2 collate's ``masks_weight``)."""
+    m = masks.reshape(masks.shape[0], -1).to(torch.bool)
+    return (1.0 / m.sum(dim=1).clamp(min=1)).unsqueeze(1).expand_as(m)[m]
+
+
+def mask_batch_fields(masks: Tensor) -> dict[str, Tensor]:
+    """The batch keys of the masks (GB, H, W) bool: ``masks``, ``mask_indices`` (M,), the masked positions in the
+    flattened (GB * N) patch tokens, and ``masks_weight`` (M,), 1 / #masked of their crop (the official DINOv2
+    collate's keys). Computed in the loader workers, so that a step selects the masked tokens with `index_select`:
+    boolean indexing on a GPU waits for the device to count them (a host synchronisation per call)."""
+    flat = masks.flatten(1)
+    return {"masks": masks, "mask_indices": flat.flatten().nonzero().flatten(), "masks_weight": mask_weights(flat)}
+
+
+def _mask_keys(masks: Tensor | None) -> dict[str, Tensor | None]:
+    return {"masks": None} if masks is None else mask_batch_fields(masks)
+
+
 def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Tensor | None]:
     """Stack crops crop-major: ``global_crops`` (n_global*B, C, H, W), ``local_crops`` (n_local*B, C, h, w) or None,
     ``masks`` bool (n_global*B, Hp, Wp) or None, ``labels`` long (B,), ``keys`` (the samples' shard keys). The
@@ -70,7 +90,7 @@ def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Tensor | None]
             masks = torch.from_numpy(np.stack([np.asarray(s["masks"][i], dtype=bool)
                                                for i in range(n_global) for s in samples]))
         return {"images": [s["image"] for s in samples], "crop_params": torch.stack([s["params"] for s in samples]),
-                "global_crops": None, "local_crops": None, "masks": masks,
+                "global_crops": None, "local_crops": None, **_mask_keys(masks),
                 "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
                 "keys": [s.get("key") for s in samples]}
     n_crops = len(samples[0]["crops"])
@@ -100,7 +120,7 @@ def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Tensor | None]
     return {
         "global_crops": stack(range(n_global)),
         "local_crops": stack(range(n_global, n_crops)),
-        "masks": masks,
+        **_mask_keys(masks),
         "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
         "keys": [s.get("key") for s in samples],
     }

@@ -31,18 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslpipe.data.collate import mask_weights
 from sslpipe.losses.dino import cross_view_ce, global_batch_sum
 from sslpipe.losses.koleo import KoLeoLoss
 from sslpipe.losses.sinkhorn import sinkhorn_knopp
 
 Centering = Literal["sinkhorn_knopp", "softmax"]
-
-
-def mask_weights(masks: Tensor) -> Tensor:
-    """(M,) float: 1 / (number of masked patches of its crop) for each masked position of masks (GB, ...), in the
-    order of ``masks.nonzero()`` (the official collate's ``masks_weight``)."""
-    m = masks.reshape(masks.shape[0], -1).to(torch.bool)
-    return (1.0 / m.sum(dim=1).clamp(min=1)).unsqueeze(1).expand_as(m)[m]
 
 
 class DINOv2Loss(nn.Module):
@@ -85,8 +79,9 @@ class DINOv2Loss(nn.Module):
         or None; masks bool (n_global*B, N) or (n_global*B, Hp, Wp), True = masked; student_patch / teacher_patch
         (M, Kp) patch-head logits at the M masked positions, in the order of ``masks.nonzero()``;
         student_cls_tokens (n_global*B, D) the student backbone's CLS tokens; masks_weight (M,) 1 / #masked of each
-        row's crop, as the collate computes it (`sslpipe.recipes.dinov2.mask_batch_fields`; from ``masks`` when
-        None, which costs a device synchronisation). Returns ``loss`` and the unweighted terms ``dino``, ``ibot`` and ``koleo``.
+        row's crop, as the collate computes it (`sslpipe.data.collate.mask_batch_fields`; from ``masks`` when
+        None, which costs a device synchronisation). Returns ``loss`` and the unweighted terms ``dino``, ``ibot``
+        and ``koleo``.
         """
         G = self.n_global
         GB = teacher_cls.shape[0]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslpipe.data.collate import mask_batch_fields
 from sslpipe.losses.dino import cross_view_ce, global_batch_sum
 
 
@@ -45,12 +46,17 @@ class IBOTLoss(nn.Module):
 
     def forward(self, student_cls: Tensor, student_patch: Tensor, teacher_cls: Tensor, teacher_patch: Tensor,
                 masks: Tensor, teacher_temp: float, teacher_patch_temp: float,
-                student_local_cls: Tensor | None = None) -> dict[str, Tensor]:
+                student_local_cls: Tensor | None = None, mask_indices: Tensor | None = None,
+                masks_weight: Tensor | None = None) -> dict[str, Tensor]:
         """All view tensors crop-major (crop 0 of every image, then crop 1, ...):
 
         student_cls / teacher_cls (n_global*B, K); student_patch / teacher_patch (n_global*B, N, Kp);
         masks bool (n_global*B, Hp, Wp) or (n_global*B, N), True = masked; student_local_cls (n_local*B, K) or None
-        when n_local == 0. Returns ``loss`` = lambda1*cls + lambda2*patch and the unweighted ``cls`` and ``patch``.
+        when n_local == 0; mask_indices (M,) and masks_weight (M,) as the loader computes them from ``masks``
+        (`sslpipe.data.collate.mask_batch_fields`: the masked positions of the flattened (n_global*B*N) patches and
+        1 / #masked of their crop), so that the step selects the masked rows without a device synchronisation;
+        computed here from ``masks`` when not given. Returns ``loss`` = lambda1*cls + lambda2*patch and the
+        unweighted ``cls`` and ``patch``.
         """
         G = self.n_global
         GB, N = student_patch.shape[:2]
@@ -71,13 +77,17 @@ class IBOTLoss(nn.Module):
         s_cls = F.log_softmax(s_cls.float() / self.student_temp, dim=-1)
         loss_cls = cross_view_ce(t_cls.view(G, B, -1), s_cls.view(G + n_local, B, -1))
 
-        # Patch term, same view, masked patches only (only those rows go through the softmax).
-        m = masks.reshape(GB, N).to(torch.bool)
-        t_p = F.softmax((teacher_patch[m].float() - self.center2[0]) / teacher_patch_temp, dim=-1).detach()
-        s_p = F.log_softmax(student_patch[m].float() / self.student_temp, dim=-1)
+        # Patch term, same view, masked patches only (only those rows go through the softmax), each weighted by
+        # 1 / #masked of its view: the sum over a view's masked patches is their mean.
+        if mask_indices is None or masks_weight is None:
+            fields = mask_batch_fields(masks.reshape(GB, N))
+            mask_indices, masks_weight = fields["mask_indices"], fields["masks_weight"]
+        t_rows = teacher_patch.flatten(0, 1).index_select(0, mask_indices).float()
+        s_rows = student_patch.flatten(0, 1).index_select(0, mask_indices).float()
+        t_p = F.softmax((t_rows - self.center2[0]) / teacher_patch_temp, dim=-1).detach()
+        s_p = F.log_softmax(s_rows / self.student_temp, dim=-1)
         ce = -(t_p * s_p).sum(dim=-1)  # (#masked,)
-        weight = (1.0 / m.sum(dim=1).clamp(min=1)).unsqueeze(1).expand(GB, N)[m]
-        loss_patch = (ce * weight).sum() / GB  # = mean over views of the batch mean
+        loss_patch = (ce * masks_weight).sum() / GB  # = mean over views of the batch mean
         loss = self.lambda1 * loss_cls + self.lambda2 * loss_patch
         return {"loss": loss, "cls": loss_cls, "patch": loss_patch}
 

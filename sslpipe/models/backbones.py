@@ -197,7 +197,8 @@ class MaskedViT(nn.Module):
 def block_diagonal_bias(lengths: list[int], device: torch.device, dtype: torch.dtype) -> Tensor:
     """The additive attention bias (L, L), L = sum(lengths): 0 inside each block of the diagonal, -inf elsewhere, so a
     token attends only to the tokens of its own crop."""
-    crop = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    crop = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device),
+                                   output_size=sum(lengths))  # known on the host: no wait for the device
     bias = torch.zeros(len(crop), len(crop), device=device, dtype=dtype)
     return bias.masked_fill_(crop[:, None] != crop[None, :], float("-inf"))
 

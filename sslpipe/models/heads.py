@@ -89,26 +89,26 @@ class IBOTHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(cls_tokens), dim=-1, p=2))
 
     def forward(self, tokens: Tensor, num_prefix_tokens: int = 1,
-                patch_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                mask_indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tokens (B, P+N, D) -> (cls_logits (B, K), patch_logits (B, N, Kp)); the CLS token is tokens[:, 0].
 
-        Prefix tokens other than the CLS token (registers) get no output. With ``patch_mask`` (B, N) bool, patch
-        logits are computed only where it is True and are 0 elsewhere: the student's MIM term reads only masked
-        positions, so this skips most of the patch head's work (an optimisation the official code does not make;
-        the loss is unchanged).
+        Prefix tokens other than the CLS token (registers) get no output. With ``mask_indices`` (M,), the masked
+        positions in the flattened (B * N) patches (`sslpipe.data.collate.mask_batch_fields`), patch logits are
+        computed only there and are 0 elsewhere: the student's MIM term reads only masked positions, so this skips
+        most of the patch head's work (an optimisation the official code does not make; the loss is unchanged).
         """
         if tokens.dim() != 3 or tokens.shape[1] <= num_prefix_tokens:
             raise ValueError(f"IBOTHead expects tokens (B, P+N, D) with N > 0 and P={num_prefix_tokens}, "
                              f"got shape {tuple(tokens.shape)}")
         patches = tokens[:, num_prefix_tokens:]
-        if patch_mask is None:
+        if mask_indices is None:
             x = F.normalize(self.mlp(torch.cat([tokens[:, :1], patches], dim=1)), dim=-1, p=2)
             return self.last_layer(x[:, 0]), self.last_layer2(x[:, 1:])
         cls_logits = self.forward_cls(tokens[:, 0])
-        selected = self.last_layer2(F.normalize(self.mlp(patches[patch_mask]), dim=-1, p=2))
-        patch_logits = selected.new_zeros(*patch_mask.shape, selected.shape[-1])
-        patch_logits[patch_mask] = selected
-        return cls_logits, patch_logits
+        flat = patches.flatten(0, 1)
+        selected = self.last_layer2(F.normalize(self.mlp(flat.index_select(0, mask_indices)), dim=-1, p=2))
+        patch_logits = selected.new_zeros(flat.shape[0], selected.shape[-1]).index_copy(0, mask_indices, selected)
+        return cls_logits, patch_logits.unflatten(0, patches.shape[:2])
 
 
 def cancel_last_layer_gradients(module: nn.Module) -> None:

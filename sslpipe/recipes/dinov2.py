@@ -36,9 +36,9 @@ from timm.layers import DropPath
 from timm.models.eva import Eva
 from torch import nn
 
-from sslpipe.data.collate import collate_multicrop
+from sslpipe.data.collate import collate_multicrop, mask_batch_fields
 from sslpipe.data.masking import MaskGenerator
-from sslpipe.losses.dinov2 import DINOv2Loss, mask_weights
+from sslpipe.losses.dinov2 import DINOv2Loss
 from sslpipe.losses.health import dense_health, embedding_health, health_metrics
 from sslpipe.models.backbones import MaskedViT, create_backbone, packed_forward
 from sslpipe.models.heads import DINOHead
@@ -144,14 +144,6 @@ class DINOv2Masks:
         masks += [np.zeros(self.grid, dtype=bool) for _ in range(n_crops - n_masked)]
         self._rng.shuffle(masks)
         return torch.from_numpy(np.stack(masks))
-
-
-def mask_batch_fields(masks: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What the official collate hands the step beside the masks (GB, H, W): ``mask_indices`` (M,), the masked
-    positions in the flattened (GB * N) patch tokens, and ``masks_weight`` (M,), 1 / #masked of their crop. Computed
-    in the loader workers, so that the step selects the masked tokens without a device synchronisation."""
-    flat = masks.flatten(1)
-    return {"masks": masks, "mask_indices": flat.flatten().nonzero().flatten(), "masks_weight": mask_weights(flat)}
 
 
 class DINOv2Collate:

@@ -13,11 +13,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from sslpipe.config import Section
+from sslpipe.curves import warmed_up
 from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.losses.ibot import IBOTLoss
 from sslpipe.models.backbones import MaskedViT, create_backbone
-from sslpipe.config import Section
-from sslpipe.curves import warmed_up
 from sslpipe.models.heads import IBOTHead
 from sslpipe.recipes.multicrop import MultiCropRecipe
 from sslpipe.recipes.sections import HeadConfig, TeacherLossConfig, TeacherStudentConfig
@@ -75,12 +75,13 @@ class IBOTNet(nn.Module):
         global_crops: torch.Tensor,
         masks: torch.Tensor | None = None,
         local_crops: torch.Tensor | None = None,
+        mask_indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(CLS logits, patch logits, local CLS logits or None, backbone CLS features of the global crops)."""
+        """(CLS logits, patch logits, local CLS logits or None, backbone CLS features of the global crops). With
+        `mask_indices` (the masked positions of `masks`, flattened) patch logits are computed there only."""
         prefix = self.backbone.num_prefix_tokens
-        patch_mask = masks.flatten(1) if masks is not None else None
         tokens = self.backbone(global_crops, mask=masks)
-        cls, patch = self.head(tokens, num_prefix_tokens=prefix, patch_mask=patch_mask)
+        cls, patch = self.head(tokens, num_prefix_tokens=prefix, mask_indices=mask_indices)
         local_cls = None
         if local_crops is not None:
             # Local crops contribute CLS terms only: the head sees their CLS token, not their patches.
@@ -140,15 +141,17 @@ class IBOTRecipe(MultiCropRecipe):
 
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         global_crops, local_crops = self.crops_on_device(batch)
-        masks = batch["masks"].to(self.accelerator.device, non_blocking=True)
+        masks, indices, weights = (batch[k].to(self.accelerator.device, non_blocking=True)
+                                   for k in ("masks", "mask_indices", "masks_weight"))
         with torch.no_grad():
             teacher_cls, teacher_patch, _, teacher_feats = self.teacher(global_crops)
-        student_cls, student_patch, student_local_cls, student_feats = self.student(global_crops, masks, local_crops)
+        student_cls, student_patch, student_local_cls, student_feats = self.student(
+            global_crops, masks, local_crops, mask_indices=indices)
         flat_masks = masks.flatten(1)
         out = self.loss(
             student_cls, student_patch, teacher_cls, teacher_patch, flat_masks,
             teacher_temp=sched["teacher_temp"], teacher_patch_temp=sched["teacher_patch_temp"],
-            student_local_cls=student_local_cls,
+            student_local_cls=student_local_cls, mask_indices=indices, masks_weight=weights,
         )
         loss, metrics = self.add_qscore(out["loss"], student_feats, student_cls)
         # 0-d tensors: the trainer reads them only when it logs, so no device sync per step
@@ -158,7 +161,8 @@ class IBOTRecipe(MultiCropRecipe):
                 teacher_cls=teacher_cls.float(), student_cls=student_cls.detach().float(),
                 center=self.loss.center, teacher_temp=sched["teacher_temp"],
                 student_temp=self.section.loss.student_temp,
-                teacher_patch=teacher_patch.float(), student_patch=student_patch.detach()[flat_masks].float(),
+                teacher_patch=teacher_patch.float(),
+                student_patch=student_patch.detach().flatten(0, 1).index_select(0, indices).float(),
                 center2=self.loss.center2, teacher_patch_temp=sched["teacher_patch_temp"], masks=flat_masks,
             ))
             metrics.update(embedding_health(teacher=teacher_feats, student=student_feats.detach()))

@@ -17,7 +17,7 @@ from torch import nn
 
 from sslpipe.config import CropsConfig, RunConfig
 from sslpipe.curves import cosine_schedule, warmed_up
-from sslpipe.data.collate import MultiCropSample, collate_multicrop
+from sslpipe.data.collate import MultiCropSample, collate_multicrop, mask_batch_fields
 from sslpipe.data.device_views import DeviceMultiCropTransform, device_crops
 from sslpipe.data.fast_views import FastMultiCropTransform, normalize_crops
 from sslpipe.data.masking import MaskGenerator
@@ -132,13 +132,13 @@ class MultiCropRecipe(Recipe):
         return collate_multicrop
 
     def mask_fields(self, n_crops: int, epoch: int = 0) -> dict[str, torch.Tensor | None]:
-        """The mask keys of a batch of `n_crops` global crops as the loader gives them: `masks` bool
-        (n_crops, Hp, Wp), None for a recipe without masks (iBOT draws each crop's on its own; DINOv2 adds its
-        collate's keys). What `sslpipe bench step` puts in its synthetic batch."""
+        """The mask keys of a batch of `n_crops` global crops as the loader gives them (`masks` bool
+        (n_crops, Hp, Wp), `mask_indices`, `masks_weight`), `masks` None for a recipe without masks (iBOT draws each
+        crop's on its own, DINOv2 the batch's). What `sslpipe bench step` puts in its synthetic batch."""
         generator = self.make_sample_fn(epoch).mask_generator
         if generator is None:
             return {"masks": None}
-        return {"masks": torch.from_numpy(np.stack([generator() for _ in range(n_crops)]))}
+        return mask_batch_fields(torch.from_numpy(np.stack([generator() for _ in range(n_crops)])))
 
     def train_loader(self, epoch: int, rank: int, world_size: int):
         d = self.cfg.data

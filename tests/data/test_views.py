@@ -178,6 +178,10 @@ def test_collate_crop_major_order():
         for b in range(B):
             assert out["global_crops"][c * B + b].eq(100 * b + c).all()
             assert out["masks"][c * B + b].nonzero().tolist() == [[b, c]]
+    # the masked positions in the flattened (n_global*B*6) patches, by hand: crop c*B+b has patch b*2+c masked,
+    # the only one of its crop (weight 1)
+    assert out["mask_indices"].tolist() == [(c * B + b) * 6 + b * 2 + c for c in range(n_global) for b in range(B)]
+    assert out["masks_weight"].tolist() == [1.0] * (n_global * B)
     for c in range(n_local):
         for b in range(B):
             assert out["local_crops"][c * B + b].eq(100 * b + n_global + c).all()

@@ -17,13 +17,14 @@ from accelerate.state import AcceleratorState, GradientState
 from helpers import one_teacher_student_step
 from lightly.loss.swav_loss import sinkhorn as lightly_swav_sinkhorn
 
+from sslpipe.data.collate import mask_batch_fields
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.trainer import train
 from sslpipe.losses.dinov2 import DINOv2Loss
 from sslpipe.losses.koleo import KoLeoLoss
 from sslpipe.losses.sinkhorn import sinkhorn_knopp
 from sslpipe.recipes import config_from_dict, get_recipe, load_config
-from sslpipe.recipes.dinov2 import DINOv2Masks, DINOv2Recipe, dinov2_param_groups, mask_batch_fields
+from sslpipe.recipes.dinov2 import DINOv2Masks, DINOv2Recipe, dinov2_param_groups
 from sslpipe.weights.export import load_backbone
 from sslpipe.weights.run_export import export_run
 

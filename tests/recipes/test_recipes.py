@@ -13,6 +13,7 @@ from accelerate.state import AcceleratorState, GradientState
 from helpers import DEVICES, one_teacher_student_step
 from safetensors.torch import load_file
 
+from sslpipe.data.collate import mask_batch_fields
 from sslpipe.engine.trainer import train
 from sslpipe.eval.knn import run_knn
 from sslpipe.eval.spec import FeatureSpec, ProbeData
@@ -91,10 +92,15 @@ def test_patch_head_on_masked_tokens_only_equals_full_head() -> None:
     tokens = torch.randn(3, 1 + 6, 16)
     mask = torch.tensor([[1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     cls_full, patch_full = head(tokens)
-    cls_sel, patch_sel = head(tokens, patch_mask=mask)
+    cls_sel, patch_sel = head(tokens, mask_indices=mask_batch_fields(mask)["mask_indices"])
     torch.testing.assert_close(cls_sel, cls_full)
     torch.testing.assert_close(patch_sel[mask], patch_full[mask])
     assert torch.count_nonzero(patch_sel[~mask]) == 0
+    # the gradient reaches the selected rows only, as through boolean indexing
+    grad_tokens = tokens.clone().requires_grad_(True)
+    head(grad_tokens, mask_indices=mask_batch_fields(mask)["mask_indices"])[1].sum().backward()
+    assert torch.count_nonzero(grad_tokens.grad[:, 1:][~mask].abs().sum(-1)) == 0
+    assert torch.all(grad_tokens.grad[:, 1:][mask].abs().sum(-1) > 0)
 
 
 def test_ibot_teacher_starts_as_student_and_extra_state_round_trips(digits_shards: Path) -> None:
