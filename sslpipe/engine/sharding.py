@@ -17,9 +17,14 @@ whole tensors in the usual files (`sslpipe.weights.sharded_state`).
 
 Read from the launch file: `fsdp_reshard_after_forward` (true, the default: parameters gathered again for the
 backward, least memory, ZeRO-3; false: kept from forward to backward, ZeRO-2). Refused: `fsdp_version: 1`,
-`fsdp_offload_params: true` and fp16 (its loss scaler would see only each process's slice of the gradients, so
-processes could disagree on skipping a step: use bf16). The other `fsdp_*` keys (wrap policy, state-dict type,
-prefetch) are accelerate's own and not read.
+`fsdp_offload_params` or `fsdp_activation_checkpointing` set to true, and fp16 (its loss scaler would see only each
+process's slice of the gradients, so processes could disagree on skipping a step: use bf16). The other `fsdp_*` keys
+(wrap policy, state-dict type, prefetch, RAM-efficient loading) are accelerate's own and not read.
+
+Not sharded: activations, and under bf16 autocast the bf16 copies of the weights it keeps for the backward (about
+half the fp32 network per process; FSDP2's `MixedPrecisionPolicy` would shard them too, at the price of computing
+otherwise than a DDP run). Every process builds the whole networks before sharding them and reads whole checkpoint
+files: host memory of a few copies of the model per machine.
 """
 from __future__ import annotations
 
@@ -35,7 +40,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 _LAUNCH_KEYS = ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_RESHARD_AFTER_FORWARD", "FSDP_OFFLOAD_PARAMS",
-                "FSDP_SHARDING_STRATEGY")
+                "FSDP_ACTIVATION_CHECKPOINTING")
+_NOT_RUN = {"FSDP_OFFLOAD_PARAMS": "fsdp_offload_params",
+            "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing"}
 
 
 @dataclass(frozen=True)
@@ -55,34 +62,49 @@ def sharding_from_launcher() -> Sharding | None:
         raise ValueError(f"the launch file asks for FSDP version {env['FSDP_VERSION'] or 1}: sslpipe shards with "
                          "FSDP2 only (fully_shard; the EMA teacher sharded like the student). Set `fsdp_version: 2` "
                          "in its fsdp_config (see launch/8gpu_fsdp.yaml)")
-    if (env["FSDP_OFFLOAD_PARAMS"] or "false").lower() == "true":
-        raise ValueError("the launch file sets fsdp_offload_params: true, which sslpipe does not run: set it to false "
-                         "(see launch/8gpu_fsdp.yaml)")
+    for variable, key in _NOT_RUN.items():
+        if (env[variable] or "false").lower() == "true":
+            raise ValueError(f"the launch file sets {key}: true, which sslpipe does not run sharded: set it to false "
+                             "(see launch/8gpu_fsdp.yaml)")
     return Sharding(reshard_after_forward=(env["FSDP_RESHARD_AFTER_FORWARD"] or "true").lower() == "true")
 
 
 def shard(modules: list[nn.Module], device: torch.device, sharding: Sharding) -> None:
     """Move each module to `device` and shard it in place over all processes: every block of a `blocks` list one
-    unit, then the module. The modules are sharded alike, so equal names hold equal slices on each process."""
+    unit, then the module. The modules are sharded alike, so equal names hold equal slices on each process. Only the
+    first (the student) follows `reshard_after_forward`: the others run forward only (no backward would reshard
+    them), so they are resharded after every forward, and the EMA update finds them in slices."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for module in modules:
+    for module, reshard in zip(modules, _reshard_after_forward(len(modules), sharding)):
         module.to(device)
         for name, child in list(module.named_modules()):
             if name.rsplit(".", 1)[-1] == "blocks" and isinstance(child, (nn.ModuleList, nn.Sequential)):
                 for block in child:
-                    fully_shard(block, mesh=mesh, reshard_after_forward=sharding.reshard_after_forward)
-        fully_shard(module, mesh=mesh, reshard_after_forward=sharding.reshard_after_forward)
+                    fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+
+
+def _reshard_after_forward(count: int, sharding: Sharding) -> list[bool]:
+    return [sharding.reshard_after_forward] + [True] * (count - 1)
 
 
 @contextmanager
-def unsharded(modules: list[nn.Module]) -> Iterator[None]:
-    """The outer units' parameters gathered (the blocks gather their own when called), so that a part of a sharded
-    network can run on its own, e.g. the teacher's backbone in the periodic kNN. A no-op for unsharded modules."""
-    outer = [m for m in modules if isinstance(m, FSDPModule)]
-    for module in outer:
-        module.unshard()
+def unsharded(modules: list[nn.Module], sharding: Sharding | None) -> Iterator[None]:
+    """Every unit of the sharded `modules` gathered once and kept whole until the block ends, so that any part of
+    them runs with no collective, e.g. the periodic kNN, where processes read different numbers of batches (a
+    collective per forward would leave one waiting for another). A no-op without sharding."""
+    if sharding is None:
+        yield
+        return
+    units = [unit for module in modules for unit in module.modules() if isinstance(unit, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    for module in modules:
+        module.set_reshard_after_forward(False)
     try:
         yield
     finally:
-        for module in outer:
-            module.reshard()
+        for module, reshard in zip(modules, _reshard_after_forward(len(modules), sharding)):
+            module.set_reshard_after_forward(reshard)
+        for unit in units:
+            unit.reshard()

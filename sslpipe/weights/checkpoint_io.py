@@ -109,10 +109,10 @@ def _write_process_files(accelerator: Any, tmp: Path, extra_state: dict[str, tor
     """This process's files: the weights, optimizer, scaler and extra state (main process), its RNG state (all)."""
     main = accelerator.is_main_process
     # Collectives first, on every process, before any write that could fail on one of them alone.
-    extra_state = sharded_state.whole(extra_state)
+    extra_state = sharded_state.whole(extra_state, keep=main)
     if model is not None and sharded_state.is_sharded(model):
-        state = sharded_state.gathered_model_state(model)
-        optim = sharded_state.gathered_optimizer_state(model, optimizer) if optimizer is not None else None
+        state = sharded_state.gathered_model_state(model, keep=main)
+        optim = sharded_state.gathered_optimizer_state(optimizer, keep=main) if optimizer is not None else None
     elif model is not None:
         state = accelerator.get_state_dict(model)
         optim = optimizer.state_dict() if optimizer is not None else None
@@ -226,8 +226,8 @@ def load_checkpoint(accelerator: Any, ckpt_dir: str | Path, *, model: torch.nn.M
         if sharded_state.is_sharded(model):
             sharded_state.set_model_from_whole(model, load_file(str(ckpt_dir / MODEL)), str(ckpt_dir / MODEL))
             if optimizer is not None:
-                sharded_state.set_optimizer_from_whole(
-                    model, optimizer, state_io.read_optimizer_state(optimizer, ckpt_dir / OPTIMIZER))
+                optimizer.load_state_dict(sharded_state.slice_optimizer_state(
+                    optimizer, state_io.read_optimizer_state(optimizer, ckpt_dir / OPTIMIZER)))
         else:
             state_io.load_model(accelerator.unwrap_model(model), ckpt_dir / MODEL)
             if optimizer is not None:

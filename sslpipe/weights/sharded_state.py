@@ -3,9 +3,10 @@ writes and reads the same checkpoint files as a DDP run (`sslpipe.weights.state_
 or not, on any number of processes.
 
 Under FSDP2 every parameter is a DTensor that holds one slice (dim 0) per process. Writing gathers the whole tensors
-(a collective: every process calls it, the main process keeps them, on the CPU); reading hands every process the
-whole tensors and keeps its own slice. The optimizer's state is stored as in an unsharded run, by parameter index in
-the order of its groups, and mapped to and from the parameter names that torch's state-dict API speaks.
+one at a time onto the main process's CPU (a collective: every process calls it; the others drop them); reading hands
+every process the whole tensors and keeps its own slice. The optimizer's state stays keyed by parameter index, as in
+an unsharded run: its tensors are gathered and sliced like the parameters they belong to, so a parameter without
+state (the frozen last layer of DINO's first epoch) is simply absent, as it is in an unsharded run.
 """
 from __future__ import annotations
 
@@ -13,29 +14,25 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from sslpipe.weights.state_dict import without_aliases
-
-_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
 
 def is_sharded(module: nn.Module | None) -> bool:
     """Whether any parameter of `module` is a DTensor (the module, or part of it, is FSDP2-sharded)."""
     return module is not None and any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def whole(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same dict with every DTensor gathered into its whole tensor (a collective: call on every process, with
-    the same keys in the same order)."""
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """The same dict with every DTensor gathered into its whole tensor, moved to the CPU one at a time (a collective:
+    call on every process, with the same keys in the same order). `keep=False` (the processes that write nothing):
+    take part in the gathers and return {}."""
+    out = {}
+    for key, value in tensors.items():
+        value = value.full_tensor().cpu() if isinstance(value, DTensor) else value
+        if keep:
+            out[key] = value
+    return out
 
 
 def load_whole(module: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True) -> Any:
@@ -47,11 +44,10 @@ def load_whole(module: nn.Module, state: dict[str, torch.Tensor], *, strict: boo
     return module.load_state_dict(state, strict=strict)
 
 
-def gathered_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict of a sharded model on the main process (empty on the others), on the CPU, without the
-    second names of shared tensors (told apart before gathering, which copies them)."""
-    first_names = without_aliases(model.state_dict())
-    return {k: v for k, v in get_model_state_dict(model, options=_GATHER).items() if k in first_names}
+def gathered_model_state(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded model on the CPU, without the second names of shared tensors (a collective;
+    `keep=False`: take part and return {})."""
+    return whole(without_aliases(model.state_dict()), keep)
 
 
 def set_model_from_whole(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -59,32 +55,35 @@ def set_model_from_whole(model: nn.Module, state: dict[str, torch.Tensor], sourc
     same one): strict, except for the second names of shared tensors. `source` names the file in errors."""
     own = model.state_dict()
     aliases = set(own) - set(without_aliases(own))
-    missing = set(own) - aliases - set(state)
-    unexpected = set(state) - set(own)
+    missing, unexpected = set(own) - aliases - set(state), set(state) - set(own)
     if missing or unexpected:
         raise KeyError(f"{source} does not fit the model: missing {sorted(missing)[:10]}, unexpected "
                        f"{sorted(unexpected)[:10]}")
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    load_whole(model, state, strict=False)
 
 
-def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The name of every parameter of `optimizer`, in its index order (the order of its groups)."""
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+def gathered_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> dict[str, Any]:
+    """`optimizer.state_dict()` with whole tensors on the CPU (a collective, every process calls it; `keep=False`:
+    take part and return an empty state)."""
+    sd = optimizer.state_dict()
+    state = {}
+    for index in sorted(sd["state"]):  # the same order on every process
+        entries = whole(sd["state"][index], keep)
+        if keep:
+            state[index] = entries
+    return {"state": state, "param_groups": sd["param_groups"]}
 
 
-def gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The whole optimizer state of a sharded model, keyed by parameter index as `optimizer.state_dict()` of an
-    unsharded run is, on the main process (empty state on the others)."""
-    named = get_optimizer_state_dict(model, optimizer, options=_GATHER)
-    index = {name: i for i, name in enumerate(_names(model, optimizer))}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in named.get("param_groups", [])]
-    return {"state": {index[n]: s for n, s in named.get("state", {}).items()}, "param_groups": groups}
-
-
-def set_optimizer_from_whole(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Fill the optimizer of a sharded model from an index-keyed whole state (as written by an unsharded run)."""
-    names = _names(model, optimizer)
-    named = {"state": {names[i]: s for i, s in state["state"].items()},
-             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+def slice_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """An index-keyed state dict of whole tensors (as an unsharded run writes it) with each tensor of a sharded
+    parameter's shape cut to this process's slice, ready for `optimizer.load_state_dict`."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sliced = {}
+    for index, entries in state["state"].items():
+        param = params[int(index)]
+        sliced[index] = {
+            name: distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+            if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.shape == param.shape
+            else value
+            for name, value in entries.items()}
+    return {"state": sliced, "param_groups": state["param_groups"]}
