@@ -62,6 +62,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         raise ValueError(f"ema_update: teacher and student parameters differ in shape: {bad[:5]}")
     # FSDP2 (both nets sharded alike): each process averages its own slice, no communication.
     t_list = [_local(t) for t, _ in pairs]
-    s_list = [_local(s.detach()).to(t.dtype) for t, s in zip(t_list, (s for _, s in pairs))]
+    s_list = [_local(s.detach()).to(t.dtype) for t, s in pairs]
     torch._foreach_mul_(t_list, momentum)
     torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
