@@ -8,40 +8,46 @@
 # DINOv2 ViT-S/14 recipe at batch 64/128/256 packed and per size in bf16, iBOT ViT-S/16 at 64, the DINOv3 ViT-L
 # recipe with Gram, and `bench ibot-step` (ours vs lightly's blocks); quality = recipes/gpu_fmnist_dinov2.yaml,
 # seed 0, with its kNN on the full Fashion-MNIST validation set (raw pixels: 0.846).
+# A dry run here (no wheels, this venv, a few steps): OUT=/tmp/out PY=.venv/bin/python NO_WHEELS=1
+#   EXTRA="data.steps_per_epoch=10 train.epochs=1 eval.every_epochs=1 train.mixed_precision=no" bash $0 quality
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
+PY=${PY:-python3}
 mkdir -p "$OUT"
-site=/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .whl*/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=$site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, timm, accelerate; print('torch', torch.__version__, 'timm', timm.__version__,
+if [ -z "${NO_WHEELS:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl*/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
+$PY -c "import torch, timm, accelerate; print('torch', torch.__version__, 'timm', timm.__version__,
 'accelerate', accelerate.__version__)" | tee -a "$OUT/gpu.txt"
-sslpipe() { python3 -m sslpipe "$@"; }
 
 case "${1:-}" in
 bench)
   # 1. The whole suite, CPU and CUDA cases, 8 workers (its GPU tests are small); at most 4 minutes.
-  timeout 240 python3 -m pytest -q -x -n 8 -p no:cacheprovider --timeout 200 > "$OUT/suite.txt" 2>&1
+  timeout 240 $PY -m pytest -q -x -n 8 -p no:cacheprovider --timeout 200 > "$OUT/suite.txt" 2>&1
   echo "suite exit $?" >> "$OUT/suite.txt"; tail -5 "$OUT/suite.txt"
   # 2. The step: MFU-vs-batch curve, packed vs per size, bf16 (each bench prints ms/step, img/s, MFU, peak memory).
   for b in 64 128 256; do
-    timeout 60 sslpipe bench step --recipe recipes/dinov2_vit_small.yaml --batch-size $b --mixed-precision bf16 \
+    timeout 60 $PY -m sslpipe bench step --recipe recipes/dinov2_vit_small.yaml --batch-size $b --mixed-precision bf16 \
       --packing --steps 20 --warmup 5 --out "$OUT/step_dinov2_b$b.json" 2>&1 | tail -12
   done
-  timeout 45 sslpipe bench step --recipe recipes/ibot_vit_small.yaml --batch-size 64 --mixed-precision bf16 \
+  timeout 45 $PY -m sslpipe bench step --recipe recipes/ibot_vit_small.yaml --batch-size 64 --mixed-precision bf16 \
     --steps 20 --warmup 5 --out "$OUT/step_ibot_b64.json" 2>&1 | tail -8
-  timeout 60 sslpipe bench step --recipe recipes/dinov3_vit_large_in1k.yaml --batch-size 16 --mixed-precision bf16 \
-    --steps 10 --warmup 3 --out "$OUT/step_dinov3_l_gram.json" dinov3.gram.load_at=0 2>&1 | tail -8
-  timeout 45 sslpipe bench ibot-step --batch-size 64 --steps 20 --out "$OUT/ibot_vs_lightly.json" 2>&1 | tail -8
+  timeout 60 $PY -m sslpipe bench step --recipe recipes/dinov3_vit_large_in1k.yaml --batch-size 16 \
+    --mixed-precision bf16 --steps 10 --warmup 3 --out "$OUT/step_dinov3_l_gram.json" dinov3.gram.load_at=0 2>&1 \
+    | tail -8
+  timeout 45 $PY -m sslpipe bench ibot-step --batch-size 64 --steps 20 --out "$OUT/ibot_vs_lightly.json" 2>&1 | tail -8
   ;;
 quality)
-  SSLPIPE_FASHION_MNIST_DIR=$PWD/.fmnist timeout 60 sslpipe shards --dataset fashion-mnist /tmp/fm --workers 8 \
-    2>&1 | tail -2
-  timeout 420 sslpipe train recipes/gpu_fmnist_dinov2.yaml data.train=/tmp/fm data.val=/tmp/fm seed=0 \
-    output_dir=/tmp/runs run_name=seed0 > "$OUT/quality_seed0.txt" 2>&1
+  # 12 train shards of 5,000: at least one per loader worker (8)
+  [ -f /tmp/fm/manifest.json ] || SSLPIPE_FASHION_MNIST_DIR=$PWD/.fmnist timeout 60 $PY -m sslpipe shards \
+    --dataset fashion-mnist /tmp/fm --workers 8 --samples-per-shard 5000 2>&1 | tail -2
+  rm -rf /tmp/runs/seed0
+  timeout 420 $PY -m sslpipe train recipes/gpu_fmnist_dinov2.yaml data.train=/tmp/fm data.val=/tmp/fm seed=0 \
+    output_dir=/tmp/runs run_name=seed0 ${EXTRA:-} > "$OUT/quality_seed0.txt" 2>&1
   echo "train exit $?" >> "$OUT/quality_seed0.txt"
   cp /tmp/runs/seed0/metrics.jsonl "$OUT/quality_seed0_metrics.jsonl" 2>/dev/null
   grep knn "$OUT/quality_seed0_metrics.jsonl"; tail -3 "$OUT/quality_seed0.txt"
