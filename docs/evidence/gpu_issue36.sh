@@ -7,7 +7,8 @@
 # Everything lands in $OUT (at most 8 files come back): bench = the suite on CUDA, `bench step` of the published
 # DINOv2 ViT-S/14 recipe at batch 64/128/256 packed and per size in bf16, iBOT ViT-S/16 at 64, the DINOv3 ViT-L
 # recipe with Gram, and `bench ibot-step` (ours vs lightly's blocks); quality = recipes/gpu_fmnist_dinov2.yaml,
-# seed 0, with its kNN on the full Fashion-MNIST validation set (raw pixels: 0.846).
+# seed 0, with its kNN on the full Fashion-MNIST validation set (raw pixels: 0.846), then `bench loaded-step` (the
+# step fed by the loader from JPEG shards vs a synthetic batch).
 # A dry run here (no wheels, this venv, a few steps): OUT=/tmp/out PY=.venv/bin/python NO_WHEELS=1
 #   EXTRA="data.steps_per_epoch=10 train.epochs=1 eval.every_epochs=1 train.mixed_precision=no" bash $0 quality
 set -uo pipefail
@@ -46,11 +47,15 @@ quality)
   [ -f /tmp/fm/manifest.json ] || SSLPIPE_FASHION_MNIST_DIR=$PWD/.fmnist timeout 60 $PY -m sslpipe shards \
     --dataset fashion-mnist /tmp/fm --workers 8 --samples-per-shard 5000 2>&1 | tail -2
   rm -rf /tmp/runs/seed0
-  timeout 420 $PY -m sslpipe train recipes/gpu_fmnist_dinov2.yaml data.train=/tmp/fm data.val=/tmp/fm seed=0 \
+  timeout 380 $PY -m sslpipe train recipes/gpu_fmnist_dinov2.yaml data.train=/tmp/fm data.val=/tmp/fm seed=0 \
     output_dir=/tmp/runs run_name=seed0 ${EXTRA:-} > "$OUT/quality_seed0.txt" 2>&1
   echo "train exit $?" >> "$OUT/quality_seed0.txt"
   cp /tmp/runs/seed0/metrics.jsonl "$OUT/quality_seed0_metrics.jsonl" 2>/dev/null
   grep knn "$OUT/quality_seed0_metrics.jsonl"; tail -3 "$OUT/quality_seed0.txt"
+  # Is the loader the bottleneck? The published DINOv2 step fed from 500x375 JPEG shards vs a synthetic batch.
+  timeout 75 $PY -m sslpipe bench loaded-step /tmp/photos --photos 1024 --recipe recipes/dinov2_vit_small.yaml \
+    --batch-size 64 --mixed-precision bf16 --steps 20 --warmup 5 --out "$OUT/loaded_step.json" data.num_workers=14 \
+    2>&1 | tail -2
   ;;
 *)
   echo "usage: bash docs/evidence/gpu_issue36.sh bench|quality"; exit 2 ;;

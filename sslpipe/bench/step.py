@@ -86,16 +86,15 @@ def _bare_step(cfg: Any, accelerator: Any, batch: dict[str, Any]) -> Callable[[]
     return step
 
 
-def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: int | None = None, steps: int = 10,
-                   warmup: int = 3, mixed_precision: str | None = None, overrides: Sequence[str] = (),
-                   peak: float | None = None) -> dict[str, Any]:
-    """Time the trainer's step and the bare network's on the recipe's crops; see the module docstring."""
+def prepared_step(recipe_path: str, *, device: str | None = None, batch_size: int | None = None,
+                  mixed_precision: str | None = None, overrides: Sequence[str] = ()) -> tuple[Any, ...]:
+    """What `train_step` needs, built as the trainer builds it on one process: (cfg, device, accelerator, recipe,
+    optimizer, sched), the schedule taken mid-run (lr and momentum non-trivial, last layer no longer frozen)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
     from sslpipe.engine.optim import build_optimizer
     from sslpipe.engine.schedules import Schedules
-    from sslpipe.engine.trainer import train_step
     from sslpipe.recipes import get_recipe, load_config
     from sslpipe.recipes.multicrop import MultiCropRecipe
 
@@ -110,20 +109,29 @@ def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: i
                          f"method {cfg.method!r}")
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    precision = cfg.train.mixed_precision or "no"
-    accelerator = Accelerator(cpu=dev.type == "cpu", mixed_precision=precision)
+    accelerator = Accelerator(cpu=dev.type == "cpu", mixed_precision=cfg.train.mixed_precision or "no")
     torch.manual_seed(cfg.seed)
     recipe = recipe_cls(cfg)
     recipe.build(accelerator)
     recipe.student.to(accelerator.device)
     optimizer = build_optimizer(cfg, recipe.param_groups())
     recipe.student, optimizer = accelerator.prepare(recipe.student, optimizer)
+    sched = Schedules(cfg, steps_per_epoch=1000, recipe=recipe.schedule)(1000 * cfg.train.epochs // 2)
+    return cfg, dev, accelerator, recipe, optimizer, sched
+
+
+def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: int | None = None, steps: int = 10,
+                   warmup: int = 3, mixed_precision: str | None = None, overrides: Sequence[str] = (),
+                   peak: float | None = None) -> dict[str, Any]:
+    """Time the trainer's step and the bare network's on the recipe's crops; see the module docstring."""
+    from sslpipe.engine.trainer import train_step
+
+    cfg, dev, accelerator, recipe, optimizer, sched = prepared_step(
+        recipe_path, device=device, batch_size=batch_size, mixed_precision=mixed_precision, overrides=overrides)
     B = cfg.data.batch_size
     batch = synthetic_batch(cfg, recipe, B, seed=cfg.seed)
     if dev.type == "cuda":
         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    # mid-run: lr and momentum non-trivial, last layer no longer frozen
-    sched = Schedules(cfg, steps_per_epoch=1000, recipe=recipe.schedule)(1000 * cfg.train.epochs // 2)
 
     def ours() -> None:
         train_step(accelerator, recipe, optimizer, [batch], sched, cfg)

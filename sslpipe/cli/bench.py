@@ -1,5 +1,5 @@
 """`sslpipe bench`: benchmarks, each against a reference run side by side (loader, kNN, iBOT step, trainer step,
-curation, remote shards)."""
+the step fed by the loader, curation, remote shards)."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,20 @@ def add(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--packing", action="store_true",
                       help="DINOv2/DINOv3: time the step with the crops packed and per size, side by side")
     step.add_argument("overrides", nargs="*", help="key.sub=value overrides for the recipe")
+    loaded = which.add_parser("loaded-step", help="the trainer's step fed by the loader from shards vs on a "
+                                                 "synthetic batch: is the loader the bottleneck?")
+    loaded.add_argument("shards", nargs="?", default=None,
+                        help="shard directory (default with --photos: runs/bench_photos)")
+    loaded.add_argument("--photos", type=int, default=None, metavar="N",
+                        help="first write N 500x375 JPEG photographs (from scikit-image's bundled images) as shards")
+    loaded.add_argument("--recipe", default="recipes/demo_ibot.yaml")
+    loaded.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    loaded.add_argument("--batch-size", type=int, default=None, help="default: the recipe's data.batch_size")
+    loaded.add_argument("--steps", type=int, default=20)
+    loaded.add_argument("--warmup", type=int, default=5)
+    loaded.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    loaded.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.num_workers=16 "
+                                                     "crops.backend=device")
     curate = which.add_parser("curate", help="faiss k-means vs scikit-learn MiniBatchKMeans; IVF vs exact search")
     curate.add_argument("--n", type=int, default=1_000_000, help="synthetic features (rows)")
     curate.add_argument("--dim", type=int, default=384)
@@ -56,7 +70,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     remote.add_argument("--workers", type=int, default=2)
     remote.add_argument("--batch-size", type=int, default=64)
     remote.add_argument("--seconds", type=float, default=60.0, help="reading time of each side")
-    for q in (loader, knn, ibot, step, curate, remote):
+    for q in (loader, knn, ibot, step, loaded, curate, remote):
         q.add_argument("--out", default=None, help="also write the result as JSON here")
 
 
@@ -85,6 +99,22 @@ def run(args: argparse.Namespace) -> int:
             shards = args.shards or make_photo_shards(Path(tmp) / "photos", args.photos, samples_per_shard=per_shard)
             result = run_remote_bench(shards, processes=args.processes, workers=args.workers,
                                       batch_size=args.batch_size, seconds=args.seconds)
+        print(result["table"])
+    elif args.bench == "loaded-step":
+        from sslpipe.bench.loaded_step import run_loaded_step_bench
+
+        shards = args.shards
+        if args.photos:
+            from sslpipe.bench.photos import make_photo_shards
+
+            # 32 shards: one at least for each loader worker
+            shards = str(make_photo_shards(shards or "runs/bench_photos", args.photos,
+                                           samples_per_shard=max(1, args.photos // 32)))
+        if shards is None:
+            raise ValueError("give a shard directory, or --photos N to make one of photographs")
+        result = run_loaded_step_bench(args.recipe, shards, device=args.device, batch_size=args.batch_size,
+                                       steps=args.steps, warmup=args.warmup, mixed_precision=args.mixed_precision,
+                                       overrides=args.overrides)
         print(result["table"])
     elif args.bench == "curate":
         from sslpipe.bench.curate import run_curate_bench

@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from sslpipe.weights.state_dict import without_aliases
 
+
 def is_sharded(module: nn.Module | None) -> bool:
     """Whether any parameter of `module` is a DTensor (the module, or part of it, is FSDP2-sharded)."""
     return module is not None and any(isinstance(p, DTensor) for p in module.parameters())

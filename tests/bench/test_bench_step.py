@@ -1,12 +1,16 @@
-"""`sslpipe bench step`: the trainer's step vs the bare network, on each available device."""
+"""`sslpipe bench step`: the trainer's step vs the bare network; `bench loaded-step`: fed by the loader vs a synthetic
+batch; on each available device."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from sslpipe.bench.loaded_step import run_loaded_step_bench
 from sslpipe.bench.step import format_table, run_step_bench
+from sslpipe.cli import main
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -36,3 +40,25 @@ def test_step_bench_refuses_other_recipes(tmp_path: Path) -> None:
     recipe.write_text("method: tests.workers.toy_recipe:ToyRecipe\ndata: {train: synthetic}\n")
     with pytest.raises(ValueError, match="multi-crop recipes"):
         run_step_bench(str(recipe), device="cpu")
+
+
+def test_loaded_step_bench_feeds_the_step_from_shards(digits_shards: Path, device: str) -> None:
+    """Both rates come from whole timed stretches, the fed side from the recipe's loader, which re-reads a set too
+    small for warmup + steps (here 2 batches of 1024 from 1438 digits for 1 + 3 steps)."""
+    torch.set_num_threads(1)
+    r = run_loaded_step_bench(str(RECIPES / "demo_dino.yaml"), str(digits_shards), device=device, batch_size=4,
+                              steps=2, warmup=1, overrides=[*tiny("dino"), "data.num_workers=1"])
+    assert r["synthetic_img_s"] > 0 and r["loaded_img_s"] > 0 and r["loaded_steps"] == 2
+    assert r["ratio_loaded_over_synthetic"] == pytest.approx(r["loaded_img_s"] / r["synthetic_img_s"])
+    assert r["num_workers"] == 1 and r["crops_backend"] == "fast" and "fed from shards" in r["table"]
+    big = run_loaded_step_bench(str(RECIPES / "demo_dino.yaml"), str(digits_shards), device=device, batch_size=1024,
+                                steps=3, warmup=1, overrides=[*tiny("dino"), "data.num_workers=0"])
+    assert big["loaded_img_s"] > 0 and big["loaded_steps"] == 3
+
+
+def test_cli_loaded_step_writes_its_json(digits_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "loaded.json"
+    assert main(["bench", "loaded-step", str(digits_shards), "--recipe", str(RECIPES / "demo_dino.yaml"),
+                 "--device", "cpu", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--out", str(out),
+                 *tiny("dino"), "data.num_workers=0"]) == 0
+    assert json.loads(out.read_text())["ratio_loaded_over_synthetic"] > 0

@@ -1,0 +1,72 @@
+"""`sslpipe bench loaded-step`: is the loader the bottleneck? The trainer's step fed by the real loader from shards
+against the same step on one synthetic batch already in host memory, one after the other in one process.
+
+"Fed" is what a training run does per iteration: the recipe's loader (its `data.num_workers` workers decode, crop
+and mask; `crops.backend` says where the crops are cut) hands a batch over, `prefetch_to_device` copies it, then
+`train_step`. "Synthetic" is `sslpipe bench step`'s batch: the same crops and masks, made once, so the step never
+waits for data. Each runs `warmup` untimed steps (the loader fills its queue), then `steps` timed ones, and the rate
+is images over the whole timed stretch, so that a loader stall counts. ratio = fed rate / synthetic rate: 1.0 means
+the loader keeps up; the issue 36 goal is >= 0.9. Where a CPU cannot keep up, `crops.backend=device` cuts the crops
+on the accelerator.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any, Sequence
+
+import torch
+
+from sslpipe.bench.step import prepared_step, synthetic_batch
+
+
+def _rate(step: Any, batches: Any, warmup: int, steps: int, batch_size: int, device: torch.device
+          ) -> tuple[float, int]:
+    """(images per second, steps timed) over up to `steps` timed steps after `warmup` untimed ones, the device
+    drained at both ends."""
+    for batch in itertools.islice(batches, warmup):
+        step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    done = 0
+    for batch in itertools.islice(batches, steps):
+        step(batch)
+        done += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return done * batch_size / (time.perf_counter() - start), done
+
+
+def run_loaded_step_bench(recipe_path: str, data: str, *, device: str | None = None, batch_size: int | None = None,
+                          steps: int = 20, warmup: int = 5, mixed_precision: str | None = None,
+                          overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Time the trainer's step fed from the shards in `data` and on a synthetic batch; see the module docstring."""
+    from sslpipe.engine.prefetch import prefetch_to_device
+    from sslpipe.engine.trainer import train_step
+
+    cfg, dev, accelerator, recipe, optimizer, sched = prepared_step(
+        recipe_path, device=device, batch_size=batch_size, mixed_precision=mixed_precision,
+        overrides=[*overrides, f"data.train={data}", f"data.steps_per_epoch={warmup + steps}"])  # re-read if short
+    B = cfg.data.batch_size
+
+    def step(batch: Any) -> None:
+        train_step(accelerator, recipe, optimizer, [batch], sched, cfg)
+
+    fixed = synthetic_batch(cfg, recipe, B, seed=cfg.seed)
+    if dev.type == "cuda":
+        fixed = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in fixed.items()}
+    synthetic, _ = _rate(step, itertools.repeat(fixed), warmup, steps, B, dev)
+    loaded, loaded_steps = _rate(step, prefetch_to_device(iter(recipe.train_loader(0, 0, 1)), dev), warmup, steps,
+                                 B, dev)
+    result = {"recipe": recipe_path, "data": data, "device": str(dev), "batch_size": B, "steps": steps,
+              "num_workers": cfg.data.num_workers, "crops_backend": cfg.crops.backend, "cpu_count": os.cpu_count(),
+              "crops": f"{cfg.crops.n_global}x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}",
+              "mixed_precision": accelerator.mixed_precision, "synthetic_img_s": synthetic, "loaded_img_s": loaded,
+              "loaded_steps": loaded_steps,
+              "ratio_loaded_over_synthetic": loaded / synthetic}
+    result["table"] = (f"fed from shards {loaded:.1f} img/s, synthetic batch {synthetic:.1f} img/s: "
+                       f"{loaded / synthetic:.2f}x ({dev}, batch {B}, {result['crops']}, {cfg.data.num_workers} "
+                       f"workers, crops.backend={cfg.crops.backend}, precision {result['mixed_precision']})")
+    return result
