@@ -25,6 +25,7 @@ from lightly.models.utils import update_momentum
 from torch import nn
 
 from sslpipe.bench.timing import time_interleaved
+from sslpipe.data.collate import mask_batch_fields
 from sslpipe.losses.ibot import IBOTLoss
 from sslpipe.models.backbones import MaskedViT, create_backbone
 from sslpipe.models.ema import build_teacher, ema_update
@@ -63,7 +64,8 @@ def run_ibot_step_bench(arch: str = "vit_tiny_patch16_224", *, img_size: int = 3
     locals_ = torch.randn(n_local * B, 3, local_size, local_size, generator=g).to(dev)
     masks = torch.rand(G * B, grid, grid, generator=g) < 0.3
     masks[torch.rand(G * B, generator=g) < 0.5] = False  # half the crops unmasked (pred_ratio [0, 0.3])
-    masks = masks.to(dev)
+    fields = {k: v.to(dev) for k, v in mask_batch_fields(masks).items()}  # as the loader hands them over
+    masks, indices, weights = fields["masks"], fields["mask_indices"], fields["masks_weight"]
     temps = dict(teacher_temp=0.04, teacher_patch_temp=0.04)
 
     # --- sslpipe: the recipe's own network (sslpipe.recipes.ibot.IBOTNet) ---
@@ -75,8 +77,9 @@ def run_ibot_step_bench(arch: str = "vit_tiny_patch16_224", *, img_size: int = 3
     def ours_step() -> float:
         with torch.no_grad():
             t_cls, t_patch = teacher(globals_)[:2]
-        s_cls, s_patch, s_loc, _ = student(globals_, masks, locals_)
-        out = loss_fn(s_cls, s_patch, t_cls, t_patch, masks, student_local_cls=s_loc, **temps)
+        s_cls, s_patch, s_loc, _ = student(globals_, masks, locals_, mask_indices=indices)
+        out = loss_fn(s_cls, s_patch, t_cls, t_patch, masks, student_local_cls=s_loc, mask_indices=indices,
+                      masks_weight=weights, **temps)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()

@@ -52,8 +52,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     loaded.add_argument("--recipe", default="recipes/demo_ibot.yaml")
     loaded.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     loaded.add_argument("--batch-size", type=int, default=None, help="default: the recipe's data.batch_size")
-    loaded.add_argument("--steps", type=int, default=20)
-    loaded.add_argument("--warmup", type=int, default=5)
+    loaded.add_argument("--steps", type=int, default=50)
+    loaded.add_argument("--warmup", type=int, default=5, help="the fed side warms up for at least 2 x workers + 2")
     loaded.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     loaded.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.num_workers=16 "
                                                      "crops.backend=device")

@@ -237,6 +237,7 @@ def normalize_crops(crops: Tensor, mean: Sequence[float], std: Sequence[float]) 
     """uint8 (N, 3, H, W) crops -> float32 normalised, on whatever device they are (float crops pass through)."""
     if crops.dtype != torch.uint8:
         return crops
-    m = torch.tensor(mean, device=crops.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    s = torch.tensor(std, device=crops.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    return (crops.float() - m) / s
+    out = crops.float()
+    for channel, (m, s) in enumerate(zip(mean, std)):  # Python scalars: no host-to-device copy (a GPU sync) per call
+        out[:, channel].sub_(255 * m).div_(255 * s)
+    return out

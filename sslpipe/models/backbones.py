@@ -98,7 +98,14 @@ def pos_interpolation_matrix(old: tuple[int, int], new: tuple[int, int], device:
     """M (new_h*new_w, old_h*old_w) with ``M @ grid.flatten()`` == the official iBOT/DINO ``interpolate_pos_encoding``
     of a (old_h, old_w) grid: ``F.interpolate(scale_factor=((new_h + 0.1) / old_h, (new_w + 0.1) / old_w),
     mode="bicubic")`` (the 0.1 avoids a floor rounding to new - 1; dino#8). Built once per pair of grids."""
-    return _interpolation_matrix_cpu(tuple(old), tuple(new)).to(device=device, dtype=dtype)
+    return _interpolation_matrix(tuple(old), tuple(new), torch.device(device), dtype)
+
+
+@lru_cache(maxsize=64)
+def _interpolation_matrix(old: tuple[int, int], new: tuple[int, int], device: torch.device,
+                          dtype: torch.dtype) -> Tensor:
+    """Cached per device too: a copy from host memory to a GPU at every step would wait for the device."""
+    return _interpolation_matrix_cpu(old, new).to(device=device, dtype=dtype)
 
 
 def vit_pos_embed(vit: VisionTransformer, tokens: Tensor) -> Tensor:
@@ -197,8 +204,8 @@ class MaskedViT(nn.Module):
 def block_diagonal_bias(lengths: list[int], device: torch.device, dtype: torch.dtype) -> Tensor:
     """The additive attention bias (L, L), L = sum(lengths): 0 inside each block of the diagonal, -inf elsewhere, so a
     token attends only to the tokens of its own crop."""
-    crop = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device),
-                                   output_size=sum(lengths))  # known on the host: no wait for the device
+    # made on the device from Python ints: no host-to-device copy and no data-dependent size, so no wait
+    crop = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(lengths)])
     bias = torch.zeros(len(crop), len(crop), device=device, dtype=dtype)
     return bias.masked_fill_(crop[:, None] != crop[None, :], float("-inf"))
 
