@@ -80,7 +80,8 @@ def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Tensor | None]
     """Stack crops crop-major: ``global_crops`` (n_global*B, C, H, W), ``local_crops`` (n_local*B, C, h, w) or None,
     ``masks`` bool (n_global*B, Hp, Wp) or None, ``labels`` long (B,), ``keys`` (the samples' shard keys). The
     number of global crops is the sample's ``n_global`` key, else its number of masks, else the run of leading crops
-    with the first crop's size. Device crops (``params`` in the samples) give ``images`` and ``crop_params``."""
+    with the first crop's size. Device crops (``params`` in the samples) give ``images`` and ``crop_params`` (a numpy
+    array (B, n_crops, 17), so that it stays on the host)."""
     if not samples:
         raise ValueError("collate_multicrop: empty batch")
     if "params" in samples[0]:  # device crops: decoded images (a list: sizes differ) and their crop parameters
@@ -89,7 +90,9 @@ def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Tensor | None]
         if samples[0]["masks"]:
             masks = torch.from_numpy(np.stack([np.asarray(s["masks"][i], dtype=bool)
                                                for i in range(n_global) for s in samples]))
-        return {"images": [s["image"] for s in samples], "crop_params": torch.stack([s["params"] for s in samples]),
+        # crop_params as numpy: host metadata that the prefetch leaves on the host, where the crops read it
+        params = torch.stack([s["params"] for s in samples]).numpy()
+        return {"images": [s["image"] for s in samples], "crop_params": params,
                 "global_crops": None, "local_crops": None, **_mask_keys(masks),
                 "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
                 "keys": [s.get("key") for s in samples]}

@@ -53,8 +53,8 @@ def _levels(x: Tensor) -> Tensor:
 
 
 def _gray(x: Tensor) -> Tensor:
-    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    r, g, b = GRAY_WEIGHTS  # Python scalars: no host-to-device copy
+    return x[:, 0:1] * r + x[:, 1:2] * g + x[:, 2:3] * b
 
 
 def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -69,8 +69,7 @@ def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
-    k = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
-    t = (k + h.unsqueeze(1) * 6) % 6
+    t = torch.stack([(k + h * 6) % 6 for k in (5.0, 3.0, 1.0)], dim=1)
     return v.unsqueeze(1) - v.unsqueeze(1) * s.unsqueeze(1) * torch.clamp(torch.minimum(t, 4 - t), 0, 1)
 
 
@@ -98,14 +97,15 @@ def _reflect101(n: int, r: int, device: torch.device) -> Tensor:
     return torch.where(i >= n, period - i, i)
 
 
-def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
-    """Per-crop Gaussian blur (sigma > 0), OpenCV's kernel (size 6 sigma + 1, odd) with reflect-101 borders."""
+def _gaussian_blur(x: Tensor, sigma: Tensor, host_sigma: np.ndarray) -> Tensor:
+    """Per-crop Gaussian blur (sigma > 0), OpenCV's kernel (size 6 sigma + 1, odd) with reflect-101 borders.
+    `host_sigma`: the same sigmas on the host, for the kernel sizes (read there, not from the device)."""
     n, c, height, width = x.shape
-    radius = [int(round(s * 6 + 1)) // 2 for s in sigma.tolist()]
-    r = max(radius)
+    radius = np.array([int(round(float(s) * 6 + 1)) // 2 for s in host_sigma])
+    r = int(radius.max())
     offsets = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.to(x.dtype).view(-1, 1)) ** 2)
-    kernel = kernel * (offsets.abs().view(1, -1) <= torch.tensor(radius, device=x.device).view(-1, 1))
+    kernel = kernel * (offsets.abs().view(1, -1) <= _to_device(radius, x.device).view(-1, 1))
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c, 2r+1)
     y = x.reshape(1, n * c, height, width)
     y = F.conv2d(y.index_select(3, _reflect101(width, r, x.device)), kernel.view(n * c, 1, 1, -1), groups=n * c)
@@ -113,14 +113,25 @@ def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     return _levels(y.reshape(n, c, height, width))
 
 
-def augment_batch(images: Sequence[Tensor], params: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+def _to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """A host array on `device` without making the host wait (pinned, asynchronous on a GPU)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def augment_batch(images: Sequence[Tensor], params: np.ndarray | Tensor, sizes: Sequence[int]) -> list[Tensor]:
     """Crops of a batch on the images' device, crop-major per size group.
 
-    `images`: B uint8 (H_b, W_b, 3) tensors on the device; `params`: (B, n_crops, 17); `sizes[k]`: output size of
-    crop k. Returns one float tensor (levels 0-255) per run of equal sizes, each (n_k * B, 3, S, S), crop-major
-    (crop k of every image, then crop k + 1, ...), the layout of `collate_multicrop`.
+    `images`: B uint8 (H_b, W_b, 3) tensors on the device; `params`: (B, n_crops, 17), best on the host (the collate
+    hands over a numpy array): every decision (crop boxes, which crops to jitter, grey, blur) is read there, so the
+    device never waits for the host to look at a value. `sizes[k]`: output size of crop k. Returns one float tensor
+    (levels 0-255) per run of equal sizes, each (n_k * B, 3, S, S), crop-major (crop k of every image, then crop
+    k + 1, ...), the layout of `collate_multicrop`.
     """
     device = images[0].device
+    params = params.detach().cpu().numpy() if isinstance(params, Tensor) else np.asarray(params)
     B, K = params.shape[:2]
     out: list[Tensor] = []
     start = 0
@@ -132,47 +143,52 @@ def augment_batch(images: Sequence[Tensor], params: Tensor, sizes: Sequence[int]
         crops = []
         for k in range(start, stop):
             for b in range(B):
-                top, left, h, w = (int(v) for v in params[b, k, 0:4].tolist())
+                top, left, h, w = (int(v) for v in params[b, k, 0:4])
                 region = images[b][top:top + h, left:left + w].permute(2, 0, 1)[None].float()
                 crops.append(F.interpolate(region, size=(size, size), mode="bicubic", antialias=True))
         x = _levels(torch.cat(crops))
-        p = params[:, start:stop].transpose(0, 1).reshape(-1, params.shape[-1]).to(device=device, dtype=torch.float32)
-        out.append(_colour(x, p))
+        host = params[:, start:stop].transpose(1, 0, 2).reshape(-1, params.shape[-1]).astype(np.float32)
+        out.append(_colour(x, _to_device(host, device), host))
         start = stop
     return out
 
 
-def _colour(x: Tensor, p: Tensor) -> Tensor:
-    """Flip, jitter (per-crop order), grayscale, blur, solarize of crops x (N, 3, S, S) with params p (N, 17)."""
+def _colour(x: Tensor, p: Tensor, host: np.ndarray) -> Tensor:
+    """Flip, jitter (per-crop order), grayscale, blur, solarize of crops x (N, 3, S, S) with params p (N, 17) on the
+    device and the same `host` (N, 17) on the host, which picks the crops of each masked op (as index lists: no
+    boolean indexing, whose size the host would wait for)."""
     flip = p[:, P["flip"]] > 0
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    jitter = p[:, P["jitter"]] > 0
-    order = p[:, P["order0"]:P["order3"] + 1].long()
+    jitter = host[:, P["jitter"]] > 0
+    order = host[:, P["order0"]:P["order3"] + 1].astype(np.int64)
     factors = p[:, P["brightness"]:P["hue"] + 1]
     for position in range(4):
         for op in range(4):
-            sel = jitter & (order[:, position] == op)
-            if sel.any():
-                x[sel] = _jitter_op(op, x[sel], factors[sel, op])
-    gray = p[:, P["gray"]] > 0
-    if gray.any():
-        x[gray] = _levels(_gray(x[gray])).expand(-1, 3, -1, -1)
-    blur = p[:, P["sigma"]] > 0
-    if blur.any():
-        x[blur] = _gaussian_blur(x[blur], p[blur, P["sigma"]])
+            sel = np.flatnonzero(jitter & (order[:, position] == op))
+            if len(sel):
+                idx = _to_device(sel, x.device)
+                x[idx] = _jitter_op(op, x[idx], factors[idx, op])
+    gray = np.flatnonzero(host[:, P["gray"]] > 0)
+    if len(gray):
+        idx = _to_device(gray, x.device)
+        x[idx] = _levels(_gray(x[idx])).expand(-1, 3, -1, -1)
+    blur = np.flatnonzero(host[:, P["sigma"]] > 0)
+    if len(blur):
+        idx = _to_device(blur, x.device)
+        x[idx] = _gaussian_blur(x[idx], p[idx, P["sigma"]], host[blur, P["sigma"]])
     solar = (p[:, P["solarize"]] > 0).view(-1, 1, 1, 1)
     return torch.where(solar & (x >= 128), 255 - x, x)
 
 
-def device_crops(images: Sequence[Tensor], params: Tensor, sizes: Sequence[int], n_global: int,
+def device_crops(images: Sequence[Tensor], params: np.ndarray | Tensor, sizes: Sequence[int], n_global: int,
                  mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor | None]:
     """(global crops, local crops or None), normalised, from a batch of decoded images already on the device.
     Computed in float32 whatever the surrounding autocast (levels 0-255 need more than bf16's 8 bits)."""
     with torch.autocast(images[0].device.type, enabled=False):
         groups = augment_batch(images, params, sizes)
-    m = torch.tensor(mean, device=groups[0].device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=groups[0].device).view(1, 3, 1, 1) * 255
-    groups = [(g - m) / s for g in groups]
+    for g in groups:  # in place, with Python scalars: no host-to-device copy
+        for channel, (m, s) in enumerate(zip(mean, std)):
+            g[:, channel].sub_(255 * m).div_(255 * s)
     if len(groups) == 1 and len(sizes) > n_global:  # global and local crops of one size
         B = params.shape[0]
         return groups[0][: n_global * B], groups[0][n_global * B:]

@@ -4,8 +4,9 @@ trainer runs it between two log lines, never makes the host wait for the device.
 On the CPU the test spies on the operations whose output shape depends on the data (boolean indexing, `nonzero`,
 `masked_select`, `unique`, `repeat_interleave` without `output_size`): on a GPU each one waits for the device to count
 its result. On CUDA the steps also run under `torch.cuda.set_sync_debug_mode("error")`, which catches every other
-synchronisation too (`.item()`, a device-to-host copy). SimCLR is not here: lightly's NTXentLoss, which it uses,
-selects the negatives with a boolean mask.
+synchronisation too (`.item()`, a device-to-host copy, a blocking host-to-device copy). The spy does not see
+everything (calls nested inside an op it already saw, backward ops, `bincount`): the CUDA run is the full check.
+SimCLR is not here: lightly's NTXentLoss, which it uses, selects the negatives with a boolean mask.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class DataDependentShapes(TorchFunctionMode):
     ("demo_dinov2.yaml", ["dinov2.pack_crops=true", "crops.global_size=32", "crops.local_size=16", "crops.n_local=4",
                           "dinov2.mask_ratio_min_max=[0.1,0.5]"]),  # the demo's multi-crop recipe, packed
     ("demo_dinov3.yaml", ["dinov3.gram.load_at=0"]),
+    ("demo_ibot.yaml", ["crops.backend=device"]),  # the crops cut and coloured on the device, in the step
 ])
 def test_a_training_step_never_waits_for_the_device(recipe: str, extra: list[str], digits_shards: Path,
                                                    trainer_device: str, fresh_accelerate_state: None) -> None:
