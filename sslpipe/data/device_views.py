@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from sslpipe.data.crop_params import GRAY_WEIGHTS, P
-from sslpipe.data.fast_views import FastMultiCropTransform, as_array
+from sslpipe.data.fast_views import FastMultiCropTransform, as_array, normalize_levels_
 
 
 @dataclass
@@ -186,9 +186,8 @@ def device_crops(images: Sequence[Tensor], params: np.ndarray | Tensor, sizes: S
     Computed in float32 whatever the surrounding autocast (levels 0-255 need more than bf16's 8 bits)."""
     with torch.autocast(images[0].device.type, enabled=False):
         groups = augment_batch(images, params, sizes)
-    for g in groups:  # in place, with Python scalars: no host-to-device copy
-        for channel, (m, s) in enumerate(zip(mean, std)):
-            g[:, channel].sub_(255 * m).div_(255 * s)
+    for g in groups:
+        normalize_levels_(g, mean, std)
     if len(groups) == 1 and len(sizes) > n_global:  # global and local crops of one size
         B = params.shape[0]
         return groups[0][: n_global * B], groups[0][n_global * B:]

@@ -237,7 +237,12 @@ def normalize_crops(crops: Tensor, mean: Sequence[float], std: Sequence[float]) 
     """uint8 (N, 3, H, W) crops -> float32 normalised, on whatever device they are (float crops pass through)."""
     if crops.dtype != torch.uint8:
         return crops
-    out = crops.float()
-    for channel, (m, s) in enumerate(zip(mean, std)):  # Python scalars: no host-to-device copy (a GPU sync) per call
-        out[:, channel].sub_(255 * m).div_(255 * s)
-    return out
+    return normalize_levels_(crops.float(), mean, std)
+
+
+def normalize_levels_(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """In place: float crops (N, 3, H, W) in levels 0-255 -> normalised. Python scalars per channel: no
+    host-to-device copy (which a GPU waits for) per call."""
+    for channel, (m, s) in enumerate(zip(mean, std)):
+        x[:, channel].sub_(255 * m).div_(255 * s)
+    return x

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from sslpipe.config import RunConfig
+from sslpipe.weights.state_dict import local_slice
 
 
 def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -43,10 +44,6 @@ def apply_schedule(optimizer: torch.optim.Optimizer, sched: dict[str, float]) ->
         group["weight_decay"] = sched["weight_decay"] if group.get("apply_wd", True) else 0.0
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 @torch.no_grad()
 def clip_gradients_per_tensor(module: torch.nn.Module, clip: float) -> torch.Tensor:
     """DINO `utils.clip_gradients`: each parameter's gradient is rescaled on its own to norm <= `clip`.
@@ -61,7 +58,7 @@ def clip_gradients_per_tensor(module: torch.nn.Module, clip: float) -> torch.Ten
     for param in module.parameters():
         if param.grad is not None:
             sharded |= isinstance(param.grad, DTensor)
-            by_device[(param.grad.device, param.grad.dtype)].append(_local(param.grad))
+            by_device[(param.grad.device, param.grad.dtype)].append(local_slice(param.grad))
     norms = []
     for grads in by_device.values():
         group_norms = torch.stack(torch._foreach_norm(grads, 2.0))

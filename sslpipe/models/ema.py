@@ -12,7 +12,8 @@ import copy
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+
+from sslpipe.weights.state_dict import local_slice
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
 
@@ -25,10 +26,6 @@ def _clean(name: str) -> str:
             if name.startswith(p):
                 name, changed = name[len(p):], True
     return name
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def build_teacher(student: nn.Module) -> nn.Module:
@@ -61,7 +58,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     if bad:
         raise ValueError(f"ema_update: teacher and student parameters differ in shape: {bad[:5]}")
     # FSDP2 (both nets sharded alike): each process averages its own slice, no communication.
-    t_list = [_local(t) for t, _ in pairs]
-    s_list = [_local(s.detach()).to(t.dtype) for t, s in pairs]
+    t_list = [local_slice(t) for t, _ in pairs]
+    s_list = [local_slice(s.detach()).to(t.dtype) for t, s in pairs]
     torch._foreach_mul_(t_list, momentum)
     torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)

@@ -110,12 +110,9 @@ def _write_process_files(accelerator: Any, tmp: Path, extra_state: dict[str, tor
     main = accelerator.is_main_process
     # Collectives first, on every process, before any write that could fail on one of them alone.
     extra_state = sharded_state.whole(extra_state, keep=main)
-    if model is not None and sharded_state.is_sharded(model):
-        state = sharded_state.gathered_model_state(model, keep=main)
+    if model is not None:
+        state = sharded_state.gathered_model_state(accelerator.unwrap_model(model), keep=main)
         optim = sharded_state.gathered_optimizer_state(optimizer, keep=main) if optimizer is not None else None
-    elif model is not None:
-        state = accelerator.get_state_dict(model)
-        optim = optimizer.state_dict() if optimizer is not None else None
     if model is not None and main:
         _write(tmp / MODEL, lambda p: state_io.save_model(state, p))
         if optim is not None:
@@ -223,15 +220,9 @@ def load_checkpoint(accelerator: Any, ckpt_dir: str | Path, *, model: torch.nn.M
             raise ValueError(f"{ckpt_dir} was written by an older sslpipe (pickled optimizer.bin, "
                              "random_states_*.pkl), which this version does not unpickle; export its weights from a "
                              "trusted environment or restart the run")
-        if sharded_state.is_sharded(model):
-            sharded_state.set_model_from_whole(model, load_file(str(ckpt_dir / MODEL)), str(ckpt_dir / MODEL))
-            if optimizer is not None:
-                optimizer.load_state_dict(sharded_state.slice_optimizer_state(
-                    optimizer, state_io.read_optimizer_state(optimizer, ckpt_dir / OPTIMIZER)))
-        else:
-            state_io.load_model(accelerator.unwrap_model(model), ckpt_dir / MODEL)
-            if optimizer is not None:
-                state_io.load_optimizer(optimizer, ckpt_dir / OPTIMIZER)
+        state_io.load_model(accelerator.unwrap_model(model), ckpt_dir / MODEL)  # sharded or not
+        if optimizer is not None:
+            state_io.load_optimizer(optimizer, ckpt_dir / OPTIMIZER)
         if getattr(accelerator, "scaler", None) is not None and (ckpt_dir / SCALER).is_file():
             state_io.load_scaler(accelerator.scaler, ckpt_dir / SCALER)
     rng = ckpt_dir / _rng_file(accelerator.process_index)

@@ -19,11 +19,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from sslpipe.weights.state_dict import without_aliases
 
 
-def is_sharded(module: nn.Module | None) -> bool:
-    """Whether any parameter of `module` is a DTensor (the module, or part of it, is FSDP2-sharded)."""
-    return module is not None and any(isinstance(p, DTensor) for p in module.parameters())
-
-
 def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
     """The same dict with every DTensor gathered into its whole tensor, moved to the CPU one at a time (a collective:
     call on every process, with the same keys in the same order). `keep=False` (the processes that write nothing):
@@ -46,25 +41,13 @@ def load_whole(module: nn.Module, state: dict[str, torch.Tensor], *, strict: boo
 
 
 def gathered_model_state(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
-    """The whole state dict of a sharded model on the CPU, without the second names of shared tensors (a collective;
-    `keep=False`: take part and return {})."""
+    """The whole state dict of a model, sharded or not, without the second names of shared tensors (a collective
+    when sharded; `keep=False`: take part and return {})."""
     return whole(without_aliases(model.state_dict()), keep)
 
 
-def set_model_from_whole(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Fill a sharded model from its whole state dict as `state_io.save_model` wrote it (every process passes the
-    same one): strict, except for the second names of shared tensors. `source` names the file in errors."""
-    own = model.state_dict()
-    aliases = set(own) - set(without_aliases(own))
-    missing, unexpected = set(own) - aliases - set(state), set(state) - set(own)
-    if missing or unexpected:
-        raise KeyError(f"{source} does not fit the model: missing {sorted(missing)[:10]}, unexpected "
-                       f"{sorted(unexpected)[:10]}")
-    load_whole(model, state, strict=False)
-
-
 def gathered_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> dict[str, Any]:
-    """`optimizer.state_dict()` with whole tensors on the CPU (a collective, every process calls it; `keep=False`:
+    """`optimizer.state_dict()` with whole tensors (a collective when sharded, every process calls it; `keep=False`:
     take part and return an empty state)."""
     sd = optimizer.state_dict()
     state = {}
@@ -76,8 +59,8 @@ def gathered_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> di
 
 
 def slice_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-    """An index-keyed state dict of whole tensors (as an unsharded run writes it) with each tensor of a sharded
-    parameter's shape cut to this process's slice, ready for `optimizer.load_state_dict`."""
+    """An index-keyed state dict of whole tensors (as every run writes it) with each tensor of a sharded parameter's
+    shape cut to this process's slice, ready for `optimizer.load_state_dict` (unchanged for an unsharded one)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sliced = {}
     for index, entries in state["state"].items():

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sslpipe.weights.sharded_state import load_whole, slice_optimizer_state
 from sslpipe.weights.state_dict import without_aliases
 
 
@@ -38,15 +39,16 @@ def _metadata(path: Path) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------------------------------------- model
 def save_model(state: dict[str, torch.Tensor], path: Path) -> None:
-    """`state`: the model's state dict, as `accelerator.get_state_dict` gathers it (a collective under sharding)."""
+    """`state`: the model's whole state dict (`sslpipe.weights.sharded_state.gathered_model_state`)."""
     save_file(_cpu(without_aliases(state)), str(path), metadata={"format": "pt"})
 
 
 def load_model(model: nn.Module, path: Path) -> None:
-    """Strict, except for the second names of shared tensors (restored through their first name)."""
+    """Strict, except for the second names of shared tensors (restored through their first name); a sharded model
+    keeps its slices."""
     state = model.state_dict()
     aliases = set(state) - set(without_aliases(state))
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    missing, unexpected = load_whole(model, load_file(str(path)), strict=False)
     if unexpected or set(missing) - aliases:
         raise KeyError(f"{path} does not fit the model: missing {sorted(set(missing) - aliases)[:10]}, "
                        f"unexpected {sorted(unexpected)[:10]}")
@@ -68,10 +70,10 @@ def save_optimizer_state(sd: dict[str, Any], path: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    optimizer.load_state_dict(read_optimizer_state(optimizer, path))
+    optimizer.load_state_dict(slice_optimizer_state(optimizer, _read_optimizer_state(optimizer, path)))
 
 
-def read_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
+def _read_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
     """The state dict in `path`, checked to fit `optimizer`'s groups (their count and sizes)."""
     meta = _metadata(path)
     state: dict[int, dict[str, Any]] = {}
