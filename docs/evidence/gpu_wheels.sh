@@ -10,12 +10,13 @@ mkdir -p .git/info && touch .git/info/exclude
 for d in /.whl/ /.whl_wandb/ /.fmnist/; do grep -qx "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done
 mkdir -p .whl .whl_wandb .fmnist
 cp /usr/share/datasets/fashion-mnist/*.gz .fmnist/  # 30 MB, for the quality run (apt-get install dataset-fashion-mnist)
-# The image's packages (KINDS.md, 2026-11-17), normalised; everything else sslpipe needs is carried.
+# The image's packages (KINDS.md, 2026-11-17), normalised; everything else sslpipe needs is carried, and timm
+# (crop packing needs >= 1.0.24; the image's version is not known).
 ON_DEVICE="accelerate aiohttp anyio attrs certifi charset-normalizer click cloudpickle filelock fsspec h11
 httpcore httpx huggingface-hub idna jinja2 joblib lightning lightning-utilities markupsafe
 matplotlib networkx numpy onnx onnxruntime onnxscript opencv-python-headless packaging pandas pillow
 platformdirs protobuf psutil pyarrow pytest pytest-timeout python-dateutil pytorch-lightning pyyaml
-regex requests rich safetensors scikit-image scikit-learn scipy six sympy tifffile timm tokenizers
+regex requests rich safetensors scikit-image scikit-learn scipy six sympy tifffile tokenizers
 torch torchaudio torchmetrics torchvision tqdm transformers triton typing-extensions urllib3 xxhash
 pygments iniconfig pluggy typer setuptools wheel"
 .venv/bin/python - "$ON_DEVICE" > .whl/wanted.txt <<'PY'
@@ -23,7 +24,7 @@ import re, sys
 from importlib.metadata import distribution, PackageNotFoundError
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
 have = {norm(n) for n in sys.argv[1].split()}
-todo, seen = ["lightly", "webdataset", "wandb", "pydantic", "braceexpand", "pycocotools"], {}
+todo, seen = ["lightly", "webdataset", "wandb", "pydantic", "braceexpand", "pycocotools", "timm"], {}
 while todo:
     name = norm(todo.pop())
     if name in seen or name in have:

@@ -42,6 +42,11 @@ def is_vit_arch(arch: str) -> bool:
     return timm.models.model_entrypoint(arch).__module__ in _VIT_MODULES
 
 
+def is_eva_arch(arch: str) -> bool:
+    """True for timm's Eva ViTs (rotary position embeddings, DINOv3's `*_dinov3`)."""
+    return is_vit_arch(arch) and timm.models.model_entrypoint(arch).__module__ == "timm.models.eva"
+
+
 def backbone_args(arch: str, *, img_size: int, patch_size: int | None = None, **model_args: Any) -> dict[str, Any]:
     """The `timm.create_model(arch, ...)` arguments of `create_backbone` (without drop_path_rate): what an export
     records so that timm rebuilds the same network.
@@ -199,53 +204,6 @@ class MaskedViT(nn.Module):
         tokens = v.norm_pre(v.patch_drop(tokens))
         tokens = v.blocks(tokens)
         return v.norm(tokens)
-
-
-def block_diagonal_bias(lengths: list[int], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The additive attention bias (L, L), L = sum(lengths): 0 inside each block of the diagonal, -inf elsewhere, so a
-    token attends only to the tokens of its own crop."""
-    # made on the device from Python ints: no host-to-device copy and no data-dependent size, so no wait
-    crop = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(lengths)])
-    bias = torch.zeros(len(crop), len(crop), device=device, dtype=dtype)
-    return bias.masked_fill_(crop[:, None] != crop[None, :], float("-inf"))
-
-
-def packed_forward(backbone: "MaskedViT", groups: list[tuple[Tensor, Tensor | None]], images: int) -> list[Tensor]:
-    """All crops of a step through one pass of the blocks (DINOv2's `forward_features_list` with xformers'
-    block-diagonal attention, here an additive bias for SDPA): each group (crops (n_i * B, C, H_i, W_i) crop-major,
-    as the collate stacks them, B = `images`; mask or None) is embedded on its own, the n_i crops of each image are
-    laid side by side in one sequence, the blocks run once with attention kept inside each crop, and the tokens are
-    split back: one (n_i * B, T_i, D) tensor per group, equal to `backbone(crops, mask)` per group up to float
-    rounding.
-
-    Deviation: drop path draws one decision per sequence, i.e. per image for all its crops (per crop unpacked).
-    Refused for RoPE ViTs (timm Eva): their rotary embedding and prefix tokens assume one crop per sequence."""
-    v = backbone.vit
-    if isinstance(v, Eva):
-        raise ValueError("packed crops (dinov2.pack_crops) need a ViT with learned positions; a RoPE ViT (timm Eva, "
-                         "DINOv3) runs its crops one size at a time: set dinov2.pack_crops=false")
-    batch = images
-    sequences, shapes = [], []
-    for crops, mask in groups:
-        tokens = v.norm_pre(v.patch_drop(vit_pos_embed(v, backbone.embed(crops, mask))))
-        n_total, length, dim = tokens.shape
-        if n_total % batch:
-            raise ValueError(f"packed crops: a group of {n_total} crops is not a whole number of crops for each of "
-                             f"{batch} images")
-        n = n_total // batch
-        sequences.append(tokens.reshape(n, batch, length, dim).transpose(0, 1).reshape(batch, n * length, dim))
-        shapes.append((n, length))
-    packed = torch.cat(sequences, dim=1)
-    bias = block_diagonal_bias([length for n, length in shapes for _ in range(n)], packed.device, packed.dtype)
-    for block in v.blocks:
-        packed = block(packed, attn_mask=bias)
-    packed = v.norm(packed)
-    out, start = [], 0
-    for n, length in shapes:
-        part = packed[:, start:start + n * length].reshape(batch, n, length, -1).transpose(0, 1)
-        out.append(part.reshape(n * batch, length, -1))
-        start += n * length
-    return out
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -33,15 +33,15 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 from timm.layers import DropPath
-from timm.models.eva import Eva
 from torch import nn
 
 from sslpipe.data.collate import collate_multicrop, mask_batch_fields
 from sslpipe.data.masking import MaskGenerator
 from sslpipe.losses.dinov2 import DINOv2Loss
 from sslpipe.losses.health import dense_health, embedding_health, health_metrics
-from sslpipe.models.backbones import MaskedViT, create_backbone, packed_forward
+from sslpipe.models.backbones import MaskedViT, create_backbone
 from sslpipe.models.heads import DINOHead
+from sslpipe.models.packed_crops import packed_forward
 from sslpipe.recipes.multicrop import MultiCropRecipe
 from sslpipe.recipes.sections import HeadConfig, TeacherLossConfig, TeacherStudentConfig
 
@@ -90,7 +90,7 @@ class DINOv2Config(TeacherStudentConfig):
     layerwise_decay: float = 0.9  # lr x decay^(L + 1 - layer_id) in the backbone (dinov2/utils/param_groups.py)
     patch_embed_lr_mult: float = 0.2
     # the student's global and local crops in one pass of the blocks with block-diagonal attention (the official
-    # forward_features_list): fewer, larger kernels for a GPU (sslpipe/models/backbones.py: packed_forward)
+    # forward_features_list): fewer, larger kernels for a GPU (sslpipe/models/packed_crops.py)
     pack_crops: bool = False
 
     @model_validator(mode="after")
@@ -248,16 +248,12 @@ class DINOv2Recipe(MultiCropRecipe):
         m, d = self.cfg.model, self.section
         h = d.head
         vit = create_backbone(m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
-                              drop_path_rate=drop_path_rate, **m.kwargs)
+                              drop_path_rate=drop_path_rate, **self.packing_args(), **m.kwargs)
         if d.drop_path_uniform:
             uniform_drop_path(vit, drop_path_rate)
         if getattr(vit, "cls_token", None) is not None:
             nn.init.normal_(vit.cls_token, std=1e-6)  # dinov2's init (create_backbone gives DINO's)
         backbone = MaskedViT(vit, mask_token=mask_token)
-        if d.pack_crops and isinstance(vit, Eva):
-            raise ValueError(f"{self.config_key}.pack_crops: a RoPE ViT ({m.arch}) runs its crops one size at a time "
-                             f"(its rotary embedding assumes one crop per sequence); set {self.config_key}.pack_crops="
-                             "false")
         dino_head = DINOHead(backbone.embed_dim, h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
                              nlayers=h.nlayers, norm_last_layer=h.norm_last_layer)
         ibot_head = None

@@ -4,6 +4,9 @@ The student sees the global crops with block masks (masked patch embeddings repl
 the local crops unmasked; the EMA teacher sees the unmasked global crops. The loss distils the teacher's CLS
 distribution across views (DINO) and its patch distributions at the masked positions of the same view (MIM with the
 teacher as online tokenizer). Requires a timm ViT backbone. Settings: the `ibot` section (`IBOTConfig`).
+
+Deviation, off by default: `ibot.pack_crops` runs the student's global and local crops in one pass of the blocks
+(DINOv2's crop packing, `sslpipe.models.packed_crops`); drop path then draws once per image, not per crop.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.losses.ibot import IBOTLoss
 from sslpipe.models.backbones import MaskedViT, create_backbone
 from sslpipe.models.heads import IBOTHead
+from sslpipe.models.packed_crops import packed_forward
 from sslpipe.recipes.multicrop import MultiCropRecipe
 from sslpipe.recipes.sections import HeadConfig, TeacherLossConfig, TeacherStudentConfig
 
@@ -60,15 +64,19 @@ class IBOTConfig(TeacherStudentConfig):
     head: IBOTHeadConfig = Field(default_factory=IBOTHeadConfig)
     loss: IBOTLossConfig = Field(default_factory=IBOTLossConfig)
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
+    # the student's global and local crops in one pass of the blocks, attention inside each crop (DINOv2's
+    # forward_features_list; not in the iBOT code): fewer, larger kernels for a GPU (sslpipe/models/packed_crops.py)
+    pack_crops: bool = False
 
 
 class IBOTNet(nn.Module):
     """Masked ViT + iBOT head. Global crops give CLS and patch logits; local crops only CLS logits."""
 
-    def __init__(self, backbone: MaskedViT, head: IBOTHead) -> None:
+    def __init__(self, backbone: MaskedViT, head: IBOTHead, n_global: int = 2, pack_crops: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.n_global, self.pack_crops = n_global, pack_crops
 
     def forward(
         self,
@@ -78,14 +86,18 @@ class IBOTNet(nn.Module):
         mask_indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(CLS logits, patch logits, local CLS logits or None, backbone CLS features of the global crops). With
-        `mask_indices` (the masked positions of `masks`, flattened) patch logits are computed there only."""
+        `mask_indices` (the masked positions of `masks`, flattened) patch logits are computed there only. With
+        `pack_crops` the global and local crops go through one pass of the blocks (`packed_forward`)."""
         prefix = self.backbone.num_prefix_tokens
-        tokens = self.backbone(global_crops, mask=masks)
+        if self.pack_crops and local_crops is not None:
+            tokens, local_tokens = packed_forward(self.backbone, [(global_crops, masks), (local_crops, None)],
+                                                  images=len(global_crops) // self.n_global)
+        else:
+            tokens = self.backbone(global_crops, mask=masks)
+            local_tokens = self.backbone(local_crops) if local_crops is not None else None
         cls, patch = self.head(tokens, num_prefix_tokens=prefix, mask_indices=mask_indices)
-        local_cls = None
-        if local_crops is not None:
-            # Local crops contribute CLS terms only: the head sees their CLS token, not their patches.
-            local_cls = self.head.forward_cls(self.backbone(local_crops)[:, 0])
+        # Local crops contribute CLS terms only: the head sees their CLS token, not their patches.
+        local_cls = self.head.forward_cls(local_tokens[:, 0]) if local_tokens is not None else None
         return cls, patch, local_cls, tokens[:, 0]
 
 
@@ -101,14 +113,14 @@ class IBOTRecipe(MultiCropRecipe):
         m, h = self.cfg.model, self.section.head
         vit = create_backbone(
             m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
-            drop_path_rate=drop_path_rate, **m.kwargs,
+            drop_path_rate=drop_path_rate, **self.packing_args(), **m.kwargs,
         )
         backbone = MaskedViT(vit, mask_token=mask_token)
         head = IBOTHead(
             backbone.embed_dim, h.out_dim, h.patch_out_dim, shared_head=shared_head, hidden_dim=h.hidden_dim,
             bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers, norm_last_layer=h.norm_last_layer,
         )
-        return IBOTNet(backbone, head)
+        return IBOTNet(backbone, head, n_global=self.cfg.crops.n_global, pack_crops=self.section.pack_crops)
 
     def build(self, accelerator) -> None:
         self.accelerator = accelerator

@@ -24,8 +24,10 @@ from sslpipe.data.masking import MaskGenerator
 from sslpipe.data.stream import build_loader
 from sslpipe.data.views import MultiCropTransform
 from sslpipe.losses.qscore import QScoreRegularizer
+from sslpipe.models.backbones import is_eva_arch
 from sslpipe.models.ema import ema_update
 from sslpipe.models.heads import cancel_last_layer_gradients
+from sslpipe.models.packed_crops import CropAttention
 from sslpipe.recipes.base import Recipe, shard_reading
 from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.sections import QScoreConfig, TeacherStudentConfig
@@ -194,6 +196,18 @@ class MultiCropRecipe(Recipe):
         notes += (load_heads(net, path, self.config_key) if self.section.init_heads
                   else [f"{self.config_key}.init_heads=false: the heads start fresh"])
         print(f"model.init_from={path}: backbone" + "".join(f"; {n}" for n in notes))
+
+    def packing_args(self) -> dict[str, Any]:
+        """`<method>.pack_crops` (iBOT, DINOv2): the timm arguments of a ViT whose blocks can run the student's crops
+        of both sizes in one pass, with attention inside each crop (`sslpipe.models.packed_crops`). Refused for a
+        RoPE ViT, whose rotary embedding assumes one crop per sequence."""
+        if not self.section.pack_crops:
+            return {}
+        if is_eva_arch(self.cfg.model.arch):
+            raise ValueError(f"{self.config_key}.pack_crops: a RoPE ViT ({self.cfg.model.arch}) runs its crops one "
+                             f"size at a time (its rotary embedding assumes one crop per sequence); set "
+                             f"{self.config_key}.pack_crops=false")
+        return {"attn_layer": CropAttention}
 
     def compile_backbones(self, *nets: nn.Module) -> None:
         """`train.compile`: compile each ViT block (or a CNN backbone whole) in place; names and state dicts are

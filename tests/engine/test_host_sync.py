@@ -64,6 +64,7 @@ class DataDependentShapes(TorchFunctionMode):
                           "dinov2.mask_ratio_min_max=[0.1,0.5]"]),  # the demo's multi-crop recipe, packed
     ("demo_dinov3.yaml", ["dinov3.gram.load_at=0"]),
     ("demo_ibot.yaml", ["crops.backend=device"]),  # the crops cut and coloured on the device, in the step
+    ("demo_ibot.yaml", ["ibot.pack_crops=true"]),
 ])
 def test_a_training_step_never_waits_for_the_device(recipe: str, extra: list[str], digits_shards: Path,
                                                    trainer_device: str, fresh_accelerate_state: None) -> None:

@@ -342,44 +342,6 @@ def test_param_groups_follow_dinov2_layer_decay_and_weight_decay(digits_shards: 
     assert of[id(names["backbone.vit.cls_token"])] == (pytest.approx(0.9 ** 4), True)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_packed_crops_equal_the_per_size_forwards(digits_shards: Path, device: str) -> None:
-    """dinov2.pack_crops: the student's 2 masked global crops and 4 local crops of each image through one pass of
-    the blocks (block-diagonal attention) give the per-size forwards' outputs and gradients; the teacher (global crops
-    only) is unchanged. Registers included (prefix tokens in every crop)."""
-    kwargs = "{embed_dim: 32, depth: 2, num_heads: 2, init_values: 0.1, reg_tokens: 2}"
-    cfg = load_config(RECIPES / "demo_dinov2.yaml", [f"data.train={digits_shards}", f"model.kwargs={kwargs}",
-                                                     "crops.n_local=4", "dinov2.pack_crops=true"])
-    recipe = DINOv2Recipe(cfg)
-    recipe.build(Accelerator(cpu=device == "cpu"))
-    student = recipe.student.to(device)
-    assert student.pack_crops and student.n_global == 2
-    g = torch.Generator().manual_seed(0)
-    images = 3
-    global_crops = torch.randn(2 * images, 3, 28, 28, generator=g).to(device)
-    local_crops = torch.randn(4 * images, 3, 12, 12, generator=g).to(device)
-    masks = (torch.rand(2 * images, 49, generator=g) < 0.3).to(device)
-    indices = masks.flatten().nonzero().flatten()
-    outputs = {}
-    for pack in (True, False):
-        student.pack_crops = pack
-        student.zero_grad()
-        out = student(global_crops, masks, indices, local_crops)
-        sum(o.float().pow(2).sum() for o in out).backward()
-        outputs[pack] = ([o.detach() for o in out],
-                         {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
-    (packed, packed_grads), (plain, plain_grads) = outputs[True], outputs[False]
-    for a, b in zip(packed, plain):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert packed_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
-    for name in plain_grads:
-        torch.testing.assert_close(packed_grads[name], plain_grads[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
-    with pytest.raises(ValueError, match="dinov2.pack_crops: a RoPE ViT"):
-        DINOv2Recipe(load_config(RECIPES / "demo_dinov2.yaml", [
-            f"data.train={digits_shards}", "model.arch=vit_small_patch16_dinov3", "dinov2.pack_crops=true",
-            "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}"])).build_net(0.0, mask_token=True)
-
-
 def test_uniform_drop_path_and_layerscale_init(digits_shards: Path):
     cfg = load_config(RECIPES / "demo_dinov2.yaml", [f"data.train={digits_shards}", *TINY,
                                                      "model.drop_path_rate=0.2"])

@@ -1,0 +1,86 @@
+"""Crop packing (`<method>.pack_crops`, sslpipe/models/packed_crops.py): the student's crops of both sizes in one pass
+of the blocks, attention inside each crop, give what the per-size forwards give."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from helpers import DEVICES
+
+from sslpipe.models.packed_crops import CropAttention, CropLayout
+from sslpipe.recipes import get_recipe, load_config
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+KWARGS = "{embed_dim: 32, depth: 2, num_heads: 2, init_values: 0.1, reg_tokens: 2}"
+
+
+def _student_outputs(method: str, student: torch.nn.Module, global_crops: torch.Tensor, local_crops: torch.Tensor,
+                     masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    indices = masks.flatten().nonzero().flatten()
+    if method == "dinov2":
+        return student(global_crops, masks, indices, local_crops)
+    return student(global_crops, masks, local_crops, mask_indices=indices)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("recipe, method", [("demo_dinov2.yaml", "dinov2"), ("demo_ibot.yaml", "ibot")])
+def test_packed_crops_equal_the_per_size_forwards(digits_shards: Path, recipe: str, method: str, device: str) -> None:
+    """The student's 2 masked global crops and 4 local crops of each image through one pass of the blocks give the
+    per-size forwards' outputs and gradients. Registers included (prefix tokens in every crop)."""
+    cfg = load_config(RECIPES / recipe, [f"data.train={digits_shards}", f"model.kwargs={KWARGS}", "crops.n_local=4",
+                                         "crops.global_size=28", "crops.local_size=12", f"{method}.pack_crops=true"])
+    built = get_recipe(method)(cfg)
+    built.build(Accelerator(cpu=device == "cpu"))
+    student = built.student.to(device)
+    assert student.pack_crops and student.n_global == 2
+    assert all(isinstance(block.attn, CropAttention) for block in student.backbone.vit.blocks)
+    g = torch.Generator().manual_seed(0)
+    images = 3
+    global_crops = torch.randn(2 * images, 3, 28, 28, generator=g).to(device)
+    local_crops = torch.randn(4 * images, 3, 12, 12, generator=g).to(device)
+    masks = (torch.rand(2 * images, 49, generator=g) < 0.3).to(device)
+    outputs = {}
+    for pack in (True, False):
+        student.pack_crops = pack
+        student.zero_grad()
+        out = [o for o in _student_outputs(method, student, global_crops, local_crops, masks) if o is not None]
+        sum(o.float().pow(2).sum() for o in out).backward()
+        outputs[pack] = ([o.detach() for o in out],
+                         {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    (packed, packed_grads), (plain, plain_grads) = outputs[True], outputs[False]
+    assert len(packed) == len(plain) >= 4
+    for a, b in zip(packed, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert packed_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name in plain_grads:
+        torch.testing.assert_close(packed_grads[name], plain_grads[name], atol=1e-4, rtol=1e-3,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_crop_attention_is_timms_without_a_layout_and_checks_the_layout() -> None:
+    """Given a tensor mask or none, `CropAttention` computes timm's attention; a layout that does not cover the
+    sequence is refused by name."""
+    from timm.layers import Attention
+
+    torch.manual_seed(0)
+    ours, timms = CropAttention(16, num_heads=2), Attention(16, num_heads=2)
+    timms.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 7, 16)
+    bias = torch.zeros(7, 7).masked_fill_(torch.rand(7, 7) < 0.3, float("-inf")).fill_diagonal_(0)
+    torch.testing.assert_close(ours(x), timms(x))
+    torch.testing.assert_close(ours(x, attn_mask=bias), timms(x, attn_mask=bias))
+    # one crop of 7 tokens: the layout path is plain attention over the whole sequence
+    torch.testing.assert_close(ours(x, attn_mask=CropLayout(((1, 7),))), timms(x))
+    with pytest.raises(ValueError, match="does not match its crop layout"):
+        ours(x, attn_mask=CropLayout(((2, 3),)))
+
+
+def test_packing_refuses_a_rope_vit(digits_shards: Path) -> None:
+    for recipe, key in (("demo_dinov2.yaml", "dinov2"), ("demo_ibot.yaml", "ibot")):
+        cfg = load_config(RECIPES / recipe, [f"data.train={digits_shards}", "model.arch=vit_small_patch16_dinov3",
+                                             f"{key}.pack_crops=true",
+                                             "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}"])
+        with pytest.raises(ValueError, match=f"{key}.pack_crops: a RoPE ViT"):
+            get_recipe(cfg.method)(cfg).build(Accelerator(cpu=True))
