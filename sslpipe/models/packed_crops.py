@@ -50,7 +50,8 @@ class CropAttention(Attention):
     """timm's `Attention` that also takes a `CropLayout` where the attention mask goes: then each crop attends only to
     itself (see the module docstring). With a tensor mask or none it is timm's attention, unchanged. The per-crop path
     follows timm 1.0's `Attention.forward` (qkv, q/k norms, SDPA, output norm, optional gate, projection); the
-    equality with the per-size forwards is tested (`tests/recipes/test_dinov2.py`)."""
+    equality with timm's attention per crop and with the per-size forwards is tested
+    (`tests/models/test_packed_crops.py`)."""
 
     def forward(self, x: Tensor, attn_mask: Any = None, **kwargs: Any) -> Tensor:
         if not isinstance(attn_mask, CropLayout):
@@ -86,10 +87,10 @@ def packed_forward(backbone: MaskedViT, groups: list[tuple[Tensor, Tensor | None
     Refused for RoPE ViTs (timm Eva): their rotary embedding and prefix tokens assume one crop per sequence."""
     v = backbone.vit
     if isinstance(v, Eva):
-        raise ValueError("packed crops (dinov2.pack_crops) need a ViT with learned positions; a RoPE ViT (timm Eva, "
-                         "DINOv3) runs its crops one size at a time: set dinov2.pack_crops=false")
-    if not all(isinstance(block.attn, CropAttention) for block in v.blocks):
-        raise ValueError("packed crops: the ViT's blocks must be built with attn_layer=CropAttention "
+        raise ValueError("packed crops (<method>.pack_crops) need a ViT with learned positions; a RoPE ViT (timm "
+                         "Eva, DINOv3) runs its crops one size at a time: set pack_crops=false")
+    if not all(isinstance(getattr(block, "attn", None), CropAttention) for block in v.blocks):
+        raise ValueError("packed crops: the ViT's blocks must be timm Blocks built with attn_layer=CropAttention "
                          "(sslpipe.models.packed_crops)")
     sequences, shapes = [], []
     for crops, mask in groups:

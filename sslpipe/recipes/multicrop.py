@@ -207,6 +207,10 @@ class MultiCropRecipe(Recipe):
             raise ValueError(f"{self.config_key}.pack_crops: a RoPE ViT ({self.cfg.model.arch}) runs its crops one "
                              f"size at a time (its rotary embedding assumes one crop per sequence); set "
                              f"{self.config_key}.pack_crops=false")
+        if "attn_layer" in self.cfg.model.kwargs:
+            raise ValueError(f"model.kwargs.attn_layer and {self.config_key}.pack_crops both choose the ViT's "
+                             f"attention: remove attn_layer from model.kwargs, or set "
+                             f"{self.config_key}.pack_crops=false")
         return {"attn_layer": CropAttention}
 
     def compile_backbones(self, *nets: nn.Module) -> None:

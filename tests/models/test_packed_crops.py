@@ -59,28 +59,46 @@ def test_packed_crops_equal_the_per_size_forwards(digits_shards: Path, recipe: s
                                    msg=lambda m: f"{name}: {m}")
 
 
-def test_crop_attention_is_timms_without_a_layout_and_checks_the_layout() -> None:
-    """Given a tensor mask or none, `CropAttention` computes timm's attention; a layout that does not cover the
-    sequence is refused by name."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_crop_attention_is_timms_attention_per_crop(device: str) -> None:
+    """With a layout of two crop sizes, `CropAttention` equals timm's `Attention` run on each crop alone, with every
+    option of timm's attention on (q/k norms, the output norm, the gate, biases) and attention dropout, which must
+    apply in training only; with a tensor mask or none it is timm's attention."""
     from timm.layers import Attention
 
     torch.manual_seed(0)
-    ours, timms = CropAttention(16, num_heads=2), Attention(16, num_heads=2)
+    options = dict(num_heads=2, qkv_bias=True, qk_norm=True, scale_norm=True, gated=True, attn_drop=0.5,
+                   norm_layer=torch.nn.LayerNorm)
+    ours, timms = CropAttention(16, **options).to(device), Attention(16, **options).to(device)
+    for p in ours.parameters():  # norms start at identity: move them so that leaving one out shows
+        torch.nn.init.normal_(p, std=0.5)
     timms.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 7, 16)
-    bias = torch.zeros(7, 7).masked_fill_(torch.rand(7, 7) < 0.3, float("-inf")).fill_diagonal_(0)
+    ours.eval()
+    timms.eval()
+    layout = CropLayout(((2, 5), (3, 4)))
+    x = torch.randn(3, layout.length, 16, device=device)
+    crops = [x[:, 5 * i:5 * i + 5] for i in range(2)] + [x[:, 10 + 4 * i:14 + 4 * i] for i in range(3)]
+    torch.testing.assert_close(ours(x, attn_mask=layout), torch.cat([timms(c) for c in crops], dim=1))
+    bias = torch.zeros(layout.length, layout.length, device=device)
+    bias.masked_fill_(torch.rand(layout.length, layout.length, device=device) < 0.3, float("-inf")).fill_diagonal_(0)
     torch.testing.assert_close(ours(x), timms(x))
     torch.testing.assert_close(ours(x, attn_mask=bias), timms(x, attn_mask=bias))
-    # one crop of 7 tokens: the layout path is plain attention over the whole sequence
-    torch.testing.assert_close(ours(x, attn_mask=CropLayout(((1, 7),))), timms(x))
+    ours.train()
+    torch.manual_seed(1)
+    dropped = ours(x, attn_mask=layout)
+    assert not torch.allclose(dropped, ours.eval()(x, attn_mask=layout))  # dropout in training, none in eval
     with pytest.raises(ValueError, match="does not match its crop layout"):
         ours(x, attn_mask=CropLayout(((2, 3),)))
 
 
-def test_packing_refuses_a_rope_vit(digits_shards: Path) -> None:
+def test_packing_refuses_a_rope_vit_and_another_attention(digits_shards: Path) -> None:
     for recipe, key in (("demo_dinov2.yaml", "dinov2"), ("demo_ibot.yaml", "ibot")):
         cfg = load_config(RECIPES / recipe, [f"data.train={digits_shards}", "model.arch=vit_small_patch16_dinov3",
                                              f"{key}.pack_crops=true",
                                              "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}"])
         with pytest.raises(ValueError, match=f"{key}.pack_crops: a RoPE ViT"):
             get_recipe(cfg.method)(cfg).build(Accelerator(cpu=True))
+    cfg = load_config(RECIPES / "demo_ibot.yaml", [f"data.train={digits_shards}", "ibot.pack_crops=true",
+                                                  "model.kwargs={depth: 1, attn_layer: x}"])
+    with pytest.raises(ValueError, match="model.kwargs.attn_layer and ibot.pack_crops"):
+        get_recipe(cfg.method)(cfg).build(Accelerator(cpu=True))
