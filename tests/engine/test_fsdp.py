@@ -123,7 +123,8 @@ def test_a_sharded_run_equals_ddp_resumes_exactly_and_a_ddp_run_continues_it(dig
 @pytest.mark.parametrize("recipe, extra, flags", [
     ("demo_dino.yaml", (), ()),         # per-tensor clipping of sharded gradients
     ("demo_dino.yaml", (), ("--fsdp_reshard_after_forward", "false")),  # the student kept whole forward to backward
-    ("demo_ibot.yaml", (), ()),         # a head shared by two names, stored once
+    # a head shared by two names, stored once; crops packed through regionally compiled blocks (both runs)
+    ("demo_ibot.yaml", ("ibot.pack_crops=true", "train.compile=true"), ()),
     ("demo_dinov3.yaml", ("dinov3.gram.load_at=1", "dinov3.gram.first_refresh=2", "dinov3.gram.refresh_every=2"), ()),
     ("demo_dinov2.yaml", ("dinov2.pack_crops=true", "crops.global_size=32", "crops.local_size=16", "crops.n_local=4",
                           "dinov2.mask_ratio_min_max=[0.1,0.5]"), ()),  # the demo's multi-crop recipe, packed
