@@ -7,11 +7,11 @@ is split by kind:
 - the linear layers (qkv, projection, MLP), norms and layer scales run once over the packed tokens: one large matrix
   product per layer instead of one per crop size, which is what packing buys where kernel launches and small
   matrices bound the step (a GPU at small crops);
-- attention runs per crop: the packed sequence is cut into its crops, which are contiguous (a view, no copy), and one
-  `scaled_dot_product_attention` per crop size runs over all B x n_i crops of T_i tokens, with no mask. That is the
-  block-diagonal attention exactly, without the cross-crop scores a dense block-diagonal bias computes and masks
-  (about 80 % of them for DINOv2's 2 x 224 + 8 x 98 crops), and eligible for the flash kernel on a GPU, which takes
-  no mask.
+- attention runs per crop: the packed queries, keys and values are cut into their crops (one copy per crop size),
+  and one `scaled_dot_product_attention` per crop size runs over all B x n_i crops of T_i tokens, with no mask.
+  That is block-diagonal attention exactly, without the cross-crop scores a dense block-diagonal bias computes and
+  masks (82 % of them for DINOv2's 2 x 224 + 8 x 98 crops at patch 14), and eligible for the flash kernel on a GPU,
+  which takes no mask.
 
 A ViT packs when it is built with `attn_layer=CropAttention` (timm >= 1.0.24): the parameters and their names are
 timm's own, so checkpoints, EMA and export are unchanged, and the block's own forward (compiled or not) passes the
@@ -20,18 +20,14 @@ timm's own, so checkpoints, EMA and export are unchanged, and the block's own fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.models.eva import Eva
 from torch import Tensor
 
-from sslpipe.models.backbones import vit_pos_embed
-
-if TYPE_CHECKING:
-    from sslpipe.models.backbones import MaskedViT
+from sslpipe.models.backbones import MaskedViT, vit_pos_embed
 
 
 @dataclass(frozen=True)
@@ -84,11 +80,9 @@ def packed_forward(backbone: MaskedViT, groups: list[tuple[Tensor, Tensor | None
     rounding.
 
     Deviation: drop path draws one decision per sequence, i.e. per image for all its crops (per crop unpacked).
-    Refused for RoPE ViTs (timm Eva): their rotary embedding and prefix tokens assume one crop per sequence."""
+    Needs timm `Block`s built with `CropAttention`; a timm Eva ViT (DINOv3's rotary positions, which assume one crop
+    per sequence) has other blocks and is refused."""
     v = backbone.vit
-    if isinstance(v, Eva):
-        raise ValueError("packed crops (<method>.pack_crops) need a ViT with learned positions; a RoPE ViT (timm "
-                         "Eva, DINOv3) runs its crops one size at a time: set pack_crops=false")
     if not all(isinstance(getattr(block, "attn", None), CropAttention) for block in v.blocks):
         raise ValueError("packed crops: the ViT's blocks must be timm Blocks built with attn_layer=CropAttention "
                          "(sslpipe.models.packed_crops)")

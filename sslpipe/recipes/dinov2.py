@@ -39,7 +39,7 @@ from sslpipe.data.collate import collate_multicrop, mask_batch_fields
 from sslpipe.data.masking import MaskGenerator
 from sslpipe.losses.dinov2 import DINOv2Loss
 from sslpipe.losses.health import dense_health, embedding_health, health_metrics
-from sslpipe.models.backbones import MaskedViT, create_backbone
+from sslpipe.models.backbones import MaskedViT
 from sslpipe.models.heads import DINOHead
 from sslpipe.models.packed_crops import packed_forward
 from sslpipe.recipes.multicrop import MultiCropRecipe
@@ -245,10 +245,9 @@ class DINOv2Recipe(MultiCropRecipe):
     unread = {**MultiCropRecipe.unread, "model.sync_batchnorm": "its ViT has no BatchNorm"}
 
     def build_net(self, drop_path_rate: float, mask_token: bool) -> DINOv2Net:
-        m, d = self.cfg.model, self.section
+        d = self.section
         h = d.head
-        vit = create_backbone(m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
-                              drop_path_rate=drop_path_rate, **self.packing_args(), **m.kwargs)
+        vit = self.create_vit(drop_path_rate)
         if d.drop_path_uniform:
             uniform_drop_path(vit, drop_path_rate)
         if getattr(vit, "cls_token", None) is not None:

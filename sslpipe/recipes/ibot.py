@@ -20,7 +20,7 @@ from sslpipe.config import Section
 from sslpipe.curves import warmed_up
 from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.losses.ibot import IBOTLoss
-from sslpipe.models.backbones import MaskedViT, create_backbone
+from sslpipe.models.backbones import MaskedViT
 from sslpipe.models.heads import IBOTHead
 from sslpipe.models.packed_crops import packed_forward
 from sslpipe.recipes.multicrop import MultiCropRecipe
@@ -110,12 +110,8 @@ class IBOTRecipe(MultiCropRecipe):
     unread = {**MultiCropRecipe.unread, "model.sync_batchnorm": "its ViT has no BatchNorm"}
 
     def build_net(self, drop_path_rate: float, mask_token: bool, shared_head: bool) -> IBOTNet:
-        m, h = self.cfg.model, self.section.head
-        vit = create_backbone(
-            m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
-            drop_path_rate=drop_path_rate, **self.packing_args(), **m.kwargs,
-        )
-        backbone = MaskedViT(vit, mask_token=mask_token)
+        h = self.section.head
+        backbone = MaskedViT(self.create_vit(drop_path_rate), mask_token=mask_token)
         head = IBOTHead(
             backbone.embed_dim, h.out_dim, h.patch_out_dim, shared_head=shared_head, hidden_dim=h.hidden_dim,
             bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers, norm_last_layer=h.norm_last_layer,

@@ -24,7 +24,7 @@ from sslpipe.data.masking import MaskGenerator
 from sslpipe.data.stream import build_loader
 from sslpipe.data.views import MultiCropTransform
 from sslpipe.losses.qscore import QScoreRegularizer
-from sslpipe.models.backbones import is_eva_arch
+from sslpipe.models.backbones import create_backbone, is_eva_arch
 from sslpipe.models.ema import ema_update
 from sslpipe.models.heads import cancel_last_layer_gradients
 from sslpipe.models.packed_crops import CropAttention
@@ -197,21 +197,31 @@ class MultiCropRecipe(Recipe):
                   else [f"{self.config_key}.init_heads=false: the heads start fresh"])
         print(f"model.init_from={path}: backbone" + "".join(f"; {n}" for n in notes))
 
-    def packing_args(self) -> dict[str, Any]:
-        """`<method>.pack_crops` (iBOT, DINOv2): the timm arguments of a ViT whose blocks can run the student's crops
-        of both sizes in one pass, with attention inside each crop (`sslpipe.models.packed_crops`). Refused for a
-        RoPE ViT, whose rotary embedding assumes one crop per sequence."""
-        if not self.section.pack_crops:
-            return {}
-        if is_eva_arch(self.cfg.model.arch):
-            raise ValueError(f"{self.config_key}.pack_crops: a RoPE ViT ({self.cfg.model.arch}) runs its crops one "
-                             f"size at a time (its rotary embedding assumes one crop per sequence); set "
-                             f"{self.config_key}.pack_crops=false")
-        if "attn_layer" in self.cfg.model.kwargs:
-            raise ValueError(f"model.kwargs.attn_layer and {self.config_key}.pack_crops both choose the ViT's "
-                             f"attention: remove attn_layer from model.kwargs, or set "
-                             f"{self.config_key}.pack_crops=false")
-        return {"attn_layer": CropAttention}
+    def create_vit(self, drop_path_rate: float) -> nn.Module:
+        """The method's timm ViT (iBOT, DINOv2, DINOv3) at the global crop size. With `<method>.pack_crops` its
+        attention is `CropAttention`, so that the student's crops of both sizes can run through one pass of its
+        blocks (`sslpipe.models.packed_crops`); refused where there is nothing to pack or the ViT cannot take it."""
+        m, key = self.cfg.model, self.config_key
+        packing = {}
+        if self.section.pack_crops:
+            if self.cfg.crops.n_local == 0:
+                raise ValueError(f"{key}.pack_crops: crops.n_local is 0, so there is nothing to pack with the global "
+                                 f"crops; set {key}.pack_crops=false or add local crops")
+            if is_eva_arch(m.arch):
+                raise ValueError(f"{key}.pack_crops: {m.arch} is a timm Eva ViT (DINOv3's rotary position "
+                                 f"embeddings), which runs its crops one size at a time; set {key}.pack_crops=false "
+                                 f"or choose a ViT with learned positions")
+            if "attn_layer" in m.kwargs:
+                raise ValueError(f"model.kwargs.attn_layer and {key}.pack_crops both choose the ViT's attention: "
+                                 f"remove attn_layer from model.kwargs, or set {key}.pack_crops=false")
+            packing = {"attn_layer": CropAttention}
+        vit = create_backbone(m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
+                              drop_path_rate=drop_path_rate, **packing, **m.kwargs)
+        if packing and not all(isinstance(getattr(b, "attn", None), CropAttention) for b in vit.blocks):
+            raise ValueError(f"{key}.pack_crops: the blocks of {m.arch} do not take timm's attn_layer (only "
+                             f"`Block` does), so they cannot keep attention inside each crop; set "
+                             f"{key}.pack_crops=false")
+        return vit
 
     def compile_backbones(self, *nets: nn.Module) -> None:
         """`train.compile`: compile each ViT block (or a CNN backbone whole) in place; names and state dicts are

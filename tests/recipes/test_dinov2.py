@@ -29,7 +29,6 @@ from sslpipe.weights.export import load_backbone
 from sslpipe.weights.run_export import export_run
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TINY = ["model.kwargs={embed_dim: 32, depth: 2, num_heads: 2, init_values: 1.0e-5}", "dinov2.head.out_dim=64",
         "dinov2.head.patch_out_dim=48", "dinov2.head.hidden_dim=32", "dinov2.head.bottleneck_dim=16", "crops.n_local=2"]
 
