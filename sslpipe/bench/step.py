@@ -168,9 +168,9 @@ def run_packing_bench(recipe_path: str, *, overrides: Sequence[str] = (), **kwar
     from sslpipe.recipes import load_config
 
     method = load_config(recipe_path, list(overrides)).method
-    if method not in ("ibot", "dinov2", "dinov3"):
-        raise ValueError(f"--packing: {recipe_path} is method {method!r}; crop packing exists for ibot, dinov2 and "
-                         "dinov3")
+    if method not in ("dino", "ibot", "dinov2", "dinov3"):
+        raise ValueError(f"--packing: {recipe_path} is method {method!r}; crop packing exists for dino, ibot, dinov2 "
+                         "and dinov3")
     runs = {pack: run_step_bench(recipe_path, overrides=[*overrides, f"{method}.pack_crops={str(pack).lower()}"],
                                  **kwargs) for pack in (False, True)}
     ratio = runs[True]["ours_ms"] / runs[False]["ours_ms"]

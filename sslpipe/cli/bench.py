@@ -41,7 +41,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     step.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     step.add_argument("--packing", action="store_true",
-                      help="iBOT/DINOv2/DINOv3: time the step with the crops packed and per size, side by side")
+                      help="DINO/iBOT/DINOv2/DINOv3: time the step with the crops packed and per size, side by side")
     step.add_argument("overrides", nargs="*", help="key.sub=value overrides for the recipe")
     loaded = which.add_parser("loaded-step", help="the trainer's step fed by the loader from shards vs on a "
                                                  "synthetic batch: is the loader the bottleneck?")

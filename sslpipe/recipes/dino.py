@@ -4,6 +4,9 @@ Student = backbone + DINO head on every crop; teacher = EMA of the student on th
 and sharpening of its outputs (see `sslpipe.losses.dino`). Any timm backbone works: ViTs give their CLS token after
 the final norm, CNNs their pooled features. Settings: the `dino` section, a `TeacherStudentConfig`
 (`sslpipe.recipes.sections`; DINO's published values in recipes/dino_vit_small.yaml).
+
+Deviation, off by default: `dino.pack_crops` runs a ViT student's global and local crops in one pass of the blocks
+(DINOv2's crop packing, `sslpipe.models.packed_crops`); drop path then draws once per image, not per crop.
 """
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ from torch import nn
 
 from sslpipe.losses.dino import DINOLoss
 from sslpipe.losses.health import embedding_health, health_metrics
-from sslpipe.models.backbones import (MaskedViT, backbone_embed_dim, create_backbone, is_vit_arch, pooled_features,
-                                     sync_batchnorm)
+from sslpipe.models.backbones import MaskedViT, backbone_embed_dim, is_vit_arch, pooled_features, sync_batchnorm
 from sslpipe.models.heads import DINOHead
+from sslpipe.models.packed_crops import packed_forward
 from sslpipe.recipes.multicrop import MultiCropRecipe
 from sslpipe.recipes.sections import TeacherStudentConfig
 
@@ -28,17 +31,24 @@ class DINOConfig(TeacherStudentConfig):
 class DINONet(nn.Module):
     """Backbone + head over all crops; crops of one resolution go through the backbone in one batch."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, n_global: int = 2, pack_crops: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.n_global, self.pack_crops = n_global, pack_crops
 
     def forward(self, global_crops: torch.Tensor,
                 local_crops: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(head logits of all crops, globals first; backbone features of the global crops)."""
-        feats = [pooled_features(self.backbone, global_crops)]
-        if local_crops is not None:
-            feats.append(pooled_features(self.backbone, local_crops))
+        """(head logits of all crops, globals first; backbone features of the global crops). With `pack_crops` the
+        global and local crops go through one pass of the ViT's blocks (`packed_forward`), CLS tokens taken after."""
+        if self.pack_crops and local_crops is not None:
+            tokens = packed_forward(self.backbone, [(global_crops, None), (local_crops, None)],
+                                    images=len(global_crops) // self.n_global)
+            feats = [t[:, 0] for t in tokens]
+        else:
+            feats = [pooled_features(self.backbone, global_crops)]
+            if local_crops is not None:
+                feats.append(pooled_features(self.backbone, local_crops))
         return self.head(torch.cat(feats)), feats[0]
 
 
@@ -51,17 +61,14 @@ class DINORecipe(MultiCropRecipe):
 
     def build_net(self, drop_path_rate: float) -> DINONet:
         m, h = self.cfg.model, self.section.head
-        backbone = create_backbone(
-            m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
-            drop_path_rate=drop_path_rate, **m.kwargs,
-        )
+        backbone = self.build_backbone(drop_path_rate)
         if is_vit_arch(m.arch):  # the official position-embedding interpolation for local crops
             backbone = MaskedViT(backbone, mask_token=False)
         head = DINOHead(
             backbone_embed_dim(backbone), h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
             nlayers=h.nlayers, norm_last_layer=h.norm_last_layer,
         )
-        return DINONet(backbone, head)
+        return DINONet(backbone, head, n_global=self.cfg.crops.n_global, pack_crops=self.section.pack_crops)
 
     def build(self, accelerator) -> None:
         self.accelerator = accelerator

@@ -89,9 +89,6 @@ class DINOv2Config(TeacherStudentConfig):
     drop_path_uniform: bool = True  # the same drop-path rate in every block (timm: linear from 0)
     layerwise_decay: float = 0.9  # lr x decay^(L + 1 - layer_id) in the backbone (dinov2/utils/param_groups.py)
     patch_embed_lr_mult: float = 0.2
-    # the student's global and local crops in one pass of the blocks with block-diagonal attention (the official
-    # forward_features_list): fewer, larger kernels for a GPU (sslpipe/models/packed_crops.py)
-    pack_crops: bool = False
 
     @model_validator(mode="after")
     def _ranges(self) -> "DINOv2Config":
@@ -247,7 +244,7 @@ class DINOv2Recipe(MultiCropRecipe):
     def build_net(self, drop_path_rate: float, mask_token: bool) -> DINOv2Net:
         d = self.section
         h = d.head
-        vit = self.create_vit(drop_path_rate)
+        vit = self.build_backbone(drop_path_rate)
         if d.drop_path_uniform:
             uniform_drop_path(vit, drop_path_rate)
         if getattr(vit, "cls_token", None) is not None:

@@ -64,9 +64,6 @@ class IBOTConfig(TeacherStudentConfig):
     head: IBOTHeadConfig = Field(default_factory=IBOTHeadConfig)
     loss: IBOTLossConfig = Field(default_factory=IBOTLossConfig)
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
-    # the student's global and local crops in one pass of the blocks, attention inside each crop (DINOv2's
-    # forward_features_list; not in the iBOT code): fewer, larger kernels for a GPU (sslpipe/models/packed_crops.py)
-    pack_crops: bool = False
 
 
 class IBOTNet(nn.Module):
@@ -111,7 +108,7 @@ class IBOTRecipe(MultiCropRecipe):
 
     def build_net(self, drop_path_rate: float, mask_token: bool, shared_head: bool) -> IBOTNet:
         h = self.section.head
-        backbone = MaskedViT(self.create_vit(drop_path_rate), mask_token=mask_token)
+        backbone = MaskedViT(self.build_backbone(drop_path_rate), mask_token=mask_token)
         head = IBOTHead(
             backbone.embed_dim, h.out_dim, h.patch_out_dim, shared_head=shared_head, hidden_dim=h.hidden_dim,
             bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers, norm_last_layer=h.norm_last_layer,

@@ -24,7 +24,7 @@ from sslpipe.data.masking import MaskGenerator
 from sslpipe.data.stream import build_loader
 from sslpipe.data.views import MultiCropTransform
 from sslpipe.losses.qscore import QScoreRegularizer
-from sslpipe.models.backbones import create_backbone, is_eva_arch
+from sslpipe.models.backbones import create_backbone, is_eva_arch, is_vit_arch
 from sslpipe.models.ema import ema_update
 from sslpipe.models.heads import cancel_last_layer_gradients
 from sslpipe.models.packed_crops import CropAttention
@@ -197,13 +197,16 @@ class MultiCropRecipe(Recipe):
                   else [f"{self.config_key}.init_heads=false: the heads start fresh"])
         print(f"model.init_from={path}: backbone" + "".join(f"; {n}" for n in notes))
 
-    def create_vit(self, drop_path_rate: float) -> nn.Module:
-        """The method's timm ViT (iBOT, DINOv2, DINOv3) at the global crop size. With `<method>.pack_crops` its
-        attention is `CropAttention`, so that the student's crops of both sizes can run through one pass of its
-        blocks (`sslpipe.models.packed_crops`); refused where there is nothing to pack or the ViT cannot take it."""
+    def build_backbone(self, drop_path_rate: float) -> nn.Module:
+        """The method's timm backbone at the global crop size. With `<method>.pack_crops` it is a ViT whose attention
+        is `CropAttention`, so that the student's crops of both sizes can run through one pass of its blocks
+        (`sslpipe.models.packed_crops`); refused where there is nothing to pack or the network cannot take it."""
         m, key = self.cfg.model, self.config_key
         packing = {}
         if self.section.pack_crops:
+            if not is_vit_arch(m.arch):
+                raise ValueError(f"{key}.pack_crops: {m.arch} is not a ViT, and only a ViT's blocks can run crops of "
+                                 f"two sizes in one pass; set {key}.pack_crops=false")
             if self.cfg.crops.n_local == 0:
                 raise ValueError(f"{key}.pack_crops: crops.n_local is 0, so there is nothing to pack with the global "
                                  f"crops; set {key}.pack_crops=false or add local crops")

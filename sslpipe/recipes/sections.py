@@ -67,13 +67,17 @@ class QScoreConfig(Section):
 
 class TeacherStudentConfig(Section):
     """What every EMA teacher-student method reads: the teacher momentum, cosine from `momentum_teacher` to
-    `momentum_teacher_end` per iteration; the epochs whose last-layer gradients are dropped; head, loss, Q-score."""
+    `momentum_teacher_end` per iteration; the epochs whose last-layer gradients are dropped; crop packing; head, loss,
+    Q-score."""
 
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0
     freeze_last_layer_epochs: float = 1
     # with model.init_from: the heads start from the export's when it carries this method's (`--with-heads`)
     init_heads: bool = True
+    # the student's global and local crops in one pass of the ViT's blocks, attention inside each crop (the official
+    # DINOv2 forward_features_list; sslpipe/models/packed_crops.py): fewer, larger kernels for a GPU
+    pack_crops: bool = False
     head: HeadConfig = Field(default_factory=HeadConfig)
     loss: TeacherLossConfig = Field(default_factory=TeacherLossConfig)
     qscore: QScoreConfig = Field(default_factory=QScoreConfig)

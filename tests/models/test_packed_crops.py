@@ -20,6 +20,8 @@ KWARGS = "{embed_dim: 32, depth: 2, num_heads: 2, init_values: 0.1, reg_tokens: 
 def _student_outputs(method: str, student: torch.nn.Module, global_crops: torch.Tensor, local_crops: torch.Tensor,
                      masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
     indices = masks.flatten().nonzero().flatten()
+    if method == "dino":
+        return student(global_crops, local_crops)
     if method in ("dinov2", "dinov3"):
         return student(global_crops, masks, indices, local_crops)
     return student(global_crops, masks, local_crops, mask_indices=indices)
@@ -27,6 +29,7 @@ def _student_outputs(method: str, student: torch.nn.Module, global_crops: torch.
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recipe, method, extra", [
+    ("demo_dino.yaml", "dino", []),
     ("demo_dinov2.yaml", "dinov2", []),
     ("demo_ibot.yaml", "ibot", []),
     ("demo_dinov3.yaml", "dinov3", ["model.arch=vit_tiny_patch16_224"]),  # DINOv3 on a learned-position ViT
@@ -57,7 +60,7 @@ def test_packed_crops_equal_the_per_size_forwards(digits_shards: Path, recipe: s
         outputs[pack] = ([o.detach() for o in out],
                          {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
     (packed, packed_grads), (plain, plain_grads) = outputs[True], outputs[False]
-    assert len(packed) == len(plain) >= 4
+    assert len(packed) == len(plain) >= 2
     for a, b in zip(packed, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert packed_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
@@ -107,6 +110,7 @@ def test_crop_attention_is_timms_attention_per_crop(device: str) -> None:
     ("demo_dinov2.yaml", "dinov2", ["crops.n_local=0"], "crops.n_local is 0, so there is nothing to pack"),
     ("demo_ibot.yaml", "ibot", ["model.kwargs={depth: 1, attn_layer: x}"], "model.kwargs.attn_layer and ibot"),
     ("demo_ibot.yaml", "ibot", ["model.arch=vit_small_patch16_18x2_224"], "do not take timm's attn_layer"),
+    ("demo_dino.yaml", "dino", ["model.arch=resnet18", "model.patch_size=null", "model.kwargs={}"], "is not a ViT"),
 ])
 def test_what_cannot_pack_is_refused_by_its_key(digits_shards: Path, recipe: str, key: str, overrides: list[str],
                                                 message: str) -> None:
