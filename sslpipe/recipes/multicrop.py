@@ -218,13 +218,13 @@ class MultiCropRecipe(Recipe):
                 raise ValueError(f"model.kwargs.attn_layer and {key}.pack_crops both choose the ViT's attention: "
                                  f"remove attn_layer from model.kwargs, or set {key}.pack_crops=false")
             packing = {"attn_layer": CropAttention}
-        vit = create_backbone(m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
-                              drop_path_rate=drop_path_rate, **packing, **m.kwargs)
-        if packing and not all(isinstance(getattr(b, "attn", None), CropAttention) for b in vit.blocks):
+        backbone = create_backbone(m.arch, img_size=self.cfg.crops.global_size, patch_size=m.patch_size,
+                                   drop_path_rate=drop_path_rate, **packing, **m.kwargs)
+        if packing and not all(isinstance(getattr(b, "attn", None), CropAttention) for b in backbone.blocks):
             raise ValueError(f"{key}.pack_crops: the blocks of {m.arch} do not take timm's attn_layer (only "
                              f"`Block` does), so they cannot keep attention inside each crop; set "
                              f"{key}.pack_crops=false")
-        return vit
+        return backbone
 
     def compile_backbones(self, *nets: nn.Module) -> None:
         """`train.compile`: compile each ViT block (or a CNN backbone whole) in place; names and state dicts are
