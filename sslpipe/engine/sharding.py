@@ -92,8 +92,8 @@ def _reshard_after_forward(count: int, sharding: Sharding) -> list[bool]:
 def unsharded(modules: list[nn.Module], sharding: Sharding | None) -> Iterator[None]:
     """Every unit of the sharded `modules` gathered once and kept whole until the block ends, so that any part of
     them runs with no collective, e.g. the periodic kNN, where processes read different numbers of batches (a
-    collective per forward would leave one waiting for another). A no-op without sharding."""
-    if sharding is None:
+    collective per forward would leave one waiting for another). A no-op without sharding or modules."""
+    if sharding is None or not modules:
         yield
         return
     units = [unit for module in modules for unit in module.modules() if isinstance(unit, FSDPModule)]

@@ -438,7 +438,7 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                 done_epoch, metric = global_step // spe - 1, None
                 if cfg.eval.every_epochs > 0 and (done_epoch + 1) % cfg.eval.every_epochs == 0:
                     check_finite()
-                    with unsharded(sharded, sharding if sharded else None):
+                    with unsharded(sharded, sharding):
                         results = recipe.evaluate(done_epoch)
                     if results:
                         log({"step": global_step, "epoch": done_epoch + 1, **results})

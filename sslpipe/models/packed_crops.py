@@ -106,3 +106,14 @@ def packed_forward(backbone: MaskedViT, groups: list[tuple[Tensor, Tensor | None
         out.append(part.reshape(n * images, length, -1))
         start += n * length
     return out
+
+
+def crop_tokens(backbone: MaskedViT, global_crops: Tensor, mask: Tensor | None, local_crops: Tensor | None,
+                n_global: int, packed: bool) -> tuple[Tensor, Tensor | None]:
+    """The tokens of the global crops (the student's with `mask`) and of the local crops (None without them): one
+    forward per crop size, or with `packed` one pass of the blocks for both (`packed_forward`)."""
+    if packed and local_crops is not None:
+        tokens, local_tokens = packed_forward(backbone, [(global_crops, mask), (local_crops, None)],
+                                              images=len(global_crops) // n_global)
+        return tokens, local_tokens
+    return backbone(global_crops, mask=mask), backbone(local_crops) if local_crops is not None else None

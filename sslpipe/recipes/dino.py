@@ -19,7 +19,7 @@ from sslpipe.losses.dino import DINOLoss
 from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.models.backbones import MaskedViT, backbone_embed_dim, is_vit_arch, pooled_features, sync_batchnorm
 from sslpipe.models.heads import DINOHead
-from sslpipe.models.packed_crops import packed_forward
+from sslpipe.models.packed_crops import crop_tokens
 from sslpipe.recipes.multicrop import MultiCropRecipe
 from sslpipe.recipes.sections import TeacherStudentConfig
 
@@ -39,16 +39,14 @@ class DINONet(nn.Module):
 
     def forward(self, global_crops: torch.Tensor,
                 local_crops: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(head logits of all crops, globals first; backbone features of the global crops). With `pack_crops` the
-        global and local crops go through one pass of the ViT's blocks (`packed_forward`), CLS tokens taken after."""
-        if self.pack_crops and local_crops is not None:
-            tokens = packed_forward(self.backbone, [(global_crops, None), (local_crops, None)],
-                                    images=len(global_crops) // self.n_global)
-            feats = [t[:, 0] for t in tokens]
+        """(head logits of all crops, globals first; backbone features of the global crops): a ViT's CLS tokens (with
+        `pack_crops` the global and local crops go through one pass of its blocks, `crop_tokens`), a CNN's pooled
+        features."""
+        if isinstance(self.backbone, MaskedViT):
+            tokens = crop_tokens(self.backbone, global_crops, None, local_crops, self.n_global, self.pack_crops)
+            feats = [t[:, 0] for t in tokens if t is not None]
         else:
-            feats = [pooled_features(self.backbone, global_crops)]
-            if local_crops is not None:
-                feats.append(pooled_features(self.backbone, local_crops))
+            feats = [pooled_features(self.backbone, c) for c in (global_crops, local_crops) if c is not None]
         return self.head(torch.cat(feats)), feats[0]
 
 

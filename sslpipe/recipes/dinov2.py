@@ -41,7 +41,7 @@ from sslpipe.losses.dinov2 import DINOv2Loss
 from sslpipe.losses.health import dense_health, embedding_health, health_metrics
 from sslpipe.models.backbones import MaskedViT
 from sslpipe.models.heads import DINOHead
-from sslpipe.models.packed_crops import packed_forward
+from sslpipe.models.packed_crops import crop_tokens
 from sslpipe.recipes.multicrop import MultiCropRecipe
 from sslpipe.recipes.sections import HeadConfig, TeacherLossConfig, TeacherStudentConfig
 
@@ -212,15 +212,10 @@ class DINOv2Net(nn.Module):
         ``masks`` (GB, N) bool; ``mask_indices`` (M,) the masked positions in the flattened (GB * N) patch tokens
         (`mask_batch_fields`). The student (built with a mask token) sees the masked crops; the teacher (without
         one) sees them whole; both map the tokens at the masked positions. With `pack_crops` the global and local
-        crops go through one pass of the blocks (`packed_forward`)."""
+        crops go through one pass of the blocks (`crop_tokens`)."""
         backbone = self.backbone
         mask = masks if backbone.mask_token is not None else None
-        if self.pack_crops and local_crops is not None:
-            tokens, local_tokens = packed_forward(backbone, [(global_crops, mask), (local_crops, None)],
-                                                  images=len(global_crops) // self.n_global)
-        else:
-            tokens = backbone(global_crops, mask=mask)
-            local_tokens = backbone(local_crops) if local_crops is not None else None
+        tokens, local_tokens = crop_tokens(backbone, global_crops, mask, local_crops, self.n_global, self.pack_crops)
         cls_tokens = tokens[:, 0]
         patches = tokens[:, backbone.num_prefix_tokens:].flatten(0, 1).index_select(0, mask_indices)
         cls_in = cls_tokens if local_tokens is None else torch.cat([cls_tokens, local_tokens[:, 0]])

@@ -22,7 +22,7 @@ from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.losses.ibot import IBOTLoss
 from sslpipe.models.backbones import MaskedViT
 from sslpipe.models.heads import IBOTHead
-from sslpipe.models.packed_crops import packed_forward
+from sslpipe.models.packed_crops import crop_tokens
 from sslpipe.recipes.multicrop import MultiCropRecipe
 from sslpipe.recipes.sections import HeadConfig, TeacherLossConfig, TeacherStudentConfig
 
@@ -84,14 +84,10 @@ class IBOTNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(CLS logits, patch logits, local CLS logits or None, backbone CLS features of the global crops). With
         `mask_indices` (the masked positions of `masks`, flattened) patch logits are computed there only. With
-        `pack_crops` the global and local crops go through one pass of the blocks (`packed_forward`)."""
+        `pack_crops` the global and local crops go through one pass of the blocks (`crop_tokens`)."""
         prefix = self.backbone.num_prefix_tokens
-        if self.pack_crops and local_crops is not None:
-            tokens, local_tokens = packed_forward(self.backbone, [(global_crops, masks), (local_crops, None)],
-                                                  images=len(global_crops) // self.n_global)
-        else:
-            tokens = self.backbone(global_crops, mask=masks)
-            local_tokens = self.backbone(local_crops) if local_crops is not None else None
+        tokens, local_tokens = crop_tokens(self.backbone, global_crops, masks, local_crops, self.n_global,
+                                           self.pack_crops)
         cls, patch = self.head(tokens, num_prefix_tokens=prefix, mask_indices=mask_indices)
         # Local crops contribute CLS terms only: the head sees their CLS token, not their patches.
         local_cls = self.head.forward_cls(local_tokens[:, 0]) if local_tokens is not None else None
