@@ -4,12 +4,12 @@
 # then, one right after the other so that the machine stays warm (30 s):
 #   run(command="bash docs/evidence/gpu_issue36.sh bench", carry=[".whl", ".whl_wandb"], timeout_s=420)
 #   run(command="bash docs/evidence/gpu_issue36.sh quality", carry=[".whl", ".fmnist"], timeout_s=385)
-# The steps' own timeouts (wheel install included) sum to 405 s and 370 s; with the machine start (its time counts)
+# The steps' own timeouts (wheel install included) sum to 410 s and 370 s; with the machine start (its time counts)
 # the two calls fit the session's 900 s only if the start takes under about 2 minutes, so the quality call may be cut
 # short: each of its steps writes what it finished to $OUT.
 # Everything lands in $OUT (at most 8 files come back): bench = the suite on CUDA, `bench step` of the published
-# DINOv2 ViT-S/14 recipe at batch 64/128/256 packed and per size in bf16, iBOT ViT-S/16 at 64 (same), the DINOv3 ViT-L
-# recipe with Gram, and `bench ibot-step` (ours vs lightly's blocks); quality = recipes/gpu_fmnist_dinov2.yaml,
+# DINOv2 ViT-S/14 recipe at batch 64/128/256 packed and per size in bf16, the same at 128 packed with the whole step
+# compiled, iBOT ViT-S/16 at 64 (packed and per size), and `bench ibot-step` (ours vs lightly's blocks); quality = recipes/gpu_fmnist_dinov2.yaml,
 # seed 0, with its kNN on the full Fashion-MNIST validation set (raw pixels: 0.846), then `bench loaded-step` (the
 # step fed by the loader from JPEG shards vs a synthetic batch).
 # A dry run here (no wheels, this venv, a few steps): OUT=/tmp/out PY=.venv/bin/python NO_WHEELS=1
@@ -30,9 +30,9 @@ $PY -c "import torch, timm, accelerate; print('torch', torch.__version__, 'timm'
 
 case "${1:-}" in
 bench)
-  # 1. The whole suite, CPU and CUDA cases, 14 workers (its GPU tests are small); at most 140 s, so it may not end:
+  # 1. The whole suite, CPU and CUDA cases, 14 workers (its GPU tests are small); at most 125 s, so it may not end:
   #    suite.txt says how far it got.
-  timeout 140 $PY -m pytest -q --maxfail=30 -n 14 -p no:cacheprovider --timeout 130 > "$OUT/suite.txt" 2>&1
+  timeout 125 $PY -m pytest -q --maxfail=30 -n 14 -p no:cacheprovider --timeout 130 > "$OUT/suite.txt" 2>&1
   echo "suite exit $?" >> "$OUT/suite.txt"; tail -5 "$OUT/suite.txt"
   # 2. The step: MFU-vs-batch curve, packed vs per size, bf16 (each bench prints ms/step, img/s, MFU, peak memory).
   for b in 64 128 256; do
@@ -41,9 +41,10 @@ bench)
   done
   timeout 45 $PY -m sslpipe bench step --recipe recipes/ibot_vit_small.yaml --batch-size 64 --mixed-precision bf16 \
     --packing --steps 20 --warmup 5 --out "$OUT/step_ibot_b64.json" 2>&1 | tail -12
-  timeout 40 $PY -m sslpipe bench step --recipe recipes/dinov3_vit_large_in1k.yaml --batch-size 16 \
-    --mixed-precision bf16 --steps 10 --warmup 3 --out "$OUT/step_dinov3_l_gram.json" dinov3.gram.load_at=0 2>&1 \
-    | tail -8
+  # the whole-step compile (inductor; masks padded to their bound so that it compiles once), packed, at batch 128
+  timeout 60 $PY -m sslpipe bench step --recipe recipes/dinov2_vit_small.yaml --batch-size 128 --mixed-precision bf16 \
+    --steps 20 --warmup 5 --out "$OUT/step_dinov2_b128_compiled.json" dinov2.pack_crops=true \
+    dinov2.pad_masked_patches=true train.compile=true train.compile_scope=step 2>&1 | tail -8
   timeout 30 $PY -m sslpipe bench ibot-step --batch-size 64 --steps 20 --out "$OUT/ibot_vs_lightly.json" 2>&1 | tail -8
   ;;
 quality)

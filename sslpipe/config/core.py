@@ -134,10 +134,13 @@ class TrainConfig(Section):
     # Deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cuDNN flags): on a GPU, resume is
     # then bit-exact; without it a resumed GPU run matches the uninterrupted one only to float rounding (docs).
     deterministic: bool = False
-    # regional torch.compile: each transformer block (a CNN backbone as a whole) of student and teacher is compiled
-    # on its own, which compiles fast and recompiles only per crop size; off by default (measure with bench step)
+    # torch.compile, off by default (measure with bench step). compile_scope blocks: each transformer block (a CNN
+    # backbone as a whole) of student and teacher on its own, which compiles fast and recompiles only per crop size;
+    # step: DINOv2's / DINOv3's teacher and student forwards and loss as one graph, which needs the same shapes in
+    # every batch (dinov2.pad_masked_patches) and compiles once
     compile: bool = False
     compile_backend: str = "inductor"
+    compile_scope: Literal["blocks", "step"] = "blocks"
     # a file whose appearance asks the run to checkpoint and stop at the next log step (SIGUSR1 does the same);
     # launch/slurm.sbatch sets it for requeue before the time limit
     stop_file: str | None = None
@@ -148,6 +151,12 @@ class TrainConfig(Section):
     checkpoint_every_epochs: int = 1
     keep_last: int = 2
     best_metric: str | None = None  # a metric from recipe.evaluate (higher is better) whose best checkpoint is kept
+
+    @model_validator(mode="after")
+    def _scope_needs_compile(self) -> "TrainConfig":
+        if self.compile_scope == "step" and not self.compile:
+            raise ValueError("train.compile_scope=step chooses what train.compile compiles: set train.compile=true")
+        return self
 
 
 class TrackingConfig(Section):

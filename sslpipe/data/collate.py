@@ -63,13 +63,24 @@ def mask_weights(masks: Tensor) -> Tensor:
     return (1.0 / m.sum(dim=1).clamp(min=1)).unsqueeze(1).expand_as(m)[m]
 
 
-def mask_batch_fields(masks: Tensor) -> dict[str, Tensor]:
+def mask_batch_fields(masks: Tensor, pad_to: int | None = None) -> dict[str, Tensor]:
     """The batch keys of the masks (GB, H, W) bool: ``masks``, ``mask_indices`` (M,), the masked positions in the
     flattened (GB * N) patch tokens, and ``masks_weight`` (M,), 1 / #masked of their crop (the official DINOv2
     collate's keys). Computed in the loader workers, so that a step selects the masked tokens with `index_select`:
-    boolean indexing on a GPU waits for the device to count them (a host synchronisation per call)."""
+    boolean indexing on a GPU waits for the device to count them (a host synchronisation per call).
+
+    ``pad_to`` (the mask sampler's upper bound, the official collate's ``upperbound``) pads both to that length:
+    the extra indices repeat the last masked position (0 when none is masked) with weight 0, so that every batch of
+    a run has the same shapes and the losses, which weight each row, read the padding as absent."""
     flat = masks.flatten(1)
-    return {"masks": masks, "mask_indices": flat.flatten().nonzero().flatten(), "masks_weight": mask_weights(flat)}
+    indices, weights = flat.flatten().nonzero().flatten(), mask_weights(flat)
+    if pad_to is not None:
+        if indices.numel() > pad_to:
+            raise ValueError(f"mask_batch_fields: {indices.numel()} masked patches exceed the bound pad_to={pad_to}")
+        fill = indices[-1:] if indices.numel() else indices.new_zeros(1)
+        indices = torch.cat([indices, fill.expand(pad_to - indices.numel())])
+        weights = torch.cat([weights, weights.new_zeros(pad_to - weights.numel())])
+    return {"masks": masks, "mask_indices": indices, "masks_weight": weights}
 
 
 def _mask_keys(masks: Tensor | None) -> dict[str, Tensor | None]:

@@ -64,14 +64,16 @@ class DINOv2Loss(nn.Module):
         self.register_buffer("center2", torch.zeros(1, 1, patch_out_dim))
 
     @torch.no_grad()
-    def teacher_targets(self, logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
-        """Centered, sharpened teacher distributions (float32) of logits (rows, K); ``center`` (1, K)."""
+    def teacher_targets(self, logits: Tensor, center: Tensor, teacher_temp: float | Tensor,
+                        valid: Tensor | None = None) -> Tensor:
+        """Centered, sharpened teacher distributions (float32) of logits (rows, K); ``center`` (1, K); ``valid``
+        (rows,) the rows that count (Sinkhorn-Knopp leaves the others out of the balancing)."""
         if self.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(logits, teacher_temp, self.sinkhorn_iterations)
+            return sinkhorn_knopp(logits, teacher_temp, self.sinkhorn_iterations, valid=valid)
         return F.softmax((logits.float() - center) / teacher_temp, dim=-1)
 
     def forward(self, student_cls: Tensor, teacher_cls: Tensor, student_patch: Tensor, teacher_patch: Tensor,
-                masks: Tensor, student_cls_tokens: Tensor, teacher_temp: float,
+                masks: Tensor, student_cls_tokens: Tensor, teacher_temp: float | Tensor,
                 student_local_cls: Tensor | None = None, masks_weight: Tensor | None = None) -> dict[str, Tensor]:
         """View tensors crop-major (crop 0 of every image, then crop 1, ...):
 
@@ -80,8 +82,9 @@ class DINOv2Loss(nn.Module):
         (M, Kp) patch-head logits at the M masked positions, in the order of ``masks.nonzero()``;
         student_cls_tokens (n_global*B, D) the student backbone's CLS tokens; masks_weight (M,) 1 / #masked of each
         row's crop, as the collate computes it (`sslpipe.data.collate.mask_batch_fields`; from ``masks`` when
-        None, which costs a device synchronisation). Returns ``loss`` and the unweighted terms ``dino``, ``ibot``
-        and ``koleo``.
+        None, which costs a device synchronisation); rows of weight 0 are padding, which no term reads;
+        teacher_temp a number or a 0-d tensor. Returns ``loss`` and the unweighted terms ``dino``, ``ibot`` and
+        ``koleo``.
         """
         G = self.n_global
         GB = teacher_cls.shape[0]
@@ -108,7 +111,8 @@ class DINOv2Loss(nn.Module):
             raise ValueError(f"DINOv2Loss: {M} patch rows but {masks_weight.shape[0]} mask weights")
         # sum_i w_i CE_i as one dot product of the weighted targets with the log-probabilities, without a product
         # matrix and its row sums: the (M, Kp) matrices are large (M ~5000, Kp 65536 on a GPU batch)
-        t_patch = self.teacher_targets(teacher_patch, self.center2[0], teacher_temp).mul_(masks_weight.unsqueeze(1))
+        t_patch = self.teacher_targets(teacher_patch, self.center2[0], teacher_temp, valid=masks_weight > 0)
+        t_patch.mul_(masks_weight.unsqueeze(1))
         s_patch = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
         with torch.autocast(s_patch.device.type, enabled=False):
             loss_ibot = -torch.dot(t_patch.flatten(), s_patch.flatten()) / GB
@@ -120,13 +124,18 @@ class DINOv2Loss(nn.Module):
         return {"loss": loss, "dino": loss_dino, "ibot": loss_ibot, "koleo": loss_koleo}
 
     @torch.no_grad()
-    def update_center(self, teacher_cls: Tensor, teacher_patch: Tensor) -> None:
+    def update_center(self, teacher_cls: Tensor, teacher_patch: Tensor, masks_weight: Tensor | None = None) -> None:
         """Softmax centering: teacher_cls (n_global*B, K) and the masked teacher patch logits (M, Kp) move the
-        centres (momentum update); Sinkhorn-Knopp centering keeps none, so this does nothing."""
+        centres (momentum update; with ``masks_weight`` (M,), its rows of weight 0, the padding, do not count);
+        Sinkhorn-Knopp centering keeps none, so this does nothing."""
         if self.centering != "softmax":
             return
         s, n = global_batch_sum(teacher_cls, teacher_cls.shape[0])
         self.center.mul_(self.center_momentum).add_(s / n, alpha=1.0 - self.center_momentum)
-        local_mean = teacher_patch.float().sum(dim=0, keepdim=True) / max(1, teacher_patch.shape[0])
+        if masks_weight is None:
+            local_mean = teacher_patch.float().sum(dim=0, keepdim=True) / max(1, teacher_patch.shape[0])
+        else:  # a 0-d count on the device: no synchronisation
+            valid = (masks_weight > 0).float()
+            local_mean = (valid @ teacher_patch.float()).unsqueeze(0) / valid.sum().clamp(min=1)
         s2, n2 = global_batch_sum(local_mean, 1)
         self.center2.mul_(self.center_momentum2).add_((s2 / n2).unsqueeze(0), alpha=1.0 - self.center_momentum2)

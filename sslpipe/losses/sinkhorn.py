@@ -19,6 +19,10 @@ gives inf for logits above ~3.5 at tau = 0.04 in float32); and no row count is n
 `swav_loss.sinkhorn` (the same values on one process, tested) sets B to the local rows times the world size, which
 differs from the global count whenever processes hold different numbers of rows, as the masked patches of the iBOT
 term do (tested over two processes).
+
+Padded rows: ``valid`` (B,) marks the rows that count. The others (the zero-weight padding that keeps a batch's
+masked-patch count fixed, `sslpipe.data.collate.mask_batch_fields`) start with u = 0, take no prototype mass and get
+all-zero targets, so the valid rows' targets equal those computed without the padding.
 """
 
 from __future__ import annotations
@@ -33,24 +37,37 @@ def _distributed() -> bool:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
-    """Teacher targets (B, K) from this process's teacher logits (B, K); float32, rows sum to 1."""
+def sinkhorn_knopp(logits: Tensor, teacher_temp: float | Tensor, n_iterations: int = 3,
+                   valid: Tensor | None = None) -> Tensor:
+    """Teacher targets (B, K) from this process's teacher logits (B, K); float32, rows sum to 1 (rows that
+    ``valid`` (B,) marks False: 0, and they take no part). ``teacher_temp`` a number or a 0-d tensor (a compiled
+    step takes it as a tensor, so that the warm-up schedule does not recompile it)."""
     if logits.dim() != 2:
         raise ValueError(f"sinkhorn_knopp expects logits (rows, prototypes), got shape {tuple(logits.shape)}")
     with torch.autocast(logits.device.type, enabled=False):  # keep the products in float32
         shift = (logits.amax(dim=0, keepdim=True).float() if logits.shape[0]
                  else logits.new_full((1, logits.shape[1]), float("-inf"), dtype=torch.float32))
+        if valid is not None:  # padding repeats a counted row; a process with none counted leaves the max to others
+            shift = torch.where(valid.any(), shift, float("-inf"))
         if _distributed():
             dist.all_reduce(shift, op=dist.ReduceOp.MAX)
         # E = exp((t - shift) / tau) in one pass from the (possibly half-precision) logits; each prototype's
         # largest entry over the global batch is 1
-        e = torch.add(-shift / teacher_temp, logits, alpha=1.0 / teacher_temp).exp_()
-        u = e.new_ones(e.shape[0])
+        if isinstance(teacher_temp, Tensor):
+            e = logits.float().sub_(shift).div_(teacher_temp)
+        else:
+            e = torch.add(-shift / teacher_temp, logits, alpha=1.0 / teacher_temp)
+        if valid is not None:  # no counted row anywhere: the shift is -inf; E = 1 then, and the targets 0
+            e.clamp_(max=0.0)
+        e.exp_()
+        keep = e.new_ones(e.shape[0]) if valid is None else valid.to(e.dtype)
+        u = keep
+        tiny = torch.finfo(e.dtype).tiny
         for _ in range(n_iterations):
             mass = e.t().mv(u)  # per prototype
             if _distributed():
                 dist.all_reduce(mass)
-            v = mass.reciprocal_()
-            v /= v.mean()  # a scale the row step cancels: keeps u and v from drifting apart over many iterations
-            u = e.mv(v).reciprocal_()  # per teacher row
+            v = torch.where(mass > 0, mass.reciprocal(), 0.0)  # 0: no counted row anywhere (padding alone)
+            v /= v.mean().clamp(min=tiny)  # a scale the row step cancels: keeps u and v from drifting apart
+            u = keep / e.mv(v).clamp_(min=tiny)  # per teacher row; 0 for the padding
         return e.mul_(u.unsqueeze(1)).mul_(v)

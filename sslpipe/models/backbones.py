@@ -98,11 +98,13 @@ def _interpolation_matrix_cpu(old: tuple[int, int], new: tuple[int, int]) -> Ten
     return out.reshape(old[0] * old[1], new[0] * new[1]).T.contiguous()
 
 
+@torch.compiler.assume_constant_result
 def pos_interpolation_matrix(old: tuple[int, int], new: tuple[int, int], device: torch.device | str = "cpu",
                              dtype: torch.dtype = torch.float32) -> Tensor:
     """M (new_h*new_w, old_h*old_w) with ``M @ grid.flatten()`` == the official iBOT/DINO ``interpolate_pos_encoding``
     of a (old_h, old_w) grid: ``F.interpolate(scale_factor=((new_h + 0.1) / old_h, (new_w + 0.1) / old_w),
-    mode="bicubic")`` (the 0.1 avoids a floor rounding to new - 1; dino#8). Built once per pair of grids."""
+    mode="bicubic")`` (the 0.1 avoids a floor rounding to new - 1; dino#8). Built once per pair of grids; a compiled
+    step holds it as a constant instead of building it (and copying it to the device) at every call."""
     return _interpolation_matrix(tuple(old), tuple(new), torch.device(device), dtype)
 
 

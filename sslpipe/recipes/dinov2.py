@@ -86,6 +86,10 @@ class DINOv2Config(TeacherStudentConfig):
     mask_sample_probability: float = 0.5
     mask_min_num_patches: int = 4  # dinov2/data/masking.py MaskingGenerator default
     mask_min_aspect: float = 0.3
+    # pad every batch's masked-patch indices to the sampler's bound (zero weight; the official collate's
+    # `upperbound`, there for the heads only): the step's shapes then stay the same from batch to batch, which
+    # whole-step compile and CUDA graphs need; the losses are unchanged (tested), the heads map the padding too
+    pad_masked_patches: bool = False
     drop_path_uniform: bool = True  # the same drop-path rate in every block (timm: linear from 0)
     layerwise_decay: float = 0.9  # lr x decay^(L + 1 - layer_id) in the backbone (dinov2/utils/param_groups.py)
     patch_embed_lr_mult: float = 0.2
@@ -132,6 +136,17 @@ class DINOv2Masks:
         self.generator = MaskGenerator(grid=self.grid, pred_ratio=0.0, pred_ratio_var=0.0, pred_shape="block",
                                        min_num_patches=min_num_patches, min_aspect=min_aspect, rng=self._rng)
 
+    def upper_bound(self, n_crops: int) -> int:
+        """The most patches a batch of n_crops crops can have masked: int(N * the top of its bin) per masked crop
+        (the official collate's ``upperbound``; the block masks never exceed the count they are asked for)."""
+        n_masked = int(n_crops * self.probability)
+        edges = np.linspace(*self.ratio_min_max, n_masked + 1)
+        return sum(int(self.n_tokens * edges[i + 1]) for i in range(n_masked))
+
+    def fields(self, n_crops: int, pad: bool = False) -> dict[str, torch.Tensor]:
+        """The batch keys of n_crops fresh masks (`mask_batch_fields`), padded to `upper_bound` when ``pad``."""
+        return mask_batch_fields(self(n_crops), pad_to=self.upper_bound(n_crops) if pad else None)
+
     def __call__(self, n_crops: int) -> torch.Tensor:
         """bool (n_crops, H, W), True = masked."""
         n_masked = int(n_crops * self.probability)
@@ -144,14 +159,15 @@ class DINOv2Masks:
 
 
 class DINOv2Collate:
-    """`collate_multicrop` plus the batch's masks (`DINOv2Masks` over its n_global * B global crops)."""
+    """`collate_multicrop` plus the batch's masks (`DINOv2Masks` over its n_global * B global crops), their indices
+    padded to the sampler's bound when ``pad``."""
 
-    def __init__(self, masks: DINOv2Masks) -> None:
-        self.masks = masks
+    def __init__(self, masks: DINOv2Masks, pad: bool = False) -> None:
+        self.masks, self.pad = masks, pad
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate_multicrop(samples)
-        batch.update(mask_batch_fields(self.masks(int(samples[0]["n_global"]) * len(samples))))
+        batch.update(self.masks.fields(int(samples[0]["n_global"]) * len(samples), pad=self.pad))
         return batch
 
 
@@ -275,7 +291,22 @@ class DINOv2Recipe(MultiCropRecipe):
             center_momentum=lc.center_momentum, center_momentum2=lc.center_momentum2, dino_weight=d.dino_loss_weight,
             ibot_weight=d.ibot_loss_weight, koleo_weight=d.koleo_loss_weight,
         ).to(accelerator.device)
-        self.compile_backbones(self.student, self.teacher)
+        self.compile_forward_and_loss()
+
+    def compile_forward_and_loss(self) -> None:
+        """`train.compile_scope: step`: `forward_and_loss` compiled as one graph, once (shapes are static with
+        `pad_masked_patches`, and the teacher temperature enters as a 0-d tensor); else the regional compile."""
+        t = self.cfg.train
+        self.forward_and_loss_fn = self.forward_and_loss
+        self.teacher_temp: torch.Tensor | None = None
+        if not (t.compile and t.compile_scope == "step"):
+            self.compile_backbones(self.student, self.teacher)
+            return
+        if not self.section.pad_masked_patches:
+            raise ValueError(f"train.compile_scope=step needs the same shapes in every batch: set "
+                             f"{self.config_key}.pad_masked_patches=true (or train.compile_scope=blocks)")
+        self.teacher_temp = torch.zeros((), device=self.accelerator.device)
+        self.forward_and_loss_fn = torch.compile(self.forward_and_loss, backend=t.compile_backend, dynamic=False)
 
     def param_groups(self) -> list[dict[str, Any]]:
         d = self.section
@@ -288,12 +319,27 @@ class DINOv2Recipe(MultiCropRecipe):
                            min_num_patches=d.mask_min_num_patches, min_aspect=d.mask_min_aspect)
 
     def make_collate_fn(self, epoch: int) -> DINOv2Collate:
-        return DINOv2Collate(self.mask_sampler())
+        return DINOv2Collate(self.mask_sampler(), pad=self.section.pad_masked_patches)
 
     def mask_fields(self, n_crops: int, epoch: int = 0) -> dict[str, torch.Tensor]:
-        return mask_batch_fields(self.mask_sampler()(n_crops))
+        return self.mask_sampler().fields(n_crops, pad=self.section.pad_masked_patches)
 
     # ----------------------------------------------------------------- step
+    def forward_and_loss(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor,
+                         indices: torch.Tensor, weights: torch.Tensor, temp: float | torch.Tensor
+                         ) -> dict[str, torch.Tensor]:
+        """The teacher's and the student's forwards and the DINOv2 loss (`DINOv2Loss` terms plus the outputs the
+        rest of the step reads): what `train.compile_scope: step` compiles as one graph."""
+        with torch.no_grad():
+            teacher_cls, teacher_patch, _, teacher_feats, teacher_patches = self.teacher(global_crops, masks, indices)
+        student_cls, student_patch, student_local_cls, student_feats, student_patches = self.student(
+            global_crops, masks, indices, local_crops)
+        out = self.loss(student_cls, teacher_cls, student_patch, teacher_patch, masks, student_feats, temp,
+                        student_local_cls=student_local_cls, masks_weight=weights)
+        return {**out, "teacher_cls": teacher_cls, "teacher_patch": teacher_patch, "teacher_feats": teacher_feats,
+                "teacher_patches": teacher_patches, "student_cls": student_cls, "student_patch": student_patch,
+                "student_feats": student_feats, "student_patches": student_patches}
+
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         global_crops, local_crops = self.crops_on_device(batch)
         device = self.accelerator.device
@@ -301,31 +347,31 @@ class DINOv2Recipe(MultiCropRecipe):
                                    for k in ("masks", "mask_indices", "masks_weight"))
         masks = masks.flatten(1)
         temp = sched["teacher_temp"]  # one teacher temperature for CLS and patches, as in the official code
-        with torch.no_grad():
-            teacher_cls, teacher_patch, _, teacher_feats, teacher_patches = self.teacher(global_crops, masks, indices)
-        student_cls, student_patch, student_local_cls, student_feats, student_patches = self.student(
-            global_crops, masks, indices, local_crops)
-        out = self.loss(student_cls, teacher_cls, student_patch, teacher_patch, masks, student_feats, temp,
-                        student_local_cls=student_local_cls, masks_weight=weights)
+        # compiled: the temperature as a tensor filled in place (no copy from the host, no recompile as it warms up)
+        temp_in = temp if self.teacher_temp is None else self.teacher_temp.fill_(temp)
+        out = self.forward_and_loss_fn(global_crops, local_crops, masks, indices, weights, temp_in)
+        student_cls, student_feats = out["student_cls"], out["student_feats"]
         loss, metrics = self.add_qscore(out["loss"], student_feats, student_cls)
-        extra, extra_metrics = self.extra_loss(global_crops, masks, student_patches, sched)
+        extra, extra_metrics = self.extra_loss(global_crops, masks, out["student_patches"], sched)
         loss = loss + extra
         # 0-d tensors: the trainer reads them only when it logs, so no device sync per step
         metrics |= {"loss_dino": out["dino"].detach(), "loss_ibot": out["ibot"].detach(),
                     "loss_koleo": out["koleo"].detach(), **extra_metrics}
+        teacher_cls, teacher_patch, teacher_feats = out["teacher_cls"], out["teacher_patch"], out["teacher_feats"]
         if self.cfg.train.health_every and (int(sched["it"]) + 1) % self.cfg.train.health_every == 0:
             # entropies of softmax((t - C) / tau); with Sinkhorn-Knopp centering, of the sharpened logits before SK
             softmax = self.section.centering == "softmax"
+            counted = weights > 0  # without the padding (a synchronisation, on the health steps only)
             metrics.update(health_metrics(
                 teacher_cls=teacher_cls.float(), student_cls=student_cls.detach().float(),
                 center=self.loss.center if softmax else None, teacher_temp=temp,
-                student_temp=self.section.loss.student_temp, teacher_patch=teacher_patch.float(),
-                student_patch=student_patch.detach().float(), center2=self.loss.center2 if softmax else None,
-                teacher_patch_temp=temp, masks=masks,
+                student_temp=self.section.loss.student_temp, teacher_patch=teacher_patch[counted].float(),
+                student_patch=out["student_patch"][counted].detach().float(),
+                center2=self.loss.center2 if softmax else None, teacher_patch_temp=temp, masks=masks,
             ))
             metrics.update(embedding_health(teacher=teacher_feats, student=student_feats.detach()))
-            metrics.update(dense_health(teacher_feats, teacher_patches))
-        self.loss.update_center(teacher_cls, teacher_patch)
+            metrics.update(dense_health(teacher_feats, out["teacher_patches"]))
+        self.loss.update_center(teacher_cls, teacher_patch, weights)
         return loss, metrics
 
     def extra_loss(self, global_crops: torch.Tensor, masks: torch.Tensor, student_patches: torch.Tensor,

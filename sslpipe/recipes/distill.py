@@ -116,8 +116,9 @@ class DistillRecipe(Recipe):
                  for key in ("local_size", "n_global", "n_local", "local_scale", "blur_sigma",
                              "blur_scale_with_size", "backend")},
               "model.init_from": "the student starts from random init; the teacher is distill.teacher",
-              "train.compile": "regional compile is built for the teacher-student recipes",
-              "train.compile_backend": "regional compile is built for the teacher-student recipes"}
+              "train.compile": "train.compile is built for the teacher-student recipes",
+              "train.compile_backend": "train.compile is built for the teacher-student recipes",
+              "train.compile_scope": "train.compile is built for the teacher-student recipes"}
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)

@@ -64,8 +64,9 @@ DENSE_UNREAD = {
     **{f"eval.{key}": "the evaluation is mIoU / AP, not a kNN probe"
        for key in ("knn_k", "knn_temperature", "max_train", "crop")},
     "model.sync_batchnorm": "the ViT has no BatchNorm",
-    "train.compile": "regional compile is built for the teacher-student recipes",
-    "train.compile_backend": "regional compile is built for the teacher-student recipes",
+    "train.compile": "train.compile is built for the teacher-student recipes",
+    "train.compile_backend": "train.compile is built for the teacher-student recipes",
+    "train.compile_scope": "train.compile is built for the teacher-student recipes",
     "train.health_every": "the health metrics are those of self-supervised embeddings",
 }
 

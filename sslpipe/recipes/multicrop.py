@@ -105,6 +105,8 @@ class MultiCropRecipe(Recipe):
         self.student: nn.Module
         self.teacher: nn.Module
         self.loss: nn.Module
+        # built here, not at the first step: an attribute that appears mid-run would recompile a compiled step
+        self.qscore = build_qscore(self.section.qscore)
 
     # ----------------------------------------------------------------- data
     def patch_grid(self) -> tuple[int, int]:
@@ -173,12 +175,10 @@ class MultiCropRecipe(Recipe):
         `sslpipe.losses.qscore`), on the student's global crops: their backbone CLS features (`qscore.features:
         backbone`, the paper's choice) or their head outputs (`projection`: the prototype logits). Returns (loss, the
         regulariser's metrics)."""
-        if not hasattr(self, "_qscore"):
-            self._qscore = build_qscore(self.section.qscore)
-        if self._qscore is None:
+        if self.qscore is None:
             return loss, {}
         feats = backbone_feats if self.section.qscore.features == "backbone" else projections
-        term, metrics = self._qscore(feats)
+        term, metrics = self.qscore(feats)
         return loss + term, metrics
 
     def start_from_export(self, net: nn.Module) -> None:
@@ -227,10 +227,13 @@ class MultiCropRecipe(Recipe):
         return backbone
 
     def compile_backbones(self, *nets: nn.Module) -> None:
-        """`train.compile`: compile each ViT block (or a CNN backbone whole) in place; names and state dicts are
-        unchanged, so EMA, checkpoints and export see the same keys."""
+        """`train.compile` (`compile_scope: blocks`): compile each ViT block (or a CNN backbone whole) in place; names
+        and state dicts are unchanged, so EMA, checkpoints and export see the same keys."""
         if not self.cfg.train.compile:
             return
+        if self.cfg.train.compile_scope == "step":
+            raise ValueError(f"train.compile_scope=step compiles the whole forward and loss of dinov2 and dinov3; "
+                             f"{self.config_key} compiles its blocks: set train.compile_scope=blocks")
         for net in nets:
             backbone = getattr(net.backbone, "vit", net.backbone)
             for module in getattr(backbone, "blocks", [backbone]):

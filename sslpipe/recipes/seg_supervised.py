@@ -59,8 +59,9 @@ SEG_UNREAD = {
                    "blur_scale_with_size", "backend")},
     **{f"eval.{key}": "the evaluation is mIoU at native size, not a kNN probe"
        for key in ("knn_k", "knn_temperature", "max_train", "crop", "resize", "predict_images")},
-    "train.compile": "regional compile is built for the teacher-student recipes",
-    "train.compile_backend": "regional compile is built for the teacher-student recipes",
+    "train.compile": "train.compile is built for the teacher-student recipes",
+    "train.compile_backend": "train.compile is built for the teacher-student recipes",
+    "train.compile_scope": "train.compile is built for the teacher-student recipes",
     "train.health_every": "the health metrics are those of self-supervised embeddings",
 }
 

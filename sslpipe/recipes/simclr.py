@@ -110,8 +110,9 @@ class SimCLRRecipe(Recipe):
     config_key = "simclr"
     config_section = SimCLRConfig
     unread = {**TWO_VIEW_UNREAD, **DENSE_EVAL_KEYS,
-              "train.compile": "regional compile is built for the teacher-student recipes",
-              "train.compile_backend": "regional compile is built for the teacher-student recipes"}
+              "train.compile": "train.compile is built for the teacher-student recipes",
+              "train.compile_backend": "train.compile is built for the teacher-student recipes",
+              "train.compile_scope": "train.compile is built for the teacher-student recipes"}
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

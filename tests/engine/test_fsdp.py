@@ -126,8 +126,11 @@ def test_a_sharded_run_equals_ddp_resumes_exactly_and_a_ddp_run_continues_it(dig
     # a head shared by two names, stored once; crops packed through regionally compiled blocks (both runs)
     ("demo_ibot.yaml", ("ibot.pack_crops=true", "train.compile=true"), ()),
     ("demo_dinov3.yaml", ("dinov3.gram.load_at=1", "dinov3.gram.first_refresh=2", "dinov3.gram.refresh_every=2"), ()),
+    # the demo's multi-crop recipe, packed, its masks padded to their bound and the whole step compiled (aot_eager:
+    # inductor's graphs and autograd, without its code generation), the Sinkhorn-Knopp sums all-reduced in the graph
     ("demo_dinov2.yaml", ("dinov2.pack_crops=true", "crops.global_size=32", "crops.local_size=16", "crops.n_local=4",
-                          "dinov2.mask_ratio_min_max=[0.1,0.5]"), ()),  # the demo's multi-crop recipe, packed
+                          "dinov2.mask_ratio_min_max=[0.1,0.5]", "dinov2.pad_masked_patches=true", "train.compile=true",
+                          "train.compile_scope=step", "train.compile_backend=aot_eager"), ()),
     ("demo_dinov2.yaml", ("train.mixed_precision=bf16",), ()),  # what launch/8gpu_fsdp.yaml runs: bf16 autocast
 ])
 def test_each_teacher_student_method_sharded_equals_ddp(recipe: str, extra: tuple[str, ...], flags: tuple[str, ...],

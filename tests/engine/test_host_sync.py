@@ -60,6 +60,7 @@ class DataDependentShapes(TorchFunctionMode):
     ("demo_dino.yaml", []),
     ("demo_ibot.yaml", []),
     ("demo_dinov2.yaml", []),
+    ("demo_dinov2.yaml", ["dinov2.pad_masked_patches=true"]),  # static shapes, for a compiled step
     ("demo_dinov2.yaml", ["dinov2.pack_crops=true", "crops.global_size=32", "crops.local_size=16", "crops.n_local=4",
                           "dinov2.mask_ratio_min_max=[0.1,0.5]"]),  # the demo's multi-crop recipe, packed
     ("demo_dinov3.yaml", ["dinov3.gram.load_at=0"]),
