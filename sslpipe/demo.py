@@ -14,7 +14,6 @@ from typing import Sequence
 
 import torch
 
-from sslpipe.recipes import load_config
 from sslpipe.data.manifest import read_manifest
 from sslpipe.engine.trainer import train
 from sslpipe.eval.knn import knn_classify, run_knn
@@ -22,6 +21,7 @@ from sslpipe.eval.spec import FeatureSpec, ProbeData
 from sslpipe.ingest.options import ShardOptions
 from sslpipe.ingest.shards import write_shards
 from sslpipe.models.backbones import backbone_args, create_backbone
+from sslpipe.recipes import load_config
 from sslpipe.viz.report import write_report
 from sslpipe.weights.export import export_backbone
 from sslpipe.weights.run_export import export_run
@@ -57,8 +57,9 @@ def _random_init_export(cfg, out: Path) -> Path:
 
 def _raw_pixel_knn(shards: Path, k_list: list[int], max_train: int | None, max_val: int | None) -> dict:
     """kNN on raw pixels, the floor a representation must clear on Fashion-MNIST (about 0.85 with k=20)."""
-    from sslpipe.data.stream import build_loader
     import numpy as np
+
+    from sslpipe.data.stream import build_loader
 
     def load(split: str, limit: int | None):
         feats, labels = [], []

@@ -30,9 +30,9 @@ $PY -c "import torch, timm, accelerate; print('torch', torch.__version__, 'timm'
 
 case "${1:-}" in
 bench)
-  # 1. The whole suite, CPU and CUDA cases, 14 workers (its GPU tests are small); at most 125 s, so it may not end:
+  # 1. The whole suite, CPU and CUDA cases, 14 workers (its GPU tests are small); at most 100 s, so it may not end:
   #    suite.txt says how far it got.
-  timeout 125 $PY -m pytest -q --maxfail=30 -n 14 -p no:cacheprovider --timeout 130 > "$OUT/suite.txt" 2>&1
+  timeout 100 $PY -m pytest -q --maxfail=30 -n 14 -p no:cacheprovider --timeout 130 > "$OUT/suite.txt" 2>&1
   echo "suite exit $?" >> "$OUT/suite.txt"; tail -5 "$OUT/suite.txt"
   # 2. The step: MFU-vs-batch curve, packed vs per size, bf16 (each bench prints ms/step, img/s, MFU, peak memory).
   for b in 64 128 256; do
@@ -42,7 +42,7 @@ bench)
   timeout 45 $PY -m sslpipe bench step --recipe recipes/ibot_vit_small.yaml --batch-size 64 --mixed-precision bf16 \
     --packing --steps 20 --warmup 5 --out "$OUT/step_ibot_b64.json" 2>&1 | tail -12
   # the whole-step compile (inductor; masks padded to their bound so that it compiles once), packed, at batch 128
-  timeout 60 $PY -m sslpipe bench step --recipe recipes/dinov2_vit_small.yaml --batch-size 128 --mixed-precision bf16 \
+  timeout 85 $PY -m sslpipe bench step --recipe recipes/dinov2_vit_small.yaml --batch-size 128 --mixed-precision bf16 \
     --steps 20 --warmup 5 --out "$OUT/step_dinov2_b128_compiled.json" dinov2.pack_crops=true \
     dinov2.pad_masked_patches=true train.compile=true train.compile_scope=step 2>&1 | tail -8
   timeout 30 $PY -m sslpipe bench ibot-step --batch-size 64 --steps 20 --out "$OUT/ibot_vs_lightly.json" 2>&1 | tail -8

@@ -180,6 +180,31 @@ def run_packing_bench(recipe_path: str, *, overrides: Sequence[str] = (), **kwar
     return {"per_size": runs[False], "packed": runs[True], "packed_over_per_size": ratio, "table": table}
 
 
+def run_compile_bench(recipe_path: str, *, overrides: Sequence[str] = (), **kwargs: Any) -> dict[str, Any]:
+    """`run_step_bench` eager, with each block compiled (`train.compile`) and, for DINOv2 and DINOv3, with the
+    forwards and loss compiled as one graph (`train.compile_scope: step`), one after the other, each beside the bare
+    network. DINOv2's masks are padded to their bound in all three, so that only the compile differs. Compiling
+    happens in the warm-up steps; the median step is reported."""
+    from sslpipe.recipes import load_config
+
+    method = load_config(recipe_path, list(overrides)).method
+    if method not in ("dino", "ibot", "dinov2", "dinov3"):
+        raise ValueError(f"--compile: {recipe_path} is method {method!r}; train.compile exists for dino, ibot, "
+                         "dinov2 and dinov3")
+    static = [f"{method}.pad_masked_patches=true"] if method in ("dinov2", "dinov3") else []
+    variants = {"eager": [], "blocks": ["train.compile=true"]}
+    if static:
+        variants["step"] = ["train.compile=true", "train.compile_scope=step"]
+    runs = {name: run_step_bench(recipe_path, overrides=[*overrides, *static, *extra], **kwargs)
+            for name, extra in variants.items()}
+    ratios = {f"{name}_over_eager": runs[name]["ours_ms"] / runs["eager"]["ours_ms"] for name in runs
+              if name != "eager"}
+    table = "\n".join([*(f"{name} ({' '.join(variants[name]) or 'no compile'}):\n{run['table']}"
+                         for name, run in runs.items()),
+                       ", ".join(f"{k.replace('_over_', ' / ')}: {v:.2f}x" for k, v in ratios.items())])
+    return {**runs, **ratios, "table": table}
+
+
 def format_table(r: dict[str, Any]) -> str:
     def mfu(v: float | None) -> str:
         return f"{100 * v:.1f}%" if v is not None else "n/a (no peak for this device)"

@@ -42,6 +42,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     step.add_argument("--packing", action="store_true",
                       help="DINO/iBOT/DINOv2/DINOv3: time the step with the crops packed and per size, side by side")
+    step.add_argument("--compile", action="store_true",
+                      help="DINO/iBOT/DINOv2/DINOv3: time the step eager, with each block compiled and (DINOv2, "
+                           "DINOv3) compiled whole, side by side")
     step.add_argument("overrides", nargs="*", help="key.sub=value overrides for the recipe")
     loaded = which.add_parser("loaded-step", help="the trainer's step fed by the loader from shards vs on a "
                                                  "synthetic batch: is the loader the bottleneck?")
@@ -124,12 +127,16 @@ def run(args: argparse.Namespace) -> int:
     elif args.bench == "step":
         from sslpipe.bench.step import main_print, run_step_bench
 
-        if args.packing:
-            from sslpipe.bench.step import run_packing_bench
+        if args.packing and args.compile:
+            raise ValueError("--packing and --compile are two comparisons: choose one, and set the other as an "
+                             "override (e.g. --compile dinov2.pack_crops=true)")
+        if args.packing or args.compile:
+            from sslpipe.bench.step import run_compile_bench, run_packing_bench
 
-            result = run_packing_bench(args.recipe, device=args.device, batch_size=args.batch_size, steps=args.steps,
-                                       warmup=args.warmup, mixed_precision=args.mixed_precision,
-                                       overrides=args.overrides, peak=args.peak_tflops)
+            side_by_side = run_packing_bench if args.packing else run_compile_bench
+            result = side_by_side(args.recipe, device=args.device, batch_size=args.batch_size, steps=args.steps,
+                                  warmup=args.warmup, mixed_precision=args.mixed_precision,
+                                  overrides=args.overrides, peak=args.peak_tflops)
             print(result["table"])
         else:
             result = run_step_bench(args.recipe, device=args.device, batch_size=args.batch_size, steps=args.steps,

@@ -21,7 +21,8 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON ({e}); rewrite the shards with `sslpipe shards --force`") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("splits"), dict):
+    if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
+            or not isinstance(manifest.get("splits"), dict)):
         raise ValueError(f"{file} is not an {FORMAT} manifest (format/splits missing or wrong)")
     return manifest
 

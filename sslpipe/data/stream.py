@@ -471,7 +471,8 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
     urls = resolve_shards(spec, split)
     if not resampled and len(urls) < world_size:
         raise ValueError(f"{len(urls)} shards cannot be split over {world_size} ranks without leaving a rank empty; "
-                         "write more, smaller shards (`sslpipe shards ... --samples-per-shard N`) or use resampled=True")
+                         "write more, smaller shards (`sslpipe shards ... --samples-per-shard N`) or use "
+                         "resampled=True")
     if not resampled:
         num_workers = min(num_workers, len(urls[rank::world_size]))
     dataset = StreamDataset(urls, sample_fn=sample_fn, epoch=epoch, seed=seed, rank=rank, world_size=world_size,

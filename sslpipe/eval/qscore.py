@@ -15,8 +15,16 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from sslpipe.losses.qscore_math import (DEFAULT_EPS, DEFAULT_PERCENTILES, TINY, feature_matrix, q_v2, row_mean_std,
-                                        v1_input, v2_selection)
+from sslpipe.losses.qscore_math import (
+    DEFAULT_EPS,
+    DEFAULT_PERCENTILES,
+    TINY,
+    feature_matrix,
+    q_v2,
+    row_mean_std,
+    v1_input,
+    v2_selection,
+)
 
 DEFAULT_ETA = 1e-3  # soft-sparsity threshold: the paper's value was not found (docs/methods.md §4); ours
 

@@ -159,7 +159,8 @@ class ViTDetBackbone(nn.Module):
 
     Built from a timm `VisionTransformer` or RoPE `Eva` (e.g. `sslpipe.weights.export.load_backbone(path)`): its
     patch embedding, position embedding (grid part) or rotary embedding, `norm_pre` and blocks are taken over with
-    their weights; CLS/register/storage tokens, the final norm and the head are dropped. `window_size` = 0 makes every block global.
+    their weights; CLS/register/storage tokens, the final norm and the head are dropped. `window_size` = 0 makes
+    every block global.
     """
 
     def __init__(self, vit: VisionTransformer | Eva, *, window_size: int = 14,
@@ -286,8 +287,9 @@ class ViTDetPyramid(nn.Module):
         return self.fpn(self.backbone(x))
 
 
-def build_vitdet_pyramid(vit: VisionTransformer | Eva, *, window_size: int = 14, global_blocks: Iterable[int] = (2, 5, 8, 11),
-                         use_rel_pos: bool = False, img_size: int | None = None, out_channels: int = 256,
+def build_vitdet_pyramid(vit: VisionTransformer | Eva, *, window_size: int = 14,
+                         global_blocks: Iterable[int] = (2, 5, 8, 11), use_rel_pos: bool = False,
+                         img_size: int | None = None, out_channels: int = 256,
                          strides: Sequence[int] = (4, 8, 16, 32), top_block: bool = True) -> ViTDetPyramid:
     """A timm ViT -> ViTDet pyramid. `img_size` (the fine-tuning input) sizes the global blocks' relative-position
     tables as detectron2 does (input_size = img_size / patch); None uses the pre-training grid."""

@@ -15,8 +15,8 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 

@@ -65,7 +65,8 @@ def write_source(out: str | Path, source: ShardSource, options: ShardOptions = S
         return [f"{out}/{name}: {info['samples']} samples in {info['shards']} shards"
                 for name, info in summary["sets"].items()]
     if semi or labeled or labeled_list:
-        raise ValueError("--semi/--labeled/--labeled-list go with --voc, --cityscapes, --ade20k or --dataset scenes --semi")
+        raise ValueError("--semi/--labeled/--labeled-list go with --voc, --cityscapes, --ade20k or "
+                         "--dataset scenes --semi")
     location, kind = (
         (source.dataset, "scenes" if source.dataset == "scenes" else "dataset") if source.dataset else
         (source.folder, "folder") if source.folder else

@@ -206,7 +206,8 @@ def iter_scenes(split: str, n: int, **kwargs) -> Iterator[Scene]:
 def write_scene_files(out: str | Path, n: int, *, split: str = "train", **kwargs) -> tuple[Path, Path]:
     """Scenes written the way a user's own data arrives: `out/images/NNNNN.png` + `out/labels/NNNNN.png` (8-bit
     class maps), a seg-list `out/list.txt` and the class names `out/classes.txt` (for `sslpipe shards --seg-list
-    out/list.txt --classes out/classes.txt`). Keyword arguments go to :class:`SceneGenerator`. Returns (list, classes)."""
+    out/list.txt --classes out/classes.txt`). Keyword arguments go to :class:`SceneGenerator`. Returns (list,
+    classes)."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,8 @@ def _detect_kind(source: str) -> SourceKind:
         return "folder"
     if path.is_file():
         rows = _parse_list(path)
-        return "seg-list" if rows and len(rows[0][1]) == 2 and rows[0][1][1].lower().endswith(IMG_EXTENSIONS) else "list"
+        return ("seg-list" if rows and len(rows[0][1]) == 2 and rows[0][1][1].lower().endswith(IMG_EXTENSIONS)
+                else "list")
     raise FileNotFoundError(
         f"shard source {source!r} is neither a bundled data set ({', '.join(BUNDLED_DATASETS)}), a directory nor a file"
     )
@@ -153,7 +154,8 @@ def parse_classes(spec: str) -> list[str]:
     if not names:
         raise ValueError(f"--classes {spec!r} names no classes (a file with one name per line, or a,b,c)")
     if len(set(names)) != len(names):
-        raise ValueError(f"--classes {spec!r} names a class twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        raise ValueError(f"--classes {spec!r} names a class twice: "
+                         f"{sorted(n for n in set(names) if names.count(n) > 1)}")
     return names
 
 

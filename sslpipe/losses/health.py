@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 RANKME_EPS = 1e-7  # Garrido et al.'s epsilon (their code and paper)
 # The keys these functions log (what `sslpipe report` draws as health): `health_metrics`' names, and the prefixes of
 # `embedding_health`'s (`rankme/teacher`, `embed_std/student`, ...).

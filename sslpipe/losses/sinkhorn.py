@@ -13,9 +13,10 @@ Computed here in the same order as scalings of a fixed matrix, P = diag(u) E dia
 v <- 1 / (E^T u) (all-reduced), u <- 1 / (E v), each a matrix-vector product, so a step reads E once instead of
 rewriting the whole matrix (the teacher's patch logits are ~5000 x 65536 per GPU batch). Factors that the next
 normalisation cancels are left out (the total, 1/K, 1/B, and exp(-max_k / tau) for each prototype k) and v is
-rescaled to mean 1 (another), so the targets equal the official ones up to float rounding (tested). Two gains beyond speed: the logits are shifted per
-prototype by their maximum over the global batch before the exponential, so exp never overflows (the official code
-gives inf for logits above ~3.5 at tau = 0.04 in float32); and no row count is needed. lightly's
+rescaled to mean 1 (another), so the targets equal the official ones up to float rounding (tested). Two gains
+beyond speed: the logits are shifted per prototype by their maximum over the global batch before the exponential,
+so exp never overflows (the official code gives inf for logits above ~3.5 at tau = 0.04 in float32); and no row
+count is needed. lightly's
 `swav_loss.sinkhorn` (the same values on one process, tested) sets B to the local rows times the world size, which
 differs from the global count whenever processes hold different numbers of rows, as the masked patches of the iBOT
 term do (tested over two processes).
@@ -53,8 +54,8 @@ def sinkhorn_knopp(logits: Tensor, teacher_temp: float | Tensor, n_iterations: i
             dist.all_reduce(shift, op=dist.ReduceOp.MAX)
         # E = exp((t - shift) / tau) in one pass from the (possibly half-precision) logits; each prototype's
         # largest entry over the global batch is 1
-        if isinstance(teacher_temp, Tensor):
-            e = logits.float().sub_(shift).div_(teacher_temp)
+        if isinstance(teacher_temp, Tensor):  # a new tensor: float32 logits are the caller's (health metrics)
+            e = (logits.float() - shift).div_(teacher_temp)
         else:
             e = torch.add(-shift / teacher_temp, logits, alpha=1.0 / teacher_temp)
         if valid is not None:  # no counted row anywhere: the shift is -inf; E = 1 then, and the targets 0
@@ -69,5 +70,5 @@ def sinkhorn_knopp(logits: Tensor, teacher_temp: float | Tensor, n_iterations: i
                 dist.all_reduce(mass)
             v = torch.where(mass > 0, mass.reciprocal(), 0.0)  # 0: no counted row anywhere (padding alone)
             v /= v.mean().clamp(min=tiny)  # a scale the row step cancels: keeps u and v from drifting apart
-            u = keep / e.mv(v).clamp_(min=tiny)  # per teacher row; 0 for the padding
+            u = torch.where(keep > 0, e.mv(v).reciprocal(), 0.0)  # per teacher row; 0 for the padding
         return e.mul_(u.unsqueeze(1)).mul_(v)

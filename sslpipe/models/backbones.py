@@ -104,7 +104,9 @@ def pos_interpolation_matrix(old: tuple[int, int], new: tuple[int, int], device:
     """M (new_h*new_w, old_h*old_w) with ``M @ grid.flatten()`` == the official iBOT/DINO ``interpolate_pos_encoding``
     of a (old_h, old_w) grid: ``F.interpolate(scale_factor=((new_h + 0.1) / old_h, (new_w + 0.1) / old_w),
     mode="bicubic")`` (the 0.1 avoids a floor rounding to new - 1; dino#8). Built once per pair of grids; a compiled
-    step holds it as a constant instead of building it (and copying it to the device) at every call."""
+    step holds it as a constant instead of building it (and copying it to the device) at every call. Dynamo names
+    that constant after this function, so one compiled graph takes one interpolated grid (two fail to compile,
+    loudly): a recipe interpolates for its local crops only, whose grid is one."""
     return _interpolation_matrix(tuple(old), tuple(new), torch.device(device), dtype)
 
 

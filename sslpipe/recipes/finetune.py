@@ -80,8 +80,8 @@ def load_vit(cfg: RunConfig, img_size: int, init_weights: bool
     import timm
     from safetensors.torch import load_file
 
-    from sslpipe.weights.export import read_export_config
     from sslpipe.models.backbones import create_backbone
+    from sslpipe.weights.export import read_export_config
 
     m = cfg.model
     if m.init_from is None:
@@ -181,7 +181,8 @@ class DenseFinetuneRecipe(Recipe):
     def transform(self, train: bool) -> DenseTransform:
         f = self.section
         return DenseTransform(f.img_size, f.scale_range, f.hflip, self.mean, self.std, f.ignore_index, train=train,
-                              eval_size=self.cfg.eval.resize, normalize=self.normalize_images, need_inst=self.needs_instances)
+                              eval_size=self.cfg.eval.resize, normalize=self.normalize_images,
+                              need_inst=self.needs_instances)
 
     def train_loader(self, epoch: int, rank: int, world_size: int):
         d = self.cfg.data

@@ -1,11 +1,11 @@
 """Mask2Former fine-tuning on a ViTDet pyramid (`method: finetune_mask2former`; docs/methods.md §6,
 docs/finetune.md).
 
-`finetune_mask2former.task: semantic` trains on one mask per class present (label 255 ignored) and reports mIoU with
-the per-class IoU table; `instance` trains on one mask per instance (thing classes = classes 1.. with class 0 the background) and
-reports COCO mask/box AP. The loss is transformers' Mask2Former criterion (published weights, deep supervision); the
-published optimiser is AdamW 1e-4, weight decay 0.05, backbone lr x0.1, full-model gradient clip 0.01, poly decay
-(recipes/finetune_m2f_ade20k_vit_small.yaml).
+`finetune_mask2former.task: semantic` trains on one mask per class present (label 255 ignored) and reports mIoU with the
+per-class IoU table; `instance` trains on one mask per instance (thing classes = classes 1.. with class 0 the
+background) and reports COCO mask/box AP. The loss is transformers' Mask2Former criterion (published weights, deep
+supervision); the published optimiser is AdamW 1e-4, weight decay 0.05, backbone lr x0.1, full-model gradient clip 0.01,
+poly decay (recipes/finetune_m2f_ade20k_vit_small.yaml).
 
 Evaluation keeps the token grid of training (the ViT's position tables are never stretched to another grid):
 semantic tasks slide windows of `img_size` (`eval.window`) over the image (after the optional `eval.resize`) at a

@@ -13,8 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sslpipe.config import ConfigError, RunConfig, run_schema
-from sslpipe.config import legacy
+from sslpipe.config import ConfigError, RunConfig, legacy, run_schema
 from sslpipe.config.loading import apply_overrides, read_yaml, refuse_unread, validate
 from sslpipe.recipes.base import Recipe
 

@@ -134,7 +134,8 @@ SECTIONS = (
             "of the CLS features (Garrido et al. 2023; at most min(batch, dim), higher is healthier), embed_std/* "
             "the per-dimension std of the L2-normalised CLS features (about 1/sqrt(dim) when healthy, 0 when "
             "collapsed); dense/* the mean cosine of patch tokens to their [CLS] and to each other (DINOv3's dense "
-            "health: both rise towards 1 as the dense features degrade).", lambda k: k in HEALTH_KEYS or k.startswith(EMBEDDING_PREFIXES)),
+            "health: both rise towards 1 as the dense features degrade).",
+            lambda k: k in HEALTH_KEYS or k.startswith(EMBEDDING_PREFIXES)),
     Section("throughput", "Throughput", "Images per second over all processes, per logging window (evaluations "
             "and checkpoints fall between windows).", lambda k: k == "images_per_s"),
     Section("evaluation", "Evaluation", "Fine-tuning and segmentation metrics on the val split at each evaluation "

@@ -62,3 +62,19 @@ def test_cli_loaded_step_writes_its_json(digits_shards: Path, tmp_path: Path) ->
                  "--device", "cpu", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--out", str(out),
                  *tiny("dino"), "data.num_workers=0"]) == 0
     assert json.loads(out.read_text())["ratio_loaded_over_synthetic"] > 0
+
+
+def test_compile_bench_times_eager_blocks_and_whole_step(tmp_path: Path) -> None:
+    """`bench step --compile` as the CLI runs it (backend aot_eager: inductor's graphs without its code generation):
+    three runs side by side, the whole-step one for DINOv2 only, the same FLOPs in each."""
+    out = tmp_path / "compile.json"
+    assert main(["bench", "step", "--recipe", str(RECIPES / "demo_dinov2.yaml"), "--device", "cpu", "--compile",
+                 "--batch-size", "4", "--steps", "1", "--warmup", "1", "--out", str(out),
+                 "train.compile_backend=aot_eager", *tiny("dinov2")]) == 0
+    r = json.loads(out.read_text())
+    assert {"eager", "blocks", "step", "blocks_over_eager", "step_over_eager"} <= set(r)
+    assert r["step_over_eager"] == r["step"]["ours_ms"] / r["eager"]["ours_ms"] > 0
+    assert r["eager"]["gflop_per_image_ours"] == r["blocks"]["gflop_per_image_ours"] == r["step"][
+        "gflop_per_image_ours"] > r["eager"]["gflop_per_image_bare"]
+    assert main(["bench", "step", "--recipe", str(RECIPES / "demo_simclr.yaml"), "--compile"]) == 2
+    assert main(["bench", "step", "--recipe", str(RECIPES / "demo_dinov2.yaml"), "--compile", "--packing"]) == 2

@@ -101,7 +101,8 @@ def test_unknown_key_names_the_dotted_key_and_closest_spelling(tmp_path: Path) -
     with pytest.raises(ConfigError) as err:
         load_config(path)
     msg = str(err.value)
-    assert str(path) in msg and "optim.weight_decay_ned" in msg and "did you mean 'optim.weight_decay_end'" in msg.lower()
+    assert (str(path) in msg and "optim.weight_decay_ned" in msg
+            and "did you mean 'optim.weight_decay_end'" in msg.lower())
 
 
 def test_unknown_top_level_section(tmp_path: Path) -> None:

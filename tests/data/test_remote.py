@@ -85,7 +85,8 @@ class ShardServer:
         if kind == "truncate":
             data = data[:fault["keep"]]
         if kind == "flip":
-            data = data[:fault["at"]] + bytes(255 - b for b in data[fault["at"]:fault["at"] + 64]) + data[fault["at"] + 64:]
+            data = (data[:fault["at"]] + bytes(255 - b for b in data[fault["at"]:fault["at"] + 64])
+                    + data[fault["at"] + 64:])
         start = int(h.headers["Range"].split("=")[1].rstrip("-")) if h.headers.get("Range") else 0
         h.send_response(206 if start else 200)
         h.send_header("Content-Length", str(len(data) - start))

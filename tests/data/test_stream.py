@@ -81,8 +81,10 @@ def test_two_ranks_two_workers_cover_epoch_exactly_once(tmp_path):
 
 def test_same_epoch_reproducible_other_epoch_differs(tmp_path):
     _write_shards(tmp_path, [6] * 4)
-    run = lambda epoch, workers: _keys(_loader(str(tmp_path), sample_fn=_key_and_rng, num_workers=workers,
-                                               epoch=epoch, seed=7))
+
+    def run(epoch, workers):
+        return _keys(_loader(str(tmp_path), sample_fn=_key_and_rng, num_workers=workers, epoch=epoch, seed=7))
+
     first = run(0, 2)
     assert run(0, 2) == first  # same keys in the same order and the same augmentation randomness
     other = run(1, 2)

@@ -262,7 +262,8 @@ def test_deterministic_mode_is_scoped_to_the_run(tmp_path: Path) -> None:
 
     import tests.workers.toy_recipe as toy_module
     toy_module.SpyRecipe = Spy
-    cfg = toy_cfg(tmp_path, "det", method="tests.workers.toy_recipe:SpyRecipe", train={"max_steps": 1, "deterministic": True})
+    cfg = toy_cfg(tmp_path, "det", method="tests.workers.toy_recipe:SpyRecipe",
+                  train={"max_steps": 1, "deterministic": True})
     train(cfg)
     assert seen["deterministic"] is True and not torch.are_deterministic_algorithms_enabled()
 

@@ -119,6 +119,10 @@ def test_a_sharded_run_equals_ddp_resumes_exactly_and_a_ddp_run_continues_it(dig
     assert len(knn) == 2, "the periodic kNN ran on the sharded teacher after each epoch"
 
 
+MULTI_CROP_PACKED = ("dinov2.pack_crops=true", "crops.global_size=32", "crops.local_size=16", "crops.n_local=4",
+                     "dinov2.mask_ratio_min_max=[0.1,0.5]")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, extra, flags", [
     ("demo_dino.yaml", (), ()),         # per-tensor clipping of sharded gradients
@@ -126,11 +130,7 @@ def test_a_sharded_run_equals_ddp_resumes_exactly_and_a_ddp_run_continues_it(dig
     # a head shared by two names, stored once; crops packed through regionally compiled blocks (both runs)
     ("demo_ibot.yaml", ("ibot.pack_crops=true", "train.compile=true"), ()),
     ("demo_dinov3.yaml", ("dinov3.gram.load_at=1", "dinov3.gram.first_refresh=2", "dinov3.gram.refresh_every=2"), ()),
-    # the demo's multi-crop recipe, packed, its masks padded to their bound and the whole step compiled (aot_eager:
-    # inductor's graphs and autograd, without its code generation), the Sinkhorn-Knopp sums all-reduced in the graph
-    ("demo_dinov2.yaml", ("dinov2.pack_crops=true", "crops.global_size=32", "crops.local_size=16", "crops.n_local=4",
-                          "dinov2.mask_ratio_min_max=[0.1,0.5]", "dinov2.pad_masked_patches=true", "train.compile=true",
-                          "train.compile_scope=step", "train.compile_backend=aot_eager"), ()),
+    ("demo_dinov2.yaml", MULTI_CROP_PACKED, ()),  # the demo's multi-crop recipe, packed
     ("demo_dinov2.yaml", ("train.mixed_precision=bf16",), ()),  # what launch/8gpu_fsdp.yaml runs: bf16 autocast
 ])
 def test_each_teacher_student_method_sharded_equals_ddp(recipe: str, extra: tuple[str, ...], flags: tuple[str, ...],
@@ -187,3 +187,20 @@ def test_what_does_not_run_sharded_is_refused_before_anything_is_written(
     with pytest.raises(ValueError, match=message):
         train(cfg)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_the_whole_step_compiled_sharded_and_under_ddp_ends_where_the_eager_step_does(digits_shards: Path,
+                                                                                      tmp_path: Path) -> None:
+    """`train.compile_scope: step` (backend aot_eager: inductor's graphs and autograd, without its code generation)
+    on the demo's multi-crop DINOv2, packed, its masks padded to their bound: sharded and under DDP, with the
+    Sinkhorn-Knopp sums all-reduced inside the graph, it ends where the eager DDP run does."""
+    padded = (*MULTI_CROP_PACKED, "dinov2.pad_masked_patches=true")
+    compiled = (*padded, "train.compile=true", "train.compile_scope=step", "train.compile_backend=aot_eager")
+    _launch("cpu_2proc_fsdp.yaml", "demo_dinov2.yaml", digits_shards, tmp_path, "sharded", *compiled)
+    _launch("cpu_2proc.yaml", "demo_dinov2.yaml", digits_shards, tmp_path, "ddp", *compiled)
+    _launch("cpu_2proc.yaml", "demo_dinov2.yaml", digits_shards, tmp_path, "eager", *padded)
+    eager = _state(tmp_path / "eager", 4)
+    moved = _moved(tmp_path / "eager")
+    for run in ("sharded", "ddp"):
+        _assert_close(_state(tmp_path / run, 4), eager, moved)

@@ -53,7 +53,9 @@ def test_exp_weighting_three_neighbours():
     assert scores[0, 0].item() == pytest.approx(math.exp(1 / 0.07), rel=1e-5)
     assert scores[0, 1].item() == pytest.approx(math.exp(0.9 / 0.07) + math.exp(0.8 / 0.07), rel=1e-5)
 
-    angle = lambda s: [s, math.sqrt(1 - s * s)]  # unit vector with cosine s to (1, 0)
+    def angle(s):  # unit vector with cosine s to (1, 0)
+        return [s, math.sqrt(1 - s * s)]
+
     train = torch.tensor([angle(1.0), angle(0.9), angle(0.8), [-1.0, 0.0]]) * 3.0  # scale: must be normalised away
     train_y = torch.tensor([0, 1, 1, 0])
     test, test_y = torch.tensor([[2.0, 0.0]]), torch.tensor([0])

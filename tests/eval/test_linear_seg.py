@@ -78,9 +78,9 @@ def test_linear_seg_command_end_to_end(tmp_path):
                              img_size=32, mean=(0.45,) * 3, std=(0.25,) * 3, source={"which": "test"})
     out = tmp_path / "probe.json"
     done = subprocess.run([sys.executable, "-m", "sslpipe", "linear-seg", str(export), "--data",
-                           str(tmp_path / "scenes"), "--steps", "60", "--batch-size", "8", "--lr", "0.05", "--out", str(out),
-                           "--png", str(tmp_path / "probe.png")], env=child_env(OMP_NUM_THREADS="1"), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+                           str(tmp_path / "scenes"), "--steps", "60", "--batch-size", "8", "--lr", "0.05",
+                           "--out", str(out), "--png", str(tmp_path / "probe.png")],
+                          env=child_env(OMP_NUM_THREADS="1"), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert 0 <= result["mIoU"] <= 1 and result["n_val"] == 12 and len(result["per_class"]) == 11

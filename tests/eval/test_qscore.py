@@ -189,8 +189,8 @@ def test_eps_for_coverage_equals_the_grid_search_one_eps_at_a_time(kind: str) ->
         h = torch.randn(64, 96)
         if kind == "relu":
             h = torch.relu(h) ** 3
-        for coverage in (0.1, 0.5, 0.9, 1.0):
-            assert eps_for_coverage(h, coverage) == loop(h, coverage), (kind, coverage)
+        for target in (0.1, 0.5, 0.9, 1.0):
+            assert eps_for_coverage(h, target) == loop(h, target), (kind, target)
 
 def test_eps4_needs_at_least_18_features() -> None:
     """Samuelson: max z-score of D values (population std) is sqrt(D - 1); eps = 4 needs D >= 18."""

@@ -213,7 +213,8 @@ def test_coco_folder_round_trips_scene_instances(tmp_path: Path) -> None:
     for split, split_scenes in scenes.items():
         samples = read_split(out, split)
         assert len(samples) == len(split_scenes)
-        by_bytes = {(root / f"{split}2017" / f"{i:04d}.png").read_bytes(): scene for i, scene in enumerate(split_scenes)}
+        by_bytes = {(root / f"{split}2017" / f"{i:04d}.png").read_bytes(): scene
+                    for i, scene in enumerate(split_scenes)}
         for sample in samples.values():
             scene = by_bytes[sample["png"]]  # the train split is written in a seeded shuffled order
             seg, inst = maps(sample)

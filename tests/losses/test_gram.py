@@ -37,7 +37,8 @@ def test_hand_computed_example() -> None:
     student = torch.tensor([[[3.0, 0.0], [0.0, 2.0]]])
     teacher = torch.tensor([[[1.0, 0.0], [5.0, 0.0]]])
     assert GramLoss()(student, teacher).item() == pytest.approx(0.5)
-    assert GramLoss(normalized=False)(student, teacher).item() == pytest.approx(((9 - 1) ** 2 + 5 ** 2 * 2 + (4 - 25) ** 2) / 4)
+    assert GramLoss(normalized=False)(student, teacher).item() == pytest.approx(
+        ((9 - 1) ** 2 + 5 ** 2 * 2 + (4 - 25) ** 2) / 4)
     opposite = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])  # G_t = [[1, -1], [-1, 1]]
     assert GramLoss(remove_neg=True)(student, opposite).item() == pytest.approx(0.0)  # negatives gone: I vs I
     assert GramLoss(remove_only_teacher_neg=True)(student, opposite).item() == pytest.approx(0.0)

@@ -229,7 +229,8 @@ def _run(recipe: str, root, export, extra: list[str]):
 
 
 M2F_TINY = ["{m}.num_queries=4", "{m}.hidden_dim=32", "{m}.num_heads=2", "{m}.dim_feedforward=64",
-            "{m}.decoder_layers=4", "{m}.encoder_layers=1", "{m}.encoder_feedforward_dim=64", "{m}.train_num_points=128"]
+            "{m}.decoder_layers=4", "{m}.encoder_layers=1", "{m}.encoder_feedforward_dim=64",
+            "{m}.train_num_points=128"]
 VITDET_TINY = ["{m}.head_dim=16", "{m}.fc_dim=32", "{m}.box_head_convs=1", "{m}.mask_head_convs=1",
                "{m}.box_batch_size_per_image=16"]
 

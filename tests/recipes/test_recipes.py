@@ -216,7 +216,7 @@ def test_qscore_regulariser_inside_dino_and_ibot(digits_shards: Path, recipe_cls
     (plain, m0), (regularised, m1) = results[False], results[True]
     assert "qscore/term" not in m0 and "qscore/term" in m1
     assert regularised - plain == pytest.approx(float(m1["qscore/term"]), rel=1e-4, abs=1e-6)
-    assert float(m1["qscore/term"]) != 0.0 and isinstance(recipe._qscore, QScoreRegularizer)
+    assert float(m1["qscore/term"]) != 0.0 and isinstance(recipe.qscore, QScoreRegularizer)
 
 
 def test_demo_simclr_matches_the_demo_budget_builds_and_steps(digits_shards: Path) -> None:
@@ -225,7 +225,10 @@ def test_demo_simclr_matches_the_demo_budget_builds_and_steps(digits_shards: Pat
     from sslpipe.recipes.simclr import SimCLRRecipe
 
     cfg, demo = load_config(RECIPES / "demo_simclr.yaml"), load_config(RECIPES / "demo_ibot.yaml")
-    budget = lambda c: (c.train.epochs, c.data.steps_per_epoch, c.data.batch_size, c.crops.global_size)
+
+    def budget(c):
+        return c.train.epochs, c.data.steps_per_epoch, c.data.batch_size, c.crops.global_size
+
     assert budget(cfg) == budget(demo) == (4, 100, 64, 32)
     assert cfg.method == "simclr" and cfg.model.arch == "resnet18" and cfg.model.init_from is None
     cfg = load_config(RECIPES / "demo_simclr.yaml", [f"data.train={digits_shards}", "data.batch_size=8",

@@ -430,9 +430,12 @@ def test_scenes_recipe_pair_pretrains_exports_and_starts_both_runs_from_the_expo
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     u2pl, sup = load_config(REPO / "recipes/scenes_u2pl.yaml"), load_config(REPO / "recipes/scenes_supervised.yaml")
-    same = lambda c: (c.data.train, c.data.val, c.data.batch_size, c.data.steps_per_epoch, c.train.epochs,
-                      c.model.arch, c.model.init_from, c.optim, c.eval, getattr(c, c.method).crop_size,
-                      getattr(c, c.method).scale_range, c.seed)
+
+    def same(c):
+        return (c.data.train, c.data.val, c.data.batch_size, c.data.steps_per_epoch, c.train.epochs,
+                c.model.arch, c.model.init_from, c.optim, c.eval, getattr(c, c.method).crop_size,
+                getattr(c, c.method).scale_range, c.seed)
+
     assert same(u2pl) == same(sup) and (u2pl.train.epochs, u2pl.u2pl.sup_only_epoch) == (40, 10)
     simclr = load_config(REPO / "recipes/scenes_simclr_resnet10t.yaml", [
         f"data.train={semi / 'unlabeled'}", f"output_dir={tmp_path}", "data.batch_size=4", "data.num_workers=0",

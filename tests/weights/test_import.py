@@ -586,7 +586,8 @@ def test_imported_dinov2_fine_tunes_one_vitdet_step(tmp_path):
         "finetune_vitdet.img_size=64", "finetune_vitdet.window_size=4", "finetune_vitdet.global_blocks=[1]",
         "finetune_vitdet.pyramid_channels=32", "finetune_vitdet.head_dim=16", "finetune_vitdet.fc_dim=32",
         "finetune_vitdet.box_head_convs=1", "finetune_vitdet.mask_head_convs=1",
-        "finetune_vitdet.box_batch_size_per_image=16", "data.batch_size=2", "data.num_workers=0", "data.steps_per_epoch=1"])
+        "finetune_vitdet.box_batch_size_per_image=16", "data.batch_size=2", "data.num_workers=0",
+        "data.steps_per_epoch=1"])
     recipe = get_recipe(cfg.method)(cfg)
     recipe.build_model()
     trunk = recipe.vit_trunk()

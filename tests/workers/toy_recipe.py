@@ -87,7 +87,8 @@ class ToyRecipe(Recipe):
         if int(sched["it"]) == self.cfg.model.kwargs.get("signal_at_step", -1):
             os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM's --signal=USR1 does before the time limit
         batch_center = self.accelerator.reduce(t.mean(0, keepdim=True), "mean")
-        self.center = self.center * self.section.loss.center_momentum + batch_center * (1 - self.section.loss.center_momentum)
+        self.center = (self.center * self.section.loss.center_momentum
+                       + batch_center * (1 - self.section.loss.center_momentum))
         return loss, {"toy_center_norm": float(self.center.norm())}
 
     def schedule(self, it: int, steps_per_epoch: int, total: int) -> dict[str, float]:
