@@ -16,10 +16,9 @@ normalisation cancels are left out (the total, 1/K, 1/B, and exp(-max_k / tau) f
 rescaled to mean 1 (another), so the targets equal the official ones up to float rounding (tested). Two gains
 beyond speed: the logits are shifted per prototype by their maximum over the global batch before the exponential,
 so exp never overflows (the official code gives inf for logits above ~3.5 at tau = 0.04 in float32); and no row
-count is needed. lightly's
-`swav_loss.sinkhorn` (the same values on one process, tested) sets B to the local rows times the world size, which
-differs from the global count whenever processes hold different numbers of rows, as the masked patches of the iBOT
-term do (tested over two processes).
+count is needed. lightly's `swav_loss.sinkhorn` (the same values on one process, tested) sets B to the local rows
+times the world size, which differs from the global count whenever processes hold different numbers of rows, as the
+masked patches of the iBOT term do (tested over two processes).
 
 Padded rows: ``valid`` (B,) marks the rows that count. The others (the zero-weight padding that keeps a batch's
 masked-patch count fixed, `sslpipe.data.collate.mask_batch_fields`) start with u = 0, take no prototype mass and get
