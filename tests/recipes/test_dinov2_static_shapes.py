@@ -107,13 +107,14 @@ class CountingBackend:
 
 
 @pytest.mark.parametrize("pad", [True, False])
-def test_padded_step_compiles_once(pad: bool, fresh_accelerate_state: None) -> None:
+def test_padded_step_compiles_once(pad: bool, trainer_device: str, fresh_accelerate_state: None) -> None:
     """The control (pad False) must recompile, or the test would prove nothing."""
     cfg = load_config(REPO / "recipes" / "demo_dinov2.yaml",
                       ["data.batch_size=4", "train.health_every=0", "model.kwargs.depth=1",
                        f"dinov2.pad_masked_patches={str(pad).lower()}"])
     recipe = get_recipe(cfg.method)(cfg)
-    recipe.build(Accelerator(cpu=True))
+    recipe.build(Accelerator(cpu=trainer_device == "cpu"))
+    recipe.student.to(trainer_device)
     sched = {"teacher_temp": 0.04, "it": 5.0}
     backend = CountingBackend()
     torch._dynamo.reset()
@@ -142,12 +143,13 @@ def sslpipe_test_counting_aot_eager(gm: torch.fx.GraphModule, example_inputs: li
     return lookup_backend("aot_eager")(gm, example_inputs)
 
 
-def _trainer_run(overrides: list[str], steps: int = 3) -> tuple[list[float], dict[str, float], list[int]]:
+def _trainer_run(device: str, overrides: list[str], steps: int = 3
+                 ) -> tuple[list[float], dict[str, float], list[int]]:
     """`train_step` over `steps` batches, the teacher temperature changing each step, health metrics every step:
     the losses, the last step's metrics and the graphs compiled so far after each step. From the second step on a
     recompile is an error."""
     cfg, dev, accelerator, recipe, optimizer, sched = prepared_step(
-        str(REPO / "recipes" / "demo_dinov2.yaml"), device="cpu", batch_size=4,
+        str(REPO / "recipes" / "demo_dinov2.yaml"), device=device, batch_size=4,
         overrides=["train.health_every=1", "model.kwargs.depth=2", "dinov2.pad_masked_patches=true", *overrides])
     assert cfg.train.mixed_precision in (None, "no")  # fp32: the teacher's logits are the tensors the metrics read
     losses, graphs, metrics = [], [], {}
@@ -168,15 +170,15 @@ MULTI_CROP = ["crops.global_size=32", "crops.local_size=16", "crops.n_local=4", 
 
 
 @pytest.mark.parametrize("crops", [[], [*MULTI_CROP, "dinov2.pack_crops=true"]], ids=["demo", "multicrop-packed"])
-def test_whole_step_compile_gives_the_eager_step_and_compiles_once(crops: list[str]) -> None:
+def test_whole_step_compile_gives_the_eager_step_and_compiles_once(crops: list[str], device: str) -> None:
     """`train.compile_scope: step` over three trainer steps whose teacher temperature changes: compiled at the first
     step and never again, the eager run's losses and health metrics (which read the teacher's logits after the loss
     has used them)."""
     torch._dynamo.reset()
-    losses, metrics, graphs = _trainer_run(["train.compile=true", "train.compile_scope=step",
+    losses, metrics, graphs = _trainer_run(device, ["train.compile=true", "train.compile_scope=step",
                                             "train.compile_backend=sslpipe_test_counting_aot_eager", *crops])
     torch._dynamo.reset()
-    eager_losses, eager_metrics, eager_graphs = _trainer_run(crops)
+    eager_losses, eager_metrics, eager_graphs = _trainer_run(device, crops)
     assert graphs[0] >= 1 and graphs == [graphs[0]] * 3, graphs
     assert eager_graphs == [0, 0, 0]
     assert len(set(eager_losses)) == 3
