@@ -143,14 +143,15 @@ def sslpipe_test_counting_aot_eager(gm: torch.fx.GraphModule, example_inputs: li
     return lookup_backend("aot_eager")(gm, example_inputs)
 
 
-def _trainer_run(device: str, overrides: list[str], steps: int = 3
+def _trainer_run(recipe_name: str, device: str, overrides: list[str], steps: int = 3
                  ) -> tuple[list[float], dict[str, float], list[int]]:
     """`train_step` over `steps` batches, the teacher temperature changing each step, health metrics every step:
     the losses, the last step's metrics and the graphs compiled so far after each step. From the second step on a
     recompile is an error."""
+    method = recipe_name.removeprefix("demo_").removesuffix(".yaml")
     cfg, dev, accelerator, recipe, optimizer, sched = prepared_step(
-        str(REPO / "recipes" / "demo_dinov2.yaml"), device=device, batch_size=4,
-        overrides=["train.health_every=1", "model.kwargs.depth=2", "dinov2.pad_masked_patches=true", *overrides])
+        str(REPO / "recipes" / recipe_name), device=device, batch_size=4,
+        overrides=["train.health_every=1", "model.kwargs.depth=2", f"{method}.pad_masked_patches=true", *overrides])
     assert cfg.train.mixed_precision in (None, "no")  # fp32: the teacher's logits are the tensors the metrics read
     losses, graphs, metrics = [], [], {}
     GRAPHS.clear()
@@ -169,21 +170,28 @@ def _trainer_run(device: str, overrides: list[str], steps: int = 3
 MULTI_CROP = ["crops.global_size=32", "crops.local_size=16", "crops.n_local=4", "dinov2.mask_ratio_min_max=[0.1,0.5]"]
 
 
-@pytest.mark.parametrize("crops", [[], [*MULTI_CROP, "dinov2.pack_crops=true"]], ids=["demo", "multicrop-packed"])
-def test_whole_step_compile_gives_the_eager_step_and_compiles_once(crops: list[str], device: str) -> None:
+@pytest.mark.parametrize("recipe, extra", [
+    ("demo_dinov2.yaml", []),
+    ("demo_dinov2.yaml", [*MULTI_CROP, "dinov2.pack_crops=true"]),
+    ("demo_dinov3.yaml", ["dinov3.gram.load_at=0"]),  # Gram anchoring from the first step, eager after the graph
+], ids=["dinov2", "dinov2-multicrop-packed", "dinov3-gram"])
+def test_whole_step_compile_gives_the_eager_step_and_compiles_once(recipe: str, extra: list[str],
+                                                                   device: str) -> None:
     """`train.compile_scope: step` over three trainer steps whose teacher temperature changes: compiled at the first
     step and never again, the eager run's losses and health metrics (which read the teacher's logits after the loss
     has used them)."""
     torch._dynamo.reset()
-    losses, metrics, graphs = _trainer_run(device, ["train.compile=true", "train.compile_scope=step",
-                                            "train.compile_backend=sslpipe_test_counting_aot_eager", *crops])
+    losses, metrics, graphs = _trainer_run(recipe, device, ["train.compile=true", "train.compile_scope=step",
+                                                            "train.compile_backend=sslpipe_test_counting_aot_eager",
+                                                            *extra])
     torch._dynamo.reset()
-    eager_losses, eager_metrics, eager_graphs = _trainer_run(device, crops)
+    eager_losses, eager_metrics, eager_graphs = _trainer_run(recipe, device, extra)
     assert graphs[0] >= 1 and graphs == [graphs[0]] * 3, graphs
     assert eager_graphs == [0, 0, 0]
     assert len(set(eager_losses)) == 3
     torch.testing.assert_close(losses, eager_losses, rtol=1e-4, atol=1e-5)
     assert {"teacher_entropy", "teacher_patch_entropy", "loss_ibot"} <= set(metrics) == set(eager_metrics)
+    assert ("loss_gram" in metrics) == (recipe == "demo_dinov3.yaml")
     for key, value in eager_metrics.items():
         assert value == pytest.approx(metrics[key], rel=1e-4, abs=1e-5), key
 
