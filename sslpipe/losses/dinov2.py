@@ -48,7 +48,7 @@ class DINOv2Loss(nn.Module):
     def __init__(self, out_dim: int, patch_out_dim: int, n_global: int, n_local: int, *,
                  centering: Centering = "sinkhorn_knopp", sinkhorn_iterations: int = 3, student_temp: float = 0.1,
                  center_momentum: float = 0.9, center_momentum2: float = 0.9, dino_weight: float = 1.0,
-                 ibot_weight: float = 1.0, koleo_weight: float = 0.1) -> None:
+                 ibot_weight: float = 1.0, koleo_weight: float = 0.1, padded_rows: bool = False) -> None:
         super().__init__()
         if n_global < 1 or n_global + n_local < 2:
             raise ValueError(f"DINOv2Loss needs >= 1 global crop and >= 2 crops in all, got {n_global}+{n_local}")
@@ -59,6 +59,9 @@ class DINOv2Loss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum, self.center_momentum2 = center_momentum, center_momentum2
         self.dino_weight, self.ibot_weight, self.koleo_weight = dino_weight, ibot_weight, koleo_weight
+        # the patch rows may hold padding of weight 0 (`dinov2.pad_masked_patches`), which Sinkhorn-Knopp must leave
+        # out; without it Sinkhorn-Knopp is not told (it would cost a pass over the (M, Kp) logits)
+        self.padded_rows = padded_rows
         self.koleo = KoLeoLoss()
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("center2", torch.zeros(1, 1, patch_out_dim))
@@ -111,7 +114,8 @@ class DINOv2Loss(nn.Module):
             raise ValueError(f"DINOv2Loss: {M} patch rows but {masks_weight.shape[0]} mask weights")
         # sum_i w_i CE_i as one dot product of the weighted targets with the log-probabilities, without a product
         # matrix and its row sums: the (M, Kp) matrices are large (M ~5000, Kp 65536 on a GPU batch)
-        t_patch = self.teacher_targets(teacher_patch, self.center2[0], teacher_temp, valid=masks_weight > 0)
+        valid = masks_weight > 0 if self.padded_rows else None
+        t_patch = self.teacher_targets(teacher_patch, self.center2[0], teacher_temp, valid=valid)
         t_patch.mul_(masks_weight.unsqueeze(1))
         s_patch = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
         with torch.autocast(s_patch.device.type, enabled=False):

@@ -289,7 +289,7 @@ class DINOv2Recipe(MultiCropRecipe):
             d.head.out_dim, d.head.patch_out_dim, n_global=c.n_global, n_local=c.n_local,
             centering=d.centering, sinkhorn_iterations=d.sinkhorn_iterations, student_temp=lc.student_temp,
             center_momentum=lc.center_momentum, center_momentum2=lc.center_momentum2, dino_weight=d.dino_loss_weight,
-            ibot_weight=d.ibot_loss_weight, koleo_weight=d.koleo_loss_weight,
+            ibot_weight=d.ibot_loss_weight, koleo_weight=d.koleo_loss_weight, padded_rows=d.pad_masked_patches,
         ).to(accelerator.device)
         self.compile_forward_and_loss()
 

@@ -77,7 +77,7 @@ def test_padded_loss_equals_the_unpadded_one(centering: str) -> None:
                   student_local_cls=torch.randn(3 * B, K, generator=g), masks=masks.flatten(1))
     results = []
     for fields in (plain, padded):
-        loss_fn = DINOv2Loss(K, Kp, n_global=G, n_local=3, centering=centering)
+        loss_fn = DINOv2Loss(K, Kp, n_global=G, n_local=3, centering=centering, padded_rows=fields is padded)
         student = patch_s.index_select(0, fields["mask_indices"]).requires_grad_()
         teacher = patch_t.index_select(0, fields["mask_indices"])
         out = loss_fn(student_patch=student, teacher_patch=teacher, masks_weight=fields["masks_weight"], **common)
@@ -90,6 +90,12 @@ def test_padded_loss_equals_the_unpadded_one(centering: str) -> None:
     assert out_p["ibot"] > 0
     torch.testing.assert_close(grad_q[:M], grad_p, rtol=1e-5, atol=1e-7)
     assert torch.equal(grad_q[M:], torch.zeros(U - M, Kp))
+    if centering == "sinkhorn_knopp":  # the control: not told of the padding, Sinkhorn-Knopp balances it too
+        blind = DINOv2Loss(K, Kp, n_global=G, n_local=3, centering=centering)(
+            student_patch=patch_s.index_select(0, padded["mask_indices"]),
+            teacher_patch=patch_t.index_select(0, padded["mask_indices"]), masks_weight=padded["masks_weight"],
+            **common)
+        assert abs(float(blind["ibot"].detach()) - float(out_p["ibot"].detach())) > 1e-3
     if centering == "softmax":  # Sinkhorn-Knopp keeps no centre
         assert c2_p.abs().sum() > 0
         torch.testing.assert_close(c2_q, c2_p, rtol=1e-5, atol=1e-7)
