@@ -136,12 +136,15 @@ class DINOv2Masks:
         self.generator = MaskGenerator(grid=self.grid, pred_ratio=0.0, pred_ratio_var=0.0, pred_shape="block",
                                        min_num_patches=min_num_patches, min_aspect=min_aspect, rng=self._rng)
 
+    def ratio_bins(self, n_crops: int) -> list[tuple[float, float]]:
+        """One (low, high) ratio bin per masked crop: int(n_crops * probability) bins spanning the ratio range."""
+        edges = np.linspace(*self.ratio_min_max, int(n_crops * self.probability) + 1)
+        return list(zip(edges[:-1], edges[1:]))
+
     def upper_bound(self, n_crops: int) -> int:
         """The most patches a batch of n_crops crops can have masked: int(N * the top of its bin) per masked crop
         (the official collate's ``upperbound``; the block masks never exceed the count they are asked for)."""
-        n_masked = int(n_crops * self.probability)
-        edges = np.linspace(*self.ratio_min_max, n_masked + 1)
-        return sum(int(self.n_tokens * edges[i + 1]) for i in range(n_masked))
+        return sum(int(self.n_tokens * high) for _, high in self.ratio_bins(n_crops))
 
     def fields(self, n_crops: int, pad: bool = False) -> dict[str, torch.Tensor]:
         """The batch keys of n_crops fresh masks (`mask_batch_fields`), padded to `upper_bound` when ``pad``."""
@@ -149,11 +152,9 @@ class DINOv2Masks:
 
     def __call__(self, n_crops: int) -> torch.Tensor:
         """bool (n_crops, H, W), True = masked."""
-        n_masked = int(n_crops * self.probability)
-        edges = np.linspace(*self.ratio_min_max, n_masked + 1)
-        masks = [self.generator.block_mask(int(self.n_tokens * self._rng.uniform(edges[i], edges[i + 1])))
-                 for i in range(n_masked)]
-        masks += [np.zeros(self.grid, dtype=bool) for _ in range(n_crops - n_masked)]
+        masks = [self.generator.block_mask(int(self.n_tokens * self._rng.uniform(low, high)))
+                 for low, high in self.ratio_bins(n_crops)]
+        masks += [np.zeros(self.grid, dtype=bool) for _ in range(n_crops - len(masks))]
         self._rng.shuffle(masks)
         return torch.from_numpy(np.stack(masks))
 
