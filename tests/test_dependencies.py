@@ -68,7 +68,7 @@ def test_ci_installs_what_the_readme_installs():
 def _imported_modules() -> dict[str, str]:
     """Top-level module -> a file importing it, over sslpipe/ and tests/ (imports inside functions too)."""
     found: dict[str, str] = {}
-    for path in sorted([*(REPO / "sslpipe").rglob("*.py"), *(REPO / "tests").glob("*.py")]):
+    for path in sorted([*(REPO / "sslpipe").rglob("*.py"), *(REPO / "tests").rglob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
@@ -82,7 +82,7 @@ def _imported_modules() -> dict[str, str]:
 
 
 def test_every_imported_third_party_module_is_declared():
-    local = {"sslpipe", "tests"} | {p.stem for p in (REPO / "tests").glob("*.py")}
+    local = {"sslpipe", "tests"} | {p.stem for p in (REPO / "tests").rglob("*.py")}
     declared = {canonicalize_name(r.name) for r in _requirements()}
     providers = {**{m: [d] for m, d in NOT_INSTALLED.items()}, **metadata.packages_distributions()}
     third_party = {m: f for m, f in _imported_modules().items() if m not in sys.stdlib_module_names | local}

@@ -37,6 +37,18 @@ def test_train_with_missing_shards_names_the_path(tmp_path: Path, capsys: pytest
     assert str(missing) in err and "sslpipe shards" in err
 
 
-def test_overrides_after_options_are_kept() -> None:
+def test_overrides_after_options_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train R.yaml --resume auto a.b=1` (the form launch/slurm.sbatch writes) reaches the trainer with every
+    override, before and after the option, in order; an unknown option still exits."""
+    import sslpipe.engine.trainer as trainer
+
+    seen: dict = {}
+    monkeypatch.setattr(trainer, "run_recipe",
+                        lambda recipe, overrides, **kw: seen.update(recipe=recipe, overrides=overrides, **kw) or "run")
+    assert main(["train", "r.yaml", "x=0", "--resume", "auto", "train.stop_file=/tmp/stop", "a.b=1"]) == 0
+    assert seen["recipe"] == "r.yaml" and seen["resume"] == "auto"
+    assert seen["overrides"] == ["x=0", "train.stop_file=/tmp/stop", "a.b=1"]
     with pytest.raises(SystemExit):
         main(["train", "recipe.yaml", "--bogus"])
+    with pytest.raises(SystemExit):
+        main(["train", "recipe.yaml", "--resume", "auto", "stray"])

@@ -241,8 +241,22 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, clip_mode: str
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_steps_under_mixed_precision_on_each_device(tmp_path: Path, trainer_device: str, precision: str) -> None:
-    """The trainer steps and checkpoints under autocast: parameters stay float32, the loss stays finite."""
-    run = train(toy_cfg(tmp_path, f"amp-{precision}", train={"max_steps": 3, "mixed_precision": precision}))
+    """The trainer steps and checkpoints under autocast: the step computes in bf16 when asked (and in float32 when
+    not), parameters stay float32, the loss stays finite."""
+    seen: list[torch.dtype] = []
+
+    class Spy(ToyRecipe):
+        def build(self, accelerator):
+            super().build(accelerator)
+            # the first matmul's output dtype: bf16 exactly under autocast (Accelerate casts the model's outputs
+            # back to float32, so the loss cannot tell)
+            self.student.body[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+
+    import tests.workers.toy_recipe as toy_module
+    toy_module.AmpSpyRecipe = Spy
+    run = train(toy_cfg(tmp_path, f"amp-{precision}", method="tests.workers.toy_recipe:AmpSpyRecipe",
+                        train={"max_steps": 3, "mixed_precision": precision}))
+    assert seen == [torch.bfloat16 if precision == "bf16" else torch.float32] * 3
     state = load_file(str(find_checkpoint(run) / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in state.values())
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
