@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import socket
 import subprocess
@@ -321,6 +322,14 @@ def test_rescaled_step_keeps_the_position_in_the_epoch() -> None:
 def test_resume_auto_picks_newest_run(tmp_path: Path) -> None:
     assert resolve_resume("auto", tmp_path / "runs") is None
     run = train(toy_cfg(tmp_path, "first", train={"max_steps": 2}))
+    assert resolve_resume("auto", tmp_path / "runs") == run / "checkpoints" / "step_00000002"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    other = train(toy_cfg(tmp_path, "second", train={"max_steps": 2}))
+    newest = {run: 1_000_000_000, other: 1_000_000_100}  # the newest checkpoint folder's time decides, not the name
+    for r, t in newest.items():
+        os.utime(r / "checkpoints" / "step_00000002", (t, t))
+    assert resolve_resume("auto", tmp_path / "runs") == other / "checkpoints" / "step_00000002"
+    os.utime(run / "checkpoints" / "step_00000002", (1_000_000_200, 1_000_000_200))
     assert resolve_resume("auto", tmp_path / "runs") == run / "checkpoints" / "step_00000002"
     with pytest.raises(FileExistsError, match="--resume"):
         AcceleratorState._reset_state(reset_partial_state=True)
