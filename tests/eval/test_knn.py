@@ -66,6 +66,20 @@ def test_exp_weighting_three_neighbours():
         assert flat["predictions"][3].tolist() == [1] and flat["k"][3] == {"top1": 0.0}
 
 
+def test_top5_counts_a_true_class_ranked_fifth_and_not_sixth():
+    """Six neighbours of six classes at falling similarity: the class of the 5th neighbour ranks 5th (a top-5 hit,
+    not a top-1 one), the class of the 6th ranks 6th (no hit)."""
+    sims = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    train = torch.tensor([[s, math.sqrt(1 - s * s)] for s in sims])
+    train_y = torch.arange(6)
+    test = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    for backend in ("faiss", "torch"):
+        fifth = knn_classify(train, train_y, test, torch.tensor([4, 4, 0]), [6], 0.07, backend=backend)
+        sixth = knn_classify(train, train_y, test, torch.tensor([5, 5, 5]), [6], 0.07, backend=backend)
+        assert fifth["k"][6] == {"top1": pytest.approx(1 / 3), "top5": 1.0}
+        assert sixth["k"][6] == {"top1": 0.0, "top5": 0.0}
+
+
 def test_cpu_fallback_never_moves_index_to_gpu(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("index_cpu_to_gpu called without a GPU")
