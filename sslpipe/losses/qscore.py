@@ -30,7 +30,11 @@ rows). In both forms:
   instead of giving them Q = 0 and no gradient;
 - the column norms are taken on the matrix Q is computed on (v1: the L2-normalised rows when `l2_normalize`);
 - sums, alpha, beta and the column norms are per process (each rank regularises its own batch; DDP averages);
-- computed in float32 whatever the autocast dtype (max, std and small lambdas are fragile in half precision).
+- computed in float32 whatever the autocast dtype (max, std and small lambdas are fragile in half precision);
+- a degenerate row (all zero, or constant: sigma_i = 0, e.g. a dead ReLU + pool feature vector) has no Q-score; its
+  Q would be 0 through the TINY floors, below alpha, and its gradient through those floors ~1e34, enough to
+  overflow the step: such rows are left out of the sample term, alpha and the scale, with no gradient
+  (`qscore/degenerate_frac` counts them).
 Written here because no library ships it; the choices above are ours (the paper's body could not be read).
 """
 from __future__ import annotations
@@ -40,7 +44,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from sslpipe.losses.qscore_math import TINY, eps_for_coverage, q_v1, q_v2, v1_input
+from sslpipe.losses.qscore_math import TINY, degenerate_rows, eps_for_coverage, q_v1, q_v2, v1_input
 
 
 class QScoreRegularizer(nn.Module):
@@ -51,7 +55,8 @@ class QScoreRegularizer(nn.Module):
     the thresholds (None: batch means), v2's `eps`, `percentiles`, `v2_coverage` and `standardize`, v1's
     `l2_normalize`. Metrics (0-d detached tensors): `qscore/term` = `qscore/sample_term` + `qscore/col_term` (each
     with its lambda, so their balance shows in the logs), `qscore/q_mean`, `qscore/low_frac` (share of rows with
-    Q_i < alpha), `qscore/col_high_frac` (share of columns over beta), `qscore/alpha`, `qscore/beta`.
+    Q_i < alpha), `qscore/col_high_frac` (share of columns over beta), `qscore/alpha`, `qscore/beta`,
+    `qscore/degenerate_frac` (share of constant or all-zero rows, left out of the sample term).
     """
 
     def __init__(self, *, version: Literal["v1", "v2"] = "v2", reduction: Literal["balanced", "sum"] = "balanced",
@@ -88,9 +93,12 @@ class QScoreRegularizer(nn.Module):
         if features.ndim != 2:
             raise ValueError(f"QScoreRegularizer expects batch features of shape (M, l), got {tuple(features.shape)}")
         h = features.float()
+        live = degenerate_rows(h).logical_not()
+        h = torch.where(live.unsqueeze(1), h, h.detach())  # no gradient path through a degenerate row's floors
         q = self.q_scores(h)
-        alpha = q.detach().mean() if self.alpha is None else torch.as_tensor(self.alpha, device=h.device)
-        low = q.detach() < alpha
+        q_live = q.detach()[live]
+        alpha = q_live.mean() if self.alpha is None else torch.as_tensor(self.alpha, device=h.device)
+        low = (q.detach() < alpha) & live
         col = self.q_input(h).abs().sum(dim=0)
         beta = col.detach().mean() if self.beta is None else torch.as_tensor(self.beta, device=h.device)
         high = col.detach() > beta
@@ -98,14 +106,15 @@ class QScoreRegularizer(nn.Module):
             sample_term = -(q * low).sum()
             col_term = (col * high).sum()
         else:
-            q_scale = q.detach().abs().mean().clamp_min(TINY)
+            q_scale = q_live.abs().mean().nan_to_num(0.0).clamp_min(TINY)
             col_scale = col.detach().mean().clamp_min(TINY)
             sample_term = ((alpha - q) * low).sum() / low.sum().clamp_min(1) / q_scale
             col_term = ((col - beta) * high).sum() / high.sum().clamp_min(1) / col_scale
         term = self.lambda1 * sample_term + self.lambda2 * col_term
         metrics = {
             "qscore/term": term.detach(), "qscore/sample_term": (self.lambda1 * sample_term).detach(),
-            "qscore/col_term": (self.lambda2 * col_term).detach(), "qscore/q_mean": q.detach().mean(),
+            "qscore/col_term": (self.lambda2 * col_term).detach(), "qscore/q_mean": q_live.mean(),
+            "qscore/degenerate_frac": (~live).float().mean(),
             "qscore/low_frac": low.float().mean(), "qscore/col_high_frac": high.float().mean(),
             "qscore/alpha": alpha.detach().float(), "qscore/beta": beta.detach().float(),
         }

@@ -61,6 +61,13 @@ def row_mean_std(h: Tensor) -> tuple[Tensor, Tensor]:
     return h.mean(dim=1), h.std(dim=1, unbiased=False)
 
 
+def degenerate_rows(h: Tensor) -> Tensor:
+    """Bool (N,): rows with no spread to score, all zero or constant (sigma_i <= 1e-6 max_j |h_ij|, allowing for
+    rounding). Their z and Q rest on the TINY floors alone."""
+    h = feature_matrix(h).detach()
+    return h.std(dim=1, unbiased=False) <= 1e-6 * h.abs().amax(dim=1)
+
+
 def v1_input(h: Tensor, l2_normalize: bool = True) -> Tensor:
     """h' of the v1 metrics: h / ||h||_2 row-wise (F.normalize, eps 1e-12) or h itself."""
     h = feature_matrix(h)

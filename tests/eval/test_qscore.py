@@ -387,6 +387,35 @@ def test_fixed_alpha_beta_and_shape_errors() -> None:
         QScoreRegularizer(version="v3")
 
 
+@pytest.mark.parametrize("kw", [{"version": "v1"}, {"version": "v1", "l2_normalize": False},
+                                {"version": "v2", "v2_coverage": None, "eps": 1.5}, {"version": "v1", "reduction": "sum"}])
+def test_a_dead_row_is_left_out_with_no_gradient(kw: dict) -> None:
+    """A dead row (all zero: a ReLU + pool vector that never fires) has no Q to raise. The term, its metrics and the
+    other rows' gradients equal those of the batch without it (its column norms are 0), and it gets a zero
+    gradient, not the ~1e34 that the TINY floors gave (enough to overflow the step in half precision). A constant
+    row is left out of the sample term too."""
+    kw = {"lambda1": 1.0, "lambda2": 1.0, **kw}
+    h = _features(n=10)
+    reference = h.clone().requires_grad_(True)
+    with_dead = torch.cat([h[:4], torch.zeros(1, h.shape[1]), h[4:]]).requires_grad_(True)
+    t_ref, m_ref = QScoreRegularizer(**kw)(reference)
+    t_dead, m_dead = QScoreRegularizer(**kw)(with_dead)
+    t_ref.backward()
+    t_dead.backward()
+    assert t_dead.item() == pytest.approx(t_ref.item(), rel=1e-5)
+    assert m_dead["qscore/degenerate_frac"].item() == pytest.approx(1 / 11) and m_ref["qscore/degenerate_frac"] == 0
+    for key in ("qscore/alpha", "qscore/q_mean", "qscore/sample_term", "qscore/col_term"):
+        assert m_dead[key].item() == pytest.approx(m_ref[key].item(), rel=1e-5), key
+    assert torch.equal(with_dead.grad[4], torch.zeros(h.shape[1]))
+    torch.testing.assert_close(torch.cat([with_dead.grad[:4], with_dead.grad[5:]]), reference.grad)
+
+    constant = torch.cat([h, torch.full((1, h.shape[1]), 0.7)]).requires_grad_(True)
+    term, m_const = QScoreRegularizer(**{**kw, "alpha": 1e9})(constant)  # every live row is below alpha
+    term.backward()
+    assert m_const["qscore/low_frac"].item() == pytest.approx(10 / 11)
+    assert torch.equal(constant.grad[10], torch.zeros(h.shape[1])) and constant.grad[:10].abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------------------------- report
 def test_detection_scores_by_hand_and_against_sklearn() -> None:
     v = np.array([0.1, 0.4, 0.35, 0.8, 0.2])
