@@ -164,8 +164,8 @@ def build_segmentation_net(arch: str, num_classes: int, *, init_from: str | None
             from sslpipe.models.backbones import create_backbone
 
             vit = create_backbone(arch, img_size=img_size, patch_size=patch_size, **kwargs)
-        else:
-            vit, _ = _timm_model(arch, init_from, {})
+        else:  # the export's network; of the recipe's arguments only stochastic depth applies
+            vit, _ = _timm_model(arch, init_from, {k: v for k, v in kwargs.items() if k == "drop_path_rate"})
         encoder: nn.Module = ViTEncoder(vit, channels=channels, high_stride=vit_high_stride,
                                         window_size=vit_window_size, global_blocks=vit_global_blocks,
                                         img_size=img_size)

@@ -39,6 +39,24 @@ def shard_reading(data: DataConfig) -> Reading:
                    verify_sha256=data.verify_sha256)
 
 
+def note_export_replaces(cfg: Any, export: dict[str, Any]) -> None:
+    """Dense fine-tuning from `model.init_from` builds the export's network with its normalisation; the recipe's
+    model.arch / patch_size / kwargs and crops.mean / std apply only at random init. Say which of them the export
+    overrides, so that a value the user set is not dropped without a word."""
+    m, args = cfg.model, export.get("model_args", {})
+    differ = [f"model.arch={m.arch} (the export: {export['architecture']})"] if m.arch != export["architecture"] else []
+    if m.patch_size is not None and args.get("patch_size", m.patch_size) != m.patch_size:
+        differ.append(f"model.patch_size={m.patch_size} (the export: {args['patch_size']})")
+    differ += [f"model.kwargs.{k}={v} (the export: {args.get(k)})" for k, v in m.kwargs.items() if args.get(k) != v]
+    for key in ("mean", "std"):
+        ours, theirs = list(getattr(cfg.crops, key)), list(export[key])
+        if any(abs(a - b) > 1e-6 for a, b in zip(ours, theirs)):
+            differ.append(f"crops.{key}={ours} (the export: {theirs})")
+    if differ:
+        print(f"model.init_from={m.init_from}: the export's network and normalisation are used; not used: "
+              + "; ".join(differ))
+
+
 class Recipe(ABC):
     """One training method. Subclasses get the validated `Config` and must be deterministic given `cfg.seed`."""
 

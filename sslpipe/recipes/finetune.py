@@ -31,7 +31,7 @@ from sslpipe.heads.vitdet import (
     build_vitdet_pyramid,
     dense_param_groups,
 )
-from sslpipe.recipes.base import Recipe, shard_reading
+from sslpipe.recipes.base import Recipe, note_export_replaces, shard_reading
 
 
 class FinetuneConfig(Section):
@@ -89,6 +89,7 @@ def load_vit(cfg: RunConfig, img_size: int, init_weights: bool
                               **m.kwargs)
         return vit, tuple(cfg.crops.mean), tuple(cfg.crops.std)
     export = read_export_config(m.init_from)
+    note_export_replaces(cfg, export)
     args = {**export["model_args"], "drop_path_rate": m.drop_path_rate}
     vit = timm.create_model(export["architecture"], pretrained=False, **args)
     if init_weights:

@@ -25,7 +25,7 @@ from sslpipe.data.seg_classes import segmentation_classes
 from sslpipe.data.semi import semi_loader
 from sslpipe.data.stream import batches_per_epoch, build_loader, resolve_shards
 from sslpipe.data.u2pl_views import U2PLSegTransform
-from sslpipe.recipes.base import Recipe, shard_reading
+from sslpipe.recipes.base import Recipe, note_export_replaces, shard_reading
 
 
 class SegConfig(Section):
@@ -103,6 +103,7 @@ class SupervisedSegRecipe(Recipe):
             from sslpipe.weights.export import read_export_config
 
             export = read_export_config(self.cfg.model.init_from)
+            note_export_replaces(self.cfg, export)
             return tuple(export["mean"]), tuple(export["std"])
         return tuple(self.cfg.crops.mean), tuple(self.cfg.crops.std)
 

@@ -408,6 +408,27 @@ def test_segmentation_net_outputs_and_lr_groups(arch, kwargs) -> None:
     assert set(no_rep(torch.randn(2, 3, 64, 64))) == {"pred"}
 
 
+def test_segmentation_net_from_a_vit_export_keeps_stochastic_depth(tmp_path) -> None:
+    """A ViT export takes the recipe's drop_path_rate (linear over the blocks, as at random init) and nothing else of
+    model.kwargs: its tensors are the export's, tensor for tensor."""
+    import timm
+    from helpers import TINY_VIT
+
+    from sslpipe.models.segmentation import build_segmentation_net
+    from sslpipe.weights.export import export_backbone
+
+    args = {**TINY_VIT, "depth": 2}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **args)
+    export = export_backbone(model, tmp_path / "vit", arch="vit_tiny_patch16_224", model_args=args, img_size=16,
+                             mean=[0.5] * 3, std=[0.5] * 3, source={"which": "test"})
+    net = build_segmentation_net("ignored", 3, init_from=str(export), img_size=16, channels=8, aspp_channels=8,
+                                 model_kwargs={"drop_path_rate": 0.3, "embed_dim": 64})
+    block = net.encoder.pyramid.backbone.blocks[-1].block
+    assert block.norm1.normalized_shape == (32,) and block.drop_path1.drop_prob == pytest.approx(0.3)
+    fresh = build_segmentation_net("ignored", 3, init_from=str(export), img_size=16, channels=8, aspp_channels=8)
+    assert isinstance(fresh.encoder.pyramid.backbone.blocks[-1].block.drop_path1, torch.nn.Identity)
+
+
 def test_segmentation_net_from_an_export(tmp_path) -> None:
     import timm
 

@@ -313,6 +313,25 @@ def test_built_trunk_holds_the_export_tensor_by_tensor(finetune_data, recipe_fil
     assert set(exported) - used == {"cls_token", "norm.weight", "norm.bias"}
 
 
+def test_init_from_names_the_recipe_keys_the_export_overrides(finetune_data, capsys):
+    """From an export the network and normalisation are the export's: a model.arch / kwargs / crops.mean that differ
+    are named in one line (not dropped without a word); none is named when the recipe agrees with the export."""
+    from sslpipe.recipes.finetune import load_vit
+
+    root, export = finetune_data
+    agree = ["model.arch=vit_tiny_patch16_224", "model.patch_size=4", "model.kwargs={embed_dim: 32, depth: 2}",
+             "crops.mean=[0.4,0.4,0.4]", "crops.std=[0.3,0.3,0.3]"]
+    base = [f"data.train={root / 'scenes'}", f"model.init_from={export}"]
+    load_vit(load_config(REPO / "recipes/demo_finetune_m2f.yaml", [*base, *agree]), 32, init_weights=False)
+    assert "not used" not in capsys.readouterr().out
+    differ = ["model.arch=vit_large_patch16_224", "model.kwargs={embed_dim: 1024}", "crops.mean=[0.9,0.9,0.9]"]
+    vit, mean, _ = load_vit(load_config(REPO / "recipes/demo_finetune_m2f.yaml", [*base, *differ]), 32, False)
+    out = capsys.readouterr().out
+    assert vit.embed_dim == 32 and mean == (0.4,) * 3
+    assert "model.arch=vit_large_patch16_224 (the export: vit_tiny_patch16_224)" in out
+    assert "model.kwargs.embed_dim=1024 (the export: 32)" in out and "crops.mean=[0.9, 0.9, 0.9]" in out
+
+
 def test_frozen_backbone_trains_only_the_head(finetune_data):
     from sslpipe.engine.optim import build_optimizer
 
