@@ -388,7 +388,8 @@ def test_fixed_alpha_beta_and_shape_errors() -> None:
 
 
 @pytest.mark.parametrize("kw", [{"version": "v1"}, {"version": "v1", "l2_normalize": False},
-                                {"version": "v2", "v2_coverage": None, "eps": 1.5}, {"version": "v1", "reduction": "sum"}])
+                                {"version": "v2", "v2_coverage": None, "eps": 1.5},
+                                {"version": "v1", "reduction": "sum"}])
 def test_a_dead_row_is_left_out_with_no_gradient(kw: dict) -> None:
     """A dead row (all zero: a ReLU + pool vector that never fires) has no Q to raise. The term, its metrics and the
     other rows' gradients equal those of the batch without it (its column norms are 0), and it gets a zero
