@@ -38,7 +38,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples-per-shard", type=int, default=10000)
     add_spec_args(p)
     p.add_argument("--device", default=None, help="--backbone: where the pool is embedded")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out (and an OUT.embeddings of "
+                                                         "another backbone, pool or spec)")
 
 
 def run(args: argparse.Namespace) -> int:

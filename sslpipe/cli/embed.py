@@ -16,7 +16,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="train", help="the split of a shard set to embed")
     add_spec_args(p)
     p.add_argument("--device", default=None, help="default: this process's GPU when there is one, else the CPU")
-    p.add_argument("--force", action="store_true", help="start over in an --out that holds other embeddings")
+    p.add_argument("--force", action="store_true", help="start over in an --out that holds other embeddings, or "
+                                                         "those of a FOLDER that changed since")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,15 +40,22 @@ SAMPLES_PER_SHARD = 10000
 
 
 def pool_embeddings(shards: str | Path, out: Path, *, backbone: str | Path | None, embeddings: str | Path | None,
-                    split: str, spec: FeatureSpec | None, progress: bool) -> Path:
+                    split: str, spec: FeatureSpec | None, progress: bool, force: bool = False) -> Path:
     """The embedding folder of the pool: `embeddings` checked against `shards`, or written next to `out` as
-    OUT.embeddings with `backbone` (a rerun resumes it, and --embeddings can reuse it)."""
+    OUT.embeddings with `backbone` (a rerun resumes it, and --embeddings can reuse it). `force` (curate's: replace)
+    replaces an OUT.embeddings that `embed` refuses to add to (another backbone, pool or spec, a changed folder);
+    one it can add to is reused, not embedded again."""
     if (backbone is None) == (embeddings is None):
         raise ValueError("sslpipe curate needs exactly one of --backbone EXPORT (embed the pool) and --embeddings DIR "
                          "(from `sslpipe embed`)")
     if backbone is not None:
-        return embed_shards(backbone, shards, out.with_name(out.name + ".embeddings"), split=split, spec=spec,
-                            progress=progress)
+        into = out.with_name(out.name + ".embeddings")
+        try:
+            return embed_shards(backbone, shards, into, split=split, spec=spec, progress=progress)
+        except FileExistsError:
+            if not force:
+                raise
+        return embed_shards(backbone, shards, into, split=split, spec=spec, progress=progress, force=True)
     index = read_index(embeddings)
     if not index.get("complete"):
         raise ValueError(f"--embeddings {embeddings} is incomplete (a run stopped before every shard was embedded): "
@@ -118,7 +125,7 @@ def curate(shards: str | Path, out: str | Path, size: int, *, backbone: str | Pa
     out = Path(out)
     refuse_existing(out, force)
     folder = pool_embeddings(shards, out, backbone=backbone, embeddings=embeddings, split=split, spec=spec,
-                             progress=progress)
+                             progress=progress, force=force)
     vectors = StoredVectors(folder)
     dups = find_duplicates(vectors, dup_threshold, progress=progress, seed=seed)
     _check_sizes(len(vectors), dups, size, folder)

@@ -5,8 +5,10 @@ The features are the probes' (`FeatureSpec.from_export`: the export's size, mean
 neighbour found in an embedding folder is one `sslpipe knn` would count. Resumable: a part is written whole or not at
 all, and a run skips the shards that have one. Under `accelerate launch` rank r of P embeds shards r, r + P, ...
 (each part is its own file, so the processes never write the same one); after a barrier rank 0 counts the parts and
-marks embed.json `complete`. Every rank decodes with `spec.num_workers` loader processes; a batch carries its loader
-worker's id, and as each worker reads its shards one after the other, a shard is whole once its worker has moved on.
+marks embed.json `complete`. A shard read short of its manifest's sample count (truncated, damaged) gets no part, so a
+rerun embeds it again, and the run ends with an error naming it and what was readable. Every rank decodes with
+`spec.num_workers` loader processes; a batch carries its loader worker's id, and as each worker reads its shards one
+after the other, a shard is whole once its worker has moved on.
 """
 from __future__ import annotations
 
@@ -20,10 +22,29 @@ from torch import Tensor, nn
 from torch.utils.data import get_worker_info
 from tqdm.auto import tqdm
 
-from sslpipe.data.stream import build_loader
+from sslpipe.data.stream import ShardReadError, build_loader
 from sslpipe.embed.backbone import backbone_sha256, open_backbone, spec_record
-from sslpipe.embed.inputs import FOLDER_SHARDS, Input, data_name, is_image_folder, resolve_input, write_folder_shards
-from sslpipe.embed.store import INDEX, done_shards, part_name, read_index, read_part, write_index, write_part
+from sslpipe.embed.inputs import (
+    FOLDER_SHARDS,
+    Input,
+    check_folder,
+    data_name,
+    is_image_folder,
+    resolve_input,
+    write_folder_shards,
+)
+from sslpipe.embed.store import (
+    INDEX,
+    done_shards,
+    part_name,
+    read_index,
+    read_part,
+    read_shorts,
+    short_name,
+    write_index,
+    write_part,
+    write_short,
+)
 from sslpipe.eval.features import autocast, default_device, feature_dim
 from sslpipe.eval.spec import FeatureSpec
 
@@ -73,7 +94,7 @@ def check_out(out: Path, identity: dict[str, Any], urls: list[str] | None, force
 def _clear(out: Path) -> None:
     """Remove what an embedding run writes (never other files of the folder): --force starts over."""
     (out / INDEX).unlink(missing_ok=True)
-    for pattern in ("part-*.safetensors", "part-*.safetensors.tmp", "search-*"):
+    for pattern in ("part-*.safetensors", "part-*.safetensors.tmp", "short-*.json", "search-*"):
         for path in out.glob(pattern):
             path.unlink()
     shutil.rmtree(out / FOLDER_SHARDS, ignore_errors=True)
@@ -81,8 +102,9 @@ def _clear(out: Path) -> None:
 
 @torch.inference_mode()
 def _embed(model: nn.Module, spec: FeatureSpec, device: torch.device, todo: dict[str, int], out: Path, dim: int,
-           bar: tqdm) -> None:
-    """Embed the shards `todo` (URL -> shard index) and write each one's part as soon as it is whole."""
+           bar: tqdm, samples: dict[str, int | None]) -> None:
+    """Embed the shards `todo` (URL -> shard index) and write each one's part as soon as it is whole; a shard that
+    gave fewer than its manifest's `samples` gets a note instead (store.py), so it stays to do."""
     loader = build_loader(list(todo), split="train", sample_fn=_Sample(spec.transform()), collate_fn=_collate,
                           batch_size=spec.batch_size, num_workers=spec.num_workers, shuffle=False, drop_last=False)
     pending: dict[str, tuple[list[Tensor], list[str]]] = {}
@@ -92,9 +114,14 @@ def _embed(model: nn.Module, spec: FeatureSpec, device: torch.device, todo: dict
 
     def flush(url: str) -> None:
         feats, keys = pending.pop(url, ([], []))
+        written.add(url)
+        expected = samples.get(url)
+        if expected is not None and len(keys) < expected:
+            write_short(out, todo[url], url, len(keys), expected)
+            return
         features = torch.cat(feats) if feats else torch.zeros(0, dim)
         write_part(out, todo[url], features, keys, [url] * len(keys))
-        written.add(url)
+        (out / short_name(todo[url])).unlink(missing_ok=True)
 
     for images, keys, urls, worker in loader:
         with autocast(device, spec.precision):
@@ -122,13 +149,26 @@ def _barrier(accelerator: Any) -> None:
         accelerator.wait_for_everyone()
 
 
-def _finish(out: Path, inp: Input) -> dict[str, Any]:
-    """Mark the folder complete once every shard has its part; the count is read from the part headers."""
-    index = read_index(out)
+def _check_done(out: Path, inp: Input) -> None:
+    """Refuse to finish while a shard has no part (every rank calls it after the barrier, so all stop together). A
+    shard read short is named with what was readable: embedding the rest would curate or search a smaller pool
+    silently."""
     missing = [i for i in range(len(inp.urls)) if i not in done_shards(out)]
+    shorts = read_shorts(out)
+    short = [shorts[i] for i in missing if i in shorts]
+    if short:
+        listed = "; ".join(f"shard {n['url']}: {n['read']} of {n['samples']} samples readable" for n in short[:5])
+        raise ShardReadError(f"{out} is incomplete, {len(short)} shard(s) read short of their manifest ({listed}"
+                             f"{'; ...' if len(short) > 5 else ''}): truncated or damaged? Repair them (copy or write "
+                             "them again), then run the same command: it embeds only those shards")
     if missing:
         raise RuntimeError(f"{out}: shards {missing[:5]} have no part after every process finished; run the same "
                            "command again to embed them")
+
+
+def _finish(out: Path, inp: Input) -> dict[str, Any]:
+    """Mark the folder complete (`_check_done` passed); the count is read from the part headers."""
+    index = read_index(out)
     count = sum(len(read_part(out / part_name(i), features=False).keys) for i in range(len(inp.urls)))
     index.update(complete=True, count=count)
     index.pop("format", None)
@@ -150,6 +190,8 @@ def embed_shards(export: str | Path, data: str | Path, out: str | Path, *, split
                 "data": data_name(data), "split": split, "spec": spec_record(spec)}
     folder = is_image_folder(data)
     existing = check_out(out, identity, None if folder else resolve_input(data, split, out).urls, force)
+    if folder and existing is not None:
+        check_folder(data, out)
     if rank == 0:
         if force:
             _clear(out)
@@ -172,8 +214,9 @@ def embed_shards(export: str | Path, data: str | Path, out: str | Path, *, split
     with tqdm(total=total, desc=desc, unit="img", disable=not progress or rank != 0) as bar:
         if todo:
             model.to(device).eval()
-            _embed(model, spec, device, todo, out, dim, bar)
+            _embed(model, spec, device, todo, out, dim, bar, dict(zip(inp.urls, inp.samples)))
     _barrier(accelerator)
+    _check_done(out, inp)
     if rank == 0:
         _finish(out, inp)
     _barrier(accelerator)

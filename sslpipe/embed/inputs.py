@@ -5,10 +5,14 @@ A folder is written as shards into OUT/shards with the ingest code (folder order
 then read like any shard set. Why not read its files directly: every sample of an embedding folder is then a key in a
 shard, so search draws neighbours and curate copies members from shards whatever the input was, and the images go
 through one decoder (`decode_sample`) and one transform. OUT/shards/files.tsv maps each key back to its file.
-A run killed while writing them leaves no manifest there, so the next run writes them again.
+A run killed while writing them leaves no manifest there, so the next run writes them again. The manifest records
+the folder's listing (`folder_listing`: each image's path, size and mtime), so a rerun whose folder has changed since
+is refused (`check_folder`) rather than resumed on the old images.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,14 +61,46 @@ def _shard_counts(data: str | Path, split: str, urls: list[str]) -> list[int | N
     return [by_name.get(Path(url).name) for url in urls]
 
 
+def _folder_options() -> ShardOptions:
+    return ShardOptions(samples_per_shard=FOLDER_SAMPLES_PER_SHARD, shuffle=False)
+
+
+def folder_listing(folder: str | Path) -> str:
+    """sha256 of the images a folder's shards are written from (relative path, size, mtime in ns, in folder order):
+    an image added, removed or replaced changes it."""
+    digest = hashlib.sha256()
+    for entry in open_source(str(folder), "folder", _folder_options()).splits["train"]:
+        stat = os.stat(entry.ref)
+        digest.update(f"{os.path.relpath(entry.ref, folder)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def check_folder(folder: str | Path, out: Path) -> None:
+    """Refuse to resume on OUT/shards written from another state of `folder` (its listing differs, or an older
+    sslpipe recorded none): their embeddings would silently miss the images added or replaced since."""
+    shards = out / FOLDER_SHARDS
+    if not (shards / "manifest.json").is_file():
+        return  # not written yet, or a run stopped while writing them: `write_folder_shards` writes them
+    recorded = read_manifest(shards).get("folder_listing")
+    if recorded == folder_listing(folder):
+        return
+    why = ("images were added, removed or replaced since" if recorded else
+           f"{shards / 'manifest.json'} records no listing of it: written by an older sslpipe, or a run stopped "
+           "while writing them")
+    raise FileExistsError(f"the folder {folder} changed since {out} was written ({why}): pass --force to embed it "
+                          f"again (replaces the embeddings in {out}), or choose another --out")
+
+
 def write_folder_shards(folder: str | Path, out: Path, progress: bool = True) -> None:
     """Write the folder's images as OUT/shards (split `train`, folder order) and files.tsv, unless a complete set
-    of this folder is there already (a resumed run)."""
+    of this folder is there already (a resumed run; `check_folder` has compared the listings), and record the
+    folder's listing in their manifest."""
     shards = out / FOLDER_SHARDS
     source = data_name(folder)
     if (shards / "manifest.json").is_file() and read_manifest(shards).get("source") == source:
         return
-    options = ShardOptions(samples_per_shard=FOLDER_SAMPLES_PER_SHARD, shuffle=False)
+    listing = folder_listing(folder)  # before writing: an image changed meanwhile shows at the next run
+    options = _folder_options()
     manifest = write_shards(shards, source=str(folder), kind="folder", options=options, force=True,
                             created_by=f"sslpipe embed (images of {source})", progress=progress)
     skipped = {entry["source"] for entry in manifest["skipped"]}
@@ -74,6 +110,9 @@ def write_folder_shards(folder: str | Path, out: Path, progress: bool = True) ->
     tmp = shards / f".{FILES}.tmp"
     tmp.write_text("".join(lines))
     tmp.replace(shards / FILES)
+    tmp = shards / ".manifest.json.tmp"
+    tmp.write_text(json.dumps({**read_manifest(shards), "folder_listing": listing}, indent=1) + "\n")
+    tmp.replace(shards / "manifest.json")
 
 
 def resolve_input(data: str | Path, split: str, out: Path) -> Input:

@@ -8,7 +8,10 @@ read:
                                    shard it came from) and "shard"
 
 One part per input shard, written under a temporary name and renamed when whole: a killed run resumes at the first
-shard without a part, and processes under `accelerate launch` write disjoint parts (shard i is rank i mod P's).
+shard without a part, and processes under `accelerate launch` write disjoint parts (shard i is rank i mod P's). A
+shard that gave fewer samples than its manifest lists (truncated, damaged) gets no part but a note,
+`DIR/short-NNNNNN.json` {"shard", "url", "read", "samples"}, so a rerun embeds it again and the folder is not marked
+complete until it does.
 Readers walk the parts in shard order and never hold more than one part in memory (`iter_parts`).
 """
 from __future__ import annotations
@@ -54,6 +57,25 @@ def write_part(out_dir: str | Path, shard_index: int, features: torch.Tensor, ke
     save_file({"features": features.to(torch.float16).contiguous()}, str(tmp), metadata=metadata)
     tmp.replace(out)
     return out
+
+
+def short_name(shard_index: int) -> str:
+    return f"short-{shard_index:06d}.json"
+
+
+def write_short(out_dir: str | Path, shard_index: int, url: str, read: int, samples: int) -> Path:
+    """Note that shard `shard_index` gave `read` of its `samples` samples (module docstring)."""
+    out = Path(out_dir) / short_name(shard_index)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"shard": shard_index, "url": url, "read": read, "samples": samples}) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def read_shorts(folder: str | Path) -> dict[int, dict[str, Any]]:
+    """shard index -> its note, for the shards that gave fewer samples than their manifest lists."""
+    notes = (json.loads(p.read_text()) for p in sorted(Path(folder).glob("short-*.json")))
+    return {int(note["shard"]): note for note in notes}
 
 
 def read_index(folder: str | Path) -> dict[str, Any]:

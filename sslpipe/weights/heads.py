@@ -67,14 +67,25 @@ def write_heads(export: str | Path, heads: dict[str, Tensor], method: str) -> Pa
 def load_heads(net: nn.Module, export: str | Path, method: str) -> list[str]:
     """Copy an export's heads of `method` into `net` (a recipe's network: backbone + heads), tensor for tensor.
     Returns a note; a note and nothing loaded when the export carries no heads or another method's; a ValueError
-    naming the export when its heads do not fit the ones built here."""
+    naming the export when its heads file differs from the sha256 recorded with it (damaged heads would continue
+    pretraining without a word) or its heads do not fit the ones built here."""
     weights, config_path = export_paths(export)
-    recorded = json.loads(config_path.read_text()).get("heads")
+    config = json.loads(config_path.read_text())
+    recorded = config.get("heads")
     if not recorded:
         return [f"{export} carries no heads: the heads start fresh (export with --with-heads to keep them)"]
     if recorded["method"] != method:
         return [f"{export} carries {recorded['method']} heads, not {method}'s: the heads start fresh"]
-    state = load_file(str(weights.parent / recorded["file"]))
+    path = weights.parent / recorded["file"]
+    digest = (config.get("sha256") or {}).get(recorded["file"])
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from={export}: {path} is missing though its config.json lists heads: "
+                                f"copy it again, or set {method}.init_heads=false to start the heads fresh")
+    if digest is not None and sha256_file(path) != digest:
+        raise ValueError(f"model.init_from={export}: {path} does not match the sha256 in its config.json (bit rot, a "
+                         f"copy cut short, or modified): copy or export it again, or set {method}.init_heads=false "
+                         "to start the heads fresh")
+    state = load_file(str(path))
     heads = nn.ModuleDict({name: module for name, module in net.named_children() if name != "backbone"})
     target = heads.state_dict()
     real = without_aliases(target)  # iBOT's shared head: last_layer2 is last_layer

@@ -67,6 +67,8 @@ from sslpipe.weights.positions import fit_position_grid, position_rule
 
 SAFE_GLOBALS = (argparse.Namespace,)
 _OFFICIAL = ("dino", "ibot", "dinov2", "dinov3", "mae")
+# Layouts `to_timm_names` maps (DINOv3's is mapped after the model is built); timm's own are imported as they are.
+_RENAMED = ("dino", "ibot", "dinov2", "mae")
 _CLASSIFIERS = ("head", "fc", "classifier")
 _CONVERT = """If you trust the file, keep only its tensors, once (this runs its pickles):
     import torch
@@ -229,15 +231,17 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
         raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     ckpt = read_checkpoint(path)
     net, chosen, dropped = select_network(ckpt, which, path)
-    found = detect_format(ckpt, net, path.suffix)
+    # a config.json naming a timm architecture (an export, a timm Hugging Face folder) says the keys are timm's
+    beside_config = _sidecar(path)
+    found = "safetensors" if beside_config else detect_format(ckpt, net, path.suffix)
     if fmt in _OFFICIAL and found in _OFFICIAL and found != fmt:
         raise UnusableCheckpoint(f"--format {fmt}, but {path} has the keys of a {found} checkpoint: leave --format "
                                  f"out or pass --format {found}")
     detected, fmt = fmt is None, fmt or found
     state, beside = backbone_state(net, fmt)
-    if fmt != "dinov3":
+    if fmt in _RENAMED:
         state = to_timm_names(state)
-    side = _sidecar(path) if fmt in ("timm", "safetensors") and arch is None else {}
+    side = beside_config if fmt in ("timm", "safetensors") and arch is None else {}
     notes: list[str] = []
     patch: int | None = None
     kwargs: dict[str, Any] = {}

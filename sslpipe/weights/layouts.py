@@ -38,6 +38,12 @@ FORMATS = ("dino", "ibot", "dinov2", "dinov3", "mae", "timm", "safetensors")
 NETWORKS = ("teacher", "student")
 _WRAPPERS = re.compile(r"^module\.|(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
+# DINOv2 block chunks hold ViT blocks (`blocks.{chunk}.{index}.attn.qkv`); timm's EfficientNet / MobileNet stages
+# are `blocks.{stage}.{index}.` too, but of convolutions, so only this marks the chunked layout.
+_VIT_CHUNK = re.compile(r"^blocks\.\d+\.\d+\.attn\.qkv\.weight$")
+# Keys of timm architectures that share iBOT's `gamma_1/2` layer scale (Eva incl. every `vit_*_dinov3`, BEiT) and
+# that no iBOT ViT has: registers, split q/v biases, relative position bias, Eva's SwiGLU and rotary buffers.
+_TIMM_ONLY = re.compile(r"(^|\.)(reg_token|q_bias|v_bias|relative_position_bias_table|fc1_g\.weight|rope\.\w+)$")
 # Keys only DINOv3 networks have: RoPE periods, storage tokens, the key-bias mask, the untied local CLS norm, and
 # the ConvNeXt's final norm listed again.
 _DINOV3 = re.compile(r"(^|\.)(rope_embed\.periods|storage_tokens|local_cls_norm\.weight|attn\.qkv\.bias_mask|"
@@ -162,7 +168,9 @@ def select_network(ckpt: Mapping[str, Any], which: str | None, path: Any) -> tup
 
 
 def detect_format(ckpt: Mapping[str, Any], net: Mapping[str, Tensor], suffix: str) -> str:
-    """The official layout a checkpoint follows, from its keys (all networks in it, wrappers removed)."""
+    """The official layout a checkpoint follows, from its keys (all networks in it, wrappers removed); "timm" /
+    "safetensors" when none matches. Each marker is one no timm architecture shares, since timm layouts are
+    imported unrenamed."""
     keys: set[str] = set(net)
     for value in ckpt.values():
         if isinstance(value, Mapping):
@@ -170,10 +178,13 @@ def detect_format(ckpt: Mapping[str, Any], net: Mapping[str, Tensor], suffix: st
     mask = net.get("mask_token")
     if any(_DINOV3.search(k) for k in keys):
         return "dinov3"
-    if "ibot_loss" in ckpt or any(k.endswith(("masked_embed", ".gamma_1")) or "last_layer2." in k for k in keys):
+    # iBOT's layer scale only in a ViT with a position table and no timm-only key (Eva without one has `gamma_1` too)
+    ibot_gamma = (any(k.endswith(".gamma_1") for k in keys) and any(k.split(".")[-1] == "pos_embed" for k in keys)
+                  and not any(_TIMM_ONLY.search(k) for k in keys))
+    if "ibot_loss" in ckpt or ibot_gamma or any(k.endswith("masked_embed") or "last_layer2." in k for k in keys):
         return "ibot"
     if any("register_tokens" in k or "dino_head." in k or "ibot_head." in k or ".mlp.w12." in k
-           or _CHUNKED.match(k.removeprefix("backbone.")) for k in keys) or (mask is not None and mask.dim() == 2):
+           or _VIT_CHUNK.match(k.removeprefix("backbone.")) for k in keys) or (mask is not None and mask.dim() == 2):
         return "dinov2"
     if any(k.startswith("decoder_") for k in keys) or (mask is not None and mask.dim() == 3):
         return "mae"
@@ -208,8 +219,9 @@ def to_timm_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     `w12/w3` -> `fc1/fc2` (timm's SwiGLUPacked) and registers into timm's layout (`reg_token`; no position for the
     prefix tokens, so the CLS position is folded into `cls_token`), as timm's `_convert_dinov2` does."""
     out = {}
+    chunked = any(_VIT_CHUNK.match(k) for k in state)
     for key, value in state.items():
-        key = _CHUNKED.sub(r"blocks.\1.", key)
+        key = _CHUNKED.sub(r"blocks.\1.", key) if chunked else key
         key = re.sub(r"\.gamma_([12])$", r".ls\1.gamma", key)
         key = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", key))
         out[key] = value

@@ -35,6 +35,15 @@ def file_problems(folder: Path, table: dict[str, dict[str, Any]]) -> list[str]:
     return problems
 
 
+def digest_problems(folder: Path, digests: dict[str, str]) -> list[str]:
+    """Files of `digests` ({name: sha256}, no sizes recorded: an export's config.json) that are missing or changed
+    under `folder`."""
+    return [f"{name} is missing" if not (folder / name).is_file() else
+            f"{name} does not match its sha256 (bit rot, a copy cut short, or modified)"
+            for name, digest in digests.items()
+            if not (folder / name).is_file() or sha256_file(folder / name) != digest]
+
+
 def structure_problems(folder: Path) -> list[str]:
     """For files without checksums (older versions): safetensors headers that do not cover their file (truncation)
     and JSON that does not parse. Cannot see a flipped bit inside tensor data."""
@@ -73,7 +82,8 @@ def verify_checkpoint(ckpt: str | Path) -> tuple[str, str]:
 
 
 def verify_export(folder: Path) -> tuple[str, str]:
-    """(status, detail) of an export folder: model.safetensors against the sha256 in its config.json."""
+    """(status, detail) of an export folder: every file its config.json records a sha256 of (model.safetensors,
+    heads.safetensors, and the ONNX files under `onnx`, which may lie elsewhere) against it."""
     config_file, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_file.is_file() or not weights.is_file():
         missing = [p.name for p in (weights, config_file) if not p.is_file()]
@@ -87,8 +97,13 @@ def verify_export(folder: Path) -> tuple[str, str]:
         problems = structure_problems(folder)
         return ("bad", "; ".join(problems)) if problems else (
             "unverified", "exported without a checksum (older sslpipe): weights whole, contents not verifiable")
-    problems = file_problems(folder, {WEIGHTS_NAME: {"bytes": weights.stat().st_size, "sha256": digest}})
-    return ("bad", "; ".join(problems)) if problems else ("ok", f"{WEIGHTS_NAME} matches its sha256")
+    problems = digest_problems(folder, config["sha256"])
+    onnx = config.get("onnx") or {}
+    if onnx.get("sha256"):
+        problems += digest_problems((folder / onnx["file"]).parent, onnx["sha256"])  # `file`: a name or a path
+    files = len(config["sha256"]) + len(onnx.get("sha256") or {})
+    return ("bad", "; ".join(problems)) if problems else (
+        "ok", f"{WEIGHTS_NAME} matches its sha256" if files == 1 else f"{files} files match their sha256")
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,23 @@ def test_curate_with_a_backbone_embeds_the_pool_first(digits_shards: Path, tmp_p
     assert read_manifest(tmp_path / "cur")["curation"]["clusters_per_level"] == [6, 2]
 
 
+def test_force_with_another_backbone_replaces_the_pool_embeddings(digits_shards: Path, tmp_path: Path) -> None:
+    """Curated with backbone A, then --force with backbone B: CURATED.embeddings is replaced by B's (curate's --force
+    means replace); --force again with B reuses them (no part written again)."""
+    a, b = tiny_export(tmp_path / "a", seed=0), tiny_export(tmp_path / "b", seed=1)
+    out, emb = tmp_path / "cur", tmp_path / "cur.embeddings"
+    argv = ["curate", str(digits_shards), "--out", str(out), "--size", "30", "--dup-threshold", "0.99999",
+            "--clusters", "6,2", "--resample-steps", "2,2"]
+    assert main([*argv, "--backbone", str(a)]) == 0
+    assert main([*argv, "--backbone", str(b), "--force"]) == 0
+    index = json.loads((emb / "embed.json").read_text())
+    assert index["backbone"] == str(b.resolve()) and index["complete"]
+    assert read_manifest(out)["curation"]["pool"]["backbone"] == str(b.resolve())
+    written = {p.name: p.stat().st_mtime_ns for p in emb.glob("part-*.safetensors")}
+    assert main([*argv, "--backbone", str(b), "--force"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in emb.glob("part-*.safetensors")} == written
+
+
 def test_refusals_are_one_line(digits_shards: Path, pixel_embeddings: Path, tmp_path: Path, capsys,
                                monkeypatch) -> None:
     data = str(digits_shards.resolve())

@@ -152,3 +152,59 @@ def test_refusals_are_one_line(embedded: Path, export: Path, digits_shards: Path
     assert main(["embed", str(other), "--data", str(digits_shards), "--split", "val", "--out", str(busy),
                  "--force"]) == 0
     assert read_index(busy)["split"] == "val" and (busy / "notes.txt").is_file()
+
+
+def _images(folder: Path, names: range, seed: int = 0) -> None:
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in names:
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+
+
+def test_a_folder_changed_since_its_embedding_is_refused_and_force_embeds_it_again(
+        export: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """4 images embedded; a rerun on the same folder resumes (nothing changed); 2 images added: refused with one
+    line naming the folder and --force, the old embeddings kept; --force embeds all 6."""
+    folder, out = tmp_path / "images", tmp_path / "emb"
+    _images(folder, range(4))
+    embed_shards(export, folder, out, progress=False)
+    embed_shards(export, folder, out, progress=False)
+    assert read_index(out)["count"] == 4
+    _images(folder, range(4, 6), seed=1)
+    argv = ["embed", str(export), "--data", str(folder), "--out", str(out)]
+    err = one_line_error(argv, capsys)
+    assert f"the folder {folder} changed since {out} was written" in err and "pass --force" in err
+    assert read_index(out)["count"] == 4 and read_index(out)["complete"]
+    assert main([*argv, "--force"]) == 0
+    assert read_index(out)["count"] == 6 and read_index(out)["complete"]
+
+
+def test_a_truncated_shard_is_named_and_embedded_again_once_repaired(export: Path, digits_shards: Path,
+                                                                    tmp_path: Path, capsys) -> None:
+    """Shard 0 cut right before its 5th sample: the run ends with one line naming it, '4 of N samples readable'
+    (N from its manifest), writes no part for it and leaves embed.json incomplete; repaired, the rerun embeds shard 0
+    alone and completes with every sample."""
+    import shutil
+    import tarfile
+
+    shards, out = tmp_path / "shards", tmp_path / "emb"
+    shutil.copytree(digits_shards, shards)
+    shard = shards / "train-000000.tar"
+    whole = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        starts = {}
+        for member in tar:
+            starts.setdefault(member.name.split(".", 1)[0], member.offset)
+    shard.write_bytes(whole[:list(starts.values())[4]])
+    expected = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"][0]["samples"]
+    assert expected == len(starts)
+    assert main(["embed", str(export), "--data", str(shards), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"shard {shard}: 4 of {expected} samples readable" in err and "run the same command" in err
+    assert not read_index(out)["complete"] and not (out / part_name(0)).exists()
+    kept = {i: (out / part_name(i)).stat().st_mtime_ns for i in range(1, TRAIN_SHARDS)}
+    shard.write_bytes(whole)
+    embed_shards(export, shards, out, progress=False)
+    assert read_index(out)["complete"] and read_index(out)["count"] == TRAIN_SAMPLES
+    assert len(read_part(out / part_name(0)).keys) == expected and not list(out.glob("short-*"))
+    assert {i: (out / part_name(i)).stat().st_mtime_ns for i in range(1, TRAIN_SHARDS)} == kept

@@ -19,7 +19,10 @@ from sslpipe.weights.checkpoint import (
     list_checkpoints,
 )
 from sslpipe.weights.export import export_backbone, load_backbone
+from sslpipe.weights.hashing import sha256_file
+from sslpipe.weights.heads import load_heads, write_heads
 from sslpipe.weights.run_export import export_run, strip_prefix
+from sslpipe.weights.verify import verify_export
 
 torch.set_num_threads(1)
 VIT_ARGS = {"img_size": 32, "patch_size": 4, "depth": 2, "dynamic_img_size": True}
@@ -275,3 +278,47 @@ def test_model_card_without_a_manifest_says_so(tmp_path):
     _, body = _card(export_run(run))
     assert "`pipe:curl -s s3://b/train-{0..9}.tar` (no manifest.json there: the shards are not identified)" in body
     assert "manifest.json sha256" not in body
+
+
+def _flip_last_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _with_heads_and_onnx(tmp_path):
+    """An export with heads.safetensors and an ONNX entry in config.json whose file lies outside the folder (the
+    bytes stand in for a model: only their sha256 is checked)."""
+    out = export_backbone(_vit(), tmp_path / "export", arch="vit_tiny_patch16_224", model_args=VIT_ARGS, img_size=32,
+                          mean=MEAN, std=STD, source={"which": "teacher"})
+    write_heads(out, {"head.weight": torch.randn(8, 4), "head.bias": torch.randn(8)}, "dino")
+    onnx = tmp_path / "elsewhere" / "model.onnx"
+    onnx.parent.mkdir()
+    onnx.write_bytes(b"not really onnx")
+    config = json.loads((out / "config.json").read_text())
+    config["onnx"] = {"file": str(onnx), "sha256": {"model.onnx": sha256_file(onnx)}}
+    (out / "config.json").write_text(json.dumps(config))
+    return out, onnx
+
+
+@pytest.mark.parametrize("damaged", ["heads.safetensors", "model.onnx"])
+def test_check_compares_every_file_with_a_recorded_sha256(tmp_path, damaged):
+    out, onnx = _with_heads_and_onnx(tmp_path)
+    assert verify_export(out) == ("ok", "3 files match their sha256")
+    _flip_last_byte(out / damaged if damaged == "heads.safetensors" else onnx)
+    assert verify_export(out) == ("bad", f"{damaged} does not match its sha256 (bit rot, a copy cut short, or "
+                                         "modified)")
+
+
+def test_heads_are_loaded_only_when_they_match_their_sha256(tmp_path):
+    out, _ = _with_heads_and_onnx(tmp_path)
+    net = nn.Module()
+    net.head = nn.Linear(4, 8)
+    assert load_heads(net, out, "dino") == [f"heads from {out} (2 tensors)"]
+    assert torch.equal(net.head.weight, load_file(str(out / "heads.safetensors"))["head.weight"])
+    _flip_last_byte(out / "heads.safetensors")
+    before = net.head.bias.detach().clone()
+    with pytest.raises(ValueError, match=r"heads\.safetensors does not match the sha256 in its config\.json.*"
+                                         r"dino\.init_heads=false"):
+        load_heads(net, out, "dino")
+    assert torch.equal(net.head.bias, before)

@@ -558,6 +558,69 @@ def test_export_imported_again_gives_the_same_tensors(tmp_path, arch, args, size
         "model_args"]}, [0.5, 0.4, 0.3])
 
 
+# ------------------------------------------------------------ timm layouts that share names with official ones
+D3_ARGS = {"img_size": SIZE, "patch_size": PATCH, "embed_dim": 64, "depth": DEPTH, "num_heads": 2,
+           "dynamic_img_size": True, "global_pool": "token"}  # the [CLS] feature, as sslpipe builds DINOv3
+
+
+def _same_state(out, model) -> None:
+    imported = load_file(str(out / "model.safetensors"))
+    state = model.state_dict()
+    assert imported.keys() == state.keys() and all(torch.equal(imported[k], state[k]) for k in state)
+
+
+def test_dinov3_export_and_timm_folder_are_imported_as_they_are(tmp_path):
+    """timm's DINOv3 (Eva: `gamma_1`, `reg_token`, no `pos_embed`) is no iBOT checkpoint: its export imported again
+    and a timm Hugging Face folder of it (detected, and with --format timm) keep every key and tensor."""
+    torch.manual_seed(40)
+    model = timm.create_model("vit_small_patch16_dinov3", num_classes=0, **D3_ARGS).eval()
+    with torch.no_grad():  # parameters only: `randomise` would change the RoPE buffers, which are not saved
+        for t in model.parameters():
+            t.add_(0.05 * torch.randn_like(t))
+    assert "blocks.0.gamma_1" in model.state_dict()
+    export = export_backbone(model, tmp_path / "export", arch="vit_small_patch16_dinov3", model_args=D3_ARGS,
+                             img_size=SIZE, mean=(0.5,) * 3, std=(0.5,) * 3, source={"which": "teacher"})
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(model.state_dict(), str(hub / "model.safetensors"))
+    (hub / "config.json").write_text(json.dumps({
+        "architecture": "vit_small_patch16_dinov3", "num_classes": 0,
+        "model_args": {k: v for k, v in D3_ARGS.items() if k != "dynamic_img_size"},
+        "pretrained_cfg": {"input_size": [3, SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3}}))
+    for source, options, fmt in ((export, {}, "safetensors"), (hub, {}, "safetensors"),
+                                 (hub, {"fmt": "timm"}, "timm")):
+        report = import_checkpoint(source, tmp_path / f"out_{len(list(tmp_path.iterdir()))}", **options)
+        assert (report.fmt, report.arch, report.arch_from) == (fmt, "vit_small_patch16_dinov3",
+                                                               "config.json beside the weights")
+        _same_state(report.out, model)
+        _same_outputs(report.out, model)
+
+
+def test_mobilenet_state_dict_and_export_are_imported_as_they_are(tmp_path):
+    """timm's MobileNet-V3 stages are `blocks.S.I.` (as DINOv2's block chunks): a state dict with --arch, with and
+    without --format timm, and its export imported again keep every key and tensor."""
+    arch = "mobilenetv3_small_050"
+    model = randomise(timm.create_model(arch, num_classes=0), 41, keep_convs=True).eval()
+    path = _save(tmp_path, model.state_dict(), "mobilenet.pth")
+    export = export_backbone(model, tmp_path / "export", arch=arch, model_args={}, img_size=64, mean=(0.5,) * 3,
+                             std=(0.5,) * 3, source={"which": "teacher"})
+    for source, options, fmt in ((path, {"arch": arch}, "timm"), (path, {"arch": arch, "fmt": "timm"}, "timm"),
+                                 (export, {}, "safetensors")):
+        report = import_checkpoint(source, tmp_path / f"out_{len(list(tmp_path.iterdir()))}", img_size=64, **options)
+        assert (report.fmt, report.arch) == (fmt, arch)
+        _same_state(report.out, model)
+        _same_outputs(report.out, model, 64)
+
+
+@pytest.mark.parametrize("arch", ["beit_base_patch16_224", "vit_small_patch16_dinov3_qkvb", "efficientnet_b0"])
+def test_timm_keys_like_official_ones_are_detected_as_timm(arch):
+    from sslpipe.weights.layouts import detect_format
+
+    args = {} if arch.startswith("efficientnet") else {k: v for k, v in D3_ARGS.items() if k != "dynamic_img_size"}
+    state = timm.create_model(arch, num_classes=0, **args).state_dict()
+    assert detect_format(state, state, ".pth") == "timm"
+
+
 # --------------------------------------------------------------------------------------------- downstream stages
 def test_import_runs_through_sslpipe_knn(tmp_path, digits_shards, capsys):
     path, _, teacher = _dino_checkpoint(tmp_path)
