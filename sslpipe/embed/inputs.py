@@ -5,9 +5,10 @@ A folder is written as shards into OUT/shards with the ingest code (folder order
 then read like any shard set. Why not read its files directly: every sample of an embedding folder is then a key in a
 shard, so search draws neighbours and curate copies members from shards whatever the input was, and the images go
 through one decoder (`decode_sample`) and one transform. OUT/shards/files.tsv maps each key back to its file.
-A run killed while writing them leaves no manifest there, so the next run writes them again. The manifest records
-the folder's listing (`folder_listing`: each image's path, size and mtime), so a rerun whose folder has changed since
-is refused (`check_folder`) rather than resumed on the old images.
+A run killed while writing them leaves no embed.json beside them, so the next run refuses OUT (it cannot tell them
+from other files) until --force, which writes them again. The manifest records the folder's listing
+(`folder_listing`: each image's path, size and mtime), so a rerun whose folder has changed since is refused
+(`check_folder`) rather than resumed on the old images.
 """
 from __future__ import annotations
 
