@@ -1,5 +1,5 @@
-"""Stop cleanly when asked: a checkpoint at the next log step, then `train` returns (resume with `--resume auto`);
-and end cleanly when terminated.
+"""Stop cleanly when asked: a checkpoint at the next log step (after that epoch's evaluation when the step ends an
+epoch), then `train` returns (resume with `--resume auto`); and end cleanly when terminated.
 
 Two ways to ask, both checked only at log steps (every `train.log_every` steps) with one gather, so every process
 stops at the same step and no step pays a collective for it:
@@ -10,7 +10,8 @@ stops at the same step and no step pays a collective for it:
 
 SIGTERM (what `kill`, torchrun on a failed peer and schedulers send) would end the process on the spot;
 `sigterm_as_exit` turns it into `SystemExit(143)` in the main thread instead, so `finally` blocks run: the
-run-directory lock is released, a half-written checkpoint removed, trackers closed.
+run-directory lock is released, a half-written checkpoint removed, trackers closed, and the trainer says which
+signal ended the run (`exit_signal`), at which step, and how to continue.
 """
 from __future__ import annotations
 
@@ -54,6 +55,17 @@ class StopRequest:
         """True on every process when any process was asked to stop (one gather)."""
         flag = torch.tensor([1.0 if self.requested_locally() else 0.0], device=accelerator.device)
         return bool(accelerator.gather(flag).max() > 0)
+
+
+def exit_signal(err: BaseException) -> str:
+    """The signal behind an exit, for the message: SIGINT for Ctrl-C, the signal of `SystemExit(128 + signum)`."""
+    if isinstance(err, KeyboardInterrupt):
+        return "SIGINT"
+    code = getattr(err, "code", None)
+    try:
+        return signal.Signals(code - 128).name
+    except (TypeError, ValueError):
+        return f"exit({code})"
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -21,6 +21,8 @@ from accelerate.utils import is_tensorboard_available, is_wandb_available
 from sslpipe.config import RunConfig, config_to_dict
 from sslpipe.errors import WriteFailed, io_failure
 
+WANDB_ID_FILE = "wandb_run_id"
+
 
 class JsonlWriter:
     """Append one JSON object per line, unbuffered, so a crash loses at most the line being written; a line that
@@ -94,8 +96,10 @@ def flat_config(cfg: RunConfig) -> dict[str, Any]:
     return flat
 
 
-def tracker_setup(cfg: RunConfig, run_dir: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """(log_with for the Accelerator, init_kwargs for `accelerator.init_trackers`)."""
+def tracker_setup(cfg: RunConfig, run_dir: Path, *, resumed: bool = False, main: bool = True
+                  ) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """(log_with for the Accelerator, init_kwargs for `accelerator.init_trackers`); run the trackers inside
+    `wandb_mode_scope(init_kwargs)`. `main`: the process that logs (the only one that keeps a wandb run id)."""
     log_with: list[str] = []
     init_kwargs: dict[str, dict[str, Any]] = {}
     available = {"wandb": is_wandb_available, "tensorboard": is_tensorboard_available}
@@ -104,16 +108,53 @@ def tracker_setup(cfg: RunConfig, run_dir: Path) -> tuple[list[str], dict[str, d
             mode = resolve_wandb_mode(cfg.tracking.wandb_mode)
             if mode == "disabled":
                 continue
-            os.environ["WANDB_MODE"] = mode
-            # A stable id per run directory: a resumed run continues the same wandb run.
-            run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
-            init_kwargs["wandb"] = {"dir": str(run_dir), "name": run_dir.name, "mode": mode, "id": run_id,
-                                    "resume": "allow"}
+            init_kwargs["wandb"] = {"dir": str(run_dir), "name": run_dir.name, "mode": mode, "resume": "allow"}
+            if main:
+                init_kwargs["wandb"]["id"] = wandb_run_id(run_dir, resumed)
         if not available[name]():
             raise RuntimeError(f"tracking.log_with lists {name!r} but it is not installed: pip install {name} "
                                f"(or remove it from tracking.log_with)")
         log_with.append(name)
     return log_with, init_kwargs
+
+
+def wandb_run_id(run_dir: Path, resumed: bool) -> str:
+    """The wandb run id of this start: a resumed run continues its own (kept in RUN/wandb_run_id; runs started
+    before that file existed used the hash of the run directory), a fresh start gets a new one, so a run started
+    again in the same directory never continues the wandb run of the start that failed."""
+    path = run_dir / WANDB_ID_FILE
+    if resumed and path.is_file():
+        return path.read_text().strip()
+    if resumed:
+        return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    run_id = hashlib.sha1(f"{run_dir.resolve()} {time.time_ns()}".encode()).hexdigest()[:16]
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id)
+    except OSError as err:
+        if io_failure(err) is None:
+            raise
+        raise WriteFailed(f"could not write {path}: {io_failure(err)}; free space (or fix the disk / permissions) "
+                          "and start again") from err
+    return run_id
+
+
+@contextlib.contextmanager
+def wandb_mode_scope(init_kwargs: dict[str, dict[str, Any]]) -> Iterator[None]:
+    """WANDB_MODE set to the run's wandb mode while the run lasts (wandb reads it too, and fails on an empty one),
+    and its previous value restored after: left set, it would override the next run's `tracking.wandb_mode` in the
+    same process (a notebook, a sweep, `sslpipe demo`)."""
+    mode = init_kwargs.get("wandb", {}).get("mode")
+    previous = os.environ.get("WANDB_MODE")
+    if mode is not None:
+        os.environ["WANDB_MODE"] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("WANDB_MODE", None)
+        else:
+            os.environ["WANDB_MODE"] = previous
 
 
 @contextlib.contextmanager

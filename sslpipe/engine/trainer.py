@@ -18,6 +18,7 @@ auto|RUN|CKPT]` (`run_recipe`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -46,20 +47,21 @@ from sslpipe.engine.optim import (
     build_optimizer,
     clip_gradients_per_tensor,
 )
-from sslpipe.engine.preemption import StopRequest, sigterm_as_exit
+from sslpipe.engine.preemption import StopRequest, exit_signal, sigterm_as_exit
 from sslpipe.engine.prefetch import prefetch_to_device
 from sslpipe.engine.processes import process_state
 from sslpipe.engine.run_lock import RunLock
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.sharding import Sharding, shard, sharding_from_launcher, unsharded
-from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup
+from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup, wandb_mode_scope
 from sslpipe.errors import WriteFailed, io_failure
 from sslpipe.recipes import Recipe, get_recipe, load_config
 from sslpipe.weights.checkpoint import list_checkpoints
 from sslpipe.weights.checkpoint_io import load_checkpoint, save_checkpoint
-from sslpipe.weights.resume import pick_checkpoint, resume_run_dir
+from sslpipe.weights.resume import pick_checkpoint, resume_run_dir, set_aside_newer, timestamped
 
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
+METRICS = "metrics.jsonl"
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,7 +155,9 @@ def rescaled_step(step: int, saved_steps_per_epoch: int, steps_per_epoch: int) -
 def _claim_run(cfg: RunConfig, resume: str | None, overrides_text: str | None) -> tuple[Path, Path | None, RunLock]:
     """Main process: the run directory (`output_dir/run_name`, a timestamped name, or the resumed run's), its lock,
     the verified checkpoint to resume, and config.yaml. The lock comes before anything is read or written, so a
-    second job on the directory is refused at once."""
+    second job on the directory is refused at once. A named older checkpoint sets the newer ones aside
+    (`set_aside_newer`); a fresh start in a directory without checkpoints (a start that failed early) sets the old
+    metrics.jsonl aside, so the two starts' lines never mix."""
     run_dir, named = resume_run_dir(resume, cfg.output_dir, cfg.run_name) if resume else (None, None)
     fresh = run_dir is None
     if fresh:
@@ -175,6 +179,13 @@ def _claim_run(cfg: RunConfig, resume: str | None, overrides_text: str | None) -
                 f"run directory {run_dir} already has checkpoints: continue it with --resume {run_dir} "
                 "(or --resume auto), or choose another run_name")
         ckpt = None if fresh else pick_checkpoint(run_dir, named)
+        if named is not None:
+            _announce_set_aside(run_dir, ckpt, set_aside_newer(run_dir, ckpt))
+        if fresh and (run_dir / METRICS).is_file():
+            old = timestamped(run_dir, "metrics", ".jsonl")
+            os.replace(run_dir / METRICS, old)
+            print(f"{run_dir} has no checkpoint from an earlier start: its {METRICS} is kept as {old.name}, this "
+                  f"run writes a new one", file=sys.stderr)
         if ckpt is not None:
             cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})
         try:
@@ -189,6 +200,15 @@ def _claim_run(cfg: RunConfig, resume: str | None, overrides_text: str | None) -
         lock.release()
         raise
     return run_dir, ckpt, lock
+
+
+def _announce_set_aside(run_dir: Path, ckpt: Path, aside: Path | None) -> None:
+    """Say which checkpoints a roll-back moved and where, so the user can take them back."""
+    if aside is not None:
+        moved = ", ".join(sorted(p.name for p in aside.iterdir()))
+        print(f"resuming the older checkpoint {ckpt.name}: the newer {moved} of the abandoned trajectory moved to "
+              f"{aside} (kept, never resumed or pruned; move them back into {run_dir / 'checkpoints'} and resume "
+              "the run to return to it)", file=sys.stderr)
 
 
 def _open_run(cfg: RunConfig, resume: str | None, overrides_text: str | None
@@ -243,9 +263,11 @@ def train(cfg: RunConfig, *, resume: str | None = None, overrides_text: str | No
     """Train `cfg.method` and return the run directory.
 
     `resume`: None (fresh run), "auto" (newest run in `cfg.output_dir` with a checkpoint, else fresh), a run
-    directory (its newest good checkpoint) or a checkpoint directory. `overrides_text` (the command-line overrides)
-    is recorded in config.yaml. With `train.deterministic` the run uses deterministic kernels (bit-exact resume on a
-    GPU too; see `sslpipe.engine.determinism`).
+    directory (its newest good checkpoint) or a checkpoint directory; an older one (a roll-back) first moves the
+    run's newer checkpoints to `checkpoints/abandoned-<time>/`. A resumed run writes a `resumed` event line to
+    metrics.jsonl; SIGTERM / Ctrl-C write a `terminated` one and say how to continue. `overrides_text` (the
+    command-line overrides) is recorded in config.yaml. With `train.deterministic` the run uses deterministic
+    kernels (bit-exact resume on a GPU too; see `sslpipe.engine.determinism`).
     """
     sharding = sharding_from_launcher()  # before Accelerate reads the environment
     if sharding is not None and get_recipe(cfg.method).sharded_modules is Recipe.sharded_modules:
@@ -264,15 +286,18 @@ def train(cfg: RunConfig, *, resume: str | None = None, overrides_text: str | No
         if ckpt is not None:
             cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})
         try:
-            return _train(cfg, cpu=cpu, run_dir=run_dir, ckpt=ckpt, sharding=sharding)
+            trackers = tracker_setup(cfg, run_dir, resumed=ckpt is not None, main=PartialState().is_main_process)
+            with wandb_mode_scope(trackers[1]):
+                return _train(cfg, cpu=cpu, run_dir=run_dir, ckpt=ckpt, sharding=sharding, trackers=trackers)
         finally:
             if lock is not None:
                 lock.release()
 
 
-def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, sharding: Sharding | None) -> Path:
+def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, sharding: Sharding | None,
+           trackers: tuple[list[str], dict[str, dict[str, Any]]]) -> Path:
     state = PartialState()
-    log_with, init_kwargs = tracker_setup(cfg, run_dir)
+    log_with, init_kwargs = trackers
     recipe_cls = get_recipe(cfg.method)
     accelerator = Accelerator(
         cpu=cpu, mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum_steps,
@@ -329,7 +354,7 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
         accelerator.print(f"resumed from {ckpt} at global step {global_step}")
 
     accelerator.init_trackers(cfg.tracking.wandb_project, config=flat_config(cfg), init_kwargs=init_kwargs)
-    writer = JsonlWriter(run_dir / "metrics.jsonl") if accelerator.is_main_process else None
+    writer = JsonlWriter(run_dir / METRICS) if accelerator.is_main_process else None
     last_ckpt, last_saved = ckpt, global_step if ckpt is not None else -1
 
     def checkpoint(metric: float | None = None) -> None:
@@ -383,8 +408,22 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
     window_images, window_start, window_loss, window_metrics = 0, time.perf_counter(), [], {}
     window_steps: list[int] = []
     stop_request = StopRequest(cfg.train.stop_file).install()
+    stopping = False  # a stop request was agreed: finish this epoch's end if it is one, checkpoint, return
+
+    def report_termination(err: BaseException) -> None:
+        """Main process, SIGTERM / Ctrl-C: one event line and one message naming the step, the last checkpoint and
+        how to continue. No checkpoint is written: a scheduler's grace period (SLURM's KillWait) is too short."""
+        how = exit_signal(err)
+        with contextlib.suppress(OSError, WriteFailed):  # a full disk must not hide the signal
+            writer.write({"step": global_step, "event": "terminated", "signal": how})
+        where = (f"the last checkpoint is {last_ckpt}: continue with --resume {run_dir} (or --resume auto)"
+                 if last_ckpt else "no checkpoint was written yet: start the run again")
+        tqdm.write(f"terminated by {how} at step {global_step}; {where}", file=sys.stderr)
+
     try:
-        while global_step < stop_at:
+        if ckpt is not None:  # lines after this step in metrics.jsonl belong to the trajectory it replaces
+            log({"step": global_step, "event": "resumed", "checkpoint": str(ckpt)})
+        while global_step < stop_at and not stopping:
             epoch, start = divmod(global_step, spe)
             count_skipped()
             loader, batch_iter = epoch_batches(recipe, epoch, rank, world, skip=start * accum)
@@ -421,20 +460,16 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                                     img_s=f"{last_metrics['images_per_s']:.1f}")
                     window_images, window_start, window_loss, window_metrics = 0, time.perf_counter(), [], {}
                     window_steps = []
-                    if stop_request.agreed(accelerator):
-                        checkpoint()
-                        report_skipped()
-                        log({"step": global_step, "event": "stopped on request"})
-                        accelerator.print(f"stopped on request at step {global_step}: checkpoint {last_ckpt}; "
-                                          f"continue with --resume {run_dir} (or --resume auto)")
-                        return run_dir
+                    stopping = stop_request.agreed(accelerator)
+                    if stopping:
+                        break
                 every = cfg.train.checkpoint_every_steps
                 if every and global_step % every == 0 and global_step < stop_at:
                     checkpoint()
                 if global_step >= stop_at:
                     break
 
-            if global_step % spe == 0:  # the epoch is complete
+            if global_step % spe == 0:  # the epoch is complete (a stop request waits for its evaluation)
                 done_epoch, metric = global_step // spe - 1, None
                 if cfg.eval.every_epochs > 0 and (done_epoch + 1) % cfg.eval.every_epochs == 0:
                     check_finite()
@@ -448,14 +483,21 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                 every = cfg.train.checkpoint_every_epochs
                 if (every and (done_epoch + 1) % every == 0) or metric is not None:
                     checkpoint(metric)
-        if last_saved != global_step:
-            checkpoint()
+        checkpoint()
         report_skipped()
+        if stopping:
+            log({"step": global_step, "event": "stopped on request"})
+            accelerator.print(f"stopped on request at step {global_step}: checkpoint {last_ckpt}; "
+                              f"continue with --resume {run_dir} (or --resume auto)")
     except WriteFailed as err:
         where = (f"the last good checkpoint is {last_ckpt}: continue with --resume {run_dir} (or --resume auto)"
                  if last_ckpt else "no checkpoint was written yet: start the run again")
         raise WriteFailed(f"{err}. Nothing written before was lost; {where} once the disk has space again (or is "
                           "repaired / writable)") from err
+    except (SystemExit, KeyboardInterrupt) as err:
+        if writer is not None:
+            report_termination(err)
+        raise
     finally:
         stop_request.restore()
         bar.close()

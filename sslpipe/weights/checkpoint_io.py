@@ -9,11 +9,15 @@ run writes the same files, its whole tensors gathered first (`sslpipe.weights.sh
 sharded or not, on any number of processes.
 
 Everything is first written to `checkpoints/.tmp-step_N`, synced to disk, hashed into `trainer_state.json` (written
-last) and renamed when complete, so a crash mid-write never leaves a checkpoint that looks valid. A file damaged
-later (a bad disk, a copy cut short) no longer matches its sha256: resuming a run skips such a checkpoint for the
-newest good one with a warning, and naming it with `--resume` is an error (`sslpipe check RUN` lists them all).
-Checkpoints of older versions (no `files`) still load, unverified. A failed write (disk full, I/O error, no
-permission) stops every process with one `WriteFailed` naming the file, after the partial directory is removed.
+last) and renamed when complete, so a crash mid-write never leaves a checkpoint that looks valid. A step saved again
+(with its evaluation metric) moves the old folder aside before the rename and deletes it after, so a complete
+checkpoint of that step exists at every moment. `checkpoints/best.json` (the best metric's checkpoint, which pruning
+keeps) is replaced atomically; an unreadable one is ignored with a warning, and nothing is pruned until it is
+rewritten. A file damaged later (a bad disk, a copy cut short) no longer matches its sha256: resuming a run skips
+such a checkpoint for the newest good one with a warning, and naming it with `--resume` is an error (`sslpipe check
+RUN` lists them all). Checkpoints of older versions (no `files`) still load, unverified. A failed write (disk full,
+I/O error, no permission) stops every process with one `WriteFailed` naming the file, after the partial directory is
+removed.
 """
 from __future__ import annotations
 
@@ -130,21 +134,41 @@ def _complete(tmp: Path, final: Path, trainer_state: dict[str, Any], keep_last: 
     with _failed_write(f"could not sync {tmp}"):
         state = {**trainer_state, FILES: _file_table(tmp)}
     _write(tmp / TRAINER_STATE, lambda p: p.write_text(json.dumps(state, indent=2)))
+    aside = final.with_name(f".old-{final.name}")
     with _failed_write(f"could not complete {final}"):
         with open(tmp / TRAINER_STATE, "rb") as f:
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _swap_in(tmp, final, aside)
         dir_fd = os.open(final.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)  # the rename itself reaches the disk
         finally:
             os.close(dir_fd)
     after_file_written(final)
-    with _failed_write(f"{final} is complete, but {final.parent / BEST_FILE} or pruning older checkpoints failed"):
-        best = _update_best(final.parent, final, metric)
-        _prune(final.parent, keep_last, keep={final, best} - {None})
+    with _failed_write(f"{final} is complete, but removing the replaced {aside}, {final.parent / BEST_FILE} or "
+                       "pruning older checkpoints failed"):
+        if aside.exists():
+            shutil.rmtree(aside)
+        keep = _update_best(final.parent, final, metric)
+        if keep is not None:
+            _prune(final.parent, keep_last, keep=keep | {final})
+
+
+def _swap_in(tmp: Path, final: Path, aside: Path) -> None:
+    """Rename `tmp` to `final`. A `final` already there (the same step saved again, e.g. with its metric) is renamed
+    to `aside` first and back when the swap is interrupted, so a complete checkpoint of that step exists at every
+    moment; the caller deletes `aside` once `final` is in place."""
+    if aside.exists():
+        shutil.rmtree(aside)  # left by a crash after an earlier swap
+    replacing = final.exists()
+    try:
+        if replacing:
+            os.replace(final, aside)
+        os.replace(tmp, final)
+    except BaseException:
+        if replacing and aside.exists() and not final.exists():
+            os.replace(aside, final)
+        raise
 
 
 def save_checkpoint(accelerator: Any, run_dir: Path, trainer_state: dict[str, Any],
@@ -183,13 +207,50 @@ def save_checkpoint(accelerator: Any, run_dir: Path, trainer_state: dict[str, An
     return final
 
 
-def _update_best(root: Path, ckpt: Path, metric: float | None) -> Path | None:
+def _read_best(path: Path) -> dict[str, Any] | None:
+    """best.json, or None when there is none. An unreadable one (cut short by a crash of an older version, edited by
+    hand) is treated as unknown with a warning naming it; `_update_best` then keeps every checkpoint."""
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text())
+        if isinstance(best, dict) and isinstance(best.get("checkpoint"), str) \
+                and isinstance(best.get("value"), (int, float)):
+            return best
+        problem = "not a {\"checkpoint\": ..., \"value\": ...} object"
+    except (OSError, ValueError) as err:
+        problem = str(err)
+    warnings.warn(f"{path} is unreadable ({problem}): ignored; no checkpoint is pruned until the next evaluation "
+                  "writes it again (delete it to prune now)", stacklevel=3)
+    return {}
+
+
+def _update_best(root: Path, ckpt: Path, metric: float | None) -> set[Path] | None:
+    """Record `ckpt` in best.json when `metric` beats it (atomic: a kill or a full disk leaves the old file whole).
+    Returns the best checkpoint for pruning to keep (an empty set when none), or None when best.json is unreadable
+    and no metric replaces it: the best is unknown, so nothing may be pruned."""
     path = root / BEST_FILE
-    best = json.loads(path.read_text()) if path.is_file() else None
-    if metric is not None and (best is None or metric > best["value"]):
+    best = _read_best(path)
+    if metric is not None and (not best or metric > best["value"]):
         best = {"checkpoint": ckpt.name, "value": metric}
-        path.write_text(json.dumps(best))
-    return root / best["checkpoint"] if best else None
+        _write_atomic(path, json.dumps(best))
+    if best == {}:
+        return None
+    return {root / best["checkpoint"]} if best else set()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `path` through a synced temporary file renamed over it; the temporary file is removed on failure."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _prune(root: Path, keep_last: int, keep: set[Path]) -> None:

@@ -1,17 +1,26 @@
 """Which checkpoint `--resume` continues from: the run it names (cheap, nothing read) and then its newest good
 checkpoint, verified against its sha256s; a damaged newer one is skipped with a warning, a damaged one named
-outright is an error, so a run never continues from weights a bad disk or a cut copy has changed."""
+outright is an error, so a run never continues from weights a bad disk or a cut copy has changed.
+
+Resuming a named older checkpoint (a roll-back) moves the run's newer checkpoints into
+`checkpoints/abandoned-<time>/` first (`set_aside_newer`): kept, but never pruned in place of the resumed trajectory's
+own checkpoints nor picked by a later `--resume auto`."""
 from __future__ import annotations
 
+import json
+import os
 import warnings
+from datetime import datetime
 from pathlib import Path
 
 from sslpipe.weights.checkpoint import (
+    BEST_FILE,
     STEP_DIR,
     TRAINER_STATE,
     CheckpointInvalid,
     DamagedCheckpointWarning,
     list_checkpoints,
+    step_of,
 )
 from sslpipe.weights.verify import verify_checkpoint
 
@@ -76,3 +85,40 @@ def resolve_resume(resume: str, output_dir: str | Path, run_name: str | None = N
     """The verified checkpoint `--resume` continues from (`resume_run_dir`, then `pick_checkpoint`), or None."""
     run_dir, named = resume_run_dir(resume, output_dir, run_name)
     return None if run_dir is None else pick_checkpoint(run_dir, named)
+
+
+def timestamped(folder: Path, stem: str, suffix: str = "") -> Path:
+    """`folder/stem-<YYYYmmdd-HHMMSS>suffix`, with a counter added when that name is taken: never overwrites."""
+    base = f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = folder / f"{base}{suffix}", 1
+    while path.exists():
+        path, n = folder / f"{base}-{n}{suffix}", n + 1
+    return path
+
+
+def set_aside_newer(run_dir: Path, ckpt: Path) -> Path | None:
+    """Move the run's checkpoints with a higher step than `ckpt` (and best.json when it names one of them) into
+    `checkpoints/abandoned-<time>/`; that folder, or None when there are none. Main process, under the run lock.
+
+    Resuming an older checkpoint starts a new trajectory: left in place, the abandoned newer steps would outlive the
+    new run's checkpoints under pruning (which keeps the highest steps) and be resumed by `--resume auto`."""
+    step = step_of(ckpt)
+    newer = [c for c in list_checkpoints(run_dir, complete_only=False) if step is not None and step_of(c) > step]
+    if not newer:
+        return None
+    root = run_dir / "checkpoints"
+    aside = timestamped(root, "abandoned")
+    aside.mkdir()
+    if _best_checkpoint(root / BEST_FILE) in {c.name for c in newer}:
+        os.replace(root / BEST_FILE, aside / BEST_FILE)
+    for c in newer:
+        os.replace(c, aside / c.name)
+    return aside
+
+
+def _best_checkpoint(best_file: Path) -> str | None:
+    """The checkpoint name best.json records, or None (no file, or unreadable: the checkpoint writer warns)."""
+    try:
+        return json.loads(best_file.read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None

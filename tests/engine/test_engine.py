@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from sslpipe.config import RunConfig
 from sslpipe.engine.optim import clip_gradients_per_tensor
 from sslpipe.engine.schedules import Schedules
-from sslpipe.engine.tracking import resolve_wandb_mode
+from sslpipe.engine.tracking import resolve_wandb_mode, tracker_setup
 from sslpipe.engine.trainer import TrainingDiverged, train
 from sslpipe.recipes import config_from_dict, get_recipe, load_config
 from sslpipe.weights.checkpoint import find_checkpoint, list_checkpoints
@@ -310,6 +310,62 @@ def test_stop_request_checkpoints_and_resume_finishes_the_same_run(tmp_path: Pat
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, "the handler is restored after the run"
 
 
+def events_of(run: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run / name).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("signal_at, stop, evals", [(5, 6, [(6, 0.0)]), (11, 12, [(6, 0.0), (12, 1.0)])])
+def test_stop_request_at_an_epoch_end_evaluates_that_epoch_first(tmp_path: Path, signal_at: int, stop: int,
+                                                                 evals: list[tuple[int, float]]) -> None:
+    """6 steps per epoch, log every 2: a stop asked at step 5 (11) is agreed at 6 (12), an epoch's last step (the
+    run's last). That epoch's evaluation (toy_eval = the finished epoch's index) and metric checkpoint come first:
+    a resumed run starts the next epoch and would never run them."""
+    cfg = toy_cfg(tmp_path, "asked", model={"kwargs": {"signal_at_step": signal_at}}, eval={"every_epochs": 1},
+                  train={"best_metric": "toy_eval"})
+    run = train(cfg)
+    events = events_of(run)
+    assert [(e["step"], e["toy_eval"]) for e in events if "toy_eval" in e] == evals
+    assert events[-1] == {**events[-1], "event": "stopped on request", "step": stop}
+    assert json.loads((run / "checkpoints" / "best.json").read_text()) == {"checkpoint": f"step_{stop:08d}",
+                                                                           "value": evals[-1][1]}
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Roll back: a run to step 10 (checkpoints 8, 10 kept), resumed from step 8 to step 9 with a lower lr. step_10
+    of the abandoned trajectory moves to checkpoints/abandoned-*/, so pruning (the highest 2 steps) keeps step 8
+    and 9, and a later --resume RUN continues the new trajectory (step 9), not the abandoned one."""
+    tr = {"checkpoint_every_steps": 2, "keep_last": 2, "epochs": 3}
+    run = train(toy_cfg(tmp_path, "r", train={**tr, "max_steps": 10}))
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000008", "step_00000010"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    capsys.readouterr()
+    train(toy_cfg(tmp_path, "r", optim={"lr": 0.01}, train={**tr, "max_steps": 9}),
+          resume=str(run / "checkpoints" / "step_00000008"))
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000008", "step_00000009"]
+    (aside,) = (run / "checkpoints").glob("abandoned-*")
+    assert [p.name for p in aside.iterdir()] == ["step_00000010"]
+    assert (aside / "step_00000010" / "trainer_state.json").is_file()
+    err = capsys.readouterr().err
+    assert "step_00000010" in err and str(aside) in err
+    assert resolve_resume(str(run), tmp_path / "runs").name == "step_00000009"
+    resumed = [e for e in events_of(run) if e.get("event") == "resumed"]
+    assert [e["step"] for e in resumed] == [8]
+
+
+def test_a_fresh_start_after_a_failed_one_keeps_the_old_metrics_apart(tmp_path: Path) -> None:
+    """A start that diverged at step 3 wrote metrics but no checkpoint; starting again with the same run_name moves
+    its metrics.jsonl aside, so the new file holds the second start's lines only."""
+    with pytest.raises(TrainingDiverged):
+        train(toy_cfg(tmp_path, "again", model={"kwargs": {"nan_at_step": 3}}))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = train(toy_cfg(tmp_path, "again", train={"max_steps": 4}))
+    assert [e["step"] for e in events_of(run) if "loss" in e] == [2, 4]
+    assert not [e for e in events_of(run) if "event" in e]
+    (old,) = run.glob("metrics-*.jsonl")
+    assert [(e["step"], e.get("event")) for e in events_of(run, old.name)] == [(2, None), (3, "diverged")]
+
+
 def test_rescaled_step_keeps_the_position_in_the_epoch() -> None:
     from sslpipe.engine.trainer import rescaled_step
 
@@ -375,6 +431,22 @@ def test_wandb_mode_resolution(wandb_env, monkeypatch: pytest.MonkeyPatch) -> No
     assert resolve_wandb_mode("disabled") == "disabled"
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert resolve_wandb_mode("online") == "offline"  # the environment wins
+
+
+def test_a_run_leaves_wandb_mode_unset(tmp_path: Path, wandb_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's wandb mode must not outlive it: the next run in the process (disabled) gets no wandb tracker."""
+    monkeypatch.delenv("WANDB_MODE")
+    train(toy_cfg(tmp_path, "a", tracking={"log_with": ["wandb"], "wandb_mode": "offline"}, train={"max_steps": 1}))
+    assert "WANDB_MODE" not in os.environ
+    disabled = toy_cfg(tmp_path, "b", tracking={"log_with": ["wandb"], "wandb_mode": "disabled"})
+    assert tracker_setup(disabled, tmp_path / "b") == ([], {})
+
+
+def test_wandb_run_id_is_new_per_fresh_start_and_kept_on_resume(tmp_path: Path, wandb_env) -> None:
+    cfg = toy_cfg(tmp_path, "w", tracking={"log_with": ["wandb"], "wandb_mode": "offline"})
+    run = tmp_path / "runs" / "w"
+    ids = [tracker_setup(cfg, run, resumed=resumed)[1]["wandb"]["id"] for resumed in (False, True, False, True)]
+    assert ids[0] == ids[1] != ids[2] == ids[3]
 
 
 @pytest.mark.parametrize("mode", ["offline", "disabled"])

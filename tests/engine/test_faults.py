@@ -208,6 +208,98 @@ def test_sigterm_mid_checkpoint_removes_the_partial_folder_and_releases_the_lock
     assert_same_weights(train(toy_cfg(runs, "term"), resume=str(run)), reference)
 
 
+def test_sigterm_between_checkpoints_says_where_to_continue(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM during step 6 (index 5; checkpoints every 4): exit status 143, one event line in metrics.jsonl and
+    one message naming the step, the last checkpoint and --resume; nothing is written on the way out."""
+    runs = tmp_path / "runs"
+
+    def terminated_run() -> None:
+        step = ToyRecipe.after_optimizer_step
+
+        def after_optimizer_step(self: ToyRecipe, sched: dict[str, float]) -> None:
+            step(self, sched)
+            if int(sched["it"]) == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+        ToyRecipe.after_optimizer_step = after_optimizer_step  # in the forked child only
+        try:
+            train(toy_cfg(runs, "term"))
+        except SystemExit as exit_:
+            sys.stderr.flush()
+            os._exit(exit_.code)
+
+    assert in_child(terminated_run) == 128 + signal.SIGTERM
+    run = runs / "term"
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000004"]
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (last["step"], last["event"], last["signal"]) == (5, "terminated", "SIGTERM")
+    assert (f"terminated by SIGTERM at step 5; the last checkpoint is {run / 'checkpoints' / 'step_00000004'}: "
+            f"continue with --resume {run} (or --resume auto)") in capfd.readouterr().err
+
+
+def test_sigterm_while_a_step_is_saved_again_keeps_that_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpoint_every_steps 6 divides the 6-step epoch: step 6 is saved, then saved again with its evaluation
+    metric. A SIGTERM (SystemExit) landing as the new folder is renamed in leaves the first step_6 complete."""
+    runs = tmp_path / "runs"
+    cfg = config_from_dict({**toy_dict(runs, "resave", checkpoint_every_steps=6, best_metric="toy_eval"),
+                            "eval": {"every_epochs": 1}})
+    replace, renames = os.replace, []
+
+    def interrupted(src: str | Path, dst: str | Path) -> None:
+        if Path(src).name == ".tmp-step_00000006":
+            renames.append(dst)
+            if len(renames) == 2:  # the second save of step 6
+                raise SystemExit(128 + signal.SIGTERM)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(SystemExit):
+        train(cfg)
+    monkeypatch.undo()
+    run = runs / "resave"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000006"], "nothing aside, no partial"
+    assert_loadable(run / "checkpoints" / "step_00000006")
+
+
+def test_an_unreadable_best_json_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    """best.json cut short (what a kill inside the old in-place write left): a resumed run warns naming it and prunes
+    nothing while the best is unknown (keep_last 1); the next evaluation writes it again (toy_eval = epoch index)."""
+    runs = tmp_path / "runs"
+
+    def cfg(**train_opts: object) -> RunConfig:
+        return config_from_dict({**toy_dict(runs, "best", best_metric="toy_eval", **train_opts),
+                                 "eval": {"every_epochs": 1}})
+
+    run = train(cfg(max_steps=6))
+    best = run / "checkpoints" / "best.json"
+    assert json.loads(best.read_text()) == {"checkpoint": "step_00000006", "value": 0.0}
+    best.write_text('{"checkpoint": "step_000')
+    reset()
+    with pytest.warns(UserWarning, match=f"{best} is unreadable"):
+        train(cfg(max_steps=8, keep_last=1), resume=str(run))
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000004", "step_00000006", "step_00000008"]
+    reset()
+    with pytest.warns(UserWarning, match=f"{best} is unreadable"):
+        train(cfg(keep_last=1), resume=str(run))
+    assert json.loads(best.read_text()) == {"checkpoint": "step_00000012", "value": 1.0}
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000012"]
+
+
+def test_a_failed_write_of_best_json_keeps_the_old_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "best.json").write_text('{"checkpoint": "step_00000001", "value": 1.0}')
+
+    def no_space(fd: int) -> None:
+        raise enospc()
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError):
+        ckpt_module._update_best(root, root / "step_00000002", 2.0)
+    monkeypatch.undo()
+    assert [p.name for p in root.iterdir()] == ["best.json"]
+    assert json.loads((root / "best.json").read_text()) == {"checkpoint": "step_00000001", "value": 1.0}
+
+
 # ------------------------------------------------------------------------------------------- damaged files
 def damage(ckpt: Path, how: str) -> str:
     """Damage one file of `ckpt` the way a bad disk or a cut copy does; return the file's name."""
