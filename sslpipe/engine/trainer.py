@@ -39,7 +39,7 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from sslpipe.config import RunConfig, save_config
+from sslpipe.config import RunConfig
 from sslpipe.data.stream import loader_stats
 from sslpipe.engine.determinism import deterministic_mode
 from sslpipe.engine.optim import (
@@ -50,6 +50,7 @@ from sslpipe.engine.optim import (
 from sslpipe.engine.preemption import StopRequest, exit_signal, sigterm_as_exit
 from sslpipe.engine.prefetch import prefetch_to_device
 from sslpipe.engine.processes import process_state
+from sslpipe.engine.run_config import config_changes, record_resumed_config, unfit_checkpoint, write_config
 from sslpipe.engine.run_lock import RunLock
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.sharding import Sharding, shard, sharding_from_launcher, unsharded
@@ -186,16 +187,10 @@ def _claim_run(cfg: RunConfig, resume: str | None, overrides_text: str | None) -
             os.replace(run_dir / METRICS, old)
             print(f"{run_dir} has no checkpoint from an earlier start: its {METRICS} is kept as {old.name}, this "
                   f"run writes a new one", file=sys.stderr)
-        if ckpt is not None:
+        if ckpt is None:
+            write_config(cfg, run_dir, overrides_text)
+        else:  # config.yaml is rewritten once the checkpoint has loaded (`record_resumed_config`)
             cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})
-        try:
-            save_config(cfg, run_dir / "config.yaml",
-                        header=f"overrides: {overrides_text}" if overrides_text else None)
-        except OSError as err:
-            if io_failure(err) is None:
-                raise
-            raise WriteFailed(f"could not write {run_dir / 'config.yaml'}: {io_failure(err)}; free space (or fix "
-                              "the disk / permissions) and start again") from err
     except BaseException:
         lock.release()
         raise
@@ -288,14 +283,15 @@ def train(cfg: RunConfig, *, resume: str | None = None, overrides_text: str | No
         try:
             trackers = tracker_setup(cfg, run_dir, resumed=ckpt is not None, main=PartialState().is_main_process)
             with wandb_mode_scope(trackers[1]):
-                return _train(cfg, cpu=cpu, run_dir=run_dir, ckpt=ckpt, sharding=sharding, trackers=trackers)
+                return _train(cfg, cpu=cpu, run_dir=run_dir, ckpt=ckpt, sharding=sharding, trackers=trackers,
+                              overrides_text=overrides_text)
         finally:
             if lock is not None:
                 lock.release()
 
 
 def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, sharding: Sharding | None,
-           trackers: tuple[list[str], dict[str, dict[str, Any]]]) -> Path:
+           trackers: tuple[list[str], dict[str, dict[str, Any]]], overrides_text: str | None = None) -> Path:
     state = PartialState()
     log_with, init_kwargs = trackers
     recipe_cls = get_recipe(cfg.method)
@@ -336,9 +332,17 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
 
     global_step, best, last_metrics = 0, None, {}
     if ckpt is not None:
-        trainer_state, extra = load_checkpoint(accelerator, ckpt, model=recipe.student, optimizer=optimizer,
-                                               verify=False)  # verified by the main process when it was picked
-        recipe.load_extra_state(extra)
+        changes = config_changes(cfg, run_dir)
+        try:
+            trainer_state, extra = load_checkpoint(accelerator, ckpt, model=recipe.student, optimizer=optimizer,
+                                                   verify=False)  # verified by the main process when it was picked
+            recipe.load_extra_state(extra)
+        except (RuntimeError, ValueError) as err:
+            if not changes:
+                raise
+            raise unfit_checkpoint(ckpt, run_dir, changes, err) from err
+        if accelerator.is_main_process:
+            record_resumed_config(cfg, run_dir, changes, overrides_text)
         best = trainer_state.get("best")
         saved_step = int(trainer_state["global_step"])
         saved_spe, saved_world = trainer_state.get("steps_per_epoch", spe), trainer_state.get("world_size", world)

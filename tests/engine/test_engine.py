@@ -392,6 +392,27 @@ def test_resume_auto_picks_newest_run(tmp_path: Path) -> None:
         train(toy_cfg(tmp_path, "first", train={"max_steps": 2}))
 
 
+def test_resume_with_changed_keys_names_them_and_keeps_the_old_config(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A resume that changes the lr says so, keeps the run's previous config.yaml beside the new one; one that builds
+    another network fails at the load naming the changed key, and leaves config.yaml as it was."""
+    run = train(toy_cfg(tmp_path, "r", train={"max_steps": 2}))
+    first = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    wide = toy_cfg(tmp_path, "r", train={"max_steps": 4}, model={"kwargs": {"hidden": 32}})
+    with pytest.raises(ValueError, match=r"step_00000002 does not fit .*model.kwargs.hidden: None -> 32"):
+        train(wide, resume=str(run))
+    assert (run / "config.yaml").read_text() == first and not list(run.glob("config-*.yaml"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(toy_cfg(tmp_path, "r", train={"max_steps": 4}, optim={"lr": 0.01}), resume=str(run))
+    err = capsys.readouterr().err
+    assert "2 key(s) changed" in err and "optim.lr: 0.05 -> 0.01" in err and "train.max_steps: 2 -> 4" in err
+    (kept,) = run.glob("config-*.yaml")
+    assert kept.read_text() == first
+    assert load_config(run / "config.yaml").optim.lr == 0.01 and load_config(kept).optim.lr == 0.05
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path: Path) -> None:
     cfg = toy_cfg(tmp_path, "nan", model={"kwargs": {"nan_at_step": 3}}, train={"checkpoint_every_steps": 2})
     with pytest.raises(TrainingDiverged) as err:

@@ -2,7 +2,7 @@
 
 Selected with `method: tests.workers.toy_recipe:ToyRecipe`. It uses the global torch RNG in every step (input noise and
 dropout) so that exact resume also checks RNG restoration. Options through `model.kwargs`:
-`n_samples` (default 48), `nan_at_step` (make the loss NaN at that iteration), `signal_at_step` (send this process
+`n_samples` (default 48), `hidden` (the width, default 16), `nan_at_step` (make the loss NaN at that iteration), `signal_at_step` (send this process
 SIGUSR1 at that iteration) and `write_checksums` (in `evaluate`, each rank writes the sha256 of its student + teacher
 parameters to RUN/params_rank{r}.txt).
 """
@@ -28,10 +28,10 @@ IN_DIM, HIDDEN, OUT_DIM = 8, 16, 4
 
 
 class ToyNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = HIDDEN) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.GELU(), nn.Dropout(0.1))
-        self.last_layer = nn.Linear(HIDDEN, OUT_DIM)
+        self.body = nn.Sequential(nn.Linear(IN_DIM, hidden), nn.GELU(), nn.Dropout(0.1))
+        self.last_layer = nn.Linear(hidden, OUT_DIM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last_layer(self.body(x))
@@ -50,7 +50,7 @@ class ToyRecipe(Recipe):
         opts = self.cfg.model.kwargs
         self.n_samples = int(opts.get("n_samples", 48))
         self.nan_at_step = opts.get("nan_at_step")
-        self.student = ToyNet()
+        self.student = ToyNet(int(opts.get("hidden", HIDDEN)))
         self.teacher = copy.deepcopy(self.student).to(accelerator.device).requires_grad_(False)
         self.center = torch.zeros(1, OUT_DIM, device=accelerator.device)
         data_gen = torch.Generator().manual_seed(1234)
