@@ -162,10 +162,12 @@ def _grads(recipe, batch: dict[str, torch.Tensor], epoch: int = 1) -> tuple[torc
 
 
 def _close(a: dict, b: dict) -> bool:
-    """Same gradients up to float rounding: every difference below 1e-5 of the largest gradient (elementwise relative
-    tolerances fail on the ~0 gradients of conv biases before BatchNorm)."""
+    """Same gradients up to float rounding: every difference below 1e-4 of the largest gradient (elementwise relative
+    tolerances fail on the ~0 gradients of conv biases before BatchNorm; BatchNorm's batch statistics over a doubled
+    batch round differently with the thread count: 1.2e-5 on one thread, 7.9e-6 on two, against 2.1 when the
+    unlabelled images differ)."""
     scale = max(float(g.abs().max()) for g in b.values())
-    return a.keys() >= b.keys() and all(float((a[k] - b[k]).abs().max()) <= 1e-5 * scale for k in b)
+    return a.keys() >= b.keys() and all(float((a[k] - b[k]).abs().max()) <= 1e-4 * scale for k in b)
 
 
 def test_without_unlabelled_losses_u2pl_has_the_supervised_gradients(semi: Path, tmp_path: Path) -> None:
