@@ -5,12 +5,41 @@ with the closest valid spelling instead of training with a default.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _scale_range(value: tuple[float, float]) -> tuple[float, float]:
+    """A crop's area range: RandomResizedCrop (and the fast views) fail deep inside the loader on anything else."""
+    if not 0 < value[0] <= value[1] <= 1:
+        raise ValueError(f"must be (low, high) with 0 < low <= high <= 1, got {list(value)}")
+    return value
+
+
+def _sigma_range(value: tuple[float, float]) -> tuple[float, float]:
+    if not 0 <= value[0] <= value[1]:
+        raise ValueError(f"must be (low, high) with 0 <= low <= high, got {list(value)}")
+    return value
+
+
+def _betas(value: tuple[float, float]) -> tuple[float, float]:
+    """Adam's decay rates; torch's own refusal does not name the key."""
+    if not all(0 <= b < 1 for b in value):
+        raise ValueError(f"must both be in [0, 1), got {list(value)}")
+    return value
+
+
+def _positive_each(value: tuple[float, ...]) -> tuple[float, ...]:
+    if not all(v > 0 for v in value):
+        raise ValueError(f"must all be > 0, got {list(value)}")
+    return value
+
+
+ScaleRange = Annotated[tuple[float, float], AfterValidator(_scale_range)]
 
 
 class Section(BaseModel):
@@ -18,17 +47,30 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def check_run(self, run: "RunConfig") -> None:
+        """A method's section: refuse what it cannot check alone (core keys its settings leave unread); raise
+        ValueError with a message that names the keys."""
+
+    def refuse_unread_values(self, prefix: str, unread: dict[str, str]) -> None:
+        """Keys that are read only with other settings (`unread`: key -> the setting that leaves it unread): a
+        non-default value is refused, never ignored; the default is let through, as every saved config holds it."""
+        for key, why in unread.items():
+            value = getattr(self, key)
+            if value != type(self).model_fields[key].get_default(call_default_factory=True):
+                raise ValueError(f"key '{prefix}.{key}' = {value!r} is not read with {why}: remove it (or change "
+                                 f"{why.split('=')[0]})")
+
 
 class DataConfig(Section):
     train: str
     train_split: str = "train"
     val: str | None = None
     val_split: str = "val"
-    batch_size: int = 64
-    num_workers: int = 8
-    shuffle_buffer: int = 5000
+    batch_size: int = Field(64, gt=0)
+    num_workers: int = Field(8, ge=0)
+    shuffle_buffer: int = Field(5000, ge=0)
     resampled: bool = False
-    steps_per_epoch: int | None = None
+    steps_per_epoch: int | None = Field(None, gt=0)
     on_error: Literal["warn", "raise"] = "warn"
     # remote (http/https) shards, sslpipe/data/remote.py: tries after the first, the first wait (doubled each try,
     # at most 30 s), seconds without a byte before a read fails; the run stops when a process's loader has lost more
@@ -50,15 +92,16 @@ class CropsConfig(Section):
     """Views of an image: the multi-crop of the teacher-student methods (published iBOT values by default), the
     size and normalisation every method uses."""
 
-    global_size: int = 224
-    local_size: int = 96
-    n_global: int = 2
-    n_local: int = 10
-    global_scale: tuple[float, float] = (0.25, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.25)
+    global_size: int = Field(224, gt=0)
+    local_size: int = Field(96, gt=0)
+    n_global: int = Field(2, ge=1)
+    n_local: int = Field(10, ge=0)
+    global_scale: ScaleRange = (0.25, 1.0)
+    local_scale: ScaleRange = (0.05, 0.25)
     mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range in output-crop pixels (published)
+    std: Annotated[tuple[float, float, float], AfterValidator(_positive_each)] = IMAGENET_STD
+    # Gaussian blur sigma range in output-crop pixels (published)
+    blur_sigma: Annotated[tuple[float, float], AfterValidator(_sigma_range)] = (0.1, 2.0)
     # true: blur_sigma is the published range for 224-px global / 96-px local crops, scaled to this recipe's sizes
     # (x global_size / 224 and x local_size / 96), so small CPU crops get the same relative blur
     blur_scale_with_size: bool = False
@@ -77,8 +120,8 @@ class CropsConfig(Section):
 
 class ModelConfig(Section):
     arch: str = "vit_small_patch16_224"
-    patch_size: int | None = 16
-    drop_path_rate: float = 0.1
+    patch_size: int | None = Field(16, gt=0)
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
     # BatchNorm backbones (CNNs) on several CUDA processes: SyncBatchNorm in student and teacher, as DINO's
     # main_dino.py does. gloo (CPU) has no SyncBatchNorm: there the backbone keeps per-process statistics.
     sync_batchnorm: bool = True
@@ -101,28 +144,40 @@ class OptimConfig(Section):
     """
 
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 5e-4
+    lr: float = Field(5e-4, gt=0)
     lr_scaling: Literal["linear", "sqrt_wrt_1024", "none"] = "linear"
-    min_lr: float = 1e-6
+    min_lr: float = Field(1e-6, ge=0)
     schedule: Literal["cosine", "step", "poly", "constant"] = "cosine"
-    warmup_epochs: float = 10
-    warmup_iters: int | None = None
-    step_epochs: list[float] = []
-    step_gamma: float = 0.1
-    poly_power: float = 0.9
-    sgd_momentum: float = 0.9
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0
+    warmup_epochs: float = Field(10, ge=0)
+    warmup_iters: int | None = Field(None, ge=0)
+    step_epochs: list[Annotated[float, Field(ge=0)]] = []
+    step_gamma: float = Field(0.1, gt=0)
+    poly_power: float = Field(0.9, gt=0)
+    sgd_momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    clip_grad: float = Field(3.0, ge=0)
     clip_mode: Literal["per_tensor", "global", "none"] = "per_tensor"
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Annotated[tuple[float, float], AfterValidator(_betas)] = (0.9, 0.999)
+
+    @model_validator(mode="after")
+    def _refuse_unread(self) -> "OptimConfig":
+        reads = {"step": ("step_epochs", "step_gamma"), "poly": ("poly_power", "min_lr"), "cosine": ("min_lr",)}
+        read = reads.get(self.schedule, ())
+        skipped = [k for k in ("step_epochs", "step_gamma", "poly_power", "min_lr") if k not in read]
+        unread = dict.fromkeys(skipped, f"optim.schedule={self.schedule}")
+        unread["betas" if self.name == "sgd" else "sgd_momentum"] = f"optim.name={self.name}"
+        if self.warmup_iters is not None:
+            unread["warmup_epochs"] = f"optim.warmup_iters={self.warmup_iters}"
+        self.refuse_unread_values("optim", unread)
+        return self
 
 
 class TrainConfig(Section):
     """Schedules always span `epochs * steps_per_epoch` optimizer steps; `max_steps` only stops the run early."""
 
-    epochs: int = 800
-    max_steps: int | None = None
+    epochs: int = Field(800, gt=0)
+    max_steps: int | None = Field(None, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
 
     @field_validator("mixed_precision", mode="before")
@@ -144,12 +199,12 @@ class TrainConfig(Section):
     # a file whose appearance asks the run to checkpoint and stop at the next log step (SIGUSR1 does the same);
     # launch/slurm.sbatch sets it for requeue before the time limit
     stop_file: str | None = None
-    grad_accum_steps: int = 1
-    log_every: int = 10
-    health_every: int = 50
-    checkpoint_every_steps: int | None = None
-    checkpoint_every_epochs: int = 1
-    keep_last: int = 2
+    grad_accum_steps: int = Field(1, gt=0)
+    log_every: int = Field(10, gt=0)
+    health_every: int = Field(50, ge=0)
+    checkpoint_every_steps: int | None = Field(None, ge=0)
+    checkpoint_every_epochs: int = Field(1, ge=0)
+    keep_last: int = Field(2, ge=0)
     best_metric: str | None = None  # a metric from recipe.evaluate (higher is better) whose best checkpoint is kept
 
     @model_validator(mode="after")
@@ -170,29 +225,39 @@ class EvalConfig(Section):
     mask AP on the val split for the dense ones, every `every_epochs` epochs (0: never). The same keys drive
     `sslpipe eval-seg`."""
 
-    every_epochs: int = 0
-    batch_size: int | None = None  # null: data.batch_size for kNN, 8 images for the dense evaluations
-    max_val: int | None = None  # the first N val samples (kNN) or images (dense); null: all
+    every_epochs: int = Field(0, ge=0)
+    batch_size: int | None = Field(None, gt=0)  # null: data.batch_size for kNN, 8 images for the dense evaluations
+    max_val: int | None = Field(None, gt=0)  # the first N val samples (kNN) or images (dense); null: all
     # short side before evaluation: kNN null = crops.global_size * 256 / 224 (DINO); dense null = native size
-    resize: int | None = None
+    resize: int | None = Field(None, gt=0)
     # kNN (DINO's eval_knn.py protocol)
-    crop: int | None = None  # centre crop; null: crops.global_size
+    crop: int | None = Field(None, gt=0)  # centre crop; null: crops.global_size
     knn_k: list[int] = [10, 20, 100, 200]
-    knn_temperature: float = 0.07
-    max_train: int | None = None  # the first N train samples; null: all
+    knn_temperature: float = Field(0.07, gt=0)
+    max_train: int | None = Field(None, gt=0)  # the first N train samples; null: all
     # dense: the whole image, or sliding windows (BEiT / ViT-Adapter / U2PL) of `window` px at a stride of
     # `stride_rate` x window; null mode: the method's own (Mask2Former slide, U2PL whole)
     mode: Literal["whole", "slide"] | None = None
-    window: int | None = None  # null: the training crop
-    stride_rate: float = 2 / 3
-    predict_images: int = 6  # fine-tuning: images in the predictions PNG written at each evaluation
+    window: int | None = Field(None, gt=0)  # null: the training crop
+    stride_rate: float = Field(2 / 3, gt=0, le=1)
+    predict_images: int = Field(6, ge=0)  # fine-tuning: images in the predictions PNG written at each evaluation
+
+    @field_validator("knn_k")
+    @classmethod
+    def _positive_ks(cls, value: list[int]) -> list[int]:
+        """The probe refuses these only after the first epoch's training, and no checkpoint is kept then."""
+        if not value or min(value) < 1:
+            raise ValueError(f"must hold one or more k >= 1, got {value}")
+        return value
 
 
 class RunConfig(Section):
     """The core schema; `run_schema` adds the method's own section. `unread` (per schema): the dotted core keys
-    the method does not read, each with why; they are refused in a recipe and left out of the saved config."""
+    the method does not read, each with why; they are refused in a recipe and left out of the saved config.
+    `evaluates_val` (per schema): the method's evaluation reads data.val, so `eval.every_epochs` needs it."""
 
     unread: ClassVar[dict[str, str]] = {}
+    evaluates_val: ClassVar[bool] = False
 
     method: str
     seed: int = 0
@@ -206,17 +271,53 @@ class RunConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @model_validator(mode="after")
+    def _method_section_checks(self) -> "RunConfig":
+        for name in type(self).model_fields.keys() - RunConfig.model_fields.keys():
+            getattr(self, name).check_run(self)
+        return self
+
+    @model_validator(mode="after")
+    def _evaluation_is_used(self) -> "RunConfig":
+        """Without an evaluation the best checkpoint is never kept, and without data.val the evaluation finds
+        nothing: both ran silently before. An explicit eval.every_epochs=0 switches a recipe's evaluation (and so
+        its best_metric) off for a run, knowingly; only a best_metric with no evaluation ever set is refused."""
+        every, best = self.eval.every_epochs, self.train.best_metric
+        if best is not None and every == 0 and "every_epochs" not in self.eval.model_fields_set:
+            raise ValueError(f"train.best_metric={best} is never computed: eval.every_epochs is not set (0: no "
+                             "evaluation); set eval.every_epochs, or train.best_metric=null")
+        if every > 0 and not self.data.val and type(self).evaluates_val:
+            raise ValueError(f"eval.every_epochs={every} evaluates on data.val, which is not set: set data.val to "
+                             "the validation shards, or eval.every_epochs=0")
+        return self
+
+    @model_validator(mode="after")
+    def _crops_fit_patches(self) -> "RunConfig":
+        """A ViT's patches must tile each crop; timm's assertion otherwise fails at the first step and names no key."""
+        patch, crops = self.model.patch_size, self.crops
+        if patch is None or self.model.kwargs.get("dynamic_img_pad"):
+            return self
+        for key in ("global_size", "local_size"):
+            size = getattr(crops, key)
+            if f"crops.{key}" in type(self).unread or (key == "local_size" and crops.n_local == 0) or size % patch == 0:
+                continue
+            fits = [s for s in (size // patch * patch, (size // patch + 1) * patch) if s]
+            raise ValueError(f"crops.{key}={size} is not a multiple of model.patch_size={patch}: use "
+                             f"{' or '.join(map(str, fits))} (or model.patch_size=null for a CNN)")
+        return self
+
 
 CORE_SECTIONS = ("data", "crops", "model", "optim", "train", "tracking", "eval")
 
 
-def run_schema(key: str | None, section: type[Section] | None,
-               unread: dict[str, str] | None = None) -> type[RunConfig]:
+def run_schema(key: str | None, section: type[Section] | None, unread: dict[str, str] | None = None,
+               evaluates_val: bool = False) -> type[RunConfig]:
     """The schema of one method's runs: the core plus `key: section` (none for a method without settings), with
-    the core keys it does not read."""
+    the core keys it does not read and whether its evaluation reads data.val."""
     if key in RunConfig.model_fields:
         raise ValueError(f"a method section cannot be named {key!r}: that is a core section")
     fields = {key: (section, Field(default_factory=section))} if key and section else {}
     schema = create_model(f"{section.__name__ if section else 'Core'}Run", __base__=RunConfig, **fields)
     schema.unread = dict(unread or {})
+    schema.evaluates_val = evaluates_val
     return schema

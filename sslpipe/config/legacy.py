@@ -42,12 +42,30 @@ RENAMED: dict[str, tuple[str | None, Any]] = {
 }
 
 
-def is_legacy(data: Mapping[str, Any], schema: type[BaseModel]) -> bool:
-    """True for a 0.1 layout: a 0.1 section or key that this schema does not have."""
-    if any(key in data and key not in schema.model_fields for key in (*NESTED_SECTIONS, *OWNED_SECTIONS)):
+def is_legacy(data: Mapping[str, Any], schema: type[BaseModel], method_key: str | None) -> bool:
+    """True for a 0.1 layout: a section or key only 0.1 had, in a file without a section of its method that 0.1
+    did not have. A section of another method today (`u2pl:` in a DINO recipe) is no sign: it is refused as such,
+    and a teacher's key is one only for a method with a teacher."""
+    if method_key in data and method_key not in OWNED_SECTIONS:
+        return False
+    if any(key in data and key not in schema.model_fields for key in NESTED_SECTIONS):
+        return True
+    if any(key in data and key not in owners for key, owners in OWNED_SECTIONS.items()):  # `finetune:`
         return True
     return any(_get(data, old.split(".")) is not _MISSING and not _in_schema(schema, old.split("."))
-               for old in RENAMED)
+               and (new is None or _in_schema(schema, new.format(m=method_key).split(".")))
+               for old, (new, _) in RENAMED.items())
+
+
+def moved_hints(schema: type[BaseModel], method_key: str | None) -> dict[str, str]:
+    """Where each moved 0.1 key is now, for the refusal of one in a file of today's layout."""
+    hints = {key: f"is a section of sslpipe 0.1: it is '{method_key}.{key}' now"
+             for key in NESTED_SECTIONS if _in_schema(schema, [str(method_key), key])}
+    for old, (new, _) in RENAMED.items():
+        target = (new or "").format(m=method_key)
+        if new and _in_schema(schema, target.split(".")):
+            hints[old] = f"is a key of sslpipe 0.1: it is '{target}' now"
+    return hints
 
 
 _MISSING = object()
@@ -139,6 +157,9 @@ def migrate(data: dict[str, Any], method_key: str, schema: type[BaseModel],
             node = out
             for key in new[:-1]:
                 node = node.setdefault(key, {})
+            if new[-1] in node and not _same(node[new[-1]], value):
+                raise ConfigError(f"{where}: written by sslpipe 0.1, and two of its keys set '{new_dotted}' (now "
+                                  f"{node[new[-1]]!r}, then '{dotted}' = {value!r}): keep one and load the file again")
             node[new[-1]] = value
             if new != keys:
                 notes.append(f"{dotted} -> {new_dotted}")

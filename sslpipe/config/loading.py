@@ -6,6 +6,7 @@ The schema is given by the caller (`sslpipe.recipes.load_config` picks the metho
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,25 @@ from sslpipe.config.core import RunConfig
 
 class ConfigError(ValueError):
     """A recipe YAML or an override that cannot be turned into a valid config; the message says what to fix."""
+
+
+class YAML12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: YAML 1.1 needs a dot, so `1e-5` would stay a string and reach
+    free-form keys (`model.kwargs`) as text. Sexagesimal and `_`-separated floats (1.1 only) are read as text."""
+
+
+_FLOAT = "tag:yaml.org,2002:float"
+YAML12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YAML12Loader.add_implicit_resolver(  # after the int resolver, which keeps `12` an int
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*|[0-9]+(?=[eE]))(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values, with YAML 1.2's floats (`YAML12Loader`)."""
+    return yaml.load(text, Loader=YAML12Loader)
 
 
 # --------------------------------------------------------------------------------------------------------- schema
@@ -71,8 +91,26 @@ def _value_at(data: Any, loc: tuple) -> Any:
     return data
 
 
+def _is_section(schema: type[BaseModel], loc: tuple) -> bool:
+    annotation = _annotation_at(schema, [str(k) for k in loc])
+    return not loc or (isinstance(annotation, type) and issubclass(annotation, BaseModel))
+
+
+def blame(loc: tuple, where: str, origins: Mapping[str, str], message: str | None = None) -> str:
+    """Who to name for an error at `loc`: the override that set that key or a value holding it, else `where`. With
+    `message` (a section's check, which may involve keys from both), `where` plus the overrides the message names."""
+    dotted = ".".join(str(k) for k in loc)
+    for key, item in origins.items():
+        if dotted == key or dotted.startswith(key + "."):
+            return f"override '{item}'"
+    if message is None:
+        return where
+    named = [f"'{item}'" for key, item in origins.items() if re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message)]
+    return f"{where} with override{'s' if len(named) > 1 else ''} {', '.join(named)}" if named else where
+
+
 def _format_validation_error(err: ValidationError, data: dict[str, Any], schema: type[BaseModel], where: str,
-                             hints: Mapping[str, str]) -> str:
+                             hints: Mapping[str, str], origins: Mapping[str, str]) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -80,15 +118,21 @@ def _format_validation_error(err: ValidationError, data: dict[str, Any], schema:
             loc = loc[: next(i for i, k in enumerate(loc) if isinstance(k, int))]
             e = {**e, "type": "element", "input": _value_at(data, loc)}
         dotted = ".".join(str(k) for k in loc)
+        msg = e["msg"].removeprefix("Value error, ")
+        check = e["type"] == "value_error" and _is_section(schema, loc)  # a section's (or the run's) validator
+        at = blame(loc, where, origins, msg if check else None)
+        value = list(e["input"]) if isinstance(e.get("input"), tuple) else e.get("input")
         if e["type"] == "extra_forbidden":
-            lines.append(unknown_key_message(schema, loc, where, hints))
+            lines.append(unknown_key_message(schema, loc, at, hints))
         elif e["type"] == "missing":
-            lines.append(f"{where}: required key '{dotted}' is missing")
-        elif e["type"] == "value_error" and not loc:
-            lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+            lines.append(f"{at}: required key '{dotted}' is missing")
+        elif check:
+            lines.append(f"{at}: {msg}")
+        elif e["type"] == "value_error":
+            lines.append(f"{at}: key '{dotted}' = {value!r} is invalid: {msg}")
         else:
             expected = _type_name(_annotation_at(schema, [k for k in loc if isinstance(k, str)]))
-            lines.append(f"{where}: key '{dotted}' = {e.get('input')!r} is invalid: expected {expected} ({e['msg']})")
+            lines.append(f"{at}: key '{dotted}' = {value!r} is invalid: expected {expected} ({e['msg']})")
     return "\n".join(dict.fromkeys(lines))
 
 
@@ -142,6 +186,12 @@ def split_override(item: str) -> tuple[list[str], str]:
     return keys, raw
 
 
+def override_origins(overrides: Iterable[str]) -> dict[str, str]:
+    """The dotted key each override sets -> the override as given (the last wins, as when they are applied), so that
+    an error names the command line rather than the recipe file."""
+    return {".".join(split_override(item)[0]): item for item in overrides}
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str], schema: type[BaseModel],
                     hints: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Apply `a.b=value` overrides in place; values are parsed as YAML (`1e-3`, `[0.4,1.0]`, `null`), then typed by
@@ -150,7 +200,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], schema: type
         keys, raw = split_override(item)
         annotation = _check_override_key(schema, keys, item, hints or {})
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             if not _accepts_str(annotation):
                 raise ConfigError(f"override '{item}': value {raw!r} is not valid YAML ({exc})") from exc
@@ -172,7 +222,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (give the path of a recipe YAML, e.g. recipes/demo_*.yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -183,26 +233,30 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def refuse_unread(data: Mapping[str, Any], unread: Mapping[str, str], method: str, where: str) -> None:
-    """A key the method does not read is refused, never ignored: `unread` maps dotted core keys to why."""
+def refuse_unread(data: Mapping[str, Any], unread: Mapping[str, str], method: str, where: str,
+                  origins: Mapping[str, str] | None = None) -> None:
+    """A key the method does not read is refused, never ignored: `unread` maps dotted core keys to why; `origins`
+    (`override_origins`) names an override that set one."""
     for dotted, why in unread.items():
         node: Any = data
         for key in dotted.split("."):
             node = node.get(key, _MISSING) if isinstance(node, Mapping) else _MISSING
         if node is not _MISSING:
-            raise ConfigError(f"{where}: key '{dotted}' is not read by method '{method}': {why}. Remove it")
+            at = blame(tuple(dotted.split(".")), where, origins or {})
+            raise ConfigError(f"{at}: key '{dotted}' is not read by method '{method}': {why}. Remove it")
 
 
 _MISSING = object()
 
 
-def validate(data: dict[str, Any], schema: type[RunConfig], where: str,
-             hints: Mapping[str, str] | None = None) -> RunConfig:
-    """Validate a plain dict against `schema`; errors name `where`, the dotted key and what was expected."""
+def validate(data: dict[str, Any], schema: type[RunConfig], where: str, hints: Mapping[str, str] | None = None,
+             origins: Mapping[str, str] | None = None) -> RunConfig:
+    """Validate a plain dict against `schema`; errors name `where` (or the override, `override_origins`), the
+    dotted key and what was expected."""
     try:
         return schema.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, data, schema, where, hints or {})) from None
+        raise ConfigError(_format_validation_error(err, data, schema, where, hints or {}, origins or {})) from None
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -219,10 +273,10 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def save_config(cfg: RunConfig, path: str | Path, header: str | None = None) -> Path:
-    """Write the resolved config as YAML (what the loader reads back to the same config); `header` becomes a
-    comment line on top (the command-line overrides)."""
+    """Write the resolved config as YAML (what the loader reads back to the same config); `header` becomes comment
+    lines on top (the command-line overrides), every line of it commented: an override may hold a newline."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    path.write_text((f"# {header}\n" if header else "") + text)
+    path.write_text("".join(f"# {line}\n" for line in (header or "").splitlines()) + text)
     return path

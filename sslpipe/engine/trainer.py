@@ -484,6 +484,12 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                         if cfg.train.best_metric in results:
                             metric = float(results[cfg.train.best_metric])
                             best = metric if best is None else max(best, metric)
+                        elif cfg.train.best_metric is not None:  # a misspelt metric would keep no best at all
+                            checkpoint()
+                            raise ValueError(
+                                f"train.best_metric={cfg.train.best_metric} is not a metric the evaluation returns "
+                                f"({', '.join(sorted(results))}): choose one of them and continue with --resume "
+                                f"{run_dir} (checkpoint {last_ckpt})")
                 every = cfg.train.checkpoint_every_epochs
                 if (every and (done_epoch + 1) % every == 0) or metric is not None:
                     checkpoint(metric)

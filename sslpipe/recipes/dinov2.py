@@ -49,13 +49,13 @@ from sslpipe.recipes.sections import HeadConfig, TeacherLossConfig, TeacherStude
 class DINOv2HeadConfig(HeadConfig):
     """The CLS head's sizes plus the patch head's prototypes."""
 
-    patch_out_dim: int = 8192
+    patch_out_dim: int = Field(8192, gt=0)
 
 
 class DINOv2LossConfig(TeacherLossConfig):
     """Plus the patch centre's momentum (softmax centering)."""
 
-    center_momentum2: float = 0.9
+    center_momentum2: float = Field(0.9, ge=0, le=1)
 
 
 class DINOv2Config(TeacherStudentConfig):
@@ -75,9 +75,9 @@ class DINOv2Config(TeacherStudentConfig):
     ibot_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1  # on the student's backbone CLS tokens of each global crop, summed over crops
     separate_head: bool = True  # train/vitl14.yaml; ssl_default_config.yaml: false (the CLS head also maps patches)
-    ibot_hidden_dim: int | None = None  # null: head.hidden_dim
-    ibot_bottleneck_dim: int | None = None  # null: head.bottleneck_dim
-    ibot_nlayers: int | None = None  # null: head.nlayers
+    ibot_hidden_dim: int | None = Field(None, gt=0)  # null: head.hidden_dim
+    ibot_bottleneck_dim: int | None = Field(None, gt=0)  # null: head.bottleneck_dim
+    ibot_nlayers: int | None = Field(None, ge=1)  # null: head.nlayers
     centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"  # softmax: DINO/iBOT's centre + softmax
     sinkhorn_iterations: int = 3
     # collate_data_and_cast: int(mask_sample_probability * global crops in the batch) crops are masked, with ratios

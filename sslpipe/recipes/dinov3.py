@@ -38,16 +38,16 @@ class GramConfig(Section):
     (configs/train/dinov3_vit7b16_gram_anchor.yaml); the paper's weight is 2."""
 
     weight: float = 0.0  # 0: off (ssl_default use_loss false); the paper and the 7B Gram phase reach 2
-    load_at: int = 0  # the iteration at which the Gram teacher is first taken from the EMA teacher
-    refresh_every: int = 10000  # 7B Gram phase update_frequency (ssl_default: 50000)
-    first_refresh: int = 0  # no refresh before this iteration (it_first_update)
-    max_refreshes: int | None = None  # null: unlimited (7B Gram phase: 3)
+    load_at: int = Field(0, ge=0)  # the iteration at which the Gram teacher is first taken from the EMA teacher
+    refresh_every: int = Field(10000, gt=0)  # 7B Gram phase update_frequency (ssl_default: 50000)
+    first_refresh: int = Field(0, ge=0)  # no refresh before this iteration (it_first_update)
+    max_refreshes: int | None = Field(None, ge=0)  # null: unlimited (7B Gram phase: 3)
     normalized: bool = True
     img_level: bool = True  # the Gram matrix per image (7B Gram phase; ssl_default: over the local batch)
     remove_neg: bool = False
     remove_only_teacher_neg: bool = False
     tokens: Literal["all", "masked", "unmasked"] = "all"  # masked / unmasked need img_level: false
-    high_res: float | None = None  # the Gram teacher sees crops this many times larger (7B: 512 / 256 = 2)
+    high_res: float | None = Field(None, gt=0)  # the Gram teacher sees crops this many times larger (7B: 512 / 256 = 2)
 
 
 class DINOv3Config(DINOv2Config):

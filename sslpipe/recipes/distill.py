@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from sslpipe.config import RunConfig, Section
@@ -46,14 +47,28 @@ class DistillConfig(Section):
     teacher: str | None = None  # export folder of the frozen teacher (required)
     global_loss: Literal["queue", "cosine", "none"] = "queue"
     dense_loss: Literal["mse", "cosine", "none"] = "none"
-    global_weight: float = 1.0
-    dense_weight: float = 1.0
-    queue_size: int | None = None  # null: a quarter of the training set, as a power of two in [16, 8192] (ours)
-    temperature: float = 0.07
+    global_weight: float = Field(1.0, ge=0)
+    dense_weight: float = Field(1.0, ge=0)
+    # null: a quarter of the training set, as a power of two in [16, 8192] (ours)
+    queue_size: int | None = Field(None, gt=0)
+    temperature: float = Field(0.07, gt=0)
     mixup: bool = True  # a convex combination with another image of the batch, lambda ~ U(0, 1)
-    hflip: float = 0.5
-    teacher_blocks: int = 1  # dense targets: the last N blocks of a ViT teacher, concatenated (LightlyTrain v2: 2)
-    teacher_size: int | None = None  # the teacher's input size; null: its export's image size
+    hflip: float = Field(0.5, ge=0, le=1)
+    # dense targets: the last N blocks of a ViT teacher, concatenated (LightlyTrain v2: 2)
+    teacher_blocks: int = Field(1, ge=1)
+    teacher_size: int | None = Field(None, gt=0)  # the teacher's input size; null: its export's image size
+
+    @model_validator(mode="after")
+    def _refuse_unread(self) -> "DistillConfig":
+        unread = {}
+        if self.global_loss != "queue":
+            unread |= dict.fromkeys(("queue_size", "temperature"), f"distill.global_loss={self.global_loss}")
+        if self.global_loss == "none":
+            unread["global_weight"] = "distill.global_loss=none"
+        if self.dense_loss == "none":
+            unread["dense_weight"] = "distill.dense_loss=none"
+        self.refuse_unread_values("distill", unread)
+        return self
 
 
 def pooled_and_map(model: nn.Module, x: Tensor, blocks: int = 1) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslpipe.config import RunConfig
 from sslpipe.data.targets import masks_to_targets
 from sslpipe.eval.detection import DetectionMetric
 from sslpipe.eval.seg_eval import slide_logits
@@ -68,6 +69,12 @@ class Mask2FormerConfig(FinetuneConfig):
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
     test_topk: int = 100  # instance inference: top-k (query, class) pairs per image
+
+    def check_run(self, run: RunConfig) -> None:
+        """Instance evaluation fits the whole image into the training square: the sliding-window keys are unread."""
+        if self.task == "instance":
+            run.eval.refuse_unread_values("eval", dict.fromkeys(("mode", "window", "stride_rate"),
+                                                                "finetune_mask2former.task=instance"))
 
 
 class Mask2FormerRecipe(DenseFinetuneRecipe):

@@ -31,7 +31,7 @@ class IBOTHeadConfig(HeadConfig):
     """DINO's head plus the patch prototypes; `shared_head`: the patch tokens go through the CLS head's MLP and last
     layer (student, teacher; published ViT-S/16: both true)."""
 
-    patch_out_dim: int = 8192
+    patch_out_dim: int = Field(8192, gt=0)
     shared_head: bool = True
     shared_head_teacher: bool = True
 
@@ -40,9 +40,9 @@ class IBOTLossConfig(TeacherLossConfig):
     """The patch term's teacher temperature (warmed up from `pred_start_epoch`), its centre momentum, and the
     weights of the CLS (`lambda1`) and patch (`lambda2`) terms."""
 
-    warmup_teacher_patch_temp: float = 0.04
-    teacher_patch_temp: float = 0.07
-    center_momentum2: float = 0.9
+    warmup_teacher_patch_temp: float = Field(0.04, gt=0)
+    teacher_patch_temp: float = Field(0.07, gt=0)
+    center_momentum2: float = Field(0.9, ge=0, le=1)
     lambda1: float = 1.0
     lambda2: float = 1.0
 

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from sslpipe.config import ConfigError, RunConfig, legacy, run_schema
-from sslpipe.config.loading import apply_overrides, read_yaml, refuse_unread, validate
+from sslpipe.config.loading import (
+    apply_overrides,
+    override_origins,
+    read_yaml,
+    refuse_unread,
+    split_override,
+    unknown_key_message,
+    validate,
+)
 from sslpipe.recipes.base import Recipe
 
 KNOWN_RECIPES: dict[str, str] = {
@@ -54,7 +62,8 @@ def get_recipe(method: str) -> type[Recipe]:
 def schema_for(method: str) -> type[RunConfig]:
     """The schema of `method`'s runs (the core, the method's section, its unread core keys), one class per method."""
     cls = get_recipe(method)
-    return run_schema(cls.config_key, cls.config_section, cls.unread)
+    # every built-in method evaluates on data.val; a recipe of your own may evaluate on something else
+    return run_schema(cls.config_key, cls.config_section, cls.unread, evaluates_val=method in KNOWN_RECIPES)
 
 
 def _other_sections(method: str) -> dict[str, str]:
@@ -66,33 +75,59 @@ def _other_sections(method: str) -> dict[str, str]:
 
 
 def _method_of(data: dict[str, Any], where: str) -> str:
+    """The method, a built-in one by its registry key (`DINO` -> `dino`), as the commands compare it exactly."""
     method = data.get("method")
     if not isinstance(method, str) or not method:
         raise ConfigError(f"{where}: required key 'method' is missing (e.g. method: dinov2; known methods: "
                           f"{', '.join(sorted(KNOWN_RECIPES))})")
-    return method
+    return method.lower() if method.lower() in KNOWN_RECIPES else method
+
+
+def _method_override(item: str, method: str, where: str) -> str:
+    """`method=X` picks the schema, so it may only name a recipe that reads the same section (a subclass of the
+    recipe's method, `package.module:Class`); another method's schema would refuse the recipe's own section."""
+    keys, raw = split_override(item)
+    new = _method_of({"method": raw.strip()}, f"override '{item}'")
+    try:
+        same = len(keys) == 1 and get_recipe(new).config_key == get_recipe(method).config_key
+    except ValueError as err:
+        raise ConfigError(f"override '{item}': {err}") from None
+    if not same:
+        raise ConfigError(f"override '{item}': the method cannot be overridden by another method's; choose it in "
+                          f"the recipe file ({where}), or use a recipe of that method (recipes/*.yaml)")
+    return new
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config", overrides: Iterable[str] = ()) -> RunConfig:
-    """Validate a plain dict (plus overrides) under its method's schema; errors name `where` and the dotted key.
-    A config written before the per-method schema is read in its new layout (`sslpipe.config.legacy`)."""
+    """Validate a plain dict (plus overrides) under its method's schema; errors name `where`, or the override, and
+    the dotted key. A config written before the per-method schema is read in its new layout (`config.legacy`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(data).__name__}")
     overrides = list(overrides)
     method = _method_of(data, where)
+    for item in [o for o in overrides if split_override(o)[0][0] == "method"]:
+        method = _method_override(item, method, where)
+        overrides.remove(item)
+    data = {**data, "method": method}
     try:
         schema = schema_for(method)
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
-    if legacy.is_legacy(data, schema):
+    hints = _other_sections(method)
+    key = get_recipe(method).config_key
+    if legacy.is_legacy(data, schema, key):
+        foreign = sorted(data.keys() & (hints.keys() - legacy.OWNED_SECTIONS.keys()))  # today's, not 0.1's
+        if foreign:
+            raise ConfigError(unknown_key_message(schema, (foreign[0],), where, hints))
         sections = {cls.config_key: cls.config_section for cls in map(get_recipe, KNOWN_RECIPES)}
-        data, notes = legacy.migrate(data, get_recipe(method).config_key, schema, sections, where)
+        data, notes = legacy.migrate(data, key, schema, sections, where)
         print(f"{where}: read in the layout before per-method sections; moved {', '.join(notes) or 'nothing'}",
               file=sys.stderr)
-    hints = _other_sections(method)
+    hints = {**hints, **legacy.moved_hints(schema, key)}
+    origins = override_origins(overrides)
     apply_overrides(data, overrides, schema, hints)
-    refuse_unread(data, schema.unread, method, where)
-    return validate(data, schema, where, hints)
+    refuse_unread(data, schema.unread, method, where, origins)
+    return validate(data, schema, where, hints, origins)
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:

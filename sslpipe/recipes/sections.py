@@ -18,10 +18,10 @@ class HeadConfig(Section):
     """DINO's projection head: MLP in -> hidden -> ... -> bottleneck, L2 normalisation, weight-normalised linear to
     `out_dim` prototypes (`norm_last_layer`: the weight-norm gain fixed to 1)."""
 
-    out_dim: int = 8192
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    nlayers: int = 3
+    out_dim: int = Field(8192, gt=0)
+    hidden_dim: int = Field(2048, gt=0)
+    bottleneck_dim: int = Field(256, gt=0)
+    nlayers: int = Field(3, ge=1)
     norm_last_layer: bool = False
 
 
@@ -29,11 +29,11 @@ class TeacherLossConfig(Section):
     """Sharpening and centring of the teacher: student temperature, teacher temperature warmed up linearly from
     `warmup_teacher_temp` over `warmup_teacher_temp_epochs`, centre momentum."""
 
-    student_temp: float = 0.1
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.07
-    warmup_teacher_temp_epochs: float = 30
-    center_momentum: float = 0.9
+    student_temp: float = Field(0.1, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    teacher_temp: float = Field(0.07, gt=0)
+    warmup_teacher_temp_epochs: float = Field(30, ge=0)
+    center_momentum: float = Field(0.9, ge=0, le=1)
 
 
 class QScoreConfig(Section):
@@ -70,9 +70,9 @@ class TeacherStudentConfig(Section):
     `momentum_teacher_end` per iteration; the epochs whose last-layer gradients are dropped; crop packing; head, loss,
     Q-score."""
 
-    momentum_teacher: float = 0.996
-    momentum_teacher_end: float = 1.0
-    freeze_last_layer_epochs: float = 1
+    momentum_teacher: float = Field(0.996, ge=0, le=1)
+    momentum_teacher_end: float = Field(1.0, ge=0, le=1)
+    freeze_last_layer_epochs: float = Field(1, ge=0)
     # with model.init_from: the heads start from the export's when it carries this method's (`--with-heads`)
     init_heads: bool = True
     # the student's global and local crops in one pass of the ViT's blocks, attention inside each crop (the official

@@ -186,10 +186,134 @@ def test_a_string_field_keeps_the_text_yaml_would_read_as_another_type(tmp_path:
 
 def test_one_name_for_a_list_field_is_a_one_element_list(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, MINIMAL), ["tracking.log_with=wandb", "eval.knn_k=20",
-                                                 "optim.step_epochs=[8, 11]"])
+                                                 "optim.schedule=step", "optim.step_epochs=[8, 11]"])
     assert cfg.tracking.log_with == ["wandb"] and cfg.eval.knn_k == [20] and cfg.optim.step_epochs == [8.0, 11.0]
     assert cfg.crops.global_scale == (0.25, 1.0)  # tuples are not lists: a single value stays an error
     with pytest.raises(ConfigError, match="crops.global_scale"):
         load_config(write(tmp_path, MINIMAL), ["crops.global_scale=0.4"])
     with pytest.raises(ConfigError, match="tracking.log_with"):
         load_config(write(tmp_path, MINIMAL), ["tracking.log_with=mlflow"])
+
+
+# ------------------------------------------------------------------------------------------- review findings
+def test_the_method_cannot_be_overridden(tmp_path: Path) -> None:
+    """The schema is chosen by the recipe's method: an override would validate under the wrong one."""
+    with pytest.raises(ConfigError, match=r"override 'method=simclr': the method cannot be overridden"):
+        load_config(write(tmp_path, MINIMAL), ["method=simclr"])
+
+
+def test_the_method_name_is_the_registry_key(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL.replace("dino", "DINO"))).method == "dino"
+
+
+def test_an_evaluation_setting_that_would_never_act_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train.best_metric=knn/top1_k20 is never computed: eval.every_epochs is "):
+        load_config(write(tmp_path, MINIMAL), ["train.best_metric=knn/top1_k20"])
+    with pytest.raises(ConfigError, match=r"eval.every_epochs=1 evaluates on data.val, which is not set"):
+        load_config(write(tmp_path, MINIMAL), ["eval.every_epochs=1"])
+    cfg = load_config(write(tmp_path, MINIMAL), ["data.val=x", "eval.every_epochs=1", "train.best_metric=knn/top1_k20"])
+    assert cfg.train.best_metric == "knn/top1_k20"
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("train.log_every=0", r"key 'train.log_every' = 0 is invalid: .*greater than 0"),
+    ("train.grad_accum_steps=0", r"key 'train.grad_accum_steps' = 0 is invalid"),
+    ("train.epochs=0", r"key 'train.epochs' = 0 is invalid"),
+    ("data.batch_size=0", r"key 'data.batch_size' = 0 is invalid"),
+    ("optim.lr=-1", r"key 'optim.lr' = -1 is invalid"),
+    ("optim.betas=[0.9,1.5]", r"key 'optim.betas' = \[0.9, 1.5\] is invalid: must both be in \[0, 1\)"),
+    ("eval.knn_k=[]", r"key 'eval.knn_k' = \[\] is invalid: must hold one or more k >= 1"),
+    ("eval.knn_temperature=0", r"key 'eval.knn_temperature' = 0 is invalid"),
+    ("crops.global_scale=[1.0,0.2]", r"key 'crops.global_scale' = \[1.0, 0.2\] is invalid: must be \(low, high\)"),
+    ("dino.head.out_dim=0", r"key 'dino.head.out_dim' = 0 is invalid"),
+    ("crops.global_size=18", r"crops.global_size=18 is not a multiple of model.patch_size=4: use 16 or 20"),
+])
+def test_out_of_range_values_are_refused_in_one_line_naming_the_key(tmp_path: Path, override: str,
+                                                                    pattern: str) -> None:
+    path = write(tmp_path, MINIMAL + "model: {patch_size: 4}\ncrops: {global_size: 16, local_size: 8}\n")
+    with pytest.raises(ConfigError, match=pattern) as err:
+        load_config(path, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_crops_that_are_not_made_are_not_checked_against_the_patch(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "model: {patch_size: 4}\ncrops: {global_size: 16, local_size: 9, n_local: 0}\n")
+    assert load_config(path).crops.local_size == 9
+    assert load_config(write(tmp_path, MINIMAL), ["model.patch_size=null", "crops.global_size=18"])  # a CNN
+    with pytest.raises(ConfigError, match="dinov3.gram.refresh_every"):
+        load_config(REPO / "recipes/demo_dinov3.yaml", ["dinov3.gram.refresh_every=0"])
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["optim.step_epochs=[1,2]"], r"key 'optim.step_epochs' = \[1.0, 2.0\] is not read with optim.schedule=cosine"),
+    (["optim.poly_power=5"], r"key 'optim.poly_power' = 5.0 is not read with optim.schedule=cosine"),
+    (["optim.sgd_momentum=0.1"], r"key 'optim.sgd_momentum' = 0.1 is not read with optim.name=adamw"),
+    (["optim.name=sgd", "optim.betas=[0.9,0.95]"], r"'optim.betas' = \(0.9, 0.95\) is not read with optim.name=sgd"),
+    (["optim.warmup_iters=5", "optim.warmup_epochs=2"], r"'optim.warmup_epochs' = 2.0 is not read with optim.warmup_"),
+    (["optim.schedule=step", "optim.min_lr=0.1"], r"key 'optim.min_lr' = 0.1 is not read with optim.schedule=step"),
+])
+def test_an_optimiser_key_the_chosen_optimiser_or_schedule_does_not_read_is_refused(
+        tmp_path: Path, overrides: list[str], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(write(tmp_path, MINIMAL), overrides)
+
+
+def test_method_keys_read_only_with_another_setting_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"'distill.temperature' = 0.1 is not read with distill.global_loss=cosine"):
+        load_config(REPO / "recipes/demo_distill.yaml", ["distill.global_loss=cosine", "distill.temperature=0.1"])
+    with pytest.raises(ConfigError, match=r"'eval.mode' = 'slide' is not read with finetune_mask2former.task=instance"):
+        load_config(REPO / "recipes/demo_finetune_m2f.yaml", ["finetune_mask2former.task=instance", "eval.mode=slide"])
+
+
+def test_current_layout_sections_are_not_read_as_sslpipe_0_1() -> None:
+    base = {"data": {"train": "x"}}
+    with pytest.raises(ConfigError, match=r"key 'u2pl' is the section of method 'u2pl', not read by method "
+                                          r"'supervised_seg'"):
+        config_from_dict({"method": "supervised_seg", **base, "supervised_seg": {"crop_size": 128},
+                          "u2pl": {"crop_size": 64}})
+    with pytest.raises(ConfigError, match=r"key 'optim.momentum_teacher' is a key of sslpipe 0.1: it is "
+                                          r"'dino.momentum_teacher' now"):
+        config_from_dict({"method": "dino", **base, "dino": {"momentum_teacher": 0.98},
+                          "optim": {"momentum_teacher": 0.5}})
+    for other in ("simclr", "dinov2"):
+        with pytest.raises(ConfigError, match=rf"key '{other}' is the section of method '{other}'"):
+            config_from_dict({"method": "dino", **base, other: {"temperature": 0.5}})
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.momentum_teacher'"):
+        config_from_dict({"method": "simclr", **base, "optim": {"momentum_teacher": 0.5}})
+
+
+def test_an_old_config_whose_two_keys_move_to_one_place_with_different_values_is_refused() -> None:
+    data = yaml.safe_load((REPO / "tests/fixtures/config_v0.1_dinov2_demo.yaml").read_text())
+    data["eval"]["every_epochs"] = 3  # and eval.knn_every_epochs: 0, which moves there
+    with pytest.raises(ConfigError, match=r"two of its keys set 'eval.every_epochs'"):
+        config_from_dict(data)
+
+
+def test_exponents_without_a_dot_are_floats_in_files_and_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "model: {kwargs: {init_values: 1e-5}}\n")
+    assert load_config(path).model.kwargs == {"init_values": 1e-5}
+    assert load_config(write(tmp_path, MINIMAL), ["model.kwargs.init_values=1e-5"]).model.kwargs["init_values"] == 1e-5
+    assert load_config(write(tmp_path, MINIMAL), ["train.max_steps=1e3"]).train.max_steps == 1000
+
+
+def test_a_header_with_a_newline_stays_a_comment(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    path = save_config(cfg, tmp_path / "out" / "config.yaml", header="overrides: dino.head={out_dim: 32,\n  x: 1}")
+    assert load_config(path) == cfg
+
+
+def test_an_error_caused_by_an_override_names_the_override(tmp_path: Path) -> None:
+    path = REPO / "recipes/demo_u2pl.yaml"
+    with pytest.raises(ConfigError, match=r"^override 'crops.n_local=2': key 'crops.n_local' is not read"):
+        load_config(path, ["crops.n_local=2"])
+    with pytest.raises(ConfigError, match=r"^override 'train.epochs=0': key 'train.epochs'"):
+        load_config(path, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match=r"^\S+recipe.yaml with override 'train.compile_scope=step': "):
+        load_config(write(tmp_path, MINIMAL), ["train.compile_scope=step"])
+
+
+def test_a_section_check_prints_its_message_not_the_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "recipes/demo_dinov2.yaml", ["dinov2.sinkhorn_iterations=0"])
+    assert str(err.value).endswith(": dinov2.sinkhorn_iterations must be >= 1, got 0")
+    assert "koleo" not in str(err.value)

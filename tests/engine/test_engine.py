@@ -413,6 +413,15 @@ def test_resume_with_changed_keys_names_them_and_keeps_the_old_config(tmp_path: 
     assert load_config(run / "config.yaml").optim.lr == 0.01 and load_config(kept).optim.lr == 0.05
 
 
+def test_a_best_metric_the_evaluation_never_returns_stops_with_a_checkpoint(tmp_path: Path) -> None:
+    """A misspelt train.best_metric would keep no best checkpoint without a word: the first evaluation stops the run
+    naming the metrics it returned, after a checkpoint of the epoch."""
+    cfg = toy_cfg(tmp_path, "bm", eval={"every_epochs": 1}, train={"best_metric": "toy/acc"})
+    with pytest.raises(ValueError, match=r"train.best_metric=toy/acc is not .* \(toy_eval\)"):
+        train(cfg)
+    assert [c.name for c in list_checkpoints(tmp_path / "runs" / "bm")] == ["step_00000006"]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path: Path) -> None:
     cfg = toy_cfg(tmp_path, "nan", model={"kwargs": {"nan_at_step": 3}}, train={"checkpoint_every_steps": 2})
     with pytest.raises(TrainingDiverged) as err:

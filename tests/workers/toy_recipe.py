@@ -2,9 +2,9 @@
 
 Selected with `method: tests.workers.toy_recipe:ToyRecipe`. It uses the global torch RNG in every step (input noise and
 dropout) so that exact resume also checks RNG restoration. Options through `model.kwargs`:
-`n_samples` (default 48), `hidden` (the width, default 16), `nan_at_step` (make the loss NaN at that iteration), `signal_at_step` (send this process
-SIGUSR1 at that iteration) and `write_checksums` (in `evaluate`, each rank writes the sha256 of its student + teacher
-parameters to RUN/params_rank{r}.txt).
+`n_samples` (default 48), `hidden` (the width, default 16), `nan_at_step` (make the loss NaN at that iteration),
+`signal_at_step` (send this process SIGUSR1 at that iteration) and `write_checksums` (in `evaluate`, each rank writes
+the sha256 of its student + teacher parameters to RUN/params_rank{r}.txt).
 """
 from __future__ import annotations
 
