@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from sslpipe.config import RunConfig
 from sslpipe.data.stream import loader_stats
 from sslpipe.engine.determinism import deterministic_mode
+from sslpipe.engine.metric_window import MetricWindow
 from sslpipe.engine.optim import (
     apply_schedule,
     build_optimizer,
@@ -409,7 +410,7 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                           f"process(es){hint}")
 
     bar = tqdm(total=stop_at, initial=global_step, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    window_images, window_start, window_loss, window_metrics = 0, time.perf_counter(), [], {}
+    window_images, window_start, window_loss, window_metrics = 0, time.perf_counter(), [], MetricWindow()
     window_steps: list[int] = []
     stop_request = StopRequest(cfg.train.stop_file).install()
     stopping = False  # a stop request was agreed: finish this epoch's end if it is one, checkpoint, return
@@ -445,7 +446,7 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                 window_images += sum(recipe.batch_size_of(b) for b in batch_list)
                 window_loss += losses
                 window_steps += [global_step] * len(losses)
-                window_metrics.update(metrics)  # occasional metrics (health) wait for the next log line
+                window_metrics.add(metrics)  # averaged at the log step, over the window and the processes
                 global_step += 1
                 bar.update(1)
 
@@ -457,12 +458,12 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                     last_metrics = {
                         "step": global_step, "epoch": global_step / spe, "loss": mean_loss, **scheduled,
                         "images_per_s": window_images * world / elapsed, "world_size": world,
-                        **{k: float(v) for k, v in window_metrics.items()},
+                        **window_metrics.means(accelerator),
                     }
                     log(last_metrics)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{s['lr']:.2e}",
                                     img_s=f"{last_metrics['images_per_s']:.1f}")
-                    window_images, window_start, window_loss, window_metrics = 0, time.perf_counter(), [], {}
+                    window_images, window_start, window_loss = 0, time.perf_counter(), []
                     window_steps = []
                     stopping = stop_request.agreed(accelerator)
                     if stopping:

@@ -266,6 +266,23 @@ def test_steps_under_mixed_precision_on_each_device(tmp_path: Path, trainer_devi
     assert not torch.equal(state["body.0.weight"], init["body.0.weight"])
 
 
+def test_logged_recipe_metrics_are_window_means_like_the_loss(tmp_path: Path) -> None:
+    """A recipe metric equal to the loss is logged equal to the loss: the mean over the log window's steps (3 here),
+    not the last step's value."""
+    class Spy(ToyRecipe):
+        def step(self, batch, sched):
+            loss, metrics = super().step(batch, sched)
+            return loss, {**metrics, "loss_again": loss.detach()}
+
+    import tests.workers.toy_recipe as toy_module
+    toy_module.WindowSpyRecipe = Spy
+    run = train(toy_cfg(tmp_path, "window", method="tests.workers.toy_recipe:WindowSpyRecipe",
+                        train={"max_steps": 6, "log_every": 3}))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in lines] == [3, 6]
+    assert all(r["loss_again"] == pytest.approx(r["loss"], rel=1e-6) for r in lines)
+
+
 def test_deterministic_mode_is_scoped_to_the_run(tmp_path: Path) -> None:
     assert not torch.are_deterministic_algorithms_enabled()
     seen = {}
