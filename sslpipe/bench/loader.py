@@ -41,7 +41,7 @@ def _raw_samples(shard_dir: str, split: str, max_images: int) -> list[dict]:
     """The first `max_images` raw samples (encoded bytes) of the split, in shard order."""
     reader = StreamDataset(resolve_shards(shard_dir, split), sample_fn=lambda s: s, epoch=0, seed=0, rank=0,
                            world_size=1, num_workers=1, shuffle=False, shuffle_buffer=1, resampled=False,
-                           repeat=False, reading=Reading())
+                           reading=Reading())
     out: list[dict] = []
     for url in reader.urls:
         for sample in reader.read_shard(url):

@@ -14,8 +14,11 @@ Schedule, exact mode (``resampled=False``):
   2. rank r takes ``urls[r::world_size]``, its DataLoader worker w takes ``rank_urls[w::num_workers]``;
   3. samples pass a shuffle buffer seeded from (seed, epoch, rank, worker).
   One epoch with ``num_batches=None`` therefore visits every sample exactly once across ranks and workers.
-  With ``num_batches`` set, each rank yields exactly that many batches (DDP needs equal counts): a worker whose
-  share runs out re-reads its own shards (next pass, order reshuffled from (seed, epoch, rank, worker, pass)).
+  With ``num_batches`` set, each rank yields exactly that many batches (DDP needs equal counts): when a pass over the
+  rank's share ends first, the loader starts the next pass (the share's shard order and the workers' seeds drawn
+  anew from (seed, epoch, rank, pass)). Every pass covers the share exactly once, whatever the workers hold: a
+  worker never re-reads its shards while another has not finished its own (a DataLoader takes batches from its
+  workers in turn, so endless workers would over-read the short ones and leave the long ones unfinished).
 Resampled mode draws shards with replacement per (seed, epoch, rank, worker); it is infinite and cut at
 ``num_batches`` (required).
 
@@ -226,12 +229,13 @@ class StreamDataset(IterableDataset):
 
     def __init__(self, urls: list[str], *, sample_fn: Callable[[dict], Any], epoch: int, seed: int, rank: int,
                  world_size: int, num_workers: int, shuffle: bool, shuffle_buffer: int, resampled: bool,
-                 repeat: bool, reading: Reading, entries: dict[str, dict] | None = None) -> None:
+                 reading: Reading, entries: dict[str, dict] | None = None) -> None:
         super().__init__()
         self.urls, self.sample_fn = urls, sample_fn
         self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
         self.num_workers, self.shuffle, self.shuffle_buffer = num_workers, shuffle, shuffle_buffer
-        self.resampled, self.repeat, self.reading = resampled, repeat, reading
+        self.resampled, self.reading = resampled, reading
+        self.npass = 0  # which pass over the rank's share (`StreamLoader` starts the next when one ends early)
         self.entries = entries or {}
         self.stats = _Stats()
 
@@ -247,11 +251,18 @@ class StreamDataset(IterableDataset):
             rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 1))
             while True:
                 yield rng.choice(self.urls)
-        mine = self.rank_shards()[worker::self.num_workers]
-        yield from mine
-        for npass in range(1, (1 << 62) if self.repeat else 1):  # re-read the share when a batch count is asked
-            random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 2, npass)).shuffle(mine)
-            yield from mine
+        yield from self.pass_shards()[worker::self.num_workers]
+
+    def pass_shards(self) -> list[str]:
+        """The rank's shards in this pass's order: `rank_shards` for the first pass, reshuffled for later ones."""
+        mine = self.rank_shards()
+        if self.npass:
+            random.Random(derive_seed(self.seed, self.epoch, self.rank, 2, self.npass)).shuffle(mine)
+        return mine
+
+    def _seed(self, *parts: int) -> int:
+        """A seed of (seed, epoch, rank, *parts), drawn anew for each pass after the first."""
+        return derive_seed(self.seed, self.epoch, self.rank, *parts, *((4, self.npass) if self.npass else ()))
 
     def _problem(self, kind: str, url: str, key: str | None, exn: BaseException) -> None:
         what = f"shard {url}" + (f", sample {key!r}" if key else "")
@@ -310,7 +321,7 @@ class StreamDataset(IterableDataset):
             except Exception as exn:
                 self._problem("corrupt_samples", sample["__url__"], sample["__key__"], exn)
                 failures += 1
-                if (self.resampled or self.repeat) and failures > self._pass_samples + self.shuffle_buffer:
+                if self.resampled and failures > self._pass_samples + self.shuffle_buffer:
                     warnings.warn(f"rank {self.rank}: {failures} undecodable samples in a row, a full pass over its "
                                   "shards; stopping this worker's stream", CorruptSampleWarning, stacklevel=2)
                     return
@@ -321,20 +332,20 @@ class StreamDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        worker_seed = derive_seed(self.seed, self.epoch, self.rank, worker)
+        worker_seed = self._seed(worker)
         self._pass_samples = 1 << 62  # raw samples in one pass over the schedule; known after the first pass
         random.seed(worker_seed)
         np.random.seed(worker_seed)
         torch.manual_seed(worker_seed)
         raw = self._guarded(worker)
         if self.shuffle:
-            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 3))
+            rng = random.Random(self._seed(worker, 3))
             raw = shuffle_within_passes(raw, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
         return self._decoded(s for s in raw if s is not PASS_END)
 
     def _guarded(self, worker: int) -> Iterator[dict[str, Any]]:
         """Raw samples of the worker's schedule; stops an endless schedule that went a full cycle with no sample."""
-        cycle = len(self.urls) if self.resampled else max(1, len(self.rank_shards()[worker::self.num_workers]))
+        cycle = len(self.urls) if self.resampled else max(1, len(self.pass_shards()[worker::self.num_workers]))
         empty_run, read = 0, 0
         for n, url in enumerate(self._schedule(worker), start=1):
             got = False
@@ -346,7 +357,7 @@ class StreamDataset(IterableDataset):
                 self._pass_samples = read
             if n % cycle == 0 and not self.resampled:
                 yield PASS_END
-            if empty_run >= cycle and (self.resampled or self.repeat):
+            if empty_run >= cycle and self.resampled:
                 warnings.warn(f"rank {self.rank} worker {worker}: {cycle} shards in a row gave no readable sample; "
                               "stopping this worker's stream", CorruptSampleWarning, stacklevel=2)
                 return
@@ -420,19 +431,28 @@ class StreamLoader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[Any]:
+        """The batches of pass 0, then of passes 1, 2, ... while `num_batches` is not reached (the dataset's
+        `npass` picks the pass; a pass that gives no batch at all ends the stream)."""
         in_process = self.loader.num_workers == 0
         rng = _OwnRNG()
-        with rng if in_process else nullcontext():
-            batches = iter(self.loader)
-        produced = 0
-        while self.num_batches is None or produced < self.num_batches:
+        produced, npass, in_pass = 0, 0, 1
+        while in_pass and (self.num_batches is None or produced < self.num_batches):
+            self.dataset.npass = npass  # before the workers start: each gets a copy of the dataset
             with rng if in_process else nullcontext():
-                batch = next(batches, _END)
-            if batch is _END:
+                batches = iter(self.loader)
+            in_pass = 0
+            while self.num_batches is None or produced < self.num_batches:
+                with rng if in_process else nullcontext():
+                    batch = next(batches, _END)
+                if batch is _END:
+                    break
+                produced, in_pass = produced + 1, in_pass + 1
+                yield batch
+            del batches  # shuts the worker processes down (persistent_workers=False)
+            if self.num_batches is None or self.dataset.resampled:
                 break
-            produced += 1
-            yield batch
-        del batches  # shuts the worker processes down (persistent_workers=False)
+            npass += 1
+        self.dataset.npass = 0
         if self.num_batches is not None and produced < self.num_batches:
             raise ShardReadError(f"rank {self.dataset.rank}: the shards gave only {produced} of {self.num_batches} "
                                  f"batches (stats: {self.stats}); check the shards or lower num_batches")
@@ -458,8 +478,9 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
     """Build the batch stream of one rank for one epoch (schedule and seeding: see the module docstring).
 
     Rank and world size are explicit (no torch.distributed lookup). Batches are formed inside each DataLoader
-    worker from that worker's samples; with `num_batches=None` and `drop_last=True` each worker's last partial
-    batch is dropped. Workers beyond this rank's shard count would get nothing and are not started.
+    worker from that worker's samples; with `drop_last=True` each worker's last partial batch is dropped, and
+    always with `num_batches` (a pass's partial batch would fall in the middle of the epoch's full ones). Workers
+    beyond this rank's shard count would get nothing and are not started.
     `pin_memory` (training on CUDA) pins the batches so that their copies to the GPU can run asynchronously.
     """
     if not 0 <= rank < world_size:
@@ -477,10 +498,10 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
         num_workers = min(num_workers, len(urls[rank::world_size]))
     dataset = StreamDataset(urls, sample_fn=sample_fn, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
                             num_workers=max(1, num_workers), shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                            resampled=resampled, repeat=num_batches is not None, reading=reading,
+                            resampled=resampled, reading=reading,
                             entries=shard_entries(spec, split))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
-                        drop_last=drop_last, persistent_workers=False, pin_memory=pin_memory,
+                        drop_last=drop_last or num_batches is not None, persistent_workers=False, pin_memory=pin_memory,
                         # DataLoader draws a base seed from this generator, not from the caller's global RNG
                         generator=torch.Generator().manual_seed(derive_seed(seed, epoch, rank)))
     return StreamLoader(dataset, loader, num_batches)
