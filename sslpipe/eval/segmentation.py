@@ -3,7 +3,10 @@
 torchmetrics' `MulticlassJaccardIndex(ignore_index=255)` accumulates one confusion matrix over the whole data set (the
 mmseg/detectron2 protocol), unlike `segmentation.MeanIoU`, which averages per image and has no ignore index. mIoU
 is the mean IoU over the classes that occur in the ground truth or the predictions (union > 0), as torchmetrics'
-`average="macro"` and detectron2's `SemSegEvaluator` do; classes with an empty union are reported as NaN.
+`average="macro"` and mmseg do; classes with an empty union are reported as NaN. detectron2's `SemSegEvaluator`
+(Mask2Former's own evaluation) averages over the classes present in the ground truth only, so a class predicted but
+absent from every label counts here (IoU 0) and not there: the two agree on a full ADE20K or VOC val set, where every
+class occurs, and can differ on a small subset (`eval.max_val`).
 """
 from __future__ import annotations
 

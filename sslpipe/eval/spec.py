@@ -27,7 +27,8 @@ class LastBlocksCLS:
 
     timm's `forward_intermediates(norm=True)` applies `model.norm` to every returned block output, as DINO's
     `get_intermediate_layers` does; `return_prefix_tokens=True` hands back the prefix tokens whose first is CLS.
-    CNNs (no class token) fall back to `pooled_features`.
+    CNNs (no class token) fall back to `pooled_features`. A class token is `has_class_token` on timm's
+    VisionTransformer and a `cls_token` on its Eva (DINOv3, EVA-02), which has no such flag.
     """
 
     def __init__(self, n: int = 4) -> None:
@@ -36,7 +37,8 @@ class LastBlocksCLS:
         self.n = n
 
     def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
-        if not (getattr(model, "has_class_token", False) and hasattr(model, "forward_intermediates")):
+        cls = getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
+        if not (cls and hasattr(model, "forward_intermediates")):
             return pooled_features(model, x)
         blocks = model.forward_intermediates(x, indices=self.n, norm=True, output_fmt="NLC",
                                              intermediates_only=True, return_prefix_tokens=True)

@@ -294,6 +294,10 @@ def build_vitdet_pyramid(vit: VisionTransformer | Eva, *, window_size: int = 14,
     """A timm ViT -> ViTDet pyramid. `img_size` (the fine-tuning input) sizes the global blocks' relative-position
     tables as detectron2 does (input_size = img_size / patch); None uses the pre-training grid."""
     patch = int(vit.patch_embed.patch_size[0])
+    if patch & (patch - 1):
+        raise ValueError(f"ViTDet's pyramid makes strides 4-32 from the patch grid by factors of 2, so it needs a "
+                         f"power-of-two patch size; this ViT's patch is {patch} px (DINOv2's 14). Fine-tune an export "
+                         "with 8 or 16 px patches, or probe this one with `sslpipe linear-seg`")
     grid = (img_size // patch, img_size // patch) if img_size else None
     backbone = ViTDetBackbone(vit, window_size=window_size, global_blocks=global_blocks, use_rel_pos=use_rel_pos,
                               rel_pos_grid=grid)

@@ -151,6 +151,24 @@ def test_feature_definitions():
         assert torch.equal(LastBlocksCLS(4)(cnn, x), cnn(x))
 
 
+def test_last_blocks_cls_of_an_eva_vit_dinov3_concatenates_its_blocks():
+    """timm's Eva (every DINOv3 export) has a CLS token but no `has_class_token` flag: the `blocks` pooling is still
+    the last blocks' CLS, each through the final norm (read here from hooks on the blocks), not the pooled feature."""
+    vit = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, img_size=32, depth=3,
+                            embed_dim=32, num_heads=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, a, out: outs.append(out)) for b in vit.blocks[-2:]]
+    with torch.no_grad():
+        final = vit.forward_features(x)[:, 0]
+        for h in hooks:
+            h.remove()
+        expected = torch.cat([vit.norm(o)[:, 0] for o in outs], dim=1)
+        got = LastBlocksCLS(2)(vit, x)
+    assert got.shape == (2, 64) and torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got[:, 32:], final, atol=1e-5)
+
+
 def test_bench_returns_three_timings():
     result = run_knn_bench(n_train=500, n_test=100, dim=16, k=10, num_classes=4)
     for key in ("faiss_s", "torch_s", "sklearn_s", "faiss_vs_torch", "faiss_vs_sklearn"):

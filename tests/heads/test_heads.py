@@ -202,6 +202,15 @@ def test_rope_window_attention_rotates_each_token_by_its_grid_position(device):
         assert not torch.allclose(wb(x, None), got, atol=1e-3)  # the rotation matters
 
 
+def test_a_patch_14_vit_is_refused_in_one_line_naming_the_patch():
+    """DINOv2's 14 px patch cannot make strides 4-32 by factors of 2: refused when the pyramid is built, before any
+    training, naming the patch and what to do (it was a stride message from deep inside the pyramid)."""
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=56, depth=1,
+                            embed_dim=32, num_heads=2)
+    with pytest.raises(ValueError, match=r"power-of-two patch size; this ViT's patch is 14 px .* linear-seg"):
+        build_vitdet_pyramid(vit, window_size=4, global_blocks=[0], img_size=56)
+
+
 def test_mask2former_step_on_a_rope_backbone(device):
     """DINOv3's RoPE ViT (with [CLS] and storage tokens, dropped by the trunk) under Mask2Former: a finite loss that
     reaches the blocks, and a refusal of relative-position tables in one line."""
