@@ -41,6 +41,11 @@ class DenseTransform:
         if self.need_inst and "inst" not in raw:
             raise ValueError(f"sample {raw['key']} of {raw['url']} has no inst.png (instance ids): instance tasks need "
                              "shards with instance maps (`sslpipe shards --dataset scenes`)")
+        for name in ("seg", "inst"):
+            if name in raw and raw[name].size != raw["image"].size:
+                raise ValueError(f"sample {raw['key']} of {raw['url']}: its {name}.png is {raw[name].size[0]}x"
+                                 f"{raw[name].size[1]} px, its image {raw['image'].size[0]}x{raw['image'].size[1]}: a "
+                                 "label map must be the size of its image (rewrite the shards with `sslpipe shards`)")
         img = TF.pil_to_tensor(raw["image"])
         seg = torch.from_numpy(np.asarray(raw["seg"], dtype=np.uint8).copy())[None]
         inst = torch.from_numpy(np.asarray(raw["inst"], dtype=np.float32).copy())[None] if "inst" in raw else None
@@ -62,8 +67,9 @@ class DenseTransform:
         factor = self.size * s / max(h, w)
         size = [max(1, round(h * factor)), max(1, round(w * factor))]
         img = TF.resize(img, size, antialias=True)
-        seg = TF.resize(seg, size, interpolation=InterpolationMode.NEAREST)
-        inst = TF.resize(inst, size, interpolation=InterpolationMode.NEAREST) if inst is not None else None
+        # NEAREST_EXACT samples pixel centres as the image's resize does (NEAREST shifts edges by up to a pixel)
+        seg = TF.resize(seg, size, interpolation=InterpolationMode.NEAREST_EXACT)
+        inst = TF.resize(inst, size, interpolation=InterpolationMode.NEAREST_EXACT) if inst is not None else None
         if float(torch.rand(())) < self.hflip:
             img, seg = TF.horizontal_flip(img), TF.horizontal_flip(seg)
             inst = TF.horizontal_flip(inst) if inst is not None else None

@@ -32,7 +32,8 @@ key and counted in ``loader.stats`` (``corrupt_samples``, ``shard_errors``). The
 so counts from worker processes are included; they count every sample a worker has read, including batches
 prefetched but not yet consumed (`loader_stats`; the trainer prints and logs their totals at the end of a run).
 ``on_error="raise"`` raises :class:`ShardReadError` instead, and so does the shard after `max_skipped_shards`
-lost by one loader. HTTP(S) shards are read with retries, a read timeout and resumption (`sslpipe.data.remote`).
+lost by one loader. An error of `sample_fn` (a transform refusing a sample: a label map of another size, a missing
+key) is always raised, as a `ShardReadError` naming the shard and key. HTTP(S) shards are read with retries, a read timeout and resumption (`sslpipe.data.remote`).
 """
 
 from __future__ import annotations
@@ -327,7 +328,12 @@ class StreamDataset(IterableDataset):
                     return
                 continue
             failures = 0
-            yield self.sample_fn(decoded)
+            try:
+                out = self.sample_fn(decoded)
+            except Exception as exn:  # a data or configuration error: raised, naming where, never skipped
+                raise ShardReadError(f"shard {sample['__url__']}, sample {sample['__key__']!r}: "
+                                     f"{type(exn).__name__}: {exn}") from exn
+            yield out
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()

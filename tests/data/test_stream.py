@@ -152,6 +152,20 @@ def test_an_epoch_with_a_batch_count_reads_every_sample_before_any_twice(tmp_pat
     assert len(seen) >= len(keys) - world * workers * (batch - 1)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_transform_error_names_the_shard_and_the_sample(tmp_path, workers):
+    """A sample_fn that refuses a sample (a label of another size, a missing key) stops the loader naming where."""
+    _write_shards(tmp_path, [3])
+
+    def refuse(raw):
+        if raw["key"] == "train_00000001":
+            raise ValueError("label size differs")
+        return raw["key"]
+
+    with pytest.raises(ShardReadError, match=r"train-000000.tar, sample 'train_00000001': ValueError: label size"):
+        _keys(_loader(str(tmp_path), sample_fn=refuse, num_workers=workers, shuffle=False))
+
+
 def test_resampled_mode(tmp_path):
     keys = _write_shards(tmp_path, [3, 3])
     batches = list(_loader(str(tmp_path), resampled=True, num_batches=5, batch_size=4, num_workers=2))

@@ -150,6 +150,22 @@ def test_dense_transform_keeps_labels_aligned():
     no_inst = {k: v for k, v in raw.items() if k != "inst"}
     with pytest.raises(ValueError, match="inst.png"):
         DenseTransform(32, (1.0, 1.0), 0.0, (0.5,) * 3, (0.5,) * 3, need_inst=True)(no_inst)
+    small = {**no_inst, "seg": Image.fromarray(sem[:20, :15])}  # it used to be stretched onto the image
+    for train in (True, False):
+        with pytest.raises(ValueError, match=r"sample k of u: its seg.png is 15x20 px, its image 30x40"):
+            DenseTransform(32, (1.0, 1.0), 0.0, (0.5,) * 3, (0.5,) * 3, train=train)(small)
+
+
+def test_downscaled_labels_keep_the_image_edges():
+    """A vertical edge at column 100 of 300, shrunk to 100 px: the label edge lands where the image's resize puts it,
+    column 33 (torch's NEAREST put it at 34: its samples are not pixel centres)."""
+    sem = np.zeros((30, 300), np.uint8)
+    sem[:, 100:] = 1
+    raw = {"key": "k", "url": "u", "image": Image.fromarray(np.stack([sem * 255] * 3, -1)), "seg": Image.fromarray(sem)}
+    out = DenseTransform(100, (1.0, 1.0), 0.0, (0.0,) * 3, (1.0,) * 3, train=True)(raw)
+    row_image, row_seg = out["image"][0, 5, :], out["seg"][5, :]
+    image_edge = int((row_image >= 0.5).nonzero()[0])
+    assert image_edge == 33 and int((row_seg == 1).nonzero()[0]) == image_edge  # 100 / 3 = 33.3
 
 
 # ----------------------------------------------------------------------------------------------------- config
