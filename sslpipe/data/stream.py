@@ -33,7 +33,8 @@ so counts from worker processes are included; they count every sample a worker h
 prefetched but not yet consumed (`loader_stats`; the trainer prints and logs their totals at the end of a run).
 ``on_error="raise"`` raises :class:`ShardReadError` instead, and so does the shard after `max_skipped_shards`
 lost by one loader. An error of `sample_fn` (a transform refusing a sample: a label map of another size, a missing
-key) is always raised, as a `ShardReadError` naming the shard and key. HTTP(S) shards are read with retries, a read timeout and resumption (`sslpipe.data.remote`).
+key) is always raised, as a `ShardReadError` naming the shard and key. HTTP(S) shards are read with retries, a
+read timeout and resumption (`sslpipe.data.remote`).
 """
 
 from __future__ import annotations
