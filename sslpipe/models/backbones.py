@@ -139,7 +139,9 @@ def vit_pos_embed(vit: VisionTransformer, tokens: Tensor) -> Tensor:
             side = math.isqrt(pos.shape[1])
             old = (side, side)
         matrix = pos_interpolation_matrix(old, (H, W), pos.device, torch.float32)
-        pos = (matrix @ pos[0].float()).to(pos.dtype).unsqueeze(0)
+        # matmul is on autocast's half-precision list; the official resize (F.interpolate) stays in float32
+        with torch.autocast(pos.device.type, enabled=False):
+            pos = (matrix @ pos[0].float()).to(pos.dtype).unsqueeze(0)
     if vit.no_embed_class:
         x = torch.cat(prefix + [x + pos], dim=1)
     else:
@@ -164,12 +166,24 @@ class MaskedViT(nn.Module):
     "skip", (b) infers the dynamic token grid as a square (non-square crops fail) and (c) takes a (B, P+N) mask
     including prefix tokens. With weight_initialization="skip", pos_embed_initialization="skip" and square crops it
     computes the same thing (tested in tests/test_models.py).
+
+    Refused: a ViT without a [CLS] token (token 0 would be a patch or a register, trained as the [CLS]) and a distilled
+    DeiT (a second prefix token, and a pooled feature that is not the trained [CLS]).
     """
 
     def __init__(self, vit: VisionTransformer | Eva, mask_token: bool) -> None:
         super().__init__()
         if not isinstance(vit, (VisionTransformer, Eva)):
             raise TypeError(f"MaskedViT needs a timm VisionTransformer or Eva, got {type(vit).__name__}")
+        arch = (getattr(vit, "pretrained_cfg", None) or {}).get("architecture") or type(vit).__name__
+        if vit.cls_token is None:
+            raise ValueError(f"model.arch={arch} is built without a [CLS] token (a `*_gap_*` arch or "
+                             f"model.kwargs.class_token: false), but dino, ibot, dinov2 and dinov3 train token 0 as "
+                             f"the [CLS]: choose a ViT with a class token or remove class_token from model.kwargs")
+        if getattr(vit, "dist_token", None) is not None:
+            raise ValueError(f"model.arch={arch} is a distilled DeiT: its extra distillation token is a second prefix "
+                             f"token and timm's feature averages it with the [CLS], which dino, ibot, dinov2 and "
+                             f"dinov3 do not train; choose the DeiT without `_distilled`")
         self.vit = vit
         self.embed_dim: int = vit.embed_dim
         self.num_prefix_tokens: int = vit.num_prefix_tokens

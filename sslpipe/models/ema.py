@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from timm.layers import PatchDropout
 from torch import nn
 
 from sslpipe.weights.state_dict import local_slice
@@ -28,18 +29,27 @@ def _clean(name: str) -> str:
     return name
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """``model`` with its drop-path, dropout (attention, projection, position, MLP) and patch-dropout rates set to 0,
+    in place, so that a teacher's targets are deterministic even in train mode (kept for BatchNorm batch statistics,
+    as the official code does). Zeroing the rates rather than calling ``eval()`` leaves the mode to the caller."""
+    for m in model.modules():
+        if hasattr(m, "drop_prob"):  # timm DropPath
+            m.drop_prob = 0.0
+        if isinstance(m, nn.modules.dropout._DropoutNd):  # timm's fused attention reads attn_drop.p too
+            m.p = 0.0
+        if isinstance(m, PatchDropout):
+            m.prob = 0.0
+    return model
+
+
 def build_teacher(student: nn.Module) -> nn.Module:
-    """Deep copy of ``student`` with no gradients and drop-path / dropout rates set to 0 (docs/methods.md §1: teacher
+    """Deep copy of ``student`` with no gradients and no dropout (`disable_dropout`; docs/methods.md §1: teacher
     drop_path 0), so the teacher may run in train mode (BatchNorm batch statistics, as the official code does) or
     eval mode; the caller decides."""
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
-    for m in teacher.modules():
-        if hasattr(m, "drop_prob"):  # timm DropPath
-            m.drop_prob = 0.0
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.p = 0.0
-    return teacher
+    return disable_dropout(teacher)
 
 
 @torch.no_grad()

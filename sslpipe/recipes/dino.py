@@ -18,6 +18,7 @@ from torch import nn
 from sslpipe.losses.dino import DINOLoss
 from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.models.backbones import MaskedViT, backbone_embed_dim, is_vit_arch, pooled_features, sync_batchnorm
+from sslpipe.models.ema import disable_dropout
 from sslpipe.models.heads import DINOHead
 from sslpipe.models.packed_crops import crop_tokens
 from sslpipe.recipes.multicrop import MultiCropRecipe
@@ -72,8 +73,8 @@ class DINORecipe(MultiCropRecipe):
         self.accelerator = accelerator
         self.student = self.build_net(self.cfg.model.drop_path_rate)
         self.start_from_export(self.student)
-        # The official teacher is a second network without drop path, initialised from the student.
-        self.teacher = self.build_net(0.0)
+        # The official teacher is a second network without drop path or dropout, initialised from the student.
+        self.teacher = disable_dropout(self.build_net(0.0))
         self.teacher.load_state_dict(self.student.state_dict())
         sync = dict(enabled=self.cfg.model.sync_batchnorm, num_processes=accelerator.num_processes,
                     device=accelerator.device)

@@ -40,6 +40,7 @@ from sslpipe.data.masking import MaskGenerator
 from sslpipe.losses.dinov2 import DINOv2Loss
 from sslpipe.losses.health import dense_health, embedding_health, health_metrics
 from sslpipe.models.backbones import MaskedViT
+from sslpipe.models.ema import disable_dropout
 from sslpipe.models.heads import DINOHead
 from sslpipe.models.packed_crops import crop_tokens
 from sslpipe.recipes.multicrop import MultiCropRecipe
@@ -278,8 +279,8 @@ class DINOv2Recipe(MultiCropRecipe):
         self.accelerator = accelerator
         self.student = self.build_net(self.cfg.model.drop_path_rate, mask_token=True)
         self.start_from_export(self.student)
-        # Teacher: no mask token, no drop path, initialised from the student (parameters present in both).
-        self.teacher = self.build_net(0.0, mask_token=False)
+        # Teacher: no mask token, no drop path or dropout, initialised from the student (parameters present in both).
+        self.teacher = disable_dropout(self.build_net(0.0, mask_token=False))
         student_state = self.student.state_dict()
         self.teacher.load_state_dict({k: student_state.get(k, v) for k, v in self.teacher.state_dict().items()})
         self.teacher.requires_grad_(False)

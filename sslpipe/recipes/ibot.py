@@ -21,6 +21,7 @@ from sslpipe.curves import warmed_up
 from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.losses.ibot import IBOTLoss
 from sslpipe.models.backbones import MaskedViT
+from sslpipe.models.ema import disable_dropout
 from sslpipe.models.heads import IBOTHead
 from sslpipe.models.packed_crops import crop_tokens
 from sslpipe.recipes.multicrop import MultiCropRecipe
@@ -116,8 +117,8 @@ class IBOTRecipe(MultiCropRecipe):
         h = self.section.head
         self.student = self.build_net(self.cfg.model.drop_path_rate, mask_token=True, shared_head=h.shared_head)
         self.start_from_export(self.student)
-        # Teacher: no mask token, no drop path, initialised from the student (parameters present in both).
-        self.teacher = self.build_net(0.0, mask_token=False, shared_head=h.shared_head_teacher)
+        # Teacher: no mask token, no drop path or dropout, initialised from the student (parameters present in both).
+        self.teacher = disable_dropout(self.build_net(0.0, mask_token=False, shared_head=h.shared_head_teacher))
         student_state = self.student.state_dict()
         teacher_state = self.teacher.state_dict()
         self.teacher.load_state_dict({k: student_state.get(k, v) for k, v in teacher_state.items()})

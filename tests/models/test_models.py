@@ -17,6 +17,8 @@ from sslpipe.models import (
     pooled_features,
     weight_norm_g,
 )
+from sslpipe.models.backbones import vit_pos_embed
+from sslpipe.models.ema import disable_dropout
 
 
 def tiny_vit(**kw):
@@ -285,3 +287,52 @@ def test_sync_batchnorm_only_on_several_cuda_processes(capsys):
     assert "SyncBatchNorm" in kinds and "BatchNorm2d" not in kinds
     vit = tiny_vit()
     assert sync_batchnorm(vit, enabled=True, num_processes=2, device=torch.device("cuda")) is vit  # no BatchNorm
+
+
+NO_CLS = {"class_token": False, "global_pool": "avg"}  # timm's token pooling needs the class token
+
+
+@pytest.mark.parametrize("arch, kwargs", [("vit_medium_patch16_gap_240", {}), ("vit_tiny_patch16_224", NO_CLS),
+                                          ("vit_tiny_patch16_224", {**NO_CLS, "reg_tokens": 2})])
+def test_masked_vit_refuses_a_vit_without_class_token(arch, kwargs):
+    """The methods train token 0 as the [CLS]; without one it is a patch or a register. Other users of such a model
+    (fine-tuning, distillation students, probes) build it with create_backbone, which still accepts it."""
+    vit = create_backbone(arch, img_size=32, patch_size=4, depth=1, embed_dim=32, num_heads=2, **kwargs)
+    with pytest.raises(ValueError, match=rf"model.arch={arch} is built without a \[CLS\] token .*class_token"):
+        MaskedViT(vit, mask_token=True)
+    assert pooled_features(vit.eval(), torch.randn(2, 3, 32, 32)).shape == (2, 32)
+
+
+def test_masked_vit_refuses_a_distilled_deit():
+    """A distilled DeiT's dist_token is a second prefix token that the position-embedding code and the methods do not
+    know; refused with a message instead of a shape error in the forward."""
+    vit = create_backbone("deit_tiny_distilled_patch16_224", img_size=32, patch_size=4, depth=1, embed_dim=32,
+                          num_heads=2)
+    with pytest.raises(ValueError, match=r"model.arch=deit_tiny_distilled_patch16_224 is a distilled DeiT"):
+        MaskedViT(vit, mask_token=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_local_crop_position_embedding_is_float32_under_autocast(dtype):
+    """Under mixed precision the resize of the position embedding for local crops stays in float32 (the official
+    F.interpolate is not an autocast op), so it equals the float32 one exactly."""
+    torch.manual_seed(0)
+    vit = tiny_vit(img_size=56)
+    local = torch.zeros(1, 6, 6, 32)  # 14x14 -> 6x6 grid: zero patch tokens leave the position embedding
+    with torch.no_grad():
+        ref = vit_pos_embed(vit, local)
+        with torch.autocast("cpu", dtype=dtype):
+            mixed = vit_pos_embed(vit, local)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, ref)
+
+
+def test_disable_dropout_makes_a_train_mode_vit_deterministic():
+    """The EMA teachers keep train mode; disable_dropout zeroes every dropout (attention, projection, position, MLP,
+    patch dropout, drop path) so that their targets do not depend on a random draw."""
+    torch.manual_seed(0)
+    vit = tiny_vit(proj_drop_rate=0.3, attn_drop_rate=0.3, pos_drop_rate=0.3, patch_drop_rate=0.3, drop_path_rate=0.3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(vit(x), vit(x))
+        assert disable_dropout(vit) is vit and vit.training
+        assert torch.equal(vit(x), vit(x))

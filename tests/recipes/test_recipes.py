@@ -18,7 +18,7 @@ from sslpipe.engine.trainer import train
 from sslpipe.eval.knn import run_knn
 from sslpipe.eval.spec import FeatureSpec, ProbeData
 from sslpipe.models.heads import IBOTHead
-from sslpipe.recipes import load_config
+from sslpipe.recipes import get_recipe, load_config
 from sslpipe.recipes.dino import DINORecipe
 from sslpipe.recipes.ibot import IBOTRecipe
 from sslpipe.weights.export import load_backbone
@@ -282,3 +282,33 @@ def test_random_init_baseline_loads(tmp_path: Path, recipe: str) -> None:
     loaded = load_backbone(export).eval()
     x = torch.randn(2, 3, cfg.crops.global_size, cfg.crops.global_size)
     assert torch.equal(loaded(x), fresh(x))
+
+
+TINY = "embed_dim: 32, depth: 1, num_heads: 2"
+
+
+@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2", "dinov3"])
+def test_ema_teacher_has_no_dropout(digits_shards: Path, method: str) -> None:
+    """Dropout rates in model.kwargs reach the student only: the teacher (in train mode, as the official one) gives
+    the same targets for the same crops, as the official teachers, which have no dropout."""
+    drop = "proj_drop_rate: 0.3, attn_drop_rate: 0.3, pos_drop_rate: 0.3"
+    cfg = load_config(RECIPES / f"demo_{method}.yaml", [f"data.train={digits_shards}", "data.num_workers=0",
+                                                        f"model.kwargs={{{TINY}, {drop}}}"])
+    recipe = get_recipe(method)(cfg)
+    recipe.build(Accelerator(cpu=True))
+    x = torch.randn(2, 3, cfg.crops.global_size, cfg.crops.global_size)
+    student, teacher = recipe.student.backbone, recipe.teacher.backbone
+    assert recipe.teacher.training
+    with torch.no_grad():
+        assert not torch.equal(student(x), student(x)), "the student keeps its dropout"
+        assert torch.equal(teacher(x), teacher(x))
+
+
+@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2"])
+def test_vit_without_class_token_is_refused(digits_shards: Path, method: str) -> None:
+    """The methods train token 0 as the [CLS]: a ViT without one is refused when the recipe builds, naming the key."""
+    no_cls = "class_token: false, global_pool: avg"  # timm's token pooling needs the class token
+    cfg = load_config(RECIPES / f"demo_{method}.yaml", [f"data.train={digits_shards}", "data.num_workers=0",
+                                                        f"model.kwargs={{{TINY}, {no_cls}}}"])
+    with pytest.raises(ValueError, match=r"model.arch=vit_tiny_patch16_224 is built without a \[CLS\] token"):
+        get_recipe(method)(cfg).build(Accelerator(cpu=True))
