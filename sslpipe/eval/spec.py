@@ -40,6 +40,10 @@ class LastBlocksCLS:
         cls = getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
         if not (cls and hasattr(model, "forward_intermediates")):
             return pooled_features(model, x)
+        depth = len(getattr(model, "blocks", ()))
+        if depth and self.n > depth:
+            raise ValueError(f"the linear probe asks for the last {self.n} blocks' CLS, but this backbone has "
+                             f"{depth} blocks: pass --n-last-blocks {depth} or fewer")
         blocks = model.forward_intermediates(x, indices=self.n, norm=True, output_fmt="NLC",
                                              intermediates_only=True, return_prefix_tokens=True)
         return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=-1)

@@ -167,6 +167,8 @@ def test_last_blocks_cls_of_an_eva_vit_dinov3_concatenates_its_blocks():
         got = LastBlocksCLS(2)(vit, x)
     assert got.shape == (2, 64) and torch.allclose(got, expected, atol=1e-5)
     assert torch.allclose(got[:, 32:], final, atol=1e-5)
+    with pytest.raises(ValueError, match="has 3 blocks: pass --n-last-blocks 3 or fewer"):
+        LastBlocksCLS(4)(vit, x)
 
 
 def test_bench_returns_three_timings():

@@ -142,7 +142,9 @@ def test_every_consumer_takes_the_rope_export(digits_shards: Path, tmp_path: Pat
                  "--scene-val", "2"]) == 0
     out = tmp_path / "out"
     assert main(["knn", export, "--data", str(digits_shards), "--k", "5", "--out", str(out / "knn.json")]) == 0
-    assert main(["linear", export, "--data", str(digits_shards), "--epochs", "1", "--out", str(out / "lin.json")]) == 0
+    assert main(["linear", export, "--data", str(digits_shards), "--epochs", "1", "--n-last-blocks", "2",
+                 "--out", str(out / "lin.json")]) == 0
+    assert json.loads((out / "lin.json").read_text())["n_last_blocks"] == 2
     assert main(["linear-seg", export, "--data", scenes, "--steps", "2", "--batch-size", "4",
                  "--out", str(out / "seg.json")]) == 0
     assert {"knn.json", "lin.json", "seg.json"} <= {p.name for p in out.iterdir()}
