@@ -110,6 +110,19 @@ def _plot(run_dir: Path, table: dict[str, float], png: Path) -> None:
     plt.close(fig)
 
 
+DEMO_FILES = ("knn_pretrained.json", "knn_random_init.json", "demo_result.json")
+
+
+def _remove_demo_outputs(out: Path, run_name: str) -> None:
+    """What `--force` starts over from: only the folders and files the demo writes, since `--out` may be a folder
+    that holds other work too (`--out runs`)."""
+    for name in ("shards", run_name, "random-init"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    for name in DEMO_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
 def run_demo(out: str | Path = "runs/demo", *, recipe: str | Path | None = None, overrides: Sequence[str] = (),
              force: bool = False, max_train: int | None = 10000, max_val: int | None = 2000) -> dict:
     """Run every stage and return the kNN table; see the module docstring.
@@ -119,10 +132,10 @@ def run_demo(out: str | Path = "runs/demo", *, recipe: str | Path | None = None,
     """
     out = Path(out)
     recipe = Path(recipe or DEFAULT_RECIPE)
-    if force and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     shards, run_name = out / "shards", "pretrain"
+    if force:
+        _remove_demo_outputs(out, run_name)
+    out.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
     _say("1/4 shards of the bundled Fashion-MNIST", f"sslpipe shards --dataset fashion-mnist {shards}")

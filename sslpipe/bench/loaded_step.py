@@ -41,19 +41,38 @@ def _rate(step: Any, batches: Any, warmup: int, steps: int, batch_size: int, dev
     return done * batch_size / (time.perf_counter() - start), done
 
 
-def run_loaded_step_bench(recipe_path: str, data: str, *, device: str | None = None, batch_size: int | None = None,
-                          steps: int = 50, warmup: int = 5, mixed_precision: str | None = None,
-                          overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Time the trainer's step fed from the shards in `data` and on a synthetic batch; see the module docstring."""
+def _workers_started(loader: Any, asked: int) -> int:
+    """The DataLoader worker processes a recipe's loader really starts (`build_loader` starts no more than the
+    rank's shards); `asked` for a loader that is no `StreamLoader` and holds none."""
+    from sslpipe.data.stream import StreamLoader
+
+    parts = [loader] if isinstance(loader, StreamLoader) else [
+        v for v in getattr(loader, "__dict__", {}).values() if isinstance(v, StreamLoader)]
+    return sum(p.loader.num_workers for p in parts) if parts else asked
+
+
+def run_loaded_step_bench(recipe_path: str, data: str | None, *, device: str | None = None,
+                          batch_size: int | None = None, steps: int = 50, warmup: int = 5,
+                          mixed_precision: str | None = None, overrides: Sequence[str] = (),
+                          photos: int | None = None) -> dict[str, Any]:
+    """Time the trainer's step fed from the shards in `data` and on a synthetic batch; see the module docstring.
+    With `photos`, first write that many photographs as 32 shards (one at least for each loader worker) into `data`
+    (default runs/bench_photos), once the recipe and overrides have loaded."""
     from sslpipe.engine.prefetch import prefetch_to_device
     from sslpipe.engine.trainer import train_step
     from sslpipe.recipes import load_config
 
-    workers = load_config(recipe_path, list(overrides)).data.num_workers
-    fed_warmup = max(warmup, 2 * workers + 2)
+    asked = load_config(recipe_path, list(overrides)).data.num_workers
+    if photos:
+        from sslpipe.bench.photos import make_photo_shards
+
+        data = str(make_photo_shards(data or "runs/bench_photos", photos, samples_per_shard=max(1, photos // 32)))
+    if data is None:
+        raise ValueError("give a shard directory, or --photos N to make one of photographs")
     cfg, dev, accelerator, recipe, optimizer, sched = prepared_step(
         recipe_path, device=device, batch_size=batch_size, mixed_precision=mixed_precision,
-        overrides=[*overrides, f"data.train={data}", f"data.steps_per_epoch={fed_warmup + steps}"])  # re-read
+        overrides=[*overrides, f"data.train={data}",  # re-read; enough batches for the longest warm-up
+                   f"data.steps_per_epoch={max(warmup, 2 * asked + 2) + steps}"])
     B = cfg.data.batch_size
     # the epoch whose masks the synthetic batch has (iBOT's begin at masking.pred_start_epoch)
     epoch = max(recipe.section.masking.pred_start_epoch, 0) if recipe.uses_masks else 0
@@ -65,16 +84,20 @@ def run_loaded_step_bench(recipe_path: str, data: str, *, device: str | None = N
     if dev.type == "cuda":
         fixed = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in fixed.items()}
     synthetic, _ = _rate(step, itertools.repeat(fixed), warmup, steps, B, dev)
-    loaded, loaded_steps = _rate(step, prefetch_to_device(iter(recipe.train_loader(epoch, 0, 1)), dev), fed_warmup,
-                                 steps, B, dev)
+    loader = recipe.train_loader(epoch, 0, 1)
+    workers = _workers_started(loader, asked)
+    fed_warmup = max(warmup, 2 * workers + 2)
+    loaded, loaded_steps = _rate(step, prefetch_to_device(iter(loader), dev), fed_warmup, steps, B, dev)
     result = {"recipe": recipe_path, "data": data, "device": str(dev), "batch_size": B, "steps": steps,
-              "num_workers": cfg.data.num_workers, "fed_warmup": fed_warmup, "crops_backend": cfg.crops.backend,
+              "num_workers": workers, "num_workers_asked": asked, "fed_warmup": fed_warmup,
+              "crops_backend": cfg.crops.backend,
               "cpu_count": os.cpu_count(),
               "crops": f"{cfg.crops.n_global}x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}",
               "mixed_precision": accelerator.mixed_precision, "synthetic_img_s": synthetic, "loaded_img_s": loaded,
               "loaded_steps": loaded_steps,
               "ratio_loaded_over_synthetic": loaded / synthetic}
     result["table"] = (f"fed from shards {loaded:.1f} img/s, synthetic batch {synthetic:.1f} img/s: "
-                       f"{loaded / synthetic:.2f}x ({dev}, batch {B}, {result['crops']}, {cfg.data.num_workers} "
-                       f"workers, crops.backend={cfg.crops.backend}, precision {result['mixed_precision']})")
+                       f"{loaded / synthetic:.2f}x ({dev}, batch {B}, {result['crops']}, {workers} workers"
+                       f"{f' (of {asked} asked: no more than the shards)' if workers != asked else ''}, "
+                       f"crops.backend={cfg.crops.backend}, precision {result['mixed_precision']})")
     return result

@@ -61,21 +61,40 @@ def write_photo_folder(out_dir: str | Path, n: int, size: tuple[int, int] = (500
     return out
 
 
+PHOTO_CREATOR = "sslpipe bench --photos"  # the manifest's created_by (older sets: "sslpipe bench loader --photos")
+
+
+def _is_photo_set(manifest: dict) -> bool:
+    created_by = str(manifest.get("created_by", ""))
+    return created_by.startswith("sslpipe bench") and "--photos" in created_by
+
+
 def make_photo_shards(out: str | Path, n: int = 1024, *, size: tuple[int, int] = (500, 375), seed: int = 0,
                       samples_per_shard: int = 256, force: bool = False) -> Path:
-    """Shards (`train` split, original JPEG bytes) of `write_photo_folder`; reused when they already exist."""
+    """Shards (`train` split, original JPEG bytes) of `write_photo_folder` in `out`.
+
+    A photo set already there is reused when it holds `n` photos in at least as many shards as asked (a loader
+    caps its workers at the shard count, so fewer shards would change the measurement), else rewritten. Any other
+    content of `out` is the user's: refused, never overwritten (`force` only forces a rewrite of a photo set)."""
     from sslpipe.data.manifest import read_manifest
     from sslpipe.ingest.options import ShardOptions
     from sslpipe.ingest.shards import write_shards
 
     out = Path(out)
-    try:
-        if read_manifest(out)["splits"]["train"]["samples"] == n and not force:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        try:
+            manifest = read_manifest(out)
+        except (FileNotFoundError, ValueError):
+            manifest = {}
+        if not _is_photo_set(manifest):
+            raise FileExistsError(f"{out} holds something other than a photo shard set of `--photos`; drop --photos "
+                                  "to benchmark it, or give --photos an empty (or new) folder")
+        train = manifest.get("splits", {}).get("train", {})
+        wanted_shards = -(-n // samples_per_shard)
+        if not force and train.get("samples") == n and len(train.get("shards", [])) >= wanted_shards:
             return out
-    except (FileNotFoundError, ValueError, KeyError):
-        pass
     with tempfile.TemporaryDirectory() as tmp:
         write_photo_folder(tmp, n, size=size, seed=seed)
         write_shards(out, source=tmp, kind="folder", options=ShardOptions(samples_per_shard=samples_per_shard),
-                     force=True, progress=False, created_by=f"sslpipe bench loader --photos {n}")
+                     force=True, progress=False, created_by=f"{PHOTO_CREATOR} {n}")
     return out

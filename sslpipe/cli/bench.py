@@ -106,18 +106,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.bench == "loaded-step":
         from sslpipe.bench.loaded_step import run_loaded_step_bench
 
-        shards = args.shards
-        if args.photos:
-            from sslpipe.bench.photos import make_photo_shards
-
-            # 32 shards: one at least for each loader worker
-            shards = str(make_photo_shards(shards or "runs/bench_photos", args.photos,
-                                           samples_per_shard=max(1, args.photos // 32)))
-        if shards is None:
-            raise ValueError("give a shard directory, or --photos N to make one of photographs")
-        result = run_loaded_step_bench(args.recipe, shards, device=args.device, batch_size=args.batch_size,
+        result = run_loaded_step_bench(args.recipe, args.shards, device=args.device, batch_size=args.batch_size,
                                        steps=args.steps, warmup=args.warmup, mixed_precision=args.mixed_precision,
-                                       overrides=args.overrides)
+                                       overrides=args.overrides, photos=args.photos)
         print(result["table"])
     elif args.bench == "curate":
         from sslpipe.bench.curate import run_curate_bench

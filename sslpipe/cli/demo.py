@@ -10,7 +10,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default=None,
                    help="recipe to pretrain (default: recipes/demo_dinov2.yaml; iBOT's: recipes/demo_ibot.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides for the recipe")
-    p.add_argument("--force", action="store_true", help="start over in an existing demo directory")
+    p.add_argument("--force", action="store_true",
+                   help="start over: remove what an earlier demo wrote into --out (shards/, pretrain/, random-init/, "
+                        "its json results); nothing else there")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,9 @@ Rendering (one sample per image record, images without annotations included):
   evaluation keeps them as `iscrowd` ground truth, so a detection on a crowd region is not a false positive (COCOeval);
 - instances (polygons, RLE or compressed RLE, decoded by pycocotools) are painted in decreasing area order, so where
   two overlap the smaller one is on top and keeps its pixels (the choice of COCO's panoptic conversion); an instance
-  with no visible pixel left vanishes from the sample.
+  with no visible pixel left vanishes from the sample;
+- an annotation without a mask (a box-only `"segmentation": []`, or polygons of fewer than 3 points) is left out and
+  counted (`coco.files[split].annotations_without_mask`); its image and other instances are kept.
 Deviation from detectron2, named: one id per pixel cannot hold overlapping masks, and boxes are taken from the visible
 mask (`masks_to_targets`), not from the annotated `bbox`.
 """
@@ -138,13 +140,28 @@ def _load_json(file: Path) -> dict:
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
     if missing:
         raise ValueError(f"{file} is not a COCO instances file: no {' / '.join(missing)} list")
+    for what, keys in (("images", ("id", "file_name", "width", "height")), ("categories", ("id", "name"))):
+        for k, record in enumerate(data[what]):
+            absent = [key for key in keys if not isinstance(record, dict) or key not in record]
+            if absent:
+                raise ValueError(f"{file}: {what[:-1] if what == 'images' else 'category'} #{k} has no "
+                                 f"{' / '.join(repr(a) for a in absent)}; every record needs {', '.join(keys)}")
     return data
+
+
+def _mask_polygons(segmentation: object) -> object | None:
+    """The segmentation without the polygons that hold no area (fewer than 3 points, or an odd number of
+    coordinates), as detectron2 drops them; None when no mask is left (a box-only annotation: `[]`)."""
+    if not isinstance(segmentation, list):
+        return segmentation
+    polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+    return polygons or None
 
 
 def _split_samples(file: Path, data: dict, class_of: dict[int, int],
                    image_root: Path | None) -> tuple[list[tuple[str, CocoMasks]], dict]:
     by_image: dict[int, list] = {int(im["id"]): [] for im in data["images"]}
-    crowd = 0
+    crowd = without_mask = 0
     for k, ann in enumerate(data["annotations"]):
         where = f"{file}: annotation {ann.get('id', f'#{k}')}"
         if int(ann.get("image_id", -1)) not in by_image:
@@ -153,9 +170,13 @@ def _split_samples(file: Path, data: dict, class_of: dict[int, int],
             raise ValueError(f"{where} has category_id {ann.get('category_id')}, which the json does not list")
         if "segmentation" not in ann:
             raise ValueError(f"{where} has no segmentation: instance shards need masks (boxes alone are not enough)")
+        segmentation = _mask_polygons(ann["segmentation"])
+        if segmentation is None:  # a box alone, or a degenerate polygon: no instance to paint; the image is kept
+            without_mask += 1
+            continue
         crowd += bool(ann.get("iscrowd", 0))
         by_image[int(ann["image_id"])].append((class_of[int(ann["category_id"])], bool(ann.get("iscrowd", 0)),
-                                               ann["segmentation"]))
+                                               segmentation))
     if not data["images"]:
         raise ValueError(f"{file} lists no images")
     root = image_root or _find_image_root(file, str(data["images"][0]["file_name"]))
@@ -163,7 +184,8 @@ def _split_samples(file: Path, data: dict, class_of: dict[int, int],
     for im in data["images"]:
         path = str(root / im["file_name"])
         samples.append((path, CocoMasks(path, int(im["width"]), int(im["height"]), tuple(by_image[int(im["id"])]))))
-    counts = {"images": len(samples), "instances": len(data["annotations"]) - crowd, "crowd": crowd,
+    counts = {"images": len(samples), "instances": len(data["annotations"]) - crowd - without_mask, "crowd": crowd,
+              "annotations_without_mask": without_mask,
               "images_without_annotations": sum(not a for a in by_image.values())}
     return samples, counts
 

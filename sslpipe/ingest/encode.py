@@ -35,6 +35,12 @@ class Entry:
 
 Encoded = tuple[Entry, dict[str, bytes] | str]  # a sample's tar fields, or why it is skipped
 
+
+class InputError(ValueError):
+    """A sample that shows the input itself is wrong (colour-coded label maps, label maps of another size), not one
+    unreadable file: skipping it would skip the whole source, so the writing stops and says what to fix."""
+
+
 def _resized(img: Image.Image, max_side: int | None, resample: int) -> Image.Image:
     if max_side is None or max(img.size) <= max_side:
         return img
@@ -55,7 +61,8 @@ def _encode_image(img: Image.Image, key: str, quality: int) -> bytes:
 
 
 def _encode(entry: Entry, opts: ShardOptions) -> Encoded:
-    """Read, check and encode one sample; returns the tar fields or an error string (the sample is then skipped)."""
+    """Read, check and encode one sample; returns the tar fields or an error string (the sample is then skipped);
+    raises `InputError`."""
     try:
         if isinstance(entry.image, Image.Image):
             img, raw, key = entry.image, None, opts.reencode or "png"
@@ -88,15 +95,20 @@ def _encode(entry: Entry, opts: ShardOptions) -> Encoded:
             seg = seg_source if isinstance(seg_source, Image.Image) else Image.open(seg_source)
             seg.load()
             if seg.mode not in ("L", "P"):
-                raise ValueError(f"label map {seg_source} has mode {seg.mode}; expected 8-bit L or palette P")
+                raise InputError(f"label map {seg_source} has mode {seg.mode}, but label maps must be 8-bit L or "
+                                 "palette P PNGs whose pixel is the class index (255 = ignore): convert colour-coded "
+                                 "masks to class-index PNGs")
             if seg.size != img.size:
-                raise ValueError(f"label map {seg_source} is {seg.size}, image is {img.size}")
+                raise InputError(f"label map {seg_source} is {seg.size[0]}x{seg.size[1]} but its image {entry.ref} is "
+                                 f"{img.size[0]}x{img.size[1]}: each label map must match its image's size")
             values = np.asarray(seg, dtype=np.uint8)  # palette index -> class index, mode L
             seg = Image.fromarray(values)
             fields["seg.png"] = _encode_image(_resized(seg, opts.max_side, Image.Resampling.NEAREST), "png", 0)
             fields[SEG_VALUES] = np.unique(values).tobytes()
         return entry, fields
-    except Exception as e:  # noqa: BLE001 - any unreadable sample is skipped and reported, never fatal
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any other unreadable sample is skipped and reported, never fatal
         return entry, f"{type(e).__name__}: {e}"
 
 

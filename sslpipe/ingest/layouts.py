@@ -13,13 +13,17 @@ Layouts -> lists of (id, image path, label path), and the layout's class names:
 - ADE20K (SceneParsing, `ADEChallengeData2016`): `ROOT/images/{training,validation}/<id>.jpg` with
   `ROOT/annotations/{training,validation}/<id>.png` (0 = "other", 1..150 = classes); labels are shifted to 0..149
   with 0 -> 255 (ignore), as mmseg's / Mask2Former's `reduce_zero_label`, into a cache folder.
+Converted labels are keyed to their source: a cache holds one root's (`source.json`; another root empties it), and a
+label is converted again when its source file's mtime changed.
 - generated scenes (sslpipe/ingest/scenes.py), written as a VOC-style folder of PNGs, so that the bundled real data
   goes through the same path as VOC;
 - the stardist nuclei image, cut into tiles written the same way.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -106,14 +110,34 @@ def voc_split_list(root: str | Path, name: str) -> Path:
 
 
 def _lut_converted(label: Path, target: Path, lut: np.ndarray) -> Path:
-    """`target` = `lut` applied to the label map `label`, written once (atomically: a run cut short never leaves a
-    half-written label behind) and reused after."""
-    if not target.is_file():
+    """`target` = `lut` applied to the label map `label`, written atomically (a run cut short never leaves a
+    half-written label behind) with the mtime of `label`, and reused only while `label`'s mtime is still that: a
+    corrected annotation is converted again."""
+    stamp = label.stat()
+    if not (target.is_file() and target.stat().st_mtime_ns == stamp.st_mtime_ns):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".partial.png")
         Image.fromarray(lut[np.asarray(Image.open(label))]).save(tmp)
+        os.utime(tmp, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
         os.replace(tmp, target)
     return target
+
+
+def _source_cache(cache: str | Path, root: Path) -> Path:
+    """`cache`, emptied first when it holds the converted labels of another source root (`source.json` names
+    it): the labels of two roots share their file names, so they must never be mixed."""
+    cache, resolved = Path(cache), str(root.resolve())
+    stamp = cache / "source.json"
+    try:
+        same = json.loads(stamp.read_text()).get("root") == resolved
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if not same:
+        if cache.exists():
+            shutil.rmtree(cache)
+        cache.mkdir(parents=True)
+        stamp.write_text(json.dumps({"root": resolved}) + "\n")
+    return cache
 
 
 def cityscapes_pairs(root: str | Path, split: str = "train", cache: str | Path | None = None) -> list[Pair]:
@@ -125,7 +149,8 @@ def cityscapes_pairs(root: str | Path, split: str = "train", cache: str | Path |
     lut = np.full(256, 255, np.uint8)
     for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
         lut[label_id] = train_id
-    pairs = []
+    pairs: list[Pair] = []
+    converted: Path | None = None
     for img in images:
         stem = img.name[: -len("_leftImg8bit.png")]
         gt = root / "gtFine" / split / img.parent.name
@@ -136,7 +161,8 @@ def cityscapes_pairs(root: str | Path, split: str = "train", cache: str | Path |
                 raise FileNotFoundError(f"neither {train_ids.name} nor {label_ids.name} in {gt}")
             if cache is None:
                 raise ValueError("Cityscapes labelIds need converting to train ids: pass a cache folder")
-            train_ids = _lut_converted(label_ids, Path(cache) / split / img.parent.name / train_ids.name, lut)
+            converted = converted or _source_cache(cache, root)  # checked once, when the first label needs it
+            train_ids = _lut_converted(label_ids, converted / split / img.parent.name / train_ids.name, lut)
         pairs.append((f"{img.parent.name}/{stem}", str(img), str(train_ids)))
     return pairs
 
@@ -152,12 +178,13 @@ def ade20k_pairs(root: str | Path, split: str = "training", cache: str | Path | 
         raise ValueError("ADE20K labels need shifting (0 = other -> 255): pass a cache folder")
     lut = np.full(256, 255, np.uint8)
     lut[1:len(ADE20K_CLASSES) + 1] = np.arange(len(ADE20K_CLASSES), dtype=np.uint8)
+    cache = _source_cache(cache, root)
     pairs = []
     for img in tqdm(images, desc=f"ADE20K {split} labels", unit="img", leave=False):
         label = root / "annotations" / split / f"{img.stem}.png"
         if not label.is_file():
             raise FileNotFoundError(f"{label} (the label of {img.name}) is missing")
-        pairs.append((img.stem, str(img), str(_lut_converted(label, Path(cache) / split / label.name, lut))))
+        pairs.append((img.stem, str(img), str(_lut_converted(label, cache / split / label.name, lut))))
     return pairs
 
 
@@ -230,8 +257,12 @@ def read_layout(folder: Path, *, voc: str | None = None, cityscapes: str | None 
     if sum(given) != 1:
         raise ValueError("give exactly one of voc, cityscapes, ade20k, scenes or stardist")
     if voc is not None:
-        train = voc_pairs(voc, read_id_list(voc_split_list(voc, voc_train)))
-        return train, voc_pairs(voc, read_id_list(voc_split_list(voc, voc_val))), VOC_CLASSES
+        train_ids, val_ids = (read_id_list(voc_split_list(voc, name)) for name in (voc_train, voc_val))
+        both = sorted(set(train_ids) & set(val_ids))
+        if both:  # a val image that is also trained on makes the val score meaningless
+            raise ValueError(f"the VOC train split {voc_train!r} and val split {voc_val!r} share {len(both)} ids, e.g. "
+                             f"{both[:3]}: give disjoint splits (e.g. train and val, not trainval)")
+        return voc_pairs(voc, train_ids), voc_pairs(voc, val_ids), VOC_CLASSES
     if cityscapes is not None:
         cache = folder / "labelTrainIds"
         return (cityscapes_pairs(cityscapes, "train", cache=cache), cityscapes_pairs(cityscapes, "val", cache=cache),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sslpipe.ingest.layouts import read_labelled_ids, read_layout
 from sslpipe.ingest.options import ShardOptions
-from sslpipe.ingest.semi_shards import write_semi_shards
+from sslpipe.ingest.semi_shards import check_semi_out, write_semi_shards
 from sslpipe.ingest.shards import write_shards
 
 _LOCATIONS = ("dataset", "folder", "list_file", "seg_list", "coco", "voc", "cityscapes", "ade20k")
@@ -45,7 +45,7 @@ def write_source(out: str | Path, source: ShardSource, options: ShardOptions = S
                  labeled: str | None = None, labeled_list: str | None = None, num_workers: int = 0,
                  force: bool = False, created_by: str | None = None, progress: bool = True) -> list[str]:
     """Write `source` into `out`; return what to tell the user: a line per split or shard set written, and one for
-    the unreadable images skipped.
+    the unreadable samples skipped.
 
     `semi`: write the scenes as a layout too. A layout's labelled subset is `labeled` (a count or a fraction such as
     `1/16`, chosen by `options.seed`) or the ids in the file `labeled_list`; neither: all labelled. A layout uses
@@ -54,6 +54,7 @@ def write_source(out: str | Path, source: ShardSource, options: ShardOptions = S
         raise ValueError("--classes names the classes of a --seg-list or --list source; the others name their own")
     if source.voc or source.cityscapes or source.ade20k or source.dataset == "stardist" or (
             source.dataset == "scenes" and semi):
+        check_semi_out(out, force)  # before read_layout writes converted labels or generated images into OUT/source
         train, val, classes = read_layout(
             Path(out) / "source", voc=source.voc, cityscapes=source.cityscapes, ade20k=source.ade20k,
             scenes=source.scenes if source.dataset == "scenes" else None, stardist=source.dataset == "stardist",
@@ -79,6 +80,9 @@ def write_source(out: str | Path, source: ShardSource, options: ShardOptions = S
                             coco_images=source.coco_images, classes=source.classes)
     lines = [f"{split}: {info['samples']} samples in {len(info['shards'])} shards"
              for split, info in manifest["splits"].items()]
+    no_mask = sum(f.get("annotations_without_mask", 0) for f in manifest.get("coco", {}).get("files", {}).values())
+    if no_mask:
+        lines.append(f"left out {no_mask} annotations without a mask (box only, or a polygon of < 3 points)")
     if manifest.get("skipped"):
-        lines.append(f"skipped {len(manifest['skipped'])} unreadable images (listed in {out}/manifest.json)")
+        lines.append(f"skipped {len(manifest['skipped'])} unreadable samples (listed in {out}/manifest.json)")
     return lines

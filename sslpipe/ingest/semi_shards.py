@@ -26,8 +26,24 @@ from sslpipe.data.manifest import MANIFEST, read_manifest
 from sslpipe.ingest.layouts import Pair
 from sslpipe.ingest.options import ShardOptions
 from sslpipe.ingest.shards import write_shards
+from sslpipe.ingest.tar_writer import remove_shard_set
 
 MIN_SHARDS = 4  # per set, when it has that many samples
+SETS = ("labeled", "unlabeled", "val")
+OUTPUTS = (*SETS, "lists", "split.json")  # what a layout writes into OUT, besides its `source` cache
+
+
+def check_semi_out(out: str | Path, force: bool) -> None:
+    """Refuse to write a layout over an earlier one unless `force`: called before anything is written into `out`
+    (converted labels, generated images, lists), so a refused run changes nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"layout output {out} exists and is not a directory; choose another output directory")
+    found = [name for name in OUTPUTS
+             if (out / name).is_file() or ((out / name).is_dir() and any((out / name).iterdir()))]
+    if found and not force:
+        raise FileExistsError(f"layout output directory {out} already holds {', '.join(found)}; pass --force "
+                              "(force=True) to rewrite them")
 
 
 def parse_labeled(spec: str | int | float, total: int) -> int:
@@ -79,8 +95,11 @@ def write_semi_shards(out: str | Path, train: list[Pair], val: list[Pair] | None
                       progress: bool = True, created_by: str | None = None) -> dict:
     """Write OUT/labeled, OUT/unlabeled (when any train item is unlabelled), OUT/val and OUT/split.json (module
     docstring). The labelled subset is `labeled_ids` when given, else the seeded `label_split(ids, labeled, seed)`.
-    Each set gets at least `MIN_SHARDS` shards when it has that many samples (so that 2-4 processes can share it)."""
+    Each set gets at least `MIN_SHARDS` shards when it has that many samples (so that 2-4 processes can share it).
+    With `force`, a set of an earlier run that this run does not write (e.g. OUT/unlabeled, when all are now
+    labelled) is removed with its list once the new sets are written: left behind, it would overlap them."""
     out = Path(out)
+    check_semi_out(out, force)
     train = [(i, str(Path(a).resolve()), str(Path(b).resolve())) for i, a, b in train]
     val = [(i, str(Path(a).resolve()), str(Path(b).resolve())) for i, a, b in val or []]
     ids = [p[0] for p in train]
@@ -118,6 +137,10 @@ def write_semi_shards(out: str | Path, train: list[Pair], val: list[Pair] | None
             raise ValueError(f"{out / name}: {len(manifest['skipped'])} of {n} images could not be read, e.g. "
                              f"{manifest['skipped'][0]}")
         summary["sets"][name] = {"samples": n, "shards": sum(len(s["shards"]) for s in manifest["splits"].values())}
+    for name in SETS:
+        if name not in sets:
+            remove_shard_set(out / name)
+            (lists / f"{name}.txt").unlink(missing_ok=True)
     _write_list([json.dumps({"labeled": lab_ids, "unlabeled": unl_ids, "seed": seed,
                              "labeled_spec": summary["labeled_spec"]})], out / "split.json")
     return summary

@@ -41,8 +41,10 @@ def write_shards(
     ``kind``, ``scenes``, ``coco_images``, ``classes``: the source (`sslpipe.ingest.sources.open_source`; None =
     auto-detect); ``options``: sharding, split and encoding (`ShardOptions`). ``num_workers`` > 0 decodes and encodes
     in a process pool; results stay in order, so shards are identical for any worker count. ``force``: allow a
-    non-empty ``out_dir`` (its old shards and manifest are removed). Unreadable images are skipped and listed in
-    ``manifest["skipped"]``. Shards are written under temporary names and renamed, and the manifest is written last.
+    non-empty ``out_dir`` (its old shards and manifest stay until the new set replaces them). Unreadable samples are
+    skipped and listed in ``manifest["skipped"]``; a split none of whose samples can be read, or a label map of the
+    wrong mode or size (`InputError`), stops the writing with nothing written. Shards are written under temporary
+    names and renamed, and the manifest is written last.
     """
     if options.samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {options.samples_per_shard}")
@@ -64,6 +66,10 @@ def write_shards(
             bar = tqdm(encoded(entries, options, pool, window=max(64, 64 * num_workers)), total=opened.totals[split],
                        desc=f"shards {split}", unit="img", disable=not progress)
             split_info[split] = writer.write_split(split, iter(bar), opened.num_classes)
+            if opened.totals[split] and not split_info[split]["samples"]:
+                first = writer.skipped[0]
+                raise ValueError(f"none of the {opened.totals[split]} samples of split {split!r} could be read, e.g. "
+                                 f"{first['source']}: {first['error']}; nothing was written")
     except BaseException as err:
         writer.abandon(err)
         raise

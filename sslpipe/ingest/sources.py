@@ -110,9 +110,14 @@ def _folder_entries(root: Path) -> tuple[list[Entry], list[str]]:
             yield from images_under(Path(sub))
 
     with os.scandir(root) as it:
-        classes = sorted(d.name for d in it if d.is_dir() and not d.name.startswith("."))
+        listed = [d for d in it if not d.name.startswith(".")]
+    classes = sorted(d.name for d in listed if d.is_dir())
     if not classes:
         return [Entry(p, -1, p) for p in images_under(root)], []
+    loose = sorted(d.name for d in listed if not d.is_dir() and d.name.lower().endswith(IMG_EXTENSIONS))
+    if loose:  # they belong to no class: silently leaving them out would lose them
+        raise ValueError(f"{root} has class sub-folders but also {len(loose)} image(s) directly in it, e.g. "
+                         f"{loose[:3]}: move them into a class folder (or elsewhere)")
     return [Entry(p, i, p) for i, c in enumerate(classes) for p in images_under(root / c)], classes
 
 
@@ -143,12 +148,20 @@ def _list_entries(path: Path, seg: bool) -> tuple[list[Entry], list[str]]:
     return [Entry(resolve(f[0]), index[f[1]], resolve(f[0])) for _, f in rows], classes
 
 
+_CLASS_FILE_SUFFIXES = (".txt", ".names", ".lst", ".csv")
+
+
 def parse_classes(spec: str) -> list[str]:
-    """Class names from a file (one name per line, `#` comments) or a comma-separated list `a,b,c`."""
+    """Class names from a file (one name per line, `#` comments) or a comma-separated list `a,b,c`. A spec with no
+    comma that looks like a path but names no file is a mistyped file name, not one class named after it."""
     path = Path(spec)
     if path.is_file():
         names = [line.strip() for line in path.read_text().splitlines()]
         names = [n for n in names if n and not n.startswith("#")]
+    elif "," not in spec and (path.is_dir() or "/" in spec or os.sep in spec
+                              or path.suffix.lower() in _CLASS_FILE_SUFFIXES):
+        raise FileNotFoundError(f"--classes file {spec} not found (or not a file); give a file of class names, one "
+                                "per line, or the names as a,b,c")
     else:
         names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
@@ -215,6 +228,20 @@ def _split_entries(
     return splits
 
 
+def _check_location(path: Path, kind: SourceKind) -> None:
+    """A folder source must be a directory and a list a file, else one clear error (not an OS error from deep in
+    the reading)."""
+    flag = {"folder": "--folder", "list": "--list", "seg-list": "--seg-list"}.get(kind, kind)
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+    if kind == "folder" and not path.is_dir():
+        raise ValueError(f"--folder {path} is a file, not a directory: give the folder of images (one sub-folder "
+                         "per class), or pass a list file with --list")
+    if kind in ("list", "seg-list") and not path.is_file():
+        raise ValueError(f"{flag} {path} is a directory, not a list file: give the text file of paths, or pass an "
+                         "image folder with --folder")
+
+
 def open_source(source: str, kind: SourceKind | None, options: ShardOptions, *, scenes: dict | None = None,
                 coco_images: str | Path | None = None, classes: Sequence[str] | None = None) -> Source:
     """`source` as the samples of each split (module docstring; `kind` None = detected). `scenes`: options of the
@@ -256,6 +283,8 @@ def open_source(source: str, kind: SourceKind | None, options: ShardOptions, *, 
         return Source(kind, str(Path(source).resolve()), coco.classes, {s: iter(e) for s, e in splits.items()},
                       {s: len(e) for s, e in splits.items()}, manifest={"has_inst": True, "coco": coco.info})
     path = Path(source)
+    if kind in ("folder", "list", "seg-list"):
+        _check_location(path, kind)
     num_classes = None
     if kind == "folder":
         entries, names = _folder_entries(path)

@@ -156,8 +156,13 @@ class ShardSetWriter:
                               ) from err
 
     def publish(self, manifest: dict) -> None:
-        """Give the shards their names, then write `manifest` (atomically); shards whose manifest cannot be
+        """Replace the set already in `out` (kept until now, so a failed rewrite loses nothing): its manifest
+        first (a set cut short never looks complete), then the shards get their names, `manifest` is written
+        (atomically) and the old shards the new set did not overwrite are removed. Shards whose manifest cannot be
         written are removed: without it they are no shard set."""
+        ours = {p for pair in self.renames for p in pair}
+        old = [p for p in _shard_files(self.out) if p not in ours]
+        (self.out / MANIFEST).unlink(missing_ok=True)
         for tmp, final in self.renames:
             os.replace(tmp, final)
         tmp = self.out / f".{MANIFEST}.partial"
@@ -173,25 +178,39 @@ class ShardSetWriter:
             raise WriteFailed(f"could not write {self.out / MANIFEST}: {io_failure(err)}. Removed the partial manifest "
                               f"and the {len(self.renames)} shard file(s) of this run from {self.out}. Free space (or "
                               "fix the disk / permissions) and run the command again with --force") from err
+        for path in old:
+            path.unlink(missing_ok=True)
+
+
+def _shard_files(out: Path) -> list[Path]:
+    """The shards in `out` and the temporary files of an unfinished run."""
+    return [p for p in out.iterdir() if p.is_file() and (_SHARD_RE.match(p.name) or p.name.endswith(".tar.partial"))]
 
 
 def prepare_out_dir(out: Path, force: bool) -> None:
-    """Make `out` ready for a new shard set: refused when it holds anything unless `force`, then its manifest and
-    old shards are removed (the manifest first, so an interrupted rewrite never looks complete)."""
+    """Make `out` ready for a new shard set: refused when it holds anything unless `force`. The set already there
+    stays until the new one is published (`ShardSetWriter.publish`)."""
     try:
         if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"shard output {out} exists and is not a directory")
+            raise FileExistsError(f"shard output {out} exists and is not a directory; choose another output directory")
         out.mkdir(parents=True, exist_ok=True)
-        existing = list(out.iterdir())
-        if existing and not force:
+        if not force and any(out.iterdir()):
             raise FileExistsError(f"shard output directory {out} is not empty; pass --force (force=True) to "
                                   "overwrite it")
-        (out / MANIFEST).unlink(missing_ok=True)
-        for p in existing:
-            if p.is_file() and (_SHARD_RE.match(p.name) or p.name.endswith(".tar.partial")):
-                p.unlink()
     except OSError as err:
         if io_failure(err) is None:
             raise
         raise WriteFailed(f"cannot write shards into {out}: {io_failure(err)}; choose another output directory "
                           "or fix its permissions / free space") from err
+
+
+def remove_shard_set(out: Path) -> None:
+    """Remove the shard set in `out` (its manifest first, then its shards), and `out` itself when nothing else is
+    left in it."""
+    if not out.is_dir():
+        return
+    (out / MANIFEST).unlink(missing_ok=True)
+    for path in _shard_files(out):
+        path.unlink()
+    if not any(out.iterdir()):
+        out.rmdir()

@@ -52,3 +52,18 @@ def test_sslpipe_demo_runs_every_stage_and_writes_the_teacher_export_the_docs_st
         f"data.train={out / 'shards'}", f"data.val={out / 'shards'}", f"model.init_from={teacher}",
         "data.batch_size=8", "data.num_workers=0", "train.max_steps=1", f"output_dir={tmp_path}", "run_name=q"]))
     assert (qscore_run / "metrics.jsonl").read_text().count('"loss"') == 1
+
+
+def test_demo_force_removes_only_what_the_demo_wrote(tmp_path: Path, monkeypatch) -> None:
+    """`--out` may be a shared folder: --force starts the demo over without touching anything else in it (the
+    missing Fashion-MNIST stops the demo right after the clean-up)."""
+    out = tmp_path / "runs"
+    for name in ("shards/train-000000.tar", "pretrain/checkpoints/last.pt", "random-init/model.safetensors",
+                 "knn_pretrained.json", "knn_random_init.json", "demo_result.json", "other_run/checkpoint.pt",
+                 "notes.md"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    monkeypatch.setenv("SSLPIPE_FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    assert main(["demo", "--out", str(out), "--force"]) == 2
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["notes.md", "other_run",
+                                                                      "other_run/checkpoint.pt"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,43 @@ def test_coco_folder_round_trips_scene_instances(tmp_path: Path) -> None:
                                                         inst.ravel())}
             assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})  # a bijection of ids
             assert (0, 0) in pairs
+
+
+def test_annotations_without_a_mask_are_left_out_not_their_image(tmp_path: Path) -> None:
+    """A box-only annotation (`segmentation: []`) and a 2-point polygon are counted and left out; their images and
+    the other instances are written."""
+    (tmp_path / "images").mkdir()
+    for name in ("a", "b"):
+        real_photo(tmp_path / "images" / f"{name}.jpg", 40, 32)
+    square = [[2, 2, 20, 2, 20, 20, 2, 20]]
+    anns = [{"id": 1, "image_id": 1, "category_id": 3, "iscrowd": 0, "segmentation": square},
+            {"id": 2, "image_id": 1, "category_id": 3, "iscrowd": 0, "segmentation": [], "bbox": [25, 5, 5, 5]},
+            {"id": 3, "image_id": 2, "category_id": 3, "iscrowd": 0, "segmentation": [[2, 2, 20, 20]]}]
+    data = {"images": [{"id": k, "file_name": f"{n}.jpg", "width": 40, "height": 32} for k, n in ((1, "a"), (2, "b"))],
+            "annotations": anns, "categories": [{"id": 3, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    manifest = write_shards(tmp_path / "out", source=str(tmp_path / "ann.json"), options=ShardOptions(shuffle=False),
+                            progress=False)
+    assert manifest["splits"]["train"]["samples"] == 2 and manifest["skipped"] == []
+    counts = manifest["coco"]["files"]["train"]
+    assert counts["annotations_without_mask"] == 2 and counts["instances"] == 1
+    (seg_a, inst_a), (seg_b, inst_b) = (maps(s) for s in read_split(tmp_path / "out", "train").values())
+    expected = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(square, 32, 40))).astype(bool)
+    assert np.array_equal(seg_a == 1, expected) and set(np.unique(inst_a).tolist()) == {0, 1}
+    assert not seg_b.any() and not inst_b.any()
+
+
+@pytest.mark.parametrize("record, message", [
+    ("images", r"ann.json: image #0 has no 'width'"),
+    ("categories", r"ann.json: category #0 has no 'id'"),
+])
+def test_coco_records_missing_a_key_give_one_line_errors(tmp_path: Path, capsys, record: str, message: str) -> None:
+    from sslpipe.cli import main
+
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 32}], "annotations": [],
+            "categories": [{"id": 3, "name": "thing"}]}
+    del data[record][0]["width" if record == "images" else "id"]
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    assert main(["shards", "--coco", str(tmp_path / "ann.json"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and re.search(message, err)

@@ -300,3 +300,76 @@ def test_read_manifest_errors(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="sslpipe-shards/1"):
         read_manifest(tmp_path / "manifest.json")
+
+
+def test_colour_coded_label_maps_stop_the_writing(tmp_path: Path) -> None:
+    """RGB label maps are a wrong input, not unreadable samples: one error naming the file and the fix, no shard
+    set; a source none of whose samples can be read is refused too."""
+    lines = []
+    for i in range(2):
+        save(tmp_path / f"i{i}.png", rand_image(i, 4, 4), "PNG")
+        save(tmp_path / f"l{i}.png", rand_image(10 + i, 4, 4), "PNG")  # colour-coded classes
+        lines.append(f"i{i}.png l{i}.png")
+    listing = tmp_path / "seg.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"l0.png has mode RGB.*convert colour-coded masks to class-index PNGs"):
+        write_shards(tmp_path / "a", source=str(listing), options=ShardOptions(shuffle=False), progress=False)
+    assert list((tmp_path / "a").iterdir()) == []
+
+    (tmp_path / "imgs" / "x").mkdir(parents=True)
+    (tmp_path / "imgs" / "x" / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="none of the 1 samples of split 'train' could be read, e.g. .*bad.jpg"):
+        write_shards(tmp_path / "b", source=str(tmp_path / "imgs"), progress=False)
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+def test_source_of_the_wrong_type_gives_one_line_errors(tmp_path: Path, capsys) -> None:
+    from sslpipe.cli import main
+
+    (tmp_path / "afile.txt").write_text("x.png\n")
+    (tmp_path / "imgs").mkdir()
+    assert main(["shards", "--folder", str(tmp_path / "afile.txt"), str(tmp_path / "o1")]) == 2
+    assert main(["shards", "--list", str(tmp_path / "imgs"), str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"sslpipe shards: error: --folder {tmp_path / 'afile.txt'} is a file, not a directory: give the "
+                   "folder of images (one sub-folder per class), or pass a list file with --list",
+                   f"sslpipe shards: error: --list {tmp_path / 'imgs'} is a directory, not a list file: give the text "
+                   "file of paths, or pass an image folder with --folder"]
+
+
+def test_classes_given_as_a_missing_file_is_an_error(tmp_path: Path) -> None:
+    from sslpipe.ingest.sources import parse_classes
+
+    for spec in (str(tmp_path / "nmes.txt"), "seg/names", "names.txt", str(tmp_path)):
+        with pytest.raises(FileNotFoundError, match=f"--classes file {spec} not found"):
+            parse_classes(spec)
+    assert parse_classes("background,T-shirt/top") == ["background", "T-shirt/top"]
+    assert parse_classes("background") == ["background"]
+
+
+def test_failed_forced_rewrite_keeps_the_old_set(tmp_path: Path) -> None:
+    """--force replaces the old set only once the new one is complete: a rewrite that fails leaves it whole, and
+    a finished one leaves none of its shards behind."""
+    from sslpipe.data.manifest import read_manifest
+
+    for i in range(3):
+        save(tmp_path / f"i{i}.png", rand_image(i, 2, 2), "PNG")
+        save(tmp_path / f"l{i}.png", np.full((2, 2), i, np.uint8), "PNG")
+    listing = tmp_path / "seg.txt"
+    listing.write_text("".join(f"i{i}.png l{i}.png\n" for i in range(3)))
+    out = tmp_path / "out"
+    write_shards(out, source=str(listing), options=ShardOptions(samples_per_shard=1), progress=False)
+    with pytest.raises(ValueError, match="holds class value"):
+        write_shards(out, source=str(listing), classes=["a", "b"], force=True, progress=False)
+    assert verify_shards(out) == [] and read_manifest(out)["splits"]["train"]["samples"] == 3
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", *(f"train-00000{i}.tar" for i in range(3))]
+    write_shards(out, source=str(listing), options=ShardOptions(samples_per_shard=2), force=True, progress=False)
+    assert verify_shards(out) == []
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-000000.tar", "train-000001.tar"]
+
+
+def test_folder_with_images_beside_its_class_folders_is_refused(tmp_path: Path) -> None:
+    save(tmp_path / "mixed" / "root.png", rand_image(0), "PNG")
+    save(tmp_path / "mixed" / "cls" / "1.png", rand_image(1), "PNG")
+    with pytest.raises(ValueError, match=r"1 image\(s\) directly in it, e.g. \['root.png'\]"):
+        write_shards(tmp_path / "out", source=str(tmp_path / "mixed"), progress=False)
