@@ -10,6 +10,8 @@ worker delivers its first batches at once (up to `prefetch_factor` = 2 each), a 
 as free steps. ratio = fed rate / synthetic rate: 1.0 means the loader keeps up; the issue 36 goal is >= 0.9. Where
 a CPU cannot keep up, `crops.backend=device` cuts the crops on the accelerator (its cropping is then part of the
 fed step).
+The loader draws its shards with replacement (`data.resampled`): a small photo set would otherwise end its pass over
+the shards, and restart its workers, inside the timed stretch, which a long epoch of a real run does once.
 """
 from __future__ import annotations
 
@@ -72,7 +74,8 @@ def run_loaded_step_bench(recipe_path: str, data: str | None, *, device: str | N
     cfg, dev, accelerator, recipe, optimizer, sched = prepared_step(
         recipe_path, device=device, batch_size=batch_size, mixed_precision=mixed_precision,
         overrides=[*overrides, f"data.train={data}",  # re-read; enough batches for the longest warm-up
-                   f"data.steps_per_epoch={max(warmup, 2 * asked + 2) + steps}"])
+                   f"data.steps_per_epoch={max(warmup, 2 * asked + 2) + steps}",
+                   "data.resampled=true"])  # no pass ends (and restarts its workers) inside the timed stretch
     B = cfg.data.batch_size
     # the epoch whose masks the synthetic batch has (iBOT's begin at masking.pred_start_epoch)
     epoch = max(recipe.section.masking.pred_start_epoch, 0) if recipe.uses_masks else 0

@@ -150,6 +150,7 @@ def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
         stream = build_loader(shard_dir, split=split, sample_fn=_ApplyTransform(transform),
                               collate_fn=_keep_list if finish else _collate, batch_size=batch_size,
                               num_workers=num_workers, num_batches=num_batches, shuffle_buffer=min(1000, n_images),
+                              resampled=True,  # shards with replacement: no pass ends (and restarts) mid-measure
                               pin_memory=finish is not None and finish.device.type == "cuda")
         return _rate(stream, batch_size, num_batches, finish)
 

@@ -42,6 +42,19 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=YAML12Loader)
 
 
+class YAML12Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper resolving plain scalars as `YAML12Loader` reads them, so that a string it would read as
+    a number (`run_name: 1e5`) is written quoted and a saved config.yaml loads back to the same config."""
+
+
+YAML12Dumper.yaml_implicit_resolvers = {k: list(v) for k, v in YAML12Loader.yaml_implicit_resolvers.items()}
+
+
+def dump_yaml(data: Any) -> str:
+    """`data` as YAML text that `load_yaml` reads back to `data` (keys in their order)."""
+    return yaml.dump(data, Dumper=YAML12Dumper, sort_keys=False)
+
+
 # --------------------------------------------------------------------------------------------------------- schema
 def _section_at(schema: type[BaseModel], keys: tuple) -> type[BaseModel] | None:
     """The section model holding the last of `keys`, or None when the path leaves the schema (e.g. model.kwargs)."""
@@ -277,6 +290,6 @@ def save_config(cfg: RunConfig, path: str | Path, header: str | None = None) -> 
     lines on top (the command-line overrides), every line of it commented: an override may hold a newline."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    text = dump_yaml(config_to_dict(cfg))
     path.write_text("".join(f"# {line}\n" for line in (header or "").splitlines()) + text)
     return path

@@ -16,9 +16,11 @@ Schedule, exact mode (``resampled=False``):
   One epoch with ``num_batches=None`` therefore visits every sample exactly once across ranks and workers.
   With ``num_batches`` set, each rank yields exactly that many batches (DDP needs equal counts): when a pass over the
   rank's share ends first, the loader starts the next pass (the share's shard order and the workers' seeds drawn
-  anew from (seed, epoch, rank, pass)). Every pass covers the share exactly once, whatever the workers hold: a
-  worker never re-reads its shards while another has not finished its own (a DataLoader takes batches from its
-  workers in turn, so endless workers would over-read the short ones and leave the long ones unfinished).
+  anew from (seed, epoch, rank, pass)). A pass reads every sample of the share once, whatever the workers hold,
+  and each worker drops its last partial batch (at most batch_size - 1 samples, other ones each pass): a worker
+  never re-reads its shards while another has not finished its own (a DataLoader takes batches from its workers in
+  turn, so endless workers would over-read the short ones and leave the long ones unfinished). Where the manifest
+  gives the shards' sample counts, no more workers are started than the share fills with full batches.
 Resampled mode draws shards with replacement per (seed, epoch, rank, worker); it is infinite and cut at
 ``num_batches`` (required).
 
@@ -461,8 +463,12 @@ class StreamLoader:
             npass += 1
         self.dataset.npass = 0
         if self.num_batches is not None and produced < self.num_batches:
+            workers = self.loader.num_workers
             raise ShardReadError(f"rank {self.dataset.rank}: the shards gave only {produced} of {self.num_batches} "
-                                 f"batches (stats: {self.stats}); check the shards or lower num_batches")
+                                 f"batches (stats: {self.stats}); check the shards or lower num_batches"
+                                 + (f" (each of the {workers} loader workers batches its own shards: with fewer "
+                                    "samples than a batch it gives none; lower data.num_workers or data.batch_size)"
+                                    if workers > 1 else ""))
 
 
 _END = object()
@@ -507,6 +513,11 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
                             num_workers=max(1, num_workers), shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                             resampled=resampled, reading=reading,
                             entries=shard_entries(spec, split))
+    share = sum(dataset.entries.get(url, {}).get("samples", 0) for url in dataset.rank_shards())
+    if num_batches is not None and not resampled and share:
+        # each worker batches its own shards: more workers than full batches in the share would leave a pass empty
+        num_workers = min(num_workers, max(1, share // batch_size))
+        dataset.num_workers = max(1, num_workers)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
                         drop_last=drop_last or num_batches is not None, persistent_workers=False, pin_memory=pin_memory,
                         # DataLoader draws a base seed from this generator, not from the caller's global RNG

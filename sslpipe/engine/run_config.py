@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from sslpipe.config import RunConfig, config_to_dict, save_config
+from sslpipe.config.loading import dump_yaml, load_yaml
 from sslpipe.errors import WriteFailed, io_failure
 from sslpipe.weights.resume import timestamped
 
@@ -34,13 +35,13 @@ def config_changes(cfg: RunConfig, run_dir: Path) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (the run's value, this command's)} for every key that differs from RUN/config.yaml (none when
     there is no such file, or it cannot be read)."""
     try:
-        saved = yaml.safe_load((run_dir / CONFIG).read_text())
+        saved = load_yaml((run_dir / CONFIG).read_text())
     except (OSError, yaml.YAMLError):
         return {}
     if not isinstance(saved, dict):
         return {}
     old = _flat(saved)
-    new = _flat(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False)))  # the file's own types
+    new = _flat(load_yaml(dump_yaml(config_to_dict(cfg))))  # the types the file holds
     keys = [k for k in dict.fromkeys([*old, *new]) if k not in _PLACE]
     return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
 

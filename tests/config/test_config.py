@@ -302,6 +302,15 @@ def test_a_header_with_a_newline_stays_a_comment(tmp_path: Path) -> None:
     assert load_config(path) == cfg
 
 
+def test_a_string_that_reads_as_a_number_is_saved_quoted(tmp_path: Path) -> None:
+    """`run_name=1e5` is text (a string key); config.yaml writes it quoted, so it loads back as text under the
+    YAML 1.2 number rule (which would read the bare 1e5 as a float) and the run can be resumed from it."""
+    cfg = load_config(write(tmp_path, MINIMAL), ["run_name=1e5", "optim.lr=1e-5"])
+    assert cfg.run_name == "1e5" and cfg.optim.lr == 1e-5
+    path = save_config(cfg, tmp_path / "out" / "config.yaml")
+    assert "run_name: '1e5'" in path.read_text() and load_config(path) == cfg
+
+
 def test_an_error_caused_by_an_override_names_the_override(tmp_path: Path) -> None:
     path = REPO / "recipes/demo_u2pl.yaml"
     with pytest.raises(ConfigError, match=r"^override 'crops.n_local=2': key 'crops.n_local' is not read"):

@@ -166,6 +166,16 @@ def test_a_transform_error_names_the_shard_and_the_sample(tmp_path, workers):
         _keys(_loader(str(tmp_path), sample_fn=refuse, num_workers=workers, shuffle=False))
 
 
+def test_no_more_workers_than_the_share_fills_with_batches(tmp_path):
+    """8 shards of 5 and batches of 16: 4 workers would each hold 10 samples and give no batch at all (each worker
+    batches its own shards); the loader starts 2 (40 // 16), and every pass gives full batches."""
+    keys = _write_shards(tmp_path, [5] * 8)
+    loader = _loader(str(tmp_path), batch_size=16, num_workers=4, num_batches=4, drop_last=True)
+    batches = list(loader)
+    assert loader.loader.num_workers == 2 and [len(b) for b in batches] == [16] * 4
+    assert set(k for b in batches for k in b) <= set(keys)
+
+
 def test_resampled_mode(tmp_path):
     keys = _write_shards(tmp_path, [3, 3])
     batches = list(_loader(str(tmp_path), resampled=True, num_batches=5, batch_size=4, num_workers=2))
