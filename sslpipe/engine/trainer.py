@@ -198,6 +198,13 @@ def _claim_run(cfg: RunConfig, resume: str | None, overrides_text: str | None) -
     return run_dir, ckpt, lock
 
 
+def _where_to_continue(last_ckpt: Path | None, run_dir: Path) -> str:
+    """How to go on after a run ended early: from its last checkpoint, or from the start."""
+    if last_ckpt is None:
+        return "no checkpoint was written yet: start the run again"
+    return f"the last good checkpoint is {last_ckpt}: continue with --resume {run_dir} (or --resume auto)"
+
+
 def _announce_set_aside(run_dir: Path, ckpt: Path, aside: Path | None) -> None:
     """Say which checkpoints a roll-back moved and where, so the user can take them back."""
     if aside is not None:
@@ -421,9 +428,8 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
         how = exit_signal(err)
         with contextlib.suppress(OSError, WriteFailed):  # a full disk must not hide the signal
             writer.write({"step": global_step, "event": "terminated", "signal": how})
-        where = (f"the last checkpoint is {last_ckpt}: continue with --resume {run_dir} (or --resume auto)"
-                 if last_ckpt else "no checkpoint was written yet: start the run again")
-        tqdm.write(f"terminated by {how} at step {global_step}; {where}", file=sys.stderr)
+        tqdm.write(f"terminated by {how} at step {global_step}; {_where_to_continue(last_ckpt, run_dir)}",
+                   file=sys.stderr)
 
     try:
         if ckpt is not None:  # lines after this step in metrics.jsonl belong to the trajectory it replaces
@@ -501,10 +507,8 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
             accelerator.print(f"stopped on request at step {global_step}: checkpoint {last_ckpt}; "
                               f"continue with --resume {run_dir} (or --resume auto)")
     except WriteFailed as err:
-        where = (f"the last good checkpoint is {last_ckpt}: continue with --resume {run_dir} (or --resume auto)"
-                 if last_ckpt else "no checkpoint was written yet: start the run again")
-        raise WriteFailed(f"{err}. Nothing written before was lost; {where} once the disk has space again (or is "
-                          "repaired / writable)") from err
+        raise WriteFailed(f"{err}. Nothing written before was lost; {_where_to_continue(last_ckpt, run_dir)} once "
+                          "the disk has space again (or is repaired / writable)") from err
     except (SystemExit, KeyboardInterrupt) as err:
         if writer is not None:
             report_termination(err)

@@ -8,9 +8,11 @@ resuming skips a damaged one; naming it is a one-line `CheckpointInvalid`.
 """
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
@@ -32,6 +34,20 @@ def step_of(ckpt: Path) -> int | None:
     """The global step in a checkpoint folder's name; None for a folder named otherwise (one passed by path)."""
     match = STEP_DIR.match(ckpt.name)
     return int(match.group(1)) if match else None
+
+
+def read_best(path: Path) -> dict[str, Any] | None:
+    """best.json ({"checkpoint": name, "value": metric}), None when there is none, {} when it cannot be read (cut
+    short by a crash of an older version, edited by hand): the best is then unknown."""
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(best, dict) and isinstance(best.get("checkpoint"), str) and isinstance(best.get("value"),
+                                                                                            (int, float))
+    return best if ok else {}
 
 
 def list_checkpoints(run_dir: str | Path, complete_only: bool = True) -> list[Path]:

@@ -46,6 +46,7 @@ from sslpipe.weights.checkpoint import (
     TRAINER_STATE,
     CheckpointInvalid,
     list_checkpoints,
+    read_best,
 )
 from sslpipe.weights.hashing import sha256_file
 from sslpipe.weights.verify import verify_checkpoint
@@ -207,30 +208,15 @@ def save_checkpoint(accelerator: Any, run_dir: Path, trainer_state: dict[str, An
     return final
 
 
-def _read_best(path: Path) -> dict[str, Any] | None:
-    """best.json, or None when there is none. An unreadable one (cut short by a crash of an older version, edited by
-    hand) is treated as unknown with a warning naming it; `_update_best` then keeps every checkpoint."""
-    if not path.is_file():
-        return None
-    try:
-        best = json.loads(path.read_text())
-        if isinstance(best, dict) and isinstance(best.get("checkpoint"), str) \
-                and isinstance(best.get("value"), (int, float)):
-            return best
-        problem = "not a {\"checkpoint\": ..., \"value\": ...} object"
-    except (OSError, ValueError) as err:
-        problem = str(err)
-    warnings.warn(f"{path} is unreadable ({problem}): ignored; no checkpoint is pruned until the next evaluation "
-                  "writes it again (delete it to prune now)", stacklevel=3)
-    return {}
-
-
 def _update_best(root: Path, ckpt: Path, metric: float | None) -> set[Path] | None:
     """Record `ckpt` in best.json when `metric` beats it (atomic: a kill or a full disk leaves the old file whole).
     Returns the best checkpoint for pruning to keep (an empty set when none), or None when best.json is unreadable
     and no metric replaces it: the best is unknown, so nothing may be pruned."""
     path = root / BEST_FILE
-    best = _read_best(path)
+    best = read_best(path)
+    if best == {}:
+        warnings.warn(f"{path} is unreadable: ignored; no checkpoint is pruned until the next evaluation writes it "
+                      "again (delete it to prune now)", stacklevel=3)
     if metric is not None and (not best or metric > best["value"]):
         best = {"checkpoint": ckpt.name, "value": metric}
         _write_atomic(path, json.dumps(best))

@@ -7,7 +7,6 @@ Resuming a named older checkpoint (a roll-back) moves the run's newer checkpoint
 own checkpoints nor picked by a later `--resume auto`."""
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from datetime import datetime
@@ -20,6 +19,7 @@ from sslpipe.weights.checkpoint import (
     CheckpointInvalid,
     DamagedCheckpointWarning,
     list_checkpoints,
+    read_best,
     step_of,
 )
 from sslpipe.weights.verify import verify_checkpoint
@@ -109,16 +109,8 @@ def set_aside_newer(run_dir: Path, ckpt: Path) -> Path | None:
     root = run_dir / "checkpoints"
     aside = timestamped(root, "abandoned")
     aside.mkdir()
-    if _best_checkpoint(root / BEST_FILE) in {c.name for c in newer}:
+    if (read_best(root / BEST_FILE) or {}).get("checkpoint") in {c.name for c in newer}:
         os.replace(root / BEST_FILE, aside / BEST_FILE)
     for c in newer:
         os.replace(c, aside / c.name)
     return aside
-
-
-def _best_checkpoint(best_file: Path) -> str | None:
-    """The checkpoint name best.json records, or None (no file, or unreadable: the checkpoint writer warns)."""
-    try:
-        return json.loads(best_file.read_text()).get("checkpoint")
-    except (OSError, ValueError, AttributeError):
-        return None

@@ -232,7 +232,7 @@ def test_sigterm_between_checkpoints_says_where_to_continue(tmp_path: Path, capf
     assert [c.name for c in list_checkpoints(run)] == ["step_00000004"]
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert (last["step"], last["event"], last["signal"]) == (5, "terminated", "SIGTERM")
-    assert (f"terminated by SIGTERM at step 5; the last checkpoint is {run / 'checkpoints' / 'step_00000004'}: "
+    assert (f"terminated by SIGTERM at step 5; the last good checkpoint is {run / 'checkpoints' / 'step_00000004'}: "
             f"continue with --resume {run} (or --resume auto)") in capfd.readouterr().err
 
 
