@@ -65,12 +65,9 @@ def run_loaded_step_bench(recipe_path: str, data: str | None, *, device: str | N
     from sslpipe.recipes import load_config
 
     asked = load_config(recipe_path, list(overrides)).data.num_workers
-    if photos:
-        from sslpipe.bench.photos import make_photo_shards
+    from sslpipe.bench.photos import bench_shards
 
-        data = str(make_photo_shards(data or "runs/bench_photos", photos, samples_per_shard=max(1, photos // 32)))
-    if data is None:
-        raise ValueError("give a shard directory, or --photos N to make one of photographs")
+    data = bench_shards(data, photos, samples_per_shard=max(1, (photos or 0) // 32))
     cfg, dev, accelerator, recipe, optimizer, sched = prepared_step(
         recipe_path, device=device, batch_size=batch_size, mixed_precision=mixed_precision,
         overrides=[*overrides, f"data.train={data}",  # re-read; enough batches for the longest warm-up

@@ -219,12 +219,9 @@ def run_loader_bench_from_recipe(shard_dir: str | None, recipe: str, *,
     from sslpipe.recipes.multicrop import multicrop_from_config
 
     c = load_config(recipe, ["data.train=unused"]).crops  # a bad recipe fails before any photo is written
-    if photos:
-        from sslpipe.bench.photos import make_photo_shards
+    from sslpipe.bench.photos import bench_shards
 
-        shard_dir = str(make_photo_shards(shard_dir or "runs/bench_photos", photos))
-    if shard_dir is None:
-        raise ValueError("give a shard directory, or --photos N to make one of photographs")
+    shard_dir = bench_shards(shard_dir, photos)
     transforms = {b: multicrop_from_config(c.model_copy(update={"backend": b})) for b in backends}
     result = run_loader_bench(shard_dir, transforms=transforms, batch_size=batch_size, num_workers=num_workers,
                               max_images=max_images, rounds=rounds, max_seconds=max_seconds, device=device)

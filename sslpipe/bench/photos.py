@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -98,3 +99,13 @@ def make_photo_shards(out: str | Path, n: int = 1024, *, size: tuple[int, int] =
         write_shards(out, source=tmp, kind="folder", options=ShardOptions(samples_per_shard=samples_per_shard),
                      force=True, progress=False, created_by=f"{PHOTO_CREATOR} {n}")
     return out
+
+
+def bench_shards(data: str | Path | None, photos: int | None, **photo_options: Any) -> str:
+    """The shards a bench reads: `data`, or with `photos` that many photographs written there first
+    (`make_photo_shards`, default folder runs/bench_photos)."""
+    if photos:
+        return str(make_photo_shards(data or "runs/bench_photos", photos, **photo_options))
+    if data is None:
+        raise ValueError("give a shard directory, or --photos N to make one of photographs")
+    return str(data)

@@ -153,7 +153,8 @@ def _check_done(out: Path, inp: Input) -> None:
     """Refuse to finish while a shard has no part (every rank calls it after the barrier, so all stop together). A
     shard read short is named with what was readable: embedding the rest would curate or search a smaller pool
     silently."""
-    missing = [i for i in range(len(inp.urls)) if i not in done_shards(out)]
+    done = done_shards(out)
+    missing = [i for i in range(len(inp.urls)) if i not in done]
     shorts = read_shorts(out)
     short = [shorts[i] for i in missing if i in shorts]
     if short:
@@ -185,13 +186,13 @@ def embed_shards(export: str | Path, data: str | Path, out: str | Path, *, split
     out = Path(out)
     spec = spec or FeatureSpec.from_export(export)
     rank, world = _ranks(accelerator)
-    model = open_backbone(export, spec)
     identity = {"backbone": str(Path(export).resolve()), "backbone_sha256": backbone_sha256(export),
                 "data": data_name(data), "split": split, "spec": spec_record(spec)}
     folder = is_image_folder(data)
     existing = check_out(out, identity, None if folder else resolve_input(data, split, out).urls, force)
     if folder and existing is not None:
         check_folder(data, out)
+    model = open_backbone(export, spec)  # after the checks: a refused `out` costs no model load
     if rank == 0:
         if force:
             _clear(out)

@@ -13,16 +13,17 @@ from other files) until --force, which writes them again. The manifest records t
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sslpipe.data.manifest import read_manifest
 from sslpipe.data.stream import resolve_shards
 from sslpipe.ingest.options import ShardOptions
 from sslpipe.ingest.shards import write_shards
 from sslpipe.ingest.sources import open_source
+from sslpipe.ingest.tar_writer import rewrite_manifest
 
 FOLDER_SHARDS = "shards"
 FILES = "files.tsv"
@@ -66,11 +67,16 @@ def _folder_options() -> ShardOptions:
     return ShardOptions(samples_per_shard=FOLDER_SAMPLES_PER_SHARD, shuffle=False)
 
 
-def folder_listing(folder: str | Path) -> str:
+def _folder_images(folder: str | Path) -> list[Any]:
+    """The folder's image entries, in the order its shards are written."""
+    return list(open_source(str(folder), "folder", _folder_options()).splits["train"])
+
+
+def folder_listing(folder: str | Path, images: list[Any] | None = None) -> str:
     """sha256 of the images a folder's shards are written from (relative path, size, mtime in ns, in folder order):
-    an image added, removed or replaced changes it."""
+    an image added, removed or replaced changes it. `images`: `_folder_images(folder)` when already listed."""
     digest = hashlib.sha256()
-    for entry in open_source(str(folder), "folder", _folder_options()).splits["train"]:
+    for entry in _folder_images(folder) if images is None else images:
         stat = os.stat(entry.ref)
         digest.update(f"{os.path.relpath(entry.ref, folder)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -100,20 +106,17 @@ def write_folder_shards(folder: str | Path, out: Path, progress: bool = True) ->
     source = data_name(folder)
     if (shards / "manifest.json").is_file() and read_manifest(shards).get("source") == source:
         return
-    listing = folder_listing(folder)  # before writing: an image changed meanwhile shows at the next run
-    options = _folder_options()
-    manifest = write_shards(shards, source=str(folder), kind="folder", options=options, force=True,
+    images = _folder_images(folder)
+    listing = folder_listing(folder, images)  # before writing: an image changed meanwhile shows at the next run
+    manifest = write_shards(shards, source=str(folder), kind="folder", options=_folder_options(), force=True,
                             created_by=f"sslpipe embed (images of {source})", progress=progress)
     skipped = {entry["source"] for entry in manifest["skipped"]}
-    written = [entry.ref for entry in open_source(str(folder), "folder", options).splits["train"]
-               if entry.ref not in skipped]
+    written = [entry.ref for entry in images if entry.ref not in skipped]
     lines = [f"train_{i:08d}\t{path}\n" for i, path in enumerate(written)]  # the keys _SplitWriter gives
     tmp = shards / f".{FILES}.tmp"
     tmp.write_text("".join(lines))
     tmp.replace(shards / FILES)
-    tmp = shards / ".manifest.json.tmp"
-    tmp.write_text(json.dumps({**read_manifest(shards), "folder_listing": listing}, indent=1) + "\n")
-    tmp.replace(shards / "manifest.json")
+    rewrite_manifest(shards, {**manifest, "folder_listing": listing})
 
 
 def resolve_input(data: str | Path, split: str, out: Path) -> Input:

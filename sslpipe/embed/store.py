@@ -65,11 +65,16 @@ def short_name(shard_index: int) -> str:
 
 def write_short(out_dir: str | Path, shard_index: int, url: str, read: int, samples: int) -> Path:
     """Note that shard `shard_index` gave `read` of its `samples` samples (module docstring)."""
-    out = Path(out_dir) / short_name(shard_index)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"shard": shard_index, "url": url, "read": read, "samples": samples}) + "\n")
-    tmp.replace(out)
-    return out
+    return _write_json(Path(out_dir) / short_name(shard_index),
+                       {"shard": shard_index, "url": url, "read": read, "samples": samples})
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> Path:
+    """`path` written whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def read_shorts(folder: str | Path) -> dict[int, dict[str, Any]]:
@@ -91,11 +96,7 @@ def read_index(folder: str | Path) -> dict[str, Any]:
 
 
 def write_index(folder: str | Path, index: dict[str, Any]) -> Path:
-    path = Path(folder) / INDEX
-    tmp = path.with_name(INDEX + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, **index}, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return _write_json(Path(folder) / INDEX, {"format": FORMAT, **index})
 
 
 def done_shards(folder: str | Path) -> set[int]:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sslpipe.data.manifest import MANIFEST, read_manifest
+from sslpipe.data.manifest import read_manifest
 from sslpipe.ingest.layouts import Pair
 from sslpipe.ingest.options import ShardOptions
 from sslpipe.ingest.shards import write_shards
-from sslpipe.ingest.tar_writer import remove_shard_set
+from sslpipe.ingest.tar_writer import remove_shard_set, rewrite_manifest
 
 MIN_SHARDS = 4  # per set, when it has that many samples
 SETS = ("labeled", "unlabeled", "val")
@@ -75,18 +75,11 @@ def _write_list(lines: list[str], path: Path) -> Path:
     return path
 
 
-def _rewrite_manifest(shard_dir: Path, manifest: dict) -> None:
-    """Replace the manifest written by write_shards (atomically)."""
-    tmp = shard_dir / f".{MANIFEST}.partial"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, shard_dir / MANIFEST)
-
-
 def _set_classes(shard_dir: Path, classes: list[str]) -> None:
     """Put the layout's class names into a manifest written by write_shards."""
     manifest = read_manifest(shard_dir)
     manifest["classes"] = list(classes)
-    _rewrite_manifest(shard_dir, manifest)
+    rewrite_manifest(shard_dir, manifest)
 
 
 def write_semi_shards(out: str | Path, train: list[Pair], val: list[Pair] | None, *, classes: list[str],
@@ -155,4 +148,4 @@ def _rename_split(shard_dir: Path, old: str, new: str) -> None:
         os.replace(shard_dir / shard["name"], shard_dir / name)
         shard["name"] = name
     manifest["splits"][new] = info
-    _rewrite_manifest(shard_dir, manifest)
+    rewrite_manifest(shard_dir, manifest)

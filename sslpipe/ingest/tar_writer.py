@@ -182,6 +182,13 @@ class ShardSetWriter:
             path.unlink(missing_ok=True)
 
 
+def rewrite_manifest(shard_dir: Path, manifest: dict) -> None:
+    """Replace the manifest `write_shards` wrote (atomically), e.g. with a layout's class names added."""
+    tmp = shard_dir / f".{MANIFEST}.partial"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, shard_dir / MANIFEST)
+
+
 def _shard_files(out: Path) -> list[Path]:
     """The shards in `out` and the temporary files of an unfinished run."""
     return [p for p in out.iterdir() if p.is_file() and (_SHARD_RE.match(p.name) or p.name.endswith(".tar.partial"))]

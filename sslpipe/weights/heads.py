@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from sslpipe.weights.export import export_paths, rewrite_config, some_keys
 from sslpipe.weights.hashing import sha256_file
 from sslpipe.weights.state_dict import without_aliases
+from sslpipe.weights.verify import file_problems
 
 HEADS_NAME = "heads.safetensors"
 # the prefixes of the heads in each method's network (sslpipe's and the official checkpoints' alike)
@@ -78,10 +79,11 @@ def load_heads(net: nn.Module, export: str | Path, method: str) -> list[str]:
         return [f"{export} carries {recorded['method']} heads, not {method}'s: the heads start fresh"]
     path = weights.parent / recorded["file"]
     digest = (config.get("sha256") or {}).get(recorded["file"])
+    table = {recorded["file"]: {"sha256": digest}} if digest else {}
     if not path.is_file():
         raise FileNotFoundError(f"model.init_from={export}: {path} is missing though its config.json lists heads: "
                                 f"copy it again, or set {method}.init_heads=false to start the heads fresh")
-    if digest is not None and sha256_file(path) != digest:
+    if file_problems(weights.parent, table):
         raise ValueError(f"model.init_from={export}: {path} does not match the sha256 in its config.json (bit rot, a "
                          f"copy cut short, or modified): copy or export it again, or set {method}.init_heads=false "
                          "to start the heads fresh")

@@ -21,27 +21,24 @@ from sslpipe.weights.hashing import sha256_file
 
 
 def file_problems(folder: Path, table: dict[str, dict[str, Any]]) -> list[str]:
-    """Files of `table` ({name: {"bytes", "sha256"}}) that are missing, cut short or changed under `folder`."""
+    """Files of `table` ({name: {"bytes", "sha256"}}; "bytes" may be absent, as in an export's config.json) that are
+    missing, cut short or changed under `folder`."""
     problems = []
     for name, expected in table.items():
         path = folder / name
         if not path.is_file():
             problems.append(f"{name} is missing")
-        elif path.stat().st_size != expected["bytes"]:
+        elif "bytes" in expected and path.stat().st_size != expected["bytes"]:
             problems.append(f"{name} has {path.stat().st_size} bytes, {expected['bytes']} written (truncated or "
                             "overwritten)")
         elif sha256_file(path) != expected["sha256"]:
-            problems.append(f"{name} does not match its sha256 (bit rot or modified)")
+            problems.append(f"{name} does not match its sha256 (bit rot, a copy cut short, or modified)")
     return problems
 
 
-def digest_problems(folder: Path, digests: dict[str, str]) -> list[str]:
-    """Files of `digests` ({name: sha256}, no sizes recorded: an export's config.json) that are missing or changed
-    under `folder`."""
-    return [f"{name} is missing" if not (folder / name).is_file() else
-            f"{name} does not match its sha256 (bit rot, a copy cut short, or modified)"
-            for name, digest in digests.items()
-            if not (folder / name).is_file() or sha256_file(folder / name) != digest]
+def digests(sha256: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """An export's {name: sha256} as a `file_problems` table (no sizes recorded)."""
+    return {name: {"sha256": digest} for name, digest in sha256.items()}
 
 
 def structure_problems(folder: Path) -> list[str]:
@@ -97,10 +94,10 @@ def verify_export(folder: Path) -> tuple[str, str]:
         problems = structure_problems(folder)
         return ("bad", "; ".join(problems)) if problems else (
             "unverified", "exported without a checksum (older sslpipe): weights whole, contents not verifiable")
-    problems = digest_problems(folder, config["sha256"])
+    problems = file_problems(folder, digests(config["sha256"]))
     onnx = config.get("onnx") or {}
     if onnx.get("sha256"):
-        problems += digest_problems((folder / onnx["file"]).parent, onnx["sha256"])  # `file`: a name or a path
+        problems += file_problems((folder / onnx["file"]).parent, digests(onnx["sha256"]))  # `file`: name or path
     files = len(config["sha256"]) + len(onnx.get("sha256") or {})
     return ("bad", "; ".join(problems)) if problems else (
         "ok", f"{WEIGHTS_NAME} matches its sha256" if files == 1 else f"{files} files match their sha256")
