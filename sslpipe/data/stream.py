@@ -76,11 +76,11 @@ class CorruptSampleWarning(UserWarning):
 
 
 # ----------------------------------------------------------------------------------------------- shard resolution
-def _load_manifest(path: str) -> tuple[dict, str]:
-    """The manifest (directory, .json file, or the http(s) URL of a manifest.json) and the directory or URL its
-    shard names are relative to."""
+def _load_manifest(path: str, reading: Reading) -> tuple[dict, str]:
+    """The manifest (directory, .json file, or the http(s) URL of a manifest.json, read with `reading`'s retries and
+    timeout) and the directory or URL its shard names are relative to."""
     if path.startswith(HTTP_PREFIXES):
-        return fetch_manifest(path), path.rsplit("/", 1)[0]
+        return fetch_manifest(path, reading), path.rsplit("/", 1)[0]
     file = os.path.join(path, "manifest.json") if os.path.isdir(path) else path
     return read_manifest(path), os.path.dirname(os.path.abspath(file))
 
@@ -97,9 +97,9 @@ def _is_manifest_spec(spec: str) -> bool:
                                    (spec.startswith(HTTP_PREFIXES) or not spec.startswith(_REMOTE_PREFIXES)))
 
 
-def _manifest_urls(spec: str, split: str) -> list[tuple[str, dict]]:
+def _manifest_urls(spec: str, split: str, reading: Reading) -> list[tuple[str, dict]]:
     """(url, manifest entry) of each shard of `split` in the manifest `spec` names."""
-    manifest, root = _load_manifest(spec)
+    manifest, root = _load_manifest(spec, reading)
     entries = _manifest_split(manifest, split, spec).get("shards", [])
     if not entries:
         raise ValueError(f"{spec}: split {split!r} lists no shards; {_MAKE_SHARDS_HINT}")
@@ -107,16 +107,16 @@ def _manifest_urls(spec: str, split: str) -> list[tuple[str, dict]]:
     return [(f"{root}/{e['name']}" if remote else os.path.join(root, e["name"]), e) for e in entries]
 
 
-def shard_entries(spec: str | list[str], split: str = "train") -> dict[str, dict]:
+def shard_entries(spec: str | list[str], split: str = "train", reading: Reading = Reading()) -> dict[str, dict]:
     """{url: manifest entry (name, samples, bytes, sha256)} of the shards a manifest lists (none for patterns and
     plain URLs): a shard that ends early is caught by its sample count, a damaged one by its sha256."""
     if isinstance(spec, (list, tuple)):
-        return {url: entry for item in spec for url, entry in shard_entries(item, split).items()}
+        return {url: entry for item in spec for url, entry in shard_entries(item, split, reading).items()}
     spec = os.fspath(spec)
-    return dict(_manifest_urls(spec, split)) if _is_manifest_spec(spec) else {}
+    return dict(_manifest_urls(spec, split, reading)) if _is_manifest_spec(spec) else {}
 
 
-def resolve_shards(spec: str | list[str], split: str = "train") -> list[str]:
+def resolve_shards(spec: str | list[str], split: str = "train", reading: Reading = Reading()) -> list[str]:
     """Turn a shard spec into the list of shard URLs.
 
     `spec` is a shard directory with ``manifest.json``, a manifest file or the http(s) URL of one (-> that split's
@@ -125,10 +125,10 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> list[str]:
     that a typo fails here with the missing names rather than inside a DataLoader worker.
     """
     if isinstance(spec, (list, tuple)):
-        return [url for item in spec for url in resolve_shards(item, split)]
+        return [url for item in spec for url in resolve_shards(item, split, reading)]
     spec = os.fspath(spec)
     if _is_manifest_spec(spec):
-        urls = [url for url, _ in _manifest_urls(spec, split)]
+        urls = [url for url, _ in _manifest_urls(spec, split, reading)]
         if urls[0].startswith(HTTP_PREFIXES):
             return urls
     elif spec.startswith(_REMOTE_PREFIXES) or "://" in spec:
@@ -146,22 +146,22 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> list[str]:
     return urls
 
 
-def count_samples(spec: str | list[str], split: str = "train") -> int | None:
+def count_samples(spec: str | list[str], split: str = "train", reading: Reading = Reading()) -> int | None:
     """Number of samples in `split` from the manifest, or None when `spec` is not a manifest (pattern, URL, list)."""
     if isinstance(spec, (list, tuple)) or not _is_manifest_spec(os.fspath(spec)):
         return None
-    manifest, _ = _load_manifest(os.fspath(spec))
+    manifest, _ = _load_manifest(os.fspath(spec), reading)
     return int(_manifest_split(manifest, split, os.fspath(spec))["samples"])
 
 
 def batches_per_epoch(spec: str | list[str], split: str, batch_size: int, world_size: int,
-                      fixed: int | None = None) -> int:
+                      fixed: int | None = None, reading: Reading = Reading()) -> int:
     """Batches per rank in one epoch: `fixed` (the recipe's data.steps_per_epoch) when set, else the manifest's sample
     count over the global batch. Checks first that the shards exist, naming the missing ones."""
-    resolve_shards(spec, split)
+    resolve_shards(spec, split, reading)
     if fixed is not None:
         return fixed
-    total = count_samples(spec, split)
+    total = count_samples(spec, split, reading)
     if total is None:
         raise ValueError(f"{spec!r} has no manifest.json to count samples from: set data.steps_per_epoch")
     steps = total // (batch_size * world_size)
@@ -502,7 +502,7 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
         raise ValueError("resampled=True streams forever: pass num_batches (batches per rank per epoch)")
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-    urls = resolve_shards(spec, split)
+    urls = resolve_shards(spec, split, reading)
     if not resampled and len(urls) < world_size:
         raise ValueError(f"{len(urls)} shards cannot be split over {world_size} ranks without leaving a rank empty; "
                          "write more, smaller shards (`sslpipe shards ... --samples-per-shard N`) or use "
@@ -512,7 +512,7 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
     dataset = StreamDataset(urls, sample_fn=sample_fn, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
                             num_workers=max(1, num_workers), shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                             resampled=resampled, reading=reading,
-                            entries=shard_entries(spec, split))
+                            entries=shard_entries(spec, split, reading))
     share = sum(dataset.entries.get(url, {}).get("samples", 0) for url in dataset.rank_shards())
     if num_batches is not None and not resampled and share:
         # each worker batches its own shards: more workers than full batches in the share would leave a pass empty

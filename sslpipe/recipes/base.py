@@ -97,7 +97,8 @@ class Recipe(ABC):
         """Batches per epoch per rank (optimizer steps = this // train.grad_accum_steps); by default
         data.steps_per_epoch, else data.train's manifest count over the global batch."""
         d = self.cfg.data
-        return batches_per_epoch(d.train, d.train_split, d.batch_size, world_size, d.steps_per_epoch)
+        return batches_per_epoch(d.train, d.train_split, d.batch_size, world_size, d.steps_per_epoch,
+                                 reading=shard_reading(d))
 
     @abstractmethod
     def step(self, batch: Any, sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:

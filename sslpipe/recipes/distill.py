@@ -175,7 +175,8 @@ class DistillRecipe(Recipe):
                                       device=accelerator.device)
         self.queue_loss = None
         if d.global_loss == "queue":
-            size = d.queue_size or auto_queue_size(count_samples(self.cfg.data.train, self.cfg.data.train_split))
+            data = self.cfg.data
+            size = d.queue_size or auto_queue_size(count_samples(data.train, data.train_split, shard_reading(data)))
             self.queue_loss = QueueDistillLoss(t_pooled.shape[-1], size, d.temperature).to(accelerator.device)
         if accelerator.is_main_process and accelerator.project_dir:
             record = {"teacher": str(Path(d.teacher).resolve()), "architecture": export.get("architecture"),

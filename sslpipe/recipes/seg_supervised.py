@@ -162,9 +162,9 @@ class SupervisedSegRecipe(Recipe):
         if not u.unlabeled:
             raise ValueError("method u2pl needs u2pl.unlabeled (unlabelled shards, e.g. OUT/unlabeled written by "
                              "`sslpipe shards --voc ... --labeled 1464`)")
-        resolve_shards(d.train, d.train_split)  # the labelled shards must exist too
+        resolve_shards(d.train, d.train_split, shard_reading(d))  # the labelled shards must exist too
         return batches_per_epoch(u.unlabeled, u.unlabeled_split, self.unlabeled_batch_size(), world_size,
-                                 d.steps_per_epoch)
+                                 d.steps_per_epoch, shard_reading(d))
 
     def train_loader(self, epoch: int, rank: int, world_size: int):
         d, u = self.cfg.data, self.section

@@ -30,7 +30,7 @@ from sslpipe.data.stream import (
     resolve_shards,
 )
 from sslpipe.engine.trainer import train
-from sslpipe.recipes import load_config
+from sslpipe.recipes import get_recipe, load_config
 from sslpipe.weights.checkpoint import find_checkpoint
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -290,6 +290,24 @@ def test_a_run_killed_and_resumed_over_http_equals_an_uninterrupted_run_on_disk(
     b = load_file(str(find_checkpoint(resumed) / "model.safetensors"))
     assert find_checkpoint(resumed).name == "step_00000004" and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method_recipe", ["demo_simclr.yaml", "demo_u2pl.yaml"])
+def test_a_recipe_reads_its_manifest_url_with_the_data_retries(server: ShardServer, tmp_path: Path,
+                                                               method_recipe: str) -> None:
+    """The epoch length comes from the manifest, the first remote read of a run: it is read with data.retries and
+    data.retry_backoff, not the defaults (3 retries, 1 s backoff)."""
+    remote = f"{server.url}/manifest.json"
+    server.faults["manifest.json"] = {"kind": "status", "code": 503, "times": 5}
+    sections = {"demo_u2pl.yaml": [f"u2pl.unlabeled={remote}", "u2pl.unlabeled_split=train"]}
+    cfg = load_config(RECIPES / method_recipe, [f"data.train={remote}", "data.train_split=train", "data.retries=6",
+                                                 "data.retry_backoff=0.001", "data.steps_per_epoch=null",
+                                                 f"output_dir={tmp_path}", *sections.get(method_recipe, [])])
+    recipe = get_recipe(cfg.method)(cfg)
+    started = time.monotonic()
+    assert recipe.steps_per_epoch(1) == 1438 // cfg.data.batch_size  # digits' train split, 1,438 samples
+    assert time.monotonic() - started < 3  # the default 1 s backoff would take 1 + 2 + 4 + 8 + 16 s
+    assert server.faults["manifest.json"]["times"] == 0 and len(server.requests("manifest.json")) == 6
 
 
 def test_cli_knn_reads_a_manifest_url_and_train_stops_with_one_line(server: ShardServer, tmp_path: Path,
