@@ -167,8 +167,10 @@ class MaskedViT(nn.Module):
     including prefix tokens. With weight_initialization="skip", pos_embed_initialization="skip" and square crops it
     computes the same thing (tested in tests/test_models.py).
 
-    Refused: a ViT without a [CLS] token (token 0 would be a patch or a register, trained as the [CLS]) and a distilled
-    DeiT (a second prefix token, and a pooled feature that is not the trained [CLS]).
+    Refused: a ViT without a [CLS] token (token 0 would be a patch or a register, trained as the [CLS]), one that pools
+    its patches or puts an fc_norm after its pooling (its feature would not be the trained [CLS] after the final norm;
+    with fc_norm, timm's final norm is an identity) and a distilled DeiT (a second prefix token, and a pooled feature
+    that is not the trained [CLS]).
     """
 
     def __init__(self, vit: VisionTransformer | Eva, mask_token: bool) -> None:
@@ -184,6 +186,13 @@ class MaskedViT(nn.Module):
             raise ValueError(f"model.arch={arch} is a distilled DeiT: its extra distillation token is a second prefix "
                              f"token and timm's feature averages it with the [CLS], which dino, ibot, dinov2 and "
                              f"dinov3 do not train; choose the DeiT without `_distilled`")
+        pool, fc_norm = getattr(vit, "global_pool", "token"), not isinstance(getattr(vit, "fc_norm", None), nn.Identity)
+        if pool != "token" or fc_norm:
+            raise ValueError(f"model.arch={arch} is built with global_pool={pool!r}"
+                             f"{' and an fc_norm after the pooling' if fc_norm else ''}, so its feature (and its "
+                             f"export's) is not the [CLS] token after the final norm that dino, ibot, dinov2 and "
+                             f"dinov3 train; set model.kwargs.global_pool: token (a mean-pooled checkpoint with "
+                             f"fc_norm weights cannot continue these methods: start from a [CLS] checkpoint)")
         self.vit = vit
         self.embed_dim: int = vit.embed_dim
         self.num_prefix_tokens: int = vit.num_prefix_tokens

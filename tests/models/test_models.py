@@ -1,6 +1,7 @@
 """Backbones, masked ViT, heads and EMA teacher."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -301,6 +302,22 @@ def test_masked_vit_refuses_a_vit_without_class_token(arch, kwargs):
     with pytest.raises(ValueError, match=rf"model.arch={arch} is built without a \[CLS\] token .*class_token"):
         MaskedViT(vit, mask_token=True)
     assert pooled_features(vit.eval(), torch.randn(2, 3, 32, 32)).shape == (2, 32)
+
+
+@pytest.mark.parametrize("arch, kwargs, said", [
+    ("vit_tiny_patch16_224", {"global_pool": "avg"}, "global_pool='avg' and an fc_norm after the pooling"),
+    ("vit_tiny_patch16_224", {"global_pool": "avg", "fc_norm": False}, "global_pool='avg', so"),
+    ("eva02_tiny_patch14_224", {}, "global_pool='avg' and an fc_norm"),  # timm's Eva pools by default
+])
+def test_masked_vit_refuses_a_vit_whose_feature_is_not_the_normed_cls(arch, kwargs, said):
+    """The methods train the [CLS] after the final norm; a ViT that pools its patches (or, with fc_norm, has no final
+    norm on its tokens) would train one feature and export another."""
+    vit = create_backbone(arch, img_size=32, patch_size=4, depth=1, embed_dim=32, num_heads=2, **kwargs)
+    with pytest.raises(ValueError, match=rf"model.arch={arch} is built with {re.escape(said)}.*global_pool: token"):
+        MaskedViT(vit, mask_token=False)
+    token = create_backbone(arch, img_size=32, patch_size=4, depth=1, embed_dim=32, num_heads=2,
+                            **{**kwargs, "global_pool": "token", "fc_norm": None})
+    MaskedViT(token, mask_token=False)  # the [CLS] pooling of the same arch is accepted
 
 
 def test_masked_vit_refuses_a_distilled_deit():
