@@ -59,7 +59,7 @@ from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup, wan
 from sslpipe.errors import WriteFailed, io_failure
 from sslpipe.recipes import Recipe, get_recipe, load_config
 from sslpipe.weights.checkpoint import list_checkpoints
-from sslpipe.weights.checkpoint_io import load_checkpoint, save_checkpoint
+from sslpipe.weights.checkpoint_io import load_checkpoint, restore_interrupted_swaps, save_checkpoint
 from sslpipe.weights.resume import pick_checkpoint, resume_run_dir, set_aside_newer, timestamped
 
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
@@ -180,6 +180,8 @@ def _claim_run(cfg: RunConfig, resume: str | None, overrides_text: str | None) -
             raise FileExistsError(
                 f"run directory {run_dir} already has checkpoints: continue it with --resume {run_dir} "
                 "(or --resume auto), or choose another run_name")
+        for notice in [] if fresh else restore_interrupted_swaps(run_dir):
+            print(notice, file=sys.stderr)
         ckpt = None if fresh else pick_checkpoint(run_dir, named)
         if named is not None:
             _announce_set_aside(run_dir, ckpt, set_aside_newer(run_dir, ckpt))

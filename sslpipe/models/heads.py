@@ -2,7 +2,7 @@
 
 MLP in -> hidden -> GELU -> hidden -> GELU -> bottleneck (trunc-normal std 0.02, zero bias), L2-normalise, then a
 weight-normalised Linear bottleneck -> out_dim without bias whose norm g is filled with 1 (and frozen when
-``norm_last_layer``).
+``norm_last_layer``); DINOv3's head (dinov3 layers/dino_head.py) ends in a plain Linear instead, trunc-normal 0.02.
 
 Written here rather than using lightly's DINOProjectionHead (numerically the same head, tested in
 tests/test_models.py) because lightly uses the legacy ``nn.utils.weight_norm`` hook, whose derived ``weight``
@@ -52,14 +52,26 @@ def weight_norm_g(layer: nn.Module) -> Tensor:
     return layer.parametrizations.weight.original0
 
 
+def _plain_linear(bottleneck_dim: int, out_dim: int) -> nn.Linear:
+    """DINOv3's last layer (dinov3 layers/dino_head.py): a Linear without bias, trunc-normal std 0.02 like the MLP."""
+    layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+    nn.init.trunc_normal_(layer.weight, std=0.02)
+    return layer
+
+
 class DINOHead(nn.Module):
-    """DINO projection head: x (..., in_dim) -> logits (..., out_dim)."""
+    """DINO projection head: x (..., in_dim) -> logits (..., out_dim). ``plain_last_layer``: DINOv3's head, whose
+    last layer is a plain Linear (its `head_norm_last_layer` is only logged), so ``norm_last_layer`` must be False."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True) -> None:
+                 nlayers: int = 3, norm_last_layer: bool = True, plain_last_layer: bool = False) -> None:
         super().__init__()
+        if plain_last_layer and norm_last_layer:
+            raise ValueError("a plain last layer has no weight-norm magnitude to hold at 1: norm_last_layer must be "
+                             "false with plain_last_layer")
         self.mlp = _mlp(in_dim, hidden_dim, bottleneck_dim, nlayers)
-        self.last_layer = _weight_normed_linear(bottleneck_dim, out_dim, norm_last_layer)
+        self.last_layer = (_plain_linear(bottleneck_dim, out_dim) if plain_last_layer
+                           else _weight_normed_linear(bottleneck_dim, out_dim, norm_last_layer))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))

@@ -48,13 +48,26 @@ def note_export_replaces(cfg: Any, export: dict[str, Any]) -> None:
     if m.patch_size is not None and args.get("patch_size", m.patch_size) != m.patch_size:
         differ.append(f"model.patch_size={m.patch_size} (the export: {args['patch_size']})")
     differ += [f"model.kwargs.{k}={v} (the export: {args.get(k)})" for k, v in m.kwargs.items() if args.get(k) != v]
-    for key in ("mean", "std"):
-        ours, theirs = list(getattr(cfg.crops, key)), list(export[key])
-        if any(abs(a - b) > 1e-6 for a, b in zip(ours, theirs)):
-            differ.append(f"crops.{key}={ours} (the export: {theirs})")
+    differ += [f"crops.{key}={ours} (the export: {theirs})" for key, ours, theirs in _other_normalisation(cfg, export)]
     if differ:
         print(f"model.init_from={m.init_from}: the export's network and normalisation are used; not used: "
               + "; ".join(differ))
+
+
+def _other_normalisation(cfg: Any, export: dict[str, Any]) -> list[tuple[str, list[float], list[float]]]:
+    """(key, the recipe's, the export's) for crops.mean / crops.std where they differ from the export's."""
+    pairs = [(key, list(getattr(cfg.crops, key)), list(export[key])) for key in ("mean", "std")]
+    return [(key, ours, theirs) for key, ours, theirs in pairs
+            if len(ours) != len(theirs) or any(abs(a - b) > 1e-6 for a, b in zip(ours, theirs))]
+
+
+def continued_normalisation_notes(cfg: Any) -> list[str]:
+    """Continued pretraining from `model.init_from` trains under the recipe's crops.mean / std: name where the export
+    was trained under others, since its network then sees shifted inputs (set them to the export's to avoid it)."""
+    from sslpipe.weights.export import read_export_config
+
+    return [f"crops.{key}={ours} is used, the export was trained with {theirs}"
+            for key, ours, theirs in _other_normalisation(cfg, read_export_config(cfg.model.init_from))]
 
 
 class Recipe(ABC):

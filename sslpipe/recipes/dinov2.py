@@ -193,8 +193,8 @@ def _layer_id(name: str, num_layers: int) -> int:
 def dinov2_param_groups(net: nn.Module, layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict[str, Any]]:
     """dinov2/utils/param_groups.py `get_params_groups_with_decay` for a `DINOv2Net`: in the backbone,
     lr_scale = layerwise_decay ** (L + 1 - layer_id), times `patch_embed_lr_mult` for the patch embedding; the
-    heads 1. No weight decay on biases and on parameters named *norm* or *gamma* (LayerScale); the tokens and
-    position embedding are decayed. Frozen parameters are left out."""
+    heads 1. No weight decay on names ending in bias (the official rule, so Eva's q_bias / v_bias too) and on *norm*
+    or *gamma* (LayerScale); the tokens and position embedding are decayed. Frozen parameters are left out."""
     num_layers = len(net.backbone.vit.blocks)
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in net.named_parameters():
@@ -205,7 +205,7 @@ def dinov2_param_groups(net: nn.Module, layerwise_decay: float, patch_embed_lr_m
             scale = layerwise_decay ** (num_layers + 1 - _layer_id(name, num_layers))
             if "patch_embed" in name:
                 scale *= patch_embed_lr_mult
-        decay = not (name.endswith(".bias") or "norm" in name or "gamma" in name)
+        decay = not (name.endswith("bias") or "norm" in name or "gamma" in name)
         groups.setdefault((scale, decay), []).append(param)
     return [{"params": params, "apply_wd": decay, "lr_scale": scale} for (scale, decay), params in groups.items()]
 
@@ -253,6 +253,8 @@ class DINOv2Recipe(MultiCropRecipe):
     config_key = "dinov2"
     config_section = DINOv2Config
     unread = {**MultiCropRecipe.unread, "model.sync_batchnorm": "its ViT has no BatchNorm"}
+    cls_token_std = 1e-6  # dinov2 models/vision_transformer.py init_weights
+    plain_last_layer = False  # the heads' last layer is weight-normalised (dinov2 layers/dino_head.py)
 
     def build_net(self, drop_path_rate: float, mask_token: bool) -> DINOv2Net:
         d = self.section
@@ -261,15 +263,16 @@ class DINOv2Recipe(MultiCropRecipe):
         if d.drop_path_uniform:
             uniform_drop_path(vit, drop_path_rate)
         if getattr(vit, "cls_token", None) is not None:
-            nn.init.normal_(vit.cls_token, std=1e-6)  # dinov2's init (create_backbone gives DINO's)
+            nn.init.normal_(vit.cls_token, std=self.cls_token_std)  # create_backbone gives DINO's init
         backbone = MaskedViT(vit, mask_token=mask_token)
+        last = dict(norm_last_layer=h.norm_last_layer, plain_last_layer=self.plain_last_layer)
         dino_head = DINOHead(backbone.embed_dim, h.out_dim, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim,
-                             nlayers=h.nlayers, norm_last_layer=h.norm_last_layer)
+                             nlayers=h.nlayers, **last)
         ibot_head = None
         if d.separate_head:
             ibot_head = DINOHead(backbone.embed_dim, h.patch_out_dim, hidden_dim=d.ibot_hidden_dim or h.hidden_dim,
                                  bottleneck_dim=d.ibot_bottleneck_dim or h.bottleneck_dim,
-                                 nlayers=d.ibot_nlayers or h.nlayers, norm_last_layer=h.norm_last_layer)
+                                 nlayers=d.ibot_nlayers or h.nlayers, **last)
         elif h.patch_out_dim != h.out_dim:
             raise ValueError(f"dinov2.separate_head=false maps the patches with the CLS head: set "
                              f"dinov2.head.patch_out_dim to dinov2.head.out_dim ({h.out_dim}), got {h.patch_out_dim}")

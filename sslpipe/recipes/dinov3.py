@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from sslpipe.config import Section
@@ -55,12 +55,21 @@ class DINOv3Config(DINOv2Config):
 
     gram: GramConfig = Field(default_factory=GramConfig)
 
+    @model_validator(mode="after")
+    def _plain_last_layer(self) -> "DINOv3Config":
+        if self.head.norm_last_layer:
+            raise ValueError("dinov3.head.norm_last_layer: DINOv3's heads end in a plain Linear, with no weight-norm "
+                             "magnitude to hold at 1 (the official head_norm_last_layer is only logged); set it false")
+        return self
+
 
 class DINOv3Recipe(DINOv2Recipe):
     """The DINOv3 recipe: `method: dinov3` in a YAML recipe."""
 
     config_key = "dinov3"
     config_section = DINOv3Config
+    cls_token_std = 0.02  # dinov3 models/vision_transformer.py init_weights
+    plain_last_layer = True  # dinov3 layers/dino_head.py: nn.Linear, trunc-normal 0.02
 
     def build(self, accelerator: Any) -> None:
         super().build(accelerator)

@@ -28,7 +28,7 @@ from sslpipe.models.backbones import create_backbone, is_eva_arch, is_vit_arch
 from sslpipe.models.ema import ema_update
 from sslpipe.models.heads import cancel_last_layer_gradients
 from sslpipe.models.packed_crops import CropAttention
-from sslpipe.recipes.base import Recipe, shard_reading
+from sslpipe.recipes.base import Recipe, continued_normalisation_notes, shard_reading
 from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.sections import QScoreConfig, TeacherStudentConfig
 from sslpipe.weights.sharded_state import load_whole
@@ -184,7 +184,8 @@ class MultiCropRecipe(Recipe):
     def start_from_export(self, net: nn.Module) -> None:
         """`model.init_from`: continued pretraining. The student's backbone starts from the export, tensor for tensor
         (its position grid resampled to crops.global_size by the export's rule; another patch size or architecture
-        is refused), and its heads from the export's when it carries this method's and `init_heads` (else fresh).
+        is refused), and its heads and mask token from the export's when it carries this method's and `init_heads`
+        (else fresh); a note names crops.mean / std where they differ from the export's.
         Call before the teacher copies the student, so both start there."""
         from sslpipe.weights.export import load_export_into
         from sslpipe.weights.heads import load_heads
@@ -193,8 +194,11 @@ class MultiCropRecipe(Recipe):
         if not path:
             return
         notes = load_export_into(getattr(net.backbone, "vit", net.backbone), path)
+        fresh = "the heads and the mask token start fresh" if getattr(net.backbone, "mask_token", None) is not None \
+            else "the heads start fresh"
         notes += (load_heads(net, path, self.config_key) if self.section.init_heads
-                  else [f"{self.config_key}.init_heads=false: the heads start fresh"])
+                  else [f"{self.config_key}.init_heads=false: {fresh}"])
+        notes += continued_normalisation_notes(self.cfg)
         print(f"model.init_from={path}: backbone" + "".join(f"; {n}" for n in notes))
 
     def build_backbone(self, drop_path_rate: float) -> nn.Module:

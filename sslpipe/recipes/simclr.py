@@ -28,7 +28,7 @@ from sslpipe.config import RunConfig, Section
 from sslpipe.data.stream import build_loader
 from sslpipe.losses.health import embedding_health
 from sslpipe.models.backbones import backbone_embed_dim, create_backbone, pooled_features, sync_batchnorm
-from sslpipe.recipes.base import Recipe, shard_reading
+from sslpipe.recipes.base import Recipe, continued_normalisation_notes, shard_reading
 from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, build_qscore, split_decay_groups
 from sslpipe.recipes.sections import QScoreConfig
@@ -127,7 +127,7 @@ class SimCLRRecipe(Recipe):
         if m.init_from:
             from sslpipe.weights.export import load_export_into
 
-            notes = load_export_into(backbone, m.init_from)
+            notes = load_export_into(backbone, m.init_from) + continued_normalisation_notes(self.cfg)
             print(f"model.init_from={m.init_from}: backbone" + "".join(f"; {n}" for n in notes))
         dim = backbone_embed_dim(backbone)
         head = SimCLRProjectionHead(dim, s.proj_hidden_dim, s.proj_output_dim, num_layers=s.proj_layers,

@@ -30,7 +30,9 @@ Named deviations from the code (besides those of the losses' docstrings):
   by its later train-mode passes), so its first eval-mode pseudo-labels come from mismatched statistics;
 - pixels of an unlabelled crop that are padding get no pseudo-label (the code labels the padding);
 - the teacher's dropout is off (`build_teacher`); the code runs its teacher in train mode with Dropout2d(0.1);
-- λ_c = u2pl.contrastive_weight, default 0.1 (the paper's value per the maintainer, issue #57; the code uses 1).
+- λ_c = u2pl.contrastive_weight, default 0.1 (the paper's value per the maintainer, issue #57; the code uses 1, but
+  it divides an all-reduced loss by the world size and the all-reduce carries no gradient, so on its published 4
+  GPUs the term's gradient weight is 1/4; the logged value is unscaled). sslpipe's λ_c weights the gradient as set.
 """
 from __future__ import annotations
 

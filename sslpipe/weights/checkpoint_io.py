@@ -172,6 +172,21 @@ def _swap_in(tmp: Path, final: Path, aside: Path) -> None:
         raise
 
 
+def restore_interrupted_swaps(run_dir: Path) -> list[str]:
+    """Rename back each `checkpoints/.old-step_N` whose `step_N` is missing: what a hard kill between the two renames
+    of `_swap_in` leaves, the only copy of that step. Returns a notice per restored step (main process, under the
+    run's lock, before a resume picks its checkpoint)."""
+    root = Path(run_dir) / "checkpoints"
+    notices = []
+    for aside in sorted(root.glob(".old-step_*")) if root.is_dir() else []:
+        final = aside.with_name(aside.name.removeprefix(".old-"))
+        if aside.is_dir() and not final.exists():
+            os.replace(aside, final)
+            notices.append(f"{final.name} was set aside by a save that a hard kill interrupted: restored from "
+                           f"{aside.name}")
+    return notices
+
+
 def save_checkpoint(accelerator: Any, run_dir: Path, trainer_state: dict[str, Any],
                     extra_state: dict[str, torch.Tensor], keep_last: int = 2, metric: float | None = None, *,
                     model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> Path:

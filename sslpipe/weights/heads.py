@@ -3,18 +3,21 @@
 `sslpipe export RUN --with-heads` and `sslpipe import CHECKPOINT OUT --with-heads` write `heads.safetensors` next to
 `model.safetensors`: the DINO / iBOT / DINOv2 / DINOv3 heads of the exported network, named as sslpipe's networks name
 them (`head.*`; `dino_head.*`, `ibot_head.*`), and record in config.json which method they belong to and their sha256.
-With `model.init_from=EXPORT`, a recipe of that method starts its student and teacher heads from them
-(`<method>.init_heads`); otherwise its heads start fresh. The official heads keep their weight-normalised last layers
-as `weight_g` / `weight_v`; sslpipe's use torch's parametrisation (`parametrizations.weight.original0` / `original1`).
-DINOv3's last layers are plain Linear layers (layers/dino_head.py): a weight W is kept as g = the norms of its rows
-and v = W, which sslpipe's weight-normalised layer turns back into W (trained freely, as the official W, with
-`dinov3.head.norm_last_layer: false`, the default; `true` holds g at these norms).
+The masked-image-modelling methods' trained mask token goes with them (`backbone.mask_token`; iBOT's official
+`masked_embed`; a teacher export takes the student's, as the teacher has none), since the backbone export leaves it out.
+With `model.init_from=EXPORT`, a recipe of that method starts its student and teacher heads, and its student's mask
+token, from them (`<method>.init_heads`); otherwise they start fresh. The official DINO / iBOT / DINOv2 heads keep
+their weight-normalised last layers as `weight_g` / `weight_v`; sslpipe's use torch's parametrisation
+(`parametrizations.weight.original0` / `original1`). DINOv3's last layers are plain Linear layers (layers/dino_head.py),
+in its checkpoints and in sslpipe's DINOv3 heads alike; DINOv3 heads kept as g / v by an earlier sslpipe are turned
+back into W = g v / ||v|| on loading.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -28,6 +31,8 @@ HEADS_NAME = "heads.safetensors"
 HEAD_PREFIXES = {"dino": ("head.",), "ibot": ("head.",), "dinov2": ("dino_head.", "ibot_head."),
                  "dinov3": ("dino_head.", "ibot_head.")}
 _OFFICIAL_NAMES = {".weight_g": ".parametrizations.weight.original0", ".weight_v": ".parametrizations.weight.original1"}
+MASK_TOKEN = "backbone.mask_token"
+_MASK_TOKENS = (MASK_TOKEN, "backbone.masked_embed")  # sslpipe, DINOv2 and DINOv3; iBOT's official name
 
 
 def heads_of(network: dict[str, Tensor], method: str) -> dict[str, Tensor]:
@@ -38,18 +43,32 @@ def heads_of(network: dict[str, Tensor], method: str) -> dict[str, Tensor]:
                          "dinov3 have)")
     heads = {}
     for key, value in without_aliases(network).items():
-        if key.startswith(prefixes) and key.endswith(".last_layer.weight"):  # DINOv3's plain last layer (docstring)
-            layer = key.removesuffix(".weight")
-            heads[layer + _OFFICIAL_NAMES[".weight_g"]] = value.detach().cpu().norm(dim=1, keepdim=True)
-            heads[layer + _OFFICIAL_NAMES[".weight_v"]] = value.detach().cpu().clone()
-        elif key.startswith(prefixes):
+        if key.startswith(prefixes):
             for old, new in _OFFICIAL_NAMES.items():
                 if key.endswith(old):
                     key = key[: -len(old)] + new
             heads[key] = value.detach().cpu().clone()
     if not heads:
         raise ValueError(f"--with-heads: no {' or '.join(prefixes)} tensors in the {method} network")
+    if method != "dino":  # the masked-image-modelling methods
+        for key in _MASK_TOKENS:
+            if key in network:
+                heads[MASK_TOKEN] = network[key].detach().cpu().clone()
     return heads
+
+
+def _as_built(state: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` with a weight-normalised last layer (g, v) turned into W = g v / ||v|| where the layer built here is a
+    plain Linear (DINOv3 heads kept as g / v by an earlier sslpipe)."""
+    g_name, v_name = _OFFICIAL_NAMES[".weight_g"], _OFFICIAL_NAMES[".weight_v"]
+    out = dict(state)
+    for key in [k for k in state if k.endswith(v_name)]:
+        plain = key.removesuffix(v_name) + ".weight"
+        g_key = key.removesuffix(v_name) + g_name
+        if plain in target and key not in target and g_key in state:
+            v = out.pop(key)
+            out[plain] = out.pop(g_key) * v / v.norm(dim=1, keepdim=True)
+    return out
 
 
 def write_heads(export: str | Path, heads: dict[str, Tensor], method: str) -> Path:
@@ -73,10 +92,12 @@ def load_heads(net: nn.Module, export: str | Path, method: str) -> list[str]:
     weights, config_path = export_paths(export)
     config = json.loads(config_path.read_text())
     recorded = config.get("heads")
+    own_token = getattr(getattr(net, "backbone", None), "mask_token", None)
+    fresh = "the heads and the mask token start fresh" if own_token is not None else "the heads start fresh"
     if not recorded:
-        return [f"{export} carries no heads: the heads start fresh (export with --with-heads to keep them)"]
+        return [f"{export} carries no heads: {fresh} (export with --with-heads to keep them)"]
     if recorded["method"] != method:
-        return [f"{export} carries {recorded['method']} heads, not {method}'s: the heads start fresh"]
+        return [f"{export} carries {recorded['method']} heads, not {method}'s: {fresh}"]
     path = weights.parent / recorded["file"]
     digest = (config.get("sha256") or {}).get(recorded["file"])
     table = {recorded["file"]: {"sha256": digest}} if digest else {}
@@ -88,8 +109,10 @@ def load_heads(net: nn.Module, export: str | Path, method: str) -> list[str]:
                          f"copy cut short, or modified): copy or export it again, or set {method}.init_heads=false "
                          "to start the heads fresh")
     state = load_file(str(path))
+    token = state.pop(MASK_TOKEN, None)
     heads = nn.ModuleDict({name: module for name, module in net.named_children() if name != "backbone"})
     target = heads.state_dict()
+    state = _as_built(state, target)
     real = without_aliases(target)  # iBOT's shared head: last_layer2 is last_layer
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in sorted(set(state) & set(target))
               if state[k].shape != target[k].shape]
@@ -102,4 +125,15 @@ def load_heads(net: nn.Module, export: str | Path, method: str) -> list[str]:
                          + "; ".join(p for p in problems if p) + f"): set {method}.head.* to the export's sizes, or "
                          f"{method}.init_heads=false to start the heads fresh")
     heads.load_state_dict(state, strict=False)
-    return [f"heads from {export} ({len(state)} tensors)"]
+    notes = [f"heads from {export} ({len(state)} tensors)"]
+    if own_token is not None:
+        if token is None:
+            notes.append("the mask token starts at zero (the export predates keeping it beside the heads)")
+        elif token.shape != own_token.shape:
+            raise ValueError(f"model.init_from={export}: its mask token is {tuple(token.shape)}, the backbone built "
+                             f"here takes {tuple(own_token.shape)}: export it again from a run of this architecture")
+        else:
+            with torch.no_grad():
+                own_token.copy_(token)
+            notes.append("the mask token from the export")
+    return notes

@@ -41,9 +41,11 @@ _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
 # DINOv2 block chunks hold ViT blocks (`blocks.{chunk}.{index}.attn.qkv`); timm's EfficientNet / MobileNet stages
 # are `blocks.{stage}.{index}.` too, but of convolutions, so only this marks the chunked layout.
 _VIT_CHUNK = re.compile(r"^blocks\.\d+\.\d+\.attn\.qkv\.weight$")
-# Keys of timm architectures that share iBOT's `gamma_1/2` layer scale (Eva incl. every `vit_*_dinov3`, BEiT) and
-# that no iBOT ViT has: registers, split q/v biases, relative position bias, Eva's SwiGLU and rotary buffers.
-_TIMM_ONLY = re.compile(r"(^|\.)(reg_token|q_bias|v_bias|relative_position_bias_table|fc1_g\.weight|rope\.\w+)$")
+# Keys of timm architectures that share iBOT's `gamma_1/2` layer scale (Eva incl. every `vit_*_dinov3`, BEiT, CaiT) and
+# that no iBOT ViT has: registers, split q/v biases, relative position bias, Eva's SwiGLU and rotary buffers, CaiT's
+# class-attention blocks.
+_TIMM_ONLY = re.compile(r"(^|\.)(reg_token|q_bias|v_bias|relative_position_bias_table|fc1_g\.weight|rope\.\w+)$"
+                        r"|(^|\.)blocks_token_only\.")
 # Keys only DINOv3 networks have: RoPE periods, storage tokens, the key-bias mask, the untied local CLS norm, and
 # the ConvNeXt's final norm listed again.
 _DINOV3 = re.compile(r"(^|\.)(rope_embed\.periods|storage_tokens|local_cls_norm\.weight|attn\.qkv\.bias_mask|"

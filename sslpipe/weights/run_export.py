@@ -24,7 +24,7 @@ from sslpipe.weights.export import (
     export_backbone,
 )
 from sslpipe.weights.hashing import sha256_file, tensor_digest
-from sslpipe.weights.heads import heads_of, write_heads
+from sslpipe.weights.heads import MASK_TOKEN, heads_of, write_heads
 
 # Where the backbone sits inside a recipe's network: MaskedViT wrapper first (its `.vit` is the timm model), then
 # DINO/iBOT/SimCLR's plain `backbone`, then the CNN encoder of U2PL / supervised_seg (a ViT encoder there is ViTDet-
@@ -186,6 +186,9 @@ def export_run(
         raw = load_file(str(weights))
         network = {k.removeprefix("teacher."): v for k, v in raw.items()
                    if which == "student" or k.startswith("teacher.")}
+        student = raw if which == "student" else load_file(str(ckpt / MODEL))
+        if MASK_TOKEN in student:  # the teacher takes no mask: the student's, which continued training starts from
+            network[MASK_TOKEN] = student[MASK_TOKEN]
         write_heads(out_dir, heads_of(network, method), method)
     unchanged = before is not None and before[0] == tensor_digest(out_dir / WEIGHTS_NAME)
     probed = "teacher" if has_teacher else "student"  # the network a run's periodic kNN probes

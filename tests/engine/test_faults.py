@@ -260,6 +260,23 @@ def test_sigterm_while_a_step_is_saved_again_keeps_that_step(tmp_path: Path, mon
     assert_loadable(run / "checkpoints" / "step_00000006")
 
 
+def test_a_hard_kill_between_the_renames_of_a_resaved_step_loses_nothing(tmp_path: Path,
+                                                                          capfd: pytest.CaptureFixture) -> None:
+    """A kill -9 after step_6 was renamed aside and before the new one was renamed in leaves only .old-step_6: the
+    next --resume renames it back, with a notice, and resumes from it (not from step_4 before it)."""
+    runs = tmp_path / "runs"
+    run = train(toy_cfg(runs, "killed", max_steps=6))
+    checkpoints = run / "checkpoints"
+    os.replace(checkpoints / "step_00000006", checkpoints / ".old-step_00000006")  # the state a kill -9 leaves
+    reset()
+    train(toy_cfg(runs, "killed", max_steps=8), resume=str(run))
+    assert "step_00000006 was set aside by a save that a hard kill interrupted: restored" in capfd.readouterr().err
+    assert not (checkpoints / ".old-step_00000006").exists()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in rows if r.get("event") == "resumed"]
+    assert resumed and resumed[-1]["step"] == 6
+
+
 def test_an_unreadable_best_json_is_ignored_with_a_warning(tmp_path: Path) -> None:
     """best.json cut short (what a kill inside the old in-place write left): a resumed run warns naming it and prunes
     nothing while the best is unknown (keep_last 1); the next evaluation writes it again (toy_eval = epoch index)."""

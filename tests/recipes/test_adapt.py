@@ -13,6 +13,7 @@ from helpers import REPO
 from safetensors.torch import load_file
 
 from sslpipe.recipes import get_recipe, load_config
+from sslpipe.weights.checkpoint import find_checkpoint
 from sslpipe.weights.export import export_backbone
 from sslpipe.weights.positions import resize_pos_embed
 
@@ -89,19 +90,38 @@ def test_heads_continue_from_an_export_with_heads(digits_shards: Path, tmp_path:
         f"data.train={digits_shards}", "data.batch_size=4", "data.num_workers=0", "crops.global_size=32",
         "model.arch=vit_tiny_patch16_224", "model.patch_size=4", f"model.kwargs={KWARGS}", *TINY["dinov2"],
         "train.max_steps=2", f"output_dir={tmp_path}", "run_name=first"])
-    out = export_run(train(cfg), which="teacher", with_heads=True)
+    run = train(cfg)
+    out = export_run(run, which="teacher", with_heads=True)
     heads = load_file(str(out / "heads.safetensors"))
     assert any(k.startswith("dino_head.") for k in heads) and any(k.startswith("ibot_head.") for k in heads)
+    # the trained mask token goes with the heads (the teacher has none: the student's), as the export leaves it out
+    trained = load_file(str(find_checkpoint(run) / "model.safetensors"))["backbone.mask_token"]
+    assert trained.abs().sum() > 0 and torch.equal(heads.pop("backbone.mask_token"), trained)
     recipe = _recipe("dinov2", digits_shards, f"model.init_from={out}")
     for net in (recipe.student, recipe.teacher):
         state = net.state_dict()
         for key, value in heads.items():
             assert torch.equal(state[key], value), key
+    assert torch.equal(recipe.student.backbone.mask_token.data, trained)
     fresh = _recipe("dinov2", digits_shards, f"model.init_from={out}", "dinov2.init_heads=false")
     key = "dino_head.mlp.0.weight"
     assert not torch.equal(fresh.student.state_dict()[key], heads[key])
+    assert not fresh.student.backbone.mask_token.any()
     with pytest.raises(ValueError, match=r"dinov2 heads do not fit the heads of this recipe.*set dinov2.head"):
         _recipe("dinov2", digits_shards, f"model.init_from={out}", "dinov2.head.out_dim=32")
+
+
+@pytest.mark.parametrize("method", ["dinov2", "simclr"])
+def test_a_normalisation_other_than_the_exports_is_named(digits_shards: Path, export: Path, method: str,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """Continued pretraining trains under crops.mean / std; the export was trained under 0.3 / 0.3: said, not
+    silent, and nothing is said when they agree."""
+    _recipe(method, digits_shards, f"model.init_from={export}", "crops.mean=[0.5,0.5,0.5]")
+    said = capsys.readouterr().out
+    assert "crops.mean=[0.5, 0.5, 0.5] is used, the export was trained with [0.3, 0.3, 0.3]" in said
+    assert "crops.std=" in said  # the demo recipes' Fashion-MNIST std is not 0.3 either
+    _recipe(method, digits_shards, f"model.init_from={export}", "crops.mean=[0.3,0.3,0.3]", "crops.std=[0.3,0.3,0.3]")
+    assert "the export was trained with" not in capsys.readouterr().out
 
 
 def test_refusals_are_one_line(digits_shards: Path, export: Path, tmp_path: Path) -> None:

@@ -50,6 +50,27 @@ def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
+def test_heads_cls_token_and_weight_decay_follow_dinov3_not_dinov2(digits_shards: Path) -> None:
+    """dinov3 layers/dino_head.py: the heads end in a plain Linear, trunc-normal 0.02 (DINOv2's is weight-normalised,
+    rows of norm 1); models/vision_transformer.py: the [CLS] starts at N(0, 0.02) (DINOv2: 1e-6); param_groups.py:
+    no weight decay on names ending in "bias", so the `_qkvb` ViTs' q_bias / v_bias are spared."""
+    recipe = _recipe(digits_shards, "model.arch=vit_small_patch16_dinov3_qkvb", "dinov3.head.out_dim=4096",
+                     "dinov3.head.bottleneck_dim=256")
+    for net in (recipe.student, recipe.teacher):
+        for head in (net.dino_head, net.ibot_head):
+            assert type(head.last_layer) is torch.nn.Linear and head.last_layer.bias is None
+    weight = recipe.student.dino_head.last_layer.weight
+    assert weight.std().item() == pytest.approx(0.02, rel=0.03) and weight.requires_grad  # cut at +-2: not at all
+    assert recipe.student.backbone.vit.cls_token.std().item() == pytest.approx(0.02, rel=0.5)  # 32 values
+    groups = {id(p): g["apply_wd"] for g in recipe.param_groups() for p in g["params"]}
+    params = dict(recipe.student.named_parameters())
+    assert not groups[id(params["backbone.vit.blocks.0.attn.q_bias"])]
+    assert not groups[id(params["backbone.vit.blocks.1.attn.v_bias"])]
+    assert groups[id(params["backbone.vit.blocks.0.attn.qkv.weight"])]
+    with pytest.raises(ValueError, match=r"dinov3.head.norm_last_layer: DINOv3's heads end in a plain Linear"):
+        _recipe(digits_shards, "dinov3.head.norm_last_layer=true")
+
+
 def test_gram_teacher_is_taken_then_refreshed_at_the_right_iterations(digits_shards: Path) -> None:
     """load_at 2, refresh every 3 from iteration 6 on, at most 2 times: snapshots after the EMA update of the steps
     ending at iterations 6 and 9, none at 3 (before first_refresh) or 12 (the limit)."""

@@ -310,6 +310,32 @@ def test_check_compares_every_file_with_a_recorded_sha256(tmp_path, damaged):
                                          "modified)")
 
 
+def test_dinov3_heads_kept_as_weight_norm_load_into_the_plain_last_layer(tmp_path):
+    """DINOv3 heads exported as g / v by an earlier sslpipe load into today's plain Linear last layer as
+    W = g v / ||v||, the weight they computed; a mask token beside them goes to the student's backbone."""
+    from sslpipe.models.heads import DINOHead
+
+    torch.manual_seed(0)
+    out = export_backbone(_vit(), tmp_path / "export", arch="vit_tiny_patch16_224", model_args=VIT_ARGS, img_size=32,
+                          mean=MEAN, std=STD, source={"which": "teacher"})
+    old = DINOHead(4, 8, hidden_dim=6, bottleneck_dim=5, nlayers=2, norm_last_layer=False)
+    with torch.no_grad():
+        old.last_layer.parametrizations.weight.original0.uniform_(0.5, 2.0)
+    token = torch.randn(1, 3)
+    write_heads(out, {**{f"dino_head.{k}": v for k, v in old.state_dict().items()}, "backbone.mask_token": token},
+                "dinov3")
+    net = nn.Module()
+    net.backbone = nn.Module()
+    net.backbone.mask_token = nn.Parameter(torch.zeros(1, 3))
+    net.dino_head = DINOHead(4, 8, hidden_dim=6, bottleneck_dim=5, nlayers=2, norm_last_layer=False,
+                             plain_last_layer=True)
+    notes = load_heads(net, out, "dinov3")
+    assert notes == [f"heads from {out} (5 tensors)", "the mask token from the export"]
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(net.dino_head(x), old(x), rtol=1e-6, atol=1e-6)
+    assert torch.equal(net.backbone.mask_token.data, token)
+
+
 def test_heads_are_loaded_only_when_they_match_their_sha256(tmp_path):
     out, _ = _with_heads_and_onnx(tmp_path)
     net = nn.Module()

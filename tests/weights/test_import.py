@@ -398,9 +398,12 @@ def test_ibot_training_checkpoint(tmp_path):
             "ibot_loss": {"center": torch.randn(1, 64), "center2": torch.randn(1, 1, 64)}}
     path = _save(tmp_path, ckpt)
     for which, network in (("teacher", teacher), ("student", student)):
-        report = import_checkpoint(path, tmp_path / which, which=which)
+        report = import_checkpoint(path, tmp_path / which, which=which, with_heads=True)
         assert report.fmt == "ibot" and report.model_args["init_values"] == 1e-5
         _same_outputs(report.out, network.backbone)
+    kept = load_file(str(report.out / "heads.safetensors"))  # the student's trained MIM token goes with its heads
+    assert student.backbone.masked_embed.abs().sum() > 0
+    assert torch.equal(kept["backbone.mask_token"], student.backbone.masked_embed.detach())
     entries = {d.entry: d.why for d in report.dropped}
     assert entries["masked_embed"].startswith("mask token") and entries["head.*"] == "iBOT projection head"
     assert entries["ibot_loss"] == "iBOT loss centres"
@@ -612,11 +615,14 @@ def test_mobilenet_state_dict_and_export_are_imported_as_they_are(tmp_path):
         _same_outputs(report.out, model, 64)
 
 
-@pytest.mark.parametrize("arch", ["beit_base_patch16_224", "vit_small_patch16_dinov3_qkvb", "efficientnet_b0"])
+@pytest.mark.parametrize("arch", ["beit_base_patch16_224", "vit_small_patch16_dinov3_qkvb", "efficientnet_b0",
+                                  "cait_xxs24_224"])
 def test_timm_keys_like_official_ones_are_detected_as_timm(arch):
+    """BEiT, DINOv3's Eva and CaiT have `gamma_1` (iBOT's layer scale), EfficientNet `blocks.N.M` (DINOv2's chunks)."""
     from sslpipe.weights.layouts import detect_format
 
-    args = {} if arch.startswith("efficientnet") else {k: v for k, v in D3_ARGS.items() if k != "dynamic_img_size"}
+    args = {} if arch.startswith(("efficientnet", "cait")) else {k: v for k, v in D3_ARGS.items()
+                                                                  if k != "dynamic_img_size"}
     state = timm.create_model(arch, num_classes=0, **args).state_dict()
     assert detect_format(state, state, ".pth") == "timm"
 

@@ -170,7 +170,8 @@ def test_architectures_of_the_releases_from_their_shapes():
 def test_training_checkpoint_teacher_student_and_heads(tmp_path):
     """train.py's checkpoint, made one file by dcp_to_torch: {'iteration', 'model': SSLMetaArch, 'optimizer'}; and
     do_test's eval/N/teacher_checkpoint.pth, {'teacher': model_ema}. `--with-heads` keeps the DINO and iBOT heads
-    (their plain last layers as weight norm: 8 tensors a head; computed exactly: the recipe test below)."""
+    (7 tensors a head, their last layers plain Linear as in DINOv3; computed exactly: the recipe test below) and the
+    mask token."""
     meta = SSLMetaArch()
     path = tmp_path / "checkpoint.pth"
     torch.save({"iteration": 12499, "model": meta.state_dict(), "optimizer": _optimizer_state(meta.student)}, path)
@@ -193,7 +194,7 @@ def test_training_checkpoint_teacher_student_and_heads(tmp_path):
         assert reasons["model.model_ema.*"].startswith("the teacher again")
         assert reasons["model.gram_teacher.*"].startswith("the Gram teacher")
         assert read_export_config(report.out)["heads"] == {"method": "dinov3", "file": "heads.safetensors",
-                                                          "tensors": 16}
+                                                          "tensors": 15}
         print(f"{which}: max abs diff {_max_diff(report.out, net.backbone):.2e}")
     teacher = import_checkpoint(tmp_path / "teacher_checkpoint.pth", tmp_path / "eval")
     assert (teacher.fmt, teacher.which) == ("dinov3", "teacher") and _dropped(teacher) == {**heads, **backbone}
