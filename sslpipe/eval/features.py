@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sslpipe.data.remote import Reading
 from sslpipe.data.stream import build_loader, count_samples, resolve_shards
 
 if TYPE_CHECKING:
@@ -41,14 +42,14 @@ def _collate(batch: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
 
 
 def fingerprint(model: nn.Module, shards: str | list[str], split: str, spec: FeatureSpec,
-                max_samples: int | None) -> str:
+                max_samples: int | None, reading: Reading = Reading()) -> str:
     """sha256 over the model weights, the resolved shards (path, size, mtime), the split, the sample cap and the
     spec's `cache_key` (preprocessing, pooling, precision): a cache written for anything else is not reused."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    for url in resolve_shards(shards, split):
+    for url in resolve_shards(shards, split, reading):
         stat = os.stat(url) if os.path.exists(url) else None
         h.update(f"{url}|{stat.st_size if stat else ''}|{stat.st_mtime_ns if stat else ''}".encode())
     h.update(f"{split}|{max_samples}|{spec.cache_key()}".encode())
@@ -102,6 +103,7 @@ def extract_features(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    reading: Reading = Reading(),
 ) -> tuple[Tensor, Tensor]:
     """Features (N, D) float32 and labels (N,) int64 of a shard split, on the CPU, as `spec` says (transform,
     pooling, batch size, workers, device, precision).
@@ -114,7 +116,7 @@ def extract_features(
     device = torch.device(spec.device) if spec.device is not None else default_device(model)
     fp = None
     if cache_path is not None:
-        fp = fingerprint(model, shards, split, spec, max_samples)
+        fp = fingerprint(model, shards, split, spec, max_samples, reading)
         cache = Path(cache_path)
         if cache.is_file():
             with safe_open(str(cache), "pt") as f:
@@ -127,9 +129,9 @@ def extract_features(
     loader = build_loader(
         shards, split=split, sample_fn=_EvalSample(spec.transform()), collate_fn=_collate,
         batch_size=spec.batch_size, num_workers=spec.num_workers, shuffle=False, drop_last=False, rank=rank,
-        world_size=world_size,
+        world_size=world_size, reading=reading,
     )
-    total = count_samples(shards, split) if world_size == 1 else None
+    total = count_samples(shards, split, reading) if world_size == 1 else None
     if max_samples is not None:
         total = min(total, max_samples) if total is not None else max_samples
     feats: list[Tensor] = []
@@ -161,8 +163,8 @@ def extract_features(
 
 
 def extract_features_sharded(model: nn.Module, shards: str | list[str], spec: FeatureSpec, accelerator: Any, *,
-                             split: str, max_samples: int | None = None,
-                             progress: bool = True) -> tuple[Tensor, Tensor]:
+                             split: str, max_samples: int | None = None, progress: bool = True,
+                             reading: Reading = Reading()) -> tuple[Tensor, Tensor]:
     """Every process extracts its own share of the split's shards (the training split rule: rank r reads shards
     r, r + P, ...) and the shares are gathered, so a probe on P processes reads each image once and takes about
     1/P of the time. Every process returns all features, in rank order (kNN does not depend on the order).
@@ -170,12 +172,13 @@ def extract_features_sharded(model: nn.Module, shards: str | list[str], spec: Fe
     ceil(max_samples / P) (a different subset than one process would take, of the same size)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     if world == 1:
-        return extract_features(model, shards, spec, split=split, max_samples=max_samples, progress=progress)
-    readers = min(world, len(resolve_shards(shards, split)))
+        return extract_features(model, shards, spec, split=split, max_samples=max_samples, progress=progress,
+                                reading=reading)
+    readers = min(world, len(resolve_shards(shards, split, reading)))
     share = None if max_samples is None else -(-max_samples // readers)
     if rank < readers:
         feats, labels = extract_features(model, shards, spec, split=split, max_samples=share, progress=progress,
-                                         rank=rank, world_size=readers)
+                                         rank=rank, world_size=readers, reading=reading)
     else:
         feats, labels = torch.zeros(0, feature_dim(model, spec)), torch.zeros(0, dtype=torch.long)
     device = accelerator.device
@@ -227,17 +230,18 @@ def extract_train_val(model: nn.Module, spec: FeatureSpec, data: ProbeData, *, c
     several processes each extracts its share and all get everything (`extract_features_sharded`; no cache)."""
     if accelerator is not None and accelerator.num_processes > 1:
         train_x, train_y = extract_features_sharded(model, data.train, spec, accelerator, split=data.train_split,
-                                                    max_samples=data.max_train, progress=progress)
+                                                    max_samples=data.max_train, progress=progress,
+                                                    reading=data.reading)
         val_x, val_y = extract_features_sharded(model, data.val, spec, accelerator, split=data.val_split,
-                                                max_samples=data.max_val, progress=progress)
+                                                max_samples=data.max_val, progress=progress, reading=data.reading)
         return train_x, train_y, val_x, val_y
     cache = Path(cache_dir) if cache_dir is not None else None
     train_x, train_y = extract_features(model, data.train, spec, split=data.train_split, max_samples=data.max_train,
                                         cache_path=cache / f"{cache_name}train.safetensors" if cache else None,
-                                        progress=progress)
+                                        progress=progress, reading=data.reading)
     val_x, val_y = extract_features(model, data.val, spec, split=data.val_split, max_samples=data.max_val,
                                     cache_path=cache / f"{cache_name}val.safetensors" if cache else None,
-                                    progress=progress)
+                                    progress=progress, reading=data.reading)
     return train_x, train_y, val_x, val_y
 
 

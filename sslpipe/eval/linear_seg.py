@@ -151,7 +151,8 @@ def linear_seg_probe(
     # a 28 px ViT 32 px images (and shift the logits against the labels)
     loader = build_loader(data.train, split=data.train_split, sample_fn=transform,
                           collate_fn=partial(collate_dense, pad_to=size), batch_size=batch_size,
-                          num_workers=spec.num_workers, seed=seed, shuffle=True, resampled=True, num_batches=steps)
+                          num_workers=spec.num_workers, seed=seed, shuffle=True, resampled=True, num_batches=steps,
+                          reading=data.reading)
     head.train()
     losses: list[float] = []
     bar = tqdm(loader, total=steps, desc="linear-seg train", unit="step", disable=not progress)
@@ -193,7 +194,7 @@ def evaluate_linear_seg(features: PatchFeatures, head: LinearSegHead, spec: Feat
     head.eval()
     transform = DenseTransform(size, (1.0, 1.0), 0.0, spec.mean, spec.std, IGNORE_INDEX, train=False)
     loader = build_loader(data.val, split=data.val_split, sample_fn=transform, collate_fn=collate_dense,
-                          batch_size=8, num_workers=0, shuffle=False, drop_last=False)
+                          batch_size=8, num_workers=0, shuffle=False, drop_last=False, reading=data.reading)
     metric = SegmentationMetric(len(names), IGNORE_INDEX, names)
     counts = torch.zeros(len(names), dtype=torch.long)
     targets_all, rows = [], []

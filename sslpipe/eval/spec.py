@@ -14,6 +14,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from sslpipe.data.remote import Reading
 from sslpipe.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from sslpipe.models.backbones import pooled_features
 
@@ -142,3 +143,4 @@ class ProbeData:
     max_train: int | None = None
     max_val: int | None = None
     num_classes: int | None = None
+    reading: Reading = Reading()  # remote retries and timeouts: a training run's data.* keys

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from sslpipe.config import RunConfig
+from sslpipe.recipes.base import shard_reading
 
 
 def periodic_knn(cfg: RunConfig, backbone: nn.Module, accelerator: Any = None) -> dict[str, float]:
@@ -20,5 +21,6 @@ def periodic_knn(cfg: RunConfig, backbone: nn.Module, accelerator: Any = None) -
         return {}
     spec = FeatureSpec(img_size=crops.global_size, resize=ev.resize, crop=ev.crop, mean=crops.mean, std=crops.std,
                        batch_size=ev.batch_size or data.batch_size, num_workers=data.num_workers)
-    probe_data = ProbeData(data.train, data.val, data.train_split, data.val_split, ev.max_train, ev.max_val)
+    probe_data = ProbeData(data.train, data.val, data.train_split, data.val_split, ev.max_train, ev.max_val,
+                           reading=shard_reading(data))
     return knn_probe(backbone, spec, probe_data, k_list=ev.knn_k, T=ev.knn_temperature, accelerator=accelerator)

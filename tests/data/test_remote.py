@@ -310,6 +310,22 @@ def test_a_recipe_reads_its_manifest_url_with_the_data_retries(server: ShardServ
     assert server.faults["manifest.json"]["times"] == 0 and len(server.requests("manifest.json")) == 6
 
 
+def test_the_periodic_knn_reads_its_manifest_url_with_the_data_retries(server: ShardServer, tmp_path: Path) -> None:
+    """The evaluation during training reads data.train / data.val with the recipe's data.* keys too."""
+    from sslpipe.recipes.knn_eval import periodic_knn
+    from sslpipe.weights.export import load_backbone
+
+    remote = f"{server.url}/manifest.json"
+    server.faults["manifest.json"] = {"kind": "status", "code": 503, "times": 5}
+    cfg = load_config(RECIPES / "demo_simclr.yaml", [
+        f"data.train={remote}", f"data.val={remote}", "data.retries=6", "data.retry_backoff=0.001",
+        "data.num_workers=0", "eval.max_train=64", "eval.max_val=32", f"output_dir={tmp_path}"])
+    started = time.monotonic()
+    result = periodic_knn(cfg, load_backbone(tiny_export(tmp_path / "export")))
+    assert time.monotonic() - started < 20 and server.faults["manifest.json"]["times"] == 0
+    assert set(result) == {"knn/top1_k10", "knn/top1_k20"} and 0 <= result["knn/top1_k10"] <= 1
+
+
 def test_cli_knn_reads_a_manifest_url_and_train_stops_with_one_line(server: ShardServer, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture) -> None:
     export = tiny_export(tmp_path / "export")
