@@ -162,47 +162,45 @@ def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: i
     return result
 
 
-def run_packing_bench(recipe_path: str, *, overrides: Sequence[str] = (), **kwargs: Any) -> dict[str, Any]:
-    """`run_step_bench` with the student's crops per size and packed into one pass (`<method>.pack_crops`), one after
-    the other, each beside the bare network (whose ratio shows the drift between the two runs)."""
+def _side_by_side(recipe_path: str, flag: str, variants: dict[str, list[str]], overrides: Sequence[str],
+                  **kwargs: Any) -> dict[str, Any]:
+    """`run_step_bench` once per variant (its overrides after the caller's), one after the other, each beside the bare
+    network; every later variant's step as a ratio to the first's (`<name>_over_<first>`). `flag` names the bench
+    option in the refusal of a method without these settings."""
     from sslpipe.recipes import load_config
 
     method = load_config(recipe_path, list(overrides)).method
     if method not in ("dino", "ibot", "dinov2", "dinov3"):
-        raise ValueError(f"--packing: {recipe_path} is method {method!r}; crop packing exists for dino, ibot, dinov2 "
-                         "and dinov3")
-    runs = {pack: run_step_bench(recipe_path, overrides=[*overrides, f"{method}.pack_crops={str(pack).lower()}"],
-                                 **kwargs) for pack in (False, True)}
-    ratio = runs[True]["ours_ms"] / runs[False]["ours_ms"]
-    table = "\n".join([f"per size (pack_crops=false):\n{runs[False]['table']}",
-                       f"packed (pack_crops=true):\n{runs[True]['table']}",
-                       f"packed / per size: {ratio:.2f}x"])
-    return {"per_size": runs[False], "packed": runs[True], "packed_over_per_size": ratio, "table": table}
+        raise ValueError(f"{flag}: {recipe_path} is method {method!r}; it exists for dino, ibot, dinov2 and dinov3")
+    variants = {name: [o.replace("METHOD", method) for o in extra] for name, extra in variants.items()}
+    runs = {name: run_step_bench(recipe_path, overrides=[*overrides, *extra], **kwargs)
+            for name, extra in variants.items()}
+    first = next(iter(runs))
+    ratios = {f"{name}_over_{first}": runs[name]["ours_ms"] / runs[first]["ours_ms"] for name in list(runs)[1:]}
+    table = "\n".join([*(f"{name} ({' '.join(variants[name])}):\n{run['table']}" for name, run in runs.items()),
+                       ", ".join(f"{k.replace('_over_', ' / ')}: {v:.2f}x" for k, v in ratios.items())])
+    return {**runs, **ratios, "table": table}
+
+
+def run_packing_bench(recipe_path: str, *, overrides: Sequence[str] = (), **kwargs: Any) -> dict[str, Any]:
+    """The student's crops per size and packed into one pass (`<method>.pack_crops`), side by side; the bare
+    network's ratio in each shows the drift between the two runs."""
+    return _side_by_side(recipe_path, "--packing", {"per_size": ["METHOD.pack_crops=false"],
+                                                    "packed": ["METHOD.pack_crops=true"]}, overrides, **kwargs)
 
 
 def run_compile_bench(recipe_path: str, *, overrides: Sequence[str] = (), **kwargs: Any) -> dict[str, Any]:
-    """`run_step_bench` eager, with each block compiled (`train.compile`) and, for DINOv2 and DINOv3, with the
-    forwards and loss compiled as one graph (`train.compile_scope: step`), one after the other, each beside the bare
-    network. DINOv2's masks are padded to their bound in all three, so that only the compile differs. Compiling
-    happens in the warm-up steps; the median step is reported."""
+    """Eager, with each block compiled (`train.compile`) and, for DINOv2 and DINOv3, with the forwards and loss
+    compiled as one graph (`train.compile_scope: step`), side by side. DINOv2's masks are padded to their bound in all
+    three, so that only the compile differs. Compiling happens in the warm-up steps; the median step is reported."""
     from sslpipe.recipes import load_config
 
     method = load_config(recipe_path, list(overrides)).method
-    if method not in ("dino", "ibot", "dinov2", "dinov3"):
-        raise ValueError(f"--compile: {recipe_path} is method {method!r}; train.compile exists for dino, ibot, "
-                         "dinov2 and dinov3")
-    static = [f"{method}.pad_masked_patches=true"] if method in ("dinov2", "dinov3") else []
-    variants = {"eager": [], "blocks": ["train.compile=true"]}
+    static = ["METHOD.pad_masked_patches=true"] if method in ("dinov2", "dinov3") else []
+    variants = {"eager": [*static, "train.compile=false"], "blocks": [*static, "train.compile=true"]}
     if static:
-        variants["step"] = ["train.compile=true", "train.compile_scope=step"]
-    runs = {name: run_step_bench(recipe_path, overrides=[*overrides, *static, *extra], **kwargs)
-            for name, extra in variants.items()}
-    ratios = {f"{name}_over_eager": runs[name]["ours_ms"] / runs["eager"]["ours_ms"] for name in runs
-              if name != "eager"}
-    table = "\n".join([*(f"{name} ({' '.join(variants[name]) or 'no compile'}):\n{run['table']}"
-                         for name, run in runs.items()),
-                       ", ".join(f"{k.replace('_over_', ' / ')}: {v:.2f}x" for k, v in ratios.items())])
-    return {**runs, **ratios, "table": table}
+        variants["step"] = [*static, "train.compile=true", "train.compile_scope=step"]
+    return _side_by_side(recipe_path, "--compile", variants, overrides, **kwargs)
 
 
 def format_table(r: dict[str, Any]) -> str:
