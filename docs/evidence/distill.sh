@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Distillation evidence (issue 32, docs/distill.md): the SimCLR ResNet-18 teacher (recipes/moonshot_simclr_resnet18.yaml,
+# Distillation evidence (issue 32, docs/distill.md): the SimCLR ResNet-18 teacher (recipes/moonshot_simclr.yaml,
 # exported at step 1900 of 2400) distilled into the demo ViT (recipes/demo_distill.yaml, 500 steps) vs the demo ViT's
 # own recipe from scratch at the same 500 steps (the adapt runs' Fashion-MNIST pretrains) vs the teacher vs random
 # init; seeds 0, 1, 2; kNN on Fashion-MNIST (first 10,000 train / 2,000 val, as the demo) and on digits.

@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.bench == "loaded-step":
         from sslpipe.bench.loaded_step import run_loaded_step_bench
 
+        if args.shards is not None and "=" in args.shards and not Path(args.shards).exists():
+            args.overrides, args.shards = [args.shards, *args.overrides], None  # an override, not a folder
         result = run_loaded_step_bench(args.recipe, args.shards, device=args.device, batch_size=args.batch_size,
                                        steps=args.steps, warmup=args.warmup, mixed_precision=args.mixed_precision,
                                        overrides=args.overrides, photos=args.photos)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -97,8 +98,14 @@ def run(args: argparse.Namespace) -> int:
     options = ShardOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes,
                            val_fraction=args.val_fraction, seed=args.seed, reencode=args.reencode, quality=args.quality,
                            max_side=args.max_side, limit=args.limit)
-    for line in write_source(args.out, source, options, semi=args.semi, labeled=args.labeled,
-                             labeled_list=args.labeled_list, num_workers=args.workers, force=args.force,
-                             created_by="sslpipe " + " ".join(sys.argv[1:])):
-        print(line)
+    out, existed = Path(args.out), Path(args.out).exists()
+    try:
+        for line in write_source(args.out, source, options, semi=args.semi, labeled=args.labeled,
+                                 labeled_list=args.labeled_list, num_workers=args.workers, force=args.force,
+                                 created_by="sslpipe " + " ".join(sys.argv[1:])):
+            print(line)
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused source leaves no empty OUT behind
+        raise
     return 0

@@ -28,8 +28,8 @@ from sslpipe.curate.hierarchy import NITER, Level, hierarchical_kmeans, point_cl
 from sslpipe.curate.output import copy_samples, refuse_existing, staged
 from sslpipe.curate.sampling import balanced_sample
 from sslpipe.data.manifest import FORMAT, read_manifest
-from sslpipe.embed.embed import embed_shards
-from sslpipe.embed.inputs import data_name
+from sslpipe.embed.embed import changed_shards, embed_shards
+from sslpipe.embed.inputs import data_name, resolve_input
 from sslpipe.embed.store import read_index
 from sslpipe.embed.vectors import StoredVectors
 from sslpipe.eval.spec import FeatureSpec
@@ -63,6 +63,13 @@ def pool_embeddings(shards: str | Path, out: Path, *, backbone: str | Path | Non
     if (index["data"], index["split"]) != (data_name(shards), split):
         raise ValueError(f"--embeddings {embeddings} holds split {index['split']!r} of {index['data']}, not split "
                          f"{split!r} of {data_name(shards)}: embed these shards, or pass their embedding folder")
+    pool = resolve_input(shards, split, Path(embeddings))
+    changed = changed_shards(index, pool)
+    if index["shards"] != pool.urls or changed:
+        why = (f"{len(changed)} shard(s) rewritten since, e.g. {changed[0]}" if changed else
+               f"{len(index['shards'])} shards embedded, the pool lists {len(pool.urls)}")
+        raise ValueError(f"--embeddings {embeddings} no longer matches {shards} ({why}): embed the pool again "
+                         f"(`sslpipe embed ... --out {embeddings} --force`, or curate with --backbone)")
     return Path(embeddings)
 
 
@@ -123,6 +130,9 @@ def curate(shards: str | Path, out: str | Path, size: int, *, backbone: str | Pa
     """Write the curated shard set of `size` samples into `out`; return its manifest (module docstring). None for
     `clusters`, `resample_steps` or `resample_sizes`: the defaults scaled to the pool (sslpipe/curate/hierarchy.py)."""
     out = Path(out)
+    if not 0.0 < dup_threshold <= 1.0:
+        raise ValueError(f"--dup-threshold {dup_threshold}: a cosine similarity in (0, 1] (default {DUP_THRESHOLD}); "
+                         "1 removes exact copies only")
     refuse_existing(out, force)
     folder = pool_embeddings(shards, out, backbone=backbone, embeddings=embeddings, split=split, spec=spec,
                              progress=progress, force=force)

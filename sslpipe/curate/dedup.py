@@ -9,7 +9,8 @@ rows (at most 77 MB at 384-d), IVF-Flat above (`sslpipe.embed.index.ivf_index`: 
 the union-find before the next (each pair is found from both ends; the one from the later row is kept). Why 50k:
 at 102k rows an exact range search took 2.0 s per 2,000 queries (100 s in all) against 0.5 s on the IVF (26 s, after
 a build of about 30 s), and the IVF found every one of 2,000 planted duplicates (cosine 0.955 to 0.99) at nprobe 8,
-16 and 32 (2 busy CPU cores; docs/curate.md). A pool of copies returns up to QUERY_ROWS x n pairs per call.
+16 and 32 (2 busy CPU cores; docs/curate.md). A call returns every pair above the threshold, so the number of
+queries per call adapts to keep the pairs within a budget (`_search`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from sslpipe.embed.index import exact_index, ivf_index
 from sslpipe.embed.vectors import StoredVectors
 
 QUERY_ROWS = 1024
+PROBE_ROWS = 16  # the first call of a block: it measures the pairs per query
+PAIR_BUDGET = 4_000_000  # pairs one call may return: about 100 MB with faiss's arrays and the copies made of them
+DENSE_MIN_ROWS, DENSE_SHARE = 10_000, 0.5  # a pool this large, half of it above the threshold per query: refused
 EXACT_ROWS = 50_000
 
 
@@ -68,13 +72,26 @@ class Duplicates:
 
 
 def _search(index: Any, block: np.ndarray, first: int, threshold: float, parent: np.ndarray) -> None:
-    """Join every row of `block` (rows first, first + 1, ...) to the earlier rows above `threshold`."""
-    for start in range(0, len(block), QUERY_ROWS):
-        lims, _, found = index.range_search(np.ascontiguousarray(block[start:start + QUERY_ROWS]), threshold)
+    """Join every row of `block` (rows first, first + 1, ...) to the earlier rows above `threshold`. A first call of
+    `PROBE_ROWS` queries measures how many pairs a query returns, and each later call takes as many queries as keep
+    its pairs within `PAIR_BUDGET` (at most `QUERY_ROWS`): memory stays bounded however dense the pool is. A large
+    pool where a query finds more than `DENSE_SHARE` of it above the threshold is refused at once (a search of n^2
+    pairs, for features that barely differ)."""
+    n, start, per_call = len(parent), 0, PROBE_ROWS
+    while start < len(block):
+        queries = np.ascontiguousarray(block[start:start + per_call])
+        lims, _, found = index.range_search(queries, threshold)
+        per_query = len(found) / len(queries)
+        if n >= DENSE_MIN_ROWS and per_query > DENSE_SHARE * n:
+            raise ValueError(f"each sample has {per_query:.0f} of the pool's {n} samples above cosine {threshold} on "
+                             f"average: the features barely differ (a backbone at random init?); embed with a trained "
+                             f"backbone, or raise --dup-threshold")
         rows = first + start + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
         cols = found.astype(np.int64)
         earlier = cols < rows
         union(parent, rows[earlier], cols[earlier])
+        start += len(queries)
+        per_call = int(max(1, min(QUERY_ROWS, PAIR_BUDGET // max(per_query, 1.0))))
 
 
 def find_duplicates(vectors: StoredVectors, threshold: float, *, progress: bool = True,

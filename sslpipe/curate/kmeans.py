@@ -1,6 +1,6 @@
 """k-means and nearest-centroid assignment for the curation hierarchy: squared L2 (the paper's distance;
-Vo et al. 2024), with faiss (`faiss.Kmeans`, on the GPU when faiss sees one) and a torch Lloyd's fallback used only
-when faiss is not installed.
+Vo et al. 2024), with faiss (`faiss.Kmeans`, on the GPU when faiss sees one). Curation needs faiss anyway (its
+near-duplicate removal runs first), so there is no other backend.
 
 faiss trains on at most 256 points per centroid (its `max_points_per_centroid`, a seeded subsample) and then every
 point is assigned; `min_points_per_centroid=1` lets the upper levels, which cluster a few centroids per cluster,
@@ -8,15 +8,11 @@ train without faiss's warning.
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
-import torch
 
-from sslpipe.embed.index import faiss
+from sslpipe.embed.index import require_faiss
 
-ASSIGN_ROWS = 1 << 16  # points assigned per call: bounds the (rows, k) distance tiles of the fallback
-FAISS_MISSING = "note: faiss is not installed, so k-means uses its torch fallback (slower); pip install 'sslpipe[cpu]'"
+ASSIGN_ROWS = 1 << 16  # points assigned per call: bounds faiss's result arrays
 
 
 def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0) -> np.ndarray:
@@ -24,9 +20,7 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0) -> np.ndarr
     if not 1 <= k <= len(x):
         raise ValueError(f"k-means of {len(x)} points into {k} clusters: k must be 1 to {len(x)}")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if faiss is None:
-        print(FAISS_MISSING, file=sys.stderr)
-        return _torch_kmeans(x, k, niter, seed)
+    faiss = require_faiss()
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, min_points_per_centroid=1,
                       gpu=faiss.get_num_gpus() > 0)
     km.train(x)
@@ -37,30 +31,10 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray
     """(nearest centroid int64 (n,), its squared distance float32 (n,)) of every point, in chunks."""
     labels = np.empty(len(x), np.int64)
     dists = np.empty(len(x), np.float32)
-    index = None
-    if faiss is not None:
-        index = faiss.IndexFlatL2(centroids.shape[1])
-        index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    index = require_faiss().IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     for start in range(0, len(x), ASSIGN_ROWS):
         chunk = np.ascontiguousarray(x[start:start + ASSIGN_ROWS], dtype=np.float32)
-        if index is not None:
-            d, i = index.search(chunk, 1)
-            labels[start:start + len(chunk)], dists[start:start + len(chunk)] = i[:, 0], d[:, 0]
-        else:
-            d2 = torch.cdist(torch.from_numpy(chunk), torch.from_numpy(centroids)).square()
-            best = d2.min(dim=1)
-            labels[start:start + len(chunk)], dists[start:start + len(chunk)] = best.indices, best.values
+        d, i = index.search(chunk, 1)
+        labels[start:start + len(chunk)], dists[start:start + len(chunk)] = i[:, 0], d[:, 0]
     return labels, dists
-
-
-def _torch_kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
-    """Lloyd's algorithm from k distinct seeded points; an emptied cluster keeps its centroid."""
-    rng = np.random.default_rng(seed)
-    centroids = x[rng.choice(len(x), k, replace=False)].copy()
-    for _ in range(niter):
-        labels, _ = assign(x, centroids)
-        counts = np.bincount(labels, minlength=k)
-        sums = torch.zeros(k, x.shape[1]).index_add_(0, torch.from_numpy(labels), torch.from_numpy(x)).numpy()
-        filled = counts > 0
-        centroids[filled] = sums[filled] / counts[filled, None]
-    return centroids

@@ -72,9 +72,10 @@ def _describe(index: dict[str, Any]) -> str:
             f"{index['split']!r}")
 
 
-def check_out(out: Path, identity: dict[str, Any], urls: list[str] | None, force: bool) -> dict[str, Any] | None:
+def check_out(out: Path, identity: dict[str, Any], inp: Input | None, force: bool) -> dict[str, Any] | None:
     """The index of `out` when this run may add to it (None: a fresh start); refuses, naming both sides, an `out`
-    of another backbone, data set or spec, or a non-empty folder that is no embedding folder (unless `force`)."""
+    of another backbone, data set, spec or shard list, one whose shards have changed since (rewritten in place), or
+    a non-empty folder that is no embedding folder (unless `force`)."""
     if force or not out.exists() or not any(out.iterdir()):
         return None
     if not (out / INDEX).is_file():
@@ -82,13 +83,24 @@ def check_out(out: Path, identity: dict[str, Any], urls: list[str] | None, force
                               "pass --force to write the embeddings there anyway")
     index = read_index(out)
     differ = [k for k in IDENTITY if index.get(k) != identity[k]]
-    if not differ and urls is not None and index["shards"] != urls:
+    if not differ and inp is not None and index["shards"] != inp.urls:
         differ = ["shards"]
     if differ:
         raise FileExistsError(f"--out {out} holds the embeddings of {_describe(index)}; this run embeds "
                               f"{_describe(identity)} ({', '.join(differ)} differ): choose another --out, or pass "
                               "--force to start over")
+    changed = changed_shards(index, inp) if inp is not None else []
+    if changed:
+        raise FileExistsError(f"--out {out}: {len(changed)} shard(s) changed since they were embedded (rewritten in "
+                              f"place: {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): pass --force "
+                              "to embed the shard set again")
     return index
+
+
+def changed_shards(index: dict[str, Any], inp: Input) -> list[str]:
+    """The shards of `inp` whose version differs from the one embedded (none known: an index of an older sslpipe)."""
+    recorded = index.get("shard_versions") or [None] * len(inp.urls)
+    return [url for url, old, new in zip(inp.urls, recorded, inp.versions) if old is not None and old != new]
 
 
 def _clear(out: Path) -> None:
@@ -189,7 +201,7 @@ def embed_shards(export: str | Path, data: str | Path, out: str | Path, *, split
     identity = {"backbone": str(Path(export).resolve()), "backbone_sha256": backbone_sha256(export),
                 "data": data_name(data), "split": split, "spec": spec_record(spec)}
     folder = is_image_folder(data)
-    existing = check_out(out, identity, None if folder else resolve_input(data, split, out).urls, force)
+    existing = check_out(out, identity, None if folder else resolve_input(data, split, out), force)
     if folder and existing is not None:
         check_folder(data, out)
     model = open_backbone(export, spec)  # after the checks: a refused `out` costs no model load
@@ -204,6 +216,7 @@ def embed_shards(export: str | Path, data: str | Path, out: str | Path, *, split
     dim = feature_dim(model, spec)
     if rank == 0 and (existing is None or existing.get("shards") != inp.urls or existing.get("complete")):
         write_index(out, {**identity, "dim": dim, "dtype": "float16", "shards": inp.urls,
+                          "shard_versions": inp.versions,
                           "files": str(inp.files) if inp.files else None, "complete": False, "count": None})
     _barrier(accelerator)
     done = done_shards(out)

@@ -39,8 +39,8 @@ TRAIN_PER_LIST = 64
 def require_faiss() -> Any:
     """The faiss module, or one line saying how to install it."""
     if faiss is None:
-        raise ValueError("search and near-duplicate removal use faiss, which is not installed: pip install "
-                         "'sslpipe[cpu]' (or 'sslpipe[gpu]' on CUDA machines)")
+        raise ValueError("search, near-duplicate removal and curation's k-means use faiss, which is not installed: "
+                         "pip install 'sslpipe[cpu]' (or 'sslpipe[gpu]' on CUDA machines)")
     return faiss
 
 

@@ -38,6 +38,7 @@ class Input:
     data: str
     urls: list[str]
     samples: list[int | None]
+    versions: list[str | None]  # each shard's content: its manifest sha256, else size and mtime of a local file
     files: Path | None = None
 
 
@@ -53,14 +54,21 @@ def data_name(data: str | Path) -> str:
     return str(Path(text).resolve()) if os.path.exists(text) else text
 
 
-def _shard_counts(data: str | Path, split: str, urls: list[str]) -> list[int | None]:
-    """Samples per shard from the manifest (None for patterns and lists: no manifest to ask)."""
+def _shard_info(data: str | Path, split: str, urls: list[str]) -> tuple[list[int | None], list[str | None]]:
+    """(samples, version) per shard: the manifest's sample count and sha256 (None for patterns and lists: no
+    manifest to ask); a local shard without a sha256 is versioned by its size and mtime."""
     path = Path(os.fspath(data))
-    if not (path.is_dir() or path.suffix == ".json") or not path.exists():
-        return [None] * len(urls)
-    info = read_manifest(path)["splits"].get(split, {})
-    by_name = {entry["name"]: int(entry["samples"]) for entry in info.get("shards", [])}
-    return [by_name.get(Path(url).name) for url in urls]
+    entries: dict[str, dict] = {}
+    if (path.is_dir() or path.suffix == ".json") and path.exists():
+        info = read_manifest(path)["splits"].get(split, {})
+        entries = {entry["name"]: entry for entry in info.get("shards", [])}
+    samples, versions = [], []
+    for url in urls:
+        entry = entries.get(Path(url).name, {})
+        samples.append(int(entry["samples"]) if "samples" in entry else None)
+        stat = os.stat(url) if os.path.isfile(url) else None
+        versions.append(entry.get("sha256") or (f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None))
+    return samples, versions
 
 
 def _folder_options() -> ShardOptions:
@@ -127,9 +135,9 @@ def resolve_input(data: str | Path, split: str, out: Path) -> Input:
                              "--split picks a split of a shard set")
         shards = out / FOLDER_SHARDS
         urls = resolve_shards(str(shards), "train")
-        return Input(data_name(data), urls, _shard_counts(shards, "train", urls), shards / FILES)
+        return Input(data_name(data), urls, *_shard_info(shards, "train", urls), files=shards / FILES)
     urls = resolve_shards(data, split)
-    return Input(data_name(data), urls, _shard_counts(data, split, urls))
+    return Input(data_name(data), urls, *_shard_info(data, split, urls))
 
 
 def read_files(path: Path | None) -> dict[str, str]:

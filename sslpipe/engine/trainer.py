@@ -58,7 +58,7 @@ from sslpipe.engine.sharding import Sharding, shard, sharding_from_launcher, uns
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup, wandb_mode_scope
 from sslpipe.errors import WriteFailed, io_failure
 from sslpipe.recipes import Recipe, get_recipe, load_config
-from sslpipe.weights.checkpoint import list_checkpoints
+from sslpipe.weights.checkpoint import interrupted_swaps, list_checkpoints
 from sslpipe.weights.checkpoint_io import load_checkpoint, restore_interrupted_swaps, save_checkpoint
 from sslpipe.weights.resume import pick_checkpoint, resume_run_dir, set_aside_newer, timestamped
 
@@ -176,7 +176,7 @@ def _claim_run(cfg: RunConfig, resume: str | None, overrides_text: str | None) -
     if lock.notice:
         print(lock.notice, file=sys.stderr)
     try:
-        if fresh and list_checkpoints(run_dir, complete_only=False):
+        if fresh and (list_checkpoints(run_dir, complete_only=False) or interrupted_swaps(run_dir)):
             raise FileExistsError(
                 f"run directory {run_dir} already has checkpoints: continue it with --resume {run_dir} "
                 "(or --resume auto), or choose another run_name")

@@ -42,7 +42,7 @@ def write_model_card(out_dir: str | Path, *, title: str, tags: Sequence[str], pr
         f"Inputs: RGB at {size}x{size} px ({cfg.get('interpolation', 'bicubic')} resize), normalised with mean "
         f"{cfg['mean']} and std {cfg['std']}; `model(x)` gives the image feature. With sslpipe: "
         "`sslpipe.load_backbone(FOLDER)`, `sslpipe knn FOLDER --data SHARDS`, "
-        "`sslpipe finetune RECIPE.yaml finetune.backbone=FOLDER`.", "",
+        "`sslpipe finetune RECIPE.yaml model.init_from=FOLDER`.", "",
         "## Provenance", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
         "## Probe results", "",
         *(["| probe | result |", "|---|---|", *(f"| {k} | {v} |" for k, v in results)] if results else

@@ -45,6 +45,7 @@ from sslpipe.weights.checkpoint import (
     SCALER,
     TRAINER_STATE,
     CheckpointInvalid,
+    interrupted_swaps,
     list_checkpoints,
     read_best,
 )
@@ -173,17 +174,13 @@ def _swap_in(tmp: Path, final: Path, aside: Path) -> None:
 
 
 def restore_interrupted_swaps(run_dir: Path) -> list[str]:
-    """Rename back each `checkpoints/.old-step_N` whose `step_N` is missing: what a hard kill between the two renames
-    of `_swap_in` leaves, the only copy of that step. Returns a notice per restored step (main process, under the
-    run's lock, before a resume picks its checkpoint)."""
-    root = Path(run_dir) / "checkpoints"
+    """Rename back each `interrupted_swaps` folder to its `step_N`. Returns a notice per restored step (main process,
+    under the run's lock, before a resume picks its checkpoint)."""
     notices = []
-    for aside in sorted(root.glob(".old-step_*")) if root.is_dir() else []:
+    for aside in interrupted_swaps(run_dir):
         final = aside.with_name(aside.name.removeprefix(".old-"))
-        if aside.is_dir() and not final.exists():
-            os.replace(aside, final)
-            notices.append(f"{final.name} was set aside by a save that a hard kill interrupted: restored from "
-                           f"{aside.name}")
+        os.replace(aside, final)
+        notices.append(f"{final.name} was set aside by a save that a hard kill interrupted: restored from {aside.name}")
     return notices
 
 

@@ -21,6 +21,7 @@ and comparing outputs.
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -112,6 +113,7 @@ def export_backbone(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     tmp_weights, tmp_config = out / (WEIGHTS_NAME + ".tmp"), out / (CONFIG_NAME + ".tmp")
+    derived = _derived_files(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         save_file(state, str(tmp_weights), metadata={"format": "pt", "architecture": arch})
@@ -119,6 +121,8 @@ def export_backbone(
         tmp_config.write_text(json.dumps(config, indent=2) + "\n")
         tmp_weights.replace(out / WEIGHTS_NAME)
         tmp_config.replace(out / CONFIG_NAME)
+        for path in derived:
+            path.unlink()
     except Exception as err:
         tmp_weights.unlink(missing_ok=True)
         tmp_config.unlink(missing_ok=True)
@@ -127,8 +131,25 @@ def export_backbone(
         raise WriteFailed(f"could not write the export {out}: {io_failure(err)}. Removed its temporary files; an "
                           f"earlier export there is as it was. Free space (or fix the disk / permissions) and "
                           "export again") from err
+    if derived:
+        print(f"{out}: removed {', '.join(p.name for p in derived)} of the export these weights replace (write them "
+              "again with --onnx / --with-heads)", file=sys.stderr)
     _verify(module, out, img_size)
     return out
+
+
+def _derived_files(out: Path) -> list[Path]:
+    """The files an earlier export in `out` wrote from its weights (its ONNX graph and heads, recorded in its
+    config.json or under their usual names): stale once new weights are written there, so removed."""
+    names = {"model.onnx", "model.onnx.data", "heads.safetensors"}
+    config = out / CONFIG_NAME
+    if config.is_file():
+        try:
+            previous = json.loads(config.read_text())
+            names |= set((previous.get("onnx") or {}).get("sha256") or {}) | {(previous.get("heads") or {}).get("file")}
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    return sorted(out / name for name in names if name and (out / name).is_file())
 
 
 @torch.no_grad()

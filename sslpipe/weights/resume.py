@@ -18,6 +18,7 @@ from sslpipe.weights.checkpoint import (
     TRAINER_STATE,
     CheckpointInvalid,
     DamagedCheckpointWarning,
+    interrupted_swaps,
     list_checkpoints,
     read_best,
     step_of,
@@ -35,21 +36,25 @@ def resume_run_dir(resume: str, output_dir: str | Path, run_name: str | None = N
     """
     if resume == "auto" and run_name is not None:
         run = Path(output_dir) / run_name
-        return (run, None) if list_checkpoints(run, complete_only=False) else (None, None)
+        return (run, None) if _resumable(run) else (None, None)
     if resume == "auto":
         root = Path(output_dir)
-        newest = [c[-1] for c in (list_checkpoints(d, complete_only=False) for d in root.iterdir() if d.is_dir())
-                  if c] if root.is_dir() else []
+        newest = [c[-1] for c in (_resumable(d) for d in root.iterdir() if d.is_dir()) if c] if root.is_dir() else []
         return (max(newest, key=lambda c: c.stat().st_mtime).parent.parent, None) if newest else (None, None)
     path = Path(resume)
     if (path / TRAINER_STATE).is_file() or (STEP_DIR.match(path.name) and path.parent.name == "checkpoints"
                                            and path.is_dir()):
         return path.parent.parent, path
     if path.is_dir():
-        if not list_checkpoints(path, complete_only=False):
+        if not _resumable(path):
             raise FileNotFoundError(f"--resume {path}: no checkpoint in {path / 'checkpoints'} (nothing to resume)")
         return path, None
     raise FileNotFoundError(f"--resume {path}: no such run or checkpoint directory")
+
+
+def _resumable(run: Path) -> list[Path]:
+    """The run's checkpoint folders, complete or not, and the steps a hard kill left set aside (restored on resume)."""
+    return list_checkpoints(run, complete_only=False) + interrupted_swaps(run)
 
 
 def pick_checkpoint(run_dir: Path, named: Path | None = None) -> Path:

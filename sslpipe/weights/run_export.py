@@ -15,7 +15,15 @@ import yaml
 from safetensors.torch import load_file
 
 from sslpipe.weights.card import write_model_card
-from sslpipe.weights.checkpoint import EXTRA_STATE, MODEL, find_checkpoint, step_of
+from sslpipe.weights.checkpoint import (
+    EXTRA_STATE,
+    FILES,
+    MODEL,
+    TRAINER_STATE,
+    CheckpointInvalid,
+    find_checkpoint,
+    step_of,
+)
 from sslpipe.weights.export import (
     CONFIG_NAME,
     TRAINING_ONLY_KEYS,
@@ -25,6 +33,7 @@ from sslpipe.weights.export import (
 )
 from sslpipe.weights.hashing import sha256_file, tensor_digest
 from sslpipe.weights.heads import MASK_TOKEN, heads_of, write_heads
+from sslpipe.weights.verify import file_problems
 
 # Where the backbone sits inside a recipe's network: MaskedViT wrapper first (its `.vit` is the timm model), then
 # DINO/iBOT/SimCLR's plain `backbone`, then the CNN encoder of U2PL / supervised_seg (a ViT encoder there is ViTDet-
@@ -123,6 +132,16 @@ def _teacher_rows(run: Path) -> list[tuple[str, str]]:
                                f"`{teacher['sha256']}`")]
 
 
+def _check_read_files(ckpt: Path, names: set[str]) -> None:
+    """The checkpoint files the export reads against the sha256s its trainer_state.json records (a flipped bit would
+    otherwise be exported as if it were the trained weights); a checkpoint without checksums is read as it is."""
+    table = (json.loads((ckpt / TRAINER_STATE).read_text()).get(FILES) or {})
+    problems = file_problems(ckpt, {name: entry for name, entry in table.items() if name in names})
+    if problems:
+        raise CheckpointInvalid(f"{ckpt} is damaged ({'; '.join(problems)}): export another checkpoint "
+                                f"(--checkpoint step_N; `sslpipe check {ckpt.parent.parent}` lists them)")
+
+
 def export_run(
     run_dir: str | Path,
     which: str | None = "teacher",
@@ -158,6 +177,7 @@ def export_run(
     weights = ckpt / (EXTRA_STATE if which == "teacher" else MODEL)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found; {ckpt} holds {sorted(p.name for p in ckpt.iterdir())}")
+    _check_read_files(ckpt, {weights.name, MODEL} if with_heads else {weights.name})
     state = strip_prefix(load_file(str(weights)), "teacher" if which == "teacher" else "")
     state = {k: v for k, v in state.items() if k.split(".")[-1] not in TRAINING_ONLY_KEYS}
 

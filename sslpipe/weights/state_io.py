@@ -50,7 +50,7 @@ def load_model(model: nn.Module, path: Path) -> None:
     aliases = set(state) - set(without_aliases(state))
     missing, unexpected = load_whole(model, load_file(str(path)), strict=False)
     if unexpected or set(missing) - aliases:
-        raise KeyError(f"{path} does not fit the model: missing {sorted(set(missing) - aliases)[:10]}, "
+        raise ValueError(f"{path} does not fit the model: missing {sorted(set(missing) - aliases)[:10]}, "
                        f"unexpected {sorted(unexpected)[:10]}")
 
 

@@ -64,6 +64,19 @@ def test_cli_loaded_step_writes_its_json(digits_shards: Path, tmp_path: Path) ->
     assert json.loads(out.read_text())["ratio_loaded_over_synthetic"] > 0
 
 
+def test_cli_loaded_step_as_the_readme_writes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: `bench loaded-step --photos N --recipe R data.num_workers=W`, no folder: the override is an override
+    (not the shards folder), and the photos go to runs/bench_photos."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "loaded.json"
+    assert main(["bench", "loaded-step", "--photos", "16", "--recipe", str(RECIPES / "demo_dino.yaml"), "--device",
+                 "cpu", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--out", str(out), "data.num_workers=1",
+                 *tiny("dino")]) == 0
+    assert json.loads(out.read_text())["num_workers_asked"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loaded.json", "runs"]
+    assert (tmp_path / "runs" / "bench_photos" / "manifest.json").is_file()
+
+
 def test_compile_bench_times_eager_blocks_and_whole_step(tmp_path: Path) -> None:
     """`bench step --compile` as the CLI runs it (backend aot_eager: inductor's graphs without its code generation):
     three runs side by side, the whole-step one for DINOv2 only, the same FLOPs in each."""

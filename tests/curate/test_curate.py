@@ -28,15 +28,19 @@ from sslpipe.curate.hierarchy import (
 from sslpipe.curate.sampling import allocate, balanced_sample
 from sslpipe.data.manifest import read_manifest, verify_shards
 from sslpipe.data.stream import count_samples, resolve_shards
+from sslpipe.embed import index as index_module
+from sslpipe.embed.index import exact_index
 from sslpipe.embed.store import write_index, write_part
 from sslpipe.embed.vectors import StoredVectors
+from sslpipe.ingest.options import ShardOptions
+from sslpipe.ingest.shards import write_shards
 
 torch.set_num_threads(1)
 
 
 def write_store(folder: Path, features: np.ndarray, *, per_part: int = 4, data: str = "pool", keys=None,
-                sources=None, complete: bool = True) -> Path:
-    """An embedding folder of the given rows, `per_part` rows per part."""
+                sources=None, complete: bool = True, shards: list[str] | None = None) -> Path:
+    """An embedding folder of the given rows, `per_part` rows per part (of the shards `shards`, default made up)."""
     folder.mkdir(parents=True, exist_ok=True)
     n = len(features)
     keys = keys or [f"s{i:04d}" for i in range(n)]
@@ -46,7 +50,7 @@ def write_store(folder: Path, features: np.ndarray, *, per_part: int = 4, data: 
         rows = slice(start, start + per_part)
         write_part(folder, shard, torch.from_numpy(features[rows]), keys[rows], sources[rows])
     write_index(folder, {"backbone": "b", "backbone_sha256": "0" * 64, "data": data, "split": "train",
-                         "dim": features.shape[1], "shards": [str(s) for s in range(len(starts))],
+                         "dim": features.shape[1], "shards": shards or [str(s) for s in range(len(starts))],
                          "complete": complete, "count": n})
     return folder
 
@@ -75,6 +79,63 @@ def test_planted_duplicates_group_at_the_threshold(path: str, tmp_path: Path, mo
     assert [g.tolist() for g in find_duplicates(vectors, 0.93, progress=False).groups()] == [[2, 10], [5, 11],
                                                                                                [7, 12, 13]]
     assert find_duplicates(vectors, 0.965, progress=False).groups()[0].tolist() == [7, 12, 13]
+
+
+def test_planted_duplicates_are_found_one_query_per_call(tmp_path: Path, monkeypatch) -> None:
+    """The calls shrink to keep their pairs within the budget (here: one query each); the groups do not change."""
+    monkeypatch.setattr(dedup_module, "PAIR_BUDGET", 1)
+    monkeypatch.setattr(dedup_module, "PROBE_ROWS", 1)
+    dups = find_duplicates(StoredVectors(write_store(tmp_path / "emb", _planted())), 0.95, progress=False)
+    assert [g.tolist() for g in dups.groups()] == [[2, 10], [7, 12, 13]]
+
+
+class _CountingIndex:
+    """An index that records the queries and pairs of each range search."""
+
+    def __init__(self, index) -> None:
+        self.index, self.calls = index, []
+
+    def range_search(self, queries: np.ndarray, threshold: float):
+        lims, scores, found = self.index.range_search(queries, threshold)
+        self.calls.append((len(queries), len(found)))
+        return lims, scores, found
+
+
+def _dense(n: int) -> np.ndarray:
+    """n unit vectors within cosine ~0.999 of one another: what a backbone at random init gives."""
+    rng = np.random.default_rng(0)
+    x = np.ones((n, 16), np.float32) + 0.01 * rng.standard_normal((n, 16)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_a_dense_pool_is_searched_within_the_pair_budget(tmp_path: Path, monkeypatch) -> None:
+    """300 near-copies: every query returns 300 pairs, so after the first call each takes 1000 // 300 = 3 queries;
+    no call returns more than the budget (the old fixed 1024 queries returned 90,000)."""
+    monkeypatch.setattr(dedup_module, "PAIR_BUDGET", 1000)
+    counting = []
+    monkeypatch.setattr(dedup_module, "exact_index", lambda v: counting.append(
+        _CountingIndex(exact_index(v))) or counting[-1])
+    dups = find_duplicates(StoredVectors(write_store(tmp_path / "emb", _dense(300), per_part=300)), 0.95,
+                           progress=False)
+    calls = counting[0].calls
+    assert len(dups.kept) == 1 and calls[0] == (16, 16 * 300)
+    assert {q for q, _ in calls[1:-1]} == {3} and max(pairs for _, pairs in calls[1:]) <= 1000
+
+
+def test_a_large_pool_of_near_copies_is_refused_after_one_call(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(dedup_module, "DENSE_MIN_ROWS", 100)
+    counting = []
+    monkeypatch.setattr(dedup_module, "exact_index", lambda v: counting.append(
+        _CountingIndex(exact_index(v))) or counting[-1])
+    with pytest.raises(ValueError, match=r"each sample has 200 of the pool's 200 samples above cosine 0.95 on "
+                                         r"average: the features barely differ"):
+        find_duplicates(StoredVectors(write_store(tmp_path / "emb", _dense(200), per_part=200)), 0.95,
+                        progress=False)
+    assert len(counting[0].calls) == 1
+    for threshold in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=rf"--dup-threshold {threshold}: a cosine similarity in \(0, 1\]"):
+            curate(tmp_path / "emb", tmp_path / f"out{threshold}", 1, embeddings=tmp_path / "emb",
+                   dup_threshold=threshold, progress=False)
 
 
 def test_default_levels_are_scaled_from_the_paper() -> None:
@@ -112,14 +173,10 @@ def test_resampling_moves_centroids_out_of_the_dense_region() -> None:
         assert before >= 0.4 and after <= before / 2, (seed, before, after)
 
 
-def test_kmeans_without_faiss_uses_the_torch_fallback(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(kmeans_module, "faiss", None)
-    rng = np.random.default_rng(0)
-    centres = np.array([[0, 0], [10, 0], [0, 10]], np.float32)
-    x = (centres[np.arange(300) % 3] + rng.normal(0, 0.3, (300, 2))).astype(np.float32)
-    found = kmeans_module.kmeans(x, 3, niter=10, seed=1)
-    assert np.abs(np.sort(found, axis=0) - np.sort(centres, axis=0)).max() < 0.3
-    assert "torch fallback" in capsys.readouterr().err
+def test_kmeans_without_faiss_is_one_line(monkeypatch) -> None:
+    monkeypatch.setattr(index_module, "faiss", None)
+    with pytest.raises(ValueError, match=r"curation's k-means use faiss, which is not installed: pip install"):
+        kmeans_module.kmeans(np.zeros((4, 2), np.float32), 2)
 
 
 def test_allocate_by_hand() -> None:
@@ -224,9 +281,22 @@ def test_refusals_are_one_line(digits_shards: Path, pixel_embeddings: Path, tmp_
     gray = tiny_export(tmp_path / "gray", in_chans=1)
     err = one_line_error(["curate", data, "--backbone", str(gray), "--out", str(tmp_path / "o"), "--size", "5"], capsys)
     assert "1-channel" in err
-    assert "the pool is empty" in run(write_store(tmp_path / "empty", np.zeros((0, 8), np.float32), data=data))
+    one = tmp_path / "one"  # a pool of one shard, which the stores below claim to have embedded
+    (tmp_path / "four").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / "four" / f"{i}.png")
+    write_shards(one, source=str(tmp_path / "four"), options=ShardOptions(samples_per_shard=8), progress=False)
+    pool = dict(data=str(one.resolve()), shards=resolve_shards(str(one), "train"), per_part=8)
+
+    def run_on_one(embeddings: Path) -> str:
+        return one_line_error(["curate", str(one), "--embeddings", str(embeddings), "--out", str(tmp_path / "out"),
+                               "--size", "10"], capsys)
+
+    assert "the pool is empty" in run_on_one(write_store(tmp_path / "empty", np.zeros((0, 8), np.float32), **pool))
     same = np.tile(np.eye(8, dtype=np.float32)[:1], (6, 1))
-    assert "all 6 samples of the pool are near-duplicates" in run(write_store(tmp_path / "same", same, data=data))
+    assert "all 6 samples of the pool are near-duplicates" in run_on_one(write_store(tmp_path / "same", same, **pool))
+    err = run_on_one(write_store(tmp_path / "grown", np.eye(8, dtype=np.float32), data=pool["data"]))
+    assert "no longer matches" in err and "2 shards embedded, the pool lists 1" in err
     err = run(pixel_embeddings, size=5000)
     assert "--size 5000, but" in err and "samples are left after removing" in err
     incomplete = write_store(tmp_path / "part", np.eye(8, dtype=np.float32), data=data, complete=False)

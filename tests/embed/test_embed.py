@@ -179,6 +179,31 @@ def test_a_folder_changed_since_its_embedding_is_refused_and_force_embeds_it_aga
     assert read_index(out)["count"] == 6 and read_index(out)["complete"]
 
 
+def test_a_shard_set_rewritten_in_place_is_refused_by_embed_and_curate(export: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """The same shard names and keys with other images (`sslpipe shards --force` into the same folder): resuming the
+    embedding, or curating with it, would pair the new images with the old vectors. Both are refused naming the
+    change; --force embeds the new shards."""
+    from sslpipe.curate.curate import curate
+    from sslpipe.ingest.shards import write_shards
+
+    pool, out = tmp_path / "pool", tmp_path / "emb"
+    _images(tmp_path / "a", range(6))
+    write_shards(pool, source=str(tmp_path / "a"), progress=False)
+    embed_shards(export, pool, out, progress=False)
+    before = _parts(out)[0].features.copy()
+    _images(tmp_path / "b", range(6), seed=5)
+    write_shards(pool, source=str(tmp_path / "b"), force=True, progress=False)
+    argv = ["embed", str(export), "--data", str(pool), "--out", str(out)]
+    err = one_line_error(argv, capsys)
+    assert "1 shard(s) changed since they were embedded (rewritten in place" in err and "--force" in err
+    with pytest.raises(ValueError, match=r"--embeddings .* no longer matches .*1 shard\(s\) rewritten since"):
+        curate(pool, tmp_path / "curated", 2, embeddings=out, progress=False)
+    assert main([*argv, "--force"]) == 0
+    assert not np.array_equal(_parts(out)[0].features, before)
+    assert curate(pool, tmp_path / "curated", 2, embeddings=out, dup_threshold=0.999, progress=False)
+
+
 def test_a_truncated_shard_is_named_and_embedded_again_once_repaired(export: Path, digits_shards: Path,
                                                                     tmp_path: Path, capsys) -> None:
     """Shard 0 cut right before its 5th sample: the run ends with one line naming it, '4 of N samples readable'

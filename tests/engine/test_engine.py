@@ -420,6 +420,10 @@ def test_resume_with_changed_keys_names_them_and_keeps_the_old_config(tmp_path: 
     wide = toy_cfg(tmp_path, "r", train={"max_steps": 4}, model={"kwargs": {"hidden": 32}})
     with pytest.raises(ValueError, match=r"step_00000002 does not fit .*model.kwargs.hidden: None -> 32"):
         train(wide, resume=str(run))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    deep = toy_cfg(tmp_path, "r", train={"max_steps": 4}, model={"kwargs": {"depth": 2}})  # tensors, not shapes
+    with pytest.raises(ValueError, match=r"step_00000002 does not fit .*model.kwargs.depth: None -> 2"):
+        train(deep, resume=str(run))
     assert (run / "config.yaml").read_text() == first and not list(run.glob("config-*.yaml"))
     AcceleratorState._reset_state(reset_partial_state=True)
     train(toy_cfg(tmp_path, "r", train={"max_steps": 4}, optim={"lr": 0.01}), resume=str(run))

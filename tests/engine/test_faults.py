@@ -13,6 +13,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -275,6 +276,18 @@ def test_a_hard_kill_between_the_renames_of_a_resaved_step_loses_nothing(tmp_pat
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in rows if r.get("event") == "resumed"]
     assert resumed and resumed[-1]["step"] == 6
+    # the only checkpoint, and `--resume auto` with the run's name (what slurm.sbatch runs on requeue)
+    for older in list_checkpoints(run)[:-1]:
+        shutil.rmtree(older)
+    os.replace(checkpoints / "step_00000008", checkpoints / ".old-step_00000008")
+    reset()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(toy_cfg(runs, "killed", max_steps=10))  # a fresh start would lose it
+    reset()
+    train(toy_cfg(runs, "killed", max_steps=10), resume="auto")
+    assert "step_00000008 was set aside" in capfd.readouterr().err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if r.get("event") == "resumed"][-1]["step"] == 8
 
 
 def test_an_unreadable_best_json_is_ignored_with_a_warning(tmp_path: Path) -> None:
@@ -548,7 +561,7 @@ def test_disk_full_while_writing_shards(tmp_path: Path, small_disk: types.Simple
     err = capsys.readouterr().err
     assert "Traceback" not in err and "No space left on device" in err and "--force" in err
     assert "unfinished shard file(s)" in err
-    assert sorted(p.name for p in out.iterdir()) == [], "no .partial file and no manifest left behind"
+    assert not out.exists(), "no .partial file, no manifest, and no empty OUT left behind"
 
 
 # ----------------------------------------------------------------------------------- two jobs, one directory

@@ -373,3 +373,14 @@ def test_folder_with_images_beside_its_class_folders_is_refused(tmp_path: Path) 
     save(tmp_path / "mixed" / "cls" / "1.png", rand_image(1), "PNG")
     with pytest.raises(ValueError, match=r"1 image\(s\) directly in it, e.g. \['root.png'\]"):
         write_shards(tmp_path / "out", source=str(tmp_path / "mixed"), progress=False)
+
+
+def test_a_refused_source_leaves_no_empty_out(tmp_path: Path) -> None:
+    """A label above the classes is refused once writing has begun: the OUT this run made is removed again."""
+    from sslpipe.cli import main
+
+    save(tmp_path / "img.png", rand_image(0), "PNG")
+    Image.fromarray(np.full((8, 8), 5, dtype=np.uint8)).save(tmp_path / "lbl.png")
+    (tmp_path / "pairs.txt").write_text(f"{tmp_path / 'img.png'} {tmp_path / 'lbl.png'}\n")
+    assert main(["shards", "--seg-list", str(tmp_path / "pairs.txt"), "--classes", "a,b", str(tmp_path / "out")]) != 0
+    assert not (tmp_path / "out").exists()

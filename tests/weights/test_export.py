@@ -8,10 +8,12 @@ import pytest
 import timm
 import torch
 import yaml
+from helpers import REPO
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sslpipe.cli import main
+from sslpipe.recipes import load_config
 from sslpipe.weights.checkpoint import (
     CheckpointInvalid,
     DamagedCheckpointWarning,
@@ -221,6 +223,21 @@ def _sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("which, damaged", [("teacher", "extra_state.safetensors"), ("student", "model.safetensors")])
+def test_export_refuses_a_checkpoint_whose_weights_fail_their_sha256(tmp_path, which, damaged):
+    """A flipped bit in the weights export reads would be exported as the trained network: refused naming the file,
+    while a damaged file it does not read (the other network's) is no reason to refuse."""
+    run, _, _ = _fake_run(tmp_path, "teacher.backbone.", "backbone.")
+    ckpt = run / "checkpoints" / "step_00000010"
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in ckpt.iterdir() if p.suffix != ".json"}
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 10, "files": files}))
+    _flip_last_byte(ckpt / damaged)
+    with pytest.raises(CheckpointInvalid, match=rf"step_00000010 is damaged \({damaged} does not match its sha256"):
+        export_run(run, which=which)
+    other = "student" if which == "teacher" else "teacher"
+    assert load_backbone(export_run(run, which=other, out=tmp_path / other))
+
+
 def test_export_run_writes_a_model_card(tmp_path, monkeypatch):
     """Hugging Face header, the recipe's config sha256, the shard manifest's sha256 and the probe results that were
     measured on exactly the exported weights; nothing else."""
@@ -248,6 +265,9 @@ def test_export_run_writes_a_model_card(tmp_path, monkeypatch):
     exec(code, namespace)
     _assert_same_state(teacher, namespace["model"])
     monkeypatch.undo()
+    # ... and its finetune command is one the config accepts
+    override = body.split("`sslpipe finetune RECIPE.yaml ")[1].split("`")[0].replace("FOLDER", str(out))
+    assert load_config(REPO / "recipes/demo_finetune_m2f.yaml", [override]).model.init_from == str(out)
 
     # the periodic kNN probed the teacher: the student's card has no result
     _, student_body = _card(export_run(run, which="student", out=tmp_path / "student"))
@@ -308,6 +328,23 @@ def test_check_compares_every_file_with_a_recorded_sha256(tmp_path, damaged):
     _flip_last_byte(out / damaged if damaged == "heads.safetensors" else onnx)
     assert verify_export(out) == ("bad", f"{damaged} does not match its sha256 (bit rot, a copy cut short, or "
                                          "modified)")
+
+
+def test_a_new_export_removes_the_onnx_and_heads_of_the_weights_it_replaces(tmp_path, capsys):
+    """An ONNX graph and heads left beside new weights would be unrecorded, unchecked and stale: an inference runtime
+    loading model.onnx would run the old weights."""
+    out = export_backbone(_vit(), tmp_path / "export", arch="vit_tiny_patch16_224", model_args=VIT_ARGS, img_size=32,
+                          mean=MEAN, std=STD, source={"which": "teacher"})
+    write_heads(out, {"head.weight": torch.randn(8, 4)}, "dino")
+    for name in ("model.onnx", "model.onnx.data"):
+        (out / name).write_bytes(b"a graph of the old weights")
+    (out / "notes.txt").write_text("the user's own file")
+    export_backbone(_vit(), out, arch="vit_tiny_patch16_224", model_args=VIT_ARGS, img_size=32, mean=MEAN, std=STD,
+                    source={"which": "teacher"})
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    assert f"{out}: removed heads.safetensors, model.onnx, model.onnx.data of the export" in capsys.readouterr().err
+    assert "heads" not in json.loads((out / "config.json").read_text())
+    assert verify_export(out)[0] == "ok"
 
 
 def test_dinov3_heads_kept_as_weight_norm_load_into_the_plain_last_layer(tmp_path):

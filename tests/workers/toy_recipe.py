@@ -28,9 +28,12 @@ IN_DIM, HIDDEN, OUT_DIM = 8, 16, 4
 
 
 class ToyNet(nn.Module):
-    def __init__(self, hidden: int = HIDDEN) -> None:
+    def __init__(self, hidden: int = HIDDEN, depth: int = 1) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(IN_DIM, hidden), nn.GELU(), nn.Dropout(0.1))
+        layers = [nn.Linear(IN_DIM, hidden), nn.GELU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.GELU()]
+        self.body = nn.Sequential(*layers, nn.Dropout(0.1))
         self.last_layer = nn.Linear(hidden, OUT_DIM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +53,7 @@ class ToyRecipe(Recipe):
         opts = self.cfg.model.kwargs
         self.n_samples = int(opts.get("n_samples", 48))
         self.nan_at_step = opts.get("nan_at_step")
-        self.student = ToyNet(int(opts.get("hidden", HIDDEN)))
+        self.student = ToyNet(int(opts.get("hidden", HIDDEN)), int(opts.get("depth", 1)))
         self.teacher = copy.deepcopy(self.student).to(accelerator.device).requires_grad_(False)
         self.center = torch.zeros(1, OUT_DIM, device=accelerator.device)
         data_gen = torch.Generator().manual_seed(1234)
