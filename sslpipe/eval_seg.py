@@ -30,7 +30,8 @@ def eval_seg_run(run: str | Path, *, checkpoint: str | None = None, which: str =
     recipe = get_recipe(cfg.method)(cfg)
     if not hasattr(recipe, "build_model"):
         raise ValueError(f"{run}: method {cfg.method!r} is not a segmentation recipe (u2pl, supervised_seg)")
-    model = recipe.build_model()
+    recipe.run_dir = run  # the normalisation the run recorded (`sslpipe.recipes.init_record`)
+    model = recipe.build_model(from_checkpoint=True)
     ckpt = find_checkpoint(run, int(checkpoint) if checkpoint and checkpoint.isdigit() else checkpoint)
     extra = load_file(str(ckpt / "extra_state.safetensors")) if (ckpt / "extra_state.safetensors").is_file() else {}
     teacher = {k[len("teacher."):]: v for k, v in extra.items() if k.startswith("teacher.")}

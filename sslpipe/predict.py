@@ -29,7 +29,8 @@ def predict_run(run: str | Path, *, checkpoint: str | Path | None = None, data: 
     if not (ckpt / "model.safetensors").is_file():
         raise FileNotFoundError(f"no checkpoint with model.safetensors under {run / 'checkpoints'}: train first, "
                                 "or pass --checkpoint")
-    model = recipe.build_model()
+    recipe.run_dir = run  # the network and normalisation the run recorded (`sslpipe.recipes.init_record`)
+    model = recipe.build_model(from_checkpoint=True)
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
     png = Path(out) if out is not None else run / "predictions" / "predict.png"
     metrics = recipe.run_evaluation(max_images=n, png=png, n_png=n, spec=data, split=split, progress=True)

@@ -20,6 +20,6 @@ def run(args: argparse.Namespace) -> int:
     result = predict_run(args.run, checkpoint=args.checkpoint, data=args.data, split=args.split,
                          n=args.num_images, out=args.out)
     shown = {k: round(v, 4) for k, v in result["metrics"].items() if isinstance(v, float)}
-    print(f"{result['checkpoint']}: metrics on these {args.num_images} images {shown}")
+    print(f"{result['checkpoint']}: metrics on the first {args.num_images} images (all, when fewer) {shown}")
     print(f"wrote {result['png']}")
     return 0

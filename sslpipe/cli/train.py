@@ -3,6 +3,7 @@ training entry point (`sslpipe.engine.trainer.run_recipe`) that `sslpipe finetun
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 
@@ -19,7 +20,8 @@ def train_recipe(args: argparse.Namespace, methods: Sequence[str] | None = None)
     from sslpipe.engine.trainer import run_recipe
 
     run_dir = run_recipe(args.recipe, args.overrides, resume=args.resume, methods=methods, command=args.command)
-    print(f"run directory: {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # once per job, not once per process
+        print(f"run directory: {run_dir}")
     return 0
 
 

@@ -66,7 +66,7 @@ class DistillConfig(Section):
         if self.global_loss == "none":
             unread["global_weight"] = "distill.global_loss=none"
         if self.dense_loss == "none":
-            unread["dense_weight"] = "distill.dense_loss=none"
+            unread |= dict.fromkeys(("dense_weight", "teacher_blocks"), "distill.dense_loss=none")
         self.refuse_unread_values("distill", unread)
         return self
 
@@ -94,8 +94,9 @@ def normalize_pixels(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...])
 
 
 def auto_queue_size(n_images: int | None) -> int:
-    """A quarter of the training set, rounded down to a power of two, in [16, 8192] (LightlyTrain scales its queue
-    with the data set the same way, in buckets); 8192 when the size is unknown."""
+    """A quarter of the training set, rounded down to a power of two, in [16, 8192]; 8192 when the size is unknown.
+    Ours: LightlyTrain also scales its queue with the data set, by buckets that give 25-50 % of it (4096 for 10,000
+    images where this gives 2048)."""
     if not n_images:
         return 8192
     return int(min(8192, max(16, 2 ** math.floor(math.log2(max(n_images // 4, 1))))))
@@ -161,6 +162,15 @@ class DistillRecipe(Recipe):
                              "config.json records (damaged or replaced): export or import the teacher again")
         self.teacher_norm = (tuple(export["mean"]), tuple(export["std"]))
         self.teacher_size = d.teacher_size or int(export["img_size"])
+        fixed = hasattr(self.teacher, "patch_embed") and not getattr(self.teacher, "dynamic_img_size", True)
+        if fixed and self.teacher_size != int(export["img_size"]):
+            raise ValueError(f"distill.teacher_size={self.teacher_size}: the teacher {d.teacher} is a ViT of fixed "
+                             f"input size {export['img_size']} (no dynamic_img_size): remove distill.teacher_size")
+        if self.teacher_size > crops.global_size:
+            print(f"note: the teacher sees the student's {crops.global_size} px crops resized to its "
+                  f"{self.teacher_size} px (no finer detail, {(self.teacher_size / crops.global_size) ** 2:.1f}x its "
+                  "work): set distill.teacher_size, or import the teacher with --img-size, to the student's size "
+                  "unless the teacher needs its own", flush=True)
         backbone = create_backbone(m.arch, img_size=crops.global_size, patch_size=m.patch_size,
                                    drop_path_rate=m.drop_path_rate, **m.kwargs)
         t_pooled, t_map = self._teacher_features(torch.zeros(1, 3, crops.global_size, crops.global_size,
@@ -176,7 +186,12 @@ class DistillRecipe(Recipe):
         self.queue_loss = None
         if d.global_loss == "queue":
             data = self.cfg.data
-            size = d.queue_size or auto_queue_size(count_samples(data.train, data.train_split, shard_reading(data)))
+            n_images = count_samples(data.train, data.train_split, shard_reading(data))
+            if d.queue_size and n_images and d.queue_size >= n_images:
+                raise ValueError(f"distill.queue_size={d.queue_size} is not smaller than the {n_images} training "
+                                 "images: the queue would hold the same images again; lower it, or remove it for a "
+                                 "quarter of the set")
+            size = d.queue_size or auto_queue_size(n_images)
             self.queue_loss = QueueDistillLoss(t_pooled.shape[-1], size, d.temperature).to(accelerator.device)
         if accelerator.is_main_process and accelerator.project_dir:
             record = {"teacher": str(Path(d.teacher).resolve()), "architecture": export.get("architecture"),

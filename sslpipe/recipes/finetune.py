@@ -32,6 +32,7 @@ from sslpipe.heads.vitdet import (
     dense_param_groups,
 )
 from sslpipe.recipes.base import Recipe, note_export_replaces, shard_reading
+from sslpipe.recipes.init_record import init_export_config
 
 
 class FinetuneConfig(Section):
@@ -72,23 +73,23 @@ DENSE_UNREAD = {
 
 
 # ------------------------------------------------------------------------------------------------------ backbone
-def load_vit(cfg: RunConfig, img_size: int, init_weights: bool
-             ) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
+def load_vit(cfg: RunConfig, img_size: int, *, init_weights: bool, run_dir: Path | None = None,
+             training: bool = True) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
     """The timm ViT to fine-tune and its normalisation: `model.init_from` (an export: its architecture and, when
-    `init_weights`, its weights; mean/std from the export) or `model.arch` at random init (crops.mean/std).
-    `model.drop_path_rate` is applied in both cases (ViTDet ViT-B: 0.1)."""
+    `init_weights`, its weights; mean/std from the export, or from the run's record of it when not `training`:
+    `sslpipe.recipes.init_record`) or `model.arch` at random init (crops.mean/std). `model.drop_path_rate` is
+    applied in both cases (ViTDet ViT-B: 0.1)."""
     import timm
     from safetensors.torch import load_file
 
     from sslpipe.models.backbones import create_backbone
-    from sslpipe.weights.export import read_export_config
 
     m = cfg.model
     if m.init_from is None:
         vit = create_backbone(m.arch, img_size=img_size, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate,
                               **m.kwargs)
         return vit, tuple(cfg.crops.mean), tuple(cfg.crops.std)
-    export = read_export_config(m.init_from)
+    export = init_export_config(cfg, run_dir, training=training)
     note_export_replaces(cfg, export)
     args = {**export["model_args"], "drop_path_rate": m.drop_path_rate}
     vit = timm.create_model(export["architecture"], pretrained=False, **args)
@@ -133,9 +134,10 @@ class DenseFinetuneRecipe(Recipe):
                                     val=self.cfg.data.val,
                                     ignore_index=f.ignore_index)
 
-    def build_pyramid(self) -> ViTDetPyramid:
+    def build_pyramid(self, from_checkpoint: bool = False) -> ViTDetPyramid:
         f = self.section
-        vit, self.mean, self.std = load_vit(self.cfg, f.img_size, init_weights=f.backbone_init == "export")
+        vit, self.mean, self.std = load_vit(self.cfg, f.img_size, run_dir=self.run_dir, training=not from_checkpoint,
+                                            init_weights=not from_checkpoint and f.backbone_init == "export")
         try:
             return build_vitdet_pyramid(vit, window_size=f.window_size, global_blocks=f.global_blocks,
                                         use_rel_pos=f.use_rel_pos, img_size=f.img_size,
@@ -146,11 +148,12 @@ class DenseFinetuneRecipe(Recipe):
     def build_head(self, pyramid: ViTDetPyramid) -> nn.Module:
         raise NotImplementedError
 
-    def build_model(self) -> nn.Module:
-        """The whole network (no accelerator needed: `sslpipe predict` calls this too). With
+    def build_model(self, from_checkpoint: bool = False) -> nn.Module:
+        """The whole network (no accelerator needed). `from_checkpoint` (`sslpipe predict`): the weights come from a
+        checkpoint, the network and normalisation from the run's record of its export. With
         `<method>.freeze_backbone` the ViT trunk gets no gradient and always runs in eval mode (no drop path)."""
         self.class_names = self.classes()
-        self.student = self.build_head(self.build_pyramid())
+        self.student = self.build_head(self.build_pyramid(from_checkpoint))
         if self.section.freeze_backbone:
             trunk = self.vit_trunk()
             trunk.requires_grad_(False)

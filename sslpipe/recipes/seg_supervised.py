@@ -26,6 +26,7 @@ from sslpipe.data.semi import semi_loader
 from sslpipe.data.stream import batches_per_epoch, build_loader, resolve_shards
 from sslpipe.data.u2pl_views import U2PLSegTransform
 from sslpipe.recipes.base import Recipe, note_export_replaces, shard_reading
+from sslpipe.recipes.init_record import init_export_config
 
 
 class SegConfig(Section):
@@ -97,24 +98,23 @@ class SupervisedSegRecipe(Recipe):
         return segmentation_classes(self.cfg.data.train, u.num_classes, f"{self.config_key}.num_classes",
                                     val=self.cfg.data.val, ignore_index=u.ignore_index)
 
-    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """crops.mean/std, or the export's when model.init_from is set."""
+    def normalisation(self, from_checkpoint: bool = False) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """crops.mean/std, or the export's when model.init_from is set (`from_checkpoint`: as the run recorded it)."""
         if self.cfg.model.init_from:
-            from sslpipe.weights.export import read_export_config
-
-            export = read_export_config(self.cfg.model.init_from)
+            export = init_export_config(self.cfg, self.run_dir, training=not from_checkpoint)
             note_export_replaces(self.cfg, export)
             return tuple(export["mean"]), tuple(export["std"])
         return tuple(self.cfg.crops.mean), tuple(self.cfg.crops.std)
 
-    def build_model(self) -> nn.Module:
-        """The student network (no accelerator needed: `sslpipe eval-seg` calls this)."""
+    def build_model(self, from_checkpoint: bool = False) -> nn.Module:
+        """The student network (no accelerator needed; `from_checkpoint`: `sslpipe eval-seg`, whose weights come from
+        a checkpoint and normalisation from the run's record of its export)."""
         from sslpipe.models.segmentation import build_segmentation_net
 
         m, u = self.cfg.model, self.section
         self.class_names = self.classes()
         self.num_classes = len(self.class_names)
-        self.mean, self.std = self.normalisation()
+        self.mean, self.std = self.normalisation(from_checkpoint)
         kwargs = dict(m.kwargs)
         if m.drop_path_rate:
             kwargs["drop_path_rate"] = m.drop_path_rate

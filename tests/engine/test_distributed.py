@@ -78,6 +78,7 @@ def test_two_process_dino_run_under_accelerate_launch(digits_shards: Path, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     scale = [line for line in proc.stdout.splitlines() if "process(es) x batch" in line]
     assert len(scale) == 1 and scale[0].startswith("2 process(es) x batch 8"), proc.stdout[-2000:]
+    assert proc.stdout.count(f"run directory: {tmp_path / 'ddp'}") == 1, "once per job"
     run = tmp_path / "ddp"
     state = json.loads(next((run / "checkpoints").glob("step_*/trainer_state.json")).read_text())
     assert state["world_size"] == 2 and state["global_step"] == 2

@@ -148,6 +148,25 @@ def test_refusals_are_one_line(digits_shards: Path, teachers) -> None:
                                 "model.kwargs={}", "distill.teacher_blocks=2", "distill.dense_loss=mse"))
     with pytest.raises(ValueError, match="teacher_blocks=2 needs a ViT teacher"):
         recipe.build(Accelerator(cpu=True))
+    with pytest.raises(ConfigError, match=r"'distill.teacher_blocks' = 2 is not read with distill.dense_loss=none"):
+        _cfg(digits_shards, teachers["vit"], "distill.teacher_blocks=2")
+    with pytest.raises(ValueError, match=r"distill.queue_size=2048 is not smaller than the 1438 training images"):
+        DistillRecipe(_cfg(digits_shards, teachers["vit"], "distill.queue_size=2048")).build(Accelerator(cpu=True))
+
+
+def test_teacher_size_is_checked_and_an_upsampling_teacher_is_named(digits_shards: Path, teachers, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """A fixed-size ViT teacher cannot take another size: one line naming the key, not timm's assertion. A teacher
+    larger than the student's crops sees them upsampled: said at build."""
+    from sslpipe.weights.export import export_backbone
+
+    fixed_args = {k: v for k, v in VIT_ARGS.items() if k != "dynamic_img_size"}
+    fixed = export_backbone(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **fixed_args),
+                            tmp_path / "fixed", arch="vit_tiny_patch16_224", model_args=fixed_args, **EXPORT_ARGS)
+    with pytest.raises(ValueError, match=r"distill.teacher_size=48: the teacher .* is a ViT of fixed input size 32"):
+        DistillRecipe(_cfg(digits_shards, fixed, "distill.teacher_size=48")).build(Accelerator(cpu=True))
+    DistillRecipe(_cfg(digits_shards, teachers["vit"], "distill.teacher_size=64")).build(Accelerator(cpu=True))
+    assert "the teacher sees the student's 28 px crops resized to its 64 px" in capsys.readouterr().out
 
 
 def test_run_exports_the_student_names_the_teacher_and_refuses_a_changed_teacher(digits_shards: Path, teachers,

@@ -341,7 +341,8 @@ def test_init_from_names_the_recipe_keys_the_export_overrides(finetune_data, cap
     load_vit(load_config(REPO / "recipes/demo_finetune_m2f.yaml", [*base, *agree]), 32, init_weights=False)
     assert "not used" not in capsys.readouterr().out
     differ = ["model.arch=vit_large_patch16_224", "model.kwargs={embed_dim: 1024}", "crops.mean=[0.9,0.9,0.9]"]
-    vit, mean, _ = load_vit(load_config(REPO / "recipes/demo_finetune_m2f.yaml", [*base, *differ]), 32, False)
+    cfg = load_config(REPO / "recipes/demo_finetune_m2f.yaml", [*base, *differ])
+    vit, mean, _ = load_vit(cfg, 32, init_weights=False)
     out = capsys.readouterr().out
     assert vit.embed_dim == 32 and mean == (0.4,) * 3
     assert "model.arch=vit_large_patch16_224 (the export: vit_tiny_patch16_224)" in out
@@ -410,7 +411,7 @@ def test_own_seg_list_fine_tunes_end_to_end(finetune_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_mask2former_finetune_end_to_end(finetune_data, monkeypatch):
+def test_mask2former_finetune_end_to_end(finetune_data, monkeypatch, capsys):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     root, export = finetune_data
     run = _run("recipes/demo_finetune_m2f.yaml", root, export, [
@@ -428,6 +429,21 @@ def test_mask2former_finetune_end_to_end(finetune_data, monkeypatch):
 
     out = predict_run(run, n=3, out=root / "pred.png")
     assert out["png"].is_file() and 0 <= out["metrics"]["mIoU"] <= 1
+    # predict builds what the run trained: from RUN/init_from.json, not from the export as it is now
+    config_file = export / "config.json"
+    original = config_file.read_text()
+    assert json.loads((run / "init_from.json").read_text())["config"] == json.loads(original)
+    try:
+        config_file.write_text(json.dumps({**json.loads(original), "mean": [0.9, 0.9, 0.9]}))
+        changed = predict_run(run, n=3, out=root / "pred_changed.png")
+        moved = export.rename(export.with_name("moved"))
+        gone = predict_run(run, n=3, out=root / "pred_gone.png")
+        moved.rename(export)
+    finally:
+        config_file.write_text(original)
+    same = [json.dumps(r["metrics"], sort_keys=True) for r in (changed, gone, out)]  # NaN for absent classes
+    assert same[0] == same[1] == same[2]
+    assert "has changed since the run trained (mean): the run's init_from.json is used" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="export folder"):
         _run("recipes/demo_finetune_m2f.yaml", root, root / "nowhere", ["run_name=bad"])
 

@@ -160,3 +160,16 @@ def test_architectures_that_cannot_be_exported(tmp_path, monkeypatch, capsys):
         export_onnx(out, opset=17)
     monkeypatch.setattr(torch.onnx, "export", fails)
     _one_line_refusal(capsys, out, r"resnet10t cannot be exported to ONNX .*: Failed to export the model$")
+
+
+@pytest.mark.parametrize("patch, size", [(16, 32), (4, 32), (14, 224)])
+def test_the_check_runs_a_non_square_size_other_than_the_exports(patch: int, size: int) -> None:
+    """Beside the export's size, the graph is checked (and traced) at H != W, both multiples of the patch and
+    neither the export's size: a patch-16 export at 32 px used to round both sides to 48."""
+    from sslpipe.weights.onnx import _check_inputs
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, patch_size=patch, img_size=size,
+                            depth=1, embed_dim=32, num_heads=2, dynamic_img_size=True)
+    first, other = _check_inputs(vit, size)
+    h, w = other.shape[-2:]
+    assert first.shape[-2:] == (size, size) and h != w and size not in (h, w) and h % patch == w % patch == 0
