@@ -28,7 +28,7 @@ from sslpipe.curate.hierarchy import NITER, Level, hierarchical_kmeans, point_cl
 from sslpipe.curate.output import copy_samples, refuse_existing, staged
 from sslpipe.curate.sampling import balanced_sample
 from sslpipe.data.manifest import FORMAT, read_manifest
-from sslpipe.embed.embed import changed_shards, embed_shards
+from sslpipe.embed.embed import embed_shards, shard_mismatch
 from sslpipe.embed.inputs import data_name, resolve_input
 from sslpipe.embed.store import read_index
 from sslpipe.embed.vectors import StoredVectors
@@ -63,11 +63,8 @@ def pool_embeddings(shards: str | Path, out: Path, *, backbone: str | Path | Non
     if (index["data"], index["split"]) != (data_name(shards), split):
         raise ValueError(f"--embeddings {embeddings} holds split {index['split']!r} of {index['data']}, not split "
                          f"{split!r} of {data_name(shards)}: embed these shards, or pass their embedding folder")
-    pool = resolve_input(shards, split, Path(embeddings))
-    changed = changed_shards(index, pool)
-    if index["shards"] != pool.urls or changed:
-        why = (f"{len(changed)} shard(s) rewritten since, e.g. {changed[0]}" if changed else
-               f"{len(index['shards'])} shards embedded, the pool lists {len(pool.urls)}")
+    why = shard_mismatch(index, resolve_input(shards, split, Path(embeddings)))
+    if why:
         raise ValueError(f"--embeddings {embeddings} no longer matches {shards} ({why}): embed the pool again "
                          f"(`sslpipe embed ... --out {embeddings} --force`, or curate with --backbone)")
     return Path(embeddings)

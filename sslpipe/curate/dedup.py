@@ -73,10 +73,12 @@ class Duplicates:
 
 def _search(index: Any, block: np.ndarray, first: int, threshold: float, parent: np.ndarray) -> None:
     """Join every row of `block` (rows first, first + 1, ...) to the earlier rows above `threshold`. A first call of
-    `PROBE_ROWS` queries measures how many pairs a query returns, and each later call takes as many queries as keep
-    its pairs within `PAIR_BUDGET` (at most `QUERY_ROWS`): memory stays bounded however dense the pool is. A large
-    pool where a query finds more than `DENSE_SHARE` of it above the threshold is refused at once (a search of n^2
-    pairs, for features that barely differ)."""
+    `PROBE_ROWS` queries measures how many pairs a query returns, and each later call takes as many queries as kept
+    the last call's pairs within `PAIR_BUDGET` (at most twice the last call's, and `QUERY_ROWS`). So the pairs stay
+    near the budget while the density changes gradually along the pool; a call that runs from a sparse stretch into
+    a dense one can still return up to its queries x n pairs, once, before the calls shrink. A large pool where a
+    query finds more than `DENSE_SHARE` of it above the threshold is refused at once (a search of n^2 pairs, for
+    features that barely differ)."""
     n, start, per_call = len(parent), 0, PROBE_ROWS
     while start < len(block):
         queries = np.ascontiguousarray(block[start:start + per_call])
@@ -91,7 +93,7 @@ def _search(index: Any, block: np.ndarray, first: int, threshold: float, parent:
         earlier = cols < rows
         union(parent, rows[earlier], cols[earlier])
         start += len(queries)
-        per_call = int(max(1, min(QUERY_ROWS, PAIR_BUDGET // max(per_query, 1.0))))
+        per_call = int(max(1, min(QUERY_ROWS, 2 * len(queries), PAIR_BUDGET // max(per_query, 1.0))))
 
 
 def find_duplicates(vectors: StoredVectors, threshold: float, *, progress: bool = True,

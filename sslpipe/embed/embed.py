@@ -83,24 +83,29 @@ def check_out(out: Path, identity: dict[str, Any], inp: Input | None, force: boo
                               "pass --force to write the embeddings there anyway")
     index = read_index(out)
     differ = [k for k in IDENTITY if index.get(k) != identity[k]]
-    if not differ and inp is not None and index["shards"] != inp.urls:
-        differ = ["shards"]
     if differ:
         raise FileExistsError(f"--out {out} holds the embeddings of {_describe(index)}; this run embeds "
                               f"{_describe(identity)} ({', '.join(differ)} differ): choose another --out, or pass "
                               "--force to start over")
-    changed = changed_shards(index, inp) if inp is not None else []
-    if changed:
-        raise FileExistsError(f"--out {out}: {len(changed)} shard(s) changed since they were embedded (rewritten in "
-                              f"place: {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): pass --force "
-                              "to embed the shard set again")
+    why = shard_mismatch(index, inp) if inp is not None else None
+    if why:
+        raise FileExistsError(f"--out {out} holds embeddings of {_describe(index)}, but {why}: pass --force to "
+                              "embed the shard set again (or choose another --out)")
     return index
 
 
-def changed_shards(index: dict[str, Any], inp: Input) -> list[str]:
-    """The shards of `inp` whose version differs from the one embedded (none known: an index of an older sslpipe)."""
+def shard_mismatch(index: dict[str, Any], inp: Input) -> str | None:
+    """Why the embeddings of `index` (embed.json) are not those of `inp`'s shards: another shard list, or shards
+    rewritten in place since (their recorded versions); None when they are (an index of an older sslpipe records no
+    versions)."""
+    if index["shards"] != inp.urls:
+        return f"{len(index['shards'])} shards were embedded and the data lists {len(inp.urls)} (another shard list)"
     recorded = index.get("shard_versions") or [None] * len(inp.urls)
-    return [url for url, old, new in zip(inp.urls, recorded, inp.versions) if old is not None and old != new]
+    changed = [url for url, old, new in zip(inp.urls, recorded, inp.versions) if old is not None and old != new]
+    if changed:
+        return (f"{len(changed)} shard(s) were rewritten in place since they were embedded ("
+                f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''})")
+    return None
 
 
 def _clear(out: Path) -> None:

@@ -58,6 +58,7 @@ from sslpipe.engine.sharding import Sharding, shard, sharding_from_launcher, uns
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup, wandb_mode_scope
 from sslpipe.errors import WriteFailed, io_failure
 from sslpipe.recipes import Recipe, get_recipe, load_config
+from sslpipe.recipes.init_record import INIT_RECORD
 from sslpipe.weights.checkpoint import interrupted_swaps, list_checkpoints
 from sslpipe.weights.checkpoint_io import load_checkpoint, restore_interrupted_swaps, save_checkpoint
 from sslpipe.weights.resume import pick_checkpoint, resume_run_dir, set_aside_newer, timestamped
@@ -185,6 +186,8 @@ def _claim_run(cfg: RunConfig, resume: str | None, overrides_text: str | None) -
         ckpt = None if fresh else pick_checkpoint(run_dir, named)
         if named is not None:
             _announce_set_aside(run_dir, ckpt, set_aside_newer(run_dir, ckpt))
+        if fresh:
+            (run_dir / INIT_RECORD).unlink(missing_ok=True)  # a failed start's record: this start writes its own
         if fresh and (run_dir / METRICS).is_file():
             old = timestamped(run_dir, "metrics", ".jsonl")
             os.replace(run_dir / METRICS, old)

@@ -127,53 +127,57 @@ class SegmentationNet(nn.Module):
         return self.decoder(low, high)
 
 
-def _timm_model(arch: str, init_from: str | None, model_args: dict[str, Any]) -> tuple[nn.Module, str]:
-    """A plain timm model at random init (`arch`) or from an sslpipe export (its architecture and weights)."""
+def _timm_model(arch: str, model_args: dict[str, Any], export: dict[str, Any] | None = None,
+                weights: str | None = None) -> nn.Module:
+    """A plain timm model at random init (`arch`), or the network an export's config.json describes, with the
+    export's weights when `weights` names them (else they come from a checkpoint later)."""
     import timm
     from safetensors.torch import load_file
 
-    if init_from is None:
-        return timm.create_model(arch, pretrained=False, num_classes=0, **model_args), arch
-    from sslpipe.weights.export import read_export_config
-
-    export = read_export_config(init_from)
-    arch = export["architecture"]
-    model = timm.create_model(arch, pretrained=False, **{**export["model_args"], **model_args})
-    path = init_from if str(init_from).endswith(".safetensors") else f"{init_from}/model.safetensors"
-    try:
-        model.load_state_dict(load_file(path), strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"model.init_from={init_from}: its weights do not fit {arch} ({err})") from err
-    return model, arch
+    if export is None:
+        return timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
+    model = timm.create_model(export["architecture"], pretrained=False, **{**export["model_args"], **model_args})
+    if weights is not None:
+        path = weights if str(weights).endswith(".safetensors") else f"{weights}/model.safetensors"
+        try:
+            model.load_state_dict(load_file(path), strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"model.init_from={weights}: its weights do not fit {export['architecture']} "
+                             f"({err})") from err
+    return model
 
 
-def build_segmentation_net(arch: str, num_classes: int, *, init_from: str | None = None, output_stride: int = 8,
-                           img_size: int = 224, patch_size: int | None = None, model_kwargs: dict | None = None,
-                           channels: int = 256, aspp_channels: int = 256, dilations: Sequence[int] = (12, 24, 36),
-                           rep_dim: int | None = 256, low_index: int = 1, vit_high_stride: int = 16,
-                           vit_window_size: int = 0, vit_global_blocks: Sequence[int] = ()) -> SegmentationNet:
-    """The network of the module docstring for a timm `arch` (random init) or the export `init_from`."""
+def build_segmentation_net(arch: str, num_classes: int, *, init_from: str | None = None,
+                           export_config: dict[str, Any] | None = None, load_weights: bool = True,
+                           output_stride: int = 8, img_size: int = 224, patch_size: int | None = None,
+                           model_kwargs: dict | None = None, channels: int = 256, aspp_channels: int = 256,
+                           dilations: Sequence[int] = (12, 24, 36), rep_dim: int | None = 256, low_index: int = 1,
+                           vit_high_stride: int = 16, vit_window_size: int = 0,
+                           vit_global_blocks: Sequence[int] = ()) -> SegmentationNet:
+    """The network of the module docstring for a timm `arch` (random init) or the export `init_from`: the network
+    its config.json describes (`export_config`: that config as a run recorded it) and, with `load_weights`, its
+    weights."""
     kwargs = dict(model_kwargs or {})
-    name = arch
+    export = None
     if init_from is not None:
         from sslpipe.weights.export import read_export_config
 
-        name = read_export_config(init_from)["architecture"]
-    if is_vit_arch(name):
-        if init_from is None:
+        export = export_config or read_export_config(init_from)
+    weights = init_from if load_weights else None
+    if is_vit_arch(export["architecture"] if export else arch):
+        if export is None:
             from sslpipe.models.backbones import create_backbone
 
             vit = create_backbone(arch, img_size=img_size, patch_size=patch_size, **kwargs)
         else:  # the export's network; of the recipe's arguments only stochastic depth applies
-            vit, _ = _timm_model(arch, init_from, {k: v for k, v in kwargs.items() if k == "drop_path_rate"})
+            vit = _timm_model(arch, {k: v for k, v in kwargs.items() if k == "drop_path_rate"}, export, weights)
         encoder: nn.Module = ViTEncoder(vit, channels=channels, high_stride=vit_high_stride,
                                         window_size=vit_window_size, global_blocks=vit_global_blocks,
                                         img_size=img_size)
     else:
         if output_stride != 32:
             kwargs["output_stride"] = output_stride
-        model, _ = _timm_model(arch, init_from, kwargs)
-        encoder = CNNEncoder(model, low_index=low_index)
+        encoder = CNNEncoder(_timm_model(arch, kwargs, export, weights), low_index=low_index)
     low_ch, high_ch = encoder.channels
     decoder = DeepLabV3PlusDecoder(low_ch, high_ch, num_classes, channels=channels, inner=aspp_channels,
                                    dilations=dilations, rep_dim=rep_dim)

@@ -94,12 +94,13 @@ def normalize_pixels(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...])
 
 
 def auto_queue_size(n_images: int | None) -> int:
-    """A quarter of the training set, rounded down to a power of two, in [16, 8192]; 8192 when the size is unknown.
-    Ours: LightlyTrain also scales its queue with the data set, by buckets that give 25-50 % of it (4096 for 10,000
-    images where this gives 2048)."""
+    """A quarter of the training set, rounded down to a power of two, in [16, 8192] and below the set's size (a set
+    of 16 or fewer images: half of it, at least 1); 8192 when the size is unknown. Ours: LightlyTrain also scales its
+    queue with the data set, by buckets that give 25-50 % of it (4096 for 10,000 images where this gives 2048)."""
     if not n_images:
         return 8192
-    return int(min(8192, max(16, 2 ** math.floor(math.log2(max(n_images // 4, 1))))))
+    size = int(min(8192, max(16, 2 ** math.floor(math.log2(max(n_images // 4, 1))))))
+    return size if size < n_images else max(1, n_images // 2)
 
 
 class DistillStudent(nn.Module):
@@ -167,10 +168,11 @@ class DistillRecipe(Recipe):
             raise ValueError(f"distill.teacher_size={self.teacher_size}: the teacher {d.teacher} is a ViT of fixed "
                              f"input size {export['img_size']} (no dynamic_img_size): remove distill.teacher_size")
         if self.teacher_size > crops.global_size:
-            print(f"note: the teacher sees the student's {crops.global_size} px crops resized to its "
-                  f"{self.teacher_size} px (no finer detail, {(self.teacher_size / crops.global_size) ** 2:.1f}x its "
-                  "work): set distill.teacher_size, or import the teacher with --img-size, to the student's size "
-                  "unless the teacher needs its own", flush=True)
+            accelerator.print(f"note: the teacher sees the student's {crops.global_size} px crops resized to its "
+                              f"{self.teacher_size} px (no finer detail, "
+                              f"{(self.teacher_size / crops.global_size) ** 2:.1f}x its work): set "
+                              "distill.teacher_size, or import the teacher with --img-size, to the student's size "
+                              "unless the teacher needs its own", flush=True)
         backbone = create_backbone(m.arch, img_size=crops.global_size, patch_size=m.patch_size,
                                    drop_path_rate=m.drop_path_rate, **m.kwargs)
         t_pooled, t_map = self._teacher_features(torch.zeros(1, 3, crops.global_size, crops.global_size,

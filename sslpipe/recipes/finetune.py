@@ -32,7 +32,7 @@ from sslpipe.heads.vitdet import (
     dense_param_groups,
 )
 from sslpipe.recipes.base import Recipe, note_export_replaces, shard_reading
-from sslpipe.recipes.init_record import init_export_config
+from sslpipe.recipes.init_record import init_export_config, keep_init_record
 
 
 class FinetuneConfig(Section):
@@ -73,12 +73,12 @@ DENSE_UNREAD = {
 
 
 # ------------------------------------------------------------------------------------------------------ backbone
-def load_vit(cfg: RunConfig, img_size: int, *, init_weights: bool, run_dir: Path | None = None,
-             training: bool = True) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
+def load_vit(cfg: RunConfig, img_size: int, *, init_weights: bool, run_dir: Path | None = None
+             ) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
     """The timm ViT to fine-tune and its normalisation: `model.init_from` (an export: its architecture and, when
-    `init_weights`, its weights; mean/std from the export, or from the run's record of it when not `training`:
-    `sslpipe.recipes.init_record`) or `model.arch` at random init (crops.mean/std). `model.drop_path_rate` is
-    applied in both cases (ViTDet ViT-B: 0.1)."""
+    `init_weights`, its weights; mean/std from the export, as `run_dir` recorded it: `sslpipe.recipes.init_record`)
+    or `model.arch` at random init (crops.mean/std). `model.drop_path_rate` is applied in both cases (ViTDet ViT-B:
+    0.1)."""
     import timm
     from safetensors.torch import load_file
 
@@ -89,7 +89,7 @@ def load_vit(cfg: RunConfig, img_size: int, *, init_weights: bool, run_dir: Path
         vit = create_backbone(m.arch, img_size=img_size, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate,
                               **m.kwargs)
         return vit, tuple(cfg.crops.mean), tuple(cfg.crops.std)
-    export = init_export_config(cfg, run_dir, training=training)
+    export = init_export_config(cfg, run_dir)
     note_export_replaces(cfg, export)
     args = {**export["model_args"], "drop_path_rate": m.drop_path_rate}
     vit = timm.create_model(export["architecture"], pretrained=False, **args)
@@ -136,7 +136,7 @@ class DenseFinetuneRecipe(Recipe):
 
     def build_pyramid(self, from_checkpoint: bool = False) -> ViTDetPyramid:
         f = self.section
-        vit, self.mean, self.std = load_vit(self.cfg, f.img_size, run_dir=self.run_dir, training=not from_checkpoint,
+        vit, self.mean, self.std = load_vit(self.cfg, f.img_size, run_dir=self.run_dir,
                                             init_weights=not from_checkpoint and f.backbone_init == "export")
         try:
             return build_vitdet_pyramid(vit, window_size=f.window_size, global_blocks=f.global_blocks,
@@ -164,6 +164,9 @@ class DenseFinetuneRecipe(Recipe):
         self.accelerator = accelerator
         self.device = accelerator.device
         self.run_dir = Path(accelerator.project_dir) if accelerator.project_dir else None
+        if accelerator.is_main_process:
+            keep_init_record(self.cfg, self.run_dir)
+        accelerator.wait_for_everyone()
         self.build_model()
 
     def model(self) -> nn.Module:

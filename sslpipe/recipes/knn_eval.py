@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from sslpipe.config import RunConfig
-from sslpipe.recipes.base import shard_reading
+from sslpipe.data.remote import Reading
 
 
 def periodic_knn(cfg: RunConfig, backbone: nn.Module, accelerator: Any = None) -> dict[str, float]:
@@ -21,6 +21,7 @@ def periodic_knn(cfg: RunConfig, backbone: nn.Module, accelerator: Any = None) -
         return {}
     spec = FeatureSpec(img_size=crops.global_size, resize=ev.resize, crop=ev.crop, mean=crops.mean, std=crops.std,
                        batch_size=ev.batch_size or data.batch_size, num_workers=data.num_workers)
+    remote = Reading(retries=data.retries, retry_backoff=data.retry_backoff, read_timeout=data.read_timeout)
     probe_data = ProbeData(data.train, data.val, data.train_split, data.val_split, ev.max_train, ev.max_val,
-                           reading=shard_reading(data))
+                           reading=remote)  # the remote keys only: no sha256 re-hash, no stop on one bad sample
     return knn_probe(backbone, spec, probe_data, k_list=ev.knn_k, T=ev.knn_temperature, accelerator=accelerator)

@@ -188,16 +188,14 @@ class MultiCropRecipe(Recipe):
         (else fresh); a note names crops.mean / std where they differ from the export's.
         Call before the teacher copies the student, so both start there."""
         from sslpipe.weights.export import load_export_into
-        from sslpipe.weights.heads import load_heads
+        from sslpipe.weights.heads import fresh_note, load_heads
 
         path = self.cfg.model.init_from
         if not path:
             return
         notes = load_export_into(getattr(net.backbone, "vit", net.backbone), path)
-        fresh = "the heads and the mask token start fresh" if getattr(net.backbone, "mask_token", None) is not None \
-            else "the heads start fresh"
         notes += (load_heads(net, path, self.config_key) if self.section.init_heads
-                  else [f"{self.config_key}.init_heads=false: {fresh}"])
+                  else [f"{self.config_key}.init_heads=false: {fresh_note(net)}"])
         notes += continued_normalisation_notes(self.cfg)
         print(f"model.init_from={path}: backbone" + "".join(f"; {n}" for n in notes))
 

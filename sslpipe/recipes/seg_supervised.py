@@ -26,7 +26,7 @@ from sslpipe.data.semi import semi_loader
 from sslpipe.data.stream import batches_per_epoch, build_loader, resolve_shards
 from sslpipe.data.u2pl_views import U2PLSegTransform
 from sslpipe.recipes.base import Recipe, note_export_replaces, shard_reading
-from sslpipe.recipes.init_record import init_export_config
+from sslpipe.recipes.init_record import init_export_config, keep_init_record
 
 
 class SegConfig(Section):
@@ -98,31 +98,29 @@ class SupervisedSegRecipe(Recipe):
         return segmentation_classes(self.cfg.data.train, u.num_classes, f"{self.config_key}.num_classes",
                                     val=self.cfg.data.val, ignore_index=u.ignore_index)
 
-    def normalisation(self, from_checkpoint: bool = False) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """crops.mean/std, or the export's when model.init_from is set (`from_checkpoint`: as the run recorded it)."""
-        if self.cfg.model.init_from:
-            export = init_export_config(self.cfg, self.run_dir, training=not from_checkpoint)
-            note_export_replaces(self.cfg, export)
-            return tuple(export["mean"]), tuple(export["std"])
-        return tuple(self.cfg.crops.mean), tuple(self.cfg.crops.std)
-
     def build_model(self, from_checkpoint: bool = False) -> nn.Module:
-        """The student network (no accelerator needed; `from_checkpoint`: `sslpipe eval-seg`, whose weights come from
-        a checkpoint and normalisation from the run's record of its export)."""
+        """The student network (no accelerator needed). Built from `model.init_from` as the run recorded it
+        (`sslpipe.recipes.init_record`), with the export's normalisation; `from_checkpoint` (`sslpipe eval-seg`):
+        without the export's weights, which come from a checkpoint."""
         from sslpipe.models.segmentation import build_segmentation_net
 
         m, u = self.cfg.model, self.section
         self.class_names = self.classes()
         self.num_classes = len(self.class_names)
-        self.mean, self.std = self.normalisation(from_checkpoint)
+        export = init_export_config(self.cfg, self.run_dir) if m.init_from else None
+        if export is not None:
+            note_export_replaces(self.cfg, export)
+        self.mean, self.std = (tuple(export["mean"]), tuple(export["std"])) if export is not None else (
+            tuple(self.cfg.crops.mean), tuple(self.cfg.crops.std))
         kwargs = dict(m.kwargs)
         if m.drop_path_rate:
             kwargs["drop_path_rate"] = m.drop_path_rate
         self.student = build_segmentation_net(
-            m.arch, self.num_classes, init_from=m.init_from, output_stride=u.output_stride, img_size=u.crop_size,
-            patch_size=m.patch_size, model_kwargs=kwargs, channels=u.decoder_channels,
-            aspp_channels=u.aspp_channels, dilations=u.aspp_dilations, rep_dim=u.rep_dim if self.rep_head else None,
-            low_index=u.low_level_index, vit_high_stride=u.vit_high_stride, vit_window_size=u.vit_window_size,
+            m.arch, self.num_classes, init_from=m.init_from, export_config=export, load_weights=not from_checkpoint,
+            output_stride=u.output_stride, img_size=u.crop_size, patch_size=m.patch_size, model_kwargs=kwargs,
+            channels=u.decoder_channels, aspp_channels=u.aspp_channels, dilations=u.aspp_dilations,
+            rep_dim=u.rep_dim if self.rep_head else None, low_index=u.low_level_index,
+            vit_high_stride=u.vit_high_stride, vit_window_size=u.vit_window_size,
             vit_global_blocks=u.vit_global_blocks)
         return self.student
 
@@ -131,6 +129,9 @@ class SupervisedSegRecipe(Recipe):
 
         self.accelerator, self.device = accelerator, accelerator.device
         self.run_dir = Path(accelerator.project_dir) if accelerator.project_dir else None
+        if accelerator.is_main_process:
+            keep_init_record(self.cfg, self.run_dir)
+        accelerator.wait_for_everyone()
         self.build_model()
         self.student = sync_batchnorm(self.student, enabled=self.cfg.model.sync_batchnorm,
                                       num_processes=accelerator.num_processes, device=accelerator.device)

@@ -64,9 +64,14 @@ def list_checkpoints(run_dir: str | Path, complete_only: bool = True) -> list[Pa
 def interrupted_swaps(run_dir: str | Path) -> list[Path]:
     """`checkpoints/.old-step_N` folders whose `step_N` is missing: what a hard kill between the two renames of a
     re-saved step leaves (`checkpoint_io._swap_in`), the only copy of that step; a resume renames them back."""
-    root = Path(run_dir) / "checkpoints"
-    found = [p for p in root.glob(".old-step_*") if p.is_dir() and not (root / p.name.removeprefix(".old-")).exists()]
-    return sorted(found, key=lambda p: step_of(p.with_name(p.name.removeprefix(".old-"))))
+    found = [p for p in (Path(run_dir) / "checkpoints").glob(".old-step_*") if p.is_dir() and not
+             swapped_back(p).exists()]
+    return sorted(found, key=lambda p: step_of(swapped_back(p)))
+
+
+def swapped_back(aside: Path) -> Path:
+    """The `step_N` a `.old-step_N` folder was set aside from."""
+    return aside.with_name(aside.name.removeprefix(".old-"))
 
 
 def _complete(ckpt: Path) -> Path:

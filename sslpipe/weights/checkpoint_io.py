@@ -48,6 +48,7 @@ from sslpipe.weights.checkpoint import (
     interrupted_swaps,
     list_checkpoints,
     read_best,
+    swapped_back,
 )
 from sslpipe.weights.hashing import sha256_file
 from sslpipe.weights.verify import verify_checkpoint
@@ -178,7 +179,7 @@ def restore_interrupted_swaps(run_dir: Path) -> list[str]:
     under the run's lock, before a resume picks its checkpoint)."""
     notices = []
     for aside in interrupted_swaps(run_dir):
-        final = aside.with_name(aside.name.removeprefix(".old-"))
+        final = swapped_back(aside)
         os.replace(aside, final)
         notices.append(f"{final.name} was set aside by a save that a hard kill interrupted: restored from {aside.name}")
     return notices

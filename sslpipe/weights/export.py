@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sslpipe.errors import WriteFailed, io_failure
-from sslpipe.weights.hashing import sha256_file
+from sslpipe.weights.hashing import sha256_file, tensor_digest
 from sslpipe.weights.positions import export_position_rule, fit_position_grid
 
 WEIGHTS_NAME = "model.safetensors"
@@ -113,16 +113,19 @@ def export_backbone(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     tmp_weights, tmp_config = out / (WEIGHTS_NAME + ".tmp"), out / (CONFIG_NAME + ".tmp")
-    derived = _derived_files(out)
+    previous = _previous_config(out)
+    derived: list[Path] = []
     try:
         out.mkdir(parents=True, exist_ok=True)
         save_file(state, str(tmp_weights), metadata={"format": "pt", "architecture": arch})
         config["sha256"] = {WEIGHTS_NAME: sha256_file(tmp_weights)}
+        if (out / WEIGHTS_NAME).is_file() and tensor_digest(tmp_weights) == tensor_digest(out / WEIGHTS_NAME):
+            _carry_derived(previous, config)  # the same weights again: their ONNX graph and heads still hold
+        else:
+            derived = _derived_files(out, previous)
         tmp_config.write_text(json.dumps(config, indent=2) + "\n")
         tmp_weights.replace(out / WEIGHTS_NAME)
         tmp_config.replace(out / CONFIG_NAME)
-        for path in derived:
-            path.unlink()
     except Exception as err:
         tmp_weights.unlink(missing_ok=True)
         tmp_config.unlink(missing_ok=True)
@@ -131,6 +134,8 @@ def export_backbone(
         raise WriteFailed(f"could not write the export {out}: {io_failure(err)}. Removed its temporary files; an "
                           f"earlier export there is as it was. Free space (or fix the disk / permissions) and "
                           "export again") from err
+    for path in derived:
+        path.unlink()
     if derived:
         print(f"{out}: removed {', '.join(p.name for p in derived)} of the export these weights replace (write them "
               "again with --onnx / --with-heads)", file=sys.stderr)
@@ -138,18 +143,34 @@ def export_backbone(
     return out
 
 
-def _derived_files(out: Path) -> list[Path]:
+def _previous_config(out: Path) -> dict[str, Any]:
+    """The config.json of the export already in `out` ({} when there is none or it is unreadable)."""
+    try:
+        previous = json.loads((out / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return previous if isinstance(previous, dict) else {}
+
+
+def _carry_derived(previous: dict[str, Any], config: dict[str, Any]) -> None:
+    """Keep the records of the ONNX graph and heads of the same weights exported again."""
+    for key in ("onnx", "heads"):
+        if isinstance(previous.get(key), dict):
+            config[key] = previous[key]
+    heads = (previous.get("heads") or {}).get("file") if isinstance(previous.get("heads"), dict) else None
+    if heads and heads in (previous.get("sha256") or {}):
+        config["sha256"][heads] = previous["sha256"][heads]
+
+
+def _derived_files(out: Path, previous: dict[str, Any]) -> list[Path]:
     """The files an earlier export in `out` wrote from its weights (its ONNX graph and heads, recorded in its
-    config.json or under their usual names): stale once new weights are written there, so removed."""
+    config.json or under their usual names): stale once other weights are written there, so removed."""
     names = {"model.onnx", "model.onnx.data", "heads.safetensors"}
-    config = out / CONFIG_NAME
-    if config.is_file():
-        try:
-            previous = json.loads(config.read_text())
-            names |= set((previous.get("onnx") or {}).get("sha256") or {}) | {(previous.get("heads") or {}).get("file")}
-        except (json.JSONDecodeError, AttributeError):
-            pass
-    return sorted(out / name for name in names if name and (out / name).is_file())
+    onnx, heads = previous.get("onnx"), previous.get("heads")
+    names |= set((onnx.get("sha256") or {}) if isinstance(onnx, dict) else ())
+    names.add(heads.get("file") if isinstance(heads, dict) else None)
+    # plain names only: a config.json naming `../x` must not reach outside the folder
+    return sorted(out / name for name in names if name and Path(name).name == name and (out / name).is_file())
 
 
 @torch.no_grad()

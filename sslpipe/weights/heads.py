@@ -84,6 +84,13 @@ def write_heads(export: str | Path, heads: dict[str, Tensor], method: str) -> Pa
     return out
 
 
+def fresh_note(net: nn.Module) -> str:
+    """What starts fresh in `net` when no heads are loaded: the heads, and a masked-image-modelling student's mask
+    token."""
+    has_token = getattr(getattr(net, "backbone", None), "mask_token", None) is not None
+    return "the heads and the mask token start fresh" if has_token else "the heads start fresh"
+
+
 def load_heads(net: nn.Module, export: str | Path, method: str) -> list[str]:
     """Copy an export's heads of `method` into `net` (a recipe's network: backbone + heads), tensor for tensor.
     Returns a note; a note and nothing loaded when the export carries no heads or another method's; a ValueError
@@ -93,7 +100,7 @@ def load_heads(net: nn.Module, export: str | Path, method: str) -> list[str]:
     config = json.loads(config_path.read_text())
     recorded = config.get("heads")
     own_token = getattr(getattr(net, "backbone", None), "mask_token", None)
-    fresh = "the heads and the mask token start fresh" if own_token is not None else "the heads start fresh"
+    fresh = fresh_note(net)
     if not recorded:
         return [f"{export} carries no heads: {fresh} (export with --with-heads to keep them)"]
     if recorded["method"] != method:

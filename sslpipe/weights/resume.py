@@ -22,6 +22,7 @@ from sslpipe.weights.checkpoint import (
     list_checkpoints,
     read_best,
     step_of,
+    swapped_back,
 )
 from sslpipe.weights.verify import verify_checkpoint
 
@@ -54,7 +55,8 @@ def resume_run_dir(resume: str, output_dir: str | Path, run_name: str | None = N
 
 def _resumable(run: Path) -> list[Path]:
     """The run's checkpoint folders, complete or not, and the steps a hard kill left set aside (restored on resume)."""
-    return list_checkpoints(run, complete_only=False) + interrupted_swaps(run)
+    found = list_checkpoints(run, complete_only=False) + interrupted_swaps(run)
+    return sorted(found, key=lambda p: step_of(swapped_back(p)))
 
 
 def pick_checkpoint(run_dir: Path, named: Path | None = None) -> Path:

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sslpipe.weights.card import write_model_card
@@ -206,9 +207,9 @@ def export_run(
         raw = load_file(str(weights))
         network = {k.removeprefix("teacher."): v for k, v in raw.items()
                    if which == "student" or k.startswith("teacher.")}
-        student = raw if which == "student" else load_file(str(ckpt / MODEL))
-        if MASK_TOKEN in student:  # the teacher takes no mask: the student's, which continued training starts from
-            network[MASK_TOKEN] = student[MASK_TOKEN]
+        with safe_open(str(ckpt / MODEL), "pt") as student:  # the teacher takes no mask: the student's, which
+            if MASK_TOKEN in student.keys():  # continued training starts from (one tensor, not the whole file)
+                network[MASK_TOKEN] = student.get_tensor(MASK_TOKEN)
         write_heads(out_dir, heads_of(network, method), method)
     unchanged = before is not None and before[0] == tensor_digest(out_dir / WEIGHTS_NAME)
     probed = "teacher" if has_teacher else "student"  # the network a run's periodic kNN probes

@@ -50,8 +50,14 @@ def load_model(model: nn.Module, path: Path) -> None:
     aliases = set(state) - set(without_aliases(state))
     missing, unexpected = load_whole(model, load_file(str(path)), strict=False)
     if unexpected or set(missing) - aliases:
+        old_heads = any(k.endswith("last_layer.parametrizations.weight.original0") for k in unexpected) and any(
+            k.endswith("last_layer.weight") for k in missing)
+        hint = ("; its heads' last layers are weight-normalised, as sslpipe wrote DINOv3 heads before they became "
+                "plain Linear layers (as upstream): export the run with `sslpipe export RUN --with-heads` and continue "
+                "from it with model.init_from=EXPORT (the heads convert), or finish it with the sslpipe that started "
+                "it") if old_heads else ""
         raise ValueError(f"{path} does not fit the model: missing {sorted(set(missing) - aliases)[:10]}, "
-                       f"unexpected {sorted(unexpected)[:10]}")
+                         f"unexpected {sorted(unexpected)[:10]}{hint}")
 
 
 # ------------------------------------------------------------------------------------------------------- optimizer

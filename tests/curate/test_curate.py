@@ -85,8 +85,13 @@ def test_planted_duplicates_are_found_one_query_per_call(tmp_path: Path, monkeyp
     """The calls shrink to keep their pairs within the budget (here: one query each); the groups do not change."""
     monkeypatch.setattr(dedup_module, "PAIR_BUDGET", 1)
     monkeypatch.setattr(dedup_module, "PROBE_ROWS", 1)
-    dups = find_duplicates(StoredVectors(write_store(tmp_path / "emb", _planted())), 0.95, progress=False)
+    counting = []
+    monkeypatch.setattr(dedup_module, "exact_index", lambda v: counting.append(
+        _CountingIndex(exact_index(v))) or counting[-1])
+    dups = find_duplicates(StoredVectors(write_store(tmp_path / "emb", _planted(), per_part=16)), 0.95,
+                           progress=False)
     assert [g.tolist() for g in dups.groups()] == [[2, 10], [7, 12, 13]]
+    assert [queries for queries, _ in counting[0].calls] == [1] * len(_planted())
 
 
 class _CountingIndex:
@@ -296,7 +301,7 @@ def test_refusals_are_one_line(digits_shards: Path, pixel_embeddings: Path, tmp_
     same = np.tile(np.eye(8, dtype=np.float32)[:1], (6, 1))
     assert "all 6 samples of the pool are near-duplicates" in run_on_one(write_store(tmp_path / "same", same, **pool))
     err = run_on_one(write_store(tmp_path / "grown", np.eye(8, dtype=np.float32), data=pool["data"]))
-    assert "no longer matches" in err and "2 shards embedded, the pool lists 1" in err
+    assert "no longer matches" in err and "2 shards were embedded and the data lists 1 (another shard list)" in err
     err = run(pixel_embeddings, size=5000)
     assert "--size 5000, but" in err and "samples are left after removing" in err
     incomplete = write_store(tmp_path / "part", np.eye(8, dtype=np.float32), data=data, complete=False)

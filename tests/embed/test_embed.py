@@ -196,8 +196,8 @@ def test_a_shard_set_rewritten_in_place_is_refused_by_embed_and_curate(export: P
     write_shards(pool, source=str(tmp_path / "b"), force=True, progress=False)
     argv = ["embed", str(export), "--data", str(pool), "--out", str(out)]
     err = one_line_error(argv, capsys)
-    assert "1 shard(s) changed since they were embedded (rewritten in place" in err and "--force" in err
-    with pytest.raises(ValueError, match=r"--embeddings .* no longer matches .*1 shard\(s\) rewritten since"):
+    assert "1 shard(s) were rewritten in place since they were embedded" in err and "--force" in err
+    with pytest.raises(ValueError, match=r"--embeddings .* no longer matches .*1 shard\(s\) were rewritten in place"):
         curate(pool, tmp_path / "curated", 2, embeddings=out, progress=False)
     assert main([*argv, "--force"]) == 0
     assert not np.array_equal(_parts(out)[0].features, before)

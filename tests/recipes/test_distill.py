@@ -95,6 +95,7 @@ def test_dense_loss_resamples_the_student_to_the_teacher_grid() -> None:
 def test_auto_queue_size() -> None:
     assert (auto_queue_size(60000), auto_queue_size(1797), auto_queue_size(40), auto_queue_size(None)) == \
         (8192, 256, 16, 8192)
+    assert [auto_queue_size(n) for n in (17, 16, 10, 1)] == [16, 8, 5, 1]  # always below the set's size
 
 
 # ------------------------------------------------------------------------------------------------------ recipe

@@ -443,7 +443,7 @@ def test_mask2former_finetune_end_to_end(finetune_data, monkeypatch, capsys):
         config_file.write_text(original)
     same = [json.dumps(r["metrics"], sort_keys=True) for r in (changed, gone, out)]  # NaN for absent classes
     assert same[0] == same[1] == same[2]
-    assert "has changed since the run trained (mean): the run's init_from.json is used" in capsys.readouterr().err
+    assert "has changed since the run started (mean): the run's init_from.json is used" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="export folder"):
         _run("recipes/demo_finetune_m2f.yaml", root, root / "nowhere", ["run_name=bad"])
 

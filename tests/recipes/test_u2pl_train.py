@@ -457,3 +457,12 @@ def test_scenes_recipe_pair_pretrains_exports_and_starts_both_runs_from_the_expo
             assert any(k.endswith("." + key) and torch.equal(v, value) for k, v in start.items()), key
         run = train(cfg)
         assert any("mIoU" in json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines())
+    # eval-seg builds the network and normalisation the run recorded, its weights from the checkpoint: the export may
+    # have moved since
+    assert json.loads((run / "init_from.json").read_text())["init_from"] == str(export)
+    moved = export.rename(export.with_name("moved"))
+    try:
+        assert cli_main(["eval-seg", str(run), "--out", str(tmp_path / "e.json")]) == 0
+    finally:
+        moved.rename(export)
+    assert 0 <= json.loads((tmp_path / "e.json").read_text())["mIoU"] <= 1

@@ -340,8 +340,17 @@ def test_a_new_export_removes_the_onnx_and_heads_of_the_weights_it_replaces(tmp_
         (out / name).write_bytes(b"a graph of the old weights")
     (out / "notes.txt").write_text("the user's own file")
     export_backbone(_vit(), out, arch="vit_tiny_patch16_224", model_args=VIT_ARGS, img_size=32, mean=MEAN, std=STD,
+                    source={"which": "teacher"})  # the same weights again: their graph and heads still hold
+    assert {"heads.safetensors", "model.onnx", "model.onnx.data"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["heads"]["file"] == "heads.safetensors"
+    assert verify_export(out) == ("ok", "2 files match their sha256")  # the heads' record and sha256 carried over
+    config = json.loads((out / "config.json").read_text())  # a config.json naming a file outside the folder
+    (out / "config.json").write_text(json.dumps({**config, "onnx": {"sha256": {"../victim.txt": "x"}}}))
+    (tmp_path / "victim.txt").write_text("not the export's")
+    export_backbone(_vit(1), out, arch="vit_tiny_patch16_224", model_args=VIT_ARGS, img_size=32, mean=MEAN, std=STD,
                     source={"which": "teacher"})
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    assert (tmp_path / "victim.txt").is_file()
     assert f"{out}: removed heads.safetensors, model.onnx, model.onnx.data of the export" in capsys.readouterr().err
     assert "heads" not in json.loads((out / "config.json").read_text())
     assert verify_export(out)[0] == "ok"

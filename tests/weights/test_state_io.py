@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from sslpipe.weights import state_io
 
@@ -87,3 +88,20 @@ def test_old_pickled_checkpoints_are_refused_with_a_message(tmp_path: Path) -> N
     acc = SimpleNamespace(distributed_type=DistributedType.NO, process_index=0, unwrap_model=lambda m: m)
     with pytest.raises(ValueError, match="does not unpickle"):
         load_checkpoint(acc, tmp_path, model=torch.nn.Linear(1, 1))
+
+
+def test_a_dinov3_checkpoint_with_weight_normalised_heads_says_why_it_does_not_load(tmp_path: Path) -> None:
+    """A DINOv3 run written before its heads became plain Linear layers: the error says so and how to go on."""
+    from safetensors.torch import save_file
+
+    from sslpipe.models.heads import DINOHead
+
+    old = nn.Module()
+    old.dino_head = DINOHead(4, 8, hidden_dim=6, bottleneck_dim=5, nlayers=2, norm_last_layer=False)
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    new = nn.Module()
+    new.dino_head = DINOHead(4, 8, hidden_dim=6, bottleneck_dim=5, nlayers=2, norm_last_layer=False,
+                             plain_last_layer=True)
+    with pytest.raises(ValueError, match=r"sslpipe wrote DINOv3 heads before they became plain Linear layers.*"
+                                         r"sslpipe export RUN --with-heads"):
+        state_io.load_model(new, tmp_path / "model.safetensors")
