@@ -1,6 +1,7 @@
 """The one view of distillation: a random resized crop and a flip, which teacher and student both see ("consistent"
 teaching, Beyer et al. 2022: the teacher labels exactly the crop the student learns from). Crops stay uint8 through
-the loader; the recipe mixes them up and normalises them for each network on the device.
+the loader, at the larger of the two networks' sizes; the recipe mixes them up, resizes them for the smaller network
+and normalises them for each on the device.
 """
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ architecture (ViT, ResNet, ConvNeXt, ...) on unlabelled images. docs/methods.md 
 
 One view per image (`sslpipe.data.distill_views`): teacher and student see the same crop, mixed up with another image
 of the batch (Beyer et al. 2022: "consistent" and "function matching"); each network gets it at its own size and
-normalisation (the teacher's from its export). Terms, each optional:
+normalisation (the teacher's from its export): the loader crops at the larger of the two sizes and the smaller
+network's input is resized from it on the device, so a teacher larger than the student sees the crop's own detail,
+not the student's pixels upsampled. Terms, each optional:
 - global: the student's pooled feature, through a linear projector to the teacher's width, against the teacher's
   [CLS] / pooled feature: soft pseudo-labels over a queue of teacher features (`global_loss: queue`, LightlyTrain's
   distillationv1, `sslpipe.losses.queue_distill`) or plain cosine (`cosine`, `sslpipe.losses.cosine_distill`);
@@ -93,6 +95,13 @@ def normalize_pixels(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...])
     return (x - m) / s
 
 
+def _at_size(x01: Tensor, size: int) -> Tensor:
+    """Square images in [0, 1] resized to `size` (bilinear, antialiased when shrinking), or as they are."""
+    if x01.shape[-1] == size:
+        return x01
+    return F.interpolate(x01, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
 def auto_queue_size(n_images: int | None) -> int:
     """A quarter of the training set, rounded down to a power of two, in [16, 8192] and below the set's size (a set
     of 16 or fewer images: half of it, at least 1); 8192 when the size is unknown. Ours: LightlyTrain also scales its
@@ -167,12 +176,6 @@ class DistillRecipe(Recipe):
         if fixed and self.teacher_size != int(export["img_size"]):
             raise ValueError(f"distill.teacher_size={self.teacher_size}: the teacher {d.teacher} is a ViT of fixed "
                              f"input size {export['img_size']} (no dynamic_img_size): remove distill.teacher_size")
-        if self.teacher_size > crops.global_size:
-            accelerator.print(f"note: the teacher sees the student's {crops.global_size} px crops resized to its "
-                              f"{self.teacher_size} px (no finer detail, "
-                              f"{(self.teacher_size / crops.global_size) ** 2:.1f}x its work): set "
-                              "distill.teacher_size, or import the teacher with --img-size, to the student's size "
-                              "unless the teacher needs its own", flush=True)
         backbone = create_backbone(m.arch, img_size=crops.global_size, patch_size=m.patch_size,
                                    drop_path_rate=m.drop_path_rate, **m.kwargs)
         t_pooled, t_map = self._teacher_features(torch.zeros(1, 3, crops.global_size, crops.global_size,
@@ -202,9 +205,7 @@ class DistillRecipe(Recipe):
 
     def _teacher_features(self, x01: Tensor) -> tuple[Tensor, Tensor]:
         """The teacher's pooled feature and map of images in [0, 1], at its size and normalisation."""
-        if x01.shape[-1] != self.teacher_size:
-            x01 = F.interpolate(x01, size=(self.teacher_size,) * 2, mode="bilinear", align_corners=False,
-                                antialias=True)
+        x01 = _at_size(x01, self.teacher_size)
         with torch.inference_mode():
             pooled, fmap = pooled_and_map(self.teacher, normalize_pixels(x01, *self.teacher_norm),
                                           self.section.teacher_blocks)
@@ -216,8 +217,9 @@ class DistillRecipe(Recipe):
     # ------------------------------------------------------------------- data
     def train_loader(self, epoch: int, rank: int, world_size: int):
         d, c = self.cfg.data, self.cfg.crops
+        view = ConsistentView(max(c.global_size, self.teacher_size), c.global_scale, self.section.hflip)
         return build_loader(
-            d.train, split=d.train_split, sample_fn=ConsistentView(c.global_size, c.global_scale, self.section.hflip),
+            d.train, split=d.train_split, sample_fn=view,
             collate_fn=collate_views, batch_size=d.batch_size, num_workers=d.num_workers, epoch=epoch,
             seed=self.cfg.seed, rank=rank, world_size=world_size, shuffle=True, shuffle_buffer=d.shuffle_buffer,
             resampled=d.resampled, num_batches=self.steps_per_epoch(world_size), reading=shard_reading(d),
@@ -239,7 +241,8 @@ class DistillRecipe(Recipe):
         d, crops = self.section, self.cfg.crops
         x = self.mixed(batch["views"].to(self.accelerator.device, non_blocking=True))
         t_pooled, t_map = self._teacher_features(x)
-        s_global, s_dense, s_pooled = self.student(normalize_pixels(x, crops.mean, crops.std))
+        s_global, s_dense, s_pooled = self.student(normalize_pixels(_at_size(x, crops.global_size), crops.mean,
+                                                                    crops.std))
         loss, metrics = x.new_zeros(()), {}
         if s_global is not None:
             if self.queue_loss is not None:

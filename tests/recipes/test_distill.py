@@ -155,10 +155,11 @@ def test_refusals_are_one_line(digits_shards: Path, teachers) -> None:
         DistillRecipe(_cfg(digits_shards, teachers["vit"], "distill.queue_size=2048")).build(Accelerator(cpu=True))
 
 
-def test_teacher_size_is_checked_and_an_upsampling_teacher_is_named(digits_shards: Path, teachers, tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture) -> None:
+def test_teacher_size_is_checked_and_a_larger_teacher_sees_the_crop_at_its_size(digits_shards: Path, teachers,
+                                                                                  tmp_path: Path) -> None:
     """A fixed-size ViT teacher cannot take another size: one line naming the key, not timm's assertion. A teacher
-    larger than the student's crops sees them upsampled: said at build."""
+    larger than the student gets the crop made at its own size (not the student's pixels upsampled); the student
+    gets it resized to its own."""
     from sslpipe.weights.export import export_backbone
 
     fixed_args = {k: v for k, v in VIT_ARGS.items() if k != "dynamic_img_size"}
@@ -166,8 +167,19 @@ def test_teacher_size_is_checked_and_an_upsampling_teacher_is_named(digits_shard
                             tmp_path / "fixed", arch="vit_tiny_patch16_224", model_args=fixed_args, **EXPORT_ARGS)
     with pytest.raises(ValueError, match=r"distill.teacher_size=48: the teacher .* is a ViT of fixed input size 32"):
         DistillRecipe(_cfg(digits_shards, fixed, "distill.teacher_size=48")).build(Accelerator(cpu=True))
-    DistillRecipe(_cfg(digits_shards, teachers["vit"], "distill.teacher_size=64")).build(Accelerator(cpu=True))
-    assert "the teacher sees the student's 28 px crops resized to its 64 px" in capsys.readouterr().out
+    recipe = DistillRecipe(_cfg(digits_shards, teachers["vit"], "distill.teacher_size=64", "distill.mixup=false"))
+    recipe.build(Accelerator(cpu=True))
+    recipe.accelerator = Accelerator(cpu=True)
+    seen = {}
+    recipe.teacher.patch_embed.register_forward_pre_hook(lambda m, args: seen.__setitem__("teacher", args[0]))
+    student_vit = recipe.student.backbone
+    student_vit.patch_embed.register_forward_pre_hook(lambda m, args: seen.__setitem__("student", args[0]))
+    batch = next(iter(recipe.train_loader(0, 0, 1)))
+    assert batch["views"].shape[-2:] == (64, 64)
+    recipe.step(batch, {"it": 0})
+    assert seen["teacher"].shape[-1] == 64 and seen["student"].shape[-1] == 28
+    x = batch["views"].float() / 255  # the teacher's input is the 64 px crop itself, normalised with its statistics
+    torch.testing.assert_close(seen["teacher"], (x - 0.4) / 0.3)
 
 
 def test_run_exports_the_student_names_the_teacher_and_refuses_a_changed_teacher(digits_shards: Path, teachers,
