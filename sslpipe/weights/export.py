@@ -119,7 +119,8 @@ def export_backbone(
         out.mkdir(parents=True, exist_ok=True)
         save_file(state, str(tmp_weights), metadata={"format": "pt", "architecture": arch})
         config["sha256"] = {WEIGHTS_NAME: sha256_file(tmp_weights)}
-        if (out / WEIGHTS_NAME).is_file() and tensor_digest(tmp_weights) == tensor_digest(out / WEIGHTS_NAME):
+        config["tensor_digest"] = tensor_digest(tmp_weights)
+        if config["tensor_digest"] == weights_digest(out, previous):
             _carry_derived(previous, config)  # the same weights again: their ONNX graph and heads still hold
         else:
             derived = _derived_files(out, previous)
@@ -141,6 +142,15 @@ def export_backbone(
               "again with --onnx / --with-heads)", file=sys.stderr)
     _verify(module, out, img_size)
     return out
+
+
+def weights_digest(out: Path, config: dict[str, Any] | None = None) -> str | None:
+    """The `tensor_digest` of the weights in the export folder `out`: as its config.json (or `config`) records it,
+    computed for an export of an older sslpipe; None without weights."""
+    recorded = (config if config is not None else _previous_config(out)).get("tensor_digest")
+    if recorded or not (out / WEIGHTS_NAME).is_file():
+        return recorded
+    return tensor_digest(out / WEIGHTS_NAME)
 
 
 def _previous_config(out: Path) -> dict[str, Any]:

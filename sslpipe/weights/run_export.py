@@ -31,8 +31,9 @@ from sslpipe.weights.export import (
     WEIGHTS_NAME,
     create_timm_backbone,
     export_backbone,
+    weights_digest,
 )
-from sslpipe.weights.hashing import sha256_file, tensor_digest
+from sslpipe.weights.hashing import sha256_file
 from sslpipe.weights.heads import MASK_TOKEN, heads_of, write_heads
 from sslpipe.weights.verify import file_problems
 
@@ -196,7 +197,7 @@ def export_run(
     source = {"run_dir": str(run.resolve()), "checkpoint": str(ckpt.resolve()), "step": step, "which": which}
     out_dir = Path(out) if out is not None else run / "export" / which
     previous = out_dir / WEIGHTS_NAME
-    before = (tensor_digest(previous), previous.stat().st_mtime) if previous.is_file() else None
+    before = (weights_digest(out_dir), previous.stat().st_mtime) if previous.is_file() else None
     out_dir = export_backbone(
         module.eval(), out_dir, arch=arch, model_args=model_args,
         img_size=img_size, mean=_cfg_get(cfg, "crops.mean", cfg_path, (0.485, 0.456, 0.406)),
@@ -211,7 +212,7 @@ def export_run(
             if MASK_TOKEN in student.keys():  # continued training starts from (one tensor, not the whole file)
                 network[MASK_TOKEN] = student.get_tensor(MASK_TOKEN)
         write_heads(out_dir, heads_of(network, method), method)
-    unchanged = before is not None and before[0] == tensor_digest(out_dir / WEIGHTS_NAME)
+    unchanged = before is not None and before[0] == weights_digest(out_dir)  # recorded by export_backbone
     probed = "teacher" if has_teacher else "student"  # the network a run's periodic kNN probes
     write_model_card(
         out_dir, title=f"{arch} pretrained with {method} (sslpipe)", tags=[method],
