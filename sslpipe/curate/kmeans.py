@@ -5,6 +5,9 @@ near-duplicate removal runs first), so there is no other backend.
 faiss trains on at most 256 points per centroid (its `max_points_per_centroid`, a seeded subsample) and then every
 point is assigned; `min_points_per_centroid=1` lets the upper levels, which cluster a few centroids per cluster,
 train without faiss's warning.
+
+The paper's code starts from k-means++ (`src/kmeans_gpu.py`); here faiss starts from k random points, because
+k-means++ takes one pass over the pool per centroid, several times the whole k-means on a CPU (docs/curate.md).
 """
 from __future__ import annotations
 

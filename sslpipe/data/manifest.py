@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 FORMAT = "sslpipe-shards/1"
@@ -25,6 +26,14 @@ def read_manifest(path: str | Path) -> dict:
             or not isinstance(manifest.get("splits"), dict)):
         raise ValueError(f"{file} is not an {FORMAT} manifest (format/splits missing or wrong)")
     return manifest
+
+
+
+def file_stamp(url: str) -> str | None:
+    """A local shard's size and mtime (ns), "size:mtime": what tells a rewritten file from the one recorded when
+    there is no sha256 to compare; None for a remote url or a missing file."""
+    stat = os.stat(url) if os.path.isfile(url) else None
+    return f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None
 
 
 def verify_shards(path: str | Path) -> list[str]:

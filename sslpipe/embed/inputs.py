@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sslpipe.data.manifest import read_manifest
+from sslpipe.data.manifest import file_stamp, read_manifest
 from sslpipe.data.stream import resolve_shards
 from sslpipe.ingest.options import ShardOptions
 from sslpipe.ingest.shards import write_shards
@@ -66,8 +66,7 @@ def _shard_info(data: str | Path, split: str, urls: list[str]) -> tuple[list[int
     for url in urls:
         entry = entries.get(Path(url).name, {})
         samples.append(int(entry["samples"]) if "samples" in entry else None)
-        stat = os.stat(url) if os.path.isfile(url) else None
-        versions.append(entry.get("sha256") or (f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None))
+        versions.append(entry.get("sha256") or file_stamp(url))
     return samples, versions
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sslpipe.data.manifest import file_stamp
 from sslpipe.data.remote import Reading
 from sslpipe.data.stream import build_loader, count_samples, resolve_shards
 
@@ -50,8 +50,7 @@ def fingerprint(model: nn.Module, shards: str | list[str], split: str, spec: Fea
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     for url in resolve_shards(shards, split, reading):
-        stat = os.stat(url) if os.path.exists(url) else None
-        h.update(f"{url}|{stat.st_size if stat else ''}|{stat.st_mtime_ns if stat else ''}".encode())
+        h.update(f"{url}|{file_stamp(url) or ''}".encode())
     h.update(f"{split}|{max_samples}|{spec.cache_key()}".encode())
     return h.hexdigest()
 
