@@ -127,6 +127,25 @@ def test_a_dense_pool_is_searched_within_the_pair_budget(tmp_path: Path, monkeyp
     assert {q for q, _ in calls[1:-1]} == {3} and max(pairs for _, pairs in calls[1:]) <= 1000
 
 
+def test_a_dense_stretch_after_a_sparse_one_stays_near_the_budget(tmp_path: Path, monkeypatch) -> None:
+    """300 distinct rows, then 300 near-copies, in one block. In pool order the calls would grow on the sparse rows
+    (1 pair per query) to 256 queries and the call reaching the copies would return 196 x 300 pairs; the random
+    query order spreads the copies over every call (about 33 in each of ~66 queries), so none returns more than twice
+    the budget."""
+    monkeypatch.setattr(dedup_module, "PAIR_BUDGET", 10_000)
+    counting = []
+    monkeypatch.setattr(dedup_module, "exact_index", lambda v: counting.append(
+        _CountingIndex(exact_index(v))) or counting[-1])
+    rng = np.random.default_rng(1)
+    sparse = rng.standard_normal((300, 16)).astype(np.float32)
+    sparse /= np.linalg.norm(sparse, axis=1, keepdims=True)
+    dups = find_duplicates(StoredVectors(write_store(tmp_path / "emb", np.concatenate([sparse, _dense(300)]),
+                                                     per_part=600)), 0.95, progress=False)
+    assert dups.kept.tolist() == list(range(301))  # the copies join the first of them, row 300
+    calls = counting[0].calls
+    assert sum(q for q, _ in calls) == 600 and max(pairs for _, pairs in calls) <= 20_000
+
+
 def test_a_large_pool_of_near_copies_is_refused_after_one_call(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(dedup_module, "DENSE_MIN_ROWS", 100)
     counting = []
