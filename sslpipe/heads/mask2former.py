@@ -8,7 +8,11 @@ detached, a query whose mask blocks everything attends everywhere), class head (
 loss (Hungarian matching with cost 2 * class + 5 * sigmoid-BCE + 5 * dice on `train_num_points` shared random points;
 class CE weight 2 with no-object weight 0.1; mask BCE + dice weight 5 on importance-sampled points, 3K candidates,
 0.75K most uncertain by -|logit| + 0.25K uniform; normalised by the number of target masks, all 10 predictions
-deep-supervised). It is used as it is; this module only adapts the backbone and the targets.
+deep-supervised). It is used as it is, but for one mend; this module otherwise only adapts the backbone and the
+targets. The mend: the loss's mask count. The official criterion sums the target masks of all processes and divides by
+the number of processes once; transformers 5.x averages them over processes (accelerate's `reduce`) and then divides
+by the number of processes again, so with W processes the mask and dice losses came out W times too large against the
+class loss (huggingface/transformers#26844). `num_masks` replaces it.
 
 Attaching our backbone: the model is built offline from a `Mask2FormerConfig` whose backbone is a stand-in (a tiny
 transformers ResNet config with the pyramid's channel counts, so no hub look-up happens and the pixel decoder is sized
@@ -24,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -80,7 +85,19 @@ def build_mask2former(pyramid: ViTDetPyramid, num_labels: int, *, hidden_dim: in
     finally:
         hf_logging.set_verbosity(verbosity)
     model.model.pixel_level_module.encoder = PyramidEncoder(pyramid)
+    model.criterion.get_num_masks = num_masks
     return model
+
+
+def num_masks(class_labels: Sequence[Tensor], device: torch.device) -> Tensor:
+    """The loss's normaliser, as the official criterion: the target masks of every process's batch, summed, divided
+    by the number of processes, at least 1 (module docstring)."""
+    count = torch.as_tensor(float(sum(len(classes) for classes in class_labels)), device=device)
+    processes = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        processes = dist.get_world_size()
+    return torch.clamp(count / processes, min=1)
 
 
 def _config(channels: int, num_labels: int, *, hidden_dim: int, **kwargs: Any) -> Any:

@@ -47,6 +47,13 @@ from sslpipe.recipes.finetune import (
     stack_or_none,
 )
 
+PAD_TO = 32  # inputs are padded to a multiple of the pyramid's coarsest stride (collate_dense's default)
+
+
+def _pad_to(labels: Tensor, height: int, width: int, fill: int) -> Tensor:
+    """(B, h, w) label maps padded bottom/right with `fill` to (B, height, width)."""
+    return F.pad(labels, (0, width - labels.shape[-1], 0, height - labels.shape[-2]), value=fill)
+
 
 class Mask2FormerConfig(FinetuneConfig):
     """`finetune_mask2former:` in a recipe: the shared fine-tuning settings plus Mask2Former's (docs/methods.md §6;
@@ -105,11 +112,17 @@ class Mask2FormerRecipe(DenseFinetuneRecipe):
         )
 
     def targets(self, batch: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        seg = torch.stack(batch["seg"]).to(self.device)
+        """Target masks on the collated images' canvas: the crops' labels padded like the images (bottom/right, to a
+        multiple of 32) with pixels of no mask, as the official `prepare_targets` pads its gt masks. The criterion
+        samples predictions and targets at the same relative points, so unpadded targets would be stretched over
+        the padded canvas whenever img_size is not a multiple of 32."""
+        height, width = batch["images"].shape[-2:]
+        ignore = self.section.ignore_index
+        seg = _pad_to(torch.stack(batch["seg"]), height, width, ignore).to(self.device)
         if self.needs_instances:
-            return instance_targets(stack_or_none(batch["inst"]).to(self.device), seg, 1,
-                                    self.section.ignore_index)
-        return semantic_targets(seg, self.section.ignore_index)
+            inst = _pad_to(stack_or_none(batch["inst"]), height, width, 0).to(self.device)
+            return instance_targets(inst, seg, 1, ignore)
+        return semantic_targets(seg, ignore)
 
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         mask_labels, class_labels = self.targets(batch)
@@ -146,32 +159,35 @@ class Mask2FormerRecipe(DenseFinetuneRecipe):
 
     def semantic_scores(self, model: nn.Module, image: Tensor) -> Tensor:
         """(1, K, h, w) per-class scores of one normalised image (1, 3, h, w): `slide` windows of img_size (an image
-        smaller than a window is padded, centred) or the `whole` image padded to a multiple of 32."""
+        smaller than a window is padded, centred) or the `whole` image; each input is padded to a multiple of 32, as
+        in training, and its scores cropped back."""
         f = self.section
 
         def scores(x: Tensor) -> Tensor:
-            out = model(pixel_values=x)
+            h, w = x.shape[-2:]
+            padded = F.pad(x, (0, (-w) % PAD_TO, 0, (-h) % PAD_TO))
+            out = model(pixel_values=padded)
             return semantic_inference(out.class_queries_logits.float(), out.masks_queries_logits.float(),
-                                      tuple(x.shape[-2:]))
+                                      tuple(padded.shape[-2:]))[..., :h, :w]
 
         e = self.cfg.eval
         if (e.mode or "slide") == "slide":
             return slide_logits(scores, image, e.window or f.img_size, e.stride_rate)
-        h, w = image.shape[-2:]
-        padded = F.pad(image, (0, (-w) % 32, 0, (-h) % 32))
-        return scores(padded)[..., :h, :w]
+        return scores(image)
 
     def square_logits(self, model: nn.Module, image: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """(class logits (1, Q, K+1), mask logits (Q, *size)) of one image with its longer side resized to img_size
-        and padded to the img_size square (ViTDet's square pad), masks brought back to the label's `size`."""
+        and padded to the img_size square (ViTDet's square pad; further to a multiple of 32, as in training), masks
+        brought back to the label's `size`."""
         side = self.section.img_size
+        canvas = -(-side // PAD_TO) * PAD_TO
         h, w = image.shape[-2:]
         scale = side / max(h, w)
         fitted = (max(1, round(h * scale)), max(1, round(w * scale)))
         if fitted != (h, w):
             image = F.interpolate(image, size=fitted, mode="bilinear", align_corners=False, antialias=scale < 1)
-        out = model(pixel_values=F.pad(image, (0, side - fitted[1], 0, side - fitted[0])))
-        masks = crop_resize_logits(out.masks_queries_logits[0].float(), fitted, (side, side), size)
+        out = model(pixel_values=F.pad(image, (0, canvas - fitted[1], 0, canvas - fitted[0])))
+        masks = crop_resize_logits(out.masks_queries_logits[0].float(), fitted, (canvas, canvas), size)
         return out.class_queries_logits.float(), masks
 
     def overlays(self, batch: dict[str, Any], preds: Any, targets: Any) -> list[list[Tensor]]:

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 
 import pytest
 import timm
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from timm.models.vision_transformer_sam import Attention as SAMAttention
 from torch import nn
@@ -421,6 +424,31 @@ def test_mask2former_step_on_exported_backbone(tmp_path, device):
     assert out.masks_queries_logits.shape == (2, 6, 16, 16) and out.class_queries_logits.shape == (2, 6, 4)
     scores = semantic_inference(out.class_queries_logits, out.masks_queries_logits, (64, 64))
     assert scores.shape == (2, 3, 64, 64)
+
+
+def _num_masks_worker(rank: int, port: int, out: str) -> None:
+    from accelerate import PartialState
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    PartialState(cpu=True)  # what an Accelerate run sets up: transformers' own count reads it
+    pyramid = build_vitdet_pyramid(tiny_vit(), window_size=4, global_blocks=[1, 3], img_size=32, out_channels=32,
+                                   top_block=False)
+    labels = [torch.zeros(2 + 2 * rank, dtype=torch.long)]  # 2 target masks on rank 0, 4 on rank 1
+    count = _m2f(pyramid).criterion.get_num_masks(labels, torch.device("cpu"))
+    torch.save(count, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_mask_count_is_the_official_one_across_two_processes(tmp_path):
+    """Official criterion: (2 + 4) masks summed over the processes / 2 processes = 3 on each; transformers' own count
+    gave 1.5 (a mean over processes divided by their number again), doubling the mask and dice losses."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_num_masks_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    assert [float(torch.load(tmp_path / f"rank{r}.pt")) for r in range(2)] == [3.0, 3.0]
 
 
 def test_semantic_and_instance_targets():

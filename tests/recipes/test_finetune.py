@@ -290,6 +290,33 @@ def test_mask2former_evaluates_on_the_training_grid(finetune_data, task, size):
         assert len(shapes) == 1 and preds[0]["masks"].shape[-2:] == size
 
 
+@pytest.mark.parametrize("task", ["semantic", "instance"])
+def test_mask2former_targets_and_windows_are_padded_like_the_images(finetune_data, task):
+    """img_size 40 (not a multiple of 32): the collated images are padded to 64, so the target masks are padded the
+    same way with pixels of no mask (official prepare_targets) instead of being stretched over the canvas, and
+    evaluation pads each 40 px window to the 64 px canvas of training."""
+    root, export = finetune_data
+    recipe = _recipe("recipes/demo_finetune_m2f.yaml", root, export,
+                     [*M2F_TINY, f"{{m}}.task={task}", "{m}.img_size=40"])
+    batch = _non_square_batch(40, 40, inst=task == "instance")
+    assert tuple(batch["images"].shape[-2:]) == (64, 64)
+    masks, classes = recipe.targets(batch)
+    assert masks[0].shape[-2:] == (64, 64) and masks[0][:, 40:].sum() == 0 and masks[0][:, :, 40:].sum() == 0
+    seg = batch["seg"][0]
+    if task == "semantic":
+        assert classes[0].tolist() == [0, 3]
+        assert torch.equal(masks[0][:, :40, :40], torch.stack([seg == 0, seg == 3]).float())
+    else:
+        assert torch.equal(masks[0][:, :40, :40], (seg == 3)[None].float())
+    model = recipe.model().eval()
+    shapes = []
+    recipe.vit_trunk().register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        preds, _ = recipe.eval_batch(model, _non_square_batch(40, 70, inst=task == "instance"))
+    assert shapes and set(shapes) == {(64, 64)}
+    assert (preds[0] if task == "semantic" else preds[0]["masks"]).shape[-2:] == (40, 70)
+
+
 def test_vitdet_evaluates_on_the_training_grid(finetune_data):
     root, export = finetune_data
     recipe = _recipe("recipes/demo_finetune_vitdet.yaml", root, export, VITDET_TINY)
