@@ -12,10 +12,11 @@ from torch import Tensor
 def masks_to_targets(instances: Tensor, semantic: Tensor, class_offset: int = 0, ignore_index: int = 255,
                      crowd: dict[int, int] | None = None) -> dict[str, Tensor]:
     """One image's (H, W) instance ids (0 = none) + class map -> {boxes, labels, masks, iscrowd}: one entry per
-    instance, its class = the majority semantic class under it minus `class_offset` (instances left with a class < 0,
-    e.g. only background or ignore under them, are dropped); boxes span the mask's pixels (x2 = last column + 1,
-    COCO's box of a mask). `crowd` ({instance id: class}, COCO crowd regions, whose pixels are ignore in the class
-    map) adds those as `iscrowd` = 1 entries for evaluation; without it they are dropped (training)."""
+    instance, its class = the majority semantic class under it minus `class_offset` (instances whose majority class is
+    the background, 0, or with only ignore under them, are dropped, whatever the offset); boxes span the mask's
+    pixels (x2 = last column + 1, COCO's box of a mask). `crowd` ({instance id: class}, COCO crowd regions, whose
+    pixels are ignore in the class map) adds those as `iscrowd` = 1 entries for evaluation; without it they are
+    dropped (training)."""
     ids = torch.unique(instances)
     ids = ids[ids > 0]
     masks = instances[None] == ids[:, None, None]
@@ -26,8 +27,8 @@ def masks_to_targets(instances: Tensor, semantic: Tensor, class_offset: int = 0,
         else:
             values = semantic[mask]
             values = values[values != ignore_index]
-            label = int(torch.mode(values).values) - class_offset if values.numel() else -1
-        keep.append(label >= 0)
+            label = int(torch.mode(values).values) - class_offset if values.numel() else -1 - class_offset
+        keep.append(label + class_offset > 0)
         labels.append(label)
         is_crowd.append(bool(crowd) and instance_id in crowd)
     keep_t = torch.tensor(keep, dtype=torch.bool, device=instances.device)

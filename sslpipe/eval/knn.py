@@ -126,6 +126,8 @@ def knn_classify(
     n_train, n_test = len(train_feats), len(test_feats)
     if not k_list or k_list[0] < 1:
         raise ValueError(f"k_list must hold positive integers, got {k_list}")
+    if not T > 0:  # T = 0 divides by zero, T < 0 gives the farthest neighbours the largest votes
+        raise ValueError(f"the kNN temperature must be > 0 (DINO: 0.07), got {T} (--temperature)")
     if k_list[-1] > n_train:
         raise ValueError(f"k={k_list[-1]} exceeds the {n_train} training samples: pass a smaller k list")
     train_labels = train_labels.long().cpu()

@@ -11,8 +11,8 @@ concatenated; the head is BatchNorm over those channels and one 1x1 convolution 
 Logits are upsampled bilinearly to the label size and trained with cross-entropy (label 255 ignored). Training view:
 `sslpipe.data.dense.DenseTransform` (scale jitter in [0.5, 2], flip, crop/pad to `size`); evaluation: windows of
 `size` slid over each val image at a stride of 2/3 (scores averaged where they overlap; DINOv2's ADE20K test: slide
-512 / 341), mIoU over the whole val split (`SegmentationMetric`), beside the trivial baseline of predicting the most
-frequent val class everywhere.
+512 / 341 px; ceil(2/3 x 512) = 342 here), mIoU over the whole val split (`SegmentationMetric`), beside the trivial
+baseline of predicting the most frequent val class everywhere.
 
 Optimiser (DINOv2's ADE20K linear config as recalled, second-hand: the file is hosted outside the repository):
 AdamW lr 1e-3, weight decay 1e-4, linear warm-up over 3.75 % of the steps (1500 of 40k), then poly decay (power 1)

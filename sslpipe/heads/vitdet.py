@@ -316,14 +316,16 @@ def vit_layer_id(name: str, num_layers: int) -> int:
 
 
 def dense_param_groups(model: nn.Module, *, backbone_prefix: str, num_layers: int, layer_decay: float = 1.0,
-                       backbone_lr_mult: float = 1.0,
+                       backbone_lr_mult: float = 1.0, decayed_norms: tuple[type[nn.Module], ...] = (),
                        no_wd: Callable[[str, nn.Module, str], bool] | None = None) -> list[dict[str, Any]]:
     """Optimizer groups for a fine-tuned model: `lr_scale` and `apply_wd` per parameter, grouped.
 
     Parameters under `backbone_prefix` (the ViT trunk) get lr_scale = backbone_lr_mult * layer_decay ** (L + 1 -
     layer_id) (ViTDet: decay 0.7, multiplier 1; Mask2Former: decay 1, multiplier 0.1); all others 1. No weight decay
     on normalisation layers, nn.Embedding (Mask2Former's queries: WEIGHT_DECAY_EMBED 0) and position embeddings
-    (ViTDet's `pos_embed` override); biases are decayed, as in detectron2 and Mask2Former. `no_wd(module_name,
+    (ViTDet's `pos_embed` override); biases are decayed, as in detectron2 and Mask2Former. Norms of the
+    `decayed_norms` types are decayed all the same: detectron2 exempts torch's norm types only, so ViTDet decays its
+    pyramid's and heads' channels-first LayerNorms (its own `LN` module; timm's `LayerNorm2d` here). `no_wd(module_name,
     module, param_name)` adds exceptions.
     """
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
@@ -339,7 +341,8 @@ def dense_param_groups(model: nn.Module, *, backbone_prefix: str, num_layers: in
             if full.startswith(prefix):
                 layer_id = vit_layer_id(full[len(prefix):], num_layers)
                 scale = backbone_lr_mult * layer_decay ** (num_layers + 1 - layer_id)
-            decay = not (isinstance(module, (*NORM_TYPES, nn.Embedding)) or "pos_embed" in pname
+            exempt_norm = isinstance(module, NORM_TYPES) and not isinstance(module, decayed_norms)
+            decay = not (exempt_norm or isinstance(module, nn.Embedding) or "pos_embed" in pname
                          or (no_wd is not None and no_wd(module_name, module, pname)))
             groups.setdefault((round(scale, 12), decay), []).append(param)
     return [{"params": params, "apply_wd": decay, "lr_scale": scale}

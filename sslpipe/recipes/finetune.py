@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
 from sslpipe.config import RunConfig, Section
@@ -35,6 +36,13 @@ from sslpipe.recipes.base import Recipe, note_export_replaces, shard_reading
 from sslpipe.recipes.init_record import init_export_config, keep_init_record
 
 
+def _jitter_range(value: tuple[float, float]) -> tuple[float, float]:
+    """Scale jitter of the crop (LSJ goes above 1); a reversed range only fails inside the loader."""
+    if not 0 < value[0] <= value[1]:
+        raise ValueError(f"must be (low, high) with 0 < low <= high, got {list(value)}")
+    return value
+
+
 class FinetuneConfig(Section):
     """Dense fine-tuning (`method: finetune_mask2former` / `finetune_vitdet`; docs/finetune.md, docs/methods.md
     §5-6): the ViTDet trunk and pyramid and the training view. The backbone is `model.init_from` (an export: its
@@ -42,19 +50,22 @@ class FinetuneConfig(Section):
     same-network baseline) or, when null, `model.arch` at random init. Defaults are the published values."""
 
     backbone_init: Literal["export", "random"] = "export"
-    num_classes: int | None = None  # null: the shards' manifest classes (instance: minus class 0 = background)
-    ignore_index: int = 255
-    img_size: int = 1024  # training crop (square); also sizes the global blocks' relative-position tables
-    scale_range: tuple[float, float] = (0.1, 2.0)  # scale jitter of the crop size (ViTDet LSJ 0.1-2.0)
-    hflip: float = 0.5
+    # null: the shards' manifest classes (instance: minus class 0 = background)
+    num_classes: int | None = Field(None, gt=0)
+    ignore_index: int = Field(255, ge=0)
+    # training crop (square); also sizes the global blocks' relative-position tables
+    img_size: int = Field(1024, gt=0)
+    # scale jitter of the crop size (ViTDet LSJ 0.1-2.0)
+    scale_range: Annotated[tuple[float, float], AfterValidator(_jitter_range)] = (0.1, 2.0)
+    hflip: float = Field(0.5, ge=0, le=1)
     freeze_backbone: bool = False  # train the pyramid and head on a frozen ViT trunk (kept in eval mode)
     # ViTDet backbone (docs/methods.md §5)
-    window_size: int = 14
+    window_size: int = Field(14, ge=0)  # 0: every block global
     global_blocks: list[int] = [2, 5, 8, 11]
     use_rel_pos: bool = True
-    pyramid_channels: int = 256
-    layer_decay: float = 0.7  # lr x decay^(L + 1 - layer_id) inside the ViT
-    backbone_lr_mult: float = 1.0  # extra lr factor of the ViT (Mask2Former: 0.1)
+    pyramid_channels: int = Field(256, gt=0)
+    layer_decay: float = Field(0.7, gt=0, le=1)  # lr x decay^(L + 1 - layer_id) inside the ViT
+    backbone_lr_mult: float = Field(1.0, gt=0)  # extra lr factor of the ViT (Mask2Former: 0.1)
 
 
 # a dense method reads only the normalisation of crops (at random init), and none of the kNN keys
@@ -112,6 +123,7 @@ class DenseFinetuneRecipe(Recipe):
     normalize_images = True  # False: images stay in [0, 1] (the head normalises)
     backbone_prefix = ""  # dotted path of the ViTDetBackbone inside the student
     top_block = True  # the pyramid's stride-64 max-pooled level (Mask R-CNN's p6)
+    decayed_norms: tuple[type[nn.Module], ...] = ()  # norm types that get weight decay (dense_param_groups)
     default_eval_batch = 8
 
     def __init__(self, cfg: RunConfig) -> None:
@@ -182,7 +194,7 @@ class DenseFinetuneRecipe(Recipe):
         f = self.section
         return dense_param_groups(self.student, backbone_prefix=self.backbone_prefix,
                                   num_layers=self.vit_trunk().num_layers, layer_decay=f.layer_decay,
-                                  backbone_lr_mult=f.backbone_lr_mult)
+                                  backbone_lr_mult=f.backbone_lr_mult, decayed_norms=self.decayed_norms)
 
     # ------------------------------------------------------------------ data
     def transform(self, train: bool) -> DenseTransform:

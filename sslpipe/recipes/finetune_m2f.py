@@ -10,8 +10,8 @@ poly decay (recipes/finetune_m2f_ade20k_vit_small.yaml).
 Evaluation keeps the token grid of training (the ViT's position tables are never stretched to another grid):
 semantic tasks slide windows of `img_size` (`eval.window`) over the image (after the optional `eval.resize`) at a
 stride of 2/3 of the window (`eval.stride_rate`) and average the per-class scores where windows overlap, the protocol of
-the official plain-ViT segmentation evaluations (BEiT, ViT-Adapter: 512 windows, stride 341); `eval.mode: whole` runs
-the image as it is.
+the official plain-ViT segmentation evaluations (BEiT, ViT-Adapter: 512 windows, stride 341 px; here
+ceil(2/3 x 512) = 342); `eval.mode: whole` runs the image as it is.
 Instance tasks fit the image into the img_size square (longer side resized, padded), as ViTDet's `square_pad`.
 
 Named deviations: the official backbone multiplier 0.1 applies to the pretrained ViT trunk only; the simple feature
@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from sslpipe.config import RunConfig
@@ -58,24 +59,25 @@ def _pad_to(labels: Tensor, height: int, width: int, fill: int) -> Tensor:
 class Mask2FormerConfig(FinetuneConfig):
     """`finetune_mask2former:` in a recipe: the shared fine-tuning settings plus Mask2Former's (docs/methods.md §6;
     defaults published). Semantic evaluation slides windows of `eval.window` (null: img_size) at a stride of
-    `eval.stride_rate` (BEiT / ViT-Adapter ADE20K: 512 windows at a stride of 341), or takes the `whole` image."""
+    `eval.stride_rate` (BEiT / ViT-Adapter ADE20K: 512 windows at 341 px; 2/3 here gives 342), or takes the
+    `whole` image."""
 
     task: Literal["semantic", "instance"] = "semantic"
-    num_queries: int = 100
-    hidden_dim: int = 256
-    num_heads: int = 8
-    dim_feedforward: int = 2048
-    decoder_layers: int = 10  # 9 masked-attention layers + the query-only prediction
-    encoder_layers: int = 6
-    encoder_feedforward_dim: int = 1024
-    train_num_points: int = 12544
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
-    class_weight: float = 2.0
-    mask_weight: float = 5.0
-    dice_weight: float = 5.0
-    no_object_weight: float = 0.1
-    test_topk: int = 100  # instance inference: top-k (query, class) pairs per image
+    num_queries: int = Field(100, gt=0)
+    hidden_dim: int = Field(256, gt=0)
+    num_heads: int = Field(8, gt=0)
+    dim_feedforward: int = Field(2048, gt=0)
+    decoder_layers: int = Field(10, ge=2)  # 9 masked-attention layers + the query-only prediction
+    encoder_layers: int = Field(6, ge=1)
+    encoder_feedforward_dim: int = Field(1024, gt=0)
+    train_num_points: int = Field(12544, gt=0)
+    oversample_ratio: float = Field(3.0, ge=1)
+    importance_sample_ratio: float = Field(0.75, ge=0, le=1)
+    class_weight: float = Field(2.0, ge=0)
+    mask_weight: float = Field(5.0, ge=0)
+    dice_weight: float = Field(5.0, ge=0)
+    no_object_weight: float = Field(0.1, ge=0)
+    test_topk: int = Field(100, gt=0)  # instance inference: top-k (query, class) pairs per image
 
     def check_run(self, run: RunConfig) -> None:
         """Instance evaluation fits the whole image into the training square: the sliding-window keys are unread."""

@@ -3,15 +3,18 @@
 Instance segmentation and detection from instance shards (`inst.png` ids + `seg.png` classes, class 0 = background):
 one target per instance (its majority class, box = the mask's extent). The step returns the sum of torchvision's five
 Mask R-CNN losses (RPN objectness and box, RoI class, box and mask), each logged. Evaluation: COCO box and mask AP
-(torchmetrics + pycocotools). Published optimiser: AdamW 1e-4, weight decay 0.1 (0 on norms and position
-embeddings), layer decay 0.7, 250 warm-up iterations, step decay x0.1 at 88.9% and 96.3% of 100 epochs, batch 64,
-drop path 0.1, large-scale jitter 0.1-2.0 at 1024 px (recipes/finetune_vitdet_coco_vit_base.yaml).
+(torchmetrics + pycocotools). Published optimiser: AdamW 1e-4, weight decay 0.1 (0 on the ViT's norms and position
+embeddings; the pyramid's and heads' channels-first LayerNorms are decayed, as detectron2's `LN`), layer decay 0.7,
+250 warm-up iterations, step decay x0.1 at 88.9% and 96.3% of 100 epochs, batch 64, drop path 0.1, large-scale
+jitter 0.1-2.0 at 1024 px (recipes/finetune_vitdet_coco_vit_base.yaml).
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from pydantic import Field, PositiveInt
+from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
 from sslpipe.data.targets import masks_to_targets
@@ -25,16 +28,16 @@ class ViTDetConfig(FinetuneConfig):
     """`finetune_vitdet:` in a recipe: the shared fine-tuning settings plus Mask R-CNN's (docs/methods.md §5,
     detectron2 mask_rcnn_vitdet; defaults published). Always instance segmentation."""
 
-    anchor_sizes: list[int] = [32, 64, 128, 256, 512]  # one per pyramid level p2-p6
-    rpn_batch_size_per_image: int = 256
-    rpn_pre_nms_top_n: tuple[int, int] = (2000, 1000)  # (train, test)
-    rpn_post_nms_top_n: tuple[int, int] = (1000, 1000)
-    box_batch_size_per_image: int = 512
-    box_head_convs: int = 4
-    mask_head_convs: int = 4
-    head_dim: int = 256
-    fc_dim: int = 1024
-    detections_per_img: int = 100
+    anchor_sizes: list[PositiveInt] = [32, 64, 128, 256, 512]  # one per pyramid level p2-p6
+    rpn_batch_size_per_image: int = Field(256, gt=0)
+    rpn_pre_nms_top_n: tuple[PositiveInt, PositiveInt] = (2000, 1000)  # (train, test)
+    rpn_post_nms_top_n: tuple[PositiveInt, PositiveInt] = (1000, 1000)
+    box_batch_size_per_image: int = Field(512, gt=0)
+    box_head_convs: int = Field(4, ge=0)
+    mask_head_convs: int = Field(4, ge=1)
+    head_dim: int = Field(256, gt=0)
+    fc_dim: int = Field(1024, gt=0)
+    detections_per_img: int = Field(100, gt=0)
 
 
 class ViTDetRecipe(DenseFinetuneRecipe):
@@ -50,6 +53,7 @@ class ViTDetRecipe(DenseFinetuneRecipe):
     ddp_find_unused_parameters = True  # the mask head gets no gradient in a step without a positive proposal
     backbone_prefix = "backbone.backbone"
     top_block = True
+    decayed_norms = (LayerNorm2d,)  # detectron2's pyramid and head `LN` is not a torch norm: it is decayed
 
     @property
     def needs_instances(self) -> bool:

@@ -108,6 +108,9 @@ def test_errors_and_auto_chunk():
     bad = (data[0], torch.full((10,), -1), data[2], data[3])
     with pytest.raises(ValueError, match="label -1"):
         knn_classify(*bad, [5])
+    for T in (0.0, -0.07):
+        with pytest.raises(ValueError, match=rf"kNN temperature must be > 0 \(DINO: 0.07\), got {T}"):
+            knn_classify(*data, [5], T=T)
     # 1 MiB budget for the torch backend: (chunk x n_train) floats must fit
     chunk = knn_mod.auto_chunk_size(10_000, 64, 20, 10, backend="torch", device=torch.device("cpu"), max_memory_mb=1)
     assert chunk * 10_000 * 4 <= 2**20 and chunk > 0

@@ -264,6 +264,13 @@ def test_layer_decay_and_weight_decay_groups():
     assert where[id(fpn_conv)] == (1.0, True) and where[id(fpn_norm)] == (1.0, False)
     n_params = sum(1 for p in model.parameters() if p.requires_grad)
     assert sum(len(g["params"]) for g in groups) == n_params == len(where)
+    # ViTDet (detectron2): its pyramid's channels-first `LN` is not a torch norm, so it is decayed; the trunk's
+    # LayerNorms are not
+    from timm.layers import LayerNorm2d
+
+    groups = dense_param_groups(model, backbone_prefix="pyr.backbone", num_layers=4, decayed_norms=(LayerNorm2d,))
+    where = {id(p): g["apply_wd"] for g in groups for p in g["params"]}
+    assert where[id(fpn_norm)] and not where[id(bb.blocks[3].block.norm1.weight)]
 
 
 # ----------------------------------------------------------------------------------------------------- detectors

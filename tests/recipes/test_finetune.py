@@ -125,6 +125,9 @@ def test_masks_to_targets():
     assert t["labels"].tolist() == [4, 7]  # instance 3 has only ignore under it: dropped
     assert t["boxes"].tolist() == [[1, 0, 3, 2], [2, 1, 4, 3]]  # x2/y2 = last pixel + 1
     assert t["masks"].shape == (2, 3, 4)
+    on_background = torch.tensor([[5, 5, 1, 1]])  # instance 5 lies on class 0: background for both heads
+    for offset, labels in ((0, [4]), (1, [3])):
+        assert masks_to_targets(on_background, torch.tensor([[0, 0, 4, 4]]), offset)["labels"].tolist() == labels
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -177,6 +180,26 @@ def test_finetune_config_keys():
         config_from_dict({"method": "finetune_vitdet", "data": {"train": "x"}, "finetune_vitdet": {"img_sise": 64}})
     with pytest.raises(ConfigError, match="unknown key 'finetune_vitdet.num_queries'"):  # Mask2Former's, not ViTDet's
         config_from_dict({"method": "finetune_vitdet", "data": {"train": "x"}, "finetune_vitdet": {"num_queries": 4}})
+
+
+@pytest.mark.parametrize("override,message", [
+    ("finetune_mask2former.layer_decay=-0.7", "greater than 0"),  # negative learning rates on half the blocks
+    ("finetune_mask2former.backbone_lr_mult=0", "greater than 0"),
+    ("finetune_mask2former.scale_range=[2.0,0.5]", "0 < low <= high"),  # failed inside the loader
+    ("finetune_mask2former.hflip=1.5", "less than or equal to 1"),
+    ("finetune_mask2former.img_size=0", "greater than 0"),
+    ("finetune_mask2former.importance_sample_ratio=1.5", "less than or equal to 1"),
+    ("finetune_mask2former.oversample_ratio=0.1", "greater than or equal to 1"),
+    ("finetune_mask2former.no_object_weight=-0.1", "greater than or equal to 0"),
+    ("finetune_mask2former.train_num_points=0", "greater than 0"),
+    ("finetune_mask2former.window_size=-3", "greater than or equal to 0"),
+    ("finetune_vitdet.anchor_sizes=[0,64,128,256,512]", "greater than 0"),
+])
+def test_finetune_values_out_of_range_are_refused_naming_the_key(override, message):
+    recipe = "recipes/demo_finetune_vitdet.yaml" if "vitdet" in override else "recipes/demo_finetune_m2f.yaml"
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"key '{key}' = .* is invalid: .*{message}"):
+        load_config(REPO / recipe, ["data.train=x", override])
 
 
 @pytest.mark.parametrize("path", ["recipes/finetune_m2f_ade20k_vit_small.yaml",
