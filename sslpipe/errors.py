@@ -1,4 +1,5 @@
-"""Errors every stage shares, below all of them: failed writes the user can act on (`WriteFailed`)."""
+"""Errors every stage shares, below all of them: failed writes the user can act on (`WriteFailed`), runs that cannot
+go on for a reason their message gives (`RunStopped`)."""
 from __future__ import annotations
 
 import errno
@@ -21,3 +22,8 @@ def io_failure(err: BaseException) -> str | None:
         return (err.strerror or str(err)) if err.errno in WRITE_ERRNOS else None
     found = re.search(r"(?:I/O error: )?([^:]*) \(os error (\d+)\)", str(err))
     return found.group(1) if found and int(found.group(2)) in WRITE_ERRNOS else None
+
+
+class RunStopped(RuntimeError):
+    """A run that cannot go on for a reason its message gives with what to do (a diverged loss); `sslpipe` prints
+    it as one line and exits with status 1, not a traceback."""

@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as err:
         from sslpipe.data.stream import ShardReadError
+        from sslpipe.errors import RunStopped
 
+        if isinstance(err, RunStopped):
+            print(f"sslpipe {args.command}: error: {err}", file=sys.stderr)
+            return 1
         if not isinstance(err, ShardReadError):
             raise
         # Raised in a loader worker, it arrives with the worker's traceback in its text: its own line is the last.

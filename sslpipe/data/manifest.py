@@ -22,9 +22,31 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON ({e}); rewrite the shards with `sslpipe shards --force`") from e
+    return check_manifest(manifest, str(file))
+
+
+def check_manifest(manifest: object, where: str) -> dict:
+    """`manifest` when it has the fields the loaders read (format, and per split an int `samples` and `shards`, each
+    with a `name`); else one ValueError naming the file and the field, not a KeyError deep inside a loader."""
     if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
             or not isinstance(manifest.get("splits"), dict)):
-        raise ValueError(f"{file} is not an {FORMAT} manifest (format/splits missing or wrong)")
+        raise ValueError(f"{where} is not an {FORMAT} manifest (format/splits missing or wrong)")
+    for split, info in manifest["splits"].items():
+        problem = None
+        if not isinstance(info, dict):
+            problem = f"split {split!r} is a {type(info).__name__}, not a mapping"
+        elif not isinstance(info.get("samples"), int):
+            problem = f"split {split!r} has no integer `samples`"
+        elif not isinstance(info.get("shards", []), list):
+            problem = f"split {split!r}: `shards` is not a list"
+        else:
+            bad = [i for i, s in enumerate(info.get("shards", []))
+                   if not (isinstance(s, dict) and isinstance(s.get("name"), str)
+                           and isinstance(s.get("samples", 0), int))]
+            if bad:
+                problem = f"split {split!r}: shard entry {bad[0]} lacks a `name` or has a non-integer `samples`"
+        if problem:
+            raise ValueError(f"{where}: {problem}; rewrite the shards with `sslpipe shards --force` (or fix the file)")
     return manifest
 
 

@@ -25,6 +25,8 @@ from typing import BinaryIO
 
 from webdataset.gopen import gopen
 
+from sslpipe.data.manifest import check_manifest
+
 HTTP_PREFIXES = ("http://", "https://")
 BACKOFF_CAP_S = 30.0
 SPOOL_BYTES = 64 << 20  # a verified shard is held in memory up to this size, then on local disk
@@ -146,7 +148,7 @@ def fetch_manifest(url: str, reading: Reading = Reading()) -> dict:
     entries and the sample count of every epoch's loader read the same one (a shard set does not change mid-run).
     Callers must not modify the returned dict."""
     try:
-        return json.loads(fetch_bytes(url, reading))
+        return check_manifest(json.loads(fetch_bytes(url, reading)), url)
     except RemoteReadError as err:
         raise FileNotFoundError(f"no shard manifest at {url}: {err}") from err
     except json.JSONDecodeError as err:

@@ -100,9 +100,9 @@ def tracker_setup(cfg: RunConfig, run_dir: Path, *, resumed: bool = False, main:
                   ) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """(log_with for the Accelerator, init_kwargs for `accelerator.init_trackers`); run the trackers inside
     `wandb_mode_scope(init_kwargs)`. `main`: the process that logs (the only one that keeps a wandb run id)."""
+    check_trackers(cfg)
     log_with: list[str] = []
     init_kwargs: dict[str, dict[str, Any]] = {}
-    available = {"wandb": is_wandb_available, "tensorboard": is_tensorboard_available}
     for name in dict.fromkeys(cfg.tracking.log_with):
         if name == "wandb":
             mode = resolve_wandb_mode(cfg.tracking.wandb_mode)
@@ -111,11 +111,17 @@ def tracker_setup(cfg: RunConfig, run_dir: Path, *, resumed: bool = False, main:
             init_kwargs["wandb"] = {"dir": str(run_dir), "name": run_dir.name, "mode": mode, "resume": "allow"}
             if main:
                 init_kwargs["wandb"]["id"] = wandb_run_id(run_dir, resumed)
-        if not available[name]():
-            raise RuntimeError(f"tracking.log_with lists {name!r} but it is not installed: pip install {name} "
-                               f"(or remove it from tracking.log_with)")
         log_with.append(name)
     return log_with, init_kwargs
+
+
+def check_trackers(cfg: RunConfig) -> None:
+    """Every tracker in tracking.log_with is installed (checked before the run writes anything)."""
+    available = {"wandb": is_wandb_available, "tensorboard": is_tensorboard_available}
+    for name in dict.fromkeys(cfg.tracking.log_with):
+        if not available[name]():
+            raise ValueError(f"tracking.log_with lists {name!r} but it is not installed: pip install {name} "
+                             f"(or remove it from tracking.log_with)")
 
 
 def wandb_run_id(run_dir: Path, resumed: bool) -> str:

@@ -50,13 +50,14 @@ from sslpipe.engine.optim import (
 )
 from sslpipe.engine.preemption import StopRequest, exit_signal, sigterm_as_exit
 from sslpipe.engine.prefetch import prefetch_to_device
+from sslpipe.engine.preflight import preflight
 from sslpipe.engine.processes import process_state
 from sslpipe.engine.run_config import config_changes, record_resumed_config, unfit_checkpoint, write_config
 from sslpipe.engine.run_lock import RunLock
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.sharding import Sharding, shard, sharding_from_launcher, unsharded
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup, wandb_mode_scope
-from sslpipe.errors import WriteFailed, io_failure
+from sslpipe.errors import RunStopped, WriteFailed, io_failure
 from sslpipe.recipes import Recipe, get_recipe, load_config
 from sslpipe.recipes.init_record import INIT_RECORD
 from sslpipe.weights.checkpoint import interrupted_swaps, list_checkpoints
@@ -67,7 +68,7 @@ COLLECTIVE_TIMEOUT = timedelta(hours=2)
 METRICS = "metrics.jsonl"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunStopped):
     """The loss became NaN/inf at global step `step`; raised on every process, with nothing written after that step."""
 
     def __init__(self, message: str, step: int) -> None:
@@ -290,6 +291,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, overrides_text: str | No
         # The process group comes first (all ranks must agree on the run directory). Ranks wait at a collective
         # while the main process runs a periodic kNN probe: allow hours, not NCCL's 10 min.
         _, cpu = process_state(COLLECTIVE_TIMEOUT)
+        preflight(cfg)
         run_dir, ckpt, lock = _open_run(cfg, resume, overrides_text)
         if ckpt is not None:
             cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})

@@ -310,13 +310,16 @@ def test_stop_request_checkpoints_and_resume_finishes_the_same_run(tmp_path: Pat
     if how == "signal":
         cfg = toy_cfg(tmp_path, "asked", model={"kwargs": {"signal_at_step": 3}})
     else:
-        stop_file.touch()
-        cfg = toy_cfg(tmp_path, "asked", train={"stop_file": str(stop_file)})
+        cfg = toy_cfg(tmp_path, "asked", model={"kwargs": {"touch_at_step": 3}}, train={"stop_file": str(stop_file)})
     run = train(cfg)
-    first_stop = 4 if how == "signal" else 2  # the file exists from the start: the first log step (2)
-    assert [c.name for c in list_checkpoints(run)] == [f"step_{first_stop:08d}"]
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000004"]
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert events[-1] == {**events[-1], "event": "stopped on request", "step": first_stop}
+    assert events[-1] == {**events[-1], "event": "stopped on request", "step": 4}
+    if how == "stop_file":  # a stop file left in place would stop the next start at once: it is refused
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with pytest.raises(ValueError, match=rf"train.stop_file {stop_file} exists already: .* remove it"):
+            train(toy_cfg(tmp_path, "again", train={"stop_file": str(stop_file)}))
+        assert not (tmp_path / "runs" / "again").exists()
     stop_file.unlink(missing_ok=True)
     AcceleratorState._reset_state(reset_partial_state=True)
     resumed = train(toy_cfg(tmp_path, "asked"), resume=str(run))

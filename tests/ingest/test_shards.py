@@ -300,6 +300,16 @@ def test_read_manifest_errors(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="sslpipe-shards/1"):
         read_manifest(tmp_path / "manifest.json")
+    good = {"samples": 3, "shards": [{"name": "train-000000.tar", "samples": 3}]}
+    damaged = {  # each crashed a loader with a KeyError / AttributeError before
+        "split 'train' has no integer `samples`": {"shards": good["shards"]},
+        "split 'train' is a list, not a mapping": good["shards"],
+        "split 'train': shard entry 0 lacks a `name`": {"samples": 3, "shards": [{"samples": 3}]},
+    }
+    for message, split in damaged.items():
+        (tmp_path / "manifest.json").write_text(json.dumps({"format": "sslpipe-shards/1", "splits": {"train": split}}))
+        with pytest.raises(ValueError, match=rf"manifest.json: {message}.*sslpipe shards --force"):
+            read_manifest(tmp_path)
 
 
 def test_colour_coded_label_maps_stop_the_writing(tmp_path: Path) -> None:

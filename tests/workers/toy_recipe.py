@@ -3,7 +3,8 @@
 Selected with `method: tests.workers.toy_recipe:ToyRecipe`. It uses the global torch RNG in every step (input noise and
 dropout) so that exact resume also checks RNG restoration. Options through `model.kwargs`:
 `n_samples` (default 48), `hidden` (the width, default 16), `nan_at_step` (make the loss NaN at that iteration),
-`signal_at_step` (send this process SIGUSR1 at that iteration) and `write_checksums` (in `evaluate`, each rank writes
+`signal_at_step` (send this process SIGUSR1 at that iteration), `touch_at_step` (create train.stop_file at that
+iteration) and `write_checksums` (in `evaluate`, each rank writes
 the sha256 of its student + teacher parameters to RUN/params_rank{r}.txt).
 """
 from __future__ import annotations
@@ -89,6 +90,8 @@ class ToyRecipe(Recipe):
             loss = loss * float("nan")
         if int(sched["it"]) == self.cfg.model.kwargs.get("signal_at_step", -1):
             os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM's --signal=USR1 does before the time limit
+        if int(sched["it"]) == self.cfg.model.kwargs.get("touch_at_step", -1):
+            Path(self.cfg.train.stop_file).touch()  # what launch/slurm.sbatch's USR1 trap does
         batch_center = self.accelerator.reduce(t.mean(0, keepdim=True), "mean")
         self.center = (self.center * self.section.loss.center_momentum
                        + batch_center * (1 - self.section.loss.center_momentum))
