@@ -195,11 +195,14 @@ def run_compile_bench(recipe_path: str, *, overrides: Sequence[str] = (), **kwar
     three, so that only the compile differs. Compiling happens in the warm-up steps; the median step is reported."""
     from sslpipe.recipes import load_config
 
-    method = load_config(recipe_path, list(overrides)).method
+    # a train.compile_backend override is the compiled sides' (the eager side reads none)
+    backend = [o for o in overrides if o.startswith("train.compile_backend=")]
+    overrides = [o for o in overrides if o not in backend]
+    method = load_config(recipe_path, overrides).method
     static = ["METHOD.pad_masked_patches=true"] if method in ("dinov2", "dinov3") else []
-    variants = {"eager": [*static, "train.compile=false"], "blocks": [*static, "train.compile=true"]}
+    variants = {"eager": [*static, "train.compile=false"], "blocks": [*static, "train.compile=true", *backend]}
     if static:
-        variants["step"] = [*static, "train.compile=true", "train.compile_scope=step"]
+        variants["step"] = [*static, "train.compile=true", "train.compile_scope=step", *backend]
     return _side_by_side(recipe_path, "--compile", variants, overrides, **kwargs)
 
 

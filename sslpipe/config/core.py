@@ -85,6 +85,8 @@ class DataConfig(Section):
     def _resampled_needs_steps(self) -> "DataConfig":
         if self.resampled and self.steps_per_epoch is None:
             raise ValueError("data.resampled=true streams forever: set data.steps_per_epoch")
+        if self.on_error == "raise":
+            self.refuse_unread_values("data", {"max_skipped_shards": "data.on_error=raise"})
         return self
 
 
@@ -170,6 +172,14 @@ class OptimConfig(Section):
         if self.warmup_iters is not None:
             unread["warmup_epochs"] = f"optim.warmup_iters={self.warmup_iters}"
         self.refuse_unread_values("optim", unread)
+        # either key can say "no clipping" (recipes write both); a clip value with mode none, or a mode with value
+        # 0, is not read
+        if self.clip_mode == "none" and self.clip_grad not in (0, type(self).model_fields["clip_grad"].default):
+            raise ValueError(f"key 'optim.clip_grad' = {self.clip_grad} is not read with optim.clip_mode=none: remove "
+                             "it (or set optim.clip_mode)")
+        if self.clip_grad == 0 and self.clip_mode == "global":
+            raise ValueError("key 'optim.clip_mode' = 'global' is not read with optim.clip_grad=0 (no clipping): "
+                             "set optim.clip_mode=none (or a clip_grad > 0)")
         return self
 
 
@@ -211,6 +221,8 @@ class TrainConfig(Section):
     def _scope_needs_compile(self) -> "TrainConfig":
         if self.compile_scope == "step" and not self.compile:
             raise ValueError("train.compile_scope=step chooses what train.compile compiles: set train.compile=true")
+        if not self.compile:
+            self.refuse_unread_values("train", {"compile_backend": "train.compile=false"})
         return self
 
 
@@ -218,6 +230,13 @@ class TrackingConfig(Section):
     log_with: list[Literal["wandb", "tensorboard"]] = []
     wandb_project: str = "sslpipe"
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
+
+    @model_validator(mode="after")
+    def _wandb_keys_need_wandb(self) -> "TrackingConfig":
+        if "wandb" not in self.log_with:
+            self.refuse_unread_values("tracking", dict.fromkeys(
+                ("wandb_project", "wandb_mode"), f"tracking.log_with={list(self.log_with)}"))
+        return self
 
 
 class EvalConfig(Section):

@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from sslpipe.config import Section
 from sslpipe.curves import warmed_up
+from sslpipe.data.masking import MaskGenerator
 from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.losses.ibot import IBOTLoss
 from sslpipe.models.backbones import MaskedViT
@@ -57,6 +58,20 @@ class MaskingConfig(Section):
     pred_start_epoch: int = 0
     min_num_patches: int | None = None  # None: the official (min(H, W) // 3) ** 2, i.e. 16 on a 14x14 grid
     min_aspect: float = 0.3
+
+    @model_validator(mode="after")
+    def _valid_masks(self) -> "MaskingConfig":
+        """The generator's own checks at load time, not when the first epoch's loader is built; block-only keys
+        refused with random masks."""
+        try:
+            MaskGenerator(1, self.pred_ratio, self.pred_ratio_var, self.pred_shape, self.min_num_patches,
+                          self.min_aspect, self.pred_start_epoch)
+        except ValueError as err:
+            raise ValueError(f"ibot.masking: {str(err).removeprefix('MaskGenerator: ')}") from None
+        if self.pred_shape == "rand":
+            self.refuse_unread_values("ibot.masking", dict.fromkeys(("min_num_patches", "min_aspect"),
+                                                                    "ibot.masking.pred_shape=rand"))
+        return self
 
 
 class IBOTConfig(TeacherStudentConfig):

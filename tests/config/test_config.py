@@ -251,6 +251,14 @@ def test_crops_that_are_not_made_are_not_checked_against_the_patch(tmp_path: Pat
     (["optim.name=sgd", "optim.betas=[0.9,0.95]"], r"'optim.betas' = \(0.9, 0.95\) is not read with optim.name=sgd"),
     (["optim.warmup_iters=5", "optim.warmup_epochs=2"], r"'optim.warmup_epochs' = 2.0 is not read with optim.warmup_"),
     (["optim.schedule=step", "optim.min_lr=0.1"], r"key 'optim.min_lr' = 0.1 is not read with optim.schedule=step"),
+    # the engine review: two runs differing only in clip_grad under clip_mode=none ended bit-identical
+    (["optim.clip_mode=none", "optim.clip_grad=1.0"], r"'optim.clip_grad' = 1.0 is not read with optim.clip_mode=none"),
+    (["optim.clip_mode=global", "optim.clip_grad=0"], r"'optim.clip_mode' = 'global' is not read with optim.clip_gr"),
+    (["train.compile_backend=eager"], r"'train.compile_backend' = 'eager' is not read with train.compile=false"),
+    (["tracking.wandb_mode=offline"], r"'tracking.wandb_mode' = 'offline' is not read with tracking.log_with=\[\]"),
+    (["tracking.wandb_project=x"], r"'tracking.wandb_project' = 'x' is not read with tracking.log_with=\[\]"),
+    (["data.on_error=raise", "data.max_skipped_shards=3"],
+     r"'data.max_skipped_shards' = 3 is not read with data.on_error=raise"),
 ])
 def test_an_optimiser_key_the_chosen_optimiser_or_schedule_does_not_read_is_refused(
         tmp_path: Path, overrides: list[str], pattern: str) -> None:
@@ -259,10 +267,23 @@ def test_an_optimiser_key_the_chosen_optimiser_or_schedule_does_not_read_is_refu
 
 
 def test_method_keys_read_only_with_another_setting_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"'ibot.masking.min_aspect' = 0.5 is not read with ibot.masking.pred_sh"):
+        load_config(REPO / "recipes/demo_ibot.yaml", ["ibot.masking.pred_shape=rand", "ibot.masking.min_aspect=0.5"])
     with pytest.raises(ConfigError, match=r"'distill.temperature' = 0.1 is not read with distill.global_loss=cosine"):
         load_config(REPO / "recipes/demo_distill.yaml", ["distill.global_loss=cosine", "distill.temperature=0.1"])
     with pytest.raises(ConfigError, match=r"'eval.mode' = 'slide' is not read with finetune_mask2former.task=instance"):
         load_config(REPO / "recipes/demo_finetune_m2f.yaml", ["finetune_mask2former.task=instance", "eval.mode=slide"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["ibot.masking.min_aspect=2.0"], r"ibot.masking: min_aspect must be in \(0, 1\], got 2.0"),
+    (["ibot.masking.pred_ratio=0.7", "ibot.masking.pred_ratio_var=0.5"],
+     r"ibot.masking: need 0 <= pred_ratio_var <= pred_ratio and pred_ratio \+ var <= 1, got \(0.7, 0.5\)"),
+])
+def test_masking_settings_are_checked_when_the_recipe_loads(overrides: list[str], message: str) -> None:
+    """They were checked when the first epoch's loader was built, after the run directory was written."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "recipes/demo_ibot.yaml", overrides)
 
 
 def test_current_layout_sections_are_not_read_as_sslpipe_0_1() -> None:

@@ -178,8 +178,8 @@ def test_regional_compile_keeps_names_and_values(digits_shards: Path, recipe_cls
     losses, keys = [], []
     for compile_ in (False, True):
         torch.manual_seed(0)
-        cfg = load_config(RECIPES / name, [*overrides, f"train.compile={str(compile_).lower()}",
-                                           "train.compile_backend=eager"])
+        compiled = ["train.compile=true", "train.compile_backend=eager"] if compile_ else []
+        cfg = load_config(RECIPES / name, [*overrides, *compiled])
         recipe = recipe_cls(cfg)
         recipe.build(Accelerator(cpu=True))
         blocks = recipe.student.backbone.vit.blocks
