@@ -5,14 +5,24 @@ torchvision accepts any backbone with `out_channels` that returns an ordered dic
 size per level, aspect ratios 0.5/1/2), ROIAlignV2 (`aligned=True`: pixel centres at +0.5; 7x7 boxes, 14x14 masks,
 sampling_ratio 0) on p2-p5 with FPN level assignment, a 4conv1fc box head and a 4-conv mask head, both with
 LayerNorm, and L1 box-regression losses in the RPN and the box head (detectron2 `smooth_l1_beta=0`; torchvision's
-smooth L1 with beta 1/9 is replaced). torchvision's own detection transform normalises (image_mean/std), resizes the
-longer side to `max_size` and pads every image to the `fixed_size` square when given (detectron2's ViTDet
-`square_pad`: the token grid of evaluation equals training's), else to a multiple of the pyramid's coarsest stride.
+smooth L1 with beta 1/9 is replaced). Mask targets and mask pasting are detectron2's too: a RoI's 28x28 target is
+`roi_align(aligned=True)` of its gt mask then `>= 0.5` (binary, on the pixel-centre grid the features are pooled on;
+`BitMasks.crop_and_resize`), and evaluation pastes a mask by sampling it bilinearly at each image pixel centre inside
+the exact float box (`layers/mask_ops.py`); torchvision's soft `aligned=False` targets and its paste into a widened
+integer box are replaced (an ideal mask head scored mask IoU 0.79 on an 8 px object with them, 1.0 now).
+torchvision's own detection transform normalises (image_mean/std), resizes the longer side to `max_size` and pads every
+image to the `fixed_size` square when given (detectron2's ViTDet `square_pad`: the token grid of evaluation equals
+training's), else to a multiple of the pyramid's coarsest stride.
 
 Remaining differences from detectron2, named: torchvision's box coder and samplers; images are fed as [0, 1] RGB and
-normalised with the backbone's mean/std rather than detectron2's 0-255 pixel mean/std (same result). The L1 losses
-are put in by subclassing torchvision's RPN and RoIHeads (`L1RegionProposalNetwork`, `L1RoIHeads`): the box
-head's loss is recomputed from the predictor's recorded output, since torchvision computes it inside `forward`.
+normalised with the backbone's mean/std rather than detectron2's 0-255 pixel mean/std (same result); gt masks are
+bitmaps, so targets follow detectron2's bitmap rule (`BitMasks`), while detectron2's COCO loader keeps polygons and
+rasterises them inside each RoI (`PolygonMasks.crop_and_resize`; detectron2 reports no accuracy difference); the
+model returns pasted masks as probabilities (torchvision's format) and the caller binarises them with `>= 0.5`
+(detectron2 binarises inside its paste). The L1 losses and the mask loss are put in by subclassing torchvision's RPN,
+RoIHeads and transform (`L1RegionProposalNetwork`, `L1RoIHeads`, `PixelCentrePasteTransform`): the box head's and
+the mask head's losses are recomputed from the predictors' recorded outputs, since torchvision computes them inside
+`forward`.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import LevelMapper
 
@@ -86,27 +97,124 @@ class RecordingPredictor(FastRCNNPredictor):
         return scores, deltas
 
 
+class RecordingMaskPredictor(MaskRCNNPredictor):
+    """MaskRCNNPredictor that keeps its last training logits for `L1RoIHeads`' mask loss (cleared there after use);
+    same layers and parameter names, so checkpoints are unchanged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = super().forward(x)
+        if self.training:
+            self.last_logits = logits
+        return logits
+
+
+def mask_targets(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor, size: int) -> Tensor:
+    """detectron2's mask targets (`BitMasks.crop_and_resize`): each RoI's matched (H, W) gt mask pooled over the RoI by
+    `roi_align(aligned=True)` (pixel centres at +0.5, adaptive sampling) on a size x size grid, then `>= 0.5`. Binary
+    targets on the grid ROIAlignV2 pools the mask features on; torchvision's (`aligned=False`, soft) sit half a
+    pixel off and blur every border. Returns (R, size, size) floats of 0/1."""
+    if not len(boxes):
+        return boxes.new_zeros((0, size, size))
+    used, index = torch.unique(matched_idxs, return_inverse=True)  # only the matched masks become floats
+    rois = torch.cat([index.to(boxes.dtype)[:, None], boxes], 1)
+    pooled = roi_align(gt_masks[used][:, None].to(boxes.dtype), rois, (size, size), spatial_scale=1.0,
+                       sampling_ratio=0, aligned=True)[:, 0]
+    return (pooled >= 0.5).to(boxes.dtype)
+
+
+def mask_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor], gt_labels: list[Tensor],
+              matched_idxs: list[Tensor]) -> Tensor:
+    """detectron2's `mask_rcnn_loss`: mean binary cross-entropy of each foreground RoI's own-class mask logits
+    against `mask_targets` (torchvision's `maskrcnn_loss` with its soft targets replaced)."""
+    size = mask_logits.shape[-1]
+    labels = torch.cat([gt[idx] for gt, idx in zip(gt_labels, matched_idxs)])
+    targets = torch.cat([mask_targets(m, p, idx, size) for m, p, idx in zip(gt_masks, proposals, matched_idxs)])
+    if not targets.numel():
+        return mask_logits.sum() * 0
+    logits = mask_logits[torch.arange(len(labels), device=labels.device), labels]
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+
+
 class L1RoIHeads(RoIHeads):
     """torchvision's RoIHeads with detectron2's L1 box-regression loss (`smooth_l1_beta=0`): the sum of |delta -
     target| of each sampled foreground RoI's own class, divided by the number of sampled RoIs (as torchvision and
-    detectron2 normalise). torchvision computes its smooth-L1 inside `forward`; it is replaced by this one."""
+    detectron2 normalise), and detectron2's binary pixel-centre mask targets (`mask_loss`). torchvision computes both
+    losses inside `forward`; they are recomputed here from the predictors' recorded outputs and replace its own. Its
+    mask loss is handed 1x1 stand-ins of the gt masks (views, nothing is copied) so that the full-size masks are
+    turned into floats only once, here."""
 
     def select_training_samples(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> tuple:
         out = super().select_training_samples(proposals, targets)
-        self.sampled = (out[2], out[3])  # labels, regression targets
+        self.sampled = out  # proposals, matched gt indices, labels, regression targets
         return out
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
-        result, losses = super().forward(features, proposals, image_shapes, targets)
+        masked = self.training and self.has_mask() and targets is not None
+        inner = [{**t, "masks": t["masks"][:, :1, :1]} for t in targets] if masked else targets
+        result, losses = super().forward(features, proposals, image_shapes, inner)
         if self.training:
-            labels, regression_targets = (torch.cat(t) for t in self.sampled)
+            sampled_proposals, matched_idxs, sampled_labels, sampled_targets = self.sampled
+            labels, regression_targets = torch.cat(sampled_labels), torch.cat(sampled_targets)
             deltas = self.box_predictor.last_deltas
             fg = torch.where(labels > 0)[0]
             deltas = deltas.reshape(len(labels), -1, 4)[fg, labels[fg]]
             losses["loss_box_reg"] = F.l1_loss(deltas, regression_targets[fg], reduction="sum") / labels.numel()
-            del self.sampled, self.box_predictor.last_deltas
+            del self.box_predictor.last_deltas
+            if masked:
+                pos = [torch.where(lab > 0)[0] for lab in sampled_labels]
+                losses["loss_mask"] = mask_loss(
+                    self.mask_predictor.last_logits, [p[i] for p, i in zip(sampled_proposals, pos)],
+                    [t["masks"] for t in targets], [t["labels"] for t in targets],
+                    [m[i] for m, i in zip(matched_idxs, pos)])
+                del self.mask_predictor.last_logits
+            del self.sampled
         return result, losses
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int]) -> Tensor:
+    """detectron2's paste (`layers/mask_ops.py`): (N, 1, M, M) mask probabilities -> (N, 1, H, W), each sampled
+    bilinearly (grid_sample, zeros outside) at the image's pixel centres (i + 0.5) mapped into its exact float box.
+    torchvision's `paste_masks_in_image` instead resizes the mask, widened by a cell, onto the integer box, which
+    moves small objects' borders by a pixel. Each mask is only sampled over its box +- 1 pixel (everything else is
+    below 0.5): one at a time on a CPU, as detectron2, in chunks of about 1 GiB of sampling grid elsewhere."""
+    n, (height, width) = len(masks), image_shape
+    out = torch.zeros((n, 1, height, width), dtype=torch.float32, device=masks.device)
+    if not n:
+        return out
+    masks = masks.reshape(n, 1, *masks.shape[-2:]).float()
+    boxes = boxes.float()
+    step = 1 if masks.device.type == "cpu" else max(1, (1 << 30) // (12 * height * width))
+    for start in range(0, n, step):
+        chunk = slice(start, start + step)
+        x0, y0, x1, y1 = boxes[chunk].unbind(1)
+        left, top = max(int(x0.min().floor()) - 1, 0), max(int(y0.min().floor()) - 1, 0)
+        right, bottom = min(int(x1.max().ceil()) + 1, width), min(int(y1.max().ceil()) + 1, height)
+        if right <= left or bottom <= top:
+            continue
+        xs = torch.arange(left, right, device=masks.device, dtype=torch.float32) + 0.5
+        ys = torch.arange(top, bottom, device=masks.device, dtype=torch.float32) + 0.5
+        gx = (xs[None] - x0[:, None]) / (x1 - x0).clamp(min=1e-6)[:, None] * 2 - 1  # (k, w): -1, 1 = box edges
+        gy = (ys[None] - y0[:, None]) / (y1 - y0).clamp(min=1e-6)[:, None] * 2 - 1
+        grid = torch.stack([gx[:, None, :].expand(-1, len(ys), -1), gy[:, :, None].expand(-1, -1, len(xs))], -1)
+        out[chunk, :, top:bottom, left:right] = F.grid_sample(masks[chunk], grid, align_corners=False)
+    return out
+
+
+class PixelCentrePasteTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform with detectron2's mask paste (`paste_masks`) in `postprocess`: boxes are
+    scaled back to each original image as before, then the masks pasted into them."""
+
+    def postprocess(self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
+                    original_image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        if self.training:
+            return result
+        masks = [pred.pop("masks", None) for pred in result]
+        result = super().postprocess(result, image_shapes, original_image_sizes)
+        for pred, mask, size in zip(result, masks, original_image_sizes):
+            if mask is not None:
+                pred["masks"] = paste_masks(mask, pred["boxes"], size)
+        return result
 
 
 def build_mask_rcnn(pyramid: ViTDetPyramid, num_classes: int, *, min_size: int = 1024, max_size: int = 1024,
@@ -155,10 +263,11 @@ def build_mask_rcnn(pyramid: ViTDetPyramid, num_classes: int, *, min_size: int =
         box_score_thresh=box_score_thresh,
         mask_roi_pool=ROIAlignV2(roi_names, roi_strides, output_size=14, sampling_ratio=0),
         mask_head=MaskRCNNHeads(channels, [head_dim] * mask_head_convs, 1, norm_layer=LayerNorm2d),
-        mask_predictor=MaskRCNNPredictor(head_dim, head_dim, num_classes),
+        mask_predictor=RecordingMaskPredictor(head_dim, head_dim, num_classes),
     )
-    # detectron2's L1 box losses: torchvision builds its RPN and RoIHeads inside MaskRCNN; the subclasses add no
-    # state, only the loss, so the built modules take their class
+    # detectron2's L1 box losses, mask targets and mask paste: torchvision builds its RPN, RoIHeads and transform
+    # inside MaskRCNN; the subclasses add no state, only the rules, so the built modules take their class
     model.rpn.__class__ = L1RegionProposalNetwork
     model.roi_heads.__class__ = L1RoIHeads
+    model.transform.__class__ = PixelCentrePasteTransform
     return model

@@ -101,7 +101,7 @@ class ViTDetRecipe(DenseFinetuneRecipe):
         outputs = model(images)
         preds = []
         for out, seg in zip(outputs, batch["seg"]):
-            masks = out["masks"][:, 0] > 0.5
+            masks = out["masks"][:, 0] >= 0.5  # the pasted probabilities, binarised as detectron2's paste
             if tuple(masks.shape[-2:]) != tuple(seg.shape):
                 masks = torch.nn.functional.interpolate(masks[:, None].float(), size=tuple(seg.shape))[:, 0] > 0.5
             preds.append({"boxes": out["boxes"].cpu(), "scores": out["scores"].cpu(), "labels": out["labels"].cpu(),
