@@ -10,7 +10,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                                       "as an export folder (model.safetensors + config.json), for every probe and "
                                       "recipe")
     p.add_argument("source", help="a .pth/.pt/.bin checkpoint (read with torch.load(weights_only=True)), a "
-                                  ".safetensors file or an export folder")
+                                  ".safetensors file, an export folder or a Hugging Face folder (timm's, "
+                                  "transformers' DINOv2)")
     p.add_argument("out", help="output export folder")
     p.add_argument("--format", choices=["dino", "ibot", "dinov2", "dinov3", "mae", "timm", "safetensors"],
                    default=None, help="the checkpoint's layout (default: detected from the keys)")
@@ -24,12 +25,17 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--with-heads", action="store_true",
                    help="DINO / iBOT / DINOv2 / DINOv3 training checkpoints: also keep the projection heads "
                         "(heads.safetensors), to continue the official pretraining with `model.init_from`")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
+                   help="the per-channel mean the weights were trained with, recorded in config.json (default: the "
+                        "config.json beside the weights, else ImageNet's, assumed and said); with --std")
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
+                   help="the per-channel standard deviation the weights were trained with; with --mean")
 
 
 def run(args: argparse.Namespace) -> int:
     from sslpipe.weights.importing import import_checkpoint
 
     report = import_checkpoint(args.source, args.out, fmt=args.format, which=args.which, arch=args.arch,
-                               img_size=args.img_size, with_heads=args.with_heads)
+                               img_size=args.img_size, with_heads=args.with_heads, mean=args.mean, std=args.std)
     print("\n".join(report.lines()))
     return 0

@@ -21,6 +21,7 @@ and comparing outputs.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
@@ -289,5 +290,48 @@ def load_export_into(module: nn.Module, path: str | Path) -> list[str]:
             + ". Build the backbone with the export's architecture and model arguments (model.arch, "
             "model.patch_size, model.kwargs)"
         )
+    _refuse_other_attributes(module, cfg, path)
     module.load_state_dict(state, strict=True)
     return notes
+
+
+def _invisible_attributes(module: nn.Module) -> dict[str, tuple[str, Any]]:
+    """What of `module` no weight shape shows, as {what: (the key that sets it, value)}: heads per attention, RoPE
+    base and period range, norm eps, the pooling of the feature."""
+    out: dict[str, tuple[str, Any]] = {}
+    for name, sub in module.named_modules():
+        where = name or "the model"
+        heads = getattr(sub, "num_heads", None)
+        if isinstance(heads, int):
+            out[f"num_heads of {where}"] = ("model.kwargs.num_heads", heads)
+        for attr, key in (("temperature", "model.kwargs.rope_temperature"), ("min_period", None),
+                          ("max_period", None)):
+            value = getattr(sub, attr, None)
+            if re.search("rope|rotary", type(sub).__name__, re.I) and isinstance(value, (int, float)):
+                out[f"RoPE {attr} of {where}"] = (key or "model.arch", float(value))
+        eps = getattr(sub, "eps", None)
+        if isinstance(sub, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) and isinstance(eps, float):
+            out[f"norm eps of {where}"] = ("model.arch", eps)
+    pool = getattr(module, "global_pool", None)
+    if isinstance(pool, str):
+        out["global_pool"] = ("model.kwargs.global_pool", pool)
+    return out
+
+
+def _refuse_other_attributes(module: nn.Module, cfg: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse, in one line, a backbone whose heads, RoPE base, norm eps or pooling differ from the export's network
+    (built from its config.json on the meta device): the weights would load and compute something else. An export
+    whose config timm no longer builds is let through, checked by its keys and shapes alone."""
+    try:
+        with torch.device("meta"):
+            theirs = timm.create_model(cfg["architecture"], pretrained=False, **cfg.get("model_args", {}))
+    except Exception:  # noqa: BLE001 -- any failure to rebuild it only skips this extra check
+        return
+    ours, recorded = _invisible_attributes(module), _invisible_attributes(theirs)
+    for what, (key, value) in recorded.items():
+        if what in ours and ours[what][1] != value:
+            fix = (f"set {key}={value}" if key != "model.arch" else
+                   f"build model.arch={cfg['architecture']} with the export's model_args")
+            raise ValueError(f"model.init_from={path}: the export's network has {what} = {value}, the backbone "
+                             f"built here {ours[what][1]} (no weight shape shows it, so the weights would load and "
+                             f"compute something else): {fix}")

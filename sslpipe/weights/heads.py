@@ -50,11 +50,16 @@ def heads_of(network: dict[str, Tensor], method: str) -> dict[str, Tensor]:
             heads[key] = value.detach().cpu().clone()
     if not heads:
         raise ValueError(f"--with-heads: no {' or '.join(prefixes)} tensors in the {method} network")
-    if method != "dino":  # the masked-image-modelling methods
-        for key in _MASK_TOKENS:
-            if key in network:
-                heads[MASK_TOKEN] = network[key].detach().cpu().clone()
+    token = mask_token_of(network) if method != "dino" else None  # the masked-image-modelling methods
+    if token is not None:
+        heads[MASK_TOKEN] = token.detach().cpu().clone()
     return heads
+
+
+def mask_token_of(network: dict[str, Tensor]) -> Tensor | None:
+    """The trained mask token of a network's state dict (sslpipe's, DINOv2's, DINOv3's or iBOT's official name), None
+    when it has none (iBOT's teacher: `sslpipe import` then takes the student's)."""
+    return next((network[k] for k in _MASK_TOKENS if k in network), None)
 
 
 def _as_built(state: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -78,6 +83,8 @@ def write_heads(export: str | Path, heads: dict[str, Tensor], method: str) -> Pa
     save_file(heads, str(tmp), metadata={"format": "pt", "method": method})
     config = json.loads(config_path.read_text())
     config["heads"] = {"method": method, "file": HEADS_NAME, "tensors": len(heads)}
+    if method != "dino":  # whether the masked-image-modelling network had a token to keep (load_heads says so)
+        config["heads"]["mask_token"] = MASK_TOKEN in heads
     config.setdefault("sha256", {})[HEADS_NAME] = sha256_file(tmp)
     tmp.replace(out)
     rewrite_config(config_path, config)
@@ -135,7 +142,10 @@ def load_heads(net: nn.Module, export: str | Path, method: str) -> list[str]:
     notes = [f"heads from {export} ({len(state)} tensors)"]
     if own_token is not None:
         if token is None:
-            notes.append("the mask token starts at zero (the export predates keeping it beside the heads)")
+            why = ("the network the heads came from had none" if recorded.get("mask_token") is False else
+                   "the export's heads carry none: its network had none, or it was written before sslpipe kept "
+                   "the token")
+            notes.append(f"the mask token starts at zero ({why})")
         elif token.shape != own_token.shape:
             raise ValueError(f"model.init_from={export}: its mask token is {tuple(token.shape)}, the backbone built "
                              f"here takes {tuple(own_token.shape)}: export it again from a run of this architecture")

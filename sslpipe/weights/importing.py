@@ -2,7 +2,9 @@
 file -> an export folder, exactly what `sslpipe export` writes (`model.safetensors`, `config.json`, model card), so
 every probe and fine-tuning recipe takes it (docs/own_backbone.md). The official key layouts:
 `sslpipe.weights.layouts`, DINOv3's `sslpipe.weights.layouts_dinov3` (mapped by timm's own filters, which need the
-timm model: so a DINOv3 network is renamed after the model is built, the others before).
+timm model: so a DINOv3 network is renamed after the model is built, the others before). A Hugging Face transformers
+DINOv2 folder (config.json `model_type` dinov2 / dinov2_with_registers) is mapped onto the official DINOv2 names first
+(`layouts.transformers_to_official`); other transformers folders are refused, pointing to weights that are read.
 
 Reading is safe: `.safetensors` hold tensors only; anything else goes through `torch.load(weights_only=True)`, which
 rebuilds tensors and plain containers and refuses every other pickled object (unpickling one can run code). One
@@ -15,10 +17,11 @@ is listed with the reason in the report and in config.json's `source.dropped`; a
 of another shape is an error naming the first keys on both sides.
 
 The architecture is read from the shapes (patch size, width, depth, MLP ratio, registers, layer scale, biases,
-position grid); the number of attention heads leaves no trace in any shape (DINOv3's RoPE periods excepted), so
-the standard of the width is taken, and said. A position grid other than the one asked for (`img_size / patch`) is
-resized here, once, by the source's own rule, so the export at that size computes what the official model computes at
-that size (DINOv3's rotary embeddings need none).
+position grid); the number of attention heads leaves no trace in any shape (DINOv3's RoPE periods and a
+transformers config.json excepted), so the standard of the width is taken, and said. A position grid other than the
+one asked for (`img_size / patch`) is resized here, once, by the source's own rule (an sslpipe export's: the rule of
+the network it came from), so the export at that size computes what the official model computes at that size
+(DINOv3's rotary embeddings need none).
 """
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ import argparse
 import json
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import timm
 import torch
@@ -49,9 +53,10 @@ from sslpipe.weights.export import (
     some_keys,
 )
 from sslpipe.weights.hashing import sha256_file
-from sslpipe.weights.heads import HEADS_NAME, heads_of, write_heads
+from sslpipe.weights.heads import HEADS_NAME, MASK_TOKEN, heads_of, mask_token_of, write_heads
 from sslpipe.weights.layouts import (
     FORMATS,
+    HF_MAPPED,
     Dropped,
     UnusableCheckpoint,
     backbone_state,
@@ -61,9 +66,10 @@ from sslpipe.weights.layouts import (
     native_size,
     select_network,
     to_timm_names,
+    transformers_to_official,
 )
 from sslpipe.weights.layouts_dinov3 import dinov3_to_timm, infer_dinov3
-from sslpipe.weights.positions import fit_position_grid, position_rule
+from sslpipe.weights.positions import Rule, export_position_rule, fit_position_grid, position_rule
 
 SAFE_GLOBALS = (argparse.Namespace,)
 _OFFICIAL = ("dino", "ibot", "dinov2", "dinov3", "mae")
@@ -76,6 +82,40 @@ _CONVERT = """If you trust the file, keep only its tensors, once (this runs its 
     torch.save({{k: v for k, v in ck.items() if isinstance(v, (dict, torch.Tensor))}}, "{dst}")
 and import that: `sslpipe import {dst} OUT`. (Or allow the class in your own code with
 torch.serialization.add_safe_globals([{name}]).)"""
+
+
+def _what_file(path: Path) -> str | None:
+    """"safetensors" or "torchscript" when the first bytes say the file is one of those whatever its name, else None:
+    torch.load's own error for them reads like a damaged file."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return None
+    if len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{":
+        return "safetensors"  # an 8-byte little-endian header length, then the JSON header
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return None
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"  # torch.jit.save's archive: the scripted code and its constants
+    return None
+
+
+def _refuse_misnamed(path: Path) -> None:
+    """Refuse, naming what the file is, a safetensors file or a TorchScript archive under a torch checkpoint's name."""
+    found = _what_file(path)
+    if found == "safetensors":
+        raise UnusableCheckpoint(f"{path} is a safetensors file (its header says so), not a torch checkpoint: rename "
+                                 f"it to {path.with_suffix('.safetensors').name} and import that")
+    if found == "torchscript":
+        raise UnusableCheckpoint(f"{path} is a TorchScript archive (torch.jit.save), not a state dict: save its "
+                                 f"weights once, torch.save(torch.jit.load('{path}').state_dict(), 'weights.pth'), "
+                                 "and import weights.pth with --arch")
 
 
 def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
@@ -91,6 +131,8 @@ def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
         return UnusableCheckpoint(f"{path} could not be read as a {kind} ({detail}): truncated or damaged? Download "
                                   "it again (and compare its sha256)")
 
+    if path.suffix != ".safetensors":
+        _refuse_misnamed(path)
     if path.suffix == ".safetensors":
         try:
             ckpt: Any = load_file(str(path))
@@ -126,10 +168,10 @@ def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
     return ckpt
 
 
-def _fit(state: dict[str, Tensor], module: nn.Module, fmt: str) -> tuple[list[Dropped], list[str]]:
-    """Resize the position grid to the module's and drop a classifier the export leaves out (in place)."""
+def _fit(state: dict[str, Tensor], module: nn.Module, rule: Rule) -> tuple[list[Dropped], list[str]]:
+    """Resize the position grid to the module's by `rule` and drop a classifier the export leaves out (in place)."""
     dropped = []
-    notes = fit_position_grid(state, module, position_rule(fmt, "reg_token" in state))
+    notes = fit_position_grid(state, module, rule)
     target_keys = module.state_dict()
     classifier = sorted(k for k in state if k not in target_keys and k.split(".")[0] in _CLASSIFIERS)
     for key in classifier:
@@ -155,20 +197,62 @@ def _tensors(n: int) -> str:
 
 def _sidecar(path: Path) -> dict[str, Any]:
     """Architecture, model arguments, input size and normalisation from the config.json beside a .safetensors file:
-    an sslpipe export's, or a timm Hugging Face folder's (`architecture` + `pretrained_cfg`)."""
+    an sslpipe export's (with its `source`, whose format fixes the position rule), or a timm Hugging Face folder's
+    (`architecture` + `pretrained_cfg`); a Hugging Face transformers folder's config (`model_type`) as `transformers`.
+    """
     config = path.parent / CONFIG_NAME
-    if path.suffix != ".safetensors" or not config.is_file():
+    if not config.is_file():
         return {}
     try:
         cfg = json.loads(config.read_text())
     except ValueError as err:
+        if path.suffix != ".safetensors":
+            return {}  # beside a torch checkpoint only a transformers config.json is read
         raise UnusableCheckpoint(f"{config} beside {path.name} is not valid JSON ({err}): fix or remove it") from err
-    if not isinstance(cfg, dict) or "architecture" not in cfg:
+    if isinstance(cfg, dict) and "architecture" not in cfg and "model_type" in cfg:
+        return {"transformers": cfg}  # model.safetensors or pytorch_model.bin
+    if path.suffix != ".safetensors" or not isinstance(cfg, dict) or "architecture" not in cfg:
         return {}
-    pre = cfg if cfg.get("format") == FORMAT else cfg.get("pretrained_cfg", {})
+    export = cfg.get("format") == FORMAT
+    pre = cfg if export else cfg.get("pretrained_cfg", {})
     size = pre.get("img_size") or (pre.get("input_size") or [None])[-1]
-    return {"arch": cfg["architecture"], "model_args": dict(cfg.get("model_args") or {}), "img_size": size,
-            "mean": pre.get("mean"), "std": pre.get("std"), "from": f"{config.name} beside the weights"}
+    out = {"arch": cfg["architecture"], "model_args": dict(cfg.get("model_args") or {}), "img_size": size,
+           "mean": pre.get("mean"), "std": pre.get("std"), "from": f"{config.name} beside the weights"}
+    if export:
+        out["export_source"] = dict(cfg.get("source") or {})
+    return out
+
+
+def _transformers_layout(cfg: Mapping[str, Any], path: Path) -> str:
+    """The layout of a Hugging Face transformers folder: DINOv2's are mapped (`transformers_to_official`); any other
+    model type is refused in one line that points to weights sslpipe reads."""
+    model_type = cfg.get("model_type")
+    if model_type in HF_MAPPED:
+        return "dinov2"
+    where = ("the official DINOv3 .pth (github.com/facebookresearch/dinov3) or timm's weights "
+             "(timm/vit_*_dinov3.lvd1689m, timm/convnext_*_dinov3.lvd1689m)" if str(model_type).startswith("dinov3")
+             else "the original checkpoint or a timm model folder")
+    raise UnusableCheckpoint(f"{path} is a Hugging Face transformers {model_type} folder (config.json "
+                             f"{cfg.get('architectures')}), whose key names are transformers' own: sslpipe import "
+                             f"reads transformers' dinov2 folders only; import {where} instead")
+
+
+def _normalisation(mean: Sequence[float] | None, std: Sequence[float] | None, side: Mapping[str, Any]
+                   ) -> tuple[list[float], list[float], str]:
+    """(mean, std, where they come from): --mean/--std, the config.json beside the weights, else ImageNet's, assumed
+    (no weight records the statistics it was trained with)."""
+    if (mean is None) != (std is None):
+        raise UnusableCheckpoint("pass --mean and --std together (3 values each, the RGB statistics the weights were "
+                                 "trained with)")
+    if mean is not None and std is not None:
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise UnusableCheckpoint(f"--mean {list(mean)} --std {list(std)}: give as many values for each, and "
+                                     "positive standard deviations")
+        return [float(m) for m in mean], [float(s) for s in std], "given with --mean/--std"
+    if side.get("mean") and side.get("std"):
+        return list(side["mean"]), list(side["std"]), side["from"]
+    return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD), ("ImageNet's, assumed: no weight records its "
+                                                                      "statistics; pass --mean/--std if yours differ")
 
 
 def _source_file(source: Path) -> Path:
@@ -183,6 +267,11 @@ def _source_file(source: Path) -> Path:
             return source / name
     raise FileNotFoundError(f"{source} is a folder without {WEIGHTS_NAME} or pytorch_model.bin: pass the checkpoint "
                             f"file (it holds {sorted(p.name for p in source.iterdir())[:8]})")
+
+
+# The DINOv3 ViT-L distilled from the 7B on satellite images (SAT-493M) unties its local CLS norm, the LVD-1689M one
+# does not (hub/backbones.py); its statistics are the README's "Image transforms" for satellite imagery.
+SAT493M_MEAN, SAT493M_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)
 
 
 @dataclass
@@ -200,12 +289,17 @@ class ImportReport:
     kept: int
     dropped: list[Dropped]
     notes: list[str]
+    mean: list[float]
+    std: list[float]
+    normalisation_from: str
 
     def lines(self) -> list[str]:
         out = [f"read {self.source}: {self.fmt} layout ({'detected from the keys' if self.detected else '--format'})"
                + (f", the {self.which}" if self.which else "")]
         out.append(f"architecture {self.arch} ({self.arch_from}): "
                    + ", ".join(f"{k}={v}" for k, v in self.model_args.items() if k != "num_classes"))
+        out.append(f"normalisation: mean {tuple(round(m, 4) for m in self.mean)} std "
+                   f"{tuple(round(v, 4) for v in self.std)} ({self.normalisation_from})")
         out += [f"note: {n}" for n in self.notes]
         if self.dropped:
             out.append("dropped, not part of the backbone:")
@@ -216,41 +310,79 @@ class ImportReport:
         return out
 
 
+def _student_mask_token(ckpt: Mapping[str, Any], path: Path) -> Tensor | None:
+    """The trained mask token of the checkpoint's student (iBOT builds it in the student only), None without one."""
+    try:
+        student = select_network(ckpt, "student", path)[0]
+    except UnusableCheckpoint:
+        return None
+    return mask_token_of(student)
+
+
+def _sat_note(state: Mapping[str, Tensor], fmt: str, path: Path, given: bool) -> list[str]:
+    """A warning when the weights look like DINOv3's SAT-493M release and no --mean/--std were given."""
+    width = getattr(state.get("cls_token"), "shape", (0,))[-1]
+    sat = fmt == "dinov3" and ("sat493m" in path.name.lower()  # the 7B has local_cls_norm in both releases
+                               or ("local_cls_norm.weight" in state and width == 1024))
+    if not sat or given:
+        return []
+    return [f"this looks like DINOv3's SAT-493M release (a ViT-L with local_cls_norm, or the file name): its "
+            f"normalisation is mean {SAT493M_MEAN}, std {SAT493M_STD}, not ImageNet's recorded here; import again "
+            f"with --mean {' '.join(map(str, SAT493M_MEAN))} --std {' '.join(map(str, SAT493M_STD))}"]
+
+
 def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = None, which: str | None = None,
-                      arch: str | None = None, img_size: int | None = None, with_heads: bool = False) -> ImportReport:
+                      arch: str | None = None, img_size: int | None = None, with_heads: bool = False,
+                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> ImportReport:
     """Write the backbone of `source` as an export folder `out` (module docstring).
 
     `fmt`: one of FORMATS (default: detected from the keys); `which`: "teacher" | "student" for checkpoints with
     both (default: the teacher); `arch`: a timm name whose defaults describe the weights (default: read from the
     shapes, or from an export's config.json beside a .safetensors file); `img_size`: the input size of the export
     (default: the checkpoint's position grid x patch size; 224 for CNNs); `with_heads`: also the DINO / iBOT /
-    DINOv2 projection heads of a training checkpoint (`sslpipe.weights.heads`), to continue its pretraining.
+    DINOv2 projection heads of a training checkpoint (`sslpipe.weights.heads`), to continue its pretraining;
+    `mean`/`std`: the normalisation the weights were trained with (default: the config.json beside the weights,
+    else ImageNet's, assumed and said).
     """
     path = _source_file(Path(source))
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    mean_, std_, norm_from = _normalisation(mean, std, {})  # checked before any reading; the sidecar's come below
     ckpt = read_checkpoint(path)
     net, chosen, dropped = select_network(ckpt, which, path)
     # a config.json naming a timm architecture (an export, a timm Hugging Face folder) says the keys are timm's
     beside_config = _sidecar(path)
-    found = "safetensors" if beside_config else detect_format(ckpt, net, path.suffix)
+    hf_config = beside_config.pop("transformers", None)
+    hf_heads: int | None = None
+    if hf_config is not None:  # a Hugging Face transformers folder: its DINOv2 in the official names
+        found = _transformers_layout(hf_config, path)
+        net, hf_dropped, hf_heads = transformers_to_official(net, hf_config, path)
+        dropped += hf_dropped
+    else:
+        found = "safetensors" if beside_config else detect_format(ckpt, net, path.suffix)
     if fmt in _OFFICIAL and found in _OFFICIAL and found != fmt:
         raise UnusableCheckpoint(f"--format {fmt}, but {path} has the keys of a {found} checkpoint: leave --format "
                                  f"out or pass --format {found}")
     detected, fmt = fmt is None, fmt or found
+    # an sslpipe export imported again keeps the layout of the network it came from (its position rule, provenance)
+    export_source = beside_config.get("export_source") if fmt in ("timm", "safetensors") else None
     state, beside = backbone_state(net, fmt)
+    sat_notes = _sat_note(state, fmt, path, mean is not None)
     if fmt in _RENAMED:
         state = to_timm_names(state)
     side = beside_config if fmt in ("timm", "safetensors") and arch is None else {}
     notes: list[str] = []
     patch: int | None = None
     kwargs: dict[str, Any] = {}
+    # weights read in an official layout by detection may still be a timm network's that shares its key names
+    misread = (f" (the keys were read as the {fmt} layout; if this is a timm state dict, pass --format timm)"
+               if detected and fmt in _OFFICIAL and hf_config is None else "")
     if arch is not None:
         if not timm.is_model(arch):
             raise UnusableCheckpoint(f"--arch {arch!r} is not a timm architecture (timm.list_models('vit_*') lists "
                                      "them)")
         arch_from, hint = "--arch", (f"These weights are no {arch}: leave --arch out to read the architecture from "
-                                     "the shapes, or name the right one")
+                                     f"the shapes, or name the right one{misread}")
     elif side:
         arch, arch_from = side["arch"], side["from"]
         hint = f"The {CONFIG_NAME} beside it does not describe these weights: pass --arch"
@@ -258,16 +390,23 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
         kwargs = {k: v for k, v in side["model_args"].items()
                   if k not in ("img_size", "patch_size", "num_classes", "dynamic_img_size")}
     else:
-        arch_from, hint = "inferred from the shapes", "Name the architecture with --arch TIMM_NAME (its defaults apply)"
+        arch_from, hint = "inferred from the shapes", ("Name the architecture with --arch TIMM_NAME (its defaults "
+                                                       f"apply){misread}")
         if fmt == "dinov3":
             arch, kwargs, patch, notes = infer_dinov3(state, path)
         elif "patch_embed.proj.weight" in state:
             arch, kwargs, patch, notes = infer_vit(state, fmt)
+            if hf_heads is not None:
+                kwargs["num_heads"], arch_from = hf_heads, "inferred from the shapes and the transformers config.json"
+                notes = [f"num_heads={hf_heads}: from the transformers config.json (num_attention_heads)"]
         elif "conv1.weight" in state and "layer1.0.conv1.weight" in state:
             arch = infer_resnet(state)
         else:
             raise UnusableCheckpoint(f"cannot read the architecture of {path} from keys like "
                                      f"{some_keys(sorted(state), 6)}: pass --arch TIMM_NAME")
+    if hf_config is not None:
+        notes.append(f"a Hugging Face transformers {hf_config.get('model_type')} folder: its keys mapped onto the "
+                     "official DINOv2 names (the conversion script's table); a grid resized by DINOv2's own rule")
     size = int(img_size or side.get("img_size") or native_size(state) or 224)
     try:
         module, model_args = create_timm_backbone(arch, size, patch, kwargs)
@@ -281,27 +420,45 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
     if fmt == "dinov3":
         state, renamed, more = dinov3_to_timm(state, module, arch, path)
         notes += more
-    classifier, resized = _fit(state, module, fmt)
+    registers = "reg_token" in state
+    if export_source is not None:
+        rule = export_position_rule({"source": export_source}, registers)
+        origin = export_source.get("format")
+        notes.append(f"an sslpipe export of a {origin} network" if origin else "an sslpipe export of an sslpipe run")
+    else:
+        rule = position_rule(fmt, registers)
+    classifier, resized = _fit(state, module, rule)
     _check_keys(state, module, f"{path} ({fmt} layout) does not fit {arch} with {model_args} ({arch_from})", hint)
     module.load_state_dict(state, strict=True)
     dropped += beside + renamed + classifier
     notes += resized
     heads = heads_of(net, fmt) if with_heads else None
+    if heads is not None and fmt != "dino" and MASK_TOKEN not in heads and chosen == "teacher":
+        token = _student_mask_token(ckpt, path)
+        if token is not None:
+            heads[MASK_TOKEN] = token.detach().cpu().clone()
+            notes.append("the mask token from the student (the teacher's network has none), kept with the heads")
     if heads is not None:
         notes.append(f"the {fmt} projection heads kept beside the backbone ({HEADS_NAME}, {len(heads)} tensors)")
+    if mean is None:
+        mean_, std_, norm_from = _normalisation(None, None, side or beside_config)
+    notes += sat_notes
     source_info = {"imported_from": str(path.resolve()), "sha256": sha256_file(path), "format": fmt, "which": chosen,
-                   "architecture_from": arch_from, "dropped": [d.as_dict() for d in dropped], "notes": notes}
-    out_dir = export_backbone(
-        module.eval(), out, arch=arch, model_args=model_args, img_size=size,
-        mean=side.get("mean") or IMAGENET_DEFAULT_MEAN, std=side.get("std") or IMAGENET_DEFAULT_STD,
-        source=source_info)
+                   "architecture_from": arch_from, "dropped": [d.as_dict() for d in dropped], "notes": notes,
+                   "normalisation_from": norm_from}
+    if export_source is not None:  # the layout of the network the export came from: its position rule
+        source_info.update(format=export_source.get("format"), imported_as=fmt, export_source=export_source)
+    out_dir = export_backbone(module.eval(), out, arch=arch, model_args=model_args, img_size=size, mean=mean_,
+                              std=std_, source=source_info)
     write_model_card(
         out_dir, title=f"{arch} imported from a {fmt} checkpoint", tags=[fmt, "imported"],
         provenance=[("source", f"`{path.name}`, sha256 `{source_info['sha256']}`"),
                     ("layout", f"{fmt}" + (f", the {chosen}" if chosen else "")),
                     ("architecture read from", arch_from),
+                    ("normalisation", norm_from),
                     ("left out", "; ".join(f"`{d.entry}`: {d.why}" for d in dropped) or "nothing"),
                     *(("note", n) for n in notes)])
     if heads is not None:
         write_heads(out_dir, heads, fmt)
-    return ImportReport(path, out_dir, fmt, detected, chosen, arch, arch_from, model_args, len(state), dropped, notes)
+    return ImportReport(path, out_dir, fmt, detected, chosen, arch, arch_from, model_args, len(state), dropped, notes,
+                        mean_, std_, norm_from)

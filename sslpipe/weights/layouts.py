@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import timm
+import torch
 from torch import Tensor
 
 FORMATS = ("dino", "ibot", "dinov2", "dinov3", "mae", "timm", "safetensors")
@@ -41,11 +42,14 @@ _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
 # DINOv2 block chunks hold ViT blocks (`blocks.{chunk}.{index}.attn.qkv`); timm's EfficientNet / MobileNet stages
 # are `blocks.{stage}.{index}.` too, but of convolutions, so only this marks the chunked layout.
 _VIT_CHUNK = re.compile(r"^blocks\.\d+\.\d+\.attn\.qkv\.weight$")
-# Keys of timm architectures that share iBOT's `gamma_1/2` layer scale (Eva incl. every `vit_*_dinov3`, BEiT, CaiT) and
-# that no iBOT ViT has: registers, split q/v biases, relative position bias, Eva's SwiGLU and rotary buffers, CaiT's
-# class-attention blocks.
-_TIMM_ONLY = re.compile(r"(^|\.)(reg_token|q_bias|v_bias|relative_position_bias_table|fc1_g\.weight|rope\.\w+)$"
-                        r"|(^|\.)blocks_token_only\.")
+# timm's Twins-SVT stages are `blocks.{stage}.{index}.` of attention blocks too, but its locally-grouped blocks
+# alternate with sub-sampled ones (`attn.q` + `attn.kv`), which DINOv2's chunks never hold.
+_TWINS_ATTN = re.compile(r"^blocks\.\d+\.\d+\.attn\.(q|kv)\.weight$")
+# Keys of timm architectures that share iBOT's `gamma_1/2` layer scale (Eva incl. every `vit_*_dinov3`, BEiT, CaiT,
+# Perception Encoder) and that no iBOT ViT has: registers, split q/v biases, relative position bias, Eva's SwiGLU and
+# rotary buffers, CaiT's class-attention blocks, the pre-norm (PE's `norm_pre`).
+_TIMM_ONLY = re.compile(r"(^|\.)(reg_token|q_bias|v_bias|relative_position_bias_table|fc1_g\.weight|rope\.\w+|"
+                        r"norm_pre\.weight)$|(^|\.)blocks_token_only\.")
 # Keys only DINOv3 networks have: RoPE periods, storage tokens, the key-bias mask, the untied local CLS norm, and
 # the ConvNeXt's final norm listed again.
 _DINOV3 = re.compile(r"(^|\.)(rope_embed\.periods|storage_tokens|local_cls_norm\.weight|attn\.qkv\.bias_mask|"
@@ -169,6 +173,17 @@ def select_network(ckpt: Mapping[str, Any], which: str | None, path: Any) -> tup
     return tensors, chosen, dropped
 
 
+def _cls_position_table(net: Mapping[str, Tensor]) -> bool:
+    """A `pos_embed` of 1 + a square grid beside a `cls_token` of the same network (as official iBOT's always is)."""
+    for key, pos in net.items():
+        if key.split(".")[-1] != "pos_embed" or pos.dim() != 3:
+            continue
+        prefix = key[: -len("pos_embed")]
+        if prefix + "cls_token" in net and square(pos.shape[1] - 1) is not None:
+            return True
+    return False
+
+
 def detect_format(ckpt: Mapping[str, Any], net: Mapping[str, Tensor], suffix: str) -> str:
     """The official layout a checkpoint follows, from its keys (all networks in it, wrappers removed); "timm" /
     "safetensors" when none matches. Each marker is one no timm architecture shares, since timm layouts are
@@ -180,13 +195,17 @@ def detect_format(ckpt: Mapping[str, Any], net: Mapping[str, Tensor], suffix: st
     mask = net.get("mask_token")
     if any(_DINOV3.search(k) for k in keys):
         return "dinov3"
-    # iBOT's layer scale only in a ViT with a position table and no timm-only key (Eva without one has `gamma_1` too)
-    ibot_gamma = (any(k.endswith(".gamma_1") for k in keys) and any(k.split(".")[-1] == "pos_embed" for k in keys)
+    # iBOT's layer scale only in a ViT whose position table holds the CLS position (official iBOT: 1 + a square grid,
+    # with a cls_token) and with no timm-only key: timm's Eva without rotary keys (vit_*_rope_ape, PE) has `gamma_1`
+    # and a grid-only table too
+    ibot_gamma = (any(k.endswith(".gamma_1") for k in keys) and _cls_position_table(net)
                   and not any(_TIMM_ONLY.search(k) for k in keys))
     if "ibot_loss" in ckpt or ibot_gamma or any(k.endswith("masked_embed") or "last_layer2." in k for k in keys):
         return "ibot"
+    twins = any(_TWINS_ATTN.match(k) for k in keys)
     if any("register_tokens" in k or "dino_head." in k or "ibot_head." in k or ".mlp.w12." in k
-           or _VIT_CHUNK.match(k.removeprefix("backbone.")) for k in keys) or (mask is not None and mask.dim() == 2):
+           or (not twins and _VIT_CHUNK.match(k.removeprefix("backbone."))) for k in keys) \
+            or (mask is not None and mask.dim() == 2):
         return "dinov2"
     if any(k.startswith("decoder_") for k in keys) or (mask is not None and mask.dim() == 3):
         return "mae"
@@ -311,3 +330,70 @@ def infer_resnet(state: Mapping[str, Tensor]) -> str:
     if arch in ("resnet50", "resnet101") and state["layer1.0.conv1.weight"].shape[0] == 128:
         arch = f"wide_{arch}_2"
     return arch
+
+
+# Hugging Face transformers' DINOv2 names (models/dinov2/convert_dinov2_to_hf.py, as the hub files and save_pretrained
+# have them; also the in-memory names of transformers 5, `q_proj`, `gate_proj`, ...) -> the official ones, each block
+# `encoder.layer.{i}.` -> `blocks.{i}.`.
+_HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+           "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
+           "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+           "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+_HF_BLOCK = {"norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
+             "layer_scale1": "ls1", "layer_scale2": "ls2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+             "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3", "mlp.down_proj": "mlp.w3"}
+# (query, key, value) -> qkv and (gate, up) -> SwiGLU's packed w12, concatenated in that order
+_HF_CONCAT = {("attention.attention.query", "attention.attention.key", "attention.attention.value"): "attn.qkv",
+              ("attention.q_proj", "attention.k_proj", "attention.v_proj"): "attn.qkv",
+              ("mlp.gate_proj", "mlp.up_proj"): "mlp.w12"}
+HF_MAPPED = ("dinov2", "dinov2_with_registers")
+_HF_BLOCK_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
+_HF_KIND = {"lambda1": "gamma"}
+
+
+def transformers_to_official(state: Mapping[str, Tensor], config: Mapping[str, Any], path: Any
+                             ) -> tuple[dict[str, Tensor], list[Dropped], int]:
+    """A transformers `Dinov2Model` / `Dinov2WithRegistersModel` state dict (a `save_pretrained` folder) in the
+    official DINOv2 names, what was left out, and the number of heads from its config.json (no shape shows it).
+    Refused: settings timm's DINOv2 ViTs do not compute (another activation or norm eps)."""
+    model_type = config.get("model_type")
+    act, eps = config.get("hidden_act", "gelu"), float(config.get("layer_norm_eps", 1e-6))
+    if act != "gelu" or eps != 1e-6:
+        raise UnusableCheckpoint(f"{path}: its config.json sets hidden_act={act!r}, layer_norm_eps={eps:g}; timm's "
+                                 "DINOv2 ViTs compute gelu and eps 1e-6: import the official .pth instead")
+    prefix = f"{model_type}."
+    out: dict[str, Tensor] = {}
+    parts: dict[tuple[int, str, str], Tensor] = {}
+    other: list[str] = []
+    for key, value in state.items():
+        key = key.removeprefix(prefix)
+        found = _HF_BLOCK_KEY.match(key)
+        if key in _HF_TOP:
+            out[_HF_TOP[key]] = value
+        elif found is None:
+            other.append(key)
+        else:
+            index, name, kind = int(found.group(1)), found.group(2), found.group(3)
+            if name in _HF_BLOCK:
+                out[f"blocks.{index}.{_HF_BLOCK[name]}.{_HF_KIND.get(kind, kind)}"] = value
+            elif any(name in group for group in _HF_CONCAT):
+                parts[(index, name, kind)] = value
+            else:
+                other.append(key)
+    for index, name, kind in sorted(parts):
+        group = next((g for g in _HF_CONCAT if name == g[0]), None)
+        if group is None:
+            continue  # a later member of a group, concatenated with its first
+        pieces = [parts.get((index, member, kind)) for member in group]
+        if any(p is None for p in pieces):
+            raise UnusableCheckpoint(f"{path}: encoder.layer.{index}.{name}.{kind} without all of {list(group)}: "
+                                     "not a complete transformers DINOv2 layer")
+        out[f"blocks.{index}.{_HF_CONCAT[group]}.{kind}"] = torch.cat(pieces, dim=0)
+    heads = [k for k in other if k.startswith("classifier.")]
+    dropped = [Dropped("classifier.*", len(heads), "classifier of the transformers model")] if heads else []
+    unknown = [k for k in other if not k.startswith("classifier.")]
+    if unknown:
+        raise UnusableCheckpoint(f"{path}: keys a transformers {model_type} backbone does not have: "
+                                 f"{', '.join(unknown[:6])}; import the official .pth instead")
+    return out, dropped, int(config["num_attention_heads"])

@@ -194,7 +194,7 @@ def test_training_checkpoint_teacher_student_and_heads(tmp_path):
         assert reasons["model.model_ema.*"].startswith("the teacher again")
         assert reasons["model.gram_teacher.*"].startswith("the Gram teacher")
         assert read_export_config(report.out)["heads"] == {"method": "dinov3", "file": "heads.safetensors",
-                                                          "tensors": 15}
+                                                          "tensors": 15, "mask_token": True}
         print(f"{which}: max abs diff {_max_diff(report.out, net.backbone):.2e}")
     teacher = import_checkpoint(tmp_path / "teacher_checkpoint.pth", tmp_path / "eval")
     assert (teacher.fmt, teacher.which) == ("dinov3", "teacher") and _dropped(teacher) == {**heads, **backbone}
@@ -274,6 +274,7 @@ def test_convnext_release_through_the_cli(tmp_path, capsys):
     ("key_bias", r"blocks\.0\.attn\.qkv\.bias has a non-zero key bias \(trained with mask_k_bias false\)"),
     ("other_width", r"does not fit vit_small_patch16_dinov3_qkvb .*shape checkpoint vs model: blocks\.0\.attn\.proj"
                     r"\.bias \(128,\) vs \(384,\).*These weights are no vit_small_patch16_dinov3_qkvb"),
+    ("other_patch", r"its patches are 8 px, vit_small_patch16_dinov3_qkvb has 16 px patches.*leave --arch out"),
     ("other_heads", r"its 8 RoPE periods \(head width 32\) are not those of vit_small_patch16_dinov3_qkvb \(16"),
     ("needs_qkvb", r"its q/v biases are not zero and vit_base_patch16_dinov3 has none: pass --arch "
                    r"vit_base_patch16_dinov3_qkvb"),
@@ -290,8 +291,10 @@ def test_bad_inputs_give_one_line(tmp_path, case, expected):
     if case == "key_bias":
         state = official_vit(4, mask_k_bias=False).state_dict()
     elif case in ("other_width", "other_heads"):  # head width 64 as timm's: the periods agree, the widths not
-        state = official_vit(4, dim=128 if case == "other_width" else DIM).state_dict()
+        state = official_vit(4, dim=128 if case == "other_width" else DIM, patch=16).state_dict()
         options = {"arch": "vit_small_patch16_dinov3_qkvb"}
+    elif case == "other_patch":  # timm's eva filter would resample the 8 px patch embedding to 16 px silently
+        state, options = official_vit(4, dim=384, heads=6).state_dict(), {"arch": "vit_small_patch16_dinov3_qkvb"}
     elif case == "needs_qkvb":
         state, options = official_vit(4, dim=128).state_dict(), {"arch": "vit_base_patch16_dinov3"}
     elif case == "no_rope":
