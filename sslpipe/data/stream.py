@@ -171,6 +171,19 @@ def batches_per_epoch(spec: str | list[str], split: str, batch_size: int, world_
     return steps
 
 
+def rank_shares(spec: str | list[str], split: str, world_size: int, seed: int, epoch: int,
+                reading: Reading = Reading()) -> list[int] | None:
+    """Samples in each rank's shards in `epoch` of an exact-mode loader (the same split as `StreamDataset`), from the
+    manifest's counts; None without them. Every rank takes the same number of batches, so ranks whose shares differ
+    re-read samples or leave some unread in that epoch."""
+    entries = shard_entries(spec, split, reading) if not isinstance(spec, (list, tuple)) else {}
+    urls = resolve_shards(spec, split, reading)
+    if not entries or any("samples" not in entries.get(url, {}) for url in urls):
+        return None
+    random.Random(derive_seed(seed, epoch)).shuffle(urls)
+    return [sum(int(entries[url]["samples"]) for url in urls[rank::world_size]) for rank in range(world_size)]
+
+
 # ------------------------------------------------------------------------------------------------ reading, decoding
 def derive_seed(*parts: int) -> int:
     """A 32-bit seed from integers, the same in every process (unlike `hash`), well mixed by numpy's SeedSequence."""

@@ -40,7 +40,7 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 
 from sslpipe.config import RunConfig
-from sslpipe.data.stream import loader_stats
+from sslpipe.data.stream import loader_stats, rank_shares
 from sslpipe.engine.determinism import deterministic_mode
 from sslpipe.engine.metric_window import MetricWindow
 from sslpipe.engine.optim import (
@@ -59,6 +59,7 @@ from sslpipe.engine.sharding import Sharding, shard, sharding_from_launcher, uns
 from sslpipe.engine.tracking import JsonlWriter, flat_config, tracker_setup, wandb_mode_scope
 from sslpipe.errors import RunStopped, WriteFailed, io_failure
 from sslpipe.recipes import Recipe, get_recipe, load_config
+from sslpipe.recipes.base import shard_reading
 from sslpipe.recipes.init_record import INIT_RECORD
 from sslpipe.weights.checkpoint import interrupted_swaps, list_checkpoints
 from sslpipe.weights.checkpoint_io import load_checkpoint, restore_interrupted_swaps, save_checkpoint
@@ -146,6 +147,27 @@ def describe_scale(cfg: RunConfig, sched: Schedules, world: int) -> str:
     return (f"{world} process(es) x batch {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation = "
             f"global batch {sched.global_batch}; peak lr {sched.base_lr:.4g} {rule}; {sched.steps_per_epoch} steps "
             f"per epoch, {sched.total} steps in {cfg.train.epochs} epochs")
+
+
+def uneven_shares(cfg: RunConfig, batches: int, world: int) -> str | None:
+    """A notice when a process's shard share of the first epoch is smaller than the `batches` x batch it reads: the
+    samples read twice and left unread (launch/README.md); None when none is short (what is left unread then is
+    less than a global batch, as with one process) or the shares cannot be counted."""
+    d = cfg.data
+    if world == 1 or d.resampled or d.steps_per_epoch is not None:
+        return None
+    try:  # a recipe of one's own may read data.train as something other than shards
+        shares = rank_shares(d.train, d.train_split, world, cfg.seed, 0, shard_reading(d))
+    except (FileNotFoundError, ValueError):
+        return None
+    need = batches * d.batch_size
+    if shares is None or min(shares) >= need:
+        return None
+    twice, unread = sum(max(0, need - s) for s in shares), sum(max(0, s - need) for s in shares)
+    return (f"data: the first epoch's shard split gives the {world} processes {min(shares)} to {max(shares)} samples "
+            f"for {need} each, so about {twice} samples are read twice and {unread} not at all in an epoch (a new "
+            f"split each epoch); shards of equal size, a multiple of {world} of them, keep every epoch whole "
+            "(`sslpipe shards ... --samples-per-shard N`)")
 
 
 def rescaled_step(step: int, saved_steps_per_epoch: int, steps_per_epoch: int) -> int:
@@ -344,6 +366,10 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
     sched = Schedules(cfg, spe, world, recipe=recipe.schedule)
     stop_at = sched.total if cfg.train.max_steps is None else min(sched.total, cfg.train.max_steps)
     accelerator.print(describe_scale(cfg, sched, world))
+    if accelerator.is_main_process:
+        uneven = uneven_shares(cfg, recipe.steps_per_epoch(world), world)
+        if uneven:
+            accelerator.print(uneven)
 
     global_step, best, last_metrics = 0, None, {}
     if ckpt is not None:
@@ -370,6 +396,11 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                 f"steps per epoch). Step {saved_step} (epoch {saved_step / saved_spe:.3f}) continues as step "
                 f"{global_step} at the same point of the epoch and of the schedules; the learning rate follows "
                 f"the new global batch, and the data order differs from an uninterrupted run.")
+        if "data.num_workers" in changes and global_step % spe:
+            before, after = changes["data.num_workers"]
+            accelerator.print(f"data.num_workers {before} -> {after} in the middle of an epoch: each worker reads its "
+                              "own shards, so the rest of this epoch is read in another order and some of its samples "
+                              "are read twice, others not; the next epochs are whole")
         accelerator.print(f"resumed from {ckpt} at global step {global_step}")
 
     accelerator.init_trackers(cfg.tracking.wandb_project, config=flat_config(cfg), init_kwargs=init_kwargs)
@@ -389,6 +420,10 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                                     keep_last=cfg.train.keep_last, metric=metric, model=recipe.student,
                                     optimizer=optimizer)
         last_saved = global_step
+
+    def evaluates(epoch: int) -> bool:
+        """Whether the end of `epoch` (0-based) runs the evaluation."""
+        return cfg.eval.every_epochs > 0 and (epoch + 1) % cfg.eval.every_epochs == 0
 
     def log(record: dict[str, Any]) -> None:
         if writer is not None:
@@ -446,7 +481,9 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
             count_skipped()
             loader, batch_iter = epoch_batches(recipe, epoch, rank, world, skip=start * accum)
             batches = prefetch_to_device(batch_iter, accelerator.device)
+            step_due = False
             for _ in range(start, spe):
+                step_due = False  # this step's checkpoint_every_steps checkpoint, when it waits for the epoch's end
                 s = sched(global_step)
                 batch_list = []
                 for _micro in range(accum):
@@ -482,14 +519,15 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                     if stopping:
                         break
                 every = cfg.train.checkpoint_every_steps
-                if every and global_step % every == 0 and global_step < stop_at:
-                    checkpoint()
+                step_due = bool(every) and global_step % every == 0 and global_step < stop_at
+                if step_due and not (global_step % spe == 0 and evaluates(global_step // spe - 1)):
+                    checkpoint()  # at an epoch end with an evaluation it waits for it: a kill there would lose it
                 if global_step >= stop_at:
                     break
 
             if global_step % spe == 0:  # the epoch is complete (a stop request waits for its evaluation)
                 done_epoch, metric = global_step // spe - 1, None
-                if cfg.eval.every_epochs > 0 and (done_epoch + 1) % cfg.eval.every_epochs == 0:
+                if evaluates(done_epoch):
                     check_finite()
                     with unsharded(sharded, sharding):
                         results = recipe.evaluate(done_epoch)
@@ -505,7 +543,7 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                                 f"({', '.join(sorted(results))}): choose one of them and continue with --resume "
                                 f"{run_dir} (checkpoint {last_ckpt})")
                 every = cfg.train.checkpoint_every_epochs
-                if (every and (done_epoch + 1) % every == 0) or metric is not None:
+                if (every and (done_epoch + 1) % every == 0) or metric is not None or step_due:
                     checkpoint(metric)
         checkpoint()
         report_skipped()

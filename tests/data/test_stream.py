@@ -21,6 +21,7 @@ from sslpipe.data.stream import (
     build_loader,
     count_samples,
     derive_seed,
+    rank_shares,
     resolve_shards,
 )
 
@@ -130,6 +131,31 @@ def test_num_batches_equalises_ranks_by_rereading(tmp_path):
     rank = share.index(short)
     got = _keys(_loader(str(tmp_path), rank=rank, world_size=2, num_batches=6, batch_size=3))
     assert set(got) == short and len(got) == 18  # a short rank re-reads its own shards, never another rank's
+
+
+def test_rank_shares_count_each_ranks_share_and_the_start_names_what_an_epoch_repeats(tmp_path):
+    """Shards of 5, 5 and 2 samples over 2 ranks: each epoch's shares (7 and 5, or 10 and 2) are what the ranks'
+    loaders read in a pass; with 3 batches of 2 per rank, the start-up notice names what an epoch reads twice and
+    leaves unread (the engine review: the docs said every sample was read once)."""
+    from sslpipe.engine.trainer import uneven_shares
+    from sslpipe.recipes import config_from_dict
+
+    _write_shards(tmp_path, [5, 5, 2])
+    for epoch in range(3):
+        shares = rank_shares(str(tmp_path), "train", 2, 0, epoch)
+        read = [len(_keys(_loader(str(tmp_path), rank=r, world_size=2, epoch=epoch))) for r in range(2)]
+        assert shares == read and sum(shares) == 12
+    cfg = config_from_dict({"method": "dino", "data": {"train": str(tmp_path), "batch_size": 2}})
+    shares = rank_shares(str(tmp_path), "train", 2, 0, 0)
+    notice = uneven_shares(cfg, 3, 2)  # 12 // (2 x 2) = 3 batches of 2 per rank: 6 samples each
+    twice, unread = sum(max(0, 6 - s) for s in shares), sum(max(0, s - 6) for s in shares)
+    assert twice > 0 and notice.startswith(
+        f"data: the first epoch's shard split gives the 2 processes {min(shares)} to {max(shares)} samples for 6 "
+        f"each, so about {twice} samples are read twice and {unread} not at all")
+    assert uneven_shares(cfg, 3, 1) is None  # one process: nothing to balance
+    _write_shards(tmp_path / "even", [6, 6])
+    even = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": str(tmp_path / "even")})})
+    assert uneven_shares(even, 3, 2) is None
 
 
 @pytest.mark.parametrize("world,workers", [(1, 3), (2, 2)])

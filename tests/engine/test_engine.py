@@ -350,6 +350,30 @@ def test_stop_request_at_an_epoch_end_evaluates_that_epoch_first(tmp_path: Path,
                                                                            "value": evals[-1][1]}
 
 
+def test_a_kill_during_the_epoch_end_evaluation_does_not_lose_it(tmp_path: Path, monkeypatch) -> None:
+    """checkpoint_every_steps on an epoch's last step (6) waits for its evaluation: a kill in that evaluation resumes
+    from the checkpoint before it (step 3) and the epoch is evaluated. The step checkpoint used to come first, and
+    the resumed run went on to the next epoch: the first epoch's evaluation was lost for good."""
+    tr = {"checkpoint_every_steps": 3, "checkpoint_every_epochs": 0, "max_steps": 8}
+    killed = []
+
+    def evaluate_or_die(self, epoch):
+        if not killed:
+            killed.append(epoch)
+            raise SystemExit(143)  # what the trainer's SIGTERM handler raises
+        return {"toy_eval": float(epoch)}
+
+    monkeypatch.setattr(ToyRecipe, "evaluate", evaluate_or_die)
+    with pytest.raises(SystemExit):
+        train(toy_cfg(tmp_path, "k", eval={"every_epochs": 1}, train=tr))
+    run = tmp_path / "runs" / "k"
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000003"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(toy_cfg(tmp_path, "k", eval={"every_epochs": 1}, train=tr), resume=str(run))
+    assert [(e["step"], e["toy_eval"]) for e in events_of(run) if "toy_eval" in e] == [(6, 0.0)]
+    assert [c.name for c in list_checkpoints(run)][-2:] == ["step_00000006", "step_00000008"]
+
+
 def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Roll back: a run to step 10 (checkpoints 8, 10 kept), resumed from step 8 to step 9 with a lower lr. step_10
@@ -435,6 +459,10 @@ def test_resume_with_changed_keys_names_them_and_keeps_the_old_config(tmp_path: 
     (kept,) = run.glob("config-*.yaml")
     assert kept.read_text() == first
     assert load_config(run / "config.yaml").optim.lr == 0.01 and load_config(kept).optim.lr == 0.05
+    AcceleratorState._reset_state(reset_partial_state=True)  # step 4 of a 6-step epoch: another worker count
+    train(toy_cfg(tmp_path, "r", train={"max_steps": 5}, optim={"lr": 0.01}, data={"num_workers": 2}),
+          resume=str(run))
+    assert "data.num_workers 8 -> 2 in the middle of an epoch" in capsys.readouterr().out
 
 
 def test_a_best_metric_the_evaluation_never_returns_stops_with_a_checkpoint(tmp_path: Path) -> None:

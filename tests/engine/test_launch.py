@@ -36,12 +36,13 @@ def _shims(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def _run(tmp_path: Path, wait_s: int, send_usr1: bool) -> tuple[int, Path]:
+def _run(tmp_path: Path, wait_s: int, send_usr1: bool, **slurm: str) -> tuple[int, Path]:
     log = tmp_path / "log"
     log.mkdir()
-    env = {**os.environ, "PATH": f"{_shims(tmp_path)}{os.pathsep}{os.environ['PATH']}", "SHIM_LOG": str(log),
+    env = {**{k: v for k, v in os.environ.items() if k not in ("GPUS_PER_NODE", "SLURM_GPUS_ON_NODE")},
+           "PATH": f"{_shims(tmp_path)}{os.pathsep}{os.environ['PATH']}", "SHIM_LOG": str(log),
            "SHIM_WAIT": str(wait_s), "SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_JOB_ID": "1234",
-           "SLURM_JOB_NUM_NODES": "2", "STOP_FILE": str(tmp_path / "stop")}
+           "SLURM_JOB_NUM_NODES": "2", "STOP_FILE": str(tmp_path / "stop"), **slurm}
     proc = subprocess.Popen(["bash", str(REPO / "launch/slurm.sbatch"), "recipes/ibot_vit_small.yaml",
                              "run_name=in1k", "data.train=/data/in1k"], cwd=REPO, env=env)
     if send_usr1:
@@ -67,6 +68,14 @@ def test_sbatch_starts_one_valid_accelerate_launch_per_node(tmp_path: Path) -> N
         assert f"train.stop_file={tmp_path / 'stop'}" in args.training_script_args
         assert args.training_script_args[-2:] == ["run_name=in1k", "data.train=/data/in1k"]
     assert not (log / "scontrol.log").exists(), "no requeue without a time-limit warning"
+
+
+def test_sbatch_starts_one_process_per_allocated_gpu(tmp_path: Path) -> None:
+    """`sbatch --gpus-per-node=4`: 4 processes per node, not the template's 8 (8 on 4 GPUs trained on the CPU)."""
+    status, log = _run(tmp_path, wait_s=0, send_usr1=False, SLURM_GPUS_ON_NODE="4")
+    assert status == 0
+    argv = (log / "accelerate_node0.args").read_text().split("\0")[:-1]
+    assert launch_command_parser().parse_args(argv[1:]).num_processes == 8  # 2 nodes x 4
 
 
 def test_time_limit_warning_checkpoints_and_requeues(tmp_path: Path) -> None:
