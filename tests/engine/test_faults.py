@@ -238,25 +238,33 @@ def test_sigterm_between_checkpoints_says_where_to_continue(tmp_path: Path, capf
 
 
 def test_sigterm_while_a_step_is_saved_again_keeps_that_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """checkpoint_every_steps 6 divides the 6-step epoch: step 6 is saved, then saved again with its evaluation
-    metric. A SIGTERM (SystemExit) landing as the new folder is renamed in leaves the first step_6 complete."""
+    """A step saved a second time (with a metric) goes aside and back: a SIGTERM (SystemExit) landing as the new folder
+    is renamed in leaves the first step_6 complete. (The trainer no longer saves an epoch's last step before its
+    evaluation, so the second save is made here by the checkpoint writer the trainer calls.)"""
+    from accelerate import Accelerator
+
+    from sslpipe.engine.optim import build_optimizer
+
     runs = tmp_path / "runs"
-    cfg = config_from_dict({**toy_dict(runs, "resave", checkpoint_every_steps=6, best_metric="toy_eval"),
-                            "eval": {"every_epochs": 1}})
-    replace, renames = os.replace, []
+    run = train(toy_cfg(runs, "resave", checkpoint_every_steps=6, max_steps=6))
+    state = json.loads((run / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    reset()
+    accelerator = Accelerator(cpu=True)
+    recipe = ToyRecipe(toy_cfg(runs, "resave"))
+    recipe.build(accelerator)
+    optimizer = build_optimizer(recipe.cfg, recipe.param_groups())
+    replace = os.replace
 
     def interrupted(src: str | Path, dst: str | Path) -> None:
         if Path(src).name == ".tmp-step_00000006":
-            renames.append(dst)
-            if len(renames) == 2:  # the second save of step 6
-                raise SystemExit(128 + signal.SIGTERM)
+            raise SystemExit(128 + signal.SIGTERM)
         replace(src, dst)
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(SystemExit):
-        train(cfg)
+        ckpt_module.save_checkpoint(accelerator, run, state, recipe.extra_state(), metric=0.5, model=recipe.student,
+                                    optimizer=optimizer)
     monkeypatch.undo()
-    run = runs / "resave"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000006"], "nothing aside, no partial"
     assert_loadable(run / "checkpoints" / "step_00000006")
 
