@@ -193,6 +193,7 @@ def run_compile_bench(recipe_path: str, *, overrides: Sequence[str] = (), **kwar
     """Eager, with each block compiled (`train.compile`) and, for DINOv2 and DINOv3, with the forwards and loss
     compiled as one graph (`train.compile_scope: step`), side by side. DINOv2's masks are padded to their bound in all
     three, so that only the compile differs. Compiling happens in the warm-up steps; the median step is reported."""
+    from sslpipe.config.core import TrainConfig
     from sslpipe.recipes import load_config
 
     # a train.compile_backend override is the compiled sides' (the eager side reads none)
@@ -200,7 +201,10 @@ def run_compile_bench(recipe_path: str, *, overrides: Sequence[str] = (), **kwar
     overrides = [o for o in overrides if o not in backend]
     method = load_config(recipe_path, overrides).method
     static = ["METHOD.pad_masked_patches=true"] if method in ("dinov2", "dinov3") else []
-    variants = {"eager": [*static, "train.compile=false"], "blocks": [*static, "train.compile=true", *backend]}
+    # the eager side reads no backend: the default, so that a recipe's own compile_backend is not refused there
+    eager_backend = f"train.compile_backend={TrainConfig.model_fields['compile_backend'].default}"
+    variants = {"eager": [*static, "train.compile=false", eager_backend],
+                "blocks": [*static, "train.compile=true", *backend]}
     if static:
         variants["step"] = [*static, "train.compile=true", "train.compile_scope=step", *backend]
     return _side_by_side(recipe_path, "--compile", variants, overrides, **kwargs)

@@ -40,7 +40,7 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 
 from sslpipe.config import RunConfig
-from sslpipe.data.stream import loader_stats, rank_shares
+from sslpipe.data.stream import loader_stats, rank_shares, resolve_shards
 from sslpipe.engine.determinism import deterministic_mode
 from sslpipe.engine.metric_window import MetricWindow
 from sslpipe.engine.optim import (
@@ -168,6 +168,19 @@ def uneven_shares(cfg: RunConfig, batches: int, world: int) -> str | None:
             f"for {need} each, so about {twice} samples are read twice and {unread} not at all in an epoch (a new "
             f"split each epoch); shards of equal size, a multiple of {world} of them, keep every epoch whole "
             "(`sslpipe shards ... --samples-per-shard N`)")
+
+
+def workers_used(cfg: RunConfig, num_workers: int | None, world: int) -> int | None:
+    """The loader workers that split a process's shards (`build_loader`: at least 1, at most its shards), which
+    decide the order it reads them in; None when not known."""
+    if num_workers is None:
+        return None
+    d = cfg.data
+    try:
+        shards = len(resolve_shards(d.train, d.train_split, shard_reading(d)))
+    except (FileNotFoundError, ValueError):
+        return num_workers
+    return num_workers if d.resampled else max(1, min(num_workers, -(-shards // world)))
 
 
 def rescaled_step(step: int, saved_steps_per_epoch: int, steps_per_epoch: int) -> int:
@@ -366,7 +379,8 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
     sched = Schedules(cfg, spe, world, recipe=recipe.schedule)
     stop_at = sched.total if cfg.train.max_steps is None else min(sched.total, cfg.train.max_steps)
     accelerator.print(describe_scale(cfg, sched, world))
-    if accelerator.is_main_process:
+    # a recipe that counts its epoch its own way (U2PL: over the unlabelled set) is not checked against data.train
+    if accelerator.is_main_process and type(recipe).steps_per_epoch is Recipe.steps_per_epoch:
         uneven = uneven_shares(cfg, recipe.steps_per_epoch(world), world)
         if uneven:
             accelerator.print(uneven)
@@ -396,8 +410,8 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                 f"steps per epoch). Step {saved_step} (epoch {saved_step / saved_spe:.3f}) continues as step "
                 f"{global_step} at the same point of the epoch and of the schedules; the learning rate follows "
                 f"the new global batch, and the data order differs from an uninterrupted run.")
-        if "data.num_workers" in changes and global_step % spe:
-            before, after = changes["data.num_workers"]
+        before, after = changes.get("data.num_workers", (None, None))
+        if global_step % spe and workers_used(cfg, before, world) != workers_used(cfg, after, world):
             accelerator.print(f"data.num_workers {before} -> {after} in the middle of an epoch: each worker reads its "
                               "own shards, so the rest of this epoch is read in another order and some of its samples "
                               "are read twice, others not; the next epochs are whole")

@@ -80,6 +80,13 @@ def _free_bytes(device: torch.device, max_memory_mb: float | None) -> float:
     return psutil.virtual_memory().available * _MEMORY_FRACTION
 
 
+def check_temperature(T: float) -> None:
+    """T = 0 divides by zero and T < 0 gives the farthest neighbours the largest votes: refused (before any
+    feature is extracted)."""
+    if not T > 0:
+        raise ValueError(f"the kNN temperature must be > 0 (DINO: 0.07), got {T} (--temperature)")
+
+
 def class_scores(sims: Tensor, neighbour_labels: Tensor, T: float, num_classes: int) -> Tensor:
     """DINO's vote: score[i, c] = sum_j [label_ij == c] * exp(sim_ij / T) over the k neighbours j of sample i."""
     weights = (sims.float() / T).exp()
@@ -126,8 +133,7 @@ def knn_classify(
     n_train, n_test = len(train_feats), len(test_feats)
     if not k_list or k_list[0] < 1:
         raise ValueError(f"k_list must hold positive integers, got {k_list}")
-    if not T > 0:  # T = 0 divides by zero, T < 0 gives the farthest neighbours the largest votes
-        raise ValueError(f"the kNN temperature must be > 0 (DINO: 0.07), got {T} (--temperature)")
+    check_temperature(T)
     if k_list[-1] > n_train:
         raise ValueError(f"k={k_list[-1]} exceeds the {n_train} training samples: pass a smaller k list")
     train_labels = train_labels.long().cpu()
@@ -200,6 +206,8 @@ def run_knn(
     (e.g. an accelerate Accelerator).
     """
     from sslpipe.eval.features import extract_train_val, prepare_backbone, report
+
+    check_temperature(T)
 
     model, source = prepare_backbone(backbone, spec)
     train_x, train_y, test_x, test_y = extract_train_val(model, spec, data, cache_dir=cache_dir, progress=progress,

@@ -77,6 +77,26 @@ def test_cli_loaded_step_as_the_readme_writes_it(tmp_path: Path, monkeypatch: py
     assert (tmp_path / "runs" / "bench_photos" / "manifest.json").is_file()
 
 
+def test_compile_bench_sides_load_with_a_recipes_own_backend(tmp_path: Path, monkeypatch) -> None:
+    """A recipe that compiles with its own train.compile_backend: every side's overrides load (the eager side's
+    train.compile=false used to be refused beside the recipe's backend, a key eager never reads)."""
+    import yaml
+
+    import sslpipe.bench.step as step_module
+    from sslpipe.recipes import load_config
+
+    data = yaml.safe_load((RECIPES / "demo_dinov2.yaml").read_text())
+    data["train"].update(compile=True, compile_backend="aot_eager")
+    recipe = tmp_path / "compiled.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    seen = {}
+    monkeypatch.setattr(step_module, "run_step_bench", lambda path, *, overrides, **kw: seen.setdefault(
+        len(seen), load_config(path, overrides)) and {"ours_ms": 1.0, "table": ""})
+    step_module.run_compile_bench(str(recipe), overrides=["data.train=unused"])
+    assert [(c.train.compile, c.train.compile_backend) for c in seen.values()] == [
+        (False, "inductor"), (True, "aot_eager"), (True, "aot_eager")]
+
+
 def test_compile_bench_times_eager_blocks_and_whole_step(tmp_path: Path) -> None:
     """`bench step --compile` as the CLI runs it (backend aot_eager: inductor's graphs without its code generation):
     three runs side by side, the whole-step one for DINOv2 only, the same FLOPs in each."""
