@@ -257,11 +257,13 @@ def _announce_set_aside(run_dir: Path, ckpt: Path, aside: Path | None) -> None:
 
 def _open_run(cfg: RunConfig, resume: str | None, overrides_text: str | None
               ) -> tuple[Path, Path | None, RunLock | None]:
-    """`_claim_run` on the main process; every process gets its run directory and checkpoint, or its error, from
-    one broadcast (the lock stays with the main process)."""
+    """`preflight` and `_claim_run` on the main process; every process gets its run directory and checkpoint, or its
+    error, from one broadcast (the lock stays with the main process; a check that failed on one process alone would
+    leave the others waiting at the broadcast)."""
     lock, answer = None, None
     if PartialState().is_main_process:
         try:
+            preflight(cfg)
             run_dir, ckpt, lock = _claim_run(cfg, resume, overrides_text)
             answer = (run_dir, ckpt)
         except Exception as err:
@@ -326,7 +328,6 @@ def train(cfg: RunConfig, *, resume: str | None = None, overrides_text: str | No
         # The process group comes first (all ranks must agree on the run directory). Ranks wait at a collective
         # while the main process runs a periodic kNN probe: allow hours, not NCCL's 10 min.
         _, cpu = process_state(COLLECTIVE_TIMEOUT)
-        preflight(cfg)
         run_dir, ckpt, lock = _open_run(cfg, resume, overrides_text)
         if ckpt is not None:
             cfg = cfg.model_copy(update={"run_name": run_dir.name, "output_dir": str(run_dir.parent)})
