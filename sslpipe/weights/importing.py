@@ -4,7 +4,9 @@ every probe and fine-tuning recipe takes it (docs/own_backbone.md). The official
 `sslpipe.weights.layouts`, DINOv3's `sslpipe.weights.layouts_dinov3` (mapped by timm's own filters, which need the
 timm model: so a DINOv3 network is renamed after the model is built, the others before). A Hugging Face transformers
 DINOv2 folder (config.json `model_type` dinov2 / dinov2_with_registers) is mapped onto the official DINOv2 names first
-(`layouts.transformers_to_official`); other transformers folders are refused, pointing to weights that are read.
+(`layouts.transformers_to_official`), a DINOv3 ViT folder (`dinov3_vit`) onto the official DINOv3 names
+(`layouts_dinov3.transformers_to_official_dinov3`); other transformers folders are refused, pointing to weights that
+are read.
 
 Reading is safe: `.safetensors` hold tensors only; anything else goes through `torch.load(weights_only=True)`, which
 rebuilds tensors and plain containers and refuses every other pickled object (unpickling one can run code). One
@@ -68,7 +70,7 @@ from sslpipe.weights.layouts import (
     to_timm_names,
     transformers_to_official,
 )
-from sslpipe.weights.layouts_dinov3 import dinov3_to_timm, infer_dinov3
+from sslpipe.weights.layouts_dinov3 import HF_DINOV3, dinov3_to_timm, infer_dinov3, transformers_to_official_dinov3
 from sslpipe.weights.positions import Rule, export_position_rule, fit_position_grid, position_rule
 
 SAFE_GLOBALS = (argparse.Namespace,)
@@ -224,17 +226,20 @@ def _sidecar(path: Path) -> dict[str, Any]:
 
 
 def _transformers_layout(cfg: Mapping[str, Any], path: Path) -> str:
-    """The layout of a Hugging Face transformers folder: DINOv2's are mapped (`transformers_to_official`); any other
-    model type is refused in one line that points to weights sslpipe reads."""
+    """The layout of a Hugging Face transformers folder: DINOv2's (`transformers_to_official`) and DINOv3 ViT's
+    (`transformers_to_official_dinov3`) are mapped; any other model type is refused in one line that points to
+    weights sslpipe reads."""
     model_type = cfg.get("model_type")
     if model_type in HF_MAPPED:
         return "dinov2"
+    if model_type in HF_DINOV3:
+        return "dinov3"
     where = ("the official DINOv3 .pth (github.com/facebookresearch/dinov3) or timm's weights "
              "(timm/vit_*_dinov3.lvd1689m, timm/convnext_*_dinov3.lvd1689m)" if str(model_type).startswith("dinov3")
              else "the original checkpoint or a timm model folder")
     raise UnusableCheckpoint(f"{path} is a Hugging Face transformers {model_type} folder (config.json "
                              f"{cfg.get('architectures')}), whose key names are transformers' own: sslpipe import "
-                             f"reads transformers' dinov2 folders only; import {where} instead")
+                             f"reads transformers' dinov2 and dinov3_vit folders only; import {where} instead")
 
 
 def _normalisation(mean: Sequence[float] | None, std: Sequence[float] | None, side: Mapping[str, Any]
@@ -354,10 +359,13 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
     beside_config = _sidecar(path)
     hf_config = beside_config.pop("transformers", None)
     hf_heads: int | None = None
-    if hf_config is not None:  # a Hugging Face transformers folder: its DINOv2 in the official names
+    if hf_config is not None:  # a Hugging Face transformers folder: its DINOv2 / DINOv3 ViT in the official names
         found = _transformers_layout(hf_config, path)
-        net, hf_dropped, hf_heads = transformers_to_official(net, hf_config, path)
-        dropped += hf_dropped
+        if found == "dinov3":  # the heads: from the RoPE periods it gets, as an official checkpoint's
+            net = transformers_to_official_dinov3(net, hf_config, path)
+        else:
+            net, hf_dropped, hf_heads = transformers_to_official(net, hf_config, path)
+            dropped += hf_dropped
     else:
         found = "safetensors" if beside_config else detect_format(ckpt, net, path.suffix)
     if fmt in _OFFICIAL and found in _OFFICIAL and found != fmt:
@@ -406,7 +414,9 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
                                      f"{some_keys(sorted(state), 6)}: pass --arch TIMM_NAME")
     if hf_config is not None:
         notes.append(f"a Hugging Face transformers {hf_config.get('model_type')} folder: its keys mapped onto the "
-                     "official DINOv2 names (the conversion script's table); a grid resized by DINOv2's own rule")
+                     + ("official DINOv3 names; the RoPE periods from its config.json (rope_theta, the head width)"
+                        if fmt == "dinov3" else "official DINOv2 names (the conversion script's table); a grid "
+                        "resized by DINOv2's own rule"))
     size = int(img_size or side.get("img_size") or native_size(state) or 224)
     try:
         module, model_args = create_timm_backbone(arch, size, patch, kwargs)

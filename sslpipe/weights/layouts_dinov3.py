@@ -231,3 +231,92 @@ def dinov3_to_timm(state: Mapping[str, Tensor], module: nn.Module, arch: str, pa
         out, dropped = _convnext_to_timm(dict(state), module, path)
         return out, dropped, []
     return _vit_to_timm(dict(state), module, arch, path)
+
+
+# Hugging Face transformers' DINOv3 ViT names (models/dinov3_vit/modeling_dinov3_vit.py, DINOv3ViTModel; on disk its
+# blocks are `layer.{i}.`, in memory `model.layer.{i}.`) -> the official ones, each block -> `blocks.{i}.`.
+HF_DINOV3 = ("dinov3_vit",)
+_HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+           "embeddings.register_tokens": "storage_tokens",
+           "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
+           "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+_HF_LAYER = re.compile(r"^(?:model\.)?layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
+_HF_QKV = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
+
+
+def _hf_block_names(gated: bool) -> dict[str, str]:
+    """transformers' block module names -> the official ones; the gated MLP is SwiGLU's w1 (gate), w2 (up), w3."""
+    mlp = ({"mlp.gate_proj": "mlp.w1", "mlp.up_proj": "mlp.w2", "mlp.down_proj": "mlp.w3"} if gated
+           else {"mlp.up_proj": "mlp.fc1", "mlp.down_proj": "mlp.fc2"})
+    return {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj", "layer_scale1": "ls1",
+            "layer_scale2": "ls2", **mlp}
+
+
+def _hf_refusals(config: Mapping[str, Any], path: Any) -> tuple[bool, int]:
+    """(gated MLP, head width) of a DINOv3ViTConfig; refused in one line: what timm's vit_*_dinov3 cannot compute
+    (another activation or norm eps, non-square patches, a head width RoPE cannot split in four)."""
+    gated = bool(config.get("use_gated_mlp", False))
+    act, eps = config.get("hidden_act", "gelu"), float(config.get("layer_norm_eps", 1e-5))
+    patch = config.get("patch_size", 16)
+    dim, heads = int(config.get("hidden_size", 384)), int(config.get("num_attention_heads", 6))
+    wanted = "silu" if gated else "gelu"
+    problem = (f"hidden_act={act!r} with use_gated_mlp={gated} (timm computes {wanted})" if act != wanted
+               else f"layer_norm_eps={eps:g} (timm's is 1e-5)" if eps != 1e-5
+               else f"patch_size={patch} (not square)" if isinstance(patch, (list, tuple)) and len(set(patch)) != 1
+               else f"a head width of {dim}/{heads} (RoPE needs a multiple of 4)" if dim % heads or dim // heads % 4
+               else None)
+    if problem is not None:
+        raise UnusableCheckpoint(f"{path}: its config.json sets {problem}, which timm's vit_*_dinov3 cannot compute: "
+                                 "import the official DINOv3 .pth instead")
+    return gated, dim // heads
+
+
+def transformers_to_official_dinov3(state: Mapping[str, Tensor], config: Mapping[str, Any], path: Any
+                                    ) -> dict[str, Tensor]:
+    """A transformers `DINOv3ViTModel` state dict (the hub's facebook/dinov3-vit*, a `save_pretrained` folder) in
+    the official DINOv3 names, so `infer_dinov3` and `dinov3_to_timm` read it as any official backbone. What no key
+    holds is written as the official network has it: the RoPE periods from rope_theta and the head width (transformers
+    computes them, as timm does), zero biases where the config turns one off (query/key/value/proj/mlp_bias), an
+    empty storage-token set left out. A key bias is kept: a non-zero one is refused later, as timm fixes it at zero."""
+    gated, head_dim = _hf_refusals(config, path)
+    names = _hf_block_names(gated)
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[int, str, str], Tensor] = {}
+    other: list[str] = []
+    for key, value in state.items():
+        found = _HF_LAYER.match(key)
+        if key in _HF_TOP:
+            out[_HF_TOP[key]] = value
+        elif found is None:
+            other.append(key)
+        else:
+            index, name, kind = int(found.group(1)), found.group(2), found.group(3)
+            kind = "gamma" if kind == "lambda1" else kind
+            if name in names:
+                out[f"blocks.{index}.{names[name]}.{kind}"] = value
+            elif name in _HF_QKV:
+                qkv[(index, name, kind)] = value
+            else:
+                other.append(key)
+    if other:
+        raise UnusableCheckpoint(f"{path}: keys a transformers DINOv3ViTModel does not have: {', '.join(other[:6])}; "
+                                 "import the official DINOv3 .pth instead")
+    if "mask_token" in out:
+        out["mask_token"] = out["mask_token"].reshape(1, -1)  # the official shape (DinoVisionTransformer)
+    if "storage_tokens" in out and out["storage_tokens"].shape[1] == 0:
+        del out["storage_tokens"]
+    for index in sorted({i for i, _, _ in qkv}):
+        weights = [qkv.get((index, name, "weight")) for name in _HF_QKV]
+        if any(w is None for w in weights):
+            raise UnusableCheckpoint(f"{path}: layer.{index}.attention without all of q_proj, k_proj, v_proj "
+                                     "weights: not a complete transformers DINOv3 layer")
+        out[f"blocks.{index}.attn.qkv.weight"] = torch.cat(weights, dim=0)
+        biases = [qkv.get((index, name, "bias")) for name in _HF_QKV]
+        if any(b is not None for b in biases):
+            out[f"blocks.{index}.attn.qkv.bias"] = torch.cat(
+                [b if b is not None else weights[0].new_zeros(weights[0].shape[0]) for b in biases])
+    for key in [k for k in out if k.endswith(".weight") and (".attn.proj." in k or ".mlp." in k)]:
+        out.setdefault(key.removesuffix("weight") + "bias", out[key].new_zeros(out[key].shape[0]))
+    out["rope_embed.periods"] = _periods(float(config.get("rope_theta", 100.0)), head_dim // 4).float()
+    return out

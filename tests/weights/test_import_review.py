@@ -230,12 +230,64 @@ def test_transformers_dinov2_folder(tmp_path, kind):
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_transformers_dinov3_folder_is_refused_in_one_line(tmp_path):
+def _tiny_dinov3(seed: int, **config) -> transformers.DINOv3ViTModel:
+    """A randomly initialised transformers DINOv3ViTModel, 64 wide, 4 heads of 16 (4 RoPE periods each)."""
+    args = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": DEPTH, "num_attention_heads": 4,
+            "patch_size": 16, "num_register_tokens": 4, **config}
+    return _perturbed(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**args)), seed)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "swiglu", "no_biases_or_registers_bin"])
+def test_transformers_dinov3_vit_folder(tmp_path, kind):
+    """A transformers DINOv3ViTModel folder (the hub's facebook/dinov3-vit*) maps onto timm's vit_*_dinov3: the
+    RoPE periods from rope_theta and the head width, the missing biases zero; the export's feature is the model's
+    pooler output at its size and at another (RoPE: no grid to resize). The last kind: the in-memory names
+    (`model.layer.N`) in a pytorch_model.bin, no register tokens, every optional bias off, another RoPE base."""
+    config = {"mlp": {}, "swiglu": {"use_gated_mlp": True, "hidden_act": "silu"},
+              "no_biases_or_registers_bin": {"num_register_tokens": 0, "query_bias": False, "value_bias": False,
+                                             "proj_bias": False, "mlp_bias": False, "rope_theta": 200.0}}[kind]
+    hf = _tiny_dinov3(11, **config)
+    folder = tmp_path / "hf"
+    if kind.endswith("_bin"):
+        folder.mkdir()
+        torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+        hf.config.to_json_file(folder / "config.json")
+    else:
+        hf.save_pretrained(folder)
+    report = import_checkpoint(folder, tmp_path / "out")
+    args = report.model_args
+    assert (report.fmt, args["num_heads"], args["swiglu_mlp"], args["rope_temperature"]) == (
+        "dinov3", 4, kind == "swiglu", config.get("rope_theta", 100.0))
+    assert args["num_reg_tokens"] == config.get("num_register_tokens", 4)
+    assert {d.entry for d in report.dropped} == {"mask_token", "rope_embed.periods"}
+    assert any("transformers dinov3_vit folder" in n and "rope_theta" in n for n in report.notes)
+    backbone = load_backbone(report.out)
+    with torch.no_grad():
+        for size in (224, 96):
+            out = hf(pixel_values=_x(size))
+            torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, 0])
+            torch.testing.assert_close(backbone(_x(size)), out.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"key_bias": True}, r"non-zero key bias .*timm's Eva fixes the key bias at zero"),
+    ({"use_gated_mlp": True}, r"config\.json sets hidden_act='gelu' with use_gated_mlp=True \(timm computes silu\)"),
+    ({"layer_norm_eps": 1e-6}, r"config\.json sets layer_norm_eps=1e-06 \(timm's is 1e-5\)")])
+def test_transformers_dinov3_vit_folder_timm_cannot_compute_is_refused_in_one_line(tmp_path, config, expected):
+    _tiny_dinov3(12, **config).save_pretrained(tmp_path / "hf")
+    with pytest.raises(UnusableCheckpoint, match=expected) as err:
+        import_checkpoint(tmp_path / "hf", tmp_path / "out")
+    assert "\n" not in str(err.value)
+
+
+def test_transformers_dinov3_convnext_folder_is_refused_in_one_line(tmp_path):
     folder = tmp_path / "hf"
     folder.mkdir()
-    save_file({"embeddings.cls_token": torch.zeros(1, 1, 8)}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model_type": "dinov3_vit", "architectures": ["DINOv3ViTModel"]}))
-    with pytest.raises(UnusableCheckpoint, match=r"is a Hugging Face transformers dinov3_vit folder .*import the "
+    save_file({"stages.0.layers.0.gamma": torch.zeros(8)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "dinov3_convnext",
+                                                    "architectures": ["DINOv3ConvNextModel"]}))
+    with pytest.raises(UnusableCheckpoint, match=r"is a Hugging Face transformers dinov3_convnext folder .*reads "
+                                                 r"transformers' dinov2 and dinov3_vit folders only; import the "
                                                  r"official DINOv3 \.pth .* or timm's weights") as err:
         import_checkpoint(folder, tmp_path / "out")
     assert "\n" not in str(err.value)
