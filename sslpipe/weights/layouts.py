@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import timm
 import torch
@@ -349,7 +349,34 @@ _HF_CONCAT = {("attention.attention.query", "attention.attention.key", "attentio
               ("mlp.gate_proj", "mlp.up_proj"): "mlp.w12"}
 HF_MAPPED = ("dinov2", "dinov2_with_registers")
 _HF_BLOCK_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
-_HF_KIND = {"lambda1": "gamma"}
+
+
+def split_transformers_keys(state: Mapping[str, Tensor], top: Mapping[str, str], layer: re.Pattern[str],
+                            block_names: Mapping[str, str], grouped: Collection[str]
+                            ) -> tuple[dict[str, Tensor], dict[tuple[int, str, str], Tensor], list[str]]:
+    """A transformers state dict sorted for the official names (DINOv2's and DINOv3's mappings): the `top` keys and
+    the `block_names` of each layer renamed (`layer` matches (index, module, weight|bias|lambda1); layer scales'
+    `lambda1` become `gamma`), the `grouped` modules' tensors by (index, module, kind) for the caller to
+    concatenate, and the keys neither knows."""
+    out: dict[str, Tensor] = {}
+    parts: dict[tuple[int, str, str], Tensor] = {}
+    other: list[str] = []
+    for key, value in state.items():
+        found = layer.match(key)
+        if key in top:
+            out[top[key]] = value
+        elif found is None:
+            other.append(key)
+        else:
+            index, name, kind = int(found.group(1)), found.group(2), found.group(3)
+            kind = "gamma" if kind == "lambda1" else kind
+            if name in block_names:
+                out[f"blocks.{index}.{block_names[name]}.{kind}"] = value
+            elif name in grouped:
+                parts[(index, name, kind)] = value
+            else:
+                other.append(key)
+    return out, parts, other
 
 
 def transformers_to_official(state: Mapping[str, Tensor], config: Mapping[str, Any], path: Any
@@ -363,24 +390,8 @@ def transformers_to_official(state: Mapping[str, Tensor], config: Mapping[str, A
         raise UnusableCheckpoint(f"{path}: its config.json sets hidden_act={act!r}, layer_norm_eps={eps:g}; timm's "
                                  "DINOv2 ViTs compute gelu and eps 1e-6: import the official .pth instead")
     prefix = f"{model_type}."
-    out: dict[str, Tensor] = {}
-    parts: dict[tuple[int, str, str], Tensor] = {}
-    other: list[str] = []
-    for key, value in state.items():
-        key = key.removeprefix(prefix)
-        found = _HF_BLOCK_KEY.match(key)
-        if key in _HF_TOP:
-            out[_HF_TOP[key]] = value
-        elif found is None:
-            other.append(key)
-        else:
-            index, name, kind = int(found.group(1)), found.group(2), found.group(3)
-            if name in _HF_BLOCK:
-                out[f"blocks.{index}.{_HF_BLOCK[name]}.{_HF_KIND.get(kind, kind)}"] = value
-            elif any(name in group for group in _HF_CONCAT):
-                parts[(index, name, kind)] = value
-            else:
-                other.append(key)
+    out, parts, other = split_transformers_keys({k.removeprefix(prefix): v for k, v in state.items()}, _HF_TOP,
+                                                _HF_BLOCK_KEY, _HF_BLOCK, {n for g in _HF_CONCAT for n in g})
     for index, name, kind in sorted(parts):
         group = next((g for g in _HF_CONCAT if name == g[0]), None)
         if group is None:

@@ -33,7 +33,7 @@ import torch
 from timm.models import convnext, eva
 from torch import Tensor, nn
 
-from sslpipe.weights.layouts import Dropped, UnusableCheckpoint, mlp_ratio
+from sslpipe.weights.layouts import Dropped, UnusableCheckpoint, mlp_ratio, split_transformers_keys
 
 # The DINOv3 widths: timm's name for them and the released heads (hub/backbones.py), used without RoPE periods.
 _SIZES = {384: "small", 768: "base", 1024: "large", 1280: "huge_plus", 4096: "7b"}
@@ -280,25 +280,7 @@ def transformers_to_official_dinov3(state: Mapping[str, Tensor], config: Mapping
     computes them, as timm does), zero biases where the config turns one off (query/key/value/proj/mlp_bias), an
     empty storage-token set left out. A key bias is kept: a non-zero one is refused later, as timm fixes it at zero."""
     gated, head_dim = _hf_refusals(config, path)
-    names = _hf_block_names(gated)
-    out: dict[str, Tensor] = {}
-    qkv: dict[tuple[int, str, str], Tensor] = {}
-    other: list[str] = []
-    for key, value in state.items():
-        found = _HF_LAYER.match(key)
-        if key in _HF_TOP:
-            out[_HF_TOP[key]] = value
-        elif found is None:
-            other.append(key)
-        else:
-            index, name, kind = int(found.group(1)), found.group(2), found.group(3)
-            kind = "gamma" if kind == "lambda1" else kind
-            if name in names:
-                out[f"blocks.{index}.{names[name]}.{kind}"] = value
-            elif name in _HF_QKV:
-                qkv[(index, name, kind)] = value
-            else:
-                other.append(key)
+    out, qkv, other = split_transformers_keys(state, _HF_TOP, _HF_LAYER, _hf_block_names(gated), _HF_QKV)
     if other:
         raise UnusableCheckpoint(f"{path}: keys a transformers DINOv3ViTModel does not have: {', '.join(other[:6])}; "
                                  "import the official DINOv3 .pth instead")
