@@ -176,10 +176,10 @@ def rank_shares(spec: str | list[str], split: str, world_size: int, seed: int, e
     """Samples in each rank's shards in `epoch` of an exact-mode loader (the same split as `StreamDataset`), from the
     manifest's counts; None without them. Every rank takes the same number of batches, so ranks whose shares differ
     re-read samples or leave some unread in that epoch."""
-    entries = shard_entries(spec, split, reading) if not isinstance(spec, (list, tuple)) else {}
-    urls = resolve_shards(spec, split, reading)
-    if not entries or any("samples" not in entries.get(url, {}) for url in urls):
+    entries = shard_entries(spec, split, reading)  # the manifest's shards, in the order resolve_shards lists them
+    if not entries or any("samples" not in entry for entry in entries.values()):
         return None
+    urls = list(entries)
     random.Random(derive_seed(seed, epoch)).shuffle(urls)
     return [sum(int(entries[url]["samples"]) for url in urls[rank::world_size]) for rank in range(world_size)]
 

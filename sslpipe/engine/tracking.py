@@ -100,7 +100,6 @@ def tracker_setup(cfg: RunConfig, run_dir: Path, *, resumed: bool = False, main:
                   ) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """(log_with for the Accelerator, init_kwargs for `accelerator.init_trackers`); run the trackers inside
     `wandb_mode_scope(init_kwargs)`. `main`: the process that logs (the only one that keeps a wandb run id)."""
-    check_trackers(cfg)
     log_with: list[str] = []
     init_kwargs: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(cfg.tracking.log_with):

@@ -170,17 +170,16 @@ def uneven_shares(cfg: RunConfig, batches: int, world: int) -> str | None:
             "(`sslpipe shards ... --samples-per-shard N`)")
 
 
-def workers_used(cfg: RunConfig, num_workers: int | None, world: int) -> int | None:
-    """The loader workers that split a process's shards (`build_loader`: at least 1, at most its shards), which
-    decide the order it reads them in; None when not known."""
-    if num_workers is None:
-        return None
+def workers_change_order(cfg: RunConfig, before: int, after: int, world: int) -> bool:
+    """Whether data.num_workers `before` -> `after` changes the order a process reads its shards in: the workers
+    that split them (`build_loader`: at least 1, at most the process's shards) differ."""
     d = cfg.data
     try:
-        shards = len(resolve_shards(d.train, d.train_split, shard_reading(d)))
-    except (FileNotFoundError, ValueError):
-        return num_workers
-    return num_workers if d.resampled else max(1, min(num_workers, -(-shards // world)))
+        shards = -(-len(resolve_shards(d.train, d.train_split, shard_reading(d))) // world)
+    except (FileNotFoundError, ValueError):  # not shards: as asked
+        return before != after
+    used = (before, after) if d.resampled else tuple(max(1, min(n, shards)) for n in (before, after))
+    return used[0] != used[1]
 
 
 def rescaled_step(step: int, saved_steps_per_epoch: int, steps_per_epoch: int) -> int:
@@ -412,7 +411,7 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                 f"{global_step} at the same point of the epoch and of the schedules; the learning rate follows "
                 f"the new global batch, and the data order differs from an uninterrupted run.")
         before, after = changes.get("data.num_workers", (None, None))
-        if global_step % spe and workers_used(cfg, before, world) != workers_used(cfg, after, world):
+        if global_step % spe and before is not None and workers_change_order(cfg, before, after, world):
             accelerator.print(f"data.num_workers {before} -> {after} in the middle of an epoch: each worker reads its "
                               "own shards, so the rest of this epoch is read in another order and some of its samples "
                               "are read twice, others not; the next epochs are whole")

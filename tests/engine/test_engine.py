@@ -469,11 +469,12 @@ def test_resume_with_changed_keys_names_them_and_keeps_the_old_config(tmp_path: 
 def test_the_workers_that_split_a_process_shards_decide_its_read_order(digits_shards: Path) -> None:
     """0 and 1 worker read alike (one stream); no more workers than a process's shards are started: a resume that
     changes data.num_workers within those is not told that its order changed (12 shards: 6 per process of 2)."""
-    from sslpipe.engine.trainer import workers_used
+    from sslpipe.engine.trainer import workers_change_order
 
     cfg = config_from_dict({"method": "dino", "data": {"train": str(digits_shards)}})
-    assert [workers_used(cfg, n, 2) for n in (0, 1, 4, 6, 8)] == [1, 1, 4, 6, 6]
-    assert workers_used(toy_cfg(Path("/nowhere"), "x"), 3, 2) == 3  # not shards: as asked
+    assert not workers_change_order(cfg, 0, 1, 2) and not workers_change_order(cfg, 6, 8, 2)
+    assert workers_change_order(cfg, 1, 4, 2) and workers_change_order(cfg, 4, 6, 2)
+    assert workers_change_order(toy_cfg(Path("/nowhere"), "x"), 3, 2, 2)  # not shards: as asked
 
 
 def test_a_best_metric_the_evaluation_never_returns_stops_with_a_checkpoint(tmp_path: Path) -> None:
