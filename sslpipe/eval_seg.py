@@ -3,6 +3,7 @@ teacher or student) with `sslpipe.eval.seg_eval.evaluate_segmentation`; the resu
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ def eval_seg_run(run: str | Path, *, checkpoint: str | None = None, which: str =
                  max_images: int | None = None, out: str | Path | None = None,
                  device: str | None = None) -> dict[str, Any]:
     """Evaluate a segmentation run (`method: u2pl` or `supervised_seg`): its newest (or the given) checkpoint, the
-    teacher (U2PL; falls back to the student for a supervised run) or the student, on the run's data.val or `data`.
+    teacher (U2PL; the student for a supervised run, or a checkpoint from before the teacher started) or the student,
+    on the run's data.val or `data`.
     Writes the result JSON to `out` (default RUN/eval/eval_seg.json)."""
     run = Path(run)
     cfg_path = run / "config.yaml"
@@ -35,6 +37,10 @@ def eval_seg_run(run: str | Path, *, checkpoint: str | None = None, which: str =
     ckpt = find_checkpoint(run, int(checkpoint) if checkpoint and checkpoint.isdigit() else checkpoint)
     extra = load_file(str(ckpt / "extra_state.safetensors")) if (ckpt / "extra_state.safetensors").is_file() else {}
     teacher = {k[len("teacher."):]: v for k, v in extra.items() if k.startswith("teacher.")}
+    if teacher and not int(extra.get("teacher_ready", 1)):  # saved during the supervised-only epochs: untrained
+        print(f"{ckpt.name}: the teacher has not started (u2pl.sup_only_epoch): the student is evaluated, as in "
+              "training", file=sys.stderr)
+        teacher = {}
     if which == "teacher" and teacher:
         state, used = teacher, "teacher"
     elif which in ("teacher", "student"):
@@ -46,6 +52,8 @@ def eval_seg_run(run: str | Path, *, checkpoint: str | None = None, which: str =
     model.to(dev)
     e, section = cfg.eval, recipe.section
     mode = mode or e.mode or "whole"
+    if crop is not None and mode != "slide":
+        raise ValueError(f"--crop {crop} is read only by the sliding-window evaluation: add --mode slide, or drop it")
     result = evaluate_segmentation(
         model, recipe.eval_batches(data, split), recipe.num_classes, class_names=recipe.class_names,
         ignore_index=section.ignore_index, mode=mode, crop=crop or e.window or section.crop_size,

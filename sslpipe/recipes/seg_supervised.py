@@ -14,17 +14,20 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
+import timm
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
 from sslpipe.config import RunConfig, Section
 from sslpipe.data.seg_classes import segmentation_classes
 from sslpipe.data.semi import semi_loader
 from sslpipe.data.stream import batches_per_epoch, build_loader, resolve_shards
-from sslpipe.data.u2pl_views import U2PLSegTransform
+from sslpipe.data.u2pl_views import U2PLSegTransform, check_scale_range
+from sslpipe.models.backbones import is_vit_arch
 from sslpipe.recipes.base import Recipe, note_export_replaces, shard_reading
 from sslpipe.recipes.init_record import init_export_config, keep_init_record
 
@@ -34,23 +37,40 @@ class SegConfig(Section):
     and its DeepLabv3+ network. The network is model.arch (timm CNN or ViT) or the export model.init_from. Defaults:
     the published VOC values (experiments/pascal/1464/ours/config.yaml); docs/u2pl.md, docs/methods.md §3."""
 
-    num_classes: int | None = None  # null: the classes of data.train's manifest
-    ignore_index: int = 255
-    crop_size: int = 513
+    key: ClassVar[str] = "supervised_seg"
+
+    num_classes: int | None = Field(None, gt=0)  # null: the classes of data.train's manifest
+    ignore_index: int = Field(255, ge=0, le=255)
+    crop_size: int = Field(513, gt=0)
     # official RandResize: the scale is uniform in [lo, 1] or in [1, hi], each with probability 1/2 (lo <= 1 <= hi)
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    hflip: float = 0.5
-    label_pad: int = 0  # label of the crop's padding on labelled images: official Crop pads with 0; 255 = ignore it
+    scale_range: Annotated[tuple[float, float], AfterValidator(check_scale_range)] = (0.5, 2.0)
+    hflip: float = Field(0.5, ge=0, le=1)
+    label_pad: int = Field(0, ge=0, le=255)  # label of the crop's padding: official Crop pads with 0; 255 = ignore
     # network: DeepLabv3+ (official dec_deeplabv3_plus)
-    output_stride: int = 8  # CNN encoders (dilated ResNet-101)
-    decoder_channels: int = 256
-    aspp_channels: int = 256
-    aspp_dilations: list[int] = [12, 24, 36]
-    low_level_index: int = 1  # timm feature index of the stride-4 skip
-    vit_high_stride: int = 16  # ViT encoders: the pyramid level fed to ASPP
-    vit_window_size: int = 0
-    vit_global_blocks: list[int] = []
-    head_lr_mult: float = 10.0  # decoder lr x10 (VOC; Cityscapes 1)
+    output_stride: Literal[8, 16, 32] = 8  # CNN encoders (dilated ResNet-101)
+    decoder_channels: int = Field(256, gt=0)
+    aspp_channels: int = Field(256, gt=0)
+    aspp_dilations: list[Annotated[int, Field(gt=0)]] = [12, 24, 36]
+    low_level_index: int = Field(1, ge=0)  # timm feature index of the stride-4 skip
+    vit_high_stride: int = Field(16, gt=0)  # ViT encoders: the pyramid level fed to ASPP
+    vit_window_size: int = Field(0, ge=0)
+    vit_global_blocks: list[Annotated[int, Field(ge=0)]] = []
+    head_lr_mult: float = Field(10.0, gt=0)  # decoder lr x10 (VOC; Cityscapes 1)
+
+    def check_run(self, run: RunConfig) -> None:
+        """The sliding-window keys are read only by `eval.mode=slide`; the encoder keys of the other kind of network
+        are refused here when model.arch names it (for an export, when it is read: `refuse_encoder_keys`)."""
+        if run.eval.mode != "slide":
+            run.eval.refuse_unread_values("eval", dict.fromkeys(("window", "stride_rate"), "eval.mode=whole"))
+        if not run.model.init_from and timm.is_model(run.model.arch):  # an unknown name fails in the build
+            self.refuse_encoder_keys(run.model.arch, "model.arch")
+
+    def refuse_encoder_keys(self, arch: str, source: str) -> None:
+        """A ViT encoder reads the vit_* keys, a CNN output_stride and low_level_index; the others are refused."""
+        vit = is_vit_arch(arch)
+        keys = ("output_stride", "low_level_index") if vit else ("vit_high_stride", "vit_window_size",
+                                                                 "vit_global_blocks")
+        self.refuse_unread_values(self.key, dict.fromkeys(keys, f"{source}={arch} (a {'ViT' if vit else 'CNN'})"))
 
 
 # a segmentation method reads only the normalisation of crops (at random init), and none of the kNN keys
@@ -110,6 +130,7 @@ class SupervisedSegRecipe(Recipe):
         export = init_export_config(self.cfg, self.run_dir) if m.init_from else None
         if export is not None:
             note_export_replaces(self.cfg, export)
+            u.refuse_encoder_keys(export["architecture"], "model.init_from")
         self.mean, self.std = (tuple(export["mean"]), tuple(export["std"])) if export is not None else (
             tuple(self.cfg.crops.mean), tuple(self.cfg.crops.std))
         kwargs = dict(m.kwargs)

@@ -36,12 +36,14 @@ Named deviations from the code (besides those of the losses' docstrings):
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from sslpipe.config import RunConfig
 from sslpipe.data.cutmix import apply_cutmix, cutmix_masks
 from sslpipe.losses.u2pl_contrastive import U2PLContrastiveLoss, entropy_split, low_entropy_percent
 from sslpipe.losses.u2pl_unsup import IGNORE_INDEX, drop_percent_at, entropy_map, unsupervised_loss
@@ -104,30 +106,51 @@ class U2PLConfig(SegConfig):
     unsupervised terms. data.train = labelled shards (seg.png), `unlabeled` = unlabelled shards, data.val = val.
     Defaults: the published VOC values, except contrastive_weight (the paper's 0.1); docs/methods.md §3."""
 
+    key: ClassVar[str] = "u2pl"
+
     unlabeled: str | None = None  # unlabelled shards (image only); required
     unlabeled_split: str = "train"
-    unlabeled_ratio: float = 1.0  # unlabelled images per labelled image in a batch (official 4 + 4)
-    rep_dim: int = 256  # the representation head's width
+    unlabeled_ratio: float = Field(1.0, gt=0)  # unlabelled images per labelled image in a batch (official 4 + 4)
+    rep_dim: int = Field(256, gt=0)  # the representation head's width
     # teacher and schedule
-    sup_only_epoch: int = 1
-    ema_decay: float = 0.99  # decay = min(1 - 1/(it - sup_only_iters + 1), ema_decay)
+    sup_only_epoch: int = Field(1, ge=0)
+    ema_decay: float = Field(0.99, ge=0, le=1)  # decay = min(1 - 1/(it - sup_only_iters + 1), ema_decay)
     # unsupervised loss on reliable pseudo-labels
-    unsup_weight: float = 1.0
-    drop_percent: float = 80.0
+    unsup_weight: float = Field(1.0, ge=0)
+    drop_percent: float = Field(80.0, ge=0, le=100)
     cutmix: bool = True
-    cutmix_p: float = 0.5
+    cutmix_p: float = Field(0.5, ge=0, le=1)
     # contrastive loss on unreliable pixels
     contrastive: bool = True
-    contrastive_weight: float = 0.1  # paper (maintainer, issue #57); official code 1.0
-    current_class_threshold: float = 0.3
-    low_entropy_threshold: float = 20.0
-    low_rank: int = 3
-    high_rank: int = 20
-    num_queries: int = 256
-    num_negatives: int = 50
-    temperature: float = 0.5
-    queue_size: int = 30000
-    background_queue_size: int = 50000  # class 0
+    contrastive_weight: float = Field(0.1, ge=0)  # paper (maintainer, issue #57); official code 1.0
+    current_class_threshold: float = Field(0.3, ge=0, le=1)
+    low_entropy_threshold: float = Field(20.0, ge=0, le=100)
+    low_rank: int = Field(3, ge=0)
+    high_rank: int = Field(20, gt=0)
+    num_queries: int = Field(256, gt=0)
+    num_negatives: int = Field(50, gt=0)
+    temperature: float = Field(0.5, gt=0)
+    queue_size: int = Field(30000, gt=0)
+    background_queue_size: int = Field(50000, gt=0)  # class 0
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "U2PLConfig":
+        if self.low_rank >= self.high_rank:
+            raise ValueError(f"u2pl.low_rank ({self.low_rank}) must be below u2pl.high_rank ({self.high_rank})")
+        return self
+
+    def check_run(self, run: RunConfig) -> None:
+        """CutMix's probability is read only with cutmix on, the contrastive term's keys only with it on."""
+        super().check_run(run)
+        if not self.cutmix:
+            self.refuse_unread_values("u2pl", {"cutmix_p": "u2pl.cutmix=false"})
+        if not self.contrastive:
+            self.refuse_unread_values("u2pl", dict.fromkeys(CONTRASTIVE_KEYS, "u2pl.contrastive=false"))
+
+
+# read only by the contrastive term (the representation head is built either way: rep_dim stays read)
+CONTRASTIVE_KEYS = ("contrastive_weight", "current_class_threshold", "low_entropy_threshold", "low_rank", "high_rank",
+                    "num_queries", "num_negatives", "temperature", "queue_size", "background_queue_size")
 
 
 class U2PLRecipe(SupervisedSegRecipe):
@@ -175,6 +198,7 @@ class U2PLRecipe(SupervisedSegRecipe):
             self.teacher_ready = True
 
         image_u, valid_u, truth = batch["image_u"], batch["valid_u"], batch.get("truth_u")
+        truth = self.marked_ignore(truth) if truth is not None else None
         with torch.no_grad():
             self.teacher.eval()
             prob = torch.softmax(upsample(self.teacher(image_u)["pred"].float(), size), dim=1)
@@ -210,7 +234,8 @@ class U2PLRecipe(SupervisedSegRecipe):
             metrics.update(pseudo_label_metrics(pseudo, reliable, truth, self.class_names))
         loss = sup + u.unsup_weight * unsup
         if u.contrastive:
-            contra, cm = self.contrastive_loss(rep_all, out_t["rep"], prob_t, label_l, pseudo, entropy_u, epoch)
+            contra, cm = self.contrastive_loss(rep_all, out_t["rep"], prob_t, self.marked_ignore(label_l), pseudo,
+                                               entropy_u, epoch)
             loss = loss + u.contrastive_weight * contra
             metrics.update(cm, **{"loss/contrastive": contra.detach()})
             metrics.update({f"queue_fill/{name}": n / cap for name, n, cap in
@@ -218,6 +243,12 @@ class U2PLRecipe(SupervisedSegRecipe):
         else:
             loss = loss + 0.0 * rep_all.sum()
         return loss, metrics
+
+    def marked_ignore(self, labels: Tensor) -> Tensor:
+        """Labels with the ignored pixels marked 255, the value the unlabelled path and L_c take for "no label" (as
+        the code); L_s reads u2pl.ignore_index itself."""
+        ignore = self.section.ignore_index
+        return labels if ignore == IGNORE_INDEX else labels.masked_fill(labels == ignore, IGNORE_INDEX)
 
     def contrastive_loss(self, rep: Tensor, rep_t: Tensor, prob_t: Tensor, label_l: Tensor, pseudo: Tensor,
                          entropy_u: Tensor, epoch: int) -> tuple[Tensor, dict[str, float]]:

@@ -144,6 +144,13 @@ def _check_read_files(ckpt: Path, names: set[str]) -> None:
                                 f"(--checkpoint step_N; `sslpipe check {ckpt.parent.parent}` lists them)")
 
 
+# the dense methods train a whole network on a backbone that came from an export (or timm): nothing new to export
+DENSE_RUNS = {"u2pl": ("segmentation", "sslpipe eval-seg RUN"),
+              "supervised_seg": ("segmentation", "sslpipe eval-seg RUN"),
+              "finetune_mask2former": ("Mask2Former", "sslpipe predict RUN"),
+              "finetune_vitdet": ("ViTDet", "sslpipe predict RUN")}
+
+
 def export_run(
     run_dir: str | Path,
     which: str | None = "teacher",
@@ -168,6 +175,11 @@ def export_run(
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: {run} is not an sslpipe run directory")
     cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    method = cfg.get("method") if isinstance(cfg, dict) else None
+    if method in DENSE_RUNS:
+        raise ValueError(f"{run} is a {method} run: its network is a whole {DENSE_RUNS[method][0]} network, not a "
+                         f"backbone, so `sslpipe export` does not write it; evaluate it with "
+                         f"`{DENSE_RUNS[method][1]}`")
     ckpt = find_checkpoint(run, checkpoint)
     extra = ckpt / EXTRA_STATE
     has_teacher = extra.is_file() and any(k.startswith("teacher.") for k in load_file(str(extra)))

@@ -29,7 +29,7 @@ from sslpipe.ingest.options import ShardOptions
 from sslpipe.ingest.route import ShardSource, write_source
 from sslpipe.recipes import load_config
 from sslpipe.recipes.seg_supervised import SupervisedSegRecipe
-from sslpipe.recipes.u2pl import U2PLRecipe
+from sslpipe.recipes.u2pl import CONTRASTIVE_KEYS, U2PLRecipe
 
 SEG_TINY = ["model.arch=resnet10t", "{m}.crop_size=32", "{m}.decoder_channels=16", "{m}.aspp_channels=16",
             "data.batch_size=2", "data.num_workers=0", "data.steps_per_epoch=2", "train.epochs=3", "train.log_every=1",
@@ -51,7 +51,10 @@ def semi(tmp_path_factory) -> Path:
 def _cfg(semi: Path, recipe: str, out: Path, extra: list[str]):
     """The recipe shrunk to seconds: U2PL's unlabelled data and sizes only for method u2pl."""
     method = yaml.safe_load((REPO / recipe).read_text())["method"]
-    u2pl = [f"u2pl.unlabeled={semi / 'unlabeled'}", *U2PL_TINY] if method == "u2pl" else []
+    off = [CONTRASTIVE_KEYS if "u2pl.contrastive=false" in extra else (), ("cutmix_p",) if "u2pl.cutmix=false" in
+           extra else ()]  # the sizes those settings leave unread are refused
+    tiny = [o for o in U2PL_TINY if o.split("=")[0].removeprefix("u2pl.") not in (*off[0], *off[1])]
+    u2pl = [f"u2pl.unlabeled={semi / 'unlabeled'}", *tiny] if method == "u2pl" else []
     overrides = [f"data.train={semi / 'labeled'}", f"data.val={semi / 'val'}", *u2pl, f"output_dir={out}", *SEG_TINY,
                  *extra]
     return load_config(REPO / recipe, [o.replace("{m}.", f"{method}.") for o in overrides])
@@ -106,6 +109,20 @@ def test_u2pl_trains_evaluates_and_resumes_exactly(semi: Path, tmp_path: Path, m
     assert cli_main(["eval-seg", str(full), "--which", "student", "--mode", "slide", "--crop", "24",
                      "--out", str(tmp_path / "s.json")]) == 0
     assert 0 <= json.loads((tmp_path / "s.json").read_text())["mIoU"] <= 1
+    # a window size in whole-image mode is not read: refused
+    assert cli_main(["eval-seg", str(full), "--crop", "24", "--out", str(tmp_path / "w.json")]) == 2
+    assert not (tmp_path / "w.json").exists()
+    # the step-2 checkpoint was written in the supervised-only epoch: its teacher never trained, so the student is
+    # evaluated, as in training (the teacher copy is the initial network)
+    early = ["eval-seg", str(full), "--checkpoint", "2"]
+    assert int(load_file(str(full / "checkpoints" / "step_00000002" / "extra_state.safetensors"))["teacher_ready"]) == 0
+    assert cli_main([*early, "--out", str(tmp_path / "t2.json")]) == 0
+    assert cli_main([*early, "--which", "student", "--out", str(tmp_path / "s2.json")]) == 0
+    t2, s2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("t2", "s2"))
+    assert t2["model"] == s2["model"] == "student" and t2["mIoU"] == s2["mIoU"]
+    # a segmentation run holds no backbone to export: one line, not a KeyError traceback
+    assert cli_main(["export", str(full), "--out", str(tmp_path / "exp")]) == 2
+    assert not (tmp_path / "exp").exists()
 
 
 @pytest.mark.slow
@@ -227,6 +244,53 @@ def test_unlabelled_ground_truth_never_enters_a_loss(semi: Path, tmp_path: Path)
         assert other_grads.keys() == grads.keys() and all(torch.equal(other_grads[k], grads[k]) for k in grads)
     assert "pseudo/acc" in metrics and float(metrics["pseudo/acc"]) != float(runs[1][2]["pseudo/acc"])
     assert "pseudo/acc" not in runs[2][2] and "pseudo/reliable_frac" in runs[2][2]
+
+
+def test_another_ignore_index_gives_the_same_step(semi: Path, tmp_path: Path) -> None:
+    """Ignored labelled pixels written 254 under u2pl.ignore_index=254 are what 255 is under 255: the same L_s, and
+    L_c neither anchors on them nor queues their features as negatives (it read 255 only, so 254 entered the queues:
+    348 keys became 540 on this batch)."""
+    batch = _batch()
+    runs = []
+    for ignore in (255, 254):
+        recipe = _built(U2PLRecipe, semi, tmp_path, "recipes/demo_u2pl.yaml",
+                        ["u2pl.cutmix=false", "u2pl.current_class_threshold=0.0"])
+        recipe.section.ignore_index = ignore  # after the build: the bundled shards mark ignore with 255
+        label = batch["label_l"].masked_fill(batch["label_l"] == 255, ignore)
+        truth = batch["truth_u"].masked_fill(batch["truth_u"] == 255, ignore)
+        runs.append((_grads(recipe, dict(batch, label_l=label, truth_u=truth)), sum(recipe.queues.sizes())))
+    ((loss_a, _, m_a), queued_a), ((loss_b, _, m_b), queued_b) = runs
+    assert queued_a > 0 and queued_a == queued_b
+    assert float(m_a["contrastive/negatives"]) == float(m_b["contrastive/negatives"])
+    assert torch.equal(loss_a, loss_b) and float(m_a["pseudo/acc"]) == float(m_b["pseudo/acc"])
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["u2pl.drop_percent=150"], r"u2pl.drop_percent.*less than or equal to 100"),
+    (["u2pl.low_entropy_threshold=-1"], r"u2pl.low_entropy_threshold.*greater than or equal to 0"),
+    (["u2pl.ema_decay=1.5"], r"u2pl.ema_decay"),
+    (["u2pl.unlabeled_ratio=0"], r"u2pl.unlabeled_ratio.*greater than 0"),
+    (["u2pl.temperature=0"], r"u2pl.temperature"),
+    (["u2pl.low_rank=20"], r"u2pl.low_rank \(20\) must be below u2pl.high_rank \(20\)"),
+    (["u2pl.scale_range=[1.5,2.0]"], r"u2pl.scale_range.*0 < lo <= 1 <= hi"),
+    (["u2pl.cutmix=false", "u2pl.cutmix_p=0.9"], r"'u2pl.cutmix_p' = 0.9 is not read with u2pl.cutmix=false"),
+    (["u2pl.contrastive=false", "u2pl.num_negatives=500"],
+     r"'u2pl.num_negatives' = 500 is not read with u2pl.contrastive=false"),
+    (["u2pl.vit_window_size=14"], r"'u2pl.vit_window_size' = 14 is not read with model.arch=resnet10t \(a CNN\)"),
+    (["model.arch=vit_tiny_patch16_224", "model.patch_size=16", "u2pl.low_level_index=3"],
+     r"'u2pl.low_level_index' = 3 is not read with model.arch=vit_tiny_patch16_224 \(a ViT\)"),
+    (["eval.window=48"], r"'eval.window' = 48 is not read with eval.mode=whole"),
+])
+def test_u2pl_values_out_of_range_or_unread_are_refused_at_load(overrides: list[str], match: str) -> None:
+    """Each was accepted: the percentiles failed one supervised-only epoch later naming no key, the others were never
+    read (a cap above 1, one unlabelled image per batch for a ratio of 0, a NaN loss at temperature 0)."""
+    from sslpipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(REPO / "recipes/demo_u2pl.yaml", ["data.train=x", "u2pl.unlabeled=y", *overrides])
+    # the settings that read them load
+    load_config(REPO / "recipes/demo_u2pl.yaml", ["data.train=x", "u2pl.unlabeled=y", "u2pl.cutmix_p=0.9",
+                                                  "u2pl.num_negatives=500", "eval.mode=slide", "eval.window=48"])
 
 
 def test_recipe_teacher_is_the_student_in_the_first_u2pl_epoch(semi: Path, tmp_path: Path) -> None:
