@@ -6,6 +6,25 @@ import argparse
 import sys
 from pathlib import Path
 
+_LAYOUTS = ("--voc", "--cityscapes", "--ade20k", "--dataset stardist", "--dataset scenes --semi")
+_SCENES = ("--dataset scenes", "--dataset scenes --semi")
+_BUNDLED = ("--dataset fashion-mnist", "--dataset digits")
+_ONE_SET = (*_BUNDLED, "--dataset scenes", "--folder", "--list", "--seg-list", "--coco")  # one shard set each
+# The flags only some sources read (dest -> those sources); every other flag is read by all of them.
+_READ_BY = {
+    "val_fraction": ("--folder", "--list", "--seg-list", "--coco"),
+    "limit": _ONE_SET,
+    "seed": tuple(s for s in (*_ONE_SET, *_LAYOUTS) if s not in _BUNDLED),
+    "classes": ("--list", "--seg-list"),
+    "coco_images": ("--coco",),
+    **{f"scene_{k}": _SCENES for k in ("size", "train", "val", "objects", "scale", "classes")},
+    "semi": ("--dataset scenes --semi",),
+    "labeled": _LAYOUTS,
+    "labeled_list": _LAYOUTS,
+    "voc_train": ("--voc",),
+    "voc_val": ("--voc",),
+}
+
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shards", help="write WebDataset tar shards + manifest.json from images or a bundled data set")
@@ -28,10 +47,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples-per-shard", type=int, default=10000)
     p.add_argument("--max-shard-bytes", type=int, default=None, help="also start a new shard past this size")
     p.add_argument("--val-fraction", type=float, default=0.0, help="held-out fraction for sources with no split")
-    p.add_argument("--reencode", choices=["jpg", "png"], default=None, help="re-encode images (default: keep bytes)")
+    p.add_argument("--reencode", choices=["jpg", "png"], default=None,
+                   help="re-encode images (default: keep the bytes of JPEG/PNG files, except those that must change "
+                        "to be stored as shown: EXIF-rotated photos are turned upright and 16-bit images scaled to "
+                        "8 bits (value >> 8), then re-encoded)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     p.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is at most this")
-    p.add_argument("--limit", type=int, default=None, help="bundled data sets: only the first N samples per split")
+    p.add_argument("--limit", type=int, default=None, help="only the first N samples per split (not for layouts)")
     p.add_argument("--workers", type=int, default=1, help="processes that read and encode images")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
@@ -60,6 +82,28 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--voc-train", default="train",
                    help="--voc: train split (ImageSets/Segmentation/NAME.txt or a list file; U2PL: trainaug ids)")
     p.add_argument("--voc-val", default="val", help="--voc: val split (name or list file)")
+    p.set_defaults(shard_flag_defaults={dest: p.get_default(dest) for dest in _READ_BY})
+    p.epilog = ("Images are stored as they are shown: a photo's EXIF orientation is applied (its label map, if any, "
+                "must match the photo as shown). A flag the chosen source does not read is refused.")
+
+
+def _source_flag(args: argparse.Namespace) -> str:
+    """The source as its flag(s), as `_READ_BY` names it."""
+    if args.dataset:
+        return f"--dataset {args.dataset}" + (" --semi" if args.dataset == "scenes" and args.semi else "")
+    return next(flag for dest, flag in (("folder", "--folder"), ("list_file", "--list"), ("seg_list", "--seg-list"),
+                                        ("coco", "--coco"), ("voc", "--voc"), ("cityscapes", "--cityscapes"),
+                                        ("ade20k", "--ade20k")) if getattr(args, dest))
+
+
+def _refuse_unread(args: argparse.Namespace) -> None:
+    """A flag given (not at its default) that the source does not read is refused, not silently dropped."""
+    source = _source_flag(args)
+    unread = ["--" + dest.replace("_", "-") for dest, readers in _READ_BY.items()
+              if source not in readers and getattr(args, dest) != args.shard_flag_defaults[dest]]
+    if unread:
+        raise ValueError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by a {source} source: "
+                         "leave it out (`sslpipe shards --help` says which source reads which option)")
 
 
 def _pair(text: str, cast: type, flag: str) -> tuple:
@@ -90,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from sslpipe.ingest.route import ShardSource, write_source
     from sslpipe.ingest.sources import parse_classes
 
+    _refuse_unread(args)
     source = ShardSource(dataset=args.dataset, folder=args.folder, list_file=args.list_file, seg_list=args.seg_list,
                          coco=args.coco, voc=args.voc, cityscapes=args.cityscapes, ade20k=args.ade20k,
                          classes=parse_classes(args.classes) if args.classes else None, coco_images=args.coco_images,

@@ -190,6 +190,22 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """`img` with 8-bit values, for `convert("RGB")`: Pillow clips wider values to 0..255 instead of scaling them,
+    so a 16-bit image would turn almost all white. 16-bit grey (`I;16*`, or a 32-bit `I` image whose values all lie
+    in 0..65535, as Pillow opens a 16-bit PGM) is scaled by `value >> 8` to mode `L`, the same gain for every image
+    (0..65535 -> 0..255); other `I` and float (`F`) images are refused (ValueError): no mode fixes their range.
+    Every other mode is returned as it is. Ingest (`sslpipe.ingest.encode`) and the training decoder both use it."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        values = np.asarray(img)
+        if img.mode == "F" or (values.size and (values.min() < 0 or values.max() > 65535)):
+            kind = "32-bit float" if img.mode == "F" else "32-bit integer, values beyond 0..65535"
+            raise ValueError(f"image of mode {img.mode} ({kind}): no mode fixes its value range, so it is not scaled "
+                             "to 8 bits; convert it to an 8-bit or 16-bit image first")
+        return Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8))
+    return img
+
+
 def decode_sample(sample: dict[str, Any],
                   draft: Callable[[int, int], tuple[int, int]] | None = None) -> dict[str, Any]:
     """Raw tar members -> ``{key, url, image (PIL RGB), label (int, -1 if none), seg (PIL "L", if present),
@@ -205,7 +221,7 @@ def decode_sample(sample: dict[str, Any],
     with Image.open(io.BytesIO(sample[image_key])) as img:
         if draft is not None and img.format == "JPEG":
             img.draft("RGB", draft(*img.size))
-        image = img.convert("RGB")  # also forces a full decode, so truncated bytes fail here
+        image = to_8bit(img).convert("RGB")  # also forces a full decode, so truncated bytes fail here
     out = {"key": sample["__key__"], "url": sample["__url__"], "image": image,
            "label": int(sample["cls"].decode("ascii").strip()) if "cls" in sample else -1}
     if "seg.png" in sample:

@@ -14,9 +14,10 @@ class ShardOptions:
     """A shard is closed at `samples_per_shard` samples or before its file would exceed `max_shard_bytes` (tar
     padding included; a single larger sample gets its own shard). `val_fraction` / `seed` / `shuffle`: split and
     order of folder, list and single-json COCO sources (bundled data sets and scenes keep their own splits and
-    order). `reencode`: None keeps JPEG/PNG bytes as they are (other formats become PNG), "jpg" / "png" re-encodes
-    everything; `quality` is the JPEG quality; `max_side` downsizes (keeping aspect) images whose longer side
-    exceeds it. `limit`: at most this many samples per split."""
+    order; a segmentation layout refuses `val_fraction` and `limit`). `reencode`: None keeps JPEG/PNG bytes as they
+    are (other formats become PNG; EXIF-rotated and 16-bit images are re-encoded too, upright and scaled to 8 bits:
+    `sslpipe.ingest.encode`), "jpg" / "png" re-encodes everything; `quality` is the JPEG quality; `max_side`
+    downsizes (keeping aspect) images whose longer side exceeds it. `limit`: at most this many samples per split."""
 
     samples_per_shard: int = 10000
     max_shard_bytes: int | None = None

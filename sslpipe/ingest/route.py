@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sslpipe.ingest.layouts import read_labelled_ids, read_layout
 from sslpipe.ingest.options import ShardOptions
-from sslpipe.ingest.semi_shards import check_semi_out, write_semi_shards
+from sslpipe.ingest.semi_shards import check_semi_options, check_semi_out, write_semi_shards
 from sslpipe.ingest.shards import write_shards
 
 _LOCATIONS = ("dataset", "folder", "list_file", "seg_list", "coco", "voc", "cityscapes", "ade20k")
@@ -39,6 +39,12 @@ class ShardSource:
         given = [name for name in _LOCATIONS if getattr(self, name)]
         if len(given) != 1:
             raise ValueError(f"a shard source is exactly one of {', '.join(_LOCATIONS)}; got {given or 'none'}")
+        unread = [what for what, read in (("coco_images (--coco-images)", self.coco_images is None or self.coco),
+                                          ("scenes (--scene-*)", self.scenes is None or self.dataset == "scenes"),
+                                          ("voc_splits (--voc-train/--voc-val)",
+                                           self.voc_splits == ("train", "val") or self.voc)) if not read]
+        if unread:
+            raise ValueError(f"{', '.join(unread)} not read by a {given[0]} source: leave it out")
 
 
 def write_source(out: str | Path, source: ShardSource, options: ShardOptions = ShardOptions(), *, semi: bool = False,
@@ -48,12 +54,15 @@ def write_source(out: str | Path, source: ShardSource, options: ShardOptions = S
     the unreadable samples skipped.
 
     `semi`: write the scenes as a layout too. A layout's labelled subset is `labeled` (a count or a fraction such as
-    `1/16`, chosen by `options.seed`) or the ids in the file `labeled_list`; neither: all labelled. A layout uses
-    `options.seed` and `options.samples_per_shard` only (`write_semi_shards`)."""
+    `1/16`, chosen by `options.seed`) or the ids in the file `labeled_list`; neither: all labelled. A layout reads
+    every option but `val_fraction` and `limit`, which it refuses (`write_semi_shards`)."""
+    if labeled and labeled_list:
+        raise ValueError("--labeled and --labeled-list both choose the labelled subset: give one of them")
     if source.classes is not None and not (source.seg_list or source.list_file):
         raise ValueError("--classes names the classes of a --seg-list or --list source; the others name their own")
     if source.voc or source.cityscapes or source.ade20k or source.dataset == "stardist" or (
             source.dataset == "scenes" and semi):
+        check_semi_options(options)
         check_semi_out(out, force)  # before read_layout writes converted labels or generated images into OUT/source
         train, val, classes = read_layout(
             Path(out) / "source", voc=source.voc, cityscapes=source.cityscapes, ade20k=source.ade20k,
@@ -61,8 +70,8 @@ def write_source(out: str | Path, source: ShardSource, options: ShardOptions = S
             voc_train=source.voc_splits[0], voc_val=source.voc_splits[1], seed=options.seed)
         summary = write_semi_shards(out, train, val, classes=classes, labeled=labeled,
                                     labeled_ids=read_labelled_ids(labeled_list) if labeled_list else None,
-                                    seed=options.seed, samples_per_shard=options.samples_per_shard, force=force,
-                                    num_workers=num_workers, progress=progress, created_by=created_by)
+                                    options=options, force=force, num_workers=num_workers, progress=progress,
+                                    created_by=created_by)
         return [f"{out}/{name}: {info['samples']} samples in {info['shards']} shards"
                 for name, info in summary["sets"].items()]
     if semi or labeled or labeled_list:

@@ -46,6 +46,32 @@ def write_shards(
     wrong mode or size (`InputError`), stops the writing with nothing written. Shards are written under temporary
     names and renamed, and the manifest is written last.
     """
+    writer, manifest = write_unpublished(out_dir, source=source, kind=kind, options=options, num_workers=num_workers,
+                                         force=force, created_by=created_by, progress=progress, scenes=scenes,
+                                         coco_images=coco_images, classes=classes)
+    writer.publish(manifest)
+    return manifest
+
+
+def write_unpublished(
+    out_dir: str | Path,
+    *,
+    source: str,
+    kind: SourceKind | None = None,
+    options: ShardOptions = ShardOptions(),
+    num_workers: int = 0,
+    force: bool = False,
+    created_by: str | None = None,
+    progress: bool = True,
+    scenes: dict | None = None,
+    coco_images: str | Path | None = None,
+    classes: Sequence[str] | None = None,
+    split_names: dict[str, str] | None = None,
+) -> tuple[ShardSetWriter, dict]:
+    """`write_shards` up to its last step: the shards under temporary names and the manifest not yet written, so a
+    caller writing several sets (`sslpipe.ingest.semi_shards`) publishes them only once all are whole
+    (`writer.publish(manifest)`), or removes them all (`writer.discard()`). `split_names`: a split written under
+    another name (a layout's val list is a one-split list source, whose split is `train`)."""
     if options.samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {options.samples_per_shard}")
     if options.max_shard_bytes is not None and options.max_shard_bytes < TAR_RECORD:
@@ -55,6 +81,9 @@ def write_shards(
     if options.reencode not in (None, "jpg", "png"):
         raise ValueError(f"reencode must be None, 'jpg' or 'png', got {options.reencode!r}")
     opened = open_source(source, kind, options, scenes=scenes, coco_images=coco_images, classes=classes)
+    if split_names:
+        opened.splits = {split_names.get(s, s): e for s, e in opened.splits.items()}
+        opened.totals = {split_names.get(s, s): n for s, n in opened.totals.items()}
 
     out = Path(out_dir)
     prepare_out_dir(out, force)
@@ -93,5 +122,4 @@ def write_shards(
         "skipped": writer.skipped,
         "options": dataclasses.asdict(options),
     }
-    writer.publish(manifest)
-    return manifest
+    return writer, manifest

@@ -7,8 +7,8 @@ Sources (``kind``; auto-detected when ``None``):
 - ``"folder"``: an ImageFolder tree ``ROOT/<class>/**/<image>`` (classes = sorted sub-folder names). A folder with no
   sub-folders is read as unlabelled images (no ``cls``).
 - ``"list"``: a text file, one ``path [label]`` per line (tab-separated when the line has a tab, else whitespace),
-  ``#`` comments, relative paths relative to the list file. Labels are integers (classes ``"0".."max"``) or names
-  (classes = sorted names); all lines labelled or none.
+  ``#`` comments, relative paths relative to the list file; an image listed twice is refused. Labels are integers
+  (classes ``"0".."max"``) or names (classes = sorted names); all lines labelled or none.
 - ``"seg-list"``: a text file of ``image_path label_map_path`` lines; the label map (8-bit ``L`` or palette ``P``
   PNG, pixel = class index, 255 = ignore) is stored as ``seg.png`` beside the image. Auto-detected when the second
   column of the first entry ends in an image extension. Its classes are unknown (``classes: []``) unless
@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -121,6 +121,18 @@ def _folder_entries(root: Path) -> tuple[list[Entry], list[str]]:
     return [Entry(p, i, p) for i, c in enumerate(classes) for p in images_under(root / c)], classes
 
 
+def _refuse_repeats(path: Path, rows: list[tuple[int, list[str]]], resolve: Callable[[str], str]) -> None:
+    """An image listed twice would be written twice (with --val-fraction into train and val, a leak; with two labels,
+    under both): refused, naming both lines. Paths are compared normalised (`a/../x.png` = `./x.png` = `x.png`)."""
+    first: dict[str, int] = {}
+    for lineno, fields in rows:
+        image = os.path.abspath(resolve(fields[0]))
+        if image in first:
+            raise ValueError(f"{path}:{lineno} repeats {path}:{first[image]} ({fields[0]}): list each image once "
+                             "(remove the repeated line)")
+        first[image] = lineno
+
+
 def _list_entries(path: Path, seg: bool) -> tuple[list[Entry], list[str]]:
     rows = _parse_list(path)
     base = path.parent
@@ -132,10 +144,12 @@ def _list_entries(path: Path, seg: bool) -> tuple[list[Entry], list[str]]:
         bad = [n for n, f in rows if len(f) != 2]
         if bad:
             raise ValueError(f"{path}:{bad[0]}: seg-list lines must be 'image_path label_map_path'")
+        _refuse_repeats(path, rows, resolve)
         return [Entry(resolve(f[0]), -1, resolve(f[0]), resolve(f[1])) for _, f in rows], []
     labelled = {len(f) == 2 for _, f in rows}
     if len(labelled) > 1:
         raise ValueError(f"{path}: some lines have a label and some do not; label every line or none")
+    _refuse_repeats(path, rows, resolve)
     if labelled != {True}:
         return [Entry(resolve(f[0]), -1, resolve(f[0])) for _, f in rows], []
     names = [f[1] for _, f in rows]

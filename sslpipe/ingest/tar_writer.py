@@ -132,7 +132,7 @@ class ShardSetWriter:
                         label_map = entry.seg if isinstance(entry.seg, str) else entry.ref
                         raise ValueError(f"label map {label_map} holds class value(s) {bad}, but the classes name "
                                          f"only {num_classes} (values 0..{num_classes - 1}, {IGNORE_LABEL} = ignore): "
-                                         "fix --classes or the label maps")
+                                         "fix the label maps, or the class names (--classes of a list source)")
                     self.seg_values.update(values)
                 self.keys_seen.update(k for k in fields if k not in ("cls", "seg.png", "inst.png", "crowd.json"))
                 writer.add(fields)
@@ -142,11 +142,14 @@ class ShardSetWriter:
         writer.close_shard()
         return {"samples": writer.index, "shards": writer.shards}
 
-    def abandon(self, err: BaseException) -> None:
-        """Remove this run's unfinished shard files (earlier shard sets are untouched); a disk failure becomes a
-        `WriteFailed` that says what to do."""
+    def discard(self) -> None:
+        """Remove this run's unpublished shard files (earlier shard sets are untouched)."""
         for tmp, _ in self.renames:
             tmp.unlink(missing_ok=True)
+
+    def abandon(self, err: BaseException) -> None:
+        """`discard` after `err`; a disk failure becomes a `WriteFailed` that says what to do."""
+        self.discard()
         if io_failure(err) is not None:
             where = (err.filename if isinstance(err, OSError) and err.filename
                      else self.renames[-1][0] if self.renames else self.out)

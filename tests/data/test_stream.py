@@ -23,6 +23,7 @@ from sslpipe.data.stream import (
     derive_seed,
     rank_shares,
     resolve_shards,
+    to_8bit,
 )
 
 
@@ -253,6 +254,24 @@ def test_decoded_fields(tmp_path):
     assert raw["key"] == "a" and raw["label"] == -1 and raw["url"].endswith("s.tar")
     assert raw["image"].mode == "RGB" and raw["image"].getpixel((0, 0)) == (3, 3, 3)
     assert raw["seg"].mode == "L" and raw["seg"].getpixel((0, 0)) == 255
+
+
+def test_16_bit_png_from_another_tool_is_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG in a shard another tool wrote: convert("RGB") alone would clip it to white (all 255 here); the
+    decoder scales it by >> 8. A float image (no fixed range) is refused, never clipped."""
+    ramp = (np.arange(8 * 8, dtype=np.uint16).reshape(8, 8) * 1000 + 500).astype(np.uint16)  # 500 .. 63500
+    png = io.BytesIO()
+    Image.fromarray(ramp).save(png, format="PNG")
+    assert Image.open(io.BytesIO(png.getvalue())).mode == "I;16"
+    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
+        sink.write({"__key__": "deep", "png": png.getvalue()})
+    (raw,) = _keys(_loader(str(tmp_path / "s.tar"), sample_fn=lambda r: r))
+    image = np.asarray(raw["image"])
+    assert image.shape == (8, 8, 3)
+    np.testing.assert_array_equal(image[..., 1], ramp >> 8)
+    assert image[0, 0, 0] == 1 and image[7, 7, 0] == 248  # 500 >> 8, 63500 >> 8
+    with pytest.raises(ValueError, match="mode F .*32-bit float.*convert it"):
+        to_8bit(Image.fromarray(np.ones((2, 2), np.float32) * 300))
 
 
 def test_resolution_patterns_manifest_and_counts(tmp_path):

@@ -3,6 +3,7 @@ OUT, with and without --force, never mix old and new data."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -98,4 +99,65 @@ def test_voc_train_and_val_splits_must_not_share_ids(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"share 2 ids, e.g. \['img4', 'img5'\]"):
         write_source(tmp_path / "out", ShardSource(voc=str(voc), voc_splits=("trainval", "val")), OPTIONS,
                      progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_layout_run_publishes_no_set(tmp_path: Path) -> None:
+    """One unreadable val image: the error names split `val`, and no set of the run reads as complete (fresh run),
+    or the sets of the earlier run stay as they were (--force)."""
+    voc, out = make_voc(tmp_path / "voc"), tmp_path / "out"
+    good = (voc / "JPEGImages" / "img5.png").read_bytes()
+    (voc / "JPEGImages" / "img5.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError, match=r"out/val: 1 of 2 images could not be read, e.g. \{'source': '.*img5.png', "
+                                         r"'split': 'val'.*no shard set of this run was written"):
+        write_source(out, ShardSource(voc=str(voc)), OPTIONS, labeled="2", progress=False)
+    for name in ("labeled", "unlabeled", "val"):
+        with pytest.raises(FileNotFoundError):
+            read_manifest(out / name)
+    assert not list(out.rglob("*.tar*")) and not (out / "split.json").exists() and not (out / "lists").exists()
+
+    (voc / "JPEGImages" / "img5.png").write_bytes(good)
+    write_source(out, ShardSource(voc=str(voc)), OPTIONS, labeled="2", progress=False)  # no --force needed
+    assert read_manifest(out / "val")["splits"]["val"]["samples"] == 2
+    before = {p: digest(p) for p in out.rglob("*") if p.is_file()}
+    (voc / "JPEGImages" / "img5.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError, match="could not be read"):
+        write_source(out, ShardSource(voc=str(voc)), OPTIONS, labeled="3", force=True, progress=False)
+    assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_layout_label_values_are_checked_against_its_classes(tmp_path: Path) -> None:
+    voc = make_voc(tmp_path / "voc")
+    Image.fromarray(np.full((8, 8), 40, np.uint8)).save(voc / "SegmentationClass" / "img1.png")  # VOC has 21
+    with pytest.raises(ValueError, match=r"label map .*SegmentationClass/img1.png holds class value\(s\) \[40\], but "
+                                         r"the classes name only 21"):
+        write_source(tmp_path / "out", ShardSource(voc=str(voc)), OPTIONS, progress=False)
+    assert not list((tmp_path / "out").rglob("manifest.json"))
+
+
+def test_layout_reads_the_encoding_options_and_refuses_the_others(tmp_path: Path) -> None:
+    from helpers import read_split
+
+    from sslpipe.ingest.layouts import VOC_CLASSES
+
+    voc, out = make_voc(tmp_path / "voc"), tmp_path / "out"
+    write_source(out, ShardSource(voc=str(voc)), ShardOptions(samples_per_shard=2, reencode="jpg", max_side=4),
+                 progress=False)
+    assert read_manifest(out / "labeled")["classes"] == VOC_CLASSES
+    assert read_manifest(out / "val")["source"] == str((out / "lists" / "val.txt").resolve())
+    samples = read_split(out / "val", "val")
+    assert sorted(samples) == ["val_00000000", "val_00000001"]
+    for sample in samples.values():
+        assert Image.open(io.BytesIO(sample["jpg"])).size == Image.open(io.BytesIO(sample["seg.png"])).size == (4, 4)
+    for options, flag in ((ShardOptions(val_fraction=0.2), "val_fraction"), (ShardOptions(limit=1), "limit")):
+        with pytest.raises(ValueError, match=rf"{flag} \(--{flag.replace('_', '-')}\) not read by a layout"):
+            write_source(tmp_path / "refused", ShardSource(voc=str(voc)), options, progress=False)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_layout_id_listed_twice_is_refused(tmp_path: Path) -> None:
+    voc = make_voc(tmp_path / "voc")
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("img0\nimg1\nimg2\nimg0\n")
+    with pytest.raises(ValueError, match="the train list names id 'img0' twice"):
+        write_source(tmp_path / "out", ShardSource(voc=str(voc)), OPTIONS, labeled="2", progress=False)
     assert not (tmp_path / "out").exists()

@@ -394,3 +394,18 @@ def test_a_refused_source_leaves_no_empty_out(tmp_path: Path) -> None:
     (tmp_path / "pairs.txt").write_text(f"{tmp_path / 'img.png'} {tmp_path / 'lbl.png'}\n")
     assert main(["shards", "--seg-list", str(tmp_path / "pairs.txt"), "--classes", "a,b", str(tmp_path / "out")]) != 0
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_listed_twice_is_refused(tmp_path: Path) -> None:
+    """Two lists concatenated: the repeat would be written twice, with --val-fraction once into train and once into
+    val. Also when the same file is spelled another way, and in a seg-list."""
+    for i in range(3):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    lst = tmp_path / "list.txt"
+    lst.write_text("0.png 0\n1.png 1\n# a comment\n2.png 0\n./sub/../0.png 1\n")
+    with pytest.raises(ValueError, match=rf"^{lst}:5 repeats {lst}:1 \(\./sub/\.\./0\.png\): list each image once"):
+        write_shards(tmp_path / "out", source=str(lst), options=ShardOptions(val_fraction=0.3), progress=False)
+    lst.write_text("0.png 1.png\n2.png 1.png\n0.png 2.png\n")
+    with pytest.raises(ValueError, match=rf"{lst}:3 repeats {lst}:1 \(0\.png\)"):
+        write_shards(tmp_path / "out", source=str(lst), kind="seg-list", progress=False)
+    assert not (tmp_path / "out").exists()
