@@ -17,7 +17,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     add_spec_args(p)
     p.add_argument("--device", default=None, help="default: this process's GPU when there is one, else the CPU")
     p.add_argument("--force", action="store_true", help="start over in an --out that holds other embeddings, or "
-                                                         "those of a FOLDER that changed since")
+                                                         "those of a FOLDER that changed since (removes only what "
+                                                         "embed wrote there)")
 
 
 def run(args: argparse.Namespace) -> int:

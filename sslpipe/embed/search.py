@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from sslpipe.embed.backbone import backbone_sha256, open_backbone, spec_from_record
 from sslpipe.embed.index import build_index, require_faiss
@@ -23,7 +23,7 @@ from sslpipe.embed.inputs import read_files
 from sslpipe.embed.samples import read_images
 from sslpipe.embed.vectors import StoredVectors, unit_rows
 from sslpipe.eval.features import default_device, on_device
-from sslpipe.viz.figures import thumbnail
+from sslpipe.viz.figures import read_rgb, thumbnail
 from sslpipe.viz.neighbours import draw_neighbours
 
 KEY_PREFIX = "key:"
@@ -56,11 +56,7 @@ def _open_image(query: str) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"query {query}: no such image file (a query is an image file or "
                                 f"{KEY_PREFIX}SAMPLEKEY)")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"query image {query} cannot be read: {err}") from None
+    return read_rgb(path, "query image")
 
 
 @torch.inference_mode()
@@ -103,7 +99,7 @@ def search(folder: str | Path, queries: Sequence[str], k: int = 8, *, png: str |
         query_vectors[by_image] = _embed_images([images[queries[i]] for i in by_image], vectors, device)
     index, _ = search_index(vectors)
     scores, found = index.search(query_vectors, k)
-    files = read_files(Path(vectors.index["files"]) if vectors.index.get("files") else None)
+    files = read_files(vectors.folder, vectors.index)
     results = [{"query": q, "neighbours": [
         {"key": vectors.keys[i], "source": vectors.sources[i], "score": float(s),
          **({"file": files[vectors.keys[i]]} if vectors.keys[i] in files else {})}

@@ -10,9 +10,13 @@ read:
 One part per input shard, written under a temporary name and renamed when whole: a killed run resumes at the first
 shard without a part, and processes under `accelerate launch` write disjoint parts (shard i is rank i mod P's). A
 shard that gave fewer samples than its manifest lists (truncated, damaged) gets no part but a note,
-`DIR/short-NNNNNN.json` {"shard", "url", "read", "samples"}, so a rerun embeds it again and the folder is not marked
-complete until it does.
-Readers walk the parts in shard order and never hold more than one part in memory (`iter_parts`).
+`DIR/short-NNNNNN.json` {"shard", "url", "read", "samples", "error"} ("samples": None and "error" the read error
+for a shard without a count that could not be read to its end), so a rerun embeds it again and the folder is not
+marked complete until it does.
+Readers walk the parts in shard order and never hold more than one part in memory (`iter_parts`). Every shard has a
+part (an empty shard a 0-row one), so in a complete folder a missing or unreadable part, or parts holding another
+row count than embed.json's `count`, can only be damage (an interrupted copy): readers refuse it in one line naming
+the file, rather than search or curate a smaller pool.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT = "sslpipe-embed/1"
@@ -63,10 +67,12 @@ def short_name(shard_index: int) -> str:
     return f"short-{shard_index:06d}.json"
 
 
-def write_short(out_dir: str | Path, shard_index: int, url: str, read: int, samples: int) -> Path:
-    """Note that shard `shard_index` gave `read` of its `samples` samples (module docstring)."""
+def write_short(out_dir: str | Path, shard_index: int, url: str, read: int, samples: int | None,
+                error: str | None = None) -> Path:
+    """Note that shard `shard_index` gave `read` of its `samples` samples, or `read` and then `error` (module
+    docstring)."""
     return _write_json(Path(out_dir) / short_name(shard_index),
-                       {"shard": shard_index, "url": url, "read": read, "samples": samples})
+                       {"shard": shard_index, "url": url, "read": read, "samples": samples, "error": error})
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> Path:
@@ -104,12 +110,22 @@ def done_shards(folder: str | Path) -> set[int]:
     return {int(p.name[5:11]) for p in Path(folder).glob("part-*.safetensors")}
 
 
+def _redo(folder: str | Path) -> str:
+    return (f"run the `sslpipe embed` that wrote {folder} again (the same EXPORT, --data and --out; embed.json "
+            "names them): it embeds only the shards without a part")
+
+
 def read_part(path: str | Path, features: bool = True) -> Part:
-    """One part; `features=False` reads only its header (keys and sources), not the vectors."""
-    with safe_open(str(path), "np") as f:
-        meta = f.metadata()
-        return Part(int(meta["shard"]), json.loads(meta["keys"]), json.loads(meta["sources"]),
-                    f.get_tensor("features") if features else None)
+    """One part; `features=False` reads only its header (keys and sources), not the vectors. A damaged file is a
+    ValueError naming it (a truncated copy would otherwise surface as a bare SafetensorError)."""
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata()
+            return Part(int(meta["shard"]), json.loads(meta["keys"]), json.loads(meta["sources"]),
+                        f.get_tensor("features") if features else None)
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): the part is damaged; delete it, then "
+                         f"{_redo(Path(path).parent)}") from None
 
 
 def iter_parts(folder: str | Path, features: bool = True) -> Iterator[Part]:
@@ -119,10 +135,18 @@ def iter_parts(folder: str | Path, features: bool = True) -> Iterator[Part]:
     if not index.get("complete"):
         raise ValueError(f"{folder} is incomplete (a run stopped before every shard was embedded): run `sslpipe "
                          "embed` again with the same --out to finish it")
+    rows = 0
     for shard in range(len(index["shards"])):
         path = Path(folder) / part_name(shard)
-        if path.is_file():
-            yield read_part(path, features)
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: {folder} is damaged (embed.json lists {len(index['shards'])} "
+                             f"shards, one part each); {_redo(folder)}")
+        part = read_part(path, features)
+        rows += len(part.keys)
+        yield part
+    if rows != index["count"]:
+        raise ValueError(f"{folder}: its parts hold {rows} samples and embed.json counts {index['count']}: the folder "
+                         f"is damaged (parts replaced since it was written?); {_redo(folder)} with --force")
 
 
 def load_all(folder: str | Path) -> tuple[list[str], list[str], np.ndarray]:

@@ -22,7 +22,7 @@ def unit_rows(rows: np.ndarray) -> np.ndarray:
 
 class StoredVectors:
     """An embedding folder as rows 0..n-1 in part order: `keys[i]`, `sources[i]` (its shard), and the float32
-    L2-normalised vectors through `blocks` and `gather`. Refuses an incomplete folder (`iter_parts`)."""
+    L2-normalised vectors through `blocks` and `gather`. Refuses an incomplete or damaged folder (`iter_parts`)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)

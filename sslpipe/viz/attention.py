@@ -7,6 +7,10 @@ the q and v biases of EVA-style blocks, and the rotary position embedding of RoP
 [CLS] row over the patch tokens is the map. DINO's thresholded variant keeps, per map, the patches holding `MASS`
 (60%) of its attention.
 
+A ViT without a class token (global average pooling, as `sslpipe import` builds for I-JEPA-style checkpoints) has no
+[CLS] row: row 0 would be the top-left patch's query. Its map is the attention each patch receives, averaged over
+all patch queries (`received_attention`), and the caption says so.
+
 CNNs have no attention; the class-agnostic stand-in is the L2 norm of the last feature map at each position (where
 the activations are strong), with the same mass threshold.
 """
@@ -33,6 +37,11 @@ def has_attention(model: nn.Module) -> bool:
     return hasattr(attn, "fused_attn") and isinstance(getattr(attn, "attn_drop", None), nn.Dropout)
 
 
+def has_class_token(model: nn.Module) -> bool:
+    """Whether the ViT's token 0 is a [CLS] token (timm's `has_class_token`; EVA-style models: a `cls_token`)."""
+    return bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
+
+
 def patch_grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
     """(h, w) patch grid of a ViT for input x (B, 3, H, W)."""
     ph, pw = model.patch_embed.patch_size
@@ -40,8 +49,8 @@ def patch_grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def cls_attention(model: nn.Module, x: Tensor) -> Tensor:
-    """The last block's [CLS] attention over the patches, (B, heads, h, w), for inputs x (B, 3, H, W)."""
+def last_attention(model: nn.Module, x: Tensor) -> Tensor:
+    """The last block's softmax attention, (B, heads, tokens, tokens), for inputs x (B, 3, H, W)."""
     if not has_attention(model):
         raise ValueError(f"{type(model).__name__} has no timm attention blocks (blocks[-1].attn with attn_drop)")
     attn = model.blocks[-1].attn
@@ -53,9 +62,24 @@ def cls_attention(model: nn.Module, x: Tensor) -> Tensor:
     finally:
         hook.remove()
         attn.fused_attn = fused
+    return caught[0]
+
+
+def cls_attention(model: nn.Module, x: Tensor) -> Tensor:
+    """The last block's [CLS] attention over the patches, (B, heads, h, w), for inputs x (B, 3, H, W)."""
+    if not has_class_token(model):
+        raise ValueError(f"{type(model).__name__} has no [CLS] token: use received_attention")
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     h, w = patch_grid(model, x)
-    return caught[0][:, :, 0, prefix:].reshape(x.shape[0], -1, h, w)
+    return last_attention(model, x)[:, :, 0, prefix:].reshape(x.shape[0], -1, h, w)
+
+
+def received_attention(model: nn.Module, x: Tensor) -> Tensor:
+    """For a ViT without a [CLS] token: the last block's attention each patch receives, averaged over the patch
+    queries, (B, heads, h, w) (register tokens, if any, left out as queries and as keys)."""
+    prefix = int(getattr(model, "num_prefix_tokens", 0))
+    h, w = patch_grid(model, x)
+    return last_attention(model, x)[:, :, prefix:, prefix:].mean(dim=2).reshape(x.shape[0], -1, h, w)
 
 
 def mass_mask(maps: Tensor, mass: float = MASS) -> Tensor:
@@ -77,13 +101,18 @@ def feature_norm(model: nn.Module, x: Tensor) -> Tensor:
 def draw_attention(model: nn.Module, x: Tensor, images: Sequence[Tensor], path: str | Path,
                    mass: float = MASS) -> Path:
     """Two rows per image: its attention maps (every head, then their mean), and below each map the image with only
-    the patches holding `mass` of that map left bright. CNNs: the feature-norm map instead."""
+    the patches holding `mass` of that map left bright. ViTs without a [CLS] token: the attention each patch
+    receives (`received_attention`); CNNs: the feature-norm map instead."""
     if has_attention(model):
-        maps = cls_attention(model, x)
+        cls = has_class_token(model)
+        maps = cls_attention(model, x) if cls else received_attention(model, x)
         maps = torch.cat([maps, maps.mean(dim=1, keepdim=True)], dim=1)
         titles = ("image", *(f"head {i + 1}" for i in range(maps.shape[1] - 1)), "mean of heads")
-        what = (f"[CLS] self-attention of the last block over the {maps.shape[-2]}x{maps.shape[-1]} patches, per "
-                f"head. Below each map: the patches holding {mass:.0%} of its attention (DINO's thresholded map).")
+        grid = f"{maps.shape[-2]}x{maps.shape[-1]} patches"
+        what = (f"[CLS] self-attention of the last block over the {grid}, per head." if cls else
+                f"{type(model).__name__} has no [CLS] token: the last block's self-attention each of the {grid} "
+                "receives, averaged over all patch queries, per head.")
+        what += f" Below each map: the patches holding {mass:.0%} of its attention (DINO's thresholded map)."
     else:
         maps = feature_norm(model, x)
         titles = ("image", "feature norm")

@@ -23,6 +23,18 @@ def display_image(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Ten
     return ((x * s + m).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
+def read_rgb(path: str | Path, role: str = "image") -> Any:
+    """The RGB PIL image of a file (the `convert("RGB")` the shard decoder does), or one ValueError naming it: a
+    file the user named that PIL cannot read is bad input, not a crash."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{role} {path} cannot be read: {err}") from None
+
+
 def thumbnail(image: Any, side: int) -> Tensor:
     """A PIL image as a uint8 (3, side, side) panel: short side resized to `side` (nearest when enlarging, so
     small images stay sharp), centre crop (grids of images of any size line up)."""

@@ -1,11 +1,13 @@
 """`sslpipe show`: what an exported backbone sees, as four PNGs for a few images.
 
-attention.png (the last block's [CLS] attention per head and its 60%-mass masks; CNNs: the feature-norm map),
-pca.png (DINOv2's patch PCA), neighbours.png (each query beside its nearest train images under the kNN probe's
-features) and embedding.png (t-SNE / UMAP of the val split coloured by label). The images are the first `n` of the
+attention.png (the last block's [CLS] attention per head and its 60%-mass masks; ViTs without a [CLS] token: the
+attention each patch receives, averaged over the patch queries; CNNs: the feature-norm map), pca.png (DINOv2's patch
+PCA), neighbours.png (each query beside its nearest train images under the kNN probe's features, searched among the
+first `data.max_train` train images: with a cap they can differ from those `sslpipe knn` votes with, and the caption
+says so) and embedding.png (t-SNE / UMAP of the val split coloured by label). The images are the first `n` of the
 val split of `data`, or the `images` files; neighbours and the embedding map need `data` (train and val splits).
 Everything goes through the probe's own `FeatureSpec` (`FeatureSpec.from_export`: the export's size, mean and std
-unless resize/crop are given), so the pictures show exactly what `sslpipe knn` measures.
+unless resize/crop are given), so the features are those `sslpipe knn` measures.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from sslpipe.data.stream import build_loader
 from sslpipe.eval.features import default_device, extract_features, on_device, prepare_backbone
 from sslpipe.viz.attention import draw_attention
 from sslpipe.viz.embedding import draw_embedding, embed_2d
-from sslpipe.viz.figures import display_image
+from sslpipe.viz.figures import display_image, read_rgb
 from sslpipe.viz.neighbours import draw_neighbours, nearest
 from sslpipe.viz.pca import draw_pca
 
@@ -88,7 +90,7 @@ def show(export: str | Path, out: str | Path, spec: FeatureSpec, *, data: ProbeD
         missing = [str(p) for p in images if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"image file(s) not found: {', '.join(missing)}")
-        queries = [(Image.open(p).convert("RGB"), -1) for p in images]
+        queries = [(read_rgb(p), -1) for p in images]
     else:
         found = read_samples(data.val, data.val_split, range(n))
         queries = [found[i] for i in range(n)]
@@ -115,8 +117,10 @@ def show(export: str | Path, out: str | Path, spec: FeatureSpec, *, data: ProbeD
         neighbour_images = [[display_image(transform(found[i][0]), spec.mean, spec.std) for i in row]
                             for row in idx.tolist()]
         neighbour_names = [[_name(int(train_y[i]), names) for i in row] for row in idx.tolist()]
+        capped = data.max_train is not None and len(train_x) >= data.max_train
+        pool = f"among the first {len(train_x)} train images" if capped else "train images"
         paths["neighbours"] = draw_neighbours(shown, [_name(label, names) for _, label in queries], neighbour_images,
-                                              neighbour_names, sims, out / "neighbours.png")
+                                              neighbour_names, sims, out / "neighbours.png", pool=pool)
         say(f"wrote {paths['neighbours']}")
         val_x, val_y = extract_features(model, data.val, spec, split=data.val_split, max_samples=data.max_val,
                                         progress=progress)

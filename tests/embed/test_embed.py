@@ -118,7 +118,9 @@ def test_two_processes_write_disjoint_parts_that_cover_the_set(embedded: Path, e
         assert two.keys == one.keys and np.array_equal(two.features, one.features)
 
 
-def test_a_folder_of_images_is_embedded_through_shards(export: Path, tmp_path: Path) -> None:
+def test_a_folder_of_images_is_embedded_through_shards(export: Path, tmp_path: Path, capsys) -> None:
+    """5 images and a broken one: 5 rows, files.tsv maps each key to its image by absolute path, embed.json names
+    it relative to the folder, and the broken image is named on stderr (not only in the manifest)."""
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -127,10 +129,13 @@ def test_a_folder_of_images_is_embedded_through_shards(export: Path, tmp_path: P
     (folder / "broken.png").write_bytes(b"not a png")
     out = embed_shards(export, folder, tmp_path / "emb", progress=False)
     index = read_index(out)
-    assert index["count"] == 5 and index["data"] == str(folder.resolve())
-    files = dict(line.split("\t") for line in Path(index["files"]).read_text().splitlines())
-    assert sorted(Path(f).name for f in files.values()) == [f"img{i}.png" for i in range(5)]
+    assert index["count"] == 5 and index["data"] == str(folder.resolve()) and index["files"] == "shards/files.tsv"
+    files = dict(line.split("\t") for line in (out / index["files"]).read_text().splitlines())
+    assert sorted(files.values()) == [str(folder / f"img{i}.png") for i in range(5)]
     assert _parts(out)[0].keys == sorted(files)
+    err = capsys.readouterr().err
+    assert f"skipped 1 unreadable image(s) of {folder}, e.g. {folder / 'broken.png'}: UnidentifiedImageError" in err
+    assert str(out / "shards" / "manifest.json") in err
 
 
 def test_refusals_are_one_line(embedded: Path, export: Path, digits_shards: Path, tmp_path: Path,

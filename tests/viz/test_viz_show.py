@@ -10,11 +10,22 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import one_line_error
 from PIL import Image
 
 from sslpipe.cli import main
 from sslpipe.eval.spec import FeatureSpec, ProbeData
-from sslpipe.viz.attention import cls_attention, draw_attention, feature_norm, has_attention, mass_mask
+from sslpipe.viz import attention as attention_module
+from sslpipe.viz import neighbours as neighbours_module
+from sslpipe.viz.attention import (
+    cls_attention,
+    draw_attention,
+    feature_norm,
+    has_attention,
+    has_class_token,
+    mass_mask,
+    received_attention,
+)
 from sslpipe.viz.neighbours import nearest
 from sslpipe.viz.pca import patch_features, pca_rgb
 from sslpipe.viz.show import show
@@ -119,6 +130,49 @@ def test_attention_of_a_hand_set_block_is_uniform() -> None:
     torch.testing.assert_close(got, torch.full_like(got, 1 / n_tokens))
 
 
+def _captions(monkeypatch: pytest.MonkeyPatch, module) -> list[str]:
+    """The captions `module` hands to save_rows (the figure's text cannot be read back from the PNG)."""
+    captions: list[str] = []
+    real = module.save_rows
+    monkeypatch.setattr(module, "save_rows", lambda *a, **kw: captions.append(kw["caption"]) or real(*a, **kw))
+    return captions
+
+
+def test_a_vit_without_a_class_token_gets_the_attention_each_patch_receives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `sslpipe import` builds for a checkpoint without cls_token (class_token=False, global_pool="avg"): row
+    0 of its attention is the top-left patch's query, so no [CLS] map exists. Drawn: each patch's attention received,
+    averaged over the 16 patch queries (timm's unfused matrix, hooked here), captioned as such."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=SIZE,
+                              patch_size=PATCH, embed_dim=DIM, depth=2, num_heads=HEADS, class_token=False,
+                              global_pool="avg").eval()
+    assert model.num_prefix_tokens == 0 and not has_class_token(model) and has_class_token(tiny_vit())
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    caught = []
+    attn = model.blocks[-1].attn
+    fused, attn.fused_attn = attn.fused_attn, False
+    hook = attn.attn_drop.register_forward_hook(lambda _m, _i, out: caught.append(out))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    attn.fused_attn = fused
+    grid = SIZE // PATCH
+    expected = caught[0].mean(dim=2).reshape(2, HEADS, grid, grid)  # column means: attention received
+    got = received_attention(model, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(dim=(-2, -1)), torch.ones(2, HEADS))  # each row of softmax sums to 1
+    with pytest.raises(ValueError, match="no \\[CLS\\] token"):
+        cls_attention(model, x)
+    captions = _captions(monkeypatch, attention_module)
+    images = [torch.zeros(3, SIZE, SIZE, dtype=torch.uint8)] * 2
+    draw_attention(model, x, images, tmp_path / "a.png")
+    draw_attention(tiny_vit(), x, images, tmp_path / "b.png")
+    assert "[CLS] self-attention" not in captions[0] and "has no [CLS] token" in captions[0]
+    assert "averaged over all patch queries" in captions[0]
+    assert captions[1].startswith("[CLS] self-attention of the last block")
+
+
 def test_mass_mask_keeps_the_patches_holding_the_mass() -> None:
     maps = torch.tensor([[0.5, 0.1], [0.3, 0.1]])  # sorted mass 0.5, 0.3 (=0.8 >= 0.6), then 0.1, 0.1
     assert mass_mask(maps, 0.6).tolist() == [[True, False], [True, False]]
@@ -213,9 +267,13 @@ def export_tiny_vit(out: Path) -> Path:
                            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), source={"test": True})
 
 
-def test_show_writes_four_pngs_and_logs_them(digits_shards: Path, tmp_path: Path) -> None:
+def test_show_writes_four_pngs_and_logs_them(digits_shards: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """... and the neighbours' caption says they were searched among the first --max-train (120) train images,
+    not all 1438 that `sslpipe knn` votes with."""
     export = export_tiny_vit(tmp_path / "export")
     tracker = FakeTracker()
+    captions = _captions(monkeypatch, neighbours_module)
     data = ProbeData(str(digits_shards), str(digits_shards), max_train=120, max_val=60)
     paths = show(export, tmp_path / "show", FeatureSpec.from_export(export), data=data, n=2, k=3, tracker=tracker,
                  progress=False)
@@ -226,6 +284,8 @@ def test_show_writes_four_pngs_and_logs_them(digits_shards: Path, tmp_path: Path
     assert sizes["pca"][0] == 4 * panel - 2 and sizes["neighbours"][0] == (1 + 3) * panel - 2
     assert sizes["attention"][1] > 4 * 192 and sizes["embedding"][0] > 400  # two rows per image; a real plot
     assert set(tracker.logged) == {f"show/{name}" for name in paths}
+    assert captions == ["Each query (left) and its 3 nearest among the first 120 train images by cosine similarity "
+                        "of the kNN probe's features (label and similarity under each)."]
 
 
 def test_show_command_on_image_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -239,3 +299,8 @@ def test_show_command_on_image_files(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "need --data" in capsys.readouterr().out
     assert main(["show", str(export), "--out", str(tmp_path / "none")]) == 2  # no images at all: a clear error
     assert "--data SHARDS" in capsys.readouterr().err
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    err = one_line_error(["show", str(export), "--images", str(files[0]), str(broken), "--out",
+                          str(tmp_path / "bad")], capsys)
+    assert f"image {broken} cannot be read" in err
