@@ -1,14 +1,16 @@
 """Benchmark: one iBOT training step of sslpipe's pieces vs the same step assembled from lightly 1.6 building blocks.
 
-A step = teacher forward on the unmasked global crops, student forward on the masked global crops and on the local
-crops (CLS only), loss, backward, AdamW step, centre update, EMA update. Both sides use the same timm ViT weights,
-the same head weights, batch, crops and masks, so their first-step losses agree (``loss_abs_diff``) when the local
-crops have the global crops' size: the comparison times equal work. With smaller local crops the two resize the
-position embedding differently (sslpipe: the official iBOT interpolation; lightly: timm's), which moves the loss a
-little but not the amount of work. lightly side: MaskedVisionTransformerTIMM (init "skip", so the timm weights are
-kept),
-one DINOProjectionHead shared by CLS and patch tokens (lightly has no iBOT head), DINOLoss for the CLS term,
-IBOTPatchLoss for the patch term, update_momentum for the EMA.
+A step = teacher forward on the unmasked global crops (head on every token: sslpipe's patch centre is the mean over
+all of them), student forward on the masked global crops (head on the CLS token and the masked tokens only, as
+sslpipe's `mask_indices` and lightly's own iBOT example, `examples/pytorch/ibot.py`, do) and on the local crops (CLS
+only), loss, backward, AdamW step, centre update, EMA update. Both sides use the same timm ViT weights, the same head
+weights, batch, crops and masks, so their first-step losses agree (``loss_abs_diff``) when the local crops have the
+global crops' size, and their FLOPs per step (``gflop_*``, one step of each counted after the timing) agree: the
+comparison times equal work. With smaller local crops the two resize the position embedding differently (sslpipe:
+the official iBOT interpolation; lightly: timm's), which moves the loss a little but not the amount of work. lightly
+side: MaskedVisionTransformerTIMM (init "skip", so the timm weights are kept), one DINOProjectionHead shared by CLS
+and patch tokens (lightly has no iBOT head), DINOLoss for the CLS term, IBOTPatchLoss for the patch term,
+update_momentum for the EMA.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerTI
 from lightly.models.utils import update_momentum
 from torch import nn
 
+from sslpipe.bench.flops import count_flops
 from sslpipe.bench.timing import time_interleaved
 from sslpipe.data.collate import mask_batch_fields
 from sslpipe.losses.ibot import IBOTLoss
@@ -105,11 +108,12 @@ def run_ibot_step_bench(arch: str = "vit_tiny_patch16_224", *, img_size: int = 3
     def lightly_step() -> float:
         with torch.no_grad():
             t_tok = l_t_head(l_t_backbone.encode(globals_))
-        s_tok = l_head(l_backbone.encode(globals_, mask=l_mask))
+        feat = l_backbone.encode(globals_, mask=l_mask)
+        s_cls, s_masked = l_head(feat[:, 0]), l_head(feat[:, 1:][flat])  # lightly's example: masked tokens only
         s_loc = l_head(l_backbone.encode(locals_)[:, 0])
-        cls = l_cls_loss(list(t_tok[:, 0].chunk(G)), list(torch.cat([s_tok[:, 0], s_loc]).chunk(G + n_local)),
+        cls = l_cls_loss(list(t_tok[:, 0].chunk(G)), list(torch.cat([s_cls, s_loc]).chunk(G + n_local)),
                          teacher_temp=temps["teacher_temp"])
-        patch = l_patch_loss(t_tok[:, 1:][flat], s_tok[:, 1:][flat], masks, teacher_temp=temps["teacher_patch_temp"])
+        patch = l_patch_loss(t_tok[:, 1:][flat], s_masked, masks, teacher_temp=temps["teacher_patch_temp"])
         loss = cls + patch
         l_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,6 +124,7 @@ def run_ibot_step_bench(arch: str = "vit_tiny_patch16_224", *, img_size: int = 3
 
     ours_times, l_times, ours_first, l_first = time_interleaved(ours_step, lightly_step, warmup, steps, dev)
     ours_ms, l_ms = 1000 * statistics.median(ours_times), 1000 * statistics.median(l_times)
+    ours_flops, l_flops = count_flops(ours_step), count_flops(lightly_step)
     return {
         "device": str(dev), "arch": arch, "img_size": img_size, "local_size": local_size, "patch_size": patch_size,
         "depth": depth, "embed_dim": embed_dim, "batch_size": batch_size, "n_local": n_local, "out_dim": out_dim,
@@ -127,4 +132,6 @@ def run_ibot_step_bench(arch: str = "vit_tiny_patch16_224", *, img_size: int = 3
         "sslpipe_ms": ours_ms, "lightly_ms": l_ms, "ratio_sslpipe_over_lightly": ours_ms / l_ms,
         "first_loss_sslpipe": ours_first, "first_loss_lightly": l_first,
         "loss_abs_diff": abs(ours_first - l_first),
+        "gflop_sslpipe": ours_flops / 1e9, "gflop_lightly": l_flops / 1e9, "flop_ratio_lightly_over_sslpipe":
+        l_flops / ours_flops,
     }

@@ -2,20 +2,23 @@
 
 Every path runs the recipe's multi-crop on the same images in one process run, so the ratios answer "does streaming
 tar shards cost anything over reading files, how much faster is the uint8 crop path than the torchvision one, and how
-close is each loader to its decode+augment ceiling?". Loaders use `num_workers` worker processes; the ceiling runs in
-this process (one core) for at most `max_seconds`. Per-core figures divide a loader's rate by its worker count (the
-main process only collates), which is what sizing a GPU node's data workers needs.
+close is each loader to its decode+augment ceiling?". Loaders use `num_workers` worker processes (one torch thread
+each, as DataLoader sets it); the ceiling runs in this process under one torch thread for at most `max_seconds`, and
+so do the loaders with `num_workers=0`. Per-core figures divide a loader's rate by its worker count (the main process
+only collates), which is what sizing a GPU node's data workers needs. The stream and the ceiling decode as the trainer
+does (`stream.decode_sample`: a JPEG reduced in the decoder when the transform offers a `draft_size`); ImageFolder
+decodes with its own PIL loader, in full.
 
 ImageFolder runs the reference transform (torchvision on PIL) -- the loader most users start from.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -24,7 +27,7 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision.datasets import ImageFolder
 
 from sslpipe.data.remote import Reading
-from sslpipe.data.stream import IMAGE_KEYS, StreamDataset, build_loader, resolve_shards
+from sslpipe.data.stream import IMAGE_KEYS, StreamDataset, build_loader, decode_sample, resolve_shards
 
 
 class _ApplyTransform:
@@ -33,8 +36,24 @@ class _ApplyTransform:
     def __init__(self, transform: Callable[[Image.Image], Any]) -> None:
         self.transform = transform
 
+    @property
+    def draft_size(self) -> Callable[[int, int], tuple[int, int]] | None:
+        """The transform's reduced-decode hint, offered to the stream as the trainer's `MultiCropSample` offers it."""
+        return getattr(self.transform, "draft_size", None)
+
     def __call__(self, raw: dict) -> Any:
         return self.transform(raw["image"])
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one intra-op thread (as in a DataLoader worker) for a path reported as one core; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _raw_samples(shard_dir: str, split: str, max_images: int) -> list[dict]:
@@ -109,9 +128,13 @@ def format_table(result: dict[str, Any]) -> str:
     rows = [(f"sslpipe stream, {b} crops", result[f"stream_{b}_img_s"], workers) for b in result["backends"]]
     rows.append(("torchvision ImageFolder", ref, workers))
     rows += [(f"decode+augment, {b} crops", result[f"ceiling_{b}_img_s"], 1) for b in result["backends"]]
+
+    def where(name: str) -> str:
+        here = not result["num_workers"] or name.startswith("decode")
+        return "this process, 1 thread" if here else f"{workers} worker(s), 1 thread each"
+
     lines = [f"{'path':<34}{'images/s':>10}{'per core':>10}{'x ImageFolder':>15}  processes",
-             *(f"{name:<34}{rate:>10.1f}{rate / cores:>10.1f}{rate / ref:>15.2f}  "
-               f"{cores} {'worker(s)' if 'ceiling' not in name and 'decode' not in name else '(this process)'}"
+             *(f"{name:<34}{rate:>10.1f}{rate / cores:>10.1f}{rate / ref:>15.2f}  {where(name)}"
                for name, rate, cores in rows)]
     return "\n".join(lines)
 
@@ -136,7 +159,8 @@ def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
     reference = transforms.get("torchvision", transforms[backends[0]])
     result: dict[str, Any] = {"images": n_images, "batch_size": batch_size, "num_workers": num_workers,
                               "backends": backends, "max_seconds": max_seconds}
-    encoded = [s[next(k for k in IMAGE_KEYS if k in s)] for s in samples[:n_images]]
+
+    in_process = _one_thread if num_workers == 0 else nullcontext  # 0 workers: the transform runs here
 
     def device_half(transform: Callable) -> Callable[[Any], Any] | None:
         from sslpipe.data.device_views import DeviceMultiCropTransform
@@ -152,25 +176,22 @@ def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
                               num_workers=num_workers, num_batches=num_batches, shuffle_buffer=min(1000, n_images),
                               resampled=True,  # shards with replacement: no pass ends (and restarts) mid-measure
                               pin_memory=finish is not None and finish.device.type == "cuda")
-        return _rate(stream, batch_size, num_batches, finish)
+        with in_process():
+            return _rate(stream, batch_size, num_batches, finish)
 
     def ceiling_rate(transform: Callable) -> float:
         draft = getattr(transform, "draft_size", None)
         finish = device_half(transform)
-        start, done = time.perf_counter(), 0
-        for i in range(0, n_images, batch_size):
-            images = []
-            for blob in encoded[i:i + batch_size]:
-                with Image.open(io.BytesIO(blob)) as img:
-                    if draft is not None and img.format == "JPEG":
-                        img.draft("RGB", draft(*img.size))
-                    images.append(img.convert("RGB"))
-            out = [transform(img) for img in images]
-            finish(out) if finish is not None else _collate(out)
-            done += len(images)
-            if time.perf_counter() - start > max_seconds:
-                break
-        return done / (time.perf_counter() - start)
+        with _one_thread():
+            start, done = time.perf_counter(), 0
+            for i in range(0, n_images, batch_size):
+                images = [decode_sample(sample, draft)["image"] for sample in samples[i:i + batch_size]]
+                out = [transform(img) for img in images]
+                finish(out) if finish is not None else _collate(out)
+                done += len(images)
+                if time.perf_counter() - start > max_seconds:
+                    break
+            return done / (time.perf_counter() - start)
 
     with tempfile.TemporaryDirectory(prefix="sslpipe-bench-") as tmp:
         root = image_folder
@@ -182,7 +203,8 @@ def run_loader_bench(shard_dir: str, image_folder: str | None = None, *,
             folder = DataLoader(ImageFolder(root, transform=reference), batch_size=batch_size, shuffle=True,
                                 num_workers=num_workers, drop_last=True, collate_fn=_collate,
                                 generator=torch.Generator().manual_seed(0))
-            return _rate(folder, batch_size, min(num_batches, len(folder)))
+            with in_process():
+                return _rate(folder, batch_size, min(num_batches, len(folder)))
 
         # Rounds alternate the paths so that each sees the same machine state; the best round counts.
         paths: dict[str, Callable[[], float]] = {f"stream_{b}_img_s": (lambda t=t: stream_rate(t))

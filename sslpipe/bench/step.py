@@ -9,33 +9,67 @@ forward on the global crops, AdamW (fused on CUDA), with its float batch already
 loss -- the floor any trainer of this network pays. Both use the same crops, batch size, autocast precision and are
 timed interleaved (one step of each in turn) to cancel drift; the median step is reported.
 
-FLOPs per image come from `torch.utils.flop_counter.FlopCounterMode` (matmuls and convolutions, forward and
-backward) over one step. MFU = achieved FLOP/s / the device's dense peak (`--peak-tflops`, or a table of known GPUs
-for bf16/fp16 tensor cores); on a CPU only the achieved TFLOP/s is given.
+FLOPs per image come from `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and attention, forward
+and backward; `sslpipe.bench.flops`) over one step. MFU = achieved FLOP/s / the device's dense peak at the precision
+the step's matmuls run in: bf16 or fp16 under autocast, else tf32 where torch allows it for matmuls, else fp32
+(`--peak-tflops`, or a table of known GPUs per precision); on a CPU only the achieved TFLOP/s is given.
 """
 from __future__ import annotations
 
 import copy
 import json
 import random
+import re
 import resource
 import statistics
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from sslpipe.bench.flops import count_flops
 from sslpipe.bench.timing import time_interleaved
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched by device-name substring.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+def _peaks(half: float, tf32: float, fp32: float) -> dict[str, float]:
+    """One card's row: bf16 and fp16 share the tensor-core peak."""
+    return {"bf16": half, "fp16": half, "tf32": tf32, "fp32": fp32}
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+# Dense peaks (TFLOP/s, without 2:4 sparsity) from the vendors' data sheets, per precision of the matmuls. A card is
+# found by the first name that occurs in the device name as a whole word: "H100 PCIe" and "H100 NVL" come before
+# "H100" (the SXM card, reported as e.g. "NVIDIA H100 80GB HBM3"), and "A10" does not match "A100" or "A10G".
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", _peaks(756.0, 378.0, 51.2)),
+    ("H100 NVL", _peaks(835.0, 417.5, 60.0)),
+    ("H200 NVL", _peaks(835.0, 417.5, 60.0)),
+    ("H100", _peaks(989.0, 494.5, 67.0)),
+    ("H200", _peaks(989.0, 494.5, 67.0)),
+    ("A100", _peaks(312.0, 156.0, 19.5)),
+    ("L40S", _peaks(362.0, 183.0, 91.6)),
+    ("L4", _peaks(121.0, 60.0, 30.3)),
+    ("A10", _peaks(125.0, 62.5, 31.2)),
+)
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """The dense peak of the card called `device_name` (as `torch.cuda.get_device_name` gives it) for matmuls in
+    `precision` (bf16, fp16, tf32, fp32); None for a device not in the table."""
+    for card, peaks in PEAK_TFLOPS:
+        if re.search(rf"(?<!\w){re.escape(card)}(?!\w)", device_name):
+            return peaks.get(precision)
+    return None
+
+
+def matmul_precision(mixed_precision: str, device: torch.device) -> str:
+    """The precision the step's matmuls run in: the autocast dtype, else tf32 where torch allows it on CUDA."""
+    if mixed_precision in ("bf16", "fp16"):
+        return mixed_precision
+    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def device_name(device: torch.device) -> str:
+    """The name the peak table is matched against ("cpu" off CUDA)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def synthetic_batch(cfg: Any, recipe: Any, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor | None]:
@@ -52,13 +86,6 @@ def synthetic_batch(cfg: Any, recipe: Any, batch_size: int, seed: int = 0) -> di
     masks = recipe.mask_fields(c.n_global * batch_size, epoch=max(start, 0))
     return {"global_crops": crops(c.n_global, c.global_size), "local_crops": crops(c.n_local, c.local_size),
             **masks, "labels": torch.zeros(batch_size, dtype=torch.long)}
-
-
-def _flops(fn: Callable[[], Any]) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 def _bare_step(cfg: Any, accelerator: Any, batch: dict[str, Any]) -> Callable[[], Any]:
@@ -137,20 +164,21 @@ def run_step_bench(recipe_path: str, *, device: str | None = None, batch_size: i
         train_step(accelerator, recipe, optimizer, [batch], sched, cfg)
 
     bare = _bare_step(cfg, accelerator, batch)
-    flops_ours, flops_bare = _flops(ours), _flops(bare)
+    flops_ours, flops_bare = count_flops(ours), count_flops(bare)
     ours_times, bare_times, _, _ = time_interleaved(ours, bare, warmup, steps, dev)
     ours_s, bare_s = statistics.median(ours_times), statistics.median(bare_times)
-    peak = peak if peak is not None else peak_tflops(dev)
+    name, precision = device_name(dev), matmul_precision(accelerator.mixed_precision, dev)
+    peak = peak if peak is not None else peak_tflops(name, precision)
     result: dict[str, Any] = {
-        "recipe": recipe_path, "device": str(dev), "device_name": torch.cuda.get_device_name(dev)
-        if dev.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch_size": B,
+        "recipe": recipe_path, "device": str(dev), "device_name": name, "threads": torch.get_num_threads(),
+        "batch_size": B,
         "crops": f"{cfg.crops.n_global}x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}",
         "mixed_precision": accelerator.mixed_precision, "steps": steps,
         "ours_ms": 1000 * ours_s, "bare_ms": 1000 * bare_s, "ratio_ours_over_bare": ours_s / bare_s,
         "ours_img_s": B / ours_s, "bare_img_s": B / bare_s,
         "gflop_per_image_ours": flops_ours / B / 1e9, "gflop_per_image_bare": flops_bare / B / 1e9,
         "tflops_ours": flops_ours / ours_s / 1e12, "tflops_bare": flops_bare / bare_s / 1e12,
-        "peak_tflops": peak,
+        "peak_tflops": peak, "peak_precision": precision,
         "mfu_ours": flops_ours / ours_s / 1e12 / peak if peak else None,
         "mfu_bare": flops_bare / bare_s / 1e12 / peak if peak else None,
     }
@@ -212,7 +240,7 @@ def run_compile_bench(recipe_path: str, *, overrides: Sequence[str] = (), **kwar
 
 def format_table(r: dict[str, Any]) -> str:
     def mfu(v: float | None) -> str:
-        return f"{100 * v:.1f}%" if v is not None else "n/a (no peak for this device)"
+        return f"{100 * v:.1f}%" if v is not None else "n/a (no peak: --peak-tflops)"
 
     rows = [("", "ours (trainer step)", "bare network"),
             ("ms / step", f"{r['ours_ms']:.1f}", f"{r['bare_ms']:.1f}"),
@@ -223,7 +251,8 @@ def format_table(r: dict[str, Any]) -> str:
     width = max(len(a) for a, _, _ in rows)
     lines = [f"{a:<{width}}  {b:>20}  {c:>20}" for a, b, c in rows]
     lines.append(f"ratio ours / bare: {r['ratio_ours_over_bare']:.2f}x  ({r['device_name']}, batch "
-                 f"{r['batch_size']}, {r['crops']}, precision {r['mixed_precision']})")
+                 f"{r['batch_size']}, {r['crops']}, precision {r['mixed_precision']}; MFU against the "
+                 f"{r['peak_precision']} peak: {r['peak_tflops'] or 'unknown'} TFLOP/s)")
     return "\n".join(lines)
 
 

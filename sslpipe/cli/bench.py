@@ -23,7 +23,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     loader.add_argument("--workers", type=int, default=2)
     loader.add_argument("--max-images", type=int, default=4096)
     loader.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each path counts")
-    loader.add_argument("--max-seconds", type=float, default=30.0, help="time bound of the single-core ceiling")
+    loader.add_argument("--max-seconds", type=float, default=30.0,
+                        help="time bound of the single-core (one thread) ceiling")
     knn = which.add_parser("knn", help="faiss vs torch matmul+topk vs scikit-learn kNN on the same features")
     knn.add_argument("--n-train", type=int, default=50000)
     knn.add_argument("--n-test", type=int, default=10000)
@@ -39,7 +40,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--steps", type=int, default=10)
     step.add_argument("--warmup", type=int, default=3)
     step.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
-    step.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    step.add_argument("--peak-tflops", type=float, default=None,
+                      help="device peak for MFU at the step's precision (default: a table of known GPUs per precision)")
     step.add_argument("--packing", action="store_true",
                       help="DINO/iBOT/DINOv2/DINOv3: time the step with the crops packed and per size, side by side")
     step.add_argument("--compile", action="store_true",
@@ -64,7 +66,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     curate.add_argument("--n", type=int, default=1_000_000, help="synthetic features (rows)")
     curate.add_argument("--dim", type=int, default=384)
     curate.add_argument("--k", type=int, default=None, help="clusters (default: curate's level-1 count, N / 100)")
-    curate.add_argument("--iters", type=int, default=20, help="k-means passes over the data, both")
+    curate.add_argument("--iters", type=int, default=20,
+                        help="k-means passes over the data, both (faiss: over its training sample, all rows when k "
+                             ">= N / 256)")
     curate.add_argument("--queries", type=int, default=1000, help="held-out queries of the search comparison")
     remote = which.add_parser("remote", help="shards over HTTP (a local server) vs on disk; descriptors before/after")
     remote.add_argument("shards", nargs="?", default=None, help="a shard set (default: --photos N made in a temp dir)")
@@ -142,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
         result = run_ibot_step_bench(batch_size=args.batch_size, steps=args.steps)
         print(json.dumps(result, indent=2))
         print(f"sslpipe iBOT step {result['sslpipe_ms']:.1f} ms, lightly-assembled {result['lightly_ms']:.1f} ms: "
-              f"ratio {result['ratio_sslpipe_over_lightly']:.2f} (lower is faster)")
+              f"ratio {result['ratio_sslpipe_over_lightly']:.2f} (lower is faster); FLOPs per step "
+              f"{result['gflop_sslpipe']:.3f} vs {result['gflop_lightly']:.3f} GFLOP (lightly / sslpipe "
+              f"{result['flop_ratio_lightly_over_sslpipe']:.2f})")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

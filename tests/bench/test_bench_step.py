@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import sslpipe.bench.step as step_module
 from sslpipe.bench.loaded_step import run_loaded_step_bench
-from sslpipe.bench.step import format_table, run_step_bench
+from sslpipe.bench.step import format_table, matmul_precision, peak_tflops, run_step_bench
 from sslpipe.cli import main
+from tests.bench.vit_count import vit_flops
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -33,6 +35,46 @@ def test_step_bench_times_both_and_counts_flops(method: str, device: str) -> Non
     assert r["crops"] == "2x32 + 2x16" and r["batch_size"] == 4
     assert (r["mfu_ours"] is None) == (r["peak_tflops"] is None)
     assert "ratio ours / bare" in format_table(r)
+
+
+def test_bare_step_flops_match_a_hand_count_and_mfu_uses_the_precisions_peak(monkeypatch) -> None:
+    """The bare network of the tiny demo iBOT (d 32, 1 block, 2 heads, patch 4): teacher forward on 2 global crops of
+    32 px (65 tokens), student forward+backward on them and on 2 local crops of 16 px (17 tokens); hand count as in
+    tests/bench/vit_count.py. On an "H100 PCIe" in fp32 (mixed_precision no), MFU is against its fp32 peak, 51.2
+    TFLOP/s, not the bf16 tensor-core 989 of the SXM card."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr(step_module, "device_name", lambda device: "NVIDIA H100 PCIe")
+    r = run_step_bench(str(RECIPES / "demo_ibot.yaml"), device="cpu", batch_size=4, steps=1, warmup=1,
+                       mixed_precision="no", overrides=tiny("ibot"))
+    patch_in = 3 * 4 * 4
+    hand = 2 * vit_flops(65, 32, 1, patch_in, False) + 2 * vit_flops(65, 32, 1, patch_in, True) + \
+        2 * vit_flops(17, 32, 1, patch_in, True)
+    assert r["gflop_per_image_bare"] == pytest.approx(hand / 1e9)
+    assert r["peak_precision"] == "fp32" and r["peak_tflops"] == 51.2
+    assert r["mfu_ours"] == pytest.approx(r["tflops_ours"] / 51.2) and "fp32 peak: 51.2" in r["table"]
+
+
+@pytest.mark.parametrize("name, precision, peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H100 80GB HBM3", "tf32", 494.5),
+    ("NVIDIA H100 80GB HBM3", "fp32", 67.0), ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H100 PCIe", "fp32", 51.2),
+    ("NVIDIA H100 NVL", "fp16", 835.0), ("NVIDIA H200", "bf16", 989.0), ("NVIDIA H200 NVL", "bf16", 835.0),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA A100-SXM4-80GB", "fp32", 19.5), ("NVIDIA A10", "bf16", 125.0),
+    ("NVIDIA A10G", "bf16", None), ("NVIDIA L40S", "tf32", 183.0), ("NVIDIA L4", "bf16", 121.0), ("cpu", "fp32", None)])
+def test_peak_is_the_cards_at_the_precision(name: str, precision: str, peak: float | None) -> None:
+    assert peak_tflops(name, precision) == peak
+
+
+def test_matmul_precision_follows_autocast_and_tf32() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [matmul_precision(p, cpu) for p in ("no", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    flag = torch.backends.cuda.matmul.allow_tf32  # a module-level switch that monkeypatch cannot restore
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert matmul_precision("no", cuda) == "fp32" and matmul_precision("bf16", cuda) == "bf16"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert matmul_precision("no", cuda) == "tf32" and matmul_precision("no", cpu) == "fp32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
 
 
 def test_step_bench_refuses_other_recipes(tmp_path: Path) -> None:
