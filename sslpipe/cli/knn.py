@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from sslpipe.cli.probes import add_probe_args, feature_spec, probe_data
+from sslpipe.cli.probes import add_probe_args, feature_spec, positive_float, positive_int, probe_data
 
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("knn", help="weighted kNN probe (DINO protocol) of an exported backbone, with faiss")
     add_probe_args(p)
-    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--k", type=positive_int, nargs="+", default=[10, 20, 100, 200])
+    p.add_argument("--temperature", type=positive_float, default=0.07)
     p.add_argument("--cache", default=None, help="folder to cache extracted features in")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from sslpipe.cli.probes import feature_spec
+from sslpipe.cli.probes import feature_spec, nonnegative_float, nonnegative_int, positive_float, positive_int
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -13,17 +13,19 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", default=None, help="shards to evaluate on (default: --data)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
-    p.add_argument("--size", type=int, default=None, help="training crop and evaluation window (default: the "
-                                                          "export's image size)")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="training crop, evaluation window and the long side val images are resized to (default: the "
+                        "export's image size)")
     p.add_argument("--layers", type=int, default=1, choices=[1, 4],
                    help="patch features of the last block, or of the last 4 concatenated (DINOv2 +ms)")
-    p.add_argument("--steps", type=int, default=1000, help="training batches (DINOv2: 40000 at batch 16)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default: manifest)")
-    p.add_argument("--max-val", type=int, default=None, help="evaluate on at most this many val images")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the training stream")
+    p.add_argument("--steps", type=positive_int, default=1000, help="training batches (DINOv2: 40000 at batch 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=1e-4)
+    p.add_argument("--num-classes", type=positive_int, default=None,
+                   help="classes incl. background (default: manifest)")
+    p.add_argument("--max-val", type=positive_int, default=None, help="evaluate on at most this many val images")
+    p.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader workers of the training stream")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="result JSON (mIoU, per-class IoU, baseline, settings)")

@@ -297,6 +297,20 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _knn_crop_fits_the_resize(self) -> "RunConfig":
+        """The periodic kNN's centre crop must fit its resize (`sslpipe.eval.spec.FeatureSpec` refuses it at the
+        first evaluation, an epoch in): a larger crop would pad the image with black."""
+        if "eval.crop" in type(self).unread:
+            return self
+        size = self.crops.global_size
+        crop, short = self.eval.crop or size, self.eval.resize or round(size * 256 / 224)
+        if crop > short:
+            raise ValueError(f"eval.crop={crop} is larger than eval.resize={short} (null: crops.global_size x "
+                             "256/224): the kNN's images would be padded with black; set eval.resize to the crop or "
+                             "more, or a smaller eval.crop")
+        return self
+
+    @model_validator(mode="after")
     def _evaluation_is_used(self) -> "RunConfig":
         """Without an evaluation the best checkpoint is never kept, and without data.val the evaluation finds
         nothing: both ran silently before. An explicit eval.every_epochs=0 switches a recipe's evaluation (and so

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from sslpipe.data.manifest import file_stamp
 from sslpipe.data.remote import Reading
 from sslpipe.data.stream import build_loader, count_samples, resolve_shards
+from sslpipe.errors import WriteFailed, io_failure
 
 if TYPE_CHECKING:
     from sslpipe.eval.spec import FeatureSpec, ProbeData
@@ -244,11 +246,42 @@ def extract_train_val(model: nn.Module, spec: FeatureSpec, data: ProbeData, *, c
     return train_x, train_y, val_x, val_y
 
 
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write a probe's result JSON atomically (a temporary file in the same folder, then `os.replace`), so a fault
+    part-way (a full disk, a quota) leaves the previous result whole instead of truncated; a failed write is one
+    `WriteFailed` line. A path that exists and is not a regular file (/dev/stdout, a pipe) is written in place: a
+    rename over it would replace the device."""
+    path = Path(path)
+    text = json.dumps(data, indent=2) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    in_place = path.exists() and not path.is_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if in_place:
+            path.write_text(text)
+            return path
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as err:
+        if io_failure(err) is None:
+            raise
+        kept = "" if in_place else f" (a previous {path.name} is left as it was)"
+        raise WriteFailed(f"could not write {path}: {io_failure(err)}{kept}; free space (or fix the disk / "
+                          "permissions, or pass another --out) and run again") from err
+    return path
+
+
 def report(result: dict[str, Any], values: dict[str, float], out_json: str | Path | None, tracker: Any,
            step: int | None) -> None:
-    """Write a probe's result as JSON and log its headline `values` through `tracker.log` (an Accelerator)."""
+    """Write a probe's result as JSON (`write_json`) and log its headline `values` through `tracker.log` (an
+    Accelerator)."""
     if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out_json, result)
     if tracker is not None:
         tracker.log(values, step=step)

@@ -2,8 +2,10 @@
 
 Features: the CLS token of each of the last `n_last_blocks` blocks, each after the final LayerNorm, concatenated
 (DINO: n=4 for ViT-S; `FeatureSpec(pooling="blocks", layers=4)`, `sslpipe.eval.spec.LastBlocksCLS`); CNNs (no
-class token) use their pooled features. One `nn.Linear` (weight N(0, 0.01), bias 0) is trained with SGD (momentum
-0.9, weight decay 0, lr = 0.001 * batch / 256) and a per-epoch cosine schedule to 0.
+class token) use their pooled features (`cls` pooling), and an `n_last_blocks` given for one is refused, as it would
+be recorded and never read (the result's `n_last_blocks` is null for them). One `nn.Linear` (weight N(0, 0.01),
+bias 0) is trained with SGD (momentum 0.9, weight decay 0, lr = 0.001 * batch / 256) and a per-epoch cosine
+schedule to 0.
 
 Deviation from DINO, for cost: features are extracted once from the evaluation view (Resize + CenterCrop) and the
 classifier is trained on these cached features, so there is no RandomResizedCrop/flip training augmentation. The
@@ -12,6 +14,7 @@ numbers are therefore a little lower than DINO's protocol would give; the rankin
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +24,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sslpipe.eval.features import extract_train_val, prepare_backbone, report
+from sslpipe.eval.spec import LastBlocksCLS, has_class_token
 
 if TYPE_CHECKING:
     from sslpipe.eval.spec import FeatureSpec, ProbeData
+
+DEFAULT_N_LAST_BLOCKS = 4  # DINO's value for ViT-S
+
+
+def check_classifier_args(epochs: int, batch_size: int, lr: float | None) -> None:
+    """Refuse classifier settings that train nothing (0 epochs would report the random initial layer) or cannot run,
+    before any feature is extracted."""
+    if epochs < 1 or batch_size < 1 or (lr is not None and not lr > 0):
+        raise ValueError(f"the linear probe needs epochs >= 1, batch_size >= 1 and lr > 0, got epochs={epochs}, "
+                         f"batch_size={batch_size}, lr={lr}")
 
 
 @torch.no_grad()
@@ -57,6 +71,7 @@ def train_linear(
 
     lr defaults to 0.001 * batch_size / 256 (DINO's scaling rule); cosine annealing per epoch to 0.
     """
+    check_classifier_args(epochs, batch_size, lr)
     train_y, val_y = train_y.long(), val_y.long()
     if (train_y < 0).any() or (val_y < 0).any():
         raise ValueError("the linear probe needs labelled samples (found label -1: shards without `cls`)")
@@ -92,6 +107,7 @@ def linear_probe(
     spec: FeatureSpec,
     data: ProbeData,
     *,
+    n_last_blocks: int | None = None,
     epochs: int = 100,
     batch_size: int = 256,
     lr: float | None = None,
@@ -102,14 +118,27 @@ def linear_probe(
     step: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Extract features once as `spec` says (DINO's protocol: `pooling="blocks"`, `layers=4`), train the linear
-    layer on them (`batch_size`, `lr`, `epochs`: the classifier's), report val accuracy (JSON + tracker keys
-    `linear/top1`, `linear/top5`)."""
+    """Extract features once, train the linear layer on them (`batch_size`, `lr`, `epochs`: the classifier's), report
+    val accuracy (JSON + tracker keys `linear/top1`, `linear/top5`).
+
+    `spec` gives the preprocessing and execution; the pooling is the probe's own, so it must keep the default
+    (`cls`, 1 layer): a ViT is probed on its last `n_last_blocks` CLS tokens (None: 4, DINO's protocol), a backbone
+    without a class token on its pooled features, and an `n_last_blocks` given for one is refused. Every setting is
+    checked before any feature is extracted."""
+    check_classifier_args(epochs, batch_size, lr)
+    if spec.pooling != "cls" or spec.layers != 1:
+        raise ValueError(f"linear_probe sets the pooling itself: pass n_last_blocks, not a FeatureSpec with "
+                         f"pooling={spec.pooling!r}, layers={spec.layers}")
     model, source = prepare_backbone(backbone, spec)
+    if has_class_token(model):
+        spec = replace(spec, pooling="blocks", layers=n_last_blocks or DEFAULT_N_LAST_BLOCKS)
+        LastBlocksCLS(spec.layers).check(model)
+    elif n_last_blocks is not None:
+        LastBlocksCLS(n_last_blocks).check(model)  # refuses it, naming --n-last-blocks
     train_x, train_y, val_x, val_y = extract_train_val(model, spec, data, cache_dir=cache_dir, cache_name="linear_",
                                                        progress=progress)
     result = train_linear(train_x, train_y, val_x, val_y, num_classes=data.num_classes, epochs=epochs,
                           batch_size=batch_size, lr=lr, seed=seed, device=spec.device, progress=progress)
-    result.update(backbone=source, n_last_blocks=spec.layers)
+    result.update(backbone=source, n_last_blocks=spec.layers if spec.pooling == "blocks" else None)
     report(result, {f"linear/{m}": result[m] for m in ("top1", "top5") if m in result}, out_json, tracker, step)
     return result

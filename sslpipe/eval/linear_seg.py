@@ -9,10 +9,17 @@ concatenated; the head is BatchNorm over those channels and one 1x1 convolution 
     logits = W * BN(concat_l F_l) + b,   F_l in R^{C x h x w}
 
 Logits are upsampled bilinearly to the label size and trained with cross-entropy (label 255 ignored). Training view:
-`sslpipe.data.dense.DenseTransform` (scale jitter in [0.5, 2], flip, crop/pad to `size`); evaluation: windows of
-`size` slid over each val image at a stride of 2/3 (scores averaged where they overlap; DINOv2's ADE20K test: slide
-512 / 341 px; ceil(2/3 x 512) = 342 here), mIoU over the whole val split (`SegmentationMetric`), beside the trivial
-baseline of predicting the most frequent val class everywhere.
+`sslpipe.data.dense.DenseTransform` (the image resized, keeping its ratio, so that its long side is `size` x s with
+s drawn from [0.5, 2], flip, crop/pad to `size`). Evaluation at the same base scale (mmseg's protocol, which DINOv2's
+configs use: ADE20K trains with `RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0))` and tests with
+`Resize(scale=(2048, 512), keep_ratio=True)`, configs/_base_/datasets/ade20k.py): each val image is resized, keeping
+its ratio, so that its long side is `size` (the training scale at s = 1; `FitLongSide`), windows of `size` are slid
+over it at a stride of 2/3 (scores averaged where they overlap; DINOv2's ADE20K test: slide 512 / 341 px;
+ceil(2/3 x 512) = 342 here), and the logits are resized back to the label's native size, where mIoU is computed
+over the whole val split (`SegmentationMetric`), beside the trivial baseline of predicting the most frequent val
+class everywhere. (sslpipe's base scale is the long side = `size` for training and test alike, where mmseg's is the
+short side 512 within a 2048 long side; without the test resize, images of another size than `size` were tested at
+a scale the probe never trained at, e.g. ADE-sized 683 x 512 images with `--size 224` at 2.6 x the training mean.)
 
 Optimiser (DINOv2's ADE20K linear config as recalled, second-hand: the file is hosted outside the repository):
 AdamW lr 1e-3, weight decay 1e-4, linear warm-up over 3.75 % of the steps (1500 of 40k), then poly decay (power 1)
@@ -22,7 +29,6 @@ PhotoMetricDistortion; a single process (no SyncBN across GPUs: BatchNorm of one
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import time
 from functools import partial
@@ -32,12 +38,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from sslpipe.data.dense import DenseTransform, collate_dense
 from sslpipe.data.seg_classes import segmentation_classes
 from sslpipe.data.stream import build_loader
-from sslpipe.eval.features import model_device, prepare_backbone
+from sslpipe.eval.features import model_device, prepare_backbone, write_json
 from sslpipe.eval.seg_eval import slide_logits
 from sslpipe.eval.segmentation import SegmentationMetric
 
@@ -97,6 +104,24 @@ class LinearSegHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.conv(self.bn(features))
+
+
+class FitLongSide:
+    """Evaluation sample_fn: `transform`'s eval view (the native image, normalised; the label untouched), the image
+    then resized keeping its ratio (bilinear, antialiased, as the training view's resize) so that its long side is
+    `size`: the scale the probe trained at (module docstring). A class, so DataLoader workers can pickle it."""
+
+    def __init__(self, transform: DenseTransform, size: int) -> None:
+        self.transform, self.size = transform, size
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        sample = self.transform(raw)
+        h, w = sample["image"].shape[-2:]
+        factor = self.size / max(h, w)
+        target = [max(1, round(h * factor)), max(1, round(w * factor))]
+        if target != [h, w]:
+            sample["image"] = TF.resize(sample["image"], target, antialias=True)
+        return sample
 
 
 def probe_lr(step: int, steps: int, lr: float) -> float:
@@ -178,21 +203,21 @@ def linear_seg_probe(
                   final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])), train_seconds=round(train_s, 1),
                   seconds=round(time.perf_counter() - start, 1))
     if out_json:
-        out = Path(out_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1) + "\n")
+        write_json(out_json, {k: v for k, v in result.items() if k != "samples"})
     return result
 
 
 @torch.no_grad()
 def evaluate_linear_seg(features: PatchFeatures, head: LinearSegHead, spec: FeatureSpec, data: ProbeData, *,
                         names: list[str], keep_samples: int = 0, progress: bool = True) -> dict[str, Any]:
-    """mIoU of the probe on the val split of `data` (its first `max_val` images) by sliding `spec.input_size`
-    windows, on the head's device; `baseline` = the same metrics for a constant prediction of the most frequent val
-    class; `samples` = (uint8 image, label, prediction) of the first `keep_samples` val images."""
+    """mIoU of the probe on the val split of `data` (its first `max_val` images), each resized to the training scale
+    (long side `spec.input_size`, `FitLongSide`) and predicted by sliding `spec.input_size` windows, on the head's
+    device, the logits resized back to the label; `baseline` = the same metrics for a constant prediction of the most
+    frequent val class; `samples` = (uint8 image, label, prediction) of the first `keep_samples` val images."""
     size, max_images, device = spec.input_size, data.max_val, model_device(head)
     head.eval()
-    transform = DenseTransform(size, (1.0, 1.0), 0.0, spec.mean, spec.std, IGNORE_INDEX, train=False)
+    transform = FitLongSide(DenseTransform(size, (1.0, 1.0), 0.0, spec.mean, spec.std, IGNORE_INDEX, train=False),
+                            size)
     loader = build_loader(data.val, split=data.val_split, sample_fn=transform, collate_fn=collate_dense,
                           batch_size=8, num_workers=0, shuffle=False, drop_last=False, reading=data.reading)
     metric = SegmentationMetric(len(names), IGNORE_INDEX, names)

@@ -29,7 +29,13 @@ import torch
 from torch import Tensor
 
 from sslpipe.eval.qscore import DEFAULT_ETA, batch_summary, qscore_metrics
-from sslpipe.losses.qscore_math import DEFAULT_EPS, DEFAULT_PERCENTILES, activation_rates, eps_for_coverage
+from sslpipe.losses.qscore_math import (
+    DEFAULT_EPS,
+    DEFAULT_PERCENTILES,
+    activation_rates,
+    check_v2_settings,
+    eps_for_coverage,
+)
 
 if TYPE_CHECKING:
     from sslpipe.eval.spec import FeatureSpec, ProbeData
@@ -71,6 +77,14 @@ class QScoreSettings:
         object.__setattr__(self, "percentiles", tuple(self.percentiles))
         if self.rates_from not in ("val", "train"):
             raise ValueError(f"rates_from must be 'val' or 'train', got {self.rates_from!r}")
+        # checked here, before any feature is extracted, not after both splits are
+        check_v2_settings(self.eps, self.percentiles, self.v2_coverage)
+        if self.k < 1 or not self.T > 0 or self.n_boot < 0:
+            raise ValueError(f"the kNN needs k >= 1 and T > 0 and the bootstrap n_boot >= 0, got k={self.k}, "
+                             f"T={self.T}, n_boot={self.n_boot}")
+        if not 0 < self.ci < 1 or not 0 <= self.min_varying < 1:
+            raise ValueError(f"ci must be in (0, 1) (0.95 for 95%) and min_varying in [0, 1), got ci={self.ci}, "
+                             f"min_varying={self.min_varying}")
 
 
 def is_degenerate(values: np.ndarray, min_varying: float = DEFAULT_MIN_VARYING) -> bool:

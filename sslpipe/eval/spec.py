@@ -23,13 +23,20 @@ Precision = Literal["fp32", "autocast"]
 FeatureFn = Callable[[nn.Module, Tensor], Tensor]
 
 
+def has_class_token(model: nn.Module) -> bool:
+    """A ViT with a CLS token and timm's `forward_intermediates`: `has_class_token` on timm's VisionTransformer, a
+    `cls_token` on its Eva (DINOv3, EVA-02), which has no such flag."""
+    cls = getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
+    return bool(cls) and hasattr(model, "forward_intermediates")
+
+
 class LastBlocksCLS:
     """Feature function of the `blocks` pooling: concat of the last `n` blocks' CLS tokens after the final norm.
 
     timm's `forward_intermediates(norm=True)` applies `model.norm` to every returned block output, as DINO's
     `get_intermediate_layers` does; `return_prefix_tokens=True` hands back the prefix tokens whose first is CLS.
-    CNNs (no class token) fall back to `pooled_features`. A class token is `has_class_token` on timm's
-    VisionTransformer and a `cls_token` on its Eva (DINOv3, EVA-02), which has no such flag.
+    A backbone without a class token (a CNN) is refused (`check`): it has no per-block CLS, and a silent fallback to
+    its pooled features would leave `n` unread; use the `cls` pooling for it.
     """
 
     def __init__(self, n: int = 4) -> None:
@@ -37,14 +44,19 @@ class LastBlocksCLS:
             raise ValueError(f"n_last_blocks must be >= 1, got {n}")
         self.n = n
 
-    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
-        cls = getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
-        if not (cls and hasattr(model, "forward_intermediates")):
-            return pooled_features(model, x)
+    def check(self, model: nn.Module) -> None:
+        """Refuse a model this pooling cannot read: no class token, or fewer than `n` blocks."""
+        if not has_class_token(model):
+            raise ValueError(f"--n-last-blocks (the last blocks' CLS tokens) is read only for ViTs: this "
+                             f"{type(model).__name__} backbone has no class token and is probed on its pooled "
+                             "features; drop --n-last-blocks")
         depth = len(getattr(model, "blocks", ()))
         if depth and self.n > depth:
             raise ValueError(f"the linear probe asks for the last {self.n} blocks' CLS, but this backbone has "
                              f"{depth} blocks: pass --n-last-blocks {depth} or fewer")
+
+    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
+        self.check(model)
         blocks = model.forward_intermediates(x, indices=self.n, norm=True, output_fmt="NLC",
                                              intermediates_only=True, return_prefix_tokens=True)
         return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=-1)
@@ -58,12 +70,13 @@ class FeatureSpec:
     """How images become features.
 
     Preprocessing: resize the short side to `resize` (default `img_size` x 256/224, DINO's 256 -> 224 ratio), centre
-    crop `crop` (default `img_size`), normalise with `mean` / `std`. Pooling: `cls` = the pre-logits feature (CLS
-    after the final norm for a ViT, pooled features for a CNN: kNN, Q-score, show), `blocks` = the CLS tokens of the
-    last `layers` blocks concatenated (the linear probe, DINO: 4), `patch` = the patch tokens of the last `layers`
-    blocks (linear-seg). Execution: `batch_size` images per forward pass with `num_workers` loader processes on
-    `device` (None: the model's GPU, else a GPU when present, else the CPU), in float32 (`precision="fp32"`, DINO's
-    eval) or under CUDA autocast (`"autocast"`: faster, not bit-comparable with the CPU).
+    crop `crop` (default `img_size`; at most the resize, else refused: the crop would be padded with black),
+    normalise with `mean` / `std`. Pooling: `cls` = the pre-logits feature (CLS after the final norm for a ViT,
+    pooled features for a CNN: kNN, Q-score, show), `blocks` = the CLS tokens of the last `layers` blocks
+    concatenated (the linear probe of a ViT, DINO: 4; refused for a CNN), `patch` = the patch tokens of the last
+    `layers` blocks (linear-seg). Execution: `batch_size` images per forward pass with `num_workers` loader
+    processes on `device` (None: the model's GPU, else a GPU when present, else the CPU), in float32
+    (`precision="fp32"`, DINO's eval) or under CUDA autocast (`"autocast"`: faster, not bit-comparable with the CPU).
     """
 
     img_size: int = 224
@@ -88,6 +101,13 @@ class FeatureSpec:
             raise ValueError(f"precision must be 'fp32' or 'autocast', got {self.precision!r}")
         if self.layers < 1:
             raise ValueError(f"layers (the last N blocks) must be >= 1, got {self.layers}")
+        if self.pooling != "patch" and self.input_size > self.short_side:
+            # T.CenterCrop pads a crop larger than the image with black: features of a frame, not of the image.
+            # (`patch`, linear-seg, has its own dense views: `crop` is its window and there is no resize.)
+            raise ValueError(f"the centre crop {self.input_size} (--crop, eval.crop) is larger than the resize "
+                             f"{self.short_side} (--resize, eval.resize; default: the image size x 256/224), so the "
+                             f"image would be padded with black: pass --resize {self.input_size} or more, or a "
+                             "smaller --crop")
 
     @classmethod
     def from_export(cls, export: str | Path, **overrides: Any) -> FeatureSpec:

@@ -34,7 +34,8 @@ rows). In both forms:
 - a degenerate row (all zero, or constant: sigma_i = 0, e.g. a dead ReLU + pool feature vector) has no Q-score; its
   Q would be 0 through the TINY floors, below alpha, and its gradient through those floors ~1e34, enough to
   overflow the step: such rows are left out of the sample term, alpha and the scale, with no gradient
-  (`qscore/degenerate_frac` counts them).
+  (`qscore/degenerate_frac` counts them); a batch of such rows only has a sample term of 0 (alpha and q_mean
+  reported as 0), so the loss stays finite.
 Written here because no library ships it; the choices above are ours (the paper's body could not be read).
 """
 from __future__ import annotations
@@ -44,7 +45,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from sslpipe.losses.qscore_math import TINY, degenerate_rows, eps_for_coverage, q_v1, q_v2, v1_input
+from sslpipe.losses.qscore_math import (
+    TINY,
+    check_v2_settings,
+    degenerate_rows,
+    eps_for_coverage,
+    q_v1,
+    q_v2,
+    v1_input,
+)
 
 
 class QScoreRegularizer(nn.Module):
@@ -71,6 +80,7 @@ class QScoreRegularizer(nn.Module):
         self.lambda1, self.lambda2, self.alpha, self.beta = lambda1, lambda2, alpha, beta
         self.eps, self.percentiles, self.v2_coverage = eps, tuple(percentiles), v2_coverage
         self.standardize, self.l2_normalize = standardize, l2_normalize
+        check_v2_settings(eps, percentiles, v2_coverage)
 
     def q_input(self, h: Tensor) -> Tensor:
         """The matrix Q is computed on, and the column norms too: v1's h' (L2-normalised rows when
@@ -96,24 +106,29 @@ class QScoreRegularizer(nn.Module):
         live = degenerate_rows(h).logical_not()
         h = torch.where(live.unsqueeze(1), h, h.detach())  # no gradient path through a degenerate row's floors
         q = self.q_scores(h)
-        q_live = q.detach()[live]
-        alpha = q_live.mean() if self.alpha is None else torch.as_tensor(self.alpha, device=h.device)
+        # Means over the live rows only; a batch with none (every row dead or constant, e.g. a collapsed
+        # representation on one process) has no Q to raise: its q_mean and alpha are 0 and its sample term 0
+        # (no row is selected), not the NaN of an empty mean, which would stop the run blaming the loss.
+        n_live = live.sum().clamp_min(1)
+        q_live = torch.where(live, q.detach(), 0.0)
+        q_mean = q_live.sum() / n_live
+        alpha = q_mean if self.alpha is None else torch.as_tensor(self.alpha, device=h.device)
         low = (q.detach() < alpha) & live
         col = self.q_input(h).abs().sum(dim=0)
         beta = col.detach().mean() if self.beta is None else torch.as_tensor(self.beta, device=h.device)
         high = col.detach() > beta
         if self.reduction == "sum":
-            sample_term = -(q * low).sum()
+            sample_term = -torch.where(low, q, 0.0).sum()
             col_term = (col * high).sum()
         else:
-            q_scale = q_live.abs().mean().nan_to_num(0.0).clamp_min(TINY)
+            q_scale = (q_live.abs().sum() / n_live).clamp_min(TINY)
             col_scale = col.detach().mean().clamp_min(TINY)
-            sample_term = ((alpha - q) * low).sum() / low.sum().clamp_min(1) / q_scale
+            sample_term = torch.where(low, alpha - q, 0.0).sum() / low.sum().clamp_min(1) / q_scale
             col_term = ((col - beta) * high).sum() / high.sum().clamp_min(1) / col_scale
         term = self.lambda1 * sample_term + self.lambda2 * col_term
         metrics = {
             "qscore/term": term.detach(), "qscore/sample_term": (self.lambda1 * sample_term).detach(),
-            "qscore/col_term": (self.lambda2 * col_term).detach(), "qscore/q_mean": q_live.mean(),
+            "qscore/col_term": (self.lambda2 * col_term).detach(), "qscore/q_mean": q_mean,
             "qscore/degenerate_frac": (~live).float().mean(),
             "qscore/low_frac": low.float().mean(), "qscore/col_high_frac": high.float().mean(),
             "qscore/alpha": alpha.detach().float(), "qscore/beta": beta.detach().float(),

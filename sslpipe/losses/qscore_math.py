@@ -46,6 +46,9 @@ DEFAULT_EPS = 4.0  # v2 "highly activating" threshold in per-sample stds (second
 DEFAULT_PERCENTILES: tuple[float, float] = (50.0, 95.0)  # v2 band of non-zero activation rates (second-hand)
 EPS_STEP = 0.25  # grid of `eps_for_coverage`
 EPS_MIN = 0.5  # lowest eps `eps_for_coverage` goes to
+# elements of the (grid x rows x features) masks of `eps_for_coverage` per block of rows: 16 Mi, ~100 MiB at peak
+# (a bool mask plus the count's wider copy), whatever the number of rows
+MAX_MASK_ELEMENTS = 2**24
 TINY = 1e-12  # floor of sigma and of the L1 norm: a constant or all-zero row gets z = 0, q = 0 instead of NaN
 
 
@@ -126,36 +129,63 @@ def v2_selection(h: Tensor, *, eps: float = DEFAULT_EPS, percentiles: Sequence[f
     return high, disc, high & disc.unsqueeze(0)
 
 
+def check_v2_settings(eps: float, percentiles: Sequence[float], coverage: float | None) -> None:
+    """Refuse v2 settings no selection can use (eps <= 0, a percentile band outside 0 <= low <= high <= 100, a
+    coverage target outside (0, 1]), naming the setting: at construction, not at the first batch."""
+    lo, hi = (float(p) for p in percentiles)
+    if not eps > 0:
+        raise ValueError(f"Q-score v2 eps must be > 0 (h_ij > mu_i + eps * sigma_i), got {eps}")
+    if not 0.0 <= lo <= hi <= 100.0:
+        raise ValueError(f"Q-score percentiles must satisfy 0 <= low <= high <= 100, got {tuple(percentiles)}")
+    if coverage is not None and not 0.0 < coverage <= 1.0:
+        raise ValueError(f"v2 coverage target must be in (0, 1], got {coverage}")
+
+
+def _above(h: Tensor, mu: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
+    """Bool (G, n, D): h_ij > mu_i + eps_g * sigma_i for every eps_g of the grid, on a block of rows."""
+    return h.unsqueeze(0) > (mu.unsqueeze(0) + eps.unsqueeze(1) * sigma.unsqueeze(0)).unsqueeze(2)
+
+
 def eps_for_coverage(h: Tensor, coverage: float, *, eps_max: float = DEFAULT_EPS, step: float = EPS_STEP,
-                     eps_min: float = EPS_MIN, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> float:
+                     eps_min: float = EPS_MIN, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+                     max_mask_elements: int = MAX_MASK_ELEMENTS) -> float:
     """The largest eps on the grid eps_max, eps_max - step, ..., eps_min at which at least `coverage` of the rows of
-    h have L_i ∩ D non-empty (D from h's own rates at that eps); eps_min when none does.
+    h have L_i ∩ D non-empty (D from h's own rates at that eps); eps_min when none does. eps never goes above
+    `eps_max`: an `eps_max` at or below `eps_min` is returned as it is (honoured, not raised to the floor).
 
     Why: v2's eps = 4 assumes sparse, heavy-tailed rows (ReLU ResNet features). A ViT's CLS after LayerNorm is
     Gaussian-like (the demo ViT: median max z 2.6 over 128 features), so eps = 4 selects nothing and every q_v2 is
-    0. Lowering eps only as far as the selection needs keeps eps = 4 wherever it already works (docs/qscore.md)."""
-    if not 0.0 < coverage <= 1.0:
-        raise ValueError(f"v2 coverage target must be in (0, 1], got {coverage}")
-    lo, hi = (float(p) for p in percentiles)
-    if not 0.0 <= lo <= hi <= 100.0:
-        raise ValueError(f"Q-score percentiles must satisfy 0 <= low <= high <= 100, got {tuple(percentiles)}")
+    0. Lowering eps only as far as the selection needs keeps eps = 4 wherever it already works (docs/qscore.md).
+
+    Every eps of the grid is tested at once on a block of rows (G x n x D masks, at most `max_mask_elements`
+    elements): a training batch is one block (one host sync per step); the report's whole reference set (e.g. a
+    train split) goes in blocks, two passes (the rates A_j are row means, then the coverage a row count), with the
+    same result as one block and memory bounded by the block (it was ~67 bytes per feature value: 163 GiB for
+    ImageNet-1k train x 2048)."""
+    check_v2_settings(eps_max, percentiles, coverage)
+    if eps_max <= eps_min:
+        return float(eps_max)
     grid, eps = [], float(eps_max)
     while eps > eps_min:
         grid.append(eps)
         eps = round(eps - step, 10)
-    if not grid:
-        return float(eps_min)
-    # Every eps of the grid at once (G x N x D masks), one host sync: the regulariser calls this at every step.
     h = feature_matrix(h).detach()
+    n, d = h.shape
+    if n == 0:
+        return float(eps_min)
     mu, sigma = row_mean_std(h)
     eps_t = torch.tensor(grid, dtype=h.dtype, device=h.device)
-    high = h.unsqueeze(0) > (mu.unsqueeze(0) + eps_t.unsqueeze(1) * sigma.unsqueeze(0)).unsqueeze(2)
-    rates = high.float().mean(dim=1).double()  # (G, D), as `v2_selection` computes them
-    q = torch.tensor([lo / 100.0, hi / 100.0], dtype=torch.float64, device=h.device)
+    rows = max(1, max_mask_elements // max(1, len(grid) * d))
+    blocks = [slice(start, start + rows) for start in range(0, n, rows)]
+    counts = sum(_above(h[b], mu[b], sigma[b], eps_t).sum(dim=1) for b in blocks)  # (G, D) int64, exact
+    # / n in float32 as `.float().mean(dim=1)` (what `v2_selection` computes) gives it, bit for bit
+    rates = (counts.float() / n).double()
+    lo, hi = (float(p) / 100.0 for p in percentiles)
+    q = torch.tensor([lo, hi], dtype=torch.float64, device=h.device)
     bounds = torch.nanquantile(rates.masked_fill(rates <= 0, float("nan")), q, dim=1)  # (2, G), over non-zero A_j
     disc = (rates > 0) & (rates >= bounds[0].unsqueeze(1)) & (rates <= bounds[1].unsqueeze(1))
-    covered = (high & disc.unsqueeze(1)).any(dim=2).float().mean(dim=1)
-    first = torch.nonzero(covered >= coverage).flatten()[:1].tolist()
+    covered = sum((_above(h[b], mu[b], sigma[b], eps_t) & disc.unsqueeze(1)).any(dim=2).sum(dim=1) for b in blocks)
+    first = torch.nonzero(covered.float() / n >= coverage).flatten()[:1].tolist()
     return grid[first[0]] if first else float(eps_min)
 
 

@@ -7,9 +7,9 @@ their recipes (recipes/dino_vit_small.yaml, recipes/dinov2_vit_small.yaml).
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from sslpipe.config import Section
 
@@ -36,6 +36,17 @@ class TeacherLossConfig(Section):
     center_momentum: float = Field(0.9, ge=0, le=1)
 
 
+def _percentile_band(value: tuple[float, float]) -> tuple[float, float]:
+    """v2's band of activation-rate percentiles; the selection would refuse it only at the first training step."""
+    if not 0 <= value[0] <= value[1] <= 100:
+        raise ValueError(f"must be (low, high) with 0 <= low <= high <= 100, got {list(value)}")
+    return value
+
+
+V2_KEYS = ("eps", "percentiles", "v2_coverage", "standardize")  # read only by version v2
+V1_KEYS = ("l2_normalize",)  # read only by version v1
+
+
 class QScoreConfig(Section):
     """The Q-score regulariser (sslpipe/losses/qscore.py, docs/methods.md §4, docs/qscore.md), off unless `enabled`.
 
@@ -44,6 +55,10 @@ class QScoreConfig(Section):
     vanished next to the column term). `reduction: sum`: the published form, L_SSL - lambda1 * sum_{i: Q_i < alpha}
     Q_i + lambda2 * sum_{k: c_k > beta} c_k, with lambda1 = lambda2 = 1e-4 (second-hand). c_k = ||H_{*,k}||_1 over the
     batch features H (both views stacked); alpha / beta null = the batch means of Q_i / of the c_k.
+
+    A key the settings leave unread is refused at load, never ignored: every key but `enabled` when the section is
+    off, v2's `eps` / `percentiles` / `v2_coverage` / `standardize` with `version: v1`, v1's `l2_normalize` with
+    `version: v2` (a value equal to the default passes: every saved config holds it).
     """
 
     enabled: bool = False
@@ -53,12 +68,34 @@ class QScoreConfig(Section):
     lambda2: float = 0.1  # balanced terms (ours, untuned); the published sums use 1e-4 (second-hand)
     alpha: float | None = None  # None: the batch mean of Q_i
     beta: float | None = None  # None: the batch mean of the column L1 norms
-    eps: float = 4.0  # v2: highly activating = h_ij > mu_i + eps * sigma_i
-    percentiles: tuple[float, float] = (50.0, 95.0)  # v2: band of the non-zero activation rates = discriminative
-    v2_coverage: float | None = 0.5  # v2: eps lowered from `eps` per batch until this share of rows has L_i ∩ D
+    eps: float = Field(4.0, gt=0)  # v2: highly activating = h_ij > mu_i + eps * sigma_i (the ceiling with coverage)
+    # v2: band of the non-zero activation rates = discriminative
+    percentiles: Annotated[tuple[float, float], AfterValidator(_percentile_band)] = (50.0, 95.0)
+    # v2: eps lowered from `eps` per batch until this share of rows has L_i ∩ D (null: `eps` as given)
+    v2_coverage: float | None = Field(0.5, gt=0, le=1)
     standardize: bool = True  # v2: Q in units of the row's std, (h_ij - mu_i) / sigma_i (ours: scale-free)
     l2_normalize: bool = True  # v1: Q on h / ||h||_2 (the third-party implementation's choice)
     features: Literal["backbone", "projection"] = "backbone"  # which output of the network H is
+
+    @model_validator(mode="after")
+    def _refuse_unread(self) -> "QScoreConfig":
+        """Non-default values of the keys these settings do not read, each reported at its own key: the error's
+        location then carries the method's section (`simclr.qscore.eps`), which this shared section cannot name."""
+        if not self.enabled:
+            unread = dict.fromkeys((k for k in type(self).model_fields if k != "enabled"), "enabled=false")
+        elif self.version == "v1":
+            unread = dict.fromkeys(V2_KEYS, "version=v1 (read only by v2)")
+        else:
+            unread = dict.fromkeys(V1_KEYS, "version=v2 (read only by v1)")
+        errors = []
+        for key, why in unread.items():
+            value = getattr(self, key)
+            if value != type(self).model_fields[key].get_default(call_default_factory=True):
+                problem = ValueError(f"not read with qscore.{why}: remove it (or change qscore.{why.split('=')[0]})")
+                errors.append({"type": "value_error", "loc": (key,), "input": value, "ctx": {"error": problem}})
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
 
     def regularizer_args(self) -> dict[str, Any]:
         """The keyword arguments of `sslpipe.losses.qscore.QScoreRegularizer`."""

@@ -151,7 +151,9 @@ def test_feature_definitions():
         block0 = vit.blocks[0](tokens)
         expected = torch.cat([vit.norm(block0)[:, 0], cls], dim=1)
         assert torch.allclose(LastBlocksCLS(2)(vit, x), expected, atol=1e-5)
-        assert torch.equal(LastBlocksCLS(4)(cnn, x), cnn(x))
+        # a CNN has no per-block CLS: refused (it fell back to its pooled features, leaving n unread)
+        with pytest.raises(ValueError, match=r"--n-last-blocks .* read only for ViTs: this ResNet backbone"):
+            LastBlocksCLS(4)(cnn, x)
 
 
 def test_last_blocks_cls_of_an_eva_vit_dinov3_concatenates_its_blocks():

@@ -7,12 +7,14 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
 from helpers import REPO, child_env
+from PIL import Image
 
-from sslpipe.eval.linear_seg import LinearSegHead, PatchFeatures, probe_lr
+from sslpipe.eval.linear_seg import FitLongSide, LinearSegHead, PatchFeatures, probe_lr
 
 torch.set_num_threads(1)
 TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 4, "img_size": 32}
@@ -110,3 +112,45 @@ def test_linear_seg_on_a_fixed_size_28px_export(tmp_path):
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["size"] == 28 and result["n_val"] == 3 and 0 <= result["pixel_acc"] <= 1
+
+
+def test_eval_view_is_at_the_training_scale():
+    """mmseg's protocol (train RandomResize around a base scale, test Resize to it, keep ratio): a val image 4x the
+    probe's size is resized so its long side is `size`, as the training view resizes at jitter 1 (the same pixels
+    within one level of the training view's uint8 resize), and its label stays native. It was not resized at all."""
+    from sslpipe.data.dense import DenseTransform
+
+    rng = np.random.default_rng(0)
+    raw = {"image": Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)),
+           "seg": Image.fromarray(rng.integers(0, 5, (96, 128), dtype=np.uint8)), "key": "k", "url": "u"}
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.25, 0.25)
+    out = FitLongSide(DenseTransform(32, (1.0, 1.0), 0.0, mean, std, 255, train=False), 32)(raw)
+    assert out["image"].shape == (3, 24, 32) and out["seg"].shape == (96, 128)
+    train_view = DenseTransform(32, (1.0, 1.0), 0.0, mean, std, 255, train=True)(raw)["image"]  # s = 1, padded
+    torch.testing.assert_close(out["image"], train_view[:, :24, :32], rtol=0, atol=1.01 / 255 / 0.25)  # 1 level
+
+
+def test_linear_seg_evaluates_at_the_training_scale_and_scores_at_the_label_size(tmp_path, monkeypatch):
+    """End to end on 64 px scenes with a 32 px probe: every val image reaches the sliding windows with its long side
+    32 (the training scale; it reached them at 64 px before), and the prediction is scored at the label's 64 px."""
+    import sslpipe.eval.linear_seg as ls
+    from sslpipe.eval.spec import FeatureSpec, ProbeData
+    from sslpipe.ingest.options import ShardOptions
+    from sslpipe.ingest.shards import write_shards
+
+    write_shards(tmp_path / "scenes", source="scenes", scenes={"train": 2, "val": 3, "size": 64},
+                 options=ShardOptions(samples_per_shard=8), progress=False)
+    seen, scored = [], []
+    slide = ls.slide_logits
+    monkeypatch.setattr(ls, "slide_logits", lambda fn, image, *a: seen.append(tuple(image.shape[-2:])) or
+                        slide(fn, image, *a))
+    update = ls.SegmentationMetric.update
+    monkeypatch.setattr(ls.SegmentationMetric, "update",
+                        lambda self, pred, target: scored.append(tuple(pred.shape[-2:])) or update(self, pred, target))
+    features = PatchFeatures(tiny_vit(), 1)
+    spec = FeatureSpec(img_size=32, crop=32, mean=(0.45,) * 3, std=(0.25,) * 3, pooling="patch")
+    data = ProbeData(str(tmp_path / "scenes"), str(tmp_path / "scenes"))
+    result = ls.evaluate_linear_seg(features, LinearSegHead(32, 11), spec, data, names=[str(i) for i in range(11)],
+                                    progress=False)
+    assert result["n_val"] == 3 and seen == [(32, 32)] * 3
+    assert scored[:3] == [(64, 64)] * 3

@@ -164,6 +164,10 @@ def test_eps_for_coverage_by_hand() -> None:
     assert eps_for_coverage(h, 0.75) == 2.0 and eps_for_coverage(h, 0.5) == 2.0
     assert eps_for_coverage(h, 1.0) == 0.5 and eps_for_coverage(h, 0.8, eps_min=1.0) == 1.0
     assert eps_for_coverage(h, 0.1, eps_max=1.5) == 1.5  # the cap: eps never goes above eps_max
+    # below the grid's floor (0.5) the ceiling is honoured, not raised to the floor (it returned 0.5)
+    assert eps_for_coverage(h, 1.0, eps_max=0.25) == 0.25 and eps_for_coverage(h, 1.0, eps_max=0.5) == 0.5
+    reg = QScoreRegularizer(eps=0.25)
+    assert reg.v2_eps(h) == 0.25
     # 18 features with one spike per row: eps 4 already covers every row, so it is kept
     spikes = torch.zeros(18, 18) + torch.eye(18)
     assert eps_for_coverage(spikes, 1.0) == 4.0
@@ -191,6 +195,50 @@ def test_eps_for_coverage_equals_the_grid_search_one_eps_at_a_time(kind: str) ->
             h = torch.relu(h) ** 3
         for target in (0.1, 0.5, 0.9, 1.0):
             assert eps_for_coverage(h, target) == loop(h, target), (kind, target)
+
+def _eps_for_coverage_one_shot(h: torch.Tensor, coverage: float, eps_max: float = 4.0,
+                               percentiles: tuple[float, float] = (50.0, 95.0)) -> float:
+    """The previous implementation, verbatim in its math: the whole (G, N, D) grid of masks at once."""
+    grid, eps = [], eps_max
+    while eps > 0.5:
+        grid.append(eps)
+        eps = round(eps - 0.25, 10)
+    mu, sigma = h.mean(dim=1), h.std(dim=1, unbiased=False)
+    eps_t = torch.tensor(grid, dtype=h.dtype)
+    high = h.unsqueeze(0) > (mu.unsqueeze(0) + eps_t.unsqueeze(1) * sigma.unsqueeze(0)).unsqueeze(2)
+    rates = high.float().mean(dim=1).double()
+    q = torch.tensor([percentiles[0] / 100.0, percentiles[1] / 100.0], dtype=torch.float64)
+    bounds = torch.nanquantile(rates.masked_fill(rates <= 0, float("nan")), q, dim=1)
+    disc = (rates > 0) & (rates >= bounds[0].unsqueeze(1)) & (rates <= bounds[1].unsqueeze(1))
+    covered = (high & disc.unsqueeze(1)).any(dim=2).float().mean(dim=1)
+    first = torch.nonzero(covered >= coverage).flatten()[:1].tolist()
+    return grid[first[0]] if first else 0.5
+
+
+def test_eps_for_coverage_in_blocks_equals_the_one_shot_search_with_bounded_masks(monkeypatch) -> None:
+    """Rows in blocks (the report's whole reference set) give the eps the one-shot (G, N, D) search gave, for any
+    block size down to one row; no mask is larger than the block bound (the one-shot search took ~67 bytes per
+    feature value: 163 GiB for ImageNet-1k train x 2048)."""
+    import sslpipe.losses.qscore_math as qm
+
+    torch.manual_seed(0)
+    cases = [torch.randn(97, 40), torch.relu(torch.randn(97, 40)) ** 3, torch.relu(torch.randn(50, 64)) ** 2]
+    sizes: list[int] = []
+    above = qm._above
+    monkeypatch.setattr(qm, "_above", lambda *a: (lambda m: sizes.append(m.numel()) or m)(above(*a)))
+    for h in cases:
+        for target in (0.1, 0.5, 0.9, 1.0):
+            for pct in ((50.0, 95.0), (0.0, 100.0)):
+                expected = _eps_for_coverage_one_shot(h, target, percentiles=pct)
+                for bound in (10**9, 14 * h.shape[1] * 7, 14 * h.shape[1], 1):  # one block, 7 rows, 1 row, 1 row
+                    sizes.clear()
+                    got = eps_for_coverage(h, target, percentiles=pct, max_mask_elements=bound)
+                    assert got == expected, (target, pct, bound)
+                    assert max(sizes) <= max(bound, 14 * h.shape[1]) and len(sizes) >= 2
+    sizes.clear()
+    eps_for_coverage(torch.relu(torch.randn(4000, 64)), 0.5, max_mask_elements=14 * 64 * 100)
+    assert len(sizes) == 2 * 40 and max(sizes) == 14 * 64 * 100  # 40 blocks of 100 rows, two passes
+
 
 def test_eps4_needs_at_least_18_features() -> None:
     """Samuelson: max z-score of D values (population std) is sqrt(D - 1); eps = 4 needs D >= 18."""
@@ -416,6 +464,18 @@ def test_a_dead_row_is_left_out_with_no_gradient(kw: dict) -> None:
     assert m_const["qscore/low_frac"].item() == pytest.approx(10 / 11)
     assert torch.equal(constant.grad[10], torch.zeros(h.shape[1])) and constant.grad[:10].abs().sum() > 0
 
+    # every row degenerate (a dead ReLU + pool batch, a collapsed representation): no Q to raise, so the sample term
+    # is 0 and the term is the column term alone, finite (it was NaN: alpha = the mean of no row)
+    for batch in (torch.zeros(8, h.shape[1]), torch.full((8, h.shape[1]), 0.7)):
+        batch = batch.requires_grad_(True)
+        term, m = QScoreRegularizer(**kw)(batch)
+        term.backward()
+        assert torch.isfinite(term) and m["qscore/sample_term"].item() == 0.0
+        assert term.item() == pytest.approx(m["qscore/col_term"].item(), abs=1e-12)
+        assert m["qscore/alpha"].item() == 0.0 and m["qscore/q_mean"].item() == 0.0
+        assert m["qscore/degenerate_frac"].item() == 1.0 and torch.isfinite(batch.grad).all()
+    assert QScoreRegularizer(**kw)(torch.zeros(8, h.shape[1]))[0].item() == 0.0  # no column above beta either
+
 
 # ----------------------------------------------------------------------------------------------- report
 def test_detection_scores_by_hand_and_against_sklearn() -> None:
@@ -534,6 +594,16 @@ def test_report_equals_sklearn_on_the_same_inputs(rates_from: str) -> None:
     assert result["n_wrong"] == int(expected_wrong.sum())
 
 
+def test_report_uses_the_eps_it_is_given_below_the_grid_floor() -> None:
+    """`sslpipe qscore --eps 0.25` wrote settings.eps = 0.5: the grid's floor replaced the ceiling."""
+    train_x, train_y = _clustered(0, 80)
+    val_x, val_y = _clustered(1, 40)
+    for v2_coverage in (0.5, None):
+        settings = QScoreSettings(k=5, backend="torch", eps=0.25, v2_coverage=v2_coverage, n_boot=0)
+        result, _, _ = qscore_from_features(train_x, train_y, val_x, val_y, settings)
+        assert result["settings"]["eps"] == 0.25 and result["settings"]["eps_max"] == 0.25
+
+
 def test_cli_qscore_writes_json_png_and_logs(digits_shards: Path, tmp_path: Path) -> None:
     from sslpipe.cli import main
     from sslpipe.eval.qscore_report import qscore_report
@@ -576,11 +646,65 @@ def test_cli_qscore_writes_json_png_and_logs(digits_shards: Path, tmp_path: Path
 
 def test_config_section_and_overrides(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("method: simclr\ndata: {train: x}\nsimclr:\n  qscore: {enabled: true, version: v1}\n")
+    recipe.write_text("method: simclr\ndata: {train: x}\nsimclr:\n  qscore: {enabled: true, version: v2}\n")
     cfg = load_config(recipe, ["simclr.qscore.lambda1=0.5", "simclr.qscore.alpha=0.1",
                                "simclr.qscore.percentiles=[40,90]"])
     q = cfg.simclr.qscore
-    assert (q.enabled, q.version, q.lambda1, q.alpha) == (True, "v1", 0.5, 0.1)
+    assert (q.enabled, q.version, q.lambda1, q.alpha) == (True, "v2", 0.5, 0.1)
     assert tuple(q.percentiles) == (40.0, 90.0) and q.beta is None
     with pytest.raises(ValueError, match="simclr.qscore.lamda1"):
         load_config(recipe, ["simclr.qscore.lamda1=1"])
+
+
+@pytest.mark.parametrize("overrides, key, why", [
+    (["simclr.qscore.lambda1=0.5"], "lambda1", "enabled=false"),  # the section is off: nothing in it is read
+    (["simclr.qscore.enabled=false", "simclr.qscore.features=projection"], "features", "enabled=false"),
+    (["simclr.qscore.enabled=true", "simclr.qscore.version=v1", "simclr.qscore.eps=2.0"], "eps", "version=v1"),
+    (["simclr.qscore.enabled=true", "simclr.qscore.version=v1", "simclr.qscore.percentiles=[40,90]"], "percentiles",
+     "version=v1"),
+    (["simclr.qscore.enabled=true", "simclr.qscore.version=v1", "simclr.qscore.v2_coverage=0.9"], "v2_coverage",
+     "version=v1"),
+    (["simclr.qscore.enabled=true", "simclr.qscore.version=v1", "simclr.qscore.standardize=false"], "standardize",
+     "version=v1"),
+    (["simclr.qscore.enabled=true", "simclr.qscore.version=v2", "simclr.qscore.l2_normalize=false"], "l2_normalize",
+     "version=v2"),
+])
+def test_unread_qscore_keys_are_refused_at_load_naming_the_key(tmp_path: Path, overrides: list[str], key: str,
+                                                               why: str) -> None:
+    """A key the chosen settings never read is refused with the method's full key and the setting that leaves it
+    unread (it used to be accepted and ignored); the same keys at their defaults pass (saved configs hold them)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: simclr\ndata: {train: x}\n")
+    with pytest.raises(ValueError, match=rf"override 'simclr\.qscore\.{key}=.*': key 'simclr\.qscore\.{key}' = .* "
+                                         rf"not read with qscore\.{why}"):
+        load_config(recipe, overrides)
+    on = [o for o in overrides if o.split("=")[0].rsplit(".", 1)[1] in ("enabled", "version")]
+    load_config(recipe, on)  # without the unread key the section loads
+    for section in ({"enabled": True, "version": "v1", "eps": 4.0, "percentiles": [50, 95], "v2_coverage": 0.5},
+                    {"enabled": False, "version": "v2", "lambda1": 0.1, "features": "backbone"}):
+        assert QScoreConfig(**section).version == section["version"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("v2_coverage=0", "greater than 0"), ("v2_coverage=1.5", "less than or equal to 1"),
+    ("percentiles=[95,50]", "0 <= low <= high <= 100"), ("percentiles=[50,150]", "0 <= low <= high <= 100"),
+    ("eps=0", "greater than 0"), ("eps=-1", "greater than 0"),
+])
+def test_out_of_range_qscore_values_are_refused_at_load(tmp_path: Path, override: str, message: str) -> None:
+    """Values the v2 selection cannot use fail at load naming the key, not at the first training step."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: simclr\ndata: {train: x}\n")
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"key 'simclr\.qscore\.{key}' = .*{message}"):
+        load_config(recipe, ["simclr.qscore.enabled=true", f"simclr.qscore.{override}"])
+
+
+def test_the_regulariser_and_the_report_refuse_bad_v2_settings_before_any_work() -> None:
+    for bad in ({"v2_coverage": 0.0}, {"v2_coverage": 1.5}, {"percentiles": (95.0, 50.0)}, {"eps": 0.0}):
+        with pytest.raises(ValueError, match="coverage|percentiles|eps"):
+            QScoreRegularizer(**bad)
+        with pytest.raises(ValueError, match="coverage|percentiles|eps"):
+            QScoreSettings(**bad)
+    for bad in ({"ci": 95.0}, {"k": 0}, {"n_boot": -1}, {"T": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            QScoreSettings(**bad)

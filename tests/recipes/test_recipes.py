@@ -199,12 +199,14 @@ def test_qscore_regulariser_inside_dino_and_ibot(digits_shards: Path, recipe_cls
     from sslpipe.losses.qscore import QScoreRegularizer
 
     overrides = [f"data.train={digits_shards}", "data.batch_size=4", "data.num_workers=0",
-                 "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "crops.n_local=2",
-                 f"{m}.qscore.features={features}", f"{m}.qscore.lambda1=0.1", f"{m}.qscore.lambda2=0.01"]
+                 "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "crops.n_local=2"]
+    # a disabled section refuses its other keys: the control arm is the recipe's own (off)
+    qscore = [f"{m}.qscore.enabled=true", f"{m}.qscore.features={features}", f"{m}.qscore.lambda1=0.1",
+              f"{m}.qscore.lambda2=0.01"]
     sched = {"teacher_temp": 0.04, "teacher_patch_temp": 0.04, "it": 0}
     results = {}
     for enabled in (False, True):
-        cfg = load_config(RECIPES / f"demo_{m}.yaml", [*overrides, f"{m}.qscore.enabled={str(enabled).lower()}"])
+        cfg = load_config(RECIPES / f"demo_{m}.yaml", overrides + (qscore if enabled else []))
         torch.manual_seed(0)
         recipe = recipe_cls(cfg)
         recipe.build(Accelerator(cpu=True))

@@ -85,7 +85,7 @@ def test_recipe_builds_and_takes_a_step(digits_shards: Path, device: str) -> Non
 
 
 def test_without_qscore_the_loss_is_plain_ntxent(digits_shards: Path) -> None:
-    recipe = SimCLRRecipe(_cfg(digits_shards, "simclr.qscore.enabled=false", "simclr.qscore.features=projection"))
+    recipe = SimCLRRecipe(_cfg(digits_shards, "simclr.qscore={enabled: false}"))
     recipe.build(Accelerator(cpu=True))
     assert recipe.qscore is None
     loss, metrics = recipe.step(next(iter(recipe.train_loader(0, 0, 1))), {"it": 0})
