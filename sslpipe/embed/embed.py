@@ -43,6 +43,7 @@ from sslpipe.embed.inputs import (
     resolve_input,
     write_folder_shards,
 )
+from sslpipe.embed.search import IVF_FILE, IVF_STAMP
 from sslpipe.embed.store import (
     INDEX,
     done_shards,
@@ -59,8 +60,10 @@ from sslpipe.eval.features import autocast, default_device, feature_dim
 from sslpipe.eval.spec import FeatureSpec
 
 IDENTITY = ("backbone_sha256", "data", "split", "spec")  # what must match for a run to add to an existing --out
-WRITTEN = ("part-*.safetensors", "part-*.safetensors.tmp", "short-*.json", "short-*.json.tmp", "search-*",
-           ".search-*.tmp")  # the files of an embedding run beside embed.json (and OUT/shards for a folder)
+# the files of an embedding run and of its search index beside embed.json (and OUT/shards for a folder): by name, so
+# that --force never takes a file of the user's (a `search-hits.png` of theirs, say)
+WRITTEN = ("part-*.safetensors", "part-*.safetensors.tmp", "short-*.json", "short-*.json.tmp", IVF_FILE, IVF_STAMP,
+           f".{IVF_FILE}.tmp")
 
 
 class _Sample:

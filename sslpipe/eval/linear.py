@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sslpipe.eval.features import extract_train_val, prepare_backbone, report
-from sslpipe.eval.spec import LastBlocksCLS, has_class_token
+from sslpipe.eval.spec import LastBlocksCLS, has_block_cls
 
 if TYPE_CHECKING:
     from sslpipe.eval.spec import FeatureSpec, ProbeData
@@ -130,7 +130,7 @@ def linear_probe(
         raise ValueError(f"linear_probe sets the pooling itself: pass n_last_blocks, not a FeatureSpec with "
                          f"pooling={spec.pooling!r}, layers={spec.layers}")
     model, source = prepare_backbone(backbone, spec)
-    if has_class_token(model):
+    if has_block_cls(model):
         spec = replace(spec, pooling="blocks", layers=n_last_blocks or DEFAULT_N_LAST_BLOCKS)
         LastBlocksCLS(spec.layers).check(model)
     elif n_last_blocks is not None:

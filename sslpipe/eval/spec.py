@@ -16,18 +16,17 @@ from torch import Tensor, nn
 
 from sslpipe.data.remote import Reading
 from sslpipe.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
-from sslpipe.models.backbones import pooled_features
+from sslpipe.models.backbones import has_class_token, pooled_features
 
 Pooling = Literal["cls", "blocks", "patch"]
 Precision = Literal["fp32", "autocast"]
 FeatureFn = Callable[[nn.Module, Tensor], Tensor]
 
 
-def has_class_token(model: nn.Module) -> bool:
-    """A ViT with a CLS token and timm's `forward_intermediates`: `has_class_token` on timm's VisionTransformer, a
-    `cls_token` on its Eva (DINOv3, EVA-02), which has no such flag."""
-    cls = getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
-    return bool(cls) and hasattr(model, "forward_intermediates")
+def has_block_cls(model: nn.Module) -> bool:
+    """A [CLS] token at every block: a ViT with a class token (`has_class_token`) and timm's
+    `forward_intermediates`."""
+    return has_class_token(model) and hasattr(model, "forward_intermediates")
 
 
 class LastBlocksCLS:
@@ -46,7 +45,7 @@ class LastBlocksCLS:
 
     def check(self, model: nn.Module) -> None:
         """Refuse a model this pooling cannot read: no class token, or fewer than `n` blocks."""
-        if not has_class_token(model):
+        if not has_block_cls(model):
             raise ValueError(f"--n-last-blocks (the last blocks' CLS tokens) is read only for ViTs: this "
                              f"{type(model).__name__} backbone has no class token and is probed on its pooled "
                              "features; drop --n-last-blocks")

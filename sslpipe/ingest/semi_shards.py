@@ -97,6 +97,28 @@ def _refuse_repeated_ids(pairs: list[Pair], which: str) -> None:
         seen.add(pair[0])
 
 
+def _publish(out: Path, written: list[tuple[str, ShardSetWriter, dict]], pending: dict[str, Path]) -> None:
+    """Publish the whole sets one after the other, split.json removed first (`write_semi_shards` writes it last). A
+    failure in between (a full disk) would leave new sets beside an earlier run's: those, and this run's unpublished
+    files, are removed, so that no mix of two subsets (an image labelled in one, unlabelled in the other) reads as
+    complete."""
+    (out / "split.json").unlink(missing_ok=True)
+    published: set[str] = set()
+    try:
+        for name, writer, manifest in written:
+            writer.publish(manifest)
+            published.add(name)
+            os.replace(pending[name], out / "lists" / f"{name}.txt")
+    except BaseException:
+        for name, writer, _ in written:
+            if name not in published:
+                writer.discard()
+                remove_shard_set(out / name)
+                pending[name].unlink(missing_ok=True)
+                (out / "lists" / f"{name}.txt").unlink(missing_ok=True)
+        raise
+
+
 def write_semi_shards(out: str | Path, train: list[Pair], val: list[Pair] | None, *, classes: list[str],
                       labeled: str | int | float | None = None, labeled_ids: Sequence[str] | None = None,
                       options: ShardOptions = ShardOptions(), force: bool = False, num_workers: int = 0,
@@ -162,9 +184,8 @@ def write_semi_shards(out: str | Path, train: list[Pair], val: list[Pair] | None
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
         raise
-    for name, writer, manifest in written:
-        writer.publish(manifest)
-        os.replace(pending[name], lists / f"{name}.txt")
+    _publish(out, written, pending)
+    for name, _, manifest in written:
         summary["sets"][name] = {"samples": len(sets[name]),
                                  "shards": sum(len(s["shards"]) for s in manifest["splits"].values())}
     for name in SETS:

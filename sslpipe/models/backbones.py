@@ -42,6 +42,12 @@ def is_vit_arch(arch: str) -> bool:
     return timm.models.model_entrypoint(arch).__module__ in _VIT_MODULES
 
 
+def has_class_token(model: nn.Module) -> bool:
+    """Whether the ViT's token 0 is a [CLS] token: `has_class_token` on timm's VisionTransformer, a `cls_token` on
+    its Eva (DINOv3, EVA-02), which has no such flag; an sslpipe import of a checkpoint without one has neither."""
+    return bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
+
+
 def is_eva_arch(arch: str) -> bool:
     """True for timm's Eva ViTs (rotary position embeddings, DINOv3's `*_dinov3`)."""
     return is_vit_arch(arch) and timm.models.model_entrypoint(arch).__module__ == "timm.models.eva"

@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from sslpipe.models.backbones import has_class_token
 from sslpipe.viz.figures import heatmap, masked
 from sslpipe.viz.overlays import save_rows
 from sslpipe.viz.pca import patch_features
@@ -35,11 +36,6 @@ def has_attention(model: nn.Module) -> bool:
     blocks = getattr(model, "blocks", None)
     attn = getattr(blocks[-1], "attn", None) if blocks is not None and len(blocks) > 0 else None
     return hasattr(attn, "fused_attn") and isinstance(getattr(attn, "attn_drop", None), nn.Dropout)
-
-
-def has_class_token(model: nn.Module) -> bool:
-    """Whether the ViT's token 0 is a [CLS] token (timm's `has_class_token`; EVA-style models: a `cls_token`)."""
-    return bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
 
 
 def patch_grid(model: nn.Module, x: Tensor) -> tuple[int, int]:

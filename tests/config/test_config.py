@@ -236,6 +236,19 @@ def test_out_of_range_values_are_refused_in_one_line_naming_the_key(tmp_path: Pa
     assert "\n" not in str(err.value)
 
 
+def test_a_knn_crop_larger_than_its_resize_is_refused_at_load(tmp_path: Path) -> None:
+    """The periodic kNN's centre crop must fit its resize (null: crops.global_size x 256/224 = 256 at 224): the
+    probe refused it only at the first evaluation, an epoch into the run. A dense method does not read these keys."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"eval.crop=300 is larger than eval.resize=256"):
+        load_config(path, ["eval.crop=300"])
+    with pytest.raises(ConfigError, match=r"eval.crop=224 is larger than eval.resize=200"):
+        load_config(path, ["eval.resize=200"])
+    assert load_config(path, ["eval.crop=256"]).eval.crop == 256  # fits exactly
+    assert load_config(path, ["eval.crop=300", "eval.resize=300"]).eval.resize == 300
+    assert load_config(REPO / "recipes/demo_u2pl.yaml", ["data.train=x", "u2pl.unlabeled=y"]).eval.crop is None
+
+
 def test_crops_that_are_not_made_are_not_checked_against_the_patch(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL + "model: {patch_size: 4}\ncrops: {global_size: 16, local_size: 9, n_local: 0}\n")
     assert load_config(path).crops.local_size == 9

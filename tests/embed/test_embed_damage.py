@@ -47,10 +47,12 @@ def test_force_keeps_a_shards_folder_embed_did_not_write(export: Path, tmp_path:
     proj = tmp_path / "proj"
     shutil.copytree(pool, proj / "shards")
     (proj / "notes.txt").write_text("mine")
+    (proj / "search-hits.json").write_text("mine too")  # a name like the search index's, not one of its two
     before = _snapshot(proj / "shards")
     for _ in range(2):
         assert main(["embed", str(export), "--data", str(proj / "shards"), "--out", str(proj), "--force"]) == 0
         assert _snapshot(proj / "shards") == before and (proj / "notes.txt").read_text() == "mine"
+        assert (proj / "search-hits.json").read_text() == "mine too"
         assert read_index(proj)["count"] == 6 and read_index(proj)["complete"]
 
     other = tmp_path / "proj2"

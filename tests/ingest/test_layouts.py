@@ -126,6 +126,35 @@ def test_a_failed_layout_run_publishes_no_set(tmp_path: Path) -> None:
     assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_disk_that_fills_while_publishing_leaves_no_mix_of_two_runs(tmp_path: Path, monkeypatch) -> None:
+    """The second set's manifest cannot be written (ENOSPC) after the first set of a --force rerun was published:
+    the sets of the earlier run that were not replaced yet are removed with split.json (they drew another labelled
+    subset: an image would be labelled in one set and unlabelled in the other), and no file of the run is left."""
+    import errno
+
+    from sslpipe.errors import WriteFailed
+    from sslpipe.ingest import tar_writer
+
+    voc, out = make_voc(tmp_path / "voc"), tmp_path / "out"
+    write_source(out, ShardSource(voc=str(voc)), OPTIONS, labeled="2", progress=False)
+    publish, calls = tar_writer.ShardSetWriter.publish, []
+
+    def full_at_the_second(self, manifest: dict) -> None:
+        calls.append(self.out.name)
+        if len(calls) == 2:
+            raise WriteFailed(errno.ENOSPC, f"could not write {self.out / 'manifest.json'}: No space left on device")
+        publish(self, manifest)
+
+    monkeypatch.setattr(tar_writer.ShardSetWriter, "publish", full_at_the_second)
+    with pytest.raises(WriteFailed, match="No space left"):
+        write_source(out, ShardSource(voc=str(voc)), OPTIONS, labeled="3", force=True, progress=False)
+    assert calls == ["labeled", "unlabeled"]
+    assert read_manifest(out / "labeled")["splits"]["train"]["samples"] == 3  # this run's, published
+    assert not (out / "split.json").exists() and not (out / "unlabeled").exists() and not (out / "val").exists()
+    assert sorted(p.name for p in (out / "lists").iterdir()) == ["labeled.txt"]
+    assert not [p for p in out.rglob("*") if p.name.endswith((".partial", ".pending"))]
+
+
 def test_layout_label_values_are_checked_against_its_classes(tmp_path: Path) -> None:
     voc = make_voc(tmp_path / "voc")
     Image.fromarray(np.full((8, 8), 40, np.uint8)).save(voc / "SegmentationClass" / "img1.png")  # VOC has 21

@@ -15,6 +15,7 @@ from PIL import Image
 
 from sslpipe.cli import main
 from sslpipe.eval.spec import FeatureSpec, ProbeData
+from sslpipe.models.backbones import has_class_token
 from sslpipe.viz import attention as attention_module
 from sslpipe.viz import neighbours as neighbours_module
 from sslpipe.viz.attention import (
@@ -22,7 +23,6 @@ from sslpipe.viz.attention import (
     draw_attention,
     feature_norm,
     has_attention,
-    has_class_token,
     mass_mask,
     received_attention,
 )
