@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -24,6 +23,7 @@ from sslpipe.data.manifest import file_stamp
 from sslpipe.data.remote import Reading
 from sslpipe.data.stream import build_loader, count_samples, resolve_shards
 from sslpipe.errors import WriteFailed, io_failure
+from sslpipe.files import write_text_atomic
 
 if TYPE_CHECKING:
     from sslpipe.eval.spec import FeatureSpec, ProbeData
@@ -253,21 +253,13 @@ def write_json(path: str | Path, data: Any) -> Path:
     rename over it would replace the device."""
     path = Path(path)
     text = json.dumps(data, indent=2) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
     in_place = path.exists() and not path.is_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if in_place:
             path.write_text(text)
             return path
-        try:
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(path, text)
     except OSError as err:
         if io_failure(err) is None:
             raise

@@ -35,6 +35,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from sslpipe.errors import WriteFailed, io_failure
+from sslpipe.files import write_text_atomic
 from sslpipe.weights import sharded_state, state_io
 from sslpipe.weights.checkpoint import (
     BEST_FILE,
@@ -232,24 +233,10 @@ def _update_best(root: Path, ckpt: Path, metric: float | None) -> set[Path] | No
                       "again (delete it to prune now)", stacklevel=3)
     if metric is not None and (not best or metric > best["value"]):
         best = {"checkpoint": ckpt.name, "value": metric}
-        _write_atomic(path, json.dumps(best))
+        write_text_atomic(path, json.dumps(best))
     if best == {}:
         return None
     return {root / best["checkpoint"]} if best else set()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `path` through a synced temporary file renamed over it; the temporary file is removed on failure."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _prune(root: Path, keep_last: int, keep: set[Path]) -> None:

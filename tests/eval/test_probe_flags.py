@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sslpipe.eval.features as feat_mod
+import sslpipe.files as files_mod
 from sslpipe.cli import main
 from sslpipe.errors import WriteFailed
 from sslpipe.eval.features import write_json
@@ -136,7 +137,7 @@ def test_a_failed_result_write_keeps_the_previous_result(tmp_path: Path, monkeyp
     """The JSON was truncated in place: a full disk left 200 bytes of an unparsable file and no old result."""
     out = tmp_path / "probe.json"
     write_json(out, {"top1": 0.777})
-    monkeypatch.setattr(feat_mod, "open", _failing_open(after=10), raising=False)
+    monkeypatch.setattr(files_mod, "open", _failing_open(after=10), raising=False)
     with pytest.raises(WriteFailed, match=r"could not write .*probe\.json: No space left on device"):
         write_json(out, {"top1": 0.8, "per_class": {str(i): 0.5 for i in range(100)}})
     assert json.loads(out.read_text()) == {"top1": 0.777} and [p.name for p in tmp_path.iterdir()] == ["probe.json"]
@@ -151,7 +152,7 @@ def test_a_failed_result_write_is_one_line_from_the_cli(exports, digits_shards: 
     renamed over (/dev/full is still a device afterwards)."""
     out = tmp_path / "knn.json"
     out.write_text('{"old": true}\n')
-    monkeypatch.setattr(feat_mod, "open", _failing_open(after=5), raising=False)
+    monkeypatch.setattr(files_mod, "open", _failing_open(after=5), raising=False)
     assert main(["knn", exports["vit"], "--data", str(digits_shards), "--k", "5", "--max-train", "64", "--max-val",
                  "32", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()  # the progress bars, then the error
