@@ -139,11 +139,30 @@ def resolve_shards(spec: str | list[str], split: str = "train", reading: Reading
             urls.extend(sorted(glob.glob(path)) if glob.has_magic(path) else [path])
         if not urls:
             raise FileNotFoundError(f"{spec}: the pattern matches no shard files; {_MAKE_SHARDS_HINT}")
+    return _check_local(urls)
+
+
+def _check_local(urls: list[str]) -> list[str]:
+    """`urls`, local files all: a typo fails here with the missing names rather than inside a DataLoader worker."""
     missing = [url for url in urls if not os.path.isfile(url)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise FileNotFoundError(f"{len(missing)} of {len(urls)} shard files missing: {shown}; {_MAKE_SHARDS_HINT}")
     return urls
+
+
+def resolve_shard_entries(spec: str | list[str], split: str = "train",
+                          reading: Reading = Reading()) -> tuple[list[str], dict[str, dict]]:
+    """(`resolve_shards`, `shard_entries`) of `spec` with its manifest read once (a remote one is a request)."""
+    if isinstance(spec, (list, tuple)):
+        pairs = [resolve_shard_entries(item, split, reading) for item in spec]
+        return [url for urls, _ in pairs for url in urls], {k: v for _, entries in pairs for k, v in entries.items()}
+    spec = os.fspath(spec)
+    if not _is_manifest_spec(spec):
+        return resolve_shards(spec, split, reading), {}
+    entries = dict(_manifest_urls(spec, split, reading))
+    urls = list(entries)
+    return (urls if urls[0].startswith(HTTP_PREFIXES) else _check_local(urls)), entries
 
 
 def count_samples(spec: str | list[str], split: str = "train", reading: Reading = Reading()) -> int | None:
@@ -531,7 +550,7 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
         raise ValueError("resampled=True streams forever: pass num_batches (batches per rank per epoch)")
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-    urls = resolve_shards(spec, split, reading)
+    urls, entries = resolve_shard_entries(spec, split, reading)
     if not resampled and len(urls) < world_size:
         raise ValueError(f"{len(urls)} shards cannot be split over {world_size} ranks without leaving a rank empty; "
                          "write more, smaller shards (`sslpipe shards ... --samples-per-shard N`) or use "
@@ -540,8 +559,7 @@ def build_loader(spec: str | list[str], *, split: str = "train", sample_fn: Call
         num_workers = min(num_workers, len(urls[rank::world_size]))
     dataset = StreamDataset(urls, sample_fn=sample_fn, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
                             num_workers=max(1, num_workers), shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                            resampled=resampled, reading=reading,
-                            entries=shard_entries(spec, split, reading))
+                            resampled=resampled, reading=reading, entries=entries)
     share = sum(dataset.entries.get(url, {}).get("samples", 0) for url in dataset.rank_shards())
     if num_batches is not None and not resampled and share:
         # each worker batches its own shards: more workers than full batches in the share would leave a pass empty

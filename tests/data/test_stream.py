@@ -289,6 +289,24 @@ def test_resolution_patterns_manifest_and_counts(tmp_path):
         resolve_shards(str(tmp_path), split="val")
 
 
+def test_a_loader_reads_its_manifest_once_and_resolves_as_the_parts_do(tmp_path, monkeypatch):
+    """A remote manifest is a request: `build_loader` read it twice (the shard list, then the entries)."""
+    import sslpipe.data.stream as stream
+
+    _write_shards(tmp_path, [2, 3, 4])
+    other = tmp_path / "other"
+    _write_shards(other, [1])
+    for spec in (str(tmp_path), [str(tmp_path), str(other / "train-000000.tar")]):
+        assert stream.resolve_shard_entries(spec) == (resolve_shards(spec), stream.shard_entries(spec))
+    reads = []
+    monkeypatch.setattr(stream, "read_manifest", lambda path: reads.append(path) or json.loads(
+        (tmp_path / "manifest.json").read_text()))
+    assert len(_keys(_loader(str(tmp_path)))) == 9 and len(reads) == 1
+    os.remove(tmp_path / "train-000001.tar")
+    with pytest.raises(FileNotFoundError, match=r"1 of 3 shard files missing: .*train-000001\.tar"):
+        stream.resolve_shard_entries(str(tmp_path))
+
+
 def test_missing_shards_named(tmp_path):
     _write_shards(tmp_path, [2, 2])
     with pytest.raises(FileNotFoundError, match=r"train-000003\.tar.*sslpipe shards") as info:
