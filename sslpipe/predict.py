@@ -20,7 +20,7 @@ def predict_run(run: str | Path, *, checkpoint: str | Path | None = None, data: 
     run = Path(run)
     if (run / "trainer_state.json").is_file() and checkpoint is None:  # a checkpoint folder was given
         run, checkpoint = run.parent.parent, run
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(run / "config.yaml", saved=True)
     recipe = get_recipe(cfg.method)(cfg)
     if not isinstance(recipe, DenseFinetuneRecipe):
         raise ValueError(f"{run} was trained with method {cfg.method!r}: `sslpipe predict` needs a fine-tuning run "

@@ -5,6 +5,9 @@ with the closest valid spelling instead of training with a default.
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -53,12 +56,32 @@ class Section(BaseModel):
 
     def refuse_unread_values(self, prefix: str, unread: dict[str, str]) -> None:
         """Keys that are read only with other settings (`unread`: key -> the setting that leaves it unread): a
-        non-default value is refused, never ignored; the default is let through, as every saved config holds it."""
+        non-default value is refused, never ignored; the default is let through, as every saved config holds it.
+        While a run's own saved config is read (`SAVED_READ`), such a value is put back to the default and listed
+        instead: the run was made, and the key changed nothing in it."""
         for key, why in unread.items():
             value = getattr(self, key)
-            if value != type(self).model_fields[key].get_default(call_default_factory=True):
+            default = type(self).model_fields[key].get_default(call_default_factory=True)
+            if value == default:
+                continue
+            saved = SAVED_READ.get()
+            if saved is None or any(o.endswith(f"{prefix}.{key}") for o in saved.overridden):
                 raise ValueError(f"key '{prefix}.{key}' = {value!r} is not read with {why}: remove it (or change "
                                  f"{why.split('=')[0]})")
+            self.__dict__[key] = default  # not through validate_assignment: the section is being validated
+            saved.dropped.append(f"{prefix}.{key} = {value!r} (not read with {why})")
+
+
+@dataclass
+class SavedRead:
+    """What reading a run's saved config (`sslpipe.config.loading.reading_saved`) dropped, and the dotted keys the
+    command line set (those are refused as ever)."""
+
+    overridden: frozenset[str]
+    dropped: list[str] = dataclass_field(default_factory=list)
+
+
+SAVED_READ: ContextVar[SavedRead | None] = ContextVar("sslpipe_saved_read", default=None)
 
 
 class DataConfig(Section):
@@ -111,6 +134,12 @@ class CropsConfig(Section):
     # (sslpipe.data.fast_views); device: workers only decode and draw the parameters, the batch is cropped and
     # coloured on the accelerator (sslpipe.data.device_views); torchvision: the reference pipeline, float crops
     backend: Literal["fast", "device", "torchvision"] = "fast"
+
+    @model_validator(mode="after")
+    def _local_keys_need_local_crops(self) -> "CropsConfig":
+        if self.n_local == 0:
+            self.refuse_unread_values("crops", dict.fromkeys(("local_size", "local_scale"), "crops.n_local=0"))
+        return self
 
     def blur_sigmas(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """(global, local) Gaussian blur sigma ranges in pixels of the output crops."""

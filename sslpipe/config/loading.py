@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -16,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from sslpipe.config.core import RunConfig
+from sslpipe.config.core import SAVED_READ, RunConfig, SavedRead
 
 
 class ConfigError(ValueError):
@@ -263,13 +264,30 @@ _MISSING = object()
 
 
 def validate(data: dict[str, Any], schema: type[RunConfig], where: str, hints: Mapping[str, str] | None = None,
-             origins: Mapping[str, str] | None = None) -> RunConfig:
+             origins: Mapping[str, str] | None = None, saved: bool = False) -> RunConfig:
     """Validate a plain dict against `schema`; errors name `where` (or the override, `override_origins`), the
-    dotted key and what was expected."""
+    dotted key and what was expected. `saved`: `data` is a run's own config.yaml, written by an earlier sslpipe: a
+    value its settings leave unread, which this version refuses, is dropped with a notice (the run was made and the
+    key changed nothing in it; one the command line sets is refused as ever)."""
+    state = SavedRead(overridden=frozenset(origins or ())) if saved else None
+    token = SAVED_READ.set(state)
     try:
-        return schema.model_validate(data)
+        cfg = schema.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, data, schema, where, hints or {}, origins or {})) from None
+    finally:
+        SAVED_READ.reset(token)
+    if state is not None and state.dropped:
+        print(f"{where}: written by an earlier sslpipe; dropped what this run's settings never read: "
+              f"{'; '.join(state.dropped)}", file=sys.stderr)
+    return cfg
+
+
+def is_run_config(path: str | Path) -> bool:
+    """Whether `path` is a run directory's own config.yaml (beside its checkpoints or metrics), not a recipe."""
+    path = Path(path)
+    return path.name == "config.yaml" and ((path.parent / "checkpoints").is_dir()
+                                           or (path.parent / "metrics.jsonl").is_file())
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -10,8 +10,9 @@ batch is then augmented in a handful of batched ops on the device:
 - crop + antialiased bicubic resize per crop (one small kernel each; float on CUDA, whose bicubic-AA has no uint8
   kernel), rounded to uint8 levels like the CPU path;
 - flip, ColorJitter's four adjustments in each crop's own random order (16 masked batched ops: position x op),
-  grayscale, per-crop Gaussian blur (one grouped separable convolution with per-crop kernels, OpenCV's kernel size
-  6 sigma + 1 and reflect-101 borders), solarize; levels clamped and rounded after each step as uint8 arithmetic does;
+  grayscale, per-crop Gaussian blur (one grouped separable convolution with per-crop kernels, the fast path's
+  `crop_params.blur_kernel`, reflect-101 borders), solarize; levels clamped and rounded after each step as uint8
+  arithmetic does;
 - normalisation.
 
 It runs on any device: on the CPU it is the same computation (the tests compare it with the `fast` path there).
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from sslpipe.data.crop_params import GRAY_WEIGHTS, P
+from sslpipe.data.crop_params import GRAY_WEIGHTS, P, blur_kernel
 from sslpipe.data.fast_views import FastMultiCropTransform, as_array, normalize_levels_
 
 
@@ -97,16 +98,14 @@ def _reflect101(n: int, r: int, device: torch.device) -> Tensor:
     return torch.where(i >= n, period - i, i)
 
 
-def _gaussian_blur(x: Tensor, sigma: Tensor, host_sigma: np.ndarray) -> Tensor:
-    """Per-crop Gaussian blur (sigma > 0), OpenCV's kernel (size 6 sigma + 1, odd) with reflect-101 borders.
-    `host_sigma`: the same sigmas on the host, for the kernel sizes (read there, not from the device)."""
+def _gaussian_blur(x: Tensor, host_sigma: np.ndarray) -> Tensor:
+    """Per-crop Gaussian blur (sigma > 0), the fast path's kernel (`crop_params.blur_kernel`) with reflect-101
+    borders. `host_sigma`: the sigmas on the host, where the kernels are made (not read back from the device)."""
     n, c, height, width = x.shape
-    radius = np.array([int(round(float(s) * 6 + 1)) // 2 for s in host_sigma])
-    r = int(radius.max())
-    offsets = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.to(x.dtype).view(-1, 1)) ** 2)
-    kernel = kernel * (offsets.abs().view(1, -1) <= _to_device(radius, x.device).view(-1, 1))
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c, 2r+1)
+    kernels = [blur_kernel(float(s)) for s in host_sigma]
+    r = max(len(k) for k in kernels) // 2
+    padded = np.stack([np.pad(k, r - len(k) // 2) for k in kernels])  # (n, 2r+1), centred
+    kernel = _to_device(padded, x.device).to(x.dtype).repeat_interleave(c, dim=0)  # (n*c, 2r+1)
     y = x.reshape(1, n * c, height, width)
     y = F.conv2d(y.index_select(3, _reflect101(width, r, x.device)), kernel.view(n * c, 1, 1, -1), groups=n * c)
     y = F.conv2d(y.index_select(2, _reflect101(height, r, x.device)), kernel.view(n * c, 1, -1, 1), groups=n * c)
@@ -175,7 +174,7 @@ def _colour(x: Tensor, p: Tensor, host: np.ndarray) -> Tensor:
     blur = np.flatnonzero(host[:, P["sigma"]] > 0)
     if len(blur):
         idx = _to_device(blur, x.device)
-        x[idx] = _gaussian_blur(x[idx], p[idx, P["sigma"]], host[blur, P["sigma"]])
+        x[idx] = _gaussian_blur(x[idx], host[blur, P["sigma"]])
     solar = (p[:, P["solarize"]] > 0).view(-1, 1, 1, 1)
     return torch.where(solar & (x >= 128), 255 - x, x)
 

@@ -12,8 +12,9 @@ over a uint8 HWC array:
   formulas: brightness x b, contrast blended with the mean grey level, saturation blended with the grey image (as
   256-entry lookup tables or one weighted sum, in OpenCV), hue rotated in OpenCV's full-range HSV (256 steps per
   turn, torchvision: float);
-- grayscale p 0.2 (ITU-R 601 weights); Gaussian blur with sigma ~ U[sigma_0, sigma_1] (OpenCV's exact Gaussian; PIL
-  approximates it with box blurs); solarize at 128 (lookup table);
+- grayscale p 0.2 (ITU-R 601 weights); Gaussian blur with sigma ~ U[sigma_0, sigma_1] (`crop_params.blur_kernel`:
+  variance sigma^2 like PIL's box-blur approximation, where a sampled Gaussian blurs far less at small sigma);
+  solarize at 128 (lookup table);
 - the crop leaves as a uint8 (3, H, W) tensor: normalisation moves to the device, where it costs nothing, and a batch
   is 4x fewer bytes between processes and over PCIe.
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from sslpipe.data.crop_params import BLUR_SIGMAS, PARAM_FIELDS, P
+from sslpipe.data.crop_params import BLUR_SIGMAS, PARAM_FIELDS, P, blur_kernel
 
 cv2.setNumThreads(1)  # one loader worker = one core; OpenCV's own threads would oversubscribe it
 _LEVELS = np.arange(256, dtype=np.float32)
@@ -168,7 +169,8 @@ class FastCropView:
         if p[P["gray"]]:
             img = to_grayscale(img)
         if p[P["sigma"]] > 0:
-            img = cv2.GaussianBlur(img, (0, 0), p[P["sigma"]], borderType=cv2.BORDER_REFLECT_101)
+            kernel = blur_kernel(float(p[P["sigma"]]))
+            img = cv2.sepFilter2D(img, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT_101)
         if p[P["solarize"]]:
             img = solarize(img)
         return torch.from_numpy(img).permute(2, 0, 1)
@@ -204,12 +206,14 @@ class FastMultiCropTransform:
     def draft_size(self, width: int, height: int) -> tuple[int, int]:
         """The smallest decode size (for PIL's JPEG `draft`) at which every possible crop region still has at least
         the output's pixels: a region of the minimum scale and extreme aspect ratio must not be upsampled more than
-        it would be from the full image."""
+        it would be from the full image. An image more elongated than the crop ratios falls back to a centre crop
+        whose short side is the image's, which can be shorter still (a 4000 x 400 panorama: 400 px)."""
         need = 0.0
         for size, scale, n in ((self.global_size, self.global_scale, 1),
                                (self.local_size, self.local_scale, self.n_local)):
             if n:
-                shortest = math.sqrt(scale[0] * width * height * 3 / 4)  # side of the smallest, most elongated region
+                # the side of the smallest, most elongated region, or of the fallback's
+                shortest = min(math.sqrt(scale[0] * width * height * 3 / 4), width, height)
                 need = max(need, size / shortest)
         return max(1, math.ceil(width * need)), max(1, math.ceil(height * need))
 

@@ -16,6 +16,7 @@ from typing import Any
 from sslpipe.config import ConfigError, RunConfig, legacy, run_schema
 from sslpipe.config.loading import (
     apply_overrides,
+    is_run_config,
     override_origins,
     read_yaml,
     refuse_unread,
@@ -98,9 +99,12 @@ def _method_override(item: str, method: str, where: str) -> str:
     return new
 
 
-def config_from_dict(data: dict[str, Any], where: str = "config", overrides: Iterable[str] = ()) -> RunConfig:
+def config_from_dict(data: dict[str, Any], where: str = "config", overrides: Iterable[str] = (),
+                     saved: bool = False) -> RunConfig:
     """Validate a plain dict (plus overrides) under its method's schema; errors name `where`, or the override, and
-    the dotted key. A config written before the per-method schema is read in its new layout (`config.legacy`)."""
+    the dotted key. A config written before the per-method schema is read in its new layout (`config.legacy`).
+    `saved` (and every legacy config): a run's own config.yaml, whose keys this version refuses as unread are dropped
+    with a notice (`config.loading.validate`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(data).__name__}")
     overrides = list(overrides)
@@ -121,15 +125,18 @@ def config_from_dict(data: dict[str, Any], where: str = "config", overrides: Ite
             raise ConfigError(unknown_key_message(schema, (foreign[0],), where, hints))
         sections = {cls.config_key: cls.config_section for cls in map(get_recipe, KNOWN_RECIPES)}
         data, notes = legacy.migrate(data, key, schema, sections, where)
+        saved = True
         print(f"{where}: read in the layout before per-method sections; moved {', '.join(notes) or 'nothing'}",
               file=sys.stderr)
     hints = {**hints, **legacy.moved_hints(schema, key)}
     origins = override_origins(overrides)
     apply_overrides(data, overrides, schema, hints)
     refuse_unread(data, schema.unread, method, where, origins)
-    return validate(data, schema, where, hints, origins)
+    return validate(data, schema, where, hints, origins, saved=saved)
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
-    """Read a recipe YAML, apply `key.sub=value` overrides and validate it under its method's schema."""
-    return config_from_dict(read_yaml(path), where=str(path), overrides=overrides)
+def load_config(path: str | Path, overrides: Iterable[str] = (), saved: bool | None = None) -> RunConfig:
+    """Read a recipe YAML, apply `key.sub=value` overrides and validate it under its method's schema. `saved`: the
+    file is a run's own config.yaml (None: when it lies beside the run's checkpoints or metrics)."""
+    return config_from_dict(read_yaml(path), where=str(path), overrides=overrides,
+                            saved=is_run_config(path) if saved is None else saved)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from sslpipe.config import Section
+from sslpipe.config.core import SAVED_READ
 
 
 class HeadConfig(Section):
@@ -87,12 +88,18 @@ class QScoreConfig(Section):
             unread = dict.fromkeys(V2_KEYS, "version=v1 (read only by v2)")
         else:
             unread = dict.fromkeys(V1_KEYS, "version=v2 (read only by v1)")
-        errors = []
+        errors, saved = [], SAVED_READ.get()
         for key, why in unread.items():
             value = getattr(self, key)
-            if value != type(self).model_fields[key].get_default(call_default_factory=True):
-                problem = ValueError(f"not read with qscore.{why}: remove it (or change qscore.{why.split('=')[0]})")
-                errors.append({"type": "value_error", "loc": (key,), "input": value, "ctx": {"error": problem}})
+            default = type(self).model_fields[key].get_default(call_default_factory=True)
+            if value == default:
+                continue
+            if saved is not None and not any(o.endswith(f"qscore.{key}") for o in saved.overridden):
+                self.__dict__[key] = default  # a run's saved config (`Section.refuse_unread_values`)
+                saved.dropped.append(f"qscore.{key} = {value!r} (not read with qscore.{why})")
+                continue
+            problem = ValueError(f"not read with qscore.{why}: remove it (or change qscore.{why.split('=')[0]})")
+            errors.append({"type": "value_error", "loc": (key,), "input": value, "ctx": {"error": problem}})
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self

@@ -236,6 +236,32 @@ def test_out_of_range_values_are_refused_in_one_line_naming_the_key(tmp_path: Pa
     assert "\n" not in str(err.value)
 
 
+def test_a_runs_saved_config_drops_what_it_never_read_where_a_recipe_is_refused(tmp_path: Path, capsys) -> None:
+    """A run made before a refusal (e.g. the demo's `local_size: 12` with no local crops, Q-score keys of a switched
+    off regulariser) still resumes, evaluates and predicts: its config.yaml drops those keys with a notice. The same
+    file as a recipe, and the same key from the command line, are refused."""
+    data = yaml.safe_load((REPO / "recipes/demo_dinov2.yaml").read_text())
+    data["data"]["train"] = "x"
+    data["crops"].update(local_size=12, local_scale=[0.1, 0.4])
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(run / "config.yaml")
+    assert cfg.crops.local_size == 96 and cfg.crops.local_scale == (0.05, 0.25) and cfg.crops.n_local == 0
+    notice = capsys.readouterr().err
+    assert "written by an earlier sslpipe; dropped what this run's settings never read: crops.local_size = 12" in notice
+    with pytest.raises(ConfigError, match=r"'crops.local_size' = 12 is not read with crops.n_local=0"):
+        load_config(run / "config.yaml", ["crops.local_size=12"])
+    with pytest.raises(ConfigError, match=r"'crops.local_size' = 12 is not read with crops.n_local=0"):
+        load_config(write(tmp_path, yaml.safe_dump(data), "config.yaml"))  # no run beside it: a recipe
+    simclr = yaml.safe_load((REPO / "recipes/demo_simclr_qscore.yaml").read_text())
+    simclr["data"]["train"] = "x"
+    simclr["simclr"]["qscore"]["enabled"] = False  # a control arm of the old form
+    (run / "config.yaml").write_text(yaml.safe_dump(simclr))
+    assert load_config(run / "config.yaml").simclr.qscore.version == "v2"
+    assert "qscore.version = 'v1' (not read with qscore.enabled=false)" in capsys.readouterr().err
+
+
 def test_a_knn_crop_larger_than_its_resize_is_refused_at_load(tmp_path: Path) -> None:
     """The periodic kNN's centre crop must fit its resize (null: crops.global_size x 256/224 = 256 at 224): the
     probe refused it only at the first evaluation, an epoch into the run. A dense method does not read these keys."""
@@ -251,7 +277,11 @@ def test_a_knn_crop_larger_than_its_resize_is_refused_at_load(tmp_path: Path) ->
 
 def test_crops_that_are_not_made_are_not_checked_against_the_patch(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL + "model: {patch_size: 4}\ncrops: {global_size: 16, local_size: 9, n_local: 0}\n")
-    assert load_config(path).crops.local_size == 9
+    with pytest.raises(ConfigError, match=r"key 'crops.local_size' = 9 is not read with crops.n_local=0"):
+        load_config(path)  # not made, so never read: refused, not checked against the patch
+    with pytest.raises(ConfigError, match=r"key 'crops.local_scale' = \(0.1, 0.4\) is not read with crops.n_local=0"):
+        load_config(write(tmp_path, MINIMAL), ["crops.n_local=0", "crops.local_scale=[0.1,0.4]"])
+    assert load_config(write(tmp_path, MINIMAL + "model: {patch_size: 4}\ncrops: {global_size: 16, n_local: 0}\n"))
     assert load_config(write(tmp_path, MINIMAL), ["model.patch_size=null", "crops.global_size=18"])  # a CNN
     with pytest.raises(ConfigError, match="dinov3.gram.refresh_every"):
         load_config(REPO / "recipes/demo_dinov3.yaml", ["dinov3.gram.refresh_every=0"])

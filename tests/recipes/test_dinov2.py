@@ -30,7 +30,8 @@ from sslpipe.weights.run_export import export_run
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TINY = ["model.kwargs={embed_dim: 32, depth: 2, num_heads: 2, init_values: 1.0e-5}", "dinov2.head.out_dim=64",
-        "dinov2.head.patch_out_dim=48", "dinov2.head.hidden_dim=32", "dinov2.head.bottleneck_dim=16", "crops.n_local=2"]
+        "dinov2.head.patch_out_dim=48", "dinov2.head.hidden_dim=32", "dinov2.head.bottleneck_dim=16", "crops.n_local=2",
+        "crops.local_size=12"]
 
 
 @pytest.fixture(autouse=True)
