@@ -86,7 +86,8 @@ def run_ibot_step_bench(arch: str = "vit_tiny_patch16_224", *, img_size: int = 3
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
-        loss_fn.update_center(t_cls, t_patch)
+        loss_fn.record_center(t_cls, t_patch)
+        loss_fn.update_center()
         ema_update(teacher, student, 0.996)
         return out["loss"].item()
 

@@ -9,25 +9,17 @@ official facebookresearch/dino main_dino.py DINOLoss).
 Equal in value to lightly's DINOLoss given the same centre (tested), but written here because lightly updates the
 centre inside ``forward`` (no way to keep the loss and the centre update apart, e.g. under gradient accumulation)
 and counts its temperature warm-up in epochs; here the teacher temperature comes from the trainer's per-iteration
-schedule and the centre is updated by an explicit ``update_center`` call after the step.
+schedule, each batch's teacher logits are recorded (``record_center``) and the centre moves once per optimizer step
+(``update_center``, `sslpipe.losses.center`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-@torch.no_grad()
-def global_batch_sum(x: Tensor, n: int) -> tuple[Tensor, int]:
-    """Sum over dim 0 (keepdim) and row count, both summed across processes when torch.distributed is running."""
-    s = x.float().sum(dim=0, keepdim=True)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(s)
-        n = n * dist.get_world_size()
-    return s, n
+from sslpipe.losses.center import move_center, pending_buffer, record_rows
 
 
 def cross_view_ce(teacher_probs: Tensor, student_logp: Tensor) -> Tensor:
@@ -57,6 +49,7 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("pending", pending_buffer(out_dim), persistent=False)  # `sslpipe.losses.center`
 
     def forward(self, student_out: Tensor, teacher_out: Tensor, teacher_temp: float, n_crops: int,
                 n_global: int) -> Tensor:
@@ -69,8 +62,10 @@ class DINOLoss(nn.Module):
         s = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
         return cross_view_ce(t.view(n_global, B, -1), s.view(n_crops, B, -1))
 
-    @torch.no_grad()
-    def update_center(self, teacher_out: Tensor) -> None:
-        """C <- m C + (1 - m) * (sum of teacher logits over all processes / global number of rows)."""
-        s, n = global_batch_sum(teacher_out, teacher_out.shape[0])
-        self.center.mul_(self.center_momentum).add_(s / n, alpha=1.0 - self.center_momentum)
+    def record_center(self, teacher_out: Tensor) -> None:
+        """Count the batch's teacher logits towards the step's centre update (`update_center`)."""
+        record_rows(self.pending, teacher_out)
+
+    def update_center(self) -> None:
+        """After the optimizer step: C <- m C + (1 - m) * the mean teacher logits of the step over all processes."""
+        move_center(self.center, self.pending, self.center_momentum)

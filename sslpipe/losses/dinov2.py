@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslpipe.data.collate import mask_weights
-from sslpipe.losses.dino import cross_view_ce, global_batch_sum
+from sslpipe.losses.center import move_center, pending_buffer, record_rows
+from sslpipe.losses.dino import cross_view_ce
 from sslpipe.losses.koleo import KoLeoLoss
 from sslpipe.losses.sinkhorn import sinkhorn_knopp
 
@@ -65,6 +66,8 @@ class DINOv2Loss(nn.Module):
         self.koleo = KoLeoLoss()
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("center2", torch.zeros(1, 1, patch_out_dim))
+        self.register_buffer("pending", pending_buffer(out_dim), persistent=False)  # `sslpipe.losses.center`
+        self.register_buffer("pending2", pending_buffer(patch_out_dim), persistent=False)
 
     @torch.no_grad()
     def teacher_targets(self, logits: Tensor, center: Tensor, teacher_temp: float | Tensor,
@@ -127,19 +130,18 @@ class DINOv2Loss(nn.Module):
         loss = self.dino_weight * loss_dino + self.ibot_weight * loss_ibot + self.koleo_weight * loss_koleo
         return {"loss": loss, "dino": loss_dino, "ibot": loss_ibot, "koleo": loss_koleo}
 
-    @torch.no_grad()
-    def update_center(self, teacher_cls: Tensor, teacher_patch: Tensor, masks_weight: Tensor | None = None) -> None:
-        """Softmax centering: teacher_cls (n_global*B, K) and the masked teacher patch logits (M, Kp) move the
-        centres (momentum update; with ``masks_weight`` (M,), its rows of weight 0, the padding, do not count);
-        Sinkhorn-Knopp centering keeps none, so this does nothing."""
-        if self.centering != "softmax":
-            return
-        s, n = global_batch_sum(teacher_cls, teacher_cls.shape[0])
-        self.center.mul_(self.center_momentum).add_(s / n, alpha=1.0 - self.center_momentum)
-        if masks_weight is None:
-            local_mean = teacher_patch.float().sum(dim=0, keepdim=True) / max(1, teacher_patch.shape[0])
-        else:  # a 0-d count on the device: no synchronisation
-            valid = (masks_weight > 0).float()
-            local_mean = (valid @ teacher_patch.float()).unsqueeze(0) / valid.sum().clamp(min=1)
-        s2, n2 = global_batch_sum(local_mean, 1)
-        self.center2.mul_(self.center_momentum2).add_((s2 / n2).unsqueeze(0), alpha=1.0 - self.center_momentum2)
+    def record_center(self, teacher_cls: Tensor, teacher_patch: Tensor, masks_weight: Tensor | None = None) -> None:
+        """Softmax centering: count teacher_cls (n_global*B, K) and the masked teacher patch logits (M, Kp; with
+        ``masks_weight`` (M,), its rows of weight 0, the padding, do not count) towards the step's centre update
+        (`update_center`); Sinkhorn-Knopp centering keeps no centre, so this does nothing."""
+        if self.centering == "softmax":
+            record_rows(self.pending, teacher_cls)
+            record_rows(self.pending2, teacher_patch, masks_weight)
+
+    def update_center(self) -> None:
+        """After the optimizer step (softmax centering): the CLS centre moves to the step's global-batch mean, the
+        patch centre to the mean over processes of each one's mean masked patch logits (official
+        `ibot_patch_loss.py`)."""
+        if self.centering == "softmax":
+            move_center(self.center, self.pending, self.center_momentum)
+            move_center(self.center2, self.pending2, self.center_momentum2, per_process=True)

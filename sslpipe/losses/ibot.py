@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslpipe.data.collate import mask_batch_fields
-from sslpipe.losses.dino import cross_view_ce, global_batch_sum
+from sslpipe.losses.center import move_center, pending_buffer, record_rows
+from sslpipe.losses.dino import cross_view_ce
 
 
 class IBOTLoss(nn.Module):
@@ -43,6 +44,8 @@ class IBOTLoss(nn.Module):
         self.lambda1, self.lambda2 = lambda1, lambda2
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("center2", torch.zeros(1, 1, patch_out_dim))
+        self.register_buffer("pending", pending_buffer(out_dim), persistent=False)  # `sslpipe.losses.center`
+        self.register_buffer("pending2", pending_buffer(patch_out_dim), persistent=False)
 
     def forward(self, student_cls: Tensor, student_patch: Tensor, teacher_cls: Tensor, teacher_patch: Tensor,
                 masks: Tensor, teacher_temp: float, teacher_patch_temp: float,
@@ -91,10 +94,13 @@ class IBOTLoss(nn.Module):
         loss = self.lambda1 * loss_cls + self.lambda2 * loss_patch
         return {"loss": loss, "cls": loss_cls, "patch": loss_patch}
 
-    @torch.no_grad()
-    def update_center(self, teacher_cls: Tensor, teacher_patch: Tensor) -> None:
-        """teacher_cls (n_global*B, K), teacher_patch (n_global*B, N, Kp): global-batch means, momentum update."""
-        s, n = global_batch_sum(teacher_cls, teacher_cls.shape[0])
-        self.center.mul_(self.center_momentum).add_(s / n, alpha=1.0 - self.center_momentum)
-        s2, n2 = global_batch_sum(teacher_patch.float().mean(dim=1), teacher_patch.shape[0])
-        self.center2.mul_(self.center_momentum2).add_((s2 / n2).unsqueeze(0), alpha=1.0 - self.center_momentum2)
+    def record_center(self, teacher_cls: Tensor, teacher_patch: Tensor) -> None:
+        """Count teacher_cls (n_global*B, K) and each image's mean patch logits of teacher_patch (n_global*B, N, Kp)
+        towards the step's centre update (`update_center`)."""
+        record_rows(self.pending, teacher_cls)
+        record_rows(self.pending2, teacher_patch.float().mean(dim=1))
+
+    def update_center(self) -> None:
+        """After the optimizer step: both centres move to the step's global-batch means (momentum update)."""
+        move_center(self.center, self.pending, self.center_momentum)
+        move_center(self.center2, self.pending2, self.center_momentum2)

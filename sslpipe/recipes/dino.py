@@ -103,5 +103,5 @@ class DINORecipe(MultiCropRecipe):
                 student_temp=self.section.loss.student_temp,
             )
             metrics |= embedding_health(teacher=teacher_feats, student=student_feats.detach())
-        self.loss.update_center(teacher_out)
+        self.loss.record_center(teacher_out)
         return loss, metrics

@@ -376,7 +376,7 @@ class DINOv2Recipe(MultiCropRecipe):
             ))
             metrics.update(embedding_health(teacher=teacher_feats, student=student_feats.detach()))
             metrics.update(dense_health(teacher_feats, out["teacher_patches"]))
-        self.loss.update_center(teacher_cls, teacher_patch, weights)
+        self.loss.record_center(teacher_cls, teacher_patch, weights)
         return loss, metrics
 
     def extra_loss(self, global_crops: torch.Tensor, masks: torch.Tensor, student_patches: torch.Tensor,

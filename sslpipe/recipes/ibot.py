@@ -183,5 +183,5 @@ class IBOTRecipe(MultiCropRecipe):
                 center2=self.loss.center2, teacher_patch_temp=sched["teacher_patch_temp"], masks=flat_masks,
             ))
             metrics.update(embedding_health(teacher=teacher_feats, student=student_feats.detach()))
-        self.loss.update_center(teacher_cls, teacher_patch)
+        self.loss.record_center(teacher_cls, teacher_patch)
         return loss, metrics

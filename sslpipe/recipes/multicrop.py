@@ -253,6 +253,9 @@ class MultiCropRecipe(Recipe):
         return self.accelerator.unwrap_model(self.student) if self.accelerator is not None else self.student
 
     def after_optimizer_step(self, sched: dict[str, float]) -> None:
+        """The teacher centre moves once per optimizer step, over all its batches (`sslpipe.losses.center`); the
+        EMA teacher follows the student."""
+        self.loss.update_center()
         ema_update(self.teacher, self._unwrapped_student(), sched["momentum"])
 
     def param_groups(self) -> list[dict[str, Any]]:

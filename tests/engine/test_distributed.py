@@ -37,9 +37,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     dino_teacher, ibot_cls, ibot_patch = _batches(rank)
     dino = DINOLoss(5, center_momentum=0.9)
-    dino.update_center(dino_teacher)
+    dino.record_center(dino_teacher)
+    dino.update_center()
     ibot = IBOTLoss(7, 7, n_global=2, n_local=0, center_momentum=0.9, center_momentum2=0.9)
-    ibot.update_center(ibot_cls, ibot_patch)
+    ibot.record_center(ibot_cls, ibot_patch)
+    ibot.update_center()
     torch.save({"dino": dino.center, "cls": ibot.center, "patch": ibot.center2}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -62,15 +62,52 @@ def test_dino_loss_equals_lightly_given_same_center():
     want = ref(list(teacher.chunk(2)), list(student.chunk(5)), teacher_temp=0.07)
     got = ours(student, teacher, teacher_temp=0.07, n_crops=5, n_global=2)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
-    ours.update_center(teacher)  # lightly updated its centre inside forward
+    ours.record_center(teacher)
+    ours.update_center()  # lightly updated its centre inside forward
     assert torch.allclose(ours.center, ref.center.view(1, K), atol=1e-6)
+
+
+def test_the_centre_moves_once_per_step_over_all_its_batches():
+    """Gradient accumulation: the two batches of a step move the centres as the whole batch does, once, after the
+    step (each batch is centred with the step's centre meanwhile); the centre moved per batch before (0.9^2 per step,
+    the second batch centred with the first). DINOv2's padded patch rows (weight 0) do not count."""
+    from sslpipe.losses.dinov2 import DINOv2Loss
+
+    g = torch.Generator().manual_seed(0)
+    cls, patch = torch.randn(8, 5, generator=g), torch.randn(8, 3, 6, generator=g)
+    masked, weight = torch.randn(10, 6, generator=g), torch.tensor([1.0] * 4 + [0.0] + [1.0] * 4 + [0.0])
+    losses = [lambda: DINOLoss(5), lambda: IBOTLoss(5, 6, n_global=2, n_local=0),
+              lambda: DINOv2Loss(5, 6, n_global=2, n_local=0, centering="softmax")]
+    parts = [lambda loss, i: loss.record_center(cls[i]), lambda loss, i: loss.record_center(cls[i], patch[i]),
+             lambda loss, i: loss.record_center(cls[i], masked[i], weight[i])]
+    halves = [(slice(0, 4), slice(4, 8))] * 2 + [(slice(0, 5), slice(5, 10))]  # DINOv2: 5 masked rows, 1 padding
+    for make, record, (first, second) in zip(losses, parts, halves):
+        whole, split = make(), make()
+        record(whole, slice(None))
+        whole.update_center()
+        for half in (first, second):
+            record(split, half)
+            assert not split.center.any()  # not moved before the step ends
+        split.update_center()
+        assert split.center.any() and torch.allclose(split.center, whole.center, atol=1e-6)
+        assert torch.allclose(split.center2 if hasattr(split, "center2") else split.center,
+                              whole.center2 if hasattr(whole, "center2") else whole.center, atol=1e-6)
+        before = split.center.clone()
+        split.update_center()  # nothing recorded since: unchanged
+        assert torch.equal(split.center, before)
+    # by hand, DINOv2's patch centre: 0.1 x the mean of the 8 counted rows
+    v2 = DINOv2Loss(5, 6, n_global=2, n_local=0, centering="softmax")
+    v2.record_center(cls, masked, weight)
+    v2.update_center()
+    torch.testing.assert_close(v2.center2.view(-1), 0.1 * masked[weight > 0].mean(dim=0))
 
 
 def test_dino_center_update():
     loss_fn = DINOLoss(3, center_momentum=0.9)
     loss_fn.center.copy_(torch.tensor([[1.0, 0.0, -1.0]]))
     t = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
-    loss_fn.update_center(t)
+    loss_fn.record_center(t)
+    loss_fn.update_center()
     # 0.9 * C + 0.1 * mean = 0.9*[1,0,-1] + 0.1*[2,2,2]
     assert torch.allclose(loss_fn.center, torch.tensor([[1.1, 0.2, -0.7]]))
 
@@ -131,7 +168,8 @@ def test_ibot_centres():
     c1, c2 = torch.randn(1, d["K"]), torch.randn(1, 1, d["K"])
     loss_fn.center.copy_(c1)
     loss_fn.center2.copy_(c2)
-    loss_fn.update_center(d["t_cls"], d["t_patch"])
+    loss_fn.record_center(d["t_cls"], d["t_patch"])
+    loss_fn.update_center()
     rows = d["t_cls"].shape[0]
     want1 = [0.9 * c1[0, k].item() + 0.1 * sum(d["t_cls"][r, k].item() for r in range(rows)) / rows
              for k in range(d["K"])]
