@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Gram anchoring evidence (issue 34, docs/methods.md §11): recipes/demo_dinov3.yaml run for 1000 steps (10 epochs,
 # every epoch's checkpoint kept) on Fashion-MNIST with Gram anchoring (weight 2, the Gram teacher from step 200,
-# refreshed every 100) and without (dinov3.gram.weight=0), seeds 0, 1, 2. Probes: linear-seg on the generated scenes
-# (docs/finetune.md's protocol: 64 px, last 4 blocks, 1000 steps, lr 0.01, 200 val scenes) of the teacher at steps 500,
+# refreshed every 100) and without ('dinov3.gram={weight: 0}'), seeds 0, 1, 2. Probes: linear-seg on the generated
+# scenes (docs/finetune.md's protocol: 64 px, last 4 blocks, 1000 steps, lr 0.01, 200 val scenes) of the teacher at steps 500,
 # 700 and 1000; kNN on Fashion-MNIST (first 10,000 train / 2,000 val) at step 1000; random-init baselines. The dense
 # health (dense/patch_cls_cos, dense/patch_patch_cos of the teacher) is in each run's metrics.jsonl every 50 steps.
 # Then: python docs/evidence/gram_report.py $E/gram docs/img/gram_dense_health.png
@@ -21,10 +21,11 @@ knn() {
 for s in 0 1 2; do
   for arm in gram nogram; do
     run=$G/runs/${arm}_s$s
-    if [ $arm = gram ]; then extra=""; else extra="dinov3.gram.weight=0"; fi
+    if [ $arm = gram ]; then extra=(); else extra=("dinov3.gram={weight: 0}"); fi  # the runs had gram.weight=0
     [ -f $run/export/teacher/model.safetensors ] || {
       /usr/bin/time -f "%e s" -o $G/time_${arm}_s$s.txt $S train recipes/demo_dinov3.yaml data.train=$E/fmnist \
-        data.val=$E/fmnist seed=$s train.epochs=10 train.keep_last=20 $extra output_dir=$G/runs run_name=${arm}_s$s \
+        data.val=$E/fmnist seed=$s train.epochs=10 train.keep_last=20 "${extra[@]}" output_dir=$G/runs \
+        run_name=${arm}_s$s \
         --resume auto > $G/${arm}_s$s.log 2>&1
       $S export $run > /dev/null 2>&1; }
   done

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -69,6 +69,8 @@ class DINOv2Config(TeacherStudentConfig):
     `dinov2.loss` (one teacher temperature for CLS and patches, as in the official code). LayerScale and registers
     are timm arguments (`model.kwargs: {init_values: 1.0e-5, reg_tokens: 4}`)."""
 
+    key: ClassVar[str] = "dinov2"
+
     head: DINOv2HeadConfig = Field(default_factory=DINOv2HeadConfig)
     loss: DINOv2LossConfig = Field(default_factory=DINOv2LossConfig)
 
@@ -104,6 +106,21 @@ class DINOv2Config(TeacherStudentConfig):
             raise ValueError(f"dinov2.mask_sample_probability must be in (0, 1], got {self.mask_sample_probability}")
         if self.sinkhorn_iterations < 1:
             raise ValueError(f"dinov2.sinkhorn_iterations must be >= 1, got {self.sinkhorn_iterations}")
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_unread(self) -> "DINOv2Config":
+        """The centre momenta are read by softmax centering only, the Sinkhorn iterations by Sinkhorn-Knopp only,
+        the `ibot_*` head sizes with a separate patch head only."""
+        key = self.key
+        if self.centering == "sinkhorn_knopp":
+            self.loss.refuse_unread_values(f"{key}.loss", dict.fromkeys(
+                ("center_momentum", "center_momentum2"), f"{key}.centering=sinkhorn_knopp (no centre)"))
+        else:
+            self.refuse_unread_values(key, {"sinkhorn_iterations": f"{key}.centering=softmax"})
+        if not self.separate_head:
+            self.refuse_unread_values(key, dict.fromkeys(("ibot_hidden_dim", "ibot_bottleneck_dim", "ibot_nlayers"),
+                                                         f"{key}.separate_head=false (the CLS head maps the patches)"))
         return self
 
 

@@ -19,7 +19,7 @@ official `update_gram(m=0)`), never loaded from a separate checkpoint (`model.in
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,18 @@ class GramConfig(Section):
 class DINOv3Config(DINOv2Config):
     """`dinov3:` in a recipe: DINOv2's section plus `gram`."""
 
+    key: ClassVar[str] = "dinov3"
+
     gram: GramConfig = Field(default_factory=GramConfig)
+
+    @model_validator(mode="after")
+    def _gram_keys_need_gram(self) -> "DINOv3Config":
+        """Without Gram anchoring (weight 0) no other `gram` key is read; the run without it, beside a recipe that
+        sets them: `'dinov3.gram={weight: 0}'`."""
+        if self.gram.weight == 0:
+            self.gram.refuse_unread_values("dinov3.gram", dict.fromkeys(
+                (k for k in GramConfig.model_fields if k != "weight"), "dinov3.gram.weight=0 (no Gram anchoring)"))
+        return self
 
     @model_validator(mode="after")
     def _plain_last_layer(self) -> "DINOv3Config":

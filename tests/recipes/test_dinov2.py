@@ -373,6 +373,25 @@ def test_shared_head_and_softmax_centering_in_the_recipe(digits_shards: Path):
     assert recipe.loss.center.abs().sum() > 0 and recipe.loss.center2.abs().sum() > 0, "the centres moved"
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (["dinov2.loss.center_momentum=0.8"], r"'dinov2.loss.center_momentum' = 0.8 is not read with "
+                                          r"dinov2.centering=sinkhorn_knopp"),
+    (["dinov2.centering=softmax", "dinov2.sinkhorn_iterations=5"],
+     r"'dinov2.sinkhorn_iterations' = 5 is not read with dinov2.centering=softmax"),
+    (["dinov2.separate_head=false", "dinov2.ibot_nlayers=2"],
+     r"'dinov2.ibot_nlayers' = 2 is not read with dinov2.separate_head=false"),
+])
+def test_dinov2_keys_its_settings_leave_unread_are_refused(overrides: list[str], match: str) -> None:
+    from sslpipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(RECIPES / "demo_dinov2.yaml", ["data.train=x", *overrides])
+    # the settings that read them
+    cfg = load_config(RECIPES / "demo_dinov2.yaml", ["data.train=x", "dinov2.centering=softmax",
+                                                     "dinov2.loss.center_momentum=0.8", "dinov2.ibot_nlayers=2"])
+    assert cfg.dinov2.loss.center_momentum == 0.8 and cfg.dinov2.ibot_nlayers == 2
+
+
 def test_sqrt_lr_rule_of_dinov2():
     base = {"method": "dinov2", "data": {"train": "x", "batch_size": 64}, "train": {"epochs": 3},
             "optim": {"lr": 4e-3, "lr_scaling": "sqrt_wrt_1024"}}

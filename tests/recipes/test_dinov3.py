@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from helpers import REPO
 from safetensors.torch import load_file
 
+from sslpipe.config import ConfigError
 from sslpipe.engine.schedules import Schedules
 from sslpipe.models.backbones import MaskedViT, create_backbone
 from sslpipe.recipes import load_config
@@ -103,7 +104,9 @@ def test_gram_anchoring_pulls_the_student_towards_the_gram_teachers_structure(di
     recipe = _recipe(digits_shards, "dinov3.gram.load_at=0", "dinov3.gram.high_res=2.0")
     loss, metrics = recipe.step(next(iter(recipe.train_loader(0, 0, 1))), {"teacher_temp": 0.04, "it": 0})
     assert torch.isfinite(loss) and metrics["loss_gram"] >= 0
-    off = _recipe(digits_shards, "dinov3.gram.weight=0")
+    with pytest.raises(ConfigError, match=r"'dinov3.gram.load_at' = 200 is not read with dinov3.gram.weight=0"):
+        _recipe(digits_shards, "dinov3.gram.weight=0")  # the demo sets the other gram keys: unread without it
+    off = _recipe(digits_shards, "dinov3.gram={weight: 0}")
     _, metrics = off.step(next(iter(off.train_loader(0, 0, 1))), {"teacher_temp": 0.04, "it": 0})
     assert "loss_gram" not in metrics
     with pytest.raises(ValueError, match="set dinov3.gram.img_level=false"):
