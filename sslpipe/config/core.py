@@ -65,7 +65,7 @@ class Section(BaseModel):
             if value == default:
                 continue
             saved = SAVED_READ.get()
-            if saved is None or any(o.endswith(f"{prefix}.{key}") for o in saved.overridden):
+            if saved is None or saved.overrides(f"{prefix}.{key}"):
                 raise ValueError(f"key '{prefix}.{key}' = {value!r} is not read with {why}: remove it (or change "
                                  f"{why.split('=')[0]})")
             self.__dict__[key] = default  # not through validate_assignment: the section is being validated
@@ -79,6 +79,13 @@ class SavedRead:
 
     overridden: frozenset[str]
     dropped: list[str] = dataclass_field(default_factory=list)
+
+    def overrides(self, dotted: str) -> bool:
+        """Whether the command line set the key `dotted` or a section above it (`'crops={...}'`); a `*` segment
+        stands for any one (`*.qscore.eps`: the Q-score section of whichever method holds it)."""
+        key = dotted.split(".")
+        return any(len(given) <= len(key) and all(k in ("*", g) for k, g in zip(key, given))
+                   for given in (item.split(".") for item in self.overridden))
 
 
 SAVED_READ: ContextVar[SavedRead | None] = ContextVar("sslpipe_saved_read", default=None)

@@ -10,8 +10,8 @@ batch is then augmented in a handful of batched ops on the device:
 - crop + antialiased bicubic resize per crop (one small kernel each; float on CUDA, whose bicubic-AA has no uint8
   kernel), rounded to uint8 levels like the CPU path;
 - flip, ColorJitter's four adjustments in each crop's own random order (16 masked batched ops: position x op),
-  grayscale, per-crop Gaussian blur (one grouped separable convolution with per-crop kernels, the fast path's
-  `crop_params.blur_kernel`, reflect-101 borders), solarize; levels clamped and rounded after each step as uint8
+  grayscale, per-crop Gaussian blur (grouped separable convolutions with per-crop kernels, PIL's passes as the fast
+  path's `pil_blur`), solarize; levels clamped and rounded after each step as uint8
   arithmetic does;
 - normalisation.
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from sslpipe.data.crop_params import GRAY_WEIGHTS, P, blur_kernel
+from sslpipe.data.crop_params import BLUR_PASSES, GRAY_WEIGHTS, P, blur_box
 from sslpipe.data.fast_views import FastMultiCropTransform, as_array, normalize_levels_
 
 
@@ -87,29 +87,28 @@ def _jitter_op(op: int, x: Tensor, factor: Tensor) -> Tensor:
     return _levels(_hsv_to_rgb((h + f.view(-1, 1, 1)) % 1.0, s, v) * 255)
 
 
-def _reflect101(n: int, r: int, device: torch.device) -> Tensor:
-    """Indices of positions -r .. n-1+r reflected into [0, n) without repeating the edge (OpenCV's BORDER_REFLECT_101,
-    for any r: a kernel may be wider than a small crop)."""
-    i = torch.arange(-r, n + r, device=device)
-    if n == 1:
-        return torch.zeros_like(i)
-    period = 2 * (n - 1)
-    i = i.abs() % period
-    return torch.where(i >= n, period - i, i)
+def _clamped(n: int, r: int, device: torch.device) -> Tensor:
+    """Indices of positions -r .. n-1+r clamped into [0, n) (PIL's border: the edge pixel repeated)."""
+    return torch.arange(-r, n + r, device=device).clamp_(0, n - 1)
 
 
 def _gaussian_blur(x: Tensor, host_sigma: np.ndarray) -> Tensor:
-    """Per-crop Gaussian blur (sigma > 0), the fast path's kernel (`crop_params.blur_kernel`) with reflect-101
-    borders. `host_sigma`: the sigmas on the host, where the kernels are made (not read back from the device)."""
+    """Per-crop Gaussian blur (sigma > 0) as the fast path's `pil_blur`: BLUR_PASSES passes of each crop's box
+    (`crop_params.blur_box`) along the rows, then the columns, each rounded to uint8 levels, borders clamped.
+    `host_sigma`: the sigmas on the host, where the kernels are made (not read back from the device)."""
     n, c, height, width = x.shape
-    kernels = [blur_kernel(float(s)) for s in host_sigma]
-    r = max(len(k) for k in kernels) // 2
-    padded = np.stack([np.pad(k, r - len(k) // 2) for k in kernels])  # (n, 2r+1), centred
+    boxes = [blur_box(float(s)) for s in host_sigma]
+    r = max(len(k) for k in boxes) // 2
+    padded = np.stack([np.pad(k, r - len(k) // 2) for k in boxes])  # (n, 2r+1), centred
     kernel = _to_device(padded, x.device).to(x.dtype).repeat_interleave(c, dim=0)  # (n*c, 2r+1)
     y = x.reshape(1, n * c, height, width)
-    y = F.conv2d(y.index_select(3, _reflect101(width, r, x.device)), kernel.view(n * c, 1, 1, -1), groups=n * c)
-    y = F.conv2d(y.index_select(2, _reflect101(height, r, x.device)), kernel.view(n * c, 1, -1, 1), groups=n * c)
-    return _levels(y.reshape(n, c, height, width))
+    for _ in range(BLUR_PASSES):
+        y = _levels(F.conv2d(y.index_select(3, _clamped(width, r, x.device)), kernel.view(n * c, 1, 1, -1),
+                             groups=n * c))
+    for _ in range(BLUR_PASSES):
+        y = _levels(F.conv2d(y.index_select(2, _clamped(height, r, x.device)), kernel.view(n * c, 1, -1, 1),
+                             groups=n * c))
+    return y.reshape(n, c, height, width)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> Tensor:

@@ -11,7 +11,7 @@ rule `optim.lr_scaling: sqrt_wrt_1024`, layer-wise lr decay and the patch-embedd
 
 Deviations from the official code:
 - augmentation: the published multi-crop (global crop 1 blurred with p 1, crop 2 with p 0.1 + solarize 0.2, local
-  crops p 0.5, a Gaussian of variance sigma^2 as PIL's). The official `GaussianBlur` passes 1 - p to `RandomApply`,
+  crops p 0.5, PIL's blur kernel). The official `GaussianBlur` passes 1 - p to `RandomApply`,
   so its global crops are blurred with p 0 and 0.9 (dinov2 PR #411), with a 9-pixel torchvision kernel;
 - gradient clipping (`optim.clip_mode: global`, 3.0): one norm over the whole student; the official code clips
   the backbone and each head by its own norm;

@@ -94,7 +94,7 @@ class QScoreConfig(Section):
             default = type(self).model_fields[key].get_default(call_default_factory=True)
             if value == default:
                 continue
-            if saved is not None and not any(o.endswith(f"qscore.{key}") for o in saved.overridden):
+            if saved is not None and not saved.overrides(f"*.qscore.{key}"):
                 self.__dict__[key] = default  # a run's saved config (`Section.refuse_unread_values`)
                 saved.dropped.append(f"qscore.{key} = {value!r} (not read with qscore.{why})")
                 continue

@@ -252,6 +252,9 @@ def test_a_runs_saved_config_drops_what_it_never_read_where_a_recipe_is_refused(
     assert "written by an earlier sslpipe; dropped what this run's settings never read: crops.local_size = 12" in notice
     with pytest.raises(ConfigError, match=r"'crops.local_size' = 12 is not read with crops.n_local=0"):
         load_config(run / "config.yaml", ["crops.local_size=12"])
+    with pytest.raises(ConfigError, match=r"'crops.local_size' = 16 is not read with crops.n_local=0"):
+        load_config(run / "config.yaml", ["crops={global_size: 28, n_local: 0, local_size: 16}"])  # a section
+    assert load_config(run / "config.yaml", ["data.train=y"]).data.train == "y"  # other keys: still dropped
     with pytest.raises(ConfigError, match=r"'crops.local_size' = 12 is not read with crops.n_local=0"):
         load_config(write(tmp_path, yaml.safe_dump(data), "config.yaml"))  # no run beside it: a recipe
     simclr = yaml.safe_load((REPO / "recipes/demo_simclr_qscore.yaml").read_text())
@@ -260,6 +263,8 @@ def test_a_runs_saved_config_drops_what_it_never_read_where_a_recipe_is_refused(
     (run / "config.yaml").write_text(yaml.safe_dump(simclr))
     assert load_config(run / "config.yaml").simclr.qscore.version == "v2"
     assert "qscore.version = 'v1' (not read with qscore.enabled=false)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"simclr.qscore.eps"):
+        load_config(run / "config.yaml", ["simclr.qscore={enabled: false, eps: 5.0}"])
 
 
 def test_a_knn_crop_larger_than_its_resize_is_refused_at_load(tmp_path: Path) -> None:

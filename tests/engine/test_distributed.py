@@ -1,5 +1,5 @@
-"""Two real processes over gloo: the DINO and iBOT centres are updated with the all-reduced batch mean, so both ranks
-hold the same centre, equal to the formula on the concatenated global batch."""
+"""Two real processes over gloo: the DINO, iBOT and DINOv2 centres are updated with the all-reduced batch mean (DINOv2's
+patch centre: the mean of the processes' means), so both ranks hold the same centre, equal to the official formula."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from helpers import child_env
 
 from sslpipe.losses.dino import DINOLoss
+from sslpipe.losses.dinov2 import DINOv2Loss
 from sslpipe.losses.ibot import IBOTLoss
 
 
@@ -31,6 +32,14 @@ def _batches(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.randn(6, 5, generator=g), torch.randn(4, 7, generator=g), torch.randn(4, 3, 7, generator=g)
 
 
+def _masked(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8 masked patch rows of a rank with its padding weights: 3 counted on rank 0, 6 on rank 1."""
+    g = torch.Generator().manual_seed(200 + rank)
+    weight = torch.zeros(8)
+    weight[: 3 + 3 * rank] = 1.0
+    return torch.randn(8, 7, generator=g), weight
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -42,7 +51,15 @@ def _worker(rank: int, port: int, out: str) -> None:
     ibot = IBOTLoss(7, 7, n_global=2, n_local=0, center_momentum=0.9, center_momentum2=0.9)
     ibot.record_center(ibot_cls, ibot_patch)
     ibot.update_center()
-    torch.save({"dino": dino.center, "cls": ibot.center, "patch": ibot.center2}, f"{out}/rank{rank}.pt")
+    # DINOv2's patch centre: the mean of each process's mean masked row (official ibot_patch_loss.py), the ranks
+    # holding 3 and 6 masked rows (weights 0: padding), over two batches of a step
+    v2 = DINOv2Loss(5, 7, n_global=2, n_local=0, centering="softmax")
+    rows, weight = _masked(rank)
+    v2.record_center(dino_teacher[:3], rows[:4], weight[:4])
+    v2.record_center(dino_teacher[3:], rows[4:], weight[4:])
+    v2.update_center()
+    torch.save({"dino": dino.center, "cls": ibot.center, "patch": ibot.center2, "v2_cls": v2.center,
+                "v2_patch": v2.center2}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -58,6 +75,10 @@ def test_centres_are_all_reduced_means(tmp_path) -> None:
         torch.testing.assert_close(got["cls"], 0.1 * cls_mean)
         torch.testing.assert_close(got["patch"], 0.1 * patch_mean)
     assert not torch.allclose(0.1 * both[0][0].mean(0, keepdim=True), ranks[0]["dino"]), "not the local mean"
+    per_rank = [rows[weight > 0].mean(0) for rows, weight in map(_masked, range(2))]
+    for got in ranks:
+        torch.testing.assert_close(got["v2_cls"], 0.1 * dino_mean)
+        torch.testing.assert_close(got["v2_patch"].view(-1), 0.1 * (per_rank[0] + per_rank[1]) / 2)
 
 
 @pytest.mark.slow
