@@ -53,7 +53,8 @@ class IBOTLoss(nn.Module):
                 masks_weight: Tensor | None = None) -> dict[str, Tensor]:
         """All view tensors crop-major (crop 0 of every image, then crop 1, ...):
 
-        student_cls / teacher_cls (n_global*B, K); student_patch / teacher_patch (n_global*B, N, Kp);
+        student_cls / teacher_cls (n_global*B, K); student_patch / teacher_patch (n_global*B, N, Kp), or
+        student_patch as the (M, Kp) rows at ``mask_indices`` (what `IBOTHead` computes with them);
         masks bool (n_global*B, Hp, Wp) or (n_global*B, N), True = masked; student_local_cls (n_local*B, K) or None
         when n_local == 0; mask_indices (M,) and masks_weight (M,) as the loader computes them from ``masks``
         (`sslpipe.data.collate.mask_batch_fields`: the masked positions of the flattened (n_global*B*N) patches and
@@ -62,9 +63,14 @@ class IBOTLoss(nn.Module):
         unweighted ``cls`` and ``patch``.
         """
         G = self.n_global
-        GB, N = student_patch.shape[:2]
+        GB, N = teacher_patch.shape[:2]
         B = GB // G
-        if GB % G or teacher_cls.shape[0] != GB or student_cls.shape[0] != GB or teacher_patch.shape[:2] != (GB, N):
+        rows = student_patch.dim() == 2  # the masked rows only (`IBOTHead` with mask_indices)
+        if rows and mask_indices is None:
+            raise ValueError("IBOTLoss: student_patch holds masked rows only; pass the mask_indices they were taken at")
+        if (GB % G or teacher_cls.shape[0] != GB or student_cls.shape[0] != GB
+                or (not rows and student_patch.shape[:2] != (GB, N))
+                or (rows and student_patch.shape[0] != mask_indices.shape[0])):
             raise ValueError(f"IBOTLoss: inconsistent shapes student_cls {tuple(student_cls.shape)}, student_patch "
                              f"{tuple(student_patch.shape)}, teacher_cls {tuple(teacher_cls.shape)}, teacher_patch "
                              f"{tuple(teacher_patch.shape)} for {G} global crops")
@@ -86,7 +92,7 @@ class IBOTLoss(nn.Module):
             fields = mask_batch_fields(masks.reshape(GB, N))
             mask_indices, masks_weight = fields["mask_indices"], fields["masks_weight"]
         t_rows = teacher_patch.flatten(0, 1).index_select(0, mask_indices).float()
-        s_rows = student_patch.flatten(0, 1).index_select(0, mask_indices).float()
+        s_rows = (student_patch if rows else student_patch.flatten(0, 1).index_select(0, mask_indices)).float()
         t_p = F.softmax((t_rows - self.center2[0]) / teacher_patch_temp, dim=-1).detach()
         s_p = F.log_softmax(s_rows / self.student_temp, dim=-1)
         ce = -(t_p * s_p).sum(dim=-1)  # (#masked,)

@@ -106,8 +106,9 @@ class IBOTHead(nn.Module):
 
         Prefix tokens other than the CLS token (registers) get no output. With ``mask_indices`` (M,), the masked
         positions in the flattened (B * N) patches (`sslpipe.data.collate.mask_batch_fields`), patch logits are
-        computed only there and are 0 elsewhere: the student's MIM term reads only masked positions, so this skips
-        most of the patch head's work (an optimisation the official code does not make; the loss is unchanged).
+        computed only there and returned as those rows, (M, Kp): the student's MIM term reads only masked positions,
+        so this skips most of the patch head's work (an optimisation the official code does not make; the loss is
+        unchanged), and no (B * N, Kp) tensor is filled and scattered into (about 20 ms of a 620 ms CPU step, measured).
         """
         if tokens.dim() != 3 or tokens.shape[1] <= num_prefix_tokens:
             raise ValueError(f"IBOTHead expects tokens (B, P+N, D) with N > 0 and P={num_prefix_tokens}, "
@@ -118,9 +119,7 @@ class IBOTHead(nn.Module):
             return self.last_layer(x[:, 0]), self.last_layer2(x[:, 1:])
         cls_logits = self.forward_cls(tokens[:, 0])
         flat = patches.flatten(0, 1)
-        selected = self.last_layer2(F.normalize(self.mlp(flat.index_select(0, mask_indices)), dim=-1, p=2))
-        patch_logits = selected.new_zeros(flat.shape[0], selected.shape[-1]).index_copy(0, mask_indices, selected)
-        return cls_logits, patch_logits.unflatten(0, patches.shape[:2])
+        return cls_logits, self.last_layer2(F.normalize(self.mlp(flat.index_select(0, mask_indices)), dim=-1, p=2))
 
 
 def cancel_last_layer_gradients(module: nn.Module) -> None:

@@ -179,7 +179,7 @@ class IBOTRecipe(MultiCropRecipe):
                 center=self.loss.center, teacher_temp=sched["teacher_temp"],
                 student_temp=self.section.loss.student_temp,
                 teacher_patch=teacher_patch.float(),
-                student_patch=student_patch.detach().flatten(0, 1).index_select(0, indices).float(),
+                student_patch=student_patch.detach().float(),  # the masked rows (IBOTHead with mask_indices)
                 center2=self.loss.center2, teacher_patch_temp=sched["teacher_patch_temp"], masks=flat_masks,
             ))
             metrics.update(embedding_health(teacher=teacher_feats, student=student_feats.detach()))

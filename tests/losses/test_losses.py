@@ -7,6 +7,7 @@ import torch
 from lightly.loss import DINOLoss as LightlyDINOLoss
 from lightly.loss import IBOTPatchLoss
 
+from sslpipe.data.collate import mask_batch_fields
 from sslpipe.losses import DINOLoss, IBOTLoss, health_metrics
 from sslpipe.losses.health import embed_std, embedding_health, rankme
 
@@ -160,6 +161,15 @@ def test_ibot_loss_matches_hand_computed():
     assert out["cls"].item() == pytest.approx(want_cls, rel=1e-5)
     assert out["patch"].item() == pytest.approx(want_patch, rel=1e-5)
     assert out["loss"].item() == pytest.approx(0.7 * want_cls + 1.3 * want_patch, rel=1e-5)
+    # the student's masked rows only, as IBOTHead gives them with mask_indices: the same loss
+    fields = mask_batch_fields(d["masks"].reshape(G * B, N))
+    rows = d["s_patch"].flatten(0, 1)[fields["mask_indices"]]
+    same = loss_fn(d["s_cls"], rows, d["t_cls"], d["t_patch"], d["masks"], teacher_temp=tt, teacher_patch_temp=tpt,
+                   student_local_cls=d["s_loc"], mask_indices=fields["mask_indices"])
+    assert same["patch"].item() == pytest.approx(want_patch, rel=1e-5)
+    with pytest.raises(ValueError, match="pass the mask_indices"):
+        loss_fn(d["s_cls"], rows, d["t_cls"], d["t_patch"], d["masks"], teacher_temp=tt, teacher_patch_temp=tpt,
+                student_local_cls=d["s_loc"])
 
 
 def test_ibot_centres():
