@@ -60,16 +60,24 @@ class Section(BaseModel):
         While a run's own saved config is read (`SAVED_READ`), such a value is put back to the default and listed
         instead: the run was made, and the key changed nothing in it."""
         for key, why in unread.items():
-            value = getattr(self, key)
-            default = type(self).model_fields[key].get_default(call_default_factory=True)
-            if value == default:
-                continue
-            saved = SAVED_READ.get()
-            if saved is None or saved.overrides(f"{prefix}.{key}"):
-                raise ValueError(f"key '{prefix}.{key}' = {value!r} is not read with {why}: remove it (or change "
-                                 f"{why.split('=')[0]})")
-            self.__dict__[key] = default  # not through validate_assignment: the section is being validated
-            saved.dropped.append(f"{prefix}.{key} = {value!r} (not read with {why})")
+            if self.unread_value_stays(key, f"{prefix}.{key}", why):
+                raise ValueError(f"key '{prefix}.{key}' = {getattr(self, key)!r} is not read with {why}: remove it "
+                                 f"(or change {why.split('=')[0]})")
+
+    def unread_value_stays(self, key: str, dotted: str, why: str) -> bool:
+        """Whether `key` (the section's; `dotted` names it, a `*` segment for any one) holds a value its settings
+        leave unread (`why`) that must be refused: a non-default value, unless a run's own saved config is read
+        (`SAVED_READ`) and no override set it, in which case it is put back to the default and listed."""
+        value = getattr(self, key)
+        default = type(self).model_fields[key].get_default(call_default_factory=True)
+        saved = SAVED_READ.get()
+        if value == default:
+            return False
+        if saved is None or saved.overrides(dotted):
+            return True
+        self.__dict__[key] = default  # not through validate_assignment: the section is being validated
+        saved.dropped.append(f"{dotted.removeprefix('*.')} = {value!r} (not read with {why})")
+        return False
 
 
 @dataclass

@@ -12,7 +12,6 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from sslpipe.config import Section
-from sslpipe.config.core import SAVED_READ
 
 
 class HeadConfig(Section):
@@ -88,18 +87,12 @@ class QScoreConfig(Section):
             unread = dict.fromkeys(V2_KEYS, "version=v1 (read only by v2)")
         else:
             unread = dict.fromkeys(V1_KEYS, "version=v2 (read only by v1)")
-        errors, saved = [], SAVED_READ.get()
+        errors = []
         for key, why in unread.items():
-            value = getattr(self, key)
-            default = type(self).model_fields[key].get_default(call_default_factory=True)
-            if value == default:
-                continue
-            if saved is not None and not saved.overrides(f"*.qscore.{key}"):
-                self.__dict__[key] = default  # a run's saved config (`Section.refuse_unread_values`)
-                saved.dropped.append(f"qscore.{key} = {value!r} (not read with qscore.{why})")
-                continue
-            problem = ValueError(f"not read with qscore.{why}: remove it (or change qscore.{why.split('=')[0]})")
-            errors.append({"type": "value_error", "loc": (key,), "input": value, "ctx": {"error": problem}})
+            if self.unread_value_stays(key, f"*.qscore.{key}", f"qscore.{why}"):
+                problem = ValueError(f"not read with qscore.{why}: remove it (or change qscore.{why.split('=')[0]})")
+                errors.append({"type": "value_error", "loc": (key,), "input": getattr(self, key),
+                               "ctx": {"error": problem}})
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
