@@ -384,6 +384,21 @@ class RunConfig(Section):
         return self
 
 
+    @model_validator(mode="after")
+    def _local_crops_are_smaller(self) -> "RunConfig":
+        """Local crops larger than the global ones are a recipe mistake (e.g. `crops.n_local=4` on a 28-px recipe
+        that leaves local_size at its published 96): refused, except in a run's own saved config, which trained so."""
+        crops, unread, saved = self.crops, type(self).unread, SAVED_READ.get()
+        keys = ("crops.n_local", "crops.local_size", "crops.global_size")
+        if crops.n_local == 0 or crops.local_size <= crops.global_size or any(key in unread for key in keys):
+            return self
+        if saved is not None and not any(saved.overrides(key) for key in keys):
+            return self
+        raise ValueError(f"crops.local_size={crops.local_size} is larger than crops.global_size={crops.global_size} "
+                         f"with crops.n_local={crops.n_local}: local crops are the small views (published 96 beside "
+                         "224); set crops.local_size below the global size, or crops.n_local=0")
+
+
 CORE_SECTIONS = ("data", "crops", "model", "optim", "train", "tracking", "eval")
 
 

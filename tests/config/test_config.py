@@ -287,7 +287,8 @@ def test_crops_that_are_not_made_are_not_checked_against_the_patch(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"key 'crops.local_scale' = \(0.1, 0.4\) is not read with crops.n_local=0"):
         load_config(write(tmp_path, MINIMAL), ["crops.n_local=0", "crops.local_scale=[0.1,0.4]"])
     assert load_config(write(tmp_path, MINIMAL + "model: {patch_size: 4}\ncrops: {global_size: 16, n_local: 0}\n"))
-    assert load_config(write(tmp_path, MINIMAL), ["model.patch_size=null", "crops.global_size=18"])  # a CNN
+    assert load_config(write(tmp_path, MINIMAL), ["model.patch_size=null", "crops.global_size=18",
+                                                   "crops.local_size=9"])  # a CNN
     with pytest.raises(ConfigError, match="dinov3.gram.refresh_every"):
         load_config(REPO / "recipes/demo_dinov3.yaml", ["dinov3.gram.refresh_every=0"])
 
@@ -395,3 +396,27 @@ def test_a_section_check_prints_its_message_not_the_section(tmp_path: Path) -> N
         load_config(REPO / "recipes/demo_dinov2.yaml", ["dinov2.sinkhorn_iterations=0"])
     assert str(err.value).endswith(": dinov2.sinkhorn_iterations must be >= 1, got 0")
     assert "koleo" not in str(err.value)
+
+
+def test_local_crops_larger_than_the_global_ones_are_refused_but_a_saved_run_still_loads(tmp_path: Path) -> None:
+    """`crops.n_local=4` on a 28-px recipe leaves local_size at 96: refused naming both sizes. SimCLR reads no local
+    crops and is let through; a run's own saved config that trained so still loads."""
+    recipe = yaml.safe_load((REPO / "recipes/demo_dinov2.yaml").read_text())
+    recipe["data"]["train"] = "x"
+    path = write(tmp_path, yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=r"crops.local_size=96 is larger than crops.global_size=28 with "
+                                          r"crops.n_local=4"):
+        load_config(path, ["crops.n_local=4"])
+    assert load_config(path, ["crops.n_local=4", "crops.local_size=12"]).crops.local_size == 12
+    with pytest.raises(ConfigError, match=r"crops.local_size=32 is larger than crops.global_size=28"):
+        load_config(path, ["crops.n_local=2", "crops.local_size=32"])
+    assert load_config(path, ["crops.n_local=2", "crops.local_size=28"]).crops.n_local == 2  # equal: let through
+    simclr = load_config(write(tmp_path, "method: simclr\ndata: {train: x}\ncrops: {global_size: 32}\n", "s.yaml"))
+    assert simclr.crops.local_size == 96 and simclr.crops.n_local == 10  # defaults SimCLR never reads
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    recipe["crops"]["n_local"] = 4
+    (run / "config.yaml").write_text(yaml.safe_dump(recipe))
+    assert load_config(run / "config.yaml").crops.n_local == 4  # the run trained so: it resumes
+    with pytest.raises(ConfigError, match=r"crops.local_size=96 is larger"):
+        load_config(run / "config.yaml", ["crops.n_local=6"])
