@@ -54,8 +54,10 @@ class DINOv2HeadConfig(HeadConfig):
 
 
 class DINOv2LossConfig(TeacherLossConfig):
-    """Plus the patch centre's momentum (softmax centering)."""
+    """Plus the patch centre's momentum (softmax centering); the temperature warms up per iteration (the official
+    `CosineScheduler` over warmup_teacher_temp_epochs x the epoch length)."""
 
+    temp_per_epoch: ClassVar[bool] = False
     center_momentum2: float = Field(0.9, ge=0, le=1)
 
 

@@ -17,7 +17,6 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from sslpipe.config import Section
-from sslpipe.curves import warmed_up
 from sslpipe.data.masking import MaskGenerator
 from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.losses.ibot import IBOTLoss
@@ -25,7 +24,7 @@ from sslpipe.models.backbones import MaskedViT
 from sslpipe.models.ema import disable_dropout
 from sslpipe.models.heads import IBOTHead
 from sslpipe.models.packed_crops import crop_tokens
-from sslpipe.recipes.multicrop import MultiCropRecipe
+from sslpipe.recipes.multicrop import MultiCropRecipe, temperature_warmup
 from sslpipe.recipes.sections import HeadConfig, TeacherLossConfig, TeacherStudentConfig
 
 
@@ -149,12 +148,11 @@ class IBOTRecipe(MultiCropRecipe):
 
     def schedule(self, it: int, steps_per_epoch: int, total: int) -> dict[str, float]:
         """Plus the patch temperature, held at its warm-up value for `masking.pred_start_epoch` epochs and only then
-        warmed up (iBOTLoss; the CLS temperature starts at once)."""
+        warmed up (iBOTLoss's `teacher_temp2_schedule`, per epoch; the CLS temperature starts at once)."""
         lo = self.section.loss
-        return super().schedule(it, steps_per_epoch, total) | {"teacher_patch_temp": warmed_up(
-            it, lo.warmup_teacher_patch_temp, lo.teacher_patch_temp,
-            int(round(lo.warmup_teacher_temp_epochs * steps_per_epoch)),
-            delay=int(round(self.section.masking.pred_start_epoch * steps_per_epoch)))}
+        return super().schedule(it, steps_per_epoch, total) | {"teacher_patch_temp": temperature_warmup(
+            lo, it, steps_per_epoch, lo.warmup_teacher_patch_temp, lo.teacher_patch_temp,
+            delay_epochs=self.section.masking.pred_start_epoch)}
 
     def step(self, batch: dict[str, Any], sched: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         global_crops, local_crops = self.crops_on_device(batch)

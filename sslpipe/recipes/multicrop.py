@@ -30,7 +30,7 @@ from sslpipe.models.heads import cancel_last_layer_gradients
 from sslpipe.models.packed_crops import CropAttention
 from sslpipe.recipes.base import Recipe, continued_normalisation_notes, shard_reading
 from sslpipe.recipes.knn_eval import periodic_knn
-from sslpipe.recipes.sections import QScoreConfig, TeacherStudentConfig
+from sslpipe.recipes.sections import QScoreConfig, TeacherLossConfig, TeacherStudentConfig
 from sslpipe.weights.sharded_state import load_whole
 from sslpipe.weights.state_dict import without_aliases
 
@@ -82,14 +82,23 @@ def split_decay_groups(module: nn.Module) -> list[dict[str, Any]]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
 
 
+def temperature_warmup(loss: TeacherLossConfig, it: int, steps_per_epoch: int, start: float, end: float,
+                       delay_epochs: int = 0) -> float:
+    """A teacher temperature warmed up from `start` to `end` over `loss.warmup_teacher_temp_epochs` after
+    `delay_epochs`: DINO's and iBOT's official `np.linspace(start, end, warmup_epochs)[epoch]` (once per epoch,
+    `loss.temp_per_epoch`), DINOv2's linspace over the warm-up's iterations otherwise."""
+    if loss.temp_per_epoch:
+        return warmed_up(it // steps_per_epoch, start, end, int(loss.warmup_teacher_temp_epochs), delay=delay_epochs)
+    return warmed_up(it, start, end, int(round(loss.warmup_teacher_temp_epochs * steps_per_epoch)),
+                     delay=delay_epochs * steps_per_epoch)
+
+
 def teacher_schedule(section: TeacherStudentConfig, it: int, steps_per_epoch: int, total: int) -> dict[str, float]:
     """The EMA momentum (cosine from `momentum_teacher` to `momentum_teacher_end`), the teacher temperature
-    (linear warm-up over `loss.warmup_teacher_temp_epochs`, per iteration where iBOT moves it per epoch: both reach
-    the final value when the warm-up ends) and whether the last layer is still frozen (`last_layer_frozen`)."""
+    (`temperature_warmup`) and whether the last layer is still frozen (`last_layer_frozen`)."""
     lo = section.loss
     return {"momentum": cosine_schedule(it, section.momentum_teacher, section.momentum_teacher_end, total),
-            "teacher_temp": warmed_up(it, lo.warmup_teacher_temp, lo.teacher_temp,
-                                      int(round(lo.warmup_teacher_temp_epochs * steps_per_epoch))),
+            "teacher_temp": temperature_warmup(lo, it, steps_per_epoch, lo.warmup_teacher_temp, lo.teacher_temp),
             "last_layer_frozen": float(it < int(round(section.freeze_last_layer_epochs * steps_per_epoch)))}
 
 

@@ -7,9 +7,9 @@ their recipes (recipes/dino_vit_small.yaml, recipes/dinov2_vit_small.yaml).
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from sslpipe.config import Section
 
@@ -27,13 +27,25 @@ class HeadConfig(Section):
 
 class TeacherLossConfig(Section):
     """Sharpening and centring of the teacher: student temperature, teacher temperature warmed up linearly from
-    `warmup_teacher_temp` over `warmup_teacher_temp_epochs`, centre momentum."""
+    `warmup_teacher_temp` over `warmup_teacher_temp_epochs`, centre momentum.
 
+    `temp_per_epoch`: DINO's and iBOT's official losses index `np.linspace(warmup, final, warmup_epochs)` by the
+    epoch, so the warm-up is a whole number of epochs; DINOv2 (its subclass) moves the temperature per iteration."""
+
+    temp_per_epoch: ClassVar[bool] = True
     student_temp: float = Field(0.1, gt=0)
     warmup_teacher_temp: float = Field(0.04, gt=0)
     teacher_temp: float = Field(0.07, gt=0)
     warmup_teacher_temp_epochs: float = Field(30, ge=0)
     center_momentum: float = Field(0.9, ge=0, le=1)
+
+    @field_validator("warmup_teacher_temp_epochs")
+    @classmethod
+    def _whole_epochs_when_per_epoch(cls, value: float) -> float:
+        if cls.temp_per_epoch and not float(value).is_integer():
+            raise ValueError(f"{value} is not a whole number of epochs: this method moves the teacher temperature "
+                             "once per epoch (its official loss); use an integer")
+        return value
 
 
 def _percentile_band(value: tuple[float, float]) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from helpers import child_env
 from safetensors.torch import load_file
 
-from sslpipe.config import RunConfig
+from sslpipe.config import ConfigError, RunConfig
 from sslpipe.engine.optim import clip_gradients_per_tensor
 from sslpipe.engine.schedules import Schedules
 from sslpipe.engine.tracking import resolve_wandb_mode, tracker_setup
@@ -89,9 +89,8 @@ def test_schedules_match_hand_computed_values() -> None:
     assert s(30)["momentum"] == pytest.approx(1.0)
     assert s(0)["weight_decay"] == pytest.approx(0.04)
     assert s(15)["weight_decay"] == pytest.approx(0.22)        # (0.04 + 0.4) / 2
-    assert s(0)["teacher_temp"] == pytest.approx(0.04)
-    assert s(10)["teacher_temp"] == pytest.approx(0.04 + 0.03 * 10 / 19)
-    assert s(19)["teacher_temp"] == pytest.approx(0.07)
+    assert s(0)["teacher_temp"] == s(9)["teacher_temp"] == pytest.approx(0.04)  # linspace(0.04, 0.07, 2)[epoch]
+    assert s(10)["teacher_temp"] == s(19)["teacher_temp"] == pytest.approx(0.07)
     assert s(25)["teacher_temp"] == pytest.approx(0.07) and s(10)["last_layer_frozen"] == 0.0
     assert s(25)["epoch"] == 2 and s(25)["it"] == 25
 
@@ -132,12 +131,39 @@ def test_patch_temperature_waits_for_pred_start_epoch() -> None:
     """iBOTLoss: the patch temperature stays at its warm-up value for pred_start_epoch epochs, then warms up."""
     cfg = config_from_dict({"method": "ibot", "data": {"train": "x"}, "train": {"epochs": 10},
                             "ibot": {"masking": {"pred_start_epoch": 2}, "loss": {"warmup_teacher_temp_epochs": 3}}})
-    s = schedules(cfg, steps_per_epoch=10)  # temperature warm-up: 30 iterations, patch warm-up from iteration 20
+    s = schedules(cfg, steps_per_epoch=10)  # per epoch: 3 warm-up epochs, the patch's from epoch 2
     assert s(19)["teacher_patch_temp"] == pytest.approx(0.04)
-    assert s(20)["teacher_patch_temp"] == pytest.approx(0.04)
-    assert s(35)["teacher_patch_temp"] == pytest.approx(0.04 + 0.03 * 15 / 29)
-    assert s(49)["teacher_patch_temp"] == pytest.approx(0.07)
-    assert s(15)["teacher_temp"] == pytest.approx(0.04 + 0.03 * 15 / 29)  # the CLS temperature starts at once
+    assert s(20)["teacher_patch_temp"] == s(29)["teacher_patch_temp"] == pytest.approx(0.04)
+    assert s(35)["teacher_patch_temp"] == pytest.approx(0.055)  # linspace(0.04, 0.07, 3)[1]
+    assert s(49)["teacher_patch_temp"] == s(50)["teacher_patch_temp"] == pytest.approx(0.07)
+    assert s(15)["teacher_temp"] == pytest.approx(0.055)  # the CLS temperature starts at once
+
+
+def test_teacher_temperatures_equal_the_official_per_epoch_arrays_and_dinov2_per_iteration() -> None:
+    """DINO's and iBOT's losses index np.linspace(warm-up, final, warmup_epochs) by the epoch (iBOT's patch one after
+    `pred_start_epoch` epochs at the warm-up value); DINOv2's CosineScheduler warms up over the iterations."""
+    epochs, spe, warm, start = 8, 5, 3, 2
+    cls = np.concatenate((np.linspace(0.04, 0.07, warm), np.ones(epochs - warm) * 0.07))
+    patch = np.concatenate((np.ones(start) * 0.03, np.linspace(0.03, 0.06, warm),
+                            np.ones(epochs - warm - start) * 0.06))
+    for method, extra in (("dino", {}), ("ibot", {"masking": {"pred_start_epoch": start}})):
+        loss = {"warmup_teacher_temp_epochs": warm} | (
+            {"warmup_teacher_patch_temp": 0.03, "teacher_patch_temp": 0.06} if method == "ibot" else {})
+        cfg = config_from_dict({"method": method, "data": {"train": "x"}, "train": {"epochs": epochs},
+                                method: {"loss": loss, **extra}})
+        s = schedules(cfg, steps_per_epoch=spe)
+        np.testing.assert_allclose([s(i)["teacher_temp"] for i in range(epochs * spe)], np.repeat(cls, spe))
+        if method == "ibot":
+            np.testing.assert_allclose([s(i)["teacher_patch_temp"] for i in range(epochs * spe)],
+                                       np.repeat(patch, spe))
+    v2 = config_from_dict({"method": "dinov2", "data": {"train": "x"}, "train": {"epochs": epochs},
+                           "dinov2": {"loss": {"warmup_teacher_temp_epochs": 1.5}}})
+    s = schedules(v2, steps_per_epoch=4)  # 6 warm-up iterations
+    np.testing.assert_allclose([s(i)["teacher_temp"] for i in range(8)],
+                               [*np.linspace(0.04, 0.07, 6), 0.07, 0.07])
+    with pytest.raises(ConfigError, match=r"dino.loss.warmup_teacher_temp_epochs.*1.5 is not a whole number"):
+        config_from_dict({"method": "dino", "data": {"train": "x"},
+                          "dino": {"loss": {"warmup_teacher_temp_epochs": 1.5}}})
 
 
 def test_param_group_lr_scale() -> None:
