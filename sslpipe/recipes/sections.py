@@ -47,6 +47,19 @@ class TeacherLossConfig(Section):
                              "once per epoch (its official loss); use an integer")
         return value
 
+    @model_validator(mode="after")
+    def _no_warmup_value_without_warmup(self) -> "TeacherLossConfig":
+        """With no warm-up the temperature is `teacher_temp` from the first step: `warmup_teacher_temp` is unread,
+        refused unless it is the default or equal to `teacher_temp` (the official configs write it so, "held")."""
+        why = "loss.warmup_teacher_temp_epochs=0"
+        if (self.warmup_teacher_temp_epochs == 0 and self.warmup_teacher_temp != self.teacher_temp
+                and self.unread_value_stays("warmup_teacher_temp", "*.loss.warmup_teacher_temp", why)):
+            problem = ValueError(f"not read with {why}: remove it, set it to teacher_temp, or warm up over some epochs")
+            raise ValidationError.from_exception_data(type(self).__name__, [{
+                "type": "value_error", "loc": ("warmup_teacher_temp",), "input": self.warmup_teacher_temp,
+                "ctx": {"error": problem}}])
+        return self
+
 
 def _percentile_band(value: tuple[float, float]) -> tuple[float, float]:
     """v2's band of activation-rate percentiles; the selection would refuse it only at the first training step."""

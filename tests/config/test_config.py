@@ -420,3 +420,18 @@ def test_local_crops_larger_than_the_global_ones_are_refused_but_a_saved_run_sti
     assert load_config(run / "config.yaml").crops.n_local == 4  # the run trained so: it resumes
     with pytest.raises(ConfigError, match=r"crops.local_size=96 is larger"):
         load_config(run / "config.yaml", ["crops.n_local=6"])
+
+
+def test_a_warmup_temperature_without_warmup_is_refused_unless_held(tmp_path: Path) -> None:
+    """No warm-up epochs: the teacher starts at teacher_temp, so another warm-up value is refused at its own key;
+    the default and a value equal to teacher_temp (the official configs' "held") pass, as in the shipped recipes."""
+    zero = {"warmup_teacher_temp_epochs": 0}
+    for method in ("dino", "ibot", "dinov2"):
+        with pytest.raises(ConfigError, match=rf"'{method}.loss.warmup_teacher_temp' = 0.05 is invalid: not read "
+                                              r"with loss.warmup_teacher_temp_epochs=0"):
+            config_from_dict({"method": method, "data": {"train": "x"},
+                              method: {"loss": zero | {"warmup_teacher_temp": 0.05}}})
+        held = {"method": method, "data": {"train": "x"}, method: {"loss": zero | {"warmup_teacher_temp": 0.07}}}
+        assert getattr(config_from_dict(held), method).loss.warmup_teacher_temp == 0.07
+    for recipe in ("dino_vit_small", "dinov3_vit_large_high_res", "demo_adapt"):
+        assert load_config(REPO / f"recipes/{recipe}.yaml", ["data.train=x"])
