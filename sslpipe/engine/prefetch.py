@@ -2,9 +2,10 @@
 
 A batch copied with `.to(device)` at the start of a step makes the GPU wait for PCIe: ~20 ms a step for iBOT's
 float crops at batch 64 on an H100 (issue 13's profile). From pinned memory (the loader pins on CUDA) a copy can run
-on a side stream while the previous step computes; the compute stream then waits for exactly that copy
-(`wait_stream`) and the batch's memory is tied to the compute stream (`record_stream`) so the caching allocator does
-not reuse it early. On the CPU the batches pass through untouched.
+on a side stream while the previous step computes; the compute stream then waits for exactly that batch's copy (an
+event recorded after it: waiting for the whole side stream would also wait for the next batch's copy, queued before
+this batch is handed out) and the batch's memory is tied to the compute stream (`record_stream`) so the caching
+allocator does not reuse it early. On the CPU the batches pass through untouched.
 """
 from __future__ import annotations
 
@@ -46,15 +47,17 @@ def prefetch_to_device(batches: Iterator[Any], device: torch.device) -> Iterator
     for batch in batches:
         with torch.cuda.stream(side):
             moved = _move(batch, device)
+            copied = torch.cuda.Event()
+            copied.record(side)
         if pending is not None:
-            yield _ready(pending, side)
-        pending = moved
+            yield _ready(*pending, device)
+        pending = moved, copied
     if pending is not None:
-        yield _ready(pending, side)
+        yield _ready(*pending, device)
 
 
-def _ready(batch: Any, side: "torch.cuda.Stream") -> Any:
-    current = torch.cuda.current_stream(side.device)
-    current.wait_stream(side)
+def _ready(batch: Any, copied: "torch.cuda.Event", device: torch.device) -> Any:
+    current = torch.cuda.current_stream(device)
+    current.wait_event(copied)
     _record(batch, current)
     return batch

@@ -1,6 +1,7 @@
 """The training engine with the toy recipe: schedules, clipping, freezing, exact resume, NaN stop, tracking, 2 ranks."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -653,3 +654,41 @@ def test_lean_step_gives_the_parameters_of_the_plain_step(tmp_path: Path) -> Non
     assert lean_state.keys() == plain_state.keys()
     for key in lean_state:
         torch.testing.assert_close(lean_state[key], plain_state[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_prefetch_waits_for_each_batchs_own_copy_not_the_next_ones(monkeypatch) -> None:
+    """The step of batch i waits on the event recorded after batch i's copy; batch i+1's copy, queued on the side
+    stream before batch i is handed out, is not waited for (a whole-stream wait would). CUDA calls are logged."""
+    from sslpipe.engine import prefetch
+
+    log: list[str] = []
+
+    class Event:
+        count = 0
+
+        def __init__(self) -> None:
+            self.id, Event.count = Event.count, Event.count + 1
+
+        def record(self, stream) -> None:
+            log.append(f"record {self.id}")
+
+    class Stream:
+        def __init__(self, device=None) -> None:
+            pass
+
+        def wait_event(self, event: Event) -> None:
+            log.append(f"wait {event.id}")
+
+        def wait_stream(self, stream) -> None:
+            log.append("wait all")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(prefetch, "_move", lambda batch, device: log.append(f"copy {batch}") or batch)
+    monkeypatch.setattr(prefetch, "_record", lambda batch, stream: None)
+    for batch in prefetch.prefetch_to_device(iter(range(3)), torch.device("cuda")):
+        log.append(f"step {batch}")
+    assert log == ["copy 0", "record 0", "copy 1", "record 1", "wait 0", "step 0", "copy 2", "record 2", "wait 1",
+                   "step 1", "wait 2", "step 2"]
