@@ -164,6 +164,21 @@ class CropsConfig(Section):
         return tuple(s * g for s in self.blur_sigma), tuple(s * loc for s in self.blur_sigma)
 
 
+# timm arguments sslpipe sets itself when it builds a backbone (`sslpipe.models.backbones.create_backbone`): in
+# model.kwargs they would collide with its own (a TypeError) or be overwritten without a word; what to set instead
+SSLPIPE_SETS = {
+    "img_size": "the image size is the recipe's crop size: set crops.global_size (a fine-tuning recipe: its "
+                "section's img_size)",
+    "patch_size": "set model.patch_size",
+    "drop_path_rate": "set model.drop_path_rate",
+    "num_classes": "backbones are built without a classifier (num_classes=0); a fine-tuning recipe's classes are its "
+                   "section's num_classes",
+    "pretrained": "sslpipe downloads no weights: start from an export with model.init_from (`sslpipe import` "
+                  "converts a published checkpoint)",
+    "dynamic_img_size": "sslpipe builds every ViT with dynamic_img_size=true (crops of several sizes)",
+}
+
+
 class ModelConfig(Section):
     arch: str = "vit_small_patch16_224"
     patch_size: int | None = Field(16, gt=0)
@@ -171,9 +186,25 @@ class ModelConfig(Section):
     # BatchNorm backbones (CNNs) on several CUDA processes: SyncBatchNorm in student and teacher, as DINO's
     # main_dino.py does. gloo (CPU) has no SyncBatchNorm: there the backbone keeps per-process statistics.
     sync_batchnorm: bool = True
+    # further timm arguments of the architecture (depth, embed_dim, reg_tokens, ...); not those in SSLPIPE_SETS
     kwargs: dict[str, Any] = {}
     # an export folder (`sslpipe export` / `sslpipe import`): its architecture and weights start the network
     init_from: str | None = None
+
+    @model_validator(mode="after")
+    def _kwargs_sslpipe_sets(self) -> "ModelConfig":
+        """Refuse a key of `SSLPIPE_SETS` in `kwargs`, naming the key to set instead. A run's own saved config
+        (`SAVED_READ`) that holds one (only `dynamic_img_size` could train: it was overwritten) drops it and lists
+        it, as it changed nothing in the run."""
+        saved = SAVED_READ.get()
+        for key in [k for k in self.kwargs if k in SSLPIPE_SETS]:
+            if saved is None or saved.overrides(f"model.kwargs.{key}"):
+                raise ValueError(f"key 'model.kwargs.{key}' is set by sslpipe itself: {SSLPIPE_SETS[key]}, and remove "
+                                 f"{key} from model.kwargs")
+            saved.dropped.append(f"model.kwargs.{key} = {self.kwargs[key]!r} (sslpipe sets it)")
+            # not through validate_assignment: the section is being validated
+            self.__dict__["kwargs"] = {k: v for k, v in self.kwargs.items() if k != key}
+        return self
 
 
 class OptimConfig(Section):
@@ -370,19 +401,12 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _crops_fit_patches(self) -> "RunConfig":
-        """A ViT's patches must tile each crop; timm's assertion otherwise fails at the first step and names no key."""
-        patch, crops = self.model.patch_size, self.crops
-        if patch is None or self.model.kwargs.get("dynamic_img_pad"):
-            return self
-        for key in ("global_size", "local_size"):
-            size = getattr(crops, key)
-            if f"crops.{key}" in type(self).unread or (key == "local_size" and crops.n_local == 0) or size % patch == 0:
-                continue
-            fits = [s for s in (size // patch * patch, (size // patch + 1) * patch) if s]
-            raise ValueError(f"crops.{key}={size} is not a multiple of model.patch_size={patch}: use "
-                             f"{' or '.join(map(str, fits))} (or model.patch_size=null for a CNN)")
+        """A ViT's patches must tile each crop; timm's assertion otherwise fails at the first step and names no key.
+        With model.patch_size null (the architecture's own) the method's section checks it (`check_crops_fit_patch`
+        with the network's patch size), as the schema alone does not know it."""
+        if self.model.patch_size is not None:
+            check_crops_fit_patch(self, self.model.patch_size)
         return self
-
 
     @model_validator(mode="after")
     def _local_crops_are_smaller(self) -> "RunConfig":
@@ -397,6 +421,23 @@ class RunConfig(Section):
         raise ValueError(f"crops.local_size={crops.local_size} is larger than crops.global_size={crops.global_size} "
                          f"with crops.n_local={crops.n_local}: local crops are the small views (published 96 beside "
                          "224); set crops.local_size below the global size, or crops.n_local=0")
+
+
+def check_crops_fit_patch(run: RunConfig, patch: int, what: str | None = None) -> None:
+    """Raise ValueError naming the key when crops.global_size or (with local crops) crops.local_size is not a
+    multiple of `patch`; `what` says where the patch size comes from (None: model.patch_size). Skipped for the
+    crop keys the method does not read and with model.kwargs.dynamic_img_pad (timm pads the image)."""
+    if run.model.kwargs.get("dynamic_img_pad"):
+        return
+    crops, unread = run.crops, type(run).unread
+    for key in ("global_size", "local_size"):
+        size = getattr(crops, key)
+        if f"crops.{key}" in unread or (key == "local_size" and crops.n_local == 0) or size % patch == 0:
+            continue
+        fits = [s for s in (size // patch * patch, (size // patch + 1) * patch) if s]
+        source, hint = ((f"model.patch_size={patch}", "(or model.patch_size=null for a CNN)") if what is None
+                        else (f"{patch}, {what}", "(or set model.patch_size)"))
+        raise ValueError(f"crops.{key}={size} is not a multiple of {source}: use {' or '.join(map(str, fits))} {hint}")
 
 
 CORE_SECTIONS = ("data", "crops", "model", "optim", "train", "tracking", "eval")

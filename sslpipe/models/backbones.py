@@ -83,15 +83,49 @@ def create_backbone(
     drop_path_rate: float = 0.0,
     **model_args: Any,
 ) -> nn.Module:
-    """Create a randomly initialised timm backbone without classifier, with `backbone_args`' arguments."""
-    kwargs = backbone_args(arch, img_size=img_size, patch_size=patch_size, **model_args)
+    """Create a randomly initialised timm backbone without classifier, with `backbone_args`' arguments.
+
+    ``drop_path_rate`` is always passed where the architecture takes it (0 included: some timm entrypoints default
+    to stochastic depth, e.g. fasternet_m 0.2); an architecture without stochastic depth (VGG, DenseNet, DLA,
+    GhostNet, HRNet, Inception-v3) is built without it at 0 and refused above 0."""
+    args: dict[str, Any] = {"drop_path_rate": drop_path_rate,
+                            **backbone_args(arch, img_size=img_size, patch_size=patch_size, **model_args)}
     try:
-        model = timm.create_model(arch, pretrained=False, drop_path_rate=drop_path_rate, **kwargs)
+        model = _create(arch, args)
     except TypeError as e:
-        raise ValueError(f"timm.create_model({arch!r}) rejected the model arguments {sorted(kwargs)}: {e}") from e
+        if "drop_path_rate" not in str(e):
+            raise _rejected(arch, args, e) from e
+        if drop_path_rate > 0:
+            raise ValueError(f"model.drop_path_rate={drop_path_rate}: {arch} has no stochastic depth; set it to 0"
+                             ) from e
+        del args["drop_path_rate"]
+        try:
+            model = _create(arch, args)
+        except TypeError as e2:
+            raise _rejected(arch, args, e2) from e2
     if getattr(model, "cls_token", None) is not None:
         nn.init.trunc_normal_(model.cls_token, std=0.02)  # official iBOT/DINO init (timm: normal std 1e-6)
     return model
+
+
+def _create(arch: str, args: dict[str, Any]) -> nn.Module:
+    return timm.create_model(arch, pretrained=False, **args)
+
+
+def _rejected(arch: str, args: dict[str, Any], err: TypeError) -> ValueError:
+    return ValueError(f"timm.create_model({arch!r}) rejected the model arguments {sorted(args)}: {err}")
+
+
+@lru_cache(maxsize=64)
+def native_patch_size(arch: str) -> int | None:
+    """The patch size of ``arch`` as timm builds it by default (what ``model.patch_size: null`` trains), or None for
+    a model that is not a ViT (any input size). Read from the network itself, built on the meta device (no memory,
+    no initialisation: ~0.1-0.8 s for timm's ViTs), so that a recipe can check its crops when it is loaded."""
+    if not is_vit_arch(arch):
+        return None
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    return int(model.patch_embed.patch_size[0])
 
 
 @lru_cache(maxsize=64)
@@ -165,7 +199,9 @@ class MaskedViT(nn.Module):
     ``norm_pre``, ``blocks``, ``norm``), so timm ViT variants (registers, no_embed_class, non-square crops) work.
 
     A timm `Eva` (DINOv3's rotary-position ViTs, `vit_*_dinov3`) works the same way: its rotary embedding is computed
-    for the crop's own grid at every call (no resampling, any crop size), its storage tokens are timm's registers.
+    for the crop's own grid at every call (no resampling, any crop size), its storage tokens are timm's registers;
+    a `rope_mixed` Eva (`vit_*_rope_mixed_*`: learned frequencies per block) gives block i its own table, as timm's
+    ``forward_features`` does.
 
     Written here rather than using lightly's MaskedVisionTransformerTIMM because that wrapper (a) re-initialises the
     timm ViT and replaces the learned position embedding by a fixed sin-cos one unless both init options are set to
@@ -176,7 +212,8 @@ class MaskedViT(nn.Module):
     Refused: a ViT without a [CLS] token (token 0 would be a patch or a register, trained as the [CLS]), one that pools
     its patches or puts an fc_norm after its pooling (its feature would not be the trained [CLS] after the final norm;
     with fc_norm, timm's final norm is an identity) and a distilled DeiT (a second prefix token, and a pooled feature
-    that is not the trained [CLS]).
+    that is not the trained [CLS]). With a mask token: patch dropout (``patch_drop_rate``), which keeps a random
+    subset of the patch tokens, so that the masked positions no longer index the student's tokens.
     """
 
     def __init__(self, vit: VisionTransformer | Eva, mask_token: bool) -> None:
@@ -199,6 +236,12 @@ class MaskedViT(nn.Module):
                              f"export's) is not the [CLS] token after the final norm that dino, ibot, dinov2 and "
                              f"dinov3 train; set model.kwargs.global_pool: token (a mean-pooled checkpoint with "
                              f"fc_norm weights cannot continue these methods: start from a [CLS] checkpoint)")
+        patch_drop = getattr(getattr(vit, "patch_drop", None), "prob", 0.0)
+        if mask_token and patch_drop > 0:
+            raise ValueError(f"model.kwargs.patch_drop_rate={patch_drop}: patch dropout keeps a random subset of the "
+                             f"student's patch tokens, so the masked-patch targets of ibot, dinov2 and dinov3 would be "
+                             f"read at the wrong positions; remove patch_drop_rate from model.kwargs (dino, which "
+                             f"trains the [CLS] only, may keep it)")
         self.vit = vit
         self.embed_dim: int = vit.embed_dim
         self.num_prefix_tokens: int = vit.num_prefix_tokens
@@ -230,8 +273,9 @@ class MaskedViT(nn.Module):
         if isinstance(v, Eva):
             tokens, rope = v._pos_embed(self.embed(x, mask))
             tokens = v.norm_pre(tokens)
-            for block in v.blocks:
-                tokens = block(tokens, rope=rope)
+            per_block = getattr(v, "rope_mixed", False) and rope is not None  # one table per block, as timm's forward
+            for i, block in enumerate(v.blocks):
+                tokens = block(tokens, rope=rope[i] if per_block else rope)
             return v.norm(tokens)
         tokens = vit_pos_embed(v, self.embed(x, mask))
         tokens = v.norm_pre(v.patch_drop(tokens))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from timm.layers import PatchDropout
+from timm.layers import PatchDropout, PatchDropoutWithIndices
 from torch import nn
 
 from sslpipe.weights.state_dict import local_slice
@@ -30,16 +30,24 @@ def _clean(name: str) -> str:
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """``model`` with its drop-path, dropout (attention, projection, position, MLP) and patch-dropout rates set to 0,
-    in place, so that a teacher's targets are deterministic even in train mode (kept for BatchNorm batch statistics,
-    as the official code does). Zeroing the rates rather than calling ``eval()`` leaves the mode to the caller."""
+    """``model`` with every random draw of its forward switched off, in place, so that a teacher's targets are
+    deterministic even in train mode (kept for BatchNorm batch statistics, as the official code does): drop-path,
+    dropout modules (attention, projection, position, MLP), patch dropout, the float ``drop_rate`` that timm CNNs
+    apply with ``F.dropout`` before their pooled feature (ResNet, EfficientNet, MobileNetV3, DenseNet, ...) and
+    the RoPE coordinate augmentation of timm's rotary embeddings (``rope_shift/jitter/rescale_coords``), which the
+    official DINOv3 teacher, in eval mode, never applies. Zeroing the rates rather than calling ``eval()`` leaves the
+    mode to the caller."""
     for m in model.modules():
         if hasattr(m, "drop_prob"):  # timm DropPath
             m.drop_prob = 0.0
         if isinstance(m, nn.modules.dropout._DropoutNd):  # timm's fused attention reads attn_drop.p too
             m.p = 0.0
-        if isinstance(m, PatchDropout):
+        if isinstance(m, (PatchDropout, PatchDropoutWithIndices)):  # the latter: timm's Eva
             m.prob = 0.0
+        if isinstance(getattr(m, "drop_rate", None), (int, float)):  # functional dropout of timm's CNN heads
+            m.drop_rate = 0.0
+        if hasattr(m, "aug_active"):  # timm's rotary embeddings augment coordinates while training
+            m.aug_active = False
     return model
 
 

@@ -1,9 +1,11 @@
 """DINO: self-distillation with no labels (Caron et al., ICCV 2021), docs/methods.md §2.
 
 Student = backbone + DINO head on every crop; teacher = EMA of the student on the global crops only, with centring
-and sharpening of its outputs (see `sslpipe.losses.dino`). Any timm backbone works: ViTs give their CLS token after
-the final norm, CNNs their pooled features. Settings: the `dino` section, a `TeacherStudentConfig`
-(`sslpipe.recipes.sections`; DINO's published values in recipes/dino_vit_small.yaml).
+and sharpening of its outputs (see `sslpipe.losses.dino`). timm ViTs (`vision_transformer`, `deit`, `eva`: built for
+crops.global_size, any crop size) give their CLS token after the final norm, CNNs their pooled features; an
+architecture without stochastic depth (VGG, DenseNet, ...) needs model.drop_path_rate=0, and one that timm builds
+for a single input size (Swin, BEiT, LeViT, CoAtNet) fails on crops of any other size. Settings: the `dino`
+section, a `TeacherStudentConfig` (`sslpipe.recipes.sections`; DINO's published values in recipes/dino_vit_small.yaml).
 
 Deviation, off by default: `dino.pack_crops` runs a ViT student's global and local crops in one pass of the blocks
 (DINOv2's crop packing, `sslpipe.models.packed_crops`); drop path then draws once per image, not per crop.
@@ -15,18 +17,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from sslpipe.config import RunConfig
 from sslpipe.losses.dino import DINOLoss
 from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.models.backbones import MaskedViT, backbone_embed_dim, is_vit_arch, pooled_features, sync_batchnorm
 from sslpipe.models.ema import disable_dropout
 from sslpipe.models.heads import DINOHead
 from sslpipe.models.packed_crops import crop_tokens
-from sslpipe.recipes.multicrop import MultiCropRecipe
+from sslpipe.recipes.multicrop import MultiCropRecipe, check_native_patch
 from sslpipe.recipes.sections import TeacherStudentConfig
 
 
 class DINOConfig(TeacherStudentConfig):
     """`dino:` in a recipe: head, teacher sharpening and centring, EMA momentum, last-layer freeze, Q-score."""
+
+    def check_run(self, run: RunConfig) -> None:
+        super().check_run(run)
+        check_native_patch(run)
 
 
 class DINONet(nn.Module):

@@ -35,6 +35,7 @@ from pydantic import Field, model_validator
 from timm.layers import DropPath
 from torch import nn
 
+from sslpipe.config import RunConfig
 from sslpipe.data.collate import collate_multicrop, mask_batch_fields
 from sslpipe.data.masking import MaskGenerator
 from sslpipe.losses.dinov2 import DINOv2Loss
@@ -43,7 +44,7 @@ from sslpipe.models.backbones import MaskedViT
 from sslpipe.models.ema import disable_dropout
 from sslpipe.models.heads import DINOHead
 from sslpipe.models.packed_crops import crop_tokens
-from sslpipe.recipes.multicrop import MultiCropRecipe
+from sslpipe.recipes.multicrop import MultiCropRecipe, check_native_patch
 from sslpipe.recipes.sections import HeadConfig, TeacherLossConfig, TeacherStudentConfig
 
 
@@ -124,6 +125,10 @@ class DINOv2Config(TeacherStudentConfig):
             self.refuse_unread_values(key, dict.fromkeys(("ibot_hidden_dim", "ibot_bottleneck_dim", "ibot_nlayers"),
                                                          f"{key}.separate_head=false (the CLS head maps the patches)"))
         return self
+
+    def check_run(self, run: RunConfig) -> None:
+        super().check_run(run)
+        check_native_patch(run)
 
 
 class DINOv2Masks:

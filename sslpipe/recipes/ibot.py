@@ -16,7 +16,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from sslpipe.config import Section
+from sslpipe.config import RunConfig, Section
 from sslpipe.data.masking import MaskGenerator
 from sslpipe.losses.health import embedding_health, health_metrics
 from sslpipe.losses.ibot import IBOTLoss
@@ -24,7 +24,7 @@ from sslpipe.models.backbones import MaskedViT
 from sslpipe.models.ema import disable_dropout
 from sslpipe.models.heads import IBOTHead
 from sslpipe.models.packed_crops import crop_tokens
-from sslpipe.recipes.multicrop import MultiCropRecipe, temperature_warmup
+from sslpipe.recipes.multicrop import MultiCropRecipe, check_native_patch, temperature_warmup
 from sslpipe.recipes.sections import HeadConfig, TeacherLossConfig, TeacherStudentConfig
 
 
@@ -79,6 +79,10 @@ class IBOTConfig(TeacherStudentConfig):
     head: IBOTHeadConfig = Field(default_factory=IBOTHeadConfig)
     loss: IBOTLossConfig = Field(default_factory=IBOTLossConfig)
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
+
+    def check_run(self, run: RunConfig) -> None:
+        super().check_run(run)
+        check_native_patch(run)
 
 
 class IBOTNet(nn.Module):

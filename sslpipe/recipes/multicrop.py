@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sslpipe.config import CropsConfig, RunConfig
+from sslpipe.config.core import check_crops_fit_patch
 from sslpipe.curves import cosine_schedule, warmed_up
 from sslpipe.data.collate import MultiCropSample, collate_multicrop, mask_batch_fields
 from sslpipe.data.device_views import DeviceMultiCropTransform, device_crops
@@ -24,7 +25,7 @@ from sslpipe.data.masking import MaskGenerator
 from sslpipe.data.stream import build_loader
 from sslpipe.data.views import MultiCropTransform
 from sslpipe.losses.qscore import QScoreRegularizer
-from sslpipe.models.backbones import create_backbone, is_eva_arch, is_vit_arch
+from sslpipe.models.backbones import create_backbone, is_eva_arch, is_vit_arch, native_patch_size
 from sslpipe.models.ema import ema_update
 from sslpipe.models.heads import cancel_last_layer_gradients
 from sslpipe.models.packed_crops import CropAttention
@@ -44,6 +45,16 @@ DENSE_EVAL_KEYS = {"eval.mode": "its evaluation is a kNN probe, not a segmentati
 def build_qscore(section: QScoreConfig) -> QScoreRegularizer | None:
     """The Q-score regulariser of a method's `qscore` section, or None when it is not enabled."""
     return QScoreRegularizer(**section.regularizer_args()) if section.enabled else None
+
+
+def check_native_patch(run: RunConfig) -> None:
+    """A method section's `check_run`: with model.patch_size null a ViT keeps its architecture's patch size (14 for
+    `vit_*_patch14_dinov2`), which the crops must fit too. Checked when the recipe is loaded, before a run directory
+    is written (timm's assertion otherwise fails at the first step and names no key)."""
+    m = run.model
+    if m.patch_size is None and (patch := native_patch_size(m.arch)) is not None:
+        check_crops_fit_patch(run, patch, f"the patch size of model.arch={m.arch} (model.patch_size=null: the "
+                                          f"architecture's own)")
 
 
 def multicrop_from_config(crops: CropsConfig) -> MultiCropTransform | FastMultiCropTransform:

@@ -2,9 +2,11 @@
 Q-score term.
 
 Two augmented views per image (lightly's `SimCLRTransform`: RandomResizedCrop, flip, colour jitter, grayscale,
-Gaussian blur), any timm backbone, lightly's `SimCLRProjectionHead` and `NTXentLoss(gather_distributed=True)`:
-with several processes the projections of every process are all-gathered with gradients (lightly's GatherLayer),
-so each sample's negatives are the 2 * global_batch - 2 other views, not only the local ones.
+Gaussian blur), a timm backbone (a ViT or CNN at any crops.global_size; one without stochastic depth with
+model.drop_path_rate=0; one timm builds for a single input size, e.g. Swin or BEiT, only at that size), lightly's
+`SimCLRProjectionHead` and `NTXentLoss(gather_distributed=True)`: with several processes the projections of every
+process are all-gathered with gradients (lightly's GatherLayer), so each sample's negatives are the
+2 * global_batch - 2 other views, not only the local ones.
 
     L = NT-Xent(z_view1, z_view2)  [+ the Q-score term of sslpipe.losses.qscore on H = both views' backbone features
                                      (simclr.qscore.features: backbone) or projections (projection), when enabled]
@@ -30,7 +32,7 @@ from sslpipe.losses.health import embedding_health
 from sslpipe.models.backbones import backbone_embed_dim, create_backbone, pooled_features, sync_batchnorm
 from sslpipe.recipes.base import Recipe, continued_normalisation_notes, shard_reading
 from sslpipe.recipes.knn_eval import periodic_knn
-from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, build_qscore, split_decay_groups
+from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, build_qscore, check_native_patch, split_decay_groups
 from sslpipe.recipes.sections import QScoreConfig
 
 
@@ -50,6 +52,10 @@ class SimCLRConfig(Section):
     blur_p: float = 0.5
     hflip_p: float = 0.5
     qscore: QScoreConfig = Field(default_factory=QScoreConfig)
+
+    def check_run(self, run: RunConfig) -> None:
+        super().check_run(run)
+        check_native_patch(run)
 
 
 # the multi-crop keys: SimCLR makes two views of crops.global_size with its own scale range

@@ -87,12 +87,12 @@ def test_an_old_config_with_a_value_its_method_never_read_is_refused_naming_the_
 
 def test_overrides_are_parsed_as_yaml(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, MINIMAL + "run_name: x\n"),
-                      ["optim.lr=1e-3", "crops.global_scale=[0.4,1.0]", "run_name=null", "model.kwargs.img_size=32",
+                      ["optim.lr=1e-3", "crops.global_scale=[0.4,1.0]", "run_name=null", "model.kwargs.depth=2",
                        "tracking.log_with=[tensorboard]"])
     assert cfg.optim.lr == 1e-3
     assert cfg.crops.global_scale == (0.4, 1.0)
     assert cfg.run_name is None
-    assert cfg.model.kwargs == {"img_size": 32}
+    assert cfg.model.kwargs == {"depth": 2}
     assert cfg.tracking.log_with == ["tensorboard"]
 
 
@@ -287,8 +287,8 @@ def test_crops_that_are_not_made_are_not_checked_against_the_patch(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"key 'crops.local_scale' = \(0.1, 0.4\) is not read with crops.n_local=0"):
         load_config(write(tmp_path, MINIMAL), ["crops.n_local=0", "crops.local_scale=[0.1,0.4]"])
     assert load_config(write(tmp_path, MINIMAL + "model: {patch_size: 4}\ncrops: {global_size: 16, n_local: 0}\n"))
-    assert load_config(write(tmp_path, MINIMAL), ["model.patch_size=null", "crops.global_size=18",
-                                                   "crops.local_size=9"])  # a CNN
+    assert load_config(write(tmp_path, MINIMAL), ["model.arch=resnet18", "model.patch_size=null",
+                                                   "crops.global_size=18", "crops.local_size=9"])  # a CNN
     with pytest.raises(ConfigError, match="dinov3.gram.refresh_every"):
         load_config(REPO / "recipes/demo_dinov3.yaml", ["dinov3.gram.refresh_every=0"])
 
@@ -435,3 +435,59 @@ def test_a_warmup_temperature_without_warmup_is_refused_unless_held(tmp_path: Pa
         assert getattr(config_from_dict(held), method).loss.warmup_teacher_temp == 0.07
     for recipe in ("dino_vit_small", "dinov3_vit_large_high_res", "demo_adapt"):
         assert load_config(REPO / f"recipes/{recipe}.yaml", ["data.train=x"])
+
+
+@pytest.mark.parametrize("key, instead", [
+    ("drop_path_rate: 0.2", "set model.drop_path_rate"), ("patch_size: 4", "set model.patch_size"),
+    ("img_size: 32", "set crops.global_size"), ("num_classes: 10", "built without a classifier"),
+    ("pretrained: true", "start from an export with model.init_from"),
+    ("dynamic_img_size: false", "builds every ViT with dynamic_img_size=true"),
+])
+def test_model_kwargs_that_sslpipe_sets_itself_are_refused_naming_the_key_to_use(tmp_path: Path, key: str,
+                                                                                  instead: str) -> None:
+    """Such a key collided with sslpipe's own argument (a TypeError with a traceback) or, dynamic_img_size, was
+    overwritten without a word."""
+    name = key.split(":")[0]
+    with pytest.raises(ConfigError, match=rf"key 'model.kwargs.{name}' is set by sslpipe itself: .*{instead}.*, and "
+                                          rf"remove {name} from model.kwargs") as refused:
+        load_config(REPO / "recipes/demo_dino.yaml", ["data.train=x", f"model.kwargs={{depth: 2, {key}}}"])
+    assert "\n" not in str(refused.value)
+    assert load_config(REPO / "recipes/demo_dino.yaml", ["data.train=x", "model.kwargs={depth: 2}"])
+
+
+def test_a_runs_saved_config_with_a_kwarg_sslpipe_overwrote_still_resumes(tmp_path: Path, capsys) -> None:
+    """A ViT run made with model.kwargs.dynamic_img_size: false trained with true (the value was overwritten): its
+    saved config drops the key and says so; given on the command line it is refused as ever."""
+    data = yaml.safe_load((REPO / "recipes/demo_dino.yaml").read_text())
+    data["data"]["train"] = "x"
+    data["model"]["kwargs"]["dynamic_img_size"] = False
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    assert load_config(run / "config.yaml").model.kwargs == {"embed_dim": 128, "depth": 4, "num_heads": 4}
+    assert "model.kwargs.dynamic_img_size = False (sslpipe sets it)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"'model.kwargs.dynamic_img_size' is set by sslpipe itself"):
+        load_config(run / "config.yaml", ["model.kwargs.dynamic_img_size=false"])
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("demo_dino.yaml", ["crops.global_size=28", "crops.local_size=12"]),
+    ("demo_ibot.yaml", ["crops.global_size=28", "crops.local_size=12"]),
+    ("demo_dinov2.yaml", ["crops.global_size=28"]),
+    ("demo_dinov3.yaml", ["model.arch=vit_tiny_patch16_224", "crops.global_size=28"]),
+    ("demo_simclr.yaml", ["crops.global_size=28"]),
+])
+def test_crops_are_checked_against_the_architectures_patch_at_load(recipe: str, overrides: list[str]) -> None:
+    """model.patch_size null keeps the architecture's own patch size (16 for vit_tiny_patch16_224), which the crops
+    must fit too: refused when the recipe is loaded, before a run directory is written, where timm's assertion
+    failed at the first step. The fitting crops pass; a CNN is not checked."""
+    vit = ["data.train=x", "model.arch=vit_tiny_patch16_224", "model.patch_size=null", "model.kwargs={depth: 1}"]
+    with pytest.raises(ConfigError, match=r"crops.global_size=28 is not a multiple of 16, the patch size of "
+                                          r"model.arch=vit_tiny_patch16_224 \(model.patch_size=null: the "
+                                          r"architecture's own\): use 16 or 32 \(or set model.patch_size\)"):
+        load_config(REPO / "recipes" / recipe, vit + overrides)
+    fits = [o.replace("=28", "=32").replace("=12", "=16") for o in overrides]
+    assert load_config(REPO / "recipes" / recipe, vit + fits).model.patch_size is None
+    cnn = load_config(REPO / "recipes/demo_simclr.yaml", ["data.train=x", "model.arch=resnet18",
+                                                          "model.patch_size=null", "crops.global_size=28"])
+    assert cnn.crops.global_size == 28

@@ -2,9 +2,11 @@
 
 import copy
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerTIMM
 
 from sslpipe.models import (
@@ -20,6 +22,9 @@ from sslpipe.models import (
 )
 from sslpipe.models.backbones import vit_pos_embed
 from sslpipe.models.ema import disable_dropout
+from sslpipe.recipes import get_recipe, load_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_vit(**kw):
@@ -353,3 +358,105 @@ def test_disable_dropout_makes_a_train_mode_vit_deterministic():
         assert not torch.equal(vit(x), vit(x))
         assert disable_dropout(vit) is vit and vit.training
         assert torch.equal(vit(x), vit(x))
+
+
+def _draws_differ(net: torch.nn.Module, x: torch.Tensor) -> bool:
+    with torch.no_grad():
+        return not torch.equal(net(x), net(x))
+
+
+@pytest.mark.parametrize("rope_kwargs", [{"rope_rescale_coords": 2}, {"rope_shift_coords": 0.5},
+                                         {"rope_jitter_coords": 1.5}, {"patch_drop_rate": 0.3}])
+def test_disable_dropout_fixes_a_train_mode_eva_teacher(rope_kwargs):
+    """DINOv3's Eva in train mode redraws its RoPE coordinates at every call when a coordinate augmentation is set
+    (the official 7B configs: rescale 2), and its patch dropout is timm's PatchDropoutWithIndices; the official
+    teacher (eval mode) has neither, so disable_dropout switches both off and the targets repeat exactly."""
+    torch.manual_seed(0)
+    vit = create_backbone("vit_small_patch16_dinov3", img_size=32, patch_size=4, depth=1, embed_dim=32, num_heads=2,
+                          **rope_kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    assert vit.training and _draws_differ(vit, x)  # the student: augmented
+    assert disable_dropout(vit) is vit and vit.training and not _draws_differ(vit, x)
+    assert not vit.rope.aug_active
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv3_small_050", "densenet121"])
+def test_disable_dropout_zeroes_the_functional_drop_rate_of_a_cnn(arch):
+    """timm CNNs apply `drop_rate` with F.dropout to their pooled feature (forward_head, before pre_logits): a DINO
+    teacher in train mode (BatchNorm batch statistics) would drop 30 % of its features at random."""
+    torch.manual_seed(0)
+    cnn = create_backbone(arch, img_size=32, drop_rate=0.3)
+    x = torch.randn(4, 3, 32, 32)
+    assert _draws_differ(cnn, x)
+    disable_dropout(cnn)
+    rates = [m.drop_rate for m in cnn.modules() if hasattr(m, "drop_rate")]  # DenseNet: in every dense layer
+    assert cnn.training and rates and not any(rates) and not _draws_differ(cnn, x)
+
+
+def test_a_dino_cnn_teacher_with_drop_rate_gives_the_same_features_twice():
+    cfg = load_config(REPO / "recipes/demo_dino.yaml", ["data.train=x", "model.arch=resnet18", "model.patch_size=null",
+                                                        "model.drop_path_rate=0", "model.kwargs={drop_rate: 0.3}"])
+    recipe = get_recipe("dino")(cfg)
+    recipe.build(Accelerator(cpu=True))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert recipe.teacher.training and torch.equal(recipe.teacher(x)[1], recipe.teacher(x)[1])
+        assert not torch.equal(recipe.student(x)[1], recipe.student(x)[1])  # the student keeps its dropout
+
+
+@pytest.mark.parametrize("recipe", ["demo_ibot.yaml", "demo_dinov2.yaml", "demo_dinov3.yaml"])
+def test_patch_dropout_is_refused_with_masked_patch_targets(recipe):
+    """The student's patch dropout keeps a random subset of its patch tokens, so the masked positions would index
+    other tokens (or none: IndexError); refused at build, naming the key. DINO (CLS only) keeps it."""
+    kwargs = "model.kwargs={embed_dim: 32, depth: 1, num_heads: 2, patch_drop_rate: 0.1}"
+    cfg = load_config(REPO / "recipes" / recipe, ["data.train=x", kwargs])
+    with pytest.raises(ValueError, match=r"^model.kwargs.patch_drop_rate=0.1: .*remove patch_drop_rate from "
+                                         r"model.kwargs") as refused:
+        get_recipe(cfg.method)(cfg).build(Accelerator(cpu=True))
+    assert "\n" not in str(refused.value)
+    dino = load_config(REPO / "recipes/demo_dino.yaml", ["data.train=x", kwargs])
+    built = get_recipe("dino")(dino)
+    built.build(Accelerator(cpu=True))
+    assert built.student.backbone.vit.patch_drop.prob == 0.1 and built.teacher.backbone.vit.patch_drop.prob == 0.0
+
+
+@pytest.mark.parametrize("arch", ["dla46_c", "ghostnet_050"])
+def test_a_cnn_without_stochastic_depth_builds_at_rate_0_and_is_refused_above(arch):
+    """Their constructors take no drop_path_rate: passed at 0 as well, it made every method fail on them with a
+    message that blamed num_classes."""
+    model = create_backbone(arch, img_size=32)
+    assert pooled_features(model.eval(), torch.randn(2, 3, 32, 32)).shape == (2, backbone_embed_dim(model))
+    with pytest.raises(ValueError, match=rf"^model.drop_path_rate=0.1: {arch} has no stochastic depth; set it to 0$"):
+        create_backbone(arch, img_size=32, drop_path_rate=0.1)
+    with pytest.raises(ValueError, match=rf"timm.create_model\('{arch}'\) rejected the model arguments "
+                                         r"\['dpeth', 'num_classes'\]: .*'dpeth'"):
+        create_backbone(arch, img_size=32, dpeth=2)
+
+
+def test_rate_0_is_still_passed_where_timm_defaults_to_stochastic_depth():
+    """fasternet_s's entrypoint defaults to drop_path_rate 0.1: model.drop_path_rate=0 must give none, so the rate
+    is passed whenever the architecture takes it; the rejected arguments' list names drop_path_rate then."""
+    def rates(model):
+        return [m.drop_prob for m in model.modules() if isinstance(getattr(m, "drop_prob", None), float)]
+    assert max(rates(create_backbone("fasternet_s", img_size=32, drop_path_rate=0.2))) == pytest.approx(0.2)
+    assert not any(rates(create_backbone("fasternet_s", img_size=32, drop_path_rate=0.0)))
+    with pytest.raises(ValueError, match=r"rejected the model arguments \['dpeth', 'drop_path_rate', 'num_classes'\]"):
+        create_backbone("resnet18", img_size=32, dpeth=2)
+
+
+@pytest.mark.parametrize("batch", [3, 4])
+def test_masked_vit_gives_each_block_its_own_table_of_a_rope_mixed_eva(batch):
+    """timm's rope_mixed Eva (vit_*_rope_mixed_*) learns one RoPE table per block, (depth, heads, N, dim), and its
+    forward hands block i table i; the whole table broadcast against a batch of `depth` images (batch 3) or failed
+    (batch 4). Frequencies made different per block, so a block given another block's table shows."""
+    torch.manual_seed(0)
+    vit = create_backbone("vit_small_patch16_rope_mixed_224", img_size=32, patch_size=8, depth=3, embed_dim=32,
+                          num_heads=2, global_pool="token").eval()
+    assert vit.rope_mixed
+    with torch.no_grad():
+        vit.rope.freqs.add_(2.0 * torch.randn_like(vit.rope.freqs))
+        for block in vit.blocks:
+            block.attn.qkv.weight.mul_(8)
+        x = torch.randn(batch, 3, 32, 32)
+        ref = vit.forward_features(x)
+        torch.testing.assert_close(MaskedViT(vit, mask_token=True).eval()(x), ref, rtol=0, atol=1e-5)

@@ -104,8 +104,10 @@ def test_crop_attention_is_timms_attention_per_crop(device: str) -> None:
 
 
 @pytest.mark.parametrize("recipe, key, overrides, message", [
-    ("demo_dinov3.yaml", "dinov3", ["crops.n_local=4"], "vit_small_patch16_dinov3 is a timm Eva ViT"),
-    ("demo_dinov2.yaml", "dinov2", ["crops.n_local=4", "model.arch=vit_small_patch16_dinov3"], "is a timm Eva ViT"),
+    ("demo_dinov3.yaml", "dinov3", ["crops.n_local=4", "crops.local_size=12"],
+     "vit_small_patch16_dinov3 is a timm Eva ViT"),
+    ("demo_dinov2.yaml", "dinov2", ["crops.n_local=4", "crops.local_size=12", "model.arch=vit_small_patch16_dinov3"],
+     "is a timm Eva ViT"),
     ("demo_ibot.yaml", "ibot", ["model.arch=vit_small_patch16_dinov3"], "is a timm Eva ViT"),
     ("demo_dinov2.yaml", "dinov2", ["crops.n_local=0"], "crops.n_local is 0, so there is nothing to pack"),
     ("demo_ibot.yaml", "ibot", ["model.kwargs={depth: 1, attn_layer: x}"], "model.kwargs.attn_layer and ibot"),
