@@ -8,7 +8,9 @@ runs with different batch sizes or process counts line up. Sections: losses (eve
 decay, and the teacher's momentum and temperature for methods with one), kNN, health (entropies, RankMe, embedding
 std), throughput, evaluation (mIoU, box / mask AP), any other metric logged, the last value of every metric, events,
 prediction overlays (`RUN/predictions/*.png`) and other pictures of the run, and each run's config and command.
-A key logged twice at one step (a run resumed from an earlier checkpoint logs those steps again) keeps its last value.
+Only the run's current trajectory is shown (`sslpipe.metrics_log`): lines written before a resume with a step after
+its checkpoint's (the steps a killed run logs again, or a trajectory abandoned by a roll-back to an older checkpoint)
+are left out, and the Summary counts them. A key logged twice at one step keeps its last value.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from sslpipe.losses.health import EMBEDDING_PREFIXES, HEALTH_KEYS
+from sslpipe.metrics_log import current_trajectory, read_records
 from sslpipe.viz.figures import pyplot, save_figure
 
 _NOT_SERIES = ("step", "epoch", "time", "world_size")
@@ -46,6 +49,7 @@ class RunLog:
     events: list[dict[str, Any]] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     world_size: int | None = None
+    replaced: int = 0  # records of trajectories a resume replaced (not shown)
 
     @property
     def method(self) -> str:
@@ -78,7 +82,8 @@ def _number(value: Any) -> float | None:
 
 
 def read_run(path: str | Path, label: str | None = None) -> RunLog:
-    """Read `metrics.jsonl` and `config.yaml` of a run directory (a half-written last line is skipped)."""
+    """Read `metrics.jsonl` and `config.yaml` of a run directory: the current trajectory's records only (a line cut
+    by a crash is skipped, `sslpipe.metrics_log`)."""
     path = Path(path)
     metrics, config = path / "metrics.jsonl", path / "config.yaml"
     if not metrics.is_file() and not config.is_file():
@@ -86,12 +91,10 @@ def read_run(path: str | Path, label: str | None = None) -> RunLog:
     config_text = config.read_text() if config.is_file() else ""
     run = RunLog(path=path, label=label or path.name, config=(yaml.safe_load(config_text) or {}) if config_text else {},
                  config_text=config_text)
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
+    read = read_records(metrics) if metrics.is_file() else []
+    records = current_trajectory(read)
+    run.replaced = len(read) - len(records)
+    for record in records:
         if isinstance(record.get("time"), (int, float)):
             run.times.append(float(record["time"]))
         if "event" in record:
@@ -244,6 +247,8 @@ def _summary(run: RunLog) -> list[tuple[str, str]]:
              or (c.get("model") or {}).get("arch", "?")),  # finetune.backbone: a run of sslpipe 0.1
             ("processes x batch x accumulation", f"{world} x {batch} x {train.get('grad_accum_steps', 1)}"),
             ("steps / epochs logged", f"{steps} / {epochs:g}"),
+            *([("lines of trajectories a resume replaced (not shown)", str(run.replaced))]
+              if run.replaced else []),
             ("wall time (first to last log line)", f"{wall / 60:.1f} min" if wall is not None else "?"),
             ("mean images/s", _fmt(sum(speed) / len(speed)) if speed else "not logged")]
     rows += [(f"last {key}", _fmt(run.last(key))) for key in ["loss", *knn, "mIoU", "bbox/AP", "segm/AP"]
@@ -295,12 +300,26 @@ def _curves_html(logs: Sequence[RunLog], out: Path) -> list[tuple[str, str, str]
             content = f"<p class='about'>{_e(section.about)}</p><img src='{png.name}' alt='{_e(alt)}'>"
             blocks.append((section.name, section.title, content))
         elif section.name == "knn" and pretraining:
-            every = ", ".join(f"{run.label}: {_eval_every(run.config)}" for run in pretraining)
-            note = (f"<p class='about'>Not logged during training (eval.every_epochs {_e(every)}): set it to "
-                    "probe every N epochs, or run <code>sslpipe knn RUN/export/teacher --data SHARDS</code> on the "
-                    "export.</p>")
+            notes = "".join(f"<li>{_e(_no_knn(run))}</li>" for run in pretraining)
+            note = (f"<p class='about'>No kNN probe logged:</p><ul>{notes}</ul><p class='about'>Any export can be "
+                    "probed: <code>sslpipe knn RUN/export/teacher --data SHARDS</code>.</p>")
             blocks.append(("knn", section.title, note))
     return blocks
+
+
+def _no_knn(run: RunLog) -> str:
+    """Why a pretraining run has no kNN line: probing is off, or the run has not reached its first probe."""
+    every = _eval_every(run.config)
+    if not every:
+        return f"{run.label}: eval.every_epochs is 0 (off); set it to N to probe every N epochs during training."
+    epochs = max((e for series in run.series.values() for e, _ in series.values()), default=None)
+    first = f"the first probe runs at the end of epoch {every} (eval.every_epochs={every})"
+    if epochs is None:
+        return f"{run.label}: no evaluation logged yet: the run logged no training line; {first}."
+    if epochs < every:
+        return f"{run.label}: no evaluation logged yet: the run's lines end at epoch {epochs:g}; {first}."
+    return (f"{run.label}: no probe result logged although the run's lines reach epoch {epochs:g}; {first}, and a "
+            "run stopped during it logs none.")
 
 
 def _pictures_html(logs: Sequence[RunLog], out: Path) -> str:

@@ -11,6 +11,7 @@ unless resize/crop are given), so the features are those `sslpipe knn` measures.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -110,7 +111,9 @@ def show(export: str | Path, out: str | Path, spec: FeatureSpec, *, data: ProbeD
     if data is None:
         say("neighbours and embedding map skipped: they need --data SHARDS (train and val splits)")
     else:
-        train_x, train_y = extract_features(model, data.train, spec, split=data.train_split,
+        # read in stream order, as `read_samples` fetches the images: with loader workers, position i of the
+        # features would be another image (the workers' batches interleave)
+        train_x, train_y = extract_features(model, data.train, replace(spec, num_workers=0), split=data.train_split,
                                             max_samples=data.max_train, progress=progress)
         sims, idx = nearest(train_x, query_feats, k)
         found = read_samples(data.train, data.train_split, sorted(set(idx.flatten().tolist())))

@@ -2,7 +2,9 @@
 files beside it (no network), and draws fine-tuning runs and several runs on the same axes."""
 from __future__ import annotations
 
+import html
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from PIL import Image
 
 from sslpipe.cli import main
 from sslpipe.engine.trainer import train
+from sslpipe.metrics_log import RESUMED
 from sslpipe.recipes import load_config
 from sslpipe.viz.report import read_run, write_report
 
@@ -133,3 +136,65 @@ def test_finetune_runs_on_the_same_axes(tmp_path: Path, capsys: pytest.CaptureFi
     assert "iou/cat" in text and "0.25" in text  # per-class IoU and the last mIoU in the table of last values
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def write_pretraining_run(run: Path, records: list[dict], every_epochs: int = 1) -> Path:
+    """A DINOv2 run directory of 4 steps per epoch with these metrics.jsonl records (none: no metrics.jsonl)."""
+    run.mkdir(parents=True)
+    config = {"method": "dinov2", "data": {"batch_size": 16, "steps_per_epoch": 4},
+              "eval": {"every_epochs": every_epochs}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    if records:
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+def table(text: str, anchor: str) -> list[list[str]]:
+    """The rows (header first) of the page's table under `anchor`, their cells unescaped."""
+    part = text.split(f"id='{anchor}'")[1].split("</table>")[0]
+    return [[html.unescape(c) for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", part)]
+
+
+def test_a_rolled_back_run_shows_only_its_current_trajectory(tmp_path: Path) -> None:
+    """Trajectory A logs steps 2-8 (kNN at 4 and 8); the run is rolled back to step 4 with another lr and stops at
+    step 5. A's steps 6 and 8, its step-8 kNN and its step-8 event are not the run's any more."""
+    line = lambda step, loss, lr: {"step": step, "epoch": step / 4, "loss": loss, "lr": lr,  # noqa: E731
+                                   "time": 100.0 + step}
+    records = [line(2, 9.5, 1e-5), line(4, 9.2, 2e-5), {"step": 4, "epoch": 1, "knn/top1_k20": 0.31},
+               line(6, 8.98, 2.6e-5), line(8, 8.888, 2.608e-05), {"step": 8, "epoch": 2, "knn/top1_k20": 0.3},
+               {"step": 8, "event": "loader skipped", "corrupt_samples": 0},
+               {"step": 4, "event": RESUMED, "checkpoint": "rb/checkpoints/step_00000004"}, line(5, 9.037, 1e-3)]
+    run_dir = write_pretraining_run(tmp_path / "rb", records)
+    run = read_run(run_dir)
+    assert run.points("loss") == ([0.5, 1.0, 1.25], [9.5, 9.2, 9.037])
+    assert run.last("knn/top1_k20") == 0.31 and run.last("lr") == 1e-3
+    text = write_report([run_dir]).read_text()
+    summary = {row[0]: row[1:] for row in table(text, "summary")}
+    assert summary["steps / epochs logged"] == ["5 / 1.25"]
+    assert summary["lines of trajectories a resume replaced (not shown)"] == ["4"]
+    assert summary["last loss"] == ["9.037"] and summary["last knn/top1_k20"] == ["0.31"]
+    last = {row[0]: row[1:] for row in table(text, "last")}
+    assert last["loss"] == ["9.037"] and last["lr"] == ["0.001"] and last["knn/top1_k20"] == ["0.31"]
+    assert table(text, "events") == [["run", "step", "event", "details"],  # A's step-8 event is gone
+                                     ["rb", "4", RESUMED, '{"checkpoint": "rb/checkpoints/step_00000004"}']]
+
+
+def test_the_knn_note_says_why_no_probe_was_logged(tmp_path: Path) -> None:
+    """eval.every_epochs=1 stopped at step 3 of 4 and one that crashed before its first line: no probe yet, not
+    "set it"; eval.every_epochs=0: set it."""
+    lines = [{"step": s, "epoch": s / 4, "loss": 9.0, "time": 100.0 + s} for s in (1, 2, 3)]
+    half = write_pretraining_run(tmp_path / "half", lines)
+    crashed = write_pretraining_run(tmp_path / "crashed", [], every_epochs=2)
+    off = write_pretraining_run(tmp_path / "off", lines, every_epochs=0)
+    text = html.unescape(write_report([half, crashed, off], tmp_path / "cmp").read_text())
+    note = text.split("id='knn'")[1].split("<h2")[0]
+    items = re.findall(r"<li>(.*?)</li>", note)
+    assert items == [
+        "half: no evaluation logged yet: the run's lines end at epoch 0.75; the first probe runs at the end of "
+        "epoch 1 (eval.every_epochs=1).",
+        "crashed: no evaluation logged yet: the run logged no training line; the first probe runs at the end of "
+        "epoch 2 (eval.every_epochs=2).",
+        "off: eval.every_epochs is 0 (off); set it to N to probe every N epochs during training."]
+    for run in (half, crashed):
+        assert "set it" not in write_report([run]).read_text()

@@ -3,6 +3,7 @@ the features, neighbours are the cosine top-k, and the command writes its four P
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,14 @@ from helpers import one_line_error
 from PIL import Image
 
 from sslpipe.cli import main
+from sslpipe.data.manifest import read_manifest
+from sslpipe.eval.features import prepare_backbone
 from sslpipe.eval.spec import FeatureSpec, ProbeData
 from sslpipe.models.backbones import has_class_token
+from sslpipe.recipes import load_config
 from sslpipe.viz import attention as attention_module
 from sslpipe.viz import neighbours as neighbours_module
+from sslpipe.viz import show as show_module
 from sslpipe.viz.attention import (
     cls_attention,
     draw_attention,
@@ -288,6 +293,41 @@ def test_show_writes_four_pngs_and_logs_them(digits_shards: Path, tmp_path: Path
                         "of the kNN probe's features (label and similarity under each)."]
 
 
+def test_neighbours_drawn_are_the_images_found_with_loader_workers(digits_shards: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec with 2 loader workers (as `sslpipe knn --workers 2` builds it; batches of 16 from 12 train shards
+    interleave, so the workers' order is not the stream order): each drawn neighbour is the image whose feature was
+    found -- its own feature has the similarity written under it, and its label is its caption."""
+    export = export_tiny_vit(tmp_path / "export")
+    spec = FeatureSpec.from_export(export, num_workers=2, batch_size=16)
+    fetched, found, drawn = {}, {}, {}
+    real_read, real_nearest, real_draw = show_module.read_samples, show_module.nearest, show_module.draw_neighbours
+
+    def nearest(train: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        found["queries"], (found["sims"], found["idx"]) = queries, real_nearest(train, queries, k)
+        return found["sims"], found["idx"]
+
+    monkeypatch.setattr(show_module, "read_samples", lambda shards, split, indices: fetched.setdefault(
+        split, real_read(shards, split, indices)))
+    monkeypatch.setattr(show_module, "nearest", nearest)
+    monkeypatch.setattr(show_module, "draw_neighbours", lambda *a, **kw: drawn.update(names=a[3]) or real_draw(
+        *a, **kw))
+    data = ProbeData(str(digits_shards), str(digits_shards), max_train=96, max_val=40)
+    show(export, tmp_path / "show", spec, data=data, n=3, k=4, progress=False)
+
+    queries, sims, idx = found["queries"], found["sims"], found["idx"]
+    classes = read_manifest(str(digits_shards))["classes"]
+    model, _ = prepare_backbone(export, spec)
+    transform = spec.transform()
+    for row in range(3):
+        images = torch.stack([transform(fetched["train"][i][0]) for i in idx[row].tolist()])
+        with torch.no_grad():
+            own = spec.feature_fn()(model, images).float()
+        torch.testing.assert_close(F.cosine_similarity(own, queries[row][None], dim=-1), sims[row], rtol=0,
+                                   atol=1e-5)
+        assert [classes[fetched["train"][i][1]] for i in idx[row].tolist()] == drawn["names"][row]
+
+
 def test_show_command_on_image_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     export = export_tiny_vit(tmp_path / "export")
     files = []
@@ -304,3 +344,18 @@ def test_show_command_on_image_files(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = one_line_error(["show", str(export), "--images", str(files[0]), str(broken), "--out",
                           str(tmp_path / "bad")], capsys)
     assert f"image {broken} cannot be read" in err
+
+
+def test_readme_probes_the_demo_export_at_the_demos_size() -> None:
+    """Every README command on the demo's export that sets --resize / --crop (knn, qscore, embed, show) uses the
+    size the demo trains its default recipe at and probes with (`demo.py`: --resize and --crop = crops.global_size),
+    so `show` pictures what the probe measures and `knn` repeats the demo's number."""
+    from sslpipe.demo import DEFAULT_RECIPE
+
+    size = load_config(DEFAULT_RECIPE).crops.global_size
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if "runs/demo/pretrain/export/teacher " in line
+             and re.search(r"--(resize|crop) ", line)]
+    assert len(lines) == 4  # knn, qscore, embed, show
+    for line in lines:
+        assert re.findall(r"--(?:resize|crop) (\d+)", line) == [str(size)] * 2, line
