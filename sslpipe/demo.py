@@ -18,8 +18,10 @@ from sslpipe.data.manifest import read_manifest
 from sslpipe.engine.trainer import train
 from sslpipe.eval.knn import knn_classify, run_knn
 from sslpipe.eval.spec import FeatureSpec, ProbeData
+from sslpipe.files import write_text_atomic
 from sslpipe.ingest.options import ShardOptions
 from sslpipe.ingest.shards import write_shards
+from sslpipe.metrics_log import current_trajectory, read_records
 from sslpipe.models.backbones import backbone_args, create_backbone
 from sslpipe.recipes import load_config
 from sslpipe.viz.report import write_report
@@ -89,8 +91,7 @@ def _plot(run_dir: Path, table: dict[str, float], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps, losses = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+    for rec in current_trajectory(read_records(run_dir / "metrics.jsonl")):  # a re-run demo resumes its run
         if "loss" in rec and "step" in rec:
             steps.append(rec["step"])
             losses.append(rec["loss"])
@@ -166,7 +167,7 @@ def run_demo(out: str | Path = "runs/demo", *, recipe: str | Path | None = None,
              "raw pixels": raw["k"][20]["top1"]}
     png = run_dir / "demo.png"
     _plot(run_dir, table, png)
-    (out / "demo_result.json").write_text(json.dumps({"knn_top1_k20": table, "run": str(run_dir)}, indent=2))
+    write_text_atomic(out / "demo_result.json", json.dumps({"knn_top1_k20": table, "run": str(run_dir)}, indent=2))
 
     print(f"\nkNN top-1 on the Fashion-MNIST val split (k=20, T=0.07), {time.time() - start:.0f} s in all")
     print(f"  {'backbone':<14} top-1")

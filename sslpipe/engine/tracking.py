@@ -27,12 +27,16 @@ WANDB_ID_FILE = "wandb_run_id"
 class JsonlWriter:
     """Append one JSON object per line, unbuffered, so a crash loses at most the line being written; a line that
     cannot be written in full (disk full) is cut off again and raises `WriteFailed`, so the file never holds half a
-    line."""
+    line. A line a kill cut (no newline at the end of the file) is ended first, so the next record (a resume's
+    `resumed` event) starts a line of its own."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        if end and os.pread(self._fd, 1, end - 1) != b"\n":
+            os.write(self._fd, b"\n")
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: _jsonable(v) for k, v in record.items()}

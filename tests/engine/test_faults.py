@@ -519,6 +519,22 @@ def test_disk_full_when_writing_metrics(tmp_path: Path, small_disk: types.Simple
     assert_same_weights(train(toy_cfg(runs, "metrics-full"), resume="auto"), reference)
 
 
+def test_a_line_cut_by_a_kill_is_ended_before_the_next_start_appends(tmp_path: Path) -> None:
+    """A kill mid-line leaves metrics.jsonl without its last newline: the next start's first record (a resume's
+    `resumed` event) gets a line of its own instead of being glued to the cut one."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 2, "loss": 1.5}\n{"step": 4, "lo')
+    writer = tracking.JsonlWriter(metrics)
+    writer.write({"step": 2, "event": "resumed"})
+    writer.close()
+    lines = metrics.read_text().splitlines()
+    assert lines[1] == '{"step": 4, "lo' and json.loads(lines[2])["event"] == "resumed" and len(lines) == 3
+    writer = tracking.JsonlWriter(metrics)  # a whole file gets no blank line
+    writer.write({"step": 3})
+    writer.close()
+    assert metrics.read_text().count("\n") == 4 and "\n\n" not in metrics.read_text()
+
+
 def test_disk_full_during_an_export_keeps_the_earlier_export(tmp_path: Path, small_disk: types.SimpleNamespace,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import timm
