@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from sslpipe.config.core import SAVED_READ, RunConfig, SavedRead
+from sslpipe.files import write_text_atomic
 
 
 class ConfigError(ValueError):
@@ -305,9 +306,10 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def save_config(cfg: RunConfig, path: str | Path, header: str | None = None) -> Path:
     """Write the resolved config as YAML (what the loader reads back to the same config); `header` becomes comment
-    lines on top (the command-line overrides), every line of it commented: an override may hold a newline."""
+    lines on top (the command-line overrides), every line of it commented: an override may hold a newline. Written
+    atomically: a resume rewrites the run's only copy, which a full disk part-way must leave whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = dump_yaml(config_to_dict(cfg))
-    path.write_text("".join(f"# {line}\n" for line in (header or "").splitlines()) + text)
+    write_text_atomic(path, "".join(f"# {line}\n" for line in (header or "").splitlines()) + text)
     return path

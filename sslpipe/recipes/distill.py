@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from sslpipe.config import RunConfig, Section
 from sslpipe.data.distill_views import ConsistentView, collate_views
 from sslpipe.data.stream import build_loader, count_samples
+from sslpipe.files import write_text_atomic
 from sslpipe.losses.cosine_distill import cosine_distill_loss
 from sslpipe.losses.dense_distill import dense_distill_loss
 from sslpipe.losses.health import embedding_health
@@ -201,7 +202,8 @@ class DistillRecipe(Recipe):
         if accelerator.is_main_process and accelerator.project_dir:
             record = {"teacher": str(Path(d.teacher).resolve()), "architecture": export.get("architecture"),
                       "sha256": self.teacher_sha256}
-            (Path(accelerator.project_dir) / "distill_teacher.json").write_text(json.dumps(record, indent=1) + "\n")
+            write_text_atomic(Path(accelerator.project_dir) / "distill_teacher.json",
+                              json.dumps(record, indent=1) + "\n")  # rewritten at every build: never left cut
 
     def _teacher_features(self, x01: Tensor) -> tuple[Tensor, Tensor]:
         """The teacher's pooled feature and map of images in [0, 1], at its size and normalisation."""

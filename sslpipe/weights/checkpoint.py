@@ -20,6 +20,7 @@ MODEL, OPTIMIZER, SCALER = "model.safetensors", "optimizer.safetensors", "scaler
 EXTRA_STATE = "extra_state.safetensors"
 BEST_FILE = "best.json"
 FILES = "files"  # trainer_state.json: {relative path: {"bytes": n, "sha256": hex}} of every other file
+STATE_DIGEST = "state_sha256"  # trainer_state.json: the sha256 of its own canonical JSON without this key
 
 
 class CheckpointInvalid(ValueError):

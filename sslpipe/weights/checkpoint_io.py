@@ -3,7 +3,8 @@
 A checkpoint holds the student (`model.safetensors`), the optimizer (`optimizer.safetensors`: tensors + JSON
 metadata), one `rng_state_{rank}.safetensors` per process, `scaler.json` under fp16, the recipe's extra state
 (`extra_state.safetensors`: EMA teacher, centres, queues) and `trainer_state.json` (global step, epoch, position in
-the epoch, world size, last metrics, best value, and `files`: the size and sha256 of every other file). Nothing is a
+the epoch, world size, last metrics, best value, `files`: the size and sha256 of every other file, and
+`state_sha256`: the digest of its own content). Files get the umask's mode (0644 under umask 022). Nothing is a
 pickle, so resuming a checkpoint from elsewhere cannot run code (`sslpipe.weights.state_io`). A sharded (FSDP2)
 run writes the same files, its whole tensors gathered first (`sslpipe.weights.sharded_state`), so any run resumes
 sharded or not, on any number of processes.
@@ -35,7 +36,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from sslpipe.errors import WriteFailed, io_failure
-from sslpipe.files import write_text_atomic
+from sslpipe.files import set_default_mode, with_digest, write_text_atomic
 from sslpipe.weights import sharded_state, state_io
 from sslpipe.weights.checkpoint import (
     BEST_FILE,
@@ -44,6 +45,7 @@ from sslpipe.weights.checkpoint import (
     MODEL,
     OPTIMIZER,
     SCALER,
+    STATE_DIGEST,
     TRAINER_STATE,
     CheckpointInvalid,
     interrupted_swaps,
@@ -87,6 +89,7 @@ def _failed_write(what: str) -> Iterator[None]:
 def _write(path: Path, write: Callable[[Path], None]) -> None:
     with _failed_write(f"could not write {path}"):
         write(path)
+        set_default_mode(path)  # safetensors' private temporary file is 0600: a shared run's others could not read it
     after_file_written(path)
 
 
@@ -136,7 +139,7 @@ def _write_process_files(accelerator: Any, tmp: Path, extra_state: dict[str, tor
 def _complete(tmp: Path, final: Path, trainer_state: dict[str, Any], keep_last: int, metric: float | None) -> None:
     """Main process: sync and hash every file into trainer_state.json (last), rename, track the best, prune."""
     with _failed_write(f"could not sync {tmp}"):
-        state = {**trainer_state, FILES: _file_table(tmp)}
+        state = with_digest({**trainer_state, FILES: _file_table(tmp)}, STATE_DIGEST)
     _write(tmp / TRAINER_STATE, lambda p: p.write_text(json.dumps(state, indent=2)))
     aside = final.with_name(f".old-{final.name}")
     with _failed_write(f"could not complete {final}"):

@@ -2,27 +2,33 @@
 
 An export folder holds `model.safetensors` (the plain timm model's state dict, no pickles) and `config.json` (timm
 architecture name + the model arguments that re-create it, image size, normalisation, where the weights came from,
-and the sha256 of `model.safetensors`, which `sslpipe check` compares). Both are written under temporary names and
-renamed; a failed write removes them and leaves an earlier export as it was. `export_run`
+the sha256 of `model.safetensors`, and `config_sha256`, the digest of config.json's own content; `sslpipe check`
+compares both). All files are written under temporary names and renamed together (`staged_export`); a failed write
+or check removes them and leaves an earlier export as it was. A file, or a folder that holds no sslpipe export but
+files it would replace (`sslpipe export`: any file), is refused as the output unless forced. `export_run`
 (`sslpipe.weights.run_export`) and `sslpipe import` (`sslpipe.weights.importing`) also write `README.md`, a model
 card (`sslpipe.weights.card`), so the folder can be published to a model hub as it is. It loads in plain timm,
 without sslpipe:
 
     timm.create_model(cfg["architecture"], pretrained=True,
-                      pretrained_cfg_overlay=dict(file=".../model.safetensors", custom_load=False),
+                      pretrained_cfg_overlay=dict(file=".../model.safetensors", custom_load=False, mean=cfg["mean"],
+                                                  std=cfg["std"], input_size=(3, cfg["img_size"], cfg["img_size"]),
+                                                  interpolation=cfg["interpolation"]),
                       **cfg["model_args"])
 
 (`model_args` holds `num_classes=0`; `custom_load=False`: timm before 1.0.31 otherwise hands a ViT's file to its JAX
 `.npz` reader, as its published ViT configs ask). timm reads a `file` overlay from disk (no download is attempted);
 since `num_classes=0` differs from the architecture's default pretrained config it drops classifier keys and loads
-non-strictly, so `load_backbone` loads strictly itself and the export is checked right after writing by reloading it
-and comparing outputs.
+non-strictly, so `load_backbone` loads strictly itself, and the staged export is checked before it replaces anything
+by reloading it and comparing outputs.
 """
 from __future__ import annotations
 
 import json
 import re
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -34,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sslpipe.errors import WriteFailed, io_failure
+from sslpipe.files import set_default_mode, with_digest, write_text_atomic
 from sslpipe.weights.hashing import sha256_file, tensor_digest
 from sslpipe.weights.positions import export_position_rule, fit_position_grid
 
@@ -41,6 +48,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 FORMAT = "sslpipe-backbone/1"
+CONFIG_DIGEST = "config_sha256"  # config.json: the sha256 of its own canonical JSON without this key
 # Keys that belong to the training wrapper, never to the timm model (iBOT's learnable mask token).
 TRAINING_ONLY_KEYS = ("mask_token",)
 
@@ -77,6 +85,153 @@ def create_timm_backbone(arch: str, img_size: int, patch_size: int | None, kwarg
     return timm.create_model(arch, pretrained=False, **args), args
 
 
+class StagedExport:
+    """The new files of an export folder, written beside the old ones under temporary names (`.tmp-NAME`) and renamed
+    into place together once all are written: an error or a full disk before that (heads refused, the model card's
+    inputs unreadable, the weights failing their check) leaves the earlier export -- weights, heads, config.json and
+    model card -- as it was. config.json goes last: until it is replaced, `sslpipe check` sees the half-swapped
+    folder (a hard kill) as damaged. `export_run` fills one through `staged_export`."""
+
+    def __init__(self, out: Path, config: dict[str, Any], previous: dict[str, Any]) -> None:
+        self.out, self.config, self.previous = out, config, previous
+        self.names: list[str] = []  # written so far, renamed in this order
+        self.card: Callable[[dict[str, Any]], str] | None = None  # the model card from the final config
+        self.same_weights = False  # the folder already held these weights (its ONNX graph and heads still hold)
+
+    def tmp(self, name: str) -> Path:
+        return self.out / f".tmp-{name}"
+
+    def write(self, name: str, write: Callable[[Path], None]) -> None:
+        """Write `name` through `write(temporary path)`, with the umask's mode, and record its sha256."""
+        self.names.append(name)
+        write(self.tmp(name))
+        set_default_mode(self.tmp(name))
+        self.config.setdefault("sha256", {})[name] = sha256_file(self.tmp(name))
+
+    def commit(self) -> list[Path]:
+        """config.json (with its own digest) and the card from it, then every file renamed into place; returns the
+        earlier export's ONNX graph and heads that these other weights make stale (the caller removes them)."""
+        config = with_digest(self.config, CONFIG_DIGEST)
+        self.names.append(CONFIG_NAME)
+        self.tmp(CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if self.card is not None:
+            self.names.insert(-1, CARD_NAME)
+            self.tmp(CARD_NAME).write_text(self.card(config))
+        stale = [] if self.same_weights else [p for p in _derived_files(self.out, self.previous)
+                                              if p.name not in self.names]
+        for name in self.names:
+            self.tmp(name).replace(self.out / name)
+        return stale
+
+    def discard(self) -> None:
+        for name in self.names:
+            self.tmp(name).unlink(missing_ok=True)
+
+
+_EXPORT_NAMES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, "heads.safetensors")
+
+
+def _refuse_foreign(out: Path, force: bool, exclusive: bool) -> dict[str, Any]:
+    """The config.json of the export in `out` ({} when none). A file, or a folder that holds no sslpipe export but
+    files the export would replace (another tool's weights and config.json, a user's README.md, a git-lfs pointer)
+    -- with `exclusive` (`sslpipe export`), any file -- is refused unless `force`, so nothing of theirs is
+    overwritten, or removed as a stale ONNX graph or heads."""
+    named = f"--out {out}" if exclusive else str(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{named} is a file, not a folder: name a new or empty folder for the export")
+    previous = _previous_config(out)
+    if previous.get("format") == FORMAT or force or not out.is_dir():
+        return previous if previous.get("format") == FORMAT else {}
+    leftovers = {f".tmp-{name}" for name in _EXPORT_NAMES}  # of a hard-killed export
+    theirs = sorted(p.name for p in out.iterdir() if p.name not in leftovers
+                    and (exclusive or p.name in _EXPORT_NAMES))
+    if theirs:
+        listed = ", ".join(theirs[:5]) + (" ..." if len(theirs) > 5 else "")
+        raise ValueError(f"{named} holds {listed} but no sslpipe export (no config.json with \"format\": "
+                         f"\"{FORMAT}\"): name a new or empty folder" + (
+                             " (`sslpipe export --force` writes into it anyway, replacing its files of the export's "
+                             "names)" if exclusive else ", so that none of these files is replaced"))
+    return {}
+
+
+@contextmanager
+def _write_failure(out: Path) -> Iterator[None]:
+    """A failed write (disk full, I/O error, no permission; safetensors' wrapped ones too) as one `WriteFailed`
+    naming the export."""
+    try:
+        yield
+    except Exception as err:
+        if io_failure(err) is None:
+            raise
+        raise WriteFailed(f"could not write the export {out}: {io_failure(err)}. Removed its temporary files; an "
+                          f"earlier export there is as it was. Free space (or fix the disk / permissions) and "
+                          "export again") from err
+
+
+@contextmanager
+def staged_export(
+    module: nn.Module,
+    out_dir: str | Path,
+    *,
+    arch: str,
+    model_args: Mapping[str, Any],
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    source: Mapping[str, Any],
+    force: bool = False,
+    exclusive: bool = False,
+) -> Iterator[StagedExport]:
+    """Stage `module` (a plain timm model) as `out_dir/model.safetensors` + `config.json`, checked by reloading it
+    from the staged files; the caller may add files (`heads.stage_heads`) and the model card (`.card`); leaving the
+    block renames everything into place, an exception removes the staged files. Keys named `mask_token`
+    (training-only, iBOT) are stripped; `model_args` are the keyword arguments of `timm.create_model(arch, ...)`
+    (num_classes is forced to 0). A file, or a folder that is no sslpipe export and holds files of the export's
+    names (`exclusive`: any file), is refused unless `force`."""
+    out = Path(out_dir)
+    previous = _refuse_foreign(out, force, exclusive)
+    state = {
+        k: v.detach().to("cpu").contiguous().clone()
+        for k, v in module.state_dict().items()
+        if k.split(".")[-1] not in TRAINING_ONLY_KEYS
+    }
+    config = {
+        "format": FORMAT,
+        "architecture": arch,
+        "model_args": {**dict(model_args), "num_classes": 0},
+        "num_features": int(getattr(module, "num_features", 0)),
+        "img_size": int(img_size),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "interpolation": "bicubic",
+        "source": dict(source),
+        "sslpipe_version": _version(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    staged = StagedExport(out, config, previous)
+    try:
+        with _write_failure(out):
+            out.mkdir(parents=True, exist_ok=True)
+            staged.write(WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt",
+                                                                                     "architecture": arch}))
+            config["tensor_digest"] = tensor_digest(staged.tmp(WEIGHTS_NAME))
+        staged.same_weights = bool(previous) and config["tensor_digest"] == weights_digest(out, previous)
+        if staged.same_weights:
+            _carry_derived(previous, config)
+        _verify(module, staged.tmp(WEIGHTS_NAME), config, out)
+        yield staged
+        with _write_failure(out):
+            stale = staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    for path in stale:
+        path.unlink()
+    if stale:
+        print(f"{out}: removed {', '.join(p.name for p in stale)} of the export these weights replace (write them "
+              "again with --onnx / --with-heads)", file=sys.stderr)
+
+
 def export_backbone(
     module: nn.Module,
     out_dir: str | Path,
@@ -87,71 +242,26 @@ def export_backbone(
     mean: Sequence[float],
     std: Sequence[float],
     source: Mapping[str, Any],
+    force: bool = False,
 ) -> Path:
-    """Write `module` (a plain timm model) as `out_dir/model.safetensors` + `config.json`, then reload and check.
-
-    `model_args` are the keyword arguments of `timm.create_model(arch, ...)` (num_classes is forced to 0). Keys named
-    `mask_token` (training-only, iBOT) are stripped. Returns `out_dir`.
-    """
-    out = Path(out_dir)
-    state = {
-        k: v.detach().to("cpu").contiguous().clone()
-        for k, v in module.state_dict().items()
-        if k.split(".")[-1] not in TRAINING_ONLY_KEYS
-    }
-    args = {**dict(model_args), "num_classes": 0}
-    config = {
-        "format": FORMAT,
-        "architecture": arch,
-        "model_args": args,
-        "num_features": int(getattr(module, "num_features", 0)),
-        "img_size": int(img_size),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "interpolation": "bicubic",
-        "source": dict(source),
-        "sslpipe_version": _version(),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    tmp_weights, tmp_config = out / (WEIGHTS_NAME + ".tmp"), out / (CONFIG_NAME + ".tmp")
-    previous = _previous_config(out)
-    derived: list[Path] = []
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(tmp_weights), metadata={"format": "pt", "architecture": arch})
-        config["sha256"] = {WEIGHTS_NAME: sha256_file(tmp_weights)}
-        config["tensor_digest"] = tensor_digest(tmp_weights)
-        if config["tensor_digest"] == weights_digest(out, previous):
-            _carry_derived(previous, config)  # the same weights again: their ONNX graph and heads still hold
-        else:
-            derived = _derived_files(out, previous)
-        tmp_config.write_text(json.dumps(config, indent=2) + "\n")
-        tmp_weights.replace(out / WEIGHTS_NAME)
-        tmp_config.replace(out / CONFIG_NAME)
-    except Exception as err:
-        tmp_weights.unlink(missing_ok=True)
-        tmp_config.unlink(missing_ok=True)
-        if io_failure(err) is None:
-            raise
-        raise WriteFailed(f"could not write the export {out}: {io_failure(err)}. Removed its temporary files; an "
-                          f"earlier export there is as it was. Free space (or fix the disk / permissions) and "
-                          "export again") from err
-    for path in derived:
-        path.unlink()
-    if derived:
-        print(f"{out}: removed {', '.join(p.name for p in derived)} of the export these weights replace (write them "
-              "again with --onnx / --with-heads)", file=sys.stderr)
-    _verify(module, out, img_size)
-    return out
+    """Write `module` (a plain timm model) as `out_dir/model.safetensors` + `config.json` (`staged_export`, nothing
+    added). Returns `out_dir`."""
+    with staged_export(module, out_dir, arch=arch, model_args=model_args, img_size=img_size, mean=mean, std=std,
+                       source=source, force=force):
+        pass
+    return Path(out_dir)
 
 
 def weights_digest(out: Path, config: dict[str, Any] | None = None) -> str | None:
     """The `tensor_digest` of the weights in the export folder `out`: as its config.json (or `config`) records it,
-    computed for an export of an older sslpipe; None without weights."""
+    computed for an export of an older sslpipe; None without weights, or with a file safetensors cannot read."""
     recorded = (config if config is not None else _previous_config(out)).get("tensor_digest")
     if recorded or not (out / WEIGHTS_NAME).is_file():
         return recorded
-    return tensor_digest(out / WEIGHTS_NAME)
+    try:
+        return tensor_digest(out / WEIGHTS_NAME)
+    except Exception:  # noqa: BLE001 -- safetensors raises its own error type for any unreadable file
+        return None
 
 
 def _previous_config(out: Path) -> dict[str, Any]:
@@ -174,8 +284,11 @@ def _carry_derived(previous: dict[str, Any], config: dict[str, Any]) -> None:
 
 
 def _derived_files(out: Path, previous: dict[str, Any]) -> list[Path]:
-    """The files an earlier export in `out` wrote from its weights (its ONNX graph and heads, recorded in its
-    config.json or under their usual names): stale once other weights are written there, so removed."""
+    """The files an earlier sslpipe export in `out` wrote from its weights (its ONNX graph and heads, recorded in its
+    config.json or under their usual names): stale once other weights are written there, so removed. None when
+    `out` held no sslpipe export (`previous` empty): those files are someone else's."""
+    if not previous:
+        return []
     names = {"model.onnx", "model.onnx.data", "heads.safetensors"}
     onnx, heads = previous.get("onnx"), previous.get("heads")
     names |= set((onnx.get("sha256") or {}) if isinstance(onnx, dict) else ())
@@ -185,15 +298,21 @@ def _derived_files(out: Path, previous: dict[str, Any]) -> list[Path]:
 
 
 @torch.no_grad()
-def _verify(module: nn.Module, out: Path, img_size: int) -> None:
-    """Reload the export and compare outputs on one random batch: catches wrong keys or model arguments."""
+def _verify(module: nn.Module, weights: Path, config: Mapping[str, Any], out: Path) -> None:
+    """Reload the staged weights as `load_backbone` will and compare outputs on one random batch: catches wrong keys
+    or model arguments before anything replaces an earlier export."""
     param = next(module.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    reloaded = load_backbone(out).to(device)
+    try:
+        reloaded = _build(config, weights, out / CONFIG_NAME).to(device).eval()
+    except RuntimeError as err:
+        raise RuntimeError(f"export check failed: the weights written for {out} do not load back: "
+                           f"{str(err).replace(str(weights), WEIGHTS_NAME)}") from err
     was_training = module.training
     module.eval()
     try:
-        x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
+        size = config["img_size"]
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
         expected, got = module(x).float(), reloaded(x).float()
     finally:
         module.train(was_training)
@@ -228,11 +347,7 @@ def load_backbone(path: str | Path) -> nn.Module:
     """
     weights, config_path = export_paths(path)
     cfg = json.loads(config_path.read_text())
-    model = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"])
-    try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
-    except RuntimeError as err:
-        raise RuntimeError(f"{weights} does not match {cfg['architecture']} with {config_path} model_args: {err}")
+    model = _build(cfg, weights, config_path)
     size = cfg["img_size"]
     model.pretrained_cfg = {
         **model.pretrained_cfg, "file": str(weights), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
@@ -241,11 +356,19 @@ def load_backbone(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def _build(cfg: Mapping[str, Any], weights: Path, config_path: Path) -> nn.Module:
+    """The timm model of an export's config, `weights` loaded strictly."""
+    model = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"])
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"{weights} does not match {cfg['architecture']} with {config_path} model_args: {err}")
+    return model
+
+
 def rewrite_config(config_path: Path, config: Mapping[str, Any]) -> None:
-    """Replace an export's config.json atomically (a temporary file renamed): a reader sees the old or the new one."""
-    tmp = config_path.with_name(CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    tmp.replace(config_path)
+    """Replace an export's config.json atomically, with its own digest recomputed (`sslpipe check` compares it)."""
+    write_text_atomic(config_path, json.dumps(with_digest(dict(config), CONFIG_DIGEST), indent=2) + "\n")
 
 
 def some_keys(keys: Sequence[str], n: int) -> str:

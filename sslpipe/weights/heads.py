@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from sslpipe.weights.export import export_paths, rewrite_config, some_keys
+from sslpipe.files import set_default_mode
+from sslpipe.weights.export import StagedExport, export_paths, rewrite_config, some_keys
 from sslpipe.weights.hashing import sha256_file
 from sslpipe.weights.state_dict import without_aliases
 from sslpipe.weights.verify import file_problems
@@ -76,15 +78,34 @@ def _as_built(state: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, 
     return out
 
 
+def _record(heads: dict[str, Tensor], method: str) -> dict[str, Any]:
+    """config.json's `heads` entry: method, file, count and (masked-image-modelling methods) whether the network had
+    a mask token to keep, which `load_heads` reports."""
+    record: dict[str, Any] = {"method": method, "file": HEADS_NAME, "tensors": len(heads)}
+    if method != "dino":
+        record["mask_token"] = MASK_TOKEN in heads
+    return record
+
+
+def _save(heads: dict[str, Tensor], method: str, path: Path) -> None:
+    save_file(heads, str(path), metadata={"format": "pt", "method": method})
+    set_default_mode(path)  # safetensors' private temporary file: readable as any file the umask allows
+
+
+def stage_heads(staged: StagedExport, heads: dict[str, Tensor], method: str) -> None:
+    """Add `heads` to an export being written (`sslpipe export --with-heads`): renamed into place with its weights."""
+    staged.write(HEADS_NAME, lambda path: _save(heads, method, path))
+    staged.config["heads"] = _record(heads, method)
+
+
 def write_heads(export: str | Path, heads: dict[str, Tensor], method: str) -> Path:
-    """Write `heads` beside an export and record them (method, count, sha256) in its config.json, both atomically."""
+    """Write `heads` beside an export already in place and record them (method, count, sha256) in its config.json,
+    both atomically (`sslpipe export` and `sslpipe import` stage theirs with the weights: `stage_heads`)."""
     weights, config_path = export_paths(export)
-    out, tmp = weights.parent / HEADS_NAME, weights.parent / (HEADS_NAME + ".tmp")
-    save_file(heads, str(tmp), metadata={"format": "pt", "method": method})
+    out, tmp = weights.parent / HEADS_NAME, weights.parent / f".tmp-{HEADS_NAME}"
+    _save(heads, method, tmp)
     config = json.loads(config_path.read_text())
-    config["heads"] = {"method": method, "file": HEADS_NAME, "tensors": len(heads)}
-    if method != "dino":  # whether the masked-image-modelling network had a token to keep (load_heads says so)
-        config["heads"]["mask_token"] = MASK_TOKEN in heads
+    config["heads"] = _record(heads, method)
     config.setdefault("sha256", {})[HEADS_NAME] = sha256_file(tmp)
     tmp.replace(out)
     rewrite_config(config_path, config)

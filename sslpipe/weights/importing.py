@@ -43,19 +43,19 @@ from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from sslpipe.weights.card import write_model_card
+from sslpipe.weights.card import model_card
 from sslpipe.weights.export import (
     CARD_NAME,
     CONFIG_NAME,
     FORMAT,
     WEIGHTS_NAME,
     create_timm_backbone,
-    export_backbone,
     key_mismatches,
     some_keys,
+    staged_export,
 )
 from sslpipe.weights.hashing import sha256_file
-from sslpipe.weights.heads import HEADS_NAME, MASK_TOKEN, heads_of, mask_token_of, write_heads
+from sslpipe.weights.heads import HEADS_NAME, MASK_TOKEN, heads_of, mask_token_of, stage_heads
 from sslpipe.weights.layouts import (
     FORMATS,
     HF_MAPPED,
@@ -458,17 +458,18 @@ def import_checkpoint(source: str | Path, out: str | Path, *, fmt: str | None = 
                    "normalisation_from": norm_from}
     if export_source is not None:  # the layout of the network the export came from: its position rule
         source_info.update(format=export_source.get("format"), imported_as=fmt, export_source=export_source)
-    out_dir = export_backbone(module.eval(), out, arch=arch, model_args=model_args, img_size=size, mean=mean_,
-                              std=std_, source=source_info)
-    write_model_card(
-        out_dir, title=f"{arch} imported from a {fmt} checkpoint", tags=[fmt, "imported"],
-        provenance=[("source", f"`{path.name}`, sha256 `{source_info['sha256']}`"),
-                    ("layout", f"{fmt}" + (f", the {chosen}" if chosen else "")),
-                    ("architecture read from", arch_from),
-                    ("normalisation", norm_from),
-                    ("left out", "; ".join(f"`{d.entry}`: {d.why}" for d in dropped) or "nothing"),
-                    *(("note", n) for n in notes)])
-    if heads is not None:
-        write_heads(out_dir, heads, fmt)
+    provenance = [("source", f"`{path.name}`, sha256 `{source_info['sha256']}`"),
+                  ("layout", f"{fmt}" + (f", the {chosen}" if chosen else "")),
+                  ("architecture read from", arch_from),
+                  ("normalisation", norm_from),
+                  ("left out", "; ".join(f"`{d.entry}`: {d.why}" for d in dropped) or "nothing"),
+                  *(("note", n) for n in notes)]
+    with staged_export(module.eval(), out, arch=arch, model_args=model_args, img_size=size, mean=mean_, std=std_,
+                       source=source_info) as staged:  # weights, heads, config.json and card replaced together
+        if heads is not None:
+            stage_heads(staged, heads, fmt)
+        staged.card = lambda config: model_card(config, title=f"{arch} imported from a {fmt} checkpoint",
+                                                tags=[fmt, "imported"], provenance=provenance)
+    out_dir = Path(out)
     return ImportReport(path, out_dir, fmt, detected, chosen, arch, arch_from, model_args, len(state), dropped, notes,
                         mean_, std_, norm_from)

@@ -2,7 +2,9 @@
 a table.
 
 A bad disk or a copy cut short damages files silently; training notices only when it resumes (and then skips the
-damaged checkpoint), an export only when it is loaded. `check_run` looks at all of them at once: checkpoints (`ok`,
+damaged checkpoint), an export only when it is loaded. A checkpoint's trainer_state.json and an export's
+config.json, which no other file's sha256 covers, carry the digest of their own content (`sslpipe.files.with_digest`;
+"no digest" for those of older versions). `check_run` looks at all of them at once: checkpoints (`ok`,
 `bad`, `unverified` for those of older versions, written without checksums), the export folders `RUN/export/*`, and
 `partial` for a `.tmp-step_N` folder a killed run left behind (harmless: the next checkpoint of that step removes it).
 """
@@ -15,8 +17,9 @@ from typing import Any
 
 from safetensors import safe_open
 
-from sslpipe.weights.checkpoint import FILES, TRAINER_STATE, list_checkpoints
-from sslpipe.weights.export import CONFIG_NAME, WEIGHTS_NAME
+from sslpipe.files import digest_matches
+from sslpipe.weights.checkpoint import FILES, STATE_DIGEST, TRAINER_STATE, list_checkpoints
+from sslpipe.weights.export import CONFIG_DIGEST, CONFIG_NAME, WEIGHTS_NAME
 from sslpipe.weights.hashing import sha256_file
 
 
@@ -74,8 +77,17 @@ def verify_checkpoint(ckpt: str | Path) -> tuple[str, str]:
         problems = structure_problems(ckpt)
         return ("bad", "; ".join(problems)) if problems else (
             "unverified", "written without checksums (older sslpipe): files whole, contents not verifiable")
-    problems = file_problems(ckpt, state[FILES])
-    return ("bad", "; ".join(problems)) if problems else ("ok", f"{len(state[FILES])} files match their sha256")
+    own = digest_matches(state, STATE_DIGEST)
+    problems = ([] if own is not False else [own_digest_problem(TRAINER_STATE)]) + file_problems(ckpt, state[FILES])
+    if problems:
+        return "bad", "; ".join(problems)
+    return "ok", (f"{len(state[FILES])} files and {TRAINER_STATE} match their sha256" if own else
+                  f"{len(state[FILES])} files match their sha256; {TRAINER_STATE} has no digest (older sslpipe)")
+
+
+def own_digest_problem(name: str) -> str:
+    """The problem of a JSON file that no longer matches the digest of its own content it carries."""
+    return f"{name} does not match the digest of its content it records (bit rot, a copy cut short, or edited)"
 
 
 def verify_export(folder: Path) -> tuple[str, str]:
@@ -94,13 +106,18 @@ def verify_export(folder: Path) -> tuple[str, str]:
         problems = structure_problems(folder)
         return ("bad", "; ".join(problems)) if problems else (
             "unverified", "exported without a checksum (older sslpipe): weights whole, contents not verifiable")
-    problems = file_problems(folder, digests(config["sha256"]))
+    own = digest_matches(config, CONFIG_DIGEST)
+    problems = ([] if own is not False else [own_digest_problem(CONFIG_NAME)]) + file_problems(
+        folder, digests(config["sha256"]))
     onnx = config.get("onnx") or {}
     if onnx.get("sha256"):
         problems += file_problems((folder / onnx["file"]).parent, digests(onnx["sha256"]))  # `file`: name or path
+    if problems:
+        return "bad", "; ".join(problems)
     files = len(config["sha256"]) + len(onnx.get("sha256") or {})
-    return ("bad", "; ".join(problems)) if problems else (
-        "ok", f"{WEIGHTS_NAME} matches its sha256" if files == 1 else f"{files} files match their sha256")
+    detail = f"{WEIGHTS_NAME} matches its sha256" if files == 1 else f"{files} files match their sha256"
+    return "ok", (f"{detail}, {CONFIG_NAME} its digest" if own else
+                  f"{detail}; {CONFIG_NAME} has no digest (older sslpipe)")
 
 
 @dataclass(frozen=True)

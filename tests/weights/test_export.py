@@ -20,7 +20,7 @@ from sslpipe.weights.checkpoint import (
     find_checkpoint,
     list_checkpoints,
 )
-from sslpipe.weights.export import export_backbone, load_backbone
+from sslpipe.weights.export import export_backbone, load_backbone, rewrite_config
 from sslpipe.weights.hashing import sha256_file
 from sslpipe.weights.heads import load_heads, write_heads
 from sslpipe.weights.run_export import export_run, strip_prefix
@@ -258,13 +258,16 @@ def test_export_run_writes_a_model_card(tmp_path, monkeypatch):
     assert _sha256(out / "model.safetensors") in body and "step_00000010" in body
     assert "| kNN top1_k20, data.val, measured during training at step 10 | 0.5000 |" in body and "0.2500" not in body
 
-    # the card's own snippet loads the weights in plain timm
+    # the card's own snippet loads the weights in plain timm, with the export's data config for timm's pipeline
     code = body.split("```python")[1].split("```")[0]
     monkeypatch.chdir(out)
     namespace: dict = {}
     exec(code, namespace)
     _assert_same_state(teacher, namespace["model"])
     monkeypatch.undo()
+    assert {k: namespace["data_config"][k] for k in ("input_size", "mean", "std", "interpolation")} == {
+        "input_size": (3, 32, 32), "mean": MEAN, "std": STD, "interpolation": "bicubic"}
+    assert "Inputs: RGB at 32x32 px (bicubic resize), normalised with mean [0.5, 0.4, 0.3] and std" in body
     # ... and its finetune command is one the config accepts
     override = body.split("`sslpipe finetune RECIPE.yaml ")[1].split("`")[0].replace("FOLDER", str(out))
     assert load_config(REPO / "recipes/demo_finetune_m2f.yaml", [override]).model.init_from == str(out)
@@ -288,6 +291,48 @@ def test_export_run_writes_a_model_card(tmp_path, monkeypatch):
               str(newer / "extra_state.safetensors"))
     _, body = _card(export_run(run))
     assert "knn_pretrained.json" not in body and "None recorded for these weights" in body
+
+
+def test_card_after_a_roll_back_lists_only_the_trajectory_of_these_weights(tmp_path):
+    """`--resume RUN/checkpoints/step_5` keeps the abandoned trajectory's lines after step 5 in metrics.jsonl; the
+    card of the new step 10 lists the kNN measured on these weights only (none of the abandoned one's, even a key
+    the new trajectory did not log), and a line cut by a crash is skipped."""
+    run, _, _ = _fake_run(tmp_path, "teacher.backbone.", "backbone.")
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 5, "epoch": 1, "knn/top1_k20": 0.3},
+        {"step": 10, "epoch": 2, "knn/top1_k20": 0.4, "knn/top5_k20": 0.9},  # the abandoned trajectory
+        {"step": 5, "event": "resumed", "checkpoint": str(run / "checkpoints" / "step_00000005")},
+        {"step": 10, "epoch": 2, "knn/top1_k20": 0.1},  # the weights exported
+    ]) + '\n{"step": 10, "epoch": 2, "loss": 1.2')  # a torn last line
+    _, body = _card(export_run(run))
+    rows = [line for line in body.splitlines() if line.startswith("| kNN")]
+    assert rows == ["| kNN top1_k20, data.val, measured during training at step 10 | 0.1000 |"]
+
+
+def test_card_names_the_manifest_recorded_when_training_started(tmp_path):
+    """Shards rewritten after training: the card keeps the manifest sha256 the run recorded when it started, and
+    says the file changed since; a resume given other shards adds them."""
+    from sslpipe.weights.training_data import record_training_data
+
+    run, _, _ = _fake_run(tmp_path, "teacher.backbone.", "backbone.")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    manifest = shards / "manifest.json"
+    manifest.write_text('{"format": "sslpipe-shards/1", "splits": {"train": 1}}')
+    trained_on = _sha256(manifest)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "method": "dino", "data": {"train": str(shards)}}))
+    record_training_data(run, str(shards))
+    record_training_data(run, str(shards))  # a resume on the same shards: nothing new
+    manifest.write_text('{"format": "sslpipe-shards/1", "splits": {"train": 2}}')
+    _, body = _card(export_run(run))
+    row = f"| training data | `{shards}`, manifest.json sha256 `{trained_on}` when training started; the file has " \
+          f"changed since (now sha256 `{_sha256(manifest)}`) |"
+    assert row in body
+    record_training_data(run, str(shards))  # a resume on the rewritten shards
+    _, body = _card(export_run(run))
+    assert (f"| training data | `{shards}`, manifest.json sha256 `{trained_on}`; from a resume on, `{shards}`, "
+            f"manifest.json sha256 `{_sha256(manifest)}` |") in body
 
 
 def test_model_card_without_a_manifest_says_so(tmp_path):
@@ -317,14 +362,14 @@ def _with_heads_and_onnx(tmp_path):
     onnx.write_bytes(b"not really onnx")
     config = json.loads((out / "config.json").read_text())
     config["onnx"] = {"file": str(onnx), "sha256": {"model.onnx": sha256_file(onnx)}}
-    (out / "config.json").write_text(json.dumps(config))
+    rewrite_config(out / "config.json", config)  # as `sslpipe onnx` records it
     return out, onnx
 
 
 @pytest.mark.parametrize("damaged", ["heads.safetensors", "model.onnx"])
 def test_check_compares_every_file_with_a_recorded_sha256(tmp_path, damaged):
     out, onnx = _with_heads_and_onnx(tmp_path)
-    assert verify_export(out) == ("ok", "3 files match their sha256")
+    assert verify_export(out) == ("ok", "3 files match their sha256, config.json its digest")
     _flip_last_byte(out / damaged if damaged == "heads.safetensors" else onnx)
     assert verify_export(out) == ("bad", f"{damaged} does not match its sha256 (bit rot, a copy cut short, or "
                                          "modified)")
@@ -343,7 +388,8 @@ def test_a_new_export_removes_the_onnx_and_heads_of_the_weights_it_replaces(tmp_
                     source={"which": "teacher"})  # the same weights again: their graph and heads still hold
     assert {"heads.safetensors", "model.onnx", "model.onnx.data"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "config.json").read_text())["heads"]["file"] == "heads.safetensors"
-    assert verify_export(out) == ("ok", "2 files match their sha256")  # the heads' record and sha256 carried over
+    # the heads' record and sha256 carried over
+    assert verify_export(out) == ("ok", "2 files match their sha256, config.json its digest")
     config = json.loads((out / "config.json").read_text())  # a config.json naming a file outside the folder
     (out / "config.json").write_text(json.dumps({**config, "onnx": {"sha256": {"../victim.txt": "x"}}}))
     (tmp_path / "victim.txt").write_text("not the export's")
