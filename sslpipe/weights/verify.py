@@ -18,7 +18,7 @@ from typing import Any
 from safetensors import safe_open
 
 from sslpipe.files import digest_matches
-from sslpipe.weights.checkpoint import FILES, STATE_DIGEST, TRAINER_STATE, list_checkpoints
+from sslpipe.weights.checkpoint import FILES, STATE_DIGEST, TRAINER_STATE, interrupted_swaps, list_checkpoints
 from sslpipe.weights.export import CONFIG_DIGEST, CONFIG_NAME, WEIGHTS_NAME
 from sslpipe.weights.hashing import sha256_file
 
@@ -138,6 +138,10 @@ def check_run(run_dir: str | Path) -> list[CheckRow]:
         rows += [CheckRow(f"checkpoints/{p.name}", "partial", "an unfinished write (the run was killed); removed by "
                           "the next checkpoint of that step, or delete it") for p in
                  sorted((run / "checkpoints").glob(".tmp-step_*"))]
+        for aside in interrupted_swaps(run):  # the only copy of its step: a resume renames it back
+            status, detail = verify_checkpoint(aside)
+            rows.append(CheckRow(f"checkpoints/{aside.name}", status,
+                                 f"{detail} (an interrupted re-save set it aside; a resume renames it back)"))
     if (run / "export").is_dir():
         rows += [CheckRow(f"export/{p.name}", *verify_export(p)) for p in sorted((run / "export").iterdir())
                  if p.is_dir()]

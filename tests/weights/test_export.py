@@ -440,3 +440,22 @@ def test_heads_are_loaded_only_when_they_match_their_sha256(tmp_path):
                                          r"dino\.init_heads=false"):
         load_heads(net, out, "dino")
     assert torch.equal(net.head.bias, before)
+
+
+def test_check_lists_a_set_aside_checkpoint_that_is_the_only_copy_of_its_step(tmp_path, capsys):
+    """A hard kill between the two renames of a re-saved step leaves `.old-step_N` (no `step_N`): the only copy,
+    which a resume renames back, so `sslpipe check` verifies it too and fails when it is damaged."""
+    run = tmp_path / "run"
+    _checkpoint(run, 4)
+    aside = run / "checkpoints" / ".old-step_00000008"
+    aside.mkdir()
+    save_file({"w": torch.arange(6.0)}, str(aside / "model.safetensors"))
+    table = {"model.safetensors": {"bytes": (aside / "model.safetensors").stat().st_size,
+                                   "sha256": sha256_file(aside / "model.safetensors")}}
+    (aside / "trainer_state.json").write_text(json.dumps({"global_step": 8, "files": table}))
+    assert main(["check", str(run)]) == 0
+    assert "checkpoints/.old-step_00000008  ok" in capsys.readouterr().out
+    _flip_last_byte(aside / "model.safetensors")
+    assert main(["check", str(run)]) == 1
+    row = next(line for line in capsys.readouterr().out.splitlines() if ".old-step_00000008" in line)
+    assert "bad" in row and "model.safetensors does not match its sha256" in row and "a resume renames it back" in row
