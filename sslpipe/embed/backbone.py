@@ -1,6 +1,6 @@
 """The backbone of an embedding folder: loaded as the probes load it, checked against the images it will see, and
-named by the sha256 of its weights (so an --out of another backbone is recognised), and the feature spec recorded
-beside the embeddings (so a query image is embedded exactly as the set was)."""
+named by the sha256 of its weights' tensors (so an --out of another backbone is recognised), and the feature spec
+recorded beside the embeddings (so a query image is embedded exactly as the set was)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ from torch import nn
 from sslpipe.eval.features import prepare_backbone
 from sslpipe.eval.spec import FeatureSpec
 from sslpipe.weights.export import export_paths
-from sslpipe.weights.hashing import sha256_file
+from sslpipe.weights.hashing import sha256_file, tensor_digest
 
 IMAGE_CHANNELS = 3  # the stream decodes every image as RGB (sslpipe.data.stream.decode_sample)
 
@@ -39,8 +39,17 @@ def open_backbone(export: str | Path, spec: FeatureSpec) -> nn.Module:
 
 
 def backbone_sha256(export: str | Path) -> str:
-    """sha256 of the export's model.safetensors: what identifies the backbone of an embedding folder."""
-    return sha256_file(export_paths(export)[0])
+    """What identifies the backbone of an embedding folder (embed.json's `backbone_sha256`): the sha256 over the
+    tensors of the export's model.safetensors (`tensor_digest`), not over its bytes, which another export of the
+    same weights may change (safetensors' metadata order)."""
+    return tensor_digest(export_paths(export)[0])
+
+
+def is_backbone(export: str | Path, recorded: str) -> bool:
+    """Whether `export` holds the weights an embedding folder recorded: their tensor digest, or (embed.json of an
+    older sslpipe) the sha256 of the model.safetensors file."""
+    weights = export_paths(export)[0]
+    return recorded in (tensor_digest(weights), sha256_file(weights))
 
 
 def spec_record(spec: FeatureSpec) -> dict[str, Any]:

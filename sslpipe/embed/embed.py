@@ -30,7 +30,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from sslpipe.data.remote import Reading, open_shard
 from sslpipe.data.stream import ShardReadError, build_loader
-from sslpipe.embed.backbone import backbone_sha256, open_backbone, spec_record
+from sslpipe.embed.backbone import backbone_sha256, is_backbone, open_backbone, spec_record
 from sslpipe.embed.inputs import (
     FOLDER_SHARDS,
     Input,
@@ -97,7 +97,10 @@ def check_out(out: Path, identity: dict[str, Any], inp: Input | None, force: boo
         raise FileExistsError(f"--out {out} is not empty and holds no {INDEX}: choose an empty or new folder, or "
                               "pass --force to write the embeddings there anyway")
     index = read_index(out)
-    differ = [k for k in IDENTITY if index.get(k) != identity[k]]
+    differ = [k for k in IDENTITY if k != "backbone_sha256" and index.get(k) != identity[k]]
+    recorded = index.get("backbone_sha256")  # an older embed.json: the file's sha256, not the tensors'
+    if recorded != identity["backbone_sha256"] and not (recorded and is_backbone(identity["backbone"], recorded)):
+        differ.insert(0, "backbone_sha256")
     if differ:
         raise FileExistsError(f"--out {out} holds the embeddings of {_describe(index)}; this run embeds "
                               f"{_describe(identity)} ({', '.join(differ)} differ): choose another --out, or pass "

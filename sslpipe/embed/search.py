@@ -1,10 +1,11 @@
 """`sslpipe search`: the nearest images of each query in an embedding folder, by cosine similarity.
 
 A query is an image file, embedded with the folder's backbone and feature spec (embed.json; the backbone must still
-have the sha256 it was embedded with), or `key:SAMPLEKEY`, a sample of the set (its own stored vector, so it comes
-back first with similarity 1). The index is `sslpipe.embed.index.build_index`'s: exact up to EXACT_MAX rows, IVF-Flat
-above, kept in the folder as search-ivf.faiss and rebuilt when the set changes. Results: per query the k neighbours
-as (key, source shard, score), and with --png a grid of query | neighbours, each neighbour read from its shard.
+hold the tensors it was embedded with, however often it was exported since), or `key:SAMPLEKEY`, a sample of the set
+(its own stored vector, so it comes back first with similarity 1). The index is `sslpipe.embed.index.build_index`'s:
+exact up to EXACT_MAX rows, IVF-Flat above, kept in the folder as search-ivf.faiss and rebuilt when the set changes.
+Results: per query the k neighbours as (key, source shard, score), and with --png a grid of query | neighbours, each
+neighbour read from its shard.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sslpipe.embed.backbone import backbone_sha256, open_backbone, spec_from_record
+from sslpipe.embed.backbone import is_backbone, open_backbone, spec_from_record
 from sslpipe.embed.index import build_index, require_faiss
 from sslpipe.embed.inputs import read_files
 from sslpipe.embed.samples import read_images
@@ -64,7 +65,7 @@ def _embed_images(images: list[Image.Image], vectors: StoredVectors, device: str
     """The images' features under the folder's backbone and spec, as the set's are stored and read (`unit_rows`)."""
     index = vectors.index
     spec = spec_from_record(index["spec"], device=device)
-    if backbone_sha256(index["backbone"]) != index["backbone_sha256"]:
+    if not is_backbone(index["backbone"], index["backbone_sha256"]):
         raise ValueError(f"the backbone {index['backbone']} changed since {vectors.folder} was embedded (sha256 "
                          f"{index['backbone_sha256'][:12]}... then): embed the set again with `sslpipe embed`")
     model = open_backbone(index["backbone"], spec)

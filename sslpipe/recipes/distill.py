@@ -14,7 +14,8 @@ not the student's pixels upsampled. Terms, each optional:
   normalised patch tokens (`dense_loss: mse | cosine`, `sslpipe.losses.dense_distill`), for students that go on to
   detection or segmentation.
 The teacher runs in eval mode under `torch.inference_mode`, in the run's precision, and is never saved: a checkpoint
-records its sha256, and resuming refuses a teacher export that has changed. The student exports like any other run
+records the sha256 of its tensors, and resuming refuses a teacher export whose weights have changed (the same weights
+exported again, e.g. with `--onnx`, resume). The student exports like any other run
 (`sslpipe export RUN`: the student; its model card names the teacher and the teacher's sha256).
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from sslpipe.models.backbones import create_backbone, sync_batchnorm
 from sslpipe.recipes.base import Recipe, shard_reading
 from sslpipe.recipes.knn_eval import periodic_knn
 from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, split_decay_groups
-from sslpipe.weights.hashing import sha256_file
+from sslpipe.weights.hashing import sha256_file, tensor_digest
 
 
 class DistillConfig(Section):
@@ -166,7 +167,8 @@ class DistillRecipe(Recipe):
         self.accelerator = accelerator
         export = read_export_config(d.teacher)
         self.teacher = load_backbone(d.teacher).eval().requires_grad_(False).to(accelerator.device)
-        self.teacher_sha256 = sha256_file(export_paths(d.teacher)[0])
+        weights = export_paths(d.teacher)[0]
+        self.teacher_sha256, self.teacher_digest = sha256_file(weights), tensor_digest(weights)
         recorded = (export.get("sha256") or {}).get("model.safetensors")
         if recorded and recorded != self.teacher_sha256:
             raise ValueError(f"distill.teacher={d.teacher}: model.safetensors does not match the sha256 its "
@@ -177,6 +179,7 @@ class DistillRecipe(Recipe):
         if fixed and self.teacher_size != int(export["img_size"]):
             raise ValueError(f"distill.teacher_size={self.teacher_size}: the teacher {d.teacher} is a ViT of fixed "
                              f"input size {export['img_size']} (no dynamic_img_size): remove distill.teacher_size")
+        self._refuse_what_the_teacher_cannot_take(int(export["img_size"]))
         backbone = create_backbone(m.arch, img_size=crops.global_size, patch_size=m.patch_size,
                                    drop_path_rate=m.drop_path_rate, **m.kwargs)
         t_pooled, t_map = self._teacher_features(torch.zeros(1, 3, crops.global_size, crops.global_size,
@@ -201,9 +204,29 @@ class DistillRecipe(Recipe):
             self.queue_loss = QueueDistillLoss(t_pooled.shape[-1], size, d.temperature).to(accelerator.device)
         if accelerator.is_main_process and accelerator.project_dir:
             record = {"teacher": str(Path(d.teacher).resolve()), "architecture": export.get("architecture"),
-                      "sha256": self.teacher_sha256}
+                      "sha256": self.teacher_sha256, "tensor_digest": self.teacher_digest}
             write_text_atomic(Path(accelerator.project_dir) / "distill_teacher.json",
                               json.dumps(record, indent=1) + "\n")  # rewritten at every build: never left cut
+
+    def _refuse_what_the_teacher_cannot_take(self, export_size: int) -> None:
+        """distill.teacher_size that the ViT teacher's patches do not tile, and distill.teacher_blocks beyond its
+        depth, in one line naming the key (timm would stop in `build` with a bare assertion)."""
+        d = self.section
+        embed = getattr(self.teacher, "patch_embed", None)
+        patch = getattr(embed, "patch_size", None)
+        if patch is not None and not getattr(embed, "dynamic_img_pad", False):
+            step = int(patch[0]) if isinstance(patch, (tuple, list)) else int(patch)
+            if self.teacher_size % step:
+                below, above = self.teacher_size // step * step, (self.teacher_size // step + 1) * step
+                fits = f"{below} or {above}" if below else str(above)
+                raise ValueError(f"distill.teacher_size={self.teacher_size} is not a multiple of the {step} px patches "
+                                 f"of the teacher {d.teacher}: set it to {fits}, or remove it for the export's "
+                                 f"{export_size}")
+        blocks = getattr(self.teacher, "blocks", None)
+        if d.dense_loss != "none" and isinstance(blocks, nn.Sequential | nn.ModuleList) and \
+                d.teacher_blocks > len(blocks):
+            raise ValueError(f"distill.teacher_blocks={d.teacher_blocks}: the teacher {d.teacher} has {len(blocks)} "
+                             f"block(s): set 1 to {len(blocks)}")
 
     def _teacher_features(self, x01: Tensor) -> tuple[Tensor, Tensor]:
         """The teacher's pooled feature and map of images in [0, 1], at its size and normalisation."""
@@ -268,17 +291,22 @@ class DistillRecipe(Recipe):
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Tensor]:
-        state = {"teacher_sha256": torch.tensor(list(bytes.fromhex(self.teacher_sha256)), dtype=torch.uint8)}
+        state = {"teacher_digest": torch.tensor(list(bytes.fromhex(self.teacher_digest)), dtype=torch.uint8)}
         if self.queue_loss is not None:
             state["queue"] = self.queue_loss.queue
         return state
 
     def load_extra_state(self, state: dict[str, Tensor]) -> None:
-        saved = bytes(state["teacher_sha256"].tolist()).hex() if "teacher_sha256" in state else None
-        if saved != self.teacher_sha256:
-            raise ValueError(f"distill.teacher={self.section.teacher}: its model.safetensors (sha256 "
-                             f"{self.teacher_sha256[:12]}...) is not the teacher this run started from (sha256 "
-                             f"{(saved or '?')[:12]}...); resume with the original teacher export")
+        """Refuse a teacher whose weights differ from the run's: their tensor digest, or (a checkpoint of an older
+        sslpipe, `teacher_sha256`) the sha256 of the model.safetensors file."""
+        key, ours = (("teacher_digest", self.teacher_digest) if "teacher_digest" in state else
+                     ("teacher_sha256", self.teacher_sha256))
+        saved = bytes(state[key].tolist()).hex() if key in state else None
+        if saved != ours:
+            what = "tensors" if key == "teacher_digest" else "model.safetensors"
+            raise ValueError(f"distill.teacher={self.section.teacher} is not the teacher this run started from (sha256 "
+                             f"of its {what}: {ours[:12]}..., then {(saved or '?')[:12]}...); resume with the original "
+                             "teacher export")
         if self.queue_loss is not None:
             self.queue_loss.queue.copy_(state["queue"])
 

@@ -49,6 +49,9 @@ CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 FORMAT = "sslpipe-backbone/1"
 CONFIG_DIGEST = "config_sha256"  # config.json: the sha256 of its own canonical JSON without this key
+# The one metadata entry of the safetensors files an export writes: safetensors writes a map of several in a
+# per-process random order, so the same weights would get another file sha256 in another process.
+SAFETENSORS_METADATA = {"format": "pt"}
 # Keys that belong to the training wrapper, never to the timm model (iBOT's learnable mask token).
 TRAINING_ONLY_KEYS = ("mask_token",)
 
@@ -212,8 +215,7 @@ def staged_export(
     try:
         with _write_failure(out):
             out.mkdir(parents=True, exist_ok=True)
-            staged.write(WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt",
-                                                                                     "architecture": arch}))
+            staged.write(WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=SAFETENSORS_METADATA))
             config["tensor_digest"] = tensor_digest(staged.tmp(WEIGHTS_NAME))
         staged.same_weights = bool(previous) and config["tensor_digest"] == weights_digest(out, previous)
         if staged.same_weights:
@@ -323,20 +325,48 @@ def _verify(module: nn.Module, weights: Path, config: Mapping[str, Any], out: Pa
         )
 
 
-def export_paths(path: str | Path) -> tuple[Path, Path]:
-    """(model.safetensors, config.json) of an export folder, or of the folder holding the given weights file."""
+def _open_export(path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
+    """(model.safetensors, config.json, its content) of an sslpipe export folder, or of the folder holding its
+    model.safetensors. Anything else is refused in one line that says what it is: a missing path, another file (a
+    checkpoint to import, the export's ONNX graph), or a folder whose config.json is not an sslpipe export's (a
+    Hugging Face / timm download, which `sslpipe import` brings in)."""
     path = Path(path)
+    if path.is_file() and path.name != WEIGHTS_NAME:
+        if _previous_config(path.parent).get("format") == FORMAT:
+            raise ValueError(f"{path} is a file of the export {path.parent}: pass the export folder {path.parent}")
+        raise ValueError(f"{path} is a file, not an sslpipe export folder (config.json + {WEIGHTS_NAME}): pass an "
+                         f"export folder, or bring a checkpoint in with `sslpipe import {path} OUT`")
     weights = path / WEIGHTS_NAME if path.is_dir() else path
-    config = weights.parent / CONFIG_NAME
-    for p in (weights, config):
+    config_path = weights.parent / CONFIG_NAME
+    for p in (weights, config_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{p} not found: pass an export folder written by `sslpipe export`")
-    return weights, config
+            raise FileNotFoundError(f"{p} not found: pass an export folder written by `sslpipe export` (or "
+                                    "`sslpipe import`)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{config_path} is unreadable ({err}): export or import the backbone again") from err
+    found = config.get("format") if isinstance(config, dict) else None
+    if found != FORMAT:
+        newer = isinstance(found, str) and found.startswith(FORMAT.split("/")[0] + "/")
+        raise ValueError(f"{weights.parent} is an export of format {found!r}, and this sslpipe reads {FORMAT!r}: "
+                         "upgrade sslpipe" if newer else
+                         f"{weights.parent} is not an sslpipe export (its {CONFIG_NAME} has no \"format\": "
+                         f"\"{FORMAT}\"; a Hugging Face / timm download?): bring it in with `sslpipe import "
+                         f"{weights.parent} OUT` and pass OUT")
+    return weights, config_path, config
+
+
+def export_paths(path: str | Path) -> tuple[Path, Path]:
+    """(model.safetensors, config.json) of an export folder, or of the folder holding the given weights file;
+    anything that is not an sslpipe export is refused in one line (`_open_export`)."""
+    return _open_export(path)[:2]
 
 
 def read_export_config(path: str | Path) -> dict[str, Any]:
-    """`config.json` of an export folder (or of the folder holding `model.safetensors`)."""
-    return json.loads(export_paths(path)[1].read_text())
+    """`config.json` of an export folder (or of the folder holding `model.safetensors`), checked as `export_paths`
+    checks it."""
+    return _open_export(path)[2]
 
 
 def load_backbone(path: str | Path) -> nn.Module:
@@ -345,8 +375,7 @@ def load_backbone(path: str | Path) -> nn.Module:
     The data config (mean, std, input size, interpolation) is written into `model.pretrained_cfg`, so
     `timm.data.resolve_data_config(model=...)` gives the normalisation the backbone was trained with.
     """
-    weights, config_path = export_paths(path)
-    cfg = json.loads(config_path.read_text())
+    weights, config_path, cfg = _open_export(path)
     model = _build(cfg, weights, config_path)
     size = cfg["img_size"]
     model.pretrained_cfg = {
@@ -392,8 +421,7 @@ def load_export_into(module: nn.Module, path: str | Path) -> list[str]:
     position grid resampled by the rule the export's network was trained with (`sslpipe.weights.positions`); another
     patch size, or any other key or shape that differs, is refused with one ValueError naming the export. Returns
     notes on what was adapted."""
-    weights, config_path = export_paths(path)
-    cfg = json.loads(config_path.read_text())
+    weights, _, cfg = _open_export(path)
     state = load_file(str(weights))
     patch = state.get("patch_embed.proj.weight")
     own = getattr(getattr(module, "patch_embed", None), "patch_size", None)

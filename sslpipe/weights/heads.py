@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sslpipe.files import set_default_mode
-from sslpipe.weights.export import StagedExport, export_paths, rewrite_config, some_keys
+from sslpipe.weights.export import SAFETENSORS_METADATA, StagedExport, export_paths, rewrite_config, some_keys
 from sslpipe.weights.hashing import sha256_file
 from sslpipe.weights.state_dict import without_aliases
 from sslpipe.weights.verify import file_problems
@@ -87,14 +87,14 @@ def _record(heads: dict[str, Tensor], method: str) -> dict[str, Any]:
     return record
 
 
-def _save(heads: dict[str, Tensor], method: str, path: Path) -> None:
-    save_file(heads, str(path), metadata={"format": "pt", "method": method})
+def _save(heads: dict[str, Tensor], path: Path) -> None:
+    save_file(heads, str(path), metadata=SAFETENSORS_METADATA)  # the method: config.json's `heads` records it
     set_default_mode(path)  # safetensors' private temporary file: readable as any file the umask allows
 
 
 def stage_heads(staged: StagedExport, heads: dict[str, Tensor], method: str) -> None:
     """Add `heads` to an export being written (`sslpipe export --with-heads`): renamed into place with its weights."""
-    staged.write(HEADS_NAME, lambda path: _save(heads, method, path))
+    staged.write(HEADS_NAME, lambda path: _save(heads, path))
     staged.config["heads"] = _record(heads, method)
 
 
@@ -103,7 +103,7 @@ def write_heads(export: str | Path, heads: dict[str, Tensor], method: str) -> Pa
     both atomically (`sslpipe export` and `sslpipe import` stage theirs with the weights: `stage_heads`)."""
     weights, config_path = export_paths(export)
     out, tmp = weights.parent / HEADS_NAME, weights.parent / f".tmp-{HEADS_NAME}"
-    _save(heads, method, tmp)
+    _save(heads, tmp)
     config = json.loads(config_path.read_text())
     config["heads"] = _record(heads, method)
     config.setdefault("sha256", {})[HEADS_NAME] = sha256_file(tmp)

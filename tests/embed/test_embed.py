@@ -17,7 +17,7 @@ from PIL import Image
 from sslpipe.cli import main
 from sslpipe.embed.embed import embed_shards
 from sslpipe.embed.store import INDEX, part_name, read_index, read_part
-from sslpipe.weights.hashing import sha256_file
+from sslpipe.weights.hashing import sha256_file, tensor_digest
 
 torch.set_num_threads(1)
 TRAIN_SHARDS, TRAIN_SAMPLES = 12, 1438
@@ -41,7 +41,7 @@ def test_parts_hold_unit_float16_features_keys_and_source_shards(embedded: Path,
                                                                  digits_shards: Path) -> None:
     index = read_index(embedded)
     assert index["complete"] and index["count"] == TRAIN_SAMPLES and index["dim"] == 32 and index["split"] == "train"
-    assert index["backbone_sha256"] == sha256_file(export / "model.safetensors")
+    assert index["backbone_sha256"] == tensor_digest(export / "model.safetensors")
     assert index["data"] == str(digits_shards.resolve()) and len(index["shards"]) == TRAIN_SHARDS
     assert index["spec"]["crop"] == 16 and index["spec"]["resize"] == 18 and index["spec"]["pooling"] == "cls"
     for part, url in zip(_parts(embedded), index["shards"]):
@@ -238,3 +238,51 @@ def test_a_truncated_shard_is_named_and_embedded_again_once_repaired(export: Pat
     assert read_index(out)["complete"] and read_index(out)["count"] == TRAIN_SAMPLES
     assert len(read_part(out / part_name(0)).keys) == expected and not list(out.glob("short-*"))
     assert {i: (out / part_name(i)).stat().st_mtime_ns for i in range(1, TRAIN_SHARDS)} == kept
+
+
+def written_again(export: Path) -> None:
+    """The export's model.safetensors written again, same tensors, other header bytes, its sha256 recorded in
+    config.json: what `sslpipe export RUN --onnx` or a second `sslpipe import` of the same weights did half the time
+    (an older sslpipe wrote the file's metadata map in a per-process order)."""
+    from safetensors.torch import load_file, save_file
+
+    from sslpipe.weights.export import read_export_config, rewrite_config
+
+    weights = export / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"architecture": "vit_tiny_patch16_224", "format": "pt"})
+    config = read_export_config(export)
+    config["sha256"]["model.safetensors"] = sha256_file(weights)
+    rewrite_config(export / "config.json", config)
+
+
+def test_the_same_backbone_exported_again_is_still_the_backbone_of_its_embeddings(
+        export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """embed.json names the backbone by its tensors' sha256: after the same weights are written again, `embed` adds
+    to its --out and `curate` reuses OUT.embeddings without embedding anything again (both refused it as "another
+    backbone" when the file's sha256 named it)."""
+    import shutil
+
+    import sslpipe.embed.embed as embed_module
+    from sslpipe.curate.curate import curate
+    from sslpipe.ingest.shards import write_shards
+
+    backbone, pool, out = tmp_path / "vit", tmp_path / "pool", tmp_path / "cur"
+    shutil.copytree(export, backbone)
+    _images(tmp_path / "a", range(6))
+    write_shards(pool, source=str(tmp_path / "a"), progress=False)
+    with pytest.raises(ValueError, match="--size 100, but 6 samples are left"):
+        curate(pool, out, 100, backbone=backbone, dup_threshold=0.999, progress=False)  # after embedding the pool
+    before = sha256_file(backbone / "model.safetensors")
+    written_again(backbone)
+    assert sha256_file(backbone / "model.safetensors") != before
+    written = []
+    monkeypatch.setattr(embed_module, "write_part", lambda *a: written.append(a))
+    assert embed_shards(backbone, pool, tmp_path / "cur.embeddings", progress=False) == tmp_path / "cur.embeddings"
+    manifest = curate(pool, out, 2, backbone=backbone, dup_threshold=0.999, progress=False)
+    assert written == [] and manifest["curation"]["pool_samples"] == 6
+    assert read_index(tmp_path / "cur.embeddings")["backbone_sha256"] == tensor_digest(backbone / "model.safetensors")
+    index_file = tmp_path / "cur.embeddings" / "embed.json"  # as an older sslpipe wrote it: the file's sha256
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps({**index, "backbone_sha256": sha256_file(backbone / "model.safetensors")}))
+    assert embed_shards(backbone, pool, tmp_path / "cur.embeddings", progress=False) == tmp_path / "cur.embeddings"
+    assert written == []

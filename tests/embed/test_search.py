@@ -124,3 +124,34 @@ def test_search_names_the_files_of_an_embedded_folder_from_any_directory(export:
     (result,) = search(work / "emb", ["key:train_00000001"], k=3)
     by_key = {n["key"]: n.get("file") for n in result["neighbours"]}
     assert by_key == {f"train_{i:08d}": str(work / "imgs" / f"img{i}.png") for i in range(3)}
+
+
+def test_search_compares_the_backbone_by_its_tensors_and_reads_an_older_record(
+        embedded: Path, export: Path, digits_shards: Path, tmp_path: Path) -> None:
+    """An image query needs the backbone the set was embedded with: the same weights written again (other file
+    bytes) still are; an embed.json of an older sslpipe, which recorded the file's sha256, is still read; other
+    weights are refused in one line."""
+    import shutil
+
+    from test_embed import written_again
+
+    from sslpipe.embed.store import INDEX
+    from sslpipe.weights.hashing import sha256_file
+
+    backbone, folder = tmp_path / "vit", tmp_path / "emb"
+    shutil.copytree(export, backbone)
+    shutil.copytree(embedded, folder)
+    index = json.loads((folder / INDEX).read_text())
+    samples = read_tar(digits_shards / "train-000003.tar")
+    key = list(samples)[7]
+    (tmp_path / "q.png").write_bytes(samples[key]["png"])
+
+    def found(record: str) -> str:
+        (folder / INDEX).write_text(json.dumps({**index, "backbone": str(backbone), "backbone_sha256": record}))
+        return search(folder, [str(tmp_path / "q.png")], k=1)[0]["neighbours"][0]["key"]
+
+    assert found(sha256_file(backbone / "model.safetensors")) == key  # an older sslpipe's record
+    written_again(backbone)
+    assert found(index["backbone_sha256"]) == key
+    with pytest.raises(ValueError, match=rf"the backbone {backbone} changed since {folder} was embedded"):
+        found("0" * 64)

@@ -155,6 +155,21 @@ def test_refusals_are_one_line(digits_shards: Path, teachers) -> None:
         DistillRecipe(_cfg(digits_shards, teachers["vit"], "distill.queue_size=2048")).build(Accelerator(cpu=True))
 
 
+def test_teacher_settings_the_teacher_cannot_take_are_refused_in_one_line(digits_shards: Path, teachers) -> None:
+    """The ViT teacher has 4 px patches and 2 blocks: a teacher_size its patches do not tile and more teacher_blocks
+    than it has are refused naming the key and what fits, before training (timm's bare assertions before)."""
+    with pytest.raises(ValueError, match=r"^distill.teacher_size=30 is not a multiple of the 4 px patches of the "
+                                         r"teacher .*vit: set it to 28 or 32, or remove it for the export's 32$"):
+        DistillRecipe(_cfg(digits_shards, teachers["vit"], "distill.teacher_size=30")).build(Accelerator(cpu=True))
+    with pytest.raises(ValueError, match=r"^distill.teacher_size=3 .* set it to 4, or remove"):
+        DistillRecipe(_cfg(digits_shards, teachers["vit"], "distill.teacher_size=3")).build(Accelerator(cpu=True))
+    with pytest.raises(ValueError, match=r"^distill.teacher_blocks=3: the teacher .*vit has 2 block\(s\): set 1 to 2$"):
+        DistillRecipe(_cfg(digits_shards, teachers["vit"], "distill.dense_loss=mse",
+                           "distill.teacher_blocks=3")).build(Accelerator(cpu=True))
+    DistillRecipe(_cfg(digits_shards, teachers["vit"], "distill.dense_loss=mse", "distill.teacher_blocks=2",
+                       "distill.teacher_size=36")).build(Accelerator(cpu=True))  # both at the edge: accepted
+
+
 def test_teacher_size_is_checked_and_a_larger_teacher_sees_the_crop_at_its_size(digits_shards: Path, teachers,
                                                                                   tmp_path: Path) -> None:
     """A fixed-size ViT teacher cannot take another size: one line naming the key, not timm's assertion. A teacher
@@ -211,6 +226,57 @@ def test_run_exports_the_student_names_the_teacher_and_refuses_a_changed_teacher
     shutil.copy(other / "config.json", teacher / "config.json")  # another teacher, consistent in itself
     with pytest.raises(ValueError, match="is not the teacher this run started from"):
         train(cfg, resume=str(run))
+
+
+def _written_again(export: Path) -> None:
+    """Write the export's model.safetensors again with the same tensors and other header bytes, its sha256 recorded
+    in config.json: what `sslpipe export RUN --onnx` of the same run did half the time (an older sslpipe wrote the
+    file's metadata map in a per-process order)."""
+    from safetensors.torch import load_file, save_file
+
+    from sslpipe.weights.export import read_export_config, rewrite_config
+    from sslpipe.weights.hashing import sha256_file
+
+    weights = export / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"architecture": "vit_tiny_patch16_224", "format": "pt"})
+    config = read_export_config(export)
+    config["sha256"]["model.safetensors"] = sha256_file(weights)
+    rewrite_config(export / "config.json", config)
+
+
+def _older_record(sha256: str) -> dict[str, torch.Tensor]:
+    """The extra state of a checkpoint of an older sslpipe: the teacher file's sha256 as bytes."""
+    return {"teacher_sha256": torch.tensor(list(bytes.fromhex(sha256)), dtype=torch.uint8)}
+
+
+def test_the_same_teacher_exported_again_resumes_and_an_older_checkpoint_is_still_read(
+        digits_shards: Path, teachers, tmp_path: Path, monkeypatch) -> None:
+    """Resuming compares the teacher's tensors (their sha256), not its file's bytes: the same weights exported again
+    resume (they were refused as "not the teacher this run started from"). A checkpoint of an older sslpipe records
+    the file's sha256 (`teacher_sha256`): it is still read, and still refuses another file."""
+    import shutil
+
+    from sslpipe.engine.trainer import train
+    from sslpipe.weights.hashing import sha256_file, tensor_digest
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teachers["vit"], teacher)
+    run = train(_cfg(digits_shards, teacher, f"output_dir={tmp_path}", "run_name=d", "train.max_steps=2"))
+    first = sha256_file(teacher / "model.safetensors")
+    _written_again(teacher)
+    assert sha256_file(teacher / "model.safetensors") != first
+    train(_cfg(digits_shards, teacher, f"output_dir={tmp_path}", "run_name=d", "train.max_steps=3"), resume=str(run))
+    assert (run / "checkpoints/step_00000003/trainer_state.json").is_file()
+    record = json.loads((run / "distill_teacher.json").read_text())
+    assert record["tensor_digest"] == tensor_digest(teacher / "model.safetensors") and record["sha256"] != first
+
+    recipe = DistillRecipe(_cfg(digits_shards, teacher, "distill.global_loss=cosine"))
+    recipe.build(Accelerator(cpu=True))
+    recipe.load_extra_state(_older_record(sha256_file(teacher / "model.safetensors")))
+    with pytest.raises(ValueError, match=r"is not the teacher this run started from \(sha256 of its "
+                                         rf"model.safetensors: {sha256_file(teacher / 'model.safetensors')[:12]}"):
+        recipe.load_extra_state(_older_record(first))
 
 
 # ------------------------------------------------------------------------------------- 2 processes (gloo)

@@ -459,3 +459,35 @@ def test_check_lists_a_set_aside_checkpoint_that_is_the_only_copy_of_its_step(tm
     assert main(["check", str(run)]) == 1
     row = next(line for line in capsys.readouterr().out.splitlines() if ".old-step_00000008" in line)
     assert "bad" in row and "model.safetensors does not match its sha256" in row and "a resume renames it back" in row
+
+
+_EXPORT_IN_A_PROCESS = """
+import hashlib, sys, timm, torch
+from sslpipe.weights.export import export_backbone
+from sslpipe.weights.heads import write_heads
+torch.manual_seed(0)
+args = {"img_size": 16, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+out = export_backbone(timm.create_model("vit_tiny_patch16_224", num_classes=0, **args), sys.argv[1],
+                      arch="vit_tiny_patch16_224", model_args=args, img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3,
+                      source={"which": "test"})
+write_heads(out, {"head.weight": torch.ones(2, 3)}, "dino")
+print(*(hashlib.sha256((out / name).read_bytes()).hexdigest() for name in ("model.safetensors", "heads.safetensors")))
+"""
+
+
+def test_the_same_weights_give_the_same_file_bytes_in_every_process(tmp_path):
+    """safetensors writes a metadata map of several entries in a per-process random order, so `sslpipe export` of
+    the same run used to give another model.safetensors sha256 half the time (and heads.safetensors too), and the
+    checks that identified a backbone by it refused it. Four fresh processes (each with its own PYTHONHASHSEED)
+    write the same bytes: a random order of two entries passes four processes with p = 1/8 per file."""
+    import os
+    import subprocess
+    import sys
+
+    runs = [subprocess.Popen([sys.executable, "-c", _EXPORT_IN_A_PROCESS, str(tmp_path / f"out{seed}")],
+                             env={**os.environ, "PYTHONHASHSEED": str(seed), "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in range(4)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err for _, err in outputs]
+    digests = {out.strip() for out, _ in outputs}
+    assert len(digests) == 1 and len(next(iter(digests)).split()) == 2, digests

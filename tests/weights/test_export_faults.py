@@ -202,3 +202,59 @@ def test_written_weights_get_the_umask_mode(tmp_path):
                      "README.md": 0o644, "extra_state.safetensors": 0o644, "rng_state_0.safetensors": 0o644,
                      "trainer_state.json": 0o644}
     assert stat.S_IMODE((other / "model.safetensors").stat().st_mode) == 0o640
+
+
+@pytest.fixture(scope="module")
+def not_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What users pass where an export goes: a timm Hugging Face folder (timm's `save_for_hf`), a transformers
+    folder (config.json of `model_type`, as `save_pretrained` writes it), an official .pth checkpoint, and the ONNX
+    graph of a real export."""
+    from timm.models import save_for_hf
+
+    root = tmp_path_factory.mktemp("not_exports")
+    vit = _vit()
+    save_for_hf(vit, root / "timm_hf", model_args=VIT_ARGS, safe_serialization=True)
+    (root / "hf").mkdir()
+    save_file({"embeddings.cls_token": torch.zeros(1, 1, 8)}, str(root / "hf/model.safetensors"))
+    (root / "hf/config.json").write_text(json.dumps({"architectures": ["Dinov2Model"], "model_type": "dinov2"}))
+    torch.save(vit.state_dict(), root / "release.pth")
+    export = export_backbone(vit, root / "export", arch="vit_tiny_patch16_224", model_args=VIT_ARGS, img_size=32,
+                             mean=MEAN, std=STD, source={})
+    (export / "model.onnx").write_bytes(b"ONNX graph")
+    return {"timm_hf": root / "timm_hf", "hf": root / "hf", "pth": root / "release.pth",
+            "onnx": export / "model.onnx"}
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("given, expected", [
+    ("timm_hf", "timm_hf is not an sslpipe export (its config.json has no \"format\": \"sslpipe-backbone/1\"; a "
+                "Hugging Face / timm download?): bring it in with `sslpipe import {path} OUT` and pass OUT"),
+    ("hf", "hf is not an sslpipe export (its config.json has no \"format\""),
+    ("pth", "release.pth is a file, not an sslpipe export folder (config.json + model.safetensors): pass an export "
+            "folder, or bring a checkpoint in with `sslpipe import {path} OUT`"),
+    ("onnx", "model.onnx is a file of the export {parent}: pass the export folder {parent}"),
+])
+def test_what_is_not_an_export_is_named_in_one_line_by_every_command(not_exports, digits_shards, tmp_path, capsys,
+                                                                     given, expected):
+    """knn, embed, onnx, distill.teacher and model.init_from read an export through `export_paths`: a folder or file
+    that is no sslpipe export gets one line saying what it is and what to run (it used to be a KeyError traceback
+    on `img_size` / `architecture` / `mean`, or safetensors' "header too large" on model.onnx)."""
+    from helpers import REPO
+
+    path = not_exports[given]
+    expected = expected.format(path=path, parent=path.parent)
+    data = f"data.train={digits_shards}"
+    for argv in (["knn", str(path), "--data", str(digits_shards)],
+                 ["embed", str(path), "--data", str(digits_shards), "--out", str(tmp_path / "emb")],
+                 ["onnx", str(path)],
+                 ["train", str(REPO / "recipes/demo_distill.yaml"), f"distill.teacher={path}", data,
+                  f"output_dir={tmp_path}"],
+                 ["train", str(REPO / "recipes/demo_adapt.yaml"), f"model.init_from={path}", data,
+                  f"data.val={digits_shards}", f"output_dir={tmp_path}"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and "Traceback" not in err, (argv, err)
+        assert expected in lines[0], (argv, lines[0])
+    assert not (tmp_path / "emb").exists()
