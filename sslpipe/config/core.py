@@ -401,9 +401,10 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _crops_fit_patches(self) -> "RunConfig":
-        """A ViT's patches must tile each crop; timm's assertion otherwise fails at the first step and names no key.
-        With model.patch_size null (the architecture's own) the method's section checks it (`check_crops_fit_patch`
-        with the network's patch size), as the schema alone does not know it."""
+        """A ViT's patches must tile each crop (eval.crop too: the periodic kNN's); timm's assertion otherwise fails
+        at the first step (the first evaluation, an epoch in) and names no key. With model.patch_size null (the
+        architecture's own) the method's section checks it (`check_crops_fit_patch` with the network's patch size),
+        as the schema alone does not know it."""
         if self.model.patch_size is not None:
             check_crops_fit_patch(self, self.model.patch_size)
         return self
@@ -424,20 +425,27 @@ class RunConfig(Section):
 
 
 def check_crops_fit_patch(run: RunConfig, patch: int, what: str | None = None) -> None:
-    """Raise ValueError naming the key when crops.global_size or (with local crops) crops.local_size is not a
-    multiple of `patch`; `what` says where the patch size comes from (None: model.patch_size). Skipped for the
-    crop keys the method does not read and with model.kwargs.dynamic_img_pad (timm pads the image)."""
+    """Raise ValueError naming the key when crops.global_size, (with local crops) crops.local_size or (with a
+    periodic kNN) eval.crop is not a multiple of `patch`; `what` says where the patch size comes from (None:
+    model.patch_size). Skipped for the keys the method does not read and with model.kwargs.dynamic_img_pad (timm pads
+    the image). eval.crop is read only when the run evaluates, and a run's own saved config keeps the value it was
+    made with unless the command line sets it (its kNN fails at the evaluation, which then says so)."""
     if run.model.kwargs.get("dynamic_img_pad"):
         return
     crops, unread = run.crops, type(run).unread
-    for key in ("global_size", "local_size"):
-        size = getattr(crops, key)
-        if f"crops.{key}" in unread or (key == "local_size" and crops.n_local == 0) or size % patch == 0:
+    sizes = {f"crops.{key}": getattr(crops, key) for key in ("global_size", "local_size")
+             if f"crops.{key}" not in unread and not (key == "local_size" and crops.n_local == 0)}
+    saved = SAVED_READ.get()
+    if (run.eval.crop is not None and run.eval.every_epochs > 0 and "eval.crop" not in unread
+            and (saved is None or saved.overrides("eval.crop"))):
+        sizes["eval.crop"] = run.eval.crop
+    for key, size in sizes.items():
+        if size % patch == 0:
             continue
         fits = [s for s in (size // patch * patch, (size // patch + 1) * patch) if s]
         source, hint = ((f"model.patch_size={patch}", "(or model.patch_size=null for a CNN)") if what is None
                         else (f"{patch}, {what}", "(or set model.patch_size)"))
-        raise ValueError(f"crops.{key}={size} is not a multiple of {source}: use {' or '.join(map(str, fits))} {hint}")
+        raise ValueError(f"{key}={size} is not a multiple of {source}: use {' or '.join(map(str, fits))} {hint}")
 
 
 CORE_SECTIONS = ("data", "crops", "model", "optim", "train", "tracking", "eval")

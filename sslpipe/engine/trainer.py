@@ -245,6 +245,17 @@ def _where_to_continue(last_ckpt: Path | None, run_dir: Path) -> str:
     return f"the last good checkpoint is {last_ckpt}: continue with --resume {run_dir} (or --resume auto)"
 
 
+def _evaluation_failed(err: Exception, what: str, how: str) -> Exception:
+    """`err` told with `what` happened and `how` to go on. A ValueError / FileNotFoundError (bad input, which the CLI
+    prints as one line) comes back as a new one of its class; any other error is `err` itself, with a note (its
+    type and traceback kept)."""
+    for kind in (FileNotFoundError, ValueError):
+        if isinstance(err, kind):
+            return kind(f"{what}: {err}; {how}")
+    err.add_note(f"sslpipe: {what}; {how}")
+    return err
+
+
 def _announce_set_aside(run_dir: Path, ckpt: Path, aside: Path | None) -> None:
     """Say which checkpoints a roll-back moved and where, so the user can take them back."""
     if aside is not None:
@@ -386,6 +397,7 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
             accelerator.print(uneven)
 
     global_step, best, last_metrics = 0, None, {}
+    eval_pending = False  # the evaluation of the epoch that ends at global_step has not run (it failed)
     if ckpt is not None:
         changes = config_changes(cfg, run_dir)
         try:
@@ -398,7 +410,8 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
             raise unfit_checkpoint(ckpt, run_dir, changes, err) from err
         if accelerator.is_main_process:
             record_resumed_config(cfg, run_dir, changes, overrides_text)
-        best = trainer_state.get("best")
+        best, last_metrics = trainer_state.get("best"), trainer_state.get("metrics", {})
+        eval_pending = bool(trainer_state.get("eval_pending"))
         saved_step = int(trainer_state["global_step"])
         saved_spe, saved_world = trainer_state.get("steps_per_epoch", spe), trainer_state.get("world_size", world)
         global_step = rescaled_step(saved_step, saved_spe, spe)
@@ -429,7 +442,7 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
         epoch, in_epoch = divmod(global_step, spe)
         trainer_state = {"global_step": global_step, "epoch": epoch, "step_in_epoch": in_epoch, "world_size": world,
                          "steps_per_epoch": spe, "global_batch": sched.global_batch, "metrics": last_metrics,
-                         "best": best}
+                         "best": best, **({"eval_pending": True} if eval_pending else {})}
         last_ckpt = save_checkpoint(accelerator, run_dir, trainer_state, recipe.extra_state(),
                                     keep_last=cfg.train.keep_last, metric=metric, model=recipe.student,
                                     optimizer=optimizer)
@@ -487,9 +500,60 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
         tqdm.write(f"terminated by {how} at step {global_step}; {_where_to_continue(last_ckpt, run_dir)}",
                    file=sys.stderr)
 
+    def evaluate(done_epoch: int) -> dict[str, float]:
+        """The recipe's evaluation of `done_epoch`. When it raises (data without labels, a crop the patches do not
+        tile, out of memory), the epoch's training is checkpointed first, marked `eval_pending`: nothing is lost, and
+        the resumed run evaluates that epoch before it trains on, so its evaluations, metrics and best checkpoint are
+        those of a run without the failure. One process only: with several, a process whose evaluation failed alone
+        cannot tell whether the others reach the save, and a collective they never join would hang the run."""
+        nonlocal eval_pending
+        eval_pending = True
+        try:
+            with unsharded(sharded, sharding):
+                results = recipe.evaluate(done_epoch)
+        except Exception as err:
+            if world == 1:
+                checkpoint()
+                how = (f"the epoch's training is kept in checkpoint {last_ckpt}: fix the cause (or set "
+                       f"eval.every_epochs=0) and continue with --resume {run_dir}, which evaluates epoch "
+                       f"{done_epoch + 1} first")
+            else:
+                how = (f"the epoch is not checkpointed (with {world} processes a failed evaluation is not saved); "
+                       f"{_where_to_continue(last_ckpt, run_dir)}")
+            failed = _evaluation_failed(err, f"the evaluation after epoch {done_epoch + 1} failed", how)
+            if failed is err:
+                raise
+            raise failed from err
+        eval_pending = False
+        return results
+
+    def end_of_epoch(step_due: bool) -> None:
+        """The evaluation of the epoch that ends at global_step (when due) and the epoch's checkpoint."""
+        nonlocal best
+        done_epoch, metric = global_step // spe - 1, None
+        if evaluates(done_epoch):
+            check_finite()
+            results = evaluate(done_epoch)
+            if results:
+                log({"step": global_step, "epoch": done_epoch + 1, **results})
+                if cfg.train.best_metric in results:
+                    metric = float(results[cfg.train.best_metric])
+                    best = metric if best is None else max(best, metric)
+                elif cfg.train.best_metric is not None:  # a misspelt metric would keep no best at all
+                    checkpoint()
+                    raise ValueError(
+                        f"train.best_metric={cfg.train.best_metric} is not a metric the evaluation returns "
+                        f"({', '.join(sorted(results))}): choose one of them and continue with --resume "
+                        f"{run_dir} (checkpoint {last_ckpt})")
+        every = cfg.train.checkpoint_every_epochs
+        if (every and (done_epoch + 1) % every == 0) or metric is not None or step_due:
+            checkpoint(metric)
+
     try:
         if ckpt is not None:  # lines after this step in metrics.jsonl belong to the trajectory it replaces
             log({"step": global_step, "event": "resumed", "checkpoint": str(ckpt)})
+            if eval_pending and global_step % spe == 0:  # its evaluation failed: run it before training on
+                end_of_epoch(step_due=False)
         while global_step < stop_at and not stopping:
             epoch, start = divmod(global_step, spe)
             count_skipped()
@@ -540,25 +604,7 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
                     break
 
             if global_step % spe == 0:  # the epoch is complete (a stop request waits for its evaluation)
-                done_epoch, metric = global_step // spe - 1, None
-                if evaluates(done_epoch):
-                    check_finite()
-                    with unsharded(sharded, sharding):
-                        results = recipe.evaluate(done_epoch)
-                    if results:
-                        log({"step": global_step, "epoch": done_epoch + 1, **results})
-                        if cfg.train.best_metric in results:
-                            metric = float(results[cfg.train.best_metric])
-                            best = metric if best is None else max(best, metric)
-                        elif cfg.train.best_metric is not None:  # a misspelt metric would keep no best at all
-                            checkpoint()
-                            raise ValueError(
-                                f"train.best_metric={cfg.train.best_metric} is not a metric the evaluation returns "
-                                f"({', '.join(sorted(results))}): choose one of them and continue with --resume "
-                                f"{run_dir} (checkpoint {last_ckpt})")
-                every = cfg.train.checkpoint_every_epochs
-                if (every and (done_epoch + 1) % every == 0) or metric is not None or step_due:
-                    checkpoint(metric)
+                end_of_epoch(step_due)
         checkpoint()
         report_skipped()
         if stopping:

@@ -213,12 +213,16 @@ def _fit_input_size(model: nn.Module, size: int) -> None:
 def prepare_backbone(backbone: str | Path | nn.Module, spec: FeatureSpec) -> tuple[nn.Module, str | None]:
     """(model, source) for a probe. An export folder is loaded and, when it is a ViT of another input size,
     fitted to `spec.input_size` (a fixed-size ViT would reject the crops otherwise); its source is the path. A
-    module is used as it is, never changed (it may be the training teacher); its source is None."""
+    module is used as it is, never changed (it may be the training teacher); its source is None. Either is refused
+    in one line when its patches do not tile the spec's crop (`FeatureSpec.check_patches`), before any image is
+    read."""
     if isinstance(backbone, nn.Module):
+        spec.check_patches(backbone)
         return backbone, None
     from sslpipe.weights.export import load_backbone
 
     model = load_backbone(backbone)
+    spec.check_patches(model)
     _fit_input_size(model, spec.input_size)
     return model, str(backbone)
 

@@ -7,6 +7,7 @@ crops. The kNN, linear, linear-seg and Q-score probes and `sslpipe show` take th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -118,6 +119,22 @@ class FeatureSpec:
         fields = {"img_size": int(cfg["img_size"]), "mean": cfg["mean"], "std": cfg["std"]}
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
+
+    def check_patches(self, model: nn.Module) -> None:
+        """Refuse an input size a ViT's patches do not tile (timm's bare assertion otherwise, at the first batch
+        or, in a training run's periodic kNN, after the epoch's training). Nothing to check for a CNN or a ViT
+        built with `dynamic_img_pad` (timm pads the image)."""
+        embed = getattr(getattr(model, "vit", model), "patch_embed", None)  # a MaskedViT holds its timm ViT
+        sides = getattr(embed, "patch_size", None)
+        if sides is None or getattr(embed, "dynamic_img_pad", False):
+            return
+        patch = math.lcm(*(int(s) for s in (sides if isinstance(sides, (tuple, list)) else (sides,))))
+        size = self.input_size
+        if size % patch:
+            fits = " or ".join(str(s) for s in (size // patch * patch, (size // patch + 1) * patch) if s)
+            raise ValueError(f"the crop {size} (--crop, --size for linear-seg; eval.crop in a recipe) is not a "
+                             f"multiple of the backbone's patch size {patch}, so its patches would not tile the "
+                             f"image: use {fits}")
 
     @property
     def input_size(self) -> int:

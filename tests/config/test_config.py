@@ -491,3 +491,29 @@ def test_crops_are_checked_against_the_architectures_patch_at_load(recipe: str, 
     cnn = load_config(REPO / "recipes/demo_simclr.yaml", ["data.train=x", "model.arch=resnet18",
                                                           "model.patch_size=null", "crops.global_size=28"])
     assert cnn.crops.global_size == 28
+
+
+def test_the_knn_crop_is_checked_against_the_patch_at_load(tmp_path: Path) -> None:
+    """eval.crop=30 with 4-pixel patches passed the load and stopped the run at its first evaluation, an epoch in,
+    with timm's assertion. Refused at load now, with model.patch_size set or (null) the architecture's own; only
+    when the run evaluates (every_epochs > 0), and not in a run's own saved config unless the command line sets it."""
+    path = write(tmp_path, MINIMAL + "model: {patch_size: 4}\ncrops: {global_size: 32, local_size: 16}\n"
+                                     "data: {train: /data/shards, val: /data/shards}\n")
+    with pytest.raises(ConfigError, match=r"eval.crop=30 is not a multiple of model.patch_size=4: use 28 or 32 "):
+        load_config(path, ["eval.every_epochs=1", "eval.crop=30", "eval.resize=32"])
+    assert load_config(path, ["eval.every_epochs=1", "eval.crop=28", "eval.resize=32"]).eval.crop == 28
+    assert load_config(path, ["eval.crop=30", "eval.resize=32"]).eval.every_epochs == 0  # no kNN: not read
+    vit = ["data.train=x", "data.val=x", "model.arch=vit_tiny_patch16_224", "model.patch_size=null",
+           "model.kwargs={depth: 1}", "eval.every_epochs=1", "eval.crop=40", "eval.resize=64"]
+    with pytest.raises(ConfigError, match=r"eval.crop=40 is not a multiple of 16, the patch size of "
+                                          r"model.arch=vit_tiny_patch16_224 .*: use 32 or 48 "):
+        load_config(REPO / "recipes" / "demo_dino.yaml", vit)
+    saved = tmp_path / "run"
+    (saved / "checkpoints").mkdir(parents=True)
+    cfg = load_config(path, ["eval.every_epochs=1", "eval.crop=28", "eval.resize=32"])
+    save_config(cfg, saved / "config.yaml")
+    text = (saved / "config.yaml").read_text().replace("crop: 28", "crop: 30")
+    (saved / "config.yaml").write_text(text)
+    assert load_config(saved / "config.yaml").eval.crop == 30  # the run was made so: its export still loads
+    with pytest.raises(ConfigError, match=r"eval.crop=30 is not a multiple"):
+        load_config(saved / "config.yaml", ["eval.crop=30"])

@@ -692,3 +692,46 @@ def test_prefetch_waits_for_each_batchs_own_copy_not_the_next_ones(monkeypatch) 
         log.append(f"step {batch}")
     assert log == ["copy 0", "record 0", "copy 1", "record 1", "wait 0", "step 0", "copy 2", "record 2", "wait 1",
                    "step 1", "wait 2", "step 2"]
+
+
+def test_a_failed_evaluation_keeps_the_epoch_and_the_resume_evaluates_it_first(tmp_path: Path, monkeypatch) -> None:
+    """3 epochs of 6 steps, evaluated after each; the evaluation after epoch 2 fails once (a ValueError, as the kNN's
+    on shards without labels). The epoch's checkpoint (step 12) is written before the error, which names it and
+    --resume; the resumed run evaluates epoch 2 first, so its evaluations, best.json and weights equal a run that
+    never failed. The old trainer evaluated before the epoch's checkpoint: step 12 was lost with the error."""
+    def score(self, epoch):  # depends on the weights: a resume that skipped or moved the evaluation would differ
+        return {"toy_eval": float(self.teacher.last_layer.weight.sum())}
+
+    settings = {"eval": {"every_epochs": 1}, "train": {"epochs": 3, "best_metric": "toy_eval"}}
+    monkeypatch.setattr(ToyRecipe, "evaluate", score)
+    straight = train(toy_cfg(tmp_path, "straight", **settings))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    failed = []
+
+    def fail_once_after_epoch_2(self, epoch):
+        if epoch == 1 and not failed:
+            failed.append(epoch)
+            raise ValueError("kNN needs labelled train and test samples")
+        return score(self, epoch)
+
+    monkeypatch.setattr(ToyRecipe, "evaluate", fail_once_after_epoch_2)
+    with pytest.raises(ValueError, match=r"^the evaluation after epoch 2 failed: kNN needs labelled .*; the epoch's "
+                                         r"training is kept in checkpoint \S+step_00000012: .* --resume \S+/runs/f, "
+                                         r"which evaluates epoch 2 first$"):
+        train(toy_cfg(tmp_path, "f", **settings))
+    run = tmp_path / "runs" / "f"
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000006", "step_00000012"]
+    state = json.loads((run / "checkpoints" / "step_00000012" / "trainer_state.json").read_text())
+    assert state["eval_pending"] is True and state["global_step"] == 12
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(toy_cfg(tmp_path, "f", **settings), resume=str(run))
+    evals = [(e["step"], e["toy_eval"]) for e in events_of(run) if "toy_eval" in e]
+    assert [s for s, _ in evals] == [6, 12, 18]
+    assert evals == [(e["step"], e["toy_eval"]) for e in events_of(straight) if "toy_eval" in e]
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best == json.loads((straight / "checkpoints" / "best.json").read_text())
+    assert [c.name for c in list_checkpoints(run)] == [c.name for c in list_checkpoints(straight)]
+    a, b = params(find_checkpoint(straight)), params(find_checkpoint(run))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    last = json.loads((find_checkpoint(run) / "trainer_state.json").read_text())
+    assert "eval_pending" not in last and last["best"] == max(v for _, v in evals)

@@ -743,3 +743,63 @@ def test_end_of_run_reports_what_the_loader_skipped(tmp_path: Path, capsys: pyte
     assert "loader skipped 2 corrupt sample(s) and 2 unreadable shard(s) since this start" in out  # 2 epochs
     event = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert event["event"] == "loader skipped" and (event["corrupt_samples"], event["shard_errors"]) == (2, 2)
+
+
+# ------------------------------------------------------------------------------------ shards without labels
+def test_a_periodic_knn_on_shards_without_labels_is_refused_before_the_run_starts(
+        tmp_path: Path, digits_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sslpipe shards --folder` of a folder of images (no class sub-folders) writes no `cls`: the periodic kNN
+    used to refuse them only at its first evaluation, a whole evaluation period in. The start-up check reads the
+    manifest's `classes` ([]), else the first sample of the first local shard; a remote shard it does not open."""
+    from PIL import Image
+
+    from sslpipe.engine import preflight as pf
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(pool / f"img{i}.png")
+    mine = tmp_path / "mine"
+    write_shards(mine, source=str(pool), options=ShardOptions(val_fraction=0.5), progress=False)
+
+    def dino(train_spec: str, val_spec: str, every: int = 1) -> RunConfig:
+        return config_from_dict({"method": "dino", "output_dir": str(tmp_path / "runs"), "run_name": "unlab",
+                                 "data": {"train": train_spec, "val": val_spec}, "eval": {"every_epochs": every}})
+
+    with pytest.raises(ValueError, match=rf"^data.val='{mine}' \(split 'val'\) has no labels \(its manifest.json "
+                                         r"lists no classes\): the periodic kNN \(eval.every_epochs=1\) .* set "
+                                         r"eval.every_epochs=0 \(no evaluation\), or a labelled data.val$"):
+        train(dino(str(mine), str(mine)))
+    assert not (tmp_path / "runs").exists(), "refused before the run directory is written"
+    # a shard pattern has no manifest: its first sample is read; the kNN's train set is checked too
+    with pytest.raises(ValueError, match=rf"^data.train='{mine}/train-{{000000..000000}}.tar' \(split 'train'\) has "
+                                         rf"no labels \(the first sample of {mine}/train-000000.tar has no `cls`\)"):
+        pf.preflight(dino(f"{mine}/train-{{000000..000000}}.tar", str(digits_shards)))
+    pf.preflight(dino(str(digits_shards), str(digits_shards)))  # labelled: passes
+    pf.preflight(dino(str(mine), str(mine), every=0))  # no evaluation, nothing to refuse
+    # remote: a manifest URL is read (once per process), a pipe: shard is never opened at start-up
+    monkeypatch.setattr(pf, "fetch_manifest", lambda url, reading: {"classes": []})
+    assert pf.unlabelled("https://host/mine/manifest.json", "val") == "its manifest.json lists no classes"
+    assert pf.unlabelled("pipe:false", "val") is None
+
+
+def test_a_knn_k_above_the_training_samples_is_refused_before_the_run_starts(tmp_path: Path,
+                                                                             digits_shards: Path) -> None:
+    """k=200 (the default knn_k's largest) of 96 training samples (the manifest's count) or of eval.max_train=50
+    stopped the run at its first evaluation ("k=200 exceeds the 50 training samples"): refused at start-up."""
+    from sslpipe.engine.preflight import preflight
+
+    small = tmp_path / "small"
+    write_shards(small, source="digits", options=ShardOptions(limit=96), progress=False)
+
+    def dino(spec: Path, **ev: object) -> RunConfig:
+        return config_from_dict({"method": "dino", "data": {"train": str(spec), "val": str(spec)},
+                                 "eval": {"every_epochs": 1, **ev}})
+
+    with pytest.raises(ValueError, match=r"^eval.knn_k=\[10, 20, 100, 200\] holds k=200, more than the 96 training "
+                                         r"samples .*eval.max_train=None\): set eval.knn_k to values <= 96"):
+        preflight(dino(small))
+    with pytest.raises(ValueError, match=r"more than the 50 training samples .*eval.max_train=50\)"):
+        preflight(dino(digits_shards, max_train=50))
+    preflight(dino(small, knn_k=[10, 20]))
+    preflight(dino(digits_shards, max_train=200))

@@ -162,3 +162,32 @@ def test_a_failed_result_write_is_one_line_from_the_cli(exports, digits_shards: 
     with pytest.raises(WriteFailed, match="/dev/full"):
         write_json("/dev/full", {"a": 1})
     assert Path("/dev/full").is_char_device()
+
+
+def test_a_crop_the_patches_do_not_tile_is_refused_in_one_line_before_reading(exports, no_reading, tmp_path: Path,
+                                                                               digits_shards: Path, capsys) -> None:
+    """knn / embed --crop 18 on a 4-pixel-patch ViT ended in timm's bare assertion and a traceback at the first batch,
+    and the same eval.crop in a training run's periodic kNN after the epoch's training: refused before any image is
+    read, naming the flag and the crops that fit. A CNN, and a ViT that pads (dynamic_img_pad), take any crop."""
+    import re
+
+    from sslpipe.eval.knn import knn_probe
+    from sslpipe.eval.spec import ProbeData
+    from sslpipe.models.backbones import create_backbone
+
+    fits = r"the crop 18 \(--crop, .*eval.crop in a recipe\) is not a multiple of the backbone's patch size 4, .*: " \
+           r"use 16 or 20$"
+    for command in (["knn", exports["vit"], "--data", "unread"],
+                    ["embed", exports["vit"], "--data", str(digits_shards), "--out", str(tmp_path / "emb")]):
+        assert main([*command, "--resize", "32", "--crop", "18"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"sslpipe {command[0]}: error: the crop 18 ")
+        assert re.search(fits, err[0])
+    assert not (tmp_path / "emb").exists()
+    spec = FeatureSpec(img_size=16, resize=32, crop=18)
+    teacher = create_backbone("vit_tiny_patch16_224", **VIT_ARGS)  # a training run's module: refused the same way
+    with pytest.raises(ValueError, match=fits):
+        knn_probe(teacher, spec, ProbeData("unread", "unread"))
+    spec.check_patches(create_backbone("resnet18", img_size=16))
+    spec.check_patches(create_backbone("vit_tiny_patch16_224", **VIT_ARGS, dynamic_img_pad=True))
+    FeatureSpec(img_size=16, resize=32, crop=20).check_patches(teacher)
