@@ -8,9 +8,18 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,10 +54,30 @@ def _positive_each(value: tuple[float, ...]) -> tuple[float, ...]:
 ScaleRange = Annotated[tuple[float, float], AfterValidator(_scale_range)]
 
 
-class Section(BaseModel):
-    """A block of a recipe: typed, validated on assignment, unknown keys refused."""
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field annotated `annotation` may hold a boolean (bool itself, Any, or a union with either)."""
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_takes_bool(arg) for arg in get_args(annotation) if arg is not type(None))
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class Section(BaseModel):
+    """A block of a recipe: typed, validated on assignment, unknown keys refused. A boolean where a number is
+    expected (YAML reads `yes`, `on`, `true` as booleans: `data.batch_size=yes` would be 1), an empty text (an
+    unset shell variable: `model.init_from=$EXPORT`) and an infinite or NaN number are refused, never read."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers_nor_empty_text(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _takes_bool(field.annotation):
+            raise ValueError(f"{str(value).lower()} is a boolean where a number is expected (YAML reads yes/no/on/off "
+                             "as booleans)")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: give a value, or null to leave it unset (an unset shell variable?)")
+        return value
 
     def check_run(self, run: "RunConfig") -> None:
         """A method's section: refuse what it cannot check alone (core keys its settings leave unread); raise

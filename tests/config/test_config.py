@@ -497,8 +497,8 @@ def test_the_knn_crop_is_checked_against_the_patch_at_load(tmp_path: Path) -> No
     """eval.crop=30 with 4-pixel patches passed the load and stopped the run at its first evaluation, an epoch in,
     with timm's assertion. Refused at load now, with model.patch_size set or (null) the architecture's own; only
     when the run evaluates (every_epochs > 0), and not in a run's own saved config unless the command line sets it."""
-    path = write(tmp_path, MINIMAL + "model: {patch_size: 4}\ncrops: {global_size: 32, local_size: 16}\n"
-                                     "data: {train: /data/shards, val: /data/shards}\n")
+    path = write(tmp_path, "method: dino\nmodel: {patch_size: 4}\ncrops: {global_size: 32, local_size: 16}\n"
+                           "data: {train: /data/shards, val: /data/shards}\n")
     with pytest.raises(ConfigError, match=r"eval.crop=30 is not a multiple of model.patch_size=4: use 28 or 32 "):
         load_config(path, ["eval.every_epochs=1", "eval.crop=30", "eval.resize=32"])
     assert load_config(path, ["eval.every_epochs=1", "eval.crop=28", "eval.resize=32"]).eval.crop == 28
@@ -517,3 +517,20 @@ def test_the_knn_crop_is_checked_against_the_patch_at_load(tmp_path: Path) -> No
     assert load_config(saved / "config.yaml").eval.crop == 30  # the run was made so: its export still loads
     with pytest.raises(ConfigError, match=r"eval.crop=30 is not a multiple"):
         load_config(saved / "config.yaml", ["eval.crop=30"])
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("data.batch_size=yes", r"'data.batch_size' = True is invalid: true is a boolean where a number is expected"),
+    ("train.checkpoint_every_steps=true", r"'train.checkpoint_every_steps' = True is invalid: true is a boolean"),
+    ("optim.lr=.inf", r"'optim.lr' = inf is invalid: .*finite number"),
+    ("model.init_from=", r"'model.init_from' = '' is invalid: is empty: give a value, or null"),
+    ("run_name=", r"'run_name' = '' is invalid: is empty"),
+])
+def test_booleans_for_numbers_empty_text_and_infinities_are_refused(tmp_path: Path, override: str,
+                                                                    pattern: str) -> None:
+    """YAML reads yes/on/true as booleans, which pydantic would take as 1 (a batch of one, a checkpoint every step);
+    an unset shell variable gives an empty text (`model.init_from=$EXPORT` trained from random weights)."""
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(write(tmp_path, MINIMAL), [override])
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.compile=true", "model.kwargs={class_token: true}"])
+    assert cfg.train.compile is True and cfg.model.kwargs == {"class_token": True}  # booleans where they belong
