@@ -41,7 +41,7 @@ from sslpipe.losses.queue_distill import QueueDistillLoss
 from sslpipe.models.backbones import create_backbone, sync_batchnorm
 from sslpipe.recipes.base import Recipe, shard_reading
 from sslpipe.recipes.knn_eval import periodic_knn
-from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, split_decay_groups
+from sslpipe.recipes.multicrop import DENSE_EVAL_KEYS, check_native_patch, split_decay_groups
 from sslpipe.weights.hashing import sha256_file, tensor_digest
 
 
@@ -73,6 +73,10 @@ class DistillConfig(Section):
             unread |= dict.fromkeys(("dense_weight", "teacher_blocks"), "distill.dense_loss=none")
         self.refuse_unread_values("distill", unread)
         return self
+
+    def check_run(self, run: RunConfig) -> None:
+        super().check_run(run)
+        check_native_patch(run)  # model.patch_size null: the student's own patch must tile the crops
 
 
 def pooled_and_map(model: nn.Module, x: Tensor, blocks: int = 1) -> tuple[Tensor, Tensor]:

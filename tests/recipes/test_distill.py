@@ -328,3 +328,16 @@ def test_two_processes_equal_one_at_the_same_global_batch(digits_shards: Path, t
         for key in one:
             if key != "loss":
                 torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_a_student_of_its_own_patch_size_is_checked_against_the_crops_at_load() -> None:
+    """model.patch_size null: the student ViT keeps its architecture's 16-px patches, which 28-px crops do not tile;
+    refused when the recipe loads, not at the first step."""
+    vit = ["data.train=x", "distill.teacher=x", "model.arch=vit_tiny_patch16_224", "model.patch_size=null",
+           "model.kwargs={depth: 1}"]
+    with pytest.raises(ConfigError, match=r"crops.global_size=28 is not a multiple of 16, the patch size of "
+                                          r"model.arch=vit_tiny_patch16_224"):
+        load_config(REPO / "recipes/demo_distill.yaml", vit)
+    fits = load_config(REPO / "recipes/demo_distill.yaml", [*vit, "crops.global_size=32", "eval.crop=32",
+                                                            "eval.resize=32"])
+    assert fits.crops.global_size == 32
