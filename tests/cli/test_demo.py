@@ -41,8 +41,11 @@ def test_sslpipe_demo_runs_every_stage_and_writes_the_teacher_export_the_docs_st
     assert set(result) == {"pretrained", "random init", "raw pixels"}
     assert all(0.0 <= v <= 1.0 for v in result.values())
     assert result["raw pixels"] > 0.9  # 8x8 digits: pixel distance is already a good metric (docs/recipe_table.md)
-    for name in ("knn_pretrained.json", "knn_random_init.json"):
+    # each row of the table probed its own backbone: the trained teacher's export, the random-init export
+    for name, row, backbone in (("knn_pretrained.json", "pretrained", teacher),
+                                ("knn_random_init.json", "random init", out / "random-init")):
         probe = json.loads((out / name).read_text())
+        assert probe["backbone"] == str(backbone) and probe["k"]["20"]["top1"] == result[row]
         assert probe["n_train"] == 1438 and probe["n_test"] == 359
     assert (run / "demo.png").stat().st_size > 0 and (run / "report" / "index.html").is_file()
     assert not torch.equal(weights["pos_embed"], load_file(str(out / "random-init" / "model.safetensors"))["pos_embed"])

@@ -3,6 +3,7 @@ time-limit warning (USR1) turns into a stop file and a requeue."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -85,14 +86,65 @@ def test_time_limit_warning_checkpoints_and_requeues(tmp_path: Path) -> None:
     assert not (tmp_path / "stop").exists(), "the stop file is removed for the requeued job"
 
 
-@pytest.mark.parametrize("name", ["1gpu.yaml", "8gpu_ddp.yaml", "8gpu_fsdp.yaml", "cpu_2proc.yaml",
-                                  "cpu_2proc_fsdp.yaml", "multi_node.yaml", "multi_node_c10d.yaml"])
-def test_launch_files_are_accelerate_configs(name: str) -> None:
-    import yaml
+class _Started(Exception):
+    """Raised where `train` goes on past its start-up checks: the launch file was accepted."""
 
-    cfg = yaml.safe_load((REPO / "launch" / name).read_text())
-    assert cfg["distributed_type"] in {"NO", "MULTI_GPU", "FSDP"} and cfg["num_processes"] >= 1
-    assert cfg.get("rdzv_backend", "static") in {"static", "c10d"}
+
+# The documented launches: (processes in all, machines, processes per machine, mixed precision the comment states).
+LAUNCHES = {"1gpu.yaml": (1, 1, None, "fp16"), "8gpu_ddp.yaml": (8, 1, 8, "fp16"), "8gpu_fsdp.yaml": (8, 1, 8, "bf16"),
+            "cpu_2proc.yaml": (2, 1, 2, "no"), "cpu_2proc_fsdp.yaml": (2, 1, 2, "no"),
+            "multi_node.yaml": (16, 2, 8, "fp16"), "multi_node_c10d.yaml": (16, 2, 8, "fp16")}
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHES))
+def test_launch_files_are_accelerate_configs_that_sslpipe_starts_with(name: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each launch file through accelerate's own parser, into the environment `accelerate launch` gives each process
+    (its launcher's own functions), then through `sslpipe train`'s start-up checks (FSDP settings, method, fp16)
+    with the recipe of the file's Usage line (recipes/demo_dinov2.yaml where it names none), as it is and with
+    `train.mixed_precision=null` (the file's precision decides): accepted, with the documented process counts,
+    precision and FSDP2 request."""
+    from accelerate.commands.launch import _validate_launch_command
+    from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    from sslpipe.engine import trainer
+    from sslpipe.recipes import load_config
+
+    text = (REPO / "launch" / name).read_text()
+    usage = re.search(r"Usage.*?-m sslpipe train (\S+)", text)
+    recipe = usage.group(1) if usage and usage.group(1) != "RECIPE.yaml" else "recipes/demo_dinov2.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(REPO / "launch" / name), "-m", "sslpipe",
+                                               "train", recipe])
+    args, _, _ = _validate_launch_command(args)
+    if args.use_fsdp or args.multi_gpu:  # accelerate's own dispatch (launch_command) for these files
+        env = prepare_multi_gpu_env(args)
+    else:
+        env = prepare_simple_launcher_cmd_env(args)[1]
+    processes, machines, per_machine, precision = LAUNCHES[name]
+    assert (args.num_processes, args.num_machines) == (processes, machines)
+    assert getattr(args, "nproc_per_node", None) == (per_machine and str(per_machine))
+    assert env["ACCELERATE_MIXED_PRECISION"] == precision and args.rdzv_backend in {"static", "c10d"}
+    env = {k: v for k, v in env.items() if os.environ.get(k) != v}
+
+    seen, check = [], trainer.sharding_from_launcher
+
+    def kept_check() -> trainer.Sharding | None:  # sslpipe's own check; its answer kept
+        seen.append(check())
+        return seen[-1]
+
+    def started(*_) -> None:  # the first thing `train` does after its checks
+        raise _Started
+
+    monkeypatch.setattr(trainer, "sharding_from_launcher", kept_check)
+    monkeypatch.setattr(trainer, "deterministic_mode", started)
+    for overrides in ([], ["train.mixed_precision=null"]):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        cfg = load_config(REPO / recipe, [f"data.train={tmp_path}", f"output_dir={tmp_path}", *overrides])
+        with pytest.raises(_Started):
+            trainer.train(cfg)
+    expected = trainer.Sharding(reshard_after_forward=True) if args.use_fsdp else None
+    assert seen == [expected, expected] and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("env, gpus, expected", [

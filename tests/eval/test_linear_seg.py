@@ -69,7 +69,13 @@ def test_probe_lr_warms_up_then_decays_linearly():
 @pytest.mark.slow
 def test_linear_seg_command_end_to_end(tmp_path):
     """`sslpipe linear-seg EXPORT --data SHARDS --out RESULT.json` on generated scenes (a tiny export): the JSON holds
-    mIoU, per-class IoU, the constant baseline and the settings, and the training loss fell below chance."""
+    mIoU, per-class IoU, the constant baseline and the settings, and the probe learned from the frozen features: its
+    training loss is below that of the same probe, with the same settings, seed and batches, on all-zero features
+    (what the bias alone learns: the class prior). A random tiny ViT's patch features are weak (a converged logistic
+    regression on them does not beat "predict background" on these 32 px scenes), so the margin is small: measured
+    1.436 against 1.508."""
+    from sslpipe.eval.linear_seg import linear_seg_probe
+    from sslpipe.eval.spec import FeatureSpec, ProbeData
     from sslpipe.ingest.options import ShardOptions
     from sslpipe.ingest.shards import write_shards
     from sslpipe.weights.export import export_backbone
@@ -87,7 +93,15 @@ def test_linear_seg_command_end_to_end(tmp_path):
     result = json.loads(out.read_text())
     assert 0 <= result["mIoU"] <= 1 and result["n_val"] == 12 and len(result["per_class"]) == 11
     assert result["baseline"]["predict"] == "background" and 0 < result["baseline"]["mIoU"] < 0.2
-    assert result["final_loss"] < 0.9 * math.log(11)  # below chance: the probe learned from the frozen features
+    no_features = tiny_vit()
+    with torch.no_grad():  # the final norm's weight and bias at 0: every patch feature is exactly 0
+        no_features.norm.weight.zero_()
+        no_features.norm.bias.zero_()
+    spec = FeatureSpec.from_export(export, pooling="patch", layers=result["layers"], num_workers=0)
+    reference = linear_seg_probe(no_features, spec, ProbeData(str(tmp_path / "scenes"), str(tmp_path / "scenes")),
+                                 steps=result["steps"], batch_size=result["batch_size"], lr=result["lr"],
+                                 weight_decay=result["weight_decay"], seed=result["seed"], progress=False)
+    assert result["final_loss"] < reference["final_loss"] - 0.03 < 0.9 * math.log(11)
     assert result["steps"] == 60 and result["size"] == 32 and result["layers"] == 1
     assert "linear-seg mIoU" in done.stdout and (tmp_path / "probe.png").is_file()
 

@@ -72,6 +72,18 @@ def test_semi_shards_from_scenes(semi: Path) -> None:
     assert lab["classes"][0] == "background" and len(lab["classes"]) == 11
 
 
+def _weights_moved(run: Path) -> float:
+    """The largest change of a weight tensor from the run's first checkpoint to its last, relative to its norm: what
+    shows that the run trained, not only ran. Without gradients, SGD's weight decay alone (lr at most 0.1, the
+    head's 10 x 0.01; wd 1e-4; momentum 0.9) moves each by at most 4 steps x lr x wd / (1 - momentum) = 4e-4 of it
+    in these runs; BatchNorm's running statistics, which every forward moves, are left out."""
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    assert len(ckpts) > 1
+    first, last = (load_file(str(c / "model.safetensors")) for c in (ckpts[0], ckpts[-1]))
+    return max(float((last[k] - v).norm() / v.norm()) for k, v in first.items()
+               if v.is_floating_point() and v.any() and ".running_" not in k)
+
+
 @pytest.mark.slow
 def test_u2pl_trains_evaluates_and_resumes_exactly(semi: Path, tmp_path: Path, monkeypatch) -> None:
     """6 steps (2 supervised-only) straight vs 3 + resume: identical student, teacher and queues; eval-seg of the
@@ -91,6 +103,7 @@ def test_u2pl_trains_evaluates_and_resumes_exactly(semi: Path, tmp_path: Path, m
     assert all("queue_fill/background" in r and 0 <= r["pseudo/acc"] <= 1 for r in steps[2:])
     evals = [r for r in lines if "mIoU" in r]
     assert len(evals) == 1 and 0 <= evals[0]["mIoU"] <= 1 and "iou/background" in evals[0]
+    assert _weights_moved(full) > 0.01  # step 2 -> 6: the U2PL epochs trained the student
 
     a = load_file(str(full / "checkpoints" / "step_00000006" / "extra_state.safetensors"))
     b = load_file(str(cut / "checkpoints" / "step_00000006" / "extra_state.safetensors"))
@@ -521,6 +534,7 @@ def test_scenes_recipe_pair_pretrains_exports_and_starts_both_runs_from_the_expo
             assert any(k.endswith("." + key) and torch.equal(v, value) for k, v in start.items()), key
         run = train(cfg)
         assert any("mIoU" in json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines())
+        assert _weights_moved(run) > 0.01  # step 2 -> 4: the second epoch trained the network
     # eval-seg builds the network and normalisation the run recorded, its weights from the checkpoint: the export may
     # have moved since
     assert json.loads((run / "init_from.json").read_text())["init_from"] == str(export)
