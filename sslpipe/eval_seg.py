@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
+from sslpipe.config.loading import read_yaml
 from sslpipe.eval.seg_eval import evaluate_segmentation
 from sslpipe.recipes import config_from_dict, get_recipe
 from sslpipe.weights.checkpoint import find_checkpoint
@@ -28,7 +28,7 @@ def eval_seg_run(run: str | Path, *, checkpoint: str | None = None, which: str =
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: {run} is not an sslpipe run directory")
-    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()) or {}, where=str(cfg_path), saved=True)
+    cfg = config_from_dict(read_yaml(cfg_path), where=str(cfg_path), saved=True)  # YAML 1.2, as it was written
     recipe = get_recipe(cfg.method)(cfg)
     if not hasattr(recipe, "build_model"):
         raise ValueError(f"{run}: method {cfg.method!r} is not a segmentation recipe (u2pl, supervised_seg)")

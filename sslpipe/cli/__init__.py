@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from sslpipe.cli import (
     bench,
@@ -49,6 +50,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_out(path: str | None, flag: str, folder: bool = False, example: str = "result.json") -> None:
+    """Refuse an output path that cannot be written, before any work is done (a probe would extract every feature
+    first): a folder where a file is expected (or, `folder`, a file where a folder is), or a path under a file."""
+    if path is None:
+        return
+    out = Path(path)
+    if folder and out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file: give a folder (created when missing)")
+    if not folder and out.is_dir():
+        raise ValueError(f"{flag} {out} is a directory: give a file path (e.g. {out / example})")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"{flag} {out}: {above} is a file, not a folder")
+
+
+def _refuse_repeated_overrides(overrides: list[str]) -> None:
+    """A key set twice on one command line is refused (the last one would win without a word, e.g. a shard pattern
+    split into one `data.train=` per shard by a shell)."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in seen:
+            raise ValueError(f"{key} is given twice on the command line ('{seen[key]}', then '{item}'): keep one")
+        seen[key] = item
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # `key=value` overrides may come before or after options (`train R.yaml --resume auto a.b=1`); argparse
@@ -60,12 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
+        _refuse_repeated_overrides(getattr(args, "overrides", []))
         return COMMANDS[args.command].run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        # Errors we raise on bad input carry the file/key and the fix; a traceback would only hide them.
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+            ValueError) as err:
+        # Errors we raise on bad input carry the file/key and the fix; a traceback would only hide them. The OS's
+        # own (a folder given for a file, a file for a folder, no permission) name the path, which is the fix.
         print(f"sslpipe {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from sslpipe.cli.probes import nonnegative_int, positive_float, positive_int
+
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks, each against a reference run side by side")
@@ -13,34 +15,35 @@ def add(sub: argparse._SubParsersAction) -> None:
     loader = which.add_parser("loader", help="shard stream (fast / torchvision crops) vs ImageFolder vs ceiling")
     loader.add_argument("shards", nargs="?", default=None,
                         help="shard directory with manifest.json (default with --photos: runs/bench_photos)")
-    loader.add_argument("--photos", type=int, default=None, metavar="N",
+    loader.add_argument("--photos", type=positive_int, default=None, metavar="N",
                         help="first write N 500x375 JPEG photographs (from scikit-image's bundled images) as shards")
     loader.add_argument("--recipe", default="recipes/demo_ibot.yaml", help="takes the multi-crop settings from it")
     loader.add_argument("--backend", choices=["fast", "torchvision", "device", "both", "all"], default="both",
                         help="crop backends to time (crops.backend); both = fast + torchvision, all = + device")
     loader.add_argument("--device", default=None, help="where the device backend crops (default: cuda if present)")
-    loader.add_argument("--batch-size", type=int, default=64)
-    loader.add_argument("--workers", type=int, default=2)
-    loader.add_argument("--max-images", type=int, default=4096)
-    loader.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each path counts")
-    loader.add_argument("--max-seconds", type=float, default=30.0,
+    loader.add_argument("--batch-size", type=positive_int, default=64)
+    loader.add_argument("--workers", type=nonnegative_int, default=2)
+    loader.add_argument("--max-images", type=positive_int, default=4096)
+    loader.add_argument("--rounds", type=positive_int, default=2,
+                        help="alternating rounds; the best of each path counts")
+    loader.add_argument("--max-seconds", type=positive_float, default=30.0,
                         help="time bound of the single-core (one thread) ceiling")
     knn = which.add_parser("knn", help="faiss vs torch matmul+topk vs scikit-learn kNN on the same features")
-    knn.add_argument("--n-train", type=int, default=50000)
-    knn.add_argument("--n-test", type=int, default=10000)
-    knn.add_argument("--dim", type=int, default=384)
-    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--n-train", type=positive_int, default=50000)
+    knn.add_argument("--n-test", type=positive_int, default=10000)
+    knn.add_argument("--dim", type=positive_int, default=384)
+    knn.add_argument("--k", type=positive_int, default=20)
     ibot = which.add_parser("ibot-step", help="our iBOT training step vs one built from lightly's blocks")
-    ibot.add_argument("--batch-size", type=int, default=64)
-    ibot.add_argument("--steps", type=int, default=10)
+    ibot.add_argument("--batch-size", type=positive_int, default=64)
+    ibot.add_argument("--steps", type=positive_int, default=10)
     step = which.add_parser("step", help="the trainer's step of a recipe vs the bare network: time, FLOPs, MFU")
     step.add_argument("--recipe", default="recipes/demo_ibot.yaml")
     step.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
-    step.add_argument("--batch-size", type=int, default=None, help="default: the recipe's data.batch_size")
-    step.add_argument("--steps", type=int, default=10)
-    step.add_argument("--warmup", type=int, default=3)
+    step.add_argument("--batch-size", type=positive_int, default=None, help="default: the recipe's data.batch_size")
+    step.add_argument("--steps", type=positive_int, default=10)
+    step.add_argument("--warmup", type=nonnegative_int, default=3)
     step.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
-    step.add_argument("--peak-tflops", type=float, default=None,
+    step.add_argument("--peak-tflops", type=positive_float, default=None,
                       help="device peak for MFU at the step's precision (default: a table of known GPUs per precision)")
     step.add_argument("--packing", action="store_true",
                       help="DINO/iBOT/DINOv2/DINOv3: time the step with the crops packed and per size, side by side")
@@ -52,36 +55,52 @@ def add(sub: argparse._SubParsersAction) -> None:
                                                  "synthetic batch: is the loader the bottleneck?")
     loaded.add_argument("shards", nargs="?", default=None,
                         help="shard directory (default with --photos: runs/bench_photos)")
-    loaded.add_argument("--photos", type=int, default=None, metavar="N",
+    loaded.add_argument("--photos", type=positive_int, default=None, metavar="N",
                         help="first write N 500x375 JPEG photographs (from scikit-image's bundled images) as shards")
     loaded.add_argument("--recipe", default="recipes/demo_ibot.yaml")
     loaded.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
-    loaded.add_argument("--batch-size", type=int, default=None, help="default: the recipe's data.batch_size")
-    loaded.add_argument("--steps", type=int, default=50)
-    loaded.add_argument("--warmup", type=int, default=5, help="the fed side warms up for at least 2 x workers + 2")
+    loaded.add_argument("--batch-size", type=positive_int, default=None, help="default: the recipe's data.batch_size")
+    loaded.add_argument("--steps", type=positive_int, default=50)
+    loaded.add_argument("--warmup", type=nonnegative_int, default=5,
+                        help="the fed side warms up for at least 2 x workers + 2")
     loaded.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     loaded.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. data.num_workers=16 "
                                                      "crops.backend=device")
     curate = which.add_parser("curate", help="faiss k-means vs scikit-learn MiniBatchKMeans; IVF vs exact search")
-    curate.add_argument("--n", type=int, default=1_000_000, help="synthetic features (rows)")
-    curate.add_argument("--dim", type=int, default=384)
-    curate.add_argument("--k", type=int, default=None, help="clusters (default: curate's level-1 count, N / 100)")
-    curate.add_argument("--iters", type=int, default=20,
+    curate.add_argument("--n", type=positive_int, default=1_000_000, help="synthetic features (rows)")
+    curate.add_argument("--dim", type=positive_int, default=384)
+    curate.add_argument("--k", type=positive_int, default=None,
+                        help="clusters (default: curate's level-1 count, N / 100)")
+    curate.add_argument("--iters", type=positive_int, default=20,
                         help="k-means passes over the data, both (faiss: over its training sample, all rows when k "
                              ">= N / 256)")
-    curate.add_argument("--queries", type=int, default=1000, help="held-out queries of the search comparison")
+    curate.add_argument("--queries", type=positive_int, default=1000, help="held-out queries of the search comparison")
     remote = which.add_parser("remote", help="shards over HTTP (a local server) vs on disk; descriptors before/after")
     remote.add_argument("shards", nargs="?", default=None, help="a shard set (default: --photos N made in a temp dir)")
-    remote.add_argument("--photos", type=int, default=1024, metavar="N", help="500x375 JPEG shards when no shards")
-    remote.add_argument("--processes", type=int, default=2)
-    remote.add_argument("--workers", type=int, default=2)
-    remote.add_argument("--batch-size", type=int, default=64)
-    remote.add_argument("--seconds", type=float, default=60.0, help="reading time of each side")
+    remote.add_argument("--photos", type=positive_int, default=1024, metavar="N",
+                        help="500x375 JPEG shards when no shards")
+    remote.add_argument("--processes", type=positive_int, default=2)
+    remote.add_argument("--workers", type=nonnegative_int, default=2)
+    remote.add_argument("--batch-size", type=positive_int, default=64)
+    remote.add_argument("--seconds", type=positive_float, default=60.0, help="reading time of each side")
     for q in (loader, knn, ibot, step, loaded, curate, remote):
         q.add_argument("--out", default=None, help="also write the result as JSON here")
 
 
+def _refuse_missing_cuda(device: str | None) -> None:
+    """`--device cuda` on a machine without CUDA: one line, not torch's traceback from the first tensor moved."""
+    import torch
+
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch "
+                         f"{torch.__version__}, no usable GPU or driver); use --device cpu, or leave --device out")
+
+
 def run(args: argparse.Namespace) -> int:
+    from sslpipe.cli import check_out
+
+    check_out(args.out, "--out")
+    _refuse_missing_cuda(getattr(args, "device", None))
     if args.bench == "loader":
         from sslpipe.bench.loader import BACKEND_SETS, run_loader_bench_from_recipe
 

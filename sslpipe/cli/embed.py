@@ -24,9 +24,11 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
+    from sslpipe.cli import check_out
     from sslpipe.embed.embed import embed_shards
     from sslpipe.embed.store import read_index
 
+    check_out(args.out, "--out", folder=True)
     state = PartialState()
     out = embed_shards(args.backbone, args.data, args.out, split=args.split,
                        spec=feature_spec(args, batch_size=args.batch_size), accelerator=state, force=args.force)

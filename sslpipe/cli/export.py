@@ -24,9 +24,11 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sslpipe.cli import check_out
     from sslpipe.weights.onnx import export_onnx, require_onnx
     from sslpipe.weights.run_export import export_run
 
+    check_out(args.out, "--out", folder=True)
     if args.onnx:
         require_onnx()  # before the export, not after it
     out = export_run(args.run, which=args.which, out=args.out, checkpoint=args.checkpoint,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sslpipe.cli.probes import positive_int
+
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="an official DINO / iBOT / DINOv2 / DINOv3 / MAE checkpoint or a timm state dict "
@@ -19,7 +21,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="training checkpoints with both networks (DINO, iBOT, DINOv2, DINOv3): default the teacher")
     p.add_argument("--arch", default=None,
                    help="timm architecture whose defaults describe the weights (default: read from the shapes)")
-    p.add_argument("--img-size", type=int, default=None,
+    p.add_argument("--img-size", type=positive_int, default=None,
                    help="input size of the export (default: the checkpoint's position grid x patch size, else 224); "
                         "another grid resizes the position embedding by the source's official rule")
     p.add_argument("--with-heads", action="store_true",
@@ -33,8 +35,10 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sslpipe.cli import check_out
     from sslpipe.weights.importing import import_checkpoint
 
+    check_out(args.out, "OUT", folder=True)
     report = import_checkpoint(args.source, args.out, fmt=args.format, which=args.which, arch=args.arch,
                                img_size=args.img_size, with_heads=args.with_heads, mean=args.mean, std=args.std)
     print("\n".join(report.lines()))

@@ -15,8 +15,10 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sslpipe.cli import check_out
     from sslpipe.eval.knn import run_knn
 
+    check_out(args.out, "--out", example="knn.json")
     result = run_knn(args.backbone, feature_spec(args, batch_size=args.batch_size), probe_data(args),
                      k_list=args.k, T=args.temperature, out_json=args.out, cache_dir=args.cache)
     for k, v in result["k"].items():

@@ -17,8 +17,10 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sslpipe.cli import check_out
     from sslpipe.eval.linear import linear_probe
 
+    check_out(args.out, "--out", example="linear.json")
     # --batch-size is the classifier's; features are extracted 256 at a time
     result = linear_probe(args.backbone, feature_spec(args), probe_data(args), n_last_blocks=args.n_last_blocks,
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, out_json=args.out)

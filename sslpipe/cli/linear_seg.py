@@ -33,10 +33,13 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sslpipe.cli import check_out
     from sslpipe.eval.linear_seg import format_linear_seg, linear_seg_probe
     from sslpipe.eval.segmentation import format_iou_table
     from sslpipe.eval.spec import ProbeData
 
+    check_out(args.out, "--out", example="linear_seg.json")
+    check_out(args.png, "--png", example="linear_seg.png")
     data = ProbeData(args.data, args.val or args.data, args.train_split, args.val_split, max_val=args.max_val,
                      num_classes=args.num_classes)
     result = linear_seg_probe(

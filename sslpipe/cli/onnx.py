@@ -15,8 +15,10 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sslpipe.cli import check_out
     from sslpipe.weights.onnx import OPSET, export_onnx
 
+    check_out(args.out, "--out", example="model.onnx")
     report = export_onnx(args.export, args.out, opset=args.opset or OPSET, atol=args.atol)
     print("\n".join(report.lines()))
     return 0

@@ -48,6 +48,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sslpipe.cli import check_out
     from sslpipe.engine.tracking import command_tracker
     from sslpipe.eval.qscore_report import (
         QScoreSettings,
@@ -55,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         qscore_report,
     )
 
+    check_out(args.out, "--out", example="qscore.json")
+    check_out(args.png, "--png", example="qscore.png")
     settings = QScoreSettings(
         k=args.k, T=args.temperature, eta=args.eta, eps=args.eps, percentiles=args.percentiles,
         l2_normalize=not args.no_l2_normalize, sparsity_abs=args.sparsity_abs, rates_from=args.rates_from,

@@ -12,7 +12,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sslpipe.cli import check_out
     from sslpipe.viz.report import write_report
 
+    check_out(args.out, "--out", folder=True)
     print(f"wrote {write_report(args.runs, args.out)}")
     return 0

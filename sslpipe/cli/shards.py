@@ -6,10 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from sslpipe.cli.probes import nonnegative_int, positive_int
+
 _LAYOUTS = ("--voc", "--cityscapes", "--ade20k", "--dataset stardist", "--dataset scenes --semi")
 _SCENES = ("--dataset scenes", "--dataset scenes --semi")
 _BUNDLED = ("--dataset fashion-mnist", "--dataset digits")
 _ONE_SET = (*_BUNDLED, "--dataset scenes", "--folder", "--list", "--seg-list", "--coco")  # one shard set each
+# The sources that read image files as they are (a JPEG can be re-encoded as JPEG without --reencode: turned upright
+# or downsized by --max-side); the bundled ones make their images, stored as PNG unless --reencode jpg.
+_FILES = ("--folder", "--list", "--seg-list", "--coco", "--voc", "--cityscapes", "--ade20k")
 # The flags only some sources read (dest -> those sources); every other flag is read by all of them.
 _READ_BY = {
     "val_fraction": ("--folder", "--list", "--seg-list", "--coco"),
@@ -44,17 +49,21 @@ def add(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--coco", help="COCO instances: a COCO folder (annotations/instances_*.json + image folders, "
                                     "splits kept) or one COCO-format json; writes seg.png + inst.png per image")
     p.add_argument("out", help="output directory (refused if it is not empty, unless --force)")
-    p.add_argument("--samples-per-shard", type=int, default=10000)
-    p.add_argument("--max-shard-bytes", type=int, default=None, help="also start a new shard past this size")
+    p.add_argument("--samples-per-shard", type=positive_int, default=10000)
+    p.add_argument("--max-shard-bytes", type=positive_int, default=None, help="also start a new shard past this size")
     p.add_argument("--val-fraction", type=float, default=0.0, help="held-out fraction for sources with no split")
     p.add_argument("--reencode", choices=["jpg", "png"], default=None,
                    help="re-encode images (default: keep the bytes of JPEG/PNG files, except those that must change "
                         "to be stored as shown: EXIF-rotated photos are turned upright and 16-bit images scaled to "
                         "8 bits (value >> 8), then re-encoded)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
-    p.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is at most this")
-    p.add_argument("--limit", type=int, default=None, help="only the first N samples per split (not for layouts)")
-    p.add_argument("--workers", type=int, default=1, help="processes that read and encode images")
+    p.add_argument("--quality", type=_jpeg_quality, default=95,
+                   help="JPEG quality (1-100) of the JPEGs written: with --reencode jpg, or, for the sources that "
+                        "read image files, of the JPEG files that are re-encoded (EXIF-rotated, or downsized by "
+                        "--max-side); refused where no JPEG is written (--reencode png, the bundled data sets)")
+    p.add_argument("--max-side", type=positive_int, default=None, help="downscale so the longer side is at most this")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="only the first N samples per split (not for layouts)")
+    p.add_argument("--workers", type=nonnegative_int, default=1, help="processes that read and encode images")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
     p.add_argument("--classes", default=None,
@@ -82,9 +91,16 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--voc-train", default="train",
                    help="--voc: train split (ImageSets/Segmentation/NAME.txt or a list file; U2PL: trainaug ids)")
     p.add_argument("--voc-val", default="val", help="--voc: val split (name or list file)")
-    p.set_defaults(shard_flag_defaults={dest: p.get_default(dest) for dest in _READ_BY})
+    p.set_defaults(shard_flag_defaults={dest: p.get_default(dest) for dest in (*_READ_BY, "quality")})
     p.epilog = ("Images are stored as they are shown: a photo's EXIF orientation is applied (its label map, if any, "
                 "must match the photo as shown). A flag the chosen source does not read is refused.")
+
+
+def _jpeg_quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a JPEG quality from 1 to 100, got {text}")
+    return value
 
 
 def _source_flag(args: argparse.Namespace) -> str:
@@ -104,6 +120,11 @@ def _refuse_unread(args: argparse.Namespace) -> None:
     if unread:
         raise ValueError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read by a {source} source: "
                          "leave it out (`sslpipe shards --help` says which source reads which option)")
+    if args.quality != args.shard_flag_defaults["quality"] and args.reencode != "jpg" and (
+            args.reencode == "png" or source not in _FILES):
+        written = "--reencode png writes PNG" if args.reencode == "png" else f"a {source} source is stored as PNG"
+        raise ValueError(f"--quality is read only where JPEGs are written, and {written}: add --reencode jpg, or "
+                         "leave --quality out")
 
 
 def _pair(text: str, cast: type, flag: str) -> tuple:

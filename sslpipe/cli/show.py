@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from sslpipe.cli.probes import feature_spec
+from sslpipe.cli.probes import feature_spec, nonnegative_int, positive_int
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -14,25 +14,29 @@ def add(sub: argparse._SubParsersAction) -> None:
                                                 "the train split, the embedding map from the val split")
     p.add_argument("--images", nargs="+", default=[], help="image files to show instead of the first val images")
     p.add_argument("--out", required=True, help="folder for attention.png, pca.png, neighbours.png, embedding.png")
-    p.add_argument("-n", "--num-images", type=int, default=4, help="val images to show (with --data)")
-    p.add_argument("--k", type=int, default=5, help="neighbours per image")
+    p.add_argument("-n", "--num-images", type=positive_int, default=4, help="val images to show (with --data)")
+    p.add_argument("--k", type=positive_int, default=5, help="neighbours per image")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
-    p.add_argument("--max-train", type=int, default=10000, help="search the neighbours among the first N train "
-                                                                "images (0: all)")
-    p.add_argument("--max-val", type=int, default=2000, help="map the first N val images (0: all)")
-    p.add_argument("--resize", type=int, default=None, help="eval resize (default: the export's image size x 256/224)")
-    p.add_argument("--crop", type=int, default=None, help="eval centre crop (default: the export's image size)")
+    p.add_argument("--max-train", type=nonnegative_int, default=10000,
+                   help="search the neighbours among the first N train images (0: all)")
+    p.add_argument("--max-val", type=nonnegative_int, default=2000, help="map the first N val images (0: all)")
+    p.add_argument("--resize", type=positive_int, default=None,
+                   help="eval resize (default: the export's image size x 256/224)")
+    p.add_argument("--crop", type=positive_int, default=None,
+                   help="eval centre crop (default: the export's image size)")
     p.add_argument("--embedding", choices=["tsne", "umap"], default="tsne",
                    help="t-SNE (scikit-learn) or UMAP (needs umap-learn)")
     p.add_argument("--log-with", choices=["wandb"], default=None, help="also log the PNGs to this tracker")
 
 
 def run(args: argparse.Namespace) -> int:
+    from sslpipe.cli import check_out
     from sslpipe.engine.tracking import command_tracker
     from sslpipe.eval.spec import ProbeData
     from sslpipe.viz.show import show
 
+    check_out(args.out, "--out", folder=True)
     data = None
     if args.data:
         data = ProbeData(args.data, args.data, args.train_split, args.val_split, args.max_train or None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def add_recipe_command(sub: argparse._SubParsersAction, name: str, help: str, example: str) -> None:
@@ -16,10 +17,26 @@ def add_recipe_command(sub: argparse._SubParsersAction, name: str, help: str, ex
                    help="`auto` (newest run in output_dir with a checkpoint), a run directory or a checkpoint")
 
 
+def resume_arg(resume: str | None) -> str | None:
+    """`--resume` as the trainer takes it. An empty value (`--resume "$RUN"` with RUN unset) is refused: taken as no
+    `--resume`, it would start a new run from scratch. `RUN/checkpoints` (the folder of a run's checkpoints) is read
+    as its run, which continues from its newest good checkpoint."""
+    if resume is None:
+        return None
+    if not resume.strip():
+        raise ValueError("--resume is empty (an unset shell variable?): give auto, a run directory or a checkpoint "
+                         "folder (RUN/checkpoints/step_N), or leave --resume out to start a new run")
+    path = Path(resume)
+    if path.name == "checkpoints" and path.is_dir():
+        return str(path.parent)
+    return resume
+
+
 def train_recipe(args: argparse.Namespace, methods: Sequence[str] | None = None) -> int:
     from sslpipe.engine.trainer import run_recipe
 
-    run_dir = run_recipe(args.recipe, args.overrides, resume=args.resume, methods=methods, command=args.command)
+    resume = resume_arg(args.resume)
+    run_dir = run_recipe(args.recipe, args.overrides, resume=resume, methods=methods, command=args.command)
     if int(os.environ.get("RANK", "0")) == 0:  # once per job, not once per process
         print(f"run directory: {run_dir}")
     return 0

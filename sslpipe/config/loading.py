@@ -27,7 +27,56 @@ class ConfigError(ValueError):
 
 class YAML12Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's floats: YAML 1.1 needs a dot, so `1e-5` would stay a string and reach
-    free-form keys (`model.kwargs`) as text. Sexagesimal and `_`-separated floats (1.1 only) are read as text."""
+    free-form keys (`model.kwargs`) as text. Sexagesimal and `_`-separated floats (1.1 only) are read as text.
+    A key written twice in one mapping is an error (YAML 1.2 requires unique keys; PyYAML would keep the last one
+    without a word, so a second `optim:` block pasted at the end would drop every key of the first)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_repeated_keys(self, node, (), set())
+        return super().construct_document(node)
+
+
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _refuse_repeated_keys(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, seen: set[int]) -> None:
+    """Raise a `ConstructorError` (its mark: the second key) naming a key that appears twice in one mapping, with
+    its dotted path and both places. Keys merged in by `<<: *anchor` may be overridden, as YAML intends."""
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_repeated_keys(loader, item, (*path, i), seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[Any, yaml.Mark] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE:
+            _refuse_repeated_keys(loader, value_node, path, seen)
+            continue
+        key = loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else object()
+        mark = key_node.start_mark
+        if key in first:
+            a, b = first[key], mark
+            where = (f"line {a.line + 1}, columns {a.column + 1} and {b.column + 1}" if a.line == b.line
+                     else f"lines {a.line + 1} and {b.line + 1}")
+            dotted = ".".join(str(k) for k in (*path, key))
+            raise yaml.constructor.ConstructorError(None, None, f"key '{dotted}' appears twice ({where}): keep one",
+                                                    mark)
+        first[key] = mark
+        _refuse_repeated_keys(loader, value_node, (*path, key), seen)
+
+
+def yaml_problem(exc: yaml.YAMLError, one_line_text: bool = False) -> tuple[str, str]:
+    """(where, what) of a YAML error, each one line: `line L, column C` (the column alone for a one-line text; ""
+    when PyYAML gives no place) and the problem, not PyYAML's several lines of context."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    if mark is None:
+        return "", problem
+    at = f"column {mark.column + 1}" if one_line_text else f"line {mark.line + 1}, column {mark.column + 1}"
+    return at, problem
 
 
 _FLOAT = "tag:yaml.org,2002:float"
@@ -40,7 +89,7 @@ YAML12Loader.add_implicit_resolver(  # after the int resolver, which keeps `12` 
 
 
 def load_yaml(text: str) -> Any:
-    """YAML text as Python values, with YAML 1.2's floats (`YAML12Loader`)."""
+    """YAML text as Python values, with YAML 1.2's floats and unique keys (`YAML12Loader`)."""
     return yaml.load(text, Loader=YAML12Loader)
 
 
@@ -218,7 +267,9 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], schema: type
             value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             if not _accepts_str(annotation):
-                raise ConfigError(f"override '{item}': value {raw!r} is not valid YAML ({exc})") from exc
+                at, problem = yaml_problem(exc, one_line_text="\n" not in raw.strip())
+                raise ConfigError(f"override '{item}': value {raw!r} is not valid YAML ({at}{': ' if at else ''}"
+                                  f"{problem})") from None
             value = raw.strip()  # a string field takes any text (`run_name=a: b`)
         value = _typed_override(annotation, raw, value)
         node = data
@@ -234,15 +285,17 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], schema: type
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A recipe file as a dict; errors name the file (and the line of a YAML syntax error)."""
     path = Path(path)
+    if path.is_dir():
+        run = (f"; to continue the run there: sslpipe train {path / 'config.yaml'} --resume {path}"
+               if (path / "config.yaml").is_file() else "")
+        raise ConfigError(f"{path} is a directory, not a recipe: give a recipe YAML (e.g. recipes/demo_*.yaml){run}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (give the path of a recipe YAML, e.g. recipes/demo_*.yaml)")
     try:
         data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}:{line}: invalid YAML: {problem}") from None
+        at, problem = yaml_problem(exc)
+        raise ConfigError(f"{path}:{' ' + at if at else ''}: invalid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     return data

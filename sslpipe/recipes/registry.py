@@ -99,12 +99,21 @@ def _method_override(item: str, method: str, where: str) -> str:
     return new
 
 
+def _holds_a_0_1_section(data: dict[str, Any], schema: type[RunConfig]) -> bool:
+    """Whether `data` has a section only sslpipe 0.1 wrote (`head:`, `loss:` at the top, `finetune:` in a run of
+    another method): a config.yaml of a 0.1 run, which held every method's keys at their defaults, so what this
+    run never read is dropped. One renamed key alone (`eval.knn_every_epochs`) is no such sign: a recipe of today's
+    layout with an old key's name, whose unread values are refused as in any recipe."""
+    return (any(k in data and k not in schema.model_fields for k in legacy.NESTED_SECTIONS)
+            or any(k in data and k not in owners for k, owners in legacy.OWNED_SECTIONS.items()))
+
+
 def config_from_dict(data: dict[str, Any], where: str = "config", overrides: Iterable[str] = (),
                      saved: bool = False) -> RunConfig:
     """Validate a plain dict (plus overrides) under its method's schema; errors name `where`, or the override, and
     the dotted key. A config written before the per-method schema is read in its new layout (`config.legacy`).
-    `saved` (and every legacy config): a run's own config.yaml, whose keys this version refuses as unread are dropped
-    with a notice (`config.loading.validate`)."""
+    `saved`: a run's own config.yaml, whose keys this version refuses as unread are dropped with a notice
+    (`config.loading.validate`), as in a config.yaml of sslpipe 0.1 (`_holds_a_0_1_section`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(data).__name__}")
     overrides = list(overrides)
@@ -124,8 +133,8 @@ def config_from_dict(data: dict[str, Any], where: str = "config", overrides: Ite
         if foreign:
             raise ConfigError(unknown_key_message(schema, (foreign[0],), where, hints))
         sections = {cls.config_key: cls.config_section for cls in map(get_recipe, KNOWN_RECIPES)}
+        saved = saved or _holds_a_0_1_section(data, schema)
         data, notes = legacy.migrate(data, key, schema, sections, where)
-        saved = True
         print(f"{where}: read in the layout before per-method sections; moved {', '.join(notes) or 'nothing'}",
               file=sys.stderr)
     hints = {**hints, **legacy.moved_hints(schema, key)}

@@ -24,8 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import yaml
-
+from sslpipe.config.loading import load_yaml
 from sslpipe.losses.health import EMBEDDING_PREFIXES, HEALTH_KEYS
 from sslpipe.metrics_log import current_trajectory, read_records
 from sslpipe.viz.figures import pyplot, save_figure
@@ -89,7 +88,7 @@ def read_run(path: str | Path, label: str | None = None) -> RunLog:
     if not metrics.is_file() and not config.is_file():
         raise FileNotFoundError(f"{path} is not a run directory: it has neither metrics.jsonl nor config.yaml")
     config_text = config.read_text() if config.is_file() else ""
-    run = RunLog(path=path, label=label or path.name, config=(yaml.safe_load(config_text) or {}) if config_text else {},
+    run = RunLog(path=path, label=label or path.name, config=(load_yaml(config_text) or {}) if config_text else {},
                  config_text=config_text)
     read = read_records(metrics) if metrics.is_file() else []
     records = current_trajectory(read)

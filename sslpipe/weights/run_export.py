@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sslpipe.config.loading import load_yaml
 from sslpipe.files import digest_matches
 from sslpipe.metrics_log import current_trajectory, read_records
 from sslpipe.metrics_log import step_of as step_of_record
@@ -230,7 +230,7 @@ def export_run(
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: {run} is not an sslpipe run directory")
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    cfg = load_yaml(cfg_path.read_text()) or {}  # YAML 1.2, as save_config wrote it (`run_name: 0.5_1` a string)
     method = cfg.get("method") if isinstance(cfg, dict) else None
     if method in DENSE_RUNS:
         raise ValueError(f"{run} is a {method} run: its network is a whole {DENSE_RUNS[method][0]} network, not a "

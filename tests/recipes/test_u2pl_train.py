@@ -439,8 +439,9 @@ def test_queues_identical_on_two_processes(semi: Path, tmp_path: Path) -> None:
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(_free_port()), "-m", "sslpipe", "train", str(REPO / "recipes/demo_u2pl.yaml"),
            "method=tests.workers.ddp_u2pl:CheckedU2PL", f"data.train={semi / 'labeled'}", f"data.val={semi / 'val'}",
-           f"u2pl.unlabeled={semi / 'unlabeled'}", f"output_dir={tmp_path}", "run_name=ddp", *TINY,
-           "train.epochs=2", "eval.every_epochs=0", "u2pl.sup_only_epoch=0"]
+           f"u2pl.unlabeled={semi / 'unlabeled'}", f"output_dir={tmp_path}", "run_name=ddp",
+           *(o for o in TINY if o.split("=")[0] not in ("train.epochs", "eval.every_epochs")),
+           "train.epochs=2", "eval.every_epochs=0", "u2pl.sup_only_epoch=0"]  # a key twice is refused
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [[json.loads(x) for x in (tmp_path / "ddp" / f"queues_rank{r}.jsonl").read_text().splitlines()]
