@@ -325,6 +325,9 @@ def train(cfg: RunConfig, *, resume: str | None = None, overrides_text: str | No
     command-line overrides) is recorded in config.yaml. With `train.deterministic` the run uses deterministic
     kernels (bit-exact resume on a GPU too; see `sslpipe.engine.determinism`).
     """
+    if resume is not None and not str(resume).strip():
+        raise ValueError("resume is empty (an unset variable?): give a run directory, a checkpoint or 'auto'; None "
+                         "starts a fresh run")
     sharding = sharding_from_launcher()  # before Accelerate reads the environment
     if sharding is not None and get_recipe(cfg.method).sharded_modules is Recipe.sharded_modules:
         raise ValueError(f"method {cfg.method} does not run sharded (FSDP2 launch file): launch it with DDP, e.g. "

@@ -735,3 +735,11 @@ def test_a_failed_evaluation_keeps_the_epoch_and_the_resume_evaluates_it_first(t
     assert all(torch.equal(a[k], b[k]) for k in a)
     last = json.loads((find_checkpoint(run) / "trainer_state.json").read_text())
     assert "eval_pending" not in last and last["best"] == max(v for _, v in evals)
+
+
+def test_an_empty_resume_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """`resume=""` (an unset shell variable in `--resume "$RUN"`) is not a fresh start: refused, nothing written."""
+    cfg = config_from_dict({"method": "dino", "data": {"train": "x"}, "output_dir": str(tmp_path / "runs")})
+    with pytest.raises(ValueError, match="resume is empty"):
+        train(cfg, resume=" ")
+    assert not (tmp_path / "runs").exists()

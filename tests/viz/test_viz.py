@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -26,3 +27,14 @@ def test_overlay_png_has_titles_and_a_legend_in_the_class_colours(tmp_path):
     for colour in (palette(3)[1], palette(3)[2]):
         assert (strip.reshape(-1, 3) == colour).all(1).any(), colour  # a legend square in each class colour
     assert (body.reshape(-1, 3) == palette(3)[2]).all(1).any()  # the same colour paints class 2 in the panels
+
+
+def test_a_failed_png_write_leaves_no_temporary_file(tmp_path, monkeypatch) -> None:
+    """The PNG goes through `.NAME.tmp`: when the rename fails (a folder at the target), neither file is left."""
+    import os
+
+    panel = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    (tmp_path / "out.png").mkdir()
+    with pytest.raises(OSError):
+        save_rows([[panel]], tmp_path / "out.png", titles=None)
+    assert sorted(os.listdir(tmp_path)) == ["out.png"] and (tmp_path / "out.png").is_dir()
