@@ -21,7 +21,8 @@ def tiny(method: str) -> list[str]:
     """Overrides that shrink a demo recipe of `method` to a few-second step."""
     head = [f"{method}.head.{k}={v}" for k, v in (("out_dim", 64), ("hidden_dim", 32), ("bottleneck_dim", 16))]
     patch = [f"{method}.head.patch_out_dim=64"] if method != "dino" else []
-    return ["model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", *head, *patch, "crops.n_local=2"]
+    local = ["crops.local_size=12"] if method in ("dinov2", "dinov3") else []  # 28-px globals: smaller locals
+    return ["model.kwargs={embed_dim: 32, depth: 1, num_heads: 2}", *head, *patch, "crops.n_local=2", *local]
 
 
 @pytest.mark.parametrize("method", ["ibot", "dino"])

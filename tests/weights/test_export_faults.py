@@ -69,7 +69,7 @@ def test_out_that_is_not_an_sslpipe_export_is_refused_and_left_as_it_was(tmp_pat
 
     afile = tmp_path / "afile"
     afile.write_text("x")
-    assert f"--out {afile} is a file, not a folder" in _one_error_line(["export", str(run), "--out", str(afile)],
+    assert f"--out {afile} is a file: give a folder" in _one_error_line(["export", str(run), "--out", str(afile)],
                                                                        capsys)
     assert afile.read_text() == "x"
 
