@@ -1,8 +1,9 @@
 """A run's `metrics.jsonl`: its records, and which of them belong to the run's current trajectory.
 
 The trainer appends one JSON object per line: the log lines, the periodic evaluations and the events, each with the
-global `step`. A resume appends a `{"event": "resumed", "step": S, ...}` record, S being the checkpoint's step. The
-records written before it with a step after S belong to the trajectory the resume replaced: the steps a killed run
+global `step`. A resume appends a `{"event": "resumed", "step": S, "from_step": F, ...}` record, F being the
+checkpoint's step (S the same step in the resumed run's units: they differ after an elastic resume to another batch).
+The records written before it with a step after F belong to the trajectory the resume replaced: the steps a killed run
 logged after its last checkpoint (logged again by the resumed run), or a whole abandoned trajectory after a roll-back
 to an older checkpoint (`--resume RUN/checkpoints/step_N`; the new one may stop earlier or log at other steps). Those
 records describe weights that no longer exist, so a reader of the run (the report, the model card) keeps only the
@@ -59,17 +60,24 @@ def step_of(record: Record) -> int | None:
 def current_trajectory(records: Iterable[Record]) -> list[Record]:
     """The records of the run's current trajectory, in file order.
 
-    At each `resumed` record of step S, the records before it with a step > S are dropped (those at S and before
-    are the checkpoint's history and stay; so does the `resumed` record, which says a resume happened). Successive
-    resumes apply in turn. Records without a step are kept.
+    At each `resumed` record from step F (`from_step`, else its step), the records before it with a step > F are
+    dropped (those at F and before are the checkpoint's history and stay; so does the `resumed` record, which says
+    a resume happened). Successive resumes apply in turn. Records without a step are kept.
     """
     kept: list[Record] = []
     for record in records:
-        resumed_at = step_of(record) if record.get("event") == RESUMED else None
+        resumed_at = _resumed_from(record) if record.get("event") == RESUMED else None
         if resumed_at is not None:
             kept = [r for r in kept if _not_after(r, resumed_at)]
         kept.append(record)
     return kept
+
+
+def _resumed_from(record: Record) -> int | None:
+    """The checkpoint step a `resumed` record continues from, in the units of the lines before it: `from_step` (an
+    elastic resume logs its own rescaled step as `step`), else `step` (records of older versions)."""
+    start = record.get("from_step")
+    return start if isinstance(start, int) and not isinstance(start, bool) else step_of(record)
 
 
 def _not_after(record: Record, step: int) -> bool:

@@ -78,3 +78,12 @@ def test_read_records_skips_a_cut_line_and_keeps_what_follows(tmp_path: Path) ->
 def test_read_records_of_a_missing_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nothing/metrics.jsonl not found"):
         read_records(tmp_path / "nothing" / "metrics.jsonl")
+
+
+def test_an_elastic_resume_compares_the_checkpoints_own_step() -> None:
+    """A resume to another batch logs its rescaled step (checkpoint step 8 of 8 per epoch continues as step 16 of
+    16): the earlier lines are compared with `from_step`, so epoch 1's lines up to step 8 stay and step 10 goes."""
+    records = [{"step": 4, "loss": 1.0}, {"step": 8, "loss": 0.9}, {"step": 8, "knn/top1": 0.3},
+               {"step": 10, "loss": 0.8}, {"step": 16, "event": "resumed", "from_step": 8}, {"step": 18, "loss": 0.7}]
+    assert [r.get("loss", r.get("knn/top1", r.get("event"))) for r in current_trajectory(records)] == [
+        1.0, 0.9, 0.3, "resumed", 0.7]

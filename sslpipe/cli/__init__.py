@@ -73,6 +73,10 @@ def _refuse_repeated_overrides(overrides: list[str]) -> None:
         key = item.split("=", 1)[0].strip()
         if key in seen:
             raise ValueError(f"{key} is given twice on the command line ('{seen[key]}', then '{item}'): keep one")
+        inside = next((earlier for k, earlier in seen.items() if k.startswith(key + ".")), None)
+        if inside is not None:  # `a.b=1 'a={...}'`: the whole section replaces what was set inside it
+            raise ValueError(f"'{item}' replaces the whole {key} section after '{inside}' set a key inside it: give "
+                             "the section first, or put the key into it")
         seen[key] = item
 
 

@@ -5,6 +5,7 @@ with the closest valid spelling instead of training with a default.
 """
 from __future__ import annotations
 
+import math
 from contextvars import ContextVar
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -66,17 +67,26 @@ class Section(BaseModel):
     expected (YAML reads `yes`, `on`, `true` as booleans: `data.batch_size=yes` would be 1), an empty text (an
     unset shell variable: `model.init_from=$EXPORT`) and an infinite or NaN number are refused, never read."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     @field_validator("*", mode="before")
     @classmethod
     def _no_boolean_numbers_nor_empty_text(cls, value: Any, info: ValidationInfo) -> Any:
+        """A run's own saved config (`SAVED_READ`) is read as it trained: an empty text as unset (what it meant),
+        the other two as the numbers they were read as."""
+        saved = SAVED_READ.get() is not None
+        if isinstance(value, str) and not value.strip():
+            if saved:
+                return None
+            raise ValueError("is empty: give a value, or null to leave it unset (an unset shell variable?)")
         field = cls.model_fields.get(info.field_name or "")
+        if saved:
+            return value
         if isinstance(value, bool) and field is not None and not _takes_bool(field.annotation):
             raise ValueError(f"{str(value).lower()} is a boolean where a number is expected (YAML reads yes/no/on/off "
                              "as booleans)")
-        if isinstance(value, str) and not value.strip():
-            raise ValueError("is empty: give a value, or null to leave it unset (an unset shell variable?)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite number")
         return value
 
     def check_run(self, run: "RunConfig") -> None:

@@ -510,12 +510,13 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
         those of a run without the failure. One process only: with several, a process whose evaluation failed alone
         cannot tell whether the others reach the save, and a collective they never join would hang the run."""
         nonlocal eval_pending
-        eval_pending = True
+        eval_pending, rng = True, _rng_state()
         try:
             with unsharded(sharded, sharding):
                 results = recipe.evaluate(done_epoch)
         except Exception as err:
             if world == 1:
+                _set_rng_state(rng)  # the checkpoint holds the RNG the evaluation started from: the resume redraws it
                 checkpoint()
                 how = (f"the epoch's training is kept in checkpoint {last_ckpt}: fix the cause (or set "
                        f"eval.every_epochs=0) and continue with --resume {run_dir}, which evaluates epoch "
@@ -554,9 +555,12 @@ def _train(cfg: RunConfig, *, cpu: bool, run_dir: Path, ckpt: Path | None, shard
 
     try:
         if ckpt is not None:  # lines after this step in metrics.jsonl belong to the trajectory it replaces
-            log({"step": global_step, "event": "resumed", "checkpoint": str(ckpt)})
-            if eval_pending and global_step % spe == 0:  # its evaluation failed: run it before training on
-                end_of_epoch(step_due=False)
+            # `from_step`: the checkpoint's step in the units the earlier lines were logged in (an elastic resume
+            # rescales global_step to this run's batch): what `metrics_log.current_trajectory` compares them with
+            log({"step": global_step, "event": "resumed", "checkpoint": str(ckpt), "from_step": saved_step})
+            if eval_pending and global_step % spe == 0 and evaluates(global_step // spe - 1):
+                end_of_epoch(step_due=True)  # its evaluation failed: run it before training on, then re-save
+            eval_pending = False  # evaluated now, or no longer due (eval.every_epochs changed)
         while global_step < stop_at and not stopping:
             epoch, start = divmod(global_step, spe)
             count_skipped()

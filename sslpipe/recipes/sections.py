@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from sslpipe.config import Section
+from sslpipe.config.core import SAVED_READ
 
 
 class HeadConfig(Section):
@@ -42,7 +43,7 @@ class TeacherLossConfig(Section):
     @field_validator("warmup_teacher_temp_epochs")
     @classmethod
     def _whole_epochs_when_per_epoch(cls, value: float) -> float:
-        if cls.temp_per_epoch and not float(value).is_integer():
+        if cls.temp_per_epoch and not float(value).is_integer() and SAVED_READ.get() is None:  # a saved run: floored
             raise ValueError(f"{value} is not a whole number of epochs: this method moves the teacher temperature "
                              "once per epoch (its official loss); use an integer")
         return value

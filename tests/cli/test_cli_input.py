@@ -62,6 +62,9 @@ def test_a_key_given_twice_on_the_command_line_is_refused(monkeypatch: pytest.Mo
                            "data.train=/d/train-1.tar"], capsys)
     assert line == ("sslpipe train: error: data.train is given twice on the command line ('data.train=/d/train-0.tar', "
                     "then 'data.train=/d/train-1.tar'): keep one")
+    line = one_line_error(["train", RECIPE, "model.kwargs.depth=2", "model.kwargs={embed_dim: 32}"], capsys)
+    assert line == ("sslpipe train: error: 'model.kwargs={embed_dim: 32}' replaces the whole model.kwargs section "
+                    "after 'model.kwargs.depth=2' set a key inside it: give the section first, or put the key into it")
 
 
 def test_an_output_dir_that_is_a_file_is_one_line(digits_shards: Path, tmp_path: Path,

@@ -534,3 +534,22 @@ def test_booleans_for_numbers_empty_text_and_infinities_are_refused(tmp_path: Pa
         load_config(write(tmp_path, MINIMAL), [override])
     cfg = load_config(write(tmp_path, MINIMAL), ["train.compile=true", "model.kwargs={class_token: true}"])
     assert cfg.train.compile is True and cfg.model.kwargs == {"class_token": True}  # booleans where they belong
+
+
+def test_a_runs_saved_config_with_values_now_refused_still_resumes(tmp_path: Path) -> None:
+    """Empty texts (read as unset then), a fractional DINO temperature warm-up and an infinite number in a run's
+    own config.yaml, written before these refusals: the run still loads as it trained; the same as a recipe is
+    refused."""
+    data = yaml.safe_load((REPO / "recipes/demo_dino.yaml").read_text())
+    data["data"].update(train="x", val="")
+    data["model"]["init_from"] = ""
+    data["dino"]["loss"]["warmup_teacher_temp_epochs"] = 1.5
+    data["optim"]["clip_grad"] = float("inf")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(run / "config.yaml")
+    assert cfg.model.init_from is None and cfg.data.val is None and cfg.optim.clip_grad == float("inf")
+    assert cfg.dino.loss.warmup_teacher_temp_epochs == 1.5
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(write(tmp_path, yaml.safe_dump(data)))

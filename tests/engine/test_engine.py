@@ -700,6 +700,7 @@ def test_a_failed_evaluation_keeps_the_epoch_and_the_resume_evaluates_it_first(t
     --resume; the resumed run evaluates epoch 2 first, so its evaluations, best.json and weights equal a run that
     never failed. The old trainer evaluated before the epoch's checkpoint: step 12 was lost with the error."""
     def score(self, epoch):  # depends on the weights: a resume that skipped or moved the evaluation would differ
+        torch.rand(4)  # draws from the global RNG: the failed one's checkpoint must hold the RNG it started from
         return {"toy_eval": float(self.teacher.last_layer.weight.sum())}
 
     settings = {"eval": {"every_epochs": 1}, "train": {"epochs": 3, "best_metric": "toy_eval"}}
@@ -711,6 +712,7 @@ def test_a_failed_evaluation_keeps_the_epoch_and_the_resume_evaluates_it_first(t
     def fail_once_after_epoch_2(self, epoch):
         if epoch == 1 and not failed:
             failed.append(epoch)
+            torch.rand(4)  # drawn before the failure: the resume must draw them again, from the same state
             raise ValueError("kNN needs labelled train and test samples")
         return score(self, epoch)
 
@@ -735,6 +737,10 @@ def test_a_failed_evaluation_keeps_the_epoch_and_the_resume_evaluates_it_first(t
     assert all(torch.equal(a[k], b[k]) for k in a)
     last = json.loads((find_checkpoint(run) / "trainer_state.json").read_text())
     assert "eval_pending" not in last and last["best"] == max(v for _, v in evals)
+    rng = [load_file(str(find_checkpoint(r) / "rng_state_0.safetensors")) for r in (straight, run)]
+    assert rng[0].keys() == rng[1].keys() and all(torch.equal(rng[0][k], rng[1][k]) for k in rng[0])
+    redone = json.loads((run / "checkpoints" / "step_00000012" / "trainer_state.json").read_text())
+    assert "eval_pending" not in redone  # re-saved once evaluated: a later resume from it does not evaluate again
 
 
 def test_an_empty_resume_is_refused_before_anything_is_written(tmp_path: Path) -> None:
