@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from sslpipe.cli.outputs import check_out
 from sslpipe.cli.probes import nonnegative_int, positive_float, positive_int
 
 
@@ -97,7 +98,6 @@ def _refuse_missing_cuda(device: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.cli import check_out
 
     check_out(args.out, "--out")
     _refuse_missing_cuda(getattr(args, "device", None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sslpipe.cli.outputs import check_out
 from sslpipe.cli.probes import add_spec_args, feature_spec, positive_int
 
 # the flags that say how the pool is embedded: read with --backbone only
@@ -68,7 +69,6 @@ def _refuse_embed_flags(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.cli import check_out
     from sslpipe.curate.curate import curate
 
     _refuse_embed_flags(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sslpipe.cli.outputs import check_out
 from sslpipe.cli.probes import add_spec_args, feature_spec
 
 
@@ -24,7 +25,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from sslpipe.cli import check_out
     from sslpipe.embed.embed import embed_shards
     from sslpipe.embed.store import read_index
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from sslpipe.cli.outputs import check_out
 from sslpipe.cli.probes import positive_int
 
 
@@ -22,7 +23,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.cli import check_out
     from sslpipe.eval.segmentation import format_iou_table
     from sslpipe.eval_seg import eval_seg_run
 

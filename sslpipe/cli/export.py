@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from sslpipe.cli.outputs import check_out
+
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a run's backbone as model.safetensors + config.json (loads in timm)")
@@ -24,7 +26,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.cli import check_out
     from sslpipe.weights.onnx import export_onnx, require_onnx
     from sslpipe.weights.run_export import export_run
 

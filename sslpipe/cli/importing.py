@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sslpipe.cli.outputs import check_out
 from sslpipe.cli.probes import positive_int
 
 
@@ -35,7 +36,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.cli import check_out
     from sslpipe.weights.importing import import_checkpoint
 
     check_out(args.out, "OUT", folder=True)

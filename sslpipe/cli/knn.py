@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from sslpipe.cli.outputs import check_out
 from sslpipe.cli.probes import add_probe_args, feature_spec, positive_float, positive_int, probe_data
 
 
@@ -15,7 +16,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.cli import check_out
     from sslpipe.eval.knn import run_knn
 
     check_out(args.out, "--out", example="knn.json")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from sslpipe.cli.outputs import check_out
 from sslpipe.cli.probes import feature_spec, nonnegative_float, nonnegative_int, positive_float, positive_int
 
 
@@ -33,7 +34,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.cli import check_out
     from sslpipe.eval.linear_seg import format_linear_seg, linear_seg_probe
     from sslpipe.eval.segmentation import format_iou_table
     from sslpipe.eval.spec import ProbeData

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from sslpipe.cli.outputs import check_out
+
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("onnx", help="an export folder as model.onnx with dynamic batch, height and width, checked "
@@ -15,7 +17,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.cli import check_out
     from sslpipe.weights.onnx import OPSET, export_onnx
 
     check_out(args.out, "--out", example="model.onnx")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from sslpipe.cli.outputs import check_out
 from sslpipe.cli.probes import positive_int
 
 
@@ -17,7 +18,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.cli import check_out
     from sslpipe.predict import predict_run
 
     check_out(args.out, "--out", example="predict.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sslpipe.cli.outputs import check_out
 from sslpipe.cli.probes import (
     PercentileBand,
     add_probe_args,
@@ -48,7 +49,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.cli import check_out
     from sslpipe.engine.tracking import command_tracker
     from sslpipe.eval.qscore_report import (
         QScoreSettings,

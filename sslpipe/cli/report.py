@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from sslpipe.cli.outputs import check_out
+
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="a run's curves, health, evaluations, pictures and config as a static HTML "
@@ -12,7 +14,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.cli import check_out
     from sslpipe.viz.report import write_report
 
     check_out(args.out, "--out", folder=True)

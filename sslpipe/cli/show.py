@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from sslpipe.cli.outputs import check_out
 from sslpipe.cli.probes import feature_spec, nonnegative_int, positive_int
 
 
@@ -31,7 +32,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sslpipe.cli import check_out
     from sslpipe.engine.tracking import command_tracker
     from sslpipe.eval.spec import ProbeData
     from sslpipe.viz.show import show
