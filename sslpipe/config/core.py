@@ -481,10 +481,15 @@ def check_crops_fit_patch(run: RunConfig, patch: int, what: str | None = None) -
     for key, size in sizes.items():
         if size % patch == 0:
             continue
-        fits = [s for s in (size // patch * patch, (size // patch + 1) * patch) if s]
         source, hint = ((f"model.patch_size={patch}", "(or model.patch_size=null for a CNN)") if what is None
                         else (f"{patch}, {what}", "(or set model.patch_size)"))
-        raise ValueError(f"{key}={size} is not a multiple of {source}: use {' or '.join(map(str, fits))} {hint}")
+        raise ValueError(f"{key}={size} is not a multiple of {source}: use {patch_multiples(size, patch)} {hint}")
+
+
+def patch_multiples(size: int, patch: int) -> str:
+    """The multiples of `patch` nearest to `size`, below and above ("28 or 32"; "16" when below is 0): what an
+    error about a size the patches do not tile proposes."""
+    return " or ".join(str(s) for s in (size // patch * patch, (size // patch + 1) * patch) if s)
 
 
 CORE_SECTIONS = ("data", "crops", "model", "optim", "train", "tracking", "eval")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from sslpipe.config.core import patch_multiples
 from sslpipe.data.remote import Reading
 from sslpipe.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from sslpipe.models.backbones import has_class_token, pooled_features
@@ -131,10 +132,9 @@ class FeatureSpec:
         patch = math.lcm(*(int(s) for s in (sides if isinstance(sides, (tuple, list)) else (sides,))))
         size = self.input_size
         if size % patch:
-            fits = " or ".join(str(s) for s in (size // patch * patch, (size // patch + 1) * patch) if s)
             raise ValueError(f"the crop {size} (--crop, --size for linear-seg; eval.crop in a recipe) is not a "
                              f"multiple of the backbone's patch size {patch}, so its patches would not tile the "
-                             f"image: use {fits}")
+                             f"image: use {patch_multiples(size, patch)}")
 
     @property
     def input_size(self) -> int:

@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from sslpipe.config import RunConfig, Section
+from sslpipe.config.core import patch_multiples
 from sslpipe.data.distill_views import ConsistentView, collate_views
 from sslpipe.data.stream import build_loader, count_samples
 from sslpipe.files import write_text_atomic
@@ -221,10 +222,9 @@ class DistillRecipe(Recipe):
         if patch is not None and not getattr(embed, "dynamic_img_pad", False):
             step = int(patch[0]) if isinstance(patch, (tuple, list)) else int(patch)
             if self.teacher_size % step:
-                below, above = self.teacher_size // step * step, (self.teacher_size // step + 1) * step
-                fits = f"{below} or {above}" if below else str(above)
                 raise ValueError(f"distill.teacher_size={self.teacher_size} is not a multiple of the {step} px patches "
-                                 f"of the teacher {d.teacher}: set it to {fits}, or remove it for the export's "
+                                 f"of the teacher {d.teacher}: set it to {patch_multiples(self.teacher_size, step)}, "
+                                 f"or remove it for the export's "
                                  f"{export_size}")
         blocks = getattr(self.teacher, "blocks", None)
         if d.dense_loss != "none" and isinstance(blocks, nn.Sequential | nn.ModuleList) and \
